@@ -1,0 +1,36 @@
+# CYPHONIC-over-QUIC. `make help` lists the targets.
+SHELL := /bin/bash
+UV ?= $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+RUN := $(UV) run --frozen
+PYTEST_ARGS ?=
+
+.PHONY: help setup proto test test-unit lint demo bench images image-test kind-test clean
+
+help: ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+setup: ## install system packages (root), uv and the workspace
+	scripts/setup.sh
+
+proto: ## regenerate the committed Python code for proto/
+	$(RUN) bash proto/generate.sh
+
+test: ## the whole suite: unit, integration (Postgres, Redis), namespace tests (root)
+	@if [ "$$(id -u)" -ne 0 ]; then echo "make test: namespace tests need root (ip netns, nftables, TUN); run as root" >&2; exit 1; fi
+	$(RUN) pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-unit: ## unit tests only (no root, no services)
+	$(RUN) pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
+
+lint: ## ruff and mypy (strict on the shared library)
+	$(RUN) ruff check .
+	$(RUN) mypy lib/src services/auth/src services/nms/src services/trs/src node-agent/src testbed/src
+
+demo: ## the main job on the embedded default: services and nodes in namespaces
+	$(RUN) python -m cyphonic_testbed.demo
+
+bench: ## data-path and service benchmarks (print figures)
+	$(RUN) python bench/run.py
+
+clean: ## remove caches and local state
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,56 @@
+"""Configuration shared by every service: one pydantic-settings class each, ``CYPHONIC_*``.
+
+Each service subclasses ``ServiceSettings`` and adds its own fields; flags given on the
+command line override the environment (the CLI passes them as keyword arguments).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DOMAIN = "cyphonic.internal"
+QUIC_PORT = 443
+ALPN_SIGNALLING = "cyphonic-sig/1"
+ALPN_TUNNEL = "cyphonic-tun/1"
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every cloud service (AS, NMS, TRS) has."""
+
+    model_config = SettingsConfigDict(env_prefix="CYPHONIC_", extra="ignore")
+
+    environment: str = Field(
+        "local", description="local, test or production; production refuses unsafe defaults"
+    )
+    database_url: str = Field(
+        "sqlite+aiosqlite:///./cyphonic.db",
+        description="SQLAlchemy URL of the node registry (postgresql+asyncpg://... in production)",
+    )
+    redis_url: str | None = Field(
+        None, description="Redis URL (CID table, presence, pub/sub); none = in-process"
+    )
+    domain: str = Field(DEFAULT_DOMAIN, description="overlay DNS domain; node FQDN = name.domain")
+    quic_host: str = Field("::", description="address the QUIC endpoint binds (dual-stack ::)")
+    quic_port: int = Field(QUIC_PORT, description="UDP port of the QUIC endpoint")
+    http_host: str = Field("127.0.0.1", description="address of the admin REST API")
+    http_port: int = Field(8080, description="TCP port of the admin REST API")
+    pki_dir: Path = Field(Path("./pki"), description="directory of CA and service certificates")
+    admin_token: SecretStr | None = Field(None, description="bearer token of the admin REST API")
+    admin_token_file: Path | None = Field(None, description="file holding the admin token")
+    log_level: str = Field("info", description="debug, info, warning or error")
+    log_format: str = Field("console", description="console (people) or json (collectors)")
+
+    @model_validator(mode="after")
+    def _load_admin_token(self) -> ServiceSettings:
+        if self.admin_token is None and self.admin_token_file is not None:
+            self.admin_token = SecretStr(self.admin_token_file.read_text().strip())
+        if self.environment == "production":
+            token = self.admin_token.get_secret_value() if self.admin_token else ""
+            if len(token) < 24:
+                raise ValueError("production needs an admin token of at least 24 characters")
+            if self.database_url.startswith("sqlite"):
+                raise ValueError("production needs a PostgreSQL database_url")
+        return self

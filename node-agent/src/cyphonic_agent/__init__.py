@@ -1,0 +1,1 @@
+"""cyphonic_agent."""
