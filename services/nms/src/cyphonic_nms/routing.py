@@ -1,0 +1,256 @@
+"""Route decisions: how a node reaches the Internet, and how two nodes reach each other.
+
+Sans-I/O: no asyncio, no database, no Redis. Two pure functions carry the logic:
+
+* ``classify(local_addresses, observed_source)`` turns what a node reports (the addresses of
+  its one UDP socket) and the source address the NMS saw into a ``NetworkInfo``.
+* ``pattern_for(a, b)`` picks the route pattern for initiator ``a`` and responder ``b``:
+
+    initiator \\ responder | IPv6      | global IPv4         | private IPv4 (NAT)
+    ----------------------+-----------+---------------------+--------------------
+    IPv6                  | 1 direct  | 3 relay             | 3 relay
+    global IPv4           | 3 relay   | 1 direct            | 2 NAT side connects
+    private IPv4 (NAT)    | 3 relay   | 2 NAT side connects | 3 relay
+
+  A dual-stack node sits in the row/column of each family it has; the decision uses a family
+  both nodes share and takes the best pattern, preferring IPv6 when both families allow a
+  direct path. Nodes that share no family are relayed.
+
+"Global IPv4" means reachable as reported, i.e. not behind NAT: a node on a private LAN
+address that the NMS sees unchanged (same LAN, test bed) counts as global.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+IPAddress = IPv4Address | IPv6Address
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An IP address and UDP port."""
+
+    ip: IPAddress
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """``1.2.3.4:443`` or ``[2001:db8::1]:443``."""
+        host, _, port = text.rpartition(":")
+        return cls(ip_address(host.strip("[]")), int(port))
+
+    @property
+    def family(self) -> int:
+        """4 or 6."""
+        return self.ip.version
+
+    def __str__(self) -> str:
+        if self.ip.version == 6:
+            return f"[{self.ip}]:{self.port}"
+        return f"{self.ip}:{self.port}"
+
+
+class Family(enum.IntEnum):
+    IPV4 = 4
+    IPV6 = 6
+
+
+class Pattern(enum.IntEnum):
+    """Values equal the wire ``RoutePattern``."""
+
+    DIRECT = 1
+    NAT_CONNECTS = 2
+    RELAY = 3
+
+
+class Side(enum.Enum):
+    """Which node of a route: the initiator (asked for the route) or the responder."""
+
+    INITIATOR = "initiator"
+    RESPONDER = "responder"
+
+    @property
+    def other(self) -> Side:
+        return Side.RESPONDER if self is Side.INITIATOR else Side.INITIATOR
+
+
+class Reach(enum.Enum):
+    """One node's standing in one family, i.e. its row/column of the table."""
+
+    NONE = "none"
+    IPV6 = "ipv6"
+    GLOBAL_IPV4 = "global_ipv4"
+    NAT_IPV4 = "nat_ipv4"
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    """How a node reaches the Internet, as decided from its report and the observed source."""
+
+    has_ipv4: bool
+    has_ipv6: bool
+    behind_nat: bool
+    observed_ipv4: Endpoint | None = None
+    observed_ipv6: Endpoint | None = None
+    local_addresses: tuple[Endpoint, ...] = ()
+
+    @property
+    def ipv4_reach(self) -> Reach:
+        if not self.has_ipv4:
+            return Reach.NONE
+        return Reach.NAT_IPV4 if self.behind_nat else Reach.GLOBAL_IPV4
+
+    @property
+    def ipv6_reach(self) -> Reach:
+        return Reach.IPV6 if self.has_ipv6 else Reach.NONE
+
+    @property
+    def kind(self) -> str:
+        """For people: ``ipv6``, ``global_ipv4``, ``nat_ipv4``, ``dual_stack``... ``none``."""
+        if self.has_ipv4 and self.has_ipv6:
+            return "dual_stack_nat" if self.behind_nat else "dual_stack"
+        if self.has_ipv6:
+            return "ipv6"
+        if self.has_ipv4:
+            return self.ipv4_reach.value
+        return "none"
+
+    def candidates(self, family: int) -> tuple[Endpoint, ...]:
+        """Real addresses of this node in ``family`` that a peer may try, best first.
+
+        The observed mapping comes first (it is what the outside saw); reported addresses
+        follow, minus non-routable ones and duplicates.
+        """
+        out: list[Endpoint] = []
+        observed = self.observed_ipv4 if family == 4 else self.observed_ipv6
+        if observed is not None:
+            out.append(observed)
+        for ep in self.local_addresses:
+            if ep.family == family and _usable(ep.ip) and ep not in out:
+                # A NATed node's private addresses are useless to a peer outside.
+                if family == 4 and self.behind_nat:
+                    continue
+                out.append(ep)
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """The outcome of ``pattern_for``: pattern, family, who connects, what to try."""
+
+    pattern: Pattern
+    family: Family | None  # None for a relay: each side reaches the TRS by its own family
+    connector: Side
+    # Real addresses of the accepting side that the connecting side should try (direct
+    # patterns only; empty for a relay).
+    candidates: tuple[Endpoint, ...] = field(default=())
+
+    def role_of(self, side: Side) -> str:
+        """``connect`` or ``accept``."""
+        return "connect" if side is self.connector else "accept"
+
+
+
+def _usable(ip: IPAddress) -> bool:
+    """An address a peer could ever reach (loopback is kept for single-host setups)."""
+    return not (ip.is_link_local or ip.is_multicast or ip.is_unspecified)
+
+
+def _same(a: Endpoint, b: Endpoint) -> bool:
+    # An IPv4-mapped IPv6 source (dual-stack socket) is the IPv4 address it maps.
+    return _unmap(a) == _unmap(b)
+
+
+def _unmap(ep: Endpoint) -> Endpoint:
+    if isinstance(ep.ip, IPv6Address) and ep.ip.ipv4_mapped is not None:
+        return Endpoint(ep.ip.ipv4_mapped, ep.port)
+    return ep
+
+
+def classify(
+    local_addresses: Iterable[Endpoint], observed_source: Endpoint | None
+) -> NetworkInfo:
+    """Decide a node's ``NetworkInfo`` from its reported addresses and the observed source.
+
+    * IPv4 is available when the node connected over IPv4 or reported a usable IPv4 address.
+      It is behind NAT when the observed IPv4 source address:port is not among the reported
+      ones; when the node connected over IPv6 (nothing observed in IPv4), a node whose reported IPv4
+      addresses are all non-global (RFC 1918, CGNAT...) is assumed to sit behind NAT.
+    * IPv6 is available when the node connected over IPv6 or reported a usable IPv6 address.
+      IPv6 is taken as end-to-end (no NAT66).
+    """
+    # Keep the node's order (its preference), minus duplicates and unusable addresses.
+    reported = tuple(
+        dict.fromkeys(_unmap(ep) for ep in local_addresses if _usable(_unmap(ep).ip))
+    )
+    observed = _unmap(observed_source) if observed_source is not None else None
+    observed_v4 = observed if observed is not None and observed.family == 4 else None
+    observed_v6 = observed if observed is not None and observed.family == 6 else None
+    reported_v4 = [ep for ep in reported if ep.family == 4]
+    reported_v6 = [ep for ep in reported if ep.family == 6]
+
+    has_ipv4 = observed_v4 is not None or bool(reported_v4)
+    has_ipv6 = observed_v6 is not None or bool(reported_v6)
+    if observed_v4 is not None:
+        behind_nat = not any(_same(observed_v4, ep) for ep in reported_v4)
+    else:
+        behind_nat = bool(reported_v4) and not any(
+            ep.ip.is_global or ep.ip.is_loopback for ep in reported_v4
+        )
+    return NetworkInfo(
+        has_ipv4=has_ipv4,
+        has_ipv6=has_ipv6,
+        behind_nat=behind_nat,
+        observed_ipv4=observed_v4,
+        observed_ipv6=observed_v6,
+        local_addresses=reported,
+    )
+
+
+# The table, one family at a time: (initiator reach, responder reach) -> (pattern, connector).
+# Pairs not listed (different families, or NAT to NAT) are relayed.
+_TABLE: dict[tuple[Reach, Reach], tuple[Pattern, Side]] = {
+    (Reach.IPV6, Reach.IPV6): (Pattern.DIRECT, Side.INITIATOR),
+    (Reach.GLOBAL_IPV4, Reach.GLOBAL_IPV4): (Pattern.DIRECT, Side.INITIATOR),
+    (Reach.GLOBAL_IPV4, Reach.NAT_IPV4): (Pattern.NAT_CONNECTS, Side.RESPONDER),
+    (Reach.NAT_IPV4, Reach.GLOBAL_IPV4): (Pattern.NAT_CONNECTS, Side.INITIATOR),
+}
+
+
+def cell(initiator: Reach, responder: Reach) -> tuple[Pattern, Side]:
+    """One cell of the table: the pattern and the side that opens the QUIC connection."""
+    return _TABLE.get((initiator, responder), (Pattern.RELAY, Side.INITIATOR))
+
+
+def pattern_for(a: NetworkInfo, b: NetworkInfo) -> RouteDecision:
+    """The route from initiator ``a`` to responder ``b`` (DESIGN.md's table, dual-stack aware)."""
+    options: list[tuple[Pattern, int, Family, Side]] = []
+    for family, reach_a, reach_b in (
+        (Family.IPV6, a.ipv6_reach, b.ipv6_reach),
+        (Family.IPV4, a.ipv4_reach, b.ipv4_reach),
+    ):
+        if reach_a is Reach.NONE or reach_b is Reach.NONE:
+            continue
+        pattern, connector = cell(reach_a, reach_b)
+        if pattern is not Pattern.RELAY:
+            # Lower pattern first; on a tie IPv6 (listed first, rank 0) wins.
+            options.append((pattern, len(options), family, connector))
+    if not options:
+        return RouteDecision(pattern=Pattern.RELAY, family=None, connector=Side.INITIATOR)
+    pattern, _, family, connector = min(options)
+    acceptor = b if connector is Side.INITIATOR else a
+    return RouteDecision(
+        pattern=pattern,
+        family=family,
+        connector=connector,
+        candidates=acceptor.candidates(int(family)),
+    )
+
+
+def endpoints_from(pairs: Sequence[tuple[str, int]]) -> tuple[Endpoint, ...]:
+    """Endpoints from ``(ip text, port)`` pairs (the storage form)."""
+    return tuple(Endpoint(ip_address(ip), int(port)) for ip, port in pairs)
