@@ -1,0 +1,1 @@
+"""Alembic migrations of the node registry (run through ``cyphonic.registry.db.migrate``)."""
