@@ -1,0 +1,60 @@
+"""NMS settings: ``CYPHONIC_*`` environment variables, overridden by command-line flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from cyphonic import relay_token
+from cyphonic.config import ServiceSettings
+from pydantic import Field, SecretStr, model_validator
+
+from cyphonic_nms.leases import DEFAULT_IPV4_POOL
+
+
+class NmsSettings(ServiceSettings):
+    """Everything the NMS reads from its environment (prefix ``CYPHONIC_``)."""
+
+    http_port: int = Field(8082, description="TCP port of the NMS admin REST API")
+    replica_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="name of this NMS replica (unique among replicas sharing Redis)",
+    )
+    ipv4_pool: str = Field(
+        DEFAULT_IPV4_POOL, description="virtual IPv4 pool (CIDR, inside 100.64.0.0/10)"
+    )
+    ipv6_pool: str | None = Field(
+        None, description="virtual IPv6 pool (CIDR); default: a ULA /48 derived from the domain"
+    )
+    keepalive_interval_s: float = Field(
+        15.0, gt=0, description="how often nodes send a Keepalive (short enough for NAT)"
+    )
+    offline_timeout_s: float = Field(
+        45.0, gt=0, description="a node silent this long is marked offline"
+    )
+    revocation_poll_s: float = Field(
+        1.0, gt=0, description="how often the registry is polled for new revocations"
+    )
+    relay_token_secret: SecretStr | None = Field(
+        None, description="HMAC secret shared with the TRS replicas (16+ bytes)"
+    )
+    relay_token_lifetime_s: float = Field(
+        120.0, gt=0, description="how long a relay allocation token can be redeemed"
+    )
+    public_quic_addresses: list[str] = Field(
+        default_factory=list,
+        description="addresses nodes use to reach this NMS (host:port), for documentation "
+        "and the AS; JSON list in the environment",
+    )
+    migrate: bool = Field(False, description="run registry migrations before serving")
+
+    @model_validator(mode="after")
+    def _check_timing(self) -> NmsSettings:
+        if self.offline_timeout_s <= self.keepalive_interval_s:
+            raise ValueError("offline_timeout_s must be longer than keepalive_interval_s")
+        return self
+
+    def relay_secret(self) -> bytes:
+        """The relay token secret (a development default only in the ``local`` environment)."""
+        value = self.relay_token_secret.get_secret_value() if self.relay_token_secret else None
+        return relay_token.secret_from_env(self.environment, value)
