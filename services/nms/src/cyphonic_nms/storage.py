@@ -1,0 +1,353 @@
+"""NMS repositories over the node registry (SQLAlchemy 2 async; Postgres or SQLite).
+
+``NodeStore`` is the interface the NMS core uses; ``SqlNodeStore`` implements it on the
+registry tables (``nodes``, ``certificates``, ``revocations``, ``address_leases``,
+``node_network``), the same code on Postgres (asyncpg) and on SQLite (aiosqlite).
+
+Lease uniqueness is the database's job: ``address_leases.ipv4`` and ``.ipv6`` are unique, and
+``allocate`` inserts proposals (from ``cyphonic_nms.leases``) inside a savepoint until one is
+accepted. A conflict on ``node_id`` means another registration of the same node won the race:
+its lease is read back, so a node never holds two leases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any, Protocol
+
+from cyphonic.errors import CyphonicError, Unavailable
+from cyphonic.registry import (
+    AddressLease,
+    Certificate,
+    CertificateStatus,
+    Node,
+    NodeNetwork,
+    NodeState,
+    Revocation,
+)
+from cyphonic.registry.db import map_db_error, map_db_errors
+from sqlalchemy import exc, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from cyphonic_nms.leases import LeasePools, exhausted
+from cyphonic_nms.routing import Endpoint, NetworkInfo
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A registry node as the NMS needs it."""
+
+    node_id: int
+    fqdn: str
+    state: str
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A node's virtual addresses."""
+
+    node_id: int
+    ipv4: IPv4Address
+    ipv6: IPv6Address
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """Everything the NMS knows about one node (admin REST, route decisions)."""
+
+    node_id: int
+    fqdn: str
+    state: str
+    lease: Lease | None
+    network: NetworkInfo | None
+    online: bool
+    last_seen: datetime | None
+    nms_replica: str | None
+
+
+@dataclass(frozen=True)
+class RevocationEvent:
+    """A revocation recorded in the registry; ``cursor`` is its id."""
+
+    cursor: int
+    fqdn: str
+    serial: str | None
+    reason: str
+
+
+class NodeStore(Protocol):
+    """What the NMS reads and writes in the node registry."""
+
+    async def node_by_fqdn(self, fqdn: str) -> NodeRecord | None: ...
+
+    async def is_revoked(self, fqdn: str, serial_hex: str) -> bool: ...
+
+    async def lease_for(self, node_id: int, pools: LeasePools) -> Lease: ...
+
+    async def save_network(
+        self, node_id: int, info: NetworkInfo, *, replica: str, now: datetime
+    ) -> None: ...
+
+    async def touch(self, node_ids: Sequence[int], *, replica: str, now: datetime) -> None: ...
+
+    async def set_offline(self, node_id: int, *, replica: str | None, now: datetime) -> bool: ...
+
+    async def view(self, fqdn: str) -> NodeView | None: ...
+
+    async def view_by_virtual(self, address: IPv4Address | IPv6Address) -> NodeView | None: ...
+
+    async def list_views(self, *, online_only: bool = False) -> list[NodeView]: ...
+
+    async def revocations_since(self, since: datetime) -> list[RevocationEvent]: ...
+
+
+def _ep_text(ep: Endpoint | None) -> str | None:
+    return str(ep) if ep is not None else None
+
+
+def _network_from_row(row: NodeNetwork) -> NetworkInfo:
+    return NetworkInfo(
+        has_ipv4=row.has_ipv4,
+        has_ipv6=row.has_ipv6,
+        behind_nat=row.behind_nat,
+        observed_ipv4=Endpoint.parse(row.observed_ipv4) if row.observed_ipv4 else None,
+        observed_ipv6=Endpoint.parse(row.observed_ipv6) if row.observed_ipv6 else None,
+        local_addresses=tuple(Endpoint.parse(str(t)) for t in row.local_addresses or ()),
+    )
+
+
+def _lease_from_row(row: AddressLease) -> Lease:
+    v4, v6 = ip_address(row.ipv4), ip_address(row.ipv6)
+    assert isinstance(v4, IPv4Address) and isinstance(v6, IPv6Address)
+    return Lease(node_id=row.node_id, ipv4=v4, ipv6=v6)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SqlNodeStore:
+    """``NodeStore`` on the registry tables; every public method is one short transaction."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+
+    async def node_by_fqdn(self, fqdn: str) -> NodeRecord | None:
+        async with self._sessions() as s, map_db_errors():
+            row = (
+                await s.execute(select(Node.id, Node.fqdn, Node.state).where(
+                    Node.fqdn == fqdn.lower()
+                ))
+            ).first()
+        return NodeRecord(node_id=row[0], fqdn=row[1], state=row[2]) if row else None
+
+    async def is_revoked(self, fqdn: str, serial_hex: str) -> bool:
+        """Whether the node is revoked, or this certificate serial is."""
+        serial_hex = serial_hex.lower().lstrip("0") or "0"
+        async with self._sessions() as s, map_db_errors():
+            state = await s.scalar(select(Node.state).where(Node.fqdn == fqdn.lower()))
+            if state == NodeState.REVOKED.value:
+                return True
+            cert_status = await s.scalar(
+                select(Certificate.status).where(Certificate.serial == serial_hex)
+            )
+            if cert_status == CertificateStatus.REVOKED.value:
+                return True
+            revoked = await s.scalar(
+                select(func.count()).select_from(Revocation).where(
+                    Revocation.serial == serial_hex
+                )
+            )
+            return bool(revoked)
+
+    async def lease_for(self, node_id: int, pools: LeasePools) -> Lease:
+        """The node's lease, allocating one if it has none (see the module docstring)."""
+        existing = await self._lease(node_id)
+        if existing is not None:
+            return existing
+        for v4, v6 in pools.proposals(str(node_id)):
+            lease = await self._try_insert(node_id, v4, v6)
+            if lease is not None:
+                return lease
+        # The hashed proposals collided: scan the free IPv4 addresses (crowded pool).
+        while True:
+            used4 = await self._used(AddressLease.ipv4, pools.ipv4.network)
+            candidate = next(iter(pools.ipv4.free(used4, start_key=str(node_id))), None)
+            if candidate is None:
+                raise exhausted(pools.ipv4)
+            for attempt in range(64):
+                scan_v6 = pools.ipv6.hashed(f"{node_id}/scan", attempt)
+                lease = await self._try_insert(
+                    node_id, candidate, scan_v6  # type: ignore[arg-type]
+                )
+                if lease is not None:
+                    return lease
+                if await self._taken(AddressLease.ipv4, str(candidate)):
+                    break  # lost this address to another node; rescan
+            else:
+                raise exhausted(pools.ipv6)
+
+    async def _lease(self, node_id: int) -> Lease | None:
+        async with self._sessions() as s, map_db_errors():
+            row = await s.get(AddressLease, node_id)
+        return _lease_from_row(row) if row is not None else None
+
+    async def _taken(self, column: Any, value: str) -> bool:
+        async with self._sessions() as s, map_db_errors():
+            return bool(await s.scalar(select(func.count()).where(column == value)))
+
+    async def _used(self, column: Any, network: Any) -> list[IPv4Address | IPv6Address]:
+        async with self._sessions() as s, map_db_errors():
+            values = (await s.scalars(select(column))).all()
+        out: list[IPv4Address | IPv6Address] = []
+        for text in values:
+            address = ip_address(text)
+            if address in network:
+                out.append(address)
+        return out
+
+    async def _try_insert(
+        self, node_id: int, ipv4: IPv4Address, ipv6: IPv6Address
+    ) -> Lease | None:
+        """Insert a lease; None when an address is taken; the winner's lease on a node race."""
+        try:
+            async with self._sessions() as s, s.begin():
+                s.add(AddressLease(node_id=node_id, ipv4=str(ipv4), ipv6=str(ipv6),
+                                   leased_at=_now()))
+        except exc.IntegrityError:
+            existing = await self._lease(node_id)
+            return existing  # None: an address was taken by another node, try the next
+        except Exception as error:
+            mapped = map_db_error(error)
+            if isinstance(mapped, CyphonicError) and mapped is not error:
+                raise mapped from error
+            raise
+        return Lease(node_id=node_id, ipv4=ipv4, ipv6=ipv6)
+
+    async def save_network(
+        self, node_id: int, info: NetworkInfo, *, replica: str, now: datetime
+    ) -> None:
+        """Store the node's network information and mark it online at ``replica``."""
+        values: dict[str, Any] = {
+            "local_addresses": [str(ep) for ep in info.local_addresses],
+            "observed_ipv4": _ep_text(info.observed_ipv4),
+            "observed_ipv6": _ep_text(info.observed_ipv6),
+            "has_ipv4": info.has_ipv4,
+            "has_ipv6": info.has_ipv6,
+            "behind_nat": info.behind_nat,
+            "online": True,
+            "last_seen": now,
+            "nms_replica": replica,
+            "updated_at": now,
+        }
+        for _ in range(3):
+            try:
+                async with self._sessions() as s, s.begin():
+                    result = await s.execute(
+                        update(NodeNetwork).where(NodeNetwork.node_id == node_id).values(**values)
+                    )
+                    if result.rowcount == 0:  # type: ignore[attr-defined]
+                        s.add(NodeNetwork(node_id=node_id, **values))
+                return
+            except exc.IntegrityError:
+                continue  # a concurrent first registration inserted it; update instead
+            except Exception as error:
+                mapped = map_db_error(error)
+                if mapped is not None and mapped is not error:
+                    raise mapped from error
+                raise
+        raise Unavailable("could not store network information (repeated conflicts)")
+
+    async def touch(self, node_ids: Sequence[int], *, replica: str, now: datetime) -> None:
+        """Refresh ``last_seen`` of nodes connected to ``replica`` (batched keepalives)."""
+        if not node_ids:
+            return
+        async with self._sessions() as s, s.begin(), map_db_errors():
+            await s.execute(
+                update(NodeNetwork)
+                .where(NodeNetwork.node_id.in_(list(node_ids)))
+                .where(NodeNetwork.nms_replica == replica)
+                .values(last_seen=now, online=True)
+            )
+
+    async def set_offline(self, node_id: int, *, replica: str | None, now: datetime) -> bool:
+        """Mark the node offline, only if ``replica`` (when given) still holds it."""
+        async with self._sessions() as s, s.begin(), map_db_errors():
+            stmt = update(NodeNetwork).where(NodeNetwork.node_id == node_id)
+            if replica is not None:
+                stmt = stmt.where(NodeNetwork.nms_replica == replica)
+            result = await s.execute(stmt.values(online=False, updated_at=now))
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def _view_query(self) -> Any:
+        return (
+            select(Node, AddressLease, NodeNetwork)
+            .outerjoin(AddressLease, AddressLease.node_id == Node.id)
+            .outerjoin(NodeNetwork, NodeNetwork.node_id == Node.id)
+        )
+
+    @staticmethod
+    def _to_view(node: Node, lease: AddressLease | None, net: NodeNetwork | None) -> NodeView:
+        return NodeView(
+            node_id=node.id,
+            fqdn=node.fqdn,
+            state=node.state,
+            lease=_lease_from_row(lease) if lease is not None else None,
+            network=_network_from_row(net) if net is not None else None,
+            online=bool(net.online) if net is not None else False,
+            last_seen=net.last_seen if net is not None else None,
+            nms_replica=net.nms_replica if net is not None else None,
+        )
+
+    async def _views(self, stmt: Any) -> list[NodeView]:
+        async with self._sessions() as s, map_db_errors():
+            rows: Iterable[Any] = (await s.execute(stmt)).all()
+            return [self._to_view(n, lease, net) for n, lease, net in rows]
+
+    async def view(self, fqdn: str) -> NodeView | None:
+        views = await self._views(self._view_query().where(Node.fqdn == fqdn.lower()))
+        return views[0] if views else None
+
+    async def view_by_virtual(self, address: IPv4Address | IPv6Address) -> NodeView | None:
+        column = AddressLease.ipv4 if address.version == 4 else AddressLease.ipv6
+        views = await self._views(self._view_query().where(column == str(address)))
+        return views[0] if views else None
+
+    async def list_views(self, *, online_only: bool = False) -> list[NodeView]:
+        stmt = self._view_query().order_by(Node.fqdn)
+        if online_only:
+            stmt = stmt.where(NodeNetwork.online.is_(True))
+        return await self._views(stmt)
+
+    async def revocations_since(self, since: datetime) -> list[RevocationEvent]:
+        """Revocations recorded at or after ``since``, oldest first, with the node's FQDN.
+
+        Polled by time window rather than by id: ids of concurrent transactions can commit
+        out of order, and the poller de-duplicates by ``cursor`` (the revocation id).
+        """
+        async with self._sessions() as s, map_db_errors():
+            rows = (
+                await s.execute(
+                    select(Revocation.id, Node.fqdn, Revocation.serial, Revocation.reason)
+                    .join(Node, Node.id == Revocation.node_id)
+                    .where(Revocation.revoked_at >= since)
+                    .order_by(Revocation.id)
+                    .limit(1000)
+                )
+            ).all()
+        return [
+            RevocationEvent(cursor=r[0], fqdn=r[1], serial=r[2], reason=r[3]) for r in rows
+        ]
+
+
+__all__ = [
+    "Lease",
+    "NodeRecord",
+    "NodeStore",
+    "NodeView",
+    "RevocationEvent",
+    "SqlNodeStore",
+]
