@@ -1,0 +1,573 @@
+"""The NMS core: registration, presence, route establishment, revocation, across replicas.
+
+Thin asyncio glue around the sans-I/O parts (``routing``, ``leases``, ``presence``) and the
+stores (``storage.NodeStore``; ``cluster`` presence, bus and routes; ``trs_directory``). It
+knows nothing about QUIC: a connected node is a ``NodeLink`` the signalling layer hands in,
+which can take a pushed Envelope and be closed with an error.
+
+Flow of a route request (replica R2 gets it from node A for node B held by R1)::
+
+    A --RouteRequest--> R2: decide pattern_for(A, B); store the route
+    R2 --RouteDirection(role)--> A              (local push)
+    R2 --bus "push" on R1's channel--> R1 --RouteDirection(role)--> B
+    R2 --RouteResponse--> A
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any, Protocol
+
+from cyphonic import relay_token
+from cyphonic.errors import (
+    CyphonicError,
+    InvalidArgument,
+    NotFound,
+    PeerOffline,
+    PermissionDenied,
+    Revoked,
+    Unavailable,
+)
+from cyphonic.log import get_logger
+from cyphonic.registry import NodeState
+from cyphonic.v1 import signalling_pb2 as pb
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from cyphonic_nms.cluster import (
+    BusMessage,
+    InProcessBus,
+    InProcessPresence,
+    InProcessRouteStore,
+    PresenceStore,
+    ReplicaBus,
+    RouteRecord,
+    RouteStore,
+)
+from cyphonic_nms.leases import LeasePools
+from cyphonic_nms.presence import PresenceTracker
+from cyphonic_nms.routing import Endpoint, NetworkInfo, Pattern, RouteDecision, Side, classify
+from cyphonic_nms.routing import pattern_for as decide
+from cyphonic_nms.storage import Lease, NodeStore, NodeView
+from cyphonic_nms.trs_directory import InProcessTrsDirectory, TrsDirectory, pick
+
+log = get_logger("nms")
+
+REVOCATION_LOOKBACK = timedelta(minutes=5)
+
+
+class NodeLink(Protocol):
+    """A node's open signalling connection, as the manager sees it."""
+
+    fqdn: str
+    serial_hex: str
+
+    async def push(self, envelope: pb.Envelope) -> None:
+        """Send a notice on a new server-opened stream."""
+        ...
+
+    def close(self, error: CyphonicError) -> None:
+        """Close the connection with ``error`` (sent to the node where possible)."""
+        ...
+
+
+@dataclass
+class LocalNode:
+    """A node connected to this replica."""
+
+    link: NodeLink
+    node_id: int
+    lease: Lease
+    network: NetworkInfo
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a node learns when it registers."""
+
+    fqdn: str
+    lease: Lease
+    network: NetworkInfo
+    pools: LeasePools
+    keepalive_interval_s: float
+
+
+class NmsMetrics:
+    """The NMS's Prometheus metrics, in their own registry (one per manager)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.registrations = Counter(
+            "cyphonic_nms_registrations", "Node registrations by outcome", ["outcome"],
+            registry=self.registry,
+        )
+        self.routes = Counter(
+            "cyphonic_nms_route_decisions", "Route decisions by pattern", ["pattern"],
+            registry=self.registry,
+        )
+        self.route_errors = Counter(
+            "cyphonic_nms_route_errors", "Refused route requests by error", ["code"],
+            registry=self.registry,
+        )
+        self.pushes = Counter(
+            "cyphonic_nms_pushes", "Notices pushed to nodes, locally or via another replica",
+            ["kind", "via"], registry=self.registry,
+        )
+        self.connected = Gauge(
+            "cyphonic_nms_connected_nodes", "Nodes connected to this replica",
+            registry=self.registry,
+        )
+        self.offline = Counter(
+            "cyphonic_nms_offline", "Nodes marked offline by cause", ["cause"],
+            registry=self.registry,
+        )
+        self.route_seconds = Histogram(
+            "cyphonic_nms_route_decision_seconds", "Time to decide and push a route",
+            registry=self.registry,
+        )
+
+
+def _endpoint_pb(ep: Endpoint) -> pb.Endpoint:
+    return pb.Endpoint(ip=ep.ip.packed, port=ep.port)
+
+
+def network_pb(info: NetworkInfo) -> pb.NetworkInfo:
+    """The wire form of a node's network information."""
+    msg = pb.NetworkInfo(
+        has_ipv4=info.has_ipv4, has_ipv6=info.has_ipv6, behind_nat=info.behind_nat
+    )
+    if info.observed_ipv4 is not None:
+        msg.observed_ipv4.CopyFrom(_endpoint_pb(info.observed_ipv4))
+    if info.observed_ipv6 is not None:
+        msg.observed_ipv6.CopyFrom(_endpoint_pb(info.observed_ipv6))
+    return msg
+
+
+def _envelope(**body: object) -> pb.Envelope:
+    return pb.Envelope(version=pb.PROTOCOL_VERSION_1, **body)  # type: ignore[arg-type]
+
+
+@dataclass
+class NodeManager:
+    """One NMS replica's view of the overlay; see the module docstring."""
+
+    nodes: NodeStore
+    pools: LeasePools
+    replica_id: str
+    relay_secret: bytes
+    presence: PresenceStore = field(default_factory=InProcessPresence)
+    bus: ReplicaBus = field(default_factory=InProcessBus)
+    routes: RouteStore = field(default_factory=InProcessRouteStore)
+    trs: TrsDirectory = field(default_factory=InProcessTrsDirectory)
+    keepalive_interval_s: float = 15.0
+    offline_timeout_s: float = 45.0
+    revocation_poll_s: float = 1.0
+    relay_token_lifetime_s: float = 120.0
+    metrics: NmsMetrics = field(default_factory=NmsMetrics)
+    monotonic: Callable[[], float] = time.monotonic
+    wall_ms: Callable[[], int] = field(default=lambda: time.time_ns() // 1_000_000)
+
+    def __post_init__(self) -> None:
+        self._local: dict[str, LocalNode] = {}
+        self._tracker = PresenceTracker(offline_timeout_s=self.offline_timeout_s)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._seen_revocations: dict[int, datetime] = {}
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        """Subscribe to this replica's bus channel and start the periodic loops."""
+        await self.bus.subscribe(self.replica_id, self._on_bus)
+        self._tasks = [
+            asyncio.create_task(self._every(1.0, self.sweep), name="nms-sweep"),
+            asyncio.create_task(
+                self._every(min(5.0, self.keepalive_interval_s), self.refresh_presence),
+                name="nms-presence",
+            ),
+            asyncio.create_task(
+                self._every(self.revocation_poll_s, self.poll_revocations), name="nms-revocation"
+            ),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the loops, disconnect local nodes and mark them offline."""
+        for task in [*self._tasks, *self._background]:
+            task.cancel()
+        for task in [*self._tasks, *self._background]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        for fqdn, local in list(self._local.items()):
+            local.link.close(Unavailable("NMS replica shutting down"))
+            with contextlib.suppress(CyphonicError):
+                await self._went_offline(fqdn, local, cause="shutdown", notify=False)
+        await self.bus.close()
+
+    async def _every(self, period_s: float, job: Callable[[], object]) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                result = job()
+                if asyncio.iscoroutine(result):
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("periodic_job_failed", job=getattr(job, "__name__", "?"),
+                            error=str(exc))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def connected(self) -> dict[str, LocalNode]:
+        """Nodes connected to this replica, by FQDN."""
+        return dict(self._local)
+
+    # ------------------------------------------------------------------ registration
+
+    async def register(
+        self,
+        link: NodeLink,
+        *,
+        local_addresses: list[Endpoint],
+        observed: Endpoint | None,
+    ) -> Registration:
+        """Register the node behind ``link`` (its certificate FQDN) and lease its addresses."""
+        fqdn = link.fqdn.lower()
+        try:
+            record = await self.nodes.node_by_fqdn(fqdn)
+            if record is None:
+                raise PermissionDenied(f"{fqdn} is not enrolled with this deployment")
+            if record.state == NodeState.REVOKED.value or await self.nodes.is_revoked(
+                fqdn, link.serial_hex
+            ):
+                raise Revoked(f"{fqdn} is revoked")
+            info = classify(local_addresses, observed)
+            lease = await self.nodes.lease_for(record.node_id, self.pools)
+            await self.nodes.save_network(
+                record.node_id, info, replica=self.replica_id, now=datetime.now(UTC)
+            )
+            previous = await self.presence.claim(fqdn, self.replica_id, self.offline_timeout_s)
+        except CyphonicError as exc:
+            self.metrics.registrations.labels(outcome=exc.code_name).inc()
+            raise
+        if previous is not None and previous != self.replica_id:
+            # The node came back through another replica; drop its stale connection there.
+            with contextlib.suppress(CyphonicError):
+                await self.bus.publish(previous, BusMessage(
+                    op="kick", fqdn=fqdn, reason="registered at another NMS replica",
+                    code=pb.ERROR_CODE_UNAVAILABLE,
+                ))
+        old = self._local.get(fqdn)
+        moved = old is not None and old.network != info
+        if old is not None and old.link is not link:
+            old.link.close(Unavailable("superseded by a newer connection"))
+        self._local[fqdn] = LocalNode(link=link, node_id=record.node_id, lease=lease,
+                                      network=info)
+        self._tracker.seen(fqdn, self.monotonic())
+        self.metrics.connected.set(len(self._local))
+        self.metrics.registrations.labels(outcome="ok").inc()
+        log.info("registered", fqdn=fqdn, kind=info.kind, behind_nat=info.behind_nat,
+                 vip4=str(lease.ipv4), vip6=str(lease.ipv6), observed=str(observed))
+        if moved or old is None:
+            # A moved node (or one returning after a restart) gets its routes re-directed.
+            self._spawn(self._redirect_routes(fqdn))
+        return Registration(fqdn=fqdn, lease=lease, network=info, pools=self.pools,
+                            keepalive_interval_s=self.keepalive_interval_s)
+
+    def keepalive(self, link: NodeLink) -> None:
+        """The node is alive (keepalive or any request on its connection)."""
+        local = self._local.get(link.fqdn.lower())
+        if local is not None and local.link is link:
+            self._tracker.seen(link.fqdn.lower(), self.monotonic())
+
+    def require_registered(self, link: NodeLink) -> LocalNode:
+        """The node's local state; ``UnexpectedMessage``-like refusal if it did not register."""
+        local = self._local.get(link.fqdn.lower())
+        if local is None or local.link is not link:
+            raise PermissionDenied("register before asking for routes")
+        return local
+
+    async def disconnected(self, link: NodeLink) -> None:
+        """The node's connection closed."""
+        fqdn = link.fqdn.lower()
+        local = self._local.get(fqdn)
+        if local is None or local.link is not link:
+            return  # an older, superseded connection
+        await self._went_offline(fqdn, local, cause="disconnect")
+
+    async def _went_offline(
+        self, fqdn: str, local: LocalNode, *, cause: str, notify: bool = True
+    ) -> None:
+        self._local.pop(fqdn, None)
+        self._tracker.forget(fqdn)
+        self.metrics.connected.set(len(self._local))
+        if not await self.presence.release(fqdn, self.replica_id):
+            return  # another replica holds the node now: it is not offline
+        await self.nodes.set_offline(local.node_id, replica=self.replica_id,
+                                     now=datetime.now(UTC))
+        self.metrics.offline.labels(cause=cause).inc()
+        log.info("offline", fqdn=fqdn, cause=cause)
+        for route in await self.routes.for_node(fqdn):
+            await self.routes.remove(route)
+            if notify:
+                peer = route.peer_of(fqdn)
+                notice = _envelope(peer_offline=pb.PeerOffline(fqdn=fqdn,
+                                                                route_id=route.route_id))
+                with contextlib.suppress(CyphonicError):
+                    await self.deliver(peer, notice, kind="peer_offline")
+
+    # ------------------------------------------------------------------ periodic jobs
+
+    async def sweep(self) -> None:
+        """Mark nodes silent past the offline timeout offline and close their connections."""
+        for fqdn in self._tracker.expire(self.monotonic()):
+            local = self._local.get(fqdn)
+            if local is None:
+                continue
+            local.link.close(PeerOffline(f"no keepalive for {self.offline_timeout_s:g} s"))
+            await self._went_offline(fqdn, local, cause="timeout")
+
+    async def refresh_presence(self) -> None:
+        """Refresh presence TTLs and last-seen times of local nodes (batched)."""
+        if not self._local:
+            return
+        await self.presence.refresh(list(self._local), self.replica_id, self.offline_timeout_s)
+        await self.nodes.touch([n.node_id for n in self._local.values()],
+                               replica=self.replica_id, now=datetime.now(UTC))
+
+    async def poll_revocations(self) -> None:
+        """Disconnect local nodes whose certificate (or node) was revoked."""
+        now = datetime.now(UTC)
+        events = await self.nodes.revocations_since(now - REVOCATION_LOOKBACK)
+        for event in events:
+            if event.cursor in self._seen_revocations:
+                continue
+            self._seen_revocations[event.cursor] = now
+            local = self._local.get(event.fqdn)
+            if local is None:
+                continue
+            if not await self.nodes.is_revoked(event.fqdn, local.link.serial_hex):
+                continue  # an old certificate of the node, not the one it uses
+            await self.revoke_local(event.fqdn, reason=event.reason, serial=event.serial)
+        horizon = now - 2 * REVOCATION_LOOKBACK
+        for key in [k for k, seen in self._seen_revocations.items() if seen < horizon]:
+            del self._seen_revocations[key]
+
+    async def revoke_local(self, fqdn: str, *, reason: str, serial: str | None) -> None:
+        """Tell a local node it is revoked, then cut it off."""
+        local = self._local.get(fqdn)
+        if local is None:
+            return
+        notice = _envelope(revocation_notice=pb.RevocationNotice(
+            fqdn=fqdn, serial_hex=serial or local.link.serial_hex, reason=reason))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(local.link.push(notice), 1.0)
+        local.link.close(Revoked(f"{fqdn} was revoked: {reason}"))
+        log.warning("revoked_node_disconnected", fqdn=fqdn, reason=reason)
+        await self._went_offline(fqdn, local, cause="revoked")
+
+    # ------------------------------------------------------------------ delivery
+
+    async def deliver(self, fqdn: str, envelope: pb.Envelope, *, kind: str) -> None:
+        """Push ``envelope`` to ``fqdn`` wherever it is connected; ``PeerOffline`` if nowhere."""
+        local = self._local.get(fqdn)
+        if local is not None:
+            await local.link.push(envelope)
+            self.metrics.pushes.labels(kind=kind, via="local").inc()
+            return
+        holder = await self.presence.holder(fqdn)
+        if holder is None or holder == self.replica_id:
+            raise PeerOffline(f"{fqdn} is offline")
+        await self.bus.publish(holder, BusMessage(op="push", fqdn=fqdn,
+                                                  payload=envelope.SerializeToString()))
+        self.metrics.pushes.labels(kind=kind, via="bus").inc()
+
+    async def _on_bus(self, message: BusMessage) -> None:
+        local = self._local.get(message.fqdn)
+        if local is None:
+            log.info("bus_node_not_here", fqdn=message.fqdn, op=message.op)
+            return
+        if message.op == "push":
+            envelope = pb.Envelope()
+            envelope.ParseFromString(message.payload)
+            await local.link.push(envelope)
+        elif message.op == "kick":
+            local.link.close(Unavailable(message.reason or "disconnected by another replica"))
+            self._local.pop(message.fqdn, None)
+            self._tracker.forget(message.fqdn)
+            self.metrics.connected.set(len(self._local))
+
+    # ------------------------------------------------------------------ routes
+
+    async def _peer_view(self, request: pb.RouteRequest) -> NodeView:
+        which = request.WhichOneof("peer")
+        if which == "fqdn":
+            view = await self.nodes.view(request.fqdn.lower().rstrip("."))
+            label = request.fqdn
+        elif which == "virtual_address":
+            try:
+                address = ip_address(request.virtual_address)
+            except ValueError as exc:
+                raise InvalidArgument("virtual_address must be 4 or 16 bytes") from exc
+            view = await self.nodes.view_by_virtual(address)
+            label = str(address)
+        else:
+            raise InvalidArgument("RouteRequest names no peer")
+        if view is None or view.state == NodeState.REVOKED.value:
+            raise NotFound(f"no node {label}")
+        return view
+
+    async def route(self, link: NodeLink, request: pb.RouteRequest) -> pb.RouteResponse:
+        """Decide the route from ``link``'s node to the requested peer and push it to both."""
+        started = time.perf_counter()
+        try:
+            response = await self._route(link, request)
+        except CyphonicError as exc:
+            self.metrics.route_errors.labels(code=exc.code_name).inc()
+            raise
+        self.metrics.route_seconds.observe(time.perf_counter() - started)
+        return response
+
+    async def _route(self, link: NodeLink, request: pb.RouteRequest) -> pb.RouteResponse:
+        me = self.require_registered(link)
+        fqdn = link.fqdn.lower()
+        peer = await self._peer_view(request)
+        if peer.fqdn == fqdn:
+            raise InvalidArgument("a node cannot route to itself")
+        peer_local = self._local.get(peer.fqdn)
+        peer_network = peer_local.network if peer_local is not None else peer.network
+        if peer_local is None:
+            holder = await self.presence.holder(peer.fqdn)
+            if holder is None or holder == self.replica_id or not peer.online:
+                raise PeerOffline(f"{peer.fqdn} is offline")
+        if peer_network is None or peer.lease is None:
+            raise PeerOffline(f"{peer.fqdn} has not registered")
+        decision = decide(me.network, peer_network)
+        route = await self._establish(
+            initiator=fqdn, initiator_lease=me.lease, responder=peer.fqdn,
+            responder_lease=peer.lease, decision=decision,
+        )
+        self.metrics.routes.labels(pattern=str(int(decision.pattern))).inc()
+        return pb.RouteResponse(
+            route_id=route.route_id, pattern=int(decision.pattern),  # type: ignore[arg-type]
+            peer_fqdn=peer.fqdn, peer_virtual_ipv4=peer.lease.ipv4.packed,
+            peer_virtual_ipv6=peer.lease.ipv6.packed,
+        )
+
+    async def _establish(
+        self,
+        *,
+        initiator: str,
+        initiator_lease: Lease,
+        responder: str,
+        responder_lease: Lease,
+        decision: RouteDecision,
+        route_id: str | None = None,
+    ) -> RouteRecord:
+        route_id = route_id or secrets.token_hex(8)
+        relay: pb.RelayDirection | None = None
+        trs_replica: str | None = None
+        if decision.pattern is Pattern.RELAY:
+            trs = pick(await self.trs.live(), route_id)
+            if trs is None:
+                raise Unavailable("no TRS replica is registered; relayed routes are impossible")
+            trs_replica = trs.replica_id
+            token = relay_token.issue(
+                route_id=route_id, initiator_fqdn=initiator, responder_fqdn=responder,
+                secret=self.relay_secret, now_ms=self.wall_ms(),
+                lifetime_ms=int(self.relay_token_lifetime_s * 1000),
+            )
+            relay = pb.RelayDirection(
+                trs=[_endpoint_pb(ep) for ep in trs.endpoints],
+                trs_server_name=trs.server_name, allocation_token=token,
+            )
+        # One active route per pair: a new request replaces the old one.
+        for old in await self.routes.for_node(initiator):
+            if old.involves(responder) and old.route_id != route_id:
+                await self.routes.remove(old)
+        record = RouteRecord(
+            route_id=route_id, initiator=initiator, responder=responder,
+            pattern=int(decision.pattern),
+            family=int(decision.family) if decision.family is not None else None,
+            connector=decision.connector.value, trs_replica=trs_replica,
+            created_ms=self.wall_ms(), decided_by=self.replica_id,
+        )
+        await self.routes.put(record)
+        for side, fqdn, peer_fqdn, peer_lease in (
+            (Side.RESPONDER, responder, initiator, initiator_lease),
+            (Side.INITIATOR, initiator, responder, responder_lease),
+        ):
+            direction = pb.RouteDirection(
+                route_id=route_id, pattern=int(decision.pattern),  # type: ignore[arg-type]
+                role=(pb.ROUTE_ROLE_CONNECT if decision.connector is side
+                      else pb.ROUTE_ROLE_ACCEPT),
+                peer_fqdn=peer_fqdn, peer_virtual_ipv4=peer_lease.ipv4.packed,
+                peer_virtual_ipv6=peer_lease.ipv6.packed,
+            )
+            if decision.connector is side:
+                direction.peer_candidates.extend(_endpoint_pb(ep) for ep in decision.candidates)
+            if relay is not None:
+                direction.relay.CopyFrom(relay)
+            try:
+                await self.deliver(fqdn, _envelope(route_direction=direction),
+                                   kind="route_direction")
+            except PeerOffline:
+                await self.routes.remove(record)
+                raise
+        log.info("route", route_id=route_id, initiator=initiator, responder=responder,
+                 pattern=int(decision.pattern), connector=decision.connector.value)
+        return record
+
+    async def _redirect_routes(self, fqdn: str) -> None:
+        """Re-decide the routes of a node whose network changed; push where it changed."""
+        try:
+            for route in await self.routes.for_node(fqdn):
+                a = await self._network_of(route.initiator)
+                b = await self._network_of(route.responder)
+                la = await self._lease_of(route.initiator)
+                lb = await self._lease_of(route.responder)
+                if a is None or b is None or la is None or lb is None:
+                    continue
+                decision = decide(a, b)
+                await self._establish(
+                    initiator=route.initiator, initiator_lease=la,
+                    responder=route.responder, responder_lease=lb,
+                    decision=decision, route_id=route.route_id,
+                )
+        except CyphonicError as exc:
+            log.info("redirect_failed", fqdn=fqdn, error=exc.message)
+
+    async def _network_of(self, fqdn: str) -> NetworkInfo | None:
+        local = self._local.get(fqdn)
+        if local is not None:
+            return local.network
+        view = await self.nodes.view(fqdn)
+        return view.network if view is not None else None
+
+    async def _lease_of(self, fqdn: str) -> Lease | None:
+        local = self._local.get(fqdn)
+        if local is not None:
+            return local.lease
+        view = await self.nodes.view(fqdn)
+        return view.lease if view is not None else None
+
+
+def parse_virtual(text: str) -> IPv4Address | IPv6Address:
+    """A virtual address from text; ``InvalidArgument`` if it is not one."""
+    try:
+        return ip_address(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"not an IP address: {text!r}") from exc

@@ -1,0 +1,283 @@
+"""The NMS core on a real SQLite registry, two replicas joined by the in-process bus."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from ipaddress import ip_address
+from pathlib import Path
+
+import pytest
+from cyphonic import relay_token
+from cyphonic.errors import (
+    Exhausted,
+    InvalidArgument,
+    NotFound,
+    PeerOffline,
+    PermissionDenied,
+    Revoked,
+    Unavailable,
+)
+from cyphonic.registry import create_engine, make_sessionmaker, upgrade
+from cyphonic.v1 import signalling_pb2 as pb
+from cyphonic_nms.cluster import InProcessBus, InProcessPresence, InProcessRouteStore
+from cyphonic_nms.leases import LeasePools
+from cyphonic_nms.manager import NodeManager
+from cyphonic_nms.routing import Endpoint
+from cyphonic_nms.storage import SqlNodeStore
+from cyphonic_nms.testing import RecordingLink, add_node, revoke_node
+from cyphonic_nms.trs_directory import InProcessTrsDirectory, TrsReplica
+
+E = Endpoint.parse
+SECRET = b"t" * 32
+DOMAIN = "cyphonic.internal"
+
+# (reported, observed) per kind of node
+KIND = {
+    "ipv6": ([E("[2001:db8::1]:443")], None),
+    "global_ipv4": ([E("198.51.100.1:443")], None),
+    "nat_ipv4": ([E("192.168.0.2:443")], E("203.0.113.1:50000")),
+}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Cluster:
+    def __init__(self, tmp: Path) -> None:
+        self.engine = create_engine(f"sqlite+aiosqlite:///{tmp}/registry.db")
+        self.sessions = make_sessionmaker(self.engine)
+        self.store = SqlNodeStore(self.sessions)
+        self.bus = InProcessBus()
+        self.presence = InProcessPresence()
+        self.routes = InProcessRouteStore()
+        self.trs = InProcessTrsDirectory()
+        self.clock = Clock()
+        self.pools = LeasePools.from_settings(ipv4="100.64.0.0/24", ipv6=None, domain=DOMAIN)
+        self.replicas: list[NodeManager] = []
+
+    async def replica(self, name: str) -> NodeManager:
+        manager = NodeManager(
+            nodes=self.store, pools=self.pools, replica_id=name, relay_secret=SECRET,
+            presence=self.presence, bus=self.bus, routes=self.routes, trs=self.trs,
+            keepalive_interval_s=15, offline_timeout_s=45, monotonic=self.clock,
+        )
+        await self.bus.subscribe(name, manager._on_bus)  # loops are driven by hand here
+        self.replicas.append(manager)
+        return manager
+
+    async def node(
+        self, manager: NodeManager, name: str, kind: str = "global_ipv4", serial: str = "1"
+    ) -> RecordingLink:
+        await add_node(self.sessions, name)
+        link = RecordingLink(fqdn=f"{name}.{DOMAIN}", serial_hex=serial)
+        reported, observed = KIND[kind]
+        # Distinct addresses per node: shift the last octet/hextet by the name's hash.
+        shift = sum(name.encode()) % 200 + 1
+        reported = [Endpoint(ep.ip + shift, ep.port) for ep in reported]
+        observed = observed or reported[0]
+        await manager.register(link, local_addresses=reported, observed=observed)
+        return link
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    c = Cluster(tmp_path)
+    await upgrade(c.engine)
+    yield c
+    await c.engine.dispose()
+
+
+async def test_register_leases_addresses_and_classifies(cluster: Cluster) -> None:
+    nms = await cluster.replica("r1")
+    await add_node(cluster.sessions, "a")
+    link = RecordingLink(fqdn=f"a.{DOMAIN}")
+    reg = await nms.register(link, local_addresses=[E("192.168.0.2:443")],
+                             observed=E("203.0.113.1:5000"))
+    assert reg.network.behind_nat and reg.network.kind == "nat_ipv4"
+    assert reg.lease.ipv4 in cluster.pools.ipv4 and reg.lease.ipv6 in cluster.pools.ipv6
+    again = await nms.register(RecordingLink(fqdn=f"a.{DOMAIN}"),
+                               local_addresses=[E("198.51.100.1:443")],
+                               observed=E("198.51.100.1:443"))
+    assert again.lease == reg.lease  # stable across re-registration and a move
+    assert not again.network.behind_nat
+    assert link.closed is not None  # the older connection was superseded
+    view = await cluster.store.view(f"a.{DOMAIN}")
+    assert view is not None and view.online and view.nms_replica == "r1"
+    assert view.network is not None and view.network.observed_ipv4 == E("198.51.100.1:443")
+
+
+async def test_unknown_and_revoked_nodes_are_refused(cluster: Cluster) -> None:
+    nms = await cluster.replica("r1")
+    with pytest.raises(PermissionDenied):
+        await nms.register(RecordingLink(fqdn=f"ghost.{DOMAIN}"), local_addresses=[],
+                           observed=E("198.51.100.1:1"))
+    node_id = await add_node(cluster.sessions, "bad")
+    await revoke_node(cluster.sessions, node_id, serial="abc")
+    with pytest.raises(Revoked):
+        await nms.register(RecordingLink(fqdn=f"bad.{DOMAIN}", serial_hex="abc"),
+                           local_addresses=[], observed=E("198.51.100.1:1"))
+
+
+async def test_route_direct_pushes_both_sides(cluster: Cluster) -> None:
+    nms = await cluster.replica("r1")
+    a = await cluster.node(nms, "a", "global_ipv4")
+    b = await cluster.node(nms, "b", "nat_ipv4")
+    response = await nms.route(a, pb.RouteRequest(fqdn=f"b.{DOMAIN}"))
+    assert response.pattern == pb.ROUTE_PATTERN_NAT_CONNECTS
+    da = (await a.wait_for("route_direction")).route_direction
+    db = (await b.wait_for("route_direction")).route_direction
+    assert da.route_id == db.route_id == response.route_id
+    # Pattern 2: the NATed responder connects, to the global initiator's address.
+    assert (da.role, db.role) == (pb.ROUTE_ROLE_ACCEPT, pb.ROUTE_ROLE_CONNECT)
+    assert [Endpoint(ip_address(c.ip), c.port) for c in db.peer_candidates] == [
+        nms.connected[a.fqdn].network.observed_ipv4
+    ]
+    assert da.peer_fqdn == b.fqdn and db.peer_fqdn == a.fqdn
+    b_lease = nms.connected[b.fqdn].lease
+    assert response.peer_virtual_ipv4 == b_lease.ipv4.packed
+    assert da.peer_virtual_ipv6 == b_lease.ipv6.packed
+    routes = await cluster.routes.all()
+    assert [(r.initiator, r.responder, r.pattern) for r in routes] == [(a.fqdn, b.fqdn, 2)]
+
+
+async def test_route_by_virtual_address(cluster: Cluster) -> None:
+    nms = await cluster.replica("r1")
+    a = await cluster.node(nms, "a", "ipv6")
+    b = await cluster.node(nms, "b", "ipv6")
+    vip = nms.connected[b.fqdn].lease.ipv4
+    response = await nms.route(a, pb.RouteRequest(virtual_address=vip.packed))
+    assert response.peer_fqdn == b.fqdn and response.pattern == pb.ROUTE_PATTERN_DIRECT
+    direction = (await a.wait_for("route_direction")).route_direction
+    assert direction.role == pb.ROUTE_ROLE_CONNECT and direction.peer_candidates
+
+
+@pytest.mark.parametrize(
+    ("ka", "kb", "pattern"),
+    [
+        ("ipv6", "ipv6", 1), ("ipv6", "global_ipv4", 3), ("ipv6", "nat_ipv4", 3),
+        ("global_ipv4", "ipv6", 3), ("global_ipv4", "global_ipv4", 1),
+        ("global_ipv4", "nat_ipv4", 2), ("nat_ipv4", "ipv6", 3),
+        ("nat_ipv4", "global_ipv4", 2), ("nat_ipv4", "nat_ipv4", 3),
+    ],
+)
+async def test_route_pattern_per_cell(cluster: Cluster, ka: str, kb: str, pattern: int) -> None:
+    await cluster.trs.register(TrsReplica(replica_id="trs-0", endpoints=(E("192.0.2.9:443"),),
+                                          server_name=f"trs.svc.{DOMAIN}"))
+    nms = await cluster.replica("r1")
+    a = await cluster.node(nms, "a", ka)
+    b = await cluster.node(nms, "b", kb)
+    response = await nms.route(a, pb.RouteRequest(fqdn=b.fqdn))
+    assert response.pattern == pattern
+    da = (await a.wait_for("route_direction")).route_direction
+    db = (await b.wait_for("route_direction")).route_direction
+    assert {da.role, db.role} == {pb.ROUTE_ROLE_CONNECT, pb.ROUTE_ROLE_ACCEPT}
+    if pattern == 3:
+        assert da.relay.trs_server_name == f"trs.svc.{DOMAIN}"
+        assert da.relay.allocation_token == db.relay.allocation_token
+        claims = relay_token.verify(da.relay.allocation_token, SECRET, now_ms=nms.wall_ms())
+        assert claims.route_id == response.route_id
+        assert claims.involves(a.fqdn) and claims.involves(b.fqdn)
+    else:
+        assert not da.HasField("relay")
+
+
+async def test_relay_without_trs_is_unavailable(cluster: Cluster) -> None:
+    nms = await cluster.replica("r1")
+    a = await cluster.node(nms, "a", "nat_ipv4")
+    b = await cluster.node(nms, "b", "nat_ipv4")
+    with pytest.raises(Unavailable, match="TRS"):
+        await nms.route(a, pb.RouteRequest(fqdn=b.fqdn))
+
+
+async def test_unknown_offline_and_self_are_refused(cluster: Cluster) -> None:
+    nms = await cluster.replica("r1")
+    a = await cluster.node(nms, "a")
+    await add_node(cluster.sessions, "sleeper")
+    with pytest.raises(NotFound):
+        await nms.route(a, pb.RouteRequest(fqdn=f"nobody.{DOMAIN}"))
+    with pytest.raises(NotFound):
+        await nms.route(a, pb.RouteRequest(virtual_address=ip_address("100.64.9.9").packed))
+    with pytest.raises(PeerOffline):
+        await nms.route(a, pb.RouteRequest(fqdn=f"sleeper.{DOMAIN}"))
+    with pytest.raises(InvalidArgument):
+        await nms.route(a, pb.RouteRequest(fqdn=a.fqdn))
+    with pytest.raises(InvalidArgument):
+        await nms.route(a, pb.RouteRequest())
+    with pytest.raises(PermissionDenied):
+        await nms.route(RecordingLink(fqdn=f"sleeper.{DOMAIN}"), pb.RouteRequest(fqdn=a.fqdn))
+
+
+async def test_cross_replica_push(cluster: Cluster) -> None:
+    r1 = await cluster.replica("r1")
+    r2 = await cluster.replica("r2")
+    b = await cluster.node(r1, "b", "global_ipv4")
+    a = await cluster.node(r2, "a", "global_ipv4")
+    response = await r2.route(a, pb.RouteRequest(fqdn=b.fqdn))
+    direction = (await b.wait_for("route_direction")).route_direction
+    assert direction.route_id == response.route_id and direction.role == pb.ROUTE_ROLE_ACCEPT
+    assert r2.metrics.pushes.labels(kind="route_direction", via="bus")._value.get() == 1
+
+
+async def test_disconnect_tells_peers_and_marks_offline(cluster: Cluster) -> None:
+    r1 = await cluster.replica("r1")
+    r2 = await cluster.replica("r2")
+    a = await cluster.node(r1, "a")
+    b = await cluster.node(r2, "b")
+    response = await r1.route(a, pb.RouteRequest(fqdn=b.fqdn))
+    await r2.disconnected(b)
+    notice = (await a.wait_for("peer_offline")).peer_offline
+    assert (notice.fqdn, notice.route_id) == (b.fqdn, response.route_id)
+    assert await cluster.routes.all() == []
+    view = await cluster.store.view(b.fqdn)
+    assert view is not None and not view.online
+    with pytest.raises(PeerOffline):
+        await r1.route(a, pb.RouteRequest(fqdn=b.fqdn))
+
+
+async def test_keepalive_timeout_marks_offline(cluster: Cluster) -> None:
+    nms = await cluster.replica("r1")
+    a = await cluster.node(nms, "a")
+    b = await cluster.node(nms, "b")
+    await nms.route(a, pb.RouteRequest(fqdn=b.fqdn))
+    cluster.clock.now += 30
+    nms.keepalive(a)
+    cluster.clock.now += 20  # b silent for 50 s > 45 s, a for 20 s
+    await nms.sweep()
+    assert b.closed is not None and a.closed is None
+    assert (await a.wait_for("peer_offline")).peer_offline.fqdn == b.fqdn
+    assert set(nms.connected) == {a.fqdn}
+
+
+async def test_revocation_poll_disconnects(cluster: Cluster) -> None:
+    nms = await cluster.replica("r1")
+    a = await cluster.node(nms, "a", serial="a1")
+    b = await cluster.node(nms, "b", serial="b1")
+    view = await cluster.store.view(b.fqdn)
+    assert view is not None
+    await revoke_node(cluster.sessions, view.node_id, serial="b1", reason="stolen laptop")
+    await nms.poll_revocations()
+    assert isinstance(b.closed, Revoked)
+    assert b.of("revocation_notice")[0].revocation_notice.reason == "stolen laptop"
+    assert a.closed is None and set(nms.connected) == {a.fqdn}
+
+
+async def test_pool_exhaustion_is_a_clear_error(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    await upgrade(c.engine)
+    try:
+        c.pools = LeasePools.from_settings(ipv4="100.64.0.0/29", ipv6=None, domain=DOMAIN)
+        nms = await c.replica("r1")
+        leased = set()
+        for i in range(6):
+            link = await c.node(nms, f"n{i}")
+            leased.add(nms.connected[link.fqdn].lease.ipv4)
+        assert len(leased) == 6
+        with pytest.raises(Exhausted, match=r"100\.64\.0\.0/29"):
+            await c.node(nms, "n6")
+    finally:
+        await c.engine.dispose()
