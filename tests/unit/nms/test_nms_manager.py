@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from ipaddress import ip_address
-from pathlib import Path
 
 import pytest
 from cyphonic import relay_token
@@ -17,82 +15,17 @@ from cyphonic.errors import (
     Revoked,
     Unavailable,
 )
-from cyphonic.registry import create_engine, make_sessionmaker, upgrade
 from cyphonic.v1 import signalling_pb2 as pb
-from cyphonic_nms.cluster import InProcessBus, InProcessPresence, InProcessRouteStore
 from cyphonic_nms.leases import LeasePools
-from cyphonic_nms.manager import NodeManager
 from cyphonic_nms.routing import Endpoint
-from cyphonic_nms.storage import SqlNodeStore
-from cyphonic_nms.testing import RecordingLink, add_node, revoke_node
-from cyphonic_nms.trs_directory import InProcessTrsDirectory, TrsReplica
+from cyphonic_nms.testing import InProcessCluster, RecordingLink, add_node, revoke_node
+from cyphonic_nms.trs_directory import TrsReplica
 
 E = Endpoint.parse
-SECRET = b"t" * 32
 DOMAIN = "cyphonic.internal"
 
-# (reported, observed) per kind of node
-KIND = {
-    "ipv6": ([E("[2001:db8::1]:443")], None),
-    "global_ipv4": ([E("198.51.100.1:443")], None),
-    "nat_ipv4": ([E("192.168.0.2:443")], E("203.0.113.1:50000")),
-}
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Cluster:
-    def __init__(self, tmp: Path) -> None:
-        self.engine = create_engine(f"sqlite+aiosqlite:///{tmp}/registry.db")
-        self.sessions = make_sessionmaker(self.engine)
-        self.store = SqlNodeStore(self.sessions)
-        self.bus = InProcessBus()
-        self.presence = InProcessPresence()
-        self.routes = InProcessRouteStore()
-        self.trs = InProcessTrsDirectory()
-        self.clock = Clock()
-        self.pools = LeasePools.from_settings(ipv4="100.64.0.0/24", ipv6=None, domain=DOMAIN)
-        self.replicas: list[NodeManager] = []
-
-    async def replica(self, name: str) -> NodeManager:
-        manager = NodeManager(
-            nodes=self.store, pools=self.pools, replica_id=name, relay_secret=SECRET,
-            presence=self.presence, bus=self.bus, routes=self.routes, trs=self.trs,
-            keepalive_interval_s=15, offline_timeout_s=45, monotonic=self.clock,
-        )
-        await self.bus.subscribe(name, manager._on_bus)  # loops are driven by hand here
-        self.replicas.append(manager)
-        return manager
-
-    async def node(
-        self, manager: NodeManager, name: str, kind: str = "global_ipv4", serial: str = "1"
-    ) -> RecordingLink:
-        await add_node(self.sessions, name)
-        link = RecordingLink(fqdn=f"{name}.{DOMAIN}", serial_hex=serial)
-        reported, observed = KIND[kind]
-        # Distinct addresses per node: shift the last octet/hextet by the name's hash.
-        shift = sum(name.encode()) % 200 + 1
-        reported = [Endpoint(ep.ip + shift, ep.port) for ep in reported]
-        observed = observed or reported[0]
-        await manager.register(link, local_addresses=reported, observed=observed)
-        return link
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path)
-    await upgrade(c.engine)
-    yield c
-    await c.engine.dispose()
-
-
-async def test_register_leases_addresses_and_classifies(cluster: Cluster) -> None:
+async def test_register_leases_addresses_and_classifies(cluster: InProcessCluster) -> None:
     nms = await cluster.replica("r1")
     await add_node(cluster.sessions, "a")
     link = RecordingLink(fqdn=f"a.{DOMAIN}")
@@ -111,7 +44,7 @@ async def test_register_leases_addresses_and_classifies(cluster: Cluster) -> Non
     assert view.network is not None and view.network.observed_ipv4 == E("198.51.100.1:443")
 
 
-async def test_unknown_and_revoked_nodes_are_refused(cluster: Cluster) -> None:
+async def test_unknown_and_revoked_nodes_are_refused(cluster: InProcessCluster) -> None:
     nms = await cluster.replica("r1")
     with pytest.raises(PermissionDenied):
         await nms.register(RecordingLink(fqdn=f"ghost.{DOMAIN}"), local_addresses=[],
@@ -123,7 +56,7 @@ async def test_unknown_and_revoked_nodes_are_refused(cluster: Cluster) -> None:
                            local_addresses=[], observed=E("198.51.100.1:1"))
 
 
-async def test_route_direct_pushes_both_sides(cluster: Cluster) -> None:
+async def test_route_direct_pushes_both_sides(cluster: InProcessCluster) -> None:
     nms = await cluster.replica("r1")
     a = await cluster.node(nms, "a", "global_ipv4")
     b = await cluster.node(nms, "b", "nat_ipv4")
@@ -145,7 +78,7 @@ async def test_route_direct_pushes_both_sides(cluster: Cluster) -> None:
     assert [(r.initiator, r.responder, r.pattern) for r in routes] == [(a.fqdn, b.fqdn, 2)]
 
 
-async def test_route_by_virtual_address(cluster: Cluster) -> None:
+async def test_route_by_virtual_address(cluster: InProcessCluster) -> None:
     nms = await cluster.replica("r1")
     a = await cluster.node(nms, "a", "ipv6")
     b = await cluster.node(nms, "b", "ipv6")
@@ -165,7 +98,9 @@ async def test_route_by_virtual_address(cluster: Cluster) -> None:
         ("nat_ipv4", "global_ipv4", 2), ("nat_ipv4", "nat_ipv4", 3),
     ],
 )
-async def test_route_pattern_per_cell(cluster: Cluster, ka: str, kb: str, pattern: int) -> None:
+async def test_route_pattern_per_cell(
+    cluster: InProcessCluster, ka: str, kb: str, pattern: int
+) -> None:
     await cluster.trs.register(TrsReplica(replica_id="trs-0", endpoints=(E("192.0.2.9:443"),),
                                           server_name=f"trs.svc.{DOMAIN}"))
     nms = await cluster.replica("r1")
@@ -179,14 +114,14 @@ async def test_route_pattern_per_cell(cluster: Cluster, ka: str, kb: str, patter
     if pattern == 3:
         assert da.relay.trs_server_name == f"trs.svc.{DOMAIN}"
         assert da.relay.allocation_token == db.relay.allocation_token
-        claims = relay_token.verify(da.relay.allocation_token, SECRET, now_ms=nms.wall_ms())
+        claims = relay_token.verify(da.relay.allocation_token, cluster.secret, now_ms=nms.wall_ms())
         assert claims.route_id == response.route_id
         assert claims.involves(a.fqdn) and claims.involves(b.fqdn)
     else:
         assert not da.HasField("relay")
 
 
-async def test_relay_without_trs_is_unavailable(cluster: Cluster) -> None:
+async def test_relay_without_trs_is_unavailable(cluster: InProcessCluster) -> None:
     nms = await cluster.replica("r1")
     a = await cluster.node(nms, "a", "nat_ipv4")
     b = await cluster.node(nms, "b", "nat_ipv4")
@@ -194,7 +129,7 @@ async def test_relay_without_trs_is_unavailable(cluster: Cluster) -> None:
         await nms.route(a, pb.RouteRequest(fqdn=b.fqdn))
 
 
-async def test_unknown_offline_and_self_are_refused(cluster: Cluster) -> None:
+async def test_unknown_offline_and_self_are_refused(cluster: InProcessCluster) -> None:
     nms = await cluster.replica("r1")
     a = await cluster.node(nms, "a")
     await add_node(cluster.sessions, "sleeper")
@@ -212,7 +147,7 @@ async def test_unknown_offline_and_self_are_refused(cluster: Cluster) -> None:
         await nms.route(RecordingLink(fqdn=f"sleeper.{DOMAIN}"), pb.RouteRequest(fqdn=a.fqdn))
 
 
-async def test_cross_replica_push(cluster: Cluster) -> None:
+async def test_cross_replica_push(cluster: InProcessCluster) -> None:
     r1 = await cluster.replica("r1")
     r2 = await cluster.replica("r2")
     b = await cluster.node(r1, "b", "global_ipv4")
@@ -223,7 +158,7 @@ async def test_cross_replica_push(cluster: Cluster) -> None:
     assert r2.metrics.pushes.labels(kind="route_direction", via="bus")._value.get() == 1
 
 
-async def test_disconnect_tells_peers_and_marks_offline(cluster: Cluster) -> None:
+async def test_disconnect_tells_peers_and_marks_offline(cluster: InProcessCluster) -> None:
     r1 = await cluster.replica("r1")
     r2 = await cluster.replica("r2")
     a = await cluster.node(r1, "a")
@@ -239,7 +174,7 @@ async def test_disconnect_tells_peers_and_marks_offline(cluster: Cluster) -> Non
         await r1.route(a, pb.RouteRequest(fqdn=b.fqdn))
 
 
-async def test_keepalive_timeout_marks_offline(cluster: Cluster) -> None:
+async def test_keepalive_timeout_marks_offline(cluster: InProcessCluster) -> None:
     nms = await cluster.replica("r1")
     a = await cluster.node(nms, "a")
     b = await cluster.node(nms, "b")
@@ -253,7 +188,7 @@ async def test_keepalive_timeout_marks_offline(cluster: Cluster) -> None:
     assert set(nms.connected) == {a.fqdn}
 
 
-async def test_revocation_poll_disconnects(cluster: Cluster) -> None:
+async def test_revocation_poll_disconnects(cluster: InProcessCluster) -> None:
     nms = await cluster.replica("r1")
     a = await cluster.node(nms, "a", serial="a1")
     b = await cluster.node(nms, "b", serial="b1")
@@ -266,18 +201,13 @@ async def test_revocation_poll_disconnects(cluster: Cluster) -> None:
     assert a.closed is None and set(nms.connected) == {a.fqdn}
 
 
-async def test_pool_exhaustion_is_a_clear_error(tmp_path: Path) -> None:
-    c = Cluster(tmp_path)
-    await upgrade(c.engine)
-    try:
-        c.pools = LeasePools.from_settings(ipv4="100.64.0.0/29", ipv6=None, domain=DOMAIN)
-        nms = await c.replica("r1")
-        leased = set()
-        for i in range(6):
-            link = await c.node(nms, f"n{i}")
-            leased.add(nms.connected[link.fqdn].lease.ipv4)
-        assert len(leased) == 6
-        with pytest.raises(Exhausted, match=r"100\.64\.0\.0/29"):
-            await c.node(nms, "n6")
-    finally:
-        await c.engine.dispose()
+async def test_pool_exhaustion_is_a_clear_error(cluster: InProcessCluster) -> None:
+    cluster.pools = LeasePools.from_settings(ipv4="100.64.0.0/29", ipv6=None, domain=DOMAIN)
+    nms = await cluster.replica("r1")
+    leased = set()
+    for i in range(6):
+        link = await cluster.node(nms, f"n{i}")
+        leased.add(nms.connected[link.fqdn].lease.ipv4)
+    assert len(leased) == 6
+    with pytest.raises(Exhausted, match=r"100\.64\.0\.0/29"):
+        await cluster.node(nms, "n6")

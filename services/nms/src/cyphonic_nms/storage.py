@@ -99,7 +99,9 @@ class NodeStore(Protocol):
 
     async def view_by_virtual(self, address: IPv4Address | IPv6Address) -> NodeView | None: ...
 
-    async def list_views(self, *, online_only: bool = False) -> list[NodeView]: ...
+    async def list_views(
+        self, *, online_only: bool = False, limit: int | None = None, offset: int = 0
+    ) -> tuple[list[NodeView], int]: ...
 
     async def revocations_since(self, since: datetime) -> list[RevocationEvent]: ...
 
@@ -316,11 +318,23 @@ class SqlNodeStore:
         views = await self._views(self._view_query().where(column == str(address)))
         return views[0] if views else None
 
-    async def list_views(self, *, online_only: bool = False) -> list[NodeView]:
+    async def list_views(
+        self, *, online_only: bool = False, limit: int | None = None, offset: int = 0
+    ) -> tuple[list[NodeView], int]:
+        """A page of nodes ordered by FQDN, and how many there are in all."""
         stmt = self._view_query().order_by(Node.fqdn)
+        count = select(func.count()).select_from(Node)
         if online_only:
             stmt = stmt.where(NodeNetwork.online.is_(True))
-        return await self._views(stmt)
+            count = count.join(NodeNetwork, NodeNetwork.node_id == Node.id).where(
+                NodeNetwork.online.is_(True)
+            )
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        stmt = stmt.offset(offset)
+        async with self._sessions() as s, map_db_errors():
+            total = int(await s.scalar(count) or 0)
+        return await self._views(stmt), total
 
     async def revocations_since(self, since: datetime) -> list[RevocationEvent]:
         """Revocations recorded at or after ``since``, oldest first, with the node's FQDN.

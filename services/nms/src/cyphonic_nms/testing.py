@@ -1,4 +1,5 @@
-"""Test helpers shipped with the NMS: a recording ``NodeLink`` and registry seeding."""
+"""Test helpers shipped with the NMS: a recording ``NodeLink``, registry seeding, and
+replicas in one process (``InProcessCluster``)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from cyphonic.errors import CyphonicError
-from cyphonic.registry import Node, NodeState, Revocation
+from cyphonic.registry import Node, NodeState, Revocation, create_engine, make_sessionmaker
 from cyphonic.v1 import signalling_pb2 as pb
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from cyphonic_nms.cluster import InProcessBus, InProcessPresence, InProcessRouteStore
+from cyphonic_nms.leases import LeasePools
+from cyphonic_nms.manager import NodeManager
+from cyphonic_nms.routing import Endpoint
+from cyphonic_nms.storage import SqlNodeStore
+from cyphonic_nms.trs_directory import InProcessTrsDirectory
 
 
 @dataclass
@@ -69,3 +77,68 @@ async def revoke_node(
         node.state = NodeState.REVOKED.value
         node.updated_at = now
         s.add(Revocation(node_id=node_id, serial=serial, reason=reason, revoked_at=now))
+
+
+E = Endpoint.parse
+SECRET = b"t" * 32
+DOMAIN = "cyphonic.internal"
+
+# (reported, observed) per kind of node
+KIND = {
+    "ipv6": ([E("[2001:db8::1]:443")], None),
+    "global_ipv4": ([E("198.51.100.1:443")], None),
+    "nat_ipv4": ([E("192.168.0.2:443")], E("203.0.113.1:50000")),
+}
+
+
+class Clock:
+    """A settable monotonic clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class InProcessCluster:
+    """NMS replicas in one process over one registry, joined by in-process stores."""
+
+    secret = SECRET
+
+    def __init__(self, database_url: str) -> None:
+        self.engine = create_engine(database_url)
+        self.sessions = make_sessionmaker(self.engine)
+        self.store = SqlNodeStore(self.sessions)
+        self.bus = InProcessBus()
+        self.presence = InProcessPresence()
+        self.routes = InProcessRouteStore()
+        self.trs = InProcessTrsDirectory()
+        self.clock = Clock()
+        self.pools = LeasePools.from_settings(ipv4="100.64.0.0/24", ipv6=None, domain=DOMAIN)
+        self.replicas: list[NodeManager] = []
+
+    async def replica(self, name: str) -> NodeManager:
+        """A replica subscribed to the bus; its periodic jobs are driven by the caller."""
+        manager = NodeManager(
+            nodes=self.store, pools=self.pools, replica_id=name, relay_secret=SECRET,
+            presence=self.presence, bus=self.bus, routes=self.routes, trs=self.trs,
+            keepalive_interval_s=15, offline_timeout_s=45, monotonic=self.clock,
+        )
+        await self.bus.subscribe(name, manager._on_bus)  # loops are driven by hand here
+        self.replicas.append(manager)
+        return manager
+
+    async def node(
+        self, manager: NodeManager, name: str, kind: str = "global_ipv4", serial: str = "1"
+    ) -> RecordingLink:
+        """Enrol ``name`` and register it as a node of ``kind`` at ``manager``."""
+        await add_node(self.sessions, name)
+        link = RecordingLink(fqdn=f"{name}.{DOMAIN}", serial_hex=serial)
+        reported, observed = KIND[kind]
+        # Distinct addresses per node: shift the last octet/hextet by the name's hash.
+        shift = sum(name.encode()) % 200 + 1
+        reported = [Endpoint(ep.ip + shift, ep.port) for ep in reported]
+        observed = observed or reported[0]
+        await manager.register(link, local_addresses=reported, observed=observed)
+        return link
