@@ -1,0 +1,123 @@
+"""Assembly of one NMS replica: registry, shared state, manager, admin REST, QUIC endpoint."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from cyphonic.admin import AdminServer, create_admin_app
+from cyphonic.errors import Unavailable
+from cyphonic.log import get_logger
+from cyphonic.registry import create_engine, make_sessionmaker, ping, upgrade
+
+from cyphonic_nms.api import router
+from cyphonic_nms.cluster import (
+    InProcessBus,
+    InProcessPresence,
+    InProcessRouteStore,
+    RedisBus,
+    RedisPresence,
+    RedisRouteStore,
+)
+from cyphonic_nms.config import NmsSettings
+from cyphonic_nms.leases import LeasePools
+from cyphonic_nms.manager import NmsMetrics, NodeManager
+from cyphonic_nms.signalling import SignallingServer, start_signalling
+from cyphonic_nms.storage import SqlNodeStore
+from cyphonic_nms.trs_directory import InProcessTrsDirectory, RedisTrsDirectory
+
+log = get_logger("nms")
+
+
+@dataclass
+class NmsServer:
+    """A running NMS replica (``start``/``stop``); ``quic`` False serves admin REST only."""
+
+    settings: NmsSettings
+    quic: bool = True
+    manager: NodeManager | None = None
+    admin: AdminServer | None = None
+    signalling: SignallingServer | None = None
+    _engine: Any = None
+    _redis: Any = None
+    _closers: list[Any] = field(default_factory=list)
+
+    async def start(self) -> None:
+        """Connect to the registry (and Redis), start the manager, REST and QUIC."""
+        s = self.settings
+        self._engine = create_engine(s.database_url)
+        if s.migrate:
+            await upgrade(self._engine)
+        await ping(self._engine)
+        store = SqlNodeStore(make_sessionmaker(self._engine))
+        if s.redis_url:
+            import redis.asyncio as redis_asyncio
+
+            self._redis = redis_asyncio.Redis.from_url(s.redis_url)
+            try:
+                await self._redis.ping()
+            except Exception as exc:
+                raise Unavailable(f"Redis at {s.redis_url} is unreachable") from exc
+            presence: Any = RedisPresence(self._redis)
+            bus: Any = RedisBus(self._redis)
+            routes: Any = RedisRouteStore(self._redis)
+            trs: Any = RedisTrsDirectory(self._redis)
+        else:
+            presence, bus = InProcessPresence(), InProcessBus()
+            routes, trs = InProcessRouteStore(), InProcessTrsDirectory()
+        self.manager = NodeManager(
+            nodes=store,
+            pools=LeasePools.from_settings(ipv4=s.ipv4_pool, ipv6=s.ipv6_pool, domain=s.domain),
+            replica_id=s.replica_id,
+            relay_secret=s.relay_secret(),
+            presence=presence, bus=bus, routes=routes, trs=trs,
+            keepalive_interval_s=s.keepalive_interval_s,
+            offline_timeout_s=s.offline_timeout_s,
+            revocation_poll_s=s.revocation_poll_s,
+            relay_token_lifetime_s=s.relay_token_lifetime_s,
+            metrics=NmsMetrics(),
+        )
+        await self.manager.start()
+        checks = [lambda: ping(self._engine)]
+        if self._redis is not None:
+            checks.append(self._ping_redis)
+        app = create_admin_app(
+            service="nms", title="CYPHONIC NMS", admin_token=s.admin_token,
+            ready_checks=checks, routers=[router],
+            metrics_registry=self.manager.metrics.registry,
+            description="Node Management Service: nodes, virtual addresses, routes.",
+        )
+        app.state.manager = self.manager
+        self.admin = AdminServer(app, host=s.http_host, port=s.http_port,
+                                 log_level=s.log_level)
+        await self.admin.start()
+        if self.quic:
+            self.signalling = await start_signalling(self.manager, s)
+        log.info("nms_started", replica=s.replica_id, http_port=self.admin.port,
+                 quic=self.signalling.address if self.signalling else None,
+                 redis=bool(self._redis), pool4=str(self.manager.pools.ipv4.network),
+                 pool6=str(self.manager.pools.ipv6.network))
+
+    async def _ping_redis(self) -> None:
+        try:
+            await self._redis.ping()
+        except Exception as exc:
+            raise Unavailable("Redis unreachable") from exc
+
+    async def stop(self) -> None:
+        """Stop QUIC, mark local nodes offline, stop REST, close connections."""
+        if self.signalling is not None:
+            with contextlib.suppress(Exception):
+                await self.signalling.close()
+        if self.manager is not None:
+            with contextlib.suppress(Exception):
+                await self.manager.stop()
+        if self.admin is not None:
+            await self.admin.stop()
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+        if self._engine is not None:
+            await self._engine.dispose()
+        log.info("nms_stopped", replica=self.settings.replica_id)
