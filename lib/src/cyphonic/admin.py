@@ -80,7 +80,6 @@ READY_CHECK_TIMEOUT_S = 5.0
 ReadyCheck = Callable[[], Awaitable[None]]
 T = TypeVar("T")
 
-_log = get_logger("admin")
 _bearer = HTTPBearer(auto_error=False, description="the service's admin token")
 
 
@@ -294,11 +293,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         from cyphonic.registry.db import map_db_error
 
         mapped = map_db_error(exc)
+        logger = get_logger("admin", path=request.url.path, error=type(exc).__name__)
         if isinstance(mapped, Unavailable):
-            _log.warning("dependency_unavailable", path=request.url.path, error=type(exc).__name__)
+            logger.warning("dependency_unavailable")
             return _error_response(mapped)
-        _log.error("unhandled_error", path=request.url.path, error=type(exc).__name__,
-                   exc_info=exc)
+        logger.error("unhandled_error", exc_info=exc)
         return _error_response(InternalError("internal error"))
 
 
