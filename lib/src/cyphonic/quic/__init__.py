@@ -1,0 +1,28 @@
+"""The mutual-TLS QUIC endpoint: one UDP socket, many connections, both roles.
+
+``QuicEndpoint`` (endpoint.py) is the asyncio glue; ``engine`` holds everything specific
+to aioquic. See endpoint.py for the data-path loop and engine.py for how mutual TLS and
+relay-chosen connection IDs are added to aioquic.
+"""
+
+from cyphonic.quic.endpoint import (
+    Acceptor,
+    Address,
+    Connection,
+    ConnectionHandler,
+    EndpointStats,
+    HandlerFactory,
+    QuicEndpoint,
+)
+from cyphonic.quic.engine import ConnectionIdFactory
+
+__all__ = [
+    "Acceptor",
+    "Address",
+    "Connection",
+    "ConnectionHandler",
+    "ConnectionIdFactory",
+    "EndpointStats",
+    "HandlerFactory",
+    "QuicEndpoint",
+]

@@ -1,0 +1,721 @@
+"""The QUIC endpoint: one UDP socket, many mutual-TLS connections, both roles at once.
+
+    socket readable ──> drain until EAGAIN ──> route each datagram by Destination CID
+                                               (unknown CID + Initial + accepted ALPN
+                                                = new server connection)
+                    ──> process every touched connection's events
+                    ──> ONE transmit pass over connections with something to send
+                    ──> re-arm the single timer (a heap of per-connection deadlines)
+
+No asyncio datagram transport: its one callback and one send per packet cost more than
+the whole QUIC stack at tunnel rates. Applications queue stream data or datagrams on
+``Connection.quic`` and call ``Connection.transmit()``; the send happens once per loop
+iteration for all of them (``QuicEndpoint.flush()`` does it at once).
+
+A connection is handed to the application (its handler created, ``connect()`` returning)
+only after the peer's certificate chain was verified with ``cyphonic.pki.verify_peer``
+inside the TLS handshake; a refused peer never reaches any handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import heapq
+import ipaddress
+import itertools
+import logging
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from aioquic.quic.events import (
+    ConnectionIdIssued,
+    ConnectionIdRetired,
+    ConnectionTerminated,
+    DatagramFrameReceived,
+    HandshakeCompleted,
+    QuicEvent,
+)
+from cryptography import x509
+
+from cyphonic.errors import CyphonicError, InvalidArgument, Timeout, Unauthenticated, Unavailable
+from cyphonic.log import get_logger
+from cyphonic.pki import CertifiedKey, PeerIdentity, PeerKind, TrustStore, verify_peer
+from cyphonic.quic import engine
+from cyphonic.quic.engine import ConnectionIdFactory, CyphonicQuicConnection
+
+__all__ = [
+    "Acceptor",
+    "Address",
+    "Connection",
+    "ConnectionHandler",
+    "EndpointStats",
+    "HandlerFactory",
+    "QuicEndpoint",
+]
+
+Address = tuple[Any, ...]
+"""A socket address as the endpoint's socket uses it ((host, port[, flow, scope]))."""
+
+# aioquic logs every negotiated version and ALPN at INFO; our own key/value logs say more.
+if logging.getLogger("quic").level == logging.NOTSET:
+    logging.getLogger("quic").setLevel(logging.WARNING)
+
+SOCKET_BUFFER = 4 * 1024 * 1024
+_RECV_SIZE = 65535
+_MAX_DRAIN = 512  # datagrams per wake-up, so one busy socket cannot starve the loop
+
+
+class ConnectionHandler(Protocol):
+    """What an application attaches to a verified connection."""
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        """A QUIC event (stream data, stream reset, datagram without a datagram handler)."""
+
+    def connection_lost(self, error: CyphonicError | None) -> None:
+        """The connection ended; ``error`` is None for an orderly local close."""
+
+
+HandlerFactory = Callable[["Connection"], ConnectionHandler]
+
+
+@dataclass(frozen=True)
+class Acceptor:
+    """How the server side treats connections for one ALPN.
+
+    ``expect`` is the peer role required (``node``, ``service`` or ``any``); ``authorize``
+    may refuse a verified peer (raise a CyphonicError, e.g. PermissionDenied) inside the
+    handshake, before any of its data is read.
+    """
+
+    handler_factory: HandlerFactory
+    expect: PeerKind | Literal["any"] = "any"
+    authorize: Callable[[PeerIdentity], None] | None = None
+
+
+@dataclass
+class EndpointStats:
+    """Counters of one endpoint (cheap enough for the data path)."""
+
+    datagrams_received: int = 0
+    datagrams_sent: int = 0
+    send_dropped: int = 0
+    unroutable: int = 0
+    connections_accepted: int = 0
+    connections_refused: int = 0
+    wakeups: int = 0
+
+
+class Connection:
+    """One verified (or verifying) QUIC connection on an endpoint.
+
+    ``quic`` is the engine connection: queue stream data or datagrams on it, then call
+    ``transmit()``. ``peer`` is the verified identity (set before any handler runs).
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint: QuicEndpoint,
+        quic: CyphonicQuicConnection,
+        is_client: bool,
+        address: Address,
+        handler_factory: HandlerFactory | None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.quic = quic
+        self.is_client = is_client
+        self.handler: ConnectionHandler | None = None
+        self.datagram_handler: Callable[[bytes], None] | None = None
+        """Fast path for DATAGRAM frames (the tunnel); bypasses ``handler``."""
+        self.alpn: str | None = None
+        self._handler_factory = handler_factory
+        self._initial_address = address
+        self._cids: set[bytes] = set()
+        self._ready: asyncio.Future[None] = endpoint._loop.create_future()
+        self._closed: asyncio.Future[None] = endpoint._loop.create_future()
+        self._local_close = False
+        self._ended = False
+        self.error: CyphonicError | None = None
+        """Why the connection ended, once it has (None after an orderly local close)."""
+        self._timer_at: float | None = None
+        self.log = get_logger("quic", role="client" if is_client else "server",
+                              cid=quic.host_cid.hex())
+
+    # -- public API
+
+    @property
+    def peer(self) -> PeerIdentity | None:
+        """The verified peer identity, once the peer's certificate has been checked."""
+        return self.quic.peer_identity
+
+    @property
+    def peer_address(self) -> tuple[str, int]:
+        """Current peer address as (host, port), IPv4-mapped addresses unmapped."""
+        addr = self.quic.get_peer_address() or self._initial_address
+        return _plain_address(addr)
+
+    @property
+    def is_ready(self) -> bool:
+        """True once both sides have accepted each other and no close has begun."""
+        return self._ready.done() and not self._ready.exception() and not self._ended
+
+    @property
+    def is_closed(self) -> bool:
+        """True once a close has begun (locally or by the peer)."""
+        return self._ended
+
+    def transmit(self) -> None:
+        """Ask for a transmit pass (coalesced: once per loop iteration for the endpoint)."""
+        self.endpoint._mark_dirty(self)
+
+    def send_datagram(self, data: bytes) -> bool:
+        """Queue one DATAGRAM frame; False (dropped) if too large or the queue is full.
+
+        Call ``transmit()`` (or ``endpoint.flush()``) after queueing a batch.
+        """
+        if self._ended or len(data) > self.quic.max_datagram_payload():
+            return False
+        if self.quic.datagrams_pending() >= self.endpoint.max_pending_datagrams:
+            return False
+        self.quic.send_datagram_frame(data)
+        return True
+
+    def max_datagram_payload(self) -> int:
+        """Largest DATAGRAM payload accepted by ``send_datagram``."""
+        return self.quic.max_datagram_payload()
+
+    def close(self, reason: str = "", *, error_code: int = 0) -> None:
+        """Close with an application CONNECTION_CLOSE (code and reason go to the peer)."""
+        if not self._ended:
+            self._local_close = True
+            self.quic.close(error_code=error_code, reason_phrase=reason)
+            self.transmit()
+            self.endpoint._connection_ended(self)
+
+    async def wait_ready(self) -> None:
+        """Wait until the handshake is done both ways; raises why it failed."""
+        await asyncio.shield(self._ready)
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection has ended (close begun and handlers told)."""
+        await asyncio.shield(self._closed)
+
+    # -- endpoint internals
+
+    def _deliver(self, event: QuicEvent) -> None:
+        if self.handler is None:
+            return
+        try:
+            self.handler.quic_event_received(event)
+        except Exception as exc:
+            self.log.exception("handler_failed", error=repr(exc))
+            self.close("internal error", error_code=1)
+
+    def _attach_handler(self) -> bool:
+        """Create the handler once the peer is verified; False if it must not go on."""
+        peer = self.peer
+        if peer is None:  # never hand out an unverified connection, whatever happened
+            self.quic.close(error_code=engine.CRYPTO_BAD_CERTIFICATE, frame_type=0,
+                            reason_phrase="peer not authenticated")
+            self.transmit()
+            return False
+        self.log = self.log.bind(peer=peer.name, peer_kind=peer.kind)
+        if self._handler_factory is not None and self.handler is None:
+            try:
+                self.handler = self._handler_factory(self)
+            except Exception as exc:
+                self.log.exception("handler_factory_failed", error=repr(exc))
+                self.close("internal error", error_code=1)
+                return False
+        return True
+
+    def _set_ready(self) -> None:
+        if not self._ready.done():
+            self._ready.set_result(None)
+            self.log.info("connection_ready", alpn=self.alpn, address=self.peer_address)
+
+    def _end(self, error: CyphonicError | None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self.error = error
+        if not self._ready.done():
+            self._ready.set_exception(error or Unavailable("connection closed"))
+            self._ready.exception()  # mark retrieved: nobody may be waiting
+        if self.handler is not None:
+            try:
+                self.handler.connection_lost(error)
+            except Exception as exc:
+                self.log.exception("handler_failed", error=repr(exc))
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+
+class QuicEndpoint:
+    """One UDP socket carrying many QUIC connections, client and server roles at once."""
+
+    def __init__(
+        self,
+        *,
+        sock: socket.socket,
+        identity: CertifiedKey,
+        trust: TrustStore,
+        accept: Mapping[str, Acceptor | HandlerFactory] | None,
+        idle_timeout: float,
+        max_datagram_size: int,
+        max_pending_datagrams: int,
+        congestion_control: str,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        self._family = sock.family
+        self.identity = identity
+        self.trust = trust
+        self._acceptors: dict[str, Acceptor] = {
+            alpn: a if isinstance(a, Acceptor) else Acceptor(handler_factory=a)
+            for alpn, a in (accept or {}).items()
+        }
+        self.idle_timeout = idle_timeout
+        self.max_datagram_size = max_datagram_size
+        self.max_pending_datagrams = max_pending_datagrams
+        """Bound on queued DATAGRAM frames per connection (aioquic's queue is unbounded)."""
+        self._congestion_control = congestion_control
+        self._server_config = (
+            engine.make_configuration(
+                is_client=False, identity=identity, alpn_protocols=list(self._acceptors),
+                idle_timeout=idle_timeout, max_datagram_size=max_datagram_size,
+                congestion_control=congestion_control,
+            )
+            if self._acceptors else None
+        )
+        self._versions = set(engine.supported_versions())
+        self._by_cid: dict[bytes, Connection] = {}
+        self._connections: set[Connection] = set()
+        self._dirty: set[Connection] = set()
+        self._flush_scheduled = False
+        self._heap: list[tuple[float, int, Connection]] = []
+        self._seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._closing = False
+        self.stats = EndpointStats()
+        self.server_connection_id_factory: (
+            Callable[[Address, bytes], ConnectionIdFactory | None] | None
+        ) = None
+        """Seam for the relay: called with (peer address, client's first DCID) for each new
+        server connection; a returned factory chooses that connection's host CIDs."""
+        self.log = get_logger("quic", local=self.local_address)
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    # -- creation and teardown
+
+    @classmethod
+    async def open(
+        cls,
+        *,
+        host: str = "::",
+        port: int = 0,
+        identity: CertifiedKey,
+        trust: TrustStore,
+        accept: Mapping[str, Acceptor | HandlerFactory] | None = None,
+        idle_timeout: float = 60.0,
+        max_datagram_size: int = engine.DEFAULT_MAX_DATAGRAM_SIZE,
+        max_pending_datagrams: int = 1024,
+        congestion_control: str = "reno",
+    ) -> QuicEndpoint:
+        """Bind the UDP socket and start serving.
+
+        ``host`` ``::`` binds dual-stack where the kernel allows it, else ``0.0.0.0``.
+        ``accept`` maps ALPN to an ``Acceptor`` (or a bare handler factory, peer role
+        ``any``); without it the endpoint only makes client connections.
+        """
+        sock = _bind_udp(host, port)
+        return cls(sock=sock, identity=identity, trust=trust, accept=accept,
+                   idle_timeout=idle_timeout, max_datagram_size=max_datagram_size,
+                   max_pending_datagrams=max_pending_datagrams,
+                   congestion_control=congestion_control)
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        """(host, port) the socket is bound to."""
+        name = self._sock.getsockname()
+        return (name[0], name[1])
+
+    @property
+    def connections(self) -> list[Connection]:
+        """Live connections (handshaking, ready or closing)."""
+        return list(self._connections)
+
+    async def close(self, reason: str = "endpoint closing") -> None:
+        """Close every connection (telling peers), then the socket."""
+        if self._closing:
+            return
+        self._closing = True
+        for conn in list(self._connections):
+            conn.close(reason)
+        self.flush()
+        self._loop.remove_reader(self._sock.fileno())
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for conn in list(self._connections):
+            conn._end(conn.error)
+        self._connections.clear()
+        self._by_cid.clear()
+        self._sock.close()
+        await asyncio.sleep(0)
+
+    # -- client role
+
+    async def connect(
+        self,
+        address: tuple[str, int],
+        *,
+        alpn: str,
+        expect: PeerKind | Literal["any"] = "service",
+        expected_name: str | None,
+        handler_factory: HandlerFactory | None = None,
+        timeout: float = 10.0,  # noqa: ASYNC109 - a handshake deadline, part of the API
+        connection_id_factory: ConnectionIdFactory | None = None,
+        initial_destination_cid: bytes | None = None,
+    ) -> Connection:
+        """Open a client connection and wait until both sides have verified each other.
+
+        ``expected_name`` is the service name (``nms.svc.<domain>``) or the peer node's
+        FQDN; the server's chain must lead to ``expect``'s CA. Raises the mapped error when
+        either side refuses (``Unauthenticated``, ``Expired``, ``Revoked``,
+        ``PermissionDenied``), ``Timeout`` when nothing comes back in time.
+        ``connection_id_factory`` and ``initial_destination_cid`` are for relayed paths.
+        """
+        if self._closing:
+            raise Unavailable("endpoint is closed")
+        addr = await self._resolve(address)
+        config = engine.make_configuration(
+            is_client=True, identity=self.identity, alpn_protocols=[alpn],
+            idle_timeout=self.idle_timeout, max_datagram_size=self.max_datagram_size,
+            server_name=expected_name, congestion_control=self._congestion_control,
+        )
+
+        def verifier(chain: list[x509.Certificate], _alpn: str | None) -> PeerIdentity:
+            return verify_peer(chain, trust=self.trust, expect=expect,
+                               expected_name=expected_name, now=_utcnow())
+
+        quic = CyphonicQuicConnection(
+            configuration=config, peer_verifier=verifier,
+            connection_id_factory=connection_id_factory,
+            initial_destination_cid=initial_destination_cid,
+        )
+        conn = Connection(endpoint=self, quic=quic, is_client=True, address=addr,
+                          handler_factory=handler_factory)
+        conn.alpn = alpn
+        conn.log = conn.log.bind(expected=expected_name)
+        self._connections.add(conn)
+        self._register(conn, quic.host_cid)
+        quic.connect(addr, now=self._loop.time())
+        self._mark_dirty(conn)
+        try:
+            async with asyncio.timeout(timeout):
+                await conn.wait_ready()
+        except TimeoutError as exc:
+            conn.close("handshake timeout")
+            raise Timeout(f"no QUIC handshake with {address[0]}:{address[1]} "
+                          f"within {timeout}s") from exc
+        except asyncio.CancelledError:
+            conn.close("cancelled")
+            raise
+        return conn
+
+    async def _resolve(self, address: tuple[str, int]) -> Address:
+        host, port = address[0], int(address[1])
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            if not infos:
+                raise Unavailable(f"cannot resolve {host}") from None
+            ip = ipaddress.ip_address(infos[0][4][0])
+        if self._family == socket.AF_INET6:
+            if ip.version == 4:
+                return (f"::ffff:{ip}", port, 0, 0)
+            return (str(ip), port, 0, 0)
+        if ip.version == 6:
+            mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+            if mapped is None:
+                raise InvalidArgument(f"{host}: IPv6 peer on an IPv4-only endpoint")
+            ip = mapped
+        return (str(ip), port)
+
+    # -- server role
+
+    def _accept(self, dcid: bytes, addr: Address) -> Connection | None:
+        assert self._server_config is not None
+        factory = None
+        if self.server_connection_id_factory is not None:
+            factory = self.server_connection_id_factory(addr, dcid)
+        holder: list[Connection] = []
+
+        def verifier(chain: list[x509.Certificate], alpn: str | None) -> PeerIdentity:
+            acceptor = self._acceptors.get(alpn or "")
+            if acceptor is None:
+                raise Unauthenticated(f"no service for ALPN {alpn!r}")
+            peer = verify_peer(chain, trust=self.trust, expect=acceptor.expect,
+                               expected_name=None, now=_utcnow())
+            if acceptor.authorize is not None:
+                acceptor.authorize(peer)
+            if holder:
+                holder[0].alpn = alpn
+                holder[0]._handler_factory = acceptor.handler_factory
+            return peer
+
+        quic = CyphonicQuicConnection(
+            configuration=self._server_config, peer_verifier=verifier,
+            original_destination_connection_id=dcid, connection_id_factory=factory,
+        )
+        conn = Connection(endpoint=self, quic=quic, is_client=False, address=addr,
+                          handler_factory=None)
+        holder.append(conn)
+        self._connections.add(conn)
+        self._register(conn, dcid)
+        self._register(conn, quic.host_cid)
+        return conn
+
+    # -- the loop
+
+    def _on_readable(self) -> None:
+        loop_time = self._loop.time
+        now = loop_time()
+        touched: dict[Connection, None] = {}
+        recvfrom = self._sock.recvfrom
+        stats = self.stats
+        stats.wakeups += 1
+        for _ in range(_MAX_DRAIN):
+            try:
+                data, addr = recvfrom(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
+                self.log.debug("recv_error", error=str(exc))
+                continue
+            stats.datagrams_received += 1
+            conn = self._route(data, addr)
+            if conn is None:
+                stats.unroutable += 1
+                continue
+            conn.quic.receive_datagram(data, addr, now)
+            touched[conn] = None
+        for conn in touched:
+            self._process(conn)
+        self._transmit(touched)
+
+    def _route(self, data: bytes, addr: Address) -> Connection | None:
+        header = engine.parse_datagram_header(data)
+        if header is None:
+            return None
+        conn = self._by_cid.get(header.destination_cid)
+        if conn is not None:
+            return conn
+        if (
+            header.is_initial
+            and self._server_config is not None
+            and not self._closing
+            and header.version in self._versions
+            and len(data) >= 1200
+        ):
+            return self._accept(header.destination_cid, addr)
+        return None
+
+    def _process(self, conn: Connection) -> None:
+        quic = conn.quic
+        while (event := quic.next_event()) is not None:
+            if isinstance(event, DatagramFrameReceived) and conn.datagram_handler is not None:
+                if not conn._ended:
+                    try:
+                        conn.datagram_handler(event.data)
+                    except Exception as exc:
+                        conn.log.exception("datagram_handler_failed", error=repr(exc))
+            elif isinstance(event, ConnectionIdIssued):
+                self._register(conn, event.connection_id)
+            elif isinstance(event, ConnectionIdRetired):
+                self._unregister(event.connection_id)
+            elif isinstance(event, HandshakeCompleted):
+                # Server: the client's chain was verified inside the handshake. Client:
+                # the server's was; its handler exists from now on so that nothing the
+                # server sends is lost, but connect() waits for HANDSHAKE_DONE, the sign
+                # that the server accepted this side's certificate too.
+                if conn._attach_handler() and not conn.is_client:
+                    self.stats.connections_accepted += 1
+                    conn._set_ready()
+            elif isinstance(event, ConnectionTerminated):
+                self._connection_ended(conn)
+                self._forget(conn)
+            elif not conn._ended:
+                conn._deliver(event)
+        if (
+            conn.is_client
+            and not conn._ready.done()
+            and quic.handshake_confirmed
+            and conn.peer is not None
+            and not conn._ended
+        ):
+            conn._set_ready()
+        if not conn._ended and quic.close_event is not None:
+            self._connection_ended(conn)
+
+    def _connection_ended(self, conn: Connection) -> None:
+        if conn._ended:
+            return
+        event = conn.quic.close_event
+        error: CyphonicError | None = None
+        if not conn._local_close or conn.quic.verification_error is not None:
+            host, port = conn.peer_address
+            label = conn.peer.name if conn.peer else f"{host}:{port}"
+            if event is None:
+                error = Unavailable(f"{label}: connection closed")
+            else:
+                error = engine.error_from_close(
+                    event, local_error=conn.quic.verification_error, peer_label=label
+                )
+        if conn.quic.verification_error is not None:
+            self.stats.connections_refused += 1
+            conn.log.warning("peer_refused", address=conn.peer_address, reason=str(error))
+        elif error is not None:
+            conn.log.info("connection_closed", reason=str(error))
+        conn._end(error)
+
+    def _transmit(self, conns: Iterable[Connection]) -> None:
+        now = self._loop.time()
+        sendto = self._sock.sendto
+        stats = self.stats
+        for conn in conns:
+            for data, addr in conn.quic.datagrams_to_send(now=now):
+                try:
+                    sendto(data, addr)
+                    stats.datagrams_sent += 1
+                except (BlockingIOError, InterruptedError):
+                    stats.send_dropped += 1  # socket buffer full: QUIC recovers the loss
+                except OSError as exc:
+                    stats.send_dropped += 1
+                    conn.log.debug("send_error", error=str(exc))
+            self._arm(conn)
+        self._rearm_timer()
+
+    def _mark_dirty(self, conn: Connection) -> None:
+        self._dirty.add(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Run the transmit pass now for every connection with queued work."""
+        self._flush_scheduled = False
+        if not self._dirty or self._sock.fileno() < 0:
+            self._dirty.clear()
+            return
+        dirty, self._dirty = self._dirty, set()
+        for conn in dirty:
+            self._process(conn)
+        self._transmit(dirty)
+
+    # -- timers: one heap, one asyncio timer
+
+    def _arm(self, conn: Connection) -> None:
+        when = conn.quic.get_timer()
+        if when == conn._timer_at:
+            return
+        conn._timer_at = when
+        if when is not None:
+            heapq.heappush(self._heap, (when, next(self._seq), conn))
+
+    def _rearm_timer(self) -> None:
+        heap = self._heap
+        while heap and heap[0][2]._timer_at != heap[0][0]:
+            heapq.heappop(heap)  # stale entry
+        when = heap[0][0] if heap else None
+        if when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._on_timer) if when is not None else None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        now = self._loop.time()
+        due: dict[Connection, None] = {}
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            when, _, conn = heapq.heappop(heap)
+            if conn._timer_at == when:
+                conn._timer_at = None
+                due[conn] = None
+        for conn in due:
+            conn.quic.handle_timer(now=now)
+            self._process(conn)
+        self._transmit(due)
+
+    # -- connection ID table
+
+    def _register(self, conn: Connection, cid: bytes) -> None:
+        self._by_cid[cid] = conn
+        conn._cids.add(cid)
+
+    def _unregister(self, cid: bytes) -> None:
+        conn = self._by_cid.pop(cid, None)
+        if conn is not None:
+            conn._cids.discard(cid)
+
+    def _forget(self, conn: Connection) -> None:
+        for cid in list(conn._cids):
+            if self._by_cid.get(cid) is conn:
+                del self._by_cid[cid]
+        conn._cids.clear()
+        conn._timer_at = None
+        self._connections.discard(conn)
+        self._dirty.discard(conn)
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _plain_address(addr: Address) -> tuple[str, int]:
+    host = str(addr[0])
+    if host.startswith("::ffff:") and "." in host:
+        host = host.removeprefix("::ffff:")
+    return (host, int(addr[1]))
+
+
+def _bind_udp(host: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket with large buffers; ``::`` is dual-stack when possible."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError as exc:
+        raise InvalidArgument(f"bind address must be an IP literal, not {host!r}") from exc
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError:
+        if host != "::":
+            raise
+        family, host = socket.AF_INET, "0.0.0.0"
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        for opt, force in ((socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", 33)),
+                           (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", 32))):
+            try:  # SO_RCVBUFFORCE/SO_SNDBUFFORCE pass net.core.*mem_max when privileged
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,349 @@
+"""Everything specific to the QUIC engine (aioquic 1.7.2) lives here, so that another
+engine with the same API (qh3) can be offered later behind the same endpoint.
+
+Two things aioquic does not do on its own, added without forking it:
+
+* Mutual TLS. Its server requests no client certificate unless ``tls.Context``'s private
+  ``_request_client_certificate`` is set, accepts an empty Certificate message, and checks
+  no chain on either side once ``verify_mode`` is CERT_NONE (it still checks the
+  CertificateVerify signature, i.e. that the peer holds the certificate's key). The TLS
+  context of every connection is switched to ``_VerifyingContext``, which runs a verifier
+  (``cyphonic.pki.verify_peer``) right after the peer's CertificateVerify, and refuses an
+  empty client Certificate. A refusal raises a TLS alert inside the handshake, which aioquic
+  turns into a transport CONNECTION_CLOSE with CRYPTO_ERROR + alert and the reason phrase.
+  The server refuses before it has the client's 1-RTT key, so no stream data of a refused
+  client is ever decrypted, let alone delivered.
+* Connection IDs chosen by someone else (the TRS). ``QuicConnection`` draws host CIDs with
+  ``os.urandom`` in ``__init__`` (the first) and ``_replenish_connection_ids`` (the rest);
+  ``CyphonicQuicConnection`` takes a ``connection_id_factory`` used at both spots, and a
+  client may also choose its first Destination CID (``initial_destination_cid``) so that a
+  relay can route the very first Initial.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from aioquic import tls
+from aioquic._buffer import Buffer, BufferReadError
+from aioquic.buffer import size_uint_var
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection, QuicConnectionId, QuicConnectionState
+from aioquic.quic.events import ConnectionTerminated
+from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
+from cryptography import x509
+
+from cyphonic.errors import (
+    CyphonicError,
+    Expired,
+    PermissionDenied,
+    Revoked,
+    Timeout,
+    Unauthenticated,
+    Unavailable,
+)
+from cyphonic.pki import CertifiedKey, PeerIdentity
+
+CID_LENGTH = 8
+"""Length of every connection ID this endpoint issues (short headers do not carry it)."""
+
+DEFAULT_MAX_DATAGRAM_SIZE = 1452
+"""Largest UDP payload sent: a 1500-byte link minus IPv6 (40) and UDP (8) headers."""
+
+MAX_DATAGRAM_FRAME_SIZE = 65536
+CRYPTO_BAD_CERTIFICATE = QuicErrorCode.CRYPTO_ERROR + tls.AlertDescription.bad_certificate
+_AEAD_TAG = 16
+_SHORT_HEADER = 3  # first byte + 2-byte packet number (aioquic's PACKET_NUMBER_SEND_SIZE)
+
+ConnectionIdFactory = Callable[[int], bytes]
+"""Returns the host connection ID with the given sequence number (CID_LENGTH bytes)."""
+
+PeerVerifier = Callable[[list[x509.Certificate], str | None], PeerIdentity]
+"""Verifies the peer's chain (leaf first) given the negotiated ALPN; raises CyphonicError."""
+
+
+# TLS alerts aioquic does not define, so each refusal carries its own code.
+class _AlertCertificateRevoked(tls.Alert):
+    description = tls.AlertDescription.certificate_revoked
+
+
+class _AlertAccessDenied(tls.Alert):
+    description = tls.AlertDescription.access_denied
+
+
+class _AlertCertificateRequired(tls.Alert):
+    description = tls.AlertDescription.certificate_required
+
+
+def _alert_for(exc: CyphonicError, *, missing: bool) -> tls.Alert:
+    message = exc.message
+    if isinstance(exc, Expired):
+        return tls.AlertCertificateExpired(message)
+    if isinstance(exc, Revoked):
+        return _AlertCertificateRevoked(message)
+    if isinstance(exc, PermissionDenied):
+        return _AlertAccessDenied(message)
+    if missing:
+        return _AlertCertificateRequired(message)
+    return tls.AlertBadCertificate(message)
+
+
+_ERROR_FOR_ALERT: dict[int, type[CyphonicError]] = {
+    tls.AlertDescription.certificate_expired: Expired,
+    tls.AlertDescription.certificate_revoked: Revoked,
+    tls.AlertDescription.access_denied: PermissionDenied,
+    tls.AlertDescription.bad_certificate: Unauthenticated,
+    tls.AlertDescription.certificate_required: Unauthenticated,
+    tls.AlertDescription.unknown_ca: Unauthenticated,
+    tls.AlertDescription.unsupported_certificate: Unauthenticated,
+    tls.AlertDescription.certificate_unknown: Unauthenticated,
+    tls.AlertDescription.decrypt_error: Unauthenticated,
+    tls.AlertDescription.handshake_failure: Unauthenticated,
+}
+
+
+class _VerifyingContext(tls.Context):
+    """aioquic's TLS context plus a peer verifier run inside the handshake."""
+
+    peer_verifier: PeerVerifier
+    peer_identity: PeerIdentity | None
+    verification_error: CyphonicError | None
+
+    def _verify(self, chain: list[x509.Certificate], *, missing: bool) -> None:
+        try:
+            self.peer_identity = self.peer_verifier(chain, self.alpn_negotiated)
+        except CyphonicError as exc:
+            self.verification_error = exc
+            raise _alert_for(exc, missing=missing) from exc
+        except Exception as exc:  # a verifier bug must still refuse, never accept
+            self.verification_error = Unauthenticated(f"certificate check failed: {exc!r}")
+            raise tls.AlertBadCertificate("certificate check failed") from exc
+
+    def _peer_chain(self) -> list[x509.Certificate]:
+        assert self._peer_certificate is not None
+        return [self._peer_certificate, *self._peer_certificate_chain]
+
+    def _server_handle_certificate(self, input_buf: Buffer) -> None:
+        super()._server_handle_certificate(input_buf)
+        if self._peer_certificate is None:
+            # aioquic would go on without client authentication (RFC 8446 allows it).
+            self._verify([], missing=True)
+
+    def _server_handle_certificate_verify(self, input_buf: Buffer) -> None:
+        super()._server_handle_certificate_verify(input_buf)  # proof of key possession
+        self._verify(self._peer_chain(), missing=False)
+
+    def _client_handle_certificate_verify(self, input_buf: Buffer) -> None:
+        super()._client_handle_certificate_verify(input_buf)  # proof of key possession
+        self._verify(self._peer_chain(), missing=False)
+
+
+class CyphonicQuicConnection(QuicConnection):
+    """A ``QuicConnection`` with mutual TLS verification and pluggable connection IDs."""
+
+    def __init__(
+        self,
+        *,
+        configuration: QuicConfiguration,
+        peer_verifier: PeerVerifier,
+        original_destination_connection_id: bytes | None = None,
+        connection_id_factory: ConnectionIdFactory | None = None,
+        initial_destination_cid: bytes | None = None,
+    ) -> None:
+        self._peer_verifier = peer_verifier
+        self._cid_factory = connection_id_factory
+        super().__init__(
+            configuration=configuration,
+            original_destination_connection_id=original_destination_connection_id,
+        )
+        if connection_id_factory is not None:
+            first = self._host_cids[0]
+            first.cid = self._new_cid(0)
+            self.host_cid = first.cid
+            self._local_initial_source_connection_id = first.cid
+        if initial_destination_cid is not None:
+            if not configuration.is_client:
+                raise ValueError("only a client chooses its initial destination CID")
+            if not 8 <= len(initial_destination_cid) <= 20:
+                raise ValueError("an initial destination CID has 8 to 20 bytes")
+            # aioquic itself gives the first peer CID no sequence number.
+            self._peer_cid = QuicConnectionId(
+                cid=initial_destination_cid,
+                sequence_number=None,  # type: ignore[arg-type]
+            )
+            self._original_destination_connection_id = initial_destination_cid
+
+    def _new_cid(self, sequence_number: int) -> bytes:
+        if self._cid_factory is None:
+            return os.urandom(self._configuration.connection_id_length)
+        cid = self._cid_factory(sequence_number)
+        if len(cid) != self._configuration.connection_id_length:
+            raise ValueError(
+                f"connection_id_factory returned {len(cid)} bytes, "
+                f"need {self._configuration.connection_id_length}"
+            )
+        return cid
+
+    def _replenish_connection_ids(self) -> None:
+        # Same as aioquic's, with the CID drawn from the factory.
+        while len(self._host_cids) < min(8, self._remote_active_connection_id_limit):
+            self._host_cids.append(
+                QuicConnectionId(
+                    cid=self._new_cid(self._host_cid_seq),
+                    sequence_number=self._host_cid_seq,
+                    stateless_reset_token=os.urandom(16),
+                )
+            )
+            self._host_cid_seq += 1
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        context = cast(Any, self.tls)
+        context.__class__ = _VerifyingContext
+        context.peer_verifier = self._peer_verifier
+        context.peer_identity = None
+        context.verification_error = None
+        if not self._is_client:
+            context._request_client_certificate = True
+
+    # -- read-only views the endpoint needs, kept here so the endpoint stays engine-neutral
+
+    @property
+    def peer_identity(self) -> PeerIdentity | None:
+        """The verified peer, once its CertificateVerify has been checked."""
+        context = getattr(self, "tls", None)
+        return cast(PeerIdentity | None, getattr(context, "peer_identity", None))
+
+    @property
+    def verification_error(self) -> CyphonicError | None:
+        """Why this side refused the peer's certificate, if it did."""
+        context = getattr(self, "tls", None)
+        return cast(CyphonicError | None, getattr(context, "verification_error", None))
+
+    @property
+    def handshake_confirmed(self) -> bool:
+        """True once the peer has accepted this side too (client: HANDSHAKE_DONE seen)."""
+        return bool(self._handshake_confirmed)
+
+    @property
+    def close_event(self) -> ConnectionTerminated | None:
+        """The close that is under way or done (local or remote), if any."""
+        return self._close_event
+
+    @property
+    def is_terminated(self) -> bool:
+        """True once the closing or draining period is over."""
+        return bool(self._state == QuicConnectionState.TERMINATED)
+
+    @property
+    def host_cids(self) -> list[bytes]:
+        """Every connection ID this side currently accepts packets on."""
+        return [c.cid for c in self._host_cids]
+
+    def datagrams_pending(self) -> int:
+        """DATAGRAM frames queued and not yet packed into packets."""
+        return len(self._datagrams_pending)
+
+    def max_datagram_payload(self) -> int:
+        """Largest DATAGRAM payload that fits one packet to this peer (0 if none allowed).
+
+        aioquic never sends a larger one and it then blocks every later datagram, so the
+        tunnel enforces this before queueing.
+        """
+        remote = self._remote_max_datagram_frame_size
+        if remote is None and self._handshake_complete:
+            return 0
+        room = self._max_datagram_size - _SHORT_HEADER - len(self._peer_cid.cid) - _AEAD_TAG
+        payload = room - 1 - size_uint_var(room)
+        if remote is not None:
+            payload = min(payload, remote - 1 - size_uint_var(remote))
+        return max(payload, 0)
+
+
+def make_configuration(
+    *,
+    is_client: bool,
+    identity: CertifiedKey,
+    alpn_protocols: list[str],
+    idle_timeout: float,
+    max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE,
+    server_name: str | None = None,
+    congestion_control: str = "reno",
+) -> QuicConfiguration:
+    """A QuicConfiguration for one role: DATAGRAM on, our certificate, no built-in checks."""
+    return QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=alpn_protocols,
+        certificate=identity.cert,
+        certificate_chain=list(identity.chain),
+        private_key=identity.key,
+        idle_timeout=idle_timeout,
+        max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
+        max_datagram_size=max_datagram_size,
+        connection_id_length=CID_LENGTH,
+        server_name=server_name,
+        # Chains are checked by _VerifyingContext with cyphonic.pki instead.
+        verify_mode=ssl.CERT_NONE,
+        congestion_control_algorithm=congestion_control,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramHeader:
+    """What the endpoint needs from a received datagram's first packet header."""
+
+    destination_cid: bytes
+    is_initial: bool
+    version: int | None
+
+
+def parse_datagram_header(data: bytes) -> DatagramHeader | None:
+    """Destination CID of the first packet, or None if it is not QUIC."""
+    if not data:
+        return None
+    if not data[0] & 0x80:
+        # Short header: the fast path for data packets, CID length is ours.
+        if len(data) < 1 + CID_LENGTH:
+            return None
+        return DatagramHeader(data[1 : 1 + CID_LENGTH], False, None)
+    try:
+        header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+    except (ValueError, BufferReadError):
+        return None
+    return DatagramHeader(
+        header.destination_cid, header.packet_type == QuicPacketType.INITIAL, header.version
+    )
+
+
+def supported_versions() -> list[int]:
+    """QUIC versions the engine speaks."""
+    return list(QuicConfiguration().supported_versions)
+
+
+def error_from_close(
+    event: ConnectionTerminated, *, local_error: CyphonicError | None, peer_label: str
+) -> CyphonicError:
+    """The CyphonicError that best describes why a connection ended."""
+    if local_error is not None:
+        return local_error
+    code, reason = event.error_code, event.reason_phrase
+    if QuicErrorCode.CRYPTO_ERROR <= code <= QuicErrorCode.CRYPTO_ERROR + 0xFF:
+        alert = code - QuicErrorCode.CRYPTO_ERROR
+        cls = _ERROR_FOR_ALERT.get(alert, Unauthenticated)
+        return cls(f"{peer_label}: TLS handshake refused ({_alert_name(alert)}): {reason}")
+    if reason == "Idle timeout":
+        return Timeout(f"{peer_label}: idle timeout")
+    if code == QuicErrorCode.NO_ERROR and event.frame_type is None:
+        return Unavailable(f"{peer_label}: connection closed by peer ({reason or 'no reason'})")
+    return Unavailable(f"{peer_label}: connection closed (code 0x{code:x}, {reason or '-'})")
+
+
+def _alert_name(alert: int) -> str:
+    try:
+        return tls.AlertDescription(alert).name
+    except ValueError:
+        return f"alert {alert}"
