@@ -51,6 +51,15 @@ class RecordingLink:
         return self.of(body)[count - 1]
 
 
+    async def wait_closed(self, *, within_s: float = 5.0) -> CyphonicError:
+        """Wait until the link is closed; the error it was closed with."""
+        async with asyncio.timeout(within_s):
+            while self.closed is None:
+                self._event.clear()
+                await self._event.wait()
+        return self.closed
+
+
 async def add_node(
     sessions: async_sessionmaker[AsyncSession], name: str, *, domain: str = "cyphonic.internal",
     state: NodeState = NodeState.ACTIVE,

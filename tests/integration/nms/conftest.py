@@ -1,0 +1,60 @@
+"""Real Postgres (a fresh database per test) and Redis (a database of its own, flushed)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+import redis.asyncio as redis_asyncio
+from cyphonic.registry import create_engine, upgrade
+
+PG_ADMIN_URL = os.environ.get("CYPHONIC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("CYPHONIC_TEST_REDIS", "redis://127.0.0.1:6379/11")
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """The URL of a new, migrated, empty registry database; dropped afterwards."""
+    name = f"nms_{secrets.token_hex(6)}"
+    try:
+        admin = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    engine = create_engine(url)
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+    try:
+        yield url
+    finally:
+        admin = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+async def redis_url() -> AsyncIterator[str]:
+    """A Redis database for NMS tests, empty at the start and flushed afterwards."""
+    client = redis_asyncio.Redis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except Exception as exc:
+        await client.aclose()
+        pytest.skip(f"Redis is not reachable at {REDIS_URL}: {exc}")
+    await client.flushdb()
+    try:
+        yield REDIS_URL
+    finally:
+        await client.flushdb()
+        await client.aclose()
