@@ -134,7 +134,8 @@ def write_packets(fd: int, packets: Iterable[bytes], stats: TunStats | None = No
         except OSError as exc:
             if stats is not None:
                 stats.tx_errors += 1
-                stats.errors[exc.errno] = stats.errors.get(exc.errno, 0) + 1
+                code = exc.errno or 0
+                stats.errors[code] = stats.errors.get(code, 0) + 1
     if stats is not None:
         stats.tx_packets += written
     return written
