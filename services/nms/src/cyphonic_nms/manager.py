@@ -33,6 +33,7 @@ from cyphonic.errors import (
     PeerOffline,
     PermissionDenied,
     Revoked,
+    Timeout,
     Unavailable,
 )
 from cyphonic.log import get_logger
@@ -337,7 +338,7 @@ class NodeManager:
             local = self._local.get(fqdn)
             if local is None:
                 continue
-            local.link.close(PeerOffline(f"no keepalive for {self.offline_timeout_s:g} s"))
+            local.link.close(Timeout(f"no keepalive for {self.offline_timeout_s:g} s"))
             await self._went_offline(fqdn, local, cause="timeout")
 
     async def refresh_presence(self) -> None:
