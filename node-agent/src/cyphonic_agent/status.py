@@ -1,0 +1,357 @@
+"""The agent's local status API: a unix socket only root (the agent's user) can reach.
+
+Protocol flow (one exchange per connection, UTF-8 JSON lines)::
+
+    client -> server   {"version": 1, "request": "status"}\\n
+    server -> client   {"version": 1, "status": {...AgentStatus...}}\\n   (then closes)
+                   or  {"version": 1, "error": {"code": "<code_name>", "message": "..."}}\\n
+
+The socket is created 0600 (umask at bind time, so there is no window) inside a 0700
+directory, and the server also checks the caller's uid with SO_PEERCRED. ``cyphonic-agent
+status`` is the client: a human table by default, ``--json`` for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import stat
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cyphonic.errors import (
+    AlreadyExists,
+    CyphonicError,
+    InvalidArgument,
+    MalformedMessage,
+    PermissionDenied,
+    Unavailable,
+    UnsupportedVersion,
+)
+from cyphonic.log import get_logger
+
+STATUS_API_VERSION = 1
+DEFAULT_STATUS_SOCKET = Path("/run/cyphonic-agent/status.sock")
+STATUS_SOCKET_ENV = "CYPHONIC_STATUS_SOCKET"
+MAX_REQUEST = 4096
+
+
+@dataclass(slots=True)
+class PeerStatus:
+    """One peer of this node, as ``cyphonic-agent status`` shows it."""
+
+    fqdn: str
+    virtual_ipv4: str | None = None
+    virtual_ipv6: str | None = None
+    state: str = "establishing"
+    """establishing, up or down."""
+    pattern: str = "-"
+    """direct (pattern 1), nat_connects (2), relay (3), or - before the NMS decided."""
+    path: str = "-"
+    """Real address in use, e.g. ``[2001:db8::7]:443`` or ``via 198.51.100.9:443 (trs)``."""
+    rtt_ms: float | None = None
+    """Smoothed RTT of the end-to-end QUIC connection."""
+    mtu: int | None = None
+    """Largest inner packet this tunnel carries."""
+    tx_bytes: int = 0
+    rx_bytes: int = 0
+    tx_packets: int = 0
+    rx_packets: int = 0
+
+
+@dataclass(slots=True)
+class AgentStatus:
+    """A snapshot of the agent."""
+
+    fqdn: str
+    virtual_ipv4: str | None = None
+    virtual_ipv6: str | None = None
+    nms_state: str = "disconnected"
+    """connecting, connected, or disconnected (with ``nms_detail`` saying why)."""
+    nms_detail: str = ""
+    tun: str | None = None
+    mtu: int | None = None
+    uptime_s: float = 0.0
+    peers: list[PeerStatus] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready form (what ``--json`` prints)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AgentStatus:
+        """Rebuild from ``to_dict`` output; unknown keys (a newer agent) are ignored."""
+        try:
+            peers = [
+                PeerStatus(**{k: v for k, v in p.items() if k in PeerStatus.__dataclass_fields__})
+                for p in data.get("peers", [])
+            ]
+            fields = {
+                k: v
+                for k, v in data.items()
+                if k in cls.__dataclass_fields__ and k != "peers"
+            }
+            return cls(peers=peers, **fields)
+        except (TypeError, AttributeError) as exc:
+            raise MalformedMessage(f"status snapshot malformed: {exc}") from exc
+
+
+SnapshotFn = Callable[[], AgentStatus]
+
+
+def default_socket_path() -> Path:
+    """``$CYPHONIC_STATUS_SOCKET`` or /run/cyphonic-agent/status.sock."""
+    return Path(os.environ.get(STATUS_SOCKET_ENV, str(DEFAULT_STATUS_SOCKET)))
+
+
+# --- server --------------------------------------------------------------------------------
+
+
+class StatusServer:
+    """Serves ``snapshot()`` on a root-only unix socket."""
+
+    def __init__(self, *, path: Path, snapshot: SnapshotFn) -> None:
+        self.path = path
+        self.snapshot = snapshot
+        self._server: asyncio.Server | None = None
+        self._log = get_logger("agent.status", socket=str(path))
+
+    @classmethod
+    async def start(cls, *, path: Path, snapshot: SnapshotFn) -> StatusServer:
+        """Create the directory (0700) and socket (0600) and start serving."""
+        server = cls(path=path, snapshot=snapshot)
+        await server._listen()
+        return server
+
+    async def _listen(self) -> None:
+        directory = self.path.parent
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.stat()
+        if info.st_uid != os.geteuid():
+            raise PermissionDenied(f"{directory} belongs to uid {info.st_uid}, not to us")
+        if stat.S_IMODE(info.st_mode) != 0o700:
+            directory.chmod(0o700)
+        if self.path.exists() or self.path.is_symlink():
+            if _socket_answers(self.path):
+                raise AlreadyExists(f"another agent serves {self.path}")
+            self.path.unlink()  # stale, from an agent that did not exit cleanly
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
+        finally:
+            os.umask(old_umask)
+        self.path.chmod(0o600)
+        self._log.info("status api listening")
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            reply = await self._reply(reader, writer)
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _reply(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> dict[str, Any]:
+        try:
+            uid = _peer_uid(writer.get_extra_info("socket"))
+            if uid not in (0, os.geteuid()):
+                raise PermissionDenied("the status API is for root only")
+            async with asyncio.timeout(5):
+                line = await reader.readuntil(b"\n")
+            try:
+                request = json.loads(line)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise MalformedMessage("request is not JSON") from exc
+            if not isinstance(request, dict):
+                raise MalformedMessage("request must be a JSON object")
+            if request.get("version") != STATUS_API_VERSION:
+                raise UnsupportedVersion(f"status API version {request.get('version')!r}")
+            if request.get("request") != "status":
+                raise InvalidArgument(f"unknown request {request.get('request')!r}")
+            return {"version": STATUS_API_VERSION, "status": self.snapshot().to_dict()}
+        except asyncio.LimitOverrunError:
+            return _error(MalformedMessage("request too long"))
+        except asyncio.IncompleteReadError:
+            return _error(MalformedMessage("request not terminated by a newline"))
+        except CyphonicError as exc:
+            return _error(exc)
+
+    async def close(self) -> None:
+        """Stop serving and remove the socket file."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _error(exc: CyphonicError) -> dict[str, Any]:
+    return {
+        "version": STATUS_API_VERSION,
+        "error": {"code": exc.code_name, "message": exc.message},
+    }
+
+
+def _peer_uid(sock: socket.socket | None) -> int:
+    if sock is None:
+        raise PermissionDenied("cannot identify the caller")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def _socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+# --- client --------------------------------------------------------------------------------
+
+
+def fetch_status(path: Path | None = None, *, timeout: float = 5.0) -> AgentStatus:
+    """Ask the running agent for its status (synchronous; for the CLI)."""
+    path = path or default_socket_path()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+        except FileNotFoundError as exc:
+            raise Unavailable(f"the agent is not running (no socket at {path})") from exc
+        except PermissionError as exc:
+            raise PermissionDenied(f"{path}: permission denied (run as root)") from exc
+        except ConnectionRefusedError as exc:
+            raise Unavailable(f"the agent is not running (stale socket {path})") from exc
+        except OSError as exc:
+            raise Unavailable(f"cannot reach the agent at {path}: {exc}") from exc
+        request = {"version": STATUS_API_VERSION, "request": "status"}
+        try:
+            s.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError as exc:
+            raise Unavailable(f"the agent did not answer within {timeout} s") from exc
+        except OSError as exc:
+            raise Unavailable(f"status request failed: {exc}") from exc
+    try:
+        reply = json.loads(data)
+    except ValueError as exc:
+        raise MalformedMessage("the agent's answer is not JSON") from exc
+    if not isinstance(reply, dict):
+        raise MalformedMessage("the agent's answer is not a JSON object")
+    if "error" in reply:
+        error = reply["error"]
+        raise Unavailable(f"the agent refused: {error.get('code')}: {error.get('message')}")
+    return AgentStatus.from_dict(reply.get("status", {}))
+
+
+def format_status(status: AgentStatus) -> str:
+    """The human form of a snapshot: a header block and one table row per peer."""
+    addresses = ", ".join(a for a in (status.virtual_ipv4, status.virtual_ipv6) if a) or "-"
+    nms = status.nms_state + (f" ({status.nms_detail})" if status.nms_detail else "")
+    tun = f"{status.tun} mtu {status.mtu}" if status.tun else "-"
+    lines = [
+        f"node       {status.fqdn}",
+        f"addresses  {addresses}",
+        f"nms        {nms}",
+        f"tun        {tun}",
+        f"uptime     {_duration(status.uptime_s)}",
+        "",
+    ]
+    if not status.peers:
+        lines.append("no peers")
+        return "\n".join(lines)
+    header = ("PEER", "STATE", "PATTERN", "PATH", "RTT", "TX", "RX")
+    rows = [header]
+    for p in sorted(status.peers, key=lambda p: p.fqdn):
+        rows.append(
+            (
+                p.fqdn,
+                p.state,
+                p.pattern,
+                p.path,
+                f"{p.rtt_ms:.2f} ms" if p.rtt_ms is not None else "-",
+                f"{_bytes(p.tx_bytes)} / {p.tx_packets} pkt",
+                f"{_bytes(p.rx_bytes)} / {p.rx_packets} pkt",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def add_status_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``status`` to the ``cyphonic-agent`` subcommands; it runs ``run_status``."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "status",
+        help="show the running agent's peers, paths and counters",
+        description="Ask the running agent over its local unix socket (root only).",
+    )
+    parser.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=None,
+        help=f"status socket (default ${STATUS_SOCKET_ENV} or {DEFAULT_STATUS_SOCKET})",
+    )
+    parser.set_defaults(func=run_status)
+    return parser
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """``cyphonic-agent status``: 0 on success, 1 if the agent cannot be asked."""
+    try:
+        status = fetch_status(args.socket)
+    except CyphonicError as exc:
+        print(f"cyphonic-agent status: {exc.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status.to_dict(), indent=2))
+    else:
+        print(format_status(status))
+    return 0
