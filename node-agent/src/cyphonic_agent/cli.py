@@ -1,6 +1,7 @@
 """``cyphonic-agent``: the node agent command line.
 
     cyphonic-agent enroll --as https://as.example:8081 --token-file T --state-dir /var/lib/cyphonic
+    cyphonic-agent status [--json]
 
 Exit status: 0 done, 1 refused or failed (the reason on stderr), 2 bad usage.
 """
@@ -15,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cyphonic.errors import CyphonicError
+
+from cyphonic_agent.status import add_status_parser, run_status
 
 DEFAULT_STATE_DIR = Path("/var/lib/cyphonic-agent")
 
@@ -40,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not verify the AS's https certificate")
     p.add_argument("--force", action="store_true", help="enrol again over an existing state")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
+
+    add_status_parser(sub)
     return parser
 
 
@@ -74,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "enroll":
             return _enroll(args)
+        if args.command == "status":
+            return run_status(args)
     except CyphonicError as exc:
         print(f"cyphonic-agent: {exc.code_name}: {exc.message}", file=sys.stderr)
         return 1
