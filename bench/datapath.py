@@ -1,0 +1,384 @@
+#!/usr/bin/env python3
+"""Data-path yardstick: raw veth vs wireguard-go vs the CYPHONIC overlay, in one run.
+
+Run as root from the repository root:
+
+    uv run --frozen python bench/datapath.py [--duration 10] [--pings 200] [--json]
+
+Topology (made and removed by this script; nothing else on the host is touched)::
+
+    netns A  veth 10.201.0.1/24 ======= veth 10.201.0.2/24  netns B
+             wg   10.202.0.1/24  (wireguard-go, MTU 1420)    10.202.0.2/24
+             overlay TUN         (CYPHONIC, MTU 1420)        ...
+
+For each path: iperf3 TCP throughput A -> B (one stream, first second omitted) and ping RTT
+(``--pings`` echo requests 5 ms apart). The table then gives each path's ratio to raw veth
+and to wireguard-go, and checks the overlay against the targets of the node-agent issue:
+throughput at least 0.4x wireguard-go's and average RTT at most 0.6 ms above it.
+
+The overlay row is a slot: ``overlay_path`` raises ``PathUnavailable`` until the agent's
+end-to-end tunnel exists; fill it in there (bring up two agents in A and B, return the
+peer's virtual address, the TUN MTU and the per-packet overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+
+VETH_A = "10.201.0.1"
+VETH_B = "10.201.0.2"
+WG_A = "10.202.0.1"
+WG_B = "10.202.0.2"
+WG_PORT = 51820
+WG_MTU = 1420
+WG_OVERHEAD_V4 = 20 + 8 + 32  # IPv4 + UDP + WireGuard header (16) and tag (16)
+OVERLAY_MTU = 1420
+OVERLAY_OVERHEAD_V4 = 20 + 8 + 30  # IPv4 + UDP + QUIC short header, PN, tag, DATAGRAM frame
+TARGET_THROUGHPUT_RATIO = 0.4
+TARGET_RTT_EXTRA_MS = 0.6
+IPERF_PORT = 5201
+
+
+class PathUnavailable(Exception):
+    """A path that cannot be measured in this run (with the reason)."""
+
+
+@dataclass
+class PathResult:
+    """Figures measured over one path."""
+
+    name: str
+    mtu: int | None = None
+    overhead: int | None = None
+    gbit_s: float | None = None
+    retransmits: int | None = None
+    rtt_avg_ms: float | None = None
+    rtt_min_ms: float | None = None
+    rtt_max_ms: float | None = None
+    rtt_mdev_ms: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Run:
+    """Everything one run produced."""
+
+    started: str
+    duration_s: float
+    pings: int
+    loadavg_before: tuple[float, float, float]
+    cpus: int
+    paths: list[PathResult] = field(default_factory=list)
+    checks: dict[str, str] = field(default_factory=dict)
+
+
+# --- plumbing ------------------------------------------------------------------------------
+
+
+def sh(*args: str, ns: str | None = None, timeout: float = 30, check: bool = True) -> str:
+    """Run a command (inside ``ns`` if given); return stdout."""
+    cmd = ["ip", "netns", "exec", ns, *args] if ns else list(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip() or proc.stdout}")
+    return proc.stdout
+
+
+class Topology:
+    """Two namespaces joined by a veth pair; everything it starts is stopped by ``close``."""
+
+    def __init__(self) -> None:
+        tag = secrets.token_hex(3)
+        self.ns_a = f"cydp-a-{tag}"
+        self.ns_b = f"cydp-b-{tag}"
+        self.tag = tag
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.cleanups: list[Callable[[], None]] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix="cyphonic-bench-"))
+        os.chmod(self.tmp, 0o700)
+
+    def create(self) -> None:
+        sh("ip", "netns", "add", self.ns_a)
+        sh("ip", "netns", "add", self.ns_b)
+        veth_a, veth_b = f"cyv{self.tag}a", f"cyv{self.tag}b"
+        sh("ip", "link", "add", veth_a, "netns", self.ns_a, "type", "veth",
+           "peer", "name", veth_b, "netns", self.ns_b)
+        for ns, dev, addr in ((self.ns_a, veth_a, VETH_A), (self.ns_b, veth_b, VETH_B)):
+            sh("ip", "link", "set", "lo", "up", ns=ns)
+            sh("ip", "addr", "add", f"{addr}/24", "dev", dev, ns=ns)
+            sh("ip", "link", "set", dev, "up", ns=ns)
+
+    def start(
+        self, *args: str, ns: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a background process in ``ns``; its output goes to a log file in tmp."""
+        log = self.tmp / f"{len(self.processes)}-{Path(args[0]).name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", ns, *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,  # so a Ctrl-C of the bench does not hit it first
+            )
+        self.processes.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in reversed(self.processes):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in reversed(self.processes):
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        for cleanup in reversed(self.cleanups):
+            with contextlib.suppress(Exception):
+                cleanup()
+        for ns in (self.ns_a, self.ns_b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+# --- measurements --------------------------------------------------------------------------
+
+
+def measure(topo: Topology, result: PathResult, *, dst: str, duration: float, pings: int) -> None:
+    """Fill ``result`` with ping RTT then iperf3 TCP throughput from A to ``dst`` in B."""
+    # Warm up (ARP, WireGuard handshake, tunnel set-up) before timing anything.
+    sh("ping", "-c", "3", "-i", "0.2", "-W", "2", dst, ns=topo.ns_a, timeout=20)
+    out = sh("ping", "-q", "-c", str(pings), "-i", "0.005", "-W", "2", dst,
+             ns=topo.ns_a, timeout=pings * 0.05 + 30)
+    m = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms", out)
+    loss = re.search(r"([\d.]+)% packet loss", out)
+    if not m:
+        raise RuntimeError(f"ping output not understood: {out}")
+    result.rtt_min_ms, result.rtt_avg_ms, result.rtt_max_ms, result.rtt_mdev_ms = (
+        float(x) for x in m.groups()
+    )
+    if loss and float(loss.group(1)) > 0:
+        result.note += f"ping loss {loss.group(1)}% "
+
+    server = topo.start("iperf3", "-s", "-1", "-B", dst, "-p", str(IPERF_PORT), ns=topo.ns_b)
+    wait_until(
+        lambda: f":{IPERF_PORT}" in sh("ss", "-Hltn", ns=topo.ns_b),
+        timeout=10,
+        what="iperf3 server",
+    )
+    out = sh("iperf3", "-c", dst, "-p", str(IPERF_PORT), "-t", str(duration), "-O", "1", "-J",
+             ns=topo.ns_a, timeout=duration + 60)
+    server.wait(timeout=10)
+    report = json.loads(out)
+    end = report["end"]
+    result.gbit_s = end["sum_received"]["bits_per_second"] / 1e9
+    result.retransmits = end["sum_sent"].get("retransmits")
+
+
+# --- the paths -----------------------------------------------------------------------------
+
+
+def raw_veth_path(topo: Topology) -> tuple[str, int, int]:
+    """The veth itself: the ceiling."""
+    return VETH_B, 1500, 0
+
+
+def wireguard_go_path(topo: Topology) -> tuple[str, int, int]:
+    """wireguard-go in both namespaces (userspace WireGuard, the Debian package)."""
+    for tool in ("wireguard-go", "wg"):
+        if shutil.which(tool) is None:
+            raise PathUnavailable(f"{tool} not installed (Debian: wireguard-go, wireguard-tools)")
+    keys = {}
+    for side in ("a", "b"):
+        private = sh("wg", "genkey").strip()
+        public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        key_file = topo.tmp / f"wg-{side}.key"
+        key_file.touch(mode=0o600)
+        key_file.write_text(private + "\n")
+        keys[side] = (key_file, public)
+    # Distinct names: the UAPI socket /var/run/wireguard/<ifname>.sock is not per namespace.
+    names = {"a": f"cyw{topo.tag}a", "b": f"cyw{topo.tag}b"}
+    env = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
+    plan = (("a", topo.ns_a, WG_A, VETH_B, "b", WG_B), ("b", topo.ns_b, WG_B, VETH_A, "a", WG_A))
+    for side, ns, _addr, _peer_real, _peer, _peer_addr in plan:
+        name = names[side]
+        topo.start("wireguard-go", "-f", name, ns=ns, env=env)
+        sock = Path(f"/var/run/wireguard/{name}.sock")
+        topo.cleanups.append(lambda sock=sock: sock.unlink(missing_ok=True))  # type: ignore[misc]
+        wait_until(sock.exists, timeout=10, what=f"wireguard-go {name}")
+    for side, ns, addr, peer_real, peer, peer_addr in plan:
+        name = names[side]
+        sh("wg", "set", name, "private-key", str(keys[side][0]), "listen-port", str(WG_PORT),
+           "peer", keys[peer][1], "endpoint", f"{peer_real}:{WG_PORT}",
+           "allowed-ips", f"{peer_addr}/32", ns=ns)
+        sh("ip", "addr", "add", f"{addr}/24", "dev", name, ns=ns)
+        sh("ip", "link", "set", name, "mtu", str(WG_MTU), "up", ns=ns)
+    return WG_B, WG_MTU, WG_OVERHEAD_V4
+
+
+def overlay_path(topo: Topology) -> tuple[str, int, int]:
+    """The CYPHONIC overlay: two agents with an end-to-end QUIC tunnel. SLOT, not built yet.
+
+    To fill in: start the services on the embedded default reachable from both namespaces,
+    enrol and ``cyphonic-agent up`` in A and B, resolve B's FQDN through A's DNS stub, and
+    return (B's virtual IPv4, the TUN MTU, OVERLAY_OVERHEAD_V4).
+    """
+    raise PathUnavailable("the agent's end-to-end tunnel does not exist yet")
+
+
+PATHS: list[tuple[str, Callable[[Topology], tuple[str, int, int]]]] = [
+    ("raw veth", raw_veth_path),
+    ("wireguard-go", wireguard_go_path),
+    ("CYPHONIC overlay", overlay_path),
+]
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def check_targets(run: Run) -> None:
+    by_name = {p.name: p for p in run.paths}
+    wg, overlay = by_name.get("wireguard-go"), by_name.get("CYPHONIC overlay")
+    if wg is None or overlay is None or overlay.gbit_s is None or wg.gbit_s is None:
+        run.checks["throughput >= 0.4x wireguard-go"] = "not measured"
+        run.checks["RTT <= wireguard-go + 0.6 ms"] = "not measured"
+        return
+    ratio = overlay.gbit_s / wg.gbit_s
+    verdict = "PASS" if ratio >= TARGET_THROUGHPUT_RATIO else "FAIL"
+    run.checks["throughput >= 0.4x wireguard-go"] = f"{verdict} ({ratio:.2f}x)"
+    if overlay.rtt_avg_ms is not None and wg.rtt_avg_ms is not None:
+        extra = overlay.rtt_avg_ms - wg.rtt_avg_ms
+        verdict = "PASS" if extra <= TARGET_RTT_EXTRA_MS else "FAIL"
+        run.checks["RTT <= wireguard-go + 0.6 ms"] = f"{verdict} ({extra:+.3f} ms)"
+
+
+def format_table(run: Run) -> str:
+    by_name = {p.name: p for p in run.paths}
+    raw, wg = by_name.get("raw veth"), by_name.get("wireguard-go")
+
+    def ratio(p: PathResult, base: PathResult | None) -> str:
+        if p.gbit_s is None or base is None or not base.gbit_s:
+            return "-"
+        return f"{p.gbit_s / base.gbit_s:.2f}x"
+
+    header = ("path", "MTU", "overhead B", "TCP Gbit/s", "retr", "RTT avg ms", "RTT mdev",
+              "vs raw", "vs wg")
+    rows = [header]
+    for p in run.paths:
+        rows.append((
+            p.name,
+            str(p.mtu) if p.mtu else "-",
+            str(p.overhead) if p.overhead is not None else "-",
+            f"{p.gbit_s:.3f}" if p.gbit_s is not None else "-",
+            str(p.retransmits) if p.retransmits is not None else "-",
+            f"{p.rtt_avg_ms:.3f}" if p.rtt_avg_ms is not None else "-",
+            f"{p.rtt_mdev_ms:.3f}" if p.rtt_mdev_ms is not None else "-",
+            ratio(p, raw),
+            ratio(p, wg),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        f"data path, {run.started}, {run.cpus} CPUs, load before {run.loadavg_before}, "
+        f"iperf3 TCP {run.duration_s:g} s, {run.pings} pings",
+        "",
+    ]
+    for row in rows:
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    notes = [f"  {p.name}: {p.note.strip()}" for p in run.paths if p.note.strip()]
+    if notes:
+        lines += ["", "notes:", *notes]
+    lines += ["", "targets (overlay vs wireguard-go, same run):"]
+    lines += [f"  {k}: {v}" for k, v in run.checks.items()]
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """SIGTERM/SIGHUP end the run through the same cleanup as Ctrl-C."""
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10, help="iperf3 seconds per path")
+    parser.add_argument("--pings", type=int, default=200, help="echo requests per path")
+    parser.add_argument("--only", action="append", choices=[n for n, _ in PATHS],
+                        help="measure only these paths (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/datapath.py: needs root (network namespaces, TUN)", file=sys.stderr)
+        return 2
+    for tool in ("ip", "iperf3", "ping", "ss"):
+        if shutil.which(tool) is None:
+            print(f"bench/datapath.py: {tool} is not installed", file=sys.stderr)
+            return 2
+    run = Run(
+        started=time.strftime("%Y-%m-%d %H:%M:%S"),
+        duration_s=args.duration,
+        pings=args.pings,
+        loadavg_before=tuple(round(x, 2) for x in os.getloadavg()),  # type: ignore[arg-type]
+        cpus=os.cpu_count() or 0,
+    )
+    topo = Topology()
+    with signals_raise():
+        try:
+            topo.create()
+            for name, setup in PATHS:
+                if args.only and name not in args.only:
+                    continue
+                result = PathResult(name=name)
+                run.paths.append(result)
+                try:
+                    dst, result.mtu, result.overhead = setup(topo)
+                    measure(topo, result, dst=dst, duration=args.duration, pings=args.pings)
+                except PathUnavailable as exc:
+                    result.note = f"not measured: {exc}"
+                print(f"measured {name}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("interrupted; cleaning up", file=sys.stderr)
+            return 130
+        finally:
+            topo.close()
+    check_targets(run)
+    print(json.dumps(asdict(run), indent=2) if args.json else format_table(run))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
