@@ -30,7 +30,9 @@ from cyphonic_trs.relay import TO_LOCAL_SERVER, Forward, RelayCore
 from cyphonic_trs.session import HostPort
 
 MAX_DATAGRAM = 65535
-_log = get_logger("trs.server")
+def _log() -> Any:
+    # Looked up at call time: a logger bound at import would miss ``log.configure``.
+    return get_logger("trs.server")
 
 
 class LocalDatagramServer(Protocol):
@@ -191,6 +193,6 @@ class RelayServer:
                     local.datagram_received(data, addr)
                 except Exception as exc:  # a bug in the control plane must not stop relaying
                     self.local_errors += 1
-                    _log.error("local_server_error", error=type(exc).__name__, exc_info=exc)
+                    _log().error("local_server_error", error=type(exc).__name__, exc_info=exc)
         # Batch limit reached: the socket is still readable, epoll wakes us again after the
         # loop has run its other callbacks (timers of the control connections, admin REST).

@@ -26,6 +26,7 @@ from typing import Any
 
 from cyphonic.errors import (
     CyphonicError,
+    InternalError,
     PermissionDenied,
     UnexpectedMessage,
 )
@@ -40,7 +41,10 @@ from cyphonic_trs.server import host_port
 from cyphonic_trs.session import HostPort
 from cyphonic_trs.storage import CidTable
 
-_log = get_logger("trs.signalling")
+
+def _log() -> Any:
+    # Looked up at call time: a logger bound at import would miss ``log.configure``.
+    return get_logger("trs.signalling")
 CAS_ATTEMPTS = 5
 RESERVE_ATTEMPTS = 4
 
@@ -94,12 +98,15 @@ class RelayAllocationService:
             raise UnexpectedMessage(f"the TRS does not answer {body or 'an empty envelope'}")
         except CyphonicError as exc:
             return pb.Envelope(version=version, error=exc.to_wire())
+        except Exception:
+            _log().exception("request_failed", fqdn=fqdn, body=envelope.WhichOneof("body"))
+            return pb.Envelope(version=version, error=InternalError("internal error").to_wire())
 
     async def allocate(
         self, request: pb.RelayAllocationRequest, *, fqdn: str, is_node: bool, addr: Any
     ) -> pb.RelayAllocation:
         """Allocate the requester's side of a relayed route (see the module docstring)."""
-        log = _log.bind(fqdn=fqdn, route_id=request.route_id)
+        log = _log().bind(fqdn=fqdn, route_id=request.route_id)
         try:
             if not is_node:
                 raise PermissionDenied("only nodes allocate relays")
@@ -149,7 +156,7 @@ class RelayAllocationService:
         if replaced is not None:
             await self.table.release_cids(replaced.cids)
         self.core.install(session, self.monotonic())
-        _log.info(
+        _log().info(
             "relay_allocated", fqdn=grant.fqdn, route_id=grant.route_id, peer=grant.peer_fqdn,
             complete=session.complete, cids=len(side.cids),
         )
@@ -189,7 +196,7 @@ class RelayAllocationService:
                 except ConcurrentUpdate:
                     continue
                 break
-            _log.info("relay_address_changed", fqdn=fqdn, route_id=route_id)
+            _log().info("relay_address_changed", fqdn=fqdn, route_id=route_id)
         return changed
 
     async def release(self, route_id: str) -> None:
@@ -205,7 +212,7 @@ class RelayAllocationService:
             try:
                 self.core.install(session, now)
             except CyphonicError as exc:
-                _log.warning("relay_restore_skipped", route_id=session.route_id,
+                _log().warning("relay_restore_skipped", route_id=session.route_id,
                              code=exc.code_name)
                 continue
             count += 1
