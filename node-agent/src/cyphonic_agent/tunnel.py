@@ -1,0 +1,292 @@
+"""The tunnel's per-packet engine: IP packets as QUIC DATAGRAM frames (RFC 9221), sans-I/O.
+
+``TunnelCore`` wraps one end-to-end ``QuicConnection`` (ALPN ``cyphonic-tun/1``). The QUIC
+endpoint owns the UDP socket and the loop; per wake-up it drains the TUN and the socket,
+then calls ``datagrams_to_send`` once for the whole batch (shared/DESIGN.md "Data path")::
+
+    TUN --read batch--> packets_from_tun() --DATAGRAM frames--> QuicConnection --> UDP
+         <--ICMP too big--'
+    TUN <--write batch-- handle_event(DatagramFrameReceived) <-- QuicConnection <-- UDP
+
+Everything aioquic-specific lives in this module (so a faster engine with the same API,
+such as qh3, can be offered behind it). Three aioquic facts shape it:
+
+- A DATAGRAM frame larger than fits in one packet, or than the peer's
+  ``max_datagram_frame_size``, is never sent and blocks every later datagram on the
+  connection. So the MTU is enforced here, before anything is queued: an oversized packet
+  gets ICMP "fragmentation needed" / ICMPv6 "packet too big" back (or, IPv4 without DF, is
+  fragmented as a router would).
+- Its queue of pending datagrams is unbounded. Here it is bounded; beyond the bound packets
+  are dropped and counted, and the inner TCP backs off as it would at a full router queue.
+- Sizes (per 1-RTT packet, 8-byte connection ID): short header 1 + CID 8 + packet number 2,
+  AEAD tag 16, DATAGRAM frame type 1 + length 2: 30 bytes. With UDP/IPv4 (28) that is 58
+  bytes per inner packet, with UDP/IPv6 (48) 78.
+
+Packets arriving from the tunnel are checked against the peer's virtual addresses (source)
+and this node's (destination), the way WireGuard's allowed IPs are, so a peer cannot
+inject traffic claiming another node's address.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from aioquic.buffer import size_uint_var
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    DatagramFrameReceived,
+    HandshakeCompleted,
+    QuicEvent,
+)
+from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE
+from cyphonic.errors import MalformedMessage
+
+from cyphonic_agent.icmp import too_big
+from cyphonic_agent.packet import IPV4_FLAG_DF, fragment_ipv4
+
+AEAD_TAG_SIZE = 16
+SHORT_HEADER_FIRST_BYTE = 1
+DEFAULT_CID_LENGTH = 8
+DATAGRAM_FRAME_TYPE_SIZE = 1
+UDP_IPV4_OVERHEAD = 20 + 8
+UDP_IPV6_OVERHEAD = 40 + 8
+DEFAULT_MAX_PENDING = 256
+"""Datagrams queued in the connection at most (about 360 KB at MTU 1420)."""
+
+
+def quic_overhead(*, cid_length: int = DEFAULT_CID_LENGTH, mtu: int = 1420) -> int:
+    """Bytes QUIC adds to one inner packet of ``mtu`` bytes in its own 1-RTT packet."""
+    return (
+        SHORT_HEADER_FIRST_BYTE
+        + cid_length
+        + PACKET_NUMBER_SEND_SIZE
+        + AEAD_TAG_SIZE
+        + DATAGRAM_FRAME_TYPE_SIZE
+        + size_uint_var(mtu)
+    )
+
+
+def max_datagram_size_for(*, tun_mtu: int, cid_length: int = DEFAULT_CID_LENGTH) -> int:
+    """The QUIC ``max_datagram_size`` (UDP payload) that carries ``tun_mtu`` inner packets."""
+    return tun_mtu + quic_overhead(cid_length=cid_length, mtu=tun_mtu)
+
+
+def tun_mtu_for(*, path_mtu: int, ipv6: bool, cid_length: int = DEFAULT_CID_LENGTH) -> int:
+    """The largest inner packet that fits one datagram over a path of ``path_mtu`` bytes."""
+    room = path_mtu - (UDP_IPV6_OVERHEAD if ipv6 else UDP_IPV4_OVERHEAD)
+    mtu = room - quic_overhead(cid_length=cid_length, mtu=room)
+    while mtu + quic_overhead(cid_length=cid_length, mtu=mtu) > room:
+        mtu -= 1
+    return mtu
+
+
+def datagram_capacity(quic: QuicConnection) -> int | None:
+    """Largest DATAGRAM payload this connection can send now, or None if it cannot send any.
+
+    The smaller of: what the peer accepts (its ``max_datagram_frame_size``, unknown until
+    the handshake has delivered its transport parameters) and what fits in one 1-RTT
+    packet of ``max_datagram_size`` with the current peer connection ID.
+    """
+    remote = quic._remote_max_datagram_frame_size
+    if not remote:
+        return None
+    packet_room = (
+        quic._max_datagram_size
+        - (SHORT_HEADER_FIRST_BYTE + len(quic._peer_cid.cid) + PACKET_NUMBER_SEND_SIZE)
+        - AEAD_TAG_SIZE
+    )
+    frame_room = min(packet_room, remote)
+    payload = frame_room - DATAGRAM_FRAME_TYPE_SIZE - 1
+    while payload > 0 and DATAGRAM_FRAME_TYPE_SIZE + size_uint_var(payload) + payload > frame_room:
+        payload -= 1
+    return payload if payload > 0 else None
+
+
+@dataclass(slots=True)
+class TunnelStats:
+    """Counters of one tunnel (``cyphonic-agent status`` shows the first four)."""
+
+    tx_packets: int = 0
+    """Inner packets queued for the peer."""
+    tx_bytes: int = 0
+    rx_packets: int = 0
+    """Inner packets received from the peer and handed to the TUN."""
+    rx_bytes: int = 0
+    too_big: int = 0
+    """Oversized packets answered with ICMP too big (or dropped where ICMP is forbidden)."""
+    fragmented: int = 0
+    """IPv4 packets without DF split to fit."""
+    dropped_queue_full: int = 0
+    """Packets dropped because the connection's datagram queue was at its bound."""
+    dropped_not_ready: int = 0
+    """Packets offered before the tunnel could carry datagrams."""
+    dropped_spoofed: int = 0
+    """Packets from the peer with a source or destination it may not use."""
+    dropped_malformed: int = 0
+    """Datagrams from the peer that are not IP packets."""
+
+
+class TunnelCore:
+    """One tunnel: a ``QuicConnection`` carrying IP packets as DATAGRAM frames."""
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        *,
+        mtu: int,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        peer_addresses: frozenset[bytes] | None = None,
+        local_addresses: frozenset[bytes] | None = None,
+    ) -> None:
+        """``peer_addresses`` / ``local_addresses``: raw virtual addresses (4 or 16 bytes)
+        allowed as source / destination of packets from the peer; None accepts any."""
+        if quic._configuration.max_datagram_frame_size is None:
+            raise ValueError("the QUIC configuration must enable DATAGRAM frames")
+        self.quic = quic
+        self.mtu = mtu
+        self.max_pending = max_pending
+        self.peer_addresses = peer_addresses
+        self.local_addresses = local_addresses
+        self.stats = TunnelStats()
+        self.handshake_complete = False
+        self.terminated: ConnectionTerminated | None = None
+        # The connection's own queue, bound once: appending to it directly is the cheapest
+        # way in, and it lets the bound be checked without another call per packet.
+        self._pending: deque[bytes] = quic._datagrams_pending
+
+    @property
+    def ready(self) -> bool:
+        """Whether packets can be carried now (handshake done, peer accepts datagrams)."""
+        return (
+            self.handshake_complete
+            and self.terminated is None
+            and datagram_capacity(self.quic) is not None
+        )
+
+    @property
+    def effective_mtu(self) -> int:
+        """The largest inner packet this tunnel carries now (configured MTU or less)."""
+        capacity = datagram_capacity(self.quic)
+        return min(self.mtu, capacity) if capacity else self.mtu
+
+    @property
+    def pending(self) -> int:
+        """Datagrams queued in the connection, not yet sent."""
+        return len(self._pending)
+
+    @property
+    def rtt(self) -> float | None:
+        """Smoothed RTT of the connection in seconds, None before the first sample."""
+        loss = self.quic._loss
+        return loss._rtt_smoothed if loss._rtt_initialized else None
+
+    def packets_from_tun(self, packets: list[bytes]) -> list[bytes]:
+        """Queue packets read from the TUN for the peer; return packets to write to the TUN.
+
+        The returned packets are ICMP "too big" answers for packets above the MTU. Call
+        ``quic.datagrams_to_send`` once after the whole batch.
+        """
+        stats = self.stats
+        if not self.ready:
+            stats.dropped_not_ready += len(packets)
+            return []
+        mtu = self.effective_mtu
+        pending = self._pending
+        room = self.max_pending - len(pending)
+        answers: list[bytes] = []
+        sent = 0
+        sent_bytes = 0
+        for packet in packets:
+            if len(packet) <= mtu:
+                if room <= 0:
+                    stats.dropped_queue_full += 1
+                    continue
+                pending.append(packet)
+                room -= 1
+                sent += 1
+                sent_bytes += len(packet)
+                continue
+            for piece in self._oversized(packet, mtu, answers):
+                if room <= 0:
+                    stats.dropped_queue_full += 1
+                    continue
+                pending.append(piece)
+                room -= 1
+                sent += 1
+                sent_bytes += len(piece)
+        stats.tx_packets += sent
+        stats.tx_bytes += sent_bytes
+        return answers
+
+    def _oversized(self, packet: bytes, mtu: int, answers: list[bytes]) -> list[bytes]:
+        # IPv4 without DF: fragment like a router; everything else: ICMP too big.
+        if (
+            packet[0] >> 4 == 4
+            and len(packet) >= 20
+            and not (int.from_bytes(packet[6:8], "big") & IPV4_FLAG_DF)
+        ):
+            try:
+                pieces = fragment_ipv4(packet, mtu=mtu)
+            except MalformedMessage:
+                self.stats.too_big += 1
+                return []
+            self.stats.fragmented += 1
+            return pieces
+        self.stats.too_big += 1
+        answer = too_big(packet, mtu=mtu)
+        if answer is not None:
+            answers.append(answer)
+        return []
+
+    def handle_event(self, event: QuicEvent) -> list[bytes]:
+        """Process one connection event; return IP packets to write to the TUN."""
+        if isinstance(event, DatagramFrameReceived):
+            packet = self._accept(event.data)
+            return [packet] if packet is not None else []
+        if isinstance(event, HandshakeCompleted):
+            self.handshake_complete = True
+        elif isinstance(event, ConnectionTerminated):
+            self.terminated = event
+        return []
+
+    def receive_events(self) -> tuple[list[bytes], list[QuicEvent]]:
+        """Drain the connection's events: (packets for the TUN, events for others).
+
+        Non-datagram events (stream data of the tunnel request, termination...) are returned
+        for the signalling layer after this core has noted what it needs from them.
+        """
+        packets: list[bytes] = []
+        others: list[QuicEvent] = []
+        accept = self._accept
+        next_event = self.quic.next_event
+        while (event := next_event()) is not None:
+            if type(event) is DatagramFrameReceived:
+                packet = accept(event.data)
+                if packet is not None:
+                    packets.append(packet)
+            else:
+                self.handle_event(event)
+                others.append(event)
+        return packets, others
+
+    def _accept(self, data: bytes) -> bytes | None:
+        stats = self.stats
+        n = len(data)
+        version = data[0] >> 4 if n else 0
+        if version == 4 and n >= 20:
+            src, dst = data[12:16], data[16:20]
+        elif version == 6 and n >= 40:
+            src, dst = data[8:24], data[24:40]
+        else:
+            stats.dropped_malformed += 1
+            return None
+        if (self.peer_addresses is not None and src not in self.peer_addresses) or (
+            self.local_addresses is not None and dst not in self.local_addresses
+        ):
+            stats.dropped_spoofed += 1
+            return None
+        stats.rx_packets += 1
+        stats.rx_bytes += n
+        return data
