@@ -393,18 +393,20 @@ class AdminServer:
         )
         self._server = _Server(self._config)
         self._socket: socket.socket | None = None
+        self._port: int | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
         """The TCP port actually bound (after ``start``)."""
-        if self._socket is None:
+        if self._port is None:
             raise RuntimeError("AdminServer not started")
-        return int(self._socket.getsockname()[1])
+        return self._port
 
     async def start(self) -> None:
         """Bind and start serving; returns once the server accepts connections."""
         self._socket = self._config.bind_socket()
+        self._port = int(self._socket.getsockname()[1])
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
         while not self._server.started:
             if self._task.done():

@@ -285,7 +285,7 @@ class SqlNodeRegistry:
             )).one_or_none()
             if found is None:
                 raise TokenRefused("unknown")
-            token, node = found.tuple()
+            token, node = found
             check_token(used_at=token.used_at, expires_at=token.expires_at,
                         node_state=node.state, now=now)
             return _node(node)
@@ -323,7 +323,7 @@ class SqlNodeRegistry:
             )).one_or_none()
             if found is None:
                 raise TokenRefused("unknown")
-            token, node = found.tuple()
+            token, node = found
             check_token(used_at=token.used_at, expires_at=token.expires_at,
                         node_state=node.state, now=now)
             cert = issue(_node(node))
@@ -369,7 +369,7 @@ class SqlNodeRegistry:
             )).one_or_none()
             if found is None:
                 return None
-            row, node = found.tuple()
+            row, node = found
             return _certificate(row, node)
 
     async def revoke_node(
@@ -409,7 +409,7 @@ class SqlNodeRegistry:
             )).one_or_none()
             if found is None:
                 raise NotFound(f"no certificate with serial {serial}")
-            cert, node = found.tuple()
+            cert, node = found
             if cert.status == CertificateStatus.REVOKED:
                 existing = (await session.execute(
                     select(Revocation).where(Revocation.serial == serial)
@@ -435,7 +435,7 @@ class SqlNodeRegistry:
             rows = (await session.execute(
                 select(Revocation, Node).join(Node, Node.id == Revocation.node_id)
                 .where(where).order_by(Revocation.id).limit(limit).offset(offset)
-            )).tuples()
+            ))
             return [_revocation(r, n) for r, n in rows], int(total)
 
     async def revoked_serials(self, *, now: datetime) -> tuple[list[RevokedSerial], int]:
@@ -445,7 +445,7 @@ class SqlNodeRegistry:
                 .join(Certificate, Certificate.serial == Revocation.serial)
                 .where(Certificate.not_after > now)
                 .order_by(Revocation.id)
-            )).tuples()
+            ))
             entries = [RevokedSerial(serial=s, revoked_at=at, reason=reason)
                        for s, at, reason in rows if s is not None]
             newest = (await session.execute(select(func.max(Revocation.id)))).scalar_one()

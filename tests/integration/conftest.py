@@ -1,0 +1,98 @@
+"""Shared fixtures of the integration tests: the registry on real PostgreSQL and on SQLite.
+
+- ``postgres_database`` (session): a database ``cyphonic_test_<random>`` created on the
+  server at ``CYPHONIC_TEST_POSTGRES`` (default postgresql://postgres@127.0.0.1:5432/test),
+  migrated once with ``alembic upgrade head``, dropped at the end of the run.
+- ``registry_url`` (per test, parametrized ``sqlite`` / ``postgres``): an empty, migrated
+  registry. Postgres: the session database with every table truncated before the test.
+  SQLite: a fresh file in the test's temporary directory.
+
+Without a reachable server the Postgres cases are skipped with a message saying so; set
+``CYPHONIC_REQUIRE_SERVICES=1`` (CI) to make them fail instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from cyphonic.registry import create_engine, migrate, upgrade
+from cyphonic.registry.models import Base
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "CYPHONIC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
+REQUIRE_SERVICES = os.environ.get("CYPHONIC_REQUIRE_SERVICES") == "1"
+
+
+def _missing(what: str) -> None:
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{what} (CYPHONIC_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(what)
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _admin(statement: str) -> None:
+    conn = await asyncpg.connect(_asyncpg_dsn(POSTGRES_ADMIN_URL), timeout=5)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """URL of a migrated PostgreSQL database of this test run (dropped afterwards)."""
+    name = f"cyphonic_test_{secrets.token_hex(5)}"
+    try:
+        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        _missing(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: {exc}")
+    url = make_url(POSTGRES_ADMIN_URL).set(
+        drivername="postgresql+asyncpg", database=name
+    ).render_as_string(hide_password=False)
+    try:
+        migrate(url)
+        yield url
+    finally:
+        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _truncate(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+        async with engine.begin() as conn:
+            await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    finally:
+        await engine.dispose()
+
+
+async def _sqlite(path: Path) -> str:
+    url = f"sqlite+aiosqlite:///{path}"
+    engine = create_engine(url)
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty, migrated registry database: SQLite file or (truncated) PostgreSQL."""
+    if request.param == "sqlite":
+        return asyncio.run(_sqlite(tmp_path / "registry.db"))
+    url: str = request.getfixturevalue("postgres_database")
+    asyncio.run(_truncate(url))
+    return url
