@@ -13,6 +13,14 @@ from cyphonic.registry import create_engine, upgrade
 
 PG_ADMIN_URL = os.environ.get("CYPHONIC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("CYPHONIC_TEST_REDIS", "redis://127.0.0.1:6379/11")
+REQUIRE_SERVICES = os.environ.get("CYPHONIC_REQUIRE_SERVICES") == "1"
+
+
+def _missing(what: str) -> None:
+    # CI sets CYPHONIC_REQUIRE_SERVICES=1: a missing server is then a failure, not a skip.
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{what} (CYPHONIC_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(what)
 
 
 @pytest.fixture
@@ -21,8 +29,8 @@ async def pg_url() -> AsyncIterator[str]:
     name = f"nms_{secrets.token_hex(6)}"
     try:
         admin = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        _missing(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
@@ -51,7 +59,7 @@ async def redis_url() -> AsyncIterator[str]:
         await client.ping()
     except Exception as exc:
         await client.aclose()
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}: {exc}")
+        _missing(f"Redis is not reachable at {REDIS_URL}: {exc}")
     await client.flushdb()
     try:
         yield REDIS_URL

@@ -7,9 +7,12 @@ nothing of streams or sockets. ``start_signalling`` puts it behind the QUIC endp
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from ipaddress import ip_address
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from cyphonic.config import ALPN_SIGNALLING
 from cyphonic.errors import (
     CyphonicError,
     InternalError,
@@ -18,11 +21,16 @@ from cyphonic.errors import (
     UnexpectedMessage,
 )
 from cyphonic.log import get_logger
+from cyphonic.pki import load_identity, load_trust_store
 from cyphonic.v1 import signalling_pb2 as pb
 
 from cyphonic_nms.config import NmsSettings
 from cyphonic_nms.manager import NodeLink, NodeManager, Registration, network_pb
 from cyphonic_nms.routing import Endpoint
+
+if TYPE_CHECKING:
+    from cyphonic.quic import QuicEndpoint
+    from cyphonic.session import SignallingSession
 
 log = get_logger("nms.signalling")
 
@@ -55,6 +63,40 @@ def register_response(reg: Registration) -> pb.RegisterResponse:
     )
 
 
+async def answer(
+    manager: NodeManager,
+    link: NodeLink,
+    request: pb.Envelope,
+    *,
+    observed: Endpoint | None,
+    peer_is_node: bool = True,
+) -> pb.Envelope | None:
+    """The answer to one request from the node behind ``link``; raises a ``CyphonicError``.
+
+    ``observed`` is the source address:port of the connection as the NMS sees it now.
+    Notices a node pushes (none are defined towards the NMS) are refused.
+    """
+    body = request.WhichOneof("body")
+    if not peer_is_node:
+        raise PermissionDenied("only nodes talk to the NMS signalling endpoint")
+    if body == "register_request":
+        addresses = request.register_request.local_addresses
+        if len(addresses) > MAX_LOCAL_ADDRESSES:
+            raise InvalidArgument(f"at most {MAX_LOCAL_ADDRESSES} local addresses")
+        reg = await manager.register(
+            link, local_addresses=[endpoint_from_pb(a) for a in addresses], observed=observed,
+        )
+        return _envelope(register_response=register_response(reg))
+    if body == "keepalive":
+        manager.require_registered(link)
+        manager.keepalive(link)
+        return _envelope(keepalive_ack=pb.KeepaliveAck(sequence=request.keepalive.sequence))
+    if body == "route_request":
+        manager.keepalive(link)
+        return _envelope(route_response=await manager.route(link, request.route_request))
+    raise UnexpectedMessage(f"the NMS does not answer {body or 'an empty envelope'}")
+
+
 async def handle_request(
     manager: NodeManager,
     link: NodeLink,
@@ -63,36 +105,37 @@ async def handle_request(
     observed: Endpoint | None,
     peer_is_node: bool = True,
 ) -> pb.Envelope:
-    """The answer to one request from the node behind ``link``: a response or a typed Error.
-
-    ``observed`` is the source address:port of the connection as the NMS sees it now.
-    """
-    body = request.WhichOneof("body")
+    """Like ``answer`` but never raises: errors become an ``Error`` envelope."""
     try:
-        if not peer_is_node:
-            raise PermissionDenied("only nodes talk to the NMS signalling endpoint")
-        if body == "register_request":
-            addresses = request.register_request.local_addresses
-            if len(addresses) > MAX_LOCAL_ADDRESSES:
-                raise InvalidArgument(f"at most {MAX_LOCAL_ADDRESSES} local addresses")
-            reg = await manager.register(
-                link, local_addresses=[endpoint_from_pb(a) for a in addresses],
-                observed=observed,
-            )
-            return _envelope(register_response=register_response(reg))
-        if body == "keepalive":
-            manager.require_registered(link)
-            manager.keepalive(link)
-            return _envelope(keepalive_ack=pb.KeepaliveAck(sequence=request.keepalive.sequence))
-        if body == "route_request":
-            manager.keepalive(link)
-            return _envelope(route_response=await manager.route(link, request.route_request))
-        raise UnexpectedMessage(f"the NMS does not answer {body or 'an empty envelope'}")
+        result = await answer(manager, link, request, observed=observed,
+                              peer_is_node=peer_is_node)
     except CyphonicError as exc:
         return _envelope(error=exc.to_wire())
     except Exception:
-        log.exception("request_failed", fqdn=link.fqdn, body=body)
+        log.exception("request_failed", fqdn=link.fqdn, body=request.WhichOneof("body"))
         return _envelope(error=InternalError("internal error").to_wire())
+    return result if result is not None else _envelope()
+
+
+class SessionLink:
+    """``NodeLink`` over a verified ``SignallingSession``."""
+
+    def __init__(self, session: SignallingSession) -> None:
+        self.session = session
+        self.fqdn = session.peer.name.lower()
+        self.serial_hex = format(session.peer.certificate.serial_number, "x")
+
+    async def push(self, envelope: pb.Envelope) -> None:
+        await self.session.push(envelope)
+
+    def close(self, error: CyphonicError) -> None:
+        self.session.close(error)
+
+    @property
+    def observed(self) -> Endpoint:
+        """The connection's current source address:port (follows QUIC migration)."""
+        host, port = self.session.connection.peer_address
+        return Endpoint(ip_address(host), int(port))
 
 
 class SignallingServer(Protocol):
@@ -108,7 +151,76 @@ class SignallingServer(Protocol):
         ...
 
 
-async def start_signalling(manager: NodeManager, settings: NmsSettings) -> SignallingServer | None:
-    """Start the NMS QUIC endpoint (None until the QUIC endpoint is part of this build)."""
-    log.warning("quic_unavailable", reason="QUIC endpoint not wired yet")
-    return None
+class NmsSignallingServer:
+    """The NMS QUIC endpoint: node connections become ``SessionLink``s of the manager."""
+
+    def __init__(self, manager: NodeManager) -> None:
+        self.manager = manager
+        self.endpoint: QuicEndpoint | None = None
+        self._links: dict[int, SessionLink] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> str:
+        """host:port of the UDP socket."""
+        assert self.endpoint is not None
+        host, port = self.endpoint.local_address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def port(self) -> int:
+        assert self.endpoint is not None
+        return int(self.endpoint.local_address[1])
+
+    async def open(self, settings: NmsSettings) -> None:
+        """Load the NMS certificate and trust store and bind the UDP socket."""
+        # Imported here so that request handling stays usable without the QUIC stack.
+        from cyphonic.quic import Acceptor, QuicEndpoint
+        from cyphonic.session import SignallingSession
+
+        identity = load_identity(settings.pki_dir / "nms.crt", settings.pki_dir / "nms.key")
+        trust = load_trust_store(settings.pki_dir)
+        factory = SignallingSession.factory(self._handle, on_open=self._opened,
+                                            on_lost=self._lost)
+        self.endpoint = await QuicEndpoint.open(
+            host=settings.quic_host, port=settings.quic_port, identity=identity, trust=trust,
+            accept={ALPN_SIGNALLING: Acceptor(handler_factory=factory, expect="node")},
+            # Keepalives keep a healthy connection busy; the idle timeout only reaps dead ones.
+            idle_timeout=settings.offline_timeout_s + settings.keepalive_interval_s,
+        )
+
+    def _opened(self, session: SignallingSession) -> None:
+        self._links[id(session)] = SessionLink(session)
+
+    def _lost(self, session: SignallingSession, error: CyphonicError | None) -> None:
+        link = self._links.pop(id(session), None)
+        if link is None:
+            return
+        task = asyncio.ensure_future(self.manager.disconnected(link))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(
+        self, message: pb.Envelope, session: SignallingSession
+    ) -> pb.Envelope | None:
+        link = self._links.get(id(session))
+        if link is None:  # cannot happen: on_open runs before any event is delivered
+            raise UnexpectedMessage("connection not set up")
+        return await answer(self.manager, link, message, observed=link.observed,
+                            peer_is_node=session.peer.kind == "node")
+
+    async def close(self) -> None:
+        """Close every connection and the socket."""
+        if self.endpoint is not None:
+            await self.endpoint.close("NMS shutting down")
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await task
+
+
+async def start_signalling(manager: NodeManager, settings: NmsSettings) -> NmsSignallingServer:
+    """Start the NMS QUIC endpoint on ``settings.quic_host``:``quic_port``."""
+    server = NmsSignallingServer(manager)
+    await server.open(settings)
+    log.info("quic_listening", address=server.address)
+    return server
