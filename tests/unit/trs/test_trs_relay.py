@@ -171,3 +171,11 @@ def test_native_addresses_are_compared_in_the_sockets_form(sides) -> None:
                                                                   0, 0), 1.0)
     assert action == Forward(("2001:db8::b", 50002, 0, 0))
     assert c.session("r1", 1.0).sides[0].addr == ADDR_A  # shown in the stored form
+
+
+def test_short_header_length_boundary(core: RelayCore, sides) -> None:
+    from cyphonic_trs.header import SHORT_MIN_AFTER_DCID
+
+    shortest = b"\x40" + sides[1].cids[0] + b"\x00" * SHORT_MIN_AFTER_DCID
+    assert core.datagram_received(shortest, ADDR_A, 1.0) == Forward(ADDR_B)
+    assert core.datagram_received(shortest[:-1], ADDR_A, 1.0) == Drop(DropReason.MALFORMED)

@@ -36,7 +36,7 @@ from cyphonic.errors import AlreadyExists, NotFound
 
 from cyphonic_trs.cid import CID_LEN
 from cyphonic_trs.errors import CidError, HeaderError
-from cyphonic_trs.header import dcid_of
+from cyphonic_trs.header import FORM_BIT, SHORT_MIN_AFTER_DCID, SHORT_OFF_DCID, dcid_of
 from cyphonic_trs.session import HostPort, RelaySession
 
 
@@ -169,6 +169,8 @@ class RelayCore:
         self.replica_id = replica_id
         self.idle_timeout = idle_timeout
         self.cid_len = cid_len
+        self._short_end = SHORT_OFF_DCID + cid_len
+        self._short_min = self._short_end + SHORT_MIN_AFTER_DCID
         self._native = native_addr
         self._table: dict[bytes, tuple[_Session, int]] = {}
         self._sessions: dict[str, _Session] = {}
@@ -181,11 +183,14 @@ class RelayCore:
 
     def datagram_received(self, data: bytes, addr: Any, now: float) -> Action:
         """Decide what to do with one datagram received from ``addr`` at ``now``."""
-        try:
-            dcid = dcid_of(data, self.cid_len)
-        except HeaderError:
-            self._drops[DropReason.MALFORMED] += 1
-            return _DROPS[DropReason.MALFORMED]
+        if len(data) >= self._short_min and not data[0] & FORM_BIT:
+            dcid = data[SHORT_OFF_DCID : self._short_end]  # 1-RTT, the common case, inlined
+        else:
+            try:
+                dcid = dcid_of(data, self.cid_len)
+            except HeaderError:
+                self._drops[DropReason.MALFORMED] += 1
+                return _DROPS[DropReason.MALFORMED]
         entry = self._table.get(dcid)
         if entry is None:
             self._to_local += 1
