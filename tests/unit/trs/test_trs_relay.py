@@ -179,3 +179,15 @@ def test_short_header_length_boundary(core: RelayCore, sides) -> None:
     shortest = b"\x40" + sides[1].cids[0] + b"\x00" * SHORT_MIN_AFTER_DCID
     assert core.datagram_received(shortest, ADDR_A, 1.0) == Forward(ADDR_B)
     assert core.datagram_received(shortest[:-1], ADDR_A, 1.0) == Drop(DropReason.MALFORMED)
+
+
+def test_routes_of_follows_installs_and_expiry(sides) -> None:
+    c = RelayCore(replica_id=3, idle_timeout=10)
+    c.install(session("r1", a=sides[0], b=None), now=0.0)
+    c.install(session("r2", a=side(A, ADDR_A, n=1), b=sides[1]), now=5.0)
+    assert c.routes_of(A) == ["r1", "r2"] and c.routes_of(B) == ["r2"]
+    assert c.update_address(B, THIRD) == ["r2"]
+    assert c.expire(now=12.0) == ["r1"]
+    assert c.routes_of(A) == ["r2"]
+    c.remove("r2")
+    assert c.routes_of(A) == [] and c.routes_of(B) == [] and c.update_address(A, THIRD) == []

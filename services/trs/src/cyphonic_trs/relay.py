@@ -174,6 +174,7 @@ class RelayCore:
         self._native = native_addr
         self._table: dict[bytes, tuple[_Session, int]] = {}
         self._sessions: dict[str, _Session] = {}
+        self._routes_by_fqdn: dict[str, set[str]] = {}  # control-path index
         self._retired_packets = 0
         self._retired_bytes = 0
         self._to_local = 0
@@ -252,6 +253,7 @@ class RelayCore:
                 current.cids = side.cids
             for cid in side.cids:
                 self._table[cid] = (session, index)
+        self._index(session)
         session.last_active = max(session.last_active, now)
 
     def remove(self, route_id: str) -> None:
@@ -268,7 +270,8 @@ class RelayCore:
         """
         native = self._native(addr)
         changed = []
-        for session in self._sessions.values():
+        for route_id in sorted(self._routes_by_fqdn.get(fqdn, ())):
+            session = self._sessions[route_id]
             for side in session.sides:
                 if side is not None and side.fqdn == fqdn and side.host_port != addr:
                     side.move(addr, native)
@@ -316,10 +319,7 @@ class RelayCore:
 
     def routes_of(self, fqdn: str) -> list[str]:
         """Routes where ``fqdn`` has allocated."""
-        return [
-            rid for rid, s in self._sessions.items()
-            if any(side is not None and side.fqdn == fqdn for side in s.sides)
-        ]
+        return sorted(self._routes_by_fqdn.get(fqdn, ()))
 
     def totals(self) -> RelayTotals:
         """Counters since the core was made."""
@@ -349,6 +349,21 @@ class RelayCore:
                 self._forget_cids(side.cids)
                 self._retired_packets += side.packets
                 self._retired_bytes += side.bytes
+        self._unindex(session)
+
+    def _index(self, session: _Session) -> None:
+        self._unindex(session)
+        for side in session.sides:
+            if side is not None:
+                self._routes_by_fqdn.setdefault(side.fqdn, set()).add(session.route_id)
+
+    def _unindex(self, session: _Session) -> None:
+        for fqdn in session.pair:  # sides only ever belong to the pair's nodes
+            routes = self._routes_by_fqdn.get(fqdn)
+            if routes is not None:
+                routes.discard(session.route_id)
+                if not routes:
+                    del self._routes_by_fqdn[fqdn]
 
     @staticmethod
     def _stats(session: _Session, now: float) -> SessionStats:
