@@ -143,7 +143,7 @@ def make_router(service: TrsService) -> APIRouter:
     @router.get("/replica", response_model=ReplicaStatus, summary="This replica's counters")
     async def replica(_actor: AdminAuth) -> ReplicaStatus:
         totals = _core(service).totals()
-        relay = service.relay
+        relay = service.forwarder
         return ReplicaStatus(
             replica=service.replica_id,
             sessions=totals.sessions,
@@ -201,7 +201,7 @@ class TrsCollector(Collector):
                                     "Datagrams not forwarded, by reason", labels=["reason"])
         for reason, n in totals.drops.items():
             drops.add_metric([reason.value], n)
-        relay = service.relay
+        relay = service.forwarder
         if relay is not None:
             drops.add_metric(["send_buffer_full"], relay.send_dropped)
             drops.add_metric(["send_error"], relay.send_errors)
@@ -225,7 +225,7 @@ def create_app(service: TrsService) -> FastAPI:
     registry.register(TrsCollector(service))
 
     async def relay_running() -> None:
-        if service.relay is None:
+        if service.forwarder is None:
             raise Unavailable("the relay is not running")
 
     return create_admin_app(

@@ -16,6 +16,7 @@ import json
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from cyphonic import log
@@ -25,6 +26,7 @@ from pydantic import ValidationError
 
 from cyphonic_trs.cid import parse_cid
 from cyphonic_trs.config import TrsSettings
+from cyphonic_trs.control import signalling_control_plane
 from cyphonic_trs.service import TrsService, make_table
 
 PROG = "cyphonic-trs"
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cids-per-side", type=int,
                    help="connection IDs issued to each side of a route (default 16)")
     p.add_argument("--domain", help="overlay DNS domain (default cyphonic.internal)")
+    p.add_argument("--pki-dir", type=Path,
+                   help="holds trs.crt/trs.key and the CA certificates (control plane)")
 
     p = sub.add_parser("replicas", help="list the live replicas registered in the CID table")
     _common(p)
@@ -76,11 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> TrsSettings:
     flags = ("redis_url", "redis_prefix", "log_level", "log_format", "replica_id", "quic_host",
              "quic_port", "public_endpoints", "http_host", "http_port", "idle_timeout_s",
-             "cids_per_side", "domain")
+             "cids_per_side", "domain", "pki_dir")
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in flags if getattr(args, name, None) is not None
     }
     return TrsSettings(**overrides)
+
+
+def _control_plane(settings: TrsSettings, logger: Any) -> Any:
+    """The QUIC control plane when this replica has its certificate, else None (relaying
+    still runs, but nodes cannot allocate)."""
+    if not (settings.pki_dir / "trs.crt").exists():
+        logger.warning("trs_no_control_plane", reason="no trs.crt in the PKI directory",
+                       pki_dir=str(settings.pki_dir))
+        return None
+    try:
+        import cyphonic.session  # noqa: F401  (the signalling session of the shared library)
+    except ImportError as exc:
+        logger.warning("trs_no_control_plane", reason=f"signalling unavailable: {exc}")
+        return None
+    return signalling_control_plane(settings.pki_dir)
 
 
 async def serve(settings: TrsSettings, *, http: bool = True) -> None:
@@ -90,7 +109,7 @@ async def serve(settings: TrsSettings, *, http: bool = True) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    service = TrsService(settings)
+    service = TrsService(settings, control=_control_plane(settings, logger))
     admin: AdminServer | None = None
     try:
         await service.start()

@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cyphonic import relay_token
@@ -25,6 +26,7 @@ from cyphonic.log import get_logger
 
 from cyphonic_trs.allocation import RelayAllocator
 from cyphonic_trs.config import TrsSettings
+from cyphonic_trs.control import RelayFilter, TrsControlPlane
 from cyphonic_trs.relay import RelayCore, RelayTotals
 from cyphonic_trs.server import (
     LocalDatagramServer,
@@ -65,12 +67,21 @@ class TrsService:
         *,
         table: CidTable | None = None,
         local: LocalDatagramServer | None = None,
+        control: Callable[[socket.socket, TrsService], TrsControlPlane] | None = None,
     ) -> None:
+        """``control`` makes the control plane (the project's QUIC endpoint relaying in its
+        own drain loop, ``cyphonic_trs.control``); without it ``RelayServer`` reads the
+        socket and hands non-relay datagrams to ``local`` (an asyncio-protocol-shaped
+        server) or drops them."""
         self.settings = settings
         self.table = table if table is not None else make_table(settings)
         self.local = local
+        self._control_factory = control
+        self.control: TrsControlPlane | None = None
         self.core: RelayCore | None = None
         self.relay: RelayServer | None = None
+        self.forwarder: RelayServer | RelayFilter | None = None
+        """Whichever sends relayed datagrams (send counters; None when stopped)."""
         self.allocation: RelayAllocationService | None = None
         self.restored = 0
         self.started_ms = 0
@@ -114,9 +125,14 @@ class TrsService:
                 session_ttl_s=s.session_ttl_s,
             )
             self.restored = await self.allocation.restore()
-            self.relay = RelayServer(core=self.core, sock=sock, local=self.local,
-                                     max_batch=s.max_batch)
-            self.relay.start()
+            if self._control_factory is not None:
+                self.control = self._control_factory(sock, self)
+                self.forwarder = self.control.relay
+            else:
+                self.relay = RelayServer(core=self.core, sock=sock, local=self.local,
+                                         max_batch=s.max_batch)
+                self.relay.start()
+                self.forwarder = self.relay
         except BaseException:
             sock.close()
             raise
@@ -136,6 +152,10 @@ class TrsService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sync_task
             self._sync_task = None
+        self.forwarder = None
+        if self.control is not None:
+            await self.control.close()  # closes the socket too
+            self.control = None
         if self.relay is not None:
             self.relay.stop()
             self.relay = None
@@ -169,6 +189,9 @@ class TrsService:
     async def sync_once(self) -> None:
         """Expire idle sessions, refresh active ones in the table, heartbeat."""
         assert self.core is not None
+        if self.control is not None and self.allocation is not None:
+            for fqdn, address in self.control.observe_addresses():
+                await self.allocation.observe_control_address(fqdn, address)
         now = time.monotonic()
         for route_id in self.core.expire(now):
             await self.table.delete_session(route_id)

@@ -28,6 +28,7 @@ from cyphonic.errors import (
     CyphonicError,
     InternalError,
     PermissionDenied,
+    Unavailable,
     UnexpectedMessage,
 )
 from cyphonic.log import get_logger
@@ -78,14 +79,21 @@ class RelayAllocationService:
         self.allocations: collections.Counter[str] = collections.Counter()
 
     async def handle(
-        self, envelope: pb.Envelope, *, fqdn: str, is_node: bool, addr: Any
+        self, envelope: pb.Envelope, *, fqdn: str, is_node: bool, addr: Any | None
     ) -> pb.Envelope:
-        """Answer one request envelope; errors become an ``Error`` envelope."""
+        """Answer one request envelope; errors become an ``Error`` envelope.
+
+        ``addr`` is the control connection's validated address (None while QUIC is still
+        validating a new path: then nothing moves and allocation waits for a retry).
+        """
         version = pb.PROTOCOL_VERSION_1
         try:
-            await self.observe_control_address(fqdn, addr)
+            if addr is not None:
+                await self.observe_control_address(fqdn, addr)
             body = envelope.WhichOneof("body")
             if body == "relay_allocation_request":
+                if addr is None:
+                    raise Unavailable("control connection path not validated yet; retry")
                 answer = await self.allocate(
                     envelope.relay_allocation_request, fqdn=fqdn, is_node=is_node, addr=addr
                 )

@@ -1,0 +1,193 @@
+"""The TRS's own QUIC server (nodes' control connections) on the relay's UDP socket.
+
+The project's QUIC endpoint (``cyphonic.quic.QuicEndpoint``) already drains its socket in
+batches and routes each datagram by DCID. The relay rides in that same loop: every datagram
+is first offered to ``RelayFilter``, which forwards or drops relay traffic (one ``RelayCore``
+decision, one ``sendto``) and leaves everything else, unknown CIDs included, to the
+endpoint's own routing, i.e. to the TRS's mutual-TLS control connections. So there is one
+socket, one reader and one drain loop for both.
+
+The hook is ``_RelayingEndpoint._route``, an override of the endpoint's per-datagram routing
+step; it is the one place that depends on the endpoint's internals (see docs/trs.md).
+
+Control connections (ALPN ``cyphonic-sig/1``, node certificates only) are answered by
+``RelayAllocationService.handle``. The address handed to it is the connection's current
+peer address only once QUIC has validated that path (RFC 9000 section 8.2): a packet
+replayed from elsewhere can make QUIC probe a new path, but not move a relay side.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cyphonic.config import ALPN_SIGNALLING
+from cyphonic.errors import CyphonicError, Unavailable
+from cyphonic.log import get_logger
+from cyphonic.pki import CertifiedKey, TrustStore, load_identity, load_trust_store
+from cyphonic.v1 import signalling_pb2 as pb
+
+from cyphonic_trs.relay import TO_LOCAL_SERVER, Forward, RelayCore
+
+if TYPE_CHECKING:
+    from cyphonic_trs.service import TrsService
+
+
+class RelayFilter:
+    """Offered every datagram before the endpoint routes it; True = the relay took it."""
+
+    def __init__(
+        self, core: RelayCore, sock: socket.socket, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.core = core
+        self.clock = clock
+        self._sendto = sock.sendto
+        self.send_dropped = 0
+        self.send_errors = 0
+
+    def __call__(self, data: bytes, addr: Any) -> bool:
+        action = self.core.datagram_received(data, addr, self.clock())
+        if action is TO_LOCAL_SERVER:
+            return False
+        if action.__class__ is Forward:
+            try:
+                self._sendto(data, action.to_addr)
+            except BlockingIOError:
+                self.send_dropped += 1
+            except OSError:
+                self.send_errors += 1
+        return True
+
+
+def validated_peer_address(connection: Any) -> tuple[str, int] | None:
+    """The connection's peer address if QUIC has validated its current path, else None."""
+    paths = getattr(connection.quic, "_network_paths", None)
+    if not paths or not paths[0].is_validated:
+        return None
+    address: tuple[str, int] = connection.peer_address
+    return address
+
+
+def open_relaying_endpoint(
+    *,
+    sock: socket.socket,
+    core: RelayCore,
+    identity: CertifiedKey,
+    trust: TrustStore,
+    accept: Mapping[str, Any],
+    idle_timeout: float = 60.0,
+) -> tuple[Any, RelayFilter]:
+    """A ``QuicEndpoint`` on ``sock`` whose drain loop relays first; (endpoint, filter).
+
+    Call inside the running loop; ``endpoint.close()`` closes ``sock``.
+    """
+    from cyphonic.quic import QuicEndpoint
+    from cyphonic.quic.engine import DEFAULT_MAX_DATAGRAM_SIZE
+
+    relay = RelayFilter(core, sock)
+
+    class _RelayingEndpoint(QuicEndpoint):
+        def _route(self, data: bytes, addr: Any) -> Any:
+            if relay(data, addr):
+                return None
+            return super()._route(data, addr)
+
+    endpoint = _RelayingEndpoint(
+        sock=sock, identity=identity, trust=trust, accept=accept, idle_timeout=idle_timeout,
+        max_datagram_size=DEFAULT_MAX_DATAGRAM_SIZE, max_pending_datagrams=1024,
+        congestion_control="reno",
+    )
+    return endpoint, relay
+
+
+HandlerFactory = Callable[[Any], Any]
+"""Makes the ``ConnectionHandler`` of each verified control connection."""
+
+
+class TrsControlPlane:
+    """The relaying endpoint of a ``TrsService``: control connections plus relay filter."""
+
+    def __init__(self, endpoint: Any, relay: RelayFilter) -> None:
+        self.endpoint = endpoint
+        self.relay = relay
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        sock: socket.socket,
+        service: TrsService,
+        identity: CertifiedKey,
+        trust: TrustStore,
+        handler_factory: HandlerFactory,
+        idle_timeout: float = 60.0,
+    ) -> TrsControlPlane:
+        """Serve ``ALPN_SIGNALLING`` for nodes on ``sock``, relaying first."""
+        from cyphonic.quic import Acceptor
+
+        assert service.core is not None
+        endpoint, relay = open_relaying_endpoint(
+            sock=sock, core=service.core, identity=identity, trust=trust,
+            accept={ALPN_SIGNALLING: Acceptor(handler_factory=handler_factory, expect="node")},
+            idle_timeout=idle_timeout,
+        )
+        return cls(endpoint, relay)
+
+    def observe_addresses(self) -> list[tuple[str, tuple[str, int]]]:
+        """``(fqdn, validated address)`` of every ready node control connection (the sync
+        loop feeds them to ``observe_control_address``, so a migrated connection moves its
+        relay sides within one sync even if the node sends nothing)."""
+        out = []
+        for conn in self.endpoint.connections:
+            peer = conn.peer
+            address = validated_peer_address(conn)
+            if conn.is_ready and peer is not None and peer.kind == "node" and address:
+                out.append((peer.name, address))
+        return out
+
+    async def close(self) -> None:
+        """Close every control connection and the socket."""
+        await self.endpoint.close("TRS shutting down")
+
+
+async def answer_request(
+    service: TrsService, message: pb.Envelope, *, connection: Any
+) -> pb.Envelope:
+    """Answer one request of a verified control connection (framing-independent)."""
+    if service.allocation is None:
+        raise Unavailable("the relay is not running")
+    peer = connection.peer
+    if peer is None:  # the endpoint never delivers before verification
+        raise Unavailable("peer not verified")
+    return await service.allocation.handle(
+        message, fqdn=peer.name, is_node=peer.kind == "node",
+        addr=validated_peer_address(connection),
+    )
+
+
+def signalling_control_plane(pki_dir: Path) -> Callable[[socket.socket, TrsService],
+                                                         TrsControlPlane]:
+    """The production control plane: ``trs.crt``/``trs.key`` from ``pki_dir``, and a
+    ``cyphonic.session.SignallingSession`` per node connection."""
+    identity = load_identity(pki_dir / "trs.crt", pki_dir / "trs.key")
+    trust = load_trust_store(pki_dir)
+
+    def make(sock: socket.socket, service: TrsService) -> TrsControlPlane:
+        from cyphonic.session import SignallingSession
+
+        async def handle(message: pb.Envelope, session: Any) -> pb.Envelope | None:
+            try:
+                return await answer_request(service, message, connection=session.connection)
+            except CyphonicError as exc:
+                return pb.Envelope(version=pb.PROTOCOL_VERSION_1, error=exc.to_wire())
+
+        return TrsControlPlane.open(
+            sock=sock, service=service, identity=identity, trust=trust,
+            handler_factory=SignallingSession.factory(handle),
+        )
+
+    get_logger("trs.control").debug("control_plane_configured", pki_dir=str(pki_dir))
+    return make
