@@ -9,6 +9,8 @@
        matches --root-ca-sha256 when given)
     5. write the state directory
 
+``renew`` replaces key and certificate later, over the node's QUIC session with the AS.
+
 State directory (read by ``cyphonic-agent up``)::
 
     node.key      private key, PKCS#8 PEM, 0600
@@ -25,7 +27,8 @@ import ipaddress
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ from cyphonic.errors import (
     PermissionDenied,
     Timeout,
     Unavailable,
+    UnexpectedMessage,
     from_wire,
 )
 from cyphonic.pki import (
@@ -185,19 +189,15 @@ def is_plaintext_remote(as_url: str) -> bool:
         return True
 
 
-def _check_issued(
-    answer: dict[str, Any],
+def _check_chain(
+    chain: list[x509.Certificate],
+    root: x509.Certificate,
     *,
     key_public: Any,
     fqdn: str,
     root_ca_sha256: str | None,
     now: datetime,
-) -> tuple[list[x509.Certificate], x509.Certificate]:
-    try:
-        chain = x509.load_pem_x509_certificates(str(answer["certificate_chain_pem"]).encode())
-        root = x509.load_pem_x509_certificate(str(answer["root_ca_pem"]).encode())
-    except (KeyError, ValueError) as exc:
-        raise MalformedMessage("AS answer lacks a usable certificate chain or root CA") from exc
+) -> None:
     if not chain:
         raise MalformedMessage("AS answered an empty certificate chain")
     if root_ca_sha256 is not None:
@@ -213,6 +213,23 @@ def _check_issued(
     # The node CA comes from the same answer; what proves it is the chain to the root.
     trust = TrustStore(root=root, node_ca=chain[1])
     verify_peer(chain, trust=trust, expect="node", expected_name=fqdn, now=now)
+
+
+def _check_issued(
+    answer: dict[str, Any],
+    *,
+    key_public: Any,
+    fqdn: str,
+    root_ca_sha256: str | None,
+    now: datetime,
+) -> tuple[list[x509.Certificate], x509.Certificate]:
+    try:
+        chain = x509.load_pem_x509_certificates(str(answer["certificate_chain_pem"]).encode())
+        root = x509.load_pem_x509_certificate(str(answer["root_ca_pem"]).encode())
+    except (KeyError, ValueError) as exc:
+        raise MalformedMessage("AS answer lacks a usable certificate chain or root CA") from exc
+    _check_chain(chain, root, key_public=key_public, fqdn=fqdn, root_ca_sha256=root_ca_sha256,
+                 now=now)
     return chain, root
 
 
@@ -275,10 +292,56 @@ async def enroll(
     write_private_key(paths.key, key)
     write_certificates(paths.cert, chain)
     write_certificates(paths.root_ca, [root])
+    _write_state(paths, state)
+    return state
+
+
+def _write_state(paths: StatePaths, state: AgentState) -> None:
     data = asdict(state)
     data.update(data.pop("extra"))
     _write_json(paths.config, data)
-    return state
+
+
+Requester = Callable[[pb.Envelope], Awaitable[pb.Envelope]]
+
+
+async def renew(request: Requester, state_dir: Path | str, *,
+                now: datetime | None = None) -> AgentState:
+    """Renew the node certificate over an AS signalling session (``session.request``).
+
+    Makes a new key here, sends its CSR in a RenewRequest, checks the answer like an
+    enrolment (our key, our FQDN, chains to the stored root) and replaces ``node.key``
+    and ``node.crt``. The AS's refusals raise as their ``CyphonicError``; the old
+    certificate stays valid until it expires, so a failed renewal can be retried.
+    """
+    paths = StatePaths(Path(state_dir))
+    state = read_agent_state(paths.directory)
+    root = load_certificates(paths.root_ca)[0]
+    key = generate_key()
+    csr = make_csr(key, state.fqdn)
+    answer = await request(pb.Envelope(
+        version=pb.PROTOCOL_VERSION_1,
+        renew_request=pb.RenewRequest(csr_der=csr.public_bytes(serialization.Encoding.DER)),
+    ))
+    if answer.WhichOneof("body") == "error":
+        raise from_wire(answer.error)
+    if answer.WhichOneof("body") != "renew_response":
+        raise UnexpectedMessage(f"AS answered {answer.WhichOneof('body')} to a RenewRequest")
+    try:
+        chain = x509.load_pem_x509_certificates(answer.renew_response.certificate_chain_pem)
+    except ValueError as exc:
+        raise MalformedMessage("RenewResponse holds no PEM certificate chain") from exc
+    now = now or datetime.now(UTC)
+    _check_chain(chain, root, key_public=key.public_key(), fqdn=state.fqdn,
+                 root_ca_sha256=None, now=now)
+    # Key first: a crash between the two writes leaves the old certificate with a key it
+    # does not match, which load_identity reports; enrolling again recovers.
+    write_private_key(paths.key, key)
+    write_certificates(paths.cert, chain)
+    renewed = replace(state, serial=format(chain[0].serial_number, "x"),
+                      not_after=chain[0].not_valid_after_utc.isoformat())
+    _write_state(paths, renewed)
+    return renewed
 
 
 def load_node_chain(state_dir: Path | str) -> list[x509.Certificate]:

@@ -15,10 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import event, exc, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import (
@@ -30,6 +28,9 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import StaticPool
 
 from cyphonic.errors import AlreadyExists, CyphonicError, Unavailable
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
@@ -150,6 +151,9 @@ async def ping(engine: AsyncEngine) -> None:
 
 def alembic_config(url: str | None = None) -> Config:
     """An Alembic configuration pointing at the migrations inside this package."""
+    # Alembic is imported only when migrating: it costs seconds of start-up otherwise.
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", "cyphonic.registry:migrations")
     if url is not None:
@@ -160,6 +164,8 @@ def alembic_config(url: str | None = None) -> Config:
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Run ``alembic upgrade <revision>`` on ``engine`` from inside a running event loop."""
+
+    from alembic import command
 
     def _run(connection: Connection) -> None:
         config = alembic_config()

@@ -1,40 +1,61 @@
 """QUIC signalling of the AS: Login and Renew on mutual-TLS connections from nodes.
 
+    node                                   AS (ALPN cyphonic-sig/1, UDP 443)
+      | QUIC handshake, client cert = node cert; the endpoint verifies it (node CA, expiry)
+      | LoginRequest        ------------->  registry: known serial, same bytes, not revoked,
+      |                     <-------------  LoginResponse {fqdn, NMS endpoints, not_after}
+      |                                     or Error {UNAUTHENTICATED|REVOKED|EXPIRED|...}
+      | RenewRequest {CSR}  ------------->  same checks, CSR names the same FQDN
+      |                     <-------------  RenewResponse {new chain}
+
 ``handle_request`` answers one request envelope for a TLS-verified peer; it knows nothing
 of streams or sockets. ``start_signalling`` puts it behind the QUIC endpoint.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from cyphonic.config import ALPN_SIGNALLING
 from cyphonic.errors import CyphonicError, InternalError, UnexpectedMessage
 from cyphonic.log import get_logger
-from cyphonic.pki import PeerIdentity
+from cyphonic.pki import PeerIdentity, load_identity, load_trust_store
 from cyphonic.v1 import signalling_pb2 as pb
 
 from cyphonic_auth.config import AuthSettings
 from cyphonic_auth.service import AuthService
 
+if TYPE_CHECKING:
+    from cyphonic.quic import QuicEndpoint
+    from cyphonic.session import SignallingSession
+
+# Nodes log in, maybe renew, then leave; an idle connection is not kept long.
+IDLE_TIMEOUT_S = 60.0
+
+
+async def answer(service: AuthService, peer: PeerIdentity, request: pb.Envelope) -> pb.Envelope:
+    """The answer to one request from ``peer``; raises a ``CyphonicError`` to refuse."""
+    body = request.WhichOneof("body")
+    if body == "login_request":
+        return pb.Envelope(version=pb.PROTOCOL_VERSION_1,
+                           login_response=await service.login(peer))
+    if body == "renew_request":
+        renewed = await service.renew(peer, request.renew_request.csr_der)
+        return pb.Envelope(version=pb.PROTOCOL_VERSION_1, renew_response=renewed)
+    raise UnexpectedMessage(f"the AS does not answer {body or 'an empty envelope'}")
+
 
 async def handle_request(
     service: AuthService, peer: PeerIdentity, request: pb.Envelope
 ) -> pb.Envelope:
-    """The answer to one request from ``peer``: a response or a typed ``Error``."""
-    body = request.WhichOneof("body")
+    """Like ``answer`` but never raises: a refusal becomes a typed ``Error`` envelope."""
     try:
-        if body == "login_request":
-            return pb.Envelope(version=pb.PROTOCOL_VERSION_1,
-                               login_response=await service.login(peer))
-        if body == "renew_request":
-            return pb.Envelope(version=pb.PROTOCOL_VERSION_1,
-                               renew_response=await service.renew(peer,
-                                                                  request.renew_request.csr_der))
-        raise UnexpectedMessage(f"the AS does not answer {body or 'an empty envelope'}")
+        return await answer(service, peer, request)
     except CyphonicError as exc:
         return pb.Envelope(version=pb.PROTOCOL_VERSION_1, error=exc.to_wire())
     except Exception:
-        get_logger("as.signalling").exception("request_failed", fqdn=peer.name, body=body)
+        get_logger("as.signalling").exception("request_failed", fqdn=peer.name,
+                                              body=request.WhichOneof("body"))
         return pb.Envelope(version=pb.PROTOCOL_VERSION_1,
                            error=InternalError("internal error").to_wire())
 
@@ -45,12 +66,64 @@ class SignallingServer(Protocol):
     @property
     def address(self) -> str:
         """Where it listens, host:port."""
+        ...
 
     async def close(self) -> None:
         """Stop accepting and close every connection."""
+        ...
 
 
-async def start_signalling(service: AuthService, settings: AuthSettings) -> SignallingServer | None:
-    """Start the AS QUIC endpoint (None until the QUIC endpoint is part of this build)."""
-    get_logger("as.signalling").warning("quic_unavailable", reason="QUIC endpoint not wired yet")
-    return None
+class AsSignallingServer:
+    """The AS QUIC endpoint: only nodes (node CA chains) are accepted."""
+
+    def __init__(self, service: AuthService) -> None:
+        self.service = service
+        self.endpoint: QuicEndpoint | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port of the UDP socket."""
+        assert self.endpoint is not None
+        host, port = self.endpoint.local_address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def port(self) -> int:
+        """The UDP port bound."""
+        assert self.endpoint is not None
+        return int(self.endpoint.local_address[1])
+
+    async def open(self, settings: AuthSettings) -> None:
+        """Load the AS certificate and the trust store, bind the UDP socket."""
+        # Imported here so that request handling stays usable without the QUIC stack.
+        from cyphonic.quic import Acceptor, QuicEndpoint
+        from cyphonic.session import SignallingSession
+
+        identity = load_identity(settings.pki_dir / "as.crt", settings.pki_dir / "as.key")
+        trust = load_trust_store(settings.pki_dir)
+        factory = SignallingSession.factory(self._handle)
+        self.endpoint = await QuicEndpoint.open(
+            host=settings.quic_host, port=settings.quic_port, identity=identity, trust=trust,
+            accept={ALPN_SIGNALLING: Acceptor(handler_factory=factory, expect="node")},
+            idle_timeout=IDLE_TIMEOUT_S,
+        )
+
+    async def _handle(
+        self, message: pb.Envelope, session: SignallingSession
+    ) -> pb.Envelope | None:
+        # Errors raised here become typed Error answers in the session.
+        return await answer(self.service, session.peer, message)
+
+    async def close(self) -> None:
+        """Close every connection and the socket."""
+        if self.endpoint is not None:
+            await self.endpoint.close("AS shutting down")
+            self.endpoint = None
+
+
+async def start_signalling(service: AuthService, settings: AuthSettings) -> AsSignallingServer:
+    """Start the AS QUIC endpoint on ``settings.quic_host``:``quic_port``."""
+    server = AsSignallingServer(service)
+    await server.open(settings)
+    get_logger("as.signalling").info("quic_listening", address=server.address)
+    return server
