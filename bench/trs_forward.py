@@ -10,22 +10,27 @@ Three processes, sockets on 127.0.0.1::
     sender  --valid relayed packets (DCID = a CID of the sink's side)-->  relay  -->  sink
     (CPU 1)     from the sender side's registered address                (CPU 0)    (CPU 1)
 
-The relay process runs ``RelayServer`` (add_reader, drain up to 512 datagrams per wake-up,
-one ``RelayCore`` decision and one ``sendto`` each) with a session installed as allocation
-would install it. It is pinned to one CPU; the sender and the sink share the other. The
-figure is what the relay forwarded per second during the measured window, and the same
-divided by the CPU time the relay process got (user + system, which includes the loopback
-delivery to the sink): on a shared machine the second is the rate of one dedicated core.
-The sender's rate
-and the sink's count say whether the relay was the bottleneck (sender faster than the relay:
-the surplus is dropped by the kernel at the relay's socket). A second figure is the core's
-decision alone (``RelayCore.datagram_received`` in a loop, no sockets).
+The relay process runs one of two glues (``--via``, default both in turn):
+
+- ``relay-server``: ``RelayServer`` (add_reader, drain up to 512 datagrams per wake-up, one
+  ``RelayCore`` decision and one ``sendto`` each);
+- ``endpoint``: the production path, the project's QUIC endpoint with the relay filter in
+  its drain loop, as ``cyphonic-trs serve`` runs it with a control plane;
+
+with a session installed as allocation would install it. The relay is pinned to one CPU; the
+sender and the sink share the other. Figures: what the relay forwarded per second in the
+measured window, and the same per second of CPU time the relay process got (user + system,
+which includes the loopback delivery to the sink), which on a shared machine is the rate of
+one dedicated core. The sender's rate and the sink's count show whether the relay was the
+bottleneck (sender faster: the surplus is dropped by the kernel at the relay's socket). Last,
+the cost of the core's decision alone (``RelayCore.datagram_received``, no sockets).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import multiprocessing as mp
 import os
@@ -59,29 +64,65 @@ def _session(sender: tuple[str, int], sink: tuple[str, int]) -> tuple[RelaySessi
     return session, cids_sink[0]
 
 
-def relay_main(sock: socket.socket, session: RelaySession, t0: float, t1: float,
-               out: Any) -> None:
+def _material() -> Any:
+    """A throwaway PKI for the endpoint's TRS certificate (made before timing starts)."""
+    import tempfile
+    from pathlib import Path
+
+    from cyphonic import pki
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return pki.init_pki(Path(tmp), domain="bench.internal",
+                            now=datetime.datetime.now(datetime.UTC))
+
+
+def _endpoint(sock: socket.socket, core: RelayCore, material: Any) -> Any:
+    """The production path: the project's QUIC endpoint with the relay in its drain loop."""
+    from cyphonic_trs.control import open_relaying_endpoint
+
+    endpoint, _ = open_relaying_endpoint(sock=sock, core=core,
+                                         identity=material.services["trs"],
+                                         trust=material.trust, accept={})
+    return endpoint
+
+
+def relay_main(sock: socket.socket, session: RelaySession, window: Any, ready: Any,
+               go: Any, out: Any, via: str, material: Any) -> None:
     _pin(0)
     core = RelayCore(replica_id=1, native_addr=native_addr_for(socket.AF_INET))
     core.install(session, now=time.monotonic())
 
     async def run() -> dict[str, Any]:
-        server = RelayServer(core=core, sock=sock)
-        server.start()
+        if via == "endpoint":
+            endpoint = _endpoint(sock, core, material)
+            wakeups = lambda: endpoint.stats.wakeups  # noqa: E731
+        else:
+            server = RelayServer(core=core, sock=sock)
+            server.start()
+            wakeups = lambda: server.wakeups  # noqa: E731
+        ready.set()
+        # The parent sets the window once everyone is ready, then ``go``.
+        await asyncio.get_running_loop().run_in_executor(None, go.wait)
+        t0, t1 = window[0], window[1]
         await asyncio.sleep(max(0.0, t0 - time.monotonic()))
-        start, wake0, cpu0, wall0 = (core.totals(), server.wakeups, time.process_time(),
+        start, wake0, cpu0, wall0 = (core.totals(), wakeups(), time.process_time(),
                                      time.monotonic())
         await asyncio.sleep(max(0.0, t1 - time.monotonic()))
-        end, wake1, cpu1, wall1 = (core.totals(), server.wakeups, time.process_time(),
+        end, wake1, cpu1, wall1 = (core.totals(), wakeups(), time.process_time(),
                                    time.monotonic())
-        server.stop()
+        if via == "endpoint":
+            await endpoint.close()
+            send_dropped = send_errors = 0
+        else:
+            server.stop()
+            send_dropped, send_errors = server.send_dropped, server.send_errors
         forwarded = end.forwarded_packets - start.forwarded_packets
         return {
             "forwarded": forwarded,
             "relay_cpu_s": cpu1 - cpu0,
             "relay_cpu_share": (cpu1 - cpu0) / (wall1 - wall0),
-            "send_dropped": server.send_dropped,
-            "send_errors": server.send_errors,
+            "send_dropped": send_dropped,
+            "send_errors": send_errors,
             "packets_per_wakeup": forwarded / max(1, wake1 - wake0),
         }
 
@@ -140,72 +181,87 @@ def core_only(size: int, n: int = 500_000) -> float:
     return (time.perf_counter() - start) / n * 1e9
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds")
-    parser.add_argument("--size", type=int, default=1252, help="UDP payload bytes per packet")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
-
+def measure(*, via: str, duration: float, size: int) -> dict[str, Any]:
+    """One run: sender -> relay (``via`` relay-server or endpoint) -> sink."""
     relay_sock = open_udp_socket("127.0.0.1", 0)
-    relay_sock.setblocking(True)  # the relay process makes it non-blocking again
     sink_sock = open_udp_socket("127.0.0.1", 0)
     sink_sock.setblocking(True)
     sender_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sender_sock.bind(("127.0.0.1", 0))
     sender_sock.connect(relay_sock.getsockname())
     session, cid = _session(sender_sock.getsockname(), sink_sock.getsockname())
-    packet = b"\x40" + cid + os.urandom(args.size - 1 - len(cid))
+    packet = b"\x40" + cid + os.urandom(size - 1 - len(cid))
 
     ctx = mp.get_context("fork")
-    t0 = time.monotonic() + WARMUP_S + 0.5
-    t1 = t0 + args.duration
+    window = ctx.Array("d", 2)  # t0, t1 on the shared monotonic clock; 0 = not yet
+    ready, go = ctx.Event(), ctx.Event()
     pipes = [ctx.Pipe(duplex=False) for _ in range(3)]
-    relay_sock.setblocking(False)
+    material = _material() if via == "endpoint" else None
+    relay = ctx.Process(target=relay_main,
+                        args=(relay_sock, session, window, ready, go, pipes[0][1], via,
+                              material))
+    relay.start()
+    if not ready.wait(60):
+        relay.kill()
+        raise SystemExit("relay process did not start")
+    t0 = time.monotonic() + WARMUP_S + 0.3
+    t1 = t0 + duration
     procs = [
-        ctx.Process(target=relay_main, args=(relay_sock, session, t0, t1, pipes[0][1])),
+        relay,
         ctx.Process(target=sink_main, args=(sink_sock, t0, t1 + 0.2, pipes[1][1])),
         ctx.Process(target=sender_main, args=(sender_sock, packet, t0, t1, pipes[2][1])),
     ]
-    for p in procs:
+    for p in procs[1:]:
         p.start()
+    window[0], window[1] = t0, t1
+    go.set()
     results: dict[str, Any] = {}
     for reader, _ in pipes:
         results.update(reader.recv())
     for p in procs:
         p.join(timeout=10)
-    ns = core_only(args.size)
-    pps = results["forwarded"] / args.duration
-    figures = {
-        "duration_s": args.duration,
-        "packet_bytes": args.size,
+    for s in (relay_sock, sink_sock, sender_sock):
+        s.close()
+    pps = results["forwarded"] / duration
+    return {
+        "via": via,
         "relay_pps": round(pps),
-        "relay_gbit_s": round(pps * args.size * 8 / 1e9, 3),
-        "sender_pps": round(results["sent"] / args.duration),
-        "sink_pps": round(results["received"] / args.duration),
-        "relay_saturated": results["sent"] > results["forwarded"] * 1.02,
-        "relay_cpu_share": round(results["relay_cpu_share"], 2),
+        "relay_gbit_s": round(pps * size * 8 / 1e9, 3),
         "relay_pps_per_cpu_s": round(results["forwarded"] / max(1e-9, results["relay_cpu_s"])),
+        "relay_cpu_share": round(results["relay_cpu_share"], 2),
+        "sender_pps": round(results["sent"] / duration),
+        "sink_pps": round(results["received"] / duration),
+        "relay_saturated": results["sent"] > results["forwarded"] * 1.02,
         "packets_per_wakeup": round(results["packets_per_wakeup"], 1),
         "send_dropped": results["send_dropped"],
-        "core_decision_ns": round(ns),
-        "cpus": len(os.sched_getaffinity(0)),
     }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds")
+    parser.add_argument("--size", type=int, default=1252, help="UDP payload bytes per packet")
+    parser.add_argument("--via", choices=["relay-server", "endpoint", "both"], default="both",
+                        help="the glue measured (default both)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    modes = ["relay-server", "endpoint"] if args.via == "both" else [args.via]
+    runs = [measure(via=via, duration=args.duration, size=args.size) for via in modes]
+    figures = {"duration_s": args.duration, "packet_bytes": args.size,
+               "core_decision_ns": round(core_only(args.size)),
+               "cpus": len(os.sched_getaffinity(0)), "runs": runs}
     if args.json:
         print(json.dumps(figures))
-    else:
-        print(f"TRS forwarding, {args.size}-byte packets, relay pinned to one CPU, "
-              f"{args.duration:g}s:")
-        print(f"  relay forwarded  {figures['relay_pps']:>10,} pps "
-              f"({figures['relay_gbit_s']} Gbit/s of UDP payload)")
-        print(f"  per CPU-second   {figures['relay_pps_per_cpu_s']:>10,} pps "
-              f"(the relay had {figures['relay_cpu_share']:.0%} of its CPU; the rest went "
-              f"to other processes)")
-        print(f"  sender offered   {figures['sender_pps']:>10,} pps"
-              f"{'  (relay saturated)' if figures['relay_saturated'] else ''}")
-        print(f"  sink received    {figures['sink_pps']:>10,} pps")
-        print(f"  per wake-up      {figures['packets_per_wakeup']:>10} packets drained")
-        print(f"  core decision    {figures['core_decision_ns']:>10} ns/packet (no sockets)")
+        return 0
+    print(f"TRS forwarding, {args.size}-byte packets, relay pinned to one CPU, "
+          f"{args.duration:g}s each:")
+    for r in runs:
+        print(f"  {r['via']:<13} forwarded {r['relay_pps']:>8,} pps "
+              f"({r['relay_gbit_s']} Gbit/s); per relay CPU-second {r['relay_pps_per_cpu_s']:>8,}"
+              f" pps (relay got {r['relay_cpu_share']:.0%} of its CPU); sender "
+              f"{r['sender_pps']:,} pps{' (relay saturated)' if r['relay_saturated'] else ''};"
+              f" sink {r['sink_pps']:,} pps; {r['packets_per_wakeup']} per wake-up")
+    print(f"  core decision alone: {figures['core_decision_ns']} ns/packet (no sockets)")
     return 0
 
 
