@@ -263,3 +263,28 @@ async def test_endpoint_close_tells_peers(endpoints: EndpointMaker, ca: Pki) -> 
     assert "endpoint closing" in str(conn.error)
     with pytest.raises(Unavailable):
         await server.connect(port_of(client), alpn=ALPN_SIGNALLING, expected_name=None)
+
+
+async def test_datagram_filter_sees_traffic_first(endpoints: EndpointMaker, ca: Pki) -> None:
+    handlers = Handlers()
+    server = await endpoints(identity=ca.service("nms"), trust=ca.trust,
+                             accept={ALPN_SIGNALLING: handlers.factory})
+    offered: list[int] = []
+    swallow = False
+
+    def relay(data: bytes, addr: tuple[object, ...]) -> bool:
+        offered.append(len(data))
+        return swallow
+
+    server.datagram_filter = relay
+    client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
+    conn = await client.connect(port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
+                                handler_factory=Handlers().factory)
+    assert await request(conn, b"through") == b"echo:through"
+    assert len(offered) == server.stats.datagrams_received
+    swallow = True
+    with pytest.raises(Timeout):
+        await client.connect(port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
+                             timeout=0.5)
+    assert server.stats.filtered > 0
+    assert len(handlers.made) == 1

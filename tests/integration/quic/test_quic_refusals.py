@@ -161,6 +161,24 @@ async def test_server_refuses_client_without_certificate(
     assert server.stats.connections_refused == 1
 
 
+async def test_service_only_server_refuses_node(endpoints: EndpointMaker, ca: Pki) -> None:
+    """A node certificate where a service is expected (e.g. NMS-to-AS service calls)."""
+    handlers = Handlers()
+    server = await endpoints(identity=ca.service("as"), trust=ca.trust,
+                             accept={ALPN_SIGNALLING: Acceptor(handlers.factory,
+                                                               expect="service")})
+    node = await endpoints(identity=ca.node("alice"), trust=ca.trust)
+    with pytest.raises(Unauthenticated, match="node certificate where a service is expected"):
+        await node.connect(port_of(server), alpn=ALPN_SIGNALLING,
+                           expected_name=f"as.svc.{DOMAIN}", timeout=10)
+    assert handlers.made == []
+    service = await endpoints(identity=ca.service("nms"), trust=ca.trust)
+    conn = await service.connect(port_of(server), alpn=ALPN_SIGNALLING,
+                                 expected_name=f"as.svc.{DOMAIN}", timeout=10)
+    assert conn.peer is not None and conn.peer.kind == "service"
+    assert [h.conn.peer.kind for h in handlers.made if h.conn.peer] == ["service"]
+
+
 async def test_unknown_alpn_gets_no_connection(endpoints: EndpointMaker, ca: Pki) -> None:
     handlers = Handlers()
     server = await _server(endpoints, ca, handlers)

@@ -104,6 +104,7 @@ class EndpointStats:
     datagrams_sent: int = 0
     send_dropped: int = 0
     unroutable: int = 0
+    filtered: int = 0
     connections_accepted: int = 0
     connections_refused: int = 0
     wakeups: int = 0
@@ -308,6 +309,9 @@ class QuicEndpoint:
         ) = None
         """Seam for the relay: called with (peer address, client's first DCID) for each new
         server connection; a returned factory chooses that connection's host CIDs."""
+        self.datagram_filter: Callable[[bytes, Address], bool] | None = None
+        """Offered every received datagram first; returning True consumes it (the TRS
+        relays foreign traffic there, on the same socket and drain loop)."""
         self.log = get_logger("quic", local=self.local_address)
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
@@ -491,6 +495,7 @@ class QuicEndpoint:
         touched: dict[Connection, None] = {}
         recvfrom = self._sock.recvfrom
         stats = self.stats
+        datagram_filter = self.datagram_filter
         stats.wakeups += 1
         for _ in range(_MAX_DRAIN):
             try:
@@ -501,6 +506,9 @@ class QuicEndpoint:
                 self.log.debug("recv_error", error=str(exc))
                 continue
             stats.datagrams_received += 1
+            if datagram_filter is not None and datagram_filter(data, addr):
+                stats.filtered += 1
+                continue
             conn = self._route(data, addr)
             if conn is None:
                 stats.unroutable += 1
