@@ -243,3 +243,11 @@ async def test_relayed_node_to_node_connection(
     stats = core.session("r1", time.monotonic())
     assert stats.packets == len(forwarded)
     assert stats.sides[0].bytes > len(payload) and stats.sides[1].bytes > len(payload)
+
+    # The sync loop reads the validated control addresses; nothing moved, nothing changes.
+    assert trs.control is not None
+    observed = dict(trs.control.observe_addresses())
+    assert observed == {A: nodes[A].local_address, B: nodes[B].local_address,
+                        C: nodes[C].local_address}
+    await trs.sync_once()
+    assert core.session("r1", time.monotonic()).sides[0].addr == nodes[A].local_address
