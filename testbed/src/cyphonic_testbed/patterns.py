@@ -1,0 +1,150 @@
+"""Ready-made topologies for the route patterns. Every one has the same cloud and core:
+
+    cloud  192.0.2.0/24 + 2001:db8:100::/64   service hosts (as, nms, trs, ...), router "core"
+    core   the "internet": routes between all global networks
+
+and two end hosts, ``alice`` and ``bob``, each on a network ``lana`` / ``lanb``. Where a host
+sits behind an edge router, that router is ``gwa`` / ``gwb`` and its uplink to the core is
+``wana`` / ``wanb``. Addresses: routers .1 (::1) on each network, hosts from .10 (::10) on,
+in list order (so in the cloud: as .10, nms .11, trs .12, ...).
+
+    pattern1    alice 2001:db8:a::10 --- core --- gwb[firewall] --- bob 2001:db8:b::10
+                (IPv6 only; bob's network is global, the firewall guards it)
+    pattern2    alice 192.168.1.10 --- gwa[EIM NAT + firewall] --- core --- bob 203.0.113.10
+    double_nat  alice 192.168.1.10 --- gwa[symmetric NAT + fw] --- core
+                    --- gwb[symmetric NAT + fw] --- bob 192.168.2.10
+    v4_v6       alice 203.0.113.10 (IPv4 only) --- core --- bob 2001:db8:b::10 (IPv6 only)
+
+The NAT kind and firewall policy are parameters, so variants (no firewall, the firewall that
+drops UDP 443 too, EIM NATs on both sides for hole punching) are one argument away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from cyphonic_testbed.topology import (
+    FirewallPolicy,
+    Host,
+    NatMapping,
+    Network,
+    Router,
+    Topology,
+)
+
+#: Cloud service hosts created unless told otherwise.
+DEFAULT_SERVICES: tuple[str, ...] = ("as", "nms", "trs")
+
+CLOUD_IPV4 = "192.0.2.0/24"
+CLOUD_IPV6 = "2001:db8:100::/64"
+WANA_IPV4 = "198.51.100.0/26"
+WANB_IPV4 = "198.51.100.64/26"
+WANA_IPV6 = "2001:db8:ffa::/64"
+WANB_IPV6 = "2001:db8:ffb::/64"
+GLOBAL_IPV4 = "203.0.113.0/24"
+LANA_IPV6 = "2001:db8:a::/64"
+LANB_IPV6 = "2001:db8:b::/64"
+PRIVATE_A = "192.168.1.0/24"
+PRIVATE_B = "192.168.2.0/24"
+
+
+def _cloud(services: Sequence[str]) -> tuple[Network, list[Host]]:
+    cloud = Network("cloud", ipv4=CLOUD_IPV4, ipv6=CLOUD_IPV6)
+    return cloud, [Host(name, networks=["cloud"]) for name in services]
+
+
+def pattern1(
+    *,
+    firewall: FirewallPolicy | None = FirewallPolicy.ENTERPRISE,
+    services: Sequence[str] = DEFAULT_SERVICES,
+) -> Topology:
+    """Two IPv6-only hosts on different global IPv6 networks; bob behind ``firewall``."""
+    cloud, cloud_hosts = _cloud(services)
+    return Topology(
+        name="pattern1",
+        networks=[
+            cloud,
+            Network("lana", ipv6=LANA_IPV6),
+            Network("wanb", ipv6=WANB_IPV6),
+            Network("lanb", ipv6=LANB_IPV6),
+        ],
+        routers=[
+            Router("core", networks=["cloud", "lana", "wanb"]),
+            Router("gwb", networks=["wanb", "lanb"], uplink="wanb", firewall=firewall),
+        ],
+        hosts=[Host("alice", networks=["lana"]), Host("bob", networks=["lanb"]), *cloud_hosts],
+    )
+
+
+def pattern2(
+    *,
+    nat: NatMapping = NatMapping.ENDPOINT_INDEPENDENT,
+    firewall: FirewallPolicy | None = FirewallPolicy.ENTERPRISE,
+    services: Sequence[str] = DEFAULT_SERVICES,
+) -> Topology:
+    """IPv4 only: alice behind a NAT (``nat``) and ``firewall``; bob with a global address."""
+    cloud, cloud_hosts = _cloud(services)
+    return Topology(
+        name="pattern2",
+        networks=[
+            cloud,
+            Network("lana", ipv4=PRIVATE_A),
+            Network("wana", ipv4=WANA_IPV4),
+            Network("lanb", ipv4=GLOBAL_IPV4),
+        ],
+        routers=[
+            Router("core", networks=["cloud", "wana", "lanb"]),
+            Router("gwa", networks=["wana", "lana"], uplink="wana", nat=nat, firewall=firewall),
+        ],
+        hosts=[Host("alice", networks=["lana"]), Host("bob", networks=["lanb"]), *cloud_hosts],
+    )
+
+
+def double_nat(
+    *,
+    nat: NatMapping = NatMapping.SYMMETRIC,
+    firewall: FirewallPolicy | None = FirewallPolicy.ENTERPRISE,
+    services: Sequence[str] = DEFAULT_SERVICES,
+) -> Topology:
+    """IPv4 only: alice and bob each behind their own NAT (``nat``) and ``firewall``."""
+    cloud, cloud_hosts = _cloud(services)
+    return Topology(
+        name="double_nat",
+        networks=[
+            cloud,
+            Network("lana", ipv4=PRIVATE_A),
+            Network("wana", ipv4=WANA_IPV4),
+            Network("lanb", ipv4=PRIVATE_B),
+            Network("wanb", ipv4=WANB_IPV4),
+        ],
+        routers=[
+            Router("core", networks=["cloud", "wana", "wanb"]),
+            Router("gwa", networks=["wana", "lana"], uplink="wana", nat=nat, firewall=firewall),
+            Router("gwb", networks=["wanb", "lanb"], uplink="wanb", nat=nat, firewall=firewall),
+        ],
+        hosts=[Host("alice", networks=["lana"]), Host("bob", networks=["lanb"]), *cloud_hosts],
+    )
+
+
+def v4_v6(*, services: Sequence[str] = DEFAULT_SERVICES) -> Topology:
+    """alice IPv4-only, bob IPv6-only, both global; the cloud is dual-stack."""
+    cloud, cloud_hosts = _cloud(services)
+    return Topology(
+        name="v4_v6",
+        networks=[
+            cloud,
+            Network("lana", ipv4=GLOBAL_IPV4),
+            Network("lanb", ipv6=LANB_IPV6),
+        ],
+        routers=[Router("core", networks=["cloud", "lana", "lanb"])],
+        hosts=[Host("alice", networks=["lana"]), Host("bob", networks=["lanb"]), *cloud_hosts],
+    )
+
+
+#: Factories by name, e.g. for parametrised tests.
+PATTERNS: dict[str, Callable[..., Topology]] = {
+    "pattern1": pattern1,
+    "pattern2": pattern2,
+    "double_nat": double_nat,
+    "v4_v6": v4_v6,
+}

@@ -1,0 +1,331 @@
+"""Tiny traffic probes run inside namespaces: ping, UDP/TCP listeners and senders.
+
+The listeners are small Python programs started with ``Node.popen`` (so they die with the
+bed); each writes one JSON line per datagram or connection to a log file that
+``received()`` reads back. Senders are one-shot ``Node.run`` calls that print JSON.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cyphonic_testbed.errors import TestbedError
+from cyphonic_testbed.wait import wait_for
+
+if TYPE_CHECKING:
+    from cyphonic_testbed.bed import Node
+
+#: Seconds a listener gets to bind and report ready.
+LISTEN_TIMEOUT = 5.0
+
+_counter = itertools.count()
+
+_LISTENER = r"""
+import json, socket, sys
+cfg = json.loads(sys.argv[1])
+proto, bind, port, echo = cfg["protocol"], cfg["bind"], cfg["port"], cfg["echo"]
+family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+s = socket.socket(family, kind)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if family == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind((bind, port))
+if proto == "tcp":
+    s.listen(16)
+
+def host(addr):
+    return addr[0][7:] if addr[0].startswith("::ffff:") else addr[0]
+
+def peer(h, p):
+    if family == socket.AF_INET6 and ":" not in h:
+        h = "::ffff:" + h
+    return (h, p)
+
+for h, p in cfg["hello"]:  # open NAT mappings / pinholes from the listening socket itself
+    s.sendto(bytes.fromhex(cfg["hello_payload"]), peer(h, p))
+print(json.dumps({"ready": True}), flush=True)
+
+while True:
+    if proto == "udp":
+        data, addr = s.recvfrom(65535)
+        print(json.dumps({"src": host(addr), "sport": addr[1], "payload": data.hex()}), flush=True)
+        if echo:
+            s.sendto(data, addr)
+    else:
+        conn, addr = s.accept()
+        conn.settimeout(2.0)
+        try:
+            data = conn.recv(65535)
+        except OSError:
+            data = b""
+        print(json.dumps({"src": host(addr), "sport": addr[1], "payload": data.hex()}), flush=True)
+        if echo and data:
+            conn.sendall(data)
+        conn.close()
+"""
+
+_UDP_SENDER = r"""
+import json, select, socket, sys, time
+cfg = json.loads(sys.argv[1])
+targets = [(h, int(p)) for h, p in cfg["targets"]]
+payload = bytes.fromhex(cfg["payload"])
+v6 = [":" in h for h, _ in targets]
+if all(v6):
+    family, bind = socket.AF_INET6, "::"
+elif not any(v6):
+    family, bind = socket.AF_INET, "0.0.0.0"
+else:
+    family, bind = socket.AF_INET6, "::"
+    targets = [(h if ":" in h else "::ffff:" + h, p) for h, p in targets]
+s = socket.socket(family, socket.SOCK_DGRAM)
+if family == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind((bind, cfg["sport"] or 0))
+errors, replies = [], []
+sent = 0
+for target in targets:
+    try:
+        s.sendto(payload, target)
+        sent += 1
+    except OSError as exc:
+        errors.append(f"{target[0]} {target[1]}: {exc.strerror or exc}")
+deadline = time.monotonic() + cfg["wait"]
+while sent and len(replies) < sent:
+    left = deadline - time.monotonic()
+    if left <= 0 or not select.select([s], [], [], left)[0]:
+        break
+    try:
+        data, addr = s.recvfrom(65535)
+    except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
+        errors.append(str(exc.strerror or exc))
+        continue
+    src = addr[0][7:] if addr[0].startswith("::ffff:") else addr[0]
+    replies.append({"src": src, "sport": addr[1], "payload": data.hex()})
+print(json.dumps({"local_port": s.getsockname()[1], "errors": errors, "replies": replies}))
+"""
+
+_TCP_CONNECT = r"""
+import json, socket, sys
+host, port, timeout, payload = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+try:
+    with socket.create_connection((host, port), timeout=timeout) as c:
+        c.sendall(bytes.fromhex(payload))
+        c.settimeout(timeout)
+        try:
+            reply = c.recv(65535)
+        except OSError:
+            reply = b""
+    print(json.dumps({"connected": True, "reply": reply.hex()}))
+except OSError as exc:
+    print(json.dumps({"connected": False, "error": str(exc.strerror or exc)}))
+"""
+
+
+@dataclass(frozen=True)
+class Datagram:
+    """A datagram (or TCP connection) seen by a probe: who sent it and what."""
+
+    src: str
+    sport: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class UdpExchange:
+    """What ``udp_send`` saw: its local port, replies, and send/receive errors."""
+
+    local_port: int
+    replies: list[Datagram] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _datagram(obj: dict[str, Any]) -> Datagram:
+    return Datagram(src=obj["src"], sport=int(obj["sport"]), payload=bytes.fromhex(obj["payload"]))
+
+
+class Listener:
+    """A UDP or TCP listener running inside a namespace (see ``start_udp_echo``)."""
+
+    def __init__(
+        self, *, node: Node, protocol: str, port: int, log: Path, proc: subprocess.Popen[Any]
+    ) -> None:
+        self.node = node
+        self.protocol = protocol
+        self.port = port
+        self.log = log
+        self.process = proc
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.protocol}/{self.port} on {self.node.name}>"
+
+    def _lines(self) -> list[dict[str, Any]]:
+        try:
+            text = self.log.read_text()
+        except OSError:
+            return []
+        # The last line may be half written.
+        out = []
+        for line in text.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def received(self) -> list[Datagram]:
+        """Everything received so far, in order."""
+        return [_datagram(obj) for obj in self._lines() if "src" in obj]
+
+    def wait_received(self, count: int = 1, timeout: float = 3.0) -> list[Datagram]:
+        """Wait until at least ``count`` datagrams/connections arrived; return them all."""
+        return wait_for(
+            lambda: got if len(got := self.received()) >= count else [],
+            timeout,
+            message=f"{count} {self.protocol} arrivals on {self.node.name}:{self.port}",
+        )
+
+    def stop(self) -> None:
+        """Stop the listener now (it is stopped at teardown anyway)."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=2.0)
+
+
+UdpEcho = Listener
+
+
+def _start_listener(
+    node: Node,
+    *,
+    protocol: str,
+    port: int,
+    echo: bool,
+    bind: str,
+    hello: Sequence[tuple[str, int]] = (),
+    hello_payload: bytes = b"cytb-hello",
+) -> Listener:
+    log = node.bed.workdir / f"{protocol}-{next(_counter)}-{node.name}-{port}.jsonl"
+    cfg = {
+        "protocol": protocol,
+        "bind": bind,
+        "port": port,
+        "echo": echo,
+        "hello": [[h, p] for h, p in hello],
+        "hello_payload": hello_payload.hex(),
+    }
+    with log.open("w") as out:
+        proc = node.popen(
+            [sys.executable, "-c", _LISTENER, json.dumps(cfg)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    listener = Listener(node=node, protocol=protocol, port=port, log=log, proc=proc)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise TestbedError(
+                f"{protocol} listener on {node.name}:{port} exited: {log.read_text()[-1000:]}"
+            )
+        return any(obj.get("ready") for obj in listener._lines())
+
+    wait_for(ready, LISTEN_TIMEOUT, message=f"{protocol} listener on {node.name}:{port}")
+    return listener
+
+
+def start_udp_echo(
+    node: Node,
+    port: int,
+    *,
+    echo: bool = True,
+    bind: str = "::",
+    hello: Sequence[tuple[str, int]] = (),
+    hello_payload: bytes = b"cytb-hello",
+) -> Listener:
+    """Listen on UDP ``port`` (dual-stack on ``::`` by default), logging every datagram and
+    sending it back when ``echo``. Returns once the socket is bound.
+
+    ``hello``: (address, port) targets sent ``hello_payload`` from the listening socket right
+    after binding, which opens a NAT mapping/firewall pinhole for that socket (hole punching).
+    """
+    return _start_listener(
+        node,
+        protocol="udp",
+        port=port,
+        echo=echo,
+        bind=bind,
+        hello=hello,
+        hello_payload=hello_payload,
+    )
+
+
+def start_tcp_listener(node: Node, port: int, *, echo: bool = True, bind: str = "::") -> Listener:
+    """Accept TCP connections on ``port``; log each, echo the first read when ``echo``."""
+    return _start_listener(node, protocol="tcp", port=port, echo=echo, bind=bind)
+
+
+def udp_send(
+    node: Node,
+    targets: Sequence[tuple[str, int]],
+    payload: bytes = b"cytb-probe",
+    *,
+    sport: int | None = None,
+    wait: float = 1.0,
+) -> UdpExchange:
+    """From ``node``, send ``payload`` to every (address, port) in ``targets`` from ONE socket
+    (bound to ``sport`` if given), then collect replies for up to ``wait`` seconds."""
+    for host, _ in targets:
+        ipaddress.ip_address(host)  # addresses only: no DNS inside the bed
+    cfg = {
+        "targets": [[h, p] for h, p in targets],
+        "payload": payload.hex(),
+        "sport": sport,
+        "wait": wait,
+    }
+    proc = node.run(
+        [sys.executable, "-c", _UDP_SENDER, json.dumps(cfg)], timeout=wait + 10.0, check=True
+    )
+    result = json.loads(proc.stdout)
+    return UdpExchange(
+        local_port=int(result["local_port"]),
+        replies=[_datagram(r) for r in result["replies"]],
+        errors=list(result["errors"]),
+    )
+
+
+def tcp_connect(
+    node: Node, host: str, port: int, payload: bytes = b"cytb-probe", *, timeout: float = 2.0
+) -> bytes | None:
+    """Connect from ``node`` to ``host``:``port`` and send ``payload``; return the reply bytes
+    (possibly empty), or None when the connection failed within ``timeout``."""
+    proc = node.run(
+        [sys.executable, "-c", _TCP_CONNECT, host, str(port), str(timeout), payload.hex()],
+        timeout=2 * timeout + 10.0,
+        check=True,
+    )
+    result = json.loads(proc.stdout)
+    if not result["connected"]:
+        return None
+    return bytes.fromhex(result["reply"])
+
+
+def ping(node: Node, destination: str, *, count: int = 1, timeout: float = 2.0) -> bool:
+    """True when ``destination`` answered at least one of ``count`` ICMP echo requests."""
+    argv = ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", f"{timeout:g}", destination]
+    proc = node.run(argv, timeout=count * (timeout + 0.2) + 10.0)
+    return proc.returncode == 0
