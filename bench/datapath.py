@@ -47,8 +47,14 @@ WG_B = "10.202.0.2"
 WG_PORT = 51820
 WG_MTU = 1420
 WG_OVERHEAD_V4 = 20 + 8 + 32  # IPv4 + UDP + WireGuard header (16) and tag (16)
+OVERLAY_A = "100.64.0.1"
+OVERLAY_B = "100.64.0.2"
 OVERLAY_MTU = 1420
 OVERLAY_OVERHEAD_V4 = 20 + 8 + 30  # IPv4 + UDP + QUIC short header, PN, tag, DATAGRAM frame
+OVERLAY_NODE_ARGS: list[str] = []
+"""Extra arguments for bench/overlay_node.py (--overlay-arg, for experiments)."""
+PROFILE_DIR: Path | None = None
+"""Set by --profile: where the overlay nodes write their cProfile statistics."""
 TARGET_THROUGHPUT_RATIO = 0.4
 TARGET_RTT_EXTRA_MS = 0.6
 IPERF_PORT = 5201
@@ -109,6 +115,8 @@ class Topology:
         self.tag = tag
         self.processes: list[subprocess.Popen[bytes]] = []
         self.cleanups: list[Callable[[], None]] = []
+        self.logs: dict[int, Path] = {}
+        """Output file of each started process, by pid."""
         self.tmp = Path(tempfile.mkdtemp(prefix="cyphonic-bench-"))
         os.chmod(self.tmp, 0o700)
 
@@ -137,6 +145,7 @@ class Topology:
                 start_new_session=True,  # so a Ctrl-C of the bench does not hit it first
             )
         self.processes.append(proc)
+        self.logs[proc.pid] = log
         return proc
 
     def close(self) -> None:
@@ -242,19 +251,73 @@ def wireguard_go_path(topo: Topology) -> tuple[str, int, int]:
     return WG_B, WG_MTU, WG_OVERHEAD_V4
 
 
+def make_node_state(topo: Topology, fqdn: str) -> Path:
+    """A state directory like ``cyphonic-agent enroll`` writes, signed by a fresh test PKI."""
+    import datetime
+
+    from cyphonic import pki
+
+    now = datetime.datetime.now(datetime.UTC)
+    material = pki.init_pki(topo.tmp / "pki", now=now, services=())
+    state = topo.tmp / fqdn
+    state.mkdir(mode=0o700)
+    key = pki.generate_key()
+    cert = pki.sign_node_csr(material.node_ca, pki.make_csr(key, fqdn), fqdn=fqdn, now=now)
+    pki.write_private_key(state / "node.key", key)
+    pki.write_certificates(state / "node.crt", [cert, material.node_ca.cert])
+    pki.write_certificates(state / "root-ca.crt", [material.root_cert])
+    return state
+
+
+def overlay_prototype_path(topo: Topology) -> tuple[str, int, int]:
+    """The overlay's data path without AS/NMS: two ``bench/overlay_node.py`` processes.
+
+    Real TUN devices, the agent's packet pump and TunnelCore, the project's mutual-TLS QUIC
+    endpoint on UDP 443; the route is configured by hand instead of by the NMS.
+    """
+    node = Path(__file__).with_name("overlay_node.py")
+    plan = (
+        (topo.ns_b, "b.cyphonic.internal", OVERLAY_B, OVERLAY_A, VETH_B, None, None),
+        (topo.ns_a, "a.cyphonic.internal", OVERLAY_A, OVERLAY_B, VETH_A, VETH_B,
+         "b.cyphonic.internal"),
+    )
+    for ns, fqdn, addr, peer_addr, listen, connect, peer_fqdn in plan:
+        state = make_node_state(topo, fqdn)
+        ready = topo.tmp / f"{fqdn}.ready"
+        cmd = [sys.executable, str(node), "--state", str(state), "--fqdn", fqdn,
+               "--tun-name", f"cyo{topo.tag}", "--tun-address", f"{addr}/24",
+               "--peer-address", peer_addr, "--listen", listen, "--mtu", str(OVERLAY_MTU),
+               "--ready-file", str(ready)]
+        if connect:
+            cmd += ["--connect", connect, "--peer-fqdn", str(peer_fqdn)]
+        cmd += OVERLAY_NODE_ARGS
+        if PROFILE_DIR is not None:
+            cmd += ["--profile", str(PROFILE_DIR / f"{fqdn}.prof")]
+        proc = topo.start(*cmd, ns=ns)
+        try:
+            wait_until(lambda r=ready, p=proc: r.exists() or p.poll() is not None,  # type: ignore[misc]
+                       timeout=20, what=f"overlay node {fqdn}")
+        finally:
+            if proc.poll() is not None:
+                log = topo.logs[proc.pid].read_text()[-3000:]
+                raise PathUnavailable(f"overlay node {fqdn} exited:\n{log}")
+    return OVERLAY_B, OVERLAY_MTU, OVERLAY_OVERHEAD_V4
+
+
 def overlay_path(topo: Topology) -> tuple[str, int, int]:
-    """The CYPHONIC overlay: two agents with an end-to-end QUIC tunnel. SLOT, not built yet.
+    """The CYPHONIC overlay with the agent: two ``cyphonic-agent up``. SLOT, not built yet.
 
     To fill in: start the services on the embedded default reachable from both namespaces,
     enrol and ``cyphonic-agent up`` in A and B, resolve B's FQDN through A's DNS stub, and
     return (B's virtual IPv4, the TUN MTU, OVERLAY_OVERHEAD_V4).
     """
-    raise PathUnavailable("the agent's end-to-end tunnel does not exist yet")
+    raise PathUnavailable("`cyphonic-agent up` does not exist yet")
 
 
 PATHS: list[tuple[str, Callable[[Topology], tuple[str, int, int]]]] = [
     ("raw veth", raw_veth_path),
     ("wireguard-go", wireguard_go_path),
+    ("overlay prototype", overlay_prototype_path),
     ("CYPHONIC overlay", overlay_path),
 ]
 
@@ -264,7 +327,12 @@ PATHS: list[tuple[str, Callable[[Topology], tuple[str, int, int]]]] = [
 
 def check_targets(run: Run) -> None:
     by_name = {p.name: p for p in run.paths}
-    wg, overlay = by_name.get("wireguard-go"), by_name.get("CYPHONIC overlay")
+    wg = by_name.get("wireguard-go")
+    overlay = by_name.get("CYPHONIC overlay")
+    if overlay is None or overlay.gbit_s is None:
+        overlay = by_name.get("overlay prototype")  # until the agent's own path exists
+    if overlay is not None:
+        run.checks["compared path"] = overlay.name
     if wg is None or overlay is None or overlay.gbit_s is None or wg.gbit_s is None:
         run.checks["throughput >= 0.4x wireguard-go"] = "not measured"
         run.checks["RTT <= wireguard-go + 0.6 ms"] = "not measured"
@@ -340,7 +408,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=[n for n, _ in PATHS],
                         help="measure only these paths (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--overlay-arg", action="append", metavar="ARG",
+                        help="pass ARG to bench/overlay_node.py (repeatable), e.g. "
+                        "--overlay-arg=--ack-immediately")
+    parser.add_argument("--profile", type=Path,
+                        help="directory for cProfile statistics of the overlay nodes")
     args = parser.parse_args(argv)
+    global PROFILE_DIR
+    OVERLAY_NODE_ARGS.extend(args.overlay_arg or [])
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        PROFILE_DIR = args.profile.resolve()
     if os.geteuid() != 0:
         print("bench/datapath.py: needs root (network namespaces, TUN)", file=sys.stderr)
         return 2
@@ -369,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                     measure(topo, result, dst=dst, duration=args.duration, pings=args.pings)
                 except PathUnavailable as exc:
                     result.note = f"not measured: {exc}"
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    result.note = f"failed: {exc}"
                 print(f"measured {name}", file=sys.stderr)
         except KeyboardInterrupt:
             print("interrupted; cleaning up", file=sys.stderr)

@@ -145,7 +145,9 @@ class StatusServer:
             self.path.unlink()  # stale, from an agent that did not exit cleanly
         old_umask = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
+            self._server = await asyncio.start_unix_server(
+                self._handle, path=str(self.path), limit=MAX_REQUEST
+            )
         finally:
             os.umask(old_umask)
         self.path.chmod(0o600)
@@ -167,11 +169,13 @@ class StatusServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> dict[str, Any]:
         try:
+            # Read the (bounded) request first even from a caller about to be refused, so
+            # the refusal is an answer it can read rather than a reset.
+            async with asyncio.timeout(5):
+                line = await reader.readuntil(b"\n")
             uid = _peer_uid(writer.get_extra_info("socket"))
             if uid not in (0, os.geteuid()):
                 raise PermissionDenied("the status API is for root only")
-            async with asyncio.timeout(5):
-                line = await reader.readuntil(b"\n")
             try:
                 request = json.loads(line)
             except (ValueError, UnicodeDecodeError) as exc:

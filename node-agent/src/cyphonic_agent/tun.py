@@ -13,17 +13,19 @@ drain until EAGAIN on each wake-up, so one event-loop callback serves a batch of
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
 import ipaddress
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from cyphonic.errors import InvalidArgument, PermissionDenied, Unavailable
 from cyphonic.log import get_logger
@@ -42,6 +44,7 @@ READ_BATCH = 128
 """Packets read per wake-up at most, so one busy direction cannot starve the other."""
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +162,15 @@ class TunDevice:
 
     @classmethod
     def open(cls, config: TunConfig) -> TunDevice:
-        """Create and configure the device; on any failure nothing is left behind."""
+        """Create and configure the device; on any failure nothing is left behind.
+
+        Callable with or without a running asyncio loop (it blocks for the few netlink
+        round trips either way).
+        """
+        return _netlink(lambda: cls._open(config))
+
+    @classmethod
+    def _open(cls, config: TunConfig) -> TunDevice:
         fd, name = open_tun(config.name)
         device: TunDevice | None = None
         try:
@@ -169,13 +180,13 @@ class TunDevice:
                 device._configure(ipr)
         except NetlinkError as exc:
             if device is not None:
-                device.close()
+                device._close()
             else:
                 os.close(fd)
             raise Unavailable(f"configuring {name} failed: {exc}") from exc
         except BaseException:
             if device is not None:
-                device.close()
+                device._close()
             else:
                 os.close(fd)
             raise
@@ -236,13 +247,20 @@ class TunDevice:
 
     def set_mtu(self, mtu: int) -> None:
         """Change the device MTU (the path changed)."""
-        with IPRoute() as ipr:
-            ipr.link("set", index=self.index, mtu=mtu)
+
+        def change() -> None:
+            with IPRoute() as ipr:
+                ipr.link("set", index=self.index, mtu=mtu)
+
+        _netlink(change)
         self.bufsize = mtu + 1
         self._log.info("tun mtu changed", mtu=mtu)
 
     def close(self) -> None:
         """Remove routes and addresses this object added, then close the device."""
+        _netlink(self._close)
+
+    def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
@@ -272,6 +290,21 @@ class TunDevice:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _netlink(fn: Callable[[], _T]) -> _T:
+    """Run ``fn`` (which uses pyroute2's synchronous ``IPRoute``) safely from anywhere.
+
+    That ``IPRoute`` drives an asyncio loop of its own, which cannot run in a thread whose
+    loop is already running; there, ``fn`` runs in a short-lived worker thread. Used for
+    set-up and tear-down only, never per packet.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(fn).result()
 
 
 def _ignore_gone(call: Any, *args: Any, **kwargs: Any) -> None:

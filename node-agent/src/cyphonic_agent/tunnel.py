@@ -34,12 +34,7 @@ from dataclasses import dataclass
 
 from aioquic.buffer import size_uint_var
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import (
-    ConnectionTerminated,
-    DatagramFrameReceived,
-    HandshakeCompleted,
-    QuicEvent,
-)
+from aioquic.quic.events import ConnectionTerminated, DatagramFrameReceived, QuicEvent
 from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE
 from cyphonic.errors import MalformedMessage
 
@@ -87,11 +82,17 @@ def datagram_capacity(quic: QuicConnection) -> int | None:
 
     The smaller of: what the peer accepts (its ``max_datagram_frame_size``, unknown until
     the handshake has delivered its transport parameters) and what fits in one 1-RTT
-    packet of ``max_datagram_size`` with the current peer connection ID.
+    packet of ``max_datagram_size`` with the current peer connection ID. A connection of
+    the project's QUIC endpoint answers with its own ``max_datagram_payload()``, so the
+    tunnel never accepts a packet the endpoint would refuse.
     """
     remote = quic._remote_max_datagram_frame_size
     if not remote:
         return None
+    engine_limit = getattr(quic, "max_datagram_payload", None)
+    if engine_limit is not None:
+        limit = int(engine_limit())
+        return limit if limit > 0 else None
     packet_room = (
         quic._max_datagram_size
         - (SHORT_HEADER_FIRST_BYTE + len(quic._peer_cid.cid) + PACKET_NUMBER_SEND_SIZE)
@@ -139,9 +140,12 @@ class TunnelCore:
         max_pending: int = DEFAULT_MAX_PENDING,
         peer_addresses: frozenset[bytes] | None = None,
         local_addresses: frozenset[bytes] | None = None,
+        ack_immediately: bool = False,
     ) -> None:
         """``peer_addresses`` / ``local_addresses``: raw virtual addresses (4 or 16 bytes)
-        allowed as source / destination of packets from the peer; None accepts any."""
+        allowed as source / destination of packets from the peer; None accepts any.
+        ``ack_immediately``: acknowledge in the next transmit pass instead of after aioquic's
+        1 ms ACK delay (an experiment knob; no gain measured yet on a loaded machine)."""
         if quic._configuration.max_datagram_frame_size is None:
             raise ValueError("the QUIC configuration must enable DATAGRAM frames")
         self.quic = quic
@@ -150,19 +154,37 @@ class TunnelCore:
         self.peer_addresses = peer_addresses
         self.local_addresses = local_addresses
         self.stats = TunnelStats()
-        self.handshake_complete = False
-        self.terminated: ConnectionTerminated | None = None
+        if ack_immediately:
+            # aioquic delays each ACK by 1 ms on a timer (which an asyncio loop rounds up to
+            # its next millisecond tick); the endpoint transmits once per received batch, so
+            # acknowledging at once means one ACK per batch and no timer.
+            quic._ack_delay = 0.0
         # The connection's own queue, bound once: appending to it directly is the cheapest
         # way in, and it lets the bound be checked without another call per packet.
         self._pending: deque[bytes] = quic._datagrams_pending
 
     @property
+    def handshake_complete(self) -> bool:
+        """Whether the connection's handshake has completed on this side."""
+        return bool(self.quic._handshake_complete)
+
+    @property
+    def terminated(self) -> ConnectionTerminated | None:
+        """The close under way or done (local or remote), if any."""
+        return self.quic._close_event
+
+    @property
     def ready(self) -> bool:
-        """Whether packets can be carried now (handshake done, peer accepts datagrams)."""
+        """Whether packets can be carried now (handshake done, peer accepts datagrams).
+
+        Read from the connection itself, so it holds whoever consumes its events (this
+        core's ``receive_events`` or the QUIC endpoint's loop).
+        """
+        quic = self.quic
         return (
-            self.handshake_complete
-            and self.terminated is None
-            and datagram_capacity(self.quic) is not None
+            quic._handshake_complete
+            and quic._close_event is None
+            and datagram_capacity(quic) is not None
         )
 
     @property
@@ -243,23 +265,20 @@ class TunnelCore:
     def handle_event(self, event: QuicEvent) -> list[bytes]:
         """Process one connection event; return IP packets to write to the TUN."""
         if isinstance(event, DatagramFrameReceived):
-            packet = self._accept(event.data)
+            packet = self.accept(event.data)
             return [packet] if packet is not None else []
-        if isinstance(event, HandshakeCompleted):
-            self.handshake_complete = True
-        elif isinstance(event, ConnectionTerminated):
-            self.terminated = event
         return []
 
     def receive_events(self) -> tuple[list[bytes], list[QuicEvent]]:
         """Drain the connection's events: (packets for the TUN, events for others).
 
         Non-datagram events (stream data of the tunnel request, termination...) are returned
-        for the signalling layer after this core has noted what it needs from them.
+        for the signalling layer. With the project's QUIC endpoint, which drains events
+        itself, use ``accept`` as the connection's ``datagram_handler`` instead.
         """
         packets: list[bytes] = []
         others: list[QuicEvent] = []
-        accept = self._accept
+        accept = self.accept
         next_event = self.quic.next_event
         while (event := next_event()) is not None:
             if type(event) is DatagramFrameReceived:
@@ -267,11 +286,14 @@ class TunnelCore:
                 if packet is not None:
                     packets.append(packet)
             else:
-                self.handle_event(event)
                 others.append(event)
         return packets, others
 
-    def _accept(self, data: bytes) -> bytes | None:
+    def accept(self, data: bytes) -> bytes | None:
+        """Check one DATAGRAM payload from the peer: the IP packet for the TUN, or None.
+
+        Not an IP packet, or a source/destination the peer may not use: dropped, counted.
+        """
         stats = self.stats
         n = len(data)
         version = data[0] >> 4 if n else 0

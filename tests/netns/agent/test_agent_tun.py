@@ -28,3 +28,4 @@ def test_tun_device_end_to_end(agent_netns: Any) -> None:
     assert facts["v6_emsgsize"] >= 1 and "mtu 1280" in facts["v6_route_get"]
     assert facts["garbage_errors"] == 2
     assert facts["after_close_links"] == 0 and facts["after_close_routes"] == []
+    assert facts["in_loop"] == [1, 0]  # works from inside a running asyncio loop

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import select
@@ -64,6 +65,20 @@ def udp_reply(request: bytes, payload: bytes) -> bytes:
     return build_ipv6_header(
         src=h.dst, dst=h.src, next_header=PROTO_UDP, payload_length=len(segment)
     ) + segment
+
+
+async def open_close_in_running_loop() -> list[int]:
+    """The agent runs in asyncio: open and close must work with a loop running."""
+    config = TunConfig(name="cyloop0", mtu=1280, ipv4=ipaddress.IPv4Interface("10.9.0.1/24"))
+    def count() -> int:  # this test's own lookup, in a thread without a running loop
+        with IPRoute() as ipr:
+            return len(ipr.link_lookup(ifname="cyloop0"))
+
+    tun = TunDevice.open(config)
+    present = await asyncio.to_thread(count)
+    tun.close()
+    gone = await asyncio.to_thread(count)
+    return [present, gone]
 
 
 def main() -> None:
@@ -168,6 +183,7 @@ def main() -> None:
             for r in ipr.get_routes(family=socket.AF_INET) + ipr.get_routes(family=socket.AF_INET6)
             if r.get("RTA_OIF") == index
         ]
+    facts["in_loop"] = asyncio.run(open_close_in_running_loop())
     json.dump(facts, sys.stdout)
 
 

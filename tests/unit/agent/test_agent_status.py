@@ -176,6 +176,7 @@ async def test_other_users_refused_even_with_open_permissions() -> None:
         proc = await asyncio.to_thread(
             subprocess.run, as_nobody, user=65534, capture_output=True, text=True, timeout=10
         )
+        assert proc.returncode == 0, proc.stderr
         reply = json.loads(proc.stdout)
         assert reply["error"]["code"] == "permission_denied"
         assert "status" not in reply

@@ -1,0 +1,195 @@
+"""The agent's packet pump between the TUN device and its tunnels (thin asyncio glue).
+
+    TUN readable -> drain a batch -> group by destination virtual address
+        known tunnel   -> TunnelCore.packets_from_tun(batch) -> conn.transmit() (once per batch)
+        no tunnel yet  -> PendingPackets (bounded) + on_miss(destination) once per destination
+    DATAGRAM from a peer -> TunnelCore.accept -> TUN write
+
+The QUIC endpoint (``cyphonic.quic``) owns the UDP socket and drains it per wake-up; this
+module owns the TUN side. Neither goes through asyncio's datagram transport callbacks per
+packet (shared/DESIGN.md "Data path").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cyphonic.log import get_logger
+
+from cyphonic_agent.packet import destination
+from cyphonic_agent.pending import PendingPackets
+from cyphonic_agent.tun import READ_BATCH, TunDevice
+from cyphonic_agent.tunnel import TunnelCore
+
+
+class TunnelConnection(Protocol):
+    """What the data path needs of an endpoint connection (``cyphonic.quic.Connection``)."""
+
+    datagram_handler: Callable[[bytes], None] | None
+
+    def transmit(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Tunnel:
+    """One peer's tunnel as the data path sees it."""
+
+    core: TunnelCore
+    conn: TunnelConnection
+    addresses: frozenset[bytes]
+    """The peer's virtual addresses (raw 4/16 bytes) routed into this tunnel."""
+    label: str = ""
+    """For logs: the peer FQDN."""
+
+
+@dataclass
+class DataPathStats:
+    """Counters of the TUN side."""
+
+    wakeups: int = 0
+    packets_in: int = 0
+    """Packets read from the TUN."""
+    no_route: int = 0
+    """Packets for a destination with no tunnel (queued or dropped in ``pending``)."""
+    not_ip: int = 0
+    batches: dict[int, int] = field(default_factory=dict)
+    """Histogram of batch sizes read per wake-up (bucketed to powers of two)."""
+
+
+class DataPath:
+    """Moves packets between a TUN device and the tunnels keyed by peer virtual address."""
+
+    def __init__(
+        self,
+        *,
+        tun: TunDevice,
+        pending: PendingPackets | None = None,
+        on_miss: Callable[[bytes], None] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """``on_miss(destination)`` is called once per destination that starts waiting: the
+        agent starts route establishment there."""
+        self.tun = tun
+        self.pending = pending or PendingPackets()
+        self.on_miss = on_miss
+        self.stats = DataPathStats()
+        self._routes: dict[bytes, Tunnel] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._clock = clock
+        self._log = get_logger("agent.datapath", device=tun.name)
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        """Start reading the TUN device on the running loop."""
+        self._loop = asyncio.get_running_loop()
+        if self._clock is None:
+            self._clock = self._loop.time
+        self._loop.add_reader(self.tun.fd, self._on_tun_readable)
+
+    def stop(self) -> None:
+        """Stop reading the TUN device (the device itself is closed by its owner)."""
+        if self._loop is not None:
+            self._loop.remove_reader(self.tun.fd)
+            self._loop = None
+
+    # -- tunnels
+
+    def add_tunnel(self, tunnel: Tunnel) -> None:
+        """Route the peer's addresses into ``tunnel`` and flush packets waiting for them."""
+        fd = self.tun.fd
+        accept = tunnel.core.accept
+        write = os.write
+        tun_stats = self.tun.stats
+
+        def deliver(data: bytes) -> None:
+            packet = accept(data)
+            if packet is not None:
+                try:
+                    write(fd, packet)
+                    tun_stats.tx_packets += 1
+                except OSError:
+                    tun_stats.tx_errors += 1
+
+        tunnel.conn.datagram_handler = deliver
+        for address in tunnel.addresses:
+            self._routes[address] = tunnel
+        now = self._now()
+        waiting: list[bytes] = []
+        for address in tunnel.addresses:
+            waiting += self.pending.release(address, now=now)
+        if waiting:
+            self._send(tunnel, waiting)
+        self._log.info("tunnel added", peer=tunnel.label, released=len(waiting))
+
+    def remove_tunnel(self, tunnel: Tunnel) -> None:
+        """Stop routing into ``tunnel`` (closed, or its peer vanished)."""
+        for address in tunnel.addresses:
+            if self._routes.get(address) is tunnel:
+                del self._routes[address]
+        tunnel.conn.datagram_handler = None
+        self._log.info("tunnel removed", peer=tunnel.label)
+
+    def tunnels(self) -> list[Tunnel]:
+        """Current tunnels, once each."""
+        return list({id(t): t for t in self._routes.values()}.values())
+
+    # -- the pump
+
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else time.monotonic()
+
+    def _on_tun_readable(self) -> None:
+        packets = self.tun.read(READ_BATCH)
+        if not packets:
+            return
+        stats = self.stats
+        stats.wakeups += 1
+        stats.packets_in += len(packets)
+        bucket = 1 << (len(packets) - 1).bit_length()
+        stats.batches[bucket] = stats.batches.get(bucket, 0) + 1
+        self.route(packets)
+
+    def route(self, packets: Iterable[bytes]) -> None:
+        """Send each packet into its destination's tunnel, or queue it and report the miss."""
+        routes = self._routes
+        by_tunnel: dict[int, tuple[Tunnel, list[bytes]]] = {}
+        last_dst: bytes | None = None
+        last_batch: list[bytes] | None = None
+        for packet in packets:
+            dst = destination(packet)
+            if dst is None:
+                self.stats.not_ip += 1
+                continue
+            if dst == last_dst and last_batch is not None:
+                last_batch.append(packet)  # the common case: a run of packets to one peer
+                continue
+            tunnel = routes.get(dst)
+            if tunnel is None:
+                self._miss(dst, packet)
+                last_dst = last_batch = None
+                continue
+            entry = by_tunnel.get(id(tunnel))
+            if entry is None:
+                entry = by_tunnel[id(tunnel)] = (tunnel, [])
+            last_dst, last_batch = dst, entry[1]
+            last_batch.append(packet)
+        for tunnel, batch in by_tunnel.values():
+            self._send(tunnel, batch)
+
+    def _send(self, tunnel: Tunnel, batch: list[bytes]) -> None:
+        answers = tunnel.core.packets_from_tun(batch)
+        if answers:
+            self.tun.write(answers)
+        tunnel.conn.transmit()
+
+    def _miss(self, dst: bytes, packet: bytes) -> None:
+        self.stats.no_route += 1
+        first = not self.pending.is_waiting(dst)
+        if self.pending.push(dst, packet, now=self._now()) and first and self.on_miss:
+            self.on_miss(dst)
