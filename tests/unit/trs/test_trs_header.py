@@ -18,7 +18,7 @@ from cyphonic_trs.header import (
     parse_header,
 )
 from cyphonic_trs.testing import self_signed
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
@@ -94,6 +94,7 @@ def test_empty_datagram_is_refused() -> None:
             fn(b"")
 
 
+@settings(deadline=None)  # a shared machine: no wall-clock deadline
 @given(
     dcid=st.binary(min_size=0, max_size=20),
     scid=st.binary(min_size=0, max_size=20),
@@ -113,6 +114,7 @@ def test_built_long_headers_parse_and_every_truncation_fails(
             dcid_of(packet[:cut])
 
 
+@settings(deadline=None)  # a shared machine: no wall-clock deadline
 @given(st.binary(max_size=64), st.integers(0, 20))
 def test_garbage_raises_only_header_error(data: bytes, cid_len: int) -> None:
     try:
