@@ -284,3 +284,13 @@ async def test_service_level_token_refusal_is_typed(as_env: AsHarness) -> None:
         assert exc.code_name == "token_invalid"
     else:
         raise AssertionError("second enrolment with one token was accepted")
+
+
+async def test_as_endpoints_default_to_the_host_the_node_used(as_env: AsHarness) -> None:
+    as_env.service.settings.as_endpoints = []
+    as_env.service.settings.quic_port = 8443
+    await as_env.create_node("finder")
+    response = await as_env.enrol(await as_env.token("finder"),
+                                  csr_pem(generate_key(), "finder.cyphonic.internal"))
+    assert response.status_code == 201
+    assert response.json()["as_endpoints"] == ["as.test:8443"]

@@ -205,12 +205,25 @@ class CaPublic(BaseModel):
     node_ca_pem: str
 
 
-def _issued(service: AuthService, issued: IssuedCertificate) -> CertificateIssued:
+def _as_endpoints(service: AuthService, request: Request) -> list[str]:
+    configured = service.settings.published_as_endpoints
+    if configured or not request.url.hostname:
+        return configured
+    # Not configured: the node reached this REST API by some name; the QUIC endpoint is
+    # most likely on the same host.
+    host = request.url.hostname
+    host = f"[{host}]" if ":" in host else host
+    return [f"{host}:{service.settings.quic_port}"]
+
+
+def _issued(
+    service: AuthService, issued: IssuedCertificate, request: Request,
+) -> CertificateIssued:
     return CertificateIssued(
         name=issued.node.name, fqdn=issued.node.fqdn, serial=issued.certificate.serial,
         not_before=issued.certificate.not_before, not_after=issued.certificate.not_after,
         certificate_chain_pem=issued.chain_pem, root_ca_pem=issued.root_pem,
-        as_endpoints=service.settings.published_as_endpoints,
+        as_endpoints=_as_endpoints(service, request),
         as_server_name=service.settings.as_server_name, domain=service.settings.domain,
     )
 
@@ -254,11 +267,11 @@ async def issue_token(
 @nodes.post("/nodes/{name}/certificates", status_code=201,
             summary="Sign a CSR for a node (admin, no token)")
 async def sign_certificate(
-    name: NodeName, body: CsrSign, service: ServiceDep, actor: AdminAuth,
+    name: NodeName, body: CsrSign, service: ServiceDep, actor: AdminAuth, request: Request,
 ) -> CertificateIssued:
     valid_for = timedelta(days=body.valid_days) if body.valid_days else None
     issued = await service.sign_csr(name, body.csr_pem, valid_for=valid_for, actor=actor)
-    return _issued(service, issued)
+    return _issued(service, issued, request)
 
 
 @nodes.post("/nodes/{name}/revoke", summary="Revoke a node and all its certificates")
@@ -305,8 +318,8 @@ async def enrol_info(body: TokenBody, service: ServiceDep) -> EnrolInfo:
 
 
 @enrolment.post("/enrol", status_code=201, summary="Redeem a token with a CSR")
-async def enrol(body: EnrolRequest, service: ServiceDep) -> CertificateIssued:
-    return _issued(service, await service.enrol(body.token, body.csr_pem))
+async def enrol(body: EnrolRequest, service: ServiceDep, request: Request) -> CertificateIssued:
+    return _issued(service, await service.enrol(body.token, body.csr_pem), request)
 
 
 revocation = APIRouter(prefix="/v1", tags=["revocation"])

@@ -158,6 +158,9 @@ async def serve(settings: AuthSettings, *, migrate: bool, quic: bool = True) -> 
         admin = AdminServer(create_app(service), host=settings.http_host,
                             port=settings.http_port, log_level=settings.log_level)
         await admin.start()
+        if not settings.nms_endpoints:
+            logger.warning("no_nms_endpoints",
+                           hint="logins will answer no NMS; set CYPHONIC_NMS_ENDPOINTS")
         signalling = None
         if quic:
             from cyphonic_auth.signalling import start_signalling

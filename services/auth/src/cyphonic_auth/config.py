@@ -43,7 +43,8 @@ class AuthSettings(ServiceSettings):
     as_endpoints: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="the AS QUIC endpoints told to enrolling nodes, 'host:port' comma-separated "
-        "(default: the QUIC bind address if it is not a wildcard)",
+        "(default: the QUIC bind address if it is not a wildcard, else the host name the node "
+        "used for the REST API with quic_port)",
     )
     nms_endpoints: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

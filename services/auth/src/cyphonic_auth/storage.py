@@ -294,13 +294,14 @@ class SqlNodeRegistry:
         self, session: AsyncSession, node: Node, cert: x509.Certificate, *, now: datetime,
     ) -> Certificate:
         # The node holds one current certificate; the ones before it stay valid until they
-        # expire (superseded), unless revoked.
-        await session.execute(
-            update(Certificate)
-            .where(Certificate.node_id == node.id,
-                   Certificate.status == CertificateStatus.ACTIVE.value)
-            .values(status=CertificateStatus.SUPERSEDED.value)
-        )
+        # expire (superseded), unless revoked. A pending node never had one.
+        if node.state != NodeState.PENDING:
+            await session.execute(
+                update(Certificate)
+                .where(Certificate.node_id == node.id,
+                       Certificate.status == CertificateStatus.ACTIVE.value)
+                .values(status=CertificateStatus.SUPERSEDED.value)
+            )
         row = Certificate(
             serial=serial_hex(cert.serial_number), node_id=node.id,
             not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
@@ -309,7 +310,6 @@ class SqlNodeRegistry:
         session.add(row)
         node.state = NodeState.ACTIVE.value
         node.updated_at = now
-        await session.flush()
         return row
 
     async def enrol(
