@@ -129,8 +129,16 @@ class ControlHandler:
 
 
 @pytest.fixture(scope="module")
-def material(tmp_path_factory: pytest.TempPathFactory) -> pki.PkiMaterial:
-    return pki.init_pki(tmp_path_factory.mktemp("pki"), domain=DOMAIN, now=utcnow())
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PKI directory as ``cyphonic-as init-pki`` leaves it (trs.crt and trs.key included)."""
+    directory = tmp_path_factory.mktemp("pki")
+    pki.init_pki(directory, domain=DOMAIN, now=utcnow())
+    return directory
+
+
+@pytest.fixture(scope="module")
+def material(pki_dir: Path) -> pki.PkiMaterial:
+    return pki.init_pki(pki_dir, domain=DOMAIN, now=utcnow())  # loads what is there
 
 
 def node_identity(material: pki.PkiMaterial, fqdn: str) -> pki.CertifiedKey:
@@ -251,3 +259,62 @@ async def test_relayed_node_to_node_connection(
                         C: nodes[C].local_address}
     await trs.sync_once()
     assert core.session("r1", time.monotonic()).sides[0].addr == nodes[A].local_address
+
+
+async def test_production_control_plane_over_signalling_sessions(
+    redis_table: RedisCidTable, key_prefix: str, pki_dir: Path,
+    nodes: dict[str, QuicEndpoint],
+) -> None:
+    """``cyphonic-trs serve``'s control plane: trs.crt from the PKI directory and the shared
+    signalling session (framing, typed errors) on both ends."""
+    from cyphonic.errors import TokenInvalid
+    from cyphonic.session import SignallingSession
+    from cyphonic_trs.cli import _control_plane
+    from cyphonic_trs.control import signalling_control_plane
+
+    settings = TrsSettings(
+        environment="test", quic_host="127.0.0.1", quic_port=0, replica_id=6,
+        redis_url=os.environ.get("CYPHONIC_TEST_REDIS", "redis://127.0.0.1:6379/0"),
+        redis_prefix=key_prefix, relay_token_secret=TEST_SECRET.decode(), pki_dir=pki_dir,
+    )
+    assert _control_plane(settings, logger=_NullLogger()) is not None
+    service = TrsService(settings, control=signalling_control_plane(pki_dir))
+    await service.start()
+    try:
+        trs_addr = ("127.0.0.1", int(service.address[1]))
+        sessions = {}
+        for fqdn in (A, B, C):
+            conn = await nodes[fqdn].connect(
+                trs_addr, alpn=ALPN_SIGNALLING, expect="service", expected_name=TRS_NAME,
+                handler_factory=SignallingSession.factory())
+            assert isinstance(conn.handler, SignallingSession)
+            sessions[fqdn] = conn.handler
+        token = mint_token(route_id="r7", a=A, b=B, now_ms=int(time.time() * 1000))
+        request = pb.RelayAllocationRequest(allocation_token=token, route_id="r7")
+        got_b = await sessions[B].request(request)
+        assert len(got_b.relay_allocation.connection_ids) == 16
+        with pytest.raises(TokenInvalid, match="another pair"):
+            await sessions[C].request(request)
+        got_a = await sessions[A].request(request)
+        with pytest.raises(TokenInvalid, match="already used"):
+            await sessions[A].request(request)
+        assert service.core is not None
+        stats = service.core.session("r7", time.monotonic())
+        assert stats.complete and stats.sides[0].addr == nodes[A].local_address
+
+        cids_a = list(got_a.relay_allocation.connection_ids)
+        cids_b = list(got_b.relay_allocation.connection_ids)
+        nodes[B].server_connection_id_factory = (  # type: ignore[assignment]
+            lambda addr, dcid: (lambda seq: cids_b[1 + seq]) if dcid in cids_b else None)
+        tunnel = await nodes[A].connect(
+            trs_addr, alpn=ALPN_TUNNEL, expect="node", expected_name=B, handler_factory=Peer,
+            connection_id_factory=lambda seq: cids_a[seq], initial_destination_cid=cids_b[0])
+        assert await exchange(tunnel, MARKER * 100) == MARKER * 100
+        assert service.core.session("r7", time.monotonic()).packets > 0
+    finally:
+        await service.stop()
+
+
+class _NullLogger:
+    def warning(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"unexpected warning {args} {kwargs}")
