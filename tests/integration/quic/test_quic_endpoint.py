@@ -102,6 +102,11 @@ async def test_datagrams_both_ways(endpoints: EndpointMaker, ca: Pki) -> None:
     assert limit == 1452 - 30  # 1-byte flags, 8-byte CID, 2-byte PN, 16-byte tag, 3-byte frame
     assert bob_side.conn.max_datagram_payload() == limit
 
+    # On a quiet connection, queueing alone is enough: the endpoint's next pass sends it.
+    await asyncio.sleep(0.2)
+    assert conn.send_datagram(b"quiet")
+    assert await asyncio.wait_for(bob_side.datagrams.get(), 5) == b"quiet"
+
     packets = [bytes([i]) * (50 + i * 13) for i in range(100)] + [b"\xab" * limit]
     for p in packets:
         assert conn.send_datagram(p)

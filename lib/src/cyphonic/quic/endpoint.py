@@ -170,19 +170,24 @@ class Connection:
         return self._ended
 
     def transmit(self) -> None:
-        """Ask for a transmit pass (coalesced: once per loop iteration for the endpoint)."""
+        """Ask for a transmit pass (coalesced: once per loop iteration for the endpoint).
+
+        Needed after queueing on ``quic`` directly (stream data, ``send_datagram_frame``).
+        """
         self.endpoint._mark_dirty(self)
 
     def send_datagram(self, data: bytes) -> bool:
         """Queue one DATAGRAM frame; False (dropped) if too large or the queue is full.
 
-        Call ``transmit()`` (or ``endpoint.flush()``) after queueing a batch.
+        The frames go out in the endpoint's next transmit pass (at the end of this loop
+        iteration, or at once with ``endpoint.flush()`` after a batch).
         """
         if self._ended or len(data) > self.quic.max_datagram_payload():
             return False
         if self.quic.datagrams_pending() >= self.endpoint.max_pending_datagrams:
             return False
         self.quic.send_datagram_frame(data)
+        self.endpoint._mark_dirty(self)
         return True
 
     def max_datagram_payload(self) -> int:
