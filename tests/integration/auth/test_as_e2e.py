@@ -29,7 +29,7 @@ from cyphonic.session import SignallingSession
 from cyphonic.v1 import signalling_pb2 as pb
 
 BIN = Path(sys.executable).parent
-START_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 120.0
 ADMIN_TOKEN = "e2e-admin-token-0123456789abcdef"
 
 

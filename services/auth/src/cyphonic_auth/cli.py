@@ -116,6 +116,9 @@ def _settings(args: argparse.Namespace) -> AuthSettings:
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in flags if getattr(args, name, None) is not None
     }
+    if args.command == "serve" and args.admin_token_file is not None:
+        # The flag beats a token from the environment, as flags do.
+        overrides["admin_token"] = SecretStr(args.admin_token_file.read_text().strip())
     return AuthSettings(**overrides)
 
 
