@@ -34,3 +34,23 @@ bench: ## data-path and service benchmarks (print figures)
 
 clean: ## remove caches and local state
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# ---- container images and Kubernetes (deploy/, charts/cyphonic, docs/kubernetes.md)
+# The first engine that answers (a docker client without a daemon does not count).
+ENGINE ?= $(shell for e in docker podman; do $$e info >/dev/null 2>&1 && { echo $$e; break; }; done)
+IMAGE_REGISTRY ?=
+IMAGE_TAG ?= 0.1.0
+
+images: ## build the AS, NMS, TRS and agent images (docker or podman; BASE_IMAGE=, IMAGE_REGISTRY=, IMAGE_TAG=)
+	@test -n "$(ENGINE)" || { echo "make images: needs docker or podman" >&2; exit 1; }
+	@for t in as nms trs agent; do \
+	  ref="$(if $(IMAGE_REGISTRY),$(IMAGE_REGISTRY)/)cyphonic-$$t:$(IMAGE_TAG)"; echo "building $$ref"; \
+	  $(ENGINE) build -f deploy/images/Dockerfile --target $$t \
+	    $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t "$$ref" . || exit 1; \
+	done
+
+image-test: ## build every image on a local debootstrap base, start each against the host's Postgres/Redis (root, podman)
+	deploy/image-test.sh
+
+kind-test: ## the chart on a kind cluster: install, helm test, upgrade, two agents ping (needs kind + docker/podman)
+	$(UV) run --frozen --with kubernetes pytest -q -p no:cacheprovider -rs -m kind tests/kind $(PYTEST_ARGS)
