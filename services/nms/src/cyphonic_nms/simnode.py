@@ -1,0 +1,143 @@
+"""A simulated node: a real QUIC client with a node certificate, no TUN.
+
+For tests and ``bench/nms_load.py``: it connects to an NMS like the agent does (mutual TLS,
+ALPN ``cyphonic-sig/1``, one UDP socket), registers, sends keepalives and route requests,
+and records what the NMS pushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import Sequence
+from ipaddress import ip_address
+
+from cyphonic.config import ALPN_SIGNALLING
+from cyphonic.errors import CyphonicError
+from cyphonic.pki import (
+    CertifiedKey,
+    TrustStore,
+    certificate_dns_names,
+    generate_key,
+    make_csr,
+    sign_node_csr,
+)
+from cyphonic.quic import QuicEndpoint
+from cyphonic.session import SignallingSession
+from cyphonic.v1 import signalling_pb2 as pb
+
+from cyphonic_nms.routing import Endpoint
+
+
+def issue_node_identity(
+    node_ca: CertifiedKey, fqdn: str, *, now: datetime.datetime | None = None,
+    valid_for: datetime.timedelta = datetime.timedelta(days=1),
+) -> CertifiedKey:
+    """A fresh key and node certificate for ``fqdn`` (what enrolment through the AS gives)."""
+    key = generate_key()
+    cert = sign_node_csr(node_ca, make_csr(key, fqdn), fqdn=fqdn,
+                         now=now or datetime.datetime.now(datetime.UTC), valid_for=valid_for)
+    return CertifiedKey(key=key, cert=cert, chain=[node_ca.cert])
+
+
+def _env(**body: object) -> pb.Envelope:
+    return pb.Envelope(version=pb.PROTOCOL_VERSION_1, **body)  # type: ignore[arg-type]
+
+
+class SimulatedNode:
+    """One node's signalling connection to an NMS."""
+
+    def __init__(
+        self, *, identity: CertifiedKey, trust: TrustStore, nms: tuple[str, int],
+        server_name: str, bind_host: str = "127.0.0.1",
+    ) -> None:
+        self.identity = identity
+        self.fqdn = certificate_dns_names(identity.cert)[0]
+        self.trust = trust
+        self.nms = nms
+        self.server_name = server_name
+        self.bind_host = bind_host
+        self.endpoint: QuicEndpoint | None = None
+        self.session: SignallingSession | None = None
+        self.pushed: list[pb.Envelope] = []
+        self.registration: pb.RegisterResponse | None = None
+        self._changed = asyncio.Event()
+
+    @property
+    def local(self) -> Endpoint:
+        """The address:port of this node's UDP socket."""
+        assert self.endpoint is not None
+        host, port = self.endpoint.local_address
+        return Endpoint(ip_address(host), int(port))
+
+    async def connect(self, *, timeout_s: float = 10.0) -> None:
+        """Open the UDP socket and the mutual-TLS QUIC connection to the NMS."""
+        self.endpoint = await QuicEndpoint.open(
+            host=self.bind_host, port=0, identity=self.identity, trust=self.trust,
+            idle_timeout=60.0,
+        )
+        conn = await self.endpoint.connect(
+            self.nms, alpn=ALPN_SIGNALLING, expect="service", expected_name=self.server_name,
+            handler_factory=SignallingSession.factory(self._on_message), timeout=timeout_s,
+        )
+        assert isinstance(conn.handler, SignallingSession)
+        self.session = conn.handler
+
+    async def _on_message(
+        self, message: pb.Envelope, _session: SignallingSession
+    ) -> pb.Envelope | None:
+        self.pushed.append(message)
+        self._changed.set()
+        return None
+
+    def of(self, body: str) -> list[pb.Envelope]:
+        """Pushed envelopes of one kind (``route_direction``, ``peer_offline``...)."""
+        return [e for e in self.pushed if e.WhichOneof("body") == body]
+
+    async def wait_for(self, body: str, *, count: int = 1, within_s: float = 10.0) -> pb.Envelope:
+        """Wait for the ``count``-th push of ``body``."""
+        async with asyncio.timeout(within_s):
+            while len(self.of(body)) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.of(body)[count - 1]
+
+    async def wait_closed(self, *, within_s: float = 10.0) -> CyphonicError | None:
+        """Wait until the NMS closes the connection; the error it gave."""
+        assert self.session is not None
+        async with asyncio.timeout(within_s):
+            return await self.session.wait_closed()
+
+    async def request(self, envelope: pb.Envelope, *, timeout_s: float = 10.0) -> pb.Envelope:
+        """One request; the peer's Error raises as its ``CyphonicError``."""
+        assert self.session is not None
+        return await self.session.request(envelope, timeout=timeout_s)
+
+    async def register(
+        self, local_addresses: Sequence[Endpoint] | None = None
+    ) -> pb.RegisterResponse:
+        """Register, reporting ``local_addresses`` (default: the socket's own address)."""
+        addresses = [self.local] if local_addresses is None else list(local_addresses)
+        answer = await self.request(_env(register_request=pb.RegisterRequest(
+            local_addresses=[pb.Endpoint(ip=a.ip.packed, port=a.port) for a in addresses])))
+        self.registration = answer.register_response
+        return answer.register_response
+
+    async def keepalive(self, sequence: int = 0) -> pb.KeepaliveAck:
+        answer = await self.request(_env(keepalive=pb.Keepalive(sequence=sequence)))
+        return answer.keepalive_ack
+
+    async def route(
+        self, *, fqdn: str | None = None, virtual_address: bytes | None = None
+    ) -> pb.RouteResponse:
+        """Ask the NMS for a route to a peer (by FQDN or virtual address)."""
+        request = (pb.RouteRequest(fqdn=fqdn) if fqdn is not None
+                   else pb.RouteRequest(virtual_address=virtual_address or b""))
+        answer = await self.request(_env(route_request=request))
+        return answer.route_response
+
+    async def close(self) -> None:
+        """Close the connection and the socket."""
+        if self.endpoint is not None:
+            await self.endpoint.close("node leaving")
+            self.endpoint = None

@@ -1,0 +1,360 @@
+"""``cyphonic-nms serve`` as real processes on Postgres and Redis, nodes as real QUIC clients.
+
+Loopback stands in for the Internet: a node that reports its own socket address is seen
+unchanged (global IPv4, or IPv6 over ::1); a node that reports a private address other than
+the one the NMS observes is seen as behind NAT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from ipaddress import IPv4Address, ip_address, ip_network
+from pathlib import Path
+
+import httpx
+import pytest
+import redis.asyncio as redis_asyncio
+from cyphonic.errors import PermissionDenied, Revoked, Unauthenticated
+from cyphonic.pki import PkiMaterial, init_pki
+from cyphonic.registry import Node, create_engine, make_sessionmaker
+from cyphonic.v1 import signalling_pb2 as pb
+from cyphonic_nms.routing import Endpoint
+from cyphonic_nms.simnode import SimulatedNode, issue_node_identity
+from cyphonic_nms.testing import add_node, revoke_node
+from cyphonic_nms.trs_directory import RedisTrsDirectory, TrsReplica
+from sqlalchemy import select
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(240)]
+
+DOMAIN = "cyphonic.internal"
+TOKEN = "nms-admin-token-for-integration-tests"
+SECRET = "relay-secret-for-integration-tests-0123"
+
+
+def _free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET6, kind) as s:
+        s.bind(("::", 0))
+        return int(s.getsockname()[1])
+
+
+class NmsProcess:
+    """One ``cyphonic-nms serve`` child process."""
+
+    def __init__(self, *, pki_dir: Path, database_url: str, redis_url: str | None,
+                 replica_id: str, log_path: Path) -> None:
+        self.quic_port = _free_port(socket.SOCK_DGRAM)
+        self.http_port = _free_port(socket.SOCK_STREAM)
+        self.replica_id = replica_id
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "CYPHONIC_ENVIRONMENT": "test",
+            "CYPHONIC_DATABASE_URL": database_url,
+            "CYPHONIC_PKI_DIR": str(pki_dir),
+            "CYPHONIC_DOMAIN": DOMAIN,
+            "CYPHONIC_QUIC_HOST": "::",
+            "CYPHONIC_QUIC_PORT": str(self.quic_port),
+            "CYPHONIC_HTTP_HOST": "127.0.0.1",
+            "CYPHONIC_HTTP_PORT": str(self.http_port),
+            "CYPHONIC_ADMIN_TOKEN": TOKEN,
+            "CYPHONIC_REPLICA_ID": replica_id,
+            "CYPHONIC_RELAY_TOKEN_SECRET": SECRET,
+            "CYPHONIC_KEEPALIVE_INTERVAL_S": "1",
+            "CYPHONIC_OFFLINE_TIMEOUT_S": "4",
+            "CYPHONIC_LOG_FORMAT": "json",
+        }
+        if redis_url:
+            self.env["CYPHONIC_REDIS_URL"] = redis_url
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def launch(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cyphonic_nms.cli", "serve"], env=self.env,
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    async def start(self) -> None:
+        self.launch()
+        assert self.proc is not None
+        async with httpx.AsyncClient() as client:
+            for _ in range(300):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"NMS exited: {self.log_path.read_text()[-2000:]}")
+                try:
+                    ready = await client.get(f"{self.rest}/readyz", timeout=1)
+                    if ready.status_code == 200 and b"quic_listening" in self.log_path.read_bytes():
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"NMS did not become ready: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+            return None
+
+    @property
+    def rest(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def admin(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.rest,
+                                 headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
+
+
+class World:
+    """PKI, database, Redis and the NMS processes of one test."""
+
+    def __init__(self, tmp: Path, pki: PkiMaterial, pg_url: str, redis_url: str) -> None:
+        self.tmp = tmp
+        self.pki = pki
+        self.pg_url = pg_url
+        self.redis_url = redis_url
+        self.processes: list[NmsProcess] = []
+        self.nodes: list[SimulatedNode] = []
+
+    async def nms(self, replica_id: str = "nms-1", *, redis: bool = True) -> NmsProcess:
+        proc = NmsProcess(pki_dir=self.tmp / "pki", database_url=self.pg_url,
+                          redis_url=self.redis_url if redis else None, replica_id=replica_id,
+                          log_path=self.tmp / f"{replica_id}.log")
+        self.processes.append(proc)
+        await proc.start()
+        return proc
+
+    async def enrol(self, name: str) -> None:
+        engine = create_engine(self.pg_url)
+        try:
+            await add_node(make_sessionmaker(engine), name)
+        finally:
+            await engine.dispose()
+
+    async def node(
+        self, name: str, nms: NmsProcess, *, enrol: bool = True, ipv6: bool = False
+    ) -> SimulatedNode:
+        if enrol:
+            await self.enrol(name)
+        node = SimulatedNode(
+            identity=issue_node_identity(self.pki.node_ca, f"{name}.{DOMAIN}"),
+            trust=self.pki.trust, nms=("::1" if ipv6 else "127.0.0.1", nms.quic_port),
+            server_name=f"nms.svc.{DOMAIN}", bind_host="::1" if ipv6 else "127.0.0.1",
+        )
+        self.nodes.append(node)
+        await node.connect()
+        return node
+
+    async def close(self) -> None:
+        for node in self.nodes:
+            await node.close()
+        for proc in self.processes:
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def pki_material(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, PkiMaterial]]:
+    base = tmp_path_factory.mktemp("nms-world")
+    material = init_pki(base / "pki", domain=DOMAIN, now=datetime.datetime.now(datetime.UTC))
+    yield base, material
+
+
+@pytest.fixture
+async def world(
+    pki_material: tuple[Path, PkiMaterial], pg_url: str, redis_url: str, tmp_path: Path
+) -> AsyncIterator[World]:
+    base, material = pki_material
+    (tmp_path / "pki").symlink_to(base / "pki")
+    w = World(tmp_path, material, pg_url, redis_url)
+    try:
+        yield w
+    finally:
+        await w.close()
+
+
+def _nat_report(node: SimulatedNode) -> list[Endpoint]:
+    # What a node behind NAT reports: its private LAN address, not what the NMS will see.
+    return [Endpoint(ip_address("192.168.77.10"), node.local.port)]
+
+
+async def test_register_detects_nat_and_shows_in_admin_rest(world: World) -> None:
+    nms = await world.nms()
+    direct = await world.node("direct", nms)
+    natted = await world.node("natted", nms)
+    reg_direct = await direct.register()
+    reg_nat = await natted.register(_nat_report(natted))
+    assert reg_direct.fqdn == f"direct.{DOMAIN}"
+    assert not reg_direct.network.behind_nat and reg_direct.network.has_ipv4
+    assert reg_nat.network.behind_nat
+    assert (ip_address(reg_nat.network.observed_ipv4.ip), reg_nat.network.observed_ipv4.port) == (
+        ip_address("127.0.0.1"), natted.local.port)
+    assert IPv4Address(reg_direct.virtual_ipv4) in ip_network("100.64.0.0/16")
+    assert reg_direct.virtual_ipv4_prefix_len == 16 and reg_direct.virtual_ipv6_prefix_len == 48
+    assert reg_direct.virtual_ipv4 != reg_nat.virtual_ipv4
+    assert reg_direct.keepalive_interval_ms == 1000
+    assert (await direct.keepalive(5)).sequence == 5
+    async with nms.admin() as admin:
+        nodes = {n["fqdn"]: n for n in (await admin.get("/v1/nodes")).json()["items"]}
+        assert nodes[f"natted.{DOMAIN}"]["network"]["behind_nat"] is True
+        assert nodes[f"direct.{DOMAIN}"]["network"]["behind_nat"] is False
+        assert nodes[f"direct.{DOMAIN}"]["online"] is True
+        vip = str(IPv4Address(reg_direct.virtual_ipv4))
+        assert nodes[f"direct.{DOMAIN}"]["virtual_ipv4"] == vip
+        metrics = (await admin.get("/metrics")).text
+        assert 'cyphonic_nms_registrations_total{outcome="ok"} 2.0' in metrics
+
+
+async def test_unenrolled_node_and_service_certificate_are_refused(world: World) -> None:
+    nms = await world.nms()
+    stranger = await world.node("stranger", nms, enrol=False)
+    with pytest.raises(PermissionDenied, match="not enrolled"):
+        await stranger.register()
+    # A service certificate (the AS's) is not a node: refused inside the handshake.
+    service = SimulatedNode(identity=world.pki.services["as"], trust=world.pki.trust,
+                            nms=("127.0.0.1", nms.quic_port), server_name=f"nms.svc.{DOMAIN}")
+    world.nodes.append(service)
+    with pytest.raises(Unauthenticated):
+        await service.connect(timeout_s=5)
+
+
+async def test_lease_stable_across_nms_restart(world: World) -> None:
+    nms = await world.nms(redis=False)
+    node = await world.node("stable", nms)
+    first = await node.register()
+    await node.close()
+    assert nms.stop() == 0
+    nms2 = await world.nms("nms-1-again", redis=False)
+    node2 = await world.node("stable", nms2, enrol=False)
+    second = await node2.register()
+    assert (second.virtual_ipv4, second.virtual_ipv6) == (first.virtual_ipv4, first.virtual_ipv6)
+
+
+KINDS = ("ipv6", "global_ipv4", "nat_ipv4")
+EXPECTED = {
+    ("ipv6", "ipv6"): 1, ("ipv6", "global_ipv4"): 3, ("ipv6", "nat_ipv4"): 3,
+    ("global_ipv4", "ipv6"): 3, ("global_ipv4", "global_ipv4"): 1,
+    ("global_ipv4", "nat_ipv4"): 2, ("nat_ipv4", "ipv6"): 3,
+    ("nat_ipv4", "global_ipv4"): 2, ("nat_ipv4", "nat_ipv4"): 3,
+}
+
+
+async def test_route_pattern_for_each_cell_pushed_to_both(world: World) -> None:
+    client = redis_asyncio.Redis.from_url(world.redis_url)
+    try:
+        await RedisTrsDirectory(client).register(TrsReplica(
+            replica_id="trs-0", endpoints=(Endpoint.parse("127.0.0.1:4433"),),
+            server_name=f"trs.svc.{DOMAIN}"), ttl_s=600)
+    finally:
+        await client.aclose()
+    nms = await world.nms()
+    nodes: dict[tuple[str, int], SimulatedNode] = {}
+    for kind in KINDS:
+        for i in (1, 2):
+            node = await world.node(f"{kind.replace('_', '-')}-{i}", nms, ipv6=kind == "ipv6")
+            await node.register(_nat_report(node) if kind == "nat_ipv4" else None)
+            nodes[(kind, i)] = node
+    pushes: dict[int, int] = {}
+    for (ka, kb), pattern in EXPECTED.items():
+        a, b = nodes[(ka, 1)], nodes[(kb, 2)]
+        na, nb = pushes.get(id(a), 0) + 1, pushes.get(id(b), 0) + 1
+        pushes[id(a)], pushes[id(b)] = na, nb
+        response = await a.route(fqdn=f"{kb.replace('_', '-')}-2.{DOMAIN}")
+        assert response.pattern == pattern, (ka, kb)
+        da = (await a.wait_for("route_direction", count=na)).route_direction
+        db = (await b.wait_for("route_direction", count=nb)).route_direction
+        assert da.route_id == db.route_id == response.route_id
+        assert {da.role, db.role} == {pb.ROUTE_ROLE_CONNECT, pb.ROUTE_ROLE_ACCEPT}
+        if pattern == 2:  # the NATed side connects
+            nat_side = da if ka == "nat_ipv4" else db
+            assert nat_side.role == pb.ROUTE_ROLE_CONNECT and nat_side.peer_candidates
+        if pattern == 3:
+            assert da.relay.allocation_token == db.relay.allocation_token != b""
+            assert da.relay.trs_server_name == f"trs.svc.{DOMAIN}"
+    async with nms.admin() as admin:
+        routes = (await admin.get("/v1/routes")).json()
+    assert {r["pattern"] for r in routes["items"]} == {1, 2, 3}
+
+
+async def test_cross_replica_push_between_two_processes(world: World) -> None:
+    nms1 = await world.nms("nms-1")
+    nms2 = await world.nms("nms-2")
+    a = await world.node("alpha", nms1)
+    b = await world.node("bravo", nms2)
+    await a.register()
+    await b.register()
+    by_vip = await b.route(virtual_address=a.registration.virtual_ipv4)  # type: ignore[union-attr]
+    assert by_vip.peer_fqdn == f"alpha.{DOMAIN}" and by_vip.pattern == pb.ROUTE_PATTERN_DIRECT
+    pushed = (await a.wait_for("route_direction")).route_direction
+    assert pushed.route_id == by_vip.route_id and pushed.peer_fqdn == f"bravo.{DOMAIN}"
+    assert pushed.role == pb.ROUTE_ROLE_ACCEPT
+    async with nms2.admin() as admin:
+        text = (await admin.get("/metrics")).text
+    assert 'cyphonic_nms_pushes_total{kind="route_direction",via="bus"} 1.0' in text
+    # bravo leaves nms-2; alpha on nms-1 is told.
+    await b.close()
+    notice = (await a.wait_for("peer_offline")).peer_offline
+    assert notice.fqdn == f"bravo.{DOMAIN}" and notice.route_id == by_vip.route_id
+
+
+async def test_silent_node_goes_offline(world: World) -> None:
+    nms = await world.nms()
+    a = await world.node("talker", nms)
+    b = await world.node("sleeper", nms)
+    await a.register()
+    await b.register()
+    await a.route(fqdn=f"sleeper.{DOMAIN}")
+
+    async def keep_talking() -> None:
+        for i in range(20):
+            await a.keepalive(i)
+            await asyncio.sleep(0.5)
+
+    talking = asyncio.create_task(keep_talking())
+    try:
+        error = await b.wait_closed(within_s=10)  # offline timeout 4 s, sweep every 1 s
+        assert error is not None
+        assert (await a.wait_for("peer_offline", within_s=5)).peer_offline.fqdn == (
+            f"sleeper.{DOMAIN}")
+    finally:
+        talking.cancel()
+    async with nms.admin() as admin:
+        view = (await admin.get(f"/v1/nodes/sleeper.{DOMAIN}")).json()
+    assert view["online"] is False
+
+
+async def test_revoked_node_cut_off(world: World) -> None:
+    nms = await world.nms()
+    victim = await world.node("victim", nms)
+    await victim.register()
+    serial = format(victim.identity.cert.serial_number, "x")
+    engine = create_engine(world.pg_url)
+    try:
+        sessions = make_sessionmaker(engine)
+        async with nms.admin() as admin:
+            assert (await admin.get(f"/v1/nodes/victim.{DOMAIN}")).json()["online"]
+        async with sessions() as s:
+            node_id = await s.scalar(select(Node.id).where(Node.fqdn == f"victim.{DOMAIN}"))
+        assert node_id is not None
+        started = asyncio.get_running_loop().time()
+        await revoke_node(sessions, node_id, serial=serial, reason="key_compromise")
+    finally:
+        await engine.dispose()
+    error = await victim.wait_closed(within_s=10)
+    took = asyncio.get_running_loop().time() - started
+    assert took < 5.0, f"revoked node stayed connected {took:.1f} s"
+    assert error is not None
+    again = await world.node("victim", nms, enrol=False)
+    with pytest.raises(Revoked):
+        await again.register()
