@@ -34,5 +34,8 @@ def configure(level: str = "info", fmt: str = "console") -> None:
 
 
 def get_logger(component: str, **fields: Any) -> Any:
-    """A logger with ``component`` and any given fields bound."""
-    return structlog.get_logger().bind(component=component, **fields)
+    """A logger with ``component`` and any given fields bound.
+
+    Lazy: safe to create at import time, before ``configure`` runs.
+    """
+    return structlog.get_logger(component=component, **fields)
