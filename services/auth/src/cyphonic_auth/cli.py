@@ -208,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CyphonicError as exc:
         print(f"cyphonic-as: {exc.code_name}: {exc.message}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a busy port, an unreadable file
+        print(f"cyphonic-as: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 from cyphonic.config import ServiceSettings
+from cyphonic.errors import InvalidArgument
 from cyphonic.pki import NODE_CA_CERT, NODE_CA_KEY, ROOT_CA_CERT, service_name
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
@@ -26,6 +27,15 @@ def _split(value: object) -> object:
             return json.loads(text)
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
+
+
+def _checked(endpoints: list[str], *, require_ip: bool) -> list[str]:
+    for item in endpoints:
+        try:
+            parse_endpoint(item, require_ip=require_ip)
+        except InvalidArgument as exc:  # pydantic reports ValueErrors as validation errors
+            raise ValueError(exc.message) from exc
+    return endpoints
 
 
 class AuthSettings(ServiceSettings):
@@ -66,16 +76,12 @@ class AuthSettings(ServiceSettings):
     @field_validator("as_endpoints")
     @classmethod
     def _check_as(cls, value: list[str]) -> list[str]:
-        for item in value:
-            parse_endpoint(item, require_ip=False)
-        return value
+        return _checked(value, require_ip=False)
 
     @field_validator("nms_endpoints")
     @classmethod
     def _check_nms(cls, value: list[str]) -> list[str]:
-        for item in value:
-            parse_endpoint(item, require_ip=True)
-        return value
+        return _checked(value, require_ip=True)
 
     @property
     def node_cert_validity(self) -> timedelta:
