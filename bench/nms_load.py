@@ -122,6 +122,8 @@ async def main_async(args: argparse.Namespace) -> int:
         "CYPHONIC_ADMIN_TOKEN": TOKEN, "CYPHONIC_REPLICA_ID": "nms-bench",
         "CYPHONIC_RELAY_TOKEN_SECRET": "bench-relay-secret-0123456789",
         "CYPHONIC_LOG_LEVEL": "warning",
+        # Relayed routes need a TRS; its address is only handed out, never dialled here.
+        "CYPHONIC_TRS_ENDPOINTS": '["127.0.0.1:4433"]',
     }
     if args.redis_url:
         env["CYPHONIC_REDIS_URL"] = args.redis_url

@@ -46,6 +46,14 @@ class NmsSettings(ServiceSettings):
         description="addresses nodes use to reach this NMS (host:port), for documentation "
         "and the AS; JSON list in the environment",
     )
+    trs_endpoints: list[str] = Field(
+        default_factory=list,
+        description="static TRS addresses (host:port, JSON list) used instead of the Redis "
+        "directory, e.g. for the embedded default without Redis",
+    )
+    trs_server_name: str | None = Field(
+        None, description="name in the static TRS's certificate (default trs.svc.<domain>)"
+    )
     migrate: bool = Field(False, description="run registry migrations before serving")
 
     @model_validator(mode="after")

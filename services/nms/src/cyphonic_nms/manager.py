@@ -248,17 +248,15 @@ class NodeManager:
         """Register the node behind ``link`` (its certificate FQDN) and lease its addresses."""
         fqdn = link.fqdn.lower()
         try:
-            record = await self.nodes.node_by_fqdn(fqdn)
-            if record is None:
+            facts = await self.nodes.registration_facts(fqdn, link.serial_hex)
+            if facts is None:
                 raise PermissionDenied(f"{fqdn} is not enrolled with this deployment")
-            if record.state == NodeState.REVOKED.value or await self.nodes.is_revoked(
-                fqdn, link.serial_hex
-            ):
+            if facts.state == NodeState.REVOKED.value or facts.revoked:
                 raise Revoked(f"{fqdn} is revoked")
             info = classify(local_addresses, observed)
-            lease = await self.nodes.lease_for(record.node_id, self.pools)
+            lease = facts.lease or await self.nodes.lease_for(facts.node_id, self.pools)
             await self.nodes.save_network(
-                record.node_id, info, replica=self.replica_id, now=datetime.now(UTC)
+                facts.node_id, info, replica=self.replica_id, now=datetime.now(UTC)
             )
             previous = await self.presence.claim(fqdn, self.replica_id, self.offline_timeout_s)
         except CyphonicError as exc:
@@ -275,7 +273,7 @@ class NodeManager:
         moved = old is not None and old.network != info
         if old is not None and old.link is not link:
             old.link.close(Unavailable("superseded by a newer connection"))
-        self._local[fqdn] = LocalNode(link=link, node_id=record.node_id, lease=lease,
+        self._local[fqdn] = LocalNode(link=link, node_id=facts.node_id, lease=lease,
                                       network=info)
         self._tracker.seen(fqdn, self.monotonic())
         self.metrics.connected.set(len(self._local))

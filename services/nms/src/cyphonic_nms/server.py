@@ -23,9 +23,10 @@ from cyphonic_nms.cluster import (
 from cyphonic_nms.config import NmsSettings
 from cyphonic_nms.leases import LeasePools
 from cyphonic_nms.manager import NmsMetrics, NodeManager
+from cyphonic_nms.routing import Endpoint
 from cyphonic_nms.signalling import SignallingServer, start_signalling
 from cyphonic_nms.storage import SqlNodeStore
-from cyphonic_nms.trs_directory import InProcessTrsDirectory, RedisTrsDirectory
+from cyphonic_nms.trs_directory import InProcessTrsDirectory, RedisTrsDirectory, TrsReplica
 
 log = get_logger("nms")
 
@@ -66,6 +67,14 @@ class NmsServer:
         else:
             presence, bus = InProcessPresence(), InProcessBus()
             routes, trs = InProcessRouteStore(), InProcessTrsDirectory()
+        if s.trs_endpoints:
+            # A fixed TRS (one host, or a TRS behind one load-balanced name).
+            trs = InProcessTrsDirectory()
+            await trs.register(TrsReplica(
+                replica_id="static",
+                endpoints=tuple(Endpoint.parse(e) for e in s.trs_endpoints),
+                server_name=s.trs_server_name or f"trs.svc.{s.domain}",
+            ))
         self.manager = NodeManager(
             nodes=store,
             pools=LeasePools.from_settings(ipv4=s.ipv4_pool, ipv6=s.ipv6_pool, domain=s.domain),

@@ -29,7 +29,7 @@ from cyphonic.registry import (
     Revocation,
 )
 from cyphonic.registry.db import map_db_error, map_db_errors
-from sqlalchemy import exc, func, select, update
+from sqlalchemy import exc, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from cyphonic_nms.leases import LeasePools, exhausted
@@ -52,6 +52,16 @@ class Lease:
     node_id: int
     ipv4: IPv4Address
     ipv6: IPv6Address
+
+
+@dataclass(frozen=True)
+class RegistrationFacts:
+    """What a registration needs to know first, read in one query."""
+
+    node_id: int
+    state: str
+    revoked: bool  # the presented certificate's serial is revoked
+    lease: Lease | None
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,8 @@ class NodeStore(Protocol):
     async def node_by_fqdn(self, fqdn: str) -> NodeRecord | None: ...
 
     async def is_revoked(self, fqdn: str, serial_hex: str) -> bool: ...
+
+    async def registration_facts(self, fqdn: str, serial_hex: str) -> RegistrationFacts | None: ...
 
     async def lease_for(self, node_id: int, pools: LeasePools) -> Lease: ...
 
@@ -164,6 +176,30 @@ class SqlNodeStore:
                 )
             )
             return bool(revoked)
+
+    async def registration_facts(self, fqdn: str, serial_hex: str) -> RegistrationFacts | None:
+        """Node id, state, certificate revocation and lease in one round trip."""
+        serial_hex = serial_hex.lower().lstrip("0") or "0"
+        revoked = or_(
+            exists().where(Revocation.serial == serial_hex),
+            exists().where(Certificate.serial == serial_hex,
+                           Certificate.status == CertificateStatus.REVOKED.value),
+        )
+        stmt = (
+            select(Node.id, Node.state, AddressLease.ipv4, AddressLease.ipv6, revoked)
+            .outerjoin(AddressLease, AddressLease.node_id == Node.id)
+            .where(Node.fqdn == fqdn.lower())
+        )
+        async with self._sessions() as s, map_db_errors():
+            row = (await s.execute(stmt)).first()
+        if row is None:
+            return None
+        lease = None
+        if row[2] is not None:
+            v4, v6 = ip_address(row[2]), ip_address(row[3])
+            assert isinstance(v4, IPv4Address) and isinstance(v6, IPv6Address)
+            lease = Lease(node_id=row[0], ipv4=v4, ipv6=v6)
+        return RegistrationFacts(node_id=row[0], state=row[1], revoked=bool(row[4]), lease=lease)
 
     async def lease_for(self, node_id: int, pools: LeasePools) -> Lease:
         """The node's lease, allocating one if it has none (see the module docstring)."""
@@ -362,6 +398,7 @@ __all__ = [
     "NodeRecord",
     "NodeStore",
     "NodeView",
+    "RegistrationFacts",
     "RevocationEvent",
     "SqlNodeStore",
 ]
