@@ -7,10 +7,13 @@ and records what the NMS pushes.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime
+import json
 from collections.abc import Sequence
 from ipaddress import ip_address
+from pathlib import Path
 
 from cyphonic.config import ALPN_SIGNALLING
 from cyphonic.errors import CyphonicError
@@ -19,6 +22,8 @@ from cyphonic.pki import (
     TrustStore,
     certificate_dns_names,
     generate_key,
+    load_identity,
+    load_trust_store,
     make_csr,
     sign_node_csr,
 )
@@ -141,3 +146,83 @@ class SimulatedNode:
         if self.endpoint is not None:
             await self.endpoint.close("node leaving")
             self.endpoint = None
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _print(event: str, **fields: object) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def _ep(msg: pb.Endpoint) -> str:
+    return str(Endpoint(ip_address(msg.ip), msg.port)) if msg.ip else ""
+
+
+async def _main(args: argparse.Namespace) -> int:
+    identity = load_identity(args.cert, args.key)
+    node = SimulatedNode(
+        identity=identity, trust=load_trust_store(args.trust_dir),
+        nms=(str(args.nms.ip), args.nms.port), server_name=args.server_name,
+        bind_host=args.bind,
+    )
+    try:
+        await node.connect()
+        reg = await node.register(args.report or None)
+        _print("registered", fqdn=reg.fqdn, local=str(node.local),
+               virtual_ipv4=str(ip_address(reg.virtual_ipv4)),
+               virtual_ipv6=str(ip_address(reg.virtual_ipv6)),
+               behind_nat=reg.network.behind_nat, has_ipv4=reg.network.has_ipv4,
+               has_ipv6=reg.network.has_ipv6, observed_ipv4=_ep(reg.network.observed_ipv4),
+               observed_ipv6=_ep(reg.network.observed_ipv6))
+        if args.route:
+            answer = await node.route(fqdn=args.route)
+            _print("route_response", route_id=answer.route_id, pattern=int(answer.pattern),
+                   peer_fqdn=answer.peer_fqdn)
+        deadline = asyncio.get_running_loop().time() + args.hold
+        seen = 0
+        while True:
+            for env in node.pushed[seen:]:
+                if env.WhichOneof("body") == "route_direction":
+                    d = env.route_direction
+                    _print("route_direction", route_id=d.route_id, pattern=int(d.pattern),
+                           role=int(d.role), peer_fqdn=d.peer_fqdn,
+                           candidates=[_ep(c) for c in d.peer_candidates])
+                else:
+                    _print("push", body=env.WhichOneof("body"))
+            seen = len(node.pushed)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0 or (args.until_pushes and seen >= args.until_pushes):
+                return 0
+            await node.keepalive()
+            await asyncio.sleep(min(0.2, remaining))
+    except CyphonicError as exc:
+        _print("error", code=exc.code_name, message=exc.message)
+        return 1
+    finally:
+        await node.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cyphonic_nms.simnode``: one node registers (and asks for a route)."""
+    parser = argparse.ArgumentParser(prog="python -m cyphonic_nms.simnode",
+                                     description="A simulated node: register with an NMS, "
+                                     "optionally ask for a route; JSON lines on stdout.")
+    parser.add_argument("--cert", type=Path, required=True, help="node.crt (leaf + node CA)")
+    parser.add_argument("--key", type=Path, required=True, help="node.key")
+    parser.add_argument("--trust-dir", type=Path, required=True, help="dir with root-ca.crt")
+    parser.add_argument("--nms", type=Endpoint.parse, required=True, help="NMS ip:port")
+    parser.add_argument("--server-name", default="nms.svc.cyphonic.internal")
+    parser.add_argument("--bind", default="0.0.0.0", help="local address of the UDP socket")
+    parser.add_argument("--report", type=Endpoint.parse, action="append",
+                        help="address to report (repeatable; default: the socket's own)")
+    parser.add_argument("--route", help="FQDN to ask a route for after registering")
+    parser.add_argument("--hold", type=float, default=0.0,
+                        help="seconds to stay connected, printing pushes")
+    parser.add_argument("--until-pushes", type=int, default=0,
+                        help="leave as soon as this many pushes arrived")
+    return asyncio.run(_main(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
