@@ -121,8 +121,10 @@ class DataPath:
             self._routes[address] = tunnel
         now = self._now()
         waiting: list[bytes] = []
-        for address in tunnel.addresses:
-            waiting += self.pending.release(address, now=now)
+        # Oldest destination first, so packets leave roughly in the order they came.
+        for address in self.pending.destinations():
+            if address in tunnel.addresses:
+                waiting += self.pending.release(address, now=now)
         if waiting:
             self._send(tunnel, waiting)
         self._log.info("tunnel added", peer=tunnel.label, released=len(waiting))
