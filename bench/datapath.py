@@ -31,6 +31,7 @@ import re
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,7 +78,29 @@ class PathResult:
     rtt_min_ms: float | None = None
     rtt_max_ms: float | None = None
     rtt_mdev_ms: float | None = None
+    gbit_s_samples: list[float] = field(default_factory=list)
+    """Throughput of each round (the table shows their median)."""
+    rtt_avg_samples: list[float] = field(default_factory=list)
     note: str = ""
+
+    def add(self, sample: PathResult) -> None:
+        """Fold one round's figures in: medians of throughput and RTT, extremes of RTT."""
+        if sample.gbit_s is not None:
+            self.gbit_s_samples.append(sample.gbit_s)
+            self.gbit_s = statistics.median(self.gbit_s_samples)
+            self.retransmits = (self.retransmits or 0) + (sample.retransmits or 0)
+        if sample.rtt_avg_ms is not None:
+            self.rtt_avg_samples.append(sample.rtt_avg_ms)
+            self.rtt_avg_ms = statistics.median(self.rtt_avg_samples)
+            self.rtt_min_ms = _pick(min, self.rtt_min_ms, sample.rtt_min_ms)
+            self.rtt_max_ms = _pick(max, self.rtt_max_ms, sample.rtt_max_ms)
+            self.rtt_mdev_ms = _pick(max, self.rtt_mdev_ms, sample.rtt_mdev_ms)
+        self.note += sample.note
+
+
+def _pick(fn: Callable[[list[float]], float], *values: float | None) -> float | None:
+    present = [v for v in values if v is not None]
+    return fn(present) if present else None
 
 
 @dataclass
@@ -89,6 +112,7 @@ class Run:
     pings: int
     loadavg_before: tuple[float, float, float]
     cpus: int
+    rounds: int = 1
     paths: list[PathResult] = field(default_factory=list)
     checks: dict[str, str] = field(default_factory=dict)
 
@@ -373,7 +397,8 @@ def format_table(run: Run) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [
         f"data path, {run.started}, {run.cpus} CPUs, load before {run.loadavg_before}, "
-        f"iperf3 TCP {run.duration_s:g} s, {run.pings} pings",
+        f"iperf3 TCP {run.duration_s:g} s, {run.pings} pings, {run.rounds} round(s) "
+        "(medians)",
         "",
     ]
     for row in rows:
@@ -407,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pings", type=int, default=200, help="echo requests per path")
     parser.add_argument("--only", action="append", choices=[n for n, _ in PATHS],
                         help="measure only these paths (repeatable)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds; each path is measured once per round, medians shown")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--overlay-arg", action="append", metavar="ARG",
                         help="pass ARG to bench/overlay_node.py (repeatable), e.g. "
@@ -437,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     with signals_raise():
         try:
             topo.create()
+            ready: list[tuple[PathResult, str]] = []
             for name, setup in PATHS:
                 if args.only and name not in args.only:
                     continue
@@ -444,17 +472,28 @@ def main(argv: list[str] | None = None) -> int:
                 run.paths.append(result)
                 try:
                     dst, result.mtu, result.overhead = setup(topo)
-                    measure(topo, result, dst=dst, duration=args.duration, pings=args.pings)
+                    ready.append((result, dst))
                 except PathUnavailable as exc:
                     result.note = f"not measured: {exc}"
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
                     result.note = f"failed: {exc}"
-                print(f"measured {name}", file=sys.stderr)
+            # Paths take turns round by round, so a burst of load elsewhere on the machine
+            # hits them all alike.
+            for round_no in range(args.repeat):
+                for result, dst in ready:
+                    sample = PathResult(name=result.name)
+                    try:
+                        measure(topo, sample, dst=dst, duration=args.duration, pings=args.pings)
+                    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                        sample.note = f"round {round_no + 1} failed: {exc} "
+                    result.add(sample)
+                    print(f"round {round_no + 1}: measured {result.name}", file=sys.stderr)
         except KeyboardInterrupt:
             print("interrupted; cleaning up", file=sys.stderr)
             return 130
         finally:
             topo.close()
+    run.rounds = args.repeat
     check_targets(run)
     print(json.dumps(asdict(run), indent=2) if args.json else format_table(run))
     return 0
