@@ -33,6 +33,7 @@ from cyphonic.log import configure, get_logger
 from cyphonic.pki import TrustStore, load_certificates, load_identity
 from cyphonic.quic import Acceptor, Connection, QuicEndpoint
 from cyphonic_agent.datapath import DataPath, Tunnel
+from cyphonic_agent.status import AgentStatus, StatusServer
 from cyphonic_agent.tun import TunConfig, TunDevice
 from cyphonic_agent.tunnel import TunnelCore, max_datagram_size_for
 
@@ -72,7 +73,8 @@ async def run(args: argparse.Namespace) -> None:
             ack_immediately=args.ack_immediately,
         )
         peer = conn.peer.name if conn.peer else "?"
-        tunnel = Tunnel(core=core, conn=conn, addresses=frozenset({peer_address}), label=peer)
+        tunnel = Tunnel(core=core, conn=conn, addresses=frozenset({peer_address}), label=peer,
+                        pattern="direct")
         datapath.add_tunnel(tunnel)
         return TunnelHandler(conn, datapath, tunnel)
 
@@ -84,6 +86,26 @@ async def run(args: argparse.Namespace) -> None:
         accept={ALPN_TUNNEL: Acceptor(handler_factory=attach, expect="node")},
         max_datagram_size=max_datagram_size_for(tun_mtu=args.mtu),
         idle_timeout=30.0,
+    )
+    loop_time = asyncio.get_running_loop().time
+    t0 = loop_time()
+
+    def snapshot() -> AgentStatus:
+        return AgentStatus(
+            fqdn=args.fqdn,
+            virtual_ipv4=str(local_iface.ip),
+            nms_state="disconnected",
+            nms_detail="prototype: no NMS",
+            tun=tun.name,
+            mtu=args.mtu,
+            uptime_s=round(loop_time() - t0, 1),
+            peers=[t.status() for t in datapath.tunnels()],
+        )
+
+    status = (
+        await StatusServer.start(path=args.status_socket, snapshot=snapshot)
+        if args.status_socket
+        else None
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -112,6 +134,8 @@ async def run(args: argparse.Namespace) -> None:
                      spoofed=s.dropped_spoofed)
         log.info("endpoint stats", **vars(endpoint.stats))
         await endpoint.close()
+        if status is not None:
+            await status.close()
         tun.close()
 
 
@@ -132,6 +156,7 @@ def main() -> int:
                         default=False, help="ACK in the next transmit pass instead of after "
                         "aioquic's 1 ms ACK delay")
     parser.add_argument("--ready-file")
+    parser.add_argument("--status-socket", type=Path, help="serve the status API here")
     parser.add_argument("--profile", type=Path, help="write cProfile statistics here at exit")
     args = parser.parse_args()
     configure(level="info")

@@ -13,6 +13,7 @@ packet (shared/DESIGN.md "Data path").
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -23,6 +24,7 @@ from cyphonic.log import get_logger
 
 from cyphonic_agent.packet import destination
 from cyphonic_agent.pending import PendingPackets
+from cyphonic_agent.status import PeerStatus
 from cyphonic_agent.tun import READ_BATCH, TunDevice
 from cyphonic_agent.tunnel import TunnelCore
 
@@ -44,7 +46,37 @@ class Tunnel:
     addresses: frozenset[bytes]
     """The peer's virtual addresses (raw 4/16 bytes) routed into this tunnel."""
     label: str = ""
-    """For logs: the peer FQDN."""
+    """The peer FQDN (logs, status)."""
+    pattern: str = "-"
+    """Route pattern as the status shows it: direct, nat_connects or relay."""
+
+    def status(self) -> PeerStatus:
+        """This tunnel's row of ``cyphonic-agent status``."""
+        core = self.core
+        stats = core.stats
+        rtt = core.rtt
+        address = getattr(self.conn, "peer_address", None)
+        v4 = [a for a in self.addresses if len(a) == 4]
+        v6 = [a for a in self.addresses if len(a) == 16]
+        return PeerStatus(
+            fqdn=self.label,
+            virtual_ipv4=str(ipaddress.IPv4Address(v4[0])) if v4 else None,
+            virtual_ipv6=str(ipaddress.IPv6Address(v6[0])) if v6 else None,
+            state="up" if core.ready else ("down" if core.terminated else "establishing"),
+            pattern=self.pattern,
+            path=_format_address(address) if address else "-",
+            rtt_ms=round(rtt * 1000, 3) if rtt is not None else None,
+            mtu=core.effective_mtu,
+            tx_bytes=stats.tx_bytes,
+            rx_bytes=stats.rx_bytes,
+            tx_packets=stats.tx_packets,
+            rx_packets=stats.rx_packets,
+        )
+
+
+def _format_address(address: tuple[str, int]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -59,7 +60,8 @@ def node_state(base: Path, material: pki.PkiMaterial, fqdn: str) -> Path:
 
 
 def start_node(veth_pair: Any, tmp: Path, *, side: str, state: Path, fqdn: str,
-               peer_fqdn: str | None) -> tuple[subprocess.Popen[bytes], Path]:
+               peer_fqdn: str | None,
+               status_socket: Path | None = None) -> tuple[subprocess.Popen[bytes], Path]:
     a = side == "a"
     ready = tmp / f"{fqdn}.ready"
     log = (tmp / f"{fqdn}.log").open("wb")
@@ -71,6 +73,8 @@ def start_node(veth_pair: Any, tmp: Path, *, side: str, state: Path, fqdn: str,
            "--ready-file", str(ready)]
     if peer_fqdn:
         cmd += ["--connect", veth_pair.B_ADDR, "--peer-fqdn", peer_fqdn]
+    if status_socket:
+        cmd += ["--status-socket", str(status_socket)]
     proc = veth_pair.popen(veth_pair.ns_a if a else veth_pair.ns_b, *cmd,
                            stdout=log, stderr=subprocess.STDOUT)
     return proc, ready
@@ -108,8 +112,10 @@ def test_ping_and_tcp_through_the_tunnel_only_udp_443_on_the_wire(
     b, ready_b = start_node(veth_pair, tmp_path, side="b", state=state_b,
                             fqdn="b.cyphonic.internal", peer_fqdn=None)
     wait_ready(b, ready_b, tmp_path / "b.cyphonic.internal.log")
+    status_socket = tmp_path / "run" / "status.sock"
     a, ready_a = start_node(veth_pair, tmp_path, side="a", state=state_a,
-                            fqdn="a.cyphonic.internal", peer_fqdn="b.cyphonic.internal")
+                            fqdn="a.cyphonic.internal", peer_fqdn="b.cyphonic.internal",
+                            status_socket=status_socket)
     wait_ready(a, ready_a, tmp_path / "a.cyphonic.internal.log")
 
     ping = veth_pair.run(veth_pair.ns_a, "ping", "-c", "5", "-i", "0.2", "-W", "3", OVERLAY_B)
@@ -124,6 +130,24 @@ def test_ping_and_tcp_through_the_tunnel_only_udp_443_on_the_wire(
                             timeout=90)
     assert client.returncode == 0, client.stderr
     assert client.stdout.decode().strip() == hashlib.sha256(payload).hexdigest()
+
+    # What the transfer did shows in `cyphonic-agent status` of node A.
+    status = subprocess.run([sys.executable, "-m", "cyphonic_agent.cli", "status", "--json",
+                             "--socket", str(status_socket)], capture_output=True, text=True,
+                            timeout=30)
+    assert status.returncode == 0, status.stderr
+    snapshot = json.loads(status.stdout)
+    assert snapshot["fqdn"] == "a.cyphonic.internal" and snapshot["tun"] == "cyphonic0"
+    (peer,) = snapshot["peers"]
+    assert (peer["fqdn"], peer["state"], peer["pattern"]) == ("b.cyphonic.internal", "up",
+                                                              "direct")
+    assert peer["path"] == f"{veth_pair.B_ADDR}:443" and peer["virtual_ipv4"] == OVERLAY_B
+    assert peer["tx_bytes"] > len(payload) and peer["tx_packets"] > len(payload) // 1420
+    assert peer["rx_packets"] > 0 and peer["rtt_ms"] > 0 and peer["mtu"] == 1420
+    table = subprocess.run([sys.executable, "-m", "cyphonic_agent.cli", "status",
+                            "--socket", str(status_socket)], capture_output=True, text=True,
+                           timeout=30).stdout
+    assert "b.cyphonic.internal" in table and "direct" in table
 
     time.sleep(0.5)
     capture.terminate()
