@@ -133,3 +133,22 @@ def test_delivery_from_peer_and_removal(tun: PipeTun) -> None:
     dp.on_miss = misses.append
     dp.route([udp4(100)])
     assert misses == [B4]
+
+
+def test_tunnel_status_row(tun: PipeTun) -> None:
+    pair, a, _ = tunnel_pair()
+    conn = FakeConn()
+    conn.peer_address = ("2001:db8::7", 443)  # type: ignore[attr-defined]
+    tunnel = Tunnel(core=a, conn=conn, addresses=frozenset({B4, B6}), label="b.x",
+                    pattern="direct")
+    DataPath(tun=tun).add_tunnel(tunnel)
+    a.packets_from_tun([udp4(1000), udp6(500)])
+    pair.pump()
+    row = tunnel.status()
+    assert (row.fqdn, row.state, row.pattern) == ("b.x", "up", "direct")
+    assert (row.virtual_ipv4, row.virtual_ipv6) == ("100.64.0.2", "fd00:c1::2")
+    assert row.path == "[2001:db8::7]:443" and row.mtu == MTU
+    assert (row.tx_packets, row.tx_bytes) == (2, 1500)
+    assert row.rtt_ms is not None and row.rtt_ms > 0
+    pair.client.close()
+    assert tunnel.status().state == "down"
