@@ -61,8 +61,14 @@ async def _enrol(database_url: str, names: list[str]) -> None:
         await engine.dispose()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _phase(
-    name: str, jobs: list[Callable[[], Awaitable[object]]], concurrency: int
+    name: str, jobs: list[Callable[[], Awaitable[object]]], concurrency: int, nms_pid: int
 ) -> dict[str, float]:
     """Run ``jobs`` with at most ``concurrency`` in flight; rate and latency figures."""
     gate = asyncio.Semaphore(concurrency)
@@ -82,9 +88,11 @@ async def _phase(
                 return
             latencies.append(time.perf_counter() - started)
 
+    cpu_before = _cpu_seconds(nms_pid)
     started = time.perf_counter()
     await asyncio.gather(*(run(j) for j in jobs))
     elapsed = time.perf_counter() - started
+    nms_cpu = _cpu_seconds(nms_pid) - cpu_before
     latencies.sort()
     figures = {
         "count": float(len(latencies)),
@@ -93,17 +101,22 @@ async def _phase(
         "per_second": len(latencies) / elapsed if elapsed else 0.0,
         "p50_ms": 1000 * statistics.median(latencies) if latencies else 0.0,
         "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else 0.0,
+        "nms_cpu_ms_each": 1000 * nms_cpu / len(latencies) if latencies else 0.0,
     }
     print(f"{name:<12} {int(figures['count']):>6} ok {errors:>4} err "
           f"{figures['seconds']:7.2f} s {figures['per_second']:9.1f} /s "
-          f"p50 {figures['p50_ms']:7.1f} ms  p99 {figures['p99_ms']:7.1f} ms", flush=True)
+          f"p50 {figures['p50_ms']:7.1f} ms  p99 {figures['p99_ms']:7.1f} ms  "
+          f"NMS CPU {figures['nms_cpu_ms_each']:5.2f} ms each", flush=True)
     return figures
 
 
-def _launch(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+def _launch(
+    env: dict[str, str], log_path: Path, *, profile: Path | None
+) -> subprocess.Popen[bytes]:
+    prefix = ["-m", "cProfile", "-o", str(profile)] if profile else []
     with log_path.open("wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "cyphonic_nms.cli", "serve"], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, *prefix, "-m", "cyphonic_nms.cli", "serve"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -128,7 +141,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.redis_url:
         env["CYPHONIC_REDIS_URL"] = args.redis_url
     log_path = work / "nms.log"
-    proc = _launch(env, log_path)
+    proc = _launch(env, log_path, profile=args.profile)
     nodes: list[SimulatedNode] = []
     try:
         async with httpx.AsyncClient() as client:
@@ -152,7 +165,7 @@ async def main_async(args: argparse.Namespace) -> int:
                           server_name=f"nms.svc.{DOMAIN}")
             for ident in identities
         ]
-        await _phase("connect", [n.connect for n in nodes], args.concurrency)
+        await _phase("connect", [n.connect for n in nodes], args.concurrency, proc.pid)
         nodes = [n for n in nodes if n.session is not None]
         rng = random.Random(7)
 
@@ -162,19 +175,23 @@ async def main_async(args: argparse.Namespace) -> int:
             addresses = [Endpoint.parse(f"192.168.1.2:{node.local.port}")] if nat else None
             return lambda: node.register(addresses)
 
-        reg = await _phase("register", [register(n) for n in nodes], args.concurrency)
-        await _phase("re-register", [register(n) for n in nodes], args.concurrency)
+        reg = await _phase("register", [register(n) for n in nodes], args.concurrency, proc.pid)
+        await _phase("re-register", [register(n) for n in nodes], args.concurrency,
+                     proc.pid)
 
         def route() -> Callable[[], Awaitable[object]]:
             a, b = rng.sample(nodes, 2)
             return lambda: a.route(fqdn=b.fqdn)
 
-        routes = await _phase("route", [route() for _ in range(args.routes)], args.concurrency)
+        routes = await _phase("route", [route() for _ in range(args.routes)], args.concurrency,
+                              proc.pid)
         received = sum(len(n.of("route_direction")) for n in nodes)
         print(f"route_direction pushes received: {received} "
               f"(expected {2 * int(routes['count'])})", flush=True)
         print(f"RESULT registrations_per_s={reg['per_second']:.1f} "
-              f"route_decisions_per_s={routes['per_second']:.1f}", flush=True)
+              f"route_decisions_per_s={routes['per_second']:.1f} "
+              f"nms_cpu_ms_per_registration={reg['nms_cpu_ms_each']:.2f} "
+              f"nms_cpu_ms_per_route={routes['nms_cpu_ms_each']:.2f}", flush=True)
         return 0 if reg["errors"] == 0 and routes["errors"] == 0 else 1
     finally:
         for node in nodes:
@@ -194,6 +211,7 @@ def main() -> int:
                         help="requests in flight (default 32)")
     parser.add_argument("--database-url", help="registry URL (default: SQLite in a temp dir)")
     parser.add_argument("--redis-url", help="Redis URL (default: in-process presence)")
+    parser.add_argument("--profile", type=Path, help="write a cProfile of the NMS here")
     args = parser.parse_args()
     if args.nodes < 2 or args.nodes > 5000 or args.routes > 100_000:
         parser.error("--nodes must be 2..5000 and --routes at most 100000")

@@ -298,18 +298,27 @@ class RouteStore(Protocol):
 
 @dataclass
 class InProcessRouteStore:
-    """Routes in a dict (the embedded default)."""
+    """Routes in a dict, indexed per node (the embedded default)."""
 
     routes: dict[str, RouteRecord] = field(default_factory=dict)
+    by_node: dict[str, set[str]] = field(default_factory=dict)
 
     async def put(self, route: RouteRecord) -> None:
         self.routes[route.route_id] = route
+        for fqdn in (route.initiator, route.responder):
+            self.by_node.setdefault(fqdn, set()).add(route.route_id)
 
     async def for_node(self, fqdn: str) -> list[RouteRecord]:
-        return [r for r in self.routes.values() if r.involves(fqdn)]
+        return [self.routes[r] for r in self.by_node.get(fqdn, ()) if r in self.routes]
 
     async def remove(self, route: RouteRecord) -> None:
         self.routes.pop(route.route_id, None)
+        for fqdn in (route.initiator, route.responder):
+            ids = self.by_node.get(fqdn)
+            if ids is not None:
+                ids.discard(route.route_id)
+                if not ids:
+                    del self.by_node[fqdn]
 
     async def all(self) -> list[RouteRecord]:
         return sorted(self.routes.values(), key=lambda r: r.created_ms)

@@ -55,7 +55,7 @@ from cyphonic_nms.leases import LeasePools
 from cyphonic_nms.presence import PresenceTracker
 from cyphonic_nms.routing import Endpoint, NetworkInfo, Pattern, RouteDecision, Side, classify
 from cyphonic_nms.routing import pattern_for as decide
-from cyphonic_nms.storage import Lease, NodeStore, NodeView
+from cyphonic_nms.storage import Lease, NodeStore
 from cyphonic_nms.trs_directory import InProcessTrsDirectory, TrsDirectory, pick
 
 log = get_logger("nms")
@@ -176,6 +176,7 @@ class NodeManager:
 
     def __post_init__(self) -> None:
         self._local: dict[str, LocalNode] = {}
+        self._by_vip: dict[IPv4Address | IPv6Address, str] = {}
         self._tracker = PresenceTracker(offline_timeout_s=self.offline_timeout_s)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -275,6 +276,7 @@ class NodeManager:
             old.link.close(Unavailable("superseded by a newer connection"))
         self._local[fqdn] = LocalNode(link=link, node_id=facts.node_id, lease=lease,
                                       network=info)
+        self._by_vip[lease.ipv4] = self._by_vip[lease.ipv6] = fqdn
         self._tracker.seen(fqdn, self.monotonic())
         self.metrics.connected.set(len(self._local))
         self.metrics.registrations.labels(outcome="ok").inc()
@@ -307,12 +309,18 @@ class NodeManager:
             return  # an older, superseded connection
         await self._went_offline(fqdn, local, cause="disconnect")
 
+    def _forget_local(self, fqdn: str) -> None:
+        local = self._local.pop(fqdn, None)
+        if local is not None:
+            self._by_vip.pop(local.lease.ipv4, None)
+            self._by_vip.pop(local.lease.ipv6, None)
+        self._tracker.forget(fqdn)
+        self.metrics.connected.set(len(self._local))
+
     async def _went_offline(
         self, fqdn: str, local: LocalNode, *, cause: str, notify: bool = True
     ) -> None:
-        self._local.pop(fqdn, None)
-        self._tracker.forget(fqdn)
-        self.metrics.connected.set(len(self._local))
+        self._forget_local(fqdn)
         if not await self.presence.release(fqdn, self.replica_id):
             return  # another replica holds the node now: it is not offline
         await self.nodes.set_offline(local.node_id, replica=self.replica_id,
@@ -405,29 +413,42 @@ class NodeManager:
             await local.link.push(envelope)
         elif message.op == "kick":
             local.link.close(Unavailable(message.reason or "disconnected by another replica"))
-            self._local.pop(message.fqdn, None)
-            self._tracker.forget(message.fqdn)
-            self.metrics.connected.set(len(self._local))
+            self._forget_local(message.fqdn)
 
     # ------------------------------------------------------------------ routes
 
-    async def _peer_view(self, request: pb.RouteRequest) -> NodeView:
+    async def _peer(self, request: pb.RouteRequest) -> tuple[str, Lease, NetworkInfo]:
+        """The requested peer's FQDN, lease and network; local nodes need no database."""
         which = request.WhichOneof("peer")
         if which == "fqdn":
-            view = await self.nodes.view(request.fqdn.lower().rstrip("."))
+            fqdn = request.fqdn.lower().rstrip(".")
+            local = self._local.get(fqdn)
+            if local is not None:
+                return fqdn, local.lease, local.network
+            view = await self.nodes.view(fqdn)
             label = request.fqdn
         elif which == "virtual_address":
             try:
                 address = ip_address(request.virtual_address)
             except ValueError as exc:
                 raise InvalidArgument("virtual_address must be 4 or 16 bytes") from exc
+            local_fqdn = self._by_vip.get(address)
+            local = self._local.get(local_fqdn) if local_fqdn else None
+            if local is not None and local_fqdn is not None:
+                return local_fqdn, local.lease, local.network
             view = await self.nodes.view_by_virtual(address)
             label = str(address)
         else:
             raise InvalidArgument("RouteRequest names no peer")
         if view is None or view.state == NodeState.REVOKED.value:
             raise NotFound(f"no node {label}")
-        return view
+        # Held by another replica (or by none: offline).
+        holder = await self.presence.holder(view.fqdn)
+        if holder is None or holder == self.replica_id or not view.online:
+            raise PeerOffline(f"{view.fqdn} is offline")
+        if view.network is None or view.lease is None:
+            raise PeerOffline(f"{view.fqdn} has not registered")
+        return view.fqdn, view.lease, view.network
 
     async def route(self, link: NodeLink, request: pb.RouteRequest) -> pb.RouteResponse:
         """Decide the route from ``link``'s node to the requested peer and push it to both."""
@@ -443,27 +464,19 @@ class NodeManager:
     async def _route(self, link: NodeLink, request: pb.RouteRequest) -> pb.RouteResponse:
         me = self.require_registered(link)
         fqdn = link.fqdn.lower()
-        peer = await self._peer_view(request)
-        if peer.fqdn == fqdn:
+        peer_fqdn, peer_lease, peer_network = await self._peer(request)
+        if peer_fqdn == fqdn:
             raise InvalidArgument("a node cannot route to itself")
-        peer_local = self._local.get(peer.fqdn)
-        peer_network = peer_local.network if peer_local is not None else peer.network
-        if peer_local is None:
-            holder = await self.presence.holder(peer.fqdn)
-            if holder is None or holder == self.replica_id or not peer.online:
-                raise PeerOffline(f"{peer.fqdn} is offline")
-        if peer_network is None or peer.lease is None:
-            raise PeerOffline(f"{peer.fqdn} has not registered")
         decision = decide(me.network, peer_network)
         route = await self._establish(
-            initiator=fqdn, initiator_lease=me.lease, responder=peer.fqdn,
-            responder_lease=peer.lease, decision=decision,
+            initiator=fqdn, initiator_lease=me.lease, responder=peer_fqdn,
+            responder_lease=peer_lease, decision=decision,
         )
         self.metrics.routes.labels(pattern=str(int(decision.pattern))).inc()
         return pb.RouteResponse(
             route_id=route.route_id, pattern=int(decision.pattern),  # type: ignore[arg-type]
-            peer_fqdn=peer.fqdn, peer_virtual_ipv4=peer.lease.ipv4.packed,
-            peer_virtual_ipv6=peer.lease.ipv6.packed,
+            peer_fqdn=peer_fqdn, peer_virtual_ipv4=peer_lease.ipv4.packed,
+            peer_virtual_ipv6=peer_lease.ipv6.packed,
         )
 
     async def _establish(
