@@ -93,7 +93,7 @@ for target in as nms trs agent; do
 done
 # No compilers, caches or uv in the final layers.
 for target in as agent; do
-    podman run --rm --network none --entrypoint sh "localhost/cyphonic-$target:$TAG" -c \
+    podman run --rm --no-healthcheck --network none --entrypoint sh "localhost/cyphonic-$target:$TAG" -c \
         'for x in gcc cc uv pip; do command -v $x >/dev/null && { echo "found $x"; exit 1; }; done; \
          [ ! -d /root/.cache ] || { echo "found /root/.cache"; exit 1; }' \
         || die "cyphonic-$target carries build tools"
@@ -101,11 +101,11 @@ done
 
 # ------------------------------------------------------------------ agent: TUN device
 say "agent: TUN device with NET_ADMIN and /dev/net/tun"
-out=$(podman run --rm --network none --cap-drop ALL --cap-add NET_ADMIN --device /dev/net/tun \
+out=$(podman run --rm --no-healthcheck --network none --cap-drop ALL --cap-add NET_ADMIN --device /dev/net/tun \
         -v "$PWD/deploy/images/test/tun_check.py:/tun_check.py:ro" --entrypoint python3 \
         "localhost/cyphonic-agent:$TAG" /tun_check.py) || die "agent TUN: $out"
 say "agent: $out"
-if out=$(podman run --rm --network none --cap-drop ALL --device /dev/net/tun \
+if out=$(podman run --rm --no-healthcheck --network none --cap-drop ALL --device /dev/net/tun \
         -v "$PWD/deploy/images/test/tun_check.py:/tun_check.py:ro" --entrypoint python3 \
         "localhost/cyphonic-agent:$TAG" /tun_check.py); then
     die "agent made a TUN device without NET_ADMIN: $out"
@@ -113,7 +113,7 @@ fi
 say "agent without NET_ADMIN refused as expected: $out"
 
 # ------------------------------------------------------------------ shared state for services
-psql -h "$PG_SOCKET_DIR" -U postgres -qc "DROP DATABASE IF EXISTS $DB" postgres >/dev/null
+psql -h "$PG_SOCKET_DIR" -U postgres -qc "DROP DATABASE IF EXISTS $DB" postgres >/dev/null 2>&1
 psql -h "$PG_SOCKET_DIR" -U postgres -qc "CREATE DATABASE $DB" postgres >/dev/null
 mkdir -p "$WORK/redis" "$WORK/pki" "$WORK/admin"
 socat "UNIX-LISTEN:$WORK/redis/redis.sock,fork,mode=666" "TCP:$REDIS_ADDR" &
@@ -126,10 +126,11 @@ DATABASE_URL="postgresql+asyncpg://postgres@/$DB?host=/run/postgresql"
 REDIS_URL="unix:///run/redis/redis.sock?db=15"
 
 say "init-pki and migrate (AS image)"
-podman run --rm --network none -v "$WORK/pki:/pki" "localhost/cyphonic-as:$TAG" \
+podman run --rm --no-healthcheck --network none -v "$WORK/pki:/pki" "localhost/cyphonic-as:$TAG" \
     init-pki --pki-dir /pki --domain cyphonic.internal >/dev/null
-podman run --rm --network none -v "$PG_SOCKET_DIR:/run/postgresql" \
-    -e CYPHONIC_DATABASE_URL="$DATABASE_URL" "localhost/cyphonic-as:$TAG" migrate
+podman run --rm --no-healthcheck --network none -v "$PG_SOCKET_DIR:/run/postgresql" \
+    -e CYPHONIC_DATABASE_URL="$DATABASE_URL" "localhost/cyphonic-as:$TAG" migrate \
+    >"$WORK/migrate.log" 2>&1 || { cat "$WORK/migrate.log"; die "migrate"; }
 
 declare -A HTTP_PORT=([as]=8081 [nms]=8082 [trs]=8083)
 for svc in $SERVICES; do
@@ -145,7 +146,10 @@ for svc in $SERVICES; do
         -e CYPHONIC_ADMIN_TOKEN_FILE=/etc/cyphonic/admin/admin-token \
         -e CYPHONIC_RELAY_TOKEN_SECRET="$RELAY_SECRET" \
         -e CYPHONIC_QUIC_PORT=443 \
-        "localhost/cyphonic-$svc:$TAG" serve >/dev/null
+        "localhost/cyphonic-$svc:$TAG" serve >/dev/null 2>"$WORK/run-$svc.log" \
+        || { cat "$WORK/run-$svc.log"; die "start $svc"; }
+    # Without systemd podman cannot schedule health checks by itself (it says so on
+    # stderr); this script runs them with `podman healthcheck run` instead.
 done
 
 failed=()
