@@ -365,3 +365,22 @@ def test_pki_secret_layout_matches_what_init_pki_writes_and_services_load(
         load_trust_store(mounted)
         assert not any(n.startswith("root-ca.key") for n in layout[svc])
     assert "node-ca.key" in layout["as"] and "node-ca.key" not in layout["nms"]
+
+
+@pytest.mark.parametrize("expression", [
+    "as.publicEndpoints={203.0.113.10:443}",
+    "nms.publicEndpoints={203.0.113.11:443}",
+    "trs.publicEndpoints={203.0.113.12:443}",
+    "postgresql.enabled=false,externalDatabase.host=db.example.net,"
+    "externalDatabase.existingSecret=cyphonic-db",
+    "redis.enabled=false,externalRedis.host=redis.example.net,"
+    "externalRedis.existingSecret=cyphonic-redis",
+    "agent.enabled=true,agent.tokenSecret=agent-tokens",
+    "image.registry=registry.example.net/cyphonic",
+])
+def test_documented_set_flags_are_accepted(chart: Any, expression: str) -> None:
+    """The `--set` lines of docs/kubernetes.md and NOTES.txt parse and pass the schema."""
+    docs = (CHART_DIR.parents[1] / "docs" / "kubernetes.md").read_text()
+    for part in expression.split(","):
+        assert part in docs, f"{part} is not in docs/kubernetes.md"
+    chart.validate_schema(helm.parse_set_string(expression))
