@@ -255,7 +255,9 @@ class NodeManager:
             if facts.state == NodeState.REVOKED.value or facts.revoked:
                 raise Revoked(f"{fqdn} is revoked")
             info = classify(local_addresses, observed)
-            lease = facts.lease or await self.nodes.lease_for(facts.node_id, self.pools)
+            lease = facts.lease or await self.nodes.lease_for(
+                facts.node_id, self.pools, known_missing=True
+            )
             await self.nodes.save_network(
                 facts.node_id, info, replica=self.replica_id, now=datetime.now(UTC)
             )

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Protocol
 
-from cyphonic.errors import CyphonicError, Unavailable
+from cyphonic.errors import CyphonicError
 from cyphonic.registry import (
     AddressLease,
     Certificate,
@@ -29,7 +29,9 @@ from cyphonic.registry import (
     Revocation,
 )
 from cyphonic.registry.db import map_db_error, map_db_errors
-from sqlalchemy import exc, exists, func, or_, select, update
+from sqlalchemy import exc, exists, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from cyphonic_nms.leases import LeasePools, exhausted
@@ -97,7 +99,9 @@ class NodeStore(Protocol):
 
     async def registration_facts(self, fqdn: str, serial_hex: str) -> RegistrationFacts | None: ...
 
-    async def lease_for(self, node_id: int, pools: LeasePools) -> Lease: ...
+    async def lease_for(
+        self, node_id: int, pools: LeasePools, *, known_missing: bool = False
+    ) -> Lease: ...
 
     async def save_network(
         self, node_id: int, info: NetworkInfo, *, replica: str, now: datetime
@@ -148,6 +152,8 @@ class SqlNodeStore:
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
+        bind = sessions.kw.get("bind")
+        self._dialect = bind.dialect.name if bind is not None else "postgresql"
 
     async def node_by_fqdn(self, fqdn: str) -> NodeRecord | None:
         async with self._sessions() as s, map_db_errors():
@@ -201,11 +207,17 @@ class SqlNodeStore:
             lease = Lease(node_id=row[0], ipv4=v4, ipv6=v6)
         return RegistrationFacts(node_id=row[0], state=row[1], revoked=bool(row[4]), lease=lease)
 
-    async def lease_for(self, node_id: int, pools: LeasePools) -> Lease:
-        """The node's lease, allocating one if it has none (see the module docstring)."""
-        existing = await self._lease(node_id)
-        if existing is not None:
-            return existing
+    async def lease_for(
+        self, node_id: int, pools: LeasePools, *, known_missing: bool = False
+    ) -> Lease:
+        """The node's lease, allocating one if it has none (see the module docstring).
+
+        ``known_missing`` skips the first read when the caller just saw there is none.
+        """
+        if not known_missing:
+            existing = await self._lease(node_id)
+            if existing is not None:
+                return existing
         for v4, v6 in pools.proposals(str(node_id)):
             lease = await self._try_insert(node_id, v4, v6)
             if lease is not None:
@@ -253,8 +265,8 @@ class SqlNodeStore:
         """Insert a lease; None when an address is taken; the winner's lease on a node race."""
         try:
             async with self._sessions() as s, s.begin():
-                s.add(AddressLease(node_id=node_id, ipv4=str(ipv4), ipv6=str(ipv6),
-                                   leased_at=_now()))
+                await s.execute(insert(AddressLease).values(
+                    node_id=node_id, ipv4=str(ipv4), ipv6=str(ipv6), leased_at=_now()))
         except exc.IntegrityError:
             existing = await self._lease(node_id)
             return existing  # None: an address was taken by another node, try the next
@@ -281,23 +293,12 @@ class SqlNodeStore:
             "nms_replica": replica,
             "updated_at": now,
         }
-        for _ in range(3):
-            try:
-                async with self._sessions() as s, s.begin():
-                    result = await s.execute(
-                        update(NodeNetwork).where(NodeNetwork.node_id == node_id).values(**values)
-                    )
-                    if result.rowcount == 0:  # type: ignore[attr-defined]
-                        s.add(NodeNetwork(node_id=node_id, **values))
-                return
-            except exc.IntegrityError:
-                continue  # a concurrent first registration inserted it; update instead
-            except Exception as error:
-                mapped = map_db_error(error)
-                if mapped is not None and mapped is not error:
-                    raise mapped from error
-                raise
-        raise Unavailable("could not store network information (repeated conflicts)")
+        # One upsert statement (INSERT ... ON CONFLICT DO UPDATE, Postgres and SQLite alike).
+        dialect_insert = sqlite_insert if self._dialect == "sqlite" else pg_insert
+        stmt = dialect_insert(NodeNetwork).values(node_id=node_id, **values)
+        stmt = stmt.on_conflict_do_update(index_elements=[NodeNetwork.node_id], set_=values)
+        async with self._sessions() as s, s.begin(), map_db_errors():
+            await s.execute(stmt)
 
     async def touch(self, node_ids: Sequence[int], *, replica: str, now: datetime) -> None:
         """Refresh ``last_seen`` of nodes connected to ``replica`` (batched keepalives)."""
