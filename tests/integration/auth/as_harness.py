@@ -47,7 +47,7 @@ class AsHarness:
     async def create_node(self, name: str, **extra: Any) -> dict[str, Any]:
         response = await self.client.post("/v1/nodes", json={"name": name, **extra},
                                           headers=self.admin)
-        assert response.status_code == 201, response.text
+        assert response.status_code == 201, (response.status_code, response.text)
         return dict(response.json())
 
     async def token(self, name: str, ttl_seconds: int | None = None) -> str:

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from cyphonic_auth.cli import main
 
 
 @pytest.fixture
-def as_env_vars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def as_env_vars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("CYPHONIC_DATABASE_URL", f"sqlite:///{tmp_path / 'as.db'}")
     monkeypatch.setenv("CYPHONIC_PKI_DIR", str(tmp_path / "pki"))
     monkeypatch.delenv("CYPHONIC_ADMIN_TOKEN", raising=False)
-    return tmp_path
+    # main() configures process-wide logging onto the current (captured, soon closed)
+    # stderr; give the tests that run after this one their configuration back.
+    saved = structlog.get_config()
+    yield tmp_path
+    structlog.reset_defaults()
+    structlog.configure(**saved)
 
 
 def test_operator_commands(as_env_vars: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -131,6 +131,9 @@ async def test_unreachable_sqlite_database_is_unavailable(tmp_path: Path) -> Non
             await ping(engine)
     finally:
         await engine.dispose()
+        # aiosqlite's worker thread of the failed connection finishes on its own; let it
+        # report back before this test's event loop closes.
+        await asyncio.sleep(0.2)
 
 
 class TcpProxy:

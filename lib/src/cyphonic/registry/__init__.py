@@ -13,6 +13,7 @@ from cyphonic.registry.db import (
     migrate,
     normalize_url,
     ping,
+    serialized,
     upgrade,
 )
 from cyphonic.registry.models import (
@@ -45,5 +46,6 @@ __all__ = [
     "migrate",
     "normalize_url",
     "ping",
+    "serialized",
     "upgrade",
 ]

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, exc, text
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -95,6 +96,28 @@ def _tune_sqlite(engine: AsyncEngine, *, wal: bool) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+_SQLITE_LOCKS: weakref.WeakKeyDictionary[Engine, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+@contextlib.asynccontextmanager
+async def serialized(engine: AsyncEngine) -> AsyncIterator[None]:
+    """Queue this process's transactions on a SQLite engine (no-op on other databases).
+
+    SQLite has one writer at a time and its busy handler is not fair: under load a waiting
+    transaction can starve past the busy timeout. An asyncio lock per engine queues the
+    transactions of this process in order; the busy timeout still covers other processes.
+    Do not nest: a transaction inside another on the same engine would wait for itself.
+    """
+    if engine.dialect.name != "sqlite":
+        yield
+        return
+    lock = _SQLITE_LOCKS.get(engine.sync_engine)
+    if lock is None:
+        lock = _SQLITE_LOCKS[engine.sync_engine] = asyncio.Lock()
+    async with lock:
+        yield
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

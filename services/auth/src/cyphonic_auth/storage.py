@@ -204,7 +204,12 @@ class SqlNodeRegistry:
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[AsyncSession]:
-        async with db.map_db_errors(), self._sessions() as session, session.begin():
+        async with (
+            db.map_db_errors(),
+            db.serialized(self.engine),
+            self._sessions() as session,
+            session.begin(),
+        ):
             yield session
 
     async def ping(self) -> None:
