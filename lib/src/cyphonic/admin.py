@@ -379,6 +379,26 @@ class _Server(uvicorn.Server):
         return contextlib.nullcontext()
 
 
+def _bind_tcp(host: str, port: int) -> socket.socket:
+    # Made here rather than by uvicorn's Config.bind_socket(): that socket has protocol 0,
+    # so asyncio does not set TCP_NODELAY on accepted connections, and every keep-alive
+    # request then waits ~40 ms for a delayed ACK.
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if family == socket.AF_INET6 and host in ("::", ""):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class AdminServer:
     """Uvicorn serving an admin app inside the caller's event loop (no signal handling).
 
@@ -405,7 +425,7 @@ class AdminServer:
 
     async def start(self) -> None:
         """Bind and start serving; returns once the server accepts connections."""
-        self._socket = self._config.bind_socket()
+        self._socket = _bind_tcp(self._config.host, self._config.port)
         self._port = int(self._socket.getsockname()[1])
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
         while not self._server.started:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -193,3 +195,23 @@ async def test_admin_server_port_in_use_raises() -> None:
             await second.start()
     finally:
         await first.stop()
+
+
+async def test_admin_server_socket_lets_asyncio_set_nodelay() -> None:
+    # asyncio sets TCP_NODELAY on accepted connections only when the listening socket's
+    # protocol is IPPROTO_TCP; without it every keep-alive request waited ~40 ms.
+    app = create_admin_app(service="unit5", title="u", admin_token=TOKEN)
+    server = AdminServer(app, host="127.0.0.1", port=0, log_level="warning")
+    await server.start()
+    try:
+        sock = server._socket
+        assert sock is not None
+        assert sock.proto == socket.IPPROTO_TCP
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as c:
+            start = time.perf_counter()
+            for _ in range(10):
+                assert (await c.get("/healthz")).status_code == 200
+            elapsed = time.perf_counter() - start
+        assert elapsed < 0.4, f"10 keep-alive requests took {elapsed:.3f}s"
+    finally:
+        await server.stop()
