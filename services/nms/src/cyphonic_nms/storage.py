@@ -12,7 +12,8 @@ its lease is read back, so a node never holds two leases.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -28,11 +29,11 @@ from cyphonic.registry import (
     NodeState,
     Revocation,
 )
-from cyphonic.registry.db import map_db_error, map_db_errors
+from cyphonic.registry.db import map_db_error, map_db_errors, serialized
 from sqlalchemy import exc, exists, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from cyphonic_nms.leases import LeasePools, exhausted
 from cyphonic_nms.routing import Endpoint, NetworkInfo
@@ -152,11 +153,22 @@ class SqlNodeStore:
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
-        bind = sessions.kw.get("bind")
-        self._dialect = bind.dialect.name if bind is not None else "postgresql"
+        self._engine: AsyncEngine | None = sessions.kw.get("bind")
+        self._dialect = self._engine.dialect.name if self._engine is not None else "postgresql"
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[AsyncSession]:
+        # On SQLite, this process's transactions queue fairly instead of racing the busy
+        # handler; elsewhere this is just a session.
+        if self._engine is None:
+            async with self._sessions() as session:
+                yield session
+            return
+        async with serialized(self._engine), self._sessions() as session:
+            yield session
 
     async def node_by_fqdn(self, fqdn: str) -> NodeRecord | None:
-        async with self._sessions() as s, map_db_errors():
+        async with self._session() as s, map_db_errors():
             row = (
                 await s.execute(select(Node.id, Node.fqdn, Node.state).where(
                     Node.fqdn == fqdn.lower()
@@ -167,7 +179,7 @@ class SqlNodeStore:
     async def is_revoked(self, fqdn: str, serial_hex: str) -> bool:
         """Whether the node is revoked, or this certificate serial is."""
         serial_hex = serial_hex.lower().lstrip("0") or "0"
-        async with self._sessions() as s, map_db_errors():
+        async with self._session() as s, map_db_errors():
             state = await s.scalar(select(Node.state).where(Node.fqdn == fqdn.lower()))
             if state == NodeState.REVOKED.value:
                 return True
@@ -196,7 +208,7 @@ class SqlNodeStore:
             .outerjoin(AddressLease, AddressLease.node_id == Node.id)
             .where(Node.fqdn == fqdn.lower())
         )
-        async with self._sessions() as s, map_db_errors():
+        async with self._session() as s, map_db_errors():
             row = (await s.execute(stmt)).first()
         if row is None:
             return None
@@ -241,16 +253,16 @@ class SqlNodeStore:
                 raise exhausted(pools.ipv6)
 
     async def _lease(self, node_id: int) -> Lease | None:
-        async with self._sessions() as s, map_db_errors():
+        async with self._session() as s, map_db_errors():
             row = await s.get(AddressLease, node_id)
         return _lease_from_row(row) if row is not None else None
 
     async def _taken(self, column: Any, value: str) -> bool:
-        async with self._sessions() as s, map_db_errors():
+        async with self._session() as s, map_db_errors():
             return bool(await s.scalar(select(func.count()).where(column == value)))
 
     async def _used(self, column: Any, network: Any) -> list[IPv4Address | IPv6Address]:
-        async with self._sessions() as s, map_db_errors():
+        async with self._session() as s, map_db_errors():
             values = (await s.scalars(select(column))).all()
         out: list[IPv4Address | IPv6Address] = []
         for text in values:
@@ -264,7 +276,7 @@ class SqlNodeStore:
     ) -> Lease | None:
         """Insert a lease; None when an address is taken; the winner's lease on a node race."""
         try:
-            async with self._sessions() as s, s.begin():
+            async with self._session() as s, s.begin():
                 await s.execute(insert(AddressLease).values(
                     node_id=node_id, ipv4=str(ipv4), ipv6=str(ipv6), leased_at=_now()))
         except exc.IntegrityError:
@@ -297,14 +309,14 @@ class SqlNodeStore:
         dialect_insert = sqlite_insert if self._dialect == "sqlite" else pg_insert
         stmt = dialect_insert(NodeNetwork).values(node_id=node_id, **values)
         stmt = stmt.on_conflict_do_update(index_elements=[NodeNetwork.node_id], set_=values)
-        async with self._sessions() as s, s.begin(), map_db_errors():
+        async with self._session() as s, s.begin(), map_db_errors():
             await s.execute(stmt)
 
     async def touch(self, node_ids: Sequence[int], *, replica: str, now: datetime) -> None:
         """Refresh ``last_seen`` of nodes connected to ``replica`` (batched keepalives)."""
         if not node_ids:
             return
-        async with self._sessions() as s, s.begin(), map_db_errors():
+        async with self._session() as s, s.begin(), map_db_errors():
             await s.execute(
                 update(NodeNetwork)
                 .where(NodeNetwork.node_id.in_(list(node_ids)))
@@ -314,7 +326,7 @@ class SqlNodeStore:
 
     async def set_offline(self, node_id: int, *, replica: str | None, now: datetime) -> bool:
         """Mark the node offline, only if ``replica`` (when given) still holds it."""
-        async with self._sessions() as s, s.begin(), map_db_errors():
+        async with self._session() as s, s.begin(), map_db_errors():
             stmt = update(NodeNetwork).where(NodeNetwork.node_id == node_id)
             if replica is not None:
                 stmt = stmt.where(NodeNetwork.nms_replica == replica)
@@ -342,7 +354,7 @@ class SqlNodeStore:
         )
 
     async def _views(self, stmt: Any) -> list[NodeView]:
-        async with self._sessions() as s, map_db_errors():
+        async with self._session() as s, map_db_errors():
             rows: Iterable[Any] = (await s.execute(stmt)).all()
             return [self._to_view(n, lease, net) for n, lease, net in rows]
 
@@ -369,7 +381,7 @@ class SqlNodeStore:
         if limit is not None:
             stmt = stmt.limit(limit)
         stmt = stmt.offset(offset)
-        async with self._sessions() as s, map_db_errors():
+        async with self._session() as s, map_db_errors():
             total = int(await s.scalar(count) or 0)
         return await self._views(stmt), total
 
@@ -379,7 +391,7 @@ class SqlNodeStore:
         Polled by time window rather than by id: ids of concurrent transactions can commit
         out of order, and the poller de-duplicates by ``cursor`` (the revocation id).
         """
-        async with self._sessions() as s, map_db_errors():
+        async with self._session() as s, map_db_errors():
             rows = (
                 await s.execute(
                     select(Revocation.id, Node.fqdn, Revocation.serial, Revocation.reason)
