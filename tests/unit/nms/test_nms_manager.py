@@ -211,3 +211,25 @@ async def test_pool_exhaustion_is_a_clear_error(cluster: InProcessCluster) -> No
     assert len(leased) == 6
     with pytest.raises(Exhausted, match=r"100\.64\.0\.0/29"):
         await cluster.node(nms, "n6")
+
+
+async def test_moved_node_gets_its_routes_redirected(cluster: InProcessCluster) -> None:
+    nms = await cluster.replica("r1")
+    a = await cluster.node(nms, "a", "global_ipv4")
+    b = await cluster.node(nms, "b", "nat_ipv4")
+    first = await nms.route(a, pb.RouteRequest(fqdn=b.fqdn))
+    assert first.pattern == pb.ROUTE_PATTERN_NAT_CONNECTS
+    # b moves to a network where it has a global address: same route, now direct.
+    moved = RecordingLink(fqdn=b.fqdn)
+    reg = await nms.register(moved, local_addresses=[E("198.51.100.200:443")],
+                             observed=E("198.51.100.200:443"))
+    assert not reg.network.behind_nat
+    again_a = (await a.wait_for("route_direction", count=2)).route_direction
+    again_b = (await moved.wait_for("route_direction")).route_direction
+    assert again_a.route_id == again_b.route_id == first.route_id
+    assert again_a.pattern == again_b.pattern == pb.ROUTE_PATTERN_DIRECT
+    assert again_a.role == pb.ROUTE_ROLE_CONNECT
+    assert [Endpoint(ip_address(c.ip), c.port) for c in again_a.peer_candidates] == [
+        E("198.51.100.200:443")
+    ]
+    assert [r.pattern for r in await cluster.routes.all()] == [1]

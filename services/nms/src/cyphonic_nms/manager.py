@@ -284,8 +284,8 @@ class NodeManager:
         self.metrics.registrations.labels(outcome="ok").inc()
         log.info("registered", fqdn=fqdn, kind=info.kind, behind_nat=info.behind_nat,
                  vip4=str(lease.ipv4), vip6=str(lease.ipv6), observed=str(observed))
-        if moved or old is None:
-            # A moved node (or one returning after a restart) gets its routes re-directed.
+        if moved or (previous is not None and previous != self.replica_id):
+            # A node that moved, here or from another replica, gets its routes re-directed.
             self._spawn(self._redirect_routes(fqdn))
         return Registration(fqdn=fqdn, lease=lease, network=info, pools=self.pools,
                             keepalive_interval_s=self.keepalive_interval_s)
