@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import httpx
 from cyphonic.admin import create_admin_app
 from cyphonic.registry import ping
 from cyphonic.v1 import signalling_pb2 as pb
-from cyphonic_nms.api import router
+from cyphonic_nms.api import node_public, router
 from cyphonic_nms.testing import InProcessCluster
 
 TOKEN = "admin-token-for-tests-0123456789"
@@ -69,3 +71,18 @@ async def test_errors_and_auth(cluster: InProcessCluster) -> None:
         assert (await client.get("/healthz", headers={"Authorization": ""})).status_code == 200
         metrics = await client.get("/metrics")
         assert metrics.status_code == 200
+
+
+async def test_node_silent_past_the_timeout_is_shown_offline(cluster: InProcessCluster) -> None:
+    nms = await cluster.replica("r1")
+    a = await cluster.node(nms, "a")
+    view = await cluster.store.view(a.fqdn)
+    assert view is not None and view.online
+    assert node_public(view, offline_timeout_s=45).online
+    # The row says online but nothing refreshed it for longer than the timeout.
+    await cluster.store.touch([view.node_id], replica="r1",
+                              now=datetime.now(UTC) - timedelta(minutes=5))
+    stale = await cluster.store.view(a.fqdn)
+    assert stale is not None and stale.online
+    assert not node_public(stale, offline_timeout_s=45).online
+    assert node_public(stale).online  # without a timeout the row is taken as it is

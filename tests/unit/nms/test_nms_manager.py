@@ -233,3 +233,17 @@ async def test_moved_node_gets_its_routes_redirected(cluster: InProcessCluster) 
         E("198.51.100.200:443")
     ]
     assert [r.pattern for r in await cluster.routes.all()] == [1]
+
+
+async def test_restarted_replica_marks_its_stale_nodes_offline(cluster: InProcessCluster) -> None:
+    crashed = await cluster.replica("r1")
+    a = await cluster.node(crashed, "a")
+    view = await cluster.store.view(a.fqdn)
+    assert view is not None and view.online
+    restarted = await cluster.replica("r1")  # same replica id, nothing connected yet
+    await restarted.start()
+    try:
+        view = await cluster.store.view(a.fqdn)
+        assert view is not None and not view.online
+    finally:
+        await restarted.stop()

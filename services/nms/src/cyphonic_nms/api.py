@@ -6,7 +6,7 @@ Mounted on ``cyphonic.admin.create_admin_app`` (bearer token, JSON errors, /heal
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from cyphonic.admin import AdminAuth, Page, PageQuery
@@ -80,13 +80,25 @@ class ReplicaPublic(BaseModel):
     ipv6_pool: str
 
 
-def node_public(view: NodeView) -> NodePublic:
-    """The REST form of a node view."""
+# Grace on top of the offline timeout: last_seen is refreshed in batches every few seconds.
+_LAST_SEEN_GRACE = timedelta(seconds=10)
+
+
+def node_public(view: NodeView, *, offline_timeout_s: float | None = None) -> NodePublic:
+    """The REST form of a node view.
+
+    With ``offline_timeout_s``, a node whose last_seen is older than that is shown offline
+    even if its row says online (its replica died without marking it).
+    """
     net = view.network
+    online = view.online
+    if online and offline_timeout_s is not None:
+        limit = timedelta(seconds=offline_timeout_s) + _LAST_SEEN_GRACE
+        online = view.last_seen is not None and datetime.now(UTC) - view.last_seen <= limit
     return NodePublic(
         fqdn=view.fqdn,
         state=view.state,
-        online=view.online,
+        online=online,
         last_seen=view.last_seen,
         nms_replica=view.nms_replica,
         virtual_ipv4=str(view.lease.ipv4) if view.lease else None,
@@ -125,7 +137,8 @@ async def list_nodes(
     views, total = await manager.nodes.list_views(
         online_only=online, limit=page.limit, offset=page.offset
     )
-    return Page[NodePublic](items=[node_public(v) for v in views], total=total,
+    items = [node_public(v, offline_timeout_s=manager.offline_timeout_s) for v in views]
+    return Page[NodePublic](items=items, total=total,
                             limit=page.limit, offset=page.offset)
 
 
@@ -139,7 +152,7 @@ async def get_node(
     view = await manager.nodes.view(fqdn.lower().rstrip("."))
     if view is None:
         raise NotFound(f"no node {fqdn}")
-    return node_public(view)
+    return node_public(view, offline_timeout_s=manager.offline_timeout_s)
 
 
 @router.get("/routes", response_model=Page[RoutePublic], summary="Active routes")

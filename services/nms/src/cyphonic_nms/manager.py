@@ -186,6 +186,9 @@ class NodeManager:
 
     async def start(self) -> None:
         """Subscribe to this replica's bus channel and start the periodic loops."""
+        stale = await self.nodes.release_replica(self.replica_id, now=datetime.now(UTC))
+        if stale:
+            log.info("stale_nodes_offline", replica=self.replica_id, count=stale)
         await self.bus.subscribe(self.replica_id, self._on_bus)
         self._tasks = [
             asyncio.create_task(self._every(1.0, self.sweep), name="nms-sweep"),

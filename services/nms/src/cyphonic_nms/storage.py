@@ -112,6 +112,8 @@ class NodeStore(Protocol):
 
     async def set_offline(self, node_id: int, *, replica: str | None, now: datetime) -> bool: ...
 
+    async def release_replica(self, replica: str, *, now: datetime) -> int: ...
+
     async def view(self, fqdn: str) -> NodeView | None: ...
 
     async def view_by_virtual(self, address: IPv4Address | IPv6Address) -> NodeView | None: ...
@@ -332,6 +334,16 @@ class SqlNodeStore:
                 stmt = stmt.where(NodeNetwork.nms_replica == replica)
             result = await s.execute(stmt.values(online=False, updated_at=now))
             return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def release_replica(self, replica: str, *, now: datetime) -> int:
+        """Mark offline every node still recorded at ``replica`` (left by a crash)."""
+        async with self._session() as s, s.begin(), map_db_errors():
+            result = await s.execute(
+                update(NodeNetwork)
+                .where(NodeNetwork.nms_replica == replica, NodeNetwork.online.is_(True))
+                .values(online=False, updated_at=now)
+            )
+            return int(result.rowcount)  # type: ignore[attr-defined]
 
     def _view_query(self) -> Any:
         return (
