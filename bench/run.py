@@ -17,6 +17,9 @@ HERE = Path(__file__).resolve().parent
 # (script, fixed arguments, whether it takes this script's own arguments)
 BENCHES: list[tuple[str, list[str], bool]] = [
     ("datapath.py", [], True),
+    ("trs_forward.py", [], True),
+    ("nms_load.py", [], False),
+    ("as_enrolment.py", [], False),
 ]
 
 
