@@ -53,4 +53,4 @@ image-test: ## build every image on a local debootstrap base, start each against
 	deploy/image-test.sh
 
 kind-test: ## the chart on a kind cluster: install, helm test, upgrade, two agents ping (needs kind + docker/podman)
-	$(UV) run --frozen --with kubernetes pytest -q -p no:cacheprovider -rs -m kind tests/kind $(PYTEST_ARGS)
+	$(UV) run --frozen pytest -q -p no:cacheprovider -rs -m kind tests/kind $(PYTEST_ARGS)
