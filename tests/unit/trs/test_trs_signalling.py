@@ -107,6 +107,10 @@ async def test_second_side_on_another_replica_is_told_so(table, clock) -> None:
                               fqdn=B, is_node=True, addr=ADDR_B)
     assert answer.error.code == pb.ERROR_CODE_UNAVAILABLE and "replica 1" in answer.error.message
     assert len(two.core) == 0
+    # The refusal did not use up B's token: B retries at replica 1 with it.
+    await one.allocate(request(token), fqdn=B, is_node=True, addr=ADDR_B)
+    session = await table.load_session("r1")
+    assert session is not None and session.complete
 
 
 async def test_third_node_and_services_are_refused(table, clock) -> None:

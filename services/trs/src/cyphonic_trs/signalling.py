@@ -9,6 +9,8 @@ the certificate FQDN; the token's use by this node is claimed in the shared ``Ci
 second use is a replay, refused on every replica); fresh CIDs are reserved; the session is
 written with compare-and-set (two sides allocating at once both succeed, one retrying); the
 in-memory ``RelayCore`` is updated last, so packets flow only once Redis has the session.
+When anything before the session write fails (wrong replica, Redis down, endless concurrent
+updates), the CIDs and the token claim are released again: the token stays usable.
 
 Address changes: ``observe_control_address`` moves a node's sides to the address its control
 connection now uses. The endpoint calls it when the connection migrates, and every request
@@ -34,12 +36,12 @@ from cyphonic.errors import (
 from cyphonic.log import get_logger
 from cyphonic.v1 import signalling_pb2 as pb
 
-from cyphonic_trs.allocation import RelayAllocator
+from cyphonic_trs.allocation import AllocationGrant, RelayAllocator
 from cyphonic_trs.cid import Rng
 from cyphonic_trs.errors import AllocationTokenError, CidError, ConcurrentUpdate
 from cyphonic_trs.relay import RelayCore
 from cyphonic_trs.server import host_port
-from cyphonic_trs.session import HostPort
+from cyphonic_trs.session import HostPort, RelaySession, RelaySide
 from cyphonic_trs.storage import CidTable
 
 
@@ -139,26 +141,18 @@ class RelayAllocationService:
         )
         if not claimed:
             raise AllocationTokenError("allocation token already used by this node")
-        cids = await self._reserve_cids(grant.route_id, grant.fqdn)
         try:
-            for _ in range(CAS_ATTEMPTS):
-                current = await self.table.load_session(grant.route_id)
-                session, side = self.allocator.allocate(
-                    grant, current=current, addr=addr, cids=cids, now_ms=now_ms
-                )
-                try:
-                    await self.table.save_session(
-                        session,
-                        expected_version=None if current is None else current.version,
-                        ttl_s=self.session_ttl_s,
-                    )
-                except ConcurrentUpdate:
-                    continue
-                break
-            else:
-                raise ConcurrentUpdate(f"route {grant.route_id} keeps changing")
+            cids = await self._reserve_cids(grant.route_id, grant.fqdn)
+            try:
+                current, session, side = await self._save(grant, addr=addr, cids=cids,
+                                                          now_ms=now_ms)
+            except BaseException:
+                await self.table.release_cids(cids)
+                raise
         except BaseException:
-            await self.table.release_cids(cids)
+            # Nothing was stored: the token is still unused (a retry at the right replica,
+            # or after Redis is back, must not be told "already used").
+            await self._release_claim(grant.replay_key)
             raise
         replaced = current.side_of(grant.fqdn) if current is not None else None
         if replaced is not None:
@@ -169,6 +163,34 @@ class RelayAllocationService:
             complete=session.complete, cids=len(side.cids),
         )
         return self.allocator.answer(session, side, now_ms=now_ms)
+
+    async def _save(
+        self, grant: AllocationGrant, *, addr: HostPort, cids: list[bytes], now_ms: int
+    ) -> tuple[RelaySession | None, RelaySession, RelaySide]:
+        """Write the session with ``grant``'s side (compare-and-set, retried); the stored
+        session before, the session after, and the side."""
+        for _ in range(CAS_ATTEMPTS):
+            current = await self.table.load_session(grant.route_id)
+            session, side = self.allocator.allocate(
+                grant, current=current, addr=addr, cids=cids, now_ms=now_ms
+            )
+            try:
+                await self.table.save_session(
+                    session,
+                    expected_version=None if current is None else current.version,
+                    ttl_s=self.session_ttl_s,
+                )
+            except ConcurrentUpdate:
+                continue
+            return current, session, side
+        raise ConcurrentUpdate(f"route {grant.route_id} keeps changing")
+
+    async def _release_claim(self, key: str) -> None:
+        try:
+            await self.table.release_token(key)
+        except CyphonicError as exc:
+            # The claim then lapses with the token; the original error is what matters.
+            _log().warning("token_claim_not_released", code=exc.code_name, reason=exc.message)
 
     async def _reserve_cids(self, route_id: str, fqdn: str) -> list[bytes]:
         cids = self.allocator.new_cids(self.rng)

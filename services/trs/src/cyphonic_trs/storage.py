@@ -13,7 +13,8 @@ route ID; ``<cid>`` a CID in lower-case hex; ``<n>`` a replica number)::
                               packets, bytes (as of the last sync)   TTL = session TTL
     <p>trs:sessions:<n>       SET of route IDs relayed by replica n (reloaded at restart)
     <p>trs:token:<nonce>:<fqdn>  STRING "1", EX until the token expires: the token's use
-                              by that node (SET NX; a second use is a replay)
+                              by that node (SET NX; a second use is a replay;
+                              deleted again when that allocation fails)
     <p>trs:replicas           SET of replica ids ("trs-<n>")          } the NMS's TRS
     <p>trs:replica:trs-<n>    STRING JSON, EX 30 s, refreshed 10 s    } directory reads these
 
@@ -174,6 +175,9 @@ class CidTable(Protocol):
     async def claim_token(self, key: str, *, expires_ms: int, now_ms: int) -> bool:
         """Record one use of a token (``AllocationGrant.replay_key``); False if already used."""
 
+    async def release_token(self, key: str) -> None:
+        """Forget a claim (the allocation it was for failed, so the token is still unused)."""
+
     async def reserve_cids(
         self, cids: Sequence[bytes], *, route_id: str, fqdn: str, replica_id: int, ttl_s: float
     ) -> list[bytes]:
@@ -256,6 +260,9 @@ class InMemoryCidTable:
             return False
         self._tokens[key] = expires_ms
         return True
+
+    async def release_token(self, key: str) -> None:
+        self._tokens.pop(key, None)
 
     async def reserve_cids(
         self, cids: Sequence[bytes], *, route_id: str, fqdn: str, replica_id: int, ttl_s: float
@@ -417,6 +424,9 @@ class RedisCidTable:
             "claim token", self._redis.set(self.token_key(key), b"1", nx=True, px=ttl_ms)
         )
         return bool(done)
+
+    async def release_token(self, key: str) -> None:
+        await self._call("release token", self._redis.delete(self.token_key(key)))
 
     async def reserve_cids(
         self, cids: Sequence[bytes], *, route_id: str, fqdn: str, replica_id: int, ttl_s: float
