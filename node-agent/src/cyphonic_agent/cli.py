@@ -1,6 +1,7 @@
 """``cyphonic-agent``: the node agent command line.
 
     cyphonic-agent enroll --as https://as.example:8081 --token-file T --state-dir /var/lib/cyphonic
+    cyphonic-agent up [--state-dir D] [--config agent.toml] [--quic-port 443] ...
     cyphonic-agent status [--json]
 
 Exit status: 0 done, 1 refused or failed (the reason on stderr), 2 bad usage.
@@ -44,8 +45,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="enrol again over an existing state")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
 
+    _add_up_parser(sub)
     add_status_parser(sub)
     return parser
+
+
+def _add_up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "up", help="join the overlay: login, register, TUN, DNS stub, tunnels (root)",
+        description="Run the node agent in the foreground until SIGTERM/SIGINT. Each flag "
+        "overrides its CYPHONIC_* variable (e.g. --quic-port: CYPHONIC_QUIC_PORT), which "
+        "overrides the --config file (TOML, same keys: quic_port = 443).",
+    )
+    p.add_argument("--state-dir", type=Path, help=f"written by enroll (default "
+                                                  f"{DEFAULT_STATE_DIR})")
+    p.add_argument("--config", type=Path, help="TOML file of agent settings")
+    p.add_argument("--quic-host", help="address of the one UDP socket (default ::)")
+    p.add_argument("--quic-port", type=int, help="its UDP port (default 443; 0: ephemeral)")
+    p.add_argument("--as-endpoint", action="append", dest="as_endpoints",
+                   help="AS QUIC endpoint host:port, overriding agent.json's (repeatable)")
+    p.add_argument("--tun-name", help="TUN device name (default cyphonic0)")
+    p.add_argument("--mtu", type=int, help="TUN MTU (default 1420)")
+    p.add_argument("--dns-listen", help="DNS stub address:port (default 127.0.0.1:53; off)")
+    p.add_argument("--dns-upstream", action="append", dest="dns_upstreams",
+                   help="resolver for names outside the overlay (repeatable; default "
+                        "/etc/resolv.conf's)")
+    p.add_argument("--status-socket", type=Path, help="status API socket")
+    p.add_argument("--connect-timeout", type=float, dest="connect_timeout_s",
+                   help="seconds per QUIC handshake attempt (default 5)")
+    p.add_argument("--peer-timeout", type=float, dest="peer_timeout_s",
+                   help="QUIC idle timeout: a silent peer or NMS is gone (default 30)")
+    p.add_argument("--tunnel-keepalive", type=float, dest="tunnel_keepalive_s",
+                   help="PING interval on tunnels (default 10)")
+    p.add_argument("--give-up-after", type=float, dest="give_up_after_s",
+                   help="exit 1 if not registered after this many seconds (default: never)")
+    p.add_argument("--log-level", help="debug, info, warning or error")
+    p.add_argument("--log-format", choices=["console", "json"])
+
+
+_UP_FLAGS = ("state_dir", "quic_host", "quic_port", "as_endpoints", "tun_name", "mtu",
+             "dns_listen", "dns_upstreams", "status_socket", "connect_timeout_s",
+             "peer_timeout_s", "tunnel_keepalive_s", "give_up_after_s", "log_level",
+             "log_format")
+
+
+def _up(args: argparse.Namespace) -> int:
+    from cyphonic import log
+
+    from cyphonic_agent.agent import AgentFailed, run_agent
+    from cyphonic_agent.config import AgentSettings
+
+    settings = AgentSettings.load(config_file=args.config,
+                                  **{name: getattr(args, name) for name in _UP_FLAGS})
+    log.configure(level=settings.log_level, fmt=settings.log_format)
+    try:
+        asyncio.run(run_agent(settings))
+    except AgentFailed as exc:
+        print(f"cyphonic-agent: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _enroll(args: argparse.Namespace) -> int:
@@ -79,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "enroll":
             return _enroll(args)
+        if args.command == "up":
+            return _up(args)
         if args.command == "status":
             return run_status(args)
     except CyphonicError as exc:
