@@ -21,7 +21,13 @@ from pathlib import Path
 import httpx
 import pytest
 import redis.asyncio as redis_asyncio
-from cyphonic.errors import PermissionDenied, Revoked, Unauthenticated
+from cyphonic.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Revoked,
+    Unauthenticated,
+)
 from cyphonic.pki import PkiMaterial, init_pki
 from cyphonic.registry import Node, create_engine, make_sessionmaker
 from cyphonic.v1 import signalling_pb2 as pb
@@ -358,3 +364,49 @@ async def test_revoked_node_cut_off(world: World) -> None:
     again = await world.node("victim", nms, enrol=False)
     with pytest.raises(Revoked):
         await again.register()
+
+
+async def test_relay_cids_exchanged_between_replicas(world: World) -> None:
+    """The CID_A / CID_B exchange through two NMS processes: each node's RelayCids reaches
+    the other node (held by the other replica) as a push; outsiders are refused."""
+    client = redis_asyncio.Redis.from_url(world.redis_url)
+    try:
+        await RedisTrsDirectory(client).register(TrsReplica(
+            replica_id="trs-0", endpoints=(Endpoint.parse("127.0.0.1:4433"),),
+            server_name=f"trs.svc.{DOMAIN}"), ttl_s=600)
+    finally:
+        await client.aclose()
+    nms1 = await world.nms("nms-1")
+    nms2 = await world.nms("nms-2")
+    a = await world.node("relay-a", nms1)
+    b = await world.node("relay-b", nms2)
+    outsider = await world.node("relay-c", nms1)
+    for node in (a, b, outsider):
+        await node.register(_nat_report(node))
+    route = await a.route(fqdn=f"relay-b.{DOMAIN}")
+    assert route.pattern == pb.ROUTE_PATTERN_RELAY
+    assert (await b.wait_for("route_direction")).route_direction.role == pb.ROUTE_ROLE_ACCEPT
+
+    def relay_cids(cids: list[bytes], route_id: str = route.route_id) -> pb.Envelope:
+        return pb.Envelope(version=pb.PROTOCOL_VERSION_1,
+                           relay_cids=pb.RelayCids(route_id=route_id, connection_ids=cids))
+
+    cid_b = [os.urandom(8) for _ in range(16)]
+    echo = await b.request(relay_cids(cid_b))  # B (accepting side) first, as in the proposal
+    assert list(echo.relay_cids.connection_ids) == cid_b
+    pushed = (await a.wait_for("relay_cids")).relay_cids
+    assert (pushed.route_id, list(pushed.connection_ids)) == (route.route_id, cid_b)
+    cid_a = [os.urandom(8) for _ in range(16)]
+    await a.request(relay_cids(cid_a))
+    assert list((await b.wait_for("relay_cids")).relay_cids.connection_ids) == cid_a
+
+    with pytest.raises(PermissionDenied, match="not a node of route"):
+        await outsider.request(relay_cids(cid_a))
+    with pytest.raises(NotFound):
+        await b.request(relay_cids(cid_b, route_id="feedfacefeedface"))
+    with pytest.raises(InvalidArgument):
+        await b.request(relay_cids([b"short"]))
+    assert outsider.of("relay_cids") == [] and len(a.of("relay_cids")) == 1
+    async with nms1.admin() as admin:
+        text = (await admin.get("/metrics")).text
+    assert 'cyphonic_nms_pushes_total{kind="relay_cids",via="bus"} 1.0' in text

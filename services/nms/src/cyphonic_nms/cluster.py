@@ -289,6 +289,10 @@ class RouteStore(Protocol):
 
     async def put(self, route: RouteRecord) -> None: ...
 
+    async def get(self, route_id: str) -> RouteRecord | None:
+        """The route with this id, if it is active."""
+        ...
+
     async def for_node(self, fqdn: str) -> list[RouteRecord]: ...
 
     async def remove(self, route: RouteRecord) -> None: ...
@@ -307,6 +311,9 @@ class InProcessRouteStore:
         self.routes[route.route_id] = route
         for fqdn in (route.initiator, route.responder):
             self.by_node.setdefault(fqdn, set()).add(route.route_id)
+
+    async def get(self, route_id: str) -> RouteRecord | None:
+        return self.routes.get(route_id)
 
     async def for_node(self, fqdn: str) -> list[RouteRecord]:
         return [self.routes[r] for r in self.by_node.get(fqdn, ()) if r in self.routes]
@@ -339,6 +346,13 @@ class RedisRouteStore:
                 await pipe.execute()
         except Exception as exc:
             raise Unavailable("Redis unavailable (routes)") from exc
+
+    async def get(self, route_id: str) -> RouteRecord | None:
+        try:
+            value = await self._redis.hget(ROUTES_KEY, route_id)
+        except Exception as exc:
+            raise Unavailable("Redis unavailable (routes)") from exc
+        return RouteRecord.from_json(value) if value is not None else None
 
     async def for_node(self, fqdn: str) -> list[RouteRecord]:
         try:

@@ -11,6 +11,13 @@ Flow of a route request (replica R2 gets it from node A for node B held by R1)::
     R2 --RouteDirection(role)--> A              (local push)
     R2 --bus "push" on R1's channel--> R1 --RouteDirection(role)--> B
     R2 --RouteResponse--> A
+
+Pattern 3 adds the proposal's CID_A / CID_B exchange: each node allocates its side at the TRS,
+then sends ``RelayCids{route_id, its TRS-assigned CIDs}``; the NMS checks that the sender is a
+node of that relayed route and pushes the same ``RelayCids`` to the other node (through the
+bus when another replica holds it), then echoes the message as the answer::
+
+    B --RelayCids(route, CID_B...)--> R1 --RelayCids push (local or via the bus)--> A
 """
 
 from __future__ import annotations
@@ -61,6 +68,11 @@ from cyphonic_nms.trs_directory import InProcessTrsDirectory, TrsDirectory, pick
 log = get_logger("nms")
 
 REVOCATION_LOOKBACK = timedelta(minutes=5)
+MAX_RELAY_CIDS = 32
+"""Most CIDs one RelayCids may carry (a TRS assigns 16 per side by default)."""
+MIN_CID_LEN, MAX_CID_LEN = 8, 20
+"""A relay CID opens the connection as the first Initial's DCID: 8..20 bytes (RFC 9000 7.2)."""
+MAX_ROUTE_ID_LEN = 64
 
 
 class NodeLink(Protocol):
@@ -547,6 +559,41 @@ class NodeManager:
         log.info("route", route_id=route_id, initiator=initiator, responder=responder,
                  pattern=int(decision.pattern), connector=decision.connector.value)
         return record
+
+    async def relay_cids(self, link: NodeLink, message: pb.RelayCids) -> pb.RelayCids:
+        """Forward a node's TRS-assigned CIDs to the other node of the relayed route.
+
+        Refused: a node that did not register (``PermissionDenied``), bad sizes
+        (``InvalidArgument``), an unknown route (``NotFound``), a route the sender is not on
+        (``PermissionDenied``) or that is not relayed (``InvalidArgument``); a peer that is
+        not connected anywhere is ``PeerOffline``. The answer echoes what was forwarded.
+        """
+        self.require_registered(link)
+        fqdn = link.fqdn.lower()
+        route_id = message.route_id
+        if not route_id or len(route_id) > MAX_ROUTE_ID_LEN:
+            raise InvalidArgument(f"route_id must have 1..{MAX_ROUTE_ID_LEN} characters")
+        cids = list(message.connection_ids)
+        if not 0 < len(cids) <= MAX_RELAY_CIDS:
+            raise InvalidArgument(f"RelayCids must carry 1..{MAX_RELAY_CIDS} connection IDs")
+        if any(not MIN_CID_LEN <= len(c) <= MAX_CID_LEN for c in cids):
+            raise InvalidArgument(
+                f"a relay connection ID has {MIN_CID_LEN}..{MAX_CID_LEN} bytes")
+        if len(set(cids)) != len(cids):
+            raise InvalidArgument("RelayCids repeats a connection ID")
+        route = await self.routes.get(route_id)
+        if route is None:
+            raise NotFound(f"no active route {route_id}")
+        if not route.involves(fqdn):
+            raise PermissionDenied(f"{fqdn} is not a node of route {route_id}")
+        if route.pattern != int(Pattern.RELAY):
+            raise InvalidArgument(f"route {route_id} is not relayed (pattern {route.pattern})")
+        peer = route.peer_of(fqdn)
+        forwarded = pb.RelayCids(route_id=route_id, connection_ids=cids)
+        await self.deliver(peer, _envelope(relay_cids=forwarded), kind="relay_cids")
+        log.info("relay_cids_forwarded", route_id=route_id, sender=fqdn, peer=peer,
+                 cids=len(cids))
+        return forwarded
 
     async def _redirect_routes(self, fqdn: str) -> None:
         """Re-decide the routes of a node whose network changed; push where it changed."""

@@ -1,4 +1,4 @@
-"""QUIC signalling of the NMS: Register, Keepalive and RouteRequest from nodes.
+"""QUIC signalling of the NMS: Register, Keepalive, RouteRequest and RelayCids from nodes.
 
 ``handle_request`` answers one request envelope from a node's verified connection; it knows
 nothing of streams or sockets. ``start_signalling`` puts it behind the QUIC endpoint, one
@@ -94,6 +94,9 @@ async def answer(
     if body == "route_request":
         manager.keepalive(link)
         return _envelope(route_response=await manager.route(link, request.route_request))
+    if body == "relay_cids":
+        manager.keepalive(link)
+        return _envelope(relay_cids=await manager.relay_cids(link, request.relay_cids))
     raise UnexpectedMessage(f"the NMS does not answer {body or 'an empty envelope'}")
 
 
