@@ -41,3 +41,37 @@ def test_many_nodes_expire_in_deadline_order() -> None:
         tracker.seen(f"n{i}", float(i))
     assert tracker.expire(54.0) == [f"n{i}" for i in range(50)]
     assert len(tracker) == 50
+
+
+def test_heap_keeps_one_entry_per_node_however_often_it_is_seen() -> None:
+    tracker = PresenceTracker(offline_timeout_s=45_000)
+    for i in range(30_000):
+        tracker.seen(f"n{i % 3}", float(i))  # a flood of requests from three nodes
+    assert tracker.heap_size == 3
+    # Deadlines still follow the last sighting of each node (n0 at 29997, n2 at 29999).
+    assert tracker.next_deadline() == 29_997 + 45_000
+    assert tracker.expire(29_997 + 45_000) == ["n0"]
+    assert tracker.expire(29_999 + 45_000) == ["n1", "n2"]
+    assert tracker.heap_size == 0
+
+
+def test_forget_and_come_back_keeps_one_entry() -> None:
+    tracker = PresenceTracker(offline_timeout_s=10)
+    for round_ in range(1000):
+        tracker.seen("a", float(round_))
+        tracker.forget("a")
+        tracker.seen("a", float(round_) + 0.5)
+    assert tracker.heap_size == 1
+    assert tracker.expire(1009.4) == []
+    assert tracker.expire(1009.5) == ["a"]
+
+
+def test_forgotten_nodes_are_compacted_away() -> None:
+    tracker = PresenceTracker(offline_timeout_s=10)
+    for i in range(1000):
+        tracker.seen(f"n{i}", 0.0)
+    for i in range(1000):
+        tracker.forget(f"n{i}")
+    assert tracker.heap_size <= 64
+    tracker.seen("n5", 1.0)
+    assert tracker.expire(11.0) == ["n5"]

@@ -2,6 +2,10 @@
 
 Times are seconds on a monotonic clock passed in by the caller. A node is alive while it has
 been seen (registration, keepalive, any request) within ``offline_timeout_s``.
+
+The deadline heap holds at most one entry per node: ``seen`` only moves the node's last-seen
+time, and an entry that surfaces with an out-of-date deadline is pushed back with the current
+one. Requests are attacker-driven, so they must not grow the heap.
 """
 
 from __future__ import annotations
@@ -16,17 +20,26 @@ class PresenceTracker:
 
     offline_timeout_s: float
     _last_seen: dict[str, float] = field(default_factory=dict)
-    # (deadline, fqdn) heap; stale entries are skipped lazily.
+    # (deadline, fqdn) heap, one entry per node in ``_queued``; the deadline may be older
+    # than the node's real one (it is corrected when the entry reaches the top).
     _deadlines: list[tuple[float, str]] = field(default_factory=list)
+    _queued: set[str] = field(default_factory=set)
 
     def seen(self, fqdn: str, now: float) -> None:
         """Record that ``fqdn`` was heard from at ``now``."""
         self._last_seen[fqdn] = now
-        heapq.heappush(self._deadlines, (now + self.offline_timeout_s, fqdn))
+        if fqdn not in self._queued:
+            self._queued.add(fqdn)
+            heapq.heappush(self._deadlines, (now + self.offline_timeout_s, fqdn))
 
     def forget(self, fqdn: str) -> None:
         """Stop tracking ``fqdn`` (disconnected)."""
         self._last_seen.pop(fqdn, None)
+        # Its heap entry is dropped when it surfaces; compact if forgotten ones pile up.
+        if len(self._deadlines) > 2 * len(self._last_seen) + 64:
+            self._deadlines = [e for e in self._deadlines if e[1] in self._last_seen]
+            heapq.heapify(self._deadlines)
+            self._queued = {fqdn for _, fqdn in self._deadlines}
 
     def last_seen(self, fqdn: str) -> float | None:
         return self._last_seen.get(fqdn)
@@ -37,14 +50,24 @@ class PresenceTracker:
     def __len__(self) -> int:
         return len(self._last_seen)
 
+    @property
+    def heap_size(self) -> int:
+        """Entries in the deadline heap (at most one per tracked or recently forgotten node)."""
+        return len(self._deadlines)
+
     def next_deadline(self) -> float | None:
         """When ``expire`` next has something to return (None: nothing tracked)."""
         while self._deadlines:
             deadline, fqdn = self._deadlines[0]
             seen = self._last_seen.get(fqdn)
-            if seen is not None and seen + self.offline_timeout_s == deadline:
+            if seen is None:  # forgotten
+                heapq.heappop(self._deadlines)
+                self._queued.discard(fqdn)
+                continue
+            current = seen + self.offline_timeout_s
+            if current == deadline:
                 return deadline
-            heapq.heappop(self._deadlines)  # stale: refreshed since, or forgotten
+            heapq.heapreplace(self._deadlines, (current, fqdn))  # seen since: re-queue
         return None
 
     def expire(self, now: float) -> list[str]:
@@ -55,5 +78,6 @@ class PresenceTracker:
             if deadline is None or deadline > now:
                 return out
             _, fqdn = heapq.heappop(self._deadlines)
+            self._queued.discard(fqdn)
             self._last_seen.pop(fqdn, None)
             out.append(fqdn)
