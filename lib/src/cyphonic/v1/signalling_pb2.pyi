@@ -5,9 +5,11 @@ CYPHONIC-over-QUIC signalling, version 1.
 
 Every message on a signalling stream is one Envelope, length-delimited (see
 lib/src/cyphonic/wire/framing.py for the frame layout and the size limit).
-One bidirectional QUIC stream carries one request and its answer; the NMS
-pushes notices (RouteDirection, PeerOffline, RevocationNotice) on streams it
-opens. Connections use the ALPN "cyphonic-sig/1" for signalling and
+One bidirectional QUIC stream carries one request and its answer (or an
+Error); the NMS pushes one-way notices (RouteDirection, PeerOffline,
+RevocationNotice, RelayCids) on streams it opens and ends. Which body answers
+which request is the table TRANSITIONS in lib/src/cyphonic/signalling.py.
+Connections use the ALPN "cyphonic-sig/1" for signalling and
 "cyphonic-tun/1" for node-to-node tunnels.
 
 Evolution rules: never renumber or reuse a field; deprecate and `reserved`.
