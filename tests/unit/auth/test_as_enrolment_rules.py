@@ -1,4 +1,4 @@
-"""The AS's sans-I/O rules: names, tokens, CSR parsing, login checks, endpoints, the CRL."""
+"""The AS's sans-I/O rules: names, tokens, CSR parsing, login checks, the CRL."""
 
 from __future__ import annotations
 
@@ -18,12 +18,10 @@ from cyphonic_auth.enrolment import (
     check_certificate,
     check_peer_kind,
     check_token,
-    endpoint_pb,
     hash_token,
     new_token,
     node_fqdn,
     parse_csr,
-    parse_endpoint,
     refusal_reason,
     serial_hex,
     token_expiry,
@@ -137,31 +135,6 @@ def test_certificate_checks() -> None:
 def test_serials_are_lower_hex_without_padding() -> None:
     assert serial_hex(0x00AB) == "ab"
     assert serial_hex(2**127 + 5) == format(2**127 + 5, "x")
-
-
-@pytest.mark.parametrize(("text", "require_ip", "expected"), [
-    ("192.0.2.1:443", True, ("192.0.2.1", 443)),
-    ("192.0.2.1", True, ("192.0.2.1", 443)),
-    ("[2001:db8::1]:8443", True, ("2001:db8::1", 8443)),
-    ("[2001:DB8::1]", True, ("2001:db8::1", 443)),
-    ("2001:db8::1", True, ("2001:db8::1", 443)),
-    ("as.example.net:443", False, ("as.example.net", 443)),
-])
-def test_parse_endpoint(text: str, require_ip: bool, expected: tuple[str, int]) -> None:
-    assert parse_endpoint(text, require_ip=require_ip) == expected
-
-
-@pytest.mark.parametrize("text", ["as.example.net:443", "1.2.3.4:0", "1.2.3.4:70000",
-                                  "[::1", "[::1]x", "1.2.3.4:port", ""])
-def test_bad_endpoints(text: str) -> None:
-    with pytest.raises(InvalidArgument):
-        parse_endpoint(text, require_ip=True)
-
-
-def test_endpoint_wire_form() -> None:
-    v4 = endpoint_pb("192.0.2.1:443")
-    assert v4.ip == bytes([192, 0, 2, 1]) and v4.port == 443
-    assert len(endpoint_pb("[2001:db8::1]:443").ip) == 16
 
 
 def test_crl_is_signed_and_lists_entries() -> None:

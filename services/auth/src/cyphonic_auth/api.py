@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from cyphonic.admin import AdminAuth, Page, PageQuery, create_admin_app
+from cyphonic.hostport import format_host_port
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -211,9 +212,7 @@ def _as_endpoints(service: AuthService, request: Request) -> list[str]:
         return configured
     # Not configured: the node reached this REST API by some name; the QUIC endpoint is
     # most likely on the same host.
-    host = request.url.hostname
-    host = f"[{host}]" if ":" in host else host
-    return [f"{host}:{service.settings.quic_port}"]
+    return [format_host_port(request.url.hostname, service.settings.quic_port)]
 
 
 def _issued(

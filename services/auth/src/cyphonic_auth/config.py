@@ -6,13 +6,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
-from cyphonic.config import ServiceSettings
+from cyphonic.config import QUIC_PORT, ServiceSettings
 from cyphonic.errors import InvalidArgument
+from cyphonic.hostport import format_host_port, parse_host_port
 from cyphonic.pki import NODE_CA_CERT, NODE_CA_KEY, ROOT_CA_CERT, service_name
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
-
-from cyphonic_auth.enrolment import parse_endpoint
 
 DEFAULT_HTTP_PORT = 8081
 
@@ -32,7 +31,7 @@ def _split(value: object) -> object:
 def _checked(endpoints: list[str], *, require_ip: bool) -> list[str]:
     for item in endpoints:
         try:
-            parse_endpoint(item, require_ip=require_ip)
+            parse_host_port(item, default_port=QUIC_PORT, require_ip=require_ip)
         except InvalidArgument as exc:  # pydantic reports ValueErrors as validation errors
             raise ValueError(exc.message) from exc
     return endpoints
@@ -116,5 +115,4 @@ class AuthSettings(ServiceSettings):
             return list(self.as_endpoints)
         if self.quic_host in ("", "::", "0.0.0.0"):
             return []
-        host = f"[{self.quic_host}]" if ":" in self.quic_host else self.quic_host
-        return [f"{host}:{self.quic_port}"]
+        return [format_host_port(self.quic_host, self.quic_port)]

@@ -19,7 +19,6 @@ Every check here takes the current time as an argument; nothing reads a clock.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 import secrets
 from collections.abc import Sequence
@@ -39,7 +38,6 @@ from cyphonic.errors import (
 )
 from cyphonic.pki import CertifiedKey, validate_dns_name
 from cyphonic.registry.models import CertificateStatus, NodeState
-from cyphonic.v1 import signalling_pb2 as pb
 
 TOKEN_PREFIX = "cye_"
 TOKEN_BYTES = 32
@@ -198,45 +196,6 @@ def refusal_reason(error: BaseException) -> str:
         return f"token_{error.reason}"
     code_name = getattr(error, "code_name", None)
     return str(code_name) if code_name else "internal"
-
-
-# --------------------------------------------------------------------------- endpoints
-
-
-def parse_endpoint(text: str, *, require_ip: bool, default_port: int = 443) -> tuple[str, int]:
-    """``(host, port)`` from ``host:port``, ``[v6]:port``, or a bare host (default port)."""
-    value = text.strip()
-    host, port_text = value, ""
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0:
-            raise InvalidArgument(f"endpoint {text!r}: missing ']'")
-        host, rest = value[1:end], value[end + 1:]
-        if rest:
-            if not rest.startswith(":"):
-                raise InvalidArgument(f"endpoint {text!r}: expected ':port' after ']'")
-            port_text = rest[1:]
-    elif value.count(":") == 1:
-        host, port_text = value.split(":")
-    try:
-        port = int(port_text) if port_text else default_port
-    except ValueError as exc:
-        raise InvalidArgument(f"endpoint {text!r}: bad port") from exc
-    if not 0 < port < 65536:
-        raise InvalidArgument(f"endpoint {text!r}: port out of range")
-    try:
-        host = str(ipaddress.ip_address(host))
-    except ValueError as exc:
-        if require_ip:
-            raise InvalidArgument(f"endpoint {text!r}: not an IP address") from exc
-        host = validate_dns_name(host)
-    return host, port
-
-
-def endpoint_pb(text: str) -> pb.Endpoint:
-    """The wire form of an ``ip:port`` endpoint."""
-    host, port = parse_endpoint(text, require_ip=True)
-    return pb.Endpoint(ip=ipaddress.ip_address(host).packed, port=port)
 
 
 # --------------------------------------------------------------------------- CRL

@@ -12,7 +12,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
+from cyphonic.config import QUIC_PORT
 from cyphonic.errors import CyphonicError, InvalidArgument, NotFound, Unauthenticated
+from cyphonic.hostport import parse_host_port
 from cyphonic.log import get_logger
 from cyphonic.pki import (
     CertifiedKey,
@@ -23,6 +25,7 @@ from cyphonic.pki import (
     sign_node_csr,
 )
 from cyphonic.v1 import signalling_pb2 as pb
+from cyphonic.wire.messages import endpoint_to_pb
 from prometheus_client import CollectorRegistry, Counter
 
 from cyphonic_auth.config import AuthSettings
@@ -32,7 +35,6 @@ from cyphonic_auth.enrolment import (
     certificate_pem,
     check_certificate,
     check_peer_kind,
-    endpoint_pb,
     hash_token,
     new_token,
     node_fqdn,
@@ -157,7 +159,8 @@ async def login(
                       not_after=record.not_after, node_state=node.state, now=now)
     return pb.LoginResponse(
         fqdn=node.fqdn,
-        nms=[endpoint_pb(e) for e in nms_endpoints],
+        nms=[endpoint_to_pb(*parse_host_port(e, default_port=QUIC_PORT, require_ip=True))
+             for e in nms_endpoints],
         nms_server_name=nms_server_name,
         certificate_not_after_ms=int(record.not_after.timestamp() * 1000),
     )

@@ -8,8 +8,9 @@
       | RenewRequest {CSR}  ------------->  same checks, CSR names the same FQDN
       |                     <-------------  RenewResponse {new chain}
 
-``handle_request`` answers one request envelope for a TLS-verified peer; it knows nothing
-of streams or sockets. ``start_signalling`` puts it behind the QUIC endpoint.
+``answer`` decides one request for a TLS-verified peer; it knows nothing of streams or
+sockets. ``start_signalling`` puts it behind the QUIC endpoint, in a ``SignallingSession``
+per connection (which maps refusals to typed ``Error`` answers).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from cyphonic.config import ALPN_SIGNALLING
 from cyphonic.errors import CyphonicError, InternalError, UnexpectedMessage
+from cyphonic.hostport import format_host_port
 from cyphonic.log import get_logger
 from cyphonic.pki import PeerIdentity, load_identity, load_trust_store
 from cyphonic.v1 import signalling_pb2 as pb
+from cyphonic.wire.messages import wrap
 
 from cyphonic_auth.config import AuthSettings
 from cyphonic_auth.service import AuthService
@@ -34,14 +37,16 @@ IDLE_TIMEOUT_S = 60.0
 
 
 async def answer(service: AuthService, peer: PeerIdentity, request: pb.Envelope) -> pb.Envelope:
-    """The answer to one request from ``peer``; raises a ``CyphonicError`` to refuse."""
+    """The answer to one request from ``peer``; raises a ``CyphonicError`` to refuse.
+
+    The signalling session turns a raised error into the typed ``Error`` answer (and any
+    other exception into INTERNAL), as for every service.
+    """
     body = request.WhichOneof("body")
     if body == "login_request":
-        return pb.Envelope(version=pb.PROTOCOL_VERSION_1,
-                           login_response=await service.login(peer))
+        return wrap(await service.login(peer))
     if body == "renew_request":
-        renewed = await service.renew(peer, request.renew_request.csr_der)
-        return pb.Envelope(version=pb.PROTOCOL_VERSION_1, renew_response=renewed)
+        return wrap(await service.renew(peer, request.renew_request.csr_der))
     raise UnexpectedMessage(f"the AS does not answer {body or 'an empty envelope'}")
 
 
@@ -84,8 +89,7 @@ class AsSignallingServer:
     def address(self) -> str:
         """host:port of the UDP socket."""
         assert self.endpoint is not None
-        host, port = self.endpoint.local_address
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_host_port(*self.endpoint.local_address)
 
     @property
     def port(self) -> int:

@@ -19,6 +19,7 @@ from typing import Annotated
 
 from cyphonic.admin import AdminAuth, Page, PageQuery, create_admin_app
 from cyphonic.errors import NotFound, Unavailable
+from cyphonic.hostport import format_host_port
 from fastapi import APIRouter, FastAPI, Path, Response
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -26,7 +27,6 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel
 
 from cyphonic_trs.relay import RelayCore, SessionStats
-from cyphonic_trs.server import format_host_port
 from cyphonic_trs.service import TrsService
 
 
@@ -95,7 +95,7 @@ def _public(stats: SessionStats) -> SessionPublic:
         pair=stats.pair,
         sides=[
             None if s is None else SidePublic(
-                fqdn=s.fqdn, address=format_host_port(s.addr), connection_ids=s.cids,
+                fqdn=s.fqdn, address=format_host_port(*s.addr), connection_ids=s.cids,
                 packets=s.packets, bytes=s.bytes,
             )
             for s in stats.sides

@@ -78,19 +78,6 @@ def native_addr_for(family: int) -> Callable[[HostPort], Any]:
     return to_v6
 
 
-def host_port(addr: Any) -> HostPort:
-    """The stored form of a socket address: text host (IPv4-mapped shown as IPv4) and port."""
-    host, port = str(addr[0]), int(addr[1])
-    if host.startswith("::ffff:") and "." in host:
-        host = host[len("::ffff:") :]
-    return (host, port)
-
-
-def format_host_port(hp: HostPort) -> str:
-    """``192.0.2.1:443`` or ``[2001:db8::1]:443``."""
-    return f"[{hp[0]}]:{hp[1]}" if ":" in hp[0] else f"{hp[0]}:{hp[1]}"
-
-
 class SocketTransport(asyncio.DatagramTransport):
     """The shared socket seen as an asyncio datagram transport by the local QUIC server."""
 

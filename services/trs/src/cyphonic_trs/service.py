@@ -22,6 +22,7 @@ from typing import Any
 
 from cyphonic import relay_token
 from cyphonic.errors import CyphonicError
+from cyphonic.hostport import format_host_port, plain_address
 from cyphonic.log import get_logger
 
 from cyphonic_trs.allocation import RelayAllocator
@@ -31,7 +32,6 @@ from cyphonic_trs.relay import RelayCore, RelayTotals
 from cyphonic_trs.server import (
     LocalDatagramServer,
     RelayServer,
-    format_host_port,
     native_addr_for,
     open_udp_socket,
 )
@@ -142,7 +142,7 @@ class TrsService:
             await self._heartbeat()
         self._sync_task = asyncio.create_task(self._sync_loop(), name="trs-sync")
         _log().info("trs_started", replica=s.replica_id, udp=format_host_port(
-            (str(self.address[0]), int(self.address[1]))), restored=self.restored,
+            *plain_address(self.address)), restored=self.restored,
             endpoints=self.public_endpoints(), redis=bool(s.redis_url))
 
     async def stop(self) -> None:
@@ -179,7 +179,7 @@ class TrsService:
             return []
         if ip.is_unspecified:
             return []
-        return [format_host_port((host.removeprefix("::ffff:"), port))]
+        return [format_host_port(*plain_address((host, port)))]
 
     def totals(self) -> RelayTotals:
         """The forwarding counters of this replica."""

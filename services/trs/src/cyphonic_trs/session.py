@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-HostPort = tuple[str, int]
-"""An address as text host and port, the form stored and shown (IPv4-mapped IPv6 kept)."""
+from cyphonic.hostport import HostPort
+
+__all__ = ["HostPort", "RelaySession", "RelaySide"]
 
 
 @dataclass(frozen=True, slots=True)

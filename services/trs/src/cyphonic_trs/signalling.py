@@ -33,6 +33,7 @@ from cyphonic.errors import (
     Unavailable,
     UnexpectedMessage,
 )
+from cyphonic.hostport import plain_address
 from cyphonic.log import get_logger
 from cyphonic.v1 import signalling_pb2 as pb
 
@@ -40,7 +41,6 @@ from cyphonic_trs.allocation import AllocationGrant, RelayAllocator
 from cyphonic_trs.cid import Rng
 from cyphonic_trs.errors import AllocationTokenError, CidError, ConcurrentUpdate
 from cyphonic_trs.relay import RelayCore
-from cyphonic_trs.server import host_port
 from cyphonic_trs.session import HostPort, RelaySession, RelaySide
 from cyphonic_trs.storage import CidTable
 
@@ -120,7 +120,7 @@ class RelayAllocationService:
         try:
             if not is_node:
                 raise PermissionDenied("only nodes allocate relays")
-            answer = await self._allocate(request, fqdn=fqdn, addr=host_port(addr))
+            answer = await self._allocate(request, fqdn=fqdn, addr=plain_address(addr))
         except CyphonicError as exc:
             self.allocations[exc.code_name] += 1
             log.info("relay_allocation_refused", code=exc.code_name, reason=exc.message)
@@ -211,7 +211,7 @@ class RelayAllocationService:
     async def observe_control_address(self, fqdn: str, addr: Any) -> list[str]:
         """Move ``fqdn``'s sides to ``addr``, the current address of its authenticated
         control connection; the routes changed (normally none)."""
-        new = host_port(addr)
+        new = plain_address(addr)
         changed = self.core.update_address(fqdn.lower(), new)
         for route_id in changed:
             for _ in range(CAS_ATTEMPTS):
