@@ -9,7 +9,14 @@ import pytest
 from as_harness import AsHarness, csr_pem
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cyphonic.errors import Expired, PermissionDenied, Revoked, Unauthenticated
+from cyphonic.errors import (
+    Expired,
+    InvalidArgument,
+    PermissionDenied,
+    Revoked,
+    Unauthenticated,
+    UnexpectedMessage,
+)
 from cyphonic.pki import (
     PeerIdentity,
     generate_key,
@@ -18,7 +25,7 @@ from cyphonic.pki import (
     sign_node_csr,
 )
 from cyphonic.v1 import signalling_pb2 as pb
-from cyphonic_auth.signalling import handle_request
+from cyphonic_auth.signalling import answer
 
 
 def _der_csr(key: object, fqdn: str) -> bytes:
@@ -51,12 +58,11 @@ async def test_revoke_node_then_login_refused(as_env: AsHarness) -> None:
         await as_env.service.login(as_env.peer(chain))
     assert await as_env.metric("cyphonic_as_refusals_total", operation="login",
                                reason="revoked") == 1
-    # Over the signalling handler the refusal is a typed wire error.
-    answer = await handle_request(as_env.service, as_env.peer(chain),
-                                  pb.Envelope(version=pb.PROTOCOL_VERSION_1,
-                                              login_request=pb.LoginRequest()))
-    assert answer.WhichOneof("body") == "error"
-    assert answer.error.code == pb.ERROR_CODE_REVOKED
+    # The signalling handler raises the same typed error (the session puts it on the wire:
+    # test_as_quic.py).
+    with pytest.raises(Revoked):
+        await answer(as_env.service, as_env.peer(chain),
+                     pb.Envelope(version=pb.PROTOCOL_VERSION_1, login_request=pb.LoginRequest()))
     # Revoking again changes nothing and is not an error.
     again = await as_env.client.post("/v1/nodes/stolen/revoke", json={}, headers=as_env.admin)
     assert again.status_code == 200
@@ -150,9 +156,9 @@ async def test_renewal_issues_a_new_certificate_for_a_new_key(as_env: AsHarness)
     new_key = generate_key()
     request = pb.Envelope(version=pb.PROTOCOL_VERSION_1, renew_request=pb.RenewRequest(
         csr_der=_der_csr(new_key, "roamer.cyphonic.internal")))
-    answer = await handle_request(as_env.service, peer, request)
-    assert answer.WhichOneof("body") == "renew_response", answer
-    renewed = x509.load_pem_x509_certificates(answer.renew_response.certificate_chain_pem)
+    answered = await answer(as_env.service, peer, request)
+    assert answered.WhichOneof("body") == "renew_response", answered
+    renewed = x509.load_pem_x509_certificates(answered.renew_response.certificate_chain_pem)
     assert renewed[0].public_key() == new_key.public_key()
     assert renewed[0].serial_number != chain[0].serial_number
     assert renewed[1] == as_env.material.node_ca.cert
@@ -171,31 +177,32 @@ async def test_renewal_for_another_name_or_after_revocation_refused(as_env: AsHa
     _key, chain = await as_env.enrolled("mover")
     await as_env.create_node("other")
     peer = as_env.peer(chain)
-    wrong = await handle_request(as_env.service, peer, pb.Envelope(
-        version=pb.PROTOCOL_VERSION_1,
-        renew_request=pb.RenewRequest(csr_der=_der_csr(generate_key(),
-                                                       "other.cyphonic.internal"))))
-    assert wrong.error.code == pb.ERROR_CODE_INVALID_ARGUMENT
-    garbage = await handle_request(as_env.service, peer, pb.Envelope(
-        version=pb.PROTOCOL_VERSION_1, renew_request=pb.RenewRequest(csr_der=b"\x30\x03junk")))
-    assert garbage.error.code == pb.ERROR_CODE_INVALID_ARGUMENT
+    with pytest.raises(InvalidArgument):
+        await answer(as_env.service, peer, pb.Envelope(
+            version=pb.PROTOCOL_VERSION_1,
+            renew_request=pb.RenewRequest(csr_der=_der_csr(generate_key(),
+                                                           "other.cyphonic.internal"))))
+    with pytest.raises(InvalidArgument):
+        await answer(as_env.service, peer, pb.Envelope(
+            version=pb.PROTOCOL_VERSION_1,
+            renew_request=pb.RenewRequest(csr_der=b"\x30\x03junk")))
     await as_env.client.post("/v1/nodes/mover/revoke", json={}, headers=as_env.admin)
-    revoked = await handle_request(as_env.service, peer, pb.Envelope(
-        version=pb.PROTOCOL_VERSION_1,
-        renew_request=pb.RenewRequest(csr_der=_der_csr(generate_key(),
-                                                       "mover.cyphonic.internal"))))
-    assert revoked.error.code in (pb.ERROR_CODE_REVOKED, pb.ERROR_CODE_PERMISSION_DENIED)
+    with pytest.raises((Revoked, PermissionDenied)):
+        await answer(as_env.service, peer, pb.Envelope(
+            version=pb.PROTOCOL_VERSION_1,
+            renew_request=pb.RenewRequest(csr_der=_der_csr(generate_key(),
+                                                           "mover.cyphonic.internal"))))
     shown = (await as_env.client.get("/v1/nodes/mover", headers=as_env.admin)).json()
     assert len(shown["certificates"]) == 1
 
 
 async def test_signalling_refuses_messages_the_as_does_not_answer(as_env: AsHarness) -> None:
     _key, chain = await as_env.enrolled("chatty")
-    answer = await handle_request(as_env.service, as_env.peer(chain), pb.Envelope(
-        version=pb.PROTOCOL_VERSION_1, keepalive=pb.Keepalive(sequence=1)))
-    assert answer.error.code == pb.ERROR_CODE_UNEXPECTED_MESSAGE
-    empty = await handle_request(as_env.service, as_env.peer(chain), pb.Envelope())
-    assert empty.error.code == pb.ERROR_CODE_UNEXPECTED_MESSAGE
+    with pytest.raises(UnexpectedMessage):
+        await answer(as_env.service, as_env.peer(chain), pb.Envelope(
+            version=pb.PROTOCOL_VERSION_1, keepalive=pb.Keepalive(sequence=1)))
+    with pytest.raises(UnexpectedMessage):
+        await answer(as_env.service, as_env.peer(chain), pb.Envelope())
 
 
 async def test_audit_trail_records_who_did_what(as_env: AsHarness) -> None:

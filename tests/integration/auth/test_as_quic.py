@@ -8,13 +8,22 @@ from pathlib import Path
 import pytest
 from as_harness import AsHarness
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cyphonic.config import ALPN_SIGNALLING
-from cyphonic.errors import CyphonicError, Revoked
+from cyphonic.errors import (
+    CyphonicError,
+    InternalError,
+    InvalidArgument,
+    Revoked,
+    UnexpectedMessage,
+)
 from cyphonic.pki import (
     CertifiedKey,
     TrustStore,
+    generate_key,
     issue_service_certificate,
     load_identity,
+    make_csr,
 )
 from cyphonic.quic import QuicEndpoint
 from cyphonic.session import SignallingSession
@@ -125,3 +134,36 @@ async def test_service_certificates_are_refused_in_the_handshake(
         endpoint, _ = await _session(nms, as_env.material.trust, as_quic.port)
         await endpoint.close()
     assert refused.value.code_name in ("unauthenticated", "permission_denied")
+
+
+async def test_refusals_reach_the_node_as_typed_errors_through_the_session(
+    as_env: AsHarness, as_quic: AsSignallingServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The session's one error-to-Error mapping, as production runs it."""
+    identity = await _enrolled_state(as_env, "refused", tmp_path)
+    await as_env.create_node("elsewhere")
+    endpoint, session = await _session(identity, _node_trust(tmp_path), as_quic.port)
+    try:
+        foreign = make_csr(generate_key(), "elsewhere.cyphonic.internal")
+        with pytest.raises(InvalidArgument, match=r"does not match|must be exactly"):
+            await session.request(pb.RenewRequest(
+                csr_der=foreign.public_bytes(serialization.Encoding.DER)))
+        with pytest.raises(InvalidArgument, match="signing request"):
+            await session.request(pb.RenewRequest(csr_der=b"\x30\x03junk"))
+        with pytest.raises(UnexpectedMessage, match="does not answer keepalive"):
+            await session.request(pb.Keepalive(sequence=1))
+
+        async def broken(peer: object) -> None:
+            raise RuntimeError("database driver bug")
+
+        monkeypatch.setattr(as_env.service, "login", broken)
+        with pytest.raises(InternalError) as internal:
+            await session.request(LOGIN)
+        assert "driver" not in internal.value.message  # nothing internal leaks to the node
+        monkeypatch.undo()
+        # The connection survived every refusal.
+        answer = await session.request(LOGIN)
+        assert answer.login_response.fqdn == "refused.cyphonic.internal"
+    finally:
+        await endpoint.close()

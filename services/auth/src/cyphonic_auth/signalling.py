@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from cyphonic.config import ALPN_SIGNALLING
-from cyphonic.errors import CyphonicError, InternalError, UnexpectedMessage
+from cyphonic.errors import UnexpectedMessage
 from cyphonic.hostport import format_host_port
 from cyphonic.log import get_logger
 from cyphonic.pki import PeerIdentity, load_identity, load_trust_store
@@ -48,21 +48,6 @@ async def answer(service: AuthService, peer: PeerIdentity, request: pb.Envelope)
     if body == "renew_request":
         return wrap(await service.renew(peer, request.renew_request.csr_der))
     raise UnexpectedMessage(f"the AS does not answer {body or 'an empty envelope'}")
-
-
-async def handle_request(
-    service: AuthService, peer: PeerIdentity, request: pb.Envelope
-) -> pb.Envelope:
-    """Like ``answer`` but never raises: a refusal becomes a typed ``Error`` envelope."""
-    try:
-        return await answer(service, peer, request)
-    except CyphonicError as exc:
-        return pb.Envelope(version=pb.PROTOCOL_VERSION_1, error=exc.to_wire())
-    except Exception:
-        get_logger("as.signalling").exception("request_failed", fqdn=peer.name,
-                                              body=request.WhichOneof("body"))
-        return pb.Envelope(version=pb.PROTOCOL_VERSION_1,
-                           error=InternalError("internal error").to_wire())
 
 
 class SignallingServer(Protocol):
