@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -119,23 +119,34 @@ class NetworkInfo:
             return self.ipv4_reach.value
         return "none"
 
-    def candidates(self, family: int) -> tuple[Endpoint, ...]:
+    def candidates(self, family: int, *, loopback_ok: bool = False) -> tuple[Endpoint, ...]:
         """Real addresses of this node in ``family`` that a peer may try, best first.
 
-        The observed mapping comes first (it is what the outside saw); reported addresses
-        follow, minus non-routable ones and duplicates.
+        The observed mapping comes first: the NMS validated it (the handshake completed from
+        there). Reported addresses follow only when a peer may be sent to them: never
+        loopback, unspecified, multicast, link-local or reserved ones, which a node could
+        otherwise use to aim its peers' QUIC Initials at any target. A loopback observed
+        address is offered only to a peer that itself sits on loopback (``loopback_ok``:
+        both nodes share the NMS's host, a single-host setup).
         """
         out: list[Endpoint] = []
         observed = self.observed_ipv4 if family == 4 else self.observed_ipv6
-        if observed is not None:
+        if observed is not None and (
+            dialable(observed.ip) or (loopback_ok and observed.ip.is_loopback)
+        ):
             out.append(observed)
         for ep in self.local_addresses:
-            if ep.family == family and _usable(ep.ip) and ep not in out:
+            if ep.family == family and dialable(ep.ip) and ep not in out:
                 # A NATed node's private addresses are useless to a peer outside.
                 if family == 4 and self.behind_nat:
                     continue
                 out.append(ep)
         return tuple(out)
+
+    def on_loopback(self, family: int) -> bool:
+        """Whether the NMS saw this node's ``family`` connection come from loopback."""
+        observed = self.observed_ipv4 if family == 4 else self.observed_ipv6
+        return observed is not None and observed.ip.is_loopback
 
 
 @dataclass(frozen=True)
@@ -156,8 +167,35 @@ class RouteDecision:
 
 
 def _usable(ip: IPAddress) -> bool:
-    """An address a peer could ever reach (loopback is kept for single-host setups)."""
+    """An address worth recording from a node's report (loopback kept for single-host NAT
+    detection; it is never handed to a peer, see ``dialable``)."""
     return not (ip.is_link_local or ip.is_multicast or ip.is_unspecified)
+
+
+_THIS_NETWORK = ip_network("0.0.0.0/8")
+
+
+def dialable(ip: IPAddress) -> bool:
+    """Whether a peer may be told to send QUIC packets to ``ip`` on a node's word.
+
+    Refused: loopback, unspecified, multicast, link-local and reserved addresses (IPv4
+    0.0.0.0/8 and 240.0.0.0/4 with the broadcast address; IPv6 outside global unicast, ULA,
+    link-local and multicast, which includes ::1 and IPv4-mapped forms), deprecated IPv6
+    site-local, and 6to4/Teredo addresses wrapping such an IPv4 address. Private (RFC 1918,
+    ULA) and shared (100.64.0.0/10) addresses stay: two nodes on one LAN use them.
+    """
+    if isinstance(ip, IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return dialable(ip.ipv4_mapped)
+        embedded = ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is not None and not dialable(embedded):
+            return False
+        if ip.is_site_local:
+            return False
+    elif ip in _THIS_NETWORK:
+        return False
+    return not (ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_link_local
+                or ip.is_reserved)
 
 
 def _same(a: Endpoint, b: Endpoint) -> bool:
@@ -176,11 +214,11 @@ def classify(
 ) -> NetworkInfo:
     """Decide a node's ``NetworkInfo`` from its reported addresses and the observed source.
 
-    * IPv4 is available when the node connected over IPv4 or reported a usable IPv4 address.
+    * IPv4 is available when the node connected over IPv4 or reported a dialable IPv4 address.
       It is behind NAT when the observed IPv4 source address:port is not among the reported
       ones; when the node connected over IPv6 (nothing observed in IPv4), a node whose reported IPv4
       addresses are all non-global (RFC 1918, CGNAT...) is assumed to sit behind NAT.
-    * IPv6 is available when the node connected over IPv6 or reported a usable IPv6 address.
+    * IPv6 is available when the node connected over IPv6 or reported a dialable IPv6 address.
       IPv6 is taken as end-to-end (no NAT66).
     """
     # Keep the node's order (its preference), minus duplicates and unusable addresses.
@@ -193,14 +231,14 @@ def classify(
     reported_v4 = [ep for ep in reported if ep.family == 4]
     reported_v6 = [ep for ep in reported if ep.family == 6]
 
-    has_ipv4 = observed_v4 is not None or bool(reported_v4)
-    has_ipv6 = observed_v6 is not None or bool(reported_v6)
+    # A family the node merely claims counts only with an address a peer could dial.
+    dialable_v4 = [ep for ep in reported_v4 if dialable(ep.ip)]
+    has_ipv4 = observed_v4 is not None or bool(dialable_v4)
+    has_ipv6 = observed_v6 is not None or any(dialable(ep.ip) for ep in reported_v6)
     if observed_v4 is not None:
         behind_nat = not any(_same(observed_v4, ep) for ep in reported_v4)
     else:
-        behind_nat = bool(reported_v4) and not any(
-            ep.ip.is_global or ep.ip.is_loopback for ep in reported_v4
-        )
+        behind_nat = bool(dialable_v4) and not any(ep.ip.is_global for ep in dialable_v4)
     return NetworkInfo(
         has_ipv4=has_ipv4,
         has_ipv6=has_ipv6,
@@ -228,7 +266,7 @@ def cell(initiator: Reach, responder: Reach) -> tuple[Pattern, Side]:
 
 def pattern_for(a: NetworkInfo, b: NetworkInfo) -> RouteDecision:
     """The route from initiator ``a`` to responder ``b`` (DESIGN.md's table, dual-stack aware)."""
-    options: list[tuple[Pattern, int, Family, Side]] = []
+    options: list[tuple[Pattern, int, Family, Side, tuple[Endpoint, ...]]] = []
     for family, reach_a, reach_b in (
         (Family.IPV6, a.ipv6_reach, b.ipv6_reach),
         (Family.IPV4, a.ipv4_reach, b.ipv4_reach),
@@ -236,18 +274,20 @@ def pattern_for(a: NetworkInfo, b: NetworkInfo) -> RouteDecision:
         if reach_a is Reach.NONE or reach_b is Reach.NONE:
             continue
         pattern, connector = cell(reach_a, reach_b)
-        if pattern is not Pattern.RELAY:
+        if pattern is Pattern.RELAY:
+            continue
+        acceptor, connecting = (b, a) if connector is Side.INITIATOR else (a, b)
+        candidates = acceptor.candidates(
+            int(family), loopback_ok=connecting.on_loopback(int(family))
+        )
+        if candidates:  # a direct path needs an address the connecting side may dial
             # Lower pattern first; on a tie IPv6 (listed first, rank 0) wins.
-            options.append((pattern, len(options), family, connector))
+            options.append((pattern, len(options), family, connector, candidates))
     if not options:
         return RouteDecision(pattern=Pattern.RELAY, family=None, connector=Side.INITIATOR)
-    pattern, _, family, connector = min(options)
-    acceptor = b if connector is Side.INITIATOR else a
+    pattern, _, family, connector, candidates = min(options)
     return RouteDecision(
-        pattern=pattern,
-        family=family,
-        connector=connector,
-        candidates=acceptor.candidates(int(family)),
+        pattern=pattern, family=family, connector=connector, candidates=candidates
     )
 
 
