@@ -1,0 +1,297 @@
+"""Pattern 3 end to end on loopback: real ``cyphonic-nms`` and ``cyphonic-trs`` processes
+(Postgres, Redis), two simulated agents (one QUIC endpoint each, no TUN) driving
+``cyphonic_agent.relay.RelayClient``: allocation at the TRS, the CID exchange through the
+NMS, and the node-to-node tunnel (ALPN cyphonic-tun/1, mutual TLS) through the relay.
+
+Both agents report a private address other than the one the NMS sees, so the NMS takes
+them for nodes behind NAT and directs pattern 3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as redis_asyncio
+from aioquic.quic.events import QuicEvent
+from cyphonic.config import ALPN_SIGNALLING, ALPN_TUNNEL
+from cyphonic.errors import CyphonicError, PermissionDenied, Timeout, TokenInvalid
+from cyphonic.pki import PeerIdentity, PkiMaterial, init_pki
+from cyphonic.quic import Acceptor, Connection, QuicEndpoint
+from cyphonic.registry import create_engine, make_sessionmaker
+from cyphonic.session import SignallingSession
+from cyphonic.v1 import signalling_pb2 as pb
+from cyphonic.wire.messages import wrap
+from cyphonic_agent.relay import RelayClient, RelayedPath
+from cyphonic_nms.simnode import issue_node_identity
+from cyphonic_nms.testing import add_node
+from relay_procs import ServiceProcess, free_port
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(180)]
+
+DOMAIN = "cyphonic.internal"
+ALICE, BOB = f"alice.{DOMAIN}", f"bob.{DOMAIN}"
+MARKER = b"CYPHONIC-RELAY-CLIENT-MARKER"
+
+
+class Tunnel:
+    """The handler of a node-to-node tunnel connection: collects DATAGRAMs."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.datagrams: asyncio.Queue[bytes] = asyncio.Queue()
+        conn.datagram_handler = self.datagrams.put_nowait
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        return None
+
+    def connection_lost(self, error: CyphonicError | None) -> None:
+        return None
+
+
+class SimAgent:
+    """A node as the agent is, minus the TUN: one endpoint for the NMS, the TRS and tunnels."""
+
+    def __init__(self, name: str, material: PkiMaterial) -> None:
+        self.fqdn = f"{name}.{DOMAIN}"
+        self.material = material
+        self.endpoint: QuicEndpoint | None = None
+        self.nms: SignallingSession | None = None
+        self.relay: RelayClient | None = None
+        self.directions: asyncio.Queue[pb.RouteDirection] = asyncio.Queue()
+        self.accepted: asyncio.Queue[Connection] = asyncio.Queue()
+        self.may_accept: set[str] = set()
+
+    async def start(self, nms_port: int, **relay_options: Any) -> None:
+        identity = issue_node_identity(self.material.node_ca, self.fqdn)
+        self.endpoint = await QuicEndpoint.open(
+            host="127.0.0.1", port=0, identity=identity, trust=self.material.trust,
+            accept={ALPN_TUNNEL: Acceptor(handler_factory=self._accepted, expect="node",
+                                          authorize=self._authorize)})
+        conn = await self.endpoint.connect(
+            ("127.0.0.1", nms_port), alpn=ALPN_SIGNALLING, expect="service",
+            expected_name=f"nms.svc.{DOMAIN}",
+            handler_factory=SignallingSession.factory(self._on_nms))
+        assert isinstance(conn.handler, SignallingSession)
+        self.nms = conn.handler
+        self.relay = RelayClient(endpoint=self.endpoint, nms=lambda: self.nms, **relay_options)
+        self.relay.start()
+        port = self.endpoint.local_address[1]
+        # A private address the NMS will not see: it takes this node for one behind NAT.
+        answer = await self.nms.request(wrap(pb.RegisterRequest(local_addresses=[
+            pb.Endpoint(ip=socket.inet_aton("192.168.77.10"), port=port)])))
+        assert answer.register_response.network.behind_nat
+
+    async def _on_nms(self, message: pb.Envelope, _session: SignallingSession) -> None:
+        body = message.WhichOneof("body")
+        if body == "route_direction":
+            self.directions.put_nowait(message.route_direction)
+        elif body == "relay_cids":
+            assert self.relay is not None
+            self.relay.peer_cids_received(message.relay_cids)
+
+    def _authorize(self, peer: PeerIdentity) -> None:
+        if peer.name not in self.may_accept:
+            raise PermissionDenied(f"no route to {peer.name}")
+
+    def _accepted(self, conn: Connection) -> Tunnel:
+        self.accepted.put_nowait(conn)
+        return Tunnel(conn)
+
+    async def connect(self, path: RelayedPath) -> Connection:
+        """Open the tunnel through the TRS as the connecting side does."""
+        assert self.endpoint is not None
+        return await self.endpoint.connect(
+            path.trs, alpn=ALPN_TUNNEL, expect="node", expected_name=path.peer_fqdn,
+            handler_factory=Tunnel, connection_id_factory=path.connection_id_factory(),
+            initial_destination_cid=path.initial_destination_cid, timeout=10)
+
+    async def close(self) -> None:
+        if self.relay is not None:
+            await self.relay.close()
+        if self.endpoint is not None:
+            await self.endpoint.close()
+
+
+class World:
+    """PKI, one NMS and one TRS process, agents."""
+
+    def __init__(self, tmp: Path, pg_url: str, redis_url: str) -> None:
+        self.tmp = tmp
+        self.pg_url = pg_url
+        self.redis_url = redis_url
+        self.material = init_pki(tmp / "pki", domain=DOMAIN,
+                                 now=datetime.datetime.now(datetime.UTC))
+        self.nms_port = free_port(socket.SOCK_DGRAM)
+        self.trs_port = free_port(socket.SOCK_DGRAM)
+        common = {"CYPHONIC_PKI_DIR": str(tmp / "pki"), "CYPHONIC_DOMAIN": DOMAIN,
+                  "CYPHONIC_REDIS_URL": redis_url, "CYPHONIC_QUIC_HOST": "127.0.0.1"}
+        self.nms = ServiceProcess("cyphonic_nms.cli", log_path=tmp / "nms.log",
+                                  ready_marker=b"quic_listening", env={
+                                      **common, "CYPHONIC_DATABASE_URL": pg_url,
+                                      "CYPHONIC_QUIC_PORT": str(self.nms_port),
+                                      "CYPHONIC_REPLICA_ID": "nms-1"})
+        self.trs = ServiceProcess("cyphonic_trs.cli", log_path=tmp / "trs.log",
+                                  ready_marker=b"trs_serving", env={
+                                      **common, "CYPHONIC_QUIC_PORT": str(self.trs_port),
+                                      "CYPHONIC_REPLICA_ID": "3"})
+        self.agents: list[SimAgent] = []
+
+    async def start(self) -> None:
+        await asyncio.gather(self.nms.start(), self.trs.start())
+
+    async def agent(self, name: str, **relay_options: Any) -> SimAgent:
+        engine = create_engine(self.pg_url)
+        try:
+            await add_node(make_sessionmaker(engine), name)
+        finally:
+            await engine.dispose()
+        agent = SimAgent(name, self.material)
+        self.agents.append(agent)
+        await agent.start(self.nms_port, **relay_options)
+        return agent
+
+    async def close(self) -> None:
+        for agent in self.agents:
+            await agent.close()
+        self.nms.stop()
+        self.trs.stop()
+
+
+@pytest.fixture
+async def world(pg_url: str, redis_url: str, tmp_path: Path) -> AsyncIterator[World]:
+    w = World(tmp_path, pg_url, redis_url)
+    try:
+        await w.start()
+        yield w
+    finally:
+        await w.close()
+
+
+async def eventually(check: Callable[[], bool], *, within_s: float = 5.0) -> None:
+    """Wait until ``check()`` holds (TimeoutError after ``within_s``)."""
+    async with asyncio.timeout(within_s):
+        while True:
+            if check():
+                return
+            await asyncio.sleep(0.05)
+
+
+async def directed(a: SimAgent, b: SimAgent) -> tuple[pb.RouteDirection, pb.RouteDirection]:
+    """A asks the NMS for B; both directions (pattern 3)."""
+    assert a.nms is not None
+    answer = await a.nms.request(wrap(pb.RouteRequest(fqdn=b.fqdn)))
+    assert answer.route_response.pattern == pb.ROUTE_PATTERN_RELAY
+    da = await asyncio.wait_for(a.directions.get(), 5)
+    db = await asyncio.wait_for(b.directions.get(), 5)
+    assert (da.role, db.role) == (pb.ROUTE_ROLE_CONNECT, pb.ROUTE_ROLE_ACCEPT)
+    b.may_accept.add(a.fqdn)
+    return da, db
+
+
+async def test_relayed_tunnel_through_real_nms_and_trs(world: World) -> None:
+    alice = await world.agent("alice", keepalive_s=0.5)
+    bob = await world.agent("bob", keepalive_s=0.5)
+    assert alice.relay is not None and bob.relay is not None
+    da, db = await directed(alice, bob)
+    trs_address = ("127.0.0.1", world.trs_port)
+    assert [(socket.inet_ntoa(e.ip), e.port) for e in da.relay.trs] == [trs_address]
+
+    # Both sides at once, as the agents would: A waits for B's CIDs through the NMS.
+    path_a, path_b = await asyncio.gather(alice.relay.prepare(da), bob.relay.prepare(db))
+    assert path_a.connects and not path_b.connects
+    assert path_a.trs == path_b.trs == trs_address
+    assert path_a.peer_cids == path_b.own_cids  # CID_B reached A through the NMS
+    assert len(path_a.own_cids) == len(path_b.own_cids) == 16
+    assert not set(path_a.own_cids) & set(path_b.own_cids)
+    assert path_a.label == f"via 127.0.0.1:{world.trs_port} (trs.svc.{DOMAIN})"
+    # CID_A went to B as well (the symmetric half of the exchange).
+    await eventually(lambda: bool(bob.relay.book.paths[db.route_id].peer_cids))
+    assert bob.relay.book.paths[db.route_id].peer_cids == path_a.own_cids
+
+    tunnel = await alice.connect(path_a)
+    assert tunnel.peer is not None and tunnel.peer.name == BOB
+    served = await asyncio.wait_for(bob.accepted.get(), 5)
+    assert served.peer is not None and served.peer.name == ALICE
+    assert bob.relay.path_of_connection(served) == bob.relay.path(db.route_id)
+    assert alice.relay.path_of_connection(tunnel) is not None
+    # Each side issues only its TRS-assigned CIDs; B's first is A's Initial DCID.
+    assert set(tunnel.quic.host_cids) <= set(path_a.own_cids)
+    assert set(served.quic.host_cids) <= set(path_b.own_cids[1:])
+    assert tunnel.peer_address == trs_address and served.peer_address == trs_address
+
+    for sender, receiver, text in ((tunnel, served, b"a2b"), (served, tunnel, b"b2a")):
+        for i in range(20):
+            assert sender.send_datagram(MARKER + text + bytes([i]))
+        handler = receiver.handler
+        assert isinstance(handler, Tunnel)
+        got = {await asyncio.wait_for(handler.datagrams.get(), 5) for _ in range(20)}
+        assert got == {MARKER + text + bytes([i]) for i in range(20)}
+
+    # The TRS's session table shows the pair, each side at its agent's socket address.
+    async with world.trs.admin() as admin:
+        sessions = (await admin.get("/v1/sessions")).json()["items"]
+    assert [s["route_id"] for s in sessions] == [da.route_id]
+    session = sessions[0]
+    assert set(session["pair"]) == {ALICE, BOB} and session["complete"]
+    assert session["packets"] > 0 and session["bytes"] > 40 * len(MARKER)
+    sides = {s["fqdn"]: s for s in session["sides"]}
+    for agent in (alice, bob):
+        assert agent.endpoint is not None
+        host, port = agent.endpoint.local_address
+        assert sides[agent.fqdn]["address"] == f"{host}:{port}"
+        assert sides[agent.fqdn]["bytes"] > 20 * len(MARKER)  # what it sent via the TRS
+    # and the Redis CID table owns each agent's CIDs under its name.
+    client = redis_asyncio.Redis.from_url(world.redis_url)
+    try:
+        for path, owner in ((path_a, ALICE), (path_b, BOB)):
+            for cid in path.own_cids:
+                entry = await client.hgetall(f"cyphonic:trs:cid:{cid.hex()}")
+                assert entry[b"fqdn"].decode() == owner
+                assert entry[b"route_id"].decode() == da.route_id
+    finally:
+        await client.aclose()
+
+    # Keepalives run on both control connections (the TRS re-reads the sides' addresses).
+    control = alice.relay.controls[trs_address]
+    before = control.sequence
+    alice.relay.nudge()
+    await eventually(lambda: control.sequence >= before + 2)
+    assert control.session.is_open
+    # Released routes give up their CIDs here (a replaced route's Initial is not served).
+    bob.relay.release(db.route_id)
+    assert bob.relay.book.server_pool(path_b.own_cids[0]) is None
+
+
+async def test_early_cids_replay_and_silent_peer(world: World) -> None:
+    alice = await world.agent("alice", peer_cids_timeout_s=1.0)
+    bob = await world.agent("bob")
+    carol = await world.agent("carol", peer_cids_timeout_s=1.0)
+    assert alice.relay is not None and bob.relay is not None and carol.relay is not None
+
+    # B allocates and sends CID_B before A even looks at its direction: A keeps the push.
+    da, db = await directed(alice, bob)
+    path_b = await bob.relay.prepare(db)
+    await eventually(lambda: da.route_id in alice.relay.book._early)
+    path_a = await alice.relay.prepare(da)
+    assert path_a.peer_cids == path_b.own_cids
+    tunnel = await alice.connect(path_a)
+    assert tunnel.peer is not None and tunnel.peer.name == BOB
+
+    # The same direction again: the token was used by this node already.
+    with pytest.raises(TokenInvalid, match="already used"):
+        await bob.relay.prepare(db)
+    kept = bob.relay.path(db.route_id)  # the refused attempt did not undo the first one
+    assert kept is not None and kept.own_cids == path_b.own_cids
+    assert bob.relay.book.server_pool(path_b.own_cids[0]) is not None
+
+    # A peer that never allocates: the connecting side gives up with Timeout.
+    dc, _ = await directed(carol, alice)
+    with pytest.raises(Timeout, match="no relay CIDs"):
+        await carol.relay.prepare(dc)
+    assert carol.relay.path(dc.route_id) is None
