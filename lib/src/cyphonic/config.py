@@ -7,6 +7,7 @@ command line override the environment (the CLI passes them as keyword arguments)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,14 +17,18 @@ QUIC_PORT = 443
 ALPN_SIGNALLING = "cyphonic-sig/1"
 ALPN_TUNNEL = "cyphonic-tun/1"
 
+# A misspelt environment ("prod") must not slip past the production checks: refuse it.
+Environment = Literal["local", "test", "production"]
+
 
 class ServiceSettings(BaseSettings):
     """Settings every cloud service (AS, NMS, TRS) has."""
 
     model_config = SettingsConfigDict(env_prefix="CYPHONIC_", extra="ignore")
 
-    environment: str = Field(
-        "local", description="local, test or production; production refuses unsafe defaults"
+    environment: Environment = Field(
+        "local", description="local, test or production; production refuses unsafe defaults "
+        "(anything else is refused)"
     )
     database_url: str = Field(
         "sqlite+aiosqlite:///./cyphonic.db",
