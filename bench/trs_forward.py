@@ -10,14 +10,10 @@ Three processes, sockets on 127.0.0.1::
     sender  --valid relayed packets (DCID = a CID of the sink's side)-->  relay  -->  sink
     (CPU 1)     from the sender side's registered address                (CPU 0)    (CPU 1)
 
-The relay process runs one of two glues (``--via``, default both in turn):
-
-- ``relay-server``: ``RelayServer`` (add_reader, drain up to 512 datagrams per wake-up, one
-  ``RelayCore`` decision and one ``sendto`` each);
-- ``endpoint``: the production path, the project's QUIC endpoint with the relay filter in
-  its drain loop, as ``cyphonic-trs serve`` runs it with a control plane;
-
-with a session installed as allocation would install it. The relay is pinned to one CPU; the
+The relay process runs the TRS's one UDP glue, as ``cyphonic-trs serve`` runs it: the
+project's QUIC endpoint with the relay filter in its drain loop (up to 512 datagrams per
+wake-up, one ``RelayCore`` decision and one ``sendto`` each), with a session installed as
+allocation would install it. The relay is pinned to one CPU; the
 sender and the sink share the other. Figures: what the relay forwarded per second in the
 measured window, and the same per second of CPU time the relay process got (user + system,
 which includes the loopback delivery to the sink), which on a shared machine is the rate of
@@ -40,8 +36,8 @@ import time
 from typing import Any
 
 from cyphonic_trs.cid import issue_cid
+from cyphonic_trs.control import bind_relay_socket, native_addr_for
 from cyphonic_trs.relay import Forward, RelayCore
-from cyphonic_trs.server import RelayServer, native_addr_for, open_udp_socket
 from cyphonic_trs.session import RelaySession, RelaySide
 
 WARMUP_S = 1.0
@@ -76,30 +72,23 @@ def _material() -> Any:
                             now=datetime.datetime.now(datetime.UTC))
 
 
-def _endpoint(sock: socket.socket, core: RelayCore, material: Any) -> Any:
-    """The production path: the project's QUIC endpoint with the relay in its drain loop."""
+def relay_main(sock: socket.socket, session: RelaySession, window: Any, ready: Any,
+               go: Any, out: Any, material: Any) -> None:
     from cyphonic_trs.control import open_relaying_endpoint
 
-    endpoint, _ = open_relaying_endpoint(sock=sock, core=core,
-                                         identity=material.services["trs"],
-                                         trust=material.trust, accept={})
-    return endpoint
-
-
-def relay_main(sock: socket.socket, session: RelaySession, window: Any, ready: Any,
-               go: Any, out: Any, via: str, material: Any) -> None:
     _pin(0)
     core = RelayCore(replica_id=1, native_addr=native_addr_for(socket.AF_INET))
     core.install(session, now=time.monotonic())
 
     async def run() -> dict[str, Any]:
-        if via == "endpoint":
-            endpoint = _endpoint(sock, core, material)
-            wakeups = lambda: endpoint.stats.wakeups  # noqa: E731
-        else:
-            server = RelayServer(core=core, sock=sock)
-            server.start()
-            wakeups = lambda: server.wakeups  # noqa: E731
+        # The production path: the project's QUIC endpoint with the relay in its drain loop.
+        endpoint, relay = open_relaying_endpoint(sock=sock, core=core,
+                                                 identity=material.services["trs"],
+                                                 trust=material.trust, accept={})
+
+        def wakeups() -> int:
+            return endpoint.stats.wakeups
+
         ready.set()
         # The parent sets the window once everyone is ready, then ``go``.
         await asyncio.get_running_loop().run_in_executor(None, go.wait)
@@ -110,12 +99,8 @@ def relay_main(sock: socket.socket, session: RelaySession, window: Any, ready: A
         await asyncio.sleep(max(0.0, t1 - time.monotonic()))
         end, wake1, cpu1, wall1 = (core.totals(), wakeups(), time.process_time(),
                                    time.monotonic())
-        if via == "endpoint":
-            await endpoint.close()
-            send_dropped = send_errors = 0
-        else:
-            server.stop()
-            send_dropped, send_errors = server.send_dropped, server.send_errors
+        send_dropped, send_errors = relay.send_dropped, relay.send_errors
+        await endpoint.close()
         forwarded = end.forwarded_packets - start.forwarded_packets
         return {
             "forwarded": forwarded,
@@ -181,11 +166,12 @@ def core_only(size: int, n: int = 500_000) -> float:
     return (time.perf_counter() - start) / n * 1e9
 
 
-def measure(*, via: str, duration: float, size: int) -> dict[str, Any]:
-    """One run: sender -> relay (``via`` relay-server or endpoint) -> sink."""
-    relay_sock = open_udp_socket("127.0.0.1", 0)
-    sink_sock = open_udp_socket("127.0.0.1", 0)
-    sink_sock.setblocking(True)
+def measure(*, duration: float, size: int) -> dict[str, Any]:
+    """One run: sender -> relay -> sink."""
+    relay_sock = bind_relay_socket("127.0.0.1", 0, buffer_bytes=4 * 1024 * 1024)
+    sink_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    sink_sock.bind(("127.0.0.1", 0))
     sender_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sender_sock.bind(("127.0.0.1", 0))
     sender_sock.connect(relay_sock.getsockname())
@@ -196,10 +182,9 @@ def measure(*, via: str, duration: float, size: int) -> dict[str, Any]:
     window = ctx.Array("d", 2)  # t0, t1 on the shared monotonic clock; 0 = not yet
     ready, go = ctx.Event(), ctx.Event()
     pipes = [ctx.Pipe(duplex=False) for _ in range(3)]
-    material = _material() if via == "endpoint" else None
+    material = _material()
     relay = ctx.Process(target=relay_main,
-                        args=(relay_sock, session, window, ready, go, pipes[0][1], via,
-                              material))
+                        args=(relay_sock, session, window, ready, go, pipes[0][1], material))
     relay.start()
     if not ready.wait(60):
         relay.kill()
@@ -224,7 +209,7 @@ def measure(*, via: str, duration: float, size: int) -> dict[str, Any]:
         s.close()
     pps = results["forwarded"] / duration
     return {
-        "via": via,
+        "via": "endpoint",
         "relay_pps": round(pps),
         "relay_gbit_s": round(pps * size * 8 / 1e9, 3),
         "relay_pps_per_cpu_s": round(results["forwarded"] / max(1e-9, results["relay_cpu_s"])),
@@ -241,12 +226,10 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds")
     parser.add_argument("--size", type=int, default=1252, help="UDP payload bytes per packet")
-    parser.add_argument("--via", choices=["relay-server", "endpoint", "both"], default="both",
-                        help="the glue measured (default both)")
+    parser.add_argument("--repeat", type=int, default=1, help="measured runs (default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    modes = ["relay-server", "endpoint"] if args.via == "both" else [args.via]
-    runs = [measure(via=via, duration=args.duration, size=args.size) for via in modes]
+    runs = [measure(duration=args.duration, size=args.size) for _ in range(args.repeat)]
     figures = {"duration_s": args.duration, "packet_bytes": args.size,
                "core_decision_ns": round(core_only(args.size)),
                "cpus": len(os.sched_getaffinity(0)), "runs": runs}

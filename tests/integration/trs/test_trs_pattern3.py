@@ -269,16 +269,13 @@ async def test_production_control_plane_over_signalling_sessions(
     signalling session (framing, typed errors) on both ends."""
     from cyphonic.errors import TokenInvalid
     from cyphonic.session import SignallingSession
-    from cyphonic_trs.cli import _control_plane
-    from cyphonic_trs.control import signalling_control_plane
 
     settings = TrsSettings(
         environment="test", quic_host="127.0.0.1", quic_port=0, replica_id=6,
         redis_url=os.environ.get("CYPHONIC_TEST_REDIS", "redis://127.0.0.1:6379/0"),
         redis_prefix=key_prefix, relay_token_secret=TEST_SECRET.decode(), pki_dir=pki_dir,
     )
-    assert _control_plane(settings, logger=_NullLogger()) is not None
-    service = TrsService(settings, control=signalling_control_plane(pki_dir))
+    service = TrsService(settings)  # the default control plane is the production one
     await service.start()
     try:
         trs_addr = ("127.0.0.1", int(service.address[1]))
@@ -313,8 +310,3 @@ async def test_production_control_plane_over_signalling_sessions(
         assert service.core.session("r7", time.monotonic()).packets > 0
     finally:
         await service.stop()
-
-
-class _NullLogger:
-    def warning(self, *args: Any, **kwargs: Any) -> None:
-        raise AssertionError(f"unexpected warning {args} {kwargs}")

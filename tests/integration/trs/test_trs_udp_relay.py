@@ -1,17 +1,22 @@
 """The TRS replica on real UDP sockets (loopback) with the real Redis CID table.
 
 Real aioquic endpoints play the two nodes; each uses only its TRS-issued CIDs, and every
-packet of their end-to-end connection passes the TRS's socket unchanged.
+packet of their end-to-end connection passes the TRS's socket unchanged. The TRS runs as
+``cyphonic-trs serve`` does: its QUIC endpoint (trs.crt from a test PKI directory) with the
+relay in the endpoint's drain loop. Control connections on that socket:
+test_trs_pattern3.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +25,7 @@ from aioquic.asyncio import QuicConnectionProtocol, connect, serve
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamDataReceived
+from cyphonic.pki import init_pki
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_trs.api import create_app
 from cyphonic_trs.config import TrsSettings
@@ -48,12 +54,25 @@ def free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
+PKI_DIR: list[Path] = []  # the module's PKI directory (set by the fixture below)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """trs.crt/trs.key and the CA certificates, as ``cyphonic-as init-pki`` leaves them."""
+    directory = tmp_path_factory.mktemp("pki")
+    init_pki(directory, now=datetime.datetime.now(datetime.UTC))
+    PKI_DIR.append(directory)
+    yield directory
+    PKI_DIR.remove(directory)
+
+
 def settings(prefix: str, *, replica: int, port: int = 0, **extra: Any) -> TrsSettings:
     return TrsSettings(
         environment="test", quic_host="127.0.0.1", quic_port=port, replica_id=replica,
         redis_url=os.environ.get("CYPHONIC_TEST_REDIS", "redis://127.0.0.1:6379/0"),
         redis_prefix=prefix, relay_token_secret=TEST_SECRET.decode(),
-        admin_token="admin-token-for-tests", cids_per_side=8, **extra,
+        admin_token="admin-token-for-tests", cids_per_side=8, pki_dir=PKI_DIR[-1], **extra,
     )
 
 
@@ -346,7 +365,7 @@ async def test_end_to_end_quic_through_the_relay_with_a_flood(trs: TrsService) -
         assert seen["forwarded"] > 1000 and seen["marker"] == 0
         print(f"\n1 MB echoed through the relay: quiet {quiet_s:.3f}s; during a "
               f"{FLOOD_PPS} pps flood {flood_s:.3f}s ({refused} stolen-CID packets refused, "
-              f"{local} random-CID packets passed to the local server)")
+              f"{local} random-CID packets left to the QUIC endpoint)")
     finally:
         if flooder is not None:
             flooder.kill()
@@ -382,38 +401,3 @@ async def test_replica_restart_during_a_transfer_recovers_by_itself(
         server.close()
         if second is not None:
             await second.stop()
-
-
-class PlainEcho(QuicConnectionProtocol):
-    """The TRS's own QUIC server stand-in (control connections), random CIDs."""
-
-    def quic_event_received(self, event: QuicEvent) -> None:
-        if isinstance(event, StreamDataReceived):
-            self._quic.send_stream_data(event.stream_id, event.data, end_stream=event.end_stream)
-            self.transmit()
-
-
-async def test_control_connections_share_the_socket_with_relayed_traffic(
-    redis_table: RedisCidTable, key_prefix: str
-) -> None:
-    cert, key = self_signed("trs.svc.cyphonic.internal")
-    cfg = QuicConfiguration(is_client=False, alpn_protocols=["cyphonic-sig/1"])
-    cfg.certificate, cfg.private_key = cert, key
-    local = QuicServer(configuration=cfg, create_protocol=PlainEcho)
-    service = TrsService(settings(key_prefix, replica=6), local=local)
-    await service.start()
-    server, ctx, _ = await relayed_pair(service)
-    try:
-        control_cfg = QuicConfiguration(is_client=True, alpn_protocols=["cyphonic-sig/1"],
-                                        verify_mode=0)
-        async with connect("127.0.0.1", service.address[1], configuration=control_cfg) as ctl, \
-                ctx as client:
-            assert await echo(ctl, b"control request") == b"control request"
-            assert await echo(client, MARKER * 100) == MARKER * 100
-            assert await echo(ctl, b"again") == b"again"
-        totals = service.totals()
-        assert totals.to_local_server > 5 and totals.forwarded_packets > 5
-        assert service.relay is not None and service.relay.local_errors == 0
-    finally:
-        server.close()
-        await service.stop()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import structlog
 from cyphonic import relay_token
 from cyphonic_trs.cli import build_parser, main
 from cyphonic_trs.config import TrsSettings
@@ -61,3 +64,24 @@ def test_relay_secret_local_default_and_rotation(monkeypatch: pytest.MonkeyPatch
     assert s.relay_secrets() == [b"n" * 20, b"o" * 20]
     with pytest.raises(Exception, match="RELAY_TOKEN_SECRET"):
         TrsSettings(environment="test").relay_secrets()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    # main() configures process-wide logging onto the current (captured, soon closed)
+    # stderr; give the tests that run after this one their configuration back.
+    saved = structlog.get_config()
+    yield
+    structlog.reset_defaults()
+    structlog.configure(**saved)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_serve_without_the_trs_certificate_exits_with_a_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No relay-only mode: without trs.crt no node could allocate, so the TRS refuses to start.
+    assert main(["serve", "--pki-dir", str(tmp_path), "--quic-host", "127.0.0.1",
+                 "--quic-port", "0", "--no-http"]) == 1
+    err = capsys.readouterr().err
+    assert "trs.crt is missing" in err and "init-pki" in err

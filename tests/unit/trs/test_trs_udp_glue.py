@@ -1,21 +1,32 @@
-"""The UDP glue on loopback sockets: dual-stack addresses, IPv4 to IPv6, batched drain."""
+"""The TRS's one UDP glue on loopback sockets: the QUIC endpoint with the relay filter.
+
+Dual-stack addresses (IPv4 node to IPv6 node), batched drain, and datagrams the relay does
+not take left to the endpoint's own routing (its control connections).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cyphonic import pki
 from cyphonic.hostport import plain_address
+from cyphonic.quic import QuicEndpoint
+from cyphonic.quic.endpoint import SOCKET_BUFFER
 from cyphonic_trs.cid import issue_cid
-from cyphonic_trs.relay import RelayCore
-from cyphonic_trs.server import (
-    RelayServer,
+from cyphonic_trs.control import (
+    RelayFilter,
+    bind_relay_socket,
     native_addr_for,
-    open_udp_socket,
+    open_relaying_endpoint,
 )
+from cyphonic_trs.relay import RelayCore
 from cyphonic_trs.session import RelaySession, RelaySide
 from cyphonic_trs.testing import random_cid, short_packet
 
@@ -38,6 +49,24 @@ def test_addresses_round_trip_through_the_stored_form() -> None:
     assert to_v6(("::ffff:192.0.2.1", 443)) == ("::ffff:192.0.2.1", 443, 0, 0)
     assert to_v6(("2001:DB8:0:0::1", 443)) == ("2001:db8::1", 443, 0, 0)
     assert to_v4(("192.0.2.1", 443)) == ("192.0.2.1", 443)
+    assert plain_address(to_v6(("192.0.2.1", 443))) == ("192.0.2.1", 443)
+
+
+def test_relay_socket_buffers_follow_the_setting() -> None:
+    sock = bind_relay_socket("127.0.0.1", 0, buffer_bytes=262144)
+    try:
+        assert not sock.getblocking()
+        # Linux doubles the value it stores; without privileges it caps it at rmem_max.
+        assert 0 < sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) <= 2 * 262144
+    finally:
+        sock.close()
+    assert SOCKET_BUFFER > 262144
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory: pytest.TempPathFactory) -> pki.PkiMaterial:
+    return pki.init_pki(Path(tmp_path_factory.mktemp("pki")),
+                        now=datetime.datetime.now(datetime.UTC))
 
 
 async def _recv(sock: socket.socket, within: float = 2.0) -> tuple[bytes, Any] | None:
@@ -57,22 +86,44 @@ def _peer(family: int, host: str) -> socket.socket:
     return s
 
 
-@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback on this host")
-async def test_ipv4_only_node_reaches_ipv6_only_node_through_a_dual_stack_relay() -> None:
-    relay_sock = open_udp_socket("::", 0)
-    v4, v6 = _peer(socket.AF_INET, "127.0.0.1"), _peer(socket.AF_INET6, "::1")
-    cids_4 = tuple(issue_cid(1, os.urandom) for _ in range(2))
-    cids_6 = tuple(issue_cid(1, os.urandom) for _ in range(2))
-    core = RelayCore(replica_id=1, native_addr=native_addr_for(relay_sock.family))
+@pytest.fixture
+async def relaying(
+    material: pki.PkiMaterial, request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[QuicEndpoint, RelayFilter, RelayCore]]:
+    host = getattr(request, "param", "127.0.0.1")
+    sock = bind_relay_socket(host, 0, buffer_bytes=SOCKET_BUFFER)
+    core = RelayCore(replica_id=1, native_addr=native_addr_for(sock.family))
+    endpoint, relay = open_relaying_endpoint(sock=sock, core=core,
+                                             identity=material.services["trs"],
+                                             trust=material.trust, accept={})
+    try:
+        yield endpoint, relay, core
+    finally:
+        await endpoint.close()
+
+
+def _install(core: RelayCore, a: socket.socket, b: socket.socket,
+             ) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    cids_a = tuple(issue_cid(1, os.urandom) for _ in range(2))
+    cids_b = tuple(issue_cid(1, os.urandom) for _ in range(2))
     core.install(RelaySession(
         route_id="r", replica_id=1, pair=("a.x", "b.x"), created_ms=0, version=2,
-        sides=(RelaySide(fqdn="a.x", addr=plain_address(v4.getsockname()), cids=cids_4,
+        sides=(RelaySide(fqdn="a.x", addr=plain_address(a.getsockname()), cids=cids_a,
                          allocated_ms=0),
-               RelaySide(fqdn="b.x", addr=plain_address(v6.getsockname()), cids=cids_6,
+               RelaySide(fqdn="b.x", addr=plain_address(b.getsockname()), cids=cids_b,
                          allocated_ms=0))), now=0.0)
-    server = RelayServer(core=core, sock=relay_sock)
-    server.start()
-    port = relay_sock.getsockname()[1]
+    return cids_a, cids_b
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback on this host")
+@pytest.mark.parametrize("relaying", ["::"], indirect=True)
+async def test_ipv4_only_node_reaches_ipv6_only_node_through_a_dual_stack_relay(
+    relaying: tuple[QuicEndpoint, RelayFilter, RelayCore],
+) -> None:
+    endpoint, _relay, core = relaying
+    v4, v6 = _peer(socket.AF_INET, "127.0.0.1"), _peer(socket.AF_INET6, "::1")
+    cids_4, cids_6 = _install(core, v4, v6)
+    port = endpoint.local_address[1]
     try:
         to_b = short_packet(cids_6[0])
         v4.sendto(to_b, ("127.0.0.1", port))
@@ -86,38 +137,17 @@ async def test_ipv4_only_node_reaches_ipv6_only_node_through_a_dual_stack_relay(
         assert stats.sides[0].addr == ("127.0.0.1", v4.getsockname()[1])
         assert stats.packets == 2
     finally:
-        server.stop()
-        for s in (relay_sock, v4, v6):
-            s.close()
+        v4.close()
+        v6.close()
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.transport: Any = None
-        self.got: list[tuple[bytes, Any]] = []
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.got.append((data, addr))
-        self.transport.sendto(b"answer:" + data[:4], addr)  # answers leave from the relay port
-
-
-async def test_batched_drain_and_the_local_server_share_one_socket() -> None:
-    relay_sock = open_udp_socket("127.0.0.1", 0)
+async def test_batched_drain_and_the_endpoint_share_one_socket(
+    relaying: tuple[QuicEndpoint, RelayFilter, RelayCore],
+) -> None:
+    endpoint, relay, core = relaying
     a, b = _peer(socket.AF_INET, "127.0.0.1"), _peer(socket.AF_INET, "127.0.0.1")
-    cids_a, cids_b = (issue_cid(2, os.urandom),), (issue_cid(2, os.urandom),)
-    core = RelayCore(replica_id=2)
-    core.install(RelaySession(
-        route_id="r", replica_id=2, pair=("a.x", "b.x"), created_ms=0, version=2,
-        sides=(RelaySide(fqdn="a.x", addr=a.getsockname(), cids=cids_a, allocated_ms=0),
-               RelaySide(fqdn="b.x", addr=b.getsockname(), cids=cids_b, allocated_ms=0))),
-        now=0.0)
-    local = Recorder()
-    server = RelayServer(core=core, sock=relay_sock, local=local, max_batch=64)
-    server.start()
-    dest = relay_sock.getsockname()
+    _cids_a, cids_b = _install(core, a, b)
+    dest = endpoint.local_address
     try:
         packets = [short_packet(cids_b[0], i.to_bytes(4, "big") + os.urandom(36))
                    for i in range(300)]
@@ -129,12 +159,17 @@ async def test_batched_drain_and_the_local_server_share_one_socket() -> None:
             assert got is not None, f"only {len(received)} of 300 arrived"
             received.append(got[0])
         assert sorted(received) == sorted(packets)
-        assert server.wakeups < 300  # drained in batches, not one callback per packet
+        assert endpoint.stats.wakeups < 300  # drained in batches, not one callback each
+        assert endpoint.stats.filtered == 300 and relay.send_dropped == 0
+        # What the relay does not take goes on to the endpoint's routing (no connection
+        # has this CID, so it is unroutable there) and is never forwarded.
         a.sendto(short_packet(random_cid()), dest)
-        got = await _recv(a)
-        assert got is not None and got[0].startswith(b"answer:") and got[1] == dest
-        assert len(local.got) == 1 and local.got[0][1] == a.getsockname()
+        for _ in range(50):
+            if endpoint.stats.unroutable:
+                break
+            await asyncio.sleep(0.02)
+        assert endpoint.stats.unroutable == 1 and endpoint.stats.filtered == 300
+        assert await _recv(b, within=0.3) is None
     finally:
-        server.stop()
-        for s in (relay_sock, a, b):
-            s.close()
+        a.close()
+        b.close()

@@ -26,7 +26,6 @@ from pydantic import ValidationError
 
 from cyphonic_trs.cid import parse_cid
 from cyphonic_trs.config import TrsSettings
-from cyphonic_trs.control import signalling_control_plane
 from cyphonic_trs.service import TrsService, make_table
 
 PROG = "cyphonic-trs"
@@ -67,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connection IDs issued to each side of a route (default 16)")
     p.add_argument("--domain", help="overlay DNS domain (default cyphonic.internal)")
     p.add_argument("--pki-dir", type=Path,
-                   help="holds trs.crt/trs.key and the CA certificates (control plane)")
+                   help="holds trs.crt/trs.key and the CA certificates (required)")
 
     p = sub.add_parser("replicas", help="list the live replicas registered in the CID table")
     _common(p)
@@ -87,21 +86,6 @@ def _settings(args: argparse.Namespace) -> TrsSettings:
     return TrsSettings(**overrides)
 
 
-def _control_plane(settings: TrsSettings, logger: Any) -> Any:
-    """The QUIC control plane when this replica has its certificate, else None (relaying
-    still runs, but nodes cannot allocate)."""
-    if not (settings.pki_dir / "trs.crt").exists():
-        logger.warning("trs_no_control_plane", reason="no trs.crt in the PKI directory",
-                       pki_dir=str(settings.pki_dir))
-        return None
-    try:
-        import cyphonic.session  # noqa: F401  (the signalling session of the shared library)
-    except ImportError as exc:
-        logger.warning("trs_no_control_plane", reason=f"signalling unavailable: {exc}")
-        return None
-    return signalling_control_plane(settings.pki_dir)
-
-
 async def serve(settings: TrsSettings, *, http: bool = True) -> None:
     """Run one replica until SIGTERM or SIGINT."""
     logger = log.get_logger("trs")
@@ -109,7 +93,7 @@ async def serve(settings: TrsSettings, *, http: bool = True) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    service = TrsService(settings, control=_control_plane(settings, logger))
+    service = TrsService(settings)
     admin: AdminServer | None = None
     try:
         await service.start()

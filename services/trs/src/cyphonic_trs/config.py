@@ -49,9 +49,6 @@ class TrsSettings(ServiceSettings):
     socket_buffer_bytes: int = Field(
         4 * 1024 * 1024, ge=65536, description="UDP socket send and receive buffer size"
     )
-    max_batch: int = Field(
-        512, ge=1, description="datagrams drained per wake-up before yielding to the loop"
-    )
 
     @model_validator(mode="after")
     def _check(self) -> TrsSettings:

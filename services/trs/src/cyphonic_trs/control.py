@@ -1,23 +1,24 @@
-"""The TRS's own QUIC server (nodes' control connections) on the relay's UDP socket.
+"""The TRS's UDP glue: its own QUIC server (nodes' control connections) on the relay socket.
 
-The project's QUIC endpoint (``cyphonic.quic.QuicEndpoint``) already drains its socket in
-batches and routes each datagram by DCID. The relay rides in that same loop: every datagram
-is first offered to ``RelayFilter``, which forwards or drops relay traffic (one ``RelayCore``
-decision, one ``sendto``) and leaves everything else, unknown CIDs included, to the
-endpoint's own routing, i.e. to the TRS's mutual-TLS control connections. So there is one
-socket, one reader and one drain loop for both.
-
-The hook is ``_RelayingEndpoint._route``, an override of the endpoint's per-datagram routing
-step; it is the one place that depends on the endpoint's internals (see docs/trs.md).
+The project's QUIC endpoint (``cyphonic.quic.QuicEndpoint``) drains its socket in batches
+and routes each datagram by DCID. The relay rides in that same loop through the endpoint's
+public ``datagram_filter`` hook: every datagram is first offered to ``RelayFilter``, which
+forwards or drops relay traffic (one ``RelayCore`` decision, one ``sendto``) and leaves
+everything else, unknown CIDs included, to the endpoint's own routing, i.e. to the TRS's
+mutual-TLS control connections. So there is one socket, one reader and one drain loop for
+both, and no other UDP glue.
 
 Control connections (ALPN ``cyphonic-sig/1``, node certificates only) are answered by
 ``RelayAllocationService.handle``. The address handed to it is the connection's current
 peer address only once QUIC has validated that path (RFC 9000 section 8.2): a packet
 replayed from elsewhere can make QUIC probe a new path, but not move a relay side.
+The trust store's ``is_revoked`` (``cyphonic.revocation``) refuses a revoked node
+certificate inside the handshake.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -25,12 +26,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cyphonic.config import ALPN_SIGNALLING
-from cyphonic.errors import CyphonicError, Unavailable
+from cyphonic.errors import InvalidArgument, Unavailable
 from cyphonic.log import get_logger
 from cyphonic.pki import CertifiedKey, TrustStore, load_identity, load_trust_store
+from cyphonic.quic import Acceptor, QuicEndpoint
+from cyphonic.quic.endpoint import (
+    SOCKET_BUFFER,
+    _bind_udp,  # the endpoint's own socket set-up, reused
+)
+from cyphonic.quic.engine import DEFAULT_MAX_DATAGRAM_SIZE
 from cyphonic.v1 import signalling_pb2 as pb
 
 from cyphonic_trs.relay import TO_LOCAL_SERVER, Forward, RelayCore
+from cyphonic_trs.session import HostPort
 
 if TYPE_CHECKING:
     from cyphonic_trs.service import TrsService
@@ -71,6 +79,38 @@ def validated_peer_address(connection: Any) -> tuple[str, int] | None:
     return address
 
 
+def bind_relay_socket(host: str, port: int, *, buffer_bytes: int) -> socket.socket:
+    """The relay's non-blocking UDP socket, set up as the QUIC endpoint sets up its own
+    (``::`` dual-stack where possible), with ``buffer_bytes`` send and receive buffers."""
+    sock = _bind_udp(host, port)
+    if buffer_bytes != SOCKET_BUFFER:
+        try:
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                sock.setsockopt(socket.SOL_SOCKET, option, buffer_bytes)
+        except BaseException:
+            sock.close()
+            raise
+    return sock
+
+
+def native_addr_for(family: int) -> Callable[[HostPort], Any]:
+    """The converter from a stored ``(host, port)`` to what ``recvfrom`` reports on a socket
+    of ``family`` (IPv4 hosts become IPv4-mapped on a dual-stack IPv6 socket)."""
+    if family == socket.AF_INET:
+        return lambda hp: (hp[0], hp[1])
+
+    def to_v6(hp: HostPort) -> Any:
+        ip = ipaddress.ip_address(hp[0])
+        if ip.version == 4:
+            return (f"::ffff:{ip}", hp[1], 0, 0)
+        mapped = ip.ipv4_mapped
+        if mapped is not None:
+            return (f"::ffff:{mapped}", hp[1], 0, 0)
+        return (socket.inet_ntop(socket.AF_INET6, ip.packed), hp[1], 0, 0)
+
+    return to_v6
+
+
 def open_relaying_endpoint(
     *,
     sock: socket.socket,
@@ -79,27 +119,18 @@ def open_relaying_endpoint(
     trust: TrustStore,
     accept: Mapping[str, Any],
     idle_timeout: float = 60.0,
-) -> tuple[Any, RelayFilter]:
+) -> tuple[QuicEndpoint, RelayFilter]:
     """A ``QuicEndpoint`` on ``sock`` whose drain loop relays first; (endpoint, filter).
 
     Call inside the running loop; ``endpoint.close()`` closes ``sock``.
     """
-    from cyphonic.quic import QuicEndpoint
-    from cyphonic.quic.engine import DEFAULT_MAX_DATAGRAM_SIZE
-
     relay = RelayFilter(core, sock)
-
-    class _RelayingEndpoint(QuicEndpoint):
-        def _route(self, data: bytes, addr: Any) -> Any:
-            if relay(data, addr):
-                return None
-            return super()._route(data, addr)
-
-    endpoint = _RelayingEndpoint(
+    endpoint = QuicEndpoint(
         sock=sock, identity=identity, trust=trust, accept=accept, idle_timeout=idle_timeout,
         max_datagram_size=DEFAULT_MAX_DATAGRAM_SIZE, max_pending_datagrams=1024,
         congestion_control="reno",
     )
+    endpoint.datagram_filter = relay
     return endpoint, relay
 
 
@@ -110,7 +141,7 @@ HandlerFactory = Callable[[Any], Any]
 class TrsControlPlane:
     """The relaying endpoint of a ``TrsService``: control connections plus relay filter."""
 
-    def __init__(self, endpoint: Any, relay: RelayFilter) -> None:
+    def __init__(self, endpoint: QuicEndpoint, relay: RelayFilter) -> None:
         self.endpoint = endpoint
         self.relay = relay
 
@@ -126,8 +157,6 @@ class TrsControlPlane:
         idle_timeout: float = 60.0,
     ) -> TrsControlPlane:
         """Serve ``ALPN_SIGNALLING`` for nodes on ``sock``, relaying first."""
-        from cyphonic.quic import Acceptor
-
         assert service.core is not None
         endpoint, relay = open_relaying_endpoint(
             sock=sock, core=service.core, identity=identity, trust=trust,
@@ -172,6 +201,9 @@ def signalling_control_plane(pki_dir: Path) -> Callable[[socket.socket, TrsServi
                                                          TrsControlPlane]:
     """The production control plane: ``trs.crt``/``trs.key`` from ``pki_dir``, and a
     ``cyphonic.session.SignallingSession`` per node connection."""
+    if not (pki_dir / "trs.crt").exists():
+        raise InvalidArgument(f"{pki_dir / 'trs.crt'} is missing: the TRS serves nodes' control "
+                              "connections with it ('cyphonic-as init-pki' makes it)")
     identity = load_identity(pki_dir / "trs.crt", pki_dir / "trs.key")
     trust = load_trust_store(pki_dir)
 
@@ -179,10 +211,8 @@ def signalling_control_plane(pki_dir: Path) -> Callable[[socket.socket, TrsServi
         from cyphonic.session import SignallingSession
 
         async def handle(message: pb.Envelope, session: Any) -> pb.Envelope | None:
-            try:
-                return await answer_request(service, message, connection=session.connection)
-            except CyphonicError as exc:
-                return pb.Envelope(version=pb.PROTOCOL_VERSION_1, error=exc.to_wire())
+            # A raised CyphonicError becomes the typed Error answer in the session.
+            return await answer_request(service, message, connection=session.connection)
 
         return TrsControlPlane.open(
             sock=sock, service=service, identity=identity, trust=trust,

@@ -3,7 +3,8 @@
     TrsService.start()
       1. open the CID table (Redis when ``redis_url`` is set, else in-process)
       2. reload this replica's sessions from it (a restart loses nothing stored)
-      3. bind UDP (443) and start the relay reader; non-relay datagrams go to ``local``
+      3. bind UDP (443) and open the control plane on it: the QUIC endpoint whose drain
+         loop relays first and serves nodes' control connections (``cyphonic_trs.control``)
       4. register the replica for the NMS's TRS directory, start the sync loop
     every ``sync_interval_s``: expire idle sessions (and delete them from the table),
       refresh the TTLs and counters of active ones, heartbeat the registration
@@ -27,14 +28,14 @@ from cyphonic.log import get_logger
 
 from cyphonic_trs.allocation import RelayAllocator
 from cyphonic_trs.config import TrsSettings
-from cyphonic_trs.control import RelayFilter, TrsControlPlane
-from cyphonic_trs.relay import RelayCore, RelayTotals
-from cyphonic_trs.server import (
-    LocalDatagramServer,
-    RelayServer,
+from cyphonic_trs.control import (
+    RelayFilter,
+    TrsControlPlane,
+    bind_relay_socket,
     native_addr_for,
-    open_udp_socket,
+    signalling_control_plane,
 )
+from cyphonic_trs.relay import RelayCore, RelayTotals
 from cyphonic_trs.signalling import RelayAllocationService, wall_ms
 from cyphonic_trs.storage import (
     HEARTBEAT_INTERVAL_S,
@@ -49,6 +50,10 @@ from cyphonic_trs.storage import (
 def _log() -> Any:
     # Looked up at call time: a logger bound at import would miss ``log.configure``.
     return get_logger("trs")
+
+
+ControlPlaneFactory = Callable[[socket.socket, "TrsService"], TrsControlPlane]
+"""Makes the control plane of a starting service on its bound UDP socket."""
 
 
 def make_table(settings: TrsSettings) -> CidTable:
@@ -66,22 +71,18 @@ class TrsService:
         settings: TrsSettings,
         *,
         table: CidTable | None = None,
-        local: LocalDatagramServer | None = None,
-        control: Callable[[socket.socket, TrsService], TrsControlPlane] | None = None,
+        control: ControlPlaneFactory | None = None,
     ) -> None:
-        """``control`` makes the control plane (the project's QUIC endpoint relaying in its
-        own drain loop, ``cyphonic_trs.control``); without it ``RelayServer`` reads the
-        socket and hands non-relay datagrams to ``local`` (an asyncio-protocol-shaped
-        server) or drops them."""
+        """``control`` makes the control plane on the bound socket (the project's QUIC
+        endpoint relaying in its own drain loop); default: the production one, with
+        ``trs.crt``/``trs.key`` and the CA certificates from ``settings.pki_dir``."""
         self.settings = settings
         self.table = table if table is not None else make_table(settings)
-        self.local = local
         self._control_factory = control
         self.control: TrsControlPlane | None = None
         self.core: RelayCore | None = None
-        self.relay: RelayServer | None = None
-        self.forwarder: RelayServer | RelayFilter | None = None
-        """Whichever sends relayed datagrams (send counters; None when stopped)."""
+        self.forwarder: RelayFilter | None = None
+        """Sends relayed datagrams (send counters; None when stopped)."""
         self.allocation: RelayAllocationService | None = None
         self.restored = 0
         self.started_ms = 0
@@ -116,7 +117,8 @@ class TrsService:
             cids_per_side=s.cids_per_side,
             idle_timeout_s=s.idle_timeout_s,
         )
-        sock = open_udp_socket(s.quic_host, s.quic_port, buffer_bytes=s.socket_buffer_bytes)
+        factory = self._control_factory or signalling_control_plane(s.pki_dir)
+        sock = bind_relay_socket(s.quic_host, s.quic_port, buffer_bytes=s.socket_buffer_bytes)
         try:
             self.core = RelayCore(replica_id=s.replica_id, idle_timeout=s.idle_timeout_s,
                                   native_addr=native_addr_for(sock.family))
@@ -125,14 +127,8 @@ class TrsService:
                 session_ttl_s=s.session_ttl_s,
             )
             self.restored = await self.allocation.restore()
-            if self._control_factory is not None:
-                self.control = self._control_factory(sock, self)
-                self.forwarder = self.control.relay
-            else:
-                self.relay = RelayServer(core=self.core, sock=sock, local=self.local,
-                                         max_batch=s.max_batch)
-                self.relay.start()
-                self.forwarder = self.relay
+            self.control = factory(sock, self)
+            self.forwarder = self.control.relay
         except BaseException:
             sock.close()
             raise
@@ -156,9 +152,6 @@ class TrsService:
         if self.control is not None:
             await self.control.close()  # closes the socket too
             self.control = None
-        if self.relay is not None:
-            self.relay.stop()
-            self.relay = None
         if self._sock is not None:
             with contextlib.suppress(CyphonicError):
                 await self.table.unregister_replica(self.replica_id)
