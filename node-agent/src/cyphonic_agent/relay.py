@@ -32,7 +32,7 @@ import ipaddress
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -311,19 +311,38 @@ class RelayClient:
 
     # ------------------------------------------------------------------ the exchange
 
-    async def prepare(self, direction: pb.RouteDirection) -> RelayedPath:
-        """Allocate this node's side of a pattern-3 route and exchange CIDs (see above).
-
-        CONNECT: returns once the peer's CIDs are known (``initial_destination_cid``).
-        ACCEPT: returns once this node serves its CIDs and the NMS took them. Raises the
-        TRS's or the NMS's typed error, ``Timeout`` when the peer's CIDs do not come.
-        """
+    async def prepare_direction(self, direction: pb.RouteDirection) -> RelayedPath:
+        """``prepare`` for a pattern-3 RouteDirection as the NMS pushed it."""
         if direction.pattern != pb.ROUTE_PATTERN_RELAY or not direction.HasField("relay"):
             raise InvalidArgument(f"route {direction.route_id} is not relayed")
         relay = direction.relay
-        route_id = direction.route_id
-        connects = direction.role == pb.ROUTE_ROLE_CONNECT
-        log = self.log.bind(route_id=route_id, peer=direction.peer_fqdn,
+        return await self.prepare(
+            route_id=direction.route_id, role=int(direction.role),
+            peer_fqdn=direction.peer_fqdn,
+            trs=[(str(ipaddress.ip_address(ep.ip)), int(ep.port)) for ep in relay.trs],
+            server_name=relay.trs_server_name, token=bytes(relay.allocation_token))
+
+    async def prepare(
+        self,
+        *,
+        route_id: str,
+        role: int,
+        peer_fqdn: str,
+        trs: Sequence[TrsAddress],
+        server_name: str,
+        token: bytes,
+    ) -> RelayedPath:
+        """Allocate this node's side of a pattern-3 route and exchange CIDs (see above).
+
+        ``trs``: the TRS endpoints of the direction (the first reachable one is used, or
+        the one this node already has a control connection to). CONNECT: returns once the
+        peer's CIDs are known (``initial_destination_cid``). ACCEPT: returns once this node
+        serves its CIDs and the NMS took them. Raises the TRS's or the NMS's typed error,
+        ``Timeout`` when the peer's CIDs do not come in ``peer_cids_timeout_s``.
+        """
+        connects = role == pb.ROUTE_ROLE_CONNECT
+        peer_fqdn = peer_fqdn.lower().rstrip(".")
+        log = self.log.bind(route_id=route_id, peer=peer_fqdn,
                             role="connect" if connects else "accept")
         started = self.clock()
         added = False
@@ -332,13 +351,12 @@ class RelayClient:
             waiter = asyncio.get_running_loop().create_future()
             old = self._waiters.pop(route_id, None)
             if old is not None and not old.done():
-                old.cancel()
+                old.set_exception(Unavailable(f"route {route_id} is being prepared again"))
             self._waiters[route_id] = waiter
         try:
-            control = await self._control_for(relay)
+            control = await self._control_for(list(trs), server_name)
             answer = await control.session.request(
-                wrap(pb.RelayAllocationRequest(allocation_token=relay.allocation_token,
-                                               route_id=route_id)),
+                wrap(pb.RelayAllocationRequest(allocation_token=token, route_id=route_id)),
                 timeout=self.request_timeout_s)
             if answer.WhichOneof("body") != "relay_allocation":
                 raise UnexpectedMessage(f"the TRS answered {answer.WhichOneof('body')}")
@@ -346,8 +364,7 @@ class RelayClient:
             own = check_cids(allocation.connection_ids, what="RelayAllocation")
             control.idle_since = None
             path = self.book.add(RelayedPath(
-                route_id=route_id, role=int(direction.role),
-                peer_fqdn=direction.peer_fqdn.lower().rstrip("."), trs=control.address,
+                route_id=route_id, role=role, peer_fqdn=peer_fqdn, trs=control.address,
                 trs_name=control.name, own_cids=own, expires_ms=int(allocation.expires_ms),
             ), now=self.clock())
             added = True
@@ -360,7 +377,7 @@ class RelayClient:
                         path = await waiter
                 except TimeoutError as exc:
                     raise Timeout(f"route {route_id}: no relay CIDs from "
-                                  f"{direction.peer_fqdn} within "
+                                  f"{peer_fqdn} within "
                                   f"{self.peer_cids_timeout_s:g} s") from exc
             log.info("relay_ready", trs=_hostport(control.address),
                      ms=round((self.clock() - started) * 1000, 1))
@@ -388,7 +405,7 @@ class RelayClient:
         path = self.book.remove(route_id)
         waiter = self._waiters.pop(route_id, None)
         if waiter is not None and not waiter.done():
-            waiter.cancel()
+            waiter.set_exception(Unavailable(f"route {route_id} was released"))
         if path is not None:
             control = self.controls.get(path.trs)
             if control is not None and not self.book.uses(path.trs):
@@ -427,11 +444,8 @@ class RelayClient:
         if answer.WhichOneof("body") != "relay_cids":
             raise UnexpectedMessage(f"the NMS answered {answer.WhichOneof('body')}")
 
-    async def _control_for(self, relay: pb.RelayDirection) -> _Control:
-        """An open control connection to one of the relay's TRS endpoints (reused)."""
-        candidates: list[TrsAddress] = [
-            (str(ipaddress.ip_address(ep.ip)), int(ep.port)) for ep in relay.trs
-        ]
+    async def _control_for(self, candidates: list[TrsAddress], name: str) -> _Control:
+        """An open control connection to one of the TRS endpoints (reused)."""
         if not candidates:
             raise InvalidArgument("the relay direction names no TRS endpoint")
         for address in candidates:
@@ -444,7 +458,7 @@ class RelayClient:
                 errors.append(f"{_hostport(address)}: no route")
                 continue
             try:
-                return await self._dial(address, relay.trs_server_name)
+                return await self._dial(address, name)
             except (Timeout, Unavailable) as exc:
                 errors.append(f"{_hostport(address)}: {exc.message}")
         raise Unavailable("cannot reach the TRS: " + "; ".join(errors))

@@ -20,7 +20,13 @@ import pytest
 import redis.asyncio as redis_asyncio
 from aioquic.quic.events import QuicEvent
 from cyphonic.config import ALPN_SIGNALLING, ALPN_TUNNEL
-from cyphonic.errors import CyphonicError, PermissionDenied, Timeout, TokenInvalid
+from cyphonic.errors import (
+    CyphonicError,
+    PermissionDenied,
+    Timeout,
+    TokenInvalid,
+    Unavailable,
+)
 from cyphonic.pki import PeerIdentity, PkiMaterial, init_pki
 from cyphonic.quic import Acceptor, Connection, QuicEndpoint
 from cyphonic.registry import create_engine, make_sessionmaker
@@ -203,7 +209,8 @@ async def test_relayed_tunnel_through_real_nms_and_trs(world: World) -> None:
     assert [(socket.inet_ntoa(e.ip), e.port) for e in da.relay.trs] == [trs_address]
 
     # Both sides at once, as the agents would: A waits for B's CIDs through the NMS.
-    path_a, path_b = await asyncio.gather(alice.relay.prepare(da), bob.relay.prepare(db))
+    path_a, path_b = await asyncio.gather(alice.relay.prepare_direction(da),
+                                          bob.relay.prepare_direction(db))
     assert path_a.connects and not path_b.connects
     assert path_a.trs == path_b.trs == trs_address
     assert path_a.peer_cids == path_b.own_cids  # CID_B reached A through the NMS
@@ -276,22 +283,29 @@ async def test_early_cids_replay_and_silent_peer(world: World) -> None:
 
     # B allocates and sends CID_B before A even looks at its direction: A keeps the push.
     da, db = await directed(alice, bob)
-    path_b = await bob.relay.prepare(db)
+    path_b = await bob.relay.prepare_direction(db)
     await eventually(lambda: da.route_id in alice.relay.book._early)
-    path_a = await alice.relay.prepare(da)
+    path_a = await alice.relay.prepare_direction(da)
     assert path_a.peer_cids == path_b.own_cids
     tunnel = await alice.connect(path_a)
     assert tunnel.peer is not None and tunnel.peer.name == BOB
 
     # The same direction again: the token was used by this node already.
     with pytest.raises(TokenInvalid, match="already used"):
-        await bob.relay.prepare(db)
+        await bob.relay.prepare_direction(db)
     kept = bob.relay.path(db.route_id)  # the refused attempt did not undo the first one
     assert kept is not None and kept.own_cids == path_b.own_cids
     assert bob.relay.book.server_pool(path_b.own_cids[0]) is not None
 
+    # A route released while its connecting side waits for the peer's CIDs.
+    dc, _ = await directed(carol, alice)
+    waiting = asyncio.ensure_future(carol.relay.prepare_direction(dc))
+    await eventually(lambda: carol.relay.path(dc.route_id) is not None)  # allocated
+    carol.relay.release(dc.route_id)
+    with pytest.raises(Unavailable, match="released"):
+        await waiting
     # A peer that never allocates: the connecting side gives up with Timeout.
     dc, _ = await directed(carol, alice)
     with pytest.raises(Timeout, match="no relay CIDs"):
-        await carol.relay.prepare(dc)
+        await carol.relay.prepare_direction(dc)
     assert carol.relay.path(dc.route_id) is None
