@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +17,36 @@ DEFAULT_DOMAIN = "cyphonic.internal"
 QUIC_PORT = 443
 ALPN_SIGNALLING = "cyphonic-sig/1"
 ALPN_TUNNEL = "cyphonic-tun/1"
+
+_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "sslpassword", "token"})
+
+
+def hide_password(url: str | None) -> str | None:
+    """``url`` fit to print or log: the password in its user info and password-like query
+    parameters become ``***`` (database and Redis URLs alike); None stays None.
+
+    SQLAlchemy's ``make_url(url).render_as_string(hide_password=True)`` does the first part
+    for database URLs only; Redis URLs (``redis://:secret@host/0``) need the same.
+    """
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL hidden>"
+    out = url
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        hidden = f"{userinfo.split(':', 1)[0]}:***@{host}"
+        out = out.replace(f"//{parts.netloc}", f"//{hidden}", 1)
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(k.lower() in _SECRET_QUERY_KEYS for k, _ in pairs):
+            query = urlencode([(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v)
+                               for k, v in pairs], safe="*")
+            out = out.replace(f"?{parts.query}", f"?{query}", 1)
+    return out
+
 
 # A misspelt environment ("prod") must not slip past the production checks: refuse it.
 Environment = Literal["local", "test", "production"]

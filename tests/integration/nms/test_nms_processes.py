@@ -10,15 +10,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
-import signal
-import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from ipaddress import IPv4Address, ip_address, ip_network
 from pathlib import Path
 
-import httpx
 import pytest
 import redis.asyncio as redis_asyncio
 from cyphonic.errors import (
@@ -33,7 +28,7 @@ from cyphonic.registry import Node, create_engine, make_sessionmaker
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_nms.routing import Endpoint
 from cyphonic_nms.simnode import SimulatedNode, issue_node_identity
-from cyphonic_nms.testing import add_node, revoke_node
+from cyphonic_nms.testing import NmsProcess, add_node, revoke_node
 from cyphonic_nms.trs_directory import RedisTrsDirectory, TrsReplica
 from sqlalchemy import select
 
@@ -42,85 +37,6 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(240)]
 DOMAIN = "cyphonic.internal"
 TOKEN = "nms-admin-token-for-integration-tests"
 SECRET = "relay-secret-for-integration-tests-0123"
-
-
-def _free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET6, kind) as s:
-        s.bind(("::", 0))
-        return int(s.getsockname()[1])
-
-
-class NmsProcess:
-    """One ``cyphonic-nms serve`` child process."""
-
-    def __init__(self, *, pki_dir: Path, database_url: str, redis_url: str | None,
-                 replica_id: str, log_path: Path) -> None:
-        self.quic_port = _free_port(socket.SOCK_DGRAM)
-        self.http_port = _free_port(socket.SOCK_STREAM)
-        self.replica_id = replica_id
-        self.log_path = log_path
-        self.env = {
-            **os.environ,
-            "CYPHONIC_ENVIRONMENT": "test",
-            "CYPHONIC_DATABASE_URL": database_url,
-            "CYPHONIC_PKI_DIR": str(pki_dir),
-            "CYPHONIC_DOMAIN": DOMAIN,
-            "CYPHONIC_QUIC_HOST": "::",
-            "CYPHONIC_QUIC_PORT": str(self.quic_port),
-            "CYPHONIC_HTTP_HOST": "127.0.0.1",
-            "CYPHONIC_HTTP_PORT": str(self.http_port),
-            "CYPHONIC_ADMIN_TOKEN": TOKEN,
-            "CYPHONIC_REPLICA_ID": replica_id,
-            "CYPHONIC_RELAY_TOKEN_SECRET": SECRET,
-            "CYPHONIC_KEEPALIVE_INTERVAL_S": "1",
-            "CYPHONIC_OFFLINE_TIMEOUT_S": "4",
-            "CYPHONIC_LOG_FORMAT": "json",
-        }
-        if redis_url:
-            self.env["CYPHONIC_REDIS_URL"] = redis_url
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def launch(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cyphonic_nms.cli", "serve"], env=self.env,
-                stdout=log, stderr=subprocess.STDOUT,
-            )
-
-    async def start(self) -> None:
-        self.launch()
-        assert self.proc is not None
-        async with httpx.AsyncClient() as client:
-            for _ in range(300):
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"NMS exited: {self.log_path.read_text()[-2000:]}")
-                try:
-                    ready = await client.get(f"{self.rest}/readyz", timeout=1)
-                    if ready.status_code == 200 and b"quic_listening" in self.log_path.read_bytes():
-                        return
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise RuntimeError(f"NMS did not become ready: {self.log_path.read_text()[-2000:]}")
-
-    def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-            return None
-
-    @property
-    def rest(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def admin(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.rest,
-                                 headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
 
 
 class World:
@@ -136,6 +52,7 @@ class World:
 
     async def nms(self, replica_id: str = "nms-1", *, redis: bool = True) -> NmsProcess:
         proc = NmsProcess(pki_dir=self.tmp / "pki", database_url=self.pg_url,
+                          admin_token=TOKEN, relay_secret=SECRET,
                           redis_url=self.redis_url if redis else None, replica_id=replica_id,
                           log_path=self.tmp / f"{replica_id}.log")
         self.processes.append(proc)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cyphonic import log
+from cyphonic.config import hide_password
 from cyphonic.errors import CyphonicError
 from cyphonic.registry import migrate
 from pydantic import ValidationError
@@ -87,6 +88,22 @@ def settings_from(args: argparse.Namespace) -> NmsSettings:
     return NmsSettings(**overrides)
 
 
+def printable_settings(settings: NmsSettings) -> dict[str, Any]:
+    """The settings as JSON-ready data with every secret hidden (tokens and URL passwords)."""
+    data = settings.model_dump(mode="json")  # SecretStr fields come out as "**********"
+    for key in ("database_url", "redis_url"):
+        data[key] = hide_password(data[key])
+    return data
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """A settings validation error without the input values (they hold the URLs)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
+        for e in exc.errors(include_url=False, include_input=False)
+    )
+
+
 async def serve(settings: NmsSettings, *, quic: bool = True) -> None:
     """Run one NMS replica until SIGTERM or SIGINT."""
     stop = asyncio.Event()
@@ -108,7 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from(args)
-    except (ValidationError, ValueError) as exc:
+    except ValidationError as exc:
+        print(f"cyphonic-nms: bad settings: {describe_invalid(exc)}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
         print(f"cyphonic-nms: bad settings: {exc}", file=sys.stderr)
         return 2
     log.configure(settings.log_level, settings.log_format)
@@ -118,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("registry database is up to date")
             return 0
         if args.command == "settings":
-            print(json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=True))
+            print(json.dumps(printable_settings(settings), indent=2, sort_keys=True))
             return 0
         if args.command == "serve":
             settings.relay_secret()  # refuse a missing secret before binding anything

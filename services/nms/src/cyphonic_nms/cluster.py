@@ -34,6 +34,20 @@ NODE_ROUTES_KEY = "cyphonic:nms:node-routes:{fqdn}"
 
 log = get_logger("nms.cluster")
 
+REDIS_TIMEOUT_S = 5.0  # as the TRS: a Redis that stops answering must not hang the NMS
+REDIS_HEALTH_CHECK_S = 15.0
+
+
+def redis_client(url: str, *, timeout_s: float = REDIS_TIMEOUT_S) -> Any:
+    """A ``redis.asyncio.Redis`` for the NMS: every command and connect bounded by
+    ``timeout_s``, TCP keepalive on, idle connections checked (PING) before reuse."""
+    import redis.asyncio as redis_asyncio
+
+    return redis_asyncio.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+        socket_keepalive=True, health_check_interval=REDIS_HEALTH_CHECK_S,
+    )
+
 
 # --------------------------------------------------------------------------- bus messages
 
@@ -122,24 +136,30 @@ class RedisBus:
     async def _run(self, handler: BusHandler) -> None:
         while True:
             try:
-                async for raw in self._pubsub.listen():
-                    if raw.get("type") != "message":
-                        continue
-                    try:
-                        message = BusMessage.from_json(raw["data"])
-                    except (ValueError, KeyError, TypeError):
-                        log.warning("bus_bad_message")
-                        continue
-                    try:
-                        await handler(message)
-                    except Exception:
-                        log.exception("bus_handler_failed", fqdn=message.fqdn)
+                # A bounded wait rather than listen(): each turn runs the client's health
+                # check, so a silently dead connection is noticed and re-established.
+                raw = await self._pubsub.get_message(ignore_subscribe_messages=True,
+                                                     timeout=1.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # Redis went away; redis-py resubscribes on the next listen().
+                # Redis went away; redis-py reconnects and resubscribes on the next read.
                 log.warning("bus_listen_failed", error=str(exc))
                 await asyncio.sleep(1)
+                continue
+            if raw is None or raw.get("type") != "message":
+                continue
+            try:
+                message = BusMessage.from_json(raw["data"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("bus_bad_message")
+                continue
+            try:
+                await handler(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("bus_handler_failed", fqdn=message.fqdn)
 
     async def close(self) -> None:
         if self._task is not None:

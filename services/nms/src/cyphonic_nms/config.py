@@ -54,6 +54,9 @@ class NmsSettings(ServiceSettings):
     trs_server_name: str | None = Field(
         None, description="name in the static TRS's certificate (default trs.svc.<domain>)"
     )
+    redis_timeout_s: float = Field(
+        5.0, gt=0, description="bound on each Redis command and connection attempt (seconds)"
+    )
     migrate: bool = Field(False, description="run registry migrations before serving")
 
     @model_validator(mode="after")

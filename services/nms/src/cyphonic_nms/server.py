@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cyphonic.admin import AdminServer, create_admin_app
+from cyphonic.config import hide_password
 from cyphonic.errors import Unavailable
 from cyphonic.log import get_logger
 from cyphonic.registry import create_engine, make_sessionmaker, ping, upgrade
@@ -19,6 +20,7 @@ from cyphonic_nms.cluster import (
     RedisBus,
     RedisPresence,
     RedisRouteStore,
+    redis_client,
 )
 from cyphonic_nms.config import NmsSettings
 from cyphonic_nms.leases import LeasePools
@@ -53,13 +55,13 @@ class NmsServer:
         await ping(self._engine)
         store = SqlNodeStore(make_sessionmaker(self._engine))
         if s.redis_url:
-            import redis.asyncio as redis_asyncio
-
-            self._redis = redis_asyncio.Redis.from_url(s.redis_url)
+            self._redis = redis_client(s.redis_url, timeout_s=s.redis_timeout_s)
             try:
                 await self._redis.ping()
             except Exception as exc:
-                raise Unavailable(f"Redis at {s.redis_url} is unreachable") from exc
+                raise Unavailable(
+                    f"Redis at {hide_password(s.redis_url)} is unreachable"
+                ) from exc
             presence: Any = RedisPresence(self._redis)
             bus: Any = RedisBus(self._redis)
             routes: Any = RedisRouteStore(self._redis)
