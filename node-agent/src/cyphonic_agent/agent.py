@@ -741,22 +741,34 @@ class Agent:
             timeout=self.settings.connect_timeout_s,
         )
         link = holder[0]
+        if not self.routes.is_current(route) or conn.is_closed:
+            conn.close("route replaced")
+            return
+        # The peer made its side of the tunnel when it accepted us (before it confirmed the
+        # handshake), so packets may flow now, in parallel with the TunnelRequest: waiting
+        # for the answer would cost a round trip on every fresh route.
+        self._tunnel_ready(link, peer_mtu=0)
+        self.counters.tunnels_connected += 1
+        self.log.info("tunnel_up", peer=route.fqdn, route_id=route.route_id, role="connect",
+                      pattern=route.pattern_name, path=str(candidate),
+                      setup_ms=round((loop.time() - started) * 1000, 1))
         try:
             answer = await link.session.request(
                 wrap(pb.TunnelRequest(route_id=route.route_id, mtu=self.settings.mtu)),
                 timeout=REQUEST_TIMEOUT_S)
             response: pb.TunnelResponse = _body(answer, "tunnel_response")
         except CyphonicError as exc:
+            # Refused (a route the peer no longer has) or no answer: this tunnel is not one
+            # the peer stands behind. Closing it tears the route down; the next packet or
+            # lookup asks the NMS again.
+            self.log.warning("tunnel_request_failed", peer=route.fqdn, error=exc.message)
             conn.close(f"{exc.code_name}: {exc.message}")
-            raise
-        if not self.routes.is_current(route) or conn.is_closed:
-            conn.close("route replaced")
             return
-        self._tunnel_ready(link, peer_mtu=response.mtu)
-        self.counters.tunnels_connected += 1
-        self.log.info("tunnel_up", peer=route.fqdn, route_id=route.route_id, role="connect",
-                      pattern=route.pattern_name, path=str(candidate),
-                      setup_ms=round((loop.time() - started) * 1000, 1))
+        if response.route_id != route.route_id:
+            conn.close("tunnel response for another route")
+            return
+        if response.mtu and link.tunnel is not None:
+            link.tunnel.core.mtu = min(self.settings.mtu, max(576, response.mtu))
 
     # ------------------------------------------------------------------ tunnels: accept
 

@@ -131,7 +131,10 @@ class AgentSettings(BaseSettings):
     def _dns_listen(cls, value: str) -> str:
         if value.strip().lower() in DNS_OFF:
             return "off"
-        host, _ = parse_hostport(value, default_port=53)
+        try:
+            host, _ = parse_hostport(value, default_port=53)
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from exc
         ipaddress.ip_address(host)  # the stub binds an address, not a name
         return value
 
@@ -139,7 +142,10 @@ class AgentSettings(BaseSettings):
     @classmethod
     def _endpoints(cls, value: list[str] | None) -> list[str] | None:
         for item in value or ():
-            parse_hostport(item, default_port=443)
+            try:
+                parse_hostport(item, default_port=443)
+            except InvalidArgument as exc:
+                raise ValueError(exc.message) from exc
         return value
 
     @model_validator(mode="after")
