@@ -72,19 +72,24 @@ def _hostport(host: str, port: int) -> str:
 
 
 def _wait_log(path: Path, needle: str, proc: subprocess.Popen[Any], *, timeout: float,
-              what: str) -> None:
+              what: str, count: int = 1, offset: int = 0) -> None:
+    """Wait until ``needle`` was logged ``count`` times after byte ``offset`` of ``path``."""
+
+    def text() -> str:
+        return _read(path)[offset:]
+
     def seen() -> bool:
-        if needle in _read(path):
+        if text().count(needle) >= count:
             return True
         if proc.poll() is not None:
-            raise TestbedError(f"{what} exited {proc.returncode}:\n{_tail(path)}")
+            raise TestbedError(f"{what} exited {proc.returncode}:\n{text()[-4000:]}")
         return False
 
     try:
         wait_for(seen, timeout, interval=0.1, message=what)
     except TestbedTimeout as exc:
         raise TestbedTimeout(f"{what}: {needle!r} not logged within {timeout:g}s:\n"
-                             f"{_tail(path)}") from exc
+                             f"{text()[-4000:]}") from exc
 
 
 # --------------------------------------------------------------------------- agents
@@ -102,22 +107,25 @@ class AgentProcess:
     status_socket: Path
     dns: tuple[str, int] = ("127.0.0.1", 53)
     domain: str = DOMAIN
+    log_offset: int = 0
+    """Where this process's output starts in ``log`` (a restarted agent appends to it)."""
 
     @property
     def fqdn(self) -> str:
         return f"{self.name}.{self.domain}"
 
     def log_text(self) -> str:
-        """Everything the agent logged so far (stdout and stderr)."""
-        return _read(self.log)
+        """Everything this agent process logged so far (stdout and stderr)."""
+        return _read(self.log)[self.log_offset:]
 
     def wait_up(self, timeout: float = AGENT_UP_TIMEOUT) -> None:
         """Wait until registered with its TUN device and DNS stub up."""
-        _wait_log(self.log, "overlay_up", self.proc, timeout=timeout, what=f"agent {self.name}")
+        self.wait_logged("overlay_up", timeout)
 
-    def wait_logged(self, needle: str, timeout: float = 30.0) -> None:
-        """Wait until ``needle`` appears in the agent's log."""
-        _wait_log(self.log, needle, self.proc, timeout=timeout, what=f"agent {self.name}")
+    def wait_logged(self, needle: str, timeout: float = 30.0, *, count: int = 1) -> None:
+        """Wait until ``needle`` appears (``count`` times) in this process's log."""
+        _wait_log(self.log, needle, self.proc, timeout=timeout, what=f"agent {self.name}",
+                  count=count, offset=self.log_offset)
 
     def wait_exit(self, timeout: float) -> int:
         """Wait for the agent to exit by itself; its status."""
@@ -180,6 +188,30 @@ class OverlayServices:
     nms_node: Node
     processes: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
     agents: list[AgentProcess] = field(default_factory=list)
+    commands: dict[str, list[str]] = field(default_factory=dict)
+    """How each service was started (``restart`` runs it again)."""
+
+    def _start(self, name: str, node: Node, argv: list[str]) -> None:
+        self.commands[name] = argv
+        with self.log(name).open("ab") as out:
+            self.processes[name] = node.popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                              env=_service_env(self.domain))
+
+    def stop_service(self, name: str, timeout: float = 20.0) -> int:
+        """SIGTERM ``as`` or ``nms`` and wait; its exit status."""
+        proc = self.processes[name]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=timeout)
+
+    def restart_service(self, name: str, timeout: float = START_TIMEOUT) -> None:
+        """Start a stopped ``as`` or ``nms`` again, the same way; returns once it serves."""
+        needle = {"as": "as_serving", "nms": "nms_started"}[name]
+        before = _read(self.log(name)).count(needle)
+        node = self.as_node if name == "as" else self.nms_node
+        self._start(name, node, self.commands[name])
+        _wait_log(self.log(name), needle, self.processes[name], timeout=timeout,
+                  what=f"{name} restart", count=before + 1)
 
     def log(self, service: str) -> Path:
         """Log file of ``as`` or ``nms``."""
@@ -247,11 +279,13 @@ class OverlayServices:
         argv = [str(BIN / "cyphonic-agent"), "up", "--state-dir", str(state_dir),
                 "--status-socket", str(status_socket), "--quic-port", str(QUIC_PORT),
                 "--dns-listen", "127.0.0.1:53", "--log-format", "json", *args]
+        offset = len(_read(log))
         with log.open("ab") as out:
             proc = node.popen(argv, stdout=out, stderr=subprocess.STDOUT,
                               env={**os.environ, **(env or {})})
         agent = AgentProcess(name=name, node=node, proc=proc, log=log, state_dir=state_dir,
-                             status_socket=status_socket, domain=self.domain)
+                             status_socket=status_socket, domain=self.domain,
+                             log_offset=offset)
         self.agents.append(agent)
         return agent
 
@@ -340,9 +374,7 @@ def start_services(
         as_argv += ["--nms-endpoint", ep]
     for ep in endpoints(as_node):
         as_argv += ["--as-endpoint", ep]
-    with services.log("as").open("ab") as out:
-        services.processes["as"] = as_node.popen(as_argv, stdout=out,
-                                                 stderr=subprocess.STDOUT, env=env)
+    services._start("as", as_node, as_argv)
     # The NMS shares the registry the AS has just migrated: start it as soon as that is
     # done (both processes import for seconds on a busy machine).
     _wait_log(services.log("as"), "database_migrated", services.processes["as"],
@@ -352,9 +384,7 @@ def start_services(
                 "--quic-port", str(QUIC_PORT), "--http-host", "127.0.0.1",
                 "--admin-token-file", str(token_file), "--replica-id", "nms-testbed",
                 *nms_args]
-    with services.log("nms").open("ab") as out:
-        services.processes["nms"] = nms_node.popen(nms_argv, stdout=out,
-                                                   stderr=subprocess.STDOUT, env=env)
+    services._start("nms", nms_node, nms_argv)
     _wait_log(services.log("as"), "as_serving", services.processes["as"], timeout=timeout,
               what="cyphonic-as")
     _wait_log(services.log("nms"), "nms_started", services.processes["nms"], timeout=timeout,
