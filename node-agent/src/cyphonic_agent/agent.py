@@ -55,6 +55,7 @@ from cyphonic_agent.config import AgentSettings, format_hostport, parse_hostport
 from cyphonic_agent.datapath import DataPath, Tunnel
 from cyphonic_agent.dns import DnsStub, PeerAddresses
 from cyphonic_agent.enroll import AgentState, StatePaths, read_agent_state
+from cyphonic_agent.relay import RelayClient, RelayedPath
 from cyphonic_agent.routes import (
     Accept,
     Candidate,
@@ -190,6 +191,8 @@ class Agent:
         self.routes = RouteTable(setup_timeout=settings.route_setup_timeout_s)
         self.counters = AgentCounters()
         self.endpoint: QuicEndpoint | None = None
+        self.relay: RelayClient | None = None
+        """Pattern 3: TRS allocations and the CID exchange, on the same endpoint."""
         self.tun: TunDevice | None = None
         self.datapath: DataPath | None = None
         self.dns: DnsStub | None = None
@@ -235,6 +238,11 @@ class Agent:
             where = format_hostport(self.settings.quic_host, self.settings.quic_port)
             raise AgentFailed(Unavailable(f"cannot bind UDP {where}: {exc.strerror}")) from exc
         self.log = self.log.bind(local=format_hostport(*self.endpoint.local_address))
+        self.relay = RelayClient(
+            endpoint=self.endpoint, nms=self._nms_session,
+            connect_timeout_s=self.settings.connect_timeout_s,
+            peer_cids_timeout_s=min(10.0, self.settings.route_setup_timeout_s))
+        self.relay.start()
         self.log.info("agent_starting", version=AGENT_VERSION,
                       state_dir=str(self.settings.state_dir))
         try:
@@ -270,6 +278,8 @@ class Agent:
             await self.dns.close()
         if self.datapath is not None:
             self.datapath.stop()
+        if self.relay is not None:
+            await self.relay.close()
         if self.endpoint is not None:
             await self.endpoint.close("agent stopping")
             self.log.info("endpoint_stats", **vars(self.endpoint.stats))
@@ -429,6 +439,8 @@ class Agent:
                 f"{address_text(reg.virtual_ipv6)}, not the addresses in use; restart the agent"))
         self.registration = reg
         self._nms = link
+        if self.relay is not None:
+            self.relay.nudge()  # after a move the TRS must learn our new address at once
         self.nms_state = "connected"
         self.nms_detail = str(link.endpoint)
         net = reg.network
@@ -488,6 +500,9 @@ class Agent:
             self._directed(message.route_direction)
         elif body == "peer_offline":
             self._peer_offline(message.peer_offline)
+        elif body == "relay_cids":
+            if self.relay is not None:
+                self.relay.peer_cids_received(message.relay_cids)
         elif body == "revocation_notice":
             notice = message.revocation_notice
             self.log.error("revoked", serial=notice.serial_hex, reason=notice.reason)
@@ -646,11 +661,13 @@ class Agent:
                       action=type(action).__name__.lower())
         if isinstance(action, Keep):
             return
-        if isinstance(action, Accept):
+        if isinstance(action, Accept) and route.pattern != pb.ROUTE_PATTERN_RELAY:
             return  # the peer connects; _authorize lets it in
-        assert isinstance(action, Connect)
+        # CONNECT, or ACCEPT of a relayed route: allocate at the TRS and serve our CIDs first.
+        work = (self._connect_route(route) if isinstance(action, Connect)
+                else self._accept_relayed(route))
         key = id(route)
-        task = self._spawn(self._connect_route(route))
+        task = self._spawn(work)
         self._connecting[key] = task
         task.add_done_callback(lambda _t: self._connecting.pop(key, None))
 
@@ -666,6 +683,7 @@ class Agent:
         task = self._connecting.pop(id(route), None)
         if task is not None:
             task.cancel()
+        self._release_relay(route)
         tunnel = route.tunnel
         if isinstance(tunnel, Tunnel):
             if self.datapath is not None:
@@ -676,6 +694,7 @@ class Agent:
 
     def _route_failed(self, route: PeerRoute, why: str) -> None:
         loop = asyncio.get_running_loop()
+        self._release_relay(route)
         if self.routes.fail(route, now=loop.time()):
             dropped = 0
             if self.datapath is not None:
@@ -690,11 +709,7 @@ class Agent:
         """Connect to the peer (the first candidate that answers), then TunnelRequest."""
         assert self.endpoint is not None
         if route.pattern == pb.ROUTE_PATTERN_RELAY:
-            # Pattern 3 is a variant of this path: the same connection through the TRS, with
-            # TRS-assigned CIDs (endpoint.connect's connection_id_factory and
-            # initial_destination_cid) after an allocation; not wired into the agent yet.
-            self._route_failed(route, "relayed routes (pattern 3) are not supported by "
-                                      "this agent yet")
+            await self._connect_relayed(route)
             return
         candidates = [c for c in route.candidates if routable(c.host, c.port)]
         if not candidates:
@@ -722,7 +737,8 @@ class Agent:
         if self.routes.is_current(route):
             self._route_failed(route, "; ".join(errors))
 
-    async def _open_tunnel(self, route: PeerRoute, candidate: Candidate) -> None:
+    async def _open_tunnel(self, route: PeerRoute, candidate: Candidate, *,
+                           relayed: RelayedPath | None = None) -> None:
         assert self.endpoint is not None
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -739,6 +755,9 @@ class Agent:
             (candidate.host, candidate.port), alpn=ALPN_TUNNEL, expect="node",
             expected_name=route.fqdn, handler_factory=make,
             timeout=self.settings.connect_timeout_s,
+            # Relayed: our TRS CIDs as ours, the peer's first as the Initial's DCID.
+            connection_id_factory=relayed.connection_id_factory() if relayed else None,
+            initial_destination_cid=relayed.initial_destination_cid if relayed else None,
         )
         link = holder[0]
         if not self.routes.is_current(route) or conn.is_closed:
@@ -750,7 +769,8 @@ class Agent:
         self._tunnel_ready(link, peer_mtu=0)
         self.counters.tunnels_connected += 1
         self.log.info("tunnel_up", peer=route.fqdn, route_id=route.route_id, role="connect",
-                      pattern=route.pattern_name, path=str(candidate),
+                      pattern=route.pattern_name,
+                      path=relayed.label if relayed else str(candidate),
                       setup_ms=round((loop.time() - started) * 1000, 1))
         try:
             answer = await link.session.request(
@@ -769,6 +789,54 @@ class Agent:
             return
         if response.mtu and link.tunnel is not None:
             link.tunnel.core.mtu = min(self.settings.mtu, max(576, response.mtu))
+
+    # ------------------------------------------------------------------ relayed (pattern 3)
+
+    def _nms_session(self) -> SignallingSession | None:
+        return self._nms.session if self._nms is not None else None
+
+    def _release_relay(self, route: PeerRoute) -> None:
+        if self.relay is not None and route.pattern == pb.ROUTE_PATTERN_RELAY:
+            self.relay.release(route.route_id)
+
+    async def _relay_prepare(self, route: PeerRoute) -> RelayedPath | None:
+        """Allocate at the TRS and exchange CIDs through the NMS; None if the route failed."""
+        assert self.relay is not None
+        if route.relay is None:
+            self._route_failed(route, "a relayed route without a TRS in its direction")
+            return None
+        try:
+            path = await self.relay.prepare(
+                route_id=route.route_id, role=route.role, peer_fqdn=route.fqdn,
+                trs=[(c.host, c.port) for c in route.relay.trs],
+                server_name=route.relay.server_name, token=route.relay.token)
+        except CyphonicError as exc:
+            if self.routes.is_current(route):
+                self._route_failed(route, f"relay: {exc.message}")
+            return None
+        if not self.routes.is_current(route):
+            self.relay.release(route.route_id)
+            return None
+        return path
+
+    async def _accept_relayed(self, route: PeerRoute) -> None:
+        """ACCEPT of a relayed route: our CIDs are served; the peer connects through the TRS."""
+        path = await self._relay_prepare(route)
+        if path is not None:
+            self.log.info("relay_ready", peer=route.fqdn, route_id=route.route_id,
+                          role="accept", path=path.label)
+
+    async def _connect_relayed(self, route: PeerRoute) -> None:
+        """CONNECT of a relayed route: allocate, get the peer's CIDs, connect via the TRS."""
+        path = await self._relay_prepare(route)
+        if path is None:
+            return
+        route.attempts += 1
+        try:
+            await self._open_tunnel(route, Candidate(*path.trs), relayed=path)
+        except CyphonicError as exc:
+            if self.routes.is_current(route):
+                self._route_failed(route, f"{path.label}: {exc.message}")
 
     # ------------------------------------------------------------------ tunnels: accept
 
@@ -842,6 +910,7 @@ class Agent:
             self.datapath.remove_tunnel(tunnel)
         route = link.route
         if route.tunnel is tunnel and self.routes.tear_down(route):
+            self._release_relay(route)
             self.counters.tunnels_lost += 1
             self.log.info("tunnel_down", peer=route.fqdn, route_id=route.route_id,
                           reason=error.message if error else "closed here",
@@ -889,7 +958,11 @@ class Agent:
         for route in sorted(self.routes.routes(), key=lambda r: r.fqdn):
             tunnel = route.tunnel
             if route.state is RouteState.UP and isinstance(tunnel, Tunnel):
-                peers.append(tunnel.status())
+                row = tunnel.status()
+                relayed = self.relay.path(route.route_id) if self.relay is not None else None
+                if relayed is not None:
+                    row.path = relayed.label  # "via <TRS address> (<TRS name>)"
+                peers.append(row)
                 continue
             v4 = [a for a in route.addresses if len(a) == 4]
             v6 = [a for a in route.addresses if len(a) == 16]
