@@ -68,6 +68,10 @@ class ServiceSettings(BaseSettings):
     redis_url: str | None = Field(
         None, description="Redis URL (CID table, presence, pub/sub); none = in-process"
     )
+    redis_prefix: str = Field(
+        "cyphonic:", description="prefix of every Redis key; the same for all services that "
+        "share a Redis (the NMS finds the TRS replicas under it)"
+    )
     domain: str = Field(DEFAULT_DOMAIN, description="overlay DNS domain; node FQDN = name.domain")
     quic_host: str = Field("::", description="address the QUIC endpoint binds (dual-stack ::)")
     quic_port: int = Field(QUIC_PORT, description="UDP port of the QUIC endpoint")

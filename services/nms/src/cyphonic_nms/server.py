@@ -65,7 +65,7 @@ class NmsServer:
             presence: Any = RedisPresence(self._redis)
             bus: Any = RedisBus(self._redis)
             routes: Any = RedisRouteStore(self._redis)
-            trs: Any = RedisTrsDirectory(self._redis)
+            trs: Any = RedisTrsDirectory(self._redis, prefix=s.redis_prefix)
         else:
             presence, bus = InProcessPresence(), InProcessBus()
             routes, trs = InProcessRouteStore(), InProcessTrsDirectory()
@@ -90,6 +90,8 @@ class NmsServer:
             metrics=NmsMetrics(),
         )
         await self.manager.start()
+        if isinstance(trs, RedisTrsDirectory):
+            await self._report_trs(trs)
         checks = [lambda: ping(self._engine)]
         if self._redis is not None:
             checks.append(self._ping_redis)
@@ -109,6 +111,22 @@ class NmsServer:
                  quic=self.signalling.address if self.signalling else None,
                  redis=bool(self._redis), pool4=str(self.manager.pools.ipv4.network),
                  pool6=str(self.manager.pools.ipv6.network))
+
+    @staticmethod
+    async def _report_trs(trs: RedisTrsDirectory) -> None:
+        # Say where TRS replicas are looked for: a prefix that differs from the TRS's
+        # (CYPHONIC_REDIS_PREFIX) shows here instead of as silently missing relays.
+        try:
+            live = await trs.live()
+        except Unavailable:
+            return
+        if live:
+            log.info("trs_directory", key=trs.replicas_key,
+                     replicas=[r.replica_id for r in live])
+        else:
+            log.warning("trs_directory_empty", key=trs.replicas_key,
+                        hint="no TRS replica registered under this key; relayed routes "
+                        "will fail until one is (check CYPHONIC_REDIS_PREFIX)")
 
     async def _ping_redis(self) -> None:
         try:

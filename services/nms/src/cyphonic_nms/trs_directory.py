@@ -1,35 +1,27 @@
 """Where the TRS replicas are: the NMS reads it to hand pattern-3 routes a relay.
 
-Redis layout (written by each TRS replica, read by the NMS); ``<id>`` is the TRS replica id::
-
-    cyphonic:trs:replicas          SET of replica ids
-    cyphonic:trs:replica:<id>      STRING, JSON, with a TTL (EX 30 s, refreshed every 10 s):
-        {"replica_id": "trs-0",
-         "endpoints": ["192.0.2.10:443", "[2001:db8::10]:443"],   # UDP, what nodes dial
-         "server_name": "trs.svc.cyphonic.internal",              # name in its certificate
-         "load": 12,                                              # optional: active relays
-         "updated_ms": 1700000000000}
-
-A replica whose key has expired is dead: readers skip it and drop its id from the set. Which
-replica a route gets is decided by rendezvous hashing of the route id over the live replicas
-(``pick``), so every NMS replica picks the same TRS for the same route without talking.
+The Redis layout and the JSON of an entry are defined once, in ``cyphonic.trs_directory``
+(the TRS writes with it, the NMS reads with it), under the shared key prefix
+``CYPHONIC_REDIS_PREFIX``. A replica whose entry has expired is dead: readers skip it and
+drop its id from the set. Which replica a route gets is decided by rendezvous hashing of the
+route id over the live replicas (``pick``), so every NMS replica picks the same TRS for the
+same route without talking.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cyphonic import trs_directory as directory
 from cyphonic.errors import InvalidArgument, Unavailable
+from cyphonic.trs_directory import DEFAULT_PREFIX, REPLICA_TTL_S
 
 from cyphonic_nms.routing import Endpoint
 
-REPLICAS_KEY = "cyphonic:trs:replicas"
-REPLICA_KEY = "cyphonic:trs:replica:{replica_id}"
-DEFAULT_TTL_S = 30
+DEFAULT_TTL_S = REPLICA_TTL_S
 
 
 @dataclass(frozen=True)
@@ -42,29 +34,31 @@ class TrsReplica:
     load: int = 0
     updated_ms: int = 0
 
+    def entry(self) -> directory.DirectoryEntry:
+        """The shared directory form."""
+        return directory.DirectoryEntry(
+            replica_id=self.replica_id, endpoints=tuple(str(ep) for ep in self.endpoints),
+            server_name=self.server_name, load=self.load, updated_ms=self.updated_ms,
+        )
+
     def to_json(self) -> str:
-        return json.dumps({
-            "replica_id": self.replica_id,
-            "endpoints": [str(ep) for ep in self.endpoints],
-            "server_name": self.server_name,
-            "load": self.load,
-            "updated_ms": self.updated_ms,
-        })
+        return self.entry().to_json()
+
+    @classmethod
+    def from_entry(cls, entry: directory.DirectoryEntry) -> TrsReplica:
+        """From the shared form; ``InvalidArgument`` if an endpoint is not ``host:port``."""
+        try:
+            endpoints = tuple(Endpoint.parse(e) for e in entry.endpoints)
+        except ValueError as exc:
+            raise InvalidArgument(f"bad TRS replica registration: {exc}") from exc
+        return cls(replica_id=entry.replica_id, endpoints=endpoints,
+                   server_name=entry.server_name, load=entry.load,
+                   updated_ms=entry.updated_ms)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> TrsReplica:
         """Parse a registration; ``InvalidArgument`` if it is not one."""
-        try:
-            data: dict[str, Any] = json.loads(text)
-            return cls(
-                replica_id=str(data["replica_id"]),
-                endpoints=tuple(Endpoint.parse(str(e)) for e in data["endpoints"]),
-                server_name=str(data["server_name"]),
-                load=int(data.get("load", 0)),
-                updated_ms=int(data.get("updated_ms", 0)),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidArgument(f"bad TRS replica registration: {exc}") from exc
+        return cls.from_entry(directory.DirectoryEntry.from_json(text))
 
 
 def pick(replicas: Sequence[TrsReplica], route_id: str) -> TrsReplica | None:
@@ -102,26 +96,32 @@ class InProcessTrsDirectory:
 
 
 class RedisTrsDirectory:
-    """The TRS replicas registered in Redis (layout in the module docstring)."""
+    """The TRS replicas registered in Redis (layout: ``cyphonic.trs_directory``)."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, *, prefix: str = DEFAULT_PREFIX) -> None:
         self._redis = redis
+        self.prefix = prefix
+
+    @property
+    def replicas_key(self) -> str:
+        """The key this directory reads (for logs: a prefix mismatch shows here)."""
+        return directory.replicas_key(self.prefix)
 
     async def register(self, replica: TrsReplica, *, ttl_s: int = DEFAULT_TTL_S) -> None:
         """Register or refresh ``replica`` (what a TRS replica does every ttl/3 seconds)."""
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(REPLICA_KEY.format(replica_id=replica.replica_id), replica.to_json(),
-                         ex=ttl_s)
-                pipe.sadd(REPLICAS_KEY, replica.replica_id)
+                pipe.set(directory.replica_key(replica.replica_id, self.prefix),
+                         replica.to_json(), ex=ttl_s)
+                pipe.sadd(self.replicas_key, replica.replica_id)
                 await pipe.execute()
         except Exception as exc:  # redis.exceptions.* and OSError
             raise Unavailable("Redis unavailable (TRS directory)") from exc
 
     async def unregister(self, replica_id: str) -> None:
         try:
-            await self._redis.delete(REPLICA_KEY.format(replica_id=replica_id))
-            await self._redis.srem(REPLICAS_KEY, replica_id)
+            await self._redis.delete(directory.replica_key(replica_id, self.prefix))
+            await self._redis.srem(self.replicas_key, replica_id)
         except Exception as exc:
             raise Unavailable("Redis unavailable (TRS directory)") from exc
 
@@ -129,14 +129,16 @@ class RedisTrsDirectory:
         try:
             ids = sorted(
                 i.decode() if isinstance(i, bytes) else str(i)
-                for i in await self._redis.smembers(REPLICAS_KEY)
+                for i in await self._redis.smembers(self.replicas_key)
             )
             if not ids:
                 return []
-            values = await self._redis.mget([REPLICA_KEY.format(replica_id=i) for i in ids])
+            values = await self._redis.mget(
+                [directory.replica_key(i, self.prefix) for i in ids]
+            )
             dead = [i for i, v in zip(ids, values, strict=True) if v is None]
             if dead:
-                await self._redis.srem(REPLICAS_KEY, *dead)
+                await self._redis.srem(self.replicas_key, *dead)
         except Exception as exc:
             raise Unavailable("Redis unavailable (TRS directory)") from exc
         out: list[TrsReplica] = []

@@ -17,6 +17,7 @@ route ID; ``<cid>`` a CID in lower-case hex; ``<n>`` a replica number)::
                               deleted again when that allocation fails)
     <p>trs:replicas           SET of replica ids ("trs-<n>")          } the NMS's TRS
     <p>trs:replica:trs-<n>    STRING JSON, EX 30 s, refreshed 10 s    } directory reads these
+                              (names and JSON: ``cyphonic.trs_directory``, shared with the NMS)
 
 The session record JSON::
 
@@ -44,14 +45,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cyphonic import trs_directory as directory
 from cyphonic.errors import CyphonicError, InvalidArgument, Unavailable
+
+# Re-exported: the TRS's modules take the directory's constants from here.
+from cyphonic.trs_directory import DEFAULT_PREFIX as DEFAULT_PREFIX
+from cyphonic.trs_directory import HEARTBEAT_INTERVAL_S as HEARTBEAT_INTERVAL_S
+from cyphonic.trs_directory import REPLICA_TTL_S as REPLICA_TTL_S
 
 from cyphonic_trs.errors import ConcurrentUpdate
 from cyphonic_trs.session import RelaySession, RelaySide
-
-DEFAULT_PREFIX = "cyphonic:"
-REPLICA_TTL_S = 30
-HEARTBEAT_INTERVAL_S = 10.0
 
 
 def replica_name(replica_id: int) -> str:
@@ -73,38 +76,40 @@ class ReplicaInfo:
     forwarded_bytes: int = 0
 
     def to_json(self) -> str:
-        """The registration as stored."""
-        return json.dumps({
-            "replica_id": replica_name(self.replica),
-            "endpoints": list(self.endpoints),
-            "server_name": self.server_name,
-            "load": self.load,
-            "updated_ms": self.updated_ms,
-            "replica": self.replica,
-            "started_ms": self.started_ms,
-            "forwarded_packets": self.forwarded_packets,
-            "forwarded_bytes": self.forwarded_bytes,
-        })
+        """The registration as stored (``cyphonic.trs_directory.DirectoryEntry``)."""
+        return directory.DirectoryEntry(
+            replica_id=replica_name(self.replica),
+            endpoints=self.endpoints,
+            server_name=self.server_name,
+            load=self.load,
+            updated_ms=self.updated_ms,
+            extra={
+                "replica": self.replica,
+                "started_ms": self.started_ms,
+                "forwarded_packets": self.forwarded_packets,
+                "forwarded_bytes": self.forwarded_bytes,
+            },
+        ).to_json()
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ReplicaInfo:
         """Parse a registration; ``InvalidArgument`` if it is not one."""
+        entry = directory.DirectoryEntry.from_json(text)
         try:
-            data: dict[str, Any] = json.loads(text)
-            replica = data.get("replica")
+            replica = entry.extra.get("replica")
             if replica is None:
-                replica = int(str(data["replica_id"]).removeprefix("trs-"))
+                replica = int(entry.replica_id.removeprefix("trs-"))
             return cls(
                 replica=int(replica),
-                endpoints=tuple(str(e) for e in data["endpoints"]),
-                server_name=str(data["server_name"]),
-                load=int(data.get("load", 0)),
-                updated_ms=int(data.get("updated_ms", 0)),
-                started_ms=int(data.get("started_ms", 0)),
-                forwarded_packets=int(data.get("forwarded_packets", 0)),
-                forwarded_bytes=int(data.get("forwarded_bytes", 0)),
+                endpoints=entry.endpoints,
+                server_name=entry.server_name,
+                load=entry.load,
+                updated_ms=entry.updated_ms,
+                started_ms=int(entry.extra.get("started_ms", 0)),
+                forwarded_packets=int(entry.extra.get("forwarded_packets", 0)),
+                forwarded_bytes=int(entry.extra.get("forwarded_bytes", 0)),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:
             raise InvalidArgument(f"bad TRS replica registration: {exc}") from exc
 
 
@@ -400,10 +405,10 @@ class RedisCidTable:
 
     @property
     def replicas_key(self) -> str:
-        return f"{self.prefix}trs:replicas"
+        return directory.replicas_key(self.prefix)
 
     def replica_key(self, replica_id: int) -> str:
-        return f"{self.prefix}trs:replica:{replica_name(replica_id)}"
+        return directory.replica_key(replica_name(replica_id), self.prefix)
 
     async def _call(self, what: str, coro: Any) -> Any:
         try:
@@ -581,7 +586,7 @@ class RedisCidTable:
         )
         if not names:
             return []
-        keys = [f"{self.prefix}trs:replica:{n}" for n in names]
+        keys = [directory.replica_key(n, self.prefix) for n in names]
         values = await self._call("read replicas", self._redis.mget(keys))
         out = []
         for value in values:
