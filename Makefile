@@ -27,7 +27,7 @@ lint: ## ruff and mypy (strict on the shared library)
 	$(RUN) mypy lib/src services/auth/src services/nms/src services/trs/src node-agent/src testbed/src
 
 demo: ## the main job on the embedded default: services and nodes in namespaces
-	$(RUN) python -m cyphonic_testbed.demo
+	$(RUN) python -m cyphonic_testbed.demo $(DEMO_ARGS)
 
 bench: ## data-path and service benchmarks (print figures)
 	$(RUN) python bench/run.py

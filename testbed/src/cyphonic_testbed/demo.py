@@ -1,0 +1,214 @@
+"""``make demo``: the overlay on the embedded default, several nodes in namespaces.
+
+    cloud   as, nms, trs (dual-stack 192.0.2.0/24, 2001:db8:100::/64)
+    office  192.168.1.10   behind gwa: NAT (endpoint-independent) + enterprise firewall
+    server  203.0.113.10 + 2001:db8:b::10   global, dual-stack
+    phone   2001:db8:a::10 IPv6 only
+    home    192.168.2.10   behind gwb: symmetric NAT + enterprise firewall
+
+Real processes only: ``cyphonic-as serve`` and ``cyphonic-nms serve`` (SQLite registry),
+``cyphonic-agent enroll`` and ``cyphonic-agent up`` in each node. For each pair the demo
+resolves the peer's name through the agent's DNS stub, pings it, runs iperf3 over the
+overlay and prints one table: pair, pattern, RTT, throughput, ok. Everything it made is
+removed at the end, also on failure or Ctrl-C.
+
+Usage: ``python -m cyphonic_testbed.demo [--seconds 3] [--keep-logs DIR]`` (as root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cyphonic_testbed.bed import build
+from cyphonic_testbed.errors import TestbedError
+from cyphonic_testbed.overlay import AgentProcess, start_services
+from cyphonic_testbed.topology import (
+    FirewallPolicy,
+    Host,
+    NatMapping,
+    Network,
+    Router,
+    Topology,
+)
+
+# (from, to): the pairs shown, in order. The NMS decides the pattern; the table shows it.
+PAIRS: tuple[tuple[str, str], ...] = (
+    ("phone", "server"),   # IPv6 both sides: direct
+    ("office", "server"),  # NATed IPv4 to global IPv4: the NATed side connects
+    ("home", "server"),    # symmetric NAT to global IPv4: the NATed side connects
+    ("office", "home"),    # both behind NATs: relayed when a TRS runs
+    ("phone", "office"),   # IPv6-only to IPv4-only behind NAT: relayed when a TRS runs
+)
+
+
+def showcase() -> Topology:
+    """The demo's topology (see the module docstring)."""
+    return Topology(
+        name="demo",
+        networks=[
+            Network("cloud", ipv4="192.0.2.0/24", ipv6="2001:db8:100::/64"),
+            Network("lanphone", ipv6="2001:db8:a::/64"),
+            Network("lanserver", ipv4="203.0.113.0/24", ipv6="2001:db8:b::/64"),
+            Network("wana", ipv4="198.51.100.0/26"),
+            Network("lanoffice", ipv4="192.168.1.0/24"),
+            Network("wanb", ipv4="198.51.100.64/26"),
+            Network("lanhome", ipv4="192.168.2.0/24"),
+        ],
+        routers=[
+            Router("core", networks=["cloud", "lanphone", "lanserver", "wana", "wanb"]),
+            Router("gwa", networks=["wana", "lanoffice"], uplink="wana",
+                   nat=NatMapping.ENDPOINT_INDEPENDENT, firewall=FirewallPolicy.ENTERPRISE),
+            Router("gwb", networks=["wanb", "lanhome"], uplink="wanb",
+                   nat=NatMapping.SYMMETRIC, firewall=FirewallPolicy.ENTERPRISE),
+        ],
+        hosts=[
+            Host("as", networks=["cloud"]),
+            Host("nms", networks=["cloud"]),
+            Host("trs", networks=["cloud"]),
+            Host("phone", networks=["lanphone"]),
+            Host("server", networks=["lanserver"]),
+            Host("office", networks=["lanoffice"]),
+            Host("home", networks=["lanhome"]),
+        ],
+    )
+
+
+@dataclass
+class PairResult:
+    pair: str
+    pattern: str = "-"
+    rtt_ms: float | None = None
+    mbit_s: float | None = None
+    ok: bool = False
+    note: str = ""
+
+
+def _ping(agent: AgentProcess, address: str, count: int) -> float | None:
+    """Average RTT in ms of ``count`` pings over the overlay, or None if none answered."""
+    out = agent.node.run(["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", "2",
+                          address], timeout=count * 3 + 10).stdout
+    found = re.search(r"= [\d.]+/([\d.]+)/", out)
+    return float(found.group(1)) if found else None
+
+
+def _iperf(client: AgentProcess, server: AgentProcess, address: str,
+           seconds: int) -> float | None:
+    """iperf3 TCP throughput in Mbit/s from ``client`` to ``server``'s virtual address."""
+    daemon = server.node.popen(["iperf3", "-s", "-1", "-B", address],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        run = client.node.run(["iperf3", "-c", address, "-t", str(seconds), "-J"],
+                              timeout=seconds + 30)
+        if run.returncode != 0:
+            return None
+        report = json.loads(run.stdout)
+        return float(report["end"]["sum_received"]["bits_per_second"]) / 1e6
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        daemon.wait(timeout=10)
+
+
+def _pattern(agent: AgentProcess, peer_fqdn: str) -> str:
+    for peer in agent.status().get("peers", []):
+        if peer.get("fqdn") == peer_fqdn:
+            return str(peer.get("pattern", "-"))
+    return "-"
+
+
+def run_pair(a: AgentProcess, b: AgentProcess, *, seconds: int) -> PairResult:
+    """Resolve ``b`` by name at ``a``'s DNS stub, then ping and iperf3 over the overlay."""
+    result = PairResult(pair=f"{a.name} -> {b.name}")
+    try:
+        addresses = a.resolve(b.fqdn, "A")  # every node has a virtual IPv4 and IPv6
+    except TestbedError as exc:
+        result.note = f"DNS: {exc}"
+        return result
+    if not addresses:
+        result.note = "no address from the DNS stub"
+        return result
+    address = addresses[0]
+    # The lookup started the route; give the first packets a moment, then measure.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _ping(a, address, 1) is None:
+        time.sleep(0.5)
+    result.rtt_ms = _ping(a, address, 10)
+    result.pattern = _pattern(a, b.fqdn)
+    if result.rtt_ms is None:
+        result.note = "no echo reply over the overlay"
+        return result
+    result.mbit_s = _iperf(a, b, address, seconds)
+    result.ok = result.mbit_s is not None
+    if not result.ok:
+        result.note = "iperf3 failed"
+    return result
+
+
+def format_table(results: Sequence[PairResult]) -> str:
+    rows = [("pair", "pattern", "RTT ms", "Mbit/s", "ok", "")]
+    for r in results:
+        rows.append((r.pair, r.pattern,
+                     "-" if r.rtt_ms is None else f"{r.rtt_ms:.2f}",
+                     "-" if r.mbit_s is None else f"{r.mbit_s:.0f}",
+                     "yes" if r.ok else "NO", r.note))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=3, help="iperf3 duration per pair")
+    parser.add_argument("--keep-logs", type=Path, help="copy the services' and agents' logs here")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("make demo: needs root (network namespaces, nftables, TUN devices)", file=sys.stderr)
+        return 2
+    for tool in ("ip", "nft", "iperf3", "ping", "dig"):
+        if shutil.which(tool) is None:
+            print(f"make demo: {tool} is missing; run scripts/setup.sh first", file=sys.stderr)
+            return 2
+    workdir = Path(tempfile.mkdtemp(prefix="cyphonic-demo-"))
+    results: list[PairResult] = []
+    try:
+        print("building the topology (7 namespaces + routers) ...", flush=True)
+        with build(showcase()) as bed:
+            print("starting cyphonic-as and cyphonic-nms (SQLite registry) ...", flush=True)
+            services = start_services(bed, workdir=workdir)
+            names = ["phone", "server", "office", "home"]
+            print(f"enrolling {', '.join(names)} ...", flush=True)
+            states = services.enrol_all([bed.host(n) for n in names])
+            agents = {n: services.start_agent(bed.host(n), states[n]) for n in names}
+            for agent in agents.values():
+                agent.wait_up()
+            print("all agents up; measuring each pair\n", flush=True)
+            for a, b in PAIRS:
+                results.append(run_pair(agents[a], agents[b], seconds=args.seconds))
+                print(f"  {results[-1].pair}: {'ok' if results[-1].ok else 'failed'}",
+                      flush=True)
+            print("\n" + format_table(results) + "\n")
+            print(agents["office"].status_table())
+            services.stop()
+            if args.keep_logs:
+                shutil.copytree(workdir, args.keep_logs, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("*.key", "pki"))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    direct = [r for r in results if r.pattern in ("direct", "nat_connects")]
+    return 0 if direct and all(r.ok for r in direct) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
