@@ -143,7 +143,15 @@ class _VerifyingContext(tls.Context):
 
 
 class CyphonicQuicConnection(QuicConnection):
-    """A ``QuicConnection`` with mutual TLS verification and pluggable connection IDs."""
+    """A ``QuicConnection`` with mutual TLS verification and pluggable connection IDs.
+
+    Its public read-only views (``handshake_complete``, ``close_event``, ``smoothed_rtt``,
+    ``remote_max_datagram_frame_size``, ``peer_address_validated``, ``datagrams_pending``,
+    ``max_datagram_payload``, ``push_datagram``) are the engine surface the endpoint, the
+    tunnel and the relay use; ``engine_qh3.Qh3QuicConnection`` offers the same.
+    """
+
+    engine_name = "aioquic"
 
     def __init__(
         self,
@@ -223,6 +231,36 @@ class CyphonicQuicConnection(QuicConnection):
         """Why this side refused the peer's certificate, if it did."""
         context = getattr(self, "tls", None)
         return cast(CyphonicError | None, getattr(context, "verification_error", None))
+
+    @property
+    def handshake_complete(self) -> bool:
+        """True once this side's TLS handshake has completed."""
+        return bool(self._handshake_complete)
+
+    @property
+    def smoothed_rtt(self) -> float | None:
+        """Smoothed RTT in seconds, None before the first sample."""
+        loss = self._loss
+        return float(loss._rtt_smoothed) if loss._rtt_initialized else None
+
+    @property
+    def remote_max_datagram_frame_size(self) -> int | None:
+        """The peer's max_datagram_frame_size transport parameter (None: not known/none)."""
+        return self._remote_max_datagram_frame_size
+
+    @property
+    def peer_address_validated(self) -> bool:
+        """Whether QUIC has validated the current peer path (RFC 9000 section 8)."""
+        paths = self._network_paths
+        return bool(paths) and bool(paths[0].is_validated)
+
+    @property
+    def push_datagram(self) -> Callable[[bytes], None]:
+        """Queue one DATAGRAM payload with no checks (the tunnel checks size and bound).
+
+        The cheapest way in per packet: the bound ``append`` of aioquic's own queue.
+        """
+        return self._datagrams_pending.append
 
     @property
     def handshake_confirmed(self) -> bool:
