@@ -8,15 +8,19 @@ then calls ``datagrams_to_send`` once for the whole batch (shared/DESIGN.md "Dat
          <--ICMP too big--'
     TUN <--write batch-- handle_event(DatagramFrameReceived) <-- QuicConnection <-- UDP
 
-Everything aioquic-specific lives in this module (so a faster engine with the same API,
-such as qh3, can be offered behind it). Three aioquic facts shape it:
+The core reads the connection only through the engine surface of ``cyphonic.quic``
+(``handshake_complete``, ``close_event``, ``smoothed_rtt``,
+``remote_max_datagram_frame_size``, ``max_datagram_payload()``, ``datagrams_pending()``,
+``push_datagram``), which both engines (aioquic and qh3) offer; a plain aioquic
+``QuicConnection`` (tests, the in-memory benchmark) is wrapped in ``AioquicView``.
+Three engine facts shape it:
 
 - A DATAGRAM frame larger than fits in one packet, or than the peer's
   ``max_datagram_frame_size``, is never sent and blocks every later datagram on the
-  connection. So the MTU is enforced here, before anything is queued: an oversized packet
-  gets ICMP "fragmentation needed" / ICMPv6 "packet too big" back (or, IPv4 without DF, is
-  fragmented as a router would).
-- Its queue of pending datagrams is unbounded. Here it is bounded; beyond the bound packets
+  connection (aioquic), or fails every later transmit (qh3). So the MTU is enforced
+  here, before anything is queued: an oversized packet gets ICMP "fragmentation needed" /
+  ICMPv6 "packet too big" back (or, IPv4 without DF, is fragmented as a router would).
+- The queue of pending datagrams is unbounded. Here it is bounded; beyond the bound packets
   are dropped and counted, and the inner TCP backs off as it would at a full router queue.
 - Sizes (per 1-RTT packet, 8-byte connection ID): short header 1 + CID 8 + packet number 2,
   AEAD tag 16, DATAGRAM frame type 1 + length 2: 30 bytes. With UDP/IPv4 (28) that is 58
@@ -29,8 +33,9 @@ inject traffic claiming another node's address.
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aioquic.buffer import size_uint_var
 from aioquic.quic.connection import QuicConnection
@@ -77,6 +82,69 @@ def tun_mtu_for(*, path_mtu: int, ipv6: bool, cid_length: int = DEFAULT_CID_LENG
     return mtu
 
 
+class AioquicView:
+    """The engine surface of ``cyphonic.quic`` over a plain aioquic ``QuicConnection``."""
+
+    engine_name = "aioquic"
+
+    def __init__(self, quic: QuicConnection) -> None:
+        self.quic = quic
+
+    @property
+    def handshake_complete(self) -> bool:
+        """True once the TLS handshake has completed."""
+        return bool(self.quic._handshake_complete)
+
+    @property
+    def close_event(self) -> ConnectionTerminated | None:
+        """The close under way or done, if any."""
+        return self.quic._close_event
+
+    @property
+    def smoothed_rtt(self) -> float | None:
+        """Smoothed RTT in seconds, None before the first sample."""
+        loss = self.quic._loss
+        return float(loss._rtt_smoothed) if loss._rtt_initialized else None
+
+    @property
+    def remote_max_datagram_frame_size(self) -> int | None:
+        """The peer's max_datagram_frame_size."""
+        return self.quic._remote_max_datagram_frame_size
+
+    @property
+    def push_datagram(self) -> Callable[[bytes], None]:
+        """Queue one DATAGRAM payload with no checks."""
+        return self.quic._datagrams_pending.append
+
+    def datagrams_pending(self) -> int:
+        """DATAGRAM frames queued and not yet sent."""
+        return len(self.quic._datagrams_pending)
+
+    def max_datagram_payload(self) -> int:
+        """Largest DATAGRAM payload that fits one packet (0 if none allowed)."""
+        quic = self.quic
+        remote = quic._remote_max_datagram_frame_size
+        if not remote:
+            return 0
+        packet_room = (
+            quic._max_datagram_size
+            - (SHORT_HEADER_FIRST_BYTE + len(quic._peer_cid.cid) + PACKET_NUMBER_SEND_SIZE)
+            - AEAD_TAG_SIZE
+        )
+        frame_room = min(packet_room, remote)
+        payload = frame_room - DATAGRAM_FRAME_TYPE_SIZE - 1
+        while payload > 0 and (
+            DATAGRAM_FRAME_TYPE_SIZE + size_uint_var(payload) + payload > frame_room
+        ):
+            payload -= 1
+        return max(payload, 0)
+
+
+def engine_view(quic: Any) -> Any:
+    """The connection itself if it offers the engine surface, else an ``AioquicView``."""
+    return quic if hasattr(quic, "engine_name") else AioquicView(quic)
+
+
 def datagram_capacity(quic: QuicConnection) -> int | None:
     """Largest DATAGRAM payload this connection can send now, or None if it cannot send any.
 
@@ -86,23 +154,14 @@ def datagram_capacity(quic: QuicConnection) -> int | None:
     the project's QUIC endpoint answers with its own ``max_datagram_payload()``, so the
     tunnel never accepts a packet the endpoint would refuse.
     """
-    remote = quic._remote_max_datagram_frame_size
-    if not remote:
+    return _capacity(engine_view(quic))
+
+
+def _capacity(view: Any) -> int | None:
+    if not view.remote_max_datagram_frame_size:
         return None
-    engine_limit = getattr(quic, "max_datagram_payload", None)
-    if engine_limit is not None:
-        limit = int(engine_limit())
-        return limit if limit > 0 else None
-    packet_room = (
-        quic._max_datagram_size
-        - (SHORT_HEADER_FIRST_BYTE + len(quic._peer_cid.cid) + PACKET_NUMBER_SEND_SIZE)
-        - AEAD_TAG_SIZE
-    )
-    frame_room = min(packet_room, remote)
-    payload = frame_room - DATAGRAM_FRAME_TYPE_SIZE - 1
-    while payload > 0 and DATAGRAM_FRAME_TYPE_SIZE + size_uint_var(payload) + payload > frame_room:
-        payload -= 1
-    return payload if payload > 0 else None
+    limit = int(view.max_datagram_payload())
+    return limit if limit > 0 else None
 
 
 @dataclass(slots=True)
@@ -146,32 +205,33 @@ class TunnelCore:
         allowed as source / destination of packets from the peer; None accepts any.
         ``ack_immediately``: acknowledge in the next transmit pass instead of after aioquic's
         1 ms ACK delay (an experiment knob; no gain measured yet on a loaded machine)."""
-        if quic._configuration.max_datagram_frame_size is None:
+        if quic.configuration.max_datagram_frame_size is None:
             raise ValueError("the QUIC configuration must enable DATAGRAM frames")
         self.quic = quic
+        self._view = engine_view(quic)
         self.mtu = mtu
         self.max_pending = max_pending
         self.peer_addresses = peer_addresses
         self.local_addresses = local_addresses
         self.stats = TunnelStats()
-        if ack_immediately:
+        if ack_immediately and hasattr(quic, "_ack_delay"):
             # aioquic delays each ACK by 1 ms on a timer (which an asyncio loop rounds up to
             # its next millisecond tick); the endpoint transmits once per received batch, so
             # acknowledging at once means one ACK per batch and no timer.
-            quic._ack_delay = 0.0
-        # The connection's own queue, bound once: appending to it directly is the cheapest
-        # way in, and it lets the bound be checked without another call per packet.
-        self._pending: deque[bytes] = quic._datagrams_pending
+            quic._ack_delay = 0.0  # aioquic only; qh3's native core acknowledges itself
+        # Bound once: the cheapest way in per packet (aioquic: its queue's append).
+        self._push: Callable[[bytes], None] = self._view.push_datagram
 
     @property
     def handshake_complete(self) -> bool:
         """Whether the connection's handshake has completed on this side."""
-        return bool(self.quic._handshake_complete)
+        return bool(self._view.handshake_complete)
 
     @property
     def terminated(self) -> ConnectionTerminated | None:
         """The close under way or done (local or remote), if any."""
-        return self.quic._close_event
+        event: ConnectionTerminated | None = self._view.close_event
+        return event
 
     @property
     def ready(self) -> bool:
@@ -180,29 +240,29 @@ class TunnelCore:
         Read from the connection itself, so it holds whoever consumes its events (this
         core's ``receive_events`` or the QUIC endpoint's loop).
         """
-        quic = self.quic
-        return (
-            quic._handshake_complete
-            and quic._close_event is None
-            and datagram_capacity(quic) is not None
+        view = self._view
+        return bool(
+            view.handshake_complete
+            and view.close_event is None
+            and _capacity(view) is not None
         )
 
     @property
     def effective_mtu(self) -> int:
         """The largest inner packet this tunnel carries now (configured MTU or less)."""
-        capacity = datagram_capacity(self.quic)
+        capacity = _capacity(self._view)
         return min(self.mtu, capacity) if capacity else self.mtu
 
     @property
     def pending(self) -> int:
         """Datagrams queued in the connection, not yet sent."""
-        return len(self._pending)
+        return int(self._view.datagrams_pending())
 
     @property
     def rtt(self) -> float | None:
         """Smoothed RTT of the connection in seconds, None before the first sample."""
-        loss = self.quic._loss
-        return loss._rtt_smoothed if loss._rtt_initialized else None
+        rtt: float | None = self._view.smoothed_rtt
+        return rtt
 
     def packets_from_tun(self, packets: list[bytes]) -> list[bytes]:
         """Queue packets read from the TUN for the peer; return packets to write to the TUN.
@@ -215,8 +275,8 @@ class TunnelCore:
             stats.dropped_not_ready += len(packets)
             return []
         mtu = self.effective_mtu
-        pending = self._pending
-        room = self.max_pending - len(pending)
+        push = self._push
+        room = self.max_pending - self._view.datagrams_pending()
         answers: list[bytes] = []
         sent = 0
         sent_bytes = 0
@@ -225,7 +285,7 @@ class TunnelCore:
                 if room <= 0:
                     stats.dropped_queue_full += 1
                     continue
-                pending.append(packet)
+                push(packet)
                 room -= 1
                 sent += 1
                 sent_bytes += len(packet)
@@ -234,7 +294,7 @@ class TunnelCore:
                 if room <= 0:
                     stats.dropped_queue_full += 1
                     continue
-                pending.append(piece)
+                push(piece)
                 room -= 1
                 sent += 1
                 sent_bytes += len(piece)
