@@ -72,10 +72,7 @@ class RelayFilter:
 
 def validated_peer_address(connection: Any) -> tuple[str, int] | None:
     """The connection's peer address if QUIC has validated its current path, else None."""
-    paths = getattr(connection.quic, "_network_paths", None)
-    if not paths or not paths[0].is_validated:
-        return None
-    address: tuple[str, int] = connection.peer_address
+    address: tuple[str, int] | None = connection.validated_peer_address
     return address
 
 
