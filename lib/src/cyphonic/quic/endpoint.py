@@ -26,10 +26,12 @@ import heapq
 import ipaddress
 import itertools
 import logging
+import os
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from types import ModuleType
+from typing import Any, Literal, Protocol, cast
 
 from aioquic.quic.events import (
     ConnectionIdIssued,
@@ -47,6 +49,8 @@ from cyphonic.pki import CertifiedKey, PeerIdentity, PeerKind, TrustStore, verif
 from cyphonic.quic import engine
 from cyphonic.quic.engine import ConnectionIdFactory, CyphonicQuicConnection
 
+_aioquic = engine  # for code where a parameter named ``engine`` hides the module
+
 __all__ = [
     "Acceptor",
     "Address",
@@ -63,6 +67,9 @@ Address = tuple[Any, ...]
 # aioquic logs every negotiated version and ALPN at INFO; our own key/value logs say more.
 if logging.getLogger("quic").level == logging.NOTSET:
     logging.getLogger("quic").setLevel(logging.WARNING)
+
+ENGINES = ("aioquic", "qh3")
+"""QUIC engines an endpoint can run (``CYPHONIC_QUIC_ENGINE``; qh3 needs the ``qh3`` extra)."""
 
 SOCKET_BUFFER = 4 * 1024 * 1024
 _RECV_SIZE = 65535
@@ -168,6 +175,42 @@ class Connection:
     def is_closed(self) -> bool:
         """True once a close has begun (locally or by the peer)."""
         return self._ended
+
+    @property
+    def engine(self) -> str:
+        """The QUIC engine carrying this connection (``aioquic`` or ``qh3``)."""
+        return str(self.quic.engine_name)
+
+    @property
+    def handshake_complete(self) -> bool:
+        """True once this side's TLS handshake has completed (peer verified)."""
+        return self.quic.handshake_complete
+
+    @property
+    def close_event(self) -> ConnectionTerminated | None:
+        """The QUIC close under way or done (local or remote), if any."""
+        return self.quic.close_event
+
+    @property
+    def smoothed_rtt(self) -> float | None:
+        """Smoothed RTT of the connection in seconds, None before the first sample."""
+        return self.quic.smoothed_rtt
+
+    @property
+    def peer_max_datagram_frame_size(self) -> int | None:
+        """The peer's max_datagram_frame_size (None before its transport parameters)."""
+        return self.quic.remote_max_datagram_frame_size
+
+    @property
+    def validated_peer_address(self) -> tuple[str, int] | None:
+        """The peer address if QUIC has validated the current path, else None.
+
+        A packet replayed from elsewhere can make QUIC probe a new path, but only a
+        validated one is reported here (what the relay may act on).
+        """
+        if not self.quic.peer_address_validated:
+            return None
+        return self.peer_address
 
     def transmit(self) -> None:
         """Ask for a transmit pass (coalesced: once per loop iteration for the endpoint).
@@ -275,8 +318,12 @@ class QuicEndpoint:
         max_datagram_size: int,
         max_pending_datagrams: int,
         congestion_control: str,
+        engine: str = "aioquic",
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self.engine = engine
+        """``aioquic`` or ``qh3``; relayed connections (chosen CIDs) always use aioquic."""
+        self._qh3 = _load_engine(engine)
         self._sock = sock
         self._family = sock.family
         self.identity = identity
@@ -291,14 +338,21 @@ class QuicEndpoint:
         """Bound on queued DATAGRAM frames per connection (aioquic's queue is unbounded)."""
         self._congestion_control = congestion_control
         self._server_config = (
-            engine.make_configuration(
+            _aioquic.make_configuration(
                 is_client=False, identity=identity, alpn_protocols=list(self._acceptors),
                 idle_timeout=idle_timeout, max_datagram_size=max_datagram_size,
                 congestion_control=congestion_control,
             )
             if self._acceptors else None
         )
-        self._versions = set(engine.supported_versions())
+        self._qh3_server_config = (
+            self._qh3.make_configuration(
+                is_client=False, identity=identity, alpn_protocols=list(self._acceptors),
+                idle_timeout=idle_timeout, max_datagram_size=max_datagram_size,
+            )
+            if self._acceptors and self._qh3 is not None else None
+        )
+        self._versions = set(_aioquic.supported_versions())
         self._by_cid: dict[bytes, Connection] = {}
         self._connections: set[Connection] = set()
         self._dirty: set[Connection] = set()
@@ -335,18 +389,23 @@ class QuicEndpoint:
         max_datagram_size: int = engine.DEFAULT_MAX_DATAGRAM_SIZE,
         max_pending_datagrams: int = 1024,
         congestion_control: str = "reno",
+        engine: str | None = None,
     ) -> QuicEndpoint:
         """Bind the UDP socket and start serving.
 
         ``host`` ``::`` binds dual-stack where the kernel allows it, else ``0.0.0.0``.
         ``accept`` maps ALPN to an ``Acceptor`` (or a bare handler factory, peer role
         ``any``); without it the endpoint only makes client connections.
+        ``engine``: ``aioquic`` or ``qh3`` (default: ``CYPHONIC_QUIC_ENGINE``, else
+        aioquic); ``congestion_control`` applies to aioquic only.
         """
+        engine = engine or default_engine()
+        _load_engine(engine)  # refuse an unknown or missing engine before binding
         sock = _bind_udp(host, port)
         return cls(sock=sock, identity=identity, trust=trust, accept=accept,
                    idle_timeout=idle_timeout, max_datagram_size=max_datagram_size,
                    max_pending_datagrams=max_pending_datagrams,
-                   congestion_control=congestion_control)
+                   congestion_control=congestion_control, engine=engine)
 
     @property
     def local_address(self) -> tuple[str, int]:
@@ -403,21 +462,34 @@ class QuicEndpoint:
         if self._closing:
             raise Unavailable("endpoint is closed")
         addr = await self._resolve(address)
-        config = engine.make_configuration(
-            is_client=True, identity=self.identity, alpn_protocols=[alpn],
-            idle_timeout=self.idle_timeout, max_datagram_size=self.max_datagram_size,
-            server_name=expected_name, congestion_control=self._congestion_control,
-        )
 
         def verifier(chain: list[x509.Certificate], _alpn: str | None) -> PeerIdentity:
             return verify_peer(chain, trust=self.trust, expect=expect,
                                expected_name=expected_name, now=_utcnow())
 
-        quic = CyphonicQuicConnection(
-            configuration=config, peer_verifier=verifier,
-            connection_id_factory=connection_id_factory,
-            initial_destination_cid=initial_destination_cid,
-        )
+        quic: CyphonicQuicConnection
+        if self._qh3 is not None and connection_id_factory is None and (
+            initial_destination_cid is None
+        ):
+            quic = cast(CyphonicQuicConnection, self._qh3.Qh3QuicConnection(
+                configuration=self._qh3.make_configuration(
+                    is_client=True, identity=self.identity, alpn_protocols=[alpn],
+                    idle_timeout=self.idle_timeout, max_datagram_size=self.max_datagram_size,
+                    server_name=expected_name,
+                ),
+                peer_verifier=verifier,
+            ))
+        else:
+            config = engine.make_configuration(
+                is_client=True, identity=self.identity, alpn_protocols=[alpn],
+                idle_timeout=self.idle_timeout, max_datagram_size=self.max_datagram_size,
+                server_name=expected_name, congestion_control=self._congestion_control,
+            )
+            quic = CyphonicQuicConnection(
+                configuration=config, peer_verifier=verifier,
+                connection_id_factory=connection_id_factory,
+                initial_destination_cid=initial_destination_cid,
+            )
         conn = Connection(endpoint=self, quic=quic, is_client=True, address=addr,
                           handler_factory=handler_factory)
         conn.alpn = alpn
@@ -480,10 +552,17 @@ class QuicEndpoint:
                 holder[0]._handler_factory = acceptor.handler_factory
             return peer
 
-        quic = CyphonicQuicConnection(
-            configuration=self._server_config, peer_verifier=verifier,
-            original_destination_connection_id=dcid, connection_id_factory=factory,
-        )
+        quic: CyphonicQuicConnection
+        if factory is None and self._qh3 is not None:
+            quic = cast(CyphonicQuicConnection, self._qh3.Qh3QuicConnection(
+                configuration=self._qh3_server_config, peer_verifier=verifier,
+                original_destination_connection_id=dcid,
+            ))
+        else:
+            quic = CyphonicQuicConnection(
+                configuration=self._server_config, peer_verifier=verifier,
+                original_destination_connection_id=dcid, connection_id_factory=factory,
+            )
         conn = Connection(endpoint=self, quic=quic, is_client=False, address=addr,
                           handler_factory=None)
         holder.append(conn)
@@ -690,6 +769,24 @@ class QuicEndpoint:
         conn._timer_at = None
         self._connections.discard(conn)
         self._dirty.discard(conn)
+
+
+def default_engine() -> str:
+    """The engine named by ``CYPHONIC_QUIC_ENGINE`` (``aioquic`` when unset)."""
+    return os.environ.get("CYPHONIC_QUIC_ENGINE", "aioquic").strip().lower() or "aioquic"
+
+
+def _load_engine(name: str) -> ModuleType | None:
+    """The qh3 engine module for ``qh3``, None for aioquic; refuses anything else."""
+    if name == "aioquic":
+        return None
+    if name != "qh3":
+        raise InvalidArgument(f"unknown QUIC engine {name!r} (one of {', '.join(ENGINES)})")
+    try:
+        from cyphonic.quic import engine_qh3
+    except ImportError as exc:
+        raise Unavailable("QUIC engine qh3 is not installed (install cyphonic[qh3])") from exc
+    return engine_qh3
 
 
 def _utcnow() -> datetime.datetime:

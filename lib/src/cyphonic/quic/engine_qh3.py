@@ -1,0 +1,513 @@
+"""qh3 (an aioquic fork with a native Rust packet core) behind the endpoint's engine interface.
+
+Optional: installed with the shared library's ``qh3`` extra and chosen with
+``CYPHONIC_QUIC_ENGINE=qh3`` (``QuicEndpoint.open(engine="qh3")``). Packet building,
+parsing, loss recovery and congestion control run in native code, about ten times less
+CPU per tunnel packet than aioquic's Python (docs/performance.md). TLS 1.3 stays in
+Python (``qh3.tls.Context``), which is what lets the project keep its mutual TLS:
+
+* qh3's server never requests a client certificate: it sends no CertificateRequest,
+  accepts nothing but the client's Finished, and computes that Finished in advance.
+  ``_VerifyingContext`` adds client authentication inside the handshake: while
+  ``_server_handle_hello`` builds the server flight, a hook on the key schedule's
+  transcript writes a CertificateRequest right after EncryptedExtensions (hashed in
+  order) and leaves the anticipated client Finished out of the transcript. Two extra
+  states then take the client's Certificate (an empty one is refused) and
+  CertificateVerify (signature checked over the transcript, then the chain checked by
+  ``cyphonic.pki.verify_peer``), and only then is the client's Finished expected. The
+  client's 1-RTT key is installed by qh3 only after that Finished, so, as with aioquic,
+  no application data of a refused client is ever decrypted.
+* The client side verifies the server's chain the same way, after qh3 has checked the
+  CertificateVerify signature (``verify_mode`` is CERT_NONE so qh3's own store is unused).
+* A refusal raises a TLS alert, which qh3 turns into CONNECTION_CLOSE with
+  CRYPTO_ERROR + alert and the reason phrase, exactly as aioquic does.
+
+What qh3 cannot do: its native core draws every host connection ID after the first
+itself, so a relay (TRS) cannot choose them. Connections that need a
+``connection_id_factory`` or an ``initial_destination_cid`` therefore always use
+aioquic (``engine.CyphonicQuicConnection``); the endpoint picks per connection.
+
+Events come out as aioquic's event classes, so handlers and the signalling layer do not
+care which engine carries a connection. The code depends on qh3 internals (TLS state
+names, ``_server_handle_hello``'s message order), hence the exact version pin.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any, cast
+
+from aioquic.buffer import size_uint_var
+from aioquic.quic import events as aq
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from qh3 import tls as qtls
+from qh3._hazmat import Buffer as QBuffer
+from qh3._hazmat import Certificate as QCertificate
+from qh3._hazmat import SignatureError, verify_with_public_key
+from qh3.quic import events as qe
+from qh3.quic.configuration import QuicConfiguration as Qh3Configuration
+from qh3.quic.connection import QuicConnection as Qh3Connection
+from qh3.quic.connection import QuicConnectionState as Qh3State
+
+from cyphonic.errors import CyphonicError, Unauthenticated
+from cyphonic.pki import CertifiedKey, PeerIdentity
+from cyphonic.quic import engine
+
+ENGINE_NAME = "qh3"
+
+# qh3 warns on the "quic" logger about every close by the peer; our own logs say more.
+logging.getLogger("quic").setLevel(max(logging.getLogger("quic").level, logging.ERROR))
+
+# Private TLS states (qh3's own go up to 10).
+_SERVER_EXPECT_CERTIFICATE = 0x100
+_SERVER_EXPECT_CERTIFICATE_VERIFY = 0x101
+_CUSTOM_STATES = (_SERVER_EXPECT_CERTIFICATE, _SERVER_EXPECT_CERTIFICATE_VERIFY)
+
+# Signature schemes a TLS 1.3 client may use in CertificateVerify (no PKCS#1 v1.5, no SHA-1).
+_CLIENT_SIGNATURE_ALGORITHMS = (
+    qtls.SignatureAlgorithm.ECDSA_SECP256R1_SHA256,
+    qtls.SignatureAlgorithm.ECDSA_SECP384R1_SHA384,
+    qtls.SignatureAlgorithm.RSA_PSS_RSAE_SHA256,
+    qtls.SignatureAlgorithm.RSA_PSS_RSAE_SHA384,
+    qtls.SignatureAlgorithm.RSA_PSS_RSAE_SHA512,
+)
+
+
+def _certificate_request() -> bytes:
+    """A TLS 1.3 CertificateRequest: empty context, signature_algorithms extension."""
+    schemes = b"".join(int(a).to_bytes(2, "big") for a in _CLIENT_SIGNATURE_ALGORITHMS)
+    extension = (
+        int(qtls.ExtensionType.SIGNATURE_ALGORITHMS).to_bytes(2, "big")
+        + (len(schemes) + 2).to_bytes(2, "big")
+        + len(schemes).to_bytes(2, "big")
+        + schemes
+    )
+    body = b"\x00" + len(extension).to_bytes(2, "big") + extension
+    return bytes([qtls.HandshakeType.CERTIFICATE_REQUEST]) + len(body).to_bytes(3, "big") + body
+
+
+_CERTIFICATE_REQUEST = _certificate_request()
+
+
+class _AlertCertificateRevoked(qtls.Alert):
+    description = qtls.AlertDescription.certificate_revoked
+
+
+class _AlertAccessDenied(qtls.Alert):
+    description = qtls.AlertDescription.access_denied
+
+
+class _AlertCertificateRequired(qtls.Alert):
+    description = qtls.AlertDescription.certificate_required
+
+
+def _alert_for(exc: CyphonicError, *, missing: bool) -> qtls.Alert:
+    # The same codes as engine._alert_for, as qh3's alert classes.
+    alert = engine._alert_for(exc, missing=missing)
+    classes: dict[int, type[qtls.Alert]] = {
+        qtls.AlertDescription.certificate_expired: qtls.AlertCertificateExpired,
+        qtls.AlertDescription.certificate_revoked: _AlertCertificateRevoked,
+        qtls.AlertDescription.access_denied: _AlertAccessDenied,
+        qtls.AlertDescription.certificate_required: _AlertCertificateRequired,
+    }
+    cls = classes.get(int(alert.description), qtls.AlertBadCertificate)
+    return cls(exc.message)
+
+
+def _to_x509(cert: QCertificate) -> x509.Certificate:
+    return x509.load_der_x509_certificate(cert.public_bytes())
+
+
+class _VerifyingContext(qtls.Context):
+    """qh3's TLS context plus client authentication (server) and chain checks (both)."""
+
+    peer_verifier: engine.PeerVerifier
+    peer_identity: PeerIdentity | None
+    verification_error: CyphonicError | None
+    _cy_hello_buf: QBuffer | None
+
+    # key_schedule is created inside _server_handle_hello; a property sees it being set
+    # so the transcript hook can be attached before the first server message is hashed.
+    @property
+    def key_schedule(self) -> Any:
+        return self.__dict__.get("_cy_key_schedule")
+
+    @key_schedule.setter
+    def key_schedule(self, value: Any) -> None:
+        self.__dict__["_cy_key_schedule"] = value
+        if value is not None and self.__dict__.get("_cy_hello_buf") is not None:
+            value.update_hash = self._transcript_hook(value)
+
+    def _transcript_hook(self, schedule: Any) -> Callable[[bytes], None]:
+        original = schedule.update_hash
+        hello_buf = self._cy_hello_buf
+        injected = False
+
+        def update_hash(data: bytes) -> None:
+            nonlocal injected
+            kind = data[0] if data else -1
+            if kind == qtls.HandshakeType.FINISHED and schedule.generation == 3:
+                return  # qh3's anticipated client Finished: the client's flight comes first
+            original(data)
+            if kind == qtls.HandshakeType.ENCRYPTED_EXTENSIONS and not injected:
+                injected = True
+                assert hello_buf is not None
+                hello_buf.push_bytes(_CERTIFICATE_REQUEST)
+                original(_CERTIFICATE_REQUEST)
+
+        return update_hash
+
+    def _verify(self, chain: list[x509.Certificate], *, missing: bool) -> None:
+        try:
+            self.peer_identity = self.peer_verifier(chain, self.alpn_negotiated)
+        except CyphonicError as exc:
+            self.verification_error = exc
+            raise _alert_for(exc, missing=missing) from exc
+        except Exception as exc:  # a verifier bug must still refuse, never accept
+            self.verification_error = Unauthenticated(f"certificate check failed: {exc!r}")
+            raise qtls.AlertBadCertificate("certificate check failed") from exc
+
+    def _peer_chain(self) -> list[x509.Certificate]:
+        leaf = self._peer_certificate
+        assert leaf is not None
+        return [_to_x509(c) for c in [leaf, *self._peer_certificate_chain]]
+
+    # -- server: request and check the client's certificate
+
+    def _server_handle_hello(
+        self, input_buf: QBuffer, initial_buf: QBuffer, handshake_buf: QBuffer,
+        onertt_buf: QBuffer,
+    ) -> None:
+        self._cy_hello_buf = handshake_buf
+        try:
+            super()._server_handle_hello(input_buf, initial_buf, handshake_buf, onertt_buf)
+        finally:
+            self._cy_hello_buf = None
+            schedule = self.key_schedule
+            if schedule is not None:
+                schedule.__dict__.pop("update_hash", None)
+        if self._alps_negotiated or self._session_resumed:
+            # Neither is offered here; both would change the flight the hook relies on.
+            raise qtls.AlertHandshakeFailure("resumption and ALPS are not supported")
+        self.state = _SERVER_EXPECT_CERTIFICATE  # type: ignore[assignment]
+
+    def handle_message(
+        self, input_data: bytes, output_buf: dict[qtls.Epoch, QBuffer], epoch: int = -1
+    ) -> None:
+        if self.state not in _CUSTOM_STATES:
+            super().handle_message(input_data, output_buf, epoch=epoch)
+            return
+        self._receive_buffer += input_data
+        while self.state in _CUSTOM_STATES and len(self._receive_buffer) >= 4:
+            length = 4 + int.from_bytes(self._receive_buffer[1:4], "big")
+            if len(self._receive_buffer) < length:
+                return
+            message = self._receive_buffer[:length]
+            self._receive_buffer = self._receive_buffer[length:]
+            if epoch >= 0 and epoch != qtls.Epoch.HANDSHAKE:
+                raise qtls.AlertUnexpectedMessage
+            buf = QBuffer(data=message)
+            kind = message[0]
+            if self.state == _SERVER_EXPECT_CERTIFICATE and kind == qtls.HandshakeType.CERTIFICATE:
+                self._server_handle_client_certificate(buf)
+            elif (
+                self.state == _SERVER_EXPECT_CERTIFICATE_VERIFY
+                and kind == qtls.HandshakeType.CERTIFICATE_VERIFY
+            ):
+                self._server_handle_client_certificate_verify(buf)
+            else:
+                raise qtls.AlertUnexpectedMessage
+            if not buf.eof():
+                raise qtls.AlertDecodeError("extra bytes at the end of a handshake message")
+        if self.state not in _CUSTOM_STATES and self._receive_buffer:
+            super().handle_message(b"", output_buf, epoch=epoch)
+
+    def _server_handle_client_certificate(self, input_buf: QBuffer) -> None:
+        certificate = qtls.pull_certificate(input_buf)
+        self.key_schedule.update_hash(input_buf.data)
+        if certificate.request_context != b"":
+            raise qtls.AlertIllegalParameter("unexpected certificate request context")
+        if not certificate.certificates:
+            # RFC 8446 lets a client answer with no certificate; here that is a refusal.
+            self._verify([], missing=True)
+        self._peer_certificate = QCertificate(certificate.certificates[0][0])
+        self._peer_certificate_chain = [QCertificate(c[0]) for c in certificate.certificates[1:]]
+        self.state = _SERVER_EXPECT_CERTIFICATE_VERIFY  # type: ignore[assignment]
+
+    def _server_handle_client_certificate_verify(self, input_buf: QBuffer) -> None:
+        verify = qtls.pull_certificate_verify(input_buf)
+        if verify.algorithm not in _CLIENT_SIGNATURE_ALGORITHMS:
+            raise qtls.AlertDecryptError("CertificateVerify with a scheme we did not offer")
+        assert self._peer_certificate is not None
+        try:  # proof that the client holds the certificate's key
+            verify_with_public_key(
+                self._peer_certificate.public_key(),
+                verify.algorithm,
+                self.key_schedule.certificate_verify_data(b"TLS 1.3, client CertificateVerify"),
+                verify.signature,
+            )
+        except SignatureError as exc:
+            raise qtls.AlertDecryptError(str(exc)) from exc
+        self.key_schedule.update_hash(input_buf.data)
+        self._verify(self._peer_chain(), missing=False)
+        # The client's Finished covers its Certificate and CertificateVerify.
+        self._expected_verify_data = self.key_schedule.finished_verify_data(self._dec_key)
+        self.state = qtls.State.SERVER_EXPECT_FINISHED
+
+    # -- client: check the server's chain
+
+    def _client_handle_certificate_verify(self, input_buf: QBuffer) -> None:
+        super()._client_handle_certificate_verify(input_buf)  # proof of key possession
+        self._verify(self._peer_chain(), missing=False)
+
+
+def _translate(event: qe.QuicEvent) -> aq.QuicEvent | None:
+    """The aioquic event equal to a qh3 one (handlers only know aioquic's classes)."""
+    cls = type(event)
+    if cls is qe.DatagramFrameReceived:
+        return aq.DatagramFrameReceived(data=event.data)  # type: ignore[attr-defined]
+    if cls is qe.StreamDataReceived:
+        e = cast(qe.StreamDataReceived, event)
+        return aq.StreamDataReceived(data=e.data, end_stream=e.end_stream, stream_id=e.stream_id)
+    if cls is qe.ConnectionIdIssued:
+        return aq.ConnectionIdIssued(connection_id=event.connection_id)  # type: ignore[attr-defined]
+    if cls is qe.ConnectionIdRetired:
+        return aq.ConnectionIdRetired(connection_id=event.connection_id)  # type: ignore[attr-defined]
+    if cls is qe.HandshakeCompleted:
+        h = cast(qe.HandshakeCompleted, event)
+        return aq.HandshakeCompleted(alpn_protocol=h.alpn_protocol,
+                                     early_data_accepted=h.early_data_accepted,
+                                     session_resumed=h.session_resumed)
+    if cls is qe.ConnectionTerminated:
+        return _terminated(cast(qe.ConnectionTerminated, event))
+    if cls is qe.StreamReset:
+        r = cast(qe.StreamReset, event)
+        return aq.StreamReset(error_code=r.error_code, stream_id=r.stream_id)
+    if cls is qe.StopSendingReceived:
+        s = cast(qe.StopSendingReceived, event)
+        return aq.StopSendingReceived(error_code=s.error_code, stream_id=s.stream_id)
+    if cls is qe.PingAcknowledged:
+        return aq.PingAcknowledged(uid=event.uid)  # type: ignore[attr-defined]
+    if cls is qe.ProtocolNegotiated:
+        return aq.ProtocolNegotiated(alpn_protocol=event.alpn_protocol)  # type: ignore[attr-defined]
+    return None
+
+
+def _terminated(event: qe.ConnectionTerminated) -> aq.ConnectionTerminated:
+    return aq.ConnectionTerminated(error_code=event.error_code, frame_type=event.frame_type,
+                                   reason_phrase=event.reason_phrase)
+
+
+class Qh3QuicConnection(Qh3Connection):
+    """A qh3 connection with mutual TLS and the read-only views the endpoint uses.
+
+    Same surface as ``engine.CyphonicQuicConnection`` (events are aioquic's classes).
+    """
+
+    engine_name = ENGINE_NAME
+
+    def __init__(
+        self,
+        *,
+        configuration: Qh3Configuration,
+        peer_verifier: engine.PeerVerifier,
+        original_destination_connection_id: bytes | None = None,
+    ) -> None:
+        self._peer_verifier = peer_verifier
+        self._datagrams_queued = 0
+        self._terminated_event: aq.ConnectionTerminated | None = None
+        self._handshake_address: Any = None
+        super().__init__(configuration=configuration,
+                         original_destination_connection_id=original_destination_connection_id)
+
+    def _create_tls(self, remote_source_cid: bytes | None) -> Any:
+        bridge = super()._create_tls(remote_source_cid)
+        context = cast(Any, bridge.tls)
+        context.__class__ = _VerifyingContext
+        # key_schedule is a property of the subclass from now on.
+        context.__dict__["_cy_key_schedule"] = context.__dict__.pop("key_schedule", None)
+        context._cy_hello_buf = None
+        context.peer_verifier = self._peer_verifier
+        context.peer_identity = None
+        context.verification_error = None
+        return bridge
+
+    def next_event(self) -> Any:
+        while True:
+            event = super().next_event()
+            if event is None:
+                return None
+            translated = _translate(event)
+            if translated is not None:
+                if type(translated) is aq.HandshakeCompleted:
+                    # The handshake validated the path it ran on (RFC 9000 section 8.1).
+                    self._handshake_address = self.get_peer_address()
+                return translated
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        out = super().datagrams_to_send(now)
+        core = self._core
+        if core is None or core.bytes_in_flight + self._configuration.max_datagram_size <= (
+            core.congestion_window
+        ):
+            self._datagrams_queued = 0  # not congestion-limited: the core sent them all
+        else:
+            self._datagrams_queued = max(0, self._datagrams_queued - len(out))
+        return out
+
+    def send_datagram_frame(self, data: bytes) -> None:
+        super().send_datagram_frame(data)
+        self._datagrams_queued += 1
+
+    def get_peer_address(self) -> Any:
+        """The current peer address (aioquic's name for it)."""
+        if self._core is not None:
+            # active_path: (id, local address, remote address, ...)
+            return self._core.active_path[2]
+        return self._remote_addr
+
+    # -- the read-only views of engine.CyphonicQuicConnection
+
+    @property
+    def peer_identity(self) -> PeerIdentity | None:
+        """The verified peer, once its CertificateVerify has been checked."""
+        return cast(PeerIdentity | None, getattr(self.tls, "peer_identity", None))
+
+    @property
+    def verification_error(self) -> CyphonicError | None:
+        """Why this side refused the peer's certificate, if it did."""
+        return cast(CyphonicError | None, getattr(self.tls, "verification_error", None))
+
+    @property
+    def handshake_complete(self) -> bool:
+        """True once this side's TLS handshake has completed."""
+        return bool(self._handshake_complete)
+
+    @property
+    def handshake_confirmed(self) -> bool:
+        """True once the peer has accepted this side too (client: HANDSHAKE_DONE seen)."""
+        return bool(self._handshake_confirmed)
+
+    @property
+    def close_event(self) -> aq.ConnectionTerminated | None:
+        """The close that is under way or done (local or remote), if any."""
+        event = self._close_event
+        if event is None:
+            return None
+        cached = self._terminated_event
+        if cached is None or cached.error_code != event.error_code or (
+            cached.reason_phrase != event.reason_phrase
+        ):
+            cached = self._terminated_event = _terminated(event)
+        return cached
+
+    @property
+    def is_terminated(self) -> bool:
+        """True once the closing or draining period is over."""
+        return bool(self._state == Qh3State.TERMINATED)
+
+    @property
+    def host_cids(self) -> list[bytes]:
+        """The first host CID (the core issues and retires the others by events)."""
+        return [self.host_cid]
+
+    @property
+    def smoothed_rtt(self) -> float | None:
+        """Smoothed RTT in seconds, None before the first sample."""
+        return None if self._core is None else self._core.smoothed_rtt
+
+    @property
+    def remote_max_datagram_frame_size(self) -> int | None:
+        """The peer's max_datagram_frame_size transport parameter (None: not known/none)."""
+        return self._remote_max_datagram_frame_size
+
+    @property
+    def peer_address_validated(self) -> bool:
+        """Whether QUIC has validated the current peer path (RFC 9000 section 8).
+
+        qh3's core does not tell, so only the path the handshake ran on counts: after a
+        migration this stays False (a relay then keeps the address it has).
+        """
+        return (
+            self._handshake_address is not None
+            and self._core is not None
+            and self._core.active_path[2] == self._handshake_address
+        )
+
+    @property
+    def push_datagram(self) -> Callable[[bytes], None]:
+        """Queue one DATAGRAM payload with no checks (the tunnel checks size and bound)."""
+        return self.send_datagram_frame
+
+    def datagrams_pending(self) -> int:
+        """DATAGRAM frames queued and not yet sent (an estimate: the core keeps no count)."""
+        return self._datagrams_queued
+
+    def max_datagram_payload(self) -> int:
+        """Largest DATAGRAM payload that fits one packet to this peer (0 if none allowed).
+
+        qh3 fails every later transmit after a datagram that does not fit, so the
+        endpoint and the tunnel enforce this before queueing.
+        """
+        remote = self._remote_max_datagram_frame_size
+        if remote is None and self._handshake_complete:
+            return 0
+        room = (self._configuration.max_datagram_size - engine._SHORT_HEADER
+                - engine.CID_LENGTH - engine._AEAD_TAG)
+        payload = room - 1 - size_uint_var(room)
+        if remote is not None:
+            payload = min(payload, remote - 1 - size_uint_var(remote))
+        return max(payload, 0)
+
+
+def make_configuration(
+    *,
+    is_client: bool,
+    identity: CertifiedKey,
+    alpn_protocols: list[str],
+    idle_timeout: float,
+    max_datagram_size: int = engine.DEFAULT_MAX_DATAGRAM_SIZE,
+    server_name: str | None = None,
+) -> Qh3Configuration:
+    """A qh3 configuration for one role: DATAGRAM on, our certificate, no built-in checks."""
+    config = Qh3Configuration(
+        is_client=is_client,
+        alpn_protocols=alpn_protocols,
+        idle_timeout=idle_timeout,
+        max_datagram_frame_size=engine.MAX_DATAGRAM_FRAME_SIZE,
+        max_datagram_size=max_datagram_size,
+        # The TUN MTU is chosen from max_datagram_size; probing past it would let the
+        # core build packets the path (or the tunnel's MTU arithmetic) does not expect.
+        probe_datagram_size=False,
+        connection_id_length=engine.CID_LENGTH,
+        server_name=server_name,
+        verify_mode=ssl.CERT_NONE,  # chains are checked by _VerifyingContext
+    )
+    config.load_cert_chain(_pem_chain(identity), _pem_key(identity))
+    return config
+
+
+_PEM_CACHE: dict[int, tuple[CertifiedKey, bytes, bytes]] = {}
+
+
+def _pem(identity: CertifiedKey) -> tuple[bytes, bytes]:
+    cached = _PEM_CACHE.get(id(identity))
+    if cached is None or cached[0] is not identity:
+        certs = b"".join(c.public_bytes(serialization.Encoding.PEM)
+                         for c in [identity.cert, *identity.chain])
+        key = identity.key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption())
+        cached = _PEM_CACHE[id(identity)] = (identity, certs, key)
+    return cached[1], cached[2]
+
+
+def _pem_chain(identity: CertifiedKey) -> bytes:
+    return _pem(identity)[0]
+
+
+def _pem_key(identity: CertifiedKey) -> bytes:
+    return _pem(identity)[1]
