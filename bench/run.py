@@ -20,6 +20,7 @@ BENCHES: list[tuple[str, list[str], bool]] = [
     ("trs_forward.py", [], True),
     ("nms_load.py", [], False),
     ("as_enrolment.py", [], False),
+    ("route_setup.py", ["--rounds", "5"], False),
 ]
 
 
