@@ -3,14 +3,23 @@ a Redis restart, pushes to a dead replica, route expiry, revocations by id curso
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
+import redis.asyncio as redis_asyncio
+from cyphonic.errors import PeerOffline
+from cyphonic.registry import create_engine, make_sessionmaker
+from cyphonic.v1 import signalling_pb2 as pb
+from cyphonic_nms.cluster import RedisBus, RedisPresence, RedisRouteStore, redis_client
 from cyphonic_nms.config import NmsSettings
+from cyphonic_nms.leases import LeasePools
+from cyphonic_nms.manager import NodeManager
 from cyphonic_nms.routing import Endpoint
 from cyphonic_nms.server import NmsServer
-from cyphonic_nms.testing import DOMAIN
+from cyphonic_nms.storage import SqlNodeStore
+from cyphonic_nms.testing import DOMAIN, RecordingLink, add_node
 from cyphonic_trs.storage import RedisCidTable, ReplicaInfo
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(120)]
@@ -31,6 +40,157 @@ async def nms_server(pg_url: str, redis_url: str, **settings: object) -> AsyncIt
         yield server
     finally:
         await server.stop()
+
+
+@asynccontextmanager
+async def replica(
+    pg_url: str, redis_url: str, name: str, *, start: bool = True,
+    offline_timeout_s: float = 45.0, keepalive_interval_s: float = 15.0,
+) -> AsyncIterator[NodeManager]:
+    """One NMS replica on Redis with its own engine and client. ``start=False`` leaves its
+    periodic jobs off (a replica that crashed after the nodes registered) but subscribes
+    it to its bus channel."""
+    engine = create_engine(pg_url)
+    client = redis_client(redis_url)
+    manager = NodeManager(
+        nodes=SqlNodeStore(make_sessionmaker(engine)),
+        pools=LeasePools.from_settings(ipv4="100.64.0.0/16", ipv6=None, domain=DOMAIN),
+        replica_id=name, relay_secret=SECRET.encode(),
+        presence=RedisPresence(client), bus=RedisBus(client),
+        routes=RedisRouteStore(client, ttl_s=offline_timeout_s),
+        offline_timeout_s=offline_timeout_s, keepalive_interval_s=keepalive_interval_s,
+    )
+    if start:
+        await manager.start()
+    else:
+        await manager.bus.subscribe(name, manager._on_bus)
+    try:
+        yield manager
+    finally:
+        if start:
+            await manager.stop()
+        else:
+            await manager.bus.close()
+        await client.aclose()
+        await engine.dispose()
+
+
+async def _enrol(pg_url: str, *names: str) -> None:
+    engine = create_engine(pg_url)
+    try:
+        for name in names:
+            await add_node(make_sessionmaker(engine), name)
+    finally:
+        await engine.dispose()
+
+
+async def _register(nms: NodeManager, name: str, ip: str) -> RecordingLink:
+    link = RecordingLink(fqdn=f"{name}.{DOMAIN}")
+    await nms.register(link, local_addresses=[E(f"{ip}:443")], observed=E(f"{ip}:443"))
+    return link
+
+
+@pytest.fixture
+async def raw_redis(redis_url: str) -> AsyncIterator[redis_asyncio.Redis]:
+    client = redis_asyncio.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+# --------------------------------------------------------------------------- presence
+
+
+async def test_presence_lost_in_redis_comes_back_with_the_next_refresh(
+    pg_url: str, redis_url: str, raw_redis: redis_asyncio.Redis
+) -> None:
+    await _enrol(pg_url, "a", "b")
+    async with replica(pg_url, redis_url, "r1") as r1, \
+            replica(pg_url, redis_url, "r2") as r2:
+        a = await _register(r1, "a", "198.51.100.1")
+        key = f"cyphonic:nms:presence:{a.fqdn}"
+        assert await raw_redis.get(key) == b"r1"
+        await raw_redis.delete(key)  # what a Redis restart without persistence does
+        b = await _register(r2, "b", "198.51.100.2")
+        with pytest.raises(PeerOffline):
+            await r2.route(b, pb.RouteRequest(fqdn=a.fqdn))
+        await r1.refresh_presence()
+        assert await raw_redis.get(key) == b"r1"
+        assert 0 < await raw_redis.pttl(key) <= 45_000
+        response = await r2.route(b, pb.RouteRequest(fqdn=a.fqdn))
+        pushed = (await a.wait_for("route_direction")).route_direction
+        assert pushed.route_id == response.route_id
+        # A node another replica holds now is not taken back by a refresh.
+        await raw_redis.set(key, "r9")
+        await r1.refresh_presence()
+        assert await raw_redis.get(key) == b"r9"
+
+
+# --------------------------------------------------------------------------- bus
+
+
+async def test_push_to_a_dead_replica_is_peer_offline_not_ok(
+    pg_url: str, redis_url: str
+) -> None:
+    await _enrol(pg_url, "a", "b")
+    async with replica(pg_url, redis_url, "r1") as r1, \
+            replica(pg_url, redis_url, "r2") as r2:
+        a = await _register(r1, "a", "198.51.100.1")
+        b = await _register(r2, "b", "198.51.100.2")
+        await r2.bus.close()  # r2 dies: nobody listens on its channel, b's presence remains
+        assert await r1.presence.holder(b.fqdn) == "r2"
+        with pytest.raises(PeerOffline, match="r2"):
+            await r1.route(a, pb.RouteRequest(fqdn=b.fqdn))
+        assert await r1.routes.all() == []  # no half-made route left behind
+        assert a.of("route_direction") == []
+
+
+# --------------------------------------------------------------------------- routes
+
+
+async def test_routes_of_a_crashed_replica_expire_live_ones_stay(
+    pg_url: str, redis_url: str, raw_redis: redis_asyncio.Redis
+) -> None:
+    await _enrol(pg_url, "a", "b", "c")
+    timing = {"offline_timeout_s": 2.0, "keepalive_interval_s": 0.5}
+    async with replica(pg_url, redis_url, "r1", **timing) as r1, \
+            replica(pg_url, redis_url, "r2", start=False, **timing) as r2:
+        a = await _register(r1, "a", "198.51.100.1")
+        c = await _register(r1, "c", "198.51.100.3")
+        b = await _register(r2, "b", "198.51.100.2")  # r2 never refreshes: it "crashed"
+        to_b = await r1.route(a, pb.RouteRequest(fqdn=b.fqdn))
+        to_c = await r1.route(a, pb.RouteRequest(fqdn=c.fqdn))
+        assert {r.route_id for r in await r1.routes.all()} == {to_b.route_id, to_c.route_id}
+
+        async def keep_talking() -> None:  # a and c stay connected and alive at r1
+            while True:
+                r1.keepalive(a)
+                r1.keepalive(c)
+                await asyncio.sleep(0.2)
+
+        talking = asyncio.create_task(keep_talking())
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            started = loop.time()
+            while loop.time() < deadline:
+                if [r.route_id for r in await r1.routes.all()] == [to_c.route_id]:
+                    break
+                await asyncio.sleep(0.25)
+            took = loop.time() - started
+            assert [r.route_id for r in await r1.routes.all()] == [to_c.route_id]
+            # b's presence lapses after 2 s, its route at most one TTL (2 s) later.
+            assert took < 6, f"the dead route stayed {took:.1f} s"
+            # The live route outlives several TTLs; the dead one is gone everywhere.
+            await asyncio.sleep(3 * timing["offline_timeout_s"])
+        finally:
+            talking.cancel()
+        assert [r.route_id for r in await r1.routes.for_node(a.fqdn)] == [to_c.route_id]
+        assert await r1.routes.get(to_b.route_id) is None
+        assert await r1.routes.for_node(b.fqdn) == []
+        assert await raw_redis.zscore("cyphonic:nms:route-index", to_b.route_id) is None
+        assert 0 < await raw_redis.pttl(f"cyphonic:nms:route:{to_c.route_id}") <= 2000
 
 
 # --------------------------------------------------------------------------- TRS directory

@@ -1,17 +1,23 @@
 """State NMS replicas share: presence, the replica bus, active routes.
 
 Each piece is a ``typing.Protocol`` with an in-process implementation (the embedded default,
-one NMS) and a Redis one (several replicas). Redis layout::
+one NMS) and a Redis one (several replicas). Redis layout (``<p>`` is the key prefix,
+``CYPHONIC_REDIS_PREFIX``, ``cyphonic:`` by default)::
 
-    cyphonic:nms:presence:<fqdn>        STRING replica id holding the node's connection, TTL
-                                        = offline timeout, refreshed by keepalives
-    cyphonic:nms:replica:<replica id>   pub/sub channel: BusMessage JSON for that replica
-    cyphonic:nms:routes                 HASH route id -> RouteRecord JSON
-    cyphonic:nms:node-routes:<fqdn>     SET of route ids the node is on
+    <p>nms:presence:<fqdn>        STRING replica id holding the node's connection, TTL =
+                                  offline timeout; refreshed (re-created if lost) while held
+    <p>nms:replica:<replica id>   pub/sub channel: BusMessage JSON for that replica
+    <p>nms:route:<route id>       STRING RouteRecord JSON, TTL = offline timeout; refreshed
+                                  while both of its nodes are present
+    <p>nms:route-index            ZSET route id -> expiry (Redis clock, ms): admin listing
+    <p>nms:node-routes:<fqdn>     SET of route ids the node is on, TTL like its routes
 
 A route request arriving at replica 2 for a node held by replica 1 is decided at replica 2,
 which publishes the RouteDirection for that node on replica 1's channel; replica 1 pushes it
-on the node's connection.
+on the node's connection. A publish nobody receives (the holder died) is ``PeerOffline``.
+
+The scripts touch keys they compute (route and presence keys): a single Redis (or a
+replicated primary), not Redis Cluster.
 """
 
 from __future__ import annotations
@@ -24,13 +30,32 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from cyphonic.errors import Unavailable
+from cyphonic.errors import PeerOffline, Unavailable
 from cyphonic.log import get_logger
+from cyphonic.trs_directory import DEFAULT_PREFIX
 
-PRESENCE_KEY = "cyphonic:nms:presence:{fqdn}"
-REPLICA_CHANNEL = "cyphonic:nms:replica:{replica_id}"
-ROUTES_KEY = "cyphonic:nms:routes"
-NODE_ROUTES_KEY = "cyphonic:nms:node-routes:{fqdn}"
+
+@dataclass(frozen=True)
+class NmsKeys:
+    """Names of the NMS's Redis keys under one prefix (layout in the module docstring)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def presence(self, fqdn: str) -> str:
+        return f"{self.prefix}nms:presence:{fqdn}"
+
+    def channel(self, replica_id: str) -> str:
+        return f"{self.prefix}nms:replica:{replica_id}"
+
+    def route(self, route_id: str) -> str:
+        return f"{self.prefix}nms:route:{route_id}"
+
+    @property
+    def route_index(self) -> str:
+        return f"{self.prefix}nms:route-index"
+
+    def node_routes(self, fqdn: str) -> str:
+        return f"{self.prefix}nms:node-routes:{fqdn}"
 
 log = get_logger("nms.cluster")
 
@@ -98,8 +123,7 @@ class InProcessBus:
     async def publish(self, replica_id: str, message: BusMessage) -> None:
         handler = self.handlers.get(replica_id)
         if handler is None:
-            log.warning("bus_no_replica", replica=replica_id, fqdn=message.fqdn)
-            return
+            raise PeerOffline(f"{message.fqdn} is offline (NMS replica {replica_id} is gone)")
         await handler(message)
 
     async def subscribe(self, replica_id: str, handler: BusHandler) -> None:
@@ -112,23 +136,29 @@ class InProcessBus:
 class RedisBus:
     """Redis pub/sub, one channel per replica."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, *, prefix: str = DEFAULT_PREFIX) -> None:
         self._redis = redis
+        self._keys = NmsKeys(prefix)
         self._task: asyncio.Task[None] | None = None
         self._pubsub: Any = None
 
     async def publish(self, replica_id: str, message: BusMessage) -> None:
+        """Publish to ``replica_id``; ``PeerOffline`` when no replica listens there (the
+        holder died and its presence has not expired yet): the message would vanish."""
         try:
-            await self._redis.publish(
-                REPLICA_CHANNEL.format(replica_id=replica_id), message.to_json()
+            receivers = await self._redis.publish(
+                self._keys.channel(replica_id), message.to_json()
             )
         except Exception as exc:
             raise Unavailable("Redis unavailable (replica bus)") from exc
+        if not receivers:
+            log.warning("bus_no_replica", replica=replica_id, fqdn=message.fqdn, op=message.op)
+            raise PeerOffline(f"{message.fqdn} is offline (NMS replica {replica_id} is gone)")
 
     async def subscribe(self, replica_id: str, handler: BusHandler) -> None:
         self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
-            await self._pubsub.subscribe(REPLICA_CHANNEL.format(replica_id=replica_id))
+            await self._pubsub.subscribe(self._keys.channel(replica_id))
         except Exception as exc:
             raise Unavailable("Redis unavailable (replica bus)") from exc
         self._task = asyncio.create_task(self._run(handler), name="nms-bus")
@@ -181,7 +211,10 @@ class PresenceStore(Protocol):
         """Record ``replica_id`` as the holder; returns the previous holder, if any."""
         ...
 
-    async def refresh(self, fqdns: Iterable[str], replica_id: str, ttl_s: float) -> None: ...
+    async def refresh(self, fqdns: Iterable[str], replica_id: str, ttl_s: float) -> None:
+        """Extend the TTL of nodes ``replica_id`` holds; re-create entries that were lost
+        (a Redis restart) unless another replica holds the node now."""
+        ...
 
     async def holder(self, fqdn: str) -> str | None: ...
 
@@ -215,11 +248,20 @@ class InProcessPresence:
 
 
 # Compare-and-act scripts: a replica must not refresh or drop a node another replica took.
+# A missing key is set again: after a Redis restart (or a lost key) presence comes back with
+# the next refresh instead of the node looking offline until it reconnects.
 _REFRESH = """
+local restored = 0
 for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then redis.call('PEXPIRE', key, ARGV[2]) end
+  local holder = redis.call('GET', key)
+  if holder == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+  elseif not holder then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+    restored = restored + 1
+  end
 end
-return 0
+return restored
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -230,38 +272,41 @@ return 0
 class RedisPresence:
     """Presence keys in Redis with a TTL; see the module docstring."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, *, prefix: str = DEFAULT_PREFIX) -> None:
         self._redis = redis
+        self._keys = NmsKeys(prefix)
         self._refresh = redis.register_script(_REFRESH)
         self._release = redis.register_script(_RELEASE)
 
     async def claim(self, fqdn: str, replica_id: str, ttl_s: float) -> str | None:
         try:
             previous = await self._redis.set(
-                PRESENCE_KEY.format(fqdn=fqdn), replica_id, px=int(ttl_s * 1000), get=True
+                self._keys.presence(fqdn), replica_id, px=int(ttl_s * 1000), get=True
             )
         except Exception as exc:
             raise Unavailable("Redis unavailable (presence)") from exc
         return _text(previous)
 
     async def refresh(self, fqdns: Iterable[str], replica_id: str, ttl_s: float) -> None:
-        keys = [PRESENCE_KEY.format(fqdn=f) for f in fqdns]
+        keys = [self._keys.presence(f) for f in fqdns]
         if not keys:
             return
         try:
-            await self._refresh(keys=keys, args=[replica_id, int(ttl_s * 1000)])
+            restored = await self._refresh(keys=keys, args=[replica_id, int(ttl_s * 1000)])
         except Exception as exc:
             raise Unavailable("Redis unavailable (presence)") from exc
+        if restored:
+            log.warning("presence_restored", replica=replica_id, count=int(restored))
 
     async def holder(self, fqdn: str) -> str | None:
         try:
-            return _text(await self._redis.get(PRESENCE_KEY.format(fqdn=fqdn)))
+            return _text(await self._redis.get(self._keys.presence(fqdn)))
         except Exception as exc:
             raise Unavailable("Redis unavailable (presence)") from exc
 
     async def release(self, fqdn: str, replica_id: str) -> bool:
         try:
-            return bool(await self._release(keys=[PRESENCE_KEY.format(fqdn=fqdn)],
+            return bool(await self._release(keys=[self._keys.presence(fqdn)],
                                             args=[replica_id]))
         except Exception as exc:
             raise Unavailable("Redis unavailable (presence)") from exc
@@ -319,6 +364,11 @@ class RouteStore(Protocol):
 
     async def all(self) -> list[RouteRecord]: ...
 
+    async def refresh(self, fqdns: Iterable[str]) -> None:
+        """Keep alive the routes of these (locally held) nodes whose other node is present
+        too; a route nobody refreshes expires (a replica crashed with both nodes, or one)."""
+        ...
+
 
 @dataclass
 class InProcessRouteStore:
@@ -350,53 +400,140 @@ class InProcessRouteStore:
     async def all(self) -> list[RouteRecord]:
         return sorted(self.routes.values(), key=lambda r: r.created_ms)
 
+    async def refresh(self, fqdns: Iterable[str]) -> None:
+        return None  # lives and dies with the process, like the nodes' connections
+
+
+# Store a route: its key with a TTL, the index (scored by expiry on the Redis clock) and the
+# two nodes' sets. KEYS: route, index, set a, set b; ARGV: route id, JSON, TTL ms.
+_ROUTE_PUT = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
+for i = 3, 4 do
+  redis.call('SADD', KEYS[i], ARGV[1])
+  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+return 0
+"""
+
+# Refresh the routes of locally held nodes. KEYS: the nodes' route sets; ARGV: TTL ms, route
+# key prefix, presence key prefix, index key. A route is extended only while both of its
+# nodes are present; ids of expired routes leave the sets, expired entries the index.
+_ROUTE_REFRESH = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ttl = tonumber(ARGV[1])
+local kept = 0
+for _, set in ipairs(KEYS) do
+  for _, id in ipairs(redis.call('SMEMBERS', set)) do
+    local key = ARGV[2] .. id
+    local raw = redis.call('GET', key)
+    if not raw then
+      redis.call('SREM', set, id)
+    else
+      local ok, route = pcall(cjson.decode, raw)
+      if ok and type(route) == 'table' and type(route['initiator']) == 'string'
+          and type(route['responder']) == 'string'
+          and redis.call('EXISTS', ARGV[3] .. route['initiator'],
+                         ARGV[3] .. route['responder']) == 2 then
+        redis.call('PEXPIRE', key, ttl)
+        redis.call('ZADD', ARGV[4], now + ttl, id)
+        kept = kept + 1
+      end
+    end
+  end
+  redis.call('PEXPIRE', set, ttl)
+end
+redis.call('ZREMRANGEBYSCORE', ARGV[4], '-inf', now)
+return kept
+"""
+
 
 class RedisRouteStore:
-    """Routes in a Redis hash, indexed per node."""
+    """Routes in Redis with a TTL, indexed per node (layout in the module docstring).
 
-    def __init__(self, redis: Any) -> None:
+    ``ttl_s`` is how long a route outlives the last refresh; the manager refreshes the routes
+    of its nodes with presence, so a route whose replica(s) died lapses within about one
+    offline timeout after the dead node's presence did.
+    """
+
+    def __init__(self, redis: Any, *, prefix: str = DEFAULT_PREFIX,
+                 ttl_s: float = 45.0) -> None:
         self._redis = redis
+        self._keys = NmsKeys(prefix)
+        self.ttl_ms = max(1, int(ttl_s * 1000))
+        self._put = redis.register_script(_ROUTE_PUT)
+        self._refresh = redis.register_script(_ROUTE_REFRESH)
 
     async def put(self, route: RouteRecord) -> None:
+        k = self._keys
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(ROUTES_KEY, route.route_id, route.to_json())
-                pipe.sadd(NODE_ROUTES_KEY.format(fqdn=route.initiator), route.route_id)
-                pipe.sadd(NODE_ROUTES_KEY.format(fqdn=route.responder), route.route_id)
-                await pipe.execute()
+            await self._put(
+                keys=[k.route(route.route_id), k.route_index, k.node_routes(route.initiator),
+                      k.node_routes(route.responder)],
+                args=[route.route_id, route.to_json(), self.ttl_ms],
+            )
         except Exception as exc:
             raise Unavailable("Redis unavailable (routes)") from exc
 
     async def get(self, route_id: str) -> RouteRecord | None:
         try:
-            value = await self._redis.hget(ROUTES_KEY, route_id)
+            value = await self._redis.get(self._keys.route(route_id))
         except Exception as exc:
             raise Unavailable("Redis unavailable (routes)") from exc
         return RouteRecord.from_json(value) if value is not None else None
 
     async def for_node(self, fqdn: str) -> list[RouteRecord]:
+        node_key = self._keys.node_routes(fqdn)
         try:
-            ids = [_text(i) for i in await self._redis.smembers(NODE_ROUTES_KEY.format(fqdn=fqdn))]
+            ids = sorted(_text(i) or "" for i in await self._redis.smembers(node_key))
             if not ids:
                 return []
-            values = await self._redis.hmget(ROUTES_KEY, ids)
+            values = await self._redis.mget([self._keys.route(i) for i in ids])
+            gone = [i for i, v in zip(ids, values, strict=True) if v is None]
+            if gone:
+                await self._redis.srem(node_key, *gone)  # expired: forget the ids
         except Exception as exc:
             raise Unavailable("Redis unavailable (routes)") from exc
         return [RouteRecord.from_json(v) for v in values if v is not None]
 
     async def remove(self, route: RouteRecord) -> None:
+        k = self._keys
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hdel(ROUTES_KEY, route.route_id)
-                pipe.srem(NODE_ROUTES_KEY.format(fqdn=route.initiator), route.route_id)
-                pipe.srem(NODE_ROUTES_KEY.format(fqdn=route.responder), route.route_id)
+                pipe.delete(k.route(route.route_id))
+                pipe.zrem(k.route_index, route.route_id)
+                pipe.srem(k.node_routes(route.initiator), route.route_id)
+                pipe.srem(k.node_routes(route.responder), route.route_id)
                 await pipe.execute()
         except Exception as exc:
             raise Unavailable("Redis unavailable (routes)") from exc
 
     async def all(self) -> list[RouteRecord]:
+        k = self._keys
         try:
-            values = await self._redis.hvals(ROUTES_KEY)
+            ids = [_text(i) or "" for i in await self._redis.zrange(k.route_index, 0, -1)]
+            if not ids:
+                return []
+            values = await self._redis.mget([k.route(i) for i in ids])
+            gone = [i for i, v in zip(ids, values, strict=True) if v is None]
+            if gone:
+                await self._redis.zrem(k.route_index, *gone)
         except Exception as exc:
             raise Unavailable("Redis unavailable (routes)") from exc
-        return sorted((RouteRecord.from_json(v) for v in values), key=lambda r: r.created_ms)
+        return sorted((RouteRecord.from_json(v) for v in values if v is not None),
+                      key=lambda r: r.created_ms)
+
+    async def refresh(self, fqdns: Iterable[str]) -> None:
+        k = self._keys
+        keys = [k.node_routes(f) for f in fqdns]
+        if not keys:
+            return
+        try:
+            await self._refresh(keys=keys, args=[self.ttl_ms, k.route(""), k.presence(""),
+                                                 k.route_index])
+        except Exception as exc:
+            raise Unavailable("Redis unavailable (routes)") from exc

@@ -365,10 +365,13 @@ class NodeManager:
             await self._went_offline(fqdn, local, cause="timeout")
 
     async def refresh_presence(self) -> None:
-        """Refresh presence TTLs and last-seen times of local nodes (batched)."""
+        """Refresh presence and route TTLs and last-seen times of local nodes (batched)."""
         if not self._local:
             return
-        await self.presence.refresh(list(self._local), self.replica_id, self.offline_timeout_s)
+        fqdns = list(self._local)
+        await self.presence.refresh(fqdns, self.replica_id, self.offline_timeout_s)
+        # After presence: a route is kept alive only while both of its nodes are present.
+        await self.routes.refresh(fqdns)
         await self.nodes.touch([n.node_id for n in self._local.values()],
                                replica=self.replica_id, now=datetime.now(UTC))
 

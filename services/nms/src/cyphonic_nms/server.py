@@ -62,9 +62,10 @@ class NmsServer:
                 raise Unavailable(
                     f"Redis at {hide_password(s.redis_url)} is unreachable"
                 ) from exc
-            presence: Any = RedisPresence(self._redis)
-            bus: Any = RedisBus(self._redis)
-            routes: Any = RedisRouteStore(self._redis)
+            presence: Any = RedisPresence(self._redis, prefix=s.redis_prefix)
+            bus: Any = RedisBus(self._redis, prefix=s.redis_prefix)
+            routes: Any = RedisRouteStore(self._redis, prefix=s.redis_prefix,
+                                          ttl_s=s.offline_timeout_s)
             trs: Any = RedisTrsDirectory(self._redis, prefix=s.redis_prefix)
         else:
             presence, bus = InProcessPresence(), InProcessBus()
