@@ -86,6 +86,7 @@ async def run(args: argparse.Namespace) -> None:
         accept={ALPN_TUNNEL: Acceptor(handler_factory=attach, expect="node")},
         max_datagram_size=max_datagram_size_for(tun_mtu=args.mtu),
         idle_timeout=30.0,
+        engine=args.engine,
     )
     loop_time = asyncio.get_running_loop().time
     t0 = loop_time()
@@ -121,7 +122,7 @@ async def run(args: argparse.Namespace) -> None:
                 expected_name=args.peer_fqdn,
                 handler_factory=attach,
             )
-        log.info("overlay node ready", listen=endpoint.local_address)
+        log.info("overlay node ready", listen=endpoint.local_address, engine=endpoint.engine)
         if args.ready_file:
             await asyncio.to_thread(Path(args.ready_file).write_text, "ready\n")
         await stop.wait()
@@ -155,6 +156,8 @@ def main() -> int:
     parser.add_argument("--ack-immediately", action=argparse.BooleanOptionalAction,
                         default=False, help="ACK in the next transmit pass instead of after "
                         "aioquic's 1 ms ACK delay")
+    parser.add_argument("--engine", choices=["aioquic", "qh3"],
+                        help="QUIC engine (default: CYPHONIC_QUIC_ENGINE, else aioquic)")
     parser.add_argument("--ready-file")
     parser.add_argument("--status-socket", type=Path, help="serve the status API here")
     parser.add_argument("--profile", type=Path, help="write cProfile statistics here at exit")

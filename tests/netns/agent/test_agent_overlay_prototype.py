@@ -60,7 +60,7 @@ def node_state(base: Path, material: pki.PkiMaterial, fqdn: str) -> Path:
 
 
 def start_node(veth_pair: Any, tmp: Path, *, side: str, state: Path, fqdn: str,
-               peer_fqdn: str | None,
+               peer_fqdn: str | None, engine: str = "aioquic",
                status_socket: Path | None = None) -> tuple[subprocess.Popen[bytes], Path]:
     a = side == "a"
     ready = tmp / f"{fqdn}.ready"
@@ -70,7 +70,7 @@ def start_node(veth_pair: Any, tmp: Path, *, side: str, state: Path, fqdn: str,
            "--tun-address", f"{OVERLAY_A if a else OVERLAY_B}/24",
            "--peer-address", OVERLAY_B if a else OVERLAY_A,
            "--listen", veth_pair.A_ADDR if a else veth_pair.B_ADDR,
-           "--ready-file", str(ready)]
+           "--ready-file", str(ready), "--engine", engine]
     if peer_fqdn:
         cmd += ["--connect", veth_pair.B_ADDR, "--peer-fqdn", peer_fqdn]
     if status_socket:
@@ -96,8 +96,9 @@ def pki_material(tmp_path: Path) -> pki.PkiMaterial:
     return pki.init_pki(tmp_path / "pki", now=datetime.datetime.now(datetime.UTC), services=())
 
 
+@pytest.mark.parametrize("engine", ["aioquic", "qh3"])
 def test_ping_and_tcp_through_the_tunnel_only_udp_443_on_the_wire(
-    veth_pair: Any, tmp_path: Path, pki_material: pki.PkiMaterial
+    veth_pair: Any, tmp_path: Path, pki_material: pki.PkiMaterial, engine: str
 ) -> None:
     tcpdump = shutil.which("tcpdump")
     if tcpdump is None:
@@ -110,12 +111,12 @@ def test_ping_and_tcp_through_the_tunnel_only_udp_443_on_the_wire(
     state_a = node_state(tmp_path, pki_material, "a.cyphonic.internal")
     state_b = node_state(tmp_path, pki_material, "b.cyphonic.internal")
     b, ready_b = start_node(veth_pair, tmp_path, side="b", state=state_b,
-                            fqdn="b.cyphonic.internal", peer_fqdn=None)
+                            fqdn="b.cyphonic.internal", peer_fqdn=None, engine=engine)
     wait_ready(b, ready_b, tmp_path / "b.cyphonic.internal.log")
     status_socket = tmp_path / "run" / "status.sock"
     a, ready_a = start_node(veth_pair, tmp_path, side="a", state=state_a,
                             fqdn="a.cyphonic.internal", peer_fqdn="b.cyphonic.internal",
-                            status_socket=status_socket)
+                            engine=engine, status_socket=status_socket)
     wait_ready(a, ready_a, tmp_path / "a.cyphonic.internal.log")
 
     ping = veth_pair.run(veth_pair.ns_a, "ping", "-c", "5", "-i", "0.2", "-W", "3", OVERLAY_B)
@@ -163,18 +164,20 @@ def test_ping_and_tcp_through_the_tunnel_only_udp_443_on_the_wire(
     assert all(" UDP" in line for line in listing), listing[:5]
 
 
+@pytest.mark.parametrize("engine", ["aioquic", "qh3"])
 def test_wrong_peer_name_is_refused(
-    veth_pair: Any, tmp_path: Path, pki_material: pki.PkiMaterial
+    veth_pair: Any, tmp_path: Path, pki_material: pki.PkiMaterial, engine: str
 ) -> None:
     os.chmod(tmp_path, 0o755)
     state_a = node_state(tmp_path, pki_material, "a.cyphonic.internal")
     state_b = node_state(tmp_path, pki_material, "b.cyphonic.internal")
     b, ready_b = start_node(veth_pair, tmp_path, side="b", state=state_b,
-                            fqdn="b.cyphonic.internal", peer_fqdn=None)
+                            fqdn="b.cyphonic.internal", peer_fqdn=None, engine=engine)
     wait_ready(b, ready_b, tmp_path / "b.cyphonic.internal.log")
     # A expects c.cyphonic.internal; B presents b's certificate: A must refuse B.
     a, _ = start_node(veth_pair, tmp_path, side="a", state=state_a,
-                      fqdn="a.cyphonic.internal", peer_fqdn="c.cyphonic.internal")
+                      fqdn="a.cyphonic.internal", peer_fqdn="c.cyphonic.internal",
+                      engine=engine)
     assert a.wait(timeout=30) == 1
     log = (tmp_path / "a.cyphonic.internal.log").read_text()
     assert "permission_denied" in log, log
