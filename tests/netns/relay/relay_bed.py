@@ -1,0 +1,230 @@
+"""Helpers of the relayed (pattern 3) end-to-end tests: the TRS process in its cloud host,
+its admin REST from inside that namespace, name resolution through the agents' DNS stubs
+for ordinary programs, a checked TCP transfer, and the reading of a capture at the TRS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cyphonic_testbed import Capture, Node
+from cyphonic_testbed.overlay import ADMIN_TOKEN, BIN, QUIC_PORT, RELAY_SECRET, OverlayServices
+from cyphonic_testbed.wait import wait_for
+
+MARKER = b"CYPHONIC-RELAY-E2E-PLAINTEXT-MARKER-93c7"
+TCP_PORT = 9000
+TRS_HTTP_PORT = 8083
+
+# Receives until the announced length, answers with its SHA-256 (hex).
+TCP_SERVER = r"""
+import hashlib, socket, sys
+host, size = sys.argv[1], int(sys.argv[2])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(family); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, int(sys.argv[3]))); s.listen(1); print("listening", flush=True)
+s.settimeout(120); c, _ = s.accept(); c.settimeout(60)
+h = hashlib.sha256(); n = 0
+while n < size:
+    chunk = c.recv(65536)
+    if not chunk:
+        break
+    h.update(chunk); n += len(chunk)
+c.sendall(h.hexdigest().encode()); c.close()
+"""
+
+# Connects by name (the system resolver, i.e. the agent's DNS stub), sends stdin.
+TCP_CLIENT = r"""
+import socket, sys
+data = sys.stdin.buffer.read()
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+c.sendall(data); print(c.recv(100).decode())
+"""
+
+REST_GET = r"""
+import json, sys, urllib.request
+req = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + sys.argv[2]})
+with urllib.request.urlopen(req, timeout=20) as resp:
+    print(resp.read().decode())
+"""
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass
+class TrsProcess:
+    """``cyphonic-trs serve`` in a cloud host (UDP 443, admin REST on its loopback)."""
+
+    node: Node
+    proc: subprocess.Popen[Any]
+    log: Path
+    endpoints: list[str]
+
+    def get(self, path: str) -> Any:
+        """GET an admin REST path (from inside the TRS's namespace); the JSON answer."""
+        url = f"http://127.0.0.1:{TRS_HTTP_PORT}{path}"
+        proc = self.node.run([sys.executable, "-c", REST_GET, url, ADMIN_TOKEN], timeout=60)
+        if proc.returncode != 0:
+            raise AssertionError(f"GET {path} at the TRS failed: {proc.stderr}")
+        return json.loads(proc.stdout)
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """The TRS's JSON log lines."""
+        return _json_lines(self.log)
+
+    def stop(self) -> int:
+        """SIGTERM and wait; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=20)
+
+
+def start_trs(services: OverlayServices, *, host: str = "trs", redis_url: str,
+              replica: int = 0, timeout: float = 90.0) -> TrsProcess:
+    """Run ``cyphonic-trs serve`` in ``host`` with the overlay's PKI and the bed's Redis,
+    registering its cloud addresses (IPv4 and IPv6) for the NMS; returns once it serves."""
+    node = services.bed.host(host)
+    endpoints = [_hostport(node.address("cloud", family), QUIC_PORT)
+                 for family in (4, 6) if node.has_family(family)]
+    log = services.workdir / f"trs-{host}.log"
+    argv = [str(BIN / "cyphonic-trs"), "serve", "--pki-dir", str(services.pki),
+            "--redis-url", redis_url, "--replica-id", str(replica), "--quic-host", "::",
+            "--quic-port", str(QUIC_PORT), "--http-host", "127.0.0.1",
+            "--http-port", str(TRS_HTTP_PORT), "--domain", services.domain,
+            "--log-format", "json"]
+    for endpoint in endpoints:
+        argv += ["--public-endpoint", endpoint]
+    env = {**os.environ, "CYPHONIC_ENVIRONMENT": "test", "CYPHONIC_ADMIN_TOKEN": ADMIN_TOKEN,
+           "CYPHONIC_RELAY_TOKEN_SECRET": RELAY_SECRET}
+    with log.open("ab") as out:
+        proc = node.popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def serving() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"cyphonic-trs exited {proc.returncode}: "
+                                 f"{log.read_text(errors='replace')[-3000:]}")
+        return "trs_serving" in log.read_text(errors="replace")
+
+    wait_for(serving, timeout, interval=0.1, message="cyphonic-trs serving")
+    return TrsProcess(node=node, proc=proc, log=log, endpoints=endpoints)
+
+
+@contextlib.contextmanager
+def stub_resolver(*nodes: Node) -> Iterator[None]:
+    """Make ordinary programs in ``nodes`` resolve through the agent's DNS stub
+    (127.0.0.1:53): ``ip netns exec`` mounts ``/etc/netns/<ns>/resolv.conf`` over
+    ``/etc/resolv.conf``. Start the agents first (they read the original for upstreams)."""
+    made: list[Path] = []
+    try:
+        for node in nodes:
+            directory = Path("/etc/netns") / node.netns
+            directory.mkdir(parents=True, exist_ok=False)
+            made.append(directory)
+            (directory / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:5\n")
+        yield
+    finally:
+        for directory in made:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def ping_name(node: Node, name: str, *, family: int, count: int = 3,
+              ) -> subprocess.CompletedProcess[str]:
+    """``ping -4/-6 name`` in ``node``: resolved by the system resolver (the stub); no
+    reverse lookups of the answers (they would go to the upstream resolver)."""
+    result: subprocess.CompletedProcess[str] = node.run(
+        ["ping", "-n", f"-{family}", "-c", str(count), "-i", "0.2", "-W", "5", name],
+        timeout=60)
+    return result
+
+
+def marked_payload(size: int = 2_000_000) -> bytes:
+    """``size`` bytes with the marker all through them."""
+    chunk = MARKER + os.urandom(1000)
+    return (chunk * (size // len(chunk) + 1))[:size]
+
+
+def tcp_transfer(src: Node, dst: Node, *, listen: str, connect: str, payload: bytes) -> str:
+    """Send ``payload`` over TCP from ``src`` to ``connect`` (a name or an address) served
+    in ``dst`` on ``listen``; the SHA-256 the receiver computed."""
+    server = dst.popen([sys.executable, "-c", TCP_SERVER, listen, str(len(payload)),
+                        str(TCP_PORT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert server.stdout is not None
+    line = server.stdout.readline()
+    assert line == b"listening\n", (line, server.stderr.read() if server.stderr else b"")
+    client = src.run([sys.executable, "-c", TCP_CLIENT, connect, str(TCP_PORT)],
+                     input=payload, text=False, timeout=150)
+    assert client.returncode == 0, client.stderr.decode(errors="replace")
+    server.wait(timeout=30)
+    digest: str = client.stdout.decode().strip()
+    return digest
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class RelayReading:
+    """What a capture at the TRS shows about relayed traffic between two outside addresses."""
+
+    relayed: int
+    """Datagrams the TRS sent to one node byte for byte as it got them from the other."""
+    own: int
+    """Datagrams between the TRS and the nodes that were not relayed (its control
+    connections): their payloads never appear on the other side."""
+    not_udp_443: list[str]
+
+
+def read_relay(capture: Capture, *, trs: set[str], a: str, b: str) -> RelayReading:
+    """Match every datagram the TRS sent to ``a`` (``b``) against what it received from
+    ``b`` (``a``): equal UDP payloads mean the packet went through unchanged."""
+    packets = [p for p in capture.packets() if p.family != 0]
+    received: dict[str, Counter[bytes]] = {a: Counter(), b: Counter()}
+    sent: list[tuple[str, bytes]] = []
+    odd: list[str] = []
+    for p in packets:
+        if p.protocol != "udp" or 443 not in (p.sport, p.dport):
+            if not (p.protocol == "icmpv6" and p.payload and p.payload[0] in (133, 134, 135,
+                                                                             136)):
+                odd.append(f"{p.protocol} {p.src}:{p.sport} > {p.dst}:{p.dport}")
+            continue
+        if p.dst in trs and p.src in received:
+            received[p.src][p.payload] += 1
+        elif p.src in trs and p.dst in received:
+            sent.append((p.dst, p.payload))
+    relayed = own = 0
+    for dst, payload in sent:
+        source = b if dst == a else a
+        if received[source][payload] > 0:
+            received[source][payload] -= 1
+            relayed += 1
+        else:
+            own += 1
+    return RelayReading(relayed=relayed, own=own, not_udp_443=odd)
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            item = json.loads(line)
+            if isinstance(item, dict):
+                out.append(item)
+    return out
+
+
+def json_log(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a process log (other lines skipped)."""
+    return _json_lines(path)
