@@ -58,8 +58,9 @@ __all__ = [
     "RelayedPath",
 ]
 
-KEEPALIVE_S = 10.0
-"""Keepalive period on TRS control connections (well inside NAT UDP timeouts)."""
+KEEPALIVE_S = 5.0
+"""Keepalive period on TRS control connections: well inside NAT UDP timeouts, and it bounds
+how long a NAT rebinding (a new outside port the node cannot see) stalls a relayed tunnel."""
 REQUEST_TIMEOUT_S = 5.0
 PEER_CIDS_TIMEOUT_S = 10.0
 """How long the connecting side waits for the peer's CIDs from the NMS."""
