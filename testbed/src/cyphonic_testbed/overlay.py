@@ -392,6 +392,85 @@ def start_services(
     return services
 
 
+# --------------------------------------------------------------------------- the relay
+
+TRS_HTTP_PORT = 8083
+
+_REST_GET = r"""
+import json, sys, urllib.request
+req = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + sys.argv[2]})
+with urllib.request.urlopen(req, timeout=20) as resp:
+    print(resp.read().decode())
+"""
+
+
+@dataclass
+class TrsProcess:
+    """``cyphonic-trs serve`` in a cloud host (UDP 443, admin REST on its loopback)."""
+
+    node: Node
+    proc: subprocess.Popen[Any]
+    log: Path
+    endpoints: list[str]
+
+    def get(self, path: str) -> Any:
+        """GET an admin REST path (from inside the TRS's namespace); the JSON answer."""
+        url = f"http://127.0.0.1:{TRS_HTTP_PORT}{path}"
+        proc = self.node.run([sys.executable, "-c", _REST_GET, url, ADMIN_TOKEN], timeout=60)
+        if proc.returncode != 0:
+            raise TestbedError(f"GET {path} at the TRS failed: {proc.stderr}")
+        return json.loads(proc.stdout)
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """The TRS's JSON log lines (other lines skipped)."""
+        events = []
+        for line in _read(self.log).splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict):
+                    events.append(event)
+        return events
+
+    def stop(self) -> int:
+        """SIGTERM and wait; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=20)
+
+
+def trs_endpoints(node: Node) -> list[str]:
+    """The QUIC endpoints (IPv4 and IPv6 on the cloud) a TRS in ``node`` announces."""
+    return [_hostport(node.address("cloud", family), QUIC_PORT)
+            for family in (4, 6) if node.has_family(family)]
+
+
+def start_trs(services: OverlayServices, *, host: str = "trs", redis_url: str | None = None,
+              replica: int = 0, timeout: float = START_TIMEOUT) -> TrsProcess:
+    """Run ``cyphonic-trs serve`` in ``host`` with the overlay's PKI; returns once it serves.
+
+    With ``redis_url`` the CID table is shared there and the TRS registers its cloud
+    addresses for the NMS; without, the table is in process (the embedded default) and the
+    NMS must be told the TRS with ``CYPHONIC_TRS_ENDPOINTS``."""
+    node = services.bed.host(host)
+    endpoints = trs_endpoints(node)
+    log = services.workdir / f"trs-{host}.log"
+    argv = [str(BIN / "cyphonic-trs"), "serve", "--pki-dir", str(services.pki),
+            "--replica-id", str(replica), "--quic-host", "::",
+            "--quic-port", str(QUIC_PORT), "--http-host", "127.0.0.1",
+            "--http-port", str(TRS_HTTP_PORT), "--domain", services.domain,
+            "--log-format", "json"]
+    if redis_url is not None:
+        argv += ["--redis-url", redis_url]
+    for endpoint in endpoints:
+        argv += ["--public-endpoint", endpoint]
+    env = {**_service_env(services.domain), "CYPHONIC_ADMIN_TOKEN": ADMIN_TOKEN}
+    with log.open("ab") as out:
+        proc = node.popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    services.processes[f"trs {host}"] = proc  # stopped with the other services
+    _wait_log(log, "trs_serving", proc, timeout=timeout, what="cyphonic-trs")
+    return TrsProcess(node=node, proc=proc, log=log, endpoints=endpoints)
+
+
 # --------------------------------------------------------------------------- the probe
 
 

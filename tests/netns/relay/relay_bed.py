@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from cyphonic_testbed import Capture, Node
-from cyphonic_testbed.overlay import ADMIN_TOKEN, BIN, QUIC_PORT, RELAY_SECRET, OverlayServices
-from cyphonic_testbed.wait import wait_for
+from cyphonic_testbed.overlay import TrsProcess, start_trs  # noqa: F401  (re-exported for the tests)
 
 MARKER = b"CYPHONIC-RELAY-E2E-PLAINTEXT-MARKER-93c7"
 TCP_PORT = 9000
-TRS_HTTP_PORT = 8083
 
 # Receives until the announced length, answers with its SHA-256 (hex).
 TCP_SERVER = r"""
@@ -50,76 +48,6 @@ data = sys.stdin.buffer.read()
 c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
 c.sendall(data); print(c.recv(100).decode())
 """
-
-REST_GET = r"""
-import json, sys, urllib.request
-req = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + sys.argv[2]})
-with urllib.request.urlopen(req, timeout=20) as resp:
-    print(resp.read().decode())
-"""
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@dataclass
-class TrsProcess:
-    """``cyphonic-trs serve`` in a cloud host (UDP 443, admin REST on its loopback)."""
-
-    node: Node
-    proc: subprocess.Popen[Any]
-    log: Path
-    endpoints: list[str]
-
-    def get(self, path: str) -> Any:
-        """GET an admin REST path (from inside the TRS's namespace); the JSON answer."""
-        url = f"http://127.0.0.1:{TRS_HTTP_PORT}{path}"
-        proc = self.node.run([sys.executable, "-c", REST_GET, url, ADMIN_TOKEN], timeout=60)
-        if proc.returncode != 0:
-            raise AssertionError(f"GET {path} at the TRS failed: {proc.stderr}")
-        return json.loads(proc.stdout)
-
-    def log_events(self) -> list[dict[str, Any]]:
-        """The TRS's JSON log lines."""
-        return _json_lines(self.log)
-
-    def stop(self) -> int:
-        """SIGTERM and wait; the exit status."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        return self.proc.wait(timeout=20)
-
-
-def start_trs(services: OverlayServices, *, host: str = "trs", redis_url: str,
-              replica: int = 0, timeout: float = 90.0) -> TrsProcess:
-    """Run ``cyphonic-trs serve`` in ``host`` with the overlay's PKI and the bed's Redis,
-    registering its cloud addresses (IPv4 and IPv6) for the NMS; returns once it serves."""
-    node = services.bed.host(host)
-    endpoints = [_hostport(node.address("cloud", family), QUIC_PORT)
-                 for family in (4, 6) if node.has_family(family)]
-    log = services.workdir / f"trs-{host}.log"
-    argv = [str(BIN / "cyphonic-trs"), "serve", "--pki-dir", str(services.pki),
-            "--redis-url", redis_url, "--replica-id", str(replica), "--quic-host", "::",
-            "--quic-port", str(QUIC_PORT), "--http-host", "127.0.0.1",
-            "--http-port", str(TRS_HTTP_PORT), "--domain", services.domain,
-            "--log-format", "json"]
-    for endpoint in endpoints:
-        argv += ["--public-endpoint", endpoint]
-    env = {**os.environ, "CYPHONIC_ENVIRONMENT": "test", "CYPHONIC_ADMIN_TOKEN": ADMIN_TOKEN,
-           "CYPHONIC_RELAY_TOKEN_SECRET": RELAY_SECRET}
-    with log.open("ab") as out:
-        proc = node.popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-
-    def serving() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"cyphonic-trs exited {proc.returncode}: "
-                                 f"{log.read_text(errors='replace')[-3000:]}")
-        return "trs_serving" in log.read_text(errors="replace")
-
-    wait_for(serving, timeout, interval=0.1, message="cyphonic-trs serving")
-    return TrsProcess(node=node, proc=proc, log=log, endpoints=endpoints)
-
 
 @contextlib.contextmanager
 def stub_resolver(*nodes: Node) -> Iterator[None]:
