@@ -933,6 +933,10 @@ class Agent:
                         self.datapath.pending.discard(address)
                 self.log.warning("route_setup_timeout", peer=route.fqdn,
                                  route_id=route.route_id, state=route.state.value)
+            # A failure is remembered only while its key is held down (a scan of the
+            # overlay pool must not grow this map without bound).
+            for key in [k for k in self._failures if not self.routes.is_held(k, now=now)]:
+                del self._failures[key]
             if now - self._last_ping >= self.settings.tunnel_keepalive_s:
                 self._last_ping = now
                 self._ping_tunnels()

@@ -222,6 +222,11 @@ class RouteTable:
         self._set_addresses(route, frozenset(addresses))
         return route
 
+    def is_held(self, key: str | bytes, *, now: float) -> bool:
+        """Whether ``key`` is held down after a failure (no side effects)."""
+        until = self._held.get(key)
+        return until is not None and now < until
+
     def request_failed(self, key: str | bytes, *, now: float) -> None:
         """A RouteRequest for ``key`` failed: hold the key down for a while."""
         self._held[key] = now + self.hold_down

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from cyphonic_agent.cli import build_parser, main
 
 
-def test_missing_state_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["up", "--state-dir", str(tmp_path / "nothing"),
-                 "--status-socket", str(tmp_path / "status.sock")])
-    assert code == 1
-    err = capsys.readouterr().err
-    assert "invalid_argument" in err and "cyphonic-agent enroll" in err
+def test_missing_state_directory(tmp_path: Path) -> None:
+    # A process of its own: `up` configures process-wide logging.
+    proc = subprocess.run(
+        [sys.executable, "-m", "cyphonic_agent.cli", "up", "--state-dir",
+         str(tmp_path / "nothing"), "--status-socket", str(tmp_path / "status.sock")],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "invalid_argument" in proc.stderr and "cyphonic-agent enroll" in proc.stderr
 
 
 def test_bad_setting(capsys: pytest.CaptureFixture[str]) -> None:

@@ -105,6 +105,7 @@ def test_tear_down_lets_the_next_packet_ask_again() -> None:
 def test_failures_are_held_down_for_a_while() -> None:
     table = RouteTable(hold_down=2.0)
     table.request_failed(BOB_V4, now=10.0)
+    assert table.is_held(BOB_V4, now=11.0) and not table.is_held(BOB_V4, now=12.0)
     assert not table.should_request(BOB_V4, now=11.0)
     assert table.stats.held_down == 1
     assert table.should_request(BOB_V4, now=12.0)
