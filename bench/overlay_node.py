@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import ipaddress
 import signal
@@ -125,7 +126,16 @@ async def run(args: argparse.Namespace) -> None:
         log.info("overlay node ready", listen=endpoint.local_address, engine=endpoint.engine)
         if args.ready_file:
             await asyncio.to_thread(Path(args.ready_file).write_text, "ready\n")
-        await stop.wait()
+        # Keep idle tunnels alive as the agent does (a benchmark may leave one idle
+        # for longer than the idle timeout while it measures other paths).
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=args.keepalive)
+            for tunnel in datapath.tunnels():
+                conn = tunnel.conn
+                if isinstance(conn, Connection) and conn.is_ready:
+                    conn.quic.send_ping(0)
+                    conn.transmit()
     finally:
         datapath.stop()
         for tunnel in datapath.tunnels():
@@ -158,6 +168,8 @@ def main() -> int:
                         "aioquic's 1 ms ACK delay")
     parser.add_argument("--engine", choices=["aioquic", "qh3"],
                         help="QUIC engine (default: CYPHONIC_QUIC_ENGINE, else aioquic)")
+    parser.add_argument("--keepalive", type=float, default=10.0,
+                        help="seconds between QUIC PINGs on each tunnel (idle timeout 30 s)")
     parser.add_argument("--ready-file")
     parser.add_argument("--status-socket", type=Path, help="serve the status API here")
     parser.add_argument("--profile", type=Path, help="write cProfile statistics here at exit")

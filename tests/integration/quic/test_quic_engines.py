@@ -134,3 +134,30 @@ async def test_engine_from_environment(ca: Pki, monkeypatch: pytest.MonkeyPatch)
         assert endpoint.engine == "qh3"
     finally:
         await endpoint.close()
+
+
+@pytest.mark.parametrize("gso", [True, False])
+async def test_full_size_bursts_arrive_whole(endpoints: EndpointMaker, ca: Pki,
+                                             gso: bool) -> None:
+    """A burst of full-size datagrams leaves in UDP GSO sends (when on) and arrives intact."""
+    handlers = Handlers()
+    bob = await endpoints(identity=ca.node("bob"), trust=ca.trust,
+                          accept={ALPN_TUNNEL: Acceptor(handlers.factory, expect="node")})
+    alice = await endpoints(identity=ca.node("alice"), trust=ca.trust)
+    alice.gso = gso
+    conn = await alice.connect(port_of(bob), alpn=ALPN_TUNNEL, expect="node",
+                               expected_name=f"bob.{DOMAIN}", handler_factory=Handlers().factory)
+    (bob_side,) = handlers.made
+    size = conn.max_datagram_payload()
+    packets = [i.to_bytes(2, "big") * (size // 2) for i in range(60)]
+    sent_before = alice.stats.datagrams_sent
+    for p in packets:
+        assert conn.send_datagram(p)
+    alice.flush()
+    received = [await asyncio.wait_for(bob_side.datagrams.get(), 5) for _ in packets]
+    assert sorted(received) == sorted(packets)
+    assert alice.stats.datagrams_sent - sent_before >= len(packets)
+    if gso:
+        assert alice.stats.gso_sends >= 1 and alice.gso
+    else:
+        assert alice.stats.gso_sends == 0
