@@ -329,13 +329,19 @@ def overlay_prototype_path(topo: Topology) -> tuple[str, int, int]:
 
 
 def overlay_path(topo: Topology) -> tuple[str, int, int]:
-    """The CYPHONIC overlay with the agent: two ``cyphonic-agent up``. SLOT, not built yet.
+    """The CYPHONIC overlay with the agent: AS and NMS in B, two ``cyphonic-agent up``.
 
-    To fill in: start the services on the embedded default reachable from both namespaces,
-    enrol and ``cyphonic-agent up`` in A and B, resolve B's FQDN through A's DNS stub, and
-    return (B's virtual IPv4, the TUN MTU, OVERLAY_OVERHEAD_V4).
+    See bench/agent_overlay.py: enrolment over the AS's REST API, the route set up by a
+    lookup of B's name at A's DNS stub, the agents' own tunnel (UDP 4443) measured.
     """
-    raise PathUnavailable("`cyphonic-agent up` does not exist yet")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from agent_overlay import agent_overlay
+
+    workdir = topo.tmp / "agent-overlay"
+    workdir.mkdir(mode=0o700)
+    dst = agent_overlay(ns_a=topo.ns_a, ns_b=topo.ns_b, address_b=VETH_B, workdir=workdir,
+                        start=topo.start, logs=topo.logs, tun_name=f"cya{topo.tag}")
+    return dst, OVERLAY_MTU, OVERLAY_OVERHEAD_V4
 
 
 PATHS: list[tuple[str, Callable[[Topology], tuple[str, int, int]]]] = [

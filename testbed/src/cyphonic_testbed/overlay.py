@@ -222,7 +222,7 @@ class OverlayServices:
         REST API (one small process in the AS's namespace; the CLI's imports cost seconds
         each on a busy machine)."""
         proc = self.as_node.run(
-            [sys.executable, "-c", _ISSUE_TOKENS, f"http://127.0.0.1:{AS_HTTP_PORT}",
+            [sys.executable, "-c", ISSUE_TOKENS_SCRIPT, f"http://127.0.0.1:{AS_HTTP_PORT}",
              ADMIN_TOKEN, *names], timeout=60)
         if proc.returncode != 0:
             raise TestbedError(f"creating nodes {list(names)} at the AS failed: "
@@ -306,7 +306,9 @@ class OverlayServices:
         return codes
 
 
-_ISSUE_TOKENS = r"""
+#: ``python -c ISSUE_TOKENS_SCRIPT <AS REST URL> <admin token> <name>...``: creates the
+#: nodes at the AS and prints {name: enrolment token} as JSON (standard library only).
+ISSUE_TOKENS_SCRIPT = r"""
 import json, sys, urllib.request
 base, admin, names = sys.argv[1], sys.argv[2], sys.argv[3:]
 def post(path, body):
