@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,16 +109,22 @@ class RelayReading:
     relayed: int
     """Datagrams the TRS sent to one node byte for byte as it got them from the other."""
     own: int
-    """Datagrams between the TRS and the nodes that were not relayed (its control
-    connections): their payloads never appear on the other side."""
+    """Datagrams the TRS sent to the nodes that were not relayed (its control connections):
+    their bytes never came from the other node."""
     not_udp_443: list[str]
 
 
 def read_relay(capture: Capture, *, trs: set[str], a: str, b: str) -> RelayReading:
-    """Match every datagram the TRS sent to ``a`` (``b``) against what it received from
-    ``b`` (``a``): equal UDP payloads mean the packet went through unchanged."""
+    """Match every datagram the TRS sent to ``a`` (``b``) against the bytes it received
+    from ``b`` (``a``): found unchanged means the packet went through unchanged.
+
+    The received side is searched as one byte stream per sender, not datagram by datagram:
+    a sender using UDP GSO puts several datagrams in one captured super-packet (split only
+    at the receiving socket). QUIC packets are encrypted, so a datagram's bytes turning up
+    in the other node's stream by chance is out of the question.
+    """
     packets = [p for p in capture.packets() if p.family != 0]
-    received: dict[str, Counter[bytes]] = {a: Counter(), b: Counter()}
+    received: dict[str, list[bytes]] = {a: [], b: []}
     sent: list[tuple[str, bytes]] = []
     odd: list[str] = []
     for p in packets:
@@ -129,15 +134,22 @@ def read_relay(capture: Capture, *, trs: set[str], a: str, b: str) -> RelayReadi
                 odd.append(f"{p.protocol} {p.src}:{p.sport} > {p.dst}:{p.dport}")
             continue
         if p.dst in trs and p.src in received:
-            received[p.src][p.payload] += 1
+            received[p.src].append(p.payload)
         elif p.src in trs and p.dst in received:
             sent.append((p.dst, p.payload))
+    streams = {sender: b"".join(chunks) for sender, chunks in received.items()}
+    cursor = dict.fromkeys(streams, 0)
     relayed = own = 0
     for dst, payload in sent:
         source = b if dst == a else a
-        if received[source][payload] > 0:
-            received[source][payload] -= 1
+        stream = streams[source]
+        # Forwarding keeps the order, so look after the last match first.
+        at = stream.find(payload, cursor[source])
+        if at < 0:
+            at = stream.find(payload)
+        if at >= 0:
             relayed += 1
+            cursor[source] = at + len(payload)
         else:
             own += 1
     return RelayReading(relayed=relayed, own=own, not_udp_443=odd)

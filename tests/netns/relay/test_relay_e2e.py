@@ -102,7 +102,7 @@ def _relayed(o: Any, *, a_outside: str, b_outside: str, trs_seen_a: str, trs_see
     assert reading.relayed > len(payload) // 1500
     # tcpdump may miss some packets on a loaded machine; most must be there, and every
     # datagram the TRS sent that is not its own control traffic matched one it received.
-    assert reading.relayed >= 0.5 * replica["forwarded_packets"], (reading, replica)
+    assert reading.relayed >= 0.9 * replica["forwarded_packets"], (reading, replica)
     assert reading.own < reading.relayed // 10
     sys.stderr.write(f"\nTRS capture: {reading.relayed} datagrams relayed unchanged "
                      f"(TRS counted {replica['forwarded_packets']} forwarded), "
