@@ -81,6 +81,7 @@ _SEGMENT_SIZE = struct.Struct("=H")
 _GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS on older kernels
 _GSO_MAX_BYTES = 65000  # under the 64 KB a single UDP send may carry
 _RECV_SIZE = 65535
+_TIMER_SPIN = 0.001  # seconds: closer deadlines are polled, not slept on (epoll has 1 ms steps)
 _MAX_DRAIN = 512  # datagrams per wake-up, so one busy socket cannot starve the loop
 
 
@@ -369,7 +370,7 @@ class QuicEndpoint:
         self._flush_scheduled = False
         self._heap: list[tuple[float, int, Connection]] = []
         self._seq = itertools.count()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         self._timer_at: float | None = None
         self._closing = False
         self.stats = EndpointStats()
@@ -797,7 +798,14 @@ class QuicEndpoint:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = when
-        self._timer = self._loop.call_at(when, self._on_timer) if when is not None else None
+        if when is None:
+            self._timer = None
+        elif when - self._loop.time() < _TIMER_SPIN:
+            # The selector sleeps in whole milliseconds, so a pacing gap of 0.2 ms would
+            # cost 1 ms; deadlines that close are polled once per loop iteration instead.
+            self._timer = self._loop.call_soon(self._on_timer)
+        else:
+            self._timer = self._loop.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
