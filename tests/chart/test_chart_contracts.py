@@ -131,6 +131,15 @@ def test_trs_replica_number_is_the_statefulset_ordinal(render: Any) -> None:
         "metadata.labels['apps.kubernetes.io/pod-index']"
 
 
+def test_trs_fetches_the_crl_from_the_as_service(render: Any) -> None:
+    rendered = render({"as": {"http": {"port": 9081}}})
+    (ctr,) = containers(rendered.get("StatefulSet", f"{FULLNAME}-trs"))
+    env = {e["name"]: e.get("value") for e in ctr["env"]}
+    as_service = rendered.get("Service", f"{FULLNAME}-as")
+    assert as_service["spec"]["ports"][0]["port"] == 9081
+    assert env["CYPHONIC_AS_URL"] == f"http://{FULLNAME}-as:9081"
+
+
 def test_public_endpoints_reach_the_services(render: Any) -> None:
     rendered = render({"as": {"publicEndpoints": ["as.example.net:443"]},
                        "nms": {"publicEndpoints": ["192.0.2.7:443", "[2001:db8::7]:443"]},

@@ -58,11 +58,13 @@ from cyphonic.pki import (
     write_certificates,
     write_private_key,
 )
+from cyphonic.revocation import CrlRevocations, RevocationCache, crl_url
 from cyphonic.v1 import signalling_pb2 as pb
 
 NODE_KEY = "node.key"
 NODE_CERT = "node.crt"
 ROOT_CA = "root-ca.crt"
+SERVICE_CA = "service-ca.crt"
 AGENT_JSON = "agent.json"
 STATE_VERSION = 1
 
@@ -104,6 +106,11 @@ class StatePaths:
     def root_ca(self) -> Path:
         """The root CA certificate."""
         return self.directory / ROOT_CA
+
+    @property
+    def service_ca(self) -> Path:
+        """The service CA certificate (pinned at enrolment)."""
+        return self.directory / SERVICE_CA
 
     @property
     def config(self) -> Path:
@@ -347,3 +354,49 @@ async def renew(request: Requester, state_dir: Path | str, *,
 def load_node_chain(state_dir: Path | str) -> list[x509.Certificate]:
     """The node certificate chain stored in a state directory."""
     return load_certificates(StatePaths(Path(state_dir)).cert)
+
+
+def load_node_trust(
+    state_dir: Path | str, *, is_revoked: Callable[[x509.Certificate], bool] | None = None,
+) -> TrustStore:
+    """What a node trusts: the root, the node CA (its own chain's) and, when enrolment
+    stored it, the pinned service CA; ``is_revoked`` is ``node_revocation_cache(...)
+    .is_revoked`` so that a peer node with a revoked certificate is refused."""
+    paths = StatePaths(Path(state_dir))
+    chain = load_certificates(paths.cert)
+    service_ca = load_certificates(paths.service_ca)[0] if paths.service_ca.exists() else None
+    return TrustStore(root=load_certificates(paths.root_ca)[0],
+                      node_ca=chain[1] if len(chain) > 1 else None,
+                      service_ca=service_ca, is_revoked=is_revoked)
+
+
+def node_revocation_cache(
+    state_dir: Path | str,
+    *,
+    interval: float = 30.0,
+    verify: bool | str = True,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> RevocationCache:
+    """The revocation cache of a node: the AS's CRL (``<as_url>/v1/crl`` from agent.json),
+    accepted only when signed by the node CA; refreshed every ``interval`` seconds.
+
+    ``cyphonic-agent up`` uses it like this::
+
+        cache = node_revocation_cache(state_dir)
+        await cache.start()                       # an unreachable AS is logged, retried
+        trust = load_node_trust(state_dir, is_revoked=cache.is_revoked)
+        endpoint = await QuicEndpoint.open(..., trust=trust)
+        cache.subscribe(close_revoked_on(endpoint, cache))   # ends live tunnels too
+        ...
+        await cache.close()
+    """
+    state = read_agent_state(state_dir)
+    chain = load_node_chain(state_dir)
+    if len(chain) < 2:
+        raise InvalidArgument(f"{StatePaths(Path(state_dir)).cert} lacks the node CA")
+    node_ca = chain[1]
+    return RevocationCache(
+        CrlRevocations(crl_url(state.as_url), node_ca=node_ca, verify=verify,
+                       transport=transport),
+        issuer=node_ca, interval=interval,
+    )

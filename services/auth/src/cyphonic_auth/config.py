@@ -49,6 +49,11 @@ class AuthSettings(ServiceSettings):
         description="default lifetime of an enrolment token (an admin may ask for another)",
     )
     crl_hours: int = Field(24, ge=1, le=24 * 30, description="nextUpdate of the published CRL")
+    revocation_refresh_s: float = Field(
+        2.0, gt=0, le=3600,
+        description="how often the QUIC endpoint's set of revoked certificates re-reads the "
+        "registry (revocations made by this process apply at once)",
+    )
     as_endpoints: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="the AS QUIC endpoints told to enrolling nodes, 'host:port' comma-separated "

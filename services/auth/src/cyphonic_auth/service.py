@@ -24,6 +24,7 @@ from cyphonic.pki import (
     load_identity,
     sign_node_csr,
 )
+from cyphonic.revocation import RevocationCache
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic.wire.messages import endpoint_to_pb
 from prometheus_client import CollectorRegistry, Counter
@@ -183,6 +184,9 @@ class AuthService:
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
+        self.revocations: RevocationCache | None = None
+        """The QUIC endpoint's revocation cache (set by the signalling server); told at once
+        of what this process revokes, so that the next handshake already refuses it."""
         # Made here, not at import, so that it follows the process's log configuration.
         self._log = get_logger("as")
 
@@ -298,6 +302,7 @@ class AuthService:
                                                 actor=actor)
         self.metrics.revocations.inc(len(added))
         self._log.info("node_revoked", node=name, serials=[r.serial for r in added], actor=actor)
+        self._revoked_here([r.serial for r in added])
         return added
 
     async def revoke_certificate(self, serial: str, *, reason: str, actor: str) -> RevocationRecord:
@@ -307,7 +312,12 @@ class AuthService:
         )
         self.metrics.revocations.inc()
         self._log.info("certificate_revoked", fqdn=record.fqdn, serial=record.serial, actor=actor)
+        self._revoked_here([record.serial])
         return record
+
+    def _revoked_here(self, serials: list[str | None]) -> None:
+        if self.revocations is not None:
+            self.revocations.add(int(s, 16) for s in serials if s)
 
     async def crl(self) -> bytes:
         """The current DER CRL of the node CA."""

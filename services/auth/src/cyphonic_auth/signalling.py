@@ -22,11 +22,13 @@ from cyphonic.errors import UnexpectedMessage
 from cyphonic.hostport import format_host_port
 from cyphonic.log import get_logger
 from cyphonic.pki import PeerIdentity, load_identity, load_trust_store
+from cyphonic.revocation import RegistryRevocations, RevocationCache
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic.wire.messages import wrap
 
 from cyphonic_auth.config import AuthSettings
 from cyphonic_auth.service import AuthService
+from cyphonic_auth.storage import SqlNodeRegistry
 
 if TYPE_CHECKING:
     from cyphonic.quic import QuicEndpoint
@@ -69,6 +71,7 @@ class AsSignallingServer:
     def __init__(self, service: AuthService) -> None:
         self.service = service
         self.endpoint: QuicEndpoint | None = None
+        self.revocations: RevocationCache | None = None
 
     @property
     def address(self) -> str:
@@ -83,13 +86,22 @@ class AsSignallingServer:
         return int(self.endpoint.local_address[1])
 
     async def open(self, settings: AuthSettings) -> None:
-        """Load the AS certificate and the trust store, bind the UDP socket."""
+        """Load the AS certificate and the trust store (revoked node certificates refused in
+        the handshake), bind the UDP socket."""
         # Imported here so that request handling stays usable without the QUIC stack.
         from cyphonic.quic import Acceptor, QuicEndpoint
         from cyphonic.session import SignallingSession
 
         identity = load_identity(settings.pki_dir / "as.crt", settings.pki_dir / "as.key")
-        trust = load_trust_store(settings.pki_dir)
+        node_ca = load_trust_store(settings.pki_dir).node_ca
+        registry = self.service.registry
+        source = (RegistryRevocations(registry.engine) if isinstance(registry, SqlNodeRegistry)
+                  else RegistryRevocations.from_url(settings.database_url))
+        self.revocations = RevocationCache(source, issuer=node_ca,
+                                           interval=settings.revocation_refresh_s)
+        await self.revocations.start()
+        self.service.revocations = self.revocations
+        trust = load_trust_store(settings.pki_dir, is_revoked=self.revocations.is_revoked)
         factory = SignallingSession.factory(self._handle)
         self.endpoint = await QuicEndpoint.open(
             host=settings.quic_host, port=settings.quic_port, identity=identity, trust=trust,
@@ -108,6 +120,11 @@ class AsSignallingServer:
         if self.endpoint is not None:
             await self.endpoint.close("AS shutting down")
             self.endpoint = None
+        if self.revocations is not None:
+            if self.service.revocations is self.revocations:
+                self.service.revocations = None
+            await self.revocations.close()
+            self.revocations = None
 
 
 async def start_signalling(service: AuthService, settings: AuthSettings) -> AsSignallingServer:

@@ -22,6 +22,7 @@ from cyphonic.errors import (
 )
 from cyphonic.log import get_logger
 from cyphonic.pki import load_identity, load_trust_store
+from cyphonic.revocation import RegistryRevocations, RevocationCache
 from cyphonic.v1 import signalling_pb2 as pb
 
 from cyphonic_nms.config import NmsSettings
@@ -160,6 +161,7 @@ class NmsSignallingServer:
     def __init__(self, manager: NodeManager) -> None:
         self.manager = manager
         self.endpoint: QuicEndpoint | None = None
+        self.revocations: RevocationCache | None = None
         self._links: dict[int, SessionLink] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -182,7 +184,13 @@ class NmsSignallingServer:
         from cyphonic.session import SignallingSession
 
         identity = load_identity(settings.pki_dir / "nms.crt", settings.pki_dir / "nms.key")
-        trust = load_trust_store(settings.pki_dir)
+        # Revoked node certificates are refused in the handshake (cyphonic.revocation).
+        self.revocations = RevocationCache(
+            RegistryRevocations.from_url(settings.database_url),
+            issuer=load_trust_store(settings.pki_dir).node_ca,
+            interval=settings.revocation_poll_s)
+        await self.revocations.start()
+        trust = load_trust_store(settings.pki_dir, is_revoked=self.revocations.is_revoked)
         factory = SignallingSession.factory(self._handle, on_open=self._opened,
                                             on_lost=self._lost)
         self.endpoint = await QuicEndpoint.open(
@@ -216,6 +224,8 @@ class NmsSignallingServer:
         """Close every connection and the socket."""
         if self.endpoint is not None:
             await self.endpoint.close("NMS shutting down")
+        if self.revocations is not None:
+            await self.revocations.close()
         for task in list(self._tasks):
             with contextlib.suppress(Exception):
                 await task

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cids-per-side", type=int,
                    help="connection IDs issued to each side of a route (default 16)")
     p.add_argument("--domain", help="overlay DNS domain (default cyphonic.internal)")
+    p.add_argument("--as-url", help="REST URL of the AS, whose CRL revokes node certificates "
+                   "in the TLS handshake (CYPHONIC_AS_URL)")
     p.add_argument("--pki-dir", type=Path,
                    help="holds trs.crt/trs.key and the CA certificates (required)")
 
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> TrsSettings:
     flags = ("redis_url", "redis_prefix", "log_level", "log_format", "replica_id", "quic_host",
              "quic_port", "public_endpoints", "http_host", "http_port", "idle_timeout_s",
-             "cids_per_side", "domain", "pki_dir")
+             "cids_per_side", "domain", "pki_dir", "as_url")
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in flags if getattr(args, name, None) is not None
     }

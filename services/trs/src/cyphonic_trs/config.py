@@ -46,6 +46,15 @@ class TrsSettings(ServiceSettings):
         10.0, gt=0,
         description="how often Redis TTLs, counters and this replica's heartbeat are refreshed",
     )
+    as_url: str | None = Field(
+        None,
+        description="REST URL of the AS (http://as:8081): its CRL, signed by the node CA, is "
+        "fetched from <as_url>/v1/crl so that revoked node certificates are refused in the TLS "
+        "handshake; without it revocation is not checked (logged at start)",
+    )
+    revocation_refresh_s: float = Field(
+        5.0, gt=0, le=3600, description="how often the AS's CRL is fetched again"
+    )
     socket_buffer_bytes: int = Field(
         4 * 1024 * 1024, ge=65536, description="UDP socket send and receive buffer size"
     )

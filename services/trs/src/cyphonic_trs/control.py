@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cryptography import x509
 from cyphonic.config import ALPN_SIGNALLING
 from cyphonic.errors import InvalidArgument, Unavailable
 from cyphonic.log import get_logger
@@ -194,15 +195,17 @@ async def answer_request(
     )
 
 
-def signalling_control_plane(pki_dir: Path) -> Callable[[socket.socket, TrsService],
-                                                         TrsControlPlane]:
+def signalling_control_plane(
+    pki_dir: Path, *, is_revoked: Callable[[x509.Certificate], bool] | None = None,
+) -> Callable[[socket.socket, TrsService], TrsControlPlane]:
     """The production control plane: ``trs.crt``/``trs.key`` from ``pki_dir``, and a
-    ``cyphonic.session.SignallingSession`` per node connection."""
+    ``cyphonic.session.SignallingSession`` per node connection. ``is_revoked`` (a
+    ``RevocationCache.is_revoked``) refuses revoked node certificates in the handshake."""
     if not (pki_dir / "trs.crt").exists():
         raise InvalidArgument(f"{pki_dir / 'trs.crt'} is missing: the TRS serves nodes' control "
                               "connections with it ('cyphonic-as init-pki' makes it)")
     identity = load_identity(pki_dir / "trs.crt", pki_dir / "trs.key")
-    trust = load_trust_store(pki_dir)
+    trust = load_trust_store(pki_dir, is_revoked=is_revoked)
 
     def make(sock: socket.socket, service: TrsService) -> TrsControlPlane:
         from cyphonic.session import SignallingSession

@@ -3,8 +3,10 @@
     TrsService.start()
       1. open the CID table (Redis when ``redis_url`` is set, else in-process)
       2. reload this replica's sessions from it (a restart loses nothing stored)
-      3. bind UDP (443) and open the control plane on it: the QUIC endpoint whose drain
-         loop relays first and serves nodes' control connections (``cyphonic_trs.control``)
+      3. start the revocation cache (the AS's CRL, when ``as_url`` is set), bind UDP (443)
+         and open the control plane on it: the QUIC endpoint whose drain loop relays first
+         and serves nodes' control connections (``cyphonic_trs.control``); a node whose
+         certificate is revoked is refused in the handshake and its open connection closed
       4. register the replica for the NMS's TRS directory, start the sync loop
     every ``sync_interval_s``: expire idle sessions (and delete them from the table),
       refresh the TTLs and counters of active ones, heartbeat the registration
@@ -25,6 +27,8 @@ from cyphonic import relay_token
 from cyphonic.errors import CyphonicError
 from cyphonic.hostport import format_host_port, plain_address
 from cyphonic.log import get_logger
+from cyphonic.pki import NODE_CA_CERT, load_certificates
+from cyphonic.revocation import CrlRevocations, RevocationCache, close_revoked_on, crl_url
 
 from cyphonic_trs.allocation import RelayAllocator
 from cyphonic_trs.config import TrsSettings
@@ -83,6 +87,8 @@ class TrsService:
         self.core: RelayCore | None = None
         self.forwarder: RelayFilter | None = None
         """Sends relayed datagrams (send counters; None when stopped)."""
+        self.revocations: RevocationCache | None = None
+        """Revoked node certificates (from the AS's CRL), checked in every handshake."""
         self.allocation: RelayAllocationService | None = None
         self.restored = 0
         self.started_ms = 0
@@ -117,8 +123,16 @@ class TrsService:
             cids_per_side=s.cids_per_side,
             idle_timeout_s=s.idle_timeout_s,
         )
-        factory = self._control_factory or signalling_control_plane(s.pki_dir)
-        sock = bind_relay_socket(s.quic_host, s.quic_port, buffer_bytes=s.socket_buffer_bytes)
+        await self._start_revocations()
+        is_revoked = self.revocations.is_revoked if self.revocations is not None else None
+        try:
+            factory = self._control_factory or signalling_control_plane(
+                s.pki_dir, is_revoked=is_revoked)
+            sock = bind_relay_socket(s.quic_host, s.quic_port,
+                                     buffer_bytes=s.socket_buffer_bytes)
+        except BaseException:
+            await self._stop_revocations()
+            raise
         try:
             self.core = RelayCore(replica_id=s.replica_id, idle_timeout=s.idle_timeout_s,
                                   native_addr=native_addr_for(sock.family))
@@ -131,7 +145,10 @@ class TrsService:
             self.forwarder = self.control.relay
         except BaseException:
             sock.close()
+            await self._stop_revocations()
             raise
+        if self.revocations is not None:
+            self.revocations.subscribe(close_revoked_on(self.control.endpoint, self.revocations))
         self._sock = sock
         self._last_sync = time.monotonic()
         with contextlib.suppress(CyphonicError):
@@ -157,8 +174,28 @@ class TrsService:
                 await self.table.unregister_replica(self.replica_id)
             self._sock.close()
             self._sock = None
+        await self._stop_revocations()
         await self.table.close()
         _log().info("trs_stopped", replica=self.replica_id)
+
+    async def _start_revocations(self) -> None:
+        s = self.settings
+        if not s.as_url:
+            _log().warning("revocation_not_checked",
+                           reason="no as_url: revoked node certificates are accepted until "
+                                  "they expire; set CYPHONIC_AS_URL")
+            return
+        node_ca = load_certificates(s.pki_dir / NODE_CA_CERT)[0]
+        self.revocations = RevocationCache(
+            CrlRevocations(crl_url(s.as_url), node_ca=node_ca), issuer=node_ca,
+            interval=s.revocation_refresh_s,
+        )
+        await self.revocations.start()
+
+    async def _stop_revocations(self) -> None:
+        if self.revocations is not None:
+            await self.revocations.close()
+            self.revocations = None
 
     def public_endpoints(self) -> list[str]:
         """What nodes dial: the configured endpoints, else the bound address when it is
