@@ -216,14 +216,12 @@ class Agent:
         self._started = time.monotonic()
         self._last_ping = 0.0
         self._ping_uid = 0
-        self._fatal: asyncio.Future[AgentFailed] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; raises ``AgentFailed`` when it cannot go on."""
         loop = asyncio.get_running_loop()
-        self._fatal = loop.create_future()
         _check_tun_access()
         try:
             self.endpoint = await QuicEndpoint.open(
@@ -251,21 +249,15 @@ class Agent:
             control = self._spawn(self._control_loop())
             self._spawn(self._housekeeping())
             stopped: asyncio.Future[Any] = loop.create_task(stop.wait())
-            waiting: set[asyncio.Future[Any]] = {stopped, self._fatal, control}
+            waiting: set[asyncio.Future[Any]] = {stopped, control}
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
-            if self._fatal.done():
-                raise self._fatal.result()
             if control.done() and not control.cancelled():
                 failure = control.exception()
                 if failure is not None:
                     raise failure
         finally:
             await self._shutdown()
-
-    def _fail(self, error: CyphonicError) -> None:
-        if self._fatal is not None and not self._fatal.done():
-            self._fatal.set_result(AgentFailed(error))
 
     async def _shutdown(self) -> None:
         self.log.info("agent_stopping")
