@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -110,6 +111,21 @@ def not_quic_udp_443(capture: Capture) -> list[str]:
             continue
         odd.append(f"{p.protocol} {p.src}:{p.sport} > {p.dst}:{p.dport}")
     return odd
+
+
+def udp_bytes(capture: Capture) -> int:
+    """UDP payload bytes captured. Counted in bytes, not packets: the endpoint sends runs of
+    datagrams with UDP GSO, which a capture on a veth sees as one large frame each."""
+    return sum(len(p.payload) for p in capture.packets() if p.protocol == "udp")
+
+
+def packets_seen(capture: Capture) -> int:
+    """Frames tcpdump's filter received (its exit summary; it counts frames a busy machine
+    made it drop before writing them), or the frames captured if it printed none."""
+    log = capture.path.with_suffix(".log")
+    text = log.read_text(errors="replace") if log.exists() else ""
+    match = re.search(r"(\d+) packets? received by filter", text)
+    return int(match.group(1)) if match else len(capture.packets())
 
 
 def ping(node: Node, address: str, *, count: int = 3) -> subprocess.CompletedProcess[str]:
