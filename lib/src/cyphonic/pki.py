@@ -48,6 +48,7 @@ __all__ = [
     "PeerKind",
     "PkiMaterial",
     "TrustStore",
+    "atomic_write",
     "certificate_dns_names",
     "create_intermediate_ca",
     "create_root_ca",
@@ -60,11 +61,13 @@ __all__ = [
     "load_private_key",
     "load_trust_store",
     "make_csr",
+    "recover_identity",
     "service_name",
     "sign_node_csr",
     "validate_dns_name",
     "verify_peer",
     "write_certificates",
+    "write_identity",
     "write_private_key",
 ]
 
@@ -530,9 +533,10 @@ def verify_peer(
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    # Write to a temporary file in the same directory created with the final mode,
-    # then rename: a reader never sees a partial file or a key with loose permissions.
+def atomic_write(path: Path | str, data: bytes, *, mode: int) -> None:
+    """Replace ``path`` with ``data`` (file mode ``mode``) so that a reader sees the old
+    content or the new, never a partial file or a key with loose permissions."""
+    # A temporary file in the same directory, created with the final mode, fsynced, renamed.
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -556,7 +560,7 @@ def write_private_key(path: Path | str, key: CertificateIssuerPrivateKeyTypes) -
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _atomic_write(Path(path), data, 0o600)
+    atomic_write(path, data, mode=0o600)
 
 
 def load_private_key(path: Path | str) -> CertificateIssuerPrivateKeyTypes:
@@ -575,7 +579,7 @@ def load_private_key(path: Path | str) -> CertificateIssuerPrivateKeyTypes:
 def write_certificates(path: Path | str, certs: Sequence[x509.Certificate]) -> None:
     """Write ``certs`` as concatenated PEM (leaf first), mode 0644, atomically."""
     data = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-    _atomic_write(Path(path), data, 0o644)
+    atomic_write(path, data, mode=0o644)
 
 
 def load_certificates(path: Path | str) -> list[x509.Certificate]:
@@ -596,6 +600,97 @@ def load_identity(cert_path: Path | str, key_path: Path | str) -> CertifiedKey:
     if certs[0].public_key() != key.public_key():
         raise InvalidArgument(f"{key_path} is not the key of {cert_path}")
     return CertifiedKey(key=key, cert=certs[0], chain=certs[1:])
+
+
+NEW_SUFFIX = ".new"
+PREV_SUFFIX = ".prev"
+
+
+def _with_suffix(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _matching(cert_path: Path, key_path: Path) -> CertifiedKey | None:
+    if not (cert_path.exists() and key_path.exists()):
+        return None
+    try:
+        return load_identity(cert_path, key_path)
+    except InvalidArgument:
+        return None
+
+
+def write_identity(
+    cert_path: Path | str,
+    key_path: Path | str,
+    *,
+    key: CertificateIssuerPrivateKeyTypes,
+    certs: Sequence[x509.Certificate],
+) -> None:
+    """Replace a private key and its certificate chain as a pair (e.g. after a renewal).
+
+    1. write ``<key>.new`` (0600) and ``<cert>.new``, each atomically and fsynced;
+    2. keep the pair in place as ``<key>.prev`` and ``<cert>.prev``;
+    3. rename the new key, then the new certificate, into place; fsync the directory;
+    4. remove the ``.prev`` pair.
+
+    A crash at any step leaves a matching pair that ``recover_identity`` completes or
+    restores: the holder is never left with a key that does not fit its certificate.
+    """
+    cert_path, key_path = Path(cert_path), Path(key_path)
+    if not certs or certs[0].public_key() != key.public_key():
+        raise InvalidArgument(f"the certificate for {cert_path} is not for the key given")
+    write_private_key(_with_suffix(key_path, NEW_SUFFIX), key)
+    write_certificates(_with_suffix(cert_path, NEW_SUFFIX), certs)
+    if _matching(cert_path, key_path) is not None:
+        atomic_write(_with_suffix(key_path, PREV_SUFFIX), key_path.read_bytes(), mode=0o600)
+        atomic_write(_with_suffix(cert_path, PREV_SUFFIX), cert_path.read_bytes(), mode=0o644)
+    os.replace(_with_suffix(key_path, NEW_SUFFIX), key_path)
+    os.replace(_with_suffix(cert_path, NEW_SUFFIX), cert_path)
+    _fsync_dir(key_path.parent)
+    if cert_path.parent != key_path.parent:
+        _fsync_dir(cert_path.parent)
+    for leftover in (_with_suffix(key_path, PREV_SUFFIX), _with_suffix(cert_path, PREV_SUFFIX)):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+
+
+def recover_identity(cert_path: Path | str, key_path: Path | str) -> CertifiedKey:
+    """Load a key and its certificate chain, first finishing or undoing a ``write_identity``
+    that was interrupted; ``InvalidArgument`` when no matching pair is left.
+
+    Preference: a complete staged new pair (the renewal finishes), the pair in place,
+    the previous pair (the renewal is undone). Leftover staged files are removed.
+    """
+    cert_path, key_path = Path(cert_path), Path(key_path)
+    new_cert, new_key = _with_suffix(cert_path, NEW_SUFFIX), _with_suffix(key_path, NEW_SUFFIX)
+    prev_cert = _with_suffix(cert_path, PREV_SUFFIX)
+    prev_key = _with_suffix(key_path, PREV_SUFFIX)
+    if _matching(new_cert, new_key) is not None:
+        os.replace(new_key, key_path)
+        os.replace(new_cert, cert_path)
+    elif _matching(new_cert, key_path) is not None:
+        # Interrupted between the two renames: the key in place is already the new one.
+        os.replace(new_cert, cert_path)
+    identity = _matching(cert_path, key_path)
+    if identity is None and _matching(prev_cert, prev_key) is not None:
+        os.replace(prev_key, key_path)
+        os.replace(prev_cert, cert_path)
+        identity = _matching(cert_path, key_path)
+    if identity is None:
+        raise InvalidArgument(f"{key_path} and {cert_path} are not a matching key and "
+                              "certificate, and no earlier pair is left")
+    for leftover in (new_cert, new_key, prev_cert, prev_key):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+    return identity
 
 
 def load_trust_store(

@@ -4,29 +4,32 @@
 
     1. POST <AS>/v1/enrol/info {token}        -> the node's FQDN (the token stays unused)
     2. make an ECDSA P-256 key here; it never leaves this host
-    3. POST <AS>/v1/enrol {token, CSR}        -> certificate chain, root CA, AS endpoints
+    3. POST <AS>/v1/enrol {token, CSR}        -> certificate chain, root CA, service CA,
+                                                 AS endpoints
     4. check: the certificate is for our key and FQDN and chains to the root (and the root
-       matches --root-ca-sha256 when given)
+       matches --root-ca-sha256 when given); the service CA is a CA the root issued
     5. write the state directory
 
 ``renew`` replaces key and certificate later, over the node's QUIC session with the AS.
+Key and certificate are always replaced as a pair (``cyphonic.pki.write_identity``): a
+crash midway leaves the previous or the new pair, which ``load_node_identity`` puts back
+in place, never a key without its certificate.
 
 State directory (read by ``cyphonic-agent up``)::
 
-    node.key      private key, PKCS#8 PEM, 0600
-    node.crt      node certificate then node CA, PEM
-    root-ca.crt   the deployment's root CA, PEM
-    agent.json    AgentState: fqdn, name, domain, as_url, as_endpoints, as_server_name,
-                  serial, not_after, enrolled_at
+    node.key        private key, PKCS#8 PEM, 0600
+    node.crt        node certificate then node CA, PEM
+    root-ca.crt     the deployment's root CA, PEM
+    service-ca.crt  the service CA (AS, NMS and TRS certificates), pinned; PEM
+    agent.json      AgentState: fqdn, name, domain, as_url, as_endpoints, as_server_name,
+                    serial, not_after, enrolled_at
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import os
-import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -36,6 +39,7 @@ from urllib.parse import urlsplit
 
 import httpx
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cyphonic.errors import (
     AlreadyExists,
@@ -49,14 +53,17 @@ from cyphonic.errors import (
     from_wire,
 )
 from cyphonic.pki import (
+    CertifiedKey,
     TrustStore,
+    atomic_write,
     fingerprint,
     generate_key,
     load_certificates,
     make_csr,
+    recover_identity,
     verify_peer,
     write_certificates,
-    write_private_key,
+    write_identity,
 )
 from cyphonic.revocation import CrlRevocations, RevocationCache, crl_url
 from cyphonic.v1 import signalling_pb2 as pb
@@ -136,19 +143,8 @@ def read_agent_state(state_dir: Path | str) -> AgentState:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, text.encode(), mode=0o644)
 
 
 def _error_from_response(response: httpx.Response) -> CyphonicError:
@@ -222,6 +218,19 @@ def _check_chain(
     verify_peer(chain, trust=trust, expect="node", expected_name=fqdn, now=now)
 
 
+def _check_service_ca(
+    service_ca: x509.Certificate, root: x509.Certificate, node_ca: x509.Certificate,
+) -> None:
+    # What makes it trustworthy is the root's signature: it arrived with the same answer.
+    try:
+        service_ca.verify_directly_issued_by(root)
+        is_ca = service_ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound) as exc:
+        raise PermissionDenied("the service CA is not a CA issued by the root") from exc
+    if not is_ca or service_ca == node_ca:
+        raise PermissionDenied("the service CA is not a CA of its own")
+
+
 def _check_issued(
     answer: dict[str, Any],
     *,
@@ -229,15 +238,20 @@ def _check_issued(
     fqdn: str,
     root_ca_sha256: str | None,
     now: datetime,
-) -> tuple[list[x509.Certificate], x509.Certificate]:
+) -> tuple[list[x509.Certificate], x509.Certificate, x509.Certificate | None]:
     try:
         chain = x509.load_pem_x509_certificates(str(answer["certificate_chain_pem"]).encode())
         root = x509.load_pem_x509_certificate(str(answer["root_ca_pem"]).encode())
+        service_pem = answer.get("service_ca_pem")
+        service_ca = (x509.load_pem_x509_certificate(str(service_pem).encode())
+                      if service_pem else None)
     except (KeyError, ValueError) as exc:
         raise MalformedMessage("AS answer lacks a usable certificate chain or root CA") from exc
     _check_chain(chain, root, key_public=key_public, fqdn=fqdn, root_ca_sha256=root_ca_sha256,
                  now=now)
-    return chain, root
+    if service_ca is not None:
+        _check_service_ca(service_ca, root, chain[1])
+    return chain, root, service_ca
 
 
 async def enroll(
@@ -281,8 +295,8 @@ async def enroll(
             "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode(),
         })
     now = now or datetime.now(UTC)
-    chain, root = _check_issued(answer, key_public=key.public_key(), fqdn=fqdn,
-                                root_ca_sha256=root_ca_sha256, now=now)
+    chain, root, service_ca = _check_issued(answer, key_public=key.public_key(), fqdn=fqdn,
+                                            root_ca_sha256=root_ca_sha256, now=now)
     state = AgentState(
         fqdn=fqdn,
         name=str(answer.get("name") or fqdn.split(".", 1)[0]),
@@ -296,9 +310,12 @@ async def enroll(
     )
     paths.directory.mkdir(parents=True, exist_ok=True)
     os.chmod(paths.directory, 0o700)
-    write_private_key(paths.key, key)
-    write_certificates(paths.cert, chain)
     write_certificates(paths.root_ca, [root])
+    if service_ca is not None:
+        write_certificates(paths.service_ca, [service_ca])
+    else:  # an AS that does not name its service CA: nothing stale stays pinned
+        paths.service_ca.unlink(missing_ok=True)
+    write_identity(paths.cert, paths.key, key=key, certs=chain)
     _write_state(paths, state)
     return state
 
@@ -341,14 +358,19 @@ async def renew(request: Requester, state_dir: Path | str, *,
     now = now or datetime.now(UTC)
     _check_chain(chain, root, key_public=key.public_key(), fqdn=state.fqdn,
                  root_ca_sha256=None, now=now)
-    # Key first: a crash between the two writes leaves the old certificate with a key it
-    # does not match, which load_identity reports; enrolling again recovers.
-    write_private_key(paths.key, key)
-    write_certificates(paths.cert, chain)
+    # As a pair: a crash midway leaves the old or the new pair (load_node_identity).
+    write_identity(paths.cert, paths.key, key=key, certs=chain)
     renewed = replace(state, serial=format(chain[0].serial_number, "x"),
                       not_after=chain[0].not_valid_after_utc.isoformat())
     _write_state(paths, renewed)
     return renewed
+
+
+def load_node_identity(state_dir: Path | str) -> CertifiedKey:
+    """The node's key and certificate chain, after finishing or undoing a renewal that was
+    interrupted (``cyphonic.pki.recover_identity``); ``InvalidArgument`` if none is left."""
+    paths = StatePaths(Path(state_dir))
+    return recover_identity(paths.cert, paths.key)
 
 
 def load_node_chain(state_dir: Path | str) -> list[x509.Certificate]:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import stat
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 from as_harness import AsHarness
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cyphonic.errors import AlreadyExists, PermissionDenied, TokenInvalid, Unavailable
-from cyphonic.pki import fingerprint, load_identity
-from cyphonic_agent.enroll import enroll, is_plaintext_remote, read_agent_state
+from cyphonic.pki import create_intermediate_ca, create_root_ca, fingerprint, load_identity
+from cyphonic_agent.enroll import enroll, is_plaintext_remote, load_node_trust, read_agent_state
 
 
 def _transport(env: AsHarness) -> httpx.AsyncBaseTransport:
@@ -36,6 +38,13 @@ async def test_agent_enrols_and_writes_its_state_directory(as_env: AsHarness,
     assert identity.chain == [as_env.material.node_ca.cert]
     assert x509.load_pem_x509_certificate((state_dir / "root-ca.crt").read_bytes()) == (
         as_env.material.root_cert)
+    # The service CA is pinned: the node's trust store holds all three CAs.
+    assert x509.load_pem_x509_certificate((state_dir / "service-ca.crt").read_bytes()) == (
+        as_env.material.service_ca.cert)
+    trust = load_node_trust(state_dir)
+    assert (trust.root, trust.node_ca, trust.service_ca) == (
+        as_env.material.root_cert, as_env.material.node_ca.cert,
+        as_env.material.service_ca.cert)
     assert read_agent_state(state_dir) == state
     assert json.loads((state_dir / "agent.json").read_text())["serial"] == state.serial
     # The AS knows this certificate and lets it log in.
@@ -70,6 +79,40 @@ async def test_agent_checks_the_pinned_root(as_env: AsHarness, tmp_path: Path) -
                      root_ca_sha256="00" * 32, transport=_transport(as_env),
                      now=as_env.clock())
     assert not (tmp_path / "node.key").exists()
+
+
+class ForgedServiceCa(httpx.AsyncBaseTransport):
+    """The AS's answers, with the service CA swapped for one no root of ours issued."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        await response.aread()
+        if request.url.path != "/v1/enrol" or response.status_code != 201:
+            return response
+        body = response.json()
+        rogue_root = create_root_ca("rogue", now=datetime.now(UTC))
+        rogue = create_intermediate_ca(rogue_root, "service-ca", now=datetime.now(UTC))
+        body["service_ca_pem"] = rogue.cert.public_bytes(serialization.Encoding.PEM).decode()
+        return httpx.Response(201, json=body)
+
+
+async def test_agent_refuses_a_service_ca_the_root_did_not_issue(as_env: AsHarness,
+                                                                tmp_path: Path) -> None:
+    await as_env.create_node("agent4")
+    token = await as_env.token("agent4")
+    with pytest.raises(PermissionDenied, match="service CA"):
+        await enroll(as_url="http://as.test", token=token, state_dir=tmp_path,
+                     transport=ForgedServiceCa(_transport(as_env)), now=as_env.clock())
+    assert not (tmp_path / "node.key").exists() and not (tmp_path / "service-ca.crt").exists()
+
+
+async def test_the_ca_route_names_the_service_ca(as_env: AsHarness) -> None:
+    shown = (await as_env.client.get("/v1/ca")).json()
+    assert x509.load_pem_x509_certificate(shown["service_ca_pem"].encode()) == (
+        as_env.material.service_ca.cert)
 
 
 async def test_unreachable_as_is_unavailable(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from cyphonic.pki import (
 from cyphonic.quic import QuicEndpoint
 from cyphonic.session import SignallingSession
 from cyphonic.v1 import signalling_pb2 as pb
-from cyphonic_agent.enroll import enroll, renew
+from cyphonic_agent.enroll import enroll, load_node_identity, renew
 from cyphonic_auth.signalling import AsSignallingServer
 
 LOGIN = pb.Envelope(version=pb.PROTOCOL_VERSION_1, login_request=pb.LoginRequest())
@@ -162,5 +163,40 @@ async def test_refusals_reach_the_node_as_typed_errors_through_the_session(
         # The connection survived every refusal.
         answer = await session.request(LOGIN)
         assert answer.login_response.fqdn == "refused.cyphonic.internal"
+    finally:
+        await endpoint.close()
+
+
+async def test_renewal_cut_short_between_key_and_certificate_does_not_lock_the_node_out(
+    as_env: AsHarness, as_quic: AsSignallingServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    identity = await _enrolled_state(as_env, "cutoff", tmp_path)
+    endpoint, session = await _session(identity, _node_trust(tmp_path), as_quic.port)
+    real_replace = os.replace
+    renames: list[str] = []
+
+    def dies_before_the_certificate_is_in_place(src: object, dst: object) -> None:
+        if str(dst) == str(tmp_path / "node.crt"):
+            raise SystemExit("power cut")  # the new key is already node.key
+        renames.append(Path(str(dst)).name)
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    try:
+        monkeypatch.setattr(os, "replace", dies_before_the_certificate_is_in_place)
+        with pytest.raises(SystemExit):
+            await renew(session.request, tmp_path, now=as_env.clock())
+        monkeypatch.setattr(os, "replace", real_replace)
+    finally:
+        await endpoint.close()
+    assert "node.key" in renames  # the crash left a new key beside the old certificate
+    # What the agent loads at its next start: the renewal, completed.
+    renewed = load_node_identity(tmp_path)
+    assert renewed.key.public_key() != identity.key.public_key()
+    assert load_identity(tmp_path / "node.crt", tmp_path / "node.key").cert == renewed.cert
+    endpoint, session = await _session(renewed, _node_trust(tmp_path), as_quic.port)
+    try:
+        answer = await session.request(LOGIN)
+        assert answer.login_response.fqdn == "cutoff.cyphonic.internal"
     finally:
         await endpoint.close()

@@ -155,6 +155,10 @@ class CertificateIssued(BaseModel):
     not_after: datetime
     certificate_chain_pem: str = Field(description="leaf then node CA")
     root_ca_pem: str
+    service_ca_pem: str | None = Field(
+        description="the service CA (issuer of the AS, NMS and TRS certificates), for nodes "
+        "to pin"
+    )
     as_endpoints: list[str] = Field(description="AS QUIC endpoints, host:port")
     as_server_name: str = Field(description="name in the AS certificate")
     domain: str
@@ -204,6 +208,7 @@ class CaPublic(BaseModel):
     root_ca_pem: str
     root_ca_sha256: str
     node_ca_pem: str
+    service_ca_pem: str | None = Field(description="issuer of the AS, NMS and TRS certificates")
 
 
 def _as_endpoints(service: AuthService, request: Request) -> list[str]:
@@ -222,6 +227,7 @@ def _issued(
         name=issued.node.name, fqdn=issued.node.fqdn, serial=issued.certificate.serial,
         not_before=issued.certificate.not_before, not_after=issued.certificate.not_after,
         certificate_chain_pem=issued.chain_pem, root_ca_pem=issued.root_pem,
+        service_ca_pem=issued.service_ca_pem,
         as_endpoints=_as_endpoints(service, request),
         as_server_name=service.settings.as_server_name, domain=service.settings.domain,
     )
@@ -344,7 +350,7 @@ async def crl(service: ServiceDep) -> Response:
 
 @revocation.get("/ca", summary="Root and node CA certificates")
 async def ca(service: ServiceDep) -> CaPublic:
-    return CaPublic(**service.describe_ca())
+    return CaPublic.model_validate(service.describe_ca())
 
 
 def create_app(service: AuthService, *, lifespan: Any = None) -> FastAPI:

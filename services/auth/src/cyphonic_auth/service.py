@@ -17,6 +17,7 @@ from cyphonic.errors import CyphonicError, InvalidArgument, NotFound, Unauthenti
 from cyphonic.hostport import parse_host_port
 from cyphonic.log import get_logger
 from cyphonic.pki import (
+    SERVICE_CA_CERT,
     CertifiedKey,
     PeerIdentity,
     fingerprint,
@@ -64,18 +65,23 @@ def utc_now() -> datetime:
 
 @dataclass(frozen=True)
 class NodeCa:
-    """The node CA the AS signs with, and the root it chains to."""
+    """The node CA the AS signs with, the root it chains to, and the service CA that nodes
+    pin (None when the PKI directory has no ``service-ca.crt``)."""
 
     ca: CertifiedKey
     root: x509.Certificate
+    service_ca: x509.Certificate | None = None
 
     @classmethod
     def load(cls, settings: AuthSettings) -> NodeCa:
-        """Load the node CA key and certificate and the root certificate from files."""
+        """Load the node CA key and certificate, the root and the service CA from files."""
         cert_path, key_path = settings.node_ca_paths
         identity = load_identity(cert_path, key_path)
         root = load_certificates(settings.root_ca_path)[0]
-        return cls(ca=CertifiedKey(key=identity.key, cert=identity.cert, chain=[]), root=root)
+        service_path = settings.pki_dir / SERVICE_CA_CERT
+        service_ca = load_certificates(service_path)[0] if service_path.exists() else None
+        return cls(ca=CertifiedKey(key=identity.key, cert=identity.cert, chain=[]), root=root,
+                   service_ca=service_ca)
 
     @property
     def chain(self) -> list[x509.Certificate]:
@@ -125,6 +131,7 @@ class IssuedCertificate:
     certificate: CertificateRecord
     chain_pem: str
     root_pem: str
+    service_ca_pem: str | None
 
 
 @dataclass(frozen=True)
@@ -250,6 +257,8 @@ class AuthService:
             certificate=record,
             chain_pem=record.pem + certificate_pem(self.node_ca.chain),
             root_pem=certificate_pem([self.node_ca.root]),
+            service_ca_pem=(certificate_pem([self.node_ca.service_ca])
+                            if self.node_ca.service_ca is not None else None),
         )
 
     async def enrol(self, token: str, csr_data: str | bytes) -> IssuedCertificate:
@@ -379,12 +388,14 @@ class AuthService:
             certificate_chain_pem=(issued.pem + certificate_pem(self.node_ca.chain)).encode()
         )
 
-    def describe_ca(self) -> dict[str, str]:
-        """PEM of the root and node CA with their SHA-256 fingerprints."""
+    def describe_ca(self) -> dict[str, str | None]:
+        """PEM of the root, node CA and service CA, and the root's SHA-256 fingerprint."""
+        service_ca = self.node_ca.service_ca
         return {
             "root_ca_pem": certificate_pem([self.node_ca.root]),
             "root_ca_sha256": fingerprint(self.node_ca.root),
             "node_ca_pem": certificate_pem(self.node_ca.chain),
+            "service_ca_pem": certificate_pem([service_ca]) if service_ca is not None else None,
         }
 
 
