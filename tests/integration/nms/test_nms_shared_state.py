@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis.asyncio as redis_asyncio
-from cyphonic.errors import PeerOffline
-from cyphonic.registry import create_engine, make_sessionmaker
+from cyphonic.errors import PeerOffline, Revoked
+from cyphonic.registry import Revocation, create_engine, make_sessionmaker
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_nms.cluster import RedisBus, RedisPresence, RedisRouteStore, redis_client
 from cyphonic_nms.config import NmsSettings
@@ -21,6 +22,7 @@ from cyphonic_nms.server import NmsServer
 from cyphonic_nms.storage import SqlNodeStore
 from cyphonic_nms.testing import DOMAIN, RecordingLink, add_node
 from cyphonic_trs.storage import RedisCidTable, ReplicaInfo
+from sqlalchemy import insert
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(120)]
 
@@ -46,6 +48,7 @@ async def nms_server(pg_url: str, redis_url: str, **settings: object) -> AsyncIt
 async def replica(
     pg_url: str, redis_url: str, name: str, *, start: bool = True,
     offline_timeout_s: float = 45.0, keepalive_interval_s: float = 15.0,
+    revocation_poll_s: float = 1.0,
 ) -> AsyncIterator[NodeManager]:
     """One NMS replica on Redis with its own engine and client. ``start=False`` leaves its
     periodic jobs off (a replica that crashed after the nodes registered) but subscribes
@@ -59,6 +62,7 @@ async def replica(
         presence=RedisPresence(client), bus=RedisBus(client),
         routes=RedisRouteStore(client, ttl_s=offline_timeout_s),
         offline_timeout_s=offline_timeout_s, keepalive_interval_s=keepalive_interval_s,
+        revocation_poll_s=revocation_poll_s,
     )
     if start:
         await manager.start()
@@ -84,8 +88,8 @@ async def _enrol(pg_url: str, *names: str) -> None:
         await engine.dispose()
 
 
-async def _register(nms: NodeManager, name: str, ip: str) -> RecordingLink:
-    link = RecordingLink(fqdn=f"{name}.{DOMAIN}")
+async def _register(nms: NodeManager, name: str, ip: str, serial: str = "1") -> RecordingLink:
+    link = RecordingLink(fqdn=f"{name}.{DOMAIN}", serial_hex=serial)
     await nms.register(link, local_addresses=[E(f"{ip}:443")], observed=E(f"{ip}:443"))
     return link
 
@@ -214,3 +218,68 @@ async def test_nms_finds_trs_replicas_under_the_shared_prefix(
             assert await nms.manager.trs.live() == []
     finally:
         await table.close()
+
+
+# --------------------------------------------------------------------------- revocations
+
+
+async def test_bulk_and_clock_skewed_revocations_all_cut_off(pg_url: str, redis_url: str) -> None:
+    await _enrol(pg_url, "victim", "bystander", "fleet")
+    async with replica(pg_url, redis_url, "r1", revocation_poll_s=0.2) as nms:
+        victim = await _register(nms, "victim", "198.51.100.1", serial="7a")
+        bystander = await _register(nms, "bystander", "198.51.100.2", serial="7b")
+        engine = create_engine(pg_url)
+        try:
+            sessions = make_sessionmaker(engine)
+            fleet = await nms.nodes.view(f"fleet.{DOMAIN}")
+            target = await nms.nodes.view(victim.fqdn)
+            assert fleet is not None and target is not None
+            # The AS's clock is an hour behind and it revokes 1500 certificates at once;
+            # the victim's comes last.
+            skewed = datetime.now(UTC) - timedelta(hours=1)
+            rows = [{"node_id": fleet.node_id, "serial": f"f{i:04x}", "reason": "fleet recall",
+                     "revoked_at": skewed} for i in range(1500)]
+            rows.append({"node_id": target.node_id, "serial": "7a", "reason": "key_compromise",
+                         "revoked_at": skewed})
+            async with sessions() as s, s.begin():
+                await s.execute(insert(Revocation), rows)
+        finally:
+            await engine.dispose()
+        error = await victim.wait_closed(within_s=10)
+        assert isinstance(error, Revoked)
+        assert victim.of("revocation_notice")[0].revocation_notice.reason == "key_compromise"
+        assert bystander.closed is None
+
+
+async def test_revocation_committed_out_of_id_order_is_not_missed(
+    pg_url: str, redis_url: str
+) -> None:
+    await _enrol(pg_url, "early", "late")
+    async with replica(pg_url, redis_url, "r1", revocation_poll_s=0.2) as nms:
+        early = await _register(nms, "early", "198.51.100.1", serial="e1")
+        late = await _register(nms, "late", "198.51.100.2", serial="l1")
+        ids = {}
+        for name in ("early", "late"):
+            view = await nms.nodes.view(f"{name}.{DOMAIN}")
+            assert view is not None
+            ids[name] = view.node_id
+        engine = create_engine(pg_url)
+        try:
+            sessions = make_sessionmaker(engine)
+            now = datetime.now(UTC)
+            async with sessions() as slow:
+                # The slow transaction takes the lower id but commits second.
+                await slow.begin()
+                await slow.execute(insert(Revocation), [{
+                    "node_id": ids["early"], "serial": "e1", "reason": "slow", "revoked_at": now}])
+                async with sessions() as fast, fast.begin():
+                    await fast.execute(insert(Revocation), [{
+                        "node_id": ids["late"], "serial": "l1", "reason": "fast",
+                        "revoked_at": now}])
+                await late.wait_closed(within_s=5)  # the poll moved past the slow one's id
+                await asyncio.sleep(0.5)
+                assert early.closed is None
+                await slow.commit()
+            assert isinstance(await early.wait_closed(within_s=5), Revoked)
+        finally:
+            await engine.dispose()

@@ -59,6 +59,17 @@ class NmsKeys:
 
 log = get_logger("nms.cluster")
 
+def cancel_requested() -> bool:
+    """Whether the running task was asked to stop.
+
+    Python 3.11's ``asyncio.wait_for``, which redis-py wraps around socket writes, loses a
+    cancellation that arrives as the write completes: the Redis call returns normally and the
+    task runs on. Loops check this after their work so that they still end when cancelled.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 REDIS_TIMEOUT_S = 5.0  # as the TRS: a Redis that stops answering must not hang the NMS
 REDIS_HEALTH_CHECK_S = 15.0
 
@@ -177,6 +188,8 @@ class RedisBus:
                 log.warning("bus_listen_failed", error=str(exc))
                 await asyncio.sleep(1)
                 continue
+            if cancel_requested():
+                raise asyncio.CancelledError
             if raw is None or raw.get("type") != "message":
                 continue
             try:

@@ -28,7 +28,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Protocol
 
@@ -57,17 +57,22 @@ from cyphonic_nms.cluster import (
     ReplicaBus,
     RouteRecord,
     RouteStore,
+    cancel_requested,
 )
 from cyphonic_nms.leases import LeasePools
 from cyphonic_nms.presence import PresenceTracker
+from cyphonic_nms.revocations import REVOCATION_PAGE, RevocationCursor
 from cyphonic_nms.routing import Endpoint, NetworkInfo, Pattern, RouteDecision, Side, classify
 from cyphonic_nms.routing import pattern_for as decide
-from cyphonic_nms.storage import Lease, NodeStore
+from cyphonic_nms.storage import Lease, NodeStore, RevocationEvent
 from cyphonic_nms.trs_directory import InProcessTrsDirectory, TrsDirectory, pick
 
 log = get_logger("nms")
 
-REVOCATION_LOOKBACK = timedelta(minutes=5)
+STOP_GRACE_S = 5.0
+"""How long ``stop`` waits for its periodic tasks to end."""
+REVOCATION_START_BACKLOG = 1000
+"""Revocation ids below the newest at start-up that the first poll reads again."""
 MAX_RELAY_CIDS = 32
 """Most CIDs one RelayCids may carry (a TRS assigns 16 per side by default)."""
 MIN_CID_LEN, MAX_CID_LEN = 8, 20
@@ -192,12 +197,17 @@ class NodeManager:
         self._tracker = PresenceTracker(offline_timeout_s=self.offline_timeout_s)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
-        self._seen_revocations: dict[int, datetime] = {}
+        self._revocations = RevocationCursor()
 
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
         """Subscribe to this replica's bus channel and start the periodic loops."""
+        # Revocations made before now are enforced at registration; a short backlog is read
+        # again on the first poll in case a transaction still in flight took an id below.
+        self._revocations.start_at(
+            await self.nodes.last_revocation_id() - REVOCATION_START_BACKLOG
+        )
         stale = await self.nodes.release_replica(self.replica_id, now=datetime.now(UTC))
         if stale:
             log.info("stale_nodes_offline", replica=self.replica_id, count=stale)
@@ -215,11 +225,13 @@ class NodeManager:
 
     async def stop(self) -> None:
         """Stop the loops, disconnect local nodes and mark them offline."""
-        for task in [*self._tasks, *self._background]:
+        tasks = [*self._tasks, *self._background]
+        for task in tasks:
             task.cancel()
-        for task in [*self._tasks, *self._background]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+            if pending:  # never hang a shutdown on a task that ignores cancellation
+                log.warning("tasks_did_not_stop", tasks=sorted(t.get_name() for t in pending))
         self._tasks = []
         for fqdn, local in list(self._local.items()):
             local.link.close(Unavailable("NMS replica shutting down"))
@@ -239,6 +251,8 @@ class NodeManager:
             except Exception as exc:
                 log.warning("periodic_job_failed", job=getattr(job, "__name__", "?"),
                             error=str(exc))
+            if cancel_requested():  # a Redis call may have swallowed the cancellation
+                raise asyncio.CancelledError
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -376,22 +390,34 @@ class NodeManager:
                                replica=self.replica_id, now=datetime.now(UTC))
 
     async def poll_revocations(self) -> None:
-        """Disconnect local nodes whose certificate (or node) was revoked."""
-        now = datetime.now(UTC)
-        events = await self.nodes.revocations_since(now - REVOCATION_LOOKBACK)
+        """Disconnect local nodes whose certificate (or node) was revoked.
+
+        Reads the registry by id cursor, page after page, plus ids it passed that may have
+        committed late (``cyphonic_nms.revocations``): no revocation is missed however many
+        arrive at once and whatever the AS's clock says.
+        """
+        now = self.monotonic()
+        gaps = self._revocations.pending_gaps(now)
+        if gaps:
+            late = await self.nodes.revocations_by_ids(gaps)
+            self._revocations.filled(e.cursor for e in late)
+            await self._apply_revocations(late)
+        while True:
+            page = await self.nodes.revocations_after(self._revocations.cursor,
+                                                      limit=REVOCATION_PAGE)
+            self._revocations.advance([e.cursor for e in page], now)
+            await self._apply_revocations(page)
+            if len(page) < REVOCATION_PAGE:
+                return
+
+    async def _apply_revocations(self, events: list[RevocationEvent]) -> None:
         for event in events:
-            if event.cursor in self._seen_revocations:
-                continue
-            self._seen_revocations[event.cursor] = now
             local = self._local.get(event.fqdn)
             if local is None:
                 continue
             if not await self.nodes.is_revoked(event.fqdn, local.link.serial_hex):
                 continue  # an old certificate of the node, not the one it uses
             await self.revoke_local(event.fqdn, reason=event.reason, serial=event.serial)
-        horizon = now - 2 * REVOCATION_LOOKBACK
-        for key in [k for k, seen in self._seen_revocations.items() if seen < horizon]:
-            del self._seen_revocations[key]
 
     async def revoke_local(self, fqdn: str, *, reason: str, serial: str | None) -> None:
         """Tell a local node it is revoked, then cut it off."""

@@ -122,7 +122,11 @@ class NodeStore(Protocol):
         self, *, online_only: bool = False, limit: int | None = None, offset: int = 0
     ) -> tuple[list[NodeView], int]: ...
 
-    async def revocations_since(self, since: datetime) -> list[RevocationEvent]: ...
+    async def last_revocation_id(self) -> int: ...
+
+    async def revocations_after(self, cursor: int, *, limit: int) -> list[RevocationEvent]: ...
+
+    async def revocations_by_ids(self, ids: Sequence[int]) -> list[RevocationEvent]: ...
 
 
 def _ep_text(ep: Endpoint | None) -> str | None:
@@ -397,25 +401,39 @@ class SqlNodeStore:
             total = int(await s.scalar(count) or 0)
         return await self._views(stmt), total
 
-    async def revocations_since(self, since: datetime) -> list[RevocationEvent]:
-        """Revocations recorded at or after ``since``, oldest first, with the node's FQDN.
+    def _revocation_query(self) -> Any:
+        return (
+            select(Revocation.id, Node.fqdn, Revocation.serial, Revocation.reason)
+            .join(Node, Node.id == Revocation.node_id)
+            .order_by(Revocation.id)
+        )
 
-        Polled by time window rather than by id: ids of concurrent transactions can commit
-        out of order, and the poller de-duplicates by ``cursor`` (the revocation id).
-        """
+    async def _revocation_events(self, stmt: Any) -> list[RevocationEvent]:
         async with self._session() as s, map_db_errors():
-            rows = (
-                await s.execute(
-                    select(Revocation.id, Node.fqdn, Revocation.serial, Revocation.reason)
-                    .join(Node, Node.id == Revocation.node_id)
-                    .where(Revocation.revoked_at >= since)
-                    .order_by(Revocation.id)
-                    .limit(1000)
-                )
-            ).all()
+            rows = (await s.execute(stmt)).all()
         return [
             RevocationEvent(cursor=r[0], fqdn=r[1], serial=r[2], reason=r[3]) for r in rows
         ]
+
+    async def last_revocation_id(self) -> int:
+        """The highest revocation id recorded so far (0: none)."""
+        async with self._session() as s, map_db_errors():
+            return int(await s.scalar(select(func.max(Revocation.id))) or 0)
+
+    async def revocations_after(self, cursor: int, *, limit: int) -> list[RevocationEvent]:
+        """Up to ``limit`` revocations with an id above ``cursor``, oldest first, with the
+        node's FQDN (the poll pages through them; see ``cyphonic_nms.revocations``)."""
+        return await self._revocation_events(
+            self._revocation_query().where(Revocation.id > cursor).limit(limit)
+        )
+
+    async def revocations_by_ids(self, ids: Sequence[int]) -> list[RevocationEvent]:
+        """The revocations among ``ids`` that exist now (gaps that committed late)."""
+        if not ids:
+            return []
+        return await self._revocation_events(
+            self._revocation_query().where(Revocation.id.in_(list(ids)))
+        )
 
 
 __all__ = [
