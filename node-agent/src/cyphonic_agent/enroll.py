@@ -67,6 +67,7 @@ from cyphonic.pki import (
 )
 from cyphonic.revocation import CrlRevocations, RevocationCache, crl_url
 from cyphonic.v1 import signalling_pb2 as pb
+from cyphonic.wire.messages import wrap
 
 NODE_KEY = "node.key"
 NODE_CERT = "node.crt"
@@ -343,10 +344,8 @@ async def renew(request: Requester, state_dir: Path | str, *,
     root = load_certificates(paths.root_ca)[0]
     key = generate_key()
     csr = make_csr(key, state.fqdn)
-    answer = await request(pb.Envelope(
-        version=pb.PROTOCOL_VERSION_1,
-        renew_request=pb.RenewRequest(csr_der=csr.public_bytes(serialization.Encoding.DER)),
-    ))
+    answer = await request(wrap(
+        pb.RenewRequest(csr_der=csr.public_bytes(serialization.Encoding.DER))))
     if answer.WhichOneof("body") == "error":
         raise from_wire(answer.error)
     if answer.WhichOneof("body") != "renew_response":

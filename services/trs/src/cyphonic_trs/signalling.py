@@ -36,6 +36,7 @@ from cyphonic.errors import (
 from cyphonic.hostport import plain_address
 from cyphonic.log import get_logger
 from cyphonic.v1 import signalling_pb2 as pb
+from cyphonic.wire.messages import wrap
 
 from cyphonic_trs.allocation import AllocationGrant, RelayAllocator
 from cyphonic_trs.cid import Rng
@@ -88,7 +89,6 @@ class RelayAllocationService:
         ``addr`` is the control connection's validated address (None while QUIC is still
         validating a new path: then nothing moves and allocation waits for a retry).
         """
-        version = pb.PROTOCOL_VERSION_1
         try:
             if addr is not None:
                 await self.observe_control_address(fqdn, addr)
@@ -99,18 +99,15 @@ class RelayAllocationService:
                 answer = await self.allocate(
                     envelope.relay_allocation_request, fqdn=fqdn, is_node=is_node, addr=addr
                 )
-                return pb.Envelope(version=version, relay_allocation=answer)
+                return wrap(answer)
             if body == "keepalive":
-                return pb.Envelope(
-                    version=version,
-                    keepalive_ack=pb.KeepaliveAck(sequence=envelope.keepalive.sequence),
-                )
+                return wrap(pb.KeepaliveAck(sequence=envelope.keepalive.sequence))
             raise UnexpectedMessage(f"the TRS does not answer {body or 'an empty envelope'}")
         except CyphonicError as exc:
-            return pb.Envelope(version=version, error=exc.to_wire())
+            return wrap(exc.to_wire())
         except Exception:
             _log().exception("request_failed", fqdn=fqdn, body=envelope.WhichOneof("body"))
-            return pb.Envelope(version=version, error=InternalError("internal error").to_wire())
+            return wrap(InternalError("internal error").to_wire())
 
     async def allocate(
         self, request: pb.RelayAllocationRequest, *, fqdn: str, is_node: bool, addr: Any
