@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -93,6 +93,12 @@ class NodeLink(Protocol):
     def close(self, error: CyphonicError) -> None:
         """Close the connection with ``error`` (sent to the node where possible)."""
         ...
+
+
+@dataclass
+class _NodeLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 @dataclass
@@ -198,6 +204,7 @@ class NodeManager:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._revocations = RevocationCursor()
+        self._node_locks: dict[str, _NodeLock] = {}
 
     # ------------------------------------------------------------------ life cycle
 
@@ -259,6 +266,23 @@ class NodeManager:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    @contextlib.asynccontextmanager
+    async def _node_lock(self, fqdn: str) -> AsyncIterator[None]:
+        """Serialise what changes one node's state here (registration, going offline): each
+        awaits the registry and Redis, and an interleaving could release the presence a
+        newer registration had just claimed."""
+        entry = self._node_locks.get(fqdn)
+        if entry is None:
+            entry = self._node_locks[fqdn] = _NodeLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._node_locks[fqdn]
+
     # ------------------------------------------------------------------ queries
 
     @property
@@ -277,6 +301,18 @@ class NodeManager:
     ) -> Registration:
         """Register the node behind ``link`` (its certificate FQDN) and lease its addresses."""
         fqdn = link.fqdn.lower()
+        async with self._node_lock(fqdn):
+            return await self._register(link, fqdn, local_addresses=local_addresses,
+                                        observed=observed)
+
+    async def _register(
+        self,
+        link: NodeLink,
+        fqdn: str,
+        *,
+        local_addresses: list[Endpoint],
+        observed: Endpoint | None,
+    ) -> Registration:
         try:
             facts = await self.nodes.registration_facts(fqdn, link.serial_hex)
             if facts is None:
@@ -335,10 +371,13 @@ class NodeManager:
     async def disconnected(self, link: NodeLink) -> None:
         """The node's connection closed."""
         fqdn = link.fqdn.lower()
-        local = self._local.get(fqdn)
-        if local is None or local.link is not link:
-            return  # an older, superseded connection
-        await self._went_offline(fqdn, local, cause="disconnect")
+        # Checked under the lock: a registration of this very link may still be under way
+        # (it must not be left registered), or a newer one (which must not be undone).
+        async with self._node_lock(fqdn):
+            local = self._local.get(fqdn)
+            if local is None or local.link is not link:
+                return  # an older, superseded connection
+            await self._offline_locked(fqdn, local, cause="disconnect")
 
     def _forget_local(self, fqdn: str) -> None:
         local = self._local.pop(fqdn, None)
@@ -349,6 +388,14 @@ class NodeManager:
         self.metrics.connected.set(len(self._local))
 
     async def _went_offline(
+        self, fqdn: str, local: LocalNode, *, cause: str, notify: bool = True
+    ) -> None:
+        async with self._node_lock(fqdn):
+            if self._local.get(fqdn) is not local:
+                return  # gone already, or registered again meanwhile
+            await self._offline_locked(fqdn, local, cause=cause, notify=notify)
+
+    async def _offline_locked(
         self, fqdn: str, local: LocalNode, *, cause: str, notify: bool = True
     ) -> None:
         self._forget_local(fqdn)
