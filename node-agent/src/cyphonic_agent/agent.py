@@ -81,6 +81,12 @@ ACCEPT_RETRY_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 pushes to both sides at once, so our connection may overtake the peer's direction."""
 NMS_FAILURES_BEFORE_LOGIN = 2
 """Failed reconnections to the known NMS endpoints before asking the AS again."""
+REVERSE_AFTER_S = 2.0
+"""A direct route we accept whose peer has not connected by then is asked for from this
+side, so that we connect out (an inbound-blocking firewall in front of us)."""
+REVERSE_QUIET_S = 30.0
+"""At most one reversal per peer in this long, and none for a peer we asked for ourselves
+in this long: two nodes behind such firewalls must not swap roles forever."""
 
 
 class AgentFailed(Exception):
@@ -209,6 +215,9 @@ class Agent:
         self._own_addresses: frozenset[bytes] = frozenset()
         self._own_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self._inflight: dict[str | bytes, asyncio.Future[PeerRoute | None]] = {}
+        self._asked: dict[str, float] = {}
+        """When this node last asked the NMS for a route to each peer (loop time)."""
+        self._reversed: dict[str, float] = {}
         self._failures: dict[str | bytes, CyphonicError] = {}
         self._links: dict[int, _TunnelLink] = {}
         self._connecting: dict[int, asyncio.Task[None]] = {}
@@ -583,16 +592,18 @@ class Agent:
         if route is None and self.datapath is not None:
             self.datapath.pending.discard(destination)
 
-    async def _request_route(self, key: str | bytes) -> PeerRoute | None:
+    async def _request_route(self, key: str | bytes, *, force: bool = False,
+                             ) -> PeerRoute | None:
         """Ask the NMS for a route to ``key`` (FQDN or raw virtual address), once at a time.
 
         None: no such node. Raises why the route cannot be had (offline, NMS unreachable).
+        ``force``: ask even though a route exists (it will be replaced).
         """
         running = self._inflight.get(key)
         if running is not None:
             return await asyncio.shield(running)
         loop = asyncio.get_running_loop()
-        if not self.routes.should_request(key, now=loop.time()):
+        if not force and not self.routes.should_request(key, now=loop.time()):
             route = self.routes.get(key) if isinstance(key, str) else self.routes.for_address(key)
             if route is not None:
                 return route
@@ -622,6 +633,7 @@ class Agent:
                           pattern=pattern_name(response.pattern),
                           ms=round((loop.time() - started) * 1000, 1))
             self._failures.pop(key, None)
+            self._asked[route.fqdn] = loop.time()
             future.set_result(route)
             return route
         except NotFound as exc:
@@ -654,7 +666,10 @@ class Agent:
         if isinstance(action, Keep):
             return
         if isinstance(action, Accept) and route.pattern != pb.ROUTE_PATTERN_RELAY:
-            return  # the peer connects; _authorize lets it in
+            # The peer connects; _authorize lets it in. A direct route may need reversing.
+            if route.pattern == pb.ROUTE_PATTERN_DIRECT:
+                self._spawn(self._reverse_if_silent(route))
+            return
         # CONNECT, or ACCEPT of a relayed route: allocate at the TRS and serve our CIDs first.
         work = (self._connect_route(route) if isinstance(action, Connect)
                 else self._accept_relayed(route))
@@ -662,6 +677,25 @@ class Agent:
         task = self._spawn(work)
         self._connecting[key] = task
         task.add_done_callback(lambda _t: self._connecting.pop(key, None))
+
+    async def _reverse_if_silent(self, route: PeerRoute) -> None:
+        """Pattern 1 with an inbound-blocking firewall in front of this node: the NMS (which
+        sees no firewalls) told the peer to connect, and its packets never arrive. Ask for
+        the route from this side: the NMS then makes this node the one that connects out."""
+        await asyncio.sleep(REVERSE_AFTER_S)
+        if not self.routes.is_current(route) or route.state is not RouteState.AWAITING_PEER:
+            return
+        now = asyncio.get_running_loop().time()
+        for stamp in (self._asked.get(route.fqdn), self._reversed.get(route.fqdn)):
+            if stamp is not None and now - stamp < REVERSE_QUIET_S:
+                return
+        self._reversed[route.fqdn] = now
+        self.log.info("route_reversed", peer=route.fqdn, route_id=route.route_id,
+                      waited_s=REVERSE_AFTER_S)
+        try:
+            await self._request_route(route.fqdn, force=True)
+        except CyphonicError as exc:
+            self.log.info("route_reverse_failed", peer=route.fqdn, error=exc.message)
 
     def _peer_offline(self, notice: pb.PeerOffline) -> None:
         route = self.routes.get(notice.fqdn.lower())

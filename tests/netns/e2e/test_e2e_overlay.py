@@ -151,3 +151,25 @@ def test_no_overlay_when_the_firewall_drops_udp_443_and_the_agent_says_why(
     assert "status: SERVFAIL" in answer.stdout, answer.stdout
     assert "overlay_up" not in log
     assert bob.stop() == 0
+
+
+def test_pattern1_the_open_node_reaches_the_firewalled_one(overlay: object) -> None:
+    o: Overlay = overlay(pattern1())  # type: ignore[operator]
+    alice, bob = o.start("alice"), o.start("bob")
+    alice.wait_up()
+    bob.wait_up()
+    # alice, on the open network, asks: the NMS tells her to connect, and bob's firewall
+    # drops her packets. bob, still waiting after 2 s, asks for the route himself and
+    # connects out; alice's first packets wait for the tunnel meanwhile.
+    bob_v4 = alice.resolve(bob.fqdn)[0]
+    result = o.bed.host("alice").run(["ping", "-c", "6", "-i", "0.5", "-W", "6", bob_v4],
+                                     timeout=40)
+    assert result.returncode == 0, result.stdout + result.stderr
+    bob.wait_logged('"event": "route_reversed"', timeout=10)
+    (peer,) = alice.status()["peers"]
+    bob_real = o.bed.host("bob").address("lanb", 6)
+    assert (peer["state"], peer["pattern"], peer["path"]) == ("up", "direct",
+                                                              f"[{bob_real}]:443")
+    again = ping(o.bed.host("alice"), bob_v4)
+    assert " 0% packet loss" in again.stdout, again.stdout
+    _stops_cleanly(o)
