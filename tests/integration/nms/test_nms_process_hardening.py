@@ -16,11 +16,16 @@ from pathlib import Path
 
 import pytest
 from cyphonic.pki import PkiMaterial, init_pki
-from cyphonic_nms.testing import DOMAIN, NmsProcess, free_port
+from cyphonic.registry import create_engine, make_sessionmaker
+from cyphonic_nms.simnode import SimulatedNode, issue_node_identity
+from cyphonic_nms.testing import DOMAIN, NmsProcess, add_node, free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(180)]
 
 TOKEN = "nms-admin-token-for-hardening-tests"
+# Pub/sub channels are global to a Redis server: this run's own key prefix keeps parallel
+# test runs (other checkouts) from talking to these processes.
+ISOLATION = {"CYPHONIC_REDIS_PREFIX": f"t{secrets.token_hex(4)}:"}
 RELAY_SECRET = "relay-secret-for-hardening-tests-0123"
 
 
@@ -68,7 +73,8 @@ async def test_passwords_in_urls_never_reach_output(
 
     nms = NmsProcess(pki_dir=pki_dir[0], database_url=db, redis_url=rds, replica_id="nms-s",
                      log_path=tmp_path / "nms.log", admin_token=TOKEN,
-                     relay_secret=RELAY_SECRET, extra_env={"CYPHONIC_LOG_LEVEL": "debug"})
+                     relay_secret=RELAY_SECRET,
+                     extra_env={**ISOLATION, "CYPHONIC_LOG_LEVEL": "debug"})
     try:
         await nms.start()
         async with nms.admin() as admin:
@@ -137,3 +143,64 @@ async def test_redis_client_commands_are_bounded(silent_redis: int) -> None:
         assert time.monotonic() - started < 5
     finally:
         await client.aclose()
+
+
+# --------------------------------------------------------------------------- rolling restart
+
+
+async def test_sigterm_of_a_replica_leaves_routes_and_peers_alone(
+    pki_dir: tuple[Path, PkiMaterial], pg_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    path, material = pki_dir
+    engine = create_engine(pg_url)
+    try:
+        for name in ("alpha", "bravo"):
+            await add_node(make_sessionmaker(engine), name)
+    finally:
+        await engine.dispose()
+    procs = [NmsProcess(pki_dir=path, database_url=pg_url, redis_url=redis_url,
+                        replica_id=f"nms-{i}", log_path=tmp_path / f"nms-{i}.log",
+                        admin_token=TOKEN, relay_secret=RELAY_SECRET, extra_env=ISOLATION)
+             for i in (1, 2)]
+    nodes: list[SimulatedNode] = []
+
+    async def node(name: str, nms: NmsProcess) -> SimulatedNode:
+        sim = SimulatedNode(identity=issue_node_identity(material.node_ca, f"{name}.{DOMAIN}"),
+                            trust=material.trust, nms=("127.0.0.1", nms.quic_port),
+                            server_name=f"nms.svc.{DOMAIN}")
+        nodes.append(sim)
+        await sim.connect()
+        await sim.register()
+        return sim
+
+    try:
+        for proc in procs:
+            await proc.start()
+        nms1, nms2 = procs
+        alpha = await node("alpha", nms1)
+        bravo = await node("bravo", nms2)
+        route = await bravo.route(fqdn=f"alpha.{DOMAIN}")
+        await alpha.wait_for("route_direction")
+
+        assert nms1.stop() == 0  # SIGTERM: a rolling restart takes replica 1 down
+        assert await alpha.wait_closed(within_s=10) is not None
+        await asyncio.sleep(2.0)  # PeerOffline, if any, would have reached bravo by now
+        assert bravo.of("peer_offline") == []
+        async with nms2.admin() as admin:
+            routes = (await admin.get("/v1/routes")).json()["items"]
+            assert [r["route_id"] for r in routes] == [route.route_id]
+            view = (await admin.get(f"/v1/nodes/alpha.{DOMAIN}")).json()
+            assert view["online"] is False  # released: nobody holds it until it returns
+        # alpha comes back through replica 2: the route is still there, bravo still quiet.
+        await node("alpha", nms2)
+        async with nms2.admin() as admin:
+            routes = (await admin.get("/v1/routes")).json()["items"]
+            assert [r["route_id"] for r in routes] == [route.route_id]
+            assert (await admin.get(f"/v1/nodes/alpha.{DOMAIN}")).json()["online"] is True
+        assert bravo.of("peer_offline") == []
+        assert "draining" in nms1.log_path.read_text()
+    finally:
+        for sim in nodes:
+            await sim.close()
+        for proc in procs:
+            proc.stop()

@@ -4,6 +4,7 @@ a Redis restart, pushes to a dead replica, route expiry, revocations by id curso
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -27,6 +28,9 @@ from sqlalchemy import insert
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(120)]
 
 SECRET = "integration-relay-secret-0123456789"
+# Pub/sub channels are global to a Redis server: a prefix of this run's own keeps parallel
+# test runs (other checkouts) from talking to these replicas.
+PREFIX = f"t{secrets.token_hex(4)}:"
 E = Endpoint.parse
 
 
@@ -59,8 +63,8 @@ async def replica(
         nodes=SqlNodeStore(make_sessionmaker(engine)),
         pools=LeasePools.from_settings(ipv4="100.64.0.0/16", ipv6=None, domain=DOMAIN),
         replica_id=name, relay_secret=SECRET.encode(),
-        presence=RedisPresence(client), bus=RedisBus(client),
-        routes=RedisRouteStore(client, ttl_s=offline_timeout_s),
+        presence=RedisPresence(client, prefix=PREFIX), bus=RedisBus(client, prefix=PREFIX),
+        routes=RedisRouteStore(client, prefix=PREFIX, ttl_s=offline_timeout_s),
         offline_timeout_s=offline_timeout_s, keepalive_interval_s=keepalive_interval_s,
         revocation_poll_s=revocation_poll_s,
     )
@@ -113,7 +117,7 @@ async def test_presence_lost_in_redis_comes_back_with_the_next_refresh(
     async with replica(pg_url, redis_url, "r1") as r1, \
             replica(pg_url, redis_url, "r2") as r2:
         a = await _register(r1, "a", "198.51.100.1")
-        key = f"cyphonic:nms:presence:{a.fqdn}"
+        key = f"{PREFIX}nms:presence:{a.fqdn}"
         assert await raw_redis.get(key) == b"r1"
         await raw_redis.delete(key)  # what a Redis restart without persistence does
         b = await _register(r2, "b", "198.51.100.2")
@@ -193,8 +197,8 @@ async def test_routes_of_a_crashed_replica_expire_live_ones_stay(
         assert [r.route_id for r in await r1.routes.for_node(a.fqdn)] == [to_c.route_id]
         assert await r1.routes.get(to_b.route_id) is None
         assert await r1.routes.for_node(b.fqdn) == []
-        assert await raw_redis.zscore("cyphonic:nms:route-index", to_b.route_id) is None
-        assert 0 < await raw_redis.pttl(f"cyphonic:nms:route:{to_c.route_id}") <= 2000
+        assert await raw_redis.zscore(f"{PREFIX}nms:route-index", to_b.route_id) is None
+        assert 0 < await raw_redis.pttl(f"{PREFIX}nms:route:{to_c.route_id}") <= 2000
 
 
 # --------------------------------------------------------------------------- TRS directory

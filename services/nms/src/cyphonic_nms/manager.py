@@ -205,6 +205,7 @@ class NodeManager:
         self._background: set[asyncio.Task[None]] = set()
         self._revocations = RevocationCursor()
         self._node_locks: dict[str, _NodeLock] = {}
+        self.draining = False
 
     # ------------------------------------------------------------------ life cycle
 
@@ -230,8 +231,22 @@ class NodeManager:
             ),
         ]
 
+    def drain(self) -> None:
+        """Enter the shutdown state, before the signalling endpoint closes its connections.
+
+        A replica going away (rolling restart, scale-in) is not its nodes going offline:
+        closed connections no longer count as disconnects, the sweep stops, and ``stop``
+        releases the nodes without removing their routes or telling their peers; the nodes
+        re-register at another replica and their tunnels carry on.
+        """
+        if not self.draining:
+            self.draining = True
+            log.info("draining", replica=self.replica_id, nodes=len(self._local))
+
     async def stop(self) -> None:
-        """Stop the loops, disconnect local nodes and mark them offline."""
+        """Stop the loops, release local nodes (presence, ``online``) and close their
+        connections; their routes stay (see ``drain``)."""
+        self.drain()
         tasks = [*self._tasks, *self._background]
         for task in tasks:
             task.cancel()
@@ -243,7 +258,7 @@ class NodeManager:
         for fqdn, local in list(self._local.items()):
             local.link.close(Unavailable("NMS replica shutting down"))
             with contextlib.suppress(CyphonicError):
-                await self._went_offline(fqdn, local, cause="shutdown", notify=False)
+                await self._went_offline(fqdn, local, cause="shutdown", keep_routes=True)
         await self.bus.close()
 
     async def _every(self, period_s: float, job: Callable[[], object]) -> None:
@@ -371,6 +386,8 @@ class NodeManager:
     async def disconnected(self, link: NodeLink) -> None:
         """The node's connection closed."""
         fqdn = link.fqdn.lower()
+        if self.draining:
+            return  # this replica closed it on its way out; see ``drain``
         # Checked under the lock: a registration of this very link may still be under way
         # (it must not be left registered), or a newer one (which must not be undone).
         async with self._node_lock(fqdn):
@@ -388,16 +405,18 @@ class NodeManager:
         self.metrics.connected.set(len(self._local))
 
     async def _went_offline(
-        self, fqdn: str, local: LocalNode, *, cause: str, notify: bool = True
+        self, fqdn: str, local: LocalNode, *, cause: str, keep_routes: bool = False
     ) -> None:
         async with self._node_lock(fqdn):
             if self._local.get(fqdn) is not local:
                 return  # gone already, or registered again meanwhile
-            await self._offline_locked(fqdn, local, cause=cause, notify=notify)
+            await self._offline_locked(fqdn, local, cause=cause, keep_routes=keep_routes)
 
     async def _offline_locked(
-        self, fqdn: str, local: LocalNode, *, cause: str, notify: bool = True
+        self, fqdn: str, local: LocalNode, *, cause: str, keep_routes: bool = False
     ) -> None:
+        """Forget the node here; if this replica still held it, mark it offline and (unless
+        ``keep_routes``: this replica is shutting down) end its routes, telling the peers."""
         self._forget_local(fqdn)
         if not await self.presence.release(fqdn, self.replica_id):
             return  # another replica holds the node now: it is not offline
@@ -405,19 +424,21 @@ class NodeManager:
                                      now=datetime.now(UTC))
         self.metrics.offline.labels(cause=cause).inc()
         log.info("offline", fqdn=fqdn, cause=cause)
+        if keep_routes:
+            return  # they lapse by TTL unless the node comes back (route store refresh)
         for route in await self.routes.for_node(fqdn):
             await self.routes.remove(route)
-            if notify:
-                peer = route.peer_of(fqdn)
-                notice = _envelope(peer_offline=pb.PeerOffline(fqdn=fqdn,
-                                                                route_id=route.route_id))
-                with contextlib.suppress(CyphonicError):
-                    await self.deliver(peer, notice, kind="peer_offline")
+            peer = route.peer_of(fqdn)
+            notice = _envelope(peer_offline=pb.PeerOffline(fqdn=fqdn, route_id=route.route_id))
+            with contextlib.suppress(CyphonicError):
+                await self.deliver(peer, notice, kind="peer_offline")
 
     # ------------------------------------------------------------------ periodic jobs
 
     async def sweep(self) -> None:
         """Mark nodes silent past the offline timeout offline and close their connections."""
+        if self.draining:
+            return
         for fqdn in self._tracker.expire(self.monotonic()):
             local = self._local.get(fqdn)
             if local is None:

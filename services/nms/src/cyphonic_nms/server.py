@@ -136,7 +136,12 @@ class NmsServer:
             raise Unavailable("Redis unreachable") from exc
 
     async def stop(self) -> None:
-        """Stop QUIC, mark local nodes offline, stop REST, close connections."""
+        """Drain (see ``NodeManager.drain``), stop QUIC, release local nodes, stop REST,
+        close connections. Routes and peers are left alone: the nodes move to another
+        replica."""
+        if self.manager is not None:
+            # Before the endpoint closes: its closed connections are not nodes going offline.
+            self.manager.drain()
         if self.signalling is not None:
             with contextlib.suppress(Exception):
                 await self.signalling.close()

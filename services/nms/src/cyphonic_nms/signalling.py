@@ -205,7 +205,9 @@ class NmsSignallingServer:
 
     def _lost(self, session: SignallingSession, error: CyphonicError | None) -> None:
         link = self._links.pop(id(session), None)
-        if link is None:
+        if link is None or self.manager.draining:
+            # Draining: this replica is shutting down and closed the connection itself. The
+            # node re-registers at another replica; its routes and peers are left alone.
             return
         task = asyncio.ensure_future(self.manager.disconnected(link))
         self._tasks.add(task)
