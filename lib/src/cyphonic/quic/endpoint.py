@@ -5,7 +5,8 @@
                                                 = new server connection)
                     ──> process every touched connection's events
                     ──> ONE transmit pass over connections with something to send
-                    ──> re-arm the single timer (a heap of per-connection deadlines)
+                    ──> re-arm the single timer (a heap of per-connection deadlines;
+                        a timerfd, so deadlines under a millisecond cost no spinning)
 
 No asyncio datagram transport: its one callback and one send per packet cost more than
 the whole QUIC stack at tunnel rates. Applications queue stream data or datagrams on
@@ -49,6 +50,7 @@ from cyphonic.errors import CyphonicError, InvalidArgument, Timeout, Unauthentic
 from cyphonic.log import get_logger
 from cyphonic.pki import CertifiedKey, PeerIdentity, PeerKind, TrustStore, verify_peer
 from cyphonic.quic import engine
+from cyphonic.quic.deadline import open_deadline_timer
 from cyphonic.quic.engine import ConnectionIdFactory, CyphonicQuicConnection
 
 _aioquic = engine  # for code where a parameter named ``engine`` hides the module
@@ -81,7 +83,6 @@ _SEGMENT_SIZE = struct.Struct("=H")
 _GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS on older kernels
 _GSO_MAX_BYTES = 65000  # under the 64 KB a single UDP send may carry
 _RECV_SIZE = 65535
-_TIMER_SPIN = 0.001  # seconds: closer deadlines are polled, not slept on (epoll has 1 ms steps)
 _MAX_DRAIN = 512  # datagrams per wake-up, so one busy socket cannot starve the loop
 
 
@@ -370,7 +371,7 @@ class QuicEndpoint:
         self._flush_scheduled = False
         self._heap: list[tuple[float, int, Connection]] = []
         self._seq = itertools.count()
-        self._timer: asyncio.Handle | None = None
+        self._timer = open_deadline_timer(self._loop, self._on_timer)
         self._timer_at: float | None = None
         self._closing = False
         self.stats = EndpointStats()
@@ -440,9 +441,8 @@ class QuicEndpoint:
             conn.close(reason)
         self.flush()
         self._loop.remove_reader(self._sock.fileno())
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.close()
+        self._timer_at = None
         for conn in list(self._connections):
             conn._end(conn.error)
         self._connections.clear()
@@ -795,20 +795,10 @@ class QuicEndpoint:
         when = heap[0][0] if heap else None
         if when == self._timer_at:
             return
-        if self._timer is not None:
-            self._timer.cancel()
         self._timer_at = when
-        if when is None:
-            self._timer = None
-        elif when - self._loop.time() < _TIMER_SPIN:
-            # The selector sleeps in whole milliseconds, so a pacing gap of 0.2 ms would
-            # cost 1 ms; deadlines that close are polled once per loop iteration instead.
-            self._timer = self._loop.call_soon(self._on_timer)
-        else:
-            self._timer = self._loop.call_at(when, self._on_timer)
+        self._timer.arm(when)
 
     def _on_timer(self) -> None:
-        self._timer = None
         self._timer_at = None
         now = self._loop.time()
         due: dict[Connection, None] = {}
