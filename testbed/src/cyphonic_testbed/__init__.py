@@ -12,6 +12,7 @@ See docs/testbed.md. Needs root, iproute2, nftables (and tcpdump for captures).
 """
 
 from cyphonic_testbed.bed import (
+    Move,
     NetBed,
     Node,
     build,
@@ -29,7 +30,16 @@ from cyphonic_testbed.errors import (
     TestbedTimeout,
     TopologyError,
 )
-from cyphonic_testbed.patterns import PATTERNS, double_nat, pattern1, pattern2, v4_v6
+from cyphonic_testbed.patterns import (
+    PATTERNS,
+    double_nat,
+    move_nat_nat,
+    move_server,
+    move_v6_nat,
+    pattern1,
+    pattern2,
+    v4_v6,
+)
 from cyphonic_testbed.probes import Datagram, Listener, UdpExchange, tcp_connect, udp_send
 from cyphonic_testbed.services import RedisServer, postgres_url, start_redis
 from cyphonic_testbed.topology import (
@@ -53,6 +63,7 @@ __all__ = [
     "Host",
     "Link",
     "Listener",
+    "Move",
     "NatMapping",
     "NetBed",
     "Network",
@@ -72,6 +83,9 @@ __all__ = [
     "close_all",
     "double_nat",
     "list_namespaces",
+    "move_nat_nat",
+    "move_server",
+    "move_v6_nat",
     "pattern1",
     "pattern2",
     "plan",

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{node.kind} {node.name}")
             for iface in node.interfaces:
                 addrs = " ".join(str(a) for a in (iface.ipv4, iface.ipv6) if a is not None)
-                print(f"  {iface.ifname}: {addrs}")
+                standby = "" if iface.up else "  (standby: down until the host moves here)"
+                print(f"  {iface.ifname}: {addrs}{standby}")
             for route in node.routes:
                 print(f"  route {route.destination} via {route.via} dev {route.dev}")
             if node.ruleset:

@@ -32,11 +32,12 @@ import threading
 import time
 import types
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from cyphonic_testbed.errors import CommandError, PreflightError, TestbedError, TestbedTimeout
-from cyphonic_testbed.topology import Family, NodePlan, Plan, Topology, plan
+from cyphonic_testbed.topology import Family, InterfacePlan, NodePlan, Plan, Topology, plan
 from cyphonic_testbed.wait import wait_for
 
 if TYPE_CHECKING:
@@ -300,6 +301,8 @@ class Node:
         self.kind = kind
         self.netns = netns
         self.plan = node_plan
+        #: Networks the node is attached to now (a move changes them).
+        self._up: list[str] = list(node_plan.networks_up) if node_plan is not None else []
 
     def __repr__(self) -> str:
         return f"<Node {self.kind} {self.name} netns={self.netns}>"
@@ -367,14 +370,24 @@ class Node:
         """Name of this node's interface on ``network``."""
         return self._require_plan().interface(network).ifname
 
+    @property
+    def networks_up(self) -> tuple[str, ...]:
+        """The networks this node is attached to now (standby uplinks excluded; a
+        ``NetBed.move`` changes them)."""
+        return tuple(self._up)
+
     def address(self, network: str | None = None, family: Family = 4) -> str:
         """This node's address (no prefix length) on ``network`` in ``family`` (4 or 6).
 
-        Without ``network``: the address of that family on the first network that has one.
+        Without ``network``: the address of that family on the first network the node is
+        attached to now that has one. With ``network``: the planned address there, also for
+        a standby uplink (where the node will be once it moves there).
         """
         node_plan = self._require_plan()
         for iface in node_plan.interfaces:
             if network is not None and iface.network != network:
+                continue
+            if network is None and iface.network not in self._up:
                 continue
             addr = iface.address(family)
             if addr is not None:
@@ -385,8 +398,12 @@ class Node:
         raise TestbedError(f"{self.name} has no IPv{family} address{where}")
 
     def addresses(self, family: Family) -> list[str]:
-        """All of this node's addresses in ``family``."""
-        found = (iface.address(family) for iface in self._require_plan().interfaces)
+        """All of this node's addresses in ``family`` on the networks it is attached to now."""
+        found = (
+            iface.address(family)
+            for iface in self._require_plan().interfaces
+            if iface.network in self._up
+        )
         return [str(a.ip) for a in found if a is not None]
 
     def has_family(self, family: Family) -> bool:
@@ -637,11 +654,8 @@ class NetBed:
             if iface.ipv6 is None:
                 # IPv4-only network: not even a link-local IPv6 address.
                 lines.append(f"link set dev {iface.ifname} addrgenmode none")
-            lines.append(f"link set dev {iface.ifname} up")
-            if iface.ipv4 is not None:
-                lines.append(f"addr add {iface.ipv4} dev {iface.ifname}")
-            if iface.ipv6 is not None:
-                lines.append(f"addr add {iface.ipv6} dev {iface.ifname} nodad")
+            if iface.up:  # a standby uplink stays down, bare, until the host moves there
+                lines += _attach_lines(iface)
         for route in node.plan.routes:
             lines.append(f"route add {route.destination} via {route.via} dev {route.dev}")
         return lines
@@ -649,26 +663,85 @@ class NetBed:
     def _wait_ready(self) -> None:
         """Wait (bounded) until every veth end is operationally up with its queue active."""
         expected: dict[str, set[str]] = {}
+        standby: dict[str, set[str]] = {}  # network -> bridge ports of standby links
         for node in self._nodes.values():
             assert node.plan is not None
-            expected[node.netns] = {i.ifname for i in node.plan.interfaces}
+            expected[node.netns] = {i.ifname for i in node.plan.interfaces if i.up}
+            for iface in node.plan.interfaces:
+                if not iface.up:
+                    standby.setdefault(iface.network, set()).add(node.name)
         for name, seg in self._segments.items():
-            expected[seg.netns] = set(self.plan.members(name))
+            expected[seg.netns] = set(self.plan.members(name)) - standby.get(name, set())
         for netns, ifnames in expected.items():
+            self._wait_links(netns, ifnames)
 
-            def ready(netns: str = netns, ifnames: set[str] = ifnames) -> bool:
-                links = run_command(["ip", "-n", netns, "-o", "link", "show"]).stdout
-                up = {
-                    line.split(":")[1].strip().split("@")[0]
-                    for line in links.splitlines()
-                    if " state UP " in line and " qdisc noop " not in line
-                }
-                if not ifnames <= up:
-                    return False
-                tentative = run_command(["ip", "-n", netns, "-o", "addr", "show", "tentative"])
-                return not tentative.stdout.strip()
+    def _wait_links(self, netns: str, ifnames: set[str], timeout: float = READY_TIMEOUT) -> None:
+        """Wait (bounded) until ``ifnames`` in ``netns`` are up with no tentative address."""
+        if not ifnames:
+            return
 
-            wait_for(ready, READY_TIMEOUT, message=f"links and addresses in {netns}")
+        def ready() -> bool:
+            links = run_command(["ip", "-n", netns, "-o", "link", "show"]).stdout
+            up = {
+                line.split(":")[1].strip().split("@")[0]
+                for line in links.splitlines()
+                if " state UP " in line and " qdisc noop " not in line
+            }
+            if not ifnames <= up:
+                return False
+            tentative = run_command(["ip", "-n", netns, "-o", "addr", "show", "tentative"])
+            return not tentative.stdout.strip()
+
+        wait_for(ready, timeout, interval=0.01, message=f"links and addresses in {netns}")
+
+    # -- mobility --------------------------------------------------------------------------
+
+    def move(self, host: str, to: str, *, gap: float = 0.0) -> Move:
+        """Move ``host`` onto network ``to`` as a real move looks to programs on it.
+
+        Every uplink the host is attached to now loses its addresses and goes down (its
+        routes go with it); after ``gap`` seconds (a radio handover, a cable being
+        replugged) the interface on ``to`` comes up with its planned addresses, and the
+        default routes point at the router there. ``to`` must be one of the host's links
+        (a standby one, ``Link(network, up=False)``, or one it left earlier). Returns when
+        the new link carries traffic, with the times of each step.
+        """
+        node = self.host(host)
+        assert node.plan is not None
+        try:
+            target = node.plan.interface(to)
+        except KeyError:
+            raise TestbedError(f"{host} has no link to network {to}") from None
+        if node._up == [to]:
+            raise TestbedError(f"{host} is already on {to} (and only there)")
+        leaving = [n for n in node._up if n != to]
+        routes = self.plan.host_routes(host, [to])
+        started_wall, started = time.time(), time.monotonic()
+        down: list[str] = []
+        for network in leaving:
+            ifname = node.plan.interface(network).ifname
+            down += [f"addr flush dev {ifname}", f"link set dev {ifname} down"]
+        _ip_batch(node.netns, down)
+        node._up = [n for n in node._up if n not in leaving]
+        detached = time.monotonic()
+        if gap > 0:
+            time.sleep(gap)
+        _ip_batch(node.netns, _attach_lines(target))
+        self._wait_links(node.netns, {target.ifname})
+        _ip_batch(
+            node.netns,
+            (f"route replace {r.destination} via {r.via} dev {r.dev}" for r in routes),
+        )
+        node._up = [to]
+        attached = time.monotonic()
+        return Move(
+            host=host,
+            left=tuple(leaving),
+            joined=to,
+            started_at=started_wall,
+            detached_s=detached - started,
+            attached_s=attached - started,
+        )
 
     def _track(self, proc: subprocess.Popen[Any]) -> None:
         if self._closed:
@@ -700,6 +773,31 @@ class NetBed:
         return self._closed
 
 
+@dataclass(frozen=True)
+class Move:
+    """What ``NetBed.move`` did, and when."""
+
+    host: str
+    left: tuple[str, ...]
+    joined: str
+    #: Wall-clock time (``time.time()``) the old uplinks started going down.
+    started_at: float
+    #: Seconds from the start until the old uplinks were down and bare.
+    detached_s: float
+    #: Seconds from the start until the new uplink carried its addresses and routes.
+    attached_s: float
+
+
+def _attach_lines(iface: InterfacePlan) -> list[str]:
+    """``ip`` lines bringing ``iface`` up with its planned addresses."""
+    lines = [f"link set dev {iface.ifname} up"]
+    if iface.ipv4 is not None:
+        lines.append(f"addr add {iface.ipv4} dev {iface.ifname}")
+    if iface.ipv6 is not None:
+        lines.append(f"addr add {iface.ipv6} dev {iface.ifname} nodad")
+    return lines
+
+
 def _signal_group(proc: subprocess.Popen[Any], signum: int) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -728,6 +826,7 @@ def build(topology: Topology, *, run_id: str | None = None) -> NetBed:
 
 
 __all__ = [
+    "Move",
     "NetBed",
     "Node",
     "build",

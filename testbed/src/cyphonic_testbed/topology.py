@@ -125,12 +125,18 @@ class Network:
 
 @dataclass(frozen=True)
 class Link:
-    """An attachment of a node to a network, optionally with fixed addresses."""
+    """An attachment of a node to a network, optionally with fixed addresses.
+
+    ``up=False`` (hosts only) makes a standby uplink: the interface exists with its planned
+    addresses known, but it is down, carries no address and no route until the host moves
+    onto that network (``NetBed.move``).
+    """
 
     network: str
     _: KW_ONLY
     ipv4: str | None = None
     ipv6: str | None = None
+    up: bool = True
 
 
 def _links(items: Sequence[str | Link]) -> tuple[Link, ...]:
@@ -196,6 +202,8 @@ class InterfacePlan:
     ifname: str
     ipv4: ipaddress.IPv4Interface | None
     ipv6: ipaddress.IPv6Interface | None
+    #: False for a standby uplink: down, no address, no route, until the host moves there.
+    up: bool = True
 
     def address(self, family: Family) -> IPInterface | None:
         return self.ipv4 if family == 4 else self.ipv6
@@ -228,6 +236,11 @@ class NodePlan:
                 return iface
         raise KeyError(f"{self.name} is not on network {network}")
 
+    @property
+    def networks_up(self) -> tuple[str, ...]:
+        """The networks this node is attached to when the bed is built (no standby link)."""
+        return tuple(i.network for i in self.interfaces if i.up)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -242,6 +255,13 @@ class Plan:
         return [
             n.name for n in self.nodes.values() if any(i.network == network for i in n.interfaces)
         ]
+
+    def host_routes(self, host: str, networks_up: Sequence[str]) -> tuple[RoutePlan, ...]:
+        """The default routes of ``host`` while it is attached to ``networks_up`` only (what
+        a move onto another network installs)."""
+        (spec,) = [h for h in self.topology.hosts if h.name == host]
+        addrs = _addresses_of(self)
+        return tuple(_host_routes(spec, topology=self.topology, addrs=addrs, up=networks_up))
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -277,6 +297,8 @@ def _validate(topology: Topology) -> dict[str, Network]:
         seen: set[str] = set()
         if not node.links:
             raise TopologyError(f"node {node.name} is on no network")
+        if isinstance(node, Router) and not all(link.up for link in node.links):
+            raise TopologyError(f"router {node.name}: only hosts have standby links (up=False)")
         for link in node.links:
             if link.network not in networks:
                 raise TopologyError(f"node {node.name}: unknown network {link.network}")
@@ -447,16 +469,34 @@ def _router_routes(
     return routes
 
 
+def _addresses_of(result: Plan) -> dict[tuple[str, str], dict[Family, IPInterface]]:
+    """The planned addresses per (node, network) and family, read back from a plan."""
+    addrs: dict[tuple[str, str], dict[Family, IPInterface]] = {}
+    for node in result.nodes.values():
+        for iface in node.interfaces:
+            slot = addrs.setdefault((node.name, iface.network), {})
+            for family in FAMILIES:
+                addr = iface.address(family)
+                if addr is not None:
+                    slot[family] = addr
+    return addrs
+
+
 def _host_routes(
     host: Host,
     *,
     topology: Topology,
     addrs: dict[tuple[str, str], dict[Family, IPInterface]],
+    up: Sequence[str] | None = None,
 ) -> list[RoutePlan]:
+    """Default routes of ``host`` over its links that are up (``up``: these networks)."""
+    links = [
+        link for link in host.links if (link.up if up is None else link.network in up)
+    ]
     routes: list[RoutePlan] = []
     for family in FAMILIES:
         chosen: tuple[str, str] | None = None
-        for link in host.links:
+        for link in links:
             if family not in addrs[(host.name, link.network)]:
                 continue
             for router in topology.routers:
@@ -533,7 +573,8 @@ def plan(topology: Topology) -> Plan:
             v4, v6 = slot.get(4), slot.get(6)
             assert v4 is None or isinstance(v4, ipaddress.IPv4Interface)
             assert v6 is None or isinstance(v6, ipaddress.IPv6Interface)
-            out.append(InterfacePlan(network=link.network, ifname=link.network, ipv4=v4, ipv6=v6))
+            out.append(InterfacePlan(network=link.network, ifname=link.network, ipv4=v4, ipv6=v6,
+                                     up=link.up))
         return tuple(out)
 
     for router in topology.routers:
