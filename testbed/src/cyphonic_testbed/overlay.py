@@ -50,6 +50,8 @@ DOMAIN = "cyphonic.internal"
 QUIC_PORT = 443
 AS_HTTP_PORT = 80
 """The AS's enrolment REST API: TCP 80 passes the enterprise firewall (so does 443)."""
+NMS_HTTP_PORT = 8082
+"""The NMS's admin REST API, on the loopback of its namespace."""
 ADMIN_TOKEN = "overlay-testbed-admin-token-0123456789"
 RELAY_SECRET = "overlay-testbed-relay-secret-0123456789"
 START_TIMEOUT = 90.0
@@ -212,6 +214,15 @@ class OverlayServices:
         self._start(name, node, self.commands[name])
         _wait_log(self.log(name), needle, self.processes[name], timeout=timeout,
                   what=f"{name} restart", count=before + 1)
+
+    def nms_get(self, path: str) -> Any:
+        """GET a path of the NMS's admin REST API (from inside its namespace); the JSON."""
+        url = f"http://127.0.0.1:{NMS_HTTP_PORT}{path}"
+        proc = self.nms_node.run([sys.executable, "-c", _REST_GET, url, ADMIN_TOKEN],
+                                 timeout=60)
+        if proc.returncode != 0:
+            raise TestbedError(f"GET {path} at the NMS failed: {proc.stderr}")
+        return json.loads(proc.stdout)
 
     def log(self, service: str) -> Path:
         """Log file of ``as`` or ``nms``."""
@@ -384,6 +395,7 @@ def start_services(
     nms_argv = [str(BIN / "cyphonic-nms"), "serve", "--pki-dir", str(pki),
                 "--database-url", database_url, "--quic-host", "::",
                 "--quic-port", str(QUIC_PORT), "--http-host", "127.0.0.1",
+                "--http-port", str(NMS_HTTP_PORT),
                 "--admin-token-file", str(token_file), "--replica-id", "nms-testbed",
                 *nms_args]
     services._start("nms", nms_node, nms_argv)
