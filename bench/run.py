@@ -21,6 +21,7 @@ BENCHES: list[tuple[str, list[str], bool]] = [
     ("nms_load.py", [], False),
     ("as_enrolment.py", [], False),
     ("route_setup.py", ["--rounds", "5"], False),
+    ("mobility.py", [], False),
 ]
 
 

@@ -150,9 +150,9 @@ def send(*, host: str, port: int, size: int, seed: int, rate: float,
 
 @dataclass(frozen=True)
 class Interruption:
-    """What one move did to the two flows."""
+    """What one move did to the two flows (``move`` None: a control run without one)."""
 
-    move: Move
+    move: Move | None
     ping: PingReading
     #: Longest time the TCP receiver got no byte (ms).
     tcp_stall_ms: float
@@ -187,7 +187,7 @@ def measure_move(
     src: Node,
     dst: Node,
     address: str,
-    move: Callable[[], Move],
+    move: Callable[[], Move] | None,
     size: int = 12_000_000,
     rate: float = 2_000_000.0,
     settle: float = 1.0,
@@ -196,7 +196,8 @@ def measure_move(
 ) -> Interruption:
     """Run the ping stream and the TCP stream from ``src`` to ``address`` (a virtual address
     of ``dst``), call ``move()`` ``settle`` seconds into them, and read both once the stream
-    is complete (bounded by ``timeout``)."""
+    is complete (bounded by ``timeout``). ``move=None``: the same flows without a move (the
+    control figures of the path as it is)."""
     module = [sys.executable, "-m", "cyphonic_testbed.interruption"]
     receiver = dst.popen([*module, "recv", "--bind", address, "--port", str(STREAM_PORT),
                           "--size", str(size), "--timeout", str(timeout)],
@@ -217,7 +218,7 @@ def measure_move(
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(settle)  # the flows run in their steady state before the move
-        done = move()
+        done = move() if move is not None else None
         sent = _json_line(sender, f"stream sender in {src.name}", timeout)
         got = _json_line(receiver, f"stream receiver in {dst.name}", 30)
         time.sleep(0.2)  # a few more replies after the stream closes the last gap

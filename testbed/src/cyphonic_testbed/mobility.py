@@ -5,13 +5,14 @@ moves, the networks it moves onto in turn, and the route pattern ``cyphonic-agen
 shows before and after each move:
 
     nat-to-nat   alice moves between two IPv4 NAT networks (each behind NAT + enterprise
-                 firewall); bob on a global IPv4 address. Pattern 2 before and after:
-                 alice's client-role connection migrates.
+                 firewall) and back; bob on a global IPv4 address. Pattern 2 before and
+                 after: alice's client-role connection migrates.
     v6-to-nat    alice moves from a global IPv6 network (behind the enterprise firewall) to
                  an IPv4 NAT network and back; bob IPv6 only. Pattern 1, then 3 through the
                  TRS, then 1 again.
     server-move  bob, who accepted alice's tunnel (pattern 2, alice behind NAT connects),
-                 moves to another global IPv4 network: the tunnel is rebuilt via the NMS.
+                 moves to another global IPv4 network and back: the tunnel is rebuilt via
+                 the NMS.
 
 ``start_overlay`` runs AS, NMS and TRS on the embedded default (SQLite registry, in-process
 CID table; the NMS is told the TRS) and one agent per end host; ``open_route`` sets up the
@@ -74,11 +75,14 @@ CASES: dict[str, MoveCase] = {
     for case in (
         MoveCase(
             name="nat-to-nat",
-            title="alice: IPv4 NAT -> other IPv4 NAT (peer global IPv4)",
+            title="alice: IPv4 NAT -> other IPv4 NAT -> back (peer global IPv4)",
             topology=move_nat_nat,
             mover="alice",
             pattern="nat_connects",
-            steps=(MoveStep("lanc", "nat_connects", TARGET_DIRECT_MS),),
+            steps=(
+                MoveStep("lanc", "nat_connects", TARGET_DIRECT_MS),
+                MoveStep("lana", "nat_connects", TARGET_DIRECT_MS),
+            ),
         ),
         MoveCase(
             name="v6-to-nat",
@@ -93,11 +97,14 @@ CASES: dict[str, MoveCase] = {
         ),
         MoveCase(
             name="server-move",
-            title="bob (accepted the tunnel): global IPv4 -> other global IPv4",
+            title="bob (accepted the tunnel): global IPv4 -> other global IPv4 -> back",
             topology=move_server,
             mover="bob",
             pattern="nat_connects",
-            steps=(MoveStep("lanc", "nat_connects", TARGET_DIRECT_MS),),
+            steps=(
+                MoveStep("lanc", "nat_connects", TARGET_DIRECT_MS),
+                MoveStep("lanb", "nat_connects", TARGET_DIRECT_MS),
+            ),
         ),
     )
 }
