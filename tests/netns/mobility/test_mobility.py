@@ -7,13 +7,13 @@ route. AS, NMS and TRS run in the cloud (embedded default); alice and bob run
 ``cyphonic-agent up``; alice sets up the route by a DNS lookup of bob's name.
 
 (a) ``nat-to-nat``: alice moves between two IPv4 NAT networks (NAT + enterprise firewall
-    each), bob is on a global IPv4 address: pattern 2 before and after; alice's client-role
-    connection migrates and bob sees her at her new NAT's address.
+    each) and back, bob is on a global IPv4 address: pattern 2 before and after; alice's
+    client-role connection migrates and bob sees her at her new NAT's address.
 (b) ``v6-to-nat``: alice moves from a global IPv6 network (behind the enterprise firewall)
     to an IPv4 NAT network, bob is IPv6 only: pattern 1 becomes pattern 3 through the TRS;
     then she moves back and the route is direct again.
 (c) ``server-move``: bob, who accepted alice's tunnel (she is behind a NAT), moves to another
-    global IPv4 network: the tunnel is rebuilt through the NMS to his new address.
+    global IPv4 network and back: the tunnel is rebuilt through the NMS to his new address.
 
 In each, after each move: the TCP stream completed with every byte correct (SHA-256 of the
 receiver = the sender's), the mover's virtual addresses are unchanged (its status and the
