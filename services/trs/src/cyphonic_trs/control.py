@@ -18,6 +18,7 @@ certificate inside the handshake.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import time
@@ -31,10 +32,6 @@ from cyphonic.errors import InvalidArgument, Unavailable
 from cyphonic.log import get_logger
 from cyphonic.pki import CertifiedKey, TrustStore, load_identity, load_trust_store
 from cyphonic.quic import Acceptor, QuicEndpoint
-from cyphonic.quic.endpoint import (
-    SOCKET_BUFFER,
-    _bind_udp,  # the endpoint's own socket set-up, reused
-)
 from cyphonic.quic.engine import DEFAULT_MAX_DATAGRAM_SIZE
 from cyphonic.v1 import signalling_pb2 as pb
 
@@ -78,16 +75,36 @@ def validated_peer_address(connection: Any) -> tuple[str, int] | None:
 
 
 def bind_relay_socket(host: str, port: int, *, buffer_bytes: int) -> socket.socket:
-    """The relay's non-blocking UDP socket, set up as the QUIC endpoint sets up its own
-    (``::`` dual-stack where possible), with ``buffer_bytes`` send and receive buffers."""
-    sock = _bind_udp(host, port)
-    if buffer_bytes != SOCKET_BUFFER:
-        try:
-            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                sock.setsockopt(socket.SOL_SOCKET, option, buffer_bytes)
-        except BaseException:
-            sock.close()
+    """The relay's non-blocking UDP socket, set up as the QUIC endpoint sets up its own:
+    ``::`` is dual-stack where possible (an IPv4-only host falls back to ``0.0.0.0``), and
+    ``buffer_bytes`` send and receive buffers, past ``net.core.*mem_max`` when privileged.
+    A host that is not an IP literal is ``InvalidArgument``."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError as exc:
+        raise InvalidArgument(f"bind address must be an IP literal, not {host!r}") from exc
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError:
+        if host != "::":
             raise
+        family, host = socket.AF_INET, "0.0.0.0"
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        for option, force in ((socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", 33)),
+                              (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", 32))):
+            try:  # the FORCE options pass net.core.*mem_max, with CAP_NET_ADMIN only
+                sock.setsockopt(socket.SOL_SOCKET, force, buffer_bytes)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, option, buffer_bytes)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
