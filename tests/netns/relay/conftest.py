@@ -31,6 +31,7 @@ class RelayOverlay:
     services: OverlayServices
     trs: TrsProcess
     states: dict[str, Path]
+    redis_url: str
     agents: dict[str, AgentProcess] = field(default_factory=dict)
 
     def start(self, name: str, *args: str) -> AgentProcess:
@@ -70,7 +71,8 @@ def relay_overlay(netbed: Any, tmp_path: Path) -> Iterator[Any]:
                                   nms_args=["--redis-url", redis.url])
         trs = start_trs(services, redis_url=redis.url)
         states = services.enrol_all([bed.host("alice"), bed.host("bob")])
-        made.append(RelayOverlay(bed=bed, services=services, trs=trs, states=states))
+        made.append(RelayOverlay(bed=bed, services=services, trs=trs, states=states,
+                                 redis_url=redis.url))
         return made[-1]
 
     try:
