@@ -5,12 +5,17 @@
     server  203.0.113.10 + 2001:db8:b::10   global, dual-stack
     phone   2001:db8:a::10 IPv6 only
     home    192.168.2.10   behind gwb: symmetric NAT + enterprise firewall
+    cafe    192.168.3.0/24 behind gwc: NAT (endpoint-independent) + enterprise firewall,
+            where office moves at the end (its uplink there is down until then)
 
 Real processes only: ``cyphonic-as serve`` and ``cyphonic-nms serve`` (SQLite registry),
 ``cyphonic-agent enroll`` and ``cyphonic-agent up`` in each node. For each pair the demo
 resolves the peer's name through the agent's DNS stub, pings it, runs iperf3 over the
-overlay and prints one table: pair, pattern, RTT, throughput, ok. Everything it made is
-removed at the end, also on failure or Ctrl-C.
+overlay and prints one table: pair, pattern, RTT, throughput, ok. Last, office moves from
+its office network to the cafe's while a 10 ms ping stream and a checked TCP stream run to
+server over the overlay: its row shows the longest ping gap and TCP stall of the move, and
+the stream arriving intact. Everything it made is removed at the end, also on failure or
+Ctrl-C.
 
 Usage: ``python -m cyphonic_testbed.demo [--seconds 3] [--keep-logs DIR]`` (as root).
 """
@@ -30,12 +35,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cyphonic_testbed.bed import build
+from cyphonic_testbed.bed import NetBed, build
 from cyphonic_testbed.errors import TestbedError
+from cyphonic_testbed.interruption import measure_move
+from cyphonic_testbed.mobility import TARGET_DIRECT_MS
 from cyphonic_testbed.overlay import AgentProcess, start_services, start_trs, trs_endpoints
 from cyphonic_testbed.topology import (
     FirewallPolicy,
     Host,
+    Link,
     NatMapping,
     Network,
     Router,
@@ -64,13 +72,17 @@ def showcase() -> Topology:
             Network("lanoffice", ipv4="192.168.1.0/24"),
             Network("wanb", ipv4="198.51.100.64/26"),
             Network("lanhome", ipv4="192.168.2.0/24"),
+            Network("wanc", ipv4="198.51.100.128/26"),
+            Network("lancafe", ipv4="192.168.3.0/24"),
         ],
         routers=[
-            Router("core", networks=["cloud", "lanphone", "lanserver", "wana", "wanb"]),
+            Router("core", networks=["cloud", "lanphone", "lanserver", "wana", "wanb", "wanc"]),
             Router("gwa", networks=["wana", "lanoffice"], uplink="wana",
                    nat=NatMapping.ENDPOINT_INDEPENDENT, firewall=FirewallPolicy.ENTERPRISE),
             Router("gwb", networks=["wanb", "lanhome"], uplink="wanb",
                    nat=NatMapping.SYMMETRIC, firewall=FirewallPolicy.ENTERPRISE),
+            Router("gwc", networks=["wanc", "lancafe"], uplink="wanc",
+                   nat=NatMapping.ENDPOINT_INDEPENDENT, firewall=FirewallPolicy.ENTERPRISE),
         ],
         hosts=[
             Host("as", networks=["cloud"]),
@@ -78,7 +90,7 @@ def showcase() -> Topology:
             Host("trs", networks=["cloud"]),
             Host("phone", networks=["lanphone"]),
             Host("server", networks=["lanserver"]),
-            Host("office", networks=["lanoffice"]),
+            Host("office", networks=["lanoffice", Link("lancafe", up=False)]),
             Host("home", networks=["lanhome"]),
         ],
     )
@@ -90,6 +102,9 @@ class PairResult:
     pattern: str = "-"
     rtt_ms: float | None = None
     mbit_s: float | None = None
+    #: For a move: the longest gap in the 10 ms ping stream and the TCP stall (ms).
+    gap_ms: float | None = None
+    stall_ms: float | None = None
     ok: bool = False
     note: str = ""
 
@@ -156,12 +171,43 @@ def run_pair(a: AgentProcess, b: AgentProcess, *, seconds: int) -> PairResult:
     return result
 
 
+def run_move(bed: NetBed, mover: AgentProcess, peer: AgentProcess, *, to: str) -> PairResult:
+    """Move ``mover`` onto network ``to`` while a 10 ms ping stream and a checked TCP stream
+    run from it to ``peer`` over the overlay (the route already up)."""
+    result = PairResult(pair=f"{mover.name} -> {peer.name}, {mover.name} moves to {to}")
+    address = mover.resolve(peer.fqdn, "A")[0]
+    before = mover.status()
+    try:
+        moved = measure_move(src=mover.node, dst=peer.node, address=address,
+                             move=lambda: bed.move(mover.name, to), size=6_000_000)
+    except TestbedError as exc:
+        result.note = f"move: {str(exc).splitlines()[0][:100]}"
+        return result
+    result.gap_ms, result.stall_ms = moved.ping_gap_ms, moved.tcp_stall_ms
+    result.rtt_ms = _ping(mover, address, 5)
+    result.pattern = _pattern(mover, peer.fqdn)
+    after = mover.status()
+    same = all(before[k] == after[k] for k in ("virtual_ipv4", "virtual_ipv6"))
+    result.ok = moved.tcp_intact and same and result.rtt_ms is not None
+    if not same:
+        result.note = "virtual addresses changed"
+    elif not moved.tcp_intact:
+        result.note = f"TCP stream broken ({moved.tcp_bytes} bytes arrived)"
+    elif moved.ping_gap_ms is None or moved.ping_gap_ms > TARGET_DIRECT_MS:
+        result.note = f"interruption over the {TARGET_DIRECT_MS:.0f} ms target"
+    else:
+        result.note = "TCP stream intact, same virtual addresses"
+    return result
+
+
 def format_table(results: Sequence[PairResult]) -> str:
-    rows = [("pair", "pattern", "RTT ms", "Mbit/s", "ok", "")]
+    rows = [("pair", "pattern", "RTT ms", "Mbit/s", "move gap ms", "TCP stall ms", "ok", "")]
     for r in results:
         rows.append((r.pair, r.pattern,
                      "-" if r.rtt_ms is None else f"{r.rtt_ms:.2f}",
                      "-" if r.mbit_s is None else f"{r.mbit_s:.0f}",
+                     "-" if r.gap_ms is None else f"{r.gap_ms:.0f}",
+                     "-" if r.stall_ms is None else f"{r.stall_ms:.0f}",
                      "yes" if r.ok else "NO", r.note))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
@@ -183,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="cyphonic-demo-"))
     results: list[PairResult] = []
     try:
-        print("building the topology (7 namespaces + routers) ...", flush=True)
+        print("building the topology (7 hosts, 4 routers) ...", flush=True)
         with build(showcase()) as bed:
             print("starting cyphonic-as, cyphonic-nms (SQLite registry) and cyphonic-trs "
                   "(in-process CID table) ...", flush=True)
@@ -202,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append(run_pair(agents[a], agents[b], seconds=args.seconds))
                 print(f"  {results[-1].pair}: {'ok' if results[-1].ok else 'failed'}",
                       flush=True)
+            print("office moves from its office network to the cafe's ...", flush=True)
+            results.append(run_move(bed, agents["office"], agents["server"], to="lancafe"))
+            print(f"  {results[-1].pair}: {'ok' if results[-1].ok else 'failed'}", flush=True)
             print("\n" + format_table(results) + "\n")
             print(agents["office"].status_table())
             services.stop()
