@@ -704,7 +704,7 @@ class NetBed:
         replugged) the interface on ``to`` comes up with its planned addresses, and the
         default routes point at the router there. ``to`` must be one of the host's links
         (a standby one, ``Link(network, up=False)``, or one it left earlier). Returns when
-        the new link carries traffic, with the times of each step.
+        the new link is up with its addresses and routes, with the times of each step.
         """
         node = self.host(host)
         assert node.plan is not None
