@@ -8,7 +8,9 @@ route. AS, NMS and TRS run in the cloud (embedded default); alice and bob run
 
 (a) ``nat-to-nat``: alice moves between two IPv4 NAT networks (NAT + enterprise firewall
     each) and back, bob is on a global IPv4 address: pattern 2 before and after; alice's
-    client-role connection migrates and bob sees her at her new NAT's address.
+    client-role connection migrates and bob sees her at her new NAT's address; captures
+    on both NATs' outsides show that the packets after the move carry destination
+    connection IDs never used before it (a fresh CID on the new path).
 (b) ``v6-to-nat``: alice moves from a global IPv6 network (behind the enterprise firewall)
     to an IPv4 NAT network, bob is IPv6 only: pattern 1 becomes pattern 3 through the TRS;
     then she moves back and the route is direct again.
@@ -24,17 +26,40 @@ move, and the NMS admin API shows its new addresses. The interruption figures ar
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cyphonic_testbed import wait_for
+from cyphonic_testbed import Capture, wait_for
 from cyphonic_testbed.interruption import measure_move
 from cyphonic_testbed.mobility import CASES, MobileOverlay, open_route, peer_row
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(360)]
 
 ROUTE_SETTLE_S = 20.0
+CID_LENGTH = 8  # the connection ID length of the project's QUIC endpoints
+
+
+def _short_header_dcids(capture: Capture, dst: str) -> set[bytes]:
+    """Destination connection IDs of the 1-RTT (short header) packets sent to ``dst``:443.
+    With UDP GSO a frame holds several datagrams; the first one's header is enough."""
+    return {p.payload[1:1 + CID_LENGTH] for p in capture.packets()
+            if p.protocol == "udp" and p.dst == dst and p.dport == 443
+            and len(p.payload) > CID_LENGTH and p.payload[0] & 0xC0 == 0x40}
+
+
+@contextlib.contextmanager
+def _cids_on_both_uplinks(o: MobileOverlay, case: str, number: int,
+                          ) -> Iterator[dict[str, Capture] | None]:
+    """For alice's first NAT-to-NAT move: captures on both NATs' outsides."""
+    if case != "nat-to-nat" or number != 1:
+        yield None
+        return
+    gwa, gwc = o.bed.router("gwa"), o.bed.router("gwc")
+    with gwa.capture("wana", "udp port 443") as old, gwc.capture("wanc", "udp port 443") as new:
+        yield {"old": old, "new": new}
 
 
 def _hostport(host: str) -> str:
@@ -92,8 +117,10 @@ def test_the_flow_survives_the_move(mobile: Any, name: str) -> None:
     virtual = (identity["virtual_ipv4"], identity["virtual_ipv6"])
 
     for number, step in enumerate(case.steps, start=1):
-        result = measure_move(src=o.bed.host("alice"), dst=o.bed.host("bob"), address=bob_v4,
-                              move=lambda to=step.to: o.bed.move(case.mover, to))
+        with _cids_on_both_uplinks(o, name, number) as wires:
+            result = measure_move(src=o.bed.host("alice"), dst=o.bed.host("bob"),
+                                  address=bob_v4,
+                                  move=lambda to=step.to: o.bed.move(case.mover, to))
         sys.stderr.write(
             f"\n{name} move {number} -> {step.to}: ping gap {result.ping_gap_ms} ms "
             f"({result.ping.received}/{result.ping.sent} replies), TCP stall "
@@ -115,6 +142,15 @@ def test_the_flow_survives_the_move(mobile: Any, name: str) -> None:
                         ROUTE_SETTLE_S, interval=0.5,
                         message=f"route {step.pattern} after the move to {step.to}")
         assert rows["alice"]["rx_packets"] > 0
+
+        if wires is not None:
+            # The migrated connection uses a fresh connection ID on the new path: nothing
+            # on the wire links the packets before the move to those after it.
+            bob_real = o.bed.host("bob").address("lanb", 4)
+            before = _short_header_dcids(wires["old"], bob_real)
+            after = _short_header_dcids(wires["new"], bob_real)
+            assert before and after, (len(wires["old"].packets()), len(wires["new"].packets()))
+            assert not before & after, [c.hex() for c in before & after]
 
         # The mover noticed, and the NMS knows where it is now.
         mover.wait_logged('"event": "moved"', timeout=10, count=number)
