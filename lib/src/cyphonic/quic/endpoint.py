@@ -84,6 +84,7 @@ _GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS on older kernels
 _GSO_MAX_BYTES = 65000  # under the 64 KB a single UDP send may carry
 _RECV_SIZE = 65535
 _MAX_DRAIN = 512  # datagrams per wake-up, so one busy socket cannot starve the loop
+_ERROR_LOG_INTERVAL = 10.0  # seconds between two logs of internal errors (the rest counted)
 
 
 class ConnectionHandler(Protocol):
@@ -127,6 +128,13 @@ class EndpointStats:
     wakeups: int = 0
     gso_sends: int = 0
     """System calls that sent several datagrams at once (UDP GSO)."""
+    internal_errors: int = 0
+    """Received datagrams, event or timer passes, transmit passes whose handling raised
+    (logged, rate-limited): the datagram or the pass's output was dropped, or (events,
+    timers) the connection abandoned."""
+    handshakes_refused: int = 0
+    """Initial datagrams dropped because ``max_handshakes`` server handshakes were under
+    way."""
 
 
 class Connection:
@@ -159,6 +167,8 @@ class Connection:
         self._closed: asyncio.Future[None] = endpoint._loop.create_future()
         self._local_close = False
         self._ended = False
+        self._abandoned = False
+        """Its engine raised: the endpoint no longer calls into it."""
         self.error: CyphonicError | None = None
         """Why the connection ended, once it has (None after an orderly local close)."""
         self._timer_at: float | None = None
@@ -331,6 +341,7 @@ class QuicEndpoint:
         max_pending_datagrams: int,
         congestion_control: str,
         engine: str = "aioquic",
+        max_handshakes: int = 1024,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self.engine = engine
@@ -348,6 +359,12 @@ class QuicEndpoint:
         self.max_datagram_size = max_datagram_size
         self.max_pending_datagrams = max_pending_datagrams
         """Bound on queued DATAGRAM frames per connection (aioquic's queue is unbounded)."""
+        self.max_handshakes = max_handshakes
+        """Bound on server connections whose handshake is under way; Initials beyond it are
+        dropped (a flood of Initials cannot make the endpoint hold unbounded state)."""
+        self._handshaking: set[Connection] = set()
+        self._error_log_at = 0.0
+        self._errors_unlogged = 0
         self._congestion_control = congestion_control
         self._server_config = (
             _aioquic.make_configuration(
@@ -404,6 +421,7 @@ class QuicEndpoint:
         max_pending_datagrams: int = 1024,
         congestion_control: str = "reno",
         engine: str | None = None,
+        max_handshakes: int = 1024,
     ) -> QuicEndpoint:
         """Bind the UDP socket and start serving.
 
@@ -411,7 +429,8 @@ class QuicEndpoint:
         ``accept`` maps ALPN to an ``Acceptor`` (or a bare handler factory, peer role
         ``any``); without it the endpoint only makes client connections.
         ``engine``: ``aioquic`` or ``qh3`` (default: ``CYPHONIC_QUIC_ENGINE``, else
-        aioquic); ``congestion_control`` applies to aioquic only.
+        aioquic); ``congestion_control`` applies to aioquic only. ``max_handshakes``
+        bounds the server handshakes under way at once (more Initials are dropped).
         """
         engine = engine or default_engine()
         _load_engine(engine)  # refuse an unknown or missing engine before binding
@@ -419,7 +438,8 @@ class QuicEndpoint:
         return cls(sock=sock, identity=identity, trust=trust, accept=accept,
                    idle_timeout=idle_timeout, max_datagram_size=max_datagram_size,
                    max_pending_datagrams=max_pending_datagrams,
-                   congestion_control=congestion_control, engine=engine)
+                   congestion_control=congestion_control, engine=engine,
+                   max_handshakes=max_handshakes)
 
     @property
     def local_address(self) -> tuple[str, int]:
@@ -580,6 +600,7 @@ class QuicEndpoint:
                           handler_factory=None)
         holder.append(conn)
         self._connections.add(conn)
+        self._handshaking.add(conn)
         self._register(conn, dcid)
         self._register(conn, quic.host_cid)
         return conn
@@ -603,14 +624,24 @@ class QuicEndpoint:
                 self.log.debug("recv_error", error=str(exc))
                 continue
             stats.datagrams_received += 1
-            if datagram_filter is not None and datagram_filter(data, addr):
-                stats.filtered += 1
+            conn = None
+            try:
+                if datagram_filter is not None and datagram_filter(data, addr):
+                    stats.filtered += 1
+                    continue
+                conn = self._route(data, addr)
+                if conn is None:
+                    stats.unroutable += 1
+                    continue
+                conn.quic.receive_datagram(data, addr, now)
+            except Exception as exc:
+                # One datagram must not end the loop, nor a connection it was sent to
+                # (whoever knows a CID could send it): dropped. A server connection still
+                # in its handshake is dropped with it (no state kept for a bad Initial).
+                self._internal_error(exc, conn, "receive")
+                if conn is not None and conn in self._handshaking:
+                    self._abandon(conn)
                 continue
-            conn = self._route(data, addr)
-            if conn is None:
-                stats.unroutable += 1
-                continue
-            conn.quic.receive_datagram(data, addr, now)
             touched[conn] = None
         for conn in touched:
             self._process(conn)
@@ -630,10 +661,22 @@ class QuicEndpoint:
             and header.version in self._versions
             and len(data) >= 1200
         ):
+            if len(self._handshaking) >= self.max_handshakes:
+                self.stats.handshakes_refused += 1
+                return None
             return self._accept(header.destination_cid, addr)
         return None
 
     def _process(self, conn: Connection) -> None:
+        if conn._abandoned:
+            return
+        try:
+            self._process_events(conn)
+        except Exception as exc:
+            self._internal_error(exc, conn, "events")
+            self._abandon(conn)
+
+    def _process_events(self, conn: Connection) -> None:
         quic = conn.quic
         while (event := quic.next_event()) is not None:
             if isinstance(event, DatagramFrameReceived) and conn.datagram_handler is not None:
@@ -647,6 +690,7 @@ class QuicEndpoint:
             elif isinstance(event, ConnectionIdRetired):
                 self._unregister(event.connection_id)
             elif isinstance(event, HandshakeCompleted):
+                self._handshaking.discard(conn)
                 # Server: the client's chain was verified inside the handshake. Client:
                 # the server's was; its handler exists from now on so that nothing the
                 # server sends is lost, but connect() waits for HANDSHAKE_DONE, the sign
@@ -671,6 +715,7 @@ class QuicEndpoint:
             self._connection_ended(conn)
 
     def _connection_ended(self, conn: Connection) -> None:
+        self._handshaking.discard(conn)
         if conn._ended:
             return
         event = conn.quic.close_event
@@ -694,7 +739,17 @@ class QuicEndpoint:
     def _transmit(self, conns: Iterable[Connection]) -> None:
         now = self._loop.time()
         for conn in conns:
-            datagrams = conn.quic.datagrams_to_send(now=now)
+            if conn._abandoned:
+                continue
+            try:
+                datagrams = conn.quic.datagrams_to_send(now=now)
+            except Exception as exc:
+                # Kept: qh3 raises "packet builder capacity exhausted" for a server flight
+                # the anti-amplification budget cannot hold (an aioquic client's first
+                # Initial), and recovers at the client's next datagram. What this pass
+                # would have sent is lost; loss recovery sends it again.
+                self._internal_error(exc, conn, "transmit")
+                datagrams = []
             if len(datagrams) > 1 and self.gso:
                 self._send_gso(conn, datagrams)
             elif datagrams:
@@ -762,6 +817,8 @@ class QuicEndpoint:
             i = j
 
     def _mark_dirty(self, conn: Connection) -> None:
+        if conn._abandoned:
+            return
         self._dirty.add(conn)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -809,7 +866,12 @@ class QuicEndpoint:
                 conn._timer_at = None
                 due[conn] = None
         for conn in due:
-            conn.quic.handle_timer(now=now)
+            try:
+                conn.quic.handle_timer(now=now)
+            except Exception as exc:
+                self._internal_error(exc, conn, "timer")
+                self._abandon(conn)  # skipped by the transmit pass from now on
+                continue
             self._process(conn)
         self._transmit(due)
 
@@ -824,6 +886,27 @@ class QuicEndpoint:
         if conn is not None:
             conn._cids.discard(cid)
 
+    # -- internal errors: counted, logged at a bounded rate, contained to one connection
+
+    def _internal_error(self, exc: Exception, conn: Connection | None, where: str) -> None:
+        self.stats.internal_errors += 1
+        now = self._loop.time()
+        if now < self._error_log_at:
+            self._errors_unlogged += 1
+            return
+        self._error_log_at = now + _ERROR_LOG_INTERVAL
+        log = conn.log if conn is not None else self.log
+        log.exception("internal_error", where=where, error=repr(exc),
+                      not_logged_before=self._errors_unlogged)
+        self._errors_unlogged = 0
+
+    def _abandon(self, conn: Connection) -> None:
+        """Drop a connection whose engine raised, without calling into the engine again
+        (its peer sees an idle timeout); its handler is told."""
+        conn._abandoned = True
+        self._forget(conn)
+        conn._end(Unavailable("connection abandoned after an internal error"))
+
     def _forget(self, conn: Connection) -> None:
         for cid in list(conn._cids):
             if self._by_cid.get(cid) is conn:
@@ -832,6 +915,7 @@ class QuicEndpoint:
         conn._timer_at = None
         self._connections.discard(conn)
         self._dirty.discard(conn)
+        self._handshaking.discard(conn)
 
 
 def default_engine() -> str:

@@ -1,0 +1,187 @@
+"""The endpoint under faults and floods, over real UDP sockets on loopback: an engine that
+raises on one datagram or timer, and Initial floods against the handshake cap."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from cyphonic.config import ALPN_TUNNEL
+from cyphonic.errors import Timeout, Unavailable
+from cyphonic.quic import Acceptor, Connection, QuicEndpoint
+from quic_harness import DOMAIN, EndpointMaker, Handlers, Pki, port_of, request
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class EngineFault(Exception):
+    """What the patched engine raises."""
+
+
+def fail_once(method: Callable[..., Any]) -> tuple[Callable[..., Any], list[int]]:
+    """``method`` raising EngineFault on its first call, then itself; and the call count."""
+    calls = [0]
+
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise EngineFault("injected")
+        return method(*args, **kwargs)
+
+    return patched, calls
+
+
+async def tunnel_server(endpoints: EndpointMaker, ca: Pki, **kwargs: Any
+                        ) -> tuple[QuicEndpoint, Handlers]:
+    handlers = Handlers()
+    server = await endpoints(identity=ca.node("bob"), trust=ca.trust,
+                             accept={ALPN_TUNNEL: Acceptor(handlers.factory, expect="node")},
+                             **kwargs)
+    return server, handlers
+
+
+async def connect(endpoints: EndpointMaker, ca: Pki, server: QuicEndpoint, name: str, *,
+                  within: float = 10.0) -> Connection:
+    client = await endpoints(identity=ca.node(name), trust=ca.trust)
+    return await client.connect(port_of(server), alpn=ALPN_TUNNEL, expect="node",
+                                expected_name=f"bob.{DOMAIN}",
+                                handler_factory=Handlers().factory, timeout=within)
+
+
+async def wait_for(predicate: Callable[[], bool], *, within: float = 10.0) -> None:
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 - endpoint state, no event to wait on
+            await asyncio.sleep(0.01)
+
+
+async def test_a_datagram_the_engine_fails_on_is_dropped_alone(
+    endpoints: EndpointMaker, ca: Pki
+) -> None:
+    server, handlers = await tunnel_server(endpoints, ca)
+    first = await connect(endpoints, ca, server, "alice")
+    second = await connect(endpoints, ca, server, "carol")
+    victim = handlers.made[0].conn
+    victim.quic.receive_datagram, calls = fail_once(victim.quic.receive_datagram)  # type: ignore[method-assign]
+
+    # The failed datagram is lost, QUIC sends its data again: the request still completes,
+    # on the same connection, and the other connection never noticed.
+    assert await request(first, b"after-fault", within=10) == b"echo:after-fault"
+    assert calls[0] >= 2
+    assert server.stats.internal_errors == 1
+    assert victim.is_ready and victim in server.connections
+    assert await request(second, b"other") == b"echo:other"
+
+
+async def test_a_failed_transmit_pass_is_recovered_by_quic(
+    endpoints: EndpointMaker, ca: Pki
+) -> None:
+    server, handlers = await tunnel_server(endpoints, ca)
+    client = await connect(endpoints, ca, server, "alice")
+    victim = handlers.made[0].conn
+    victim.quic.datagrams_to_send, calls = fail_once(victim.quic.datagrams_to_send)  # type: ignore[method-assign]
+    # The echo's first transmit pass raises: its packets are lost and sent again.
+    assert await request(client, b"again", within=10) == b"echo:again"
+    assert calls[0] >= 2
+    assert server.stats.internal_errors == 1
+    assert victim.is_ready and victim in server.connections
+
+
+async def test_a_failing_initial_leaves_nothing_behind(
+    endpoints: EndpointMaker, ca: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, _ = await tunnel_server(endpoints, ca)
+    accept = server._accept
+
+    def accept_broken(dcid: bytes, addr: Any) -> Connection | None:
+        conn = accept(dcid, addr)
+        assert conn is not None
+        conn.quic.receive_datagram, _ = fail_once(conn.quic.receive_datagram)  # type: ignore[method-assign]
+        return conn
+
+    monkeypatch.setattr(server, "_accept", accept_broken)
+    with pytest.raises(Timeout):
+        await connect(endpoints, ca, server, "alice", within=1.0)
+    assert server.stats.internal_errors >= 1
+    assert server.connections == []
+    assert server._by_cid == {} and server._handshaking == set()
+
+    monkeypatch.undo()  # the engine works again: so does the endpoint
+    conn = await connect(endpoints, ca, server, "alice")
+    assert await request(conn, b"hello") == b"echo:hello"
+
+
+async def test_a_timer_the_engine_fails_on_ends_that_connection_only(
+    endpoints: EndpointMaker, ca: Pki
+) -> None:
+    server, handlers = await tunnel_server(endpoints, ca)
+    await connect(endpoints, ca, server, "alice")
+    second = await connect(endpoints, ca, server, "carol")
+    victim = handlers.made[0]
+    quic = victim.conn.quic
+    quic.handle_timer, _ = fail_once(quic.handle_timer)  # type: ignore[method-assign]
+    # A deadline 10 ms ahead (the engines' own ones may be a minute away on a quiet
+    # connection); the next transmit pass arms the endpoint's timer with it.
+    due = asyncio.get_running_loop().time() + 0.01
+    quic.get_timer = lambda: due  # type: ignore[method-assign]
+    victim.conn.transmit()
+    error = await asyncio.wait_for(victim.lost, 10)
+    assert isinstance(error, Unavailable)
+    assert victim.conn.is_closed and victim.conn not in server.connections
+    assert server.stats.internal_errors == 1
+    # The endpoint's single timer and the other connection carry on.
+    assert await request(second, b"still-here") == b"echo:still-here"
+    assert handlers.made[1].conn.is_ready
+
+
+@pytest.fixture
+def raw_udp() -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def initial(alpn: str, address: tuple[str, int]) -> bytes:
+    """A client's first Initial (a fresh connection ID each call), as a flood sends it."""
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[alpn]))
+    quic.connect(address, now=time.monotonic())
+    datagram, _ = quic.datagrams_to_send(now=time.monotonic())[0]
+    return datagram
+
+
+async def test_initial_flood_is_capped(
+    endpoints: EndpointMaker, ca: Pki, raw_udp: socket.socket
+) -> None:
+    server, _ = await tunnel_server(endpoints, ca, max_handshakes=2, idle_timeout=2.0)
+    for _ in range(5):  # five half-open handshakes from one address, never completed
+        raw_udp.sendto(initial(ALPN_TUNNEL, port_of(server)), port_of(server))
+    await wait_for(lambda: server.stats.handshakes_refused == 3)
+    assert len(server.connections) == 2 and server.stats.connections_accepted == 0
+    # A genuine peer is refused too while the cap is taken (its Initials are dropped) ...
+    with pytest.raises(Timeout):
+        await connect(endpoints, ca, server, "alice", within=0.3)
+    assert server.stats.handshakes_refused > 3
+    # ... until the half-open ones reach their idle timeout: no state kept for them, and
+    # room for the peer again.
+    await wait_for(lambda: not server.connections)
+    conn = await connect(endpoints, ca, server, "alice")
+    assert await request(conn, b"hello") == b"echo:hello"
+
+
+async def test_completed_handshakes_do_not_count_against_the_cap(
+    endpoints: EndpointMaker, ca: Pki
+) -> None:
+    server, handlers = await tunnel_server(endpoints, ca, max_handshakes=1)
+    conns = [await connect(endpoints, ca, server, name) for name in ("alice", "carol", "dave")]
+    assert len(handlers.made) == 3
+    assert server.stats.handshakes_refused == 0
+    for i, conn in enumerate(conns):
+        assert await request(conn, f"r{i}".encode()) == f"echo:r{i}".encode()
