@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Relayed vs direct: the same two agents measured on a direct route and through the TRS.
 
-Run as root from the repository root (network namespaces; about 2 minutes):
+Run as root from the repository root (network namespaces; about 4 minutes with the defaults):
 
-    flock /tmp/cyphonic-bench.lock .venv/bin/python bench/relay_vs_direct.py [--repeat 3]
+    .venv/bin/python bench/relay_vs_direct.py [--repeat 3] [--engine aioquic|qh3] [--json]
 
 One test bed, built once: real ``cyphonic-as``, ``cyphonic-nms`` (SQLite registry, TRS
 directory in a Redis in the bed) and ``cyphonic-trs`` (pinned to one CPU with ``taskset``)
@@ -102,6 +102,8 @@ class Phase:
     kernel_drops: dict[str, int] = field(default_factory=dict)
     tunnel: dict[str, Any] = field(default_factory=dict)
     agent_cpu_share: dict[str, float] = field(default_factory=dict)
+    machine_busy: float = 0.0
+    """Share of all CPUs busy (any process, softirq included) during the iperf3."""
     flood_pps: int | None = None
     flood_gbit_s: float | None = None
     flood_retransmits: int | None = None
@@ -126,6 +128,13 @@ def _udp_counters(node: Any) -> dict[str, int]:
     return found
 
 
+def _machine_ticks() -> tuple[int, int]:
+    """Busy and total clock ticks of all CPUs (``/proc/stat``)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
 def _cpu_ticks(pid: int) -> int:
     """utime + stime of ``pid`` (all threads), in clock ticks."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -133,7 +142,7 @@ def _cpu_ticks(pid: int) -> int:
 
 
 class Bench:
-    def __init__(self, bed: NetBed, workdir: Path, *, engine: str) -> None:
+    def __init__(self, bed: NetBed, workdir: Path, *, engine: str, pin: bool) -> None:
         self.bed = bed
         self.engine = engine
         self.redis = bed.start_redis("redis")
@@ -141,9 +150,11 @@ class Bench:
             bed, workdir=workdir, nms_args=["--redis-url", self.redis.url])
         self.trs = start_trs(self.services, redis_url=self.redis.url)
         cpus = sorted(os.sched_getaffinity(0))
-        self.trs_cpu = cpus[TRS_CPU % len(cpus)]
-        subprocess.run(["taskset", "-a", "-p", "-c", str(self.trs_cpu), str(self.trs.proc.pid)],
-                       check=True, capture_output=True)
+        self.trs_cpu: int | None = None
+        if pin:
+            self.trs_cpu = cpus[TRS_CPU % len(cpus)]
+            subprocess.run(["taskset", "-a", "-p", "-c", str(self.trs_cpu),
+                            str(self.trs.proc.pid)], check=True, capture_output=True)
         self.alice, self.bob = bed.host("alice"), bed.host("bob")
         self.states = self.services.enrol_all([self.alice, self.bob])
         self.port = FIRST_PORT
@@ -241,8 +252,11 @@ class Bench:
             kernel = {name: _udp_counters(node) for name, node in hosts.items()}
             ticks, wall = _cpu_ticks(self.trs.proc.pid), time.monotonic()
             agent_ticks = {a.name: _cpu_ticks(a.proc.pid) for a in (alice, bob)}
+            machine = _machine_ticks()
             result.gbit_s, result.retransmits = self.iperf(vip, duration)
             elapsed = time.monotonic() - wall
+            busy, total = (a - b for a, b in zip(_machine_ticks(), machine, strict=True))
+            result.machine_busy = round(busy / max(total, 1), 2)
             result.agent_cpu_share = {
                 a.name: round((_cpu_ticks(a.proc.pid) - agent_ticks[a.name])
                               / os.sysconf("SC_CLK_TCK") / elapsed, 2) for a in (alice, bob)}
@@ -321,6 +335,8 @@ def main(argv: list[str]) -> int:
                         help="flood rate during the second relayed iperf3 (0: none)")
     parser.add_argument("--engine", choices=("aioquic", "qh3"), default="aioquic",
                         help="the agents' QUIC engine (CYPHONIC_QUIC_ENGINE)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="leave the TRS on every CPU (default: pinned to one)")
     parser.add_argument("--json", action="store_true", help="also print one JSON object")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -332,7 +348,7 @@ def main(argv: list[str]) -> int:
         os.chmod(tmp, 0o755)
         topology = double_nat(firewall=None, services=SERVICES)
         with NetBed(topology) as bed:
-            bench = Bench(bed, Path(tmp), engine=args.engine)
+            bench = Bench(bed, Path(tmp), engine=args.engine, pin=not args.no_pin)
             try:
                 for repeat in range(args.repeat):
                     for mode in ("direct", "relayed"):
@@ -345,7 +361,7 @@ def main(argv: list[str]) -> int:
                               + (f", TRS {phase.trs_pps:,.0f} pps, send buffer full "
                                  f"{phase.trs_send_dropped}" if phase.mode == "relayed" else "")
                               + f", UDP drops {phase.kernel_drops}, agents' CPU share "
-                                f"{phase.agent_cpu_share}"
+                                f"{phase.agent_cpu_share}, all CPUs busy {phase.machine_busy:.0%}"
                               + (f"; during the flood {phase.flood_gbit_s:.3f} Gbit/s "
                                  f"({phase.flood_retransmits} retransmits)"
                                  if phase.flood_gbit_s is not None else ""), flush=True)
@@ -364,10 +380,14 @@ def main(argv: list[str]) -> int:
     print(f"\nrelayed vs direct, {len(direct)} repeat(s), iperf3 TCP {args.duration:g} s, "
           f"{args.pings} pings at 10 ms; load average before {' '.join(load_before)}, "
           f"after {' '.join(load_after)}; {len(os.sched_getaffinity(0))} CPUs, "
-          f"TRS pinned to CPU {bench.trs_cpu}; agents' QUIC engine {args.engine}")
+          f"TRS pinned to CPU {bench.trs_cpu} (None: not pinned); "
+          f"agents' QUIC engine {args.engine}")
     print(f"  direct  throughput Gbit/s: {_spread([p.gbit_s for p in direct])}")
     print(f"  relayed throughput Gbit/s: {_spread([p.gbit_s for p in relayed])}")
     print(f"  relayed / direct throughput (same repeat): {_spread(ratios)}  (target >= 0.7)")
+    print(f"  all CPUs busy during iperf3: direct "
+          f"{_spread([p.machine_busy for p in direct])}, relayed "
+          f"{_spread([p.machine_busy for p in relayed])}")
     print(f"  direct  RTT avg ms: {_spread([p.rtt_avg_ms for p in direct])}")
     print(f"  relayed RTT avg ms: {_spread([p.rtt_avg_ms for p in relayed])}")
     print(f"  relayed / direct RTT: {_spread(rtt_ratios)}")
