@@ -3,7 +3,7 @@
 
 Run as root from the repository root:
 
-    uv run --frozen python bench/datapath.py [--duration 10] [--pings 200] [--json]
+    uv run --frozen python bench/datapath.py [--duration 10] [--pings 200] [--hops] [--json]
 
 Topology (made and removed by this script; nothing else on the host is touched)::
 
@@ -18,6 +18,10 @@ For each path: iperf3 TCP throughput A -> B (one stream, first second omitted) a
 and to wireguard-go, and checks the overlay against the targets of the node-agent issue:
 throughput at least 0.4x wireguard-go's and average RTT at most 0.6 ms above it.
 
+``--hops`` also splits each path's echoes per hop (tcpdump on both tunnel devices and both
+veth ends: A's tunnel sending, B's receiving, B's kernel answering, B's sending, A's
+receiving) and prints the median of each hop: where the RTT difference to wireguard-go is.
+
 The overlay prototype runs once per QUIC engine (aioquic, and qh3 when installed), each
 on UDP 443 of its own veth address. The "CYPHONIC overlay" row is a slot for the agent's
 own ``up`` path (``overlay_path``).
@@ -26,6 +30,7 @@ own ``up`` path (``overlay_path``).
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import os
@@ -87,6 +92,8 @@ class PathResult:
     gbit_s_samples: list[float] = field(default_factory=list)
     """Throughput of each round (the table shows their median)."""
     rtt_avg_samples: list[float] = field(default_factory=list)
+    hop_samples: dict[str, list[float]] = field(default_factory=dict)
+    """Per-hop delays of echoes in microseconds (``--hops``), all rounds together."""
     note: str = ""
 
     def add(self, sample: PathResult) -> None:
@@ -101,6 +108,8 @@ class PathResult:
             self.rtt_min_ms = _pick(min, self.rtt_min_ms, sample.rtt_min_ms)
             self.rtt_max_ms = _pick(max, self.rtt_max_ms, sample.rtt_max_ms)
             self.rtt_mdev_ms = _pick(max, self.rtt_mdev_ms, sample.rtt_mdev_ms)
+        for hop, values in sample.hop_samples.items():
+            self.hop_samples.setdefault(hop, []).extend(values)
         self.note += sample.note
 
 
@@ -239,6 +248,131 @@ def measure(topo: Topology, result: PathResult, *, dst: str, duration: float, pi
     end = report["end"]
     result.gbit_s = end["sum_received"]["bits_per_second"] / 1e9
     result.retransmits = end["sum_sent"].get("retransmits")
+
+
+# --- per-hop split ---------------------------------------------------------------------------
+
+HOPS = ("A tun->udp", "B udp->tun", "B echo", "B tun->udp", "A udp->tun")
+"""Where an echo's round trip goes: A's tunnel sends the request (TUN read to UDP send), B's
+receives it (UDP to TUN write), B's kernel answers, B's tunnel sends the reply, A's
+receives it. The wire between the veth ends takes about 1 us and is left out."""
+A_ADDRESSES = (VETH_A, QH3_VETH_A)
+HOP_PINGS_INTERVAL = "0.005"
+_TCPDUMP_LINE = re.compile(
+    r"^(\d+\.\d+) IP (\S+?)\.(\d+) > (\S+?)\.(\d+): UDP, length (\d+)"
+    r"|^(\d+\.\d+) IP \S+ > \S+: ICMP echo (request|reply), id \d+, seq (\d+)")
+
+
+def hop_taps(topo: Topology, name: str) -> tuple[str, str, int] | None:
+    """(A's tunnel device, B's, UDP port) of a path, None for the raw veth."""
+    tag = topo.tag
+    if name == "wireguard-go":
+        return f"cyw{tag}a", f"cyw{tag}b", WG_PORT
+    if name == "overlay prototype":
+        return f"cyo{tag}", f"cyo{tag}", 443
+    if name == "overlay prototype qh3":
+        return f"cyq{tag}", f"cyq{tag}", 443
+    if name == "CYPHONIC overlay":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from agent_overlay import AGENT_PORT
+
+        return f"cya{tag}", f"cya{tag}", AGENT_PORT
+    return None
+
+
+def split_hops(topo: Topology, result: PathResult, *, dst: str, pings: int) -> None:
+    """Echoes timed on both tunnel devices and both veth ends (tcpdump, one clock), split
+    into ``HOPS``; adds each echo's delays to ``result.hop_samples``."""
+    taps = hop_taps(topo, result.name)
+    if taps is None:
+        return
+    if shutil.which("tcpdump") is None:
+        result.note += "hops: tcpdump not installed "
+        return
+    tun_a, tun_b, port = taps
+    captures = {
+        "a_tun": (topo.ns_a, tun_a, "icmp"), "b_tun": (topo.ns_b, tun_b, "icmp"),
+        "a_veth": (topo.ns_a, f"cyv{topo.tag}a", f"udp port {port}"),
+        "b_veth": (topo.ns_b, f"cyv{topo.tag}b", f"udp port {port}"),
+    }
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    files = {key: topo.tmp / f"hops-{key}.pcap" for key in captures}
+    errors = {key: topo.tmp / f"hops-{key}.err" for key in captures}
+    try:
+        for key, (ns, dev, expression) in captures.items():
+            with errors[key].open("wb") as err:
+                procs[key] = subprocess.Popen(
+                    ["ip", "netns", "exec", ns, "tcpdump", "-i", dev, "-n", "-U", "-s", "128",
+                     "-w", str(files[key]), expression],
+                    stdout=subprocess.DEVNULL, stderr=err)
+        wait_until(lambda: all(b"listening on" in errors[k].read_bytes() for k in captures),
+                   timeout=10, what="tcpdump")
+        sh("ping", "-q", "-c", str(pings), "-i", HOP_PINGS_INTERVAL, "-W", "2", dst,
+           ns=topo.ns_a, timeout=pings * 0.05 + 30)
+        time.sleep(0.2)  # the last packets reach the capture files
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGINT)
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+    events = {key: _read_capture(path) for key, path in files.items()}
+    for echo in _echo_hops(events):
+        for hop, value in zip(HOPS, echo, strict=True):
+            result.hop_samples.setdefault(hop, []).append(value)
+
+
+def _read_capture(path: Path) -> list[tuple[float, str, str, int]]:
+    """(time, kind, direction, size or seq): ICMP ``request``/``reply`` by sequence number;
+    UDP ``a>b``/``b>a`` by payload size."""
+    out = sh("tcpdump", "-r", str(path), "-tt", "-n", timeout=60)
+    events = []
+    for line in out.splitlines():
+        m = _TCPDUMP_LINE.match(line)
+        if m is None:
+            continue
+        if m.group(1):
+            direction = "a>b" if m.group(2) in A_ADDRESSES else "b>a"
+            events.append((float(m.group(1)), "udp", direction, int(m.group(6))))
+        else:
+            events.append((float(m.group(7)), m.group(8), "", int(m.group(9))))
+    return events
+
+
+def _echo_hops(events: dict[str, list[tuple[float, str, str, int]]]) -> list[list[float]]:
+    """Each echo's delays (us) along ``HOPS``: ICMP matched by sequence number, the tunnel's
+    datagram as the first UDP datagram of 100 bytes or more (an echo, not an ACK) that left
+    after the packet entered the tunnel."""
+    def icmp(key: str, kind: str) -> dict[int, float]:
+        return {n: t for t, k, _, n in events[key] if k == kind}
+
+    def carriers(key: str, direction: str) -> list[float]:
+        return sorted(t for t, k, d, size in events[key]
+                      if k == "udp" and d == direction and size >= 100)
+
+    req_a, rep_a = icmp("a_tun", "request"), icmp("a_tun", "reply")
+    req_b, rep_b = icmp("b_tun", "request"), icmp("b_tun", "reply")
+    a_out, b_out = carriers("a_veth", "a>b"), carriers("b_veth", "b>a")
+
+    def first_after(times: list[float], t: float) -> float | None:
+        i = bisect.bisect_left(times, t)
+        return times[i] if i < len(times) else None
+
+    echoes = []
+    for seq, t0 in req_a.items():
+        if seq not in req_b or seq not in rep_b or seq not in rep_a:
+            continue
+        t1 = first_after(a_out, t0)
+        t4 = first_after(b_out, rep_b[seq])
+        if t1 is None or t4 is None or t1 > req_b[seq] or t4 > rep_a[seq]:
+            continue
+        t2, t3, t5 = req_b[seq], rep_b[seq], rep_a[seq]
+        echoes.append([(b - a) * 1e6 for a, b in ((t0, t1), (t1, t2), (t2, t3), (t3, t4),
+                                                  (t4, t5))])
+    return echoes
 
 
 # --- the paths -----------------------------------------------------------------------------
@@ -404,7 +538,15 @@ def check_targets(run: Run) -> None:
         if overlay.rtt_avg_ms is not None and wg.rtt_avg_ms is not None:
             extra = overlay.rtt_avg_ms - wg.rtt_avg_ms
             verdict = "PASS" if extra <= TARGET_RTT_EXTRA_MS else "FAIL"
-            run.checks[f"{name}: RTT <= wireguard-go + 0.6 ms"] = f"{verdict} ({extra:+.3f} ms)"
+            rounds = ""
+            if len(overlay.rtt_avg_samples) > 1 and len(wg.rtt_avg_samples) == len(
+                overlay.rtt_avg_samples
+            ):  # the spread: each round's difference (the paths take turns in a round)
+                rounds = "; rounds " + " ".join(
+                    f"{o - w:+.3f}"
+                    for o, w in zip(overlay.rtt_avg_samples, wg.rtt_avg_samples, strict=True))
+            run.checks[f"{name}: RTT <= wireguard-go + 0.6 ms"] = (
+                f"{verdict} ({extra:+.3f} ms{rounds})")
 
 
 def format_table(run: Run) -> str:
@@ -447,6 +589,20 @@ def format_table(run: Run) -> str:
     for row in rows:
         lines.append("  ".join(c.rjust(w) if i else c.ljust(w)
                                for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    split = [p for p in run.paths if p.hop_samples]
+    if split:
+        lines += ["", f"where an echo's time goes, median us per hop ({HOP_PINGS_INTERVAL} s "
+                      "apart; the veth wire, ~1 us, left out):", ""]
+        hop_rows: list[list[str]] = [["path", "echoes", *HOPS, "sum"]]
+        for p in split:
+            medians = [statistics.median(p.hop_samples[h]) for h in HOPS]
+            hop_rows.append([p.name, str(len(p.hop_samples[HOPS[0]])),
+                             *(f"{m:.0f}" for m in medians), f"{sum(medians):.0f}"])
+        hop_widths = [max(len(r[i]) for r in hop_rows) for i in range(len(hop_rows[0]))]
+        for hop_row in hop_rows:
+            lines.append("  ".join(c.rjust(w) if i else c.ljust(w)
+                                   for i, (c, w) in enumerate(zip(hop_row, hop_widths,
+                                                                  strict=True))))
     notes = [f"  {p.name}: {p.note.strip()}" for p in run.paths if p.note.strip()]
     if notes:
         lines += ["", "notes:", *notes]
@@ -481,6 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlay-arg", action="append", metavar="ARG",
                         help="pass ARG to bench/overlay_node.py (repeatable), e.g. "
                         "--overlay-arg=--ack-immediately")
+    parser.add_argument("--hops", action="store_true",
+                        help="also split each echo's time per hop (tcpdump on the tunnel "
+                        "devices and the veth ends)")
     parser.add_argument("--profile", type=Path,
                         help="directory for cProfile statistics of the overlay nodes")
     args = parser.parse_args(argv)
@@ -527,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
                     sample = PathResult(name=result.name)
                     try:
                         measure(topo, sample, dst=dst, duration=args.duration, pings=args.pings)
+                        if args.hops:
+                            split_hops(topo, sample, dst=dst, pings=args.pings)
                     except (RuntimeError, subprocess.TimeoutExpired) as exc:
                         sample.note = f"round {round_no + 1} failed: {exc} "
                     result.add(sample)
