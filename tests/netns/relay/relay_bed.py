@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,30 @@ data = sys.stdin.buffer.read()
 c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
 c.sendall(data); print(c.recv(100).decode())
 """
+
+# Deletes the UDP connection-tracking entries (hence NAT mappings) whose original source is
+# argv[1] in the namespace it runs in; prints how many (``conntrack -D`` without the tool).
+FORGET_MAPPINGS = r"""
+import socket, sys
+from pyroute2 import Conntrack
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+ct = Conntrack()
+match = NFCTAttrTuple(saddr=sys.argv[1], proto=socket.IPPROTO_UDP)
+entries = list(ct.dump_entries(tuple_orig=match))
+for entry in entries:
+    ct.delete(entry)
+print(len(entries))
+"""
+
+
+def forget_udp_mappings(router: Node, source: str) -> int:
+    """Make ``router``'s NAT forget every UDP mapping of ``source`` (as after a reboot of the
+    box): the next packets get new ones. The number of mappings deleted."""
+    proc = router.run([sys.executable, "-c", FORGET_MAPPINGS, source], timeout=30)
+    if proc.returncode != 0:
+        raise AssertionError(f"deleting conntrack entries failed: {proc.stderr}")
+    return int(proc.stdout.strip())
+
 
 @contextlib.contextmanager
 def stub_resolver(*nodes: Node) -> Iterator[None]:
@@ -153,6 +178,15 @@ def read_relay(capture: Capture, *, trs: set[str], a: str, b: str) -> RelayReadi
         else:
             own += 1
     return RelayReading(relayed=relayed, own=own, not_udp_443=odd)
+
+
+def capture_drops(capture: Capture) -> int:
+    """Packets the kernel dropped before tcpdump read them (from its closing report): on a
+    loaded machine a capture misses some, which is not the relay's doing."""
+    log = capture.path.with_suffix(".log")
+    text = log.read_text(errors="replace") if log.exists() else ""
+    found = re.search(r"(\d+) packets? dropped by kernel", text)
+    return int(found.group(1)) if found else 0
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:

@@ -35,6 +35,8 @@ import pytest
 from cyphonic_testbed import double_nat, v4_v6
 from relay_bed import (
     MARKER,
+    capture_drops,
+    forget_udp_mappings,
     json_log,
     marked_payload,
     ping_name,
@@ -97,16 +99,19 @@ def _relayed(o: Any, *, a_outside: str, b_outside: str, trs_seen_a: str, trs_see
     # What crossed the TRS's interface: UDP 443 only, the marker never in clear, and the
     # tunnel's datagrams relayed unchanged.
     reading = read_relay(wire, trs=trs_addresses, a=a_outside, b=b_outside)
+    missed = capture_drops(wire)
     assert reading.not_udp_443 == []
     assert not wire.contains_anywhere(MARKER)
-    assert reading.relayed > len(payload) // 1500
-    # tcpdump may miss some packets on a loaded machine; most must be there, and every
-    # datagram the TRS sent that is not its own control traffic matched one it received.
-    assert reading.relayed >= 0.9 * replica["forwarded_packets"], (reading, replica)
+    # tcpdump may miss packets on a loaded machine (it says how many); the rest must be
+    # there, and every datagram the TRS sent that is not its own control traffic matched
+    # one it received.
+    assert reading.relayed + missed > len(payload) // 1500, (reading, missed)
+    assert reading.relayed + missed >= 0.9 * replica["forwarded_packets"], (
+        reading, missed, replica)
     assert reading.own < reading.relayed // 10
     sys.stderr.write(f"\nTRS capture: {reading.relayed} datagrams relayed unchanged "
                      f"(TRS counted {replica['forwarded_packets']} forwarded), "
-                     f"{reading.own} of its own control traffic\n")
+                     f"{reading.own} of its own control traffic; tcpdump missed {missed}\n")
     # The tunnel's TLS ends at the nodes, which authenticated each other through the TRS.
     for me, peer, trs_address in ((alice, bob, trs_seen_a), (bob, alice, trs_seen_b)):
         tunnels = [e for e in json_log(me.log) if e.get("event") == "connection_ready"
@@ -143,9 +148,7 @@ def _survives_nat_rebinding(o: Any) -> None:
     old = {s["fqdn"]: s["address"] for s in before["sides"]}[alice.fqdn]
     bob_v4 = bob.status()["virtual_ipv4"]
     tunnels_before = alice.log_text().count('"tunnel_up"')
-    flushed = gwa.run(["conntrack", "-D", "-p", "udp", "--orig-src",
-                       a_node.address("lana", 4)])
-    assert flushed.returncode == 0, flushed.stderr
+    assert forget_udp_mappings(gwa, a_node.address("lana", 4)) > 0
     started = time.monotonic()
     while True:
         if time.monotonic() - started > 40:
