@@ -35,8 +35,9 @@ import sys
 import time
 from typing import Any
 
+from cyphonic.quic import bind_udp
 from cyphonic_trs.cid import issue_cid
-from cyphonic_trs.control import bind_relay_socket, native_addr_for
+from cyphonic_trs.control import native_addr_for
 from cyphonic_trs.relay import Forward, RelayCore
 from cyphonic_trs.session import RelaySession, RelaySide
 
@@ -168,7 +169,7 @@ def core_only(size: int, n: int = 500_000) -> float:
 
 def measure(*, duration: float, size: int) -> dict[str, Any]:
     """One run: sender -> relay -> sink."""
-    relay_sock = bind_relay_socket("127.0.0.1", 0, buffer_bytes=4 * 1024 * 1024)
+    relay_sock = bind_udp("127.0.0.1", 0, buffer_bytes=4 * 1024 * 1024)
     sink_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
     sink_sock.bind(("127.0.0.1", 0))

@@ -17,12 +17,11 @@ from typing import Any
 import pytest
 from cyphonic import pki
 from cyphonic.hostport import plain_address
-from cyphonic.quic import QuicEndpoint
+from cyphonic.quic import QuicEndpoint, bind_udp
 from cyphonic.quic.endpoint import SOCKET_BUFFER
 from cyphonic_trs.cid import issue_cid
 from cyphonic_trs.control import (
     RelayFilter,
-    bind_relay_socket,
     native_addr_for,
     open_relaying_endpoint,
 )
@@ -53,7 +52,7 @@ def test_addresses_round_trip_through_the_stored_form() -> None:
 
 
 def test_relay_socket_buffers_follow_the_setting() -> None:
-    sock = bind_relay_socket("127.0.0.1", 0, buffer_bytes=262144)
+    sock = bind_udp("127.0.0.1", 0, buffer_bytes=262144)
     try:
         assert not sock.getblocking()
         # Linux doubles the value it stores; without privileges it caps it at rmem_max.
@@ -91,7 +90,7 @@ async def relaying(
     material: pki.PkiMaterial, request: pytest.FixtureRequest,
 ) -> AsyncIterator[tuple[QuicEndpoint, RelayFilter, RelayCore]]:
     host = getattr(request, "param", "127.0.0.1")
-    sock = bind_relay_socket(host, 0, buffer_bytes=SOCKET_BUFFER)
+    sock = bind_udp(host, 0, buffer_bytes=SOCKET_BUFFER)
     core = RelayCore(replica_id=1, native_addr=native_addr_for(sock.family))
     endpoint, relay = open_relaying_endpoint(sock=sock, core=core,
                                              identity=material.services["trs"],

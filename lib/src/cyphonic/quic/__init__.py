@@ -13,6 +13,7 @@ from cyphonic.quic.endpoint import (
     EndpointStats,
     HandlerFactory,
     QuicEndpoint,
+    bind_udp,
 )
 from cyphonic.quic.engine import ConnectionIdFactory
 
@@ -25,4 +26,5 @@ __all__ = [
     "EndpointStats",
     "HandlerFactory",
     "QuicEndpoint",
+    "bind_udp",
 ]

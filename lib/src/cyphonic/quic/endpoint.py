@@ -63,6 +63,7 @@ __all__ = [
     "EndpointStats",
     "HandlerFactory",
     "QuicEndpoint",
+    "bind_udp",
 ]
 
 Address = tuple[Any, ...]
@@ -434,7 +435,7 @@ class QuicEndpoint:
         """
         engine = engine or default_engine()
         _load_engine(engine)  # refuse an unknown or missing engine before binding
-        sock = _bind_udp(host, port)
+        sock = bind_udp(host, port)
         return cls(sock=sock, identity=identity, trust=trust, accept=accept,
                    idle_timeout=idle_timeout, max_datagram_size=max_datagram_size,
                    max_pending_datagrams=max_pending_datagrams,
@@ -947,8 +948,10 @@ def _plain_address(addr: Address) -> tuple[str, int]:
     return (host, int(addr[1]))
 
 
-def _bind_udp(host: str, port: int) -> socket.socket:
-    """A non-blocking UDP socket with large buffers; ``::`` is dual-stack when possible."""
+def bind_udp(host: str, port: int, *, buffer_bytes: int = SOCKET_BUFFER) -> socket.socket:
+    """A non-blocking UDP socket with ``buffer_bytes`` send and receive buffers (past
+    ``net.core.*mem_max`` when privileged); ``::`` is dual-stack where the kernel allows it,
+    else ``0.0.0.0``. A host that is not an IP literal is ``InvalidArgument``."""
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError as exc:
@@ -967,9 +970,9 @@ def _bind_udp(host: str, port: int) -> socket.socket:
         for opt, force in ((socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", 33)),
                            (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", 32))):
             try:  # SO_RCVBUFFORCE/SO_SNDBUFFORCE pass net.core.*mem_max when privileged
-                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, force, buffer_bytes)
             except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, opt, buffer_bytes)
         sock.bind((host, port))
         sock.setblocking(False)
     except BaseException:

@@ -18,7 +18,6 @@ certificate inside the handshake.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import socket
 import time
@@ -72,40 +71,6 @@ def validated_peer_address(connection: Any) -> tuple[str, int] | None:
     """The connection's peer address if QUIC has validated its current path, else None."""
     address: tuple[str, int] | None = connection.validated_peer_address
     return address
-
-
-def bind_relay_socket(host: str, port: int, *, buffer_bytes: int) -> socket.socket:
-    """The relay's non-blocking UDP socket, set up as the QUIC endpoint sets up its own:
-    ``::`` is dual-stack where possible (an IPv4-only host falls back to ``0.0.0.0``), and
-    ``buffer_bytes`` send and receive buffers, past ``net.core.*mem_max`` when privileged.
-    A host that is not an IP literal is ``InvalidArgument``."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError as exc:
-        raise InvalidArgument(f"bind address must be an IP literal, not {host!r}") from exc
-    try:
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-    except OSError:
-        if host != "::":
-            raise
-        family, host = socket.AF_INET, "0.0.0.0"
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        if family == socket.AF_INET6:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        for option, force in ((socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", 33)),
-                              (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", 32))):
-            try:  # the FORCE options pass net.core.*mem_max, with CAP_NET_ADMIN only
-                sock.setsockopt(socket.SOL_SOCKET, force, buffer_bytes)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, option, buffer_bytes)
-        sock.bind((host, port))
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def native_addr_for(family: int) -> Callable[[HostPort], Any]:

@@ -28,6 +28,7 @@ from cyphonic.errors import CyphonicError
 from cyphonic.hostport import format_host_port, plain_address
 from cyphonic.log import get_logger
 from cyphonic.pki import NODE_CA_CERT, load_certificates
+from cyphonic.quic import bind_udp
 from cyphonic.revocation import CrlRevocations, RevocationCache, close_revoked_on, crl_url
 
 from cyphonic_trs.allocation import RelayAllocator
@@ -35,7 +36,6 @@ from cyphonic_trs.config import TrsSettings
 from cyphonic_trs.control import (
     RelayFilter,
     TrsControlPlane,
-    bind_relay_socket,
     native_addr_for,
     signalling_control_plane,
 )
@@ -128,7 +128,7 @@ class TrsService:
         try:
             factory = self._control_factory or signalling_control_plane(
                 s.pki_dir, is_revoked=is_revoked)
-            sock = bind_relay_socket(s.quic_host, s.quic_port,
+            sock = bind_udp(s.quic_host, s.quic_port,
                                      buffer_bytes=s.socket_buffer_bytes)
         except BaseException:
             await self._stop_revocations()
