@@ -39,6 +39,21 @@ from cyphonic_testbed.mobility import CASES, MobileOverlay, open_route, peer_row
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(360)]
 
 ROUTE_SETTLE_S = 20.0
+
+#: Cases that fail for want of the agent's mobility work (move detection, fresh CID on
+#: migration, rebuilding server-role tunnels, the ``moved`` event), with what fails.
+#: strict: once that work lands they pass, and the mark must go.
+AGENT_NOT_READY = {
+    "nat-to-nat": "agent mobility not there yet: the migrated tunnel keeps its destination "
+                  "connection ID on the new path (the capture check) and no 'moved' event "
+                  "is logged; the flow itself survives",
+    "v6-to-nat": "agent mobility not there yet: the direct tunnel to the old path is kept "
+                 "until its QUIC idle timeout (a ping gap of about 30 s; the TCP stream "
+                 "survives) and no 'moved' event is logged",
+    "server-move": "agent mobility not there yet: the tunnel where the moved node was the "
+                   "server is not rebuilt (alice holds the route down after the failure), "
+                   "so the TCP stream does not complete within 120 s",
+}
 CID_LENGTH = 8  # the connection ID length of the project's QUIC endpoints
 
 
@@ -101,7 +116,11 @@ def _settled(o: MobileOverlay, pattern: str, paths: tuple[str | None, str | None
     return {"alice": mine, "bob": theirs}
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=AGENT_NOT_READY[name]))
+    if name in AGENT_NOT_READY else name
+    for name in CASES
+])
 def test_the_flow_survives_the_move(mobile: Any, name: str) -> None:
     case = CASES[name]
     o: MobileOverlay = mobile(case)
