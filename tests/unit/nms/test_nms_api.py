@@ -9,7 +9,7 @@ from cyphonic.admin import create_admin_app
 from cyphonic.registry import ping
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_nms.api import node_public, router
-from cyphonic_nms.testing import InProcessCluster
+from cyphonic_nms.testing import E, InProcessCluster
 
 TOKEN = "admin-token-for-tests-0123456789"
 
@@ -86,3 +86,24 @@ async def test_node_silent_past_the_timeout_is_shown_offline(cluster: InProcessC
     assert stale is not None and stale.online
     assert not node_public(stale, offline_timeout_s=45).online
     assert node_public(stale).online  # without a timeout the row is taken as it is
+
+
+async def test_node_view_shows_the_last_handover(cluster: InProcessCluster) -> None:
+    nms = await cluster.replica("r1")
+    a = await cluster.node(nms, "a", "nat_ipv4")
+    async with _client(cluster, nms) as client:
+        before = (await client.get(f"/v1/nodes/{a.fqdn}")).json()
+        assert before["last_handover"] is None
+        await nms.register(a, local_addresses=[E("192.168.3.10:443")],
+                           observed=E("203.0.113.77:40000"))
+        after = (await client.get(f"/v1/nodes/{a.fqdn}")).json()
+        handover = after["last_handover"]
+        assert handover["old"]["observed_ipv4"] == before["network"]["observed_ipv4"]
+        assert handover["new"]["observed_ipv4"] == "203.0.113.77:40000"
+        assert handover["new"]["local_addresses"] == ["192.168.3.10:443"]
+        assert after["network"] == handover["new"]
+        assert after["virtual_ipv4"] == before["virtual_ipv4"]
+        at = datetime.fromisoformat(handover["at"])
+        assert abs(datetime.now(UTC) - at) < timedelta(seconds=30)
+        listed = (await client.get("/v1/nodes")).json()["items"]
+        assert listed[0]["last_handover"] == handover

@@ -226,7 +226,8 @@ async def test_moved_node_gets_its_routes_redirected(cluster: InProcessCluster) 
     assert not reg.network.behind_nat
     again_a = (await a.wait_for("route_direction", count=2)).route_direction
     again_b = (await moved.wait_for("route_direction")).route_direction
-    assert again_a.route_id == again_b.route_id == first.route_id
+    # The pattern changed (and b accepted the tunnel): a new route id, the old one ends.
+    assert again_a.route_id == again_b.route_id != first.route_id
     assert again_a.pattern == again_b.pattern == pb.ROUTE_PATTERN_DIRECT
     assert again_a.role == pb.ROUTE_ROLE_CONNECT
     assert [Endpoint(ip_address(c.ip), c.port) for c in again_a.peer_candidates] == [

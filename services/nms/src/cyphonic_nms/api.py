@@ -15,8 +15,8 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from cyphonic_nms.cluster import RouteRecord
-from cyphonic_nms.manager import NodeManager
-from cyphonic_nms.routing import Pattern
+from cyphonic_nms.manager import Handover, NodeManager
+from cyphonic_nms.routing import NetworkInfo, Pattern
 from cyphonic_nms.storage import NodeView
 
 
@@ -41,6 +41,15 @@ class NetworkPublic(BaseModel):
     local_addresses: list[str] = Field(description="addresses the node reported")
 
 
+class HandoverPublic(BaseModel):
+    """The node's last move, as the NMS replica holding it saw it (a registration that
+    brought a different network)."""
+
+    at: datetime
+    old: NetworkPublic
+    new: NetworkPublic
+
+
 class NodePublic(BaseModel):
     """A node as the NMS sees it."""
 
@@ -52,6 +61,8 @@ class NodePublic(BaseModel):
     virtual_ipv4: str | None
     virtual_ipv6: str | None
     network: NetworkPublic | None
+    last_handover: HandoverPublic | None = Field(
+        default=None, description="the last move while connected to this replica")
 
 
 class RoutePublic(BaseModel):
@@ -84,7 +95,19 @@ class ReplicaPublic(BaseModel):
 _LAST_SEEN_GRACE = timedelta(seconds=10)
 
 
-def node_public(view: NodeView, *, offline_timeout_s: float | None = None) -> NodePublic:
+def network_public(net: NetworkInfo) -> NetworkPublic:
+    """The REST form of a node's network information."""
+    return NetworkPublic(
+        kind=net.kind, has_ipv4=net.has_ipv4, has_ipv6=net.has_ipv6,
+        behind_nat=net.behind_nat,
+        observed_ipv4=str(net.observed_ipv4) if net.observed_ipv4 else None,
+        observed_ipv6=str(net.observed_ipv6) if net.observed_ipv6 else None,
+        local_addresses=[str(ep) for ep in net.local_addresses],
+    )
+
+
+def node_public(view: NodeView, *, offline_timeout_s: float | None = None,
+                handover: Handover | None = None) -> NodePublic:
     """The REST form of a node view.
 
     With ``offline_timeout_s``, a node whose last_seen is older than that is shown offline
@@ -103,13 +126,10 @@ def node_public(view: NodeView, *, offline_timeout_s: float | None = None) -> No
         nms_replica=view.nms_replica,
         virtual_ipv4=str(view.lease.ipv4) if view.lease else None,
         virtual_ipv6=str(view.lease.ipv6) if view.lease else None,
-        network=NetworkPublic(
-            kind=net.kind, has_ipv4=net.has_ipv4, has_ipv6=net.has_ipv6,
-            behind_nat=net.behind_nat,
-            observed_ipv4=str(net.observed_ipv4) if net.observed_ipv4 else None,
-            observed_ipv6=str(net.observed_ipv6) if net.observed_ipv6 else None,
-            local_addresses=[str(ep) for ep in net.local_addresses],
-        ) if net is not None else None,
+        network=network_public(net) if net is not None else None,
+        last_handover=HandoverPublic(at=handover.at, old=network_public(handover.old),
+                                     new=network_public(handover.new))
+        if handover is not None else None,
     )
 
 
@@ -137,7 +157,8 @@ async def list_nodes(
     views, total = await manager.nodes.list_views(
         online_only=online, limit=page.limit, offset=page.offset
     )
-    items = [node_public(v, offline_timeout_s=manager.offline_timeout_s) for v in views]
+    items = [node_public(v, offline_timeout_s=manager.offline_timeout_s,
+                         handover=manager.last_handover(v.fqdn)) for v in views]
     return Page[NodePublic](items=items, total=total,
                             limit=page.limit, offset=page.offset)
 
@@ -152,7 +173,8 @@ async def get_node(
     view = await manager.nodes.view(fqdn.lower().rstrip("."))
     if view is None:
         raise NotFound(f"no node {fqdn}")
-    return node_public(view, offline_timeout_s=manager.offline_timeout_s)
+    return node_public(view, offline_timeout_s=manager.offline_timeout_s,
+                       handover=manager.last_handover(view.fqdn))
 
 
 @router.get("/routes", response_model=Page[RoutePublic], summary="Active routes")

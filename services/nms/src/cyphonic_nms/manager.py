@@ -173,6 +173,34 @@ def network_pb(info: NetworkInfo) -> pb.NetworkInfo:
     return msg
 
 
+@dataclass(frozen=True)
+class Handover:
+    """A registered node came back with a different network (it moved)."""
+
+    at: datetime
+    old: NetworkInfo
+    new: NetworkInfo
+
+
+def survives_move(route: RouteRecord, decision: RouteDecision, moved: str) -> bool:
+    """Whether a route of ``moved`` (a node whose network changed) carries on under the same
+    route id, its QUIC connection migrating, or must be rebuilt under a new one.
+
+    It carries on when the pattern, family and connecting side stay and the moved node is
+    the one that connects (a client follows its own move) or the route is relayed (both
+    nodes are clients of the TRS, whose control connection moves the side). A node that
+    accepted the tunnel cannot migrate it: its peer must connect to the new address.
+    """
+    family = int(decision.family) if decision.family is not None else None
+    if (int(decision.pattern), family, decision.connector.value) != (
+            route.pattern, route.family, route.connector):
+        return False
+    if decision.pattern is Pattern.RELAY:
+        return True
+    mover = Side.INITIATOR if moved == route.initiator else Side.RESPONDER
+    return decision.connector is mover
+
+
 def _envelope(**body: object) -> pb.Envelope:
     return pb.Envelope(version=pb.PROTOCOL_VERSION_1, **body)  # type: ignore[arg-type]
 
@@ -205,6 +233,7 @@ class NodeManager:
         self._background: set[asyncio.Task[None]] = set()
         self._revocations = RevocationCursor()
         self._node_locks: dict[str, _NodeLock] = {}
+        self._handovers: dict[str, Handover] = {}
         self.draining = False
 
     # ------------------------------------------------------------------ life cycle
@@ -354,6 +383,11 @@ class NodeManager:
                 ))
         old = self._local.get(fqdn)
         moved = old is not None and old.network != info
+        if old is not None and moved:
+            self._handovers[fqdn] = Handover(at=datetime.now(UTC), old=old.network, new=info)
+            log.info("node_moved", fqdn=fqdn, old_kind=old.network.kind, new_kind=info.kind,
+                     old_observed=str(old.network.observed_ipv4 or old.network.observed_ipv6),
+                     new_observed=str(info.observed_ipv4 or info.observed_ipv6))
         if old is not None and old.link is not link:
             old.link.close(Unavailable("superseded by a newer connection"))
         self._local[fqdn] = LocalNode(link=link, node_id=facts.node_id, lease=lease,
@@ -366,9 +400,13 @@ class NodeManager:
                  vip4=str(lease.ipv4), vip6=str(lease.ipv6), observed=str(observed))
         if moved or (previous is not None and previous != self.replica_id):
             # A node that moved, here or from another replica, gets its routes re-directed.
-            self._spawn(self._redirect_routes(fqdn))
+            self._spawn(self._redirect_routes(fqdn, moved=moved))
         return Registration(fqdn=fqdn, lease=lease, network=info, pools=self.pools,
                             keepalive_interval_s=self.keepalive_interval_s)
+
+    def last_handover(self, fqdn: str) -> Handover | None:
+        """The last move of ``fqdn`` seen by this replica while the node was connected."""
+        return self._handovers.get(fqdn.lower())
 
     def keepalive(self, link: NodeLink) -> None:
         """The node is alive (keepalive or any request on its connection)."""
@@ -398,6 +436,7 @@ class NodeManager:
 
     def _forget_local(self, fqdn: str) -> None:
         local = self._local.pop(fqdn, None)
+        self._handovers.pop(fqdn, None)
         if local is not None:
             self._by_vip.pop(local.lease.ipv4, None)
             self._by_vip.pop(local.lease.ipv6, None)
@@ -692,8 +731,10 @@ class NodeManager:
                  cids=len(cids))
         return forwarded
 
-    async def _redirect_routes(self, fqdn: str) -> None:
-        """Re-decide the routes of a node whose network changed; push where it changed."""
+    async def _redirect_routes(self, fqdn: str, *, moved: bool = True) -> None:
+        """Re-decide the routes of a node whose network changed and push them to both nodes:
+        under the same route id where the connection can migrate (``survives_move``), else
+        under a new id, which makes both nodes drop the old tunnel and build the new one."""
         try:
             for route in await self.routes.for_node(fqdn):
                 a = await self._network_of(route.initiator)
@@ -703,11 +744,15 @@ class NodeManager:
                 if a is None or b is None or la is None or lb is None:
                     continue
                 decision = decide(a, b)
-                await self._establish(
+                keep = not moved or survives_move(route, decision, fqdn)
+                record = await self._establish(
                     initiator=route.initiator, initiator_lease=la,
                     responder=route.responder, responder_lease=lb,
-                    decision=decision, route_id=route.route_id,
+                    decision=decision, route_id=route.route_id if keep else None,
                 )
+                log.info("route_redirected", fqdn=fqdn, old_route_id=route.route_id,
+                         route_id=record.route_id, old_pattern=route.pattern,
+                         pattern=record.pattern, rebuilt=not keep)
         except CyphonicError as exc:
             log.info("redirect_failed", fqdn=fqdn, error=exc.message)
 
