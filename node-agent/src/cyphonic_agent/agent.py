@@ -31,6 +31,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from cyphonic.config import ALPN_SIGNALLING, ALPN_TUNNEL, DEFAULT_DOMAIN
@@ -55,6 +56,7 @@ from cyphonic_agent.config import AgentSettings, format_hostport, parse_hostport
 from cyphonic_agent.datapath import DataPath, Tunnel
 from cyphonic_agent.dns import DnsStub, PeerAddresses
 from cyphonic_agent.enroll import AgentState, StatePaths, read_agent_state
+from cyphonic_agent.mobility import Handover, Move, MoveWatcher
 from cyphonic_agent.relay import RelayClient, RelayedPath
 from cyphonic_agent.routes import (
     Accept,
@@ -225,6 +227,12 @@ class Agent:
         self._started = time.monotonic()
         self._last_ping = 0.0
         self._ping_uid = 0
+        self.handover: Handover | None = None
+        """The last move of this host (see ``_moved``)."""
+        self._handover_network: pb.NetworkInfo | None = None
+        self.mobility = MoveWatcher(
+            on_move=self._moved,
+            exclude_ifindexes=lambda: [self.tun.index] if self.tun is not None else [])
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -257,6 +265,7 @@ class Agent:
                                                           snapshot=self.snapshot)
             control = self._spawn(self._control_loop())
             self._spawn(self._housekeeping())
+            self._spawn(self.mobility.run())
             stopped: asyncio.Future[Any] = loop.create_task(stop.wait())
             waiting: set[asyncio.Future[Any]] = {stopped, control}
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
@@ -440,6 +449,8 @@ class Agent:
                 f"{address_text(reg.virtual_ipv6)}, not the addresses in use; restart the agent"))
         self.registration = reg
         self._nms = link
+        if self.handover is not None and self._handover_network is None:
+            self._handover_network = reg.network
         if self.relay is not None:
             self.relay.nudge()  # after a move the TRS must learn our new address at once
         self.nms_state = "connected"
@@ -510,6 +521,57 @@ class Agent:
         else:
             raise UnexpectedMessage(f"the agent does not take {body} from the NMS")
         return None
+
+    # ------------------------------------------------------------------ mobility
+
+    async def _moved(self, move: Move) -> None:
+        """The host's real path changed: migrate, re-register, let the NMS re-direct.
+
+        1. Client-role connections (NMS, TRS control, tunnels we opened) take a fresh
+           connection ID and probe: the peer validates the new path and follows it.
+        2. The relay keepalive goes out at once, so the TRS learns our new address through
+           the (migrated) control connection.
+        3. Re-registration at the NMS on the same connection: new local addresses, NAT
+           status as the NMS sees the new path. The NMS re-directs our routes: a route
+           whose pattern or connecting side changed, or where we accepted the tunnel, gets
+           a new route id, and both nodes rebuild it; the others carry on migrated.
+        """
+        count = self.handover.count + 1 if self.handover is not None else 1
+        self.handover = Handover(at=time.time(), old=move.old, new=move.new, count=count)
+        self._handover_network = None
+        old, new = move.old.describe(), move.new.describe()
+        migrated = self._migrate_client_connections()
+        if self.relay is not None:
+            self.relay.nudge()
+        self.log.info("moved", old=old["addresses"], new=new["addresses"],
+                      old_routes=old["default_routes"], new_routes=new["default_routes"],
+                      migrated=migrated, moves=count)
+        link = self._nms
+        if link is None or not link.session.is_open or self.registration is None:
+            return  # the control loop registers with the new addresses when it connects
+        if not routable(link.endpoint.host, link.endpoint.port):
+            # e.g. an IPv6 NMS endpoint after a move to IPv4 only: reconnect at once.
+            link.session.close(Unavailable("moved: the NMS endpoint is unreachable from here"))
+            return
+        try:
+            await self._register(link)
+        except CyphonicError as exc:
+            self.log.warning("reregister_failed", error=exc.message)
+            link.session.close(exc)  # the control loop connects again
+
+    def _migrate_client_connections(self) -> int:
+        """A fresh connection ID and a PING on every client-role connection; how many."""
+        assert self.endpoint is not None
+        count = 0
+        for conn in self.endpoint.connections:
+            if not conn.is_client or conn.is_closed:
+                continue
+            conn.quic.change_connection_id()
+            self._ping_uid += 1
+            conn.quic.send_ping(self._ping_uid)
+            conn.transmit()
+            count += 1
+        return count
 
     # ------------------------------------------------------------------ bring-up
 
@@ -1011,7 +1073,26 @@ class Agent:
             mtu=self.settings.mtu if self.tun is not None else None,
             uptime_s=round(time.monotonic() - self._started, 1),
             peers=peers,
+            handovers=self.handover.count if self.handover is not None else 0,
+            last_handover=self._handover_status(),
         )
+
+    def _handover_status(self) -> dict[str, Any] | None:
+        handover = self.handover
+        if handover is None:
+            return None
+        at = datetime.fromtimestamp(handover.at, UTC).isoformat(timespec="milliseconds")
+        out: dict[str, Any] = {"at": at, "old": handover.old.describe(),
+                               "new": handover.new.describe()}
+        net = self._handover_network
+        if net is not None:
+            out["nms_network"] = {
+                "behind_nat": net.behind_nat, "has_ipv4": net.has_ipv4,
+                "has_ipv6": net.has_ipv6,
+                "observed": [format_hostport(address_text(e.ip), e.port)
+                             for e in (net.observed_ipv4, net.observed_ipv6) if e.ip],
+            }
+        return out
 
 
 def _peer_addresses(addresses: Iterable[bytes]) -> PeerAddresses:

@@ -81,6 +81,11 @@ class AgentStatus:
     mtu: int | None = None
     uptime_s: float = 0.0
     peers: list[PeerStatus] = field(default_factory=list)
+    handovers: int = 0
+    """Moves of this host (real address or default route changed) since the agent started."""
+    last_handover: dict[str, Any] | None = None
+    """The last move: ``at`` (ISO 8601 UTC), ``old`` and ``new`` paths (``addresses``,
+    ``default_routes``), ``nms_network`` (what the NMS saw after it)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form (what ``--json`` prints)."""
@@ -283,8 +288,14 @@ def format_status(status: AgentStatus) -> str:
         f"nms        {nms}",
         f"tun        {tun}",
         f"uptime     {_duration(status.uptime_s)}",
-        "",
     ]
+    if status.last_handover:
+        h = status.last_handover
+        old = ", ".join(h.get("old", {}).get("addresses", [])) or "-"
+        new = ", ".join(h.get("new", {}).get("addresses", [])) or "-"
+        lines.append(f"moved      {h.get('at', '?')} ({status.handovers} moves): "
+                     f"{old} -> {new}")
+    lines.append("")
     if not status.peers:
         lines.append("no peers")
         return "\n".join(lines)

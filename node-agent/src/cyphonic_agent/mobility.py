@@ -1,0 +1,194 @@
+"""Moves: the host's real addresses or default routes changed.
+
+``MoveDetector`` is the sans-I/O core: snapshots of the host's addresses and default routes
+go in, a ``Move`` (old and new snapshot) comes out when the host settled on a different
+path. ``MoveWatcher`` is the asyncio glue: a netlink socket subscribed to address, route
+and link events wakes it (a move is seen within ``SETTLE_S`` of the kernel's last event),
+and a periodic check catches what netlink missed.
+
+A move happens in steps (the old interface loses its address and goes down, the new one
+comes up, the default route follows); a snapshot with no address or no default route is a
+step in between, never a move's end, so the detector keeps its baseline across it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+from cyphonic.log import get_logger
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+SETTLE_S = 0.05
+"""Quiet time after a netlink event before the host is looked at (coalesces a burst)."""
+POLL_S = 2.0
+"""Fallback check period, for changes netlink did not report."""
+
+# rtnetlink multicast groups (linux/rtnetlink.h)
+_RTMGRP_LINK = 0x1
+_RTMGRP_IPV4_IFADDR = 0x10
+_RTMGRP_IPV4_ROUTE = 0x40
+_RTMGRP_IPV6_IFADDR = 0x100
+_RTMGRP_IPV6_ROUTE = 0x400
+_GROUPS = (_RTMGRP_LINK | _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV4_ROUTE | _RTMGRP_IPV6_IFADDR
+           | _RTMGRP_IPV6_ROUTE)
+
+
+@dataclass(frozen=True)
+class HostPath:
+    """The host's usable unicast addresses and its default routes (gateway or device)."""
+
+    addresses: frozenset[IPAddress] = frozenset()
+    default_routes: frozenset[str] = frozenset()
+    """One text per default route: ``via <gateway>`` or ``dev <ifindex>``."""
+
+    @property
+    def usable(self) -> bool:
+        """Whether this looks like a path the host could be settled on."""
+        return bool(self.addresses) and bool(self.default_routes)
+
+    def describe(self) -> dict[str, list[str]]:
+        """The JSON/log form."""
+        return {"addresses": sorted(str(a) for a in self.addresses),
+                "default_routes": sorted(self.default_routes)}
+
+
+@dataclass(frozen=True)
+class Move:
+    """The host settled on a different path."""
+
+    old: HostPath
+    new: HostPath
+
+    @property
+    def families_changed(self) -> bool:
+        """An address family appeared or went away (e.g. IPv6 only -> IPv4 behind NAT)."""
+        return {a.version for a in self.old.addresses} != {a.version for a in self.new.addresses}
+
+
+@dataclass
+class MoveDetector:
+    """Compares snapshots with the last settled path; see the module docstring."""
+
+    baseline: HostPath | None = None
+    moves: int = 0
+
+    def observe(self, snapshot: HostPath) -> Move | None:
+        """Take a snapshot; a ``Move`` when it is usable and differs from the baseline."""
+        if self.baseline is None:
+            if snapshot.usable:
+                self.baseline = snapshot
+            return None
+        if not snapshot.usable or snapshot == self.baseline:
+            return None
+        move = Move(old=self.baseline, new=snapshot)
+        self.baseline = snapshot
+        self.moves += 1
+        return move
+
+
+@dataclass(frozen=True)
+class Handover:
+    """A move as the agent handled it (what ``cyphonic-agent status`` shows)."""
+
+    at: float
+    """Wall-clock time of the move (seconds since the epoch)."""
+    old: HostPath
+    new: HostPath
+    count: int
+
+
+def host_path(*, exclude_ifindexes: Iterable[int] = ()) -> HostPath:
+    """This host's path now, via netlink (no loopback, link-local or multicast addresses)."""
+    from pyroute2 import IPRoute
+
+    excluded = set(exclude_ifindexes)
+    addresses: set[IPAddress] = set()
+    defaults: set[str] = set()
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr():
+            if msg["index"] in excluded:
+                continue
+            text = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if not text:
+                continue
+            ip = ipaddress.ip_address(text)
+            if ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_loopback:
+                continue
+            addresses.add(ip)
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in ipr.get_routes(family=family, table=254):
+                if msg["dst_len"] != 0 or msg["type"] != 1:  # unicast default routes only
+                    continue
+                oif = msg.get_attr("RTA_OIF")
+                if oif in excluded:
+                    continue
+                gateway = msg.get_attr("RTA_GATEWAY")
+                defaults.add(f"via {gateway}" if gateway else f"dev {oif}")
+    return HostPath(addresses=frozenset(addresses), default_routes=frozenset(defaults))
+
+
+@dataclass(eq=False)
+class MoveWatcher:
+    """Netlink events plus a periodic check feed a ``MoveDetector``; ``on_move`` is awaited
+    for each move (one at a time)."""
+
+    on_move: Callable[[Move], Awaitable[None]]
+    exclude_ifindexes: Callable[[], Iterable[int]] = field(default=lambda: ())
+    settle_s: float = SETTLE_S
+    poll_s: float = POLL_S
+    snapshot: Callable[..., HostPath] = host_path
+    detector: MoveDetector = field(default_factory=MoveDetector)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _sock: socket.socket | None = None
+
+    async def run(self) -> None:
+        """Watch until cancelled."""
+        log = get_logger("agent.mobility")
+        loop = asyncio.get_running_loop()
+        try:
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
+                                       socket.NETLINK_ROUTE)
+            self._sock.bind((0, _GROUPS))
+            self._sock.setblocking(False)
+            loop.add_reader(self._sock.fileno(), self._readable)
+        except OSError as exc:
+            log.warning("netlink_unavailable", error=str(exc), poll_s=self.poll_s)
+            self._close_sock(loop)
+        try:
+            await self._check()
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+                if self._wake.is_set():
+                    await asyncio.sleep(self.settle_s)  # let the burst finish
+                    self._wake.clear()
+                await self._check()
+        finally:
+            self._close_sock(loop)
+
+    async def _check(self) -> None:
+        snap = await asyncio.to_thread(self.snapshot,
+                                       exclude_ifindexes=list(self.exclude_ifindexes()))
+        move = self.detector.observe(snap)
+        if move is not None:
+            await self.on_move(move)
+
+    def _readable(self) -> None:
+        assert self._sock is not None
+        with contextlib.suppress(OSError):
+            while self._sock.recv(65536):  # the content does not matter: look at the host
+                pass
+        self._wake.set()
+
+    def _close_sock(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None

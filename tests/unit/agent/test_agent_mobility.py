@@ -1,0 +1,107 @@
+"""Move detection: the sans-I/O detector, the watcher's fallback check, the status view."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+from collections.abc import Iterable
+
+import pytest
+from cyphonic_agent.mobility import HostPath, Move, MoveDetector, MoveWatcher, host_path
+from cyphonic_agent.status import AgentStatus, format_status
+
+pytestmark = pytest.mark.timeout(20)
+
+
+def _path(*addresses: str, routes: Iterable[str] = ("via 192.0.2.1",)) -> HostPath:
+    return HostPath(addresses=frozenset(ipaddress.ip_address(a) for a in addresses),
+                    default_routes=frozenset(routes))
+
+
+OLD = _path("192.168.1.10", routes=["via 192.168.1.1"])
+NEW = _path("192.168.3.10", routes=["via 192.168.3.1"])
+
+
+def test_first_snapshot_is_the_baseline() -> None:
+    detector = MoveDetector()
+    assert detector.observe(OLD) is None
+    assert detector.observe(OLD) is None
+    assert detector.baseline == OLD and detector.moves == 0
+
+
+def test_a_move_in_steps_is_reported_once_when_settled() -> None:
+    detector = MoveDetector()
+    detector.observe(OLD)
+    # the old interface loses its address, then the new one comes up before its route
+    assert detector.observe(_path(routes=["via 192.168.1.1"])) is None
+    assert detector.observe(_path()) is None
+    assert detector.observe(_path("192.168.3.10", routes=[])) is None
+    move = detector.observe(NEW)
+    assert move == Move(old=OLD, new=NEW)
+    assert detector.observe(NEW) is None
+    assert detector.moves == 1
+
+
+def test_new_gateway_alone_is_a_move() -> None:
+    detector = MoveDetector()
+    detector.observe(OLD)
+    moved = _path("192.168.1.10", routes=["via 192.168.1.254"])
+    assert detector.observe(moved) == Move(old=OLD, new=moved)
+
+
+def test_family_change() -> None:
+    v6 = _path("2001:db8:a::10", routes=["via fe80::1"])
+    assert Move(old=v6, new=NEW).families_changed
+    assert not Move(old=OLD, new=NEW).families_changed
+
+
+def test_no_usable_start_waits_for_one() -> None:
+    detector = MoveDetector()
+    assert detector.observe(_path()) is None
+    assert detector.baseline is None
+    assert detector.observe(OLD) is None  # the first usable path is the baseline, no move
+    assert detector.baseline == OLD
+
+
+def test_host_path_reads_this_host() -> None:
+    path = host_path()
+    assert all(not a.is_loopback and not a.is_link_local for a in path.addresses)
+    assert all(r.startswith(("via ", "dev ")) for r in path.default_routes)
+
+
+async def test_watcher_fallback_check_reports_moves() -> None:
+    snapshots = [OLD, OLD, _path(), NEW]
+    moves: list[Move] = []
+    got = asyncio.Event()
+
+    def snapshot(*, exclude_ifindexes: list[int]) -> HostPath:
+        assert exclude_ifindexes == [7]
+        return snapshots.pop(0) if len(snapshots) > 1 else snapshots[0]
+
+    async def on_move(move: Move) -> None:
+        moves.append(move)
+        got.set()
+
+    watcher = MoveWatcher(on_move=on_move, exclude_ifindexes=lambda: [7], poll_s=0.01,
+                          snapshot=snapshot)
+    task = asyncio.ensure_future(watcher.run())
+    try:
+        await asyncio.wait_for(got.wait(), timeout=5)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert moves == [Move(old=OLD, new=NEW)]
+
+
+def test_status_shows_the_last_handover() -> None:
+    handover = {"at": "2026-01-01T00:00:00.000+00:00", "old": OLD.describe(),
+                "new": NEW.describe(), "nms_network": {"behind_nat": True}}
+    status = AgentStatus(fqdn="a.cyphonic.internal", handovers=2, last_handover=handover)
+    again = AgentStatus.from_dict(json.loads(json.dumps(status.to_dict())))
+    assert again.last_handover == handover and again.handovers == 2
+    text = format_status(again)
+    assert "moved      2026-01-01T00:00:00.000+00:00 (2 moves): 192.168.1.10 -> 192.168.3.10" \
+        in text
+    assert "moved" not in format_status(AgentStatus(fqdn="a.cyphonic.internal"))
