@@ -56,7 +56,7 @@ from cyphonic_agent.config import AgentSettings, format_hostport, parse_hostport
 from cyphonic_agent.datapath import DataPath, Tunnel
 from cyphonic_agent.dns import DnsStub, PeerAddresses
 from cyphonic_agent.enroll import AgentState, StatePaths, read_agent_state
-from cyphonic_agent.mobility import Handover, Move, MoveWatcher
+from cyphonic_agent.mobility import Handover, Move, MoveWatcher, PathLost
 from cyphonic_agent.relay import RelayClient, RelayedPath
 from cyphonic_agent.routes import (
     Accept,
@@ -230,8 +230,10 @@ class Agent:
         self.handover: Handover | None = None
         """The last move of this host (see ``_moved``)."""
         self._handover_network: pb.NetworkInfo | None = None
+        self._rotated = False
+        """Client connections took fresh connection IDs when the path was lost."""
         self.mobility = MoveWatcher(
-            on_move=self._moved,
+            on_move=self._moved, on_lost=self._path_lost,
             exclude_ifindexes=lambda: [self.tun.index] if self.tun is not None else [])
 
     # ------------------------------------------------------------------ lifecycle
@@ -540,7 +542,8 @@ class Agent:
         self.handover = Handover(at=time.time(), old=move.old, new=move.new, count=count)
         self._handover_network = None
         old, new = move.old.describe(), move.new.describe()
-        migrated = self._migrate_client_connections()
+        migrated = self._migrate_client_connections(rotate=not self._rotated)
+        self._rotated = False
         if self.relay is not None:
             self.relay.nudge()
         self.log.info("moved", old=old["addresses"], new=new["addresses"],
@@ -559,18 +562,30 @@ class Agent:
             self.log.warning("reregister_failed", error=exc.message)
             link.session.close(exc)  # the control loop connects again
 
-    def _migrate_client_connections(self) -> int:
-        """A fresh connection ID and a PING on every client-role connection; how many."""
+    def _path_lost(self, lost: PathLost) -> None:
+        """Part of the path went away: fresh connection IDs now, so that the first packet
+        that leaves by a new path already carries one (sent when the move settles)."""
+        self.log.info("path_lost", old=lost.old.describe()["addresses"],
+                      now=lost.now.describe()["addresses"])
+        self._migrate_client_connections(rotate=True, probe=False)
+        self._rotated = True
+
+    def _migrate_client_connections(self, *, rotate: bool = True, probe: bool = True) -> int:
+        """A fresh connection ID (``rotate``) and a PING (``probe``) on every client-role
+        connection; how many."""
         assert self.endpoint is not None
         count = 0
         for conn in self.endpoint.connections:
             if not conn.is_client or conn.is_closed:
                 continue
-            conn.quic.change_connection_id()
+            count += 1
+            if rotate:
+                conn.quic.change_connection_id()
+            if not probe:
+                continue
             self._ping_uid += 1
             conn.quic.send_ping(self._ping_uid)
             conn.transmit()
-            count += 1
         return count
 
     # ------------------------------------------------------------------ bring-up

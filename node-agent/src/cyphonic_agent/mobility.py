@@ -1,14 +1,17 @@
 """Moves: the host's real addresses or default routes changed.
 
 ``MoveDetector`` is the sans-I/O core: snapshots of the host's addresses and default routes
-go in, a ``Move`` (old and new snapshot) comes out when the host settled on a different
-path. ``MoveWatcher`` is the asyncio glue: a netlink socket subscribed to address, route
-and link events wakes it (a move is seen within ``SETTLE_S`` of the kernel's last event),
-and a periodic check catches what netlink missed.
+go in; a ``PathLost`` comes out as soon as an address or default route of the settled path
+is gone, and a ``Move`` (old and new snapshot) when the host settled on a different path.
+``MoveWatcher`` is the asyncio glue: a netlink socket subscribed to address, route and link
+events wakes it (the host is read at once, a few milliseconds), and a periodic check
+catches what netlink missed.
 
 A move happens in steps (the old interface loses its address and goes down, the new one
 comes up, the default route follows); a snapshot with no address or no default route is a
-step in between, never a move's end, so the detector keeps its baseline across it.
+step in between, never a move's end, so the detector keeps its baseline across it. The
+agent acts on ``PathLost`` at once (fresh connection IDs before any packet can leave by the
+new path, so nothing on the wire links the two paths) and on ``Move`` fully.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from cyphonic.log import get_logger
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-SETTLE_S = 0.05
-"""Quiet time after a netlink event before the host is looked at (coalesces a burst)."""
+SETTLE_S = 0.0
+"""Quiet time after a netlink event before the host is looked at. None: reading the host
+takes a few milliseconds, and events arriving meanwhile are coalesced into the next look."""
 POLL_S = 2.0
 """Fallback check period, for changes netlink did not report."""
 
@@ -71,25 +75,45 @@ class Move:
         return {a.version for a in self.old.addresses} != {a.version for a in self.new.addresses}
 
 
+@dataclass(frozen=True)
+class PathLost:
+    """An address or default route of the settled path went away (a move may be starting)."""
+
+    old: HostPath
+    now: HostPath
+
+
 @dataclass
 class MoveDetector:
     """Compares snapshots with the last settled path; see the module docstring."""
 
     baseline: HostPath | None = None
     moves: int = 0
+    lost: bool = False
+    """A ``PathLost`` was reported since the baseline was set."""
 
-    def observe(self, snapshot: HostPath) -> Move | None:
-        """Take a snapshot; a ``Move`` when it is usable and differs from the baseline."""
+    def observe(self, snapshot: HostPath) -> Move | PathLost | None:
+        """Take a snapshot: a ``Move`` when it is usable and differs from the baseline, else
+        a ``PathLost`` (once per baseline) when part of the baseline is gone."""
         if self.baseline is None:
             if snapshot.usable:
                 self.baseline = snapshot
             return None
-        if not snapshot.usable or snapshot == self.baseline:
+        if snapshot == self.baseline:
+            self.lost = False  # it came back
             return None
-        move = Move(old=self.baseline, new=snapshot)
-        self.baseline = snapshot
-        self.moves += 1
-        return move
+        if snapshot.usable:
+            move = Move(old=self.baseline, new=snapshot)
+            self.baseline = snapshot
+            self.lost = False
+            self.moves += 1
+            return move
+        gone = (not self.baseline.addresses <= snapshot.addresses
+                or not self.baseline.default_routes <= snapshot.default_routes)
+        if gone and not self.lost:
+            self.lost = True
+            return PathLost(old=self.baseline, now=snapshot)
+        return None
 
 
 @dataclass(frozen=True)
@@ -139,6 +163,7 @@ class MoveWatcher:
     for each move (one at a time)."""
 
     on_move: Callable[[Move], Awaitable[None]]
+    on_lost: Callable[[PathLost], None] = field(default=lambda _lost: None)
     exclude_ifindexes: Callable[[], Iterable[int]] = field(default=lambda: ())
     settle_s: float = SETTLE_S
     poll_s: float = POLL_S
@@ -166,7 +191,8 @@ class MoveWatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
                 if self._wake.is_set():
-                    await asyncio.sleep(self.settle_s)  # let the burst finish
+                    if self.settle_s:
+                        await asyncio.sleep(self.settle_s)  # let the burst finish
                     self._wake.clear()
                 await self._check()
         finally:
@@ -175,9 +201,11 @@ class MoveWatcher:
     async def _check(self) -> None:
         snap = await asyncio.to_thread(self.snapshot,
                                        exclude_ifindexes=list(self.exclude_ifindexes()))
-        move = self.detector.observe(snap)
-        if move is not None:
-            await self.on_move(move)
+        event = self.detector.observe(snap)
+        if isinstance(event, PathLost):
+            self.on_lost(event)
+        elif event is not None:
+            await self.on_move(event)
 
     def _readable(self) -> None:
         assert self._sock is not None

@@ -8,7 +8,14 @@ import json
 from collections.abc import Iterable
 
 import pytest
-from cyphonic_agent.mobility import HostPath, Move, MoveDetector, MoveWatcher, host_path
+from cyphonic_agent.mobility import (
+    HostPath,
+    Move,
+    MoveDetector,
+    MoveWatcher,
+    PathLost,
+    host_path,
+)
 from cyphonic_agent.status import AgentStatus, format_status
 
 pytestmark = pytest.mark.timeout(20)
@@ -33,14 +40,36 @@ def test_first_snapshot_is_the_baseline() -> None:
 def test_a_move_in_steps_is_reported_once_when_settled() -> None:
     detector = MoveDetector()
     detector.observe(OLD)
-    # the old interface loses its address, then the new one comes up before its route
-    assert detector.observe(_path(routes=["via 192.168.1.1"])) is None
+    # the old interface loses its address (reported at once, once), then the new one comes
+    # up before its route
+    lost = _path(routes=["via 192.168.1.1"])
+    assert detector.observe(lost) == PathLost(old=OLD, now=lost)
     assert detector.observe(_path()) is None
     assert detector.observe(_path("192.168.3.10", routes=[])) is None
     move = detector.observe(NEW)
     assert move == Move(old=OLD, new=NEW)
     assert detector.observe(NEW) is None
     assert detector.moves == 1
+
+
+def test_path_that_comes_back_is_no_move() -> None:
+    detector = MoveDetector()
+    detector.observe(OLD)
+    assert isinstance(detector.observe(_path()), PathLost)
+    assert detector.observe(OLD) is None
+    assert isinstance(detector.observe(_path()), PathLost)  # lost again: reported again
+    assert detector.moves == 0 and detector.baseline == OLD
+
+
+def test_an_added_address_is_no_loss() -> None:
+    detector = MoveDetector()
+    detector.observe(OLD)
+    assert detector.observe(_path("192.168.1.10", "192.168.3.10", routes=[])) == PathLost(
+        old=OLD, now=_path("192.168.1.10", "192.168.3.10", routes=[]))
+    detector = MoveDetector()
+    detector.observe(OLD)
+    both = _path("192.168.1.10", "192.168.3.10", routes=["via 192.168.1.1"])
+    assert detector.observe(both) == Move(old=OLD, new=both)
 
 
 def test_new_gateway_alone_is_a_move() -> None:
@@ -73,6 +102,7 @@ def test_host_path_reads_this_host() -> None:
 async def test_watcher_fallback_check_reports_moves() -> None:
     snapshots = [OLD, OLD, _path(), NEW]
     moves: list[Move] = []
+    losses: list[PathLost] = []
     got = asyncio.Event()
 
     def snapshot(*, exclude_ifindexes: list[int]) -> HostPath:
@@ -83,8 +113,8 @@ async def test_watcher_fallback_check_reports_moves() -> None:
         moves.append(move)
         got.set()
 
-    watcher = MoveWatcher(on_move=on_move, exclude_ifindexes=lambda: [7], poll_s=0.01,
-                          snapshot=snapshot)
+    watcher = MoveWatcher(on_move=on_move, on_lost=losses.append,
+                          exclude_ifindexes=lambda: [7], poll_s=0.01, snapshot=snapshot)
     task = asyncio.ensure_future(watcher.run())
     try:
         await asyncio.wait_for(got.wait(), timeout=5)
@@ -93,6 +123,7 @@ async def test_watcher_fallback_check_reports_moves() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
     assert moves == [Move(old=OLD, new=NEW)]
+    assert losses == [PathLost(old=OLD, now=_path())]
 
 
 def test_status_shows_the_last_handover() -> None:
