@@ -232,6 +232,8 @@ class Agent:
         self._handover_network: pb.NetworkInfo | None = None
         self._rotated = False
         """Client connections took fresh connection IDs when the path was lost."""
+        self._reconnect_now = False
+        """The NMS connection was closed because of a move: connect again without pause."""
         self.mobility = MoveWatcher(
             on_move=self._moved, on_lost=self._path_lost,
             exclude_ifindexes=lambda: [self.tun.index] if self.tun is not None else [])
@@ -346,6 +348,9 @@ class Agent:
                 self._nms = None
             delay = min(self.settings.reconnect_max_s, 0.5 * 2 ** min(attempt, 10))
             delay *= random.uniform(0.8, 1.2)
+            if self._reconnect_now:
+                # We closed it after a move: the NMS is fine, only our path changed.
+                self._reconnect_now, delay = False, 0.0
             attempt += 1
             self.nms_state = "connecting"
             await asyncio.sleep(delay)
@@ -554,12 +559,14 @@ class Agent:
             return  # the control loop registers with the new addresses when it connects
         if not routable(link.endpoint.host, link.endpoint.port):
             # e.g. an IPv6 NMS endpoint after a move to IPv4 only: reconnect at once.
+            self._reconnect_now = True
             link.session.close(Unavailable("moved: the NMS endpoint is unreachable from here"))
             return
         try:
             await self._register(link)
         except CyphonicError as exc:
             self.log.warning("reregister_failed", error=exc.message)
+            self._reconnect_now = True
             link.session.close(exc)  # the control loop connects again
 
     def _path_lost(self, lost: PathLost) -> None:
