@@ -327,3 +327,37 @@ async def test_relay_cids_exchanged_between_replicas(world: World) -> None:
     async with nms1.admin() as admin:
         text = (await admin.get("/metrics")).text
     assert 'cyphonic_nms_pushes_total{kind="relay_cids",via="bus"} 1.0' in text
+
+
+async def test_moved_node_rerouted_and_handover_shown(world: World) -> None:
+    # "roamer" behind NAT connects to "home"; then it re-registers on the same connection as
+    # a node with a global address (it moved): the NAT route (roamer connects) becomes a
+    # direct one, pushed to both under a new route id; the admin view shows the handover.
+    nms = await world.nms()
+    home = await world.node("home", nms)
+    roamer = await world.node("roamer", nms)
+    await home.register()
+    first_reg = await roamer.register(_nat_report(roamer))
+    first = await roamer.route(fqdn=f"home.{DOMAIN}")
+    assert first.pattern == pb.ROUTE_PATTERN_NAT_CONNECTS
+    async with nms.admin() as admin:
+        before = (await admin.get(f"/v1/nodes/roamer.{DOMAIN}")).json()
+    assert before["last_handover"] is None and before["network"]["behind_nat"] is True
+
+    moved_reg = await roamer.register()
+    assert not moved_reg.network.behind_nat
+    assert (moved_reg.virtual_ipv4, moved_reg.virtual_ipv6) == (
+        first_reg.virtual_ipv4, first_reg.virtual_ipv6)
+    to_roamer = (await roamer.wait_for("route_direction", count=2)).route_direction
+    to_home = (await home.wait_for("route_direction", count=2)).route_direction
+    assert to_roamer.route_id == to_home.route_id != first.route_id
+    assert to_roamer.pattern == to_home.pattern == pb.ROUTE_PATTERN_DIRECT
+    async with nms.admin() as admin:
+        after = (await admin.get(f"/v1/nodes/roamer.{DOMAIN}")).json()
+        routes = (await admin.get("/v1/routes", params={"node": f"roamer.{DOMAIN}"})).json()
+    handover = after["last_handover"]
+    assert handover["old"]["behind_nat"] is True and handover["new"]["behind_nat"] is False
+    assert handover["old"]["local_addresses"] == [f"192.168.77.10:{roamer.local.port}"]
+    assert after["network"] == handover["new"]
+    assert after["virtual_ipv4"] == before["virtual_ipv4"]
+    assert [(r["route_id"], r["pattern"]) for r in routes["items"]] == [(to_home.route_id, 1)]
