@@ -562,12 +562,21 @@ class Agent:
             self._reconnect_now = True
             link.session.close(Unavailable("moved: the NMS endpoint is unreachable from here"))
             return
+        # In its own task: the watcher goes on watching (a second move while this waits
+        # registers again).
+        self._spawn(self._reregister(link))
+
+    async def _reregister(self, link: _NmsLink) -> None:
         try:
             await self._register(link)
         except CyphonicError as exc:
             self.log.warning("reregister_failed", error=exc.message)
             self._reconnect_now = True
             link.session.close(exc)  # the control loop connects again
+        except AgentFailed as exc:
+            # Another deployment answered; the control loop meets it again and stops.
+            self.log.error("reregister_refused", error=str(exc))
+            link.session.close(exc.error)
 
     def _path_lost(self, lost: PathLost) -> None:
         """Part of the path went away: fresh connection IDs now, so that the first packet
