@@ -7,8 +7,13 @@
   registry. Postgres: the session database with every table truncated before the test.
   SQLite: a fresh file in the test's temporary directory.
 
-Without a reachable server the Postgres cases are skipped with a message saying so; set
-``CYPHONIC_REQUIRE_SERVICES=1`` (CI) to make them fail instead.
+- ``pg_url`` (per test): the URL of a new, migrated, empty database of its own, dropped
+  afterwards (tests that run service processes against it).
+- ``redis_url`` (per test): a Redis database of the directory's ``redis_test_url``
+  (default ``CYPHONIC_TEST_REDIS`` or db 11), empty at the start and flushed afterwards.
+
+Without a reachable server the Postgres and Redis cases are skipped with a message saying
+so; set ``CYPHONIC_REQUIRE_SERVICES=1`` (CI) to make them fail instead.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
+import redis.asyncio as redis_asyncio
 from cyphonic.registry import create_engine, migrate, upgrade
 from cyphonic.registry.models import Base
 from sqlalchemy import text
@@ -96,3 +102,46 @@ def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     url: str = request.getfixturevalue("postgres_database")
     asyncio.run(_truncate(url))
     return url
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """The URL of a new, migrated, empty registry database; dropped afterwards."""
+    name = f"it_{secrets.token_hex(6)}"
+    try:
+        await _admin(f'CREATE DATABASE "{name}"')
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        _missing(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: {exc}")
+    url = make_url(POSTGRES_ADMIN_URL).set(
+        drivername="postgresql+asyncpg", database=name
+    ).render_as_string(hide_password=False)
+    engine = create_engine(url)
+    try:
+        await upgrade(engine)
+        yield url
+    finally:
+        await engine.dispose()
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def redis_test_url() -> str:
+    """The Redis database ``redis_url`` empties; a directory's conftest may override it."""
+    return os.environ.get("CYPHONIC_TEST_REDIS", "redis://127.0.0.1:6379/11")
+
+
+@pytest.fixture
+async def redis_url(redis_test_url: str) -> AsyncIterator[str]:
+    """A Redis database of the tests' own, empty at the start and flushed afterwards."""
+    client = redis_asyncio.Redis.from_url(redis_test_url, socket_connect_timeout=3)
+    try:
+        await client.ping()
+    except Exception as exc:
+        await client.aclose()
+        _missing(f"Redis is not reachable at {redis_test_url}: {exc}")
+    await client.flushdb()
+    try:
+        yield redis_test_url
+    finally:
+        await client.flushdb()
+        await client.aclose()
