@@ -22,6 +22,7 @@ BENCHES: list[tuple[str, list[str], bool]] = [
     ("as_enrolment.py", [], False),
     ("route_setup.py", ["--rounds", "5"], False),
     ("mobility.py", [], False),
+    ("relay_vs_direct.py", [], False),
 ]
 
 

@@ -659,7 +659,9 @@ class Agent:
         """A TUN packet for a virtual address with no tunnel (it waits in PendingPackets)."""
         if self.routes.for_address(destination) is not None:
             return  # its route is being set up; the packet waits for it
-        if not self._routable_overlay(destination):
+        if not self._routable_overlay(destination) or self.routes.is_held(
+                destination, now=asyncio.get_running_loop().time()):
+            # Held down after a failure: dropped quietly (the failure was logged once).
             assert self.datapath is not None
             self.datapath.pending.discard(destination)
             return
