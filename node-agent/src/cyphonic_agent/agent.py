@@ -56,7 +56,7 @@ from cyphonic_agent.config import AgentSettings, format_hostport, parse_hostport
 from cyphonic_agent.datapath import DataPath, Tunnel
 from cyphonic_agent.dns import DnsStub, PeerAddresses
 from cyphonic_agent.enroll import AgentState, StatePaths, read_agent_state
-from cyphonic_agent.mobility import Handover, Move, MoveWatcher, PathLost
+from cyphonic_agent.mobility import Handover, Move, MoveWatcher, PathLost, host_addresses
 from cyphonic_agent.relay import RelayClient, RelayedPath
 from cyphonic_agent.routes import (
     Accept,
@@ -119,30 +119,6 @@ def routable(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def host_addresses(*, exclude_ifindexes: Iterable[int] = (), loopback: bool = False,
-                   ) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """This host's unicast addresses (no link-local; loopback only if asked), via netlink."""
-    from pyroute2 import IPRoute
-
-    excluded = set(exclude_ifindexes)
-    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            if msg["index"] in excluded:
-                continue
-            text = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-            if not text:
-                continue
-            ip = ipaddress.ip_address(text)
-            if ip.is_link_local or ip.is_multicast or ip.is_unspecified:
-                continue
-            if ip.is_loopback and not loopback:
-                continue
-            if ip not in found:
-                found.append(ip)
-    return found
 
 
 @dataclass(eq=False)

@@ -127,13 +127,13 @@ class Handover:
     count: int
 
 
-def host_path(*, exclude_ifindexes: Iterable[int] = ()) -> HostPath:
-    """This host's path now, via netlink (no loopback, link-local or multicast addresses)."""
+def host_addresses(*, exclude_ifindexes: Iterable[int] = (), loopback: bool = False,
+                   ) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """This host's unicast addresses (no link-local; loopback only if asked), via netlink."""
     from pyroute2 import IPRoute
 
     excluded = set(exclude_ifindexes)
-    addresses: set[IPAddress] = set()
-    defaults: set[str] = set()
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
     with IPRoute() as ipr:
         for msg in ipr.get_addr():
             if msg["index"] in excluded:
@@ -142,9 +142,22 @@ def host_path(*, exclude_ifindexes: Iterable[int] = ()) -> HostPath:
             if not text:
                 continue
             ip = ipaddress.ip_address(text)
-            if ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_loopback:
+            if ip.is_link_local or ip.is_multicast or ip.is_unspecified:
                 continue
-            addresses.add(ip)
+            if ip.is_loopback and not loopback:
+                continue
+            if ip not in found:
+                found.append(ip)
+    return found
+
+
+def host_path(*, exclude_ifindexes: Iterable[int] = ()) -> HostPath:
+    """This host's path now, via netlink (no loopback, link-local or multicast addresses)."""
+    from pyroute2 import IPRoute
+
+    excluded = set(exclude_ifindexes)
+    defaults: set[str] = set()
+    with IPRoute() as ipr:
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in ipr.get_routes(family=family, table=254):
                 if msg["dst_len"] != 0 or msg["type"] != 1:  # unicast default routes only
@@ -154,6 +167,7 @@ def host_path(*, exclude_ifindexes: Iterable[int] = ()) -> HostPath:
                     continue
                 gateway = msg.get_attr("RTA_GATEWAY")
                 defaults.add(f"via {gateway}" if gateway else f"dev {oif}")
+    addresses = host_addresses(exclude_ifindexes=excluded)
     return HostPath(addresses=frozenset(addresses), default_routes=frozenset(defaults))
 
 
