@@ -253,6 +253,8 @@ def capture(node: Node, interface: str, bpf_filter: str = "") -> Iterator[Captur
         "-n",
         "-U",
         "--immediate-mode",
+        "-B",
+        "32768",  # KiB of kernel buffer: fewer drops while the machine is busy
         "-s",
         "0",
         "-Z",

@@ -102,16 +102,17 @@ def _relayed(o: Any, *, a_outside: str, b_outside: str, trs_seen_a: str, trs_see
     missed = capture_drops(wire)
     assert reading.not_udp_443 == []
     assert not wire.contains_anywhere(MARKER)
-    # tcpdump may miss packets on a loaded machine (it says how many); the rest must be
-    # there, and every datagram the TRS sent that is not its own control traffic matched
-    # one it received.
+    # tcpdump may miss packets on a loaded machine (it says how many). A datagram the TRS
+    # sent that is not found in what it received is its own control traffic, or relayed
+    # with its received copy missed; beyond the misses, only a little control traffic.
     assert reading.relayed + missed > len(payload) // 1500, (reading, missed)
-    assert reading.relayed + missed >= 0.9 * replica["forwarded_packets"], (
+    assert reading.relayed + reading.own + missed >= 0.9 * replica["forwarded_packets"], (
         reading, missed, replica)
-    assert reading.own < reading.relayed // 10
+    assert reading.own <= reading.relayed // 10 + missed, (reading, missed)
     sys.stderr.write(f"\nTRS capture: {reading.relayed} datagrams relayed unchanged "
                      f"(TRS counted {replica['forwarded_packets']} forwarded), "
-                     f"{reading.own} of its own control traffic; tcpdump missed {missed}\n")
+                     f"{reading.own} not in what it received (its control traffic, or a copy "
+                     f"tcpdump missed); tcpdump missed {missed}\n")
     # The tunnel's TLS ends at the nodes, which authenticated each other through the TRS.
     for me, peer, trs_address in ((alice, bob, trs_seen_a), (bob, alice, trs_seen_b)):
         tunnels = [e for e in json_log(me.log) if e.get("event") == "connection_ready"
