@@ -519,8 +519,7 @@ class Agent:
            whose pattern or connecting side changed, or where we accepted the tunnel, gets
            a new route id, and both nodes rebuild it; the others carry on migrated.
         """
-        count = self.handover.count + 1 if self.handover is not None else 1
-        self.handover = Handover(at=time.time(), old=move.old, new=move.new, count=count)
+        self.handover = Handover(at=time.time(), old=move.old, new=move.new)
         self._handover_network = None
         old, new = move.old.describe(), move.new.describe()
         migrated = self._migrate_client_connections(rotate=not self._rotated)
@@ -529,7 +528,7 @@ class Agent:
             self.relay.nudge()
         self.log.info("moved", old=old["addresses"], new=new["addresses"],
                       old_routes=old["default_routes"], new_routes=new["default_routes"],
-                      migrated=migrated, moves=count)
+                      migrated=migrated, moves=self.mobility.detector.moves)
         link = self._nms
         if link is None or not link.session.is_open or self.registration is None:
             return  # the control loop registers with the new addresses when it connects
@@ -1082,7 +1081,7 @@ class Agent:
             mtu=self.settings.mtu if self.tun is not None else None,
             uptime_s=round(time.monotonic() - self._started, 1),
             peers=peers,
-            handovers=self.handover.count if self.handover is not None else 0,
+            handovers=self.mobility.detector.moves,
             last_handover=self._handover_status(),
         )
 

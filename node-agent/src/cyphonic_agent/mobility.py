@@ -27,9 +27,6 @@ from cyphonic.log import get_logger
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-SETTLE_S = 0.0
-"""Quiet time after a netlink event before the host is looked at. None: reading the host
-takes a few milliseconds, and events arriving meanwhile are coalesced into the next look."""
 POLL_S = 2.0
 """Fallback check period, for changes netlink did not report."""
 
@@ -68,11 +65,6 @@ class Move:
 
     old: HostPath
     new: HostPath
-
-    @property
-    def families_changed(self) -> bool:
-        """An address family appeared or went away (e.g. IPv6 only -> IPv4 behind NAT)."""
-        return {a.version for a in self.old.addresses} != {a.version for a in self.new.addresses}
 
 
 @dataclass(frozen=True)
@@ -124,7 +116,6 @@ class Handover:
     """Wall-clock time of the move (seconds since the epoch)."""
     old: HostPath
     new: HostPath
-    count: int
 
 
 def host_addresses(*, exclude_ifindexes: Iterable[int] = (), loopback: bool = False,
@@ -179,7 +170,6 @@ class MoveWatcher:
     on_move: Callable[[Move], Awaitable[None]]
     on_lost: Callable[[PathLost], None] = field(default=lambda _lost: None)
     exclude_ifindexes: Callable[[], Iterable[int]] = field(default=lambda: ())
-    settle_s: float = SETTLE_S
     poll_s: float = POLL_S
     snapshot: Callable[..., HostPath] = host_path
     detector: MoveDetector = field(default_factory=MoveDetector)
@@ -204,10 +194,8 @@ class MoveWatcher:
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
-                if self._wake.is_set():
-                    if self.settle_s:
-                        await asyncio.sleep(self.settle_s)  # let the burst finish
-                    self._wake.clear()
+                # Events arriving while the host is read are taken in by that reading.
+                self._wake.clear()
                 await self._check()
         finally:
             self._close_sock(loop)

@@ -79,12 +79,6 @@ def test_new_gateway_alone_is_a_move() -> None:
     assert detector.observe(moved) == Move(old=OLD, new=moved)
 
 
-def test_family_change() -> None:
-    v6 = _path("2001:db8:a::10", routes=["via fe80::1"])
-    assert Move(old=v6, new=NEW).families_changed
-    assert not Move(old=OLD, new=NEW).families_changed
-
-
 def test_no_usable_start_waits_for_one() -> None:
     detector = MoveDetector()
     assert detector.observe(_path()) is None
