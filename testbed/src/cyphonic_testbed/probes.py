@@ -7,9 +7,11 @@ bed); each writes one JSON line per datagram or connection to a log file that
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import itertools
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -329,3 +331,59 @@ def ping(node: Node, destination: str, *, count: int = 1, timeout: float = 2.0) 
     argv = ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", f"{timeout:g}", destination]
     proc = node.run(argv, timeout=count * (timeout + 0.2) + 10.0)
     return proc.returncode == 0
+
+
+# Receives until the announced length, answers with its SHA-256 (hex).
+_TCP_SINK = r"""
+import hashlib, socket, sys
+host, size = sys.argv[1], int(sys.argv[2])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(family); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, int(sys.argv[3]))); s.listen(1); print("listening", flush=True)
+s.settimeout(120); c, _ = s.accept(); c.settimeout(60)
+h = hashlib.sha256(); n = 0
+while n < size:
+    chunk = c.recv(65536)
+    if not chunk:
+        break
+    h.update(chunk); n += len(chunk)
+c.sendall(h.hexdigest().encode()); c.close()
+"""
+
+# Connects (a name goes through the system resolver), sends stdin, prints the answer.
+_TCP_SOURCE = r"""
+import socket, sys
+data = sys.stdin.buffer.read()
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+c.sendall(data); print(c.recv(100).decode())
+"""
+
+
+def tcp_transfer(src: Node, dst: Node, *, listen: str, connect: str, payload: bytes,
+                 port: int = 9000) -> str:
+    """Send ``payload`` over one TCP connection from ``src`` to ``connect`` (a name or an
+    address) served in ``dst`` on ``listen``; the SHA-256 (hex) the receiver computed."""
+    server = dst.popen([sys.executable, "-c", _TCP_SINK, listen, str(len(payload)), str(port)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert server.stdout is not None
+    line = server.stdout.readline()
+    if line != b"listening\n":
+        err = server.stderr.read() if server.stderr else b""
+        raise TestbedError(f"TCP sink in {dst.name} did not listen: {line!r} {err!r}")
+    client = src.run([sys.executable, "-c", _TCP_SOURCE, connect, str(port)],
+                     input=payload, text=False, timeout=150)
+    if client.returncode != 0:
+        raise TestbedError(f"TCP transfer from {src.name} failed: "
+                           f"{client.stderr.decode(errors='replace')}")
+    server.wait(timeout=30)
+    return str(client.stdout.decode().strip())
+
+
+def marked_payload(marker: bytes, size: int) -> bytes:
+    """``size`` random bytes with ``marker`` all through them (to look for in captures)."""
+    chunk = marker + os.urandom(1000)
+    return (chunk * (size // len(chunk) + 1))[:size]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

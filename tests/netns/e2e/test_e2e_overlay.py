@@ -65,7 +65,8 @@ def _overlay_works(o: Overlay, *, src: str, dst: str, pattern: str, path: str) -
         assert " 0% packet loss" in result.stdout, result.stdout + result.stderr
 
     payload = marked_payload()
-    assert tcp_transfer(src_node, dst_node, v4[0], payload) == sha256(payload)
+    assert tcp_transfer(src_node, dst_node, listen=v4[0], connect=v4[0],
+                        payload=payload) == sha256(payload)
 
     mine = source.status()
     assert mine["nms_state"] == "connected" and mine["tun"] == "cyphonic0"

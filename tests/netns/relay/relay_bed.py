@@ -6,9 +6,7 @@ for ordinary programs, a checked TCP transfer, and the reading of a capture at t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -20,34 +18,11 @@ from typing import Any
 
 from cyphonic_testbed import Capture, Node
 from cyphonic_testbed.overlay import TrsProcess, start_trs  # noqa: F401  (re-exported for the tests)
+from cyphonic_testbed.probes import marked_payload as _marked
+from cyphonic_testbed.probes import sha256, tcp_transfer  # noqa: F401  (for the tests)
 
 MARKER = b"CYPHONIC-RELAY-E2E-PLAINTEXT-MARKER-93c7"
-TCP_PORT = 9000
 
-# Receives until the announced length, answers with its SHA-256 (hex).
-TCP_SERVER = r"""
-import hashlib, socket, sys
-host, size = sys.argv[1], int(sys.argv[2])
-family = socket.AF_INET6 if ":" in host else socket.AF_INET
-s = socket.socket(family); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((host, int(sys.argv[3]))); s.listen(1); print("listening", flush=True)
-s.settimeout(120); c, _ = s.accept(); c.settimeout(60)
-h = hashlib.sha256(); n = 0
-while n < size:
-    chunk = c.recv(65536)
-    if not chunk:
-        break
-    h.update(chunk); n += len(chunk)
-c.sendall(h.hexdigest().encode()); c.close()
-"""
-
-# Connects by name (the system resolver, i.e. the agent's DNS stub), sends stdin.
-TCP_CLIENT = r"""
-import socket, sys
-data = sys.stdin.buffer.read()
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
-c.sendall(data); print(c.recv(100).decode())
-"""
 
 # Deletes the UDP connection-tracking entries (hence NAT mappings) whose original source is
 # argv[1] in the namespace it runs in; prints how many (``conntrack -D`` without the tool).
@@ -62,6 +37,11 @@ for entry in entries:
     ct.delete(entry)
 print(len(entries))
 """
+
+
+def marked_payload(size: int = 2_000_000) -> bytes:
+    """``size`` bytes with this suite's marker all through them."""
+    return _marked(MARKER, size)
 
 
 def forget_udp_mappings(router: Node, source: str) -> int:
@@ -101,30 +81,10 @@ def ping_name(node: Node, name: str, *, family: int, count: int = 3,
     return result
 
 
-def marked_payload(size: int = 2_000_000) -> bytes:
-    """``size`` bytes with the marker all through them."""
-    chunk = MARKER + os.urandom(1000)
-    return (chunk * (size // len(chunk) + 1))[:size]
 
 
-def tcp_transfer(src: Node, dst: Node, *, listen: str, connect: str, payload: bytes) -> str:
-    """Send ``payload`` over TCP from ``src`` to ``connect`` (a name or an address) served
-    in ``dst`` on ``listen``; the SHA-256 the receiver computed."""
-    server = dst.popen([sys.executable, "-c", TCP_SERVER, listen, str(len(payload)),
-                        str(TCP_PORT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert server.stdout is not None
-    line = server.stdout.readline()
-    assert line == b"listening\n", (line, server.stderr.read() if server.stderr else b"")
-    client = src.run([sys.executable, "-c", TCP_CLIENT, connect, str(TCP_PORT)],
-                     input=payload, text=False, timeout=150)
-    assert client.returncode == 0, client.stderr.decode(errors="replace")
-    server.wait(timeout=30)
-    digest: str = client.stdout.decode().strip()
-    return digest
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
