@@ -165,6 +165,12 @@ def test_the_flow_survives_the_move(mobile: Any, name: str) -> None:
         # The mover noticed, and the NMS knows where it is now.
         mover.wait_logged('"event": "moved"', timeout=10, count=number)
         new_addresses = mover_node.addresses(4) + mover_node.addresses(6)
+        # ... and its status shows the handover, old path and new.
+        status = mover.status()
+        last = status["last_handover"]
+        assert status["handovers"] >= number and last is not None, status
+        assert set(new_addresses) <= set(last["new"]["addresses"]), last
+        assert not set(new_addresses) & set(last["old"]["addresses"]), last
 
         def registered(new: list[str] = new_addresses) -> bool:
             view = o.services.nms_get(f"/v1/nodes/{mover.fqdn}")
