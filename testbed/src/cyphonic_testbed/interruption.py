@@ -150,7 +150,7 @@ def send(*, host: str, port: int, size: int, seed: int, rate: float,
 
 @dataclass(frozen=True)
 class Interruption:
-    """What one move did to the two flows (``move`` None: a control run without one)."""
+    """What one move (or other disruption: ``move`` None) did to the two flows."""
 
     move: Move | None
     ping: PingReading
@@ -187,7 +187,7 @@ def measure_move(
     src: Node,
     dst: Node,
     address: str,
-    move: Callable[[], Move] | None,
+    move: Callable[[], Move | None] | None,
     size: int = 12_000_000,
     rate: float = 2_000_000.0,
     settle: float = 1.0,
@@ -196,8 +196,9 @@ def measure_move(
 ) -> Interruption:
     """Run the ping stream and the TCP stream from ``src`` to ``address`` (a virtual address
     of ``dst``), call ``move()`` ``settle`` seconds into them, and read both once the stream
-    is complete (bounded by ``timeout``). ``move=None``: the same flows without a move (the
-    control figures of the path as it is)."""
+    is complete (bounded by ``timeout``). ``move`` is the disruption: a host move returning
+    its ``Move``, or any other (a relay killed and restarted) returning None. ``move=None``:
+    the same flows without a disruption (the control figures of the path as it is)."""
     module = [sys.executable, "-m", "cyphonic_testbed.interruption"]
     receiver = dst.popen([*module, "recv", "--bind", address, "--port", str(STREAM_PORT),
                           "--size", str(size), "--timeout", str(timeout)],
