@@ -60,8 +60,9 @@ async def _run(url: str, args: argparse.Namespace) -> dict[str, float]:
             async with sem:
                 created = await client.post("/v1/nodes", json={"name": name}, headers=headers)
                 created.raise_for_status()
-                token = await client.post(f"/v1/nodes/{name}/enrolment-tokens", json={},
-                                          headers=headers)
+                token = await client.post(
+                    f"/v1/nodes/{name}/enrolment-tokens", json={}, headers=headers
+                )
                 token.raise_for_status()
             csr = make_csr(generate_key(), f"{name}.cyphonic.internal")
             return token.json()["token"], csr.public_bytes(serialization.Encoding.PEM).decode()
@@ -74,8 +75,7 @@ async def _run(url: str, args: argparse.Namespace) -> dict[str, float]:
             nonlocal failures
             async with sem:
                 start = time.perf_counter()
-                response = await client.post("/v1/enrol",
-                                             json={"token": token, "csr_pem": csr})
+                response = await client.post("/v1/enrol", json={"token": token, "csr_pem": csr})
                 latencies.append(time.perf_counter() - start)
                 if response.status_code != 201:
                     failures += 1
@@ -99,8 +99,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=20)
-    parser.add_argument("--postgres", default=os.environ.get(
-        "CYPHONIC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get(
+            "CYPHONIC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+        ),
+    )
     parser.add_argument("--sqlite", action="store_true", help="SQLite instead of PostgreSQL")
     args = parser.parse_args()
 
@@ -111,20 +115,39 @@ def main() -> int:
             url = f"sqlite+aiosqlite:///{work / 'bench.db'}"
         else:
             asyncio.run(_admin_sql(args.postgres, f'CREATE DATABASE "{database}"'))
-            url = args.postgres.rsplit("/", 1)[0].replace(
-                "postgresql://", "postgresql+asyncpg://") + f"/{database}"
+            url = (
+                args.postgres.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+                + f"/{database}"
+            )
         token_file = work / "admin-token"
         token_file.write_text(ADMIN_TOKEN)
         token_file.chmod(0o600)
-        subprocess.run([BIN / "cyphonic-as", "init-pki", "--pki-dir", str(work / "pki")],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [BIN / "cyphonic-as", "init-pki", "--pki-dir", str(work / "pki")],
+            check=True,
+            capture_output=True,
+        )
         port = _free_port(socket.SOCK_STREAM)
-        env = {**os.environ, "CYPHONIC_DATABASE_URL": url, "CYPHONIC_PKI_DIR": str(work / "pki"),
-               "CYPHONIC_LOG_LEVEL": "warning"}
+        env = {
+            **os.environ,
+            "CYPHONIC_DATABASE_URL": url,
+            "CYPHONIC_PKI_DIR": str(work / "pki"),
+            "CYPHONIC_LOG_LEVEL": "warning",
+        }
         proc = subprocess.Popen(
-            [BIN / "cyphonic-as", "serve", "--migrate", "--no-quic", "--http-port", str(port),
-             "--admin-token-file", str(token_file)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                BIN / "cyphonic-as",
+                "serve",
+                "--migrate",
+                "--no-quic",
+                "--http-port",
+                str(port),
+                "--admin-token-file",
+                str(token_file),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             base = f"http://127.0.0.1:{port}"
@@ -144,14 +167,19 @@ def main() -> int:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
             if not args.sqlite:
-                asyncio.run(_admin_sql(args.postgres,
-                                       f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+                asyncio.run(
+                    _admin_sql(args.postgres, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+                )
     backend = "sqlite" if args.sqlite else "postgres"
-    print(f"as_enrolment backend={backend} count={args.count} concurrency={args.concurrency}"
-          f" failures={int(result['failures'])}")
-    print(f"  {result['per_second']:.1f} enrolments/s  ({result['seconds']:.2f} s)"
-          f"  p50 {result['p50_ms']:.1f} ms  p95 {result['p95_ms']:.1f} ms"
-          f"  max {result['max_ms']:.1f} ms")
+    print(
+        f"as_enrolment backend={backend} count={args.count} concurrency={args.concurrency}"
+        f" failures={int(result['failures'])}"
+    )
+    print(
+        f"  {result['per_second']:.1f} enrolments/s  ({result['seconds']:.2f} s)"
+        f"  p50 {result['p50_ms']:.1f} ms  p95 {result['p95_ms']:.1f} ms"
+        f"  max {result['max_ms']:.1f} ms"
+    )
     return 0 if result["failures"] == 0 else 1
 
 

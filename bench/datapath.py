@@ -163,10 +163,25 @@ class Topology:
         sh("ip", "netns", "add", self.ns_a)
         sh("ip", "netns", "add", self.ns_b)
         veth_a, veth_b = f"cyv{self.tag}a", f"cyv{self.tag}b"
-        sh("ip", "link", "add", veth_a, "netns", self.ns_a, "type", "veth",
-           "peer", "name", veth_b, "netns", self.ns_b)
-        for ns, dev, addr, second in ((self.ns_a, veth_a, VETH_A, QH3_VETH_A),
-                                      (self.ns_b, veth_b, VETH_B, QH3_VETH_B)):
+        sh(
+            "ip",
+            "link",
+            "add",
+            veth_a,
+            "netns",
+            self.ns_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            veth_b,
+            "netns",
+            self.ns_b,
+        )
+        for ns, dev, addr, second in (
+            (self.ns_a, veth_a, VETH_A, QH3_VETH_A),
+            (self.ns_b, veth_b, VETH_B, QH3_VETH_B),
+        ):
             sh("ip", "link", "set", "lo", "up", ns=ns)
             sh("ip", "addr", "add", f"{addr}/24", "dev", dev, ns=ns)
             sh("ip", "addr", "add", f"{second}/24", "dev", dev, ns=ns)
@@ -223,8 +238,19 @@ def measure(topo: Topology, result: PathResult, *, dst: str, duration: float, pi
     """Fill ``result`` with ping RTT then iperf3 TCP throughput from A to ``dst`` in B."""
     # Warm up (ARP, WireGuard handshake, tunnel set-up) before timing anything.
     sh("ping", "-c", "3", "-i", "0.2", "-W", "2", dst, ns=topo.ns_a, timeout=20)
-    out = sh("ping", "-q", "-c", str(pings), "-i", "0.005", "-W", "2", dst,
-             ns=topo.ns_a, timeout=pings * 0.05 + 30)
+    out = sh(
+        "ping",
+        "-q",
+        "-c",
+        str(pings),
+        "-i",
+        "0.005",
+        "-W",
+        "2",
+        dst,
+        ns=topo.ns_a,
+        timeout=pings * 0.05 + 30,
+    )
     m = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms", out)
     loss = re.search(r"([\d.]+)% packet loss", out)
     if not m:
@@ -241,8 +267,20 @@ def measure(topo: Topology, result: PathResult, *, dst: str, duration: float, pi
         timeout=10,
         what="iperf3 server",
     )
-    out = sh("iperf3", "-c", dst, "-p", str(IPERF_PORT), "-t", str(duration), "-O", "1", "-J",
-             ns=topo.ns_a, timeout=duration + 60)
+    out = sh(
+        "iperf3",
+        "-c",
+        dst,
+        "-p",
+        str(IPERF_PORT),
+        "-t",
+        str(duration),
+        "-O",
+        "1",
+        "-J",
+        ns=topo.ns_a,
+        timeout=duration + 60,
+    )
     server.wait(timeout=10)
     report = json.loads(out)
     end = report["end"]
@@ -260,7 +298,8 @@ A_ADDRESSES = (VETH_A, QH3_VETH_A)
 HOP_PINGS_INTERVAL = "0.005"
 _TCPDUMP_LINE = re.compile(
     r"^(\d+\.\d+) IP (\S+?)\.(\d+) > (\S+?)\.(\d+): UDP, length (\d+)"
-    r"|^(\d+\.\d+) IP \S+ > \S+: ICMP echo (request|reply), id \d+, seq (\d+)")
+    r"|^(\d+\.\d+) IP \S+ > \S+: ICMP echo (request|reply), id \d+, seq (\d+)"
+)
 
 
 def hop_taps(topo: Topology, name: str) -> tuple[str, str, int] | None:
@@ -291,7 +330,8 @@ def split_hops(topo: Topology, result: PathResult, *, dst: str, pings: int) -> N
         return
     tun_a, tun_b, port = taps
     captures = {
-        "a_tun": (topo.ns_a, tun_a, "icmp"), "b_tun": (topo.ns_b, tun_b, "icmp"),
+        "a_tun": (topo.ns_a, tun_a, "icmp"),
+        "b_tun": (topo.ns_b, tun_b, "icmp"),
         "a_veth": (topo.ns_a, f"cyv{topo.tag}a", f"udp port {port}"),
         "b_veth": (topo.ns_b, f"cyv{topo.tag}b", f"udp port {port}"),
     }
@@ -302,13 +342,43 @@ def split_hops(topo: Topology, result: PathResult, *, dst: str, pings: int) -> N
         for key, (ns, dev, expression) in captures.items():
             with errors[key].open("wb") as err:
                 procs[key] = subprocess.Popen(
-                    ["ip", "netns", "exec", ns, "tcpdump", "-i", dev, "-n", "-U", "-s", "128",
-                     "-w", str(files[key]), expression],
-                    stdout=subprocess.DEVNULL, stderr=err)
-        wait_until(lambda: all(b"listening on" in errors[k].read_bytes() for k in captures),
-                   timeout=10, what="tcpdump")
-        sh("ping", "-q", "-c", str(pings), "-i", HOP_PINGS_INTERVAL, "-W", "2", dst,
-           ns=topo.ns_a, timeout=pings * 0.05 + 30)
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        ns,
+                        "tcpdump",
+                        "-i",
+                        dev,
+                        "-n",
+                        "-U",
+                        "-s",
+                        "128",
+                        "-w",
+                        str(files[key]),
+                        expression,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                )
+        wait_until(
+            lambda: all(b"listening on" in errors[k].read_bytes() for k in captures),
+            timeout=10,
+            what="tcpdump",
+        )
+        sh(
+            "ping",
+            "-q",
+            "-c",
+            str(pings),
+            "-i",
+            HOP_PINGS_INTERVAL,
+            "-W",
+            "2",
+            dst,
+            ns=topo.ns_a,
+            timeout=pings * 0.05 + 30,
+        )
         time.sleep(0.2)  # the last packets reach the capture files
     finally:
         for proc in procs.values():
@@ -346,12 +416,14 @@ def _echo_hops(events: dict[str, list[tuple[float, str, str, int]]]) -> list[lis
     """Each echo's delays (us) along ``HOPS``: ICMP matched by sequence number, the tunnel's
     datagram as the first UDP datagram of 100 bytes or more (an echo, not an ACK) that left
     after the packet entered the tunnel."""
+
     def icmp(key: str, kind: str) -> dict[int, float]:
         return {n: t for t, k, _, n in events[key] if k == kind}
 
     def carriers(key: str, direction: str) -> list[float]:
-        return sorted(t for t, k, d, size in events[key]
-                      if k == "udp" and d == direction and size >= 100)
+        return sorted(
+            t for t, k, d, size in events[key] if k == "udp" and d == direction and size >= 100
+        )
 
     req_a, rep_a = icmp("a_tun", "request"), icmp("a_tun", "reply")
     req_b, rep_b = icmp("b_tun", "request"), icmp("b_tun", "reply")
@@ -370,8 +442,9 @@ def _echo_hops(events: dict[str, list[tuple[float, str, str, int]]]) -> list[lis
         if t1 is None or t4 is None or t1 > req_b[seq] or t4 > rep_a[seq]:
             continue
         t2, t3, t5 = req_b[seq], rep_b[seq], rep_a[seq]
-        echoes.append([(b - a) * 1e6 for a, b in ((t0, t1), (t1, t2), (t2, t3), (t3, t4),
-                                                  (t4, t5))])
+        echoes.append(
+            [(b - a) * 1e6 for a, b in ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5))]
+        )
     return echoes
 
 
@@ -391,8 +464,9 @@ def wireguard_go_path(topo: Topology) -> tuple[str, int, int]:
     keys = {}
     for side in ("a", "b"):
         private = sh("wg", "genkey").strip()
-        public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True,
-                                text=True, check=True).stdout.strip()
+        public = subprocess.run(
+            ["wg", "pubkey"], input=private, capture_output=True, text=True, check=True
+        ).stdout.strip()
         key_file = topo.tmp / f"wg-{side}.key"
         key_file.touch(mode=0o600)
         key_file.write_text(private + "\n")
@@ -409,9 +483,22 @@ def wireguard_go_path(topo: Topology) -> tuple[str, int, int]:
         wait_until(sock.exists, timeout=10, what=f"wireguard-go {name}")
     for side, ns, addr, peer_real, peer, peer_addr in plan:
         name = names[side]
-        sh("wg", "set", name, "private-key", str(keys[side][0]), "listen-port", str(WG_PORT),
-           "peer", keys[peer][1], "endpoint", f"{peer_real}:{WG_PORT}",
-           "allowed-ips", f"{peer_addr}/32", ns=ns)
+        sh(
+            "wg",
+            "set",
+            name,
+            "private-key",
+            str(keys[side][0]),
+            "listen-port",
+            str(WG_PORT),
+            "peer",
+            keys[peer][1],
+            "endpoint",
+            f"{peer_real}:{WG_PORT}",
+            "allowed-ips",
+            f"{peer_addr}/32",
+            ns=ns,
+        )
         sh("ip", "addr", "add", f"{addr}/24", "dev", name, ns=ns)
         sh("ip", "link", "set", name, "mtu", str(WG_MTU), "up", ns=ns)
     return WG_B, WG_MTU, WG_OVERHEAD_V4
@@ -438,8 +525,13 @@ def make_node_state(topo: Topology, name: str, *, fqdn: str | None = None) -> Pa
 
 def overlay_prototype_path(topo: Topology) -> tuple[str, int, int]:
     """The overlay's data path without AS/NMS on the aioquic engine (see ``_prototype``)."""
-    return _prototype(topo, engine="aioquic", veth=(VETH_A, VETH_B),
-                      overlay=(OVERLAY_A, OVERLAY_B), tun=f"cyo{topo.tag}")
+    return _prototype(
+        topo,
+        engine="aioquic",
+        veth=(VETH_A, VETH_B),
+        overlay=(OVERLAY_A, OVERLAY_B),
+        tun=f"cyo{topo.tag}",
+    )
 
 
 def overlay_qh3_path(topo: Topology) -> tuple[str, int, int]:
@@ -448,12 +540,18 @@ def overlay_qh3_path(topo: Topology) -> tuple[str, int, int]:
         import qh3  # noqa: F401
     except ImportError as exc:
         raise PathUnavailable("qh3 not installed (the shared library's qh3 extra)") from exc
-    return _prototype(topo, engine="qh3", veth=(QH3_VETH_A, QH3_VETH_B),
-                      overlay=(QH3_OVERLAY_A, QH3_OVERLAY_B), tun=f"cyq{topo.tag}")
+    return _prototype(
+        topo,
+        engine="qh3",
+        veth=(QH3_VETH_A, QH3_VETH_B),
+        overlay=(QH3_OVERLAY_A, QH3_OVERLAY_B),
+        tun=f"cyq{topo.tag}",
+    )
 
 
-def _prototype(topo: Topology, *, engine: str, veth: tuple[str, str],
-               overlay: tuple[str, str], tun: str) -> tuple[str, int, int]:
+def _prototype(
+    topo: Topology, *, engine: str, veth: tuple[str, str], overlay: tuple[str, str], tun: str
+) -> tuple[str, int, int]:
     """Two ``bench/overlay_node.py`` processes: the overlay's data path without AS/NMS.
 
     Real TUN devices, the agent's packet pump and TunnelCore, the project's mutual-TLS QUIC
@@ -463,16 +561,41 @@ def _prototype(topo: Topology, *, engine: str, veth: tuple[str, str],
     (veth_a, veth_b), (overlay_a, overlay_b) = veth, overlay
     plan = (
         (topo.ns_b, "b.cyphonic.internal", overlay_b, overlay_a, veth_b, None, None),
-        (topo.ns_a, "a.cyphonic.internal", overlay_a, overlay_b, veth_a, veth_b,
-         "b.cyphonic.internal"),
+        (
+            topo.ns_a,
+            "a.cyphonic.internal",
+            overlay_a,
+            overlay_b,
+            veth_a,
+            veth_b,
+            "b.cyphonic.internal",
+        ),
     )
     for ns, fqdn, addr, peer_addr, listen, connect, peer_fqdn in plan:
         state = make_node_state(topo, f"{engine}-{fqdn}", fqdn=fqdn)
         ready = topo.tmp / f"{engine}-{fqdn}.ready"
-        cmd = [sys.executable, str(node), "--state", str(state), "--fqdn", fqdn,
-               "--tun-name", tun, "--tun-address", f"{addr}/24",
-               "--peer-address", peer_addr, "--listen", listen, "--mtu", str(OVERLAY_MTU),
-               "--ready-file", str(ready), "--engine", engine]
+        cmd = [
+            sys.executable,
+            str(node),
+            "--state",
+            str(state),
+            "--fqdn",
+            fqdn,
+            "--tun-name",
+            tun,
+            "--tun-address",
+            f"{addr}/24",
+            "--peer-address",
+            peer_addr,
+            "--listen",
+            listen,
+            "--mtu",
+            str(OVERLAY_MTU),
+            "--ready-file",
+            str(ready),
+            "--engine",
+            engine,
+        ]
         if connect:
             cmd += ["--connect", connect, "--peer-fqdn", str(peer_fqdn)]
         cmd += OVERLAY_NODE_ARGS
@@ -480,8 +603,11 @@ def _prototype(topo: Topology, *, engine: str, veth: tuple[str, str],
             cmd += ["--profile", str(PROFILE_DIR / f"{engine}-{fqdn}.prof")]
         proc = topo.start(*cmd, ns=ns)
         try:
-            wait_until(lambda r=ready, p=proc: r.exists() or p.poll() is not None,  # type: ignore[misc]
-                       timeout=20, what=f"overlay node {fqdn}")
+            wait_until(
+                lambda r=ready, p=proc: r.exists() or p.poll() is not None,  # type: ignore[misc]
+                timeout=20,
+                what=f"overlay node {fqdn}",
+            )
         finally:
             if proc.poll() is not None:
                 log = topo.logs[proc.pid].read_text()[-3000:]
@@ -500,8 +626,15 @@ def overlay_path(topo: Topology) -> tuple[str, int, int]:
 
     workdir = topo.tmp / "agent-overlay"
     workdir.mkdir(mode=0o700)
-    dst = agent_overlay(ns_a=topo.ns_a, ns_b=topo.ns_b, address_b=VETH_B, workdir=workdir,
-                        start=topo.start, logs=topo.logs, tun_name=f"cya{topo.tag}")
+    dst = agent_overlay(
+        ns_a=topo.ns_a,
+        ns_b=topo.ns_b,
+        address_b=VETH_B,
+        workdir=workdir,
+        start=topo.start,
+        logs=topo.logs,
+        tun_name=f"cya{topo.tag}",
+    )
     return dst, OVERLAY_MTU, OVERLAY_OVERHEAD_V4
 
 
@@ -544,9 +677,11 @@ def check_targets(run: Run) -> None:
             ):  # the spread: each round's difference (the paths take turns in a round)
                 rounds = "; rounds " + " ".join(
                     f"{o - w:+.3f}"
-                    for o, w in zip(overlay.rtt_avg_samples, wg.rtt_avg_samples, strict=True))
+                    for o, w in zip(overlay.rtt_avg_samples, wg.rtt_avg_samples, strict=True)
+                )
             run.checks[f"{name}: RTT <= wireguard-go + 0.6 ms"] = (
-                f"{verdict} ({extra:+.3f} ms{rounds})")
+                f"{verdict} ({extra:+.3f} ms{rounds})"
+            )
 
 
 def format_table(run: Run) -> str:
@@ -563,22 +698,34 @@ def format_table(run: Run) -> str:
             return "-"
         return f"{p.rtt_avg_ms - wg.rtt_avg_ms:+.3f}"
 
-    header = ("path", "MTU", "overhead B/pkt", "TCP Gbit/s", "retr", "RTT avg ms", "RTT mdev",
-              "vs raw", "vs wg", "RTT vs wg ms")
+    header = (
+        "path",
+        "MTU",
+        "overhead B/pkt",
+        "TCP Gbit/s",
+        "retr",
+        "RTT avg ms",
+        "RTT mdev",
+        "vs raw",
+        "vs wg",
+        "RTT vs wg ms",
+    )
     rows = [header]
     for p in run.paths:
-        rows.append((
-            p.name,
-            str(p.mtu) if p.mtu else "-",
-            str(p.overhead) if p.overhead is not None else "-",
-            f"{p.gbit_s:.3f}" if p.gbit_s is not None else "-",
-            str(p.retransmits) if p.retransmits is not None else "-",
-            f"{p.rtt_avg_ms:.3f}" if p.rtt_avg_ms is not None else "-",
-            f"{p.rtt_mdev_ms:.3f}" if p.rtt_mdev_ms is not None else "-",
-            ratio(p, raw),
-            ratio(p, wg),
-            rtt_delta(p),
-        ))
+        rows.append(
+            (
+                p.name,
+                str(p.mtu) if p.mtu else "-",
+                str(p.overhead) if p.overhead is not None else "-",
+                f"{p.gbit_s:.3f}" if p.gbit_s is not None else "-",
+                str(p.retransmits) if p.retransmits is not None else "-",
+                f"{p.rtt_avg_ms:.3f}" if p.rtt_avg_ms is not None else "-",
+                f"{p.rtt_mdev_ms:.3f}" if p.rtt_mdev_ms is not None else "-",
+                ratio(p, raw),
+                ratio(p, wg),
+                rtt_delta(p),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [
         f"data path, {run.started}, {run.cpus} CPUs, load before {run.loadavg_before}, "
@@ -587,22 +734,39 @@ def format_table(run: Run) -> str:
         "",
     ]
     for row in rows:
-        lines.append("  ".join(c.rjust(w) if i else c.ljust(w)
-                               for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
     split = [p for p in run.paths if p.hop_samples]
     if split:
-        lines += ["", f"where an echo's time goes, median us per hop ({HOP_PINGS_INTERVAL} s "
-                      "apart; the veth wire, ~1 us, left out):", ""]
+        lines += [
+            "",
+            f"where an echo's time goes, median us per hop ({HOP_PINGS_INTERVAL} s "
+            "apart; the veth wire, ~1 us, left out):",
+            "",
+        ]
         hop_rows: list[list[str]] = [["path", "echoes", *HOPS, "sum"]]
         for p in split:
             medians = [statistics.median(p.hop_samples[h]) for h in HOPS]
-            hop_rows.append([p.name, str(len(p.hop_samples[HOPS[0]])),
-                             *(f"{m:.0f}" for m in medians), f"{sum(medians):.0f}"])
+            hop_rows.append(
+                [
+                    p.name,
+                    str(len(p.hop_samples[HOPS[0]])),
+                    *(f"{m:.0f}" for m in medians),
+                    f"{sum(medians):.0f}",
+                ]
+            )
         hop_widths = [max(len(r[i]) for r in hop_rows) for i in range(len(hop_rows[0]))]
         for hop_row in hop_rows:
-            lines.append("  ".join(c.rjust(w) if i else c.ljust(w)
-                                   for i, (c, w) in enumerate(zip(hop_row, hop_widths,
-                                                                  strict=True))))
+            lines.append(
+                "  ".join(
+                    c.rjust(w) if i else c.ljust(w)
+                    for i, (c, w) in enumerate(zip(hop_row, hop_widths, strict=True))
+                )
+            )
     notes = [f"  {p.name}: {p.note.strip()}" for p in run.paths if p.note.strip()]
     if notes:
         lines += ["", "notes:", *notes]
@@ -614,6 +778,7 @@ def format_table(run: Run) -> str:
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
     """SIGTERM/SIGHUP end the run through the same cleanup as Ctrl-C."""
+
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -629,19 +794,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10, help="iperf3 seconds per path")
     parser.add_argument("--pings", type=int, default=200, help="echo requests per path")
-    parser.add_argument("--only", action="append", choices=[n for n, _ in PATHS],
-                        help="measure only these paths (repeatable)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds; each path is measured once per round, medians shown")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=[n for n, _ in PATHS],
+        help="measure only these paths (repeatable)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds; each path is measured once per round, medians shown",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--overlay-arg", action="append", metavar="ARG",
-                        help="pass ARG to bench/overlay_node.py (repeatable), e.g. "
-                        "--overlay-arg=--ack-immediately")
-    parser.add_argument("--hops", action="store_true",
-                        help="also split each echo's time per hop (tcpdump on the tunnel "
-                        "devices and the veth ends)")
-    parser.add_argument("--profile", type=Path,
-                        help="directory for cProfile statistics of the overlay nodes")
+    parser.add_argument(
+        "--overlay-arg",
+        action="append",
+        metavar="ARG",
+        help="pass ARG to bench/overlay_node.py (repeatable), e.g. --overlay-arg=--ack-immediately",
+    )
+    parser.add_argument(
+        "--hops",
+        action="store_true",
+        help="also split each echo's time per hop (tcpdump on the tunnel "
+        "devices and the veth ends)",
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="directory for cProfile statistics of the overlay nodes"
+    )
     args = parser.parse_args(argv)
     global PROFILE_DIR
     OVERLAY_NODE_ARGS.extend(args.overlay_arg or [])

@@ -41,54 +41,98 @@ from cyphonic_testbed.mobility import CASES, MoveCase, open_route, peer_row, sta
 from cyphonic_testbed.wait import wait_for
 
 
-def _row(case: str, move: str, result: Interruption | None, *, target_ms: float | None,
-         pattern: str, error: str = "") -> dict[str, Any]:
-    row: dict[str, Any] = {"case": case, "move": move, "pattern": pattern,
-                           "target_ms": target_ms, "load": os.getloadavg()[0], "error": error}
+def _row(
+    case: str,
+    move: str,
+    result: Interruption | None,
+    *,
+    target_ms: float | None,
+    pattern: str,
+    error: str = "",
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "case": case,
+        "move": move,
+        "pattern": pattern,
+        "target_ms": target_ms,
+        "load": os.getloadavg()[0],
+        "error": error,
+    }
     if result is not None:
-        row.update(ping_gap_ms=result.ping_gap_ms, ping_sent=result.ping.sent,
-                   ping_received=result.ping.received, tcp_stall_ms=result.tcp_stall_ms,
-                   tcp_intact=result.tcp_intact)
+        row.update(
+            ping_gap_ms=result.ping_gap_ms,
+            ping_sent=result.ping.sent,
+            ping_received=result.ping.received,
+            tcp_stall_ms=result.tcp_stall_ms,
+            tcp_intact=result.tcp_intact,
+        )
     return row
 
 
-def run_case(case: MoveCase, rounds: int, workdir: Path, *, gap: float = 0.0,
-             ) -> list[dict[str, Any]]:
+def run_case(
+    case: MoveCase,
+    rounds: int,
+    workdir: Path,
+    *,
+    gap: float = 0.0,
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with build(case.topology()) as bed:
         overlay = start_overlay(bed, workdir=workdir)
         address = open_route(overlay)
         alice, bob = bed.host("alice"), bed.host("bob")
         control = measure_move(src=alice, dst=bob, address=address, move=None)
-        rows.append(_row(case.name, "no move (control)", control, target_ms=None,
-                         pattern=case.pattern))
+        rows.append(
+            _row(case.name, "no move (control)", control, target_ms=None, pattern=case.pattern)
+        )
         print(f"{case.name}: control gap {control.ping_gap_ms} ms", file=sys.stderr, flush=True)
         for _ in range(rounds):
             for step in case.steps:
                 label = f"{case.mover} -> {step.to}"
                 try:
-                    result = measure_move(src=alice, dst=bob, address=address,
-                                          move=lambda to=step.to: bed.move(case.mover, to,
-                                                                           gap=gap))
+                    result = measure_move(
+                        src=alice,
+                        dst=bob,
+                        address=address,
+                        move=lambda to=step.to: bed.move(case.mover, to, gap=gap),
+                    )
                 except TestbedError as exc:
-                    rows.append(_row(case.name, label, None, target_ms=step.target_ms,
-                                     pattern="-", error=str(exc).splitlines()[0][:80]))
+                    rows.append(
+                        _row(
+                            case.name,
+                            label,
+                            None,
+                            target_ms=step.target_ms,
+                            pattern="-",
+                            error=str(exc).splitlines()[0][:80],
+                        )
+                    )
                     break
                 pattern = "-"
                 try:  # the pattern the route settled on (shown, not required here)
                     settled = wait_for(
-                        lambda p=step.pattern: (r := peer_row(overlay.alice, overlay.bob))
-                        and r.get("state") == "up" and r.get("pattern") == p and r,
-                        15, interval=0.5)
+                        lambda p=step.pattern: (
+                            (r := peer_row(overlay.alice, overlay.bob))
+                            and r.get("state") == "up"
+                            and r.get("pattern") == p
+                            and r
+                        ),
+                        15,
+                        interval=0.5,
+                    )
                     pattern = str(settled["pattern"])
                 except TimeoutError:
                     row = peer_row(overlay.alice, overlay.bob) or {}
                     pattern = f"{row.get('pattern', '-')}?"
-                rows.append(_row(case.name, label, result, target_ms=step.target_ms,
-                                 pattern=pattern))
-                print(f"{case.name} {label}: gap {result.ping_gap_ms} ms, stall "
-                      f"{result.tcp_stall_ms:.0f} ms, intact {result.tcp_intact}",
-                      file=sys.stderr, flush=True)
+                rows.append(
+                    _row(case.name, label, result, target_ms=step.target_ms, pattern=pattern)
+                )
+                print(
+                    f"{case.name} {label}: gap {result.ping_gap_ms} ms, stall "
+                    f"{result.tcp_stall_ms:.0f} ms, intact {result.tcp_intact}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         overlay.services.stop()
     return rows
 
@@ -98,16 +142,27 @@ def _fmt(value: float | None) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ("case", "move", "pattern", "ping gap ms", "x control", "replies",
-              "TCP stall ms", "bytes ok", "target ms", "verdict")
+    header = (
+        "case",
+        "move",
+        "pattern",
+        "ping gap ms",
+        "x control",
+        "replies",
+        "TCP stall ms",
+        "bytes ok",
+        "target ms",
+        "verdict",
+    )
     lines = [header]
     control: dict[str, float] = {}
     for r in rows:
         gap = r.get("ping_gap_ms")
         if r["target_ms"] is None and gap:
             control[r["case"]] = gap
-        ratio = "-" if gap is None or r["case"] not in control else \
-            f"{gap / control[r['case']]:.1f}"
+        ratio = (
+            "-" if gap is None or r["case"] not in control else f"{gap / control[r['case']]:.1f}"
+        )
         if r["error"]:
             verdict = f"FAIL ({r['error']})"
         elif r["target_ms"] is None:
@@ -115,25 +170,46 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         else:
             worst = max(gap or float("inf"), r["tcp_stall_ms"])
             ok = r["tcp_intact"] and (gap or float("inf")) <= r["target_ms"]
-            verdict = ("PASS" if ok else "FAIL") + ("" if worst <= r["target_ms"] else
-                                                    " (stall over target)")
+            verdict = ("PASS" if ok else "FAIL") + (
+                "" if worst <= r["target_ms"] else " (stall over target)"
+            )
         replies = f"{r['ping_received']}/{r['ping_sent']}" if "ping_sent" in r else "-"
-        lines.append((r["case"], r["move"], r["pattern"], _fmt(gap), ratio, replies,
-                      _fmt(r.get("tcp_stall_ms")),
-                      "-" if "tcp_intact" not in r else ("yes" if r["tcp_intact"] else "NO"),
-                      _fmt(r["target_ms"]), verdict))
+        lines.append(
+            (
+                r["case"],
+                r["move"],
+                r["pattern"],
+                _fmt(gap),
+                ratio,
+                replies,
+                _fmt(r.get("tcp_stall_ms")),
+                "-" if "tcp_intact" not in r else ("yes" if r["tcp_intact"] else "NO"),
+                _fmt(r["target_ms"]),
+                verdict,
+            )
+        )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True))
-                     .rstrip() for line in lines)
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", choices=sorted(CASES), action="append",
-                        help="run only this case (repeatable); default: all")
+    parser.add_argument(
+        "--case",
+        choices=sorted(CASES),
+        action="append",
+        help="run only this case (repeatable); default: all",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="times each case's moves run")
-    parser.add_argument("--gap", type=float, default=0.0,
-                        help="seconds the mover has no uplink at all during each move")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=0.0,
+        help="seconds the mover has no uplink at all during each move",
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -152,8 +228,9 @@ def main() -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(format_table(rows))
-    failed = any(r["error"] or (r["target_ms"] is not None and not r.get("tcp_intact"))
-                 for r in rows)
+    failed = any(
+        r["error"] or (r["target_ms"] is not None and not r.get("tcp_intact")) for r in rows
+    )
     return 1 if failed else 0
 
 

@@ -55,8 +55,18 @@ async def _enrol(database_url: str, names: list[str]) -> None:
     now = datetime.datetime.now(datetime.UTC)
     try:
         async with make_sessionmaker(engine)() as s, s.begin():
-            s.add_all(Node(name=n, fqdn=f"{n}.{DOMAIN}", state="active", tags={},
-                           device_info={}, created_at=now, updated_at=now) for n in names)
+            s.add_all(
+                Node(
+                    name=n,
+                    fqdn=f"{n}.{DOMAIN}",
+                    state="active",
+                    tags={},
+                    device_info={},
+                    created_at=now,
+                    updated_at=now,
+                )
+                for n in names
+            )
     finally:
         await engine.dispose()
 
@@ -103,10 +113,13 @@ async def _phase(
         "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else 0.0,
         "nms_cpu_ms_each": 1000 * nms_cpu / len(latencies) if latencies else 0.0,
     }
-    print(f"{name:<12} {int(figures['count']):>6} ok {errors:>4} err "
-          f"{figures['seconds']:7.2f} s {figures['per_second']:9.1f} /s "
-          f"p50 {figures['p50_ms']:7.1f} ms  p99 {figures['p99_ms']:7.1f} ms  "
-          f"NMS CPU {figures['nms_cpu_ms_each']:5.2f} ms each", flush=True)
+    print(
+        f"{name:<12} {int(figures['count']):>6} ok {errors:>4} err "
+        f"{figures['seconds']:7.2f} s {figures['per_second']:9.1f} /s "
+        f"p50 {figures['p50_ms']:7.1f} ms  p99 {figures['p99_ms']:7.1f} ms  "
+        f"NMS CPU {figures['nms_cpu_ms_each']:5.2f} ms each",
+        flush=True,
+    )
     return figures
 
 
@@ -115,8 +128,12 @@ def _launch(
 ) -> subprocess.Popen[bytes]:
     prefix = ["-m", "cProfile", "-o", str(profile)] if profile else []
     with log_path.open("wb") as log:
-        return subprocess.Popen([sys.executable, *prefix, "-m", "cyphonic_nms.cli", "serve"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, *prefix, "-m", "cyphonic_nms.cli", "serve"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -129,10 +146,15 @@ async def main_async(args: argparse.Namespace) -> int:
 
     quic_port, http_port = _free_port(socket.SOCK_DGRAM), _free_port(socket.SOCK_STREAM)
     env = {
-        **os.environ, "CYPHONIC_ENVIRONMENT": "test", "CYPHONIC_DATABASE_URL": database_url,
-        "CYPHONIC_PKI_DIR": str(work / "pki"), "CYPHONIC_QUIC_HOST": "127.0.0.1",
-        "CYPHONIC_QUIC_PORT": str(quic_port), "CYPHONIC_HTTP_PORT": str(http_port),
-        "CYPHONIC_ADMIN_TOKEN": TOKEN, "CYPHONIC_REPLICA_ID": "nms-bench",
+        **os.environ,
+        "CYPHONIC_ENVIRONMENT": "test",
+        "CYPHONIC_DATABASE_URL": database_url,
+        "CYPHONIC_PKI_DIR": str(work / "pki"),
+        "CYPHONIC_QUIC_HOST": "127.0.0.1",
+        "CYPHONIC_QUIC_PORT": str(quic_port),
+        "CYPHONIC_HTTP_PORT": str(http_port),
+        "CYPHONIC_ADMIN_TOKEN": TOKEN,
+        "CYPHONIC_REPLICA_ID": "nms-bench",
         "CYPHONIC_RELAY_TOKEN_SECRET": "bench-relay-secret-0123456789",
         "CYPHONIC_LOG_LEVEL": "warning",
         # Relayed routes need a TRS; its address is only handed out, never dialled here.
@@ -156,13 +178,20 @@ async def main_async(args: argparse.Namespace) -> int:
                     pass
                 await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)  # the QUIC endpoint opens right after the REST server
-        print(f"NMS pid {proc.pid}; {args.nodes} simulated nodes; registry "
-              f"{'postgres' if 'postgres' in database_url else 'sqlite'}; "
-              f"{'redis' if args.redis_url else 'in-process'} presence", flush=True)
+        print(
+            f"NMS pid {proc.pid}; {args.nodes} simulated nodes; registry "
+            f"{'postgres' if 'postgres' in database_url else 'sqlite'}; "
+            f"{'redis' if args.redis_url else 'in-process'} presence",
+            flush=True,
+        )
         identities = [issue_node_identity(material.node_ca, f"{n}.{DOMAIN}") for n in names]
         nodes = [
-            SimulatedNode(identity=ident, trust=material.trust, nms=("127.0.0.1", quic_port),
-                          server_name=f"nms.svc.{DOMAIN}")
+            SimulatedNode(
+                identity=ident,
+                trust=material.trust,
+                nms=("127.0.0.1", quic_port),
+                server_name=f"nms.svc.{DOMAIN}",
+            )
             for ident in identities
         ]
         await _phase("connect", [n.connect for n in nodes], args.concurrency, proc.pid)
@@ -176,22 +205,27 @@ async def main_async(args: argparse.Namespace) -> int:
             return lambda: node.register(addresses)
 
         reg = await _phase("register", [register(n) for n in nodes], args.concurrency, proc.pid)
-        await _phase("re-register", [register(n) for n in nodes], args.concurrency,
-                     proc.pid)
+        await _phase("re-register", [register(n) for n in nodes], args.concurrency, proc.pid)
 
         def route() -> Callable[[], Awaitable[object]]:
             a, b = rng.sample(nodes, 2)
             return lambda: a.route(fqdn=b.fqdn)
 
-        routes = await _phase("route", [route() for _ in range(args.routes)], args.concurrency,
-                              proc.pid)
+        routes = await _phase(
+            "route", [route() for _ in range(args.routes)], args.concurrency, proc.pid
+        )
         received = sum(len(n.of("route_direction")) for n in nodes)
-        print(f"route_direction pushes received: {received} "
-              f"(expected {2 * int(routes['count'])})", flush=True)
-        print(f"RESULT registrations_per_s={reg['per_second']:.1f} "
-              f"route_decisions_per_s={routes['per_second']:.1f} "
-              f"nms_cpu_ms_per_registration={reg['nms_cpu_ms_each']:.2f} "
-              f"nms_cpu_ms_per_route={routes['nms_cpu_ms_each']:.2f}", flush=True)
+        print(
+            f"route_direction pushes received: {received} (expected {2 * int(routes['count'])})",
+            flush=True,
+        )
+        print(
+            f"RESULT registrations_per_s={reg['per_second']:.1f} "
+            f"route_decisions_per_s={routes['per_second']:.1f} "
+            f"nms_cpu_ms_per_registration={reg['nms_cpu_ms_each']:.2f} "
+            f"nms_cpu_ms_per_route={routes['nms_cpu_ms_each']:.2f}",
+            flush=True,
+        )
         return 0 if reg["errors"] == 0 and routes["errors"] == 0 else 1
     finally:
         for node in nodes:
@@ -207,8 +241,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=200, help="simulated nodes (default 200)")
     parser.add_argument("--routes", type=int, default=2000, help="route requests (default 2000)")
-    parser.add_argument("--concurrency", type=int, default=32,
-                        help="requests in flight (default 32)")
+    parser.add_argument(
+        "--concurrency", type=int, default=32, help="requests in flight (default 32)"
+    )
     parser.add_argument("--database-url", help="registry URL (default: SQLite in a temp dir)")
     parser.add_argument("--redis-url", help="Redis URL (default: in-process presence)")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the NMS here")

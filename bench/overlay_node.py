@@ -74,8 +74,9 @@ async def run(args: argparse.Namespace) -> None:
             ack_immediately=args.ack_immediately,
         )
         peer = conn.peer.name if conn.peer else "?"
-        tunnel = Tunnel(core=core, conn=conn, addresses=frozenset({peer_address}), label=peer,
-                        pattern="direct")
+        tunnel = Tunnel(
+            core=core, conn=conn, addresses=frozenset({peer_address}), label=peer, pattern="direct"
+        )
         datapath.add_tunnel(tunnel)
         return TunnelHandler(conn, datapath, tunnel)
 
@@ -140,9 +141,15 @@ async def run(args: argparse.Namespace) -> None:
         datapath.stop()
         for tunnel in datapath.tunnels():
             s = tunnel.core.stats
-            log.info("tunnel stats", peer=tunnel.label, tx=s.tx_packets, rx=s.rx_packets,
-                     too_big=s.too_big, dropped_queue=s.dropped_queue_full,
-                     spoofed=s.dropped_spoofed)
+            log.info(
+                "tunnel stats",
+                peer=tunnel.label,
+                tx=s.tx_packets,
+                rx=s.rx_packets,
+                too_big=s.too_big,
+                dropped_queue=s.dropped_queue_full,
+                spoofed=s.dropped_spoofed,
+            )
         log.info("endpoint stats", **vars(endpoint.stats))
         await endpoint.close()
         if status is not None:
@@ -163,13 +170,23 @@ def main() -> int:
     parser.add_argument("--peer-fqdn", help="name the peer's certificate must carry")
     parser.add_argument("--mtu", type=int, default=1420)
     parser.add_argument("--max-pending", type=int, default=256)
-    parser.add_argument("--ack-immediately", action=argparse.BooleanOptionalAction,
-                        default=False, help="ACK in the next transmit pass instead of after "
-                        "aioquic's 1 ms ACK delay")
-    parser.add_argument("--engine", choices=["aioquic", "qh3"],
-                        help="QUIC engine (default: CYPHONIC_QUIC_ENGINE, else aioquic)")
-    parser.add_argument("--keepalive", type=float, default=10.0,
-                        help="seconds between QUIC PINGs on each tunnel (idle timeout 30 s)")
+    parser.add_argument(
+        "--ack-immediately",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="ACK in the next transmit pass instead of after aioquic's 1 ms ACK delay",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["aioquic", "qh3"],
+        help="QUIC engine (default: CYPHONIC_QUIC_ENGINE, else aioquic)",
+    )
+    parser.add_argument(
+        "--keepalive",
+        type=float,
+        default=10.0,
+        help="seconds between QUIC PINGs on each tunnel (idle timeout 30 s)",
+    )
     parser.add_argument("--ready-file")
     parser.add_argument("--status-socket", type=Path, help="serve the status API here")
     parser.add_argument("--profile", type=Path, help="write cProfile statistics here at exit")

@@ -113,8 +113,14 @@ class Phase:
     notes: list[str] = field(default_factory=list)
 
 
-UDP_COUNTERS = ("UdpRcvbufErrors", "UdpSndbufErrors", "UdpInErrors", "Udp6RcvbufErrors",
-                "Udp6SndbufErrors", "Udp6InErrors")
+UDP_COUNTERS = (
+    "UdpRcvbufErrors",
+    "UdpSndbufErrors",
+    "UdpInErrors",
+    "Udp6RcvbufErrors",
+    "Udp6SndbufErrors",
+    "Udp6InErrors",
+)
 
 
 def _udp_counters(node: Any) -> dict[str, int]:
@@ -147,14 +153,18 @@ class Bench:
         self.engine = engine
         self.redis = bed.start_redis("redis")
         self.services: OverlayServices = start_services(
-            bed, workdir=workdir, nms_args=["--redis-url", self.redis.url])
+            bed, workdir=workdir, nms_args=["--redis-url", self.redis.url]
+        )
         self.trs = start_trs(self.services, redis_url=self.redis.url)
         cpus = sorted(os.sched_getaffinity(0))
         self.trs_cpu: int | None = None
         if pin:
             self.trs_cpu = cpus[TRS_CPU % len(cpus)]
-            subprocess.run(["taskset", "-a", "-p", "-c", str(self.trs_cpu),
-                            str(self.trs.proc.pid)], check=True, capture_output=True)
+            subprocess.run(
+                ["taskset", "-a", "-p", "-c", str(self.trs_cpu), str(self.trs.proc.pid)],
+                check=True,
+                capture_output=True,
+            )
         self.alice, self.bob = bed.host("alice"), bed.host("bob")
         self.states = self.services.enrol_all([self.alice, self.bob])
         self.port = FIRST_PORT
@@ -164,8 +174,9 @@ class Bench:
             subnet = next(n for n in bed.topology.networks if n.name == lan).ipv4
             via = bed.router(router).address(uplink, 4)
             core.run(["ip", "route", "replace", str(subnet), "via", via], check=True)
-        self.rulesets = {r.name: render_ruleset(r) for r in bed.topology.routers
-                         if r.nat is not None}
+        self.rulesets = {
+            r.name: render_ruleset(r) for r in bed.topology.routers if r.nat is not None
+        }
 
     # -- the network -----------------------------------------------------------------------
 
@@ -183,9 +194,15 @@ class Bench:
         self.port += 1
         agents = []
         for node in (self.alice, self.bob):
-            agents.append(self.services.start_agent(
-                node, self.states[node.name], "--quic-port", str(self.port),
-                env={"CYPHONIC_QUIC_ENGINE": self.engine}))
+            agents.append(
+                self.services.start_agent(
+                    node,
+                    self.states[node.name],
+                    "--quic-port",
+                    str(self.port),
+                    env={"CYPHONIC_QUIC_ENGINE": self.engine},
+                )
+            )
         for agent in agents:
             agent.wait_up()
         return agents[0], agents[1]
@@ -193,8 +210,10 @@ class Bench:
     # -- measurements --------------------------------------------------------------------------
 
     def ping(self, phase: Phase, vip: str, count: int) -> None:
-        out = self.alice.run(["ping", "-n", "-q", "-c", str(count), "-i", "0.01", "-W", "2",
-                              vip], timeout=count * 0.05 + 30).stdout
+        out = self.alice.run(
+            ["ping", "-n", "-q", "-c", str(count), "-i", "0.01", "-W", "2", vip],
+            timeout=count * 0.05 + 30,
+        ).stdout
         m = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms", out)
         loss = re.search(r"([\d.]+)% packet loss", out)
         if not m:
@@ -203,15 +222,20 @@ class Bench:
         phase.ping_loss_pct = float(loss.group(1)) if loss else 0.0
 
     def iperf(self, vip: str, duration: float) -> tuple[float, int | None]:
-        server = self.bob.popen(["iperf3", "-s", "-1", "-B", vip, "-p", str(IPERF_PORT)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = self.bob.popen(
+            ["iperf3", "-s", "-1", "-B", vip, "-p", str(IPERF_PORT)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while f":{IPERF_PORT}" not in self.bob.run(["ss", "-Hltn"]).stdout:
             if time.monotonic() > deadline:
                 raise RuntimeError("iperf3 server did not listen")
             time.sleep(0.05)
-        out = self.alice.run(["iperf3", "-c", vip, "-p", str(IPERF_PORT), "-t", str(duration),
-                              "-O", "1", "-J"], timeout=duration + 60)
+        out = self.alice.run(
+            ["iperf3", "-c", vip, "-p", str(IPERF_PORT), "-t", str(duration), "-O", "1", "-J"],
+            timeout=duration + 60,
+        )
         server.wait(timeout=15)
         if out.returncode != 0:
             raise RuntimeError(f"iperf3 failed: {out.stdout[-2000:]}{out.stderr}")
@@ -221,16 +245,18 @@ class Bench:
     def stolen_cid(self, fqdn: str) -> str:
         """A relay CID owned by ``fqdn`` (from the CID table in Redis)."""
         cli = ["redis-cli", "-h", self.redis.address, "-p", str(self.redis.port)]
-        keys = self.redis.node.run([*cli, "--scan", "--pattern", "cyphonic:trs:cid:*"],
-                                   check=True).stdout.split()
+        keys = self.redis.node.run(
+            [*cli, "--scan", "--pattern", "cyphonic:trs:cid:*"], check=True
+        ).stdout.split()
         for key in keys:
             owner = self.redis.node.run([*cli, "hget", key, "fqdn"], check=True).stdout.strip()
             if owner == fqdn:
                 return key.rsplit(":", 1)[1]
         raise RuntimeError(f"no relay CID of {fqdn} in the CID table")
 
-    def phase(self, mode: str, repeat: int, *, duration: float, pings: int,
-              flood_pps: int) -> Phase:
+    def phase(
+        self, mode: str, repeat: int, *, duration: float, pings: int, flood_pps: int
+    ) -> Phase:
         result = Phase(mode=mode, repeat=repeat)
         self.translate(mode == "relayed")
         alice, bob = self.agents_up()
@@ -238,8 +264,10 @@ class Bench:
             vip = bob.status()["virtual_ipv4"]
             # The first packet to bob's virtual address asks the NMS for the route.
             deadline = time.monotonic() + 60
-            while self.alice.run(["ping", "-n", "-c", "1", "-W", "1", vip],
-                                 timeout=10).returncode != 0:
+            while (
+                self.alice.run(["ping", "-n", "-c", "1", "-W", "1", vip], timeout=10).returncode
+                != 0
+            ):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{mode}: no route to bob within 60 s")
             (row,) = [p for p in alice.status()["peers"] if p["fqdn"] == bob.fqdn]
@@ -258,15 +286,23 @@ class Bench:
             busy, total = (a - b for a, b in zip(_machine_ticks(), machine, strict=True))
             result.machine_busy = round(busy / max(total, 1), 2)
             result.agent_cpu_share = {
-                a.name: round((_cpu_ticks(a.proc.pid) - agent_ticks[a.name])
-                              / os.sysconf("SC_CLK_TCK") / elapsed, 2) for a in (alice, bob)}
+                a.name: round(
+                    (_cpu_ticks(a.proc.pid) - agent_ticks[a.name])
+                    / os.sysconf("SC_CLK_TCK")
+                    / elapsed,
+                    2,
+                )
+                for a in (alice, bob)
+            }
             for agent in (alice, bob):
                 (row,) = [p for p in agent.status()["peers"] if p["fqdn"] != agent.fqdn]
                 result.tunnel[agent.name] = row
             result.kernel_drops = {
                 f"{name} {k}": v - kernel[name][k]
                 for name, node in hosts.items()
-                for k, v in _udp_counters(node).items() if v != kernel[name][k]}
+                for k, v in _udp_counters(node).items()
+                if v != kernel[name][k]
+            }
             if mode == "relayed":
                 cpu_s = (_cpu_ticks(self.trs.proc.pid) - ticks) / os.sysconf("SC_CLK_TCK")
                 after = self.trs.get("/v1/replica")
@@ -282,13 +318,14 @@ class Bench:
                 agent.stop()
         return result
 
-    def flooded(self, result: Phase, vip: str, victim: str, *, duration: float,
-                pps: int) -> None:
+    def flooded(self, result: Phase, vip: str, victim: str, *, duration: float, pps: int) -> None:
         mallory = self.bed.host("mallory")
         trs_address = self.trs.node.address("cloud", 4)
-        flooder = mallory.popen([sys.executable, "-c", FLOODER, trs_address,
-                                 self.stolen_cid(victim), "1200", str(pps)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        flooder = mallory.popen(
+            [sys.executable, "-c", FLOODER, trs_address, self.stolen_cid(victim), "1200", str(pps)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             assert flooder.stdout is not None
             if flooder.stdout.readline() != b"ready\n":
@@ -301,14 +338,18 @@ class Bench:
             flooder.kill()
             flooder.wait(timeout=10)
         result.flood_pps = pps
-        result.flood_spoofed_dropped = (after["drops"].get("spoofed_source", 0)
-                                        - before["drops"].get("spoofed_source", 0))
+        result.flood_spoofed_dropped = after["drops"].get("spoofed_source", 0) - before[
+            "drops"
+        ].get("spoofed_source", 0)
         result.flood_to_local_server = after["to_local_server"] - before["to_local_server"]
         sessions = self.trs.get("/v1/sessions")["items"]
         flooder_ip = mallory.address("cloud", 4)
         result.flood_forwarded_to_flooder = any(
             side["address"].rsplit(":", 1)[0].strip("[]") == flooder_ip
-            for s in sessions for side in s["sides"] if side)
+            for s in sessions
+            for side in s["sides"]
+            if side
+        )
 
 
 def _spread(values: list[float]) -> str:
@@ -331,12 +372,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="direct + relayed phases")
     parser.add_argument("--duration", type=float, default=8, help="iperf3 seconds")
     parser.add_argument("--pings", type=int, default=300, help="pings per phase")
-    parser.add_argument("--flood-pps", type=int, default=20_000,
-                        help="flood rate during the second relayed iperf3 (0: none)")
-    parser.add_argument("--engine", choices=("aioquic", "qh3"), default="aioquic",
-                        help="the agents' QUIC engine (CYPHONIC_QUIC_ENGINE)")
-    parser.add_argument("--no-pin", action="store_true",
-                        help="leave the TRS on every CPU (default: pinned to one)")
+    parser.add_argument(
+        "--flood-pps",
+        type=int,
+        default=20_000,
+        help="flood rate during the second relayed iperf3 (0: none)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("aioquic", "qh3"),
+        default="aioquic",
+        help="the agents' QUIC engine (CYPHONIC_QUIC_ENGINE)",
+    )
+    parser.add_argument(
+        "--no-pin", action="store_true", help="leave the TRS on every CPU (default: pinned to one)"
+    )
     parser.add_argument("--json", action="store_true", help="also print one JSON object")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -352,19 +402,34 @@ def main(argv: list[str]) -> int:
             try:
                 for repeat in range(args.repeat):
                     for mode in ("direct", "relayed"):
-                        phase = bench.phase(mode, repeat, duration=args.duration,
-                                            pings=args.pings, flood_pps=args.flood_pps)
+                        phase = bench.phase(
+                            mode,
+                            repeat,
+                            duration=args.duration,
+                            pings=args.pings,
+                            flood_pps=args.flood_pps,
+                        )
                         phases.append(phase)
-                        print(f"  {mode:<8} #{repeat}: {phase.gbit_s:.3f} Gbit/s "
-                              f"({phase.retransmits} retransmits), "
-                              f"RTT avg {phase.rtt_avg_ms:.3f} ms"
-                              + (f", TRS {phase.trs_pps:,.0f} pps, send buffer full "
-                                 f"{phase.trs_send_dropped}" if phase.mode == "relayed" else "")
-                              + f", UDP drops {phase.kernel_drops}, agents' CPU share "
-                                f"{phase.agent_cpu_share}, all CPUs busy {phase.machine_busy:.0%}"
-                              + (f"; during the flood {phase.flood_gbit_s:.3f} Gbit/s "
-                                 f"({phase.flood_retransmits} retransmits)"
-                                 if phase.flood_gbit_s is not None else ""), flush=True)
+                        print(
+                            f"  {mode:<8} #{repeat}: {phase.gbit_s:.3f} Gbit/s "
+                            f"({phase.retransmits} retransmits), "
+                            f"RTT avg {phase.rtt_avg_ms:.3f} ms"
+                            + (
+                                f", TRS {phase.trs_pps:,.0f} pps, send buffer full "
+                                f"{phase.trs_send_dropped}"
+                                if phase.mode == "relayed"
+                                else ""
+                            )
+                            + f", UDP drops {phase.kernel_drops}, agents' CPU share "
+                            f"{phase.agent_cpu_share}, all CPUs busy {phase.machine_busy:.0%}"
+                            + (
+                                f"; during the flood {phase.flood_gbit_s:.3f} Gbit/s "
+                                f"({phase.flood_retransmits} retransmits)"
+                                if phase.flood_gbit_s is not None
+                                else ""
+                            ),
+                            flush=True,
+                        )
             finally:
                 bench.services.stop()
     one_core = trs_one_core(5.0)
@@ -373,41 +438,61 @@ def main(argv: list[str]) -> int:
     direct = [p for p in phases if p.mode == "direct"]
     relayed = [p for p in phases if p.mode == "relayed"]
     ratios = [r.gbit_s / d.gbit_s for d, r in zip(direct, relayed, strict=True) if d.gbit_s]
-    rtt_ratios = [r.rtt_avg_ms / d.rtt_avg_ms for d, r in zip(direct, relayed, strict=True)
-                  if d.rtt_avg_ms]
-    flood_ratios = [r.flood_gbit_s / r.gbit_s for r in relayed
-                    if r.flood_gbit_s is not None and r.gbit_s]
-    print(f"\nrelayed vs direct, {len(direct)} repeat(s), iperf3 TCP {args.duration:g} s, "
-          f"{args.pings} pings at 10 ms; load average before {' '.join(load_before)}, "
-          f"after {' '.join(load_after)}; {len(os.sched_getaffinity(0))} CPUs, "
-          f"TRS pinned to CPU {bench.trs_cpu} (None: not pinned); "
-          f"agents' QUIC engine {args.engine}")
+    rtt_ratios = [
+        r.rtt_avg_ms / d.rtt_avg_ms for d, r in zip(direct, relayed, strict=True) if d.rtt_avg_ms
+    ]
+    flood_ratios = [
+        r.flood_gbit_s / r.gbit_s for r in relayed if r.flood_gbit_s is not None and r.gbit_s
+    ]
+    print(
+        f"\nrelayed vs direct, {len(direct)} repeat(s), iperf3 TCP {args.duration:g} s, "
+        f"{args.pings} pings at 10 ms; load average before {' '.join(load_before)}, "
+        f"after {' '.join(load_after)}; {len(os.sched_getaffinity(0))} CPUs, "
+        f"TRS pinned to CPU {bench.trs_cpu} (None: not pinned); "
+        f"agents' QUIC engine {args.engine}"
+    )
     print(f"  direct  throughput Gbit/s: {_spread([p.gbit_s for p in direct])}")
     print(f"  relayed throughput Gbit/s: {_spread([p.gbit_s for p in relayed])}")
     print(f"  relayed / direct throughput (same repeat): {_spread(ratios)}  (target >= 0.7)")
-    print(f"  all CPUs busy during iperf3: direct "
-          f"{_spread([p.machine_busy for p in direct])}, relayed "
-          f"{_spread([p.machine_busy for p in relayed])}")
+    print(
+        f"  all CPUs busy during iperf3: direct "
+        f"{_spread([p.machine_busy for p in direct])}, relayed "
+        f"{_spread([p.machine_busy for p in relayed])}"
+    )
     print(f"  direct  RTT avg ms: {_spread([p.rtt_avg_ms for p in direct])}")
     print(f"  relayed RTT avg ms: {_spread([p.rtt_avg_ms for p in relayed])}")
     print(f"  relayed / direct RTT: {_spread(rtt_ratios)}")
-    print(f"  TRS during the relayed iperf3: "
-          f"{_spread([p.trs_pps or 0.0 for p in relayed])} pps, per TRS CPU-second "
-          f"{_spread([p.trs_pps_per_cpu_s or 0.0 for p in relayed])} pps, CPU share "
-          f"{_spread([p.trs_cpu_share or 0.0 for p in relayed])}")
+    print(
+        f"  TRS during the relayed iperf3: "
+        f"{_spread([p.trs_pps or 0.0 for p in relayed])} pps, per TRS CPU-second "
+        f"{_spread([p.trs_pps_per_cpu_s or 0.0 for p in relayed])} pps, CPU share "
+        f"{_spread([p.trs_cpu_share or 0.0 for p in relayed])}"
+    )
     if flood_ratios:
-        print(f"  relayed during a {args.flood_pps:,} pps flood (random CIDs + a stolen CID, "
-              f"1200 B): {_spread([p.flood_gbit_s or 0.0 for p in relayed])} Gbit/s; "
-              f"flood / quiet: {_spread(flood_ratios)}; stolen-CID packets refused "
-              f"{[p.flood_spoofed_dropped for p in relayed]}, random-CID packets to the "
-              f"TRS's QUIC server {[p.flood_to_local_server for p in relayed]}, flooder "
-              f"ever a relay side: {any(p.flood_forwarded_to_flooder for p in relayed)}")
-    print(f"  TRS on one core, loopback (bench/trs_forward.py): {one_core['relay_pps']:,} pps "
-          f"({one_core['relay_gbit_s']} Gbit/s of 1252 B), {one_core['relay_pps_per_cpu_s']:,} "
-          f"pps per relay CPU-second (relay got {one_core['relay_cpu_share']:.0%} of its CPU)")
+        print(
+            f"  relayed during a {args.flood_pps:,} pps flood (random CIDs + a stolen CID, "
+            f"1200 B): {_spread([p.flood_gbit_s or 0.0 for p in relayed])} Gbit/s; "
+            f"flood / quiet: {_spread(flood_ratios)}; stolen-CID packets refused "
+            f"{[p.flood_spoofed_dropped for p in relayed]}, random-CID packets to the "
+            f"TRS's QUIC server {[p.flood_to_local_server for p in relayed]}, flooder "
+            f"ever a relay side: {any(p.flood_forwarded_to_flooder for p in relayed)}"
+        )
+    print(
+        f"  TRS on one core, loopback (bench/trs_forward.py): {one_core['relay_pps']:,} pps "
+        f"({one_core['relay_gbit_s']} Gbit/s of 1252 B), {one_core['relay_pps_per_cpu_s']:,} "
+        f"pps per relay CPU-second (relay got {one_core['relay_cpu_share']:.0%} of its CPU)"
+    )
     if args.json:
-        print(json.dumps({"load_before": load_before, "load_after": load_after,
-                          "phases": [asdict(p) for p in phases], "trs_one_core": one_core}))
+        print(
+            json.dumps(
+                {
+                    "load_before": load_before,
+                    "load_after": load_after,
+                    "phases": [asdict(p) for p in phases],
+                    "trs_one_core": one_core,
+                }
+            )
+        )
     return 0
 
 

@@ -35,8 +35,19 @@ TARGET_MS = 50.0
 
 
 def _probe(node: Any, fqdn: str) -> dict[str, Any]:
-    proc = node.run([sys.executable, "-m", "cyphonic_testbed.overlay", "first-reply",
-                     "--name", fqdn, "--timeout", "15"], timeout=60)
+    proc = node.run(
+        [
+            sys.executable,
+            "-m",
+            "cyphonic_testbed.overlay",
+            "first-reply",
+            "--name",
+            fqdn,
+            "--timeout",
+            "15",
+        ],
+        timeout=60,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"probe failed: {proc.stderr}")
     result: dict[str, Any] = json.loads(proc.stdout)
@@ -59,9 +70,13 @@ def measure(pattern: int, rounds: int, workdir: Path) -> dict[str, Any]:
             result = _probe(bed.host(src), agents[dst].fqdn)
             result["load"] = load
             results.append(result)
-            print(f"pattern {pattern} round {i + 1}: DNS answer {result['dns_ms']:.1f} ms, "
-                  f"first echo reply {result['first_reply_ms']:.1f} ms after it "
-                  f"(load {load:.1f})", file=sys.stderr, flush=True)
+            print(
+                f"pattern {pattern} round {i + 1}: DNS answer {result['dns_ms']:.1f} ms, "
+                f"first echo reply {result['first_reply_ms']:.1f} ms after it "
+                f"(load {load:.1f})",
+                file=sys.stderr,
+                flush=True,
+            )
             if i + 1 < rounds:  # a fresh route next time: the peer starts over
                 agents[dst].stop()
                 agents[dst] = services.start_agent(bed.host(dst), states[dst])
@@ -70,9 +85,14 @@ def measure(pattern: int, rounds: int, workdir: Path) -> dict[str, Any]:
                 time.sleep(0.3)
         services.stop()
     ms = [r["first_reply_ms"] for r in results]
-    return {"pattern": pattern, "rounds": results, "median_ms": statistics.median(ms),
-            "min_ms": min(ms), "max_ms": max(ms),
-            "dns_median_ms": statistics.median(r["dns_ms"] for r in results)}
+    return {
+        "pattern": pattern,
+        "rounds": results,
+        "median_ms": statistics.median(ms),
+        "min_ms": min(ms),
+        "max_ms": max(ms),
+        "dns_median_ms": statistics.median(r["dns_ms"] for r in results),
+    }
 
 
 def main() -> int:
@@ -94,13 +114,17 @@ def main() -> int:
     if args.json:
         print(json.dumps(summaries, indent=2))
         return 0
-    print(f"{'pattern':<8} {'rounds':>6} {'DNS ms':>7} {'first reply ms (median/min/max)':>32}"
-          f"  target < {TARGET_MS:g} ms")
+    print(
+        f"{'pattern':<8} {'rounds':>6} {'DNS ms':>7} {'first reply ms (median/min/max)':>32}"
+        f"  target < {TARGET_MS:g} ms"
+    )
     for s in summaries:
         verdict = "PASS" if s["median_ms"] < TARGET_MS else "FAIL"
-        print(f"{s['pattern']:<8} {len(s['rounds']):>6} {s['dns_median_ms']:>7.1f} "
-              f"{s['median_ms']:>14.1f} / {s['min_ms']:.1f} / {s['max_ms']:.1f}"
-              f"{'':>8}{verdict}")
+        print(
+            f"{s['pattern']:<8} {len(s['rounds']):>6} {s['dns_median_ms']:>7.1f} "
+            f"{s['median_ms']:>14.1f} / {s['min_ms']:.1f} / {s['max_ms']:.1f}"
+            f"{'':>8}{verdict}"
+        )
     return 0
 
 

@@ -54,9 +54,15 @@ def _session(sender: tuple[str, int], sink: tuple[str, int]) -> tuple[RelaySessi
     cids_sender = tuple(issue_cid(1, os.urandom) for _ in range(16))
     cids_sink = tuple(issue_cid(1, os.urandom) for _ in range(16))
     session = RelaySession(
-        route_id="bench", replica_id=1, pair=("a.bench", "b.bench"), created_ms=0, version=2,
-        sides=(RelaySide(fqdn="a.bench", addr=sender, cids=cids_sender, allocated_ms=0),
-               RelaySide(fqdn="b.bench", addr=sink, cids=cids_sink, allocated_ms=0)),
+        route_id="bench",
+        replica_id=1,
+        pair=("a.bench", "b.bench"),
+        created_ms=0,
+        version=2,
+        sides=(
+            RelaySide(fqdn="a.bench", addr=sender, cids=cids_sender, allocated_ms=0),
+            RelaySide(fqdn="b.bench", addr=sink, cids=cids_sink, allocated_ms=0),
+        ),
     )
     return session, cids_sink[0]
 
@@ -69,12 +75,20 @@ def _material() -> Any:
     from cyphonic import pki
 
     with tempfile.TemporaryDirectory() as tmp:
-        return pki.init_pki(Path(tmp), domain="bench.internal",
-                            now=datetime.datetime.now(datetime.UTC))
+        return pki.init_pki(
+            Path(tmp), domain="bench.internal", now=datetime.datetime.now(datetime.UTC)
+        )
 
 
-def relay_main(sock: socket.socket, session: RelaySession, window: Any, ready: Any,
-               go: Any, out: Any, material: Any) -> None:
+def relay_main(
+    sock: socket.socket,
+    session: RelaySession,
+    window: Any,
+    ready: Any,
+    go: Any,
+    out: Any,
+    material: Any,
+) -> None:
     from cyphonic_trs.control import open_relaying_endpoint
 
     _pin(0)
@@ -83,9 +97,9 @@ def relay_main(sock: socket.socket, session: RelaySession, window: Any, ready: A
 
     async def run() -> dict[str, Any]:
         # The production path: the project's QUIC endpoint with the relay in its drain loop.
-        endpoint, relay = open_relaying_endpoint(sock=sock, core=core,
-                                                 identity=material.services["trs"],
-                                                 trust=material.trust, accept={})
+        endpoint, relay = open_relaying_endpoint(
+            sock=sock, core=core, identity=material.services["trs"], trust=material.trust, accept={}
+        )
 
         def wakeups() -> int:
             return endpoint.stats.wakeups
@@ -95,11 +109,14 @@ def relay_main(sock: socket.socket, session: RelaySession, window: Any, ready: A
         await asyncio.get_running_loop().run_in_executor(None, go.wait)
         t0, t1 = window[0], window[1]
         await asyncio.sleep(max(0.0, t0 - time.monotonic()))
-        start, wake0, cpu0, wall0 = (core.totals(), wakeups(), time.process_time(),
-                                     time.monotonic())
+        start, wake0, cpu0, wall0 = (
+            core.totals(),
+            wakeups(),
+            time.process_time(),
+            time.monotonic(),
+        )
         await asyncio.sleep(max(0.0, t1 - time.monotonic()))
-        end, wake1, cpu1, wall1 = (core.totals(), wakeups(), time.process_time(),
-                                   time.monotonic())
+        end, wake1, cpu1, wall1 = (core.totals(), wakeups(), time.process_time(), time.monotonic())
         send_dropped, send_errors = relay.send_dropped, relay.send_errors
         await endpoint.close()
         forwarded = end.forwarded_packets - start.forwarded_packets
@@ -184,8 +201,9 @@ def measure(*, duration: float, size: int) -> dict[str, Any]:
     ready, go = ctx.Event(), ctx.Event()
     pipes = [ctx.Pipe(duplex=False) for _ in range(3)]
     material = _material()
-    relay = ctx.Process(target=relay_main,
-                        args=(relay_sock, session, window, ready, go, pipes[0][1], material))
+    relay = ctx.Process(
+        target=relay_main, args=(relay_sock, session, window, ready, go, pipes[0][1], material)
+    )
     relay.start()
     if not ready.wait(60):
         relay.kill()
@@ -231,20 +249,28 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     runs = [measure(duration=args.duration, size=args.size) for _ in range(args.repeat)]
-    figures = {"duration_s": args.duration, "packet_bytes": args.size,
-               "core_decision_ns": round(core_only(args.size)),
-               "cpus": len(os.sched_getaffinity(0)), "runs": runs}
+    figures = {
+        "duration_s": args.duration,
+        "packet_bytes": args.size,
+        "core_decision_ns": round(core_only(args.size)),
+        "cpus": len(os.sched_getaffinity(0)),
+        "runs": runs,
+    }
     if args.json:
         print(json.dumps(figures))
         return 0
-    print(f"TRS forwarding, {args.size}-byte packets, relay pinned to one CPU, "
-          f"{args.duration:g}s each:")
+    print(
+        f"TRS forwarding, {args.size}-byte packets, relay pinned to one CPU, "
+        f"{args.duration:g}s each:"
+    )
     for r in runs:
-        print(f"  {r['via']:<13} forwarded {r['relay_pps']:>8,} pps "
-              f"({r['relay_gbit_s']} Gbit/s); per relay CPU-second {r['relay_pps_per_cpu_s']:>8,}"
-              f" pps (relay got {r['relay_cpu_share']:.0%} of its CPU); sender "
-              f"{r['sender_pps']:,} pps{' (relay saturated)' if r['relay_saturated'] else ''};"
-              f" sink {r['sink_pps']:,} pps; {r['packets_per_wakeup']} per wake-up")
+        print(
+            f"  {r['via']:<13} forwarded {r['relay_pps']:>8,} pps "
+            f"({r['relay_gbit_s']} Gbit/s); per relay CPU-second {r['relay_pps_per_cpu_s']:>8,}"
+            f" pps (relay got {r['relay_cpu_share']:.0%} of its CPU); sender "
+            f"{r['sender_pps']:,} pps{' (relay saturated)' if r['relay_saturated'] else ''};"
+            f" sink {r['sink_pps']:,} pps; {r['packets_per_wakeup']} per wake-up"
+        )
     print(f"  core decision alone: {figures['core_decision_ns']} ns/packet (no sockets)")
     return 0
 

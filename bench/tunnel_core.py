@@ -38,8 +38,7 @@ SERVER = ("192.0.2.2", 443)
 def pair(mtu: int, engine_name: str) -> tuple[Any, Any]:
     """A client and a server connection of the engine, node certificates both sides."""
     now = datetime.datetime.now(datetime.UTC)
-    material = pki.init_pki(Path(tempfile.mkdtemp(prefix="tunnel-core-")), now=now,
-                            services=())
+    material = pki.init_pki(Path(tempfile.mkdtemp(prefix="tunnel-core-")), now=now, services=())
     trust = pki.TrustStore(root=material.root_cert, node_ca=material.node_ca.cert)
 
     def node(name: str) -> pki.CertifiedKey:
@@ -50,8 +49,14 @@ def pair(mtu: int, engine_name: str) -> tuple[Any, Any]:
 
     def verifier(expected: str | None) -> Any:
         def verify(chain: list[x509.Certificate], _alpn: str | None) -> pki.PeerIdentity:
-            return pki.verify_peer(chain, trust=trust, expect="node", expected_name=expected,
-                                   now=datetime.datetime.now(datetime.UTC))
+            return pki.verify_peer(
+                chain,
+                trust=trust,
+                expect="node",
+                expected_name=expected,
+                now=datetime.datetime.now(datetime.UTC),
+            )
+
         return verify
 
     size = max_datagram_size_for(tun_mtu=mtu)
@@ -61,29 +66,51 @@ def pair(mtu: int, engine_name: str) -> tuple[Any, Any]:
 
         client = engine_qh3.Qh3QuicConnection(
             configuration=engine_qh3.make_configuration(
-                is_client=True, identity=a, alpn_protocols=[ALPN_TUNNEL], idle_timeout=60,
-                max_datagram_size=size, server_name="b.cyphonic.internal"),
-            peer_verifier=verifier("b.cyphonic.internal"))
+                is_client=True,
+                identity=a,
+                alpn_protocols=[ALPN_TUNNEL],
+                idle_timeout=60,
+                max_datagram_size=size,
+                server_name="b.cyphonic.internal",
+            ),
+            peer_verifier=verifier("b.cyphonic.internal"),
+        )
         client.connect(SERVER, now=time.monotonic())
         server = engine_qh3.Qh3QuicConnection(
             configuration=engine_qh3.make_configuration(
-                is_client=False, identity=b, alpn_protocols=[ALPN_TUNNEL], idle_timeout=60,
-                max_datagram_size=size),
+                is_client=False,
+                identity=b,
+                alpn_protocols=[ALPN_TUNNEL],
+                idle_timeout=60,
+                max_datagram_size=size,
+            ),
             peer_verifier=verifier(None),
-            original_destination_connection_id=client.original_destination_connection_id)
+            original_destination_connection_id=client.original_destination_connection_id,
+        )
         return client, server
     client = engine.CyphonicQuicConnection(
         configuration=engine.make_configuration(
-            is_client=True, identity=a, alpn_protocols=[ALPN_TUNNEL], idle_timeout=60,
-            max_datagram_size=size, server_name="b.cyphonic.internal"),
-        peer_verifier=verifier("b.cyphonic.internal"))
+            is_client=True,
+            identity=a,
+            alpn_protocols=[ALPN_TUNNEL],
+            idle_timeout=60,
+            max_datagram_size=size,
+            server_name="b.cyphonic.internal",
+        ),
+        peer_verifier=verifier("b.cyphonic.internal"),
+    )
     client.connect(SERVER, now=time.monotonic())
     server = engine.CyphonicQuicConnection(
         configuration=engine.make_configuration(
-            is_client=False, identity=b, alpn_protocols=[ALPN_TUNNEL], idle_timeout=60,
-            max_datagram_size=size),
+            is_client=False,
+            identity=b,
+            alpn_protocols=[ALPN_TUNNEL],
+            idle_timeout=60,
+            max_datagram_size=size,
+        ),
         peer_verifier=verifier(None),
-        original_destination_connection_id=client.original_destination_connection_id)
+        original_destination_connection_id=client.original_destination_connection_id,
+    )
     return client, server
 
 
@@ -110,9 +137,17 @@ def main() -> None:
     assert a.ready and b.ready, "handshake did not complete"
 
     payload = bytes(args.size - 28)
-    packet = build_ipv4_header(src=b"\x64\x40\x00\x01", dst=b"\x64\x40\x00\x02",
-                               protocol=PROTO_UDP, payload_length=len(payload) + 8,
-                               flags_frag=0x4000) + struct.pack("!HHHH", 1, 2, 0, 0) + payload
+    packet = (
+        build_ipv4_header(
+            src=b"\x64\x40\x00\x01",
+            dst=b"\x64\x40\x00\x02",
+            protocol=PROTO_UDP,
+            payload_length=len(payload) + 8,
+            flags_frag=0x4000,
+        )
+        + struct.pack("!HHHH", 1, 2, 0, 0)
+        + payload
+    )
     batch = [packet] * args.batch
     send_t = recv_t = 0.0
     delivered = 0
@@ -147,12 +182,17 @@ def main() -> None:
         profiler.disable()
     per_send = send_t / delivered * 1e6
     per_recv = recv_t / delivered * 1e6
-    print(f"{args.engine} TunnelCore, {delivered} packets of {args.size} B, "
-          f"batches of {args.batch}")
-    print(f"  sender   {per_send:6.1f} us/packet  (one core: {1e6 / per_send:,.0f} pkt/s, "
-          f"{1e6 / per_send * args.size * 8 / 1e9:.2f} Gbit/s)")
-    print(f"  receiver {per_recv:6.1f} us/packet  (one core: {1e6 / per_recv:,.0f} pkt/s, "
-          f"{1e6 / per_recv * args.size * 8 / 1e9:.2f} Gbit/s)")
+    print(
+        f"{args.engine} TunnelCore, {delivered} packets of {args.size} B, batches of {args.batch}"
+    )
+    print(
+        f"  sender   {per_send:6.1f} us/packet  (one core: {1e6 / per_send:,.0f} pkt/s, "
+        f"{1e6 / per_send * args.size * 8 / 1e9:.2f} Gbit/s)"
+    )
+    print(
+        f"  receiver {per_recv:6.1f} us/packet  (one core: {1e6 / per_recv:,.0f} pkt/s, "
+        f"{1e6 / per_recv * args.size * 8 / 1e9:.2f} Gbit/s)"
+    )
     print(f"  dropped: queue {a.stats.dropped_queue_full}, not ready {a.stats.dropped_not_ready}")
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(15)

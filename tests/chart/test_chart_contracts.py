@@ -15,14 +15,21 @@ from .conftest import CHART_DIR, FULLNAME, containers, helm, pod_spec, render_ch
 
 # ------------------------------------------------------------------------------ hooks
 
+
 def _hooks(annotations: dict[str, str]) -> set[str]:
     return set(annotations.get("helm.sh/hook", "").split(","))
 
 
 @pytest.mark.parametrize("external", [True, False], ids=["external-db", "in-chart-db"])
 def test_migrations_hook_runs_before_the_deployments(render: Any, external: bool) -> None:
-    values = {"postgresql": {"enabled": False},
-              "externalDatabase": {"host": "db", "existingSecret": "db"}} if external else {}
+    values = (
+        {
+            "postgresql": {"enabled": False},
+            "externalDatabase": {"host": "db", "existingSecret": "db"},
+        }
+        if external
+        else {}
+    )
     rendered = render(values)
     job = next(m for m in rendered if m.kind == "Job" and m.name == f"{FULLNAME}-migrate")
     (ctr,) = containers(job.doc)
@@ -32,16 +39,16 @@ def test_migrations_hook_runs_before_the_deployments(render: Any, external: bool
     assert "pre-upgrade" in hooks
     # A fresh install migrates before the Deployments when the database already exists;
     # the in-chart database is created with the release, so then right after it.
-    assert hooks == ({"pre-install", "pre-upgrade"} if external
-                     else {"post-install", "pre-upgrade"})
+    assert hooks == (
+        {"pre-install", "pre-upgrade"} if external else {"post-install", "pre-upgrade"}
+    )
     # The workloads themselves are ordinary release objects, never hooks.
     for m in rendered:
         if m.kind in ("Deployment", "StatefulSet"):
             assert not m.is_hook, f"{m.kind}/{m.name} must not be a hook"
     # Within pre-* hooks Helm runs lower weights first: the PKI Job before the migrations.
     pki = next(m for m in rendered if m.kind == "Job" and m.name == f"{FULLNAME}-pki")
-    assert int(pki.annotations["helm.sh/hook-weight"]) < \
-        int(job.annotations["helm.sh/hook-weight"])
+    assert int(pki.annotations["helm.sh/hook-weight"]) < int(job.annotations["helm.sh/hook-weight"])
     assert {"pre-install", "pre-upgrade"} <= _hooks(pki.annotations)
 
 
@@ -51,7 +58,8 @@ def test_pki_job_rbac_is_limited_to_its_secrets(render: Any) -> None:
     get_rule, create_rule = role["rules"]
     assert get_rule["verbs"] == ["get"] and create_rule["verbs"] == ["create"]
     assert sorted(get_rule["resourceNames"]) == sorted(
-        f"{FULLNAME}-pki-{p}" for p in ("as", "ca", "nms", "trs"))
+        f"{FULLNAME}-pki-{p}" for p in ("as", "ca", "nms", "trs")
+    )
     # Hook helpers exist before the Job and go away after it.
     for kind in ("ServiceAccount", "Role", "RoleBinding", "ConfigMap"):
         m = next(x for x in rendered if x.kind == kind and x.name == f"{FULLNAME}-pki")
@@ -74,30 +82,43 @@ def test_pki_job_absent_when_operator_brings_the_secrets(render: Any) -> None:
 def test_generated_secrets_are_kept_and_existing_ones_used(render: Any) -> None:
     rendered = render()
     generated = {m.name: m for m in rendered.of_kind("Secret")}
-    assert set(generated) == {f"{FULLNAME}-{n}" for n in
-                              ("admin-token", "relay-token", "postgresql", "redis")}
+    assert set(generated) == {
+        f"{FULLNAME}-{n}" for n in ("admin-token", "relay-token", "postgresql", "redis")
+    }
     for m in generated.values():
         assert m.annotations["helm.sh/resource-policy"] == "keep"
     # Offline rendering has no cluster to look up: each rendering makes new values.
     again = {m.name: m.doc["data"] for m in render().of_kind("Secret")}
     assert all(again[n] != m.doc["data"] for n, m in generated.items())
 
-    rendered = render({"adminToken": {"existingSecret": "ops-admin"},
-                       "relayToken": {"existingSecret": "ops-relay"},
-                       "postgresql": {"existingSecret": "ops-pg"},
-                       "redis": {"existingSecret": "ops-redis"}})
+    rendered = render(
+        {
+            "adminToken": {"existingSecret": "ops-admin"},
+            "relayToken": {"existingSecret": "ops-relay"},
+            "postgresql": {"existingSecret": "ops-pg"},
+            "redis": {"existingSecret": "ops-redis"},
+        }
+    )
     assert rendered.of_kind("Secret") == []
     (ctr,) = containers(rendered.get("Deployment", f"{FULLNAME}-nms"))
-    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"]
-            for e in ctr["env"] if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]}
-    assert refs == {"DATABASE_PASSWORD": "ops-pg", "REDIS_PASSWORD": "ops-redis",
-                    "CYPHONIC_RELAY_TOKEN_SECRET": "ops-relay"}
-    volumes = {v["name"]: v for v in pod_spec(rendered.get("Deployment", f"{FULLNAME}-nms"))
-               ["volumes"]}
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]["name"]
+        for e in ctr["env"]
+        if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]
+    }
+    assert refs == {
+        "DATABASE_PASSWORD": "ops-pg",
+        "REDIS_PASSWORD": "ops-redis",
+        "CYPHONIC_RELAY_TOKEN_SECRET": "ops-relay",
+    }
+    volumes = {
+        v["name"]: v for v in pod_spec(rendered.get("Deployment", f"{FULLNAME}-nms"))["volumes"]
+    }
     assert volumes["admin-token"]["secret"]["secretName"] == "ops-admin"
 
 
 # ------------------------------------------------------------------------------ replicas
+
 
 def test_replicas_pdbs_and_autoscalers(render: Any) -> None:
     rendered = render({"as": {"replicas": 3}, "nms": {"replicas": 4}, "trs": {"replicas": 5}})
@@ -105,16 +126,20 @@ def test_replicas_pdbs_and_autoscalers(render: Any) -> None:
     assert rendered.get("Deployment", f"{FULLNAME}-nms")["spec"]["replicas"] == 4
     assert rendered.get("StatefulSet", f"{FULLNAME}-trs")["spec"]["replicas"] == 5
     assert {m.name for m in rendered.of_kind("PodDisruptionBudget")} == {
-        f"{FULLNAME}-{c}" for c in ("as", "nms", "trs")}
+        f"{FULLNAME}-{c}" for c in ("as", "nms", "trs")
+    }
     assert rendered.of_kind("HorizontalPodAutoscaler") == []
 
     single = render({"as": {"replicas": 1}, "nms": {"replicas": 1}, "trs": {"replicas": 1}})
     # A PDB on one replica would block every node drain.
     assert single.of_kind("PodDisruptionBudget") == []
 
-    scaled = render({"nms": {"autoscaling": {"enabled": True, "minReplicas": 3,
-                                              "maxReplicas": 8}},
-                     "trs": {"autoscaling": {"enabled": True}}})
+    scaled = render(
+        {
+            "nms": {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 8}},
+            "trs": {"autoscaling": {"enabled": True}},
+        }
+    )
     hpas = {m.name: m.doc["spec"] for m in scaled.of_kind("HorizontalPodAutoscaler")}
     assert hpas[f"{FULLNAME}-nms"]["scaleTargetRef"]["kind"] == "Deployment"
     assert hpas[f"{FULLNAME}-nms"]["minReplicas"] == 3
@@ -127,8 +152,10 @@ def test_replicas_pdbs_and_autoscalers(render: Any) -> None:
 def test_trs_replica_number_is_the_statefulset_ordinal(render: Any) -> None:
     (ctr,) = containers(render().get("StatefulSet", f"{FULLNAME}-trs"))
     env = {e["name"]: e for e in ctr["env"]}
-    assert env["CYPHONIC_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == \
-        "metadata.labels['apps.kubernetes.io/pod-index']"
+    assert (
+        env["CYPHONIC_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
+        == "metadata.labels['apps.kubernetes.io/pod-index']"
+    )
 
 
 def test_trs_fetches_the_crl_from_the_as_service(render: Any) -> None:
@@ -141,9 +168,13 @@ def test_trs_fetches_the_crl_from_the_as_service(render: Any) -> None:
 
 
 def test_public_endpoints_reach_the_services(render: Any) -> None:
-    rendered = render({"as": {"publicEndpoints": ["as.example.net:443"]},
-                       "nms": {"publicEndpoints": ["192.0.2.7:443", "[2001:db8::7]:443"]},
-                       "trs": {"publicEndpoints": ["relay.example.net:443"]}})
+    rendered = render(
+        {
+            "as": {"publicEndpoints": ["as.example.net:443"]},
+            "nms": {"publicEndpoints": ["192.0.2.7:443", "[2001:db8::7]:443"]},
+            "trs": {"publicEndpoints": ["relay.example.net:443"]},
+        }
+    )
 
     def env_of(kind: str, component: str) -> dict[str, Any]:
         (ctr,) = containers(rendered.get(kind, f"{FULLNAME}-{component}"))
@@ -152,15 +183,18 @@ def test_public_endpoints_reach_the_services(render: Any) -> None:
     as_env = env_of("Deployment", "as")
     assert json.loads(as_env["CYPHONIC_AS_ENDPOINTS"]) == ["as.example.net:443"]
     # What the AS tells nodes about the NMS is the NMS's public address.
-    assert json.loads(as_env["CYPHONIC_NMS_ENDPOINTS"]) == ["192.0.2.7:443",
-                                                            "[2001:db8::7]:443"]
-    assert json.loads(env_of("Deployment", "nms")["CYPHONIC_PUBLIC_QUIC_ADDRESSES"]) == \
-        ["192.0.2.7:443", "[2001:db8::7]:443"]
-    assert json.loads(env_of("StatefulSet", "trs")["CYPHONIC_PUBLIC_ENDPOINTS"]) == \
-        ["relay.example.net:443"]
+    assert json.loads(as_env["CYPHONIC_NMS_ENDPOINTS"]) == ["192.0.2.7:443", "[2001:db8::7]:443"]
+    assert json.loads(env_of("Deployment", "nms")["CYPHONIC_PUBLIC_QUIC_ADDRESSES"]) == [
+        "192.0.2.7:443",
+        "[2001:db8::7]:443",
+    ]
+    assert json.loads(env_of("StatefulSet", "trs")["CYPHONIC_PUBLIC_ENDPOINTS"]) == [
+        "relay.example.net:443"
+    ]
 
 
 # ------------------------------------------------------------------------------ agent
+
 
 def test_agent_daemonset_has_tun_and_net_admin(render: Any) -> None:
     rendered = render({"agent": {"enabled": True, "tokenSecret": "tokens"}})
@@ -170,8 +204,10 @@ def test_agent_daemonset_has_tun_and_net_admin(render: Any) -> None:
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     agent = next(c for c in pod["containers"] if c["name"] == "agent")
     assert agent["args"][0] == "up"
-    assert agent["securityContext"]["capabilities"] == {"drop": ["ALL"],
-                                                        "add": ["NET_ADMIN", "NET_BIND_SERVICE"]}
+    assert agent["securityContext"]["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["NET_ADMIN", "NET_BIND_SERVICE"],
+    }
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["dev-net-tun"]["hostPath"] == {"path": "/dev/net/tun", "type": "CharDevice"}
     mounts = {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}
@@ -190,8 +226,9 @@ def test_helm_test_checks_every_readyz(render: Any) -> None:
     pod = rendered.get("Pod", f"{FULLNAME}-test-readyz")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     urls = [a for a in pod["spec"]["containers"][0]["command"] if a.startswith("http://")]
-    assert urls == [f"http://{FULLNAME}-{c}:{p}/readyz"
-                    for c, p in (("as", 8081), ("nms", 8082), ("trs", 8083))]
+    assert urls == [
+        f"http://{FULLNAME}-{c}:{p}/readyz" for c, p in (("as", 8081), ("nms", 8082), ("trs", 8083))
+    ]
 
 
 def test_notes_tell_how_to_enrol_a_first_node(chart: Any) -> None:
@@ -210,8 +247,7 @@ BAD_VALUES = [
     ({"tpyo": True}, "'tpyo' not allowed", ""),
     ({"as": {"service": {"type": "External"}}}, "/as/service/type", "LoadBalancer"),
     ({"trs": {"service": {"port": 70000}}}, "/trs/service/port", "want 65,535"),
-    ({"nms": {"publicEndpoints": ["nms.example.net:443"]}}, "/nms/publicEndpoints/0",
-     "pattern"),
+    ({"nms": {"publicEndpoints": ["nms.example.net:443"]}}, "/nms/publicEndpoints/0", "pattern"),
     ({"logLevel": "verbose"}, "/logLevel", "debug"),
     ({"domain": "Not A Domain"}, "/domain", "pattern"),
     ({"as": {"service": {"nodePort": 80}}}, "/as/service/nodePort", "want 30,000"),
@@ -220,11 +256,14 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize(("values", "where", "what"), BAD_VALUES,
-                         ids=[next(iter(v)) + "-" + str(i) for i, (v, _, _) in
-                              enumerate(BAD_VALUES)])
-def test_schema_rejects_bad_values_with_a_clear_message(chart: Any, values: dict[str, Any],
-                                                        where: str, what: str) -> None:
+@pytest.mark.parametrize(
+    ("values", "where", "what"),
+    BAD_VALUES,
+    ids=[next(iter(v)) + "-" + str(i) for i, (v, _, _) in enumerate(BAD_VALUES)],
+)
+def test_schema_rejects_bad_values_with_a_clear_message(
+    chart: Any, values: dict[str, Any], where: str, what: str
+) -> None:
     with pytest.raises(helm.HelmValuesError) as caught:
         chart.validate_schema(values)
     message = str(caught.value)
@@ -236,22 +275,32 @@ def test_schema_rejects_bad_values_with_a_clear_message(chart: Any, values: dict
 
 def test_schema_accepts_the_documented_values(chart: Any) -> None:
     chart.validate_schema({})
-    chart.validate_schema({"nms": {"publicEndpoints": ["192.0.2.1:443", "[2001:db8::1]:443"]},
-                           "trs": {"publicEndpoints": ["relay.example.net:443"]},
-                           "as": {"service": {"type": "NodePort", "nodePort": 30443}}})
+    chart.validate_schema(
+        {
+            "nms": {"publicEndpoints": ["192.0.2.1:443", "[2001:db8::1]:443"]},
+            "trs": {"publicEndpoints": ["relay.example.net:443"]},
+            "as": {"service": {"type": "NodePort", "nodePort": 30443}},
+        }
+    )
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"postgresql": {"enabled": False}}, "externalDatabase.existingSecret"),
-    ({"postgresql": {"enabled": False}, "externalDatabase": {"existingSecret": "db"}},
-     "externalDatabase.host"),
-    ({"redis": {"enabled": False}}, "externalRedis.host"),
-    ({"nms": {"offlineTimeoutSeconds": 10}}, "offlineTimeoutSeconds must be longer"),
-    ({"agent": {"enabled": True}}, "agent.tokenSecret"),
-    ({"unprivilegedPortSysctl": False}, "quicContainerPort >= 1024"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"postgresql": {"enabled": False}}, "externalDatabase.existingSecret"),
+        (
+            {"postgresql": {"enabled": False}, "externalDatabase": {"existingSecret": "db"}},
+            "externalDatabase.host",
+        ),
+        ({"redis": {"enabled": False}}, "externalRedis.host"),
+        ({"nms": {"offlineTimeoutSeconds": 10}}, "offlineTimeoutSeconds must be longer"),
+        ({"agent": {"enabled": True}}, "agent.tokenSecret"),
+        ({"unprivilegedPortSysctl": False}, "quicContainerPort >= 1024"),
+    ],
+)
 def test_inconsistent_values_fail_rendering_with_what_to_set(
-        chart: Any, values: dict[str, Any], message: str) -> None:
+    chart: Any, values: dict[str, Any], message: str
+) -> None:
     with pytest.raises(helm.HelmError) as caught:
         render_chart(chart, values)
     assert message in str(caught.value)
@@ -259,12 +308,20 @@ def test_inconsistent_values_fail_rendering_with_what_to_set(
 
 # ------------------------------------------------------------------------------ lint
 
-@pytest.mark.parametrize("values", [{}, {"postgresql": {"enabled": False},
-                                         "externalDatabase": {"host": "db",
-                                                              "existingSecret": "db"},
-                                         "redis": {"enabled": False},
-                                         "externalRedis": {"host": "redis"}}],
-                         ids=["defaults", "external"])
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        {
+            "postgresql": {"enabled": False},
+            "externalDatabase": {"host": "db", "existingSecret": "db"},
+            "redis": {"enabled": False},
+            "externalRedis": {"host": "redis"},
+        },
+    ],
+    ids=["defaults", "external"],
+)
 def test_lint_strict_is_clean(values: dict[str, Any]) -> None:
     report = helm.lint(CHART_DIR, values, strict=True, namespace="overlay")
     problems = [m for m in report["messages"] if m["severity"] >= 2]
@@ -278,6 +335,7 @@ def test_lint_strict_reports_schema_violations() -> None:
 
 # ------------------------------------------------------------------------------ contracts
 
+
 def _service_settings() -> dict[str, Any]:
     from cyphonic_auth.config import AuthSettings
     from cyphonic_nms.config import NmsSettings
@@ -288,25 +346,35 @@ def _service_settings() -> dict[str, Any]:
 
 def test_every_cyphonic_env_var_is_a_setting_of_its_service(render: Any) -> None:
     """A CYPHONIC_* variable the service does not know would be silently ignored."""
-    rendered = render({"as": {"publicEndpoints": ["as.example.net:443"]},
-                       "nms": {"publicEndpoints": ["192.0.2.7:443"], "ipv6Pool": "fd00:1::/48"},
-                       "trs": {"publicEndpoints": ["relay.example.net:443"]}})
+    rendered = render(
+        {
+            "as": {"publicEndpoints": ["as.example.net:443"]},
+            "nms": {"publicEndpoints": ["192.0.2.7:443"], "ipv6Pool": "fd00:1::/48"},
+            "trs": {"publicEndpoints": ["relay.example.net:443"]},
+        }
+    )
     for component, settings in _service_settings().items():
         kind = "StatefulSet" if component == "trs" else "Deployment"
         (ctr,) = containers(rendered.get(kind, f"{FULLNAME}-{component}"))
         names = [e["name"] for e in ctr["env"] if e["name"].startswith("CYPHONIC_")]
-        unknown = [n for n in names
-                   if n.removeprefix("CYPHONIC_").lower() not in settings.model_fields]
+        unknown = [
+            n for n in names if n.removeprefix("CYPHONIC_").lower() not in settings.model_fields
+        ]
         assert unknown == [], f"{component}: {unknown} are not settings of {settings.__name__}"
 
 
 def test_rendered_env_values_parse_as_the_services_settings(
-        render: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    render: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """The literal values the chart sets (lists as JSON, numbers as strings) are accepted
     by each service's settings class."""
-    rendered = render({"as": {"publicEndpoints": ["as.example.net:443"]},
-                       "nms": {"publicEndpoints": ["192.0.2.7:443", "[2001:db8::7]:443"]},
-                       "trs": {"publicEndpoints": ["relay.example.net:443"]}})
+    rendered = render(
+        {
+            "as": {"publicEndpoints": ["as.example.net:443"]},
+            "nms": {"publicEndpoints": ["192.0.2.7:443", "[2001:db8::7]:443"]},
+            "trs": {"publicEndpoints": ["relay.example.net:443"]},
+        }
+    )
     token = tmp_path / "admin-token"
     token.write_text("t" * 40)
     for component, settings in _service_settings().items():
@@ -315,8 +383,12 @@ def test_rendered_env_values_parse_as_the_services_settings(
         with monkeypatch.context() as mp:
             for e in ctr["env"]:
                 if e["name"].startswith("CYPHONIC_") and "value" in e:
-                    mp.setenv(e["name"], e["value"].replace("$(DATABASE_PASSWORD)", "pw")
-                              .replace("$(REDIS_PASSWORD)", "pw"))
+                    mp.setenv(
+                        e["name"],
+                        e["value"]
+                        .replace("$(DATABASE_PASSWORD)", "pw")
+                        .replace("$(REDIS_PASSWORD)", "pw"),
+                    )
             mp.setenv("CYPHONIC_ADMIN_TOKEN_FILE", str(token))
             mp.setenv("CYPHONIC_RELAY_TOKEN_SECRET", "r" * 32)
             mp.setenv("CYPHONIC_REPLICA_ID", "1")
@@ -354,8 +426,7 @@ def _load_bootstrap() -> Any:
     return module
 
 
-def test_pki_secret_layout_matches_what_init_pki_writes_and_services_load(
-        tmp_path: Path) -> None:
+def test_pki_secret_layout_matches_what_init_pki_writes_and_services_load(tmp_path: Path) -> None:
     from cyphonic.pki import init_pki, load_identity, load_trust_store
 
     layout = _load_bootstrap().LAYOUT
@@ -376,17 +447,20 @@ def test_pki_secret_layout_matches_what_init_pki_writes_and_services_load(
     assert "node-ca.key" in layout["as"] and "node-ca.key" not in layout["nms"]
 
 
-@pytest.mark.parametrize("expression", [
-    "as.publicEndpoints={203.0.113.10:443}",
-    "nms.publicEndpoints={203.0.113.11:443}",
-    "trs.publicEndpoints={203.0.113.12:443}",
-    "postgresql.enabled=false,externalDatabase.host=db.example.net,"
-    "externalDatabase.existingSecret=cyphonic-db",
-    "redis.enabled=false,externalRedis.host=redis.example.net,"
-    "externalRedis.existingSecret=cyphonic-redis",
-    "agent.enabled=true,agent.tokenSecret=agent-tokens",
-    "image.registry=registry.example.net/cyphonic",
-])
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "as.publicEndpoints={203.0.113.10:443}",
+        "nms.publicEndpoints={203.0.113.11:443}",
+        "trs.publicEndpoints={203.0.113.12:443}",
+        "postgresql.enabled=false,externalDatabase.host=db.example.net,"
+        "externalDatabase.existingSecret=cyphonic-db",
+        "redis.enabled=false,externalRedis.host=redis.example.net,"
+        "externalRedis.existingSecret=cyphonic-redis",
+        "agent.enabled=true,agent.tokenSecret=agent-tokens",
+        "image.registry=registry.example.net/cyphonic",
+    ],
+)
 def test_documented_set_flags_are_accepted(chart: Any, expression: str) -> None:
     """The `--set` lines of docs/kubernetes.md and NOTES.txt parse and pass the schema."""
     docs = (CHART_DIR.parents[1] / "docs" / "kubernetes.md").read_text()

@@ -19,8 +19,7 @@ EXTERNAL = {
     "postgresql": {"enabled": False},
     "externalDatabase": {"host": "db.example.net", "existingSecret": "cyphonic-db"},
     "redis": {"enabled": False},
-    "externalRedis": {"host": "redis.example.net", "existingSecret": "cyphonic-redis",
-                      "tls": True},
+    "externalRedis": {"host": "redis.example.net", "existingSecret": "cyphonic-redis", "tls": True},
 }
 EXTERNAL_DSN = {
     "postgresql": {"enabled": False},
@@ -42,11 +41,16 @@ EXISTING_SECRETS = {
     "pki": {"generate": False, "secretPrefix": "ops-pki"},
 }
 AGENT_AND_INGRESS = {
-    "agent": {"enabled": True, "tokenSecret": "enrolment-tokens",
-              "rootCaSha256": "ab" * 32},
-    "as": {"ingress": {"enabled": True, "className": "nginx", "hosts": ["enrol.example.net"],
-                       "tls": [{"hosts": ["enrol.example.net"], "secretName": "enrol-tls"}]},
-           "publicEndpoints": ["as.example.net:443"]},
+    "agent": {"enabled": True, "tokenSecret": "enrolment-tokens", "rootCaSha256": "ab" * 32},
+    "as": {
+        "ingress": {
+            "enabled": True,
+            "className": "nginx",
+            "hosts": ["enrol.example.net"],
+            "tls": [{"hosts": ["enrol.example.net"], "secretName": "enrol-tls"}],
+        },
+        "publicEndpoints": ["as.example.net:443"],
+    },
     "nms": {"publicEndpoints": ["192.0.2.10:443", "[2001:db8::10]:443"]},
     "trs": {"publicEndpoints": ["relay.example.net:443"]},
 }
@@ -77,8 +81,9 @@ def scenario(request: pytest.FixtureRequest, render: Any) -> tuple[str, Rendered
     return request.param, render(SCENARIOS[request.param])
 
 
-def test_every_object_is_valid_kubernetes(scenario: tuple[str, Rendered],
-                                          kube_validate: Any) -> None:
+def test_every_object_is_valid_kubernetes(
+    scenario: tuple[str, Rendered], kube_validate: Any
+) -> None:
     from kubernetes_validate.utils import latest_version
 
     _, rendered = scenario
@@ -88,8 +93,9 @@ def test_every_object_is_valid_kubernetes(scenario: tuple[str, Rendered],
             try:
                 kube_validate(m.doc, version)
             except Exception as exc:
-                pytest.fail(f"{m.template} {m.kind}/{m.name} invalid for Kubernetes "
-                            f"{version}: {exc}")
+                pytest.fail(
+                    f"{m.template} {m.kind}/{m.name} invalid for Kubernetes {version}: {exc}"
+                )
 
 
 def test_names_are_unique_and_dns_safe(scenario: tuple[str, Rendered]) -> None:
@@ -107,8 +113,9 @@ def test_quic_services_expose_udp_443(scenario: tuple[str, Rendered]) -> None:
         (port,) = service["spec"]["ports"]
         assert port["protocol"] == "UDP" and port["port"] == 443
         assert port["targetPort"] == "quic"
-        expected_type = name.removeprefix("service-") if name.startswith("service-") \
-            else "LoadBalancer"
+        expected_type = (
+            name.removeprefix("service-") if name.startswith("service-") else "LoadBalancer"
+        )
         assert service["spec"]["type"] == expected_type
         if expected_type == "NodePort":
             assert port["nodePort"] == 30443
@@ -131,8 +138,7 @@ def test_admin_services_are_tcp_on_the_admin_port(scenario: tuple[str, Rendered]
         ]
 
 
-def test_probes_hit_healthz_and_readyz_on_the_admin_port(
-        scenario: tuple[str, Rendered]) -> None:
+def test_probes_hit_healthz_and_readyz_on_the_admin_port(scenario: tuple[str, Rendered]) -> None:
     _, rendered = scenario
     for component, port in (("as", 8081), ("nms", 8082), ("trs", 8083)):
         kind = "StatefulSet" if component == "trs" else "Deployment"
@@ -148,8 +154,7 @@ def test_probes_hit_healthz_and_readyz_on_the_admin_port(
         assert ctr["startupProbe"]["httpGet"]["port"] == "http"
 
 
-def test_service_pods_run_non_root_and_bind_443_by_sysctl(
-        scenario: tuple[str, Rendered]) -> None:
+def test_service_pods_run_non_root_and_bind_443_by_sysctl(scenario: tuple[str, Rendered]) -> None:
     _, rendered = scenario
     for component in ("as", "nms", "trs"):
         kind = "StatefulSet" if component == "trs" else "Deployment"
@@ -157,8 +162,9 @@ def test_service_pods_run_non_root_and_bind_443_by_sysctl(
         pod = pod_spec(doc)
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] != 0
-        assert {"name": "net.ipv4.ip_unprivileged_port_start", "value": "443"} in \
-            pod["securityContext"]["sysctls"]
+        assert {"name": "net.ipv4.ip_unprivileged_port_start", "value": "443"} in pod[
+            "securityContext"
+        ]["sysctls"]
         assert pod["automountServiceAccountToken"] is False
         (ctr,) = containers(doc)
         sc = ctr["securityContext"]
@@ -173,7 +179,8 @@ def test_no_secret_value_is_inlined(scenario: tuple[str, Rendered]) -> None:
     _, rendered = scenario
     secret_values = {
         base64.b64decode(v).decode()
-        for m in rendered.of_kind("Secret") for v in (m.doc.get("data") or {}).values()
+        for m in rendered.of_kind("Secret")
+        for v in (m.doc.get("data") or {}).values()
     }
     sensitive = ("PASSWORD", "SECRET", "TOKEN", "KEY")
     for m in rendered:
@@ -183,8 +190,12 @@ def test_no_secret_value_is_inlined(scenario: tuple[str, Rendered]) -> None:
         for value in secret_values:
             assert value not in text, f"{m.kind}/{m.name} inlines a secret value"
         assert "PRIVATE KEY" not in text
-        if "spec" not in m.doc or m.kind in ("Service", "PodDisruptionBudget", "Ingress",
-                                              "HorizontalPodAutoscaler"):
+        if "spec" not in m.doc or m.kind in (
+            "Service",
+            "PodDisruptionBudget",
+            "Ingress",
+            "HorizontalPodAutoscaler",
+        ):
             continue
         if m.kind in ("Role", "RoleBinding", "ServiceAccount", "ConfigMap"):
             continue
@@ -194,15 +205,17 @@ def test_no_secret_value_is_inlined(scenario: tuple[str, Rendered]) -> None:
                 if name.endswith("_FILE"):
                     continue
                 if any(word in name for word in sensitive):
-                    assert "valueFrom" in env and "secretKeyRef" in env["valueFrom"], \
+                    assert "valueFrom" in env and "secretKeyRef" in env["valueFrom"], (
                         f"{m.kind}/{m.name} {name} is not from a Secret"
+                    )
                 if "value" in env and "://" in env["value"]:
                     # A URL may carry credentials only as a $(VAR) reference.
                     userinfo = env["value"].split("://", 1)[1].split("@", 1)
                     if len(userinfo) == 2:
                         creds = userinfo[0].split(":", 1)
-                        assert len(creds) == 1 or creds[1].startswith("$("), \
+                        assert len(creds) == 1 or creds[1].startswith("$("), (
                             f"{m.kind}/{m.name} {name} has an inline password"
+                        )
 
 
 def test_database_and_redis_urls_match_the_values(scenario: tuple[str, Rendered]) -> None:
@@ -211,17 +224,22 @@ def test_database_and_redis_urls_match_the_values(scenario: tuple[str, Rendered]
     env = {e["name"]: e for e in ctr["env"]}
     db, redis = env["CYPHONIC_DATABASE_URL"], env["CYPHONIC_REDIS_URL"]
     if name == "external-postgres-redis":
-        assert db["value"] == ("postgresql+asyncpg://cyphonic:$(DATABASE_PASSWORD)"
-                               "@db.example.net:5432/cyphonic")
+        assert db["value"] == (
+            "postgresql+asyncpg://cyphonic:$(DATABASE_PASSWORD)@db.example.net:5432/cyphonic"
+        )
         assert env["DATABASE_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
-            "name": "cyphonic-db", "key": "password"}
+            "name": "cyphonic-db",
+            "key": "password",
+        }
         assert redis["value"] == "rediss://:$(REDIS_PASSWORD)@redis.example.net:6379/0"
     elif name == "external-dsn-secrets":
         assert db["valueFrom"]["secretKeyRef"] == {"name": "cyphonic-db", "key": "dsn"}
         assert redis["valueFrom"]["secretKeyRef"] == {"name": "cyphonic-redis", "key": "url"}
     else:
-        assert db["value"] == (f"postgresql+asyncpg://cyphonic:$(DATABASE_PASSWORD)"
-                               f"@{FULLNAME}-postgresql:5432/cyphonic")
+        assert db["value"] == (
+            f"postgresql+asyncpg://cyphonic:$(DATABASE_PASSWORD)"
+            f"@{FULLNAME}-postgresql:5432/cyphonic"
+        )
         assert redis["value"] == f"redis://:$(REDIS_PASSWORD)@{FULLNAME}-redis:6379/0"
     # $(VAR) expands only for variables defined earlier in the list.
     names = [e["name"] for e in ctr["env"]]

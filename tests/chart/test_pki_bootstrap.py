@@ -19,7 +19,8 @@ PREFIX = "cy-cyphonic-pki"
 
 def _load() -> Any:
     spec = importlib.util.spec_from_file_location(
-        "pki_bootstrap", CHART_DIR / "files" / "pki-bootstrap.py")
+        "pki_bootstrap", CHART_DIR / "files" / "pki-bootstrap.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -56,9 +57,17 @@ def bootstrap(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
 
     def run() -> int:
         work = tmp_path / f"work-{next(counter)}"
-        monkeypatch.setattr(sys, "argv", ["pki-bootstrap", f"--prefix={PREFIX}",
-                                          "--domain=example.internal", f"--work-dir={work}",
-                                          "--label=app.kubernetes.io/part-of=cyphonic"])
+        monkeypatch.setattr(
+            sys,
+            "argv",
+            [
+                "pki-bootstrap",
+                f"--prefix={PREFIX}",
+                "--domain=example.internal",
+                f"--work-dir={work}",
+                "--label=app.kubernetes.io/part-of=cyphonic",
+            ],
+        )
         return int(module.main())
 
     return api, run

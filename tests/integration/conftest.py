@@ -64,9 +64,11 @@ def postgres_database() -> Iterator[str]:
         asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         _missing(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: {exc}")
-    url = make_url(POSTGRES_ADMIN_URL).set(
-        drivername="postgresql+asyncpg", database=name
-    ).render_as_string(hide_password=False)
+    url = (
+        make_url(POSTGRES_ADMIN_URL)
+        .set(drivername="postgresql+asyncpg", database=name)
+        .render_as_string(hide_password=False)
+    )
     try:
         migrate(url)
         yield url
@@ -112,9 +114,11 @@ async def pg_url() -> AsyncIterator[str]:
         await _admin(f'CREATE DATABASE "{name}"')
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         _missing(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: {exc}")
-    url = make_url(POSTGRES_ADMIN_URL).set(
-        drivername="postgresql+asyncpg", database=name
-    ).render_as_string(hide_password=False)
+    url = (
+        make_url(POSTGRES_ADMIN_URL)
+        .set(drivername="postgresql+asyncpg", database=name)
+        .render_as_string(hide_password=False)
+    )
     engine = create_engine(url)
     try:
         await upgrade(engine)

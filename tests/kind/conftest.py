@@ -72,8 +72,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def run(*args: str, timeout: float = 600, **kw: Any) -> subprocess.CompletedProcess[str]:
     """Run a command, fail the test with its output when it fails."""
-    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False,
-                          **kw)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False, **kw)
     if done.returncode != 0:
         pytest.fail(f"{' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
@@ -88,15 +87,32 @@ class Cluster:
     apps: Any  # kubernetes.client.AppsV1Api
     helm: Any  # helm_python.Config
 
-    def exec(self, pod: str, command: list[str], *, namespace: str = NAMESPACE,
-             container: str | None = None) -> str:
+    def exec(
+        self,
+        pod: str,
+        command: list[str],
+        *,
+        namespace: str = NAMESPACE,
+        container: str | None = None,
+    ) -> str:
         """Run a command in a pod and return its output (stdout and stderr)."""
         from kubernetes.stream import stream
 
         kwargs: dict[str, Any] = {"container": container} if container else {}
-        return str(stream(self.core.connect_get_namespaced_pod_exec, pod, namespace,
-                          command=command, stderr=True, stdin=False, stdout=True, tty=False,
-                          _request_timeout=120, **kwargs))
+        return str(
+            stream(
+                self.core.connect_get_namespaced_pod_exec,
+                pod,
+                namespace,
+                command=command,
+                stderr=True,
+                stdin=False,
+                stdout=True,
+                tty=False,
+                _request_timeout=120,
+                **kwargs,
+            )
+        )
 
     def wait_pod_ready(self, name: str, *, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -113,8 +129,10 @@ class Cluster:
 
     def service_pod(self, component: str) -> str:
         pods = self.core.list_namespaced_pod(
-            NAMESPACE, label_selector=f"app.kubernetes.io/component={component},"
-                                      f"app.kubernetes.io/instance={RELEASE}")
+            NAMESPACE,
+            label_selector=f"app.kubernetes.io/component={component},"
+            f"app.kubernetes.io/instance={RELEASE}",
+        )
         running = [p.metadata.name for p in pods.items if p.status.phase == "Running"]
         assert running, f"no running {component} pod"
         return running[0]
@@ -129,26 +147,53 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     assert engine is not None
     kubeconfig = tmp_path_factory.mktemp("kind") / "kubeconfig"
     env = {**os.environ, "KIND_EXPERIMENTAL_PROVIDER": engine}
-    run("kind", "create", "cluster", "--name", CLUSTER, "--kubeconfig", str(kubeconfig),
-        "--wait", "180s", env=env)
+    run(
+        "kind",
+        "create",
+        "cluster",
+        "--name",
+        CLUSTER,
+        "--kubeconfig",
+        str(kubeconfig),
+        "--wait",
+        "180s",
+        env=env,
+    )
     try:
         for image in IMAGES:
             ref = f"localhost/cyphonic-{image}:{TAG}"
-            run(engine, "build", "-f", "deploy/images/Dockerfile", "--target", image,
-                "-t", ref, ".", cwd=REPO, timeout=1800)
+            run(
+                engine,
+                "build",
+                "-f",
+                "deploy/images/Dockerfile",
+                "--target",
+                image,
+                "-t",
+                ref,
+                ".",
+                cwd=REPO,
+                timeout=1800,
+            )
             archive = kubeconfig.parent / f"{image}.tar"
             run(engine, "save", "-o", str(archive), ref)
             run("kind", "load", "image-archive", str(archive), "--name", CLUSTER, env=env)
             archive.unlink()
         config.load_kube_config(config_file=str(kubeconfig))
         helm = helm_python.Config(kubeconfig_path=kubeconfig, namespace=NAMESPACE)
-        yield Cluster(kubeconfig=kubeconfig, core=client.CoreV1Api(), apps=client.AppsV1Api(),
-                      helm=helm)
+        yield Cluster(
+            kubeconfig=kubeconfig, core=client.CoreV1Api(), apps=client.AppsV1Api(), helm=helm
+        )
         helm.close()
     finally:
         if os.environ.get("KIND_KEEP_CLUSTER") != "1":
-            subprocess.run(["kind", "delete", "cluster", "--name", CLUSTER], env=env,
-                           capture_output=True, timeout=300, check=False)
+            subprocess.run(
+                ["kind", "delete", "cluster", "--name", CLUSTER],
+                env=env,
+                capture_output=True,
+                timeout=300,
+                check=False,
+            )
 
 
 # Values for kind: local images, no cloud load balancer (QUIC Services as ClusterIP; the

@@ -29,8 +29,12 @@ def _secret_data(cluster: Cluster, name: str) -> dict[str, str]:
 
 
 def _kept_secrets(cluster: Cluster) -> dict[str, dict[str, str]]:
-    names = [f"{FULLNAME}-admin-token", f"{FULLNAME}-relay-token", f"{FULLNAME}-postgresql",
-             f"{FULLNAME}-redis"] + [f"{FULLNAME}-pki-{p}" for p in ("ca", "as", "nms", "trs")]
+    names = [
+        f"{FULLNAME}-admin-token",
+        f"{FULLNAME}-relay-token",
+        f"{FULLNAME}-postgresql",
+        f"{FULLNAME}-redis",
+    ] + [f"{FULLNAME}-pki-{p}" for p in ("ca", "as", "nms", "trs")]
     return {n: _secret_data(cluster, n) for n in names}
 
 
@@ -38,8 +42,15 @@ def _kept_secrets(cluster: Cluster) -> dict[str, dict[str, str]]:
 def release(cluster: Cluster) -> Iterator[Cluster]:
     from kubernetes.client.exceptions import ApiException
 
-    cluster.helm.install(str(CHART_PATH), RELEASE, KIND_VALUES, namespace=NAMESPACE,
-                         create_namespace=True, wait="watcher", timeout=900)
+    cluster.helm.install(
+        str(CHART_PATH),
+        RELEASE,
+        KIND_VALUES,
+        namespace=NAMESPACE,
+        create_namespace=True,
+        wait="watcher",
+        timeout=900,
+    )
     yield cluster
     cluster.helm.uninstall(RELEASE, wait="watcher", timeout=300, ignore_not_found=True)
     # Kept on purpose: the CA and generated secrets survive an uninstall.
@@ -77,46 +88,67 @@ def test_trs_replicas_carry_their_ordinal(release: Cluster) -> None:
 
 def test_upgrade_with_public_endpoints_keeps_every_secret(release: Cluster) -> None:
     before = _kept_secrets(release)
-    addresses = {c: release.core.read_namespaced_service(f"{FULLNAME}-{c}-quic", NAMESPACE)
-                 .spec.cluster_ip for c in ("as", "nms", "trs")}
+    addresses = {
+        c: release.core.read_namespaced_service(f"{FULLNAME}-{c}-quic", NAMESPACE).spec.cluster_ip
+        for c in ("as", "nms", "trs")
+    }
     values = copy.deepcopy(KIND_VALUES)
     values["as"]["publicEndpoints"] = [f"{addresses['as']}:443"]
     values["nms"]["publicEndpoints"] = [f"{addresses['nms']}:443"]
     values["trs"]["publicEndpoints"] = [f"{addresses['trs']}:443"]
-    release.helm.upgrade(str(CHART_PATH), RELEASE, values, namespace=NAMESPACE,
-                         wait="watcher", timeout=900)
+    release.helm.upgrade(
+        str(CHART_PATH), RELEASE, values, namespace=NAMESPACE, wait="watcher", timeout=900
+    )
     assert _kept_secrets(release) == before
 
 
 def _agent_pod(name: str) -> dict[str, Any]:
     return {
-        "apiVersion": "v1", "kind": "Pod",
+        "apiVersion": "v1",
+        "kind": "Pod",
         "metadata": {"name": f"agent-{name}", "labels": {"app": "cyphonic-agent-test"}},
         "spec": {
             "restartPolicy": "Never",
-            "containers": [{
-                "name": "agent",
-                "image": f"localhost/cyphonic-agent:{TAG}",
-                "imagePullPolicy": "Never",
-                "command": ["sh", "-c",
-                            "cyphonic-agent enroll --as \"$AS_URL\" --state-dir /state && "
-                            "exec cyphonic-agent up --state-dir /state"],
-                "env": [
-                    {"name": "AS_URL", "value": f"http://{FULLNAME}-as.{NAMESPACE}.svc:8081"},
-                    {"name": "CYPHONIC_ENROL_TOKEN", "valueFrom": {"secretKeyRef": {
-                        "name": f"enrol-{name}", "key": "token"}}},
-                ],
-                "securityContext": {"capabilities": {"drop": ["ALL"],
-                                                     "add": ["NET_ADMIN", "NET_RAW",
-                                                             "NET_BIND_SERVICE"]}},
-                "readinessProbe": {"exec": {"command": ["cyphonic-agent", "status"]},
-                                   "periodSeconds": 3},
-                "volumeMounts": [{"name": "tun", "mountPath": "/dev/net/tun"},
-                                 {"name": "state", "mountPath": "/state"}],
-            }],
-            "volumes": [{"name": "tun", "hostPath": {"path": "/dev/net/tun",
-                                                     "type": "CharDevice"}},
-                        {"name": "state", "emptyDir": {}}],
+            "containers": [
+                {
+                    "name": "agent",
+                    "image": f"localhost/cyphonic-agent:{TAG}",
+                    "imagePullPolicy": "Never",
+                    "command": [
+                        "sh",
+                        "-c",
+                        'cyphonic-agent enroll --as "$AS_URL" --state-dir /state && '
+                        "exec cyphonic-agent up --state-dir /state",
+                    ],
+                    "env": [
+                        {"name": "AS_URL", "value": f"http://{FULLNAME}-as.{NAMESPACE}.svc:8081"},
+                        {
+                            "name": "CYPHONIC_ENROL_TOKEN",
+                            "valueFrom": {
+                                "secretKeyRef": {"name": f"enrol-{name}", "key": "token"}
+                            },
+                        },
+                    ],
+                    "securityContext": {
+                        "capabilities": {
+                            "drop": ["ALL"],
+                            "add": ["NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"],
+                        }
+                    },
+                    "readinessProbe": {
+                        "exec": {"command": ["cyphonic-agent", "status"]},
+                        "periodSeconds": 3,
+                    },
+                    "volumeMounts": [
+                        {"name": "tun", "mountPath": "/dev/net/tun"},
+                        {"name": "state", "mountPath": "/state"},
+                    ],
+                }
+            ],
+            "volumes": [
+                {"name": "tun", "hostPath": {"path": "/dev/net/tun", "type": "CharDevice"}},
+                {"name": "state", "emptyDir": {}},
+            ],
         },
     }
 
@@ -153,9 +185,13 @@ def test_two_agents_enrol_and_ping_by_fqdn(release: Cluster) -> None:
         release.exec(as_pod, ["cyphonic-as", "create-node", name])
         token = release.exec(as_pod, ["cyphonic-as", "token", name, "--ttl", "600"])
         token = token.strip().splitlines()[0]
-        release.core.create_namespaced_secret(NAMESPACE, client.V1Secret(
-            metadata=client.V1ObjectMeta(name=f"enrol-{name}"),
-            data={"token": base64.b64encode(token.encode()).decode()}))
+        release.core.create_namespaced_secret(
+            NAMESPACE,
+            client.V1Secret(
+                metadata=client.V1ObjectMeta(name=f"enrol-{name}"),
+                data={"token": base64.b64encode(token.encode()).decode()},
+            ),
+        )
         release.core.create_namespaced_pod(NAMESPACE, _agent_pod(name))
     try:
         for name in AGENTS:

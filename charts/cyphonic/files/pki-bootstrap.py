@@ -42,9 +42,14 @@ class Api:
     def _call(self, method: str, path: str, body: dict[str, object] | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(
-            f"{API}{path}", data=data, method=method,
-            headers={"Authorization": f"Bearer {self._token}",
-                     "Content-Type": "application/json", "Accept": "application/json"},
+            f"{API}{path}",
+            data=data,
+            method=method,
+            headers={
+                "Authorization": f"Bearer {self._token}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+            },
         )
         with urllib.request.urlopen(request, context=self._tls, timeout=30) as response:
             return json.loads(response.read())
@@ -62,7 +67,9 @@ class Api:
     def create_secret(self, name: str, files: dict[str, bytes], labels: dict[str, str]) -> None:
         """Create an Opaque Secret from file contents."""
         body = {
-            "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
             "metadata": {"name": name, "labels": labels},
             "data": {k: base64.b64encode(v).decode() for k, v in files.items()},
         }
@@ -92,8 +99,9 @@ def main() -> int:
             path = work / name
             path.write_text(content)
             path.chmod(0o600)
-    subprocess.run(["cyphonic-as", "init-pki", "--pki-dir", str(work), "--domain", args.domain],
-                   check=True)
+    subprocess.run(
+        ["cyphonic-as", "init-pki", "--pki-dir", str(work), "--domain", args.domain], check=True
+    )
     for part in missing:
         files = {n: (work / n).read_bytes() for n in LAYOUT[part] if (work / n).exists()}
         absent = sorted(set(LAYOUT[part]) - set(files))

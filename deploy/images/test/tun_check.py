@@ -28,6 +28,6 @@ with device, IPRoute() as ipr:
         "mtu": link.get_attr("IFLA_MTU"),
         "ipv4": addresses,
     }
-report["ok"] = (report["up"] and report["mtu"] == MTU and str(ADDRESS.ip) in report["ipv4"])
+report["ok"] = report["up"] and report["mtu"] == MTU and str(ADDRESS.ip) in report["ipv4"]
 print(json.dumps(report))
 sys.exit(0 if report["ok"] else 1)

@@ -261,8 +261,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         details = _validation_details(exc)
         if any(err.get("type") == "json_invalid" for err in exc.errors()):
-            return _error_response(MalformedMessage("request body is not valid JSON"),
-                                   status=400)
+            return _error_response(MalformedMessage("request body is not valid JSON"), status=400)
         where = ".".join(details[0]["loc"]) if details else ""
         what = str(details[0]["msg"]) if details else "invalid request"
         return _error_response(
@@ -330,12 +329,16 @@ def create_admin_app(
     _install_error_handlers(app)
 
     requests = Counter(
-        f"cyphonic_{service}_http_requests", "Admin REST requests by route and status",
-        ["method", "route", "status"], registry=registry,
+        f"cyphonic_{service}_http_requests",
+        "Admin REST requests by route and status",
+        ["method", "route", "status"],
+        registry=registry,
     )
     latency = Histogram(
-        f"cyphonic_{service}_http_request_seconds", "Admin REST request latency",
-        ["method", "route"], registry=registry,
+        f"cyphonic_{service}_http_request_seconds",
+        "Admin REST request latency",
+        ["method", "route"],
+        registry=registry,
     )
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(_RequestMetrics, requests=requests, latency=latency)
@@ -344,8 +347,12 @@ def create_admin_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"], summary="Every dependency is reachable",
-             responses={503: {"description": "a dependency is down"}})
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        summary="Every dependency is reachable",
+        responses={503: {"description": "a dependency is down"}},
+    )
     async def readyz() -> dict[str, str]:
         for check in app.state.ready_checks:
             try:
@@ -360,8 +367,7 @@ def create_admin_app(
                 raise Unavailable(f"readiness check failed: {type(exc).__name__}") from exc
         return {"status": "ready"}
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics",
-             response_class=Response)
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -408,8 +414,13 @@ class AdminServer:
 
     def __init__(self, app: FastAPI, *, host: str, port: int, log_level: str = "info") -> None:
         self._config = uvicorn.Config(
-            app, host=host, port=port, log_config=None, log_level=log_level.lower(),
-            lifespan="on", server_header=False,
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            log_level=log_level.lower(),
+            lifespan="on",
+            server_header=False,
         )
         self._server = _Server(self._config)
         self._socket: socket.socket | None = None

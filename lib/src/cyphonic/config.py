@@ -42,8 +42,9 @@ def hide_password(url: str | None) -> str | None:
     if parts.query:
         pairs = parse_qsl(parts.query, keep_blank_values=True)
         if any(k.lower() in _SECRET_QUERY_KEYS for k, _ in pairs):
-            query = urlencode([(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v)
-                               for k, v in pairs], safe="*")
+            query = urlencode(
+                [(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*"
+            )
             out = out.replace(f"?{parts.query}", f"?{query}", 1)
     return out
 
@@ -58,8 +59,9 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CYPHONIC_", extra="ignore")
 
     environment: Environment = Field(
-        "local", description="local, test or production; production refuses unsafe defaults "
-        "(anything else is refused)"
+        "local",
+        description="local, test or production; production refuses unsafe defaults "
+        "(anything else is refused)",
     )
     database_url: str = Field(
         "sqlite+aiosqlite:///./cyphonic.db",
@@ -69,8 +71,9 @@ class ServiceSettings(BaseSettings):
         None, description="Redis URL (CID table, presence, pub/sub); none = in-process"
     )
     redis_prefix: str = Field(
-        "cyphonic:", description="prefix of every Redis key; the same for all services that "
-        "share a Redis (the NMS finds the TRS replicas under it)"
+        "cyphonic:",
+        description="prefix of every Redis key; the same for all services that "
+        "share a Redis (the NMS finds the TRS replicas under it)",
     )
     domain: str = Field(DEFAULT_DOMAIN, description="overlay DNS domain; node FQDN = name.domain")
     quic_host: str = Field("::", description="address the QUIC endpoint binds (dual-stack ::)")

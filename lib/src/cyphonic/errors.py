@@ -154,9 +154,24 @@ class RemoteError(CyphonicError):
 
 _BY_CODE: dict[int, type[CyphonicError]] = {}
 for _cls in (
-    MalformedMessage, OversizedMessage, UnknownMessage, UnexpectedMessage, UnsupportedVersion,
-    InvalidArgument, Unauthenticated, PermissionDenied, Revoked, Expired, TokenInvalid,
-    NotFound, PeerOffline, AlreadyExists, Exhausted, Unavailable, Timeout, InternalError,
+    MalformedMessage,
+    OversizedMessage,
+    UnknownMessage,
+    UnexpectedMessage,
+    UnsupportedVersion,
+    InvalidArgument,
+    Unauthenticated,
+    PermissionDenied,
+    Revoked,
+    Expired,
+    TokenInvalid,
+    NotFound,
+    PeerOffline,
+    AlreadyExists,
+    Exhausted,
+    Unavailable,
+    Timeout,
+    InternalError,
 ):
     _BY_CODE[_cls.code] = _cls
 

@@ -42,7 +42,7 @@ def parse_host_port(
         end = value.find("]")
         if end < 0:
             raise InvalidArgument(f"endpoint {text!r}: missing ']'")
-        host, rest = value[1:end], value[end + 1:]
+        host, rest = value[1:end], value[end + 1 :]
         if rest:
             if not rest.startswith(":"):
                 raise InvalidArgument(f"endpoint {text!r}: expected ':port' after ']'")

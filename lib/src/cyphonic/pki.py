@@ -203,17 +203,29 @@ def _aki(ca: CertifiedKey) -> x509.AuthorityKeyIdentifier:
 
 def _ca_key_usage() -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-        encipher_only=False, decipher_only=False,
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
 def _leaf_key_usage() -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-        encipher_only=False, decipher_only=False,
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
@@ -232,8 +244,9 @@ def create_root_ca(
     key = key or generate_key()
     name = _name(common_name)
     cert = (
-        _builder(subject=name, issuer=name, public_key=key.public_key(),
-                 valid_for=valid_for, now=now)
+        _builder(
+            subject=name, issuer=name, public_key=key.public_key(), valid_for=valid_for, now=now
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
         .add_extension(_ca_key_usage(), critical=True)
         .sign(key, hashes.SHA256())
@@ -253,8 +266,13 @@ def create_intermediate_ca(
     """An intermediate CA signed by ``parent`` (no further CAs below it)."""
     key = key or generate_key()
     builder = (
-        _builder(subject=_name(common_name), issuer=parent.cert.subject,
-                 public_key=key.public_key(), valid_for=valid_for, now=now)
+        _builder(
+            subject=_name(common_name),
+            issuer=parent.cert.subject,
+            public_key=key.public_key(),
+            valid_for=valid_for,
+            now=now,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_ca_key_usage(), critical=True)
         .add_extension(_aki(parent), critical=False)
@@ -275,8 +293,14 @@ def _sign_leaf(
     serial: int | None,
 ) -> x509.Certificate:
     return (
-        _builder(subject=_name(dns_name), issuer=ca.cert.subject, public_key=public_key,
-                 valid_for=valid_for, now=now, serial=serial)
+        _builder(
+            subject=_name(dns_name),
+            issuer=ca.cert.subject,
+            public_key=public_key,
+            valid_for=valid_for,
+            now=now,
+            serial=serial,
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_leaf_key_usage(), critical=True)
         .add_extension(
@@ -301,8 +325,9 @@ def issue_service_certificate(
     """A fresh key and a serverAuth+clientAuth certificate for ``dns_name``, signed by ``ca``."""
     name = validate_dns_name(dns_name)
     key = generate_key()
-    cert = _sign_leaf(ca, dns_name=name, public_key=key.public_key(), valid_for=valid_for,
-                      now=now, serial=None)
+    cert = _sign_leaf(
+        ca, dns_name=name, public_key=key.public_key(), valid_for=valid_for, now=now, serial=None
+    )
     return CertifiedKey(key=key, cert=cert, chain=_issuer_chain(ca))
 
 
@@ -327,9 +352,7 @@ def _check_csr_key(
         raise InvalidArgument(f"CSR public key is unusable: {exc}") from exc
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         if not isinstance(public_key.curve, ec.SECP256R1 | ec.SECP384R1):
-            raise InvalidArgument(
-                f"CSR key is EC {public_key.curve.name}; use P-256 (secp256r1)"
-            )
+            raise InvalidArgument(f"CSR key is EC {public_key.curve.name}; use P-256 (secp256r1)")
         return public_key
     if isinstance(public_key, rsa.RSAPublicKey):
         if public_key.key_size < _MIN_RSA_BITS:
@@ -378,8 +401,9 @@ def sign_node_csr(
         raise InvalidArgument(f"CSR names nothing; it must name {name!r}")
     if valid_for <= datetime.timedelta(0):
         raise InvalidArgument("validity must be positive")
-    return _sign_leaf(ca, dns_name=name, public_key=public_key, valid_for=valid_for, now=now,
-                      serial=serial)
+    return _sign_leaf(
+        ca, dns_name=name, public_key=public_key, valid_for=valid_for, now=now, serial=serial
+    )
 
 
 # --------------------------------------------------------------------------- verification
@@ -439,7 +463,8 @@ def _try_kind(
             # Knowing neither intermediate, the role of a presented one cannot be told.
             return None
         intermediates = [
-            c for c in presented
+            c
+            for c in presented
             if c.subject == leaf.issuer and not (other is not None and _same_cert(c, other))
         ]
         if not intermediates:
@@ -448,7 +473,10 @@ def _try_kind(
         if _utc(ca.not_valid_after_utc) < now:
             raise Expired(f"the {kind} CA certificate expired at {ca.not_valid_after_utc}")
     verifier = (
-        PolicyBuilder().store(Store([trust.root])).time(now).max_chain_depth(1)
+        PolicyBuilder()
+        .store(Store([trust.root]))
+        .time(now)
+        .max_chain_depth(1)
         .build_client_verifier()
     )
     try:
@@ -494,8 +522,9 @@ def verify_peer(
     if _utc(leaf.not_valid_after_utc) < now:
         raise Expired(f"certificate of {label} expired at {leaf.not_valid_after_utc}")
     if _utc(leaf.not_valid_before_utc) > now:
-        raise Unauthenticated(f"certificate of {label} is not valid before "
-                              f"{leaf.not_valid_before_utc}")
+        raise Unauthenticated(
+            f"certificate of {label} is not valid before {leaf.not_valid_before_utc}"
+        )
     kinds: tuple[PeerKind, ...] = ("node", "service") if expect == "any" else (expect,)
     verified: list[x509.Certificate] | None = None
     kind: PeerKind = kinds[0]
@@ -510,8 +539,10 @@ def verify_peer(
                 raise Unauthenticated(
                     f"{label} has a {_other(expect)} certificate where a {expect} is expected"
                 )
-        raise Unauthenticated(f"certificate of {label} is not issued by a trusted "
-                              f"{'CA' if expect == 'any' else expect + ' CA'}")
+        raise Unauthenticated(
+            f"certificate of {label} is not issued by a trusted "
+            f"{'CA' if expect == 'any' else expect + ' CA'}"
+        )
     try:
         eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound as exc:
@@ -570,8 +601,9 @@ def load_private_key(path: Path | str) -> CertificateIssuerPrivateKeyTypes:
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         # The message never contains key bytes; only the path.
         raise InvalidArgument(f"{path}: not a usable unencrypted PEM private key") from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-                      | ed25519.Ed25519PrivateKey):
+    if not isinstance(
+        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    ):
         raise InvalidArgument(f"{path}: unsupported private key type {type(key).__name__}")
     return key
 
@@ -685,8 +717,10 @@ def recover_identity(cert_path: Path | str, key_path: Path | str) -> CertifiedKe
         os.replace(prev_cert, cert_path)
         identity = _matching(cert_path, key_path)
     if identity is None:
-        raise InvalidArgument(f"{key_path} and {cert_path} are not a matching key and "
-                              "certificate, and no earlier pair is left")
+        raise InvalidArgument(
+            f"{key_path} and {cert_path} are not a matching key and "
+            "certificate, and no earlier pair is left"
+        )
     for leftover in (new_cert, new_key, prev_cert, prev_key):
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()
@@ -706,8 +740,12 @@ def load_trust_store(
         path = directory / name
         return load_certificates(path)[0] if path.exists() else None
 
-    return TrustStore(root=root, node_ca=optional(NODE_CA_CERT),
-                      service_ca=optional(SERVICE_CA_CERT), is_revoked=is_revoked)
+    return TrustStore(
+        root=root,
+        node_ca=optional(NODE_CA_CERT),
+        service_ca=optional(SERVICE_CA_CERT),
+        is_revoked=is_revoked,
+    )
 
 
 @dataclass(frozen=True)
@@ -723,8 +761,9 @@ class PkiMaterial:
     @property
     def trust(self) -> TrustStore:
         """A TrustStore holding the root and both intermediates."""
-        return TrustStore(root=self.root_cert, node_ca=self.node_ca.cert,
-                          service_ca=self.service_ca.cert)
+        return TrustStore(
+            root=self.root_cert, node_ca=self.node_ca.cert, service_ca=self.service_ca.cert
+        )
 
 
 def _node_ca_constraints(domain: str) -> x509.NameConstraints:
@@ -774,8 +813,9 @@ def init_pki(
         created += [ROOT_CA_CERT, ROOT_CA_KEY]
         root_cert = root.cert
 
-    def intermediate(cert_name: str, key_name: str, common_name: str,
-                     constraints: x509.NameConstraints) -> CertifiedKey:
+    def intermediate(
+        cert_name: str, key_name: str, common_name: str, constraints: x509.NameConstraints
+    ) -> CertifiedKey:
         nonlocal created
         if have(cert_name, key_name):
             loaded = load_identity(directory / cert_name, directory / key_name)
@@ -790,10 +830,15 @@ def init_pki(
         created += [cert_name, key_name]
         return ca
 
-    node_ca = intermediate(NODE_CA_CERT, NODE_CA_KEY, f"CYPHONIC node CA ({domain})",
-                           _node_ca_constraints(domain))
-    service_ca = intermediate(SERVICE_CA_CERT, SERVICE_CA_KEY,
-                              f"CYPHONIC service CA ({domain})", _service_ca_constraints(domain))
+    node_ca = intermediate(
+        NODE_CA_CERT, NODE_CA_KEY, f"CYPHONIC node CA ({domain})", _node_ca_constraints(domain)
+    )
+    service_ca = intermediate(
+        SERVICE_CA_CERT,
+        SERVICE_CA_KEY,
+        f"CYPHONIC service CA ({domain})",
+        _service_ca_constraints(domain),
+    )
     issued: dict[str, CertifiedKey] = {}
     for svc in services:
         crt, key = directory / f"{svc}.crt", directory / f"{svc}.key"
@@ -805,6 +850,10 @@ def init_pki(
         write_certificates(crt, identity.full_chain)
         created += [crt.name, key.name]
         issued[svc] = identity
-    return PkiMaterial(root_cert=root_cert, node_ca=node_ca, service_ca=service_ca,
-                       services=issued, created=created)
-
+    return PkiMaterial(
+        root_cert=root_cert,
+        node_ca=node_ca,
+        service_ca=service_ca,
+        services=issued,
+        created=created,
+    )

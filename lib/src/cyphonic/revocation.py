@@ -270,8 +270,9 @@ class InMemoryRevocations:
         if self.fail is not None:
             raise self.fail
         start = 0 if cursor is None else cursor
-        return RevocationUpdate(serials=frozenset(self.log[start:]), cursor=len(self.log),
-                                complete=cursor is None)
+        return RevocationUpdate(
+            serials=frozenset(self.log[start:]), cursor=len(self.log), complete=cursor is None
+        )
 
     async def close(self) -> None:
         return None
@@ -308,8 +309,9 @@ class CrlRevocations:
         try:
             response = await self._client.get(self.url)
         except httpx.HTTPError as exc:
-            raise Unavailable(f"cannot fetch the CRL from {self.url}: {type(exc).__name__}") \
-                from exc
+            raise Unavailable(
+                f"cannot fetch the CRL from {self.url}: {type(exc).__name__}"
+            ) from exc
         if response.status_code != 200:
             raise Unavailable(f"{self.url} answered HTTP {response.status_code}")
         if len(response.content) > MAX_CRL_BYTES:
@@ -318,7 +320,8 @@ class CrlRevocations:
         number = check_crl(crl, node_ca=self.node_ca, not_before_number=self.number)
         self.number = number
         return RevocationUpdate(
-            serials=frozenset(entry.serial_number for entry in crl), cursor=number,
+            serials=frozenset(entry.serial_number for entry in crl),
+            cursor=number,
             complete=True,
         )
 
@@ -440,8 +443,10 @@ class RevocationCache:
         """Fetch from the source now; the serials newly revoked. Raises what the source
         raised (the set is then unchanged)."""
         now = self._clock()
-        complete = full or self.revoked.cursor is None or (
-            self._last_full is not None and now - self._last_full >= self.full_interval
+        complete = (
+            full
+            or self.revoked.cursor is None
+            or (self._last_full is not None and now - self._last_full >= self.full_interval)
         )
         update = await self.source.fetch(cursor=None if complete else self.revoked.cursor)
         if update.complete:
@@ -453,8 +458,12 @@ class RevocationCache:
             self.log.info("revocation_refresh_recovered", revoked=len(self.revoked))
         self.last_error = None
         if added:
-            self.log.info("revocations_applied", added=len(added), revoked=len(self.revoked),
-                          cursor=self.revoked.cursor)
+            self.log.info(
+                "revocations_applied",
+                added=len(added),
+                revoked=len(self.revoked),
+                cursor=self.revoked.cursor,
+            )
         self._notify(added)
         return added
 
@@ -499,9 +508,13 @@ class RevocationCache:
             self.last_error = exc
             # The last known set stays in force; say so once per outage, then rarely.
             if first or self.failures % 100 == 0:
-                self.log.warning("revocation_refresh_failed", code=exc.code_name,
-                                 reason=exc.message, failures=self.failures,
-                                 revoked=len(self.revoked))
+                self.log.warning(
+                    "revocation_refresh_failed",
+                    code=exc.code_name,
+                    reason=exc.message,
+                    failures=self.failures,
+                    revoked=len(self.revoked),
+                )
 
 
 def close_revoked_on(endpoint: QuicEndpoint, cache: RevocationCache) -> Listener:
@@ -513,8 +526,11 @@ def close_revoked_on(endpoint: QuicEndpoint, cache: RevocationCache) -> Listener
         for conn in endpoint.connections:
             peer = conn.peer
             if peer is not None and not conn.is_closed and cache.is_revoked(peer.certificate):
-                conn.log.warning("connection_closed_revoked", peer=peer.name,
-                                 serial=format(peer.certificate.serial_number, "x"))
+                conn.log.warning(
+                    "connection_closed_revoked",
+                    peer=peer.name,
+                    serial=format(peer.certificate.serial_number, "x"),
+                )
                 conn.close("certificate revoked", error_code=int(Revoked.code))
 
     return close

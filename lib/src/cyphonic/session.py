@@ -141,8 +141,7 @@ class SignallingSession:
         if error is None:
             self.connection.close("closed")
         else:
-            self.connection.close(f"{error.code_name}: {error.message}",
-                                  error_code=int(error.code))
+            self.connection.close(f"{error.code_name}: {error.message}", error_code=int(error.code))
 
     async def wait_closed(self) -> CyphonicError | None:
         """Wait until the connection has ended; returns why (None: closed by this side)."""
@@ -162,8 +161,11 @@ class SignallingSession:
                 if future is not None and not future.done():
                     future.set_exception(sig_event.error)
                 if isinstance(sig_event, ProtocolErrorDetected):
-                    self.log.warning("signalling_protocol_error", stream_id=sig_event.stream_id,
-                                     error=str(sig_event.error))
+                    self.log.warning(
+                        "signalling_protocol_error",
+                        stream_id=sig_event.stream_id,
+                        error=str(sig_event.error),
+                    )
             elif isinstance(sig_event, RequestReceived):
                 self._spawn(self._answer(sig_event))
         self.connection.transmit()

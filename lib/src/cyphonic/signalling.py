@@ -100,23 +100,25 @@ ONE_WAY: Final[frozenset[str]] = frozenset()
 ERROR_BODY: Final = "error"
 """The body that may answer any request instead of its response; it never opens a stream."""
 
-TRANSITIONS: Final[Mapping[tuple[Opener, str], frozenset[str]]] = MappingProxyType({
-    # (who opens the stream, body of its frame) -> bodies that may answer it (or an Error)
-    (Opener.CLIENT, "login_request"): frozenset({"login_response"}),
-    (Opener.CLIENT, "renew_request"): frozenset({"renew_response"}),
-    (Opener.CLIENT, "register_request"): frozenset({"register_response"}),
-    (Opener.CLIENT, "keepalive"): frozenset({"keepalive_ack"}),
-    (Opener.CLIENT, "route_request"): frozenset({"route_response"}),
-    (Opener.CLIENT, "tunnel_request"): frozenset({"tunnel_response"}),
-    (Opener.CLIENT, "relay_allocation_request"): frozenset({"relay_allocation"}),
-    # a node hands its relay CIDs to the NMS; the echo acknowledges that the NMS took them
-    (Opener.CLIENT, "relay_cids"): frozenset({"relay_cids"}),
-    # pushes: one frame, then the server ends the stream and expects nothing back
-    (Opener.SERVER, "route_direction"): ONE_WAY,
-    (Opener.SERVER, "peer_offline"): ONE_WAY,
-    (Opener.SERVER, "revocation_notice"): ONE_WAY,
-    (Opener.SERVER, "relay_cids"): ONE_WAY,
-})
+TRANSITIONS: Final[Mapping[tuple[Opener, str], frozenset[str]]] = MappingProxyType(
+    {
+        # (who opens the stream, body of its frame) -> bodies that may answer it (or an Error)
+        (Opener.CLIENT, "login_request"): frozenset({"login_response"}),
+        (Opener.CLIENT, "renew_request"): frozenset({"renew_response"}),
+        (Opener.CLIENT, "register_request"): frozenset({"register_response"}),
+        (Opener.CLIENT, "keepalive"): frozenset({"keepalive_ack"}),
+        (Opener.CLIENT, "route_request"): frozenset({"route_response"}),
+        (Opener.CLIENT, "tunnel_request"): frozenset({"tunnel_response"}),
+        (Opener.CLIENT, "relay_allocation_request"): frozenset({"relay_allocation"}),
+        # a node hands its relay CIDs to the NMS; the echo acknowledges that the NMS took them
+        (Opener.CLIENT, "relay_cids"): frozenset({"relay_cids"}),
+        # pushes: one frame, then the server ends the stream and expects nothing back
+        (Opener.SERVER, "route_direction"): ONE_WAY,
+        (Opener.SERVER, "peer_offline"): ONE_WAY,
+        (Opener.SERVER, "revocation_notice"): ONE_WAY,
+        (Opener.SERVER, "relay_cids"): ONE_WAY,
+    }
+)
 
 # A misspelt body name in the table would silently forbid a message: refuse it at import.
 assert all(
@@ -331,13 +333,21 @@ class SignallingConnection:
                 # nothing can be answered on it: stop it, with the code
                 if not event.end_stream:
                     self._stop(stream_id, pb.ERROR_CODE_UNEXPECTED_MESSAGE)
-                return [ProtocolErrorDetected(
-                    stream_id, UnexpectedMessage("unidirectional streams are not used"))]
+                return [
+                    ProtocolErrorDetected(
+                        stream_id, UnexpectedMessage("unidirectional streams are not used")
+                    )
+                ]
             stream = self._open_incoming(stream_id)
             if self._incoming > self.max_incoming_streams:
                 stream.remote_done = event.end_stream
-                return [self._abort(stream_id, stream, Exhausted(
-                    f"more than {self.max_incoming_streams} request streams open"))]
+                return [
+                    self._abort(
+                        stream_id,
+                        stream,
+                        Exhausted(f"more than {self.max_incoming_streams} request streams open"),
+                    )
+                ]
 
         if event.end_stream:
             stream.remote_done = True
@@ -368,7 +378,8 @@ class SignallingConnection:
             if answers is None:
                 if (self._local, name) in TRANSITIONS:
                     raise UnexpectedMessage(
-                        f"a {self._peer.value} cannot open a stream with {name}")
+                        f"a {self._peer.value} cannot open a stream with {name}"
+                    )
                 raise UnexpectedMessage(f"{name} cannot open a stream")
             stream.request = name
             stream.answers = answers

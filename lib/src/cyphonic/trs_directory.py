@@ -57,13 +57,15 @@ class DirectoryEntry:
     def to_json(self) -> str:
         """The stored form (the core fields win over an ``extra`` of the same name)."""
         data: dict[str, Any] = dict(self.extra)
-        data.update({
-            "replica_id": self.replica_id,
-            "endpoints": list(self.endpoints),
-            "server_name": self.server_name,
-            "load": self.load,
-            "updated_ms": self.updated_ms,
-        })
+        data.update(
+            {
+                "replica_id": self.replica_id,
+                "endpoints": list(self.endpoints),
+                "server_name": self.server_name,
+                "load": self.load,
+                "updated_ms": self.updated_ms,
+            }
+        )
         return json.dumps(data)
 
     @classmethod

@@ -165,8 +165,10 @@ class Agent:
             self.identity: CertifiedKey = load_identity(paths.cert, paths.key)
             root = load_certificates(paths.root_ca)[0]
         except (OSError, ValueError, IndexError) as exc:
-            raise InvalidArgument(f"{paths.directory}: cannot load the node's key and "
-                                  f"certificates ({exc}); enrol again") from exc
+            raise InvalidArgument(
+                f"{paths.directory}: cannot load the node's key and "
+                f"certificates ({exc}); enrol again"
+            ) from exc
         node_ca = self.identity.chain[0] if self.identity.chain else None
         self.trust = TrustStore(root=root, node_ca=node_ca)
         self.fqdn = self.state.fqdn.lower()
@@ -211,8 +213,10 @@ class Agent:
         self._reconnect_now = False
         """The NMS connection was closed because of a move: connect again without pause."""
         self.mobility = MoveWatcher(
-            on_move=self._moved, on_lost=self._path_lost,
-            exclude_ifindexes=lambda: [self.tun.index] if self.tun is not None else [])
+            on_move=self._moved,
+            on_lost=self._path_lost,
+            exclude_ifindexes=lambda: [self.tun.index] if self.tun is not None else [],
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -222,10 +226,15 @@ class Agent:
         _check_tun_access()
         try:
             self.endpoint = await QuicEndpoint.open(
-                host=self.settings.quic_host, port=self.settings.quic_port,
-                identity=self.identity, trust=self.trust,
-                accept={ALPN_TUNNEL: Acceptor(handler_factory=self._accepted, expect="node",
-                                              authorize=self._authorize)},
+                host=self.settings.quic_host,
+                port=self.settings.quic_port,
+                identity=self.identity,
+                trust=self.trust,
+                accept={
+                    ALPN_TUNNEL: Acceptor(
+                        handler_factory=self._accepted, expect="node", authorize=self._authorize
+                    )
+                },
                 idle_timeout=self.settings.peer_timeout_s,
                 max_datagram_size=max_datagram_size_for(tun_mtu=self.settings.mtu),
             )
@@ -234,15 +243,19 @@ class Agent:
             raise AgentFailed(Unavailable(f"cannot bind UDP {where}: {exc.strerror}")) from exc
         self.log = self.log.bind(local=format_hostport(*self.endpoint.local_address))
         self.relay = RelayClient(
-            endpoint=self.endpoint, nms=self._nms_session,
+            endpoint=self.endpoint,
+            nms=self._nms_session,
             connect_timeout_s=self.settings.connect_timeout_s,
-            peer_cids_timeout_s=min(10.0, self.settings.route_setup_timeout_s))
+            peer_cids_timeout_s=min(10.0, self.settings.route_setup_timeout_s),
+        )
         self.relay.start()
-        self.log.info("agent_starting", version=AGENT_VERSION,
-                      state_dir=str(self.settings.state_dir))
+        self.log.info(
+            "agent_starting", version=AGENT_VERSION, state_dir=str(self.settings.state_dir)
+        )
         try:
-            self.status_server = await StatusServer.start(path=self.settings.status_socket,
-                                                          snapshot=self.snapshot)
+            self.status_server = await StatusServer.start(
+                path=self.settings.status_socket, snapshot=self.snapshot
+            )
             control = self._spawn(self._control_loop())
             self._spawn(self._housekeeping())
             self._spawn(self.mobility.run())
@@ -277,8 +290,9 @@ class Agent:
             await self.status_server.close()
         if self.tun is not None:
             self.tun.close()
-        self.log.info("agent_stopped", **{k: v for k, v in vars(self.counters).items()
-                                          if k != "extra"})
+        self.log.info(
+            "agent_stopped", **{k: v for k, v in vars(self.counters).items() if k != "extra"}
+        )
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -331,9 +345,14 @@ class Agent:
             self.nms_state = "connecting"
             await asyncio.sleep(delay)
 
-    async def _dial(self, endpoints: list[Candidate], *, server_name: str, what: str,
-                    handler: Callable[..., Awaitable[Any]] | None = None,
-                    ) -> tuple[SignallingSession, Candidate]:
+    async def _dial(
+        self,
+        endpoints: list[Candidate],
+        *,
+        server_name: str,
+        what: str,
+        handler: Callable[..., Awaitable[Any]] | None = None,
+    ) -> tuple[SignallingSession, Candidate]:
         """A signalling session with the first of ``endpoints`` that answers."""
         assert self.endpoint is not None
         timeout = self.settings.connect_timeout_s
@@ -345,8 +364,11 @@ class Agent:
                 continue
             try:
                 conn = await self.endpoint.connect(
-                    (ep.host, ep.port), alpn=ALPN_SIGNALLING, expect="service",
-                    expected_name=server_name, timeout=timeout,
+                    (ep.host, ep.port),
+                    alpn=ALPN_SIGNALLING,
+                    expect="service",
+                    expected_name=server_name,
+                    timeout=timeout,
                     handler_factory=SignallingSession.factory(handler),
                 )
             except Timeout:
@@ -365,9 +387,12 @@ class Agent:
         if silent:
             ports = sorted({parse_hostport(s)[1] for s in silent})
             port_text = "/".join(str(p) for p in ports)
-            reasons.insert(0, f"cannot reach the {what} at {', '.join(silent)} over UDP: "
-                              f"no answer in {timeout:g} s; a firewall may be blocking "
-                              f"UDP {port_text}")
+            reasons.insert(
+                0,
+                f"cannot reach the {what} at {', '.join(silent)} over UDP: "
+                f"no answer in {timeout:g} s; a firewall may be blocking "
+                f"UDP {port_text}",
+            )
         else:
             reasons.insert(0, f"cannot reach the {what}")
         raise Unavailable("; ".join(reasons))
@@ -377,34 +402,43 @@ class Agent:
         raw = self.settings.as_endpoints or self.state.as_endpoints
         endpoints = [Candidate(*parse_hostport(e, default_port=443)) for e in raw]
         self.nms_state, self.nms_detail = "connecting", "logging in at the AS"
-        session, where = await self._dial(endpoints, server_name=self.state.as_server_name,
-                                          what="AS")
+        session, where = await self._dial(
+            endpoints, server_name=self.state.as_server_name, what="AS"
+        )
         try:
             answer = await session.request(
-                wrap(pb.LoginRequest(agent_version=AGENT_VERSION)), timeout=REQUEST_TIMEOUT_S)
+                wrap(pb.LoginRequest(agent_version=AGENT_VERSION)), timeout=REQUEST_TIMEOUT_S
+            )
             login: pb.LoginResponse = _body(answer, "login_response")
         finally:
             session.close()
         if login.fqdn and login.fqdn.lower() != self.fqdn:
-            raise PermissionDenied(f"the AS knows this certificate as {login.fqdn}, "
-                                   f"not {self.fqdn}")
+            raise PermissionDenied(
+                f"the AS knows this certificate as {login.fqdn}, not {self.fqdn}"
+            )
         self._nms_endpoints = [Candidate.from_pb(e) for e in login.nms]
         if login.nms_server_name:
             self._nms_server_name = login.nms_server_name
         self._nms_failures = 0
         self.counters.logins += 1
-        self.log.info("logged_in", as_endpoint=str(where),
-                      nms=[str(e) for e in self._nms_endpoints],
-                      certificate_not_after_ms=login.certificate_not_after_ms)
+        self.log.info(
+            "logged_in",
+            as_endpoint=str(where),
+            nms=[str(e) for e in self._nms_endpoints],
+            certificate_not_after_ms=login.certificate_not_after_ms,
+        )
         if not self._nms_endpoints:
             raise Unavailable("the AS named no NMS endpoint (set NMS_ENDPOINTS at the AS)")
 
     async def _connect_nms(self) -> _NmsLink:
         self.nms_state, self.nms_detail = "connecting", "connecting to the NMS"
         try:
-            session, where = await self._dial(self._nms_endpoints,
-                                              server_name=self._nms_server_name, what="NMS",
-                                              handler=self._on_nms_message)
+            session, where = await self._dial(
+                self._nms_endpoints,
+                server_name=self._nms_server_name,
+                what="NMS",
+                handler=self._on_nms_message,
+            )
         except CyphonicError:
             self._nms_failures += 1
             raise
@@ -413,9 +447,9 @@ class Agent:
 
     async def _register(self, link: _NmsLink) -> None:
         local = await self._local_endpoints(link.endpoint)
-        request = pb.RegisterRequest(local_addresses=[
-            pb.Endpoint(ip=ip.packed, port=port) for ip, port in local
-        ])
+        request = pb.RegisterRequest(
+            local_addresses=[pb.Endpoint(ip=ip.packed, port=port) for ip, port in local]
+        )
         answer = await link.session.request(wrap(request), timeout=REQUEST_TIMEOUT_S)
         reg: pb.RegisterResponse = _body(answer, "register_response")
         self.counters.registrations += 1
@@ -424,12 +458,17 @@ class Agent:
         link.keepalive_s = max(0.5, min(interval, self.settings.peer_timeout_s / 3))
         if self.registration is None:
             await self._bring_up(reg)
-        elif (reg.virtual_ipv4, reg.virtual_ipv6) != (self.registration.virtual_ipv4,
-                                                        self.registration.virtual_ipv6):
+        elif (reg.virtual_ipv4, reg.virtual_ipv6) != (
+            self.registration.virtual_ipv4,
+            self.registration.virtual_ipv6,
+        ):
             # Leases never change; a different answer means a different deployment.
-            raise AgentFailed(InvalidArgument(
-                f"the NMS now leases {address_text(reg.virtual_ipv4)} / "
-                f"{address_text(reg.virtual_ipv6)}, not the addresses in use; restart the agent"))
+            raise AgentFailed(
+                InvalidArgument(
+                    f"the NMS now leases {address_text(reg.virtual_ipv4)} / "
+                    f"{address_text(reg.virtual_ipv6)}, not the addresses in use; restart the agent"
+                )
+            )
         self.registration = reg
         self._nms = link
         if self.handover is not None and self._handover_network is None:
@@ -439,12 +478,17 @@ class Agent:
         self.nms_state = "connected"
         self.nms_detail = str(link.endpoint)
         net = reg.network
-        self.log.info("registered", nms=str(link.endpoint),
-                      virtual_ipv4=address_text(reg.virtual_ipv4),
-                      virtual_ipv6=address_text(reg.virtual_ipv6),
-                      behind_nat=net.behind_nat, has_ipv4=net.has_ipv4, has_ipv6=net.has_ipv6,
-                      reported=[format_hostport(str(ip), port) for ip, port in local],
-                      keepalive_s=link.keepalive_s)
+        self.log.info(
+            "registered",
+            nms=str(link.endpoint),
+            virtual_ipv4=address_text(reg.virtual_ipv4),
+            virtual_ipv6=address_text(reg.virtual_ipv6),
+            behind_nat=net.behind_nat,
+            has_ipv4=net.has_ipv4,
+            has_ipv6=net.has_ipv6,
+            reported=[format_hostport(str(ip), port) for ip, port in local],
+            keepalive_s=link.keepalive_s,
+        )
 
     async def _local_endpoints(
         self, nms: Candidate
@@ -458,8 +502,9 @@ class Agent:
         exclude = [self.tun.index] if self.tun is not None else []
         # Loopback addresses only make sense to report when the NMS is on this host too.
         loopback = ipaddress.ip_address(nms.host).is_loopback
-        addresses = await asyncio.to_thread(host_addresses, exclude_ifindexes=exclude,
-                                            loopback=loopback)
+        addresses = await asyncio.to_thread(
+            host_addresses, exclude_ifindexes=exclude, loopback=loopback
+        )
         if ":" not in host:  # an IPv4-only socket
             addresses = [a for a in addresses if a.version == 4]
         return [(a, port) for a in addresses]
@@ -478,7 +523,8 @@ class Agent:
                 try:
                     answer = await link.session.request(
                         wrap(pb.Keepalive(sequence=link.sequence)),
-                        timeout=min(REQUEST_TIMEOUT_S, link.keepalive_s * 2))
+                        timeout=min(REQUEST_TIMEOUT_S, link.keepalive_s * 2),
+                    )
                     _body(answer, "keepalive_ack")
                 except Timeout as exc:
                     self.counters.nms_losses += 1
@@ -487,8 +533,9 @@ class Agent:
         finally:
             lost.cancel()
 
-    async def _on_nms_message(self, message: pb.Envelope,
-                              _session: SignallingSession) -> pb.Envelope | None:
+    async def _on_nms_message(
+        self, message: pb.Envelope, _session: SignallingSession
+    ) -> pb.Envelope | None:
         """Pushes from the NMS."""
         body = message.WhichOneof("body")
         if body == "route_direction":
@@ -526,9 +573,15 @@ class Agent:
         self._rotated = False
         if self.relay is not None:
             self.relay.nudge()
-        self.log.info("moved", old=old["addresses"], new=new["addresses"],
-                      old_routes=old["default_routes"], new_routes=new["default_routes"],
-                      migrated=migrated, moves=self.mobility.detector.moves)
+        self.log.info(
+            "moved",
+            old=old["addresses"],
+            new=new["addresses"],
+            old_routes=old["default_routes"],
+            new_routes=new["default_routes"],
+            migrated=migrated,
+            moves=self.mobility.detector.moves,
+        )
         link = self._nms
         if link is None or not link.session.is_open or self.registration is None:
             return  # the control loop registers with the new addresses when it connects
@@ -556,8 +609,9 @@ class Agent:
     def _path_lost(self, lost: PathLost) -> None:
         """Part of the path went away: fresh connection IDs now, so that the first packet
         that leaves by a new path already carries one (sent when the move settles)."""
-        self.log.info("path_lost", old=lost.old.describe()["addresses"],
-                      now=lost.now.describe()["addresses"])
+        self.log.info(
+            "path_lost", old=lost.old.describe()["addresses"], now=lost.now.describe()["addresses"]
+        )
         self._migrate_client_connections(rotate=True, probe=False)
         self._rotated = True
 
@@ -583,15 +637,24 @@ class Agent:
 
     async def _bring_up(self, reg: pb.RegisterResponse) -> None:
         """First registration: the TUN device, the packet pump and the DNS stub."""
-        v4 = ipaddress.IPv4Interface((address_text(reg.virtual_ipv4),
-                                      reg.virtual_ipv4_prefix_len or 32)) \
-            if reg.virtual_ipv4 else None
-        v6 = ipaddress.IPv6Interface((address_text(reg.virtual_ipv6),
-                                      reg.virtual_ipv6_prefix_len or 128)) \
-            if reg.virtual_ipv6 else None
+        v4 = (
+            ipaddress.IPv4Interface(
+                (address_text(reg.virtual_ipv4), reg.virtual_ipv4_prefix_len or 32)
+            )
+            if reg.virtual_ipv4
+            else None
+        )
+        v6 = (
+            ipaddress.IPv6Interface(
+                (address_text(reg.virtual_ipv6), reg.virtual_ipv6_prefix_len or 128)
+            )
+            if reg.virtual_ipv6
+            else None
+        )
         try:
-            self.tun = TunDevice.open(TunConfig(name=self.settings.tun_name,
-                                                mtu=self.settings.mtu, ipv4=v4, ipv6=v6))
+            self.tun = TunDevice.open(
+                TunConfig(name=self.settings.tun_name, mtu=self.settings.mtu, ipv4=v4, ipv6=v6)
+            )
         except CyphonicError as exc:
             raise AgentFailed(exc) from exc
         self._own_addresses = frozenset(i.ip.packed for i in (v4, v6) if i is not None)
@@ -602,19 +665,29 @@ class Agent:
         if address is not None:
             upstreams = (
                 [parse_hostport(u, default_port=53) for u in self.settings.dns_upstreams]
-                if self.settings.dns_upstreams is not None else None
+                if self.settings.dns_upstreams is not None
+                else None
             )
             try:
-                self.dns = await DnsStub.start(listen=address, domain=self.domain,
-                                               lookup=self._lookup, upstreams=upstreams)
+                self.dns = await DnsStub.start(
+                    listen=address, domain=self.domain, lookup=self._lookup, upstreams=upstreams
+                )
             except OSError as exc:
-                raise AgentFailed(Unavailable(
-                    f"cannot listen for DNS on {format_hostport(*address)}: {exc.strerror} "
-                    f"(set dns_listen, or 'off')")) from exc
+                raise AgentFailed(
+                    Unavailable(
+                        f"cannot listen for DNS on {format_hostport(*address)}: {exc.strerror} "
+                        f"(set dns_listen, or 'off')"
+                    )
+                ) from exc
         self.registered.set()
-        self.log.info("overlay_up", tun=self.tun.name, mtu=self.settings.mtu,
-                      ipv4=str(v4) if v4 else None, ipv6=str(v6) if v6 else None,
-                      dns=format_hostport(*address) if address else "off")
+        self.log.info(
+            "overlay_up",
+            tun=self.tun.name,
+            mtu=self.settings.mtu,
+            ipv4=str(v4) if v4 else None,
+            ipv6=str(v6) if v6 else None,
+            dns=format_hostport(*address) if address else "off",
+        )
 
     # ------------------------------------------------------------------ route requests
 
@@ -635,7 +708,8 @@ class Agent:
         if self.routes.for_address(destination) is not None:
             return  # its route is being set up; the packet waits for it
         if not self._routable_overlay(destination) or self.routes.is_held(
-                destination, now=asyncio.get_running_loop().time()):
+            destination, now=asyncio.get_running_loop().time()
+        ):
             # Held down after a failure: dropped quietly (the failure was logged once).
             assert self.datapath is not None
             self.datapath.pending.discard(destination)
@@ -648,22 +722,26 @@ class Agent:
             return False
         for net in self._own_networks:
             if ip in net:
-                return not (net.version == 4 and ip in (net.network_address,
-                                                        net.broadcast_address))
+                return not (net.version == 4 and ip in (net.network_address, net.broadcast_address))
         return False
 
     async def _route_for_packet(self, destination: bytes) -> None:
         try:
             route = await self._request_route(destination)
         except CyphonicError as exc:
-            self.log.info("route_request_failed", destination=address_text(destination),
-                          error=exc.message)
+            self.log.info(
+                "route_request_failed", destination=address_text(destination), error=exc.message
+            )
             route = None
         if route is None and self.datapath is not None:
             self.datapath.pending.discard(destination)
 
-    async def _request_route(self, key: str | bytes, *, force: bool = False,
-                             ) -> PeerRoute | None:
+    async def _request_route(
+        self,
+        key: str | bytes,
+        *,
+        force: bool = False,
+    ) -> PeerRoute | None:
         """Ask the NMS for a route to ``key`` (FQDN or raw virtual address), once at a time.
 
         None: no such node. Raises why the route cannot be had (offline, NMS unreachable).
@@ -688,8 +766,11 @@ class Agent:
             link = self._nms
             if link is None or not link.session.is_open:
                 raise Unavailable(f"not connected to the NMS ({self.nms_detail or 'connecting'})")
-            request = (pb.RouteRequest(fqdn=key) if isinstance(key, str)
-                       else pb.RouteRequest(virtual_address=key))
+            request = (
+                pb.RouteRequest(fqdn=key)
+                if isinstance(key, str)
+                else pb.RouteRequest(virtual_address=key)
+            )
             self.counters.route_requests += 1
             started = loop.time()
             answer = await link.session.request(wrap(request), timeout=REQUEST_TIMEOUT_S)
@@ -699,9 +780,13 @@ class Agent:
                 [a for a in (response.peer_virtual_ipv4, response.peer_virtual_ipv6) if a],
                 now=loop.time(),
             )
-            self.log.info("route_answered", peer=route.fqdn, route_id=response.route_id,
-                          pattern=pattern_name(response.pattern),
-                          ms=round((loop.time() - started) * 1000, 1))
+            self.log.info(
+                "route_answered",
+                peer=route.fqdn,
+                route_id=response.route_id,
+                pattern=pattern_name(response.pattern),
+                ms=round((loop.time() - started) * 1000, 1),
+            )
             self._failures.pop(key, None)
             self._asked[route.fqdn] = loop.time()
             future.set_result(route)
@@ -729,10 +814,15 @@ class Agent:
         route = action.route
         if replaced is not None:
             self._close_route(replaced, "replaced by a newer route")
-        self.log.info("route_direction", peer=route.fqdn, route_id=route.route_id,
-                      pattern=route.pattern_name, role=pb.RouteRole.Name(route.role),  # type: ignore[arg-type]
-                      candidates=[str(c) for c in route.candidates],
-                      action=type(action).__name__.lower())
+        self.log.info(
+            "route_direction",
+            peer=route.fqdn,
+            route_id=route.route_id,
+            pattern=route.pattern_name,
+            role=pb.RouteRole.Name(route.role),  # type: ignore[arg-type]
+            candidates=[str(c) for c in route.candidates],
+            action=type(action).__name__.lower(),
+        )
         if isinstance(action, Keep):
             return
         if isinstance(action, Accept) and route.pattern != pb.ROUTE_PATTERN_RELAY:
@@ -741,8 +831,11 @@ class Agent:
                 self._spawn(self._reverse_if_silent(route))
             return
         # CONNECT, or ACCEPT of a relayed route: allocate at the TRS and serve our CIDs first.
-        work = (self._connect_route(route) if isinstance(action, Connect)
-                else self._accept_relayed(route))
+        work = (
+            self._connect_route(route)
+            if isinstance(action, Connect)
+            else self._accept_relayed(route)
+        )
         key = id(route)
         task = self._spawn(work)
         self._connecting[key] = task
@@ -760,8 +853,9 @@ class Agent:
             if stamp is not None and now - stamp < REVERSE_QUIET_S:
                 return
         self._reversed[route.fqdn] = now
-        self.log.info("route_reversed", peer=route.fqdn, route_id=route.route_id,
-                      waited_s=REVERSE_AFTER_S)
+        self.log.info(
+            "route_reversed", peer=route.fqdn, route_id=route.route_id, waited_s=REVERSE_AFTER_S
+        )
         try:
             await self._request_route(route.fqdn, force=True)
         except CyphonicError as exc:
@@ -796,8 +890,13 @@ class Agent:
             if self.datapath is not None:
                 dropped = sum(self.datapath.pending.discard(a) for a in route.addresses)
             self._failures[route.fqdn] = Unavailable(f"route to {route.fqdn} failed: {why}")
-            self.log.warning("route_failed", peer=route.fqdn, route_id=route.route_id,
-                             reason=why, dropped_packets=dropped)
+            self.log.warning(
+                "route_failed",
+                peer=route.fqdn,
+                route_id=route.route_id,
+                reason=why,
+                dropped_packets=dropped,
+            )
 
     # ------------------------------------------------------------------ tunnels: connect
 
@@ -809,8 +908,11 @@ class Agent:
             return
         candidates = [c for c in route.candidates if routable(c.host, c.port)]
         if not candidates:
-            self._route_failed(route, "no candidate address of the peer is routable from here "
-                                      f"({', '.join(map(str, route.candidates)) or 'none'})")
+            self._route_failed(
+                route,
+                "no candidate address of the peer is routable from here "
+                f"({', '.join(map(str, route.candidates)) or 'none'})",
+            )
             return
         errors: list[str] = []
         for candidate in candidates:
@@ -833,8 +935,9 @@ class Agent:
         if self.routes.is_current(route):
             self._route_failed(route, "; ".join(errors))
 
-    async def _open_tunnel(self, route: PeerRoute, candidate: Candidate, *,
-                           relayed: RelayedPath | None = None) -> None:
+    async def _open_tunnel(
+        self, route: PeerRoute, candidate: Candidate, *, relayed: RelayedPath | None = None
+    ) -> None:
         assert self.endpoint is not None
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -848,8 +951,11 @@ class Agent:
             return session
 
         conn = await self.endpoint.connect(
-            (candidate.host, candidate.port), alpn=ALPN_TUNNEL, expect="node",
-            expected_name=route.fqdn, handler_factory=make,
+            (candidate.host, candidate.port),
+            alpn=ALPN_TUNNEL,
+            expect="node",
+            expected_name=route.fqdn,
+            handler_factory=make,
             timeout=self.settings.connect_timeout_s,
             # Relayed: our TRS CIDs as ours, the peer's first as the Initial's DCID.
             connection_id_factory=relayed.connection_id_factory() if relayed else None,
@@ -864,14 +970,20 @@ class Agent:
         # for the answer would cost a round trip on every fresh route.
         self._tunnel_ready(link, peer_mtu=0)
         self.counters.tunnels_connected += 1
-        self.log.info("tunnel_up", peer=route.fqdn, route_id=route.route_id, role="connect",
-                      pattern=route.pattern_name,
-                      path=relayed.label if relayed else str(candidate),
-                      setup_ms=round((loop.time() - started) * 1000, 1))
+        self.log.info(
+            "tunnel_up",
+            peer=route.fqdn,
+            route_id=route.route_id,
+            role="connect",
+            pattern=route.pattern_name,
+            path=relayed.label if relayed else str(candidate),
+            setup_ms=round((loop.time() - started) * 1000, 1),
+        )
         try:
             answer = await link.session.request(
                 wrap(pb.TunnelRequest(route_id=route.route_id, mtu=self.settings.mtu)),
-                timeout=REQUEST_TIMEOUT_S)
+                timeout=REQUEST_TIMEOUT_S,
+            )
             response: pb.TunnelResponse = _body(answer, "tunnel_response")
         except CyphonicError as exc:
             # Refused (a route the peer no longer has) or no answer: this tunnel is not one
@@ -903,9 +1015,13 @@ class Agent:
             return None
         try:
             path = await self.relay.prepare(
-                route_id=route.route_id, role=route.role, peer_fqdn=route.fqdn,
+                route_id=route.route_id,
+                role=route.role,
+                peer_fqdn=route.fqdn,
                 trs=[(c.host, c.port) for c in route.relay.trs],
-                server_name=route.relay.server_name, token=route.relay.token)
+                server_name=route.relay.server_name,
+                token=route.relay.token,
+            )
         except CyphonicError as exc:
             if self.routes.is_current(route):
                 self._route_failed(route, f"relay: {exc.message}")
@@ -919,8 +1035,13 @@ class Agent:
         """ACCEPT of a relayed route: our CIDs are served; the peer connects through the TRS."""
         path = await self._relay_prepare(route)
         if path is not None:
-            self.log.info("relay_ready", peer=route.fqdn, route_id=route.route_id,
-                          role="accept", path=path.label)
+            self.log.info(
+                "relay_ready",
+                peer=route.fqdn,
+                route_id=route.route_id,
+                role="accept",
+                path=path.label,
+            )
 
     async def _connect_relayed(self, route: PeerRoute) -> None:
         """CONNECT of a relayed route: allocate, get the peer's CIDs, connect via the TRS."""
@@ -946,8 +1067,9 @@ class Agent:
     def _accepted(self, conn: Connection) -> SignallingSession:
         """A directed peer connected: the tunnel is usable at once (its first datagrams may
         arrive with its TunnelRequest)."""
-        session = SignallingSession(conn, handler=self._on_tunnel_request,
-                                    on_lost=self._tunnel_lost)
+        session = SignallingSession(
+            conn, handler=self._on_tunnel_request, on_lost=self._tunnel_lost
+        )
         assert conn.peer is not None
         route = self.routes.may_accept(conn.peer.name.lower())
         assert route is not None, "authorized in the same loop iteration"
@@ -955,20 +1077,28 @@ class Agent:
         self._links[id(session)] = link
         self._tunnel_ready(link, peer_mtu=0)
         self.counters.tunnels_accepted += 1
-        self.log.info("tunnel_up", peer=route.fqdn, route_id=route.route_id, role="accept",
-                      pattern=route.pattern_name, path=format_hostport(*conn.peer_address))
+        self.log.info(
+            "tunnel_up",
+            peer=route.fqdn,
+            route_id=route.route_id,
+            role="accept",
+            pattern=route.pattern_name,
+            path=format_hostport(*conn.peer_address),
+        )
         return session
 
-    async def _on_tunnel_request(self, message: pb.Envelope,
-                                 session: SignallingSession) -> pb.Envelope:
+    async def _on_tunnel_request(
+        self, message: pb.Envelope, session: SignallingSession
+    ) -> pb.Envelope:
         request: pb.TunnelRequest = _body(message, "tunnel_request")
         link = self._links.get(id(session))
         if link is None or link.tunnel is None:
             raise PermissionDenied("no tunnel for this connection")
         if request.route_id != link.route.route_id:
             session.connection.close("stale route")
-            raise PermissionDenied(f"route {request.route_id} is not the current route to "
-                                   f"{link.route.fqdn}")
+            raise PermissionDenied(
+                f"route {request.route_id} is not the current route to {link.route.fqdn}"
+            )
         if request.mtu:
             link.tunnel.core.mtu = min(self.settings.mtu, max(576, request.mtu))
         return wrap(pb.TunnelResponse(route_id=link.route.route_id, mtu=self.settings.mtu))
@@ -979,10 +1109,19 @@ class Agent:
         assert self.datapath is not None
         route = link.route
         mtu = self.settings.mtu if not peer_mtu else min(self.settings.mtu, max(576, peer_mtu))
-        core = TunnelCore(link.conn.quic, mtu=mtu, peer_addresses=route.addresses or None,
-                          local_addresses=self._own_addresses or None)
-        tunnel = Tunnel(core=core, conn=link.conn, addresses=route.addresses, label=route.fqdn,
-                        pattern=route.pattern_name)
+        core = TunnelCore(
+            link.conn.quic,
+            mtu=mtu,
+            peer_addresses=route.addresses or None,
+            local_addresses=self._own_addresses or None,
+        )
+        tunnel = Tunnel(
+            core=core,
+            conn=link.conn,
+            addresses=route.addresses,
+            label=route.fqdn,
+            pattern=route.pattern_name,
+        )
         previous = route.tunnel
         link.tunnel = tunnel
         if self.routes.tunnel_up(route, tunnel, now=asyncio.get_running_loop().time()) is None:
@@ -1008,10 +1147,14 @@ class Agent:
         if route.tunnel is tunnel and self.routes.tear_down(route):
             self._release_relay(route)
             self.counters.tunnels_lost += 1
-            self.log.info("tunnel_down", peer=route.fqdn, route_id=route.route_id,
-                          reason=error.message if error else "closed here",
-                          tx_packets=tunnel.core.stats.tx_packets,
-                          rx_packets=tunnel.core.stats.rx_packets)
+            self.log.info(
+                "tunnel_down",
+                peer=route.fqdn,
+                route_id=route.route_id,
+                reason=error.message if error else "closed here",
+                tx_packets=tunnel.core.stats.tx_packets,
+                rx_packets=tunnel.core.stats.rx_packets,
+            )
 
     # ------------------------------------------------------------------ housekeeping
 
@@ -1027,8 +1170,12 @@ class Agent:
                 if self.datapath is not None:
                     for address in route.addresses:
                         self.datapath.pending.discard(address)
-                self.log.warning("route_setup_timeout", peer=route.fqdn,
-                                 route_id=route.route_id, state=route.state.value)
+                self.log.warning(
+                    "route_setup_timeout",
+                    peer=route.fqdn,
+                    route_id=route.route_id,
+                    state=route.state.value,
+                )
             # A failure is remembered only while its key is held down (a scan of the
             # overlay pool must not grow this map without bound).
             for key in [k for k in self._failures if not self.routes.is_held(k, now=now)]:
@@ -1066,11 +1213,15 @@ class Agent:
                 continue
             v4 = [a for a in route.addresses if len(a) == 4]
             v6 = [a for a in route.addresses if len(a) == 16]
-            peers.append(PeerStatus(
-                fqdn=route.fqdn, state="establishing", pattern=route.pattern_name,
-                virtual_ipv4=address_text(v4[0]) if v4 else None,
-                virtual_ipv6=address_text(v6[0]) if v6 else None,
-            ))
+            peers.append(
+                PeerStatus(
+                    fqdn=route.fqdn,
+                    state="establishing",
+                    pattern=route.pattern_name,
+                    virtual_ipv4=address_text(v4[0]) if v4 else None,
+                    virtual_ipv6=address_text(v6[0]) if v6 else None,
+                )
+            )
         return AgentStatus(
             fqdn=self.fqdn,
             virtual_ipv4=address_text(reg.virtual_ipv4) if reg and reg.virtual_ipv4 else None,
@@ -1090,15 +1241,22 @@ class Agent:
         if handover is None:
             return None
         at = datetime.fromtimestamp(handover.at, UTC).isoformat(timespec="milliseconds")
-        out: dict[str, Any] = {"at": at, "old": handover.old.describe(),
-                               "new": handover.new.describe()}
+        out: dict[str, Any] = {
+            "at": at,
+            "old": handover.old.describe(),
+            "new": handover.new.describe(),
+        }
         net = self._handover_network
         if net is not None:
             out["nms_network"] = {
-                "behind_nat": net.behind_nat, "has_ipv4": net.has_ipv4,
+                "behind_nat": net.behind_nat,
+                "has_ipv4": net.has_ipv4,
                 "has_ipv6": net.has_ipv6,
-                "observed": [format_hostport(address_text(e.ip), e.port)
-                             for e in (net.observed_ipv4, net.observed_ipv6) if e.ip],
+                "observed": [
+                    format_hostport(address_text(e.ip), e.port)
+                    for e in (net.observed_ipv4, net.observed_ipv6)
+                    if e.ip
+                ],
             }
         return out
 
@@ -1118,8 +1276,9 @@ def _check_tun_access() -> None:
     except FileNotFoundError as exc:
         raise AgentFailed(Unavailable(f"{TUN_DEVICE_PATH} missing: no TUN support")) from exc
     except PermissionError as exc:
-        raise AgentFailed(PermissionDenied(
-            f"cannot open {TUN_DEVICE_PATH}: run as root or with CAP_NET_ADMIN")) from exc
+        raise AgentFailed(
+            PermissionDenied(f"cannot open {TUN_DEVICE_PATH}: run as root or with CAP_NET_ADMIN")
+        ) from exc
     os.close(fd)
 
 

@@ -25,23 +25,34 @@ DEFAULT_STATE_DIR = Path("/var/lib/cyphonic-agent")
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; each subcommand is one ``sub.add_parser``."""
-    parser = argparse.ArgumentParser(prog="cyphonic-agent",
-                                     description="CYPHONIC node agent.")
+    parser = argparse.ArgumentParser(prog="cyphonic-agent", description="CYPHONIC node agent.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("enroll", help="enrol this host with the AS (key made here)")
-    p.add_argument("--as", dest="as_url", required=True,
-                   help="AS admin REST URL, e.g. https://as.example.net:8081")
+    p.add_argument(
+        "--as",
+        dest="as_url",
+        required=True,
+        help="AS admin REST URL, e.g. https://as.example.net:8081",
+    )
     token = p.add_mutually_exclusive_group()
-    token.add_argument("--token", help="one-time enrolment token (visible to ps; prefer "
-                                       "--token-file or CYPHONIC_ENROL_TOKEN)")
+    token.add_argument(
+        "--token",
+        help="one-time enrolment token (visible to ps; prefer "
+        "--token-file or CYPHONIC_ENROL_TOKEN)",
+    )
     token.add_argument("--token-file", type=Path, help="file holding the enrolment token")
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
-                   help=f"key, certificates and agent.json (default {DEFAULT_STATE_DIR})")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help=f"key, certificates and agent.json (default {DEFAULT_STATE_DIR})",
+    )
     p.add_argument("--root-ca-sha256", help="expected SHA-256 fingerprint of the root CA (hex)")
     p.add_argument("--ca-file", type=Path, help="CA bundle to verify an https AS URL")
-    p.add_argument("--insecure", action="store_true",
-                   help="do not verify the AS's https certificate")
+    p.add_argument(
+        "--insecure", action="store_true", help="do not verify the AS's https certificate"
+    )
     p.add_argument("--force", action="store_true", help="enrol again over an existing state")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
 
@@ -52,41 +63,79 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "up", help="join the overlay: login, register, TUN, DNS stub, tunnels (root)",
+        "up",
+        help="join the overlay: login, register, TUN, DNS stub, tunnels (root)",
         description="Run the node agent in the foreground until SIGTERM/SIGINT. Each flag "
         "overrides its CYPHONIC_* variable (e.g. --quic-port: CYPHONIC_QUIC_PORT), which "
         "overrides the --config file (TOML, same keys: quic_port = 443).",
     )
-    p.add_argument("--state-dir", type=Path, help=f"written by enroll (default "
-                                                  f"{DEFAULT_STATE_DIR})")
+    p.add_argument(
+        "--state-dir", type=Path, help=f"written by enroll (default {DEFAULT_STATE_DIR})"
+    )
     p.add_argument("--config", type=Path, help="TOML file of agent settings")
     p.add_argument("--quic-host", help="address of the one UDP socket (default ::)")
     p.add_argument("--quic-port", type=int, help="its UDP port (default 443; 0: ephemeral)")
-    p.add_argument("--as-endpoint", action="append", dest="as_endpoints",
-                   help="AS QUIC endpoint host:port, overriding agent.json's (repeatable)")
+    p.add_argument(
+        "--as-endpoint",
+        action="append",
+        dest="as_endpoints",
+        help="AS QUIC endpoint host:port, overriding agent.json's (repeatable)",
+    )
     p.add_argument("--tun-name", help="TUN device name (default cyphonic0)")
     p.add_argument("--mtu", type=int, help="TUN MTU (default 1420)")
     p.add_argument("--dns-listen", help="DNS stub address:port (default 127.0.0.1:53; off)")
-    p.add_argument("--dns-upstream", action="append", dest="dns_upstreams",
-                   help="resolver for names outside the overlay (repeatable; default "
-                        "/etc/resolv.conf's)")
+    p.add_argument(
+        "--dns-upstream",
+        action="append",
+        dest="dns_upstreams",
+        help="resolver for names outside the overlay (repeatable; default /etc/resolv.conf's)",
+    )
     p.add_argument("--status-socket", type=Path, help="status API socket")
-    p.add_argument("--connect-timeout", type=float, dest="connect_timeout_s",
-                   help="seconds per QUIC handshake attempt (default 5)")
-    p.add_argument("--peer-timeout", type=float, dest="peer_timeout_s",
-                   help="QUIC idle timeout: a silent peer or NMS is gone (default 30)")
-    p.add_argument("--tunnel-keepalive", type=float, dest="tunnel_keepalive_s",
-                   help="PING interval on tunnels (default 10)")
-    p.add_argument("--give-up-after", type=float, dest="give_up_after_s",
-                   help="exit 1 if not registered after this many seconds (default: never)")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        dest="connect_timeout_s",
+        help="seconds per QUIC handshake attempt (default 5)",
+    )
+    p.add_argument(
+        "--peer-timeout",
+        type=float,
+        dest="peer_timeout_s",
+        help="QUIC idle timeout: a silent peer or NMS is gone (default 30)",
+    )
+    p.add_argument(
+        "--tunnel-keepalive",
+        type=float,
+        dest="tunnel_keepalive_s",
+        help="PING interval on tunnels (default 10)",
+    )
+    p.add_argument(
+        "--give-up-after",
+        type=float,
+        dest="give_up_after_s",
+        help="exit 1 if not registered after this many seconds (default: never)",
+    )
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--log-format", choices=["console", "json"])
 
 
-_UP_FLAGS = ("state_dir", "quic_host", "quic_port", "as_endpoints", "tun_name", "mtu",
-             "dns_listen", "dns_upstreams", "status_socket", "connect_timeout_s",
-             "peer_timeout_s", "tunnel_keepalive_s", "give_up_after_s", "log_level",
-             "log_format")
+_UP_FLAGS = (
+    "state_dir",
+    "quic_host",
+    "quic_port",
+    "as_endpoints",
+    "tun_name",
+    "mtu",
+    "dns_listen",
+    "dns_upstreams",
+    "status_socket",
+    "connect_timeout_s",
+    "peer_timeout_s",
+    "tunnel_keepalive_s",
+    "give_up_after_s",
+    "log_level",
+    "log_format",
+)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -95,8 +144,9 @@ def _up(args: argparse.Namespace) -> int:
     from cyphonic_agent.agent import AgentFailed, run_agent
     from cyphonic_agent.config import AgentSettings
 
-    settings = AgentSettings.load(config_file=args.config,
-                                  **{name: getattr(args, name) for name in _UP_FLAGS})
+    settings = AgentSettings.load(
+        config_file=args.config, **{name: getattr(args, name) for name in _UP_FLAGS}
+    )
     log.configure(level=settings.log_level, fmt=settings.log_format)
     try:
         asyncio.run(run_agent(settings))
@@ -116,17 +166,29 @@ def _enroll(args: argparse.Namespace) -> int:
     else:
         token = os.environ.get("CYPHONIC_ENROL_TOKEN", "")
     if not token.strip():
-        print("cyphonic-agent: no token (--token, --token-file or CYPHONIC_ENROL_TOKEN)",
-              file=sys.stderr)
+        print(
+            "cyphonic-agent: no token (--token, --token-file or CYPHONIC_ENROL_TOKEN)",
+            file=sys.stderr,
+        )
         return 2
     if is_plaintext_remote(args.as_url):
-        print("cyphonic-agent: warning: the token travels unencrypted over http; "
-              "use https or --root-ca-sha256", file=sys.stderr)
+        print(
+            "cyphonic-agent: warning: the token travels unencrypted over http; "
+            "use https or --root-ca-sha256",
+            file=sys.stderr,
+        )
     verify: bool | str = False if args.insecure else (str(args.ca_file) if args.ca_file else True)
-    state = asyncio.run(enroll(
-        as_url=args.as_url, token=token, state_dir=args.state_dir, verify=verify,
-        root_ca_sha256=args.root_ca_sha256, force=args.force, request_timeout=args.timeout,
-    ))
+    state = asyncio.run(
+        enroll(
+            as_url=args.as_url,
+            token=token,
+            state_dir=args.state_dir,
+            verify=verify,
+            root_ca_sha256=args.root_ca_sha256,
+            force=args.force,
+            request_timeout=args.timeout,
+        )
+    )
     print(state.fqdn)
     return 0
 

@@ -74,7 +74,9 @@ class AgentSettings(BaseSettings):
         "::", description="address of the one UDP socket (dual-stack ::) for every connection"
     )
     quic_port: int = Field(
-        443, ge=0, le=65535,
+        443,
+        ge=0,
+        le=65535,
         description="UDP port of that socket; peers reach an accepting node here, and "
         "firewalls that pass HTTP/3 pass 443 (0: ephemeral)",
     )
@@ -84,7 +86,9 @@ class AgentSettings(BaseSettings):
     )
     tun_name: str = Field("cyphonic0", description="name of the TUN device")
     mtu: int = Field(
-        DEFAULT_MTU, ge=1280, le=65000,
+        DEFAULT_MTU,
+        ge=1280,
+        le=65000,
         description="TUN MTU; 1420 fits one QUIC datagram on a 1500-byte IPv4 or IPv6 path",
     )
     dns_listen: str = Field(
@@ -99,7 +103,8 @@ class AgentSettings(BaseSettings):
         5.0, gt=0, description="seconds to wait for a QUIC handshake with one address"
     )
     peer_timeout_s: float = Field(
-        30.0, ge=3,
+        30.0,
+        ge=3,
         description="QUIC idle timeout: a peer (or the NMS) silent this long is gone",
     )
     tunnel_keepalive_s: float = Field(
@@ -112,7 +117,8 @@ class AgentSettings(BaseSettings):
         30.0, gt=0, description="longest pause between attempts to reach the AS/NMS"
     )
     give_up_after_s: float = Field(
-        0.0, ge=0,
+        0.0,
+        ge=0,
         description="exit 1 if the first registration has not succeeded after this long "
         "(0: keep trying)",
     )

@@ -130,9 +130,7 @@ def overlay_response(
     if rdtype in (dns.rdatatype.A, dns.rdatatype.ANY) and addresses.ipv4 is not None:
         response.answer.append(dns.rrset.from_text(name, ttl, "IN", "A", str(addresses.ipv4)))
     if rdtype in (dns.rdatatype.AAAA, dns.rdatatype.ANY) and addresses.ipv6 is not None:
-        response.answer.append(
-            dns.rrset.from_text(name, ttl, "IN", "AAAA", str(addresses.ipv6))
-        )
+        response.answer.append(dns.rrset.from_text(name, ttl, "IN", "AAAA", str(addresses.ipv6)))
     if not response.answer:
         response.authority.append(_soa(zone))  # NODATA: the name exists, not this type
     return _finish(response, rcode=dns.rcode.NOERROR)

@@ -137,8 +137,10 @@ def read_agent_state(state_dir: Path | str) -> AgentState:
         raise InvalidArgument(f"{path} is not readable JSON") from exc
     known = {f for f in AgentState.__dataclass_fields__ if f != "extra"}
     try:
-        return AgentState(**{k: v for k, v in data.items() if k in known},
-                          extra={k: v for k, v in data.items() if k not in known})
+        return AgentState(
+            **{k: v for k, v in data.items() if k in known},
+            extra={k: v for k, v in data.items() if k not in known},
+        )
     except TypeError as exc:
         raise InvalidArgument(f"{path} lacks fields: {exc}") from exc
 
@@ -220,7 +222,9 @@ def _check_chain(
 
 
 def _check_service_ca(
-    service_ca: x509.Certificate, root: x509.Certificate, node_ca: x509.Certificate,
+    service_ca: x509.Certificate,
+    root: x509.Certificate,
+    node_ca: x509.Certificate,
 ) -> None:
     # What makes it trustworthy is the root's signature: it arrived with the same answer.
     try:
@@ -244,12 +248,14 @@ def _check_issued(
         chain = x509.load_pem_x509_certificates(str(answer["certificate_chain_pem"]).encode())
         root = x509.load_pem_x509_certificate(str(answer["root_ca_pem"]).encode())
         service_pem = answer.get("service_ca_pem")
-        service_ca = (x509.load_pem_x509_certificate(str(service_pem).encode())
-                      if service_pem else None)
+        service_ca = (
+            x509.load_pem_x509_certificate(str(service_pem).encode()) if service_pem else None
+        )
     except (KeyError, ValueError) as exc:
         raise MalformedMessage("AS answer lacks a usable certificate chain or root CA") from exc
-    _check_chain(chain, root, key_public=key_public, fqdn=fqdn, root_ca_sha256=root_ca_sha256,
-                 now=now)
+    _check_chain(
+        chain, root, key_public=key_public, fqdn=fqdn, root_ca_sha256=root_ca_sha256, now=now
+    )
     if service_ca is not None:
         _check_service_ca(service_ca, root, chain[1])
     return chain, root, service_ca
@@ -277,8 +283,9 @@ async def enroll(
     """
     paths = StatePaths(Path(state_dir))
     if paths.cert.exists() and not force:
-        raise AlreadyExists(f"{paths.directory} already holds a node certificate "
-                            "(use --force to enrol again)")
+        raise AlreadyExists(
+            f"{paths.directory} already holds a node certificate (use --force to enrol again)"
+        )
     token = token.strip()
     if not token:
         raise InvalidArgument("the enrolment token is empty")
@@ -291,13 +298,18 @@ async def enroll(
             raise MalformedMessage("AS did not say which FQDN the token enrols")
         key = generate_key()
         csr = make_csr(key, fqdn)
-        answer = await _post(client, f"{base}/v1/enrol", {
-            "token": token,
-            "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode(),
-        })
+        answer = await _post(
+            client,
+            f"{base}/v1/enrol",
+            {
+                "token": token,
+                "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode(),
+            },
+        )
     now = now or datetime.now(UTC)
-    chain, root, service_ca = _check_issued(answer, key_public=key.public_key(), fqdn=fqdn,
-                                            root_ca_sha256=root_ca_sha256, now=now)
+    chain, root, service_ca = _check_issued(
+        answer, key_public=key.public_key(), fqdn=fqdn, root_ca_sha256=root_ca_sha256, now=now
+    )
     state = AgentState(
         fqdn=fqdn,
         name=str(answer.get("name") or fqdn.split(".", 1)[0]),
@@ -330,8 +342,9 @@ def _write_state(paths: StatePaths, state: AgentState) -> None:
 Requester = Callable[[pb.Envelope], Awaitable[pb.Envelope]]
 
 
-async def renew(request: Requester, state_dir: Path | str, *,
-                now: datetime | None = None) -> AgentState:
+async def renew(
+    request: Requester, state_dir: Path | str, *, now: datetime | None = None
+) -> AgentState:
     """Renew the node certificate over an AS signalling session (``session.request``).
 
     Makes a new key here, sends its CSR in a RenewRequest, checks the answer like an
@@ -344,8 +357,9 @@ async def renew(request: Requester, state_dir: Path | str, *,
     root = load_certificates(paths.root_ca)[0]
     key = generate_key()
     csr = make_csr(key, state.fqdn)
-    answer = await request(wrap(
-        pb.RenewRequest(csr_der=csr.public_bytes(serialization.Encoding.DER))))
+    answer = await request(
+        wrap(pb.RenewRequest(csr_der=csr.public_bytes(serialization.Encoding.DER)))
+    )
     if answer.WhichOneof("body") == "error":
         raise from_wire(answer.error)
     if answer.WhichOneof("body") != "renew_response":
@@ -355,12 +369,16 @@ async def renew(request: Requester, state_dir: Path | str, *,
     except ValueError as exc:
         raise MalformedMessage("RenewResponse holds no PEM certificate chain") from exc
     now = now or datetime.now(UTC)
-    _check_chain(chain, root, key_public=key.public_key(), fqdn=state.fqdn,
-                 root_ca_sha256=None, now=now)
+    _check_chain(
+        chain, root, key_public=key.public_key(), fqdn=state.fqdn, root_ca_sha256=None, now=now
+    )
     # As a pair: a crash midway leaves the old or the new pair (load_node_identity).
     write_identity(paths.cert, paths.key, key=key, certs=chain)
-    renewed = replace(state, serial=format(chain[0].serial_number, "x"),
-                      not_after=chain[0].not_valid_after_utc.isoformat())
+    renewed = replace(
+        state,
+        serial=format(chain[0].serial_number, "x"),
+        not_after=chain[0].not_valid_after_utc.isoformat(),
+    )
     _write_state(paths, renewed)
     return renewed
 
@@ -378,7 +396,9 @@ def load_node_chain(state_dir: Path | str) -> list[x509.Certificate]:
 
 
 def load_node_trust(
-    state_dir: Path | str, *, is_revoked: Callable[[x509.Certificate], bool] | None = None,
+    state_dir: Path | str,
+    *,
+    is_revoked: Callable[[x509.Certificate], bool] | None = None,
 ) -> TrustStore:
     """What a node trusts: the root, the node CA (its own chain's) and, when enrolment
     stored it, the pinned service CA; ``is_revoked`` is ``node_revocation_cache(...)
@@ -386,9 +406,12 @@ def load_node_trust(
     paths = StatePaths(Path(state_dir))
     chain = load_certificates(paths.cert)
     service_ca = load_certificates(paths.service_ca)[0] if paths.service_ca.exists() else None
-    return TrustStore(root=load_certificates(paths.root_ca)[0],
-                      node_ca=chain[1] if len(chain) > 1 else None,
-                      service_ca=service_ca, is_revoked=is_revoked)
+    return TrustStore(
+        root=load_certificates(paths.root_ca)[0],
+        node_ca=chain[1] if len(chain) > 1 else None,
+        service_ca=service_ca,
+        is_revoked=is_revoked,
+    )
 
 
 def node_revocation_cache(
@@ -417,7 +440,7 @@ def node_revocation_cache(
         raise InvalidArgument(f"{StatePaths(Path(state_dir)).cert} lacks the node CA")
     node_ca = chain[1]
     return RevocationCache(
-        CrlRevocations(crl_url(state.as_url), node_ca=node_ca, verify=verify,
-                       transport=transport),
-        issuer=node_ca, interval=interval,
+        CrlRevocations(crl_url(state.as_url), node_ca=node_ca, verify=verify, transport=transport),
+        issuer=node_ca,
+        interval=interval,
     )

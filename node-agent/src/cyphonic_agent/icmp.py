@@ -89,43 +89,34 @@ def _frag_needed_v4(packet: bytes, *, header_len: int, mtu: int, src: bytes) -> 
     quote_len = ICMPV4_MAX_ERROR_LEN - 20 - ICMP_HEADER_LEN
     quote = packet[:quote_len]
     body = bytearray(
-        struct.pack(
-            "!BBHHH", ICMPV4_DEST_UNREACHABLE, ICMPV4_CODE_FRAG_NEEDED, 0, 0, mtu & 0xFFFF
-        )
+        struct.pack("!BBHHH", ICMPV4_DEST_UNREACHABLE, ICMPV4_CODE_FRAG_NEEDED, 0, 0, mtu & 0xFFFF)
     )
     body += quote
     struct.pack_into("!H", body, 2, internet_checksum(bytes(body)))
-    return (
-        build_ipv4_header(
-            src=src,
-            dst=orig_src,
-            protocol=PROTO_ICMP,
-            payload_length=len(body),
-            tos=ICMP_TOS_INTERNETWORK_CONTROL,
-        )
-        + bytes(body)
-    )
+    return build_ipv4_header(
+        src=src,
+        dst=orig_src,
+        protocol=PROTO_ICMP,
+        payload_length=len(body),
+        tos=ICMP_TOS_INTERNETWORK_CONTROL,
+    ) + bytes(body)
 
 
 def _packet_too_big_v6(packet: bytes, *, mtu: int, src: bytes) -> bytes | None:
     orig_src = packet[8:24]
     if orig_src == bytes(16) or orig_src[0] == 0xFF:
         return None
-    if (
-        packet[6] == PROTO_ICMPV6
-        and (len(packet) <= IPV6_HEADER_LEN or packet[IPV6_HEADER_LEN] < 128)
+    if packet[6] == PROTO_ICMPV6 and (
+        len(packet) <= IPV6_HEADER_LEN or packet[IPV6_HEADER_LEN] < 128
     ):
         return None  # an ICMPv6 error (types 0-127) is never answered
     quote = packet[: ICMPV6_MAX_ERROR_LEN - IPV6_HEADER_LEN - ICMP_HEADER_LEN]
     body = bytearray(struct.pack("!BBHI", ICMPV6_PACKET_TOO_BIG, 0, 0, mtu))
     body += quote
     struct.pack_into("!H", body, 2, icmpv6_checksum(src=src, dst=orig_src, body=bytes(body)))
-    return (
-        build_ipv6_header(
-            src=src, dst=orig_src, next_header=PROTO_ICMPV6, payload_length=len(body)
-        )
-        + bytes(body)
-    )
+    return build_ipv6_header(
+        src=src, dst=orig_src, next_header=PROTO_ICMPV6, payload_length=len(body)
+    ) + bytes(body)
 
 
 def icmpv6_checksum(*, src: bytes, dst: bytes, body: bytes) -> int:

@@ -36,8 +36,13 @@ _RTMGRP_IPV4_IFADDR = 0x10
 _RTMGRP_IPV4_ROUTE = 0x40
 _RTMGRP_IPV6_IFADDR = 0x100
 _RTMGRP_IPV6_ROUTE = 0x400
-_GROUPS = (_RTMGRP_LINK | _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV4_ROUTE | _RTMGRP_IPV6_IFADDR
-           | _RTMGRP_IPV6_ROUTE)
+_GROUPS = (
+    _RTMGRP_LINK
+    | _RTMGRP_IPV4_IFADDR
+    | _RTMGRP_IPV4_ROUTE
+    | _RTMGRP_IPV6_IFADDR
+    | _RTMGRP_IPV6_ROUTE
+)
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,10 @@ class HostPath:
 
     def describe(self) -> dict[str, list[str]]:
         """The JSON/log form."""
-        return {"addresses": sorted(str(a) for a in self.addresses),
-                "default_routes": sorted(self.default_routes)}
+        return {
+            "addresses": sorted(str(a) for a in self.addresses),
+            "default_routes": sorted(self.default_routes),
+        }
 
 
 @dataclass(frozen=True)
@@ -100,8 +107,10 @@ class MoveDetector:
             self.lost = False
             self.moves += 1
             return move
-        gone = (not self.baseline.addresses <= snapshot.addresses
-                or not self.baseline.default_routes <= snapshot.default_routes)
+        gone = (
+            not self.baseline.addresses <= snapshot.addresses
+            or not self.baseline.default_routes <= snapshot.default_routes
+        )
         if gone and not self.lost:
             self.lost = True
             return PathLost(old=self.baseline, now=snapshot)
@@ -118,8 +127,11 @@ class Handover:
     new: HostPath
 
 
-def host_addresses(*, exclude_ifindexes: Iterable[int] = (), loopback: bool = False,
-                   ) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+def host_addresses(
+    *,
+    exclude_ifindexes: Iterable[int] = (),
+    loopback: bool = False,
+) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     """This host's unicast addresses (no link-local; loopback only if asked), via netlink."""
     from pyroute2 import IPRoute
 
@@ -181,8 +193,7 @@ class MoveWatcher:
         log = get_logger("agent.mobility")
         loop = asyncio.get_running_loop()
         try:
-            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
-                                       socket.NETLINK_ROUTE)
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
             self._sock.bind((0, _GROUPS))
             self._sock.setblocking(False)
             loop.add_reader(self._sock.fileno(), self._readable)
@@ -201,8 +212,9 @@ class MoveWatcher:
             self._close_sock(loop)
 
     async def _check(self) -> None:
-        snap = await asyncio.to_thread(self.snapshot,
-                                       exclude_ifindexes=list(self.exclude_ifindexes()))
+        snap = await asyncio.to_thread(
+            self.snapshot, exclude_ifindexes=list(self.exclude_ifindexes())
+        )
         event = self.detector.observe(snap)
         if isinstance(event, PathLost):
             self.on_lost(event)

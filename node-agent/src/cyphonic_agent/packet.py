@@ -188,9 +188,7 @@ def build_ipv6_header(
     *, src: bytes, dst: bytes, next_header: int, payload_length: int, hop_limit: int = 64
 ) -> bytes:
     """A 40-byte IPv6 header (traffic class and flow label zero)."""
-    return struct.pack(
-        "!IHBB16s16s", 6 << 28, payload_length, next_header, hop_limit, src, dst
-    )
+    return struct.pack("!IHBB16s16s", 6 << 28, payload_length, next_header, hop_limit, src, dst)
 
 
 def fragment_ipv4(packet: bytes, *, mtu: int) -> list[bytes]:

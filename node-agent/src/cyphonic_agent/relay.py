@@ -145,8 +145,7 @@ def check_cids(cids: Iterable[bytes], *, what: str) -> tuple[bytes, ...]:
     """Relay CIDs as received: 1..MAX_PEER_CIDS of CID_LENGTH bytes, else InvalidArgument."""
     out = tuple(bytes(c) for c in cids)
     if not 0 < len(out) <= MAX_PEER_CIDS:
-        raise InvalidArgument(f"{what}: expected 1..{MAX_PEER_CIDS} connection IDs, "
-                              f"got {len(out)}")
+        raise InvalidArgument(f"{what}: expected 1..{MAX_PEER_CIDS} connection IDs, got {len(out)}")
     if any(len(c) != CID_LENGTH for c in out):
         raise InvalidArgument(f"{what}: relay connection IDs have {CID_LENGTH} bytes")
     return out
@@ -318,10 +317,13 @@ class RelayClient:
             raise InvalidArgument(f"route {direction.route_id} is not relayed")
         relay = direction.relay
         return await self.prepare(
-            route_id=direction.route_id, role=int(direction.role),
+            route_id=direction.route_id,
+            role=int(direction.role),
             peer_fqdn=direction.peer_fqdn,
             trs=[(str(ipaddress.ip_address(ep.ip)), int(ep.port)) for ep in relay.trs],
-            server_name=relay.trs_server_name, token=bytes(relay.allocation_token))
+            server_name=relay.trs_server_name,
+            token=bytes(relay.allocation_token),
+        )
 
     async def prepare(
         self,
@@ -343,8 +345,9 @@ class RelayClient:
         """
         connects = role == pb.ROUTE_ROLE_CONNECT
         peer_fqdn = peer_fqdn.lower().rstrip(".")
-        log = self.log.bind(route_id=route_id, peer=peer_fqdn,
-                            role="connect" if connects else "accept")
+        log = self.log.bind(
+            route_id=route_id, peer=peer_fqdn, role="connect" if connects else "accept"
+        )
         started = self.clock()
         added = False
         waiter: asyncio.Future[RelayedPath] | None = None
@@ -358,16 +361,25 @@ class RelayClient:
             control = await self._control_for(list(trs), server_name)
             answer = await control.session.request(
                 wrap(pb.RelayAllocationRequest(allocation_token=token, route_id=route_id)),
-                timeout=self.request_timeout_s)
+                timeout=self.request_timeout_s,
+            )
             if answer.WhichOneof("body") != "relay_allocation":
                 raise UnexpectedMessage(f"the TRS answered {answer.WhichOneof('body')}")
             allocation = answer.relay_allocation
             own = check_cids(allocation.connection_ids, what="RelayAllocation")
             control.idle_since = None
-            path = self.book.add(RelayedPath(
-                route_id=route_id, role=role, peer_fqdn=peer_fqdn, trs=control.address,
-                trs_name=control.name, own_cids=own, expires_ms=int(allocation.expires_ms),
-            ), now=self.clock())
+            path = self.book.add(
+                RelayedPath(
+                    route_id=route_id,
+                    role=role,
+                    peer_fqdn=peer_fqdn,
+                    trs=control.address,
+                    trs_name=control.name,
+                    own_cids=own,
+                    expires_ms=int(allocation.expires_ms),
+                ),
+                now=self.clock(),
+            )
             added = True
             log.info("relay_allocated", trs=_hostport(control.address), cids=len(own))
             # Our CIDs are served (ACCEPT) before the peer can learn them from the NMS.
@@ -377,11 +389,16 @@ class RelayClient:
                     async with asyncio.timeout(self.peer_cids_timeout_s):
                         path = await waiter
                 except TimeoutError as exc:
-                    raise Timeout(f"route {route_id}: no relay CIDs from "
-                                  f"{peer_fqdn} within "
-                                  f"{self.peer_cids_timeout_s:g} s") from exc
-            log.info("relay_ready", trs=_hostport(control.address),
-                     ms=round((self.clock() - started) * 1000, 1))
+                    raise Timeout(
+                        f"route {route_id}: no relay CIDs from "
+                        f"{peer_fqdn} within "
+                        f"{self.peer_cids_timeout_s:g} s"
+                    ) from exc
+            log.info(
+                "relay_ready",
+                trs=_hostport(control.address),
+                ms=round((self.clock() - started) * 1000, 1),
+            )
             return path
         except BaseException:
             if added:  # a refused attempt leaves an earlier allocation of the route alone
@@ -395,8 +412,9 @@ class RelayClient:
         """A ``RelayCids`` push from the NMS (the peer's TRS CIDs); InvalidArgument if bad."""
         cids = check_cids(message.connection_ids, what="RelayCids")
         path = self.book.peer_cids(message.route_id, cids, now=self.clock())
-        self.log.info("relay_peer_cids", route_id=message.route_id, cids=len(cids),
-                      known=path is not None)
+        self.log.info(
+            "relay_peer_cids", route_id=message.route_id, cids=len(cids), known=path is not None
+        )
         waiter = self._waiters.get(message.route_id)
         if path is not None and waiter is not None and not waiter.done():
             waiter.set_result(path)
@@ -441,7 +459,8 @@ class RelayClient:
             raise Unavailable("not connected to the NMS: cannot send relay CIDs")
         answer = await session.request(
             wrap(pb.RelayCids(route_id=route_id, connection_ids=cids)),
-            timeout=self.request_timeout_s)
+            timeout=self.request_timeout_s,
+        )
         if answer.WhichOneof("body") != "relay_cids":
             raise UnexpectedMessage(f"the NMS answered {answer.WhichOneof('body')}")
 
@@ -483,8 +502,13 @@ class RelayClient:
         self._dialing[address] = future
         try:
             conn = await self.endpoint.connect(
-                address, alpn=ALPN_SIGNALLING, expect="service", expected_name=name,
-                handler_factory=SignallingSession.factory(), timeout=self.connect_timeout_s)
+                address,
+                alpn=ALPN_SIGNALLING,
+                expect="service",
+                expected_name=name,
+                handler_factory=SignallingSession.factory(),
+                timeout=self.connect_timeout_s,
+            )
             assert isinstance(conn.handler, SignallingSession)
             control = _Control(address=address, name=name, session=conn.handler)
             self.controls[address] = control
@@ -530,13 +554,14 @@ class RelayClient:
                 try:
                     control = await self._dial(address, control.name)
                 except CyphonicError as exc:
-                    self.log.warning("trs_reconnect_failed", trs=_hostport(address),
-                                     error=exc.message)
+                    self.log.warning(
+                        "trs_reconnect_failed", trs=_hostport(address), error=exc.message
+                    )
                     continue
             control.sequence += 1
             try:
-                await control.session.request(wrap(pb.Keepalive(sequence=control.sequence)),
-                                              timeout=self.request_timeout_s)
+                await control.session.request(
+                    wrap(pb.Keepalive(sequence=control.sequence)), timeout=self.request_timeout_s
+                )
             except CyphonicError as exc:
-                self.log.warning("trs_keepalive_failed", trs=_hostport(address),
-                                 error=exc.message)
+                self.log.warning("trs_keepalive_failed", trs=_hostport(address), error=exc.message)

@@ -252,9 +252,7 @@ class RouteTable:
             # The same route again (a re-direction after a move): the connection under way
             # or up carries on; QUIC migration follows a moved client.
             if direction.peer_candidates:
-                current.candidates = tuple(
-                    Candidate.from_pb(c) for c in direction.peer_candidates
-                )
+                current.candidates = tuple(Candidate.from_pb(c) for c in direction.peer_candidates)
             return Keep(current), None
         replaced: PeerRoute | None = None
         if current is not None and current.route_id and current.route_id != direction.route_id:
@@ -269,10 +267,13 @@ class RouteTable:
         route.role = int(direction.role)
         route.candidates = tuple(Candidate.from_pb(c) for c in direction.peer_candidates)
         route.relay = (
-            Relay(trs=tuple(Candidate.from_pb(c) for c in direction.relay.trs),
-                  server_name=direction.relay.trs_server_name,
-                  token=bytes(direction.relay.allocation_token))
-            if direction.HasField("relay") else None
+            Relay(
+                trs=tuple(Candidate.from_pb(c) for c in direction.relay.trs),
+                server_name=direction.relay.trs_server_name,
+                token=bytes(direction.relay.allocation_token),
+            )
+            if direction.HasField("relay")
+            else None
         )
         route.state = RouteState.CONNECTING if connect else RouteState.AWAITING_PEER
         route.since = now
@@ -322,7 +323,8 @@ class RouteTable:
     def expire(self, *, now: float) -> list[PeerRoute]:
         """Routes stuck in set-up past ``setup_timeout``: removed, held down, returned."""
         stuck = [
-            r for r in self._by_fqdn.values()
+            r
+            for r in self._by_fqdn.values()
             if r.state is not RouteState.UP and now - r.since > self.setup_timeout
         ]
         for route in stuck:

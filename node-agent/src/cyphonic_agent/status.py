@@ -100,9 +100,7 @@ class AgentStatus:
                 for p in data.get("peers", [])
             ]
             fields = {
-                k: v
-                for k, v in data.items()
-                if k in cls.__dataclass_fields__ and k != "peers"
+                k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "peers"
             }
             return cls(peers=peers, **fields)
         except (TypeError, AttributeError) as exc:
@@ -293,8 +291,7 @@ def format_status(status: AgentStatus) -> str:
         h = status.last_handover
         old = ", ".join(h.get("old", {}).get("addresses", [])) or "-"
         new = ", ".join(h.get("new", {}).get("addresses", [])) or "-"
-        lines.append(f"moved      {h.get('at', '?')} ({status.handovers} moves): "
-                     f"{old} -> {new}")
+        lines.append(f"moved      {h.get('at', '?')} ({status.handovers} moves): {old} -> {new}")
     lines.append("")
     if not status.peers:
         lines.append("no peers")

@@ -242,9 +242,7 @@ class TunnelCore:
         """
         view = self._view
         return bool(
-            view.handshake_complete
-            and view.close_event is None
-            and _capacity(view) is not None
+            view.handshake_complete and view.close_event is None and _capacity(view) is not None
         )
 
     @property

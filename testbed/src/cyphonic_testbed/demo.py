@@ -52,11 +52,11 @@ from cyphonic_testbed.topology import (
 
 # (from, to): the pairs shown, in order. The NMS decides the pattern; the table shows it.
 PAIRS: tuple[tuple[str, str], ...] = (
-    ("phone", "server"),   # IPv6 both sides: direct
+    ("phone", "server"),  # IPv6 both sides: direct
     ("office", "server"),  # NATed IPv4 to global IPv4: the NATed side connects
-    ("home", "server"),    # symmetric NAT to global IPv4: the NATed side connects
-    ("office", "home"),    # both behind NATs: relayed through the TRS
-    ("phone", "office"),   # IPv6-only to IPv4-only behind NAT: relayed through the TRS
+    ("home", "server"),  # symmetric NAT to global IPv4: the NATed side connects
+    ("office", "home"),  # both behind NATs: relayed through the TRS
+    ("phone", "office"),  # IPv6-only to IPv4-only behind NAT: relayed through the TRS
 )
 
 
@@ -77,12 +77,27 @@ def showcase() -> Topology:
         ],
         routers=[
             Router("core", networks=["cloud", "lanphone", "lanserver", "wana", "wanb", "wanc"]),
-            Router("gwa", networks=["wana", "lanoffice"], uplink="wana",
-                   nat=NatMapping.ENDPOINT_INDEPENDENT, firewall=FirewallPolicy.ENTERPRISE),
-            Router("gwb", networks=["wanb", "lanhome"], uplink="wanb",
-                   nat=NatMapping.SYMMETRIC, firewall=FirewallPolicy.ENTERPRISE),
-            Router("gwc", networks=["wanc", "lancafe"], uplink="wanc",
-                   nat=NatMapping.ENDPOINT_INDEPENDENT, firewall=FirewallPolicy.ENTERPRISE),
+            Router(
+                "gwa",
+                networks=["wana", "lanoffice"],
+                uplink="wana",
+                nat=NatMapping.ENDPOINT_INDEPENDENT,
+                firewall=FirewallPolicy.ENTERPRISE,
+            ),
+            Router(
+                "gwb",
+                networks=["wanb", "lanhome"],
+                uplink="wanb",
+                nat=NatMapping.SYMMETRIC,
+                firewall=FirewallPolicy.ENTERPRISE,
+            ),
+            Router(
+                "gwc",
+                networks=["wanc", "lancafe"],
+                uplink="wanc",
+                nat=NatMapping.ENDPOINT_INDEPENDENT,
+                firewall=FirewallPolicy.ENTERPRISE,
+            ),
         ],
         hosts=[
             Host("as", networks=["cloud"]),
@@ -111,21 +126,24 @@ class PairResult:
 
 def _ping(agent: AgentProcess, address: str, count: int) -> float | None:
     """Average RTT in ms of ``count`` pings over the overlay, or None if none answered."""
-    out = agent.node.run(["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", "2",
-                          address], timeout=count * 3 + 10).stdout
+    out = agent.node.run(
+        ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", "2", address],
+        timeout=count * 3 + 10,
+    ).stdout
     found = re.search(r"= [\d.]+/([\d.]+)/", out)
     return float(found.group(1)) if found else None
 
 
-def _iperf(client: AgentProcess, server: AgentProcess, address: str,
-           seconds: int) -> float | None:
+def _iperf(client: AgentProcess, server: AgentProcess, address: str, seconds: int) -> float | None:
     """iperf3 TCP throughput in Mbit/s from ``client`` to ``server``'s virtual address."""
-    daemon = server.node.popen(["iperf3", "-s", "-1", "-B", address],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon = server.node.popen(
+        ["iperf3", "-s", "-1", "-B", address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         time.sleep(0.5)
-        run = client.node.run(["iperf3", "-c", address, "-t", str(seconds), "-J"],
-                              timeout=seconds + 30)
+        run = client.node.run(
+            ["iperf3", "-c", address, "-t", str(seconds), "-J"], timeout=seconds + 30
+        )
         if run.returncode != 0:
             return None
         report = json.loads(run.stdout)
@@ -178,8 +196,13 @@ def run_move(bed: NetBed, mover: AgentProcess, peer: AgentProcess, *, to: str) -
     address = mover.resolve(peer.fqdn, "A")[0]
     before = mover.status()
     try:
-        moved = measure_move(src=mover.node, dst=peer.node, address=address,
-                             move=lambda: bed.move(mover.name, to), size=6_000_000)
+        moved = measure_move(
+            src=mover.node,
+            dst=peer.node,
+            address=address,
+            move=lambda: bed.move(mover.name, to),
+            size=6_000_000,
+        )
     except TestbedError as exc:
         result.note = f"move: {str(exc).splitlines()[0][:100]}"
         return result
@@ -203,15 +226,22 @@ def run_move(bed: NetBed, mover: AgentProcess, peer: AgentProcess, *, to: str) -
 def format_table(results: Sequence[PairResult]) -> str:
     rows = [("pair", "pattern", "RTT ms", "Mbit/s", "move gap ms", "TCP stall ms", "ok", "")]
     for r in results:
-        rows.append((r.pair, r.pattern,
-                     "-" if r.rtt_ms is None else f"{r.rtt_ms:.2f}",
-                     "-" if r.mbit_s is None else f"{r.mbit_s:.0f}",
-                     "-" if r.gap_ms is None else f"{r.gap_ms:.0f}",
-                     "-" if r.stall_ms is None else f"{r.stall_ms:.0f}",
-                     "yes" if r.ok else "NO", r.note))
+        rows.append(
+            (
+                r.pair,
+                r.pattern,
+                "-" if r.rtt_ms is None else f"{r.rtt_ms:.2f}",
+                "-" if r.mbit_s is None else f"{r.mbit_s:.0f}",
+                "-" if r.gap_ms is None else f"{r.gap_ms:.0f}",
+                "-" if r.stall_ms is None else f"{r.stall_ms:.0f}",
+                "yes" if r.ok else "NO",
+                r.note,
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -231,8 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print("building the topology (7 hosts, 4 routers) ...", flush=True)
         with build(showcase()) as bed:
-            print("starting cyphonic-as, cyphonic-nms (SQLite registry) and cyphonic-trs "
-                  "(in-process CID table) ...", flush=True)
+            print(
+                "starting cyphonic-as, cyphonic-nms (SQLite registry) and cyphonic-trs "
+                "(in-process CID table) ...",
+                flush=True,
+            )
             # No Redis on the embedded default: the NMS is told the one TRS directly.
             os.environ["CYPHONIC_TRS_ENDPOINTS"] = json.dumps(trs_endpoints(bed.host("trs")))
             services = start_services(bed, workdir=workdir)
@@ -246,8 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("all agents up; measuring each pair\n", flush=True)
             for a, b in PAIRS:
                 results.append(run_pair(agents[a], agents[b], seconds=args.seconds))
-                print(f"  {results[-1].pair}: {'ok' if results[-1].ok else 'failed'}",
-                      flush=True)
+                print(f"  {results[-1].pair}: {'ok' if results[-1].ok else 'failed'}", flush=True)
             print("office moves from its office network to the cafe's ...", flush=True)
             results.append(run_move(bed, agents["office"], agents["server"], to="lancafe"))
             print(f"  {results[-1].pair}: {'ok' if results[-1].ok else 'failed'}", flush=True)
@@ -255,8 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(agents["office"].status_table())
             services.stop()
             if args.keep_logs:
-                shutil.copytree(workdir, args.keep_logs, dirs_exist_ok=True,
-                                ignore=shutil.ignore_patterns("*.key", "pki"))
+                shutil.copytree(
+                    workdir,
+                    args.keep_logs,
+                    dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.key", "pki"),
+                )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0 if results and all(r.ok for r in results) else 1

@@ -77,9 +77,12 @@ def read_ping(output: str, *, sent: int | None = None) -> PingReading:
     for before, after in itertools.pairwise(times):
         if gap is None or after - before > gap:
             gap, started = after - before, before
-    return PingReading(sent=sent, received=len(replies),
-                       longest_gap_ms=None if gap is None else gap * 1000,
-                       gap_started_at=started)
+    return PingReading(
+        sent=sent,
+        received=len(replies),
+        longest_gap_ms=None if gap is None else gap * 1000,
+        gap_started_at=started,
+    )
 
 
 # --------------------------------------------------------------------------- the stream ends
@@ -123,12 +126,19 @@ def receive(*, bind: str, port: int, size: int, timeout: float) -> dict[str, Any
             got += len(chunk)
         if got >= size:
             conn.sendall(b"ok")
-    return {"bytes": got, "sha256": digest.hexdigest(), "longest_stall_ms": stall * 1000,
-            "stall_started_at": stall_from or None, "first_at": first, "last_at": last}
+    return {
+        "bytes": got,
+        "sha256": digest.hexdigest(),
+        "longest_stall_ms": stall * 1000,
+        "stall_started_at": stall_from or None,
+        "first_at": first,
+        "last_at": last,
+    }
 
 
-def send(*, host: str, port: int, size: int, seed: int, rate: float,
-         timeout: float) -> dict[str, Any]:
+def send(
+    *, host: str, port: int, size: int, seed: int, rate: float, timeout: float
+) -> dict[str, Any]:
     """Send the seeded stream at ``rate`` bytes/s (paced), wait for the receiver's ok."""
     data = stream_payload(seed, size)
     started = time.time()
@@ -139,10 +149,15 @@ def send(*, host: str, port: int, size: int, seed: int, rate: float,
             pause = due - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
-            conn.sendall(data[offset:offset + CHUNK])
+            conn.sendall(data[offset : offset + CHUNK])
         ok = conn.recv(2)
-    return {"sent": size, "sha256": hashlib.sha256(data).hexdigest(), "acknowledged": ok == b"ok",
-            "started_at": started, "seconds": time.time() - started}
+    return {
+        "sent": size,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "acknowledged": ok == b"ok",
+        "started_at": started,
+        "seconds": time.time() - started,
+    }
 
 
 # --------------------------------------------------------------------------- around a move
@@ -200,23 +215,56 @@ def measure_move(
     its ``Move``, or any other (a relay killed and restarted) returning None. ``move=None``:
     the same flows without a disruption (the control figures of the path as it is)."""
     module = [sys.executable, "-m", "cyphonic_testbed.interruption"]
-    receiver = dst.popen([*module, "recv", "--bind", address, "--port", str(STREAM_PORT),
-                          "--size", str(size), "--timeout", str(timeout)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    receiver = dst.popen(
+        [
+            *module,
+            "recv",
+            "--bind",
+            address,
+            "--port",
+            str(STREAM_PORT),
+            "--size",
+            str(size),
+            "--timeout",
+            str(timeout),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert receiver.stdout is not None
     ready = receiver.stdout.readline()
     if "listening" not in ready:
         receiver.kill()
-        raise TestbedError(f"stream receiver in {dst.name} did not start: {ready}"
-                           f"{receiver.communicate(timeout=10)[1]}")
+        raise TestbedError(
+            f"stream receiver in {dst.name} did not start: {ready}"
+            f"{receiver.communicate(timeout=10)[1]}"
+        )
     ping_argv = ["ping", "-n", "-D", "-i", str(PING_INTERVAL), "-W", "1", address]
     if ":" in address:
         ping_argv.insert(1, "-6")
     pinger = src.popen(ping_argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sender = src.popen([*module, "send", "--host", address, "--port", str(STREAM_PORT),
-                        "--size", str(size), "--rate", str(rate), "--seed", str(seed),
-                        "--timeout", str(timeout)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sender = src.popen(
+        [
+            *module,
+            "send",
+            "--host",
+            address,
+            "--port",
+            str(STREAM_PORT),
+            "--size",
+            str(size),
+            "--rate",
+            str(rate),
+            "--seed",
+            str(seed),
+            "--timeout",
+            str(timeout),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(settle)  # the flows run in their steady state before the move
         done = move() if move is not None else None
@@ -263,8 +311,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "recv":
         result = receive(bind=args.bind, port=args.port, size=args.size, timeout=args.timeout)
     else:
-        result = send(host=args.host, port=args.port, size=args.size, seed=args.seed,
-                      rate=args.rate, timeout=args.timeout)
+        result = send(
+            host=args.host,
+            port=args.port,
+            size=args.size,
+            seed=args.seed,
+            rate=args.rate,
+            timeout=args.timeout,
+        )
     print(json.dumps(result), flush=True)
     return 0
 

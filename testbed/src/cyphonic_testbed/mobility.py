@@ -127,15 +127,21 @@ class MobileOverlay:
         return self.agents["bob"]
 
 
-def start_overlay(bed: NetBed, *, workdir: Path, agent_args: tuple[str, ...] = (),
-                  ) -> MobileOverlay:
+def start_overlay(
+    bed: NetBed,
+    *,
+    workdir: Path,
+    agent_args: tuple[str, ...] = (),
+) -> MobileOverlay:
     """AS, NMS and TRS on the embedded default, alice and bob enrolled and up."""
     os.environ["CYPHONIC_TRS_ENDPOINTS"] = json.dumps(trs_endpoints(bed.host("trs")))
     services = start_services(bed, workdir=workdir)
     start_trs(services)
     states = services.enrol_all([bed.host("alice"), bed.host("bob")])
-    agents = {name: services.start_agent(bed.host(name), states[name], *agent_args)
-              for name in ("alice", "bob")}
+    agents = {
+        name: services.start_agent(bed.host(name), states[name], *agent_args)
+        for name in ("alice", "bob")
+    }
     for agent in agents.values():
         agent.wait_up()
     return MobileOverlay(bed=bed, services=services, agents=agents)
@@ -145,8 +151,19 @@ def open_route(overlay: MobileOverlay) -> str:
     """The route from alice to bob, set up by a DNS lookup at alice's stub and proved by an
     echo reply; bob's virtual IPv4 address."""
     node = overlay.bed.host("alice")
-    proc = node.run([sys.executable, "-m", "cyphonic_testbed.overlay", "first-reply",
-                     "--name", overlay.bob.fqdn, "--timeout", "20"], timeout=60)
+    proc = node.run(
+        [
+            sys.executable,
+            "-m",
+            "cyphonic_testbed.overlay",
+            "first-reply",
+            "--name",
+            overlay.bob.fqdn,
+            "--timeout",
+            "20",
+        ],
+        timeout=60,
+    )
     if proc.returncode != 0:
         raise TestbedError(f"no route from alice to bob: {proc.stderr}")
     address: str = json.loads(proc.stdout)["address"]

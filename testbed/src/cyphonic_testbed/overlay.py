@@ -73,8 +73,16 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _wait_log(path: Path, needle: str, proc: subprocess.Popen[Any], *, timeout: float,
-              what: str, count: int = 1, offset: int = 0) -> None:
+def _wait_log(
+    path: Path,
+    needle: str,
+    proc: subprocess.Popen[Any],
+    *,
+    timeout: float,
+    what: str,
+    count: int = 1,
+    offset: int = 0,
+) -> None:
     """Wait until ``needle`` was logged ``count`` times after byte ``offset`` of ``path``."""
 
     def text() -> str:
@@ -90,8 +98,9 @@ def _wait_log(path: Path, needle: str, proc: subprocess.Popen[Any], *, timeout: 
     try:
         wait_for(seen, timeout, interval=0.1, message=what)
     except TestbedTimeout as exc:
-        raise TestbedTimeout(f"{what}: {needle!r} not logged within {timeout:g}s:\n"
-                             f"{text()[-4000:]}") from exc
+        raise TestbedTimeout(
+            f"{what}: {needle!r} not logged within {timeout:g}s:\n{text()[-4000:]}"
+        ) from exc
 
 
 # --------------------------------------------------------------------------- agents
@@ -118,7 +127,7 @@ class AgentProcess:
 
     def log_text(self) -> str:
         """Everything this agent process logged so far (stdout and stderr)."""
-        return _read(self.log)[self.log_offset:]
+        return _read(self.log)[self.log_offset :]
 
     def wait_up(self, timeout: float = AGENT_UP_TIMEOUT) -> None:
         """Wait until registered with its TUN device and DNS stub up."""
@@ -126,16 +135,24 @@ class AgentProcess:
 
     def wait_logged(self, needle: str, timeout: float = 30.0, *, count: int = 1) -> None:
         """Wait until ``needle`` appears (``count`` times) in this process's log."""
-        _wait_log(self.log, needle, self.proc, timeout=timeout, what=f"agent {self.name}",
-                  count=count, offset=self.log_offset)
+        _wait_log(
+            self.log,
+            needle,
+            self.proc,
+            timeout=timeout,
+            what=f"agent {self.name}",
+            count=count,
+            offset=self.log_offset,
+        )
 
     def wait_exit(self, timeout: float) -> int:
         """Wait for the agent to exit by itself; its status."""
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired as exc:
-            raise TestbedTimeout(f"agent {self.name} still running after {timeout:g}s:\n"
-                                 f"{_tail(self.log)}") from exc
+            raise TestbedTimeout(
+                f"agent {self.name} still running after {timeout:g}s:\n{_tail(self.log)}"
+            ) from exc
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM, wait; the exit status (the agent removes its TUN device first)."""
@@ -146,8 +163,11 @@ class AgentProcess:
     def status(self) -> dict[str, Any]:
         """``cyphonic-agent status --json`` as a dict."""
         proc = subprocess.run(
-            [str(BIN / "cyphonic-agent"), "status", "--json", "--socket",
-             str(self.status_socket)], capture_output=True, text=True, timeout=30)
+            [str(BIN / "cyphonic-agent"), "status", "--json", "--socket", str(self.status_socket)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if proc.returncode != 0:
             raise TestbedError(f"cyphonic-agent status failed: {proc.stderr}")
         result: dict[str, Any] = json.loads(proc.stdout)
@@ -157,20 +177,33 @@ class AgentProcess:
         """``cyphonic-agent status`` as people see it."""
         return subprocess.run(
             [str(BIN / "cyphonic-agent"), "status", "--socket", str(self.status_socket)],
-            capture_output=True, text=True, timeout=30).stdout
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
 
-    def dig(self, fqdn: str, rdtype: str = "A", *, timeout: float = 10.0,
-            ) -> subprocess.CompletedProcess[str]:
+    def dig(
+        self,
+        fqdn: str,
+        rdtype: str = "A",
+        *,
+        timeout: float = 10.0,
+    ) -> subprocess.CompletedProcess[str]:
         """``dig`` against the agent's DNS stub, inside its namespace."""
         host, port = self.dns
-        return self.node.run(["dig", f"@{host}", "-p", str(port), "+time=5", "+tries=1",
-                              fqdn, rdtype], timeout=timeout)
+        return self.node.run(
+            ["dig", f"@{host}", "-p", str(port), "+time=5", "+tries=1", fqdn, rdtype],
+            timeout=timeout,
+        )
 
     def resolve(self, fqdn: str, rdtype: str = "A") -> list[str]:
         """Addresses the DNS stub answers for ``fqdn`` (empty for NXDOMAIN/NODATA)."""
         host, port = self.dns
-        out = self.node.run(["dig", "+short", f"@{host}", "-p", str(port), "+time=5",
-                             "+tries=1", fqdn, rdtype], timeout=15, check=True).stdout
+        out = self.node.run(
+            ["dig", "+short", f"@{host}", "-p", str(port), "+time=5", "+tries=1", fqdn, rdtype],
+            timeout=15,
+            check=True,
+        ).stdout
         return [line.strip() for line in out.splitlines() if line.strip()]
 
 
@@ -196,8 +229,9 @@ class OverlayServices:
     def _start(self, name: str, node: Node, argv: list[str]) -> None:
         self.commands[name] = argv
         with self.log(name).open("ab") as out:
-            self.processes[name] = node.popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                              env=_service_env(self.domain))
+            self.processes[name] = node.popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=_service_env(self.domain)
+            )
 
     def stop_service(self, name: str, timeout: float = 20.0) -> int:
         """SIGTERM ``as`` or ``nms`` and wait; its exit status."""
@@ -212,14 +246,19 @@ class OverlayServices:
         before = _read(self.log(name)).count(needle)
         node = self.as_node if name == "as" else self.nms_node
         self._start(name, node, self.commands[name])
-        _wait_log(self.log(name), needle, self.processes[name], timeout=timeout,
-                  what=f"{name} restart", count=before + 1)
+        _wait_log(
+            self.log(name),
+            needle,
+            self.processes[name],
+            timeout=timeout,
+            what=f"{name} restart",
+            count=before + 1,
+        )
 
     def nms_get(self, path: str) -> Any:
         """GET a path of the NMS's admin REST API (from inside its namespace); the JSON."""
         url = f"http://127.0.0.1:{NMS_HTTP_PORT}{path}"
-        proc = self.nms_node.run([sys.executable, "-c", _REST_GET, url, ADMIN_TOKEN],
-                                 timeout=60)
+        proc = self.nms_node.run([sys.executable, "-c", _REST_GET, url, ADMIN_TOKEN], timeout=60)
         if proc.returncode != 0:
             raise TestbedError(f"GET {path} at the NMS failed: {proc.stderr}")
         return json.loads(proc.stdout)
@@ -233,11 +272,20 @@ class OverlayServices:
         REST API (one small process in the AS's namespace; the CLI's imports cost seconds
         each on a busy machine)."""
         proc = self.as_node.run(
-            [sys.executable, "-c", ISSUE_TOKENS_SCRIPT, f"http://127.0.0.1:{AS_HTTP_PORT}",
-             ADMIN_TOKEN, *names], timeout=60)
+            [
+                sys.executable,
+                "-c",
+                ISSUE_TOKENS_SCRIPT,
+                f"http://127.0.0.1:{AS_HTTP_PORT}",
+                ADMIN_TOKEN,
+                *names,
+            ],
+            timeout=60,
+        )
         if proc.returncode != 0:
-            raise TestbedError(f"creating nodes {list(names)} at the AS failed: "
-                               f"{proc.stderr}{proc.stdout}")
+            raise TestbedError(
+                f"creating nodes {list(names)} at the AS failed: {proc.stderr}{proc.stdout}"
+            )
         tokens: dict[str, str] = json.loads(proc.stdout)
         return tokens
 
@@ -265,13 +313,27 @@ class OverlayServices:
         token_file.write_text(token + "\n")
         token_file.chmod(0o600)
         state = base / "state"
-        proc = node.run([str(BIN / "cyphonic-agent"), "enroll", "--as", self.as_url(node),
-                         "--token-file", str(token_file), "--state-dir", str(state),
-                         "--root-ca-sha256", self.root_fingerprint(), "--timeout", "20"],
-                        timeout=60)
+        proc = node.run(
+            [
+                str(BIN / "cyphonic-agent"),
+                "enroll",
+                "--as",
+                self.as_url(node),
+                "--token-file",
+                str(token_file),
+                "--state-dir",
+                str(state),
+                "--root-ca-sha256",
+                self.root_fingerprint(),
+                "--timeout",
+                "20",
+            ],
+            timeout=60,
+        )
         if proc.returncode != 0:
-            raise TestbedError(f"enroll of {name} failed ({proc.returncode}): "
-                               f"{proc.stderr}{proc.stdout}")
+            raise TestbedError(
+                f"enroll of {name} failed ({proc.returncode}): {proc.stderr}{proc.stdout}"
+            )
         return state
 
     def enrol_all(self, nodes: Sequence[Node]) -> dict[str, Path]:
@@ -279,24 +341,49 @@ class OverlayServices:
         tokens = self.issue_tokens([n.name for n in nodes])
         return {n.name: self.enrol(n, token=tokens[n.name]) for n in nodes}
 
-    def start_agent(self, node: Node, state_dir: Path, *args: str,
-                    name: str | None = None, env: dict[str, str] | None = None,
-                    ) -> AgentProcess:
+    def start_agent(
+        self,
+        node: Node,
+        state_dir: Path,
+        *args: str,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> AgentProcess:
         """``cyphonic-agent up`` inside ``node`` (UDP 443, DNS stub 127.0.0.1:53)."""
         name = name or node.name
         base = state_dir.parent
         log = base / "agent.log"
         status_socket = base / "run" / "status.sock"
-        argv = [str(BIN / "cyphonic-agent"), "up", "--state-dir", str(state_dir),
-                "--status-socket", str(status_socket), "--quic-port", str(QUIC_PORT),
-                "--dns-listen", "127.0.0.1:53", "--log-format", "json", *args]
+        argv = [
+            str(BIN / "cyphonic-agent"),
+            "up",
+            "--state-dir",
+            str(state_dir),
+            "--status-socket",
+            str(status_socket),
+            "--quic-port",
+            str(QUIC_PORT),
+            "--dns-listen",
+            "127.0.0.1:53",
+            "--log-format",
+            "json",
+            *args,
+        ]
         offset = len(_read(log))
         with log.open("ab") as out:
-            proc = node.popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, **(env or {})})
-        agent = AgentProcess(name=name, node=node, proc=proc, log=log, state_dir=state_dir,
-                             status_socket=status_socket, domain=self.domain,
-                             log_offset=offset)
+            proc = node.popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
+        agent = AgentProcess(
+            name=name,
+            node=node,
+            proc=proc,
+            log=log,
+            state_dir=state_dir,
+            status_socket=status_socket,
+            domain=self.domain,
+            log_offset=offset,
+        )
         self.agents.append(agent)
         return agent
 
@@ -337,8 +424,13 @@ print(json.dumps(tokens))
 
 
 def _service_env(domain: str) -> dict[str, str]:
-    return {**os.environ, "CYPHONIC_ENVIRONMENT": "test", "CYPHONIC_DOMAIN": domain,
-            "CYPHONIC_LOG_FORMAT": "json", "CYPHONIC_RELAY_TOKEN_SECRET": RELAY_SECRET}
+    return {
+        **os.environ,
+        "CYPHONIC_ENVIRONMENT": "test",
+        "CYPHONIC_DOMAIN": domain,
+        "CYPHONIC_LOG_FORMAT": "json",
+        "CYPHONIC_RELAY_TOKEN_SECRET": RELAY_SECRET,
+    }
 
 
 def start_services(
@@ -359,17 +451,28 @@ def start_services(
     pki = workdir / "pki"
     database_url = database_url or f"sqlite+aiosqlite:///{workdir / 'registry.db'}"
     env = _service_env(domain)
-    init = subprocess.run([str(BIN / "cyphonic-as"), "init-pki", "--pki-dir", str(pki),
-                           "--domain", domain], capture_output=True, text=True, timeout=60,
-                          env=env)
+    init = subprocess.run(
+        [str(BIN / "cyphonic-as"), "init-pki", "--pki-dir", str(pki), "--domain", domain],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     if init.returncode != 0:
         raise TestbedError(f"cyphonic-as init-pki failed: {init.stderr}")
     token_file = workdir / "admin-token"
     token_file.write_text(ADMIN_TOKEN + "\n")
     token_file.chmod(0o600)
     as_node, nms_node = bed.host(as_host), bed.host(nms_host)
-    services = OverlayServices(bed=bed, workdir=workdir, pki=pki, database_url=database_url,
-                               domain=domain, as_node=as_node, nms_node=nms_node)
+    services = OverlayServices(
+        bed=bed,
+        workdir=workdir,
+        pki=pki,
+        database_url=database_url,
+        domain=domain,
+        as_node=as_node,
+        nms_node=nms_node,
+    )
 
     def endpoints(node: Node) -> list[str]:
         found = []
@@ -379,10 +482,25 @@ def start_services(
             found.append(_hostport(node.address("cloud", 6), QUIC_PORT))
         return found
 
-    as_argv = [str(BIN / "cyphonic-as"), "serve", "--migrate", "--pki-dir", str(pki),
-               "--database-url", database_url, "--http-host", "::",
-               "--http-port", str(AS_HTTP_PORT), "--quic-host", "::",
-               "--quic-port", str(QUIC_PORT), "--admin-token-file", str(token_file)]
+    as_argv = [
+        str(BIN / "cyphonic-as"),
+        "serve",
+        "--migrate",
+        "--pki-dir",
+        str(pki),
+        "--database-url",
+        database_url,
+        "--http-host",
+        "::",
+        "--http-port",
+        str(AS_HTTP_PORT),
+        "--quic-host",
+        "::",
+        "--quic-port",
+        str(QUIC_PORT),
+        "--admin-token-file",
+        str(token_file),
+    ]
     for ep in endpoints(nms_node):
         as_argv += ["--nms-endpoint", ep]
     for ep in endpoints(as_node):
@@ -390,19 +508,49 @@ def start_services(
     services._start("as", as_node, as_argv)
     # The NMS shares the registry the AS has just migrated: start it as soon as that is
     # done (both processes import for seconds on a busy machine).
-    _wait_log(services.log("as"), "database_migrated", services.processes["as"],
-              timeout=timeout, what="cyphonic-as")
-    nms_argv = [str(BIN / "cyphonic-nms"), "serve", "--pki-dir", str(pki),
-                "--database-url", database_url, "--quic-host", "::",
-                "--quic-port", str(QUIC_PORT), "--http-host", "127.0.0.1",
-                "--http-port", str(NMS_HTTP_PORT),
-                "--admin-token-file", str(token_file), "--replica-id", "nms-testbed",
-                *nms_args]
+    _wait_log(
+        services.log("as"),
+        "database_migrated",
+        services.processes["as"],
+        timeout=timeout,
+        what="cyphonic-as",
+    )
+    nms_argv = [
+        str(BIN / "cyphonic-nms"),
+        "serve",
+        "--pki-dir",
+        str(pki),
+        "--database-url",
+        database_url,
+        "--quic-host",
+        "::",
+        "--quic-port",
+        str(QUIC_PORT),
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        str(NMS_HTTP_PORT),
+        "--admin-token-file",
+        str(token_file),
+        "--replica-id",
+        "nms-testbed",
+        *nms_args,
+    ]
     services._start("nms", nms_node, nms_argv)
-    _wait_log(services.log("as"), "as_serving", services.processes["as"], timeout=timeout,
-              what="cyphonic-as")
-    _wait_log(services.log("nms"), "nms_started", services.processes["nms"], timeout=timeout,
-              what="cyphonic-nms")
+    _wait_log(
+        services.log("as"),
+        "as_serving",
+        services.processes["as"],
+        timeout=timeout,
+        what="cyphonic-as",
+    )
+    _wait_log(
+        services.log("nms"),
+        "nms_started",
+        services.processes["nms"],
+        timeout=timeout,
+        what="cyphonic-nms",
+    )
     return services
 
 
@@ -454,12 +602,21 @@ class TrsProcess:
 
 def trs_endpoints(node: Node) -> list[str]:
     """The QUIC endpoints (IPv4 and IPv6 on the cloud) a TRS in ``node`` announces."""
-    return [_hostport(node.address("cloud", family), QUIC_PORT)
-            for family in (4, 6) if node.has_family(family)]
+    return [
+        _hostport(node.address("cloud", family), QUIC_PORT)
+        for family in (4, 6)
+        if node.has_family(family)
+    ]
 
 
-def start_trs(services: OverlayServices, *, host: str = "trs", redis_url: str | None = None,
-              replica: int = 0, timeout: float = START_TIMEOUT) -> TrsProcess:
+def start_trs(
+    services: OverlayServices,
+    *,
+    host: str = "trs",
+    redis_url: str | None = None,
+    replica: int = 0,
+    timeout: float = START_TIMEOUT,
+) -> TrsProcess:
     """Run ``cyphonic-trs serve`` in ``host`` with the overlay's PKI; returns once it serves.
 
     With ``redis_url`` the CID table is shared there and the TRS registers its cloud
@@ -468,11 +625,26 @@ def start_trs(services: OverlayServices, *, host: str = "trs", redis_url: str | 
     node = services.bed.host(host)
     endpoints = trs_endpoints(node)
     log = services.workdir / f"trs-{host}.log"
-    argv = [str(BIN / "cyphonic-trs"), "serve", "--pki-dir", str(services.pki),
-            "--replica-id", str(replica), "--quic-host", "::",
-            "--quic-port", str(QUIC_PORT), "--http-host", "127.0.0.1",
-            "--http-port", str(TRS_HTTP_PORT), "--domain", services.domain,
-            "--log-format", "json"]
+    argv = [
+        str(BIN / "cyphonic-trs"),
+        "serve",
+        "--pki-dir",
+        str(services.pki),
+        "--replica-id",
+        str(replica),
+        "--quic-host",
+        "::",
+        "--quic-port",
+        str(QUIC_PORT),
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        str(TRS_HTTP_PORT),
+        "--domain",
+        services.domain,
+        "--log-format",
+        "json",
+    ]
     if redis_url is not None:
         argv += ["--redis-url", redis_url]
     for endpoint in endpoints:
@@ -519,7 +691,7 @@ def _dns_answers(data: bytes, qid: int, rdtype: int) -> list[str]:
         offset = _skip_name(data, offset)
         rtype, _cls, _ttl, rdlen = struct.unpack_from("!HHIH", data, offset)
         offset += 10
-        rdata = data[offset:offset + rdlen]
+        rdata = data[offset : offset + rdlen]
         offset += rdlen
         if rtype == rdtype:
             family = socket.AF_INET if rtype == 1 else socket.AF_INET6
@@ -536,14 +708,21 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def first_reply(*, name: str, dns: tuple[str, int], family: int = 4,
-                interval: float = 0.002, timeout: float = 10.0) -> dict[str, Any]:
+def first_reply(
+    *,
+    name: str,
+    dns: tuple[str, int],
+    family: int = 4,
+    interval: float = 0.002,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
     """Resolve ``name`` at the DNS stub, then ping the answer every ``interval`` until the
     first echo reply: how long after the DNS answer the fresh route carried one (root)."""
     rdtype = 1 if family == 4 else 28
     qid, query = _dns_query(name, rdtype)
-    with socket.socket(socket.AF_INET6 if ":" in dns[0] else socket.AF_INET,
-                       socket.SOCK_DGRAM) as resolver:
+    with socket.socket(
+        socket.AF_INET6 if ":" in dns[0] else socket.AF_INET, socket.SOCK_DGRAM
+    ) as resolver:
         resolver.settimeout(timeout)
         asked = time.monotonic()
         resolver.sendto(query, dns)
@@ -568,8 +747,9 @@ def first_reply(*, name: str, dns: tuple[str, int], family: int = 4,
         while True:
             now = time.monotonic()
             if now >= deadline:
-                raise TestbedError(f"no echo reply from {target} within {timeout:g}s "
-                                   f"({sent} requests)")
+                raise TestbedError(
+                    f"no echo reply from {target} within {timeout:g}s ({sent} requests)"
+                )
             if now >= next_send:
                 sent += 1
                 body = struct.pack("!HH", ident, sent) + b"cyphonic-first-reply"
@@ -585,13 +765,21 @@ def first_reply(*, name: str, dns: tuple[str, int], family: int = 4,
                 time.sleep(min(interval, 0.0005))
                 continue
             replied = time.monotonic()
-            icmp = data[(data[0] & 0xF) * 4:] if family == 4 else data
-            if len(icmp) >= 8 and icmp[0] == reply_type and \
-                    struct.unpack_from("!H", icmp, 4)[0] == ident:
+            icmp = data[(data[0] & 0xF) * 4 :] if family == 4 else data
+            if (
+                len(icmp) >= 8
+                and icmp[0] == reply_type
+                and struct.unpack_from("!H", icmp, 4)[0] == ident
+            ):
                 seq = struct.unpack_from("!H", icmp, 6)[0]
-                return {"name": name, "address": target, "dns_ms": (answered - asked) * 1000,
-                        "first_reply_ms": (replied - answered) * 1000,
-                        "requests_sent": sent, "answered_seq": seq}
+                return {
+                    "name": name,
+                    "address": target,
+                    "dns_ms": (answered - asked) * 1000,
+                    "first_reply_ms": (replied - answered) * 1000,
+                    "requests_sent": sent,
+                    "answered_seq": seq,
+                }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -605,8 +793,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args(argv)
     host, _, port = args.dns.rpartition(":")
-    result = first_reply(name=args.name, dns=(host.strip("[]"), int(port)),
-                         family=args.family, timeout=args.timeout)
+    result = first_reply(
+        name=args.name, dns=(host.strip("[]"), int(port)), family=args.family, timeout=args.timeout
+    )
     print(json.dumps(result))
     return 0
 

@@ -211,8 +211,13 @@ def move_v6_nat(
         routers=[
             Router("core", networks=["cloud", "wana", "wanc", "lanb"]),
             Router("gwa", networks=["wana", "lana"], uplink="wana", firewall=firewall),
-            Router("gwc", networks=["wanc", "lanc"], uplink="wanc",
-                   nat=NatMapping.ENDPOINT_INDEPENDENT, firewall=firewall),
+            Router(
+                "gwc",
+                networks=["wanc", "lanc"],
+                uplink="wanc",
+                nat=NatMapping.ENDPOINT_INDEPENDENT,
+                firewall=firewall,
+            ),
         ],
         hosts=[
             Host("alice", networks=["lana", Link("lanc", up=False)]),

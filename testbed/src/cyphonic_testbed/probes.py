@@ -359,22 +359,31 @@ c.sendall(data); print(c.recv(100).decode())
 """
 
 
-def tcp_transfer(src: Node, dst: Node, *, listen: str, connect: str, payload: bytes,
-                 port: int = 9000) -> str:
+def tcp_transfer(
+    src: Node, dst: Node, *, listen: str, connect: str, payload: bytes, port: int = 9000
+) -> str:
     """Send ``payload`` over one TCP connection from ``src`` to ``connect`` (a name or an
     address) served in ``dst`` on ``listen``; the SHA-256 (hex) the receiver computed."""
-    server = dst.popen([sys.executable, "-c", _TCP_SINK, listen, str(len(payload)), str(port)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = dst.popen(
+        [sys.executable, "-c", _TCP_SINK, listen, str(len(payload)), str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert server.stdout is not None
     line = server.stdout.readline()
     if line != b"listening\n":
         err = server.stderr.read() if server.stderr else b""
         raise TestbedError(f"TCP sink in {dst.name} did not listen: {line!r} {err!r}")
-    client = src.run([sys.executable, "-c", _TCP_SOURCE, connect, str(port)],
-                     input=payload, text=False, timeout=150)
+    client = src.run(
+        [sys.executable, "-c", _TCP_SOURCE, connect, str(port)],
+        input=payload,
+        text=False,
+        timeout=150,
+    )
     if client.returncode != 0:
-        raise TestbedError(f"TCP transfer from {src.name} failed: "
-                           f"{client.stderr.decode(errors='replace')}")
+        raise TestbedError(
+            f"TCP transfer from {src.name} failed: {client.stderr.decode(errors='replace')}"
+        )
     server.wait(timeout=30)
     return str(client.stdout.decode().strip())
 

@@ -490,9 +490,7 @@ def _host_routes(
     up: Sequence[str] | None = None,
 ) -> list[RoutePlan]:
     """Default routes of ``host`` over its links that are up (``up``: these networks)."""
-    links = [
-        link for link in host.links if (link.up if up is None else link.network in up)
-    ]
+    links = [link for link in host.links if (link.up if up is None else link.network in up)]
     routes: list[RoutePlan] = []
     for family in FAMILIES:
         chosen: tuple[str, str] | None = None
@@ -573,8 +571,11 @@ def plan(topology: Topology) -> Plan:
             v4, v6 = slot.get(4), slot.get(6)
             assert v4 is None or isinstance(v4, ipaddress.IPv4Interface)
             assert v6 is None or isinstance(v6, ipaddress.IPv6Interface)
-            out.append(InterfacePlan(network=link.network, ifname=link.network, ipv4=v4, ipv6=v6,
-                                     up=link.up))
+            out.append(
+                InterfacePlan(
+                    network=link.network, ifname=link.network, ipv4=v4, ipv6=v6, up=link.up
+                )
+            )
         return tuple(out)
 
     for router in topology.routers:

@@ -99,8 +99,9 @@ async def query(stub: DnsStub, name: str, rdtype: str = "A") -> dns.message.Mess
 
 async def test_overlay_answer_and_hook(upstream: tuple[Upstream, tuple[str, int]]) -> None:
     hook = Hook(delay=0.05)
-    stub = await DnsStub.start(listen=("127.0.0.1", 0), domain=DOMAIN, lookup=hook,
-                               upstreams=[upstream[1]])
+    stub = await DnsStub.start(
+        listen=("127.0.0.1", 0), domain=DOMAIN, lookup=hook, upstreams=[upstream[1]]
+    )
     try:
         before = time.monotonic()
         response = await query(stub, "bob.cyphonic.internal")
@@ -116,8 +117,9 @@ async def test_overlay_answer_and_hook(upstream: tuple[Upstream, tuple[str, int]
 
 
 async def test_forwarding_unchanged(upstream: tuple[Upstream, tuple[str, int]]) -> None:
-    stub = await DnsStub.start(listen=("127.0.0.1", 0), domain=DOMAIN, lookup=Hook(),
-                               upstreams=[upstream[1]])
+    stub = await DnsStub.start(
+        listen=("127.0.0.1", 0), domain=DOMAIN, lookup=Hook(), upstreams=[upstream[1]]
+    )
     try:
         q = dns.message.make_query("www.example.com", "A")
         host, port = stub.address
@@ -131,8 +133,9 @@ async def test_forwarding_unchanged(upstream: tuple[Upstream, tuple[str, int]]) 
 
 async def test_spoofed_upstream_reply_ignored() -> None:
     proto, addr = await start_upstream(spoof_first=True)
-    stub = await DnsStub.start(listen=("127.0.0.1", 0), domain=DOMAIN, lookup=Hook(),
-                               upstreams=[addr])
+    stub = await DnsStub.start(
+        listen=("127.0.0.1", 0), domain=DOMAIN, lookup=Hook(), upstreams=[addr]
+    )
     try:
         response = await query(stub, "www.example.com")
         assert [rd.to_text() for rd in response.answer[0]] == ["192.0.2.1"]
@@ -144,8 +147,13 @@ async def test_spoofed_upstream_reply_ignored() -> None:
 
 async def test_dead_upstream_then_working_one(upstream: tuple[Upstream, tuple[str, int]]) -> None:
     dead = ("127.0.0.1", unused_udp_port())
-    stub = await DnsStub.start(listen=("127.0.0.1", 0), domain=DOMAIN, lookup=Hook(),
-                               upstreams=[dead, upstream[1]], upstream_timeout=3.0)
+    stub = await DnsStub.start(
+        listen=("127.0.0.1", 0),
+        domain=DOMAIN,
+        lookup=Hook(),
+        upstreams=[dead, upstream[1]],
+        upstream_timeout=3.0,
+    )
     try:
         start = time.monotonic()
         response = await query(stub, "www.example.com")
@@ -158,8 +166,13 @@ async def test_dead_upstream_then_working_one(upstream: tuple[Upstream, tuple[st
 
 async def test_silent_upstream_gives_servfail() -> None:
     proto, addr = await start_upstream(silent=True)
-    stub = await DnsStub.start(listen=("127.0.0.1", 0), domain=DOMAIN, lookup=Hook(),
-                               upstreams=[addr], upstream_timeout=0.3)
+    stub = await DnsStub.start(
+        listen=("127.0.0.1", 0),
+        domain=DOMAIN,
+        lookup=Hook(),
+        upstreams=[addr],
+        upstream_timeout=0.3,
+    )
     try:
         response = await query(stub, "www.example.com")
         assert response.rcode() == dns.rcode.SERVFAIL
@@ -172,8 +185,9 @@ async def test_silent_upstream_gives_servfail() -> None:
 
 @pytest.mark.parametrize("hook", [Hook(delay=10.0), Hook(error=Unavailable("nms down"))])
 async def test_lookup_failure_gives_servfail(hook: Hook) -> None:
-    stub = await DnsStub.start(listen=("127.0.0.1", 0), domain=DOMAIN, lookup=hook,
-                               upstreams=[], lookup_timeout=0.3)
+    stub = await DnsStub.start(
+        listen=("127.0.0.1", 0), domain=DOMAIN, lookup=hook, upstreams=[], lookup_timeout=0.3
+    )
     try:
         start = time.monotonic()
         response = await query(stub, "bob.cyphonic.internal")
@@ -191,8 +205,9 @@ async def test_slow_lookup_does_not_block_others() -> None:
             await asyncio.sleep(1.0 if fqdn.startswith("slow") else 0)
             return BOB
 
-    stub = await DnsStub.start(listen=("127.0.0.1", 0), domain=DOMAIN, lookup=PerName(),
-                               upstreams=[])
+    stub = await DnsStub.start(
+        listen=("127.0.0.1", 0), domain=DOMAIN, lookup=PerName(), upstreams=[]
+    )
     try:
         slow = asyncio.create_task(query(stub, "slow.cyphonic.internal"))
         await asyncio.sleep(0.05)
@@ -206,8 +221,7 @@ async def test_slow_lookup_does_not_block_others() -> None:
 
 
 async def test_garbage_over_udp_gets_formerr_and_stub_survives() -> None:
-    stub = await DnsStub.start(listen=("127.0.0.1", 0), domain=DOMAIN, lookup=Hook(),
-                               upstreams=[])
+    stub = await DnsStub.start(listen=("127.0.0.1", 0), domain=DOMAIN, lookup=Hook(), upstreams=[])
     try:
         loop = asyncio.get_running_loop()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

@@ -45,15 +45,17 @@ class AsHarness:
     admin: dict[str, str]
 
     async def create_node(self, name: str, **extra: Any) -> dict[str, Any]:
-        response = await self.client.post("/v1/nodes", json={"name": name, **extra},
-                                          headers=self.admin)
+        response = await self.client.post(
+            "/v1/nodes", json={"name": name, **extra}, headers=self.admin
+        )
         assert response.status_code == 201, (response.status_code, response.text)
         return dict(response.json())
 
     async def token(self, name: str, ttl_seconds: int | None = None) -> str:
         body = {"ttl_seconds": ttl_seconds} if ttl_seconds else {}
-        response = await self.client.post(f"/v1/nodes/{name}/enrolment-tokens", json=body,
-                                          headers=self.admin)
+        response = await self.client.post(
+            f"/v1/nodes/{name}/enrolment-tokens", json=body, headers=self.admin
+        )
         assert response.status_code == 201, response.text
         return str(response.json()["token"])
 
@@ -61,7 +63,8 @@ class AsHarness:
         return await self.client.post("/v1/enrol", json={"token": token, "csr_pem": csr})
 
     async def enrolled(
-        self, name: str,
+        self,
+        name: str,
     ) -> tuple[ec.EllipticCurvePrivateKey, list[x509.Certificate]]:
         """Create ``name``, enrol it with a fresh key; the key and the issued chain."""
         node = await self.create_node(name)
@@ -73,8 +76,9 @@ class AsHarness:
 
     def peer(self, chain: list[x509.Certificate]) -> PeerIdentity:
         """What the QUIC endpoint would hand the AS for a node presenting ``chain``."""
-        return verify_peer(chain, trust=self.material.trust, expect="node",
-                           expected_name=None, now=self.clock())
+        return verify_peer(
+            chain, trust=self.material.trust, expect="node", expected_name=None, now=self.clock()
+        )
 
     async def metric(self, name: str, **labels: str) -> float:
         value = self.service.metrics.registry.get_sample_value(name, labels or None)

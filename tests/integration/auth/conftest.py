@@ -35,18 +35,30 @@ async def as_env(registry_url: str, pki: tuple[Path, PkiMaterial]) -> AsyncItera
     """The AS on ``registry_url`` (SQLite or PostgreSQL) with an httpx client on its app."""
     directory, material = pki
     settings = AuthSettings(
-        _env_file=None, database_url=registry_url, pki_dir=directory, admin_token=ADMIN_TOKEN,
-        nms_endpoints=["192.0.2.10:443", "[2001:db8::10]:443"], as_endpoints=["192.0.2.1:443"],
+        _env_file=None,
+        database_url=registry_url,
+        pki_dir=directory,
+        admin_token=ADMIN_TOKEN,
+        nms_endpoints=["192.0.2.10:443", "[2001:db8::10]:443"],
+        as_endpoints=["192.0.2.1:443"],
     )
     engine = create_engine(registry_url)
     clock = Clock()
     service = AuthService(
-        registry=SqlNodeRegistry(engine), node_ca=NodeCa.load(settings), settings=settings,
-        metrics=AuthMetrics(CollectorRegistry()), clock=clock,
+        registry=SqlNodeRegistry(engine),
+        node_ca=NodeCa.load(settings),
+        settings=settings,
+        metrics=AuthMetrics(CollectorRegistry()),
+        clock=clock,
     )
     app = create_app(service)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://as.test") as client:
-        yield AsHarness(service=service, client=client, clock=clock, material=material,
-                        admin={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        yield AsHarness(
+            service=service,
+            client=client,
+            clock=clock,
+            material=material,
+            admin={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
     await engine.dispose()

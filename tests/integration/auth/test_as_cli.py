@@ -53,8 +53,9 @@ def test_operator_commands(as_env_vars: Path, capsys: pytest.CaptureFixture[str]
     assert "permission_denied" in capsys.readouterr().err
 
 
-def test_bad_usage_and_settings(as_env_vars: Path, capsys: pytest.CaptureFixture[str],
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_usage_and_settings(
+    as_env_vars: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(SystemExit) as usage:
         main(["create-node"])
     assert usage.value.code == 2
@@ -65,7 +66,8 @@ def test_bad_usage_and_settings(as_env_vars: Path, capsys: pytest.CaptureFixture
     assert main(["migrate"]) == 0
 
 
-def test_serve_without_pki_fails_cleanly(as_env_vars: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_without_pki_fails_cleanly(
+    as_env_vars: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["serve", "--migrate", "--http-port", "0", "--no-quic"]) == 1
     assert "node-ca" in capsys.readouterr().err

@@ -61,26 +61,51 @@ class AsProcess:
 @pytest.fixture
 def as_process(registry_url: str, tmp_path: Path) -> Iterator[AsProcess]:
     pki = tmp_path / "pki"
-    subprocess.run([BIN / "cyphonic-as", "init-pki", "--pki-dir", str(pki)], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        [BIN / "cyphonic-as", "init-pki", "--pki-dir", str(pki)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     token_file = tmp_path / "admin-token"
     token_file.write_text(ADMIN_TOKEN + "\n")
     token_file.chmod(0o600)
     http_port, quic_port = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_DGRAM)
-    env = {**os.environ, "CYPHONIC_DATABASE_URL": registry_url, "CYPHONIC_PKI_DIR": str(pki),
-           "CYPHONIC_LOG_FORMAT": "json"}
+    env = {
+        **os.environ,
+        "CYPHONIC_DATABASE_URL": registry_url,
+        "CYPHONIC_PKI_DIR": str(pki),
+        "CYPHONIC_LOG_FORMAT": "json",
+    }
     log = tmp_path / "as.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [BIN / "cyphonic-as", "serve", "--migrate", "--http-port", str(http_port),
-             "--quic-host", "127.0.0.1", "--quic-port", str(quic_port),
-             "--admin-token-file", str(token_file),
-             "--nms-endpoint", "127.0.0.1:4443", "--nms-endpoint", "[::1]:4443",
-             "--as-endpoint", f"127.0.0.1:{quic_port}"],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
+            [
+                BIN / "cyphonic-as",
+                "serve",
+                "--migrate",
+                "--http-port",
+                str(http_port),
+                "--quic-host",
+                "127.0.0.1",
+                "--quic-port",
+                str(quic_port),
+                "--admin-token-file",
+                str(token_file),
+                "--nms-endpoint",
+                "127.0.0.1:4443",
+                "--nms-endpoint",
+                "[::1]:4443",
+                "--as-endpoint",
+                f"127.0.0.1:{quic_port}",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
-    running = AsProcess(proc=proc, url=f"http://127.0.0.1:{http_port}", quic_port=quic_port,
-                        pki=pki, log=log)
+    running = AsProcess(
+        proc=proc, url=f"http://127.0.0.1:{http_port}", quic_port=quic_port, pki=pki, log=log
+    )
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -100,8 +125,9 @@ def as_process(registry_url: str, tmp_path: Path) -> Iterator[AsProcess]:
 
 
 def _agent(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([BIN / "cyphonic-agent", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [BIN / "cyphonic-agent", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 async def _login(state_dir: Path, port: int) -> pb.LoginResponse:
@@ -111,41 +137,68 @@ async def _login(state_dir: Path, port: int) -> pb.LoginResponse:
     trust = TrustStore(root=root, node_ca=identity.chain[0])
     endpoint = await QuicEndpoint.open(host="127.0.0.1", port=0, identity=identity, trust=trust)
     try:
-        conn = await endpoint.connect(("127.0.0.1", port), alpn=ALPN_SIGNALLING,
-                                      expect="service",
-                                      expected_name="as.svc.cyphonic.internal",
-                                      handler_factory=SignallingSession.factory(), timeout=10.0)
+        conn = await endpoint.connect(
+            ("127.0.0.1", port),
+            alpn=ALPN_SIGNALLING,
+            expect="service",
+            expected_name="as.svc.cyphonic.internal",
+            handler_factory=SignallingSession.factory(),
+            timeout=10.0,
+        )
         assert isinstance(conn.handler, SignallingSession)
-        answer = await conn.handler.request(pb.Envelope(
-            version=pb.PROTOCOL_VERSION_1, login_request=pb.LoginRequest(agent_version="e2e")))
+        answer = await conn.handler.request(
+            pb.Envelope(
+                version=pb.PROTOCOL_VERSION_1, login_request=pb.LoginRequest(agent_version="e2e")
+            )
+        )
         return answer.login_response
     finally:
         await endpoint.close()
 
 
 async def test_enrol_with_the_agent_login_over_quic_revoke_refused(
-    as_process: AsProcess, tmp_path: Path,
+    as_process: AsProcess,
+    tmp_path: Path,
 ) -> None:
-    async with httpx.AsyncClient(base_url=as_process.url, headers=as_process.admin,
-                                 timeout=30) as client:
-        created = await client.post("/v1/nodes", json={"name": "e2e-node",
-                                                       "tags": {"owner": "ops"}})
+    async with httpx.AsyncClient(
+        base_url=as_process.url, headers=as_process.admin, timeout=30
+    ) as client:
+        created = await client.post(
+            "/v1/nodes", json={"name": "e2e-node", "tags": {"owner": "ops"}}
+        )
         assert created.status_code == 201, created.text
-        token = (await client.post("/v1/nodes/e2e-node/enrolment-tokens",
-                                   json={"ttl_seconds": 600})).json()["token"]
+        token = (
+            await client.post("/v1/nodes/e2e-node/enrolment-tokens", json={"ttl_seconds": 600})
+        ).json()["token"]
         token_file = tmp_path / "token"
         token_file.write_text(token)
         root = x509.load_pem_x509_certificate((as_process.pki / "root-ca.crt").read_bytes())
 
         state_dir = tmp_path / "agent-state"
-        result = _agent("enroll", "--as", as_process.url, "--token-file", str(token_file),
-                        "--state-dir", str(state_dir), "--root-ca-sha256", fingerprint(root))
+        result = _agent(
+            "enroll",
+            "--as",
+            as_process.url,
+            "--token-file",
+            str(token_file),
+            "--state-dir",
+            str(state_dir),
+            "--root-ca-sha256",
+            fingerprint(root),
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "e2e-node.cyphonic.internal"
         assert token not in result.stdout + result.stderr
 
-        again = _agent("enroll", "--as", as_process.url, "--token", token,
-                       "--state-dir", str(tmp_path / "second"))
+        again = _agent(
+            "enroll",
+            "--as",
+            as_process.url,
+            "--token",
+            token,
+            "--state-dir",
+            str(tmp_path / "second"),
+        )
         assert again.returncode == 1
         assert "token_invalid" in again.stderr
 
@@ -154,8 +207,7 @@ async def test_enrol_with_the_agent_login_over_quic_revoke_refused(
         assert [len(e.ip) for e in login.nms] == [4, 16]
         assert login.nms_server_name == "nms.svc.cyphonic.internal"
 
-        revoked = await client.post("/v1/nodes/e2e-node/revoke",
-                                    json={"reason": "key_compromise"})
+        revoked = await client.post("/v1/nodes/e2e-node/revoke", json={"reason": "key_compromise"})
         assert revoked.status_code == 200
         # Refused in the TLS handshake already (the AS's revocation cache): no login runs.
         with pytest.raises(Revoked, match="TLS handshake refused"):

@@ -47,8 +47,13 @@ async def test_enrol_with_token_issues_a_verifiable_certificate(as_env: AsHarnes
     assert body["as_server_name"] == "as.svc.cyphonic.internal"
     validity = chain[0].not_valid_after_utc - as_env.clock()
     assert timedelta(days=29) < validity <= timedelta(days=30)
-    identity = verify_peer(chain, trust=as_env.material.trust, expect="node",
-                           expected_name="laptop.cyphonic.internal", now=as_env.clock())
+    identity = verify_peer(
+        chain,
+        trust=as_env.material.trust,
+        expect="node",
+        expected_name="laptop.cyphonic.internal",
+        now=as_env.clock(),
+    )
     assert identity.kind == "node"
 
     shown = (await as_env.client.get("/v1/nodes/laptop", headers=as_env.admin)).json()
@@ -57,11 +62,17 @@ async def test_enrol_with_token_issues_a_verifiable_certificate(as_env: AsHarnes
     assert shown["certificates"][0]["status"] == "active"
     assert await as_env.metric("cyphonic_as_enrolments_total") == 1
     # Only the hash of the token is stored, and it is now used.
-    used = await _count(as_env, select(func.count()).select_from(EnrolmentToken).where(
-        EnrolmentToken.token_hash == hash_token(token), EnrolmentToken.used_at.is_not(None)))
+    used = await _count(
+        as_env,
+        select(func.count())
+        .select_from(EnrolmentToken)
+        .where(EnrolmentToken.token_hash == hash_token(token), EnrolmentToken.used_at.is_not(None)),
+    )
     assert used == 1
-    stored = await _count(as_env, select(func.count()).select_from(EnrolmentToken).where(
-        EnrolmentToken.token_hash == token))
+    stored = await _count(
+        as_env,
+        select(func.count()).select_from(EnrolmentToken).where(EnrolmentToken.token_hash == token),
+    )
     assert stored == 0
 
 
@@ -76,20 +87,25 @@ async def test_token_reuse_is_refused(as_env: AsHarness) -> None:
     assert "already used" in again.json()["error"]["message"]
     info = await as_env.client.post("/v1/enrol/info", json={"token": token})
     assert info.status_code == 403
-    assert await as_env.metric("cyphonic_as_refusals_total", operation="enrol",
-                               reason="token_used") == 2
+    assert (
+        await as_env.metric("cyphonic_as_refusals_total", operation="enrol", reason="token_used")
+        == 2
+    )
     certs = await _count(as_env, select(func.count()).select_from(Certificate))
     assert certs == 1
 
 
 async def test_unknown_token_is_refused(as_env: AsHarness) -> None:
     await as_env.create_node("ghost")
-    response = await as_env.enrol("cye_not-a-real-token",
-                                  csr_pem(generate_key(), "ghost.cyphonic.internal"))
+    response = await as_env.enrol(
+        "cye_not-a-real-token", csr_pem(generate_key(), "ghost.cyphonic.internal")
+    )
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "token_invalid"
-    assert await as_env.metric("cyphonic_as_refusals_total", operation="enrol",
-                               reason="token_unknown") == 1
+    assert (
+        await as_env.metric("cyphonic_as_refusals_total", operation="enrol", reason="token_unknown")
+        == 1
+    )
 
 
 async def test_expired_token_is_refused(as_env: AsHarness) -> None:
@@ -176,7 +192,8 @@ async def test_admin_signs_a_csr_directly(as_env: AsHarness) -> None:
     assert chain[0].not_valid_after_utc - as_env.clock() <= timedelta(days=7)
     wrong = await as_env.client.post(
         "/v1/nodes/server/certificates",
-        json={"csr_pem": csr_pem(key, "client.cyphonic.internal")}, headers=as_env.admin,
+        json={"csr_pem": csr_pem(key, "client.cyphonic.internal")},
+        headers=as_env.admin,
     )
     assert wrong.status_code == 422
 
@@ -189,8 +206,7 @@ async def test_duplicate_and_invalid_node_names(as_env: AsHarness) -> None:
     upper = await as_env.client.post("/v1/nodes", json={"name": "DUP"}, headers=as_env.admin)
     assert upper.status_code == 409  # names are case-insensitive DNS labels
     for bad in ("-lead", "trail-", "has.dot", "under_score", "", "x" * 64, "svc", "sp ace"):
-        response = await as_env.client.post("/v1/nodes", json={"name": bad},
-                                            headers=as_env.admin)
+        response = await as_env.client.post("/v1/nodes", json={"name": bad}, headers=as_env.admin)
         assert response.status_code == 422, bad
         assert response.json()["error"]["code"] == "invalid_argument"
     missing = await as_env.client.get("/v1/nodes/nobody", headers=as_env.admin)
@@ -222,12 +238,15 @@ async def test_fifty_concurrent_enrolments_are_distinct_and_consistent(
     tokens = [await as_env.token(name) for name in names]
     keys = [generate_key() for _ in names]
 
-    responses = await asyncio.gather(*(
-        as_env.enrol(token, csr_pem(key, f"{name}.cyphonic.internal"))
-        for name, token, key in zip(names, tokens, keys, strict=True)
-    ))
-    assert [r.status_code for r in responses] == [201] * 50, [r.text for r in responses
-                                                             if r.status_code != 201][:3]
+    responses = await asyncio.gather(
+        *(
+            as_env.enrol(token, csr_pem(key, f"{name}.cyphonic.internal"))
+            for name, token, key in zip(names, tokens, keys, strict=True)
+        )
+    )
+    assert [r.status_code for r in responses] == [201] * 50, [
+        r.text for r in responses if r.status_code != 201
+    ][:3]
     bodies = [r.json() for r in responses]
     assert sorted(b["fqdn"] for b in bodies) == sorted(f"{n}.cyphonic.internal" for n in names)
     assert len({b["serial"] for b in bodies}) == 50
@@ -238,20 +257,31 @@ async def test_fifty_concurrent_enrolments_are_distinct_and_consistent(
 
     assert await _count(as_env, select(func.count()).select_from(Certificate)) == 50
     assert await _count(as_env, select(func.count(func.distinct(Certificate.node_id)))) == 50
-    assert await _count(as_env, select(func.count()).select_from(Node).where(
-        Node.state == "active")) == 50
-    assert await _count(as_env, select(func.count()).select_from(EnrolmentToken).where(
-        EnrolmentToken.used_at.is_not(None))) == 50
+    assert (
+        await _count(as_env, select(func.count()).select_from(Node).where(Node.state == "active"))
+        == 50
+    )
+    assert (
+        await _count(
+            as_env,
+            select(func.count())
+            .select_from(EnrolmentToken)
+            .where(EnrolmentToken.used_at.is_not(None)),
+        )
+        == 50
+    )
     assert await as_env.metric("cyphonic_as_enrolments_total") == 50
 
 
 async def test_one_token_raced_fifty_times_enrols_once(as_env: AsHarness) -> None:
     await as_env.create_node("racer")
     token = await as_env.token("racer")
-    responses = await asyncio.gather(*(
-        as_env.enrol(token, csr_pem(generate_key(), "racer.cyphonic.internal"))
-        for _ in range(20)
-    ))
+    responses = await asyncio.gather(
+        *(
+            as_env.enrol(token, csr_pem(generate_key(), "racer.cyphonic.internal"))
+            for _ in range(20)
+        )
+    )
     codes = sorted(r.status_code for r in responses)
     assert codes == [201] + [403] * 19
     assert await _count(as_env, select(func.count()).select_from(Certificate)) == 1
@@ -260,15 +290,17 @@ async def test_one_token_raced_fifty_times_enrols_once(as_env: AsHarness) -> Non
 async def test_token_for_a_revoked_node_is_refused(as_env: AsHarness) -> None:
     await as_env.create_node("gone")
     token = await as_env.token("gone")
-    revoked = await as_env.client.post("/v1/nodes/gone/revoke", json={"reason": "lost"},
-                                       headers=as_env.admin)
+    revoked = await as_env.client.post(
+        "/v1/nodes/gone/revoke", json={"reason": "lost"}, headers=as_env.admin
+    )
     assert revoked.status_code == 200
     assert revoked.json()["state"] == "revoked"
     response = await as_env.enrol(token, csr_pem(generate_key(), "gone.cyphonic.internal"))
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "token_invalid"
-    new_token = await as_env.client.post("/v1/nodes/gone/enrolment-tokens", json={},
-                                         headers=as_env.admin)
+    new_token = await as_env.client.post(
+        "/v1/nodes/gone/enrolment-tokens", json={}, headers=as_env.admin
+    )
     assert new_token.status_code == 403
     assert new_token.json()["error"]["code"] == "permission_denied"
 
@@ -278,8 +310,7 @@ async def test_service_level_token_refusal_is_typed(as_env: AsHarness) -> None:
     issued = await as_env.service.issue_token("typed", ttl=None, actor="test")
     await as_env.service.enrol(issued.token, csr_pem(generate_key(), "typed.cyphonic.internal"))
     try:
-        await as_env.service.enrol(issued.token,
-                                   csr_pem(generate_key(), "typed.cyphonic.internal"))
+        await as_env.service.enrol(issued.token, csr_pem(generate_key(), "typed.cyphonic.internal"))
     except TokenInvalid as exc:
         assert exc.code_name == "token_invalid"
     else:
@@ -290,7 +321,8 @@ async def test_as_endpoints_default_to_the_host_the_node_used(as_env: AsHarness)
     as_env.service.settings.as_endpoints = []
     as_env.service.settings.quic_port = 8443
     await as_env.create_node("finder")
-    response = await as_env.enrol(await as_env.token("finder"),
-                                  csr_pem(generate_key(), "finder.cyphonic.internal"))
+    response = await as_env.enrol(
+        await as_env.token("finder"), csr_pem(generate_key(), "finder.cyphonic.internal")
+    )
     assert response.status_code == 201
     assert response.json()["as_endpoints"] == ["as.test:8443"]

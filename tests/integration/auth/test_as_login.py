@@ -48,21 +48,26 @@ async def test_login_answers_fqdn_and_nms_endpoints(as_env: AsHarness) -> None:
 async def test_revoke_node_then_login_refused(as_env: AsHarness) -> None:
     _key, chain = await as_env.enrolled("stolen")
     await as_env.service.login(as_env.peer(chain))
-    response = await as_env.client.post("/v1/nodes/stolen/revoke",
-                                        json={"reason": "key_compromise"}, headers=as_env.admin)
+    response = await as_env.client.post(
+        "/v1/nodes/stolen/revoke", json={"reason": "key_compromise"}, headers=as_env.admin
+    )
     assert response.status_code == 200
     body = response.json()
     assert body["state"] == "revoked"
     assert [c["status"] for c in body["certificates"]] == ["revoked"]
     with pytest.raises(Revoked):
         await as_env.service.login(as_env.peer(chain))
-    assert await as_env.metric("cyphonic_as_refusals_total", operation="login",
-                               reason="revoked") == 1
+    assert (
+        await as_env.metric("cyphonic_as_refusals_total", operation="login", reason="revoked") == 1
+    )
     # The signalling handler raises the same typed error (the session puts it on the wire:
     # test_as_quic.py).
     with pytest.raises(Revoked):
-        await answer(as_env.service, as_env.peer(chain),
-                     pb.Envelope(version=pb.PROTOCOL_VERSION_1, login_request=pb.LoginRequest()))
+        await answer(
+            as_env.service,
+            as_env.peer(chain),
+            pb.Envelope(version=pb.PROTOCOL_VERSION_1, login_request=pb.LoginRequest()),
+        )
     # Revoking again changes nothing and is not an error.
     again = await as_env.client.post("/v1/nodes/stolen/revoke", json={}, headers=as_env.admin)
     assert again.status_code == 200
@@ -75,35 +80,39 @@ async def test_revoke_node_then_login_refused(as_env: AsHarness) -> None:
 async def test_revoke_single_certificate_then_login_refused(as_env: AsHarness) -> None:
     _key, chain = await as_env.enrolled("tablet")
     serial = format(chain[0].serial_number, "x")
-    response = await as_env.client.post(f"/v1/certificates/{serial}/revoke",
-                                        json={"reason": "superseded"}, headers=as_env.admin)
+    response = await as_env.client.post(
+        f"/v1/certificates/{serial}/revoke", json={"reason": "superseded"}, headers=as_env.admin
+    )
     assert response.status_code == 200, response.text
     assert response.json()["serial"] == serial
     with pytest.raises(Revoked):
         await as_env.service.login(as_env.peer(chain))
     # The node itself is not revoked: a new token enrols it again.
     key = generate_key()
-    enrolled = await as_env.enrol(await as_env.token("tablet"),
-                                  csr_pem(key, "tablet.cyphonic.internal"))
+    enrolled = await as_env.enrol(
+        await as_env.token("tablet"), csr_pem(key, "tablet.cyphonic.internal")
+    )
     assert enrolled.status_code == 201
     fresh = x509.load_pem_x509_certificates(enrolled.json()["certificate_chain_pem"].encode())
     assert (await as_env.service.login(as_env.peer(fresh))).fqdn == "tablet.cyphonic.internal"
-    upper = await as_env.client.post(f"/v1/certificates/{serial.upper()}/revoke", json={},
-                                     headers=as_env.admin)
+    upper = await as_env.client.post(
+        f"/v1/certificates/{serial.upper()}/revoke", json={}, headers=as_env.admin
+    )
     assert upper.status_code == 200 and upper.json()["id"] == response.json()["id"]
-    unknown = await as_env.client.post("/v1/certificates/abc123/revoke", json={},
-                                       headers=as_env.admin)
+    unknown = await as_env.client.post(
+        "/v1/certificates/abc123/revoke", json={}, headers=as_env.admin
+    )
     assert unknown.status_code == 404
-    not_hex = await as_env.client.post("/v1/certificates/xyz/revoke", json={},
-                                       headers=as_env.admin)
+    not_hex = await as_env.client.post("/v1/certificates/xyz/revoke", json={}, headers=as_env.admin)
     assert not_hex.status_code == 422
 
 
 async def test_crl_lists_revoked_serials_signed_by_the_node_ca(as_env: AsHarness) -> None:
     _k1, revoked_chain = await as_env.enrolled("one")
     _k2, kept_chain = await as_env.enrolled("two")
-    await as_env.client.post("/v1/nodes/one/revoke", json={"reason": "key_compromise"},
-                             headers=as_env.admin)
+    await as_env.client.post(
+        "/v1/nodes/one/revoke", json={"reason": "key_compromise"}, headers=as_env.admin
+    )
     response = await as_env.client.get("/v1/crl")
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/pkix-crl"
@@ -124,13 +133,21 @@ async def test_unknown_certificate_login_refused(as_env: AsHarness) -> None:
     # Signed by the real node CA but never recorded in the registry (e.g. a restored backup).
     await as_env.create_node("phantom")
     key = generate_key()
-    cert = sign_node_csr(as_env.material.node_ca, make_csr(key, "phantom.cyphonic.internal"),
-                         fqdn="phantom.cyphonic.internal", now=as_env.clock())
+    cert = sign_node_csr(
+        as_env.material.node_ca,
+        make_csr(key, "phantom.cyphonic.internal"),
+        fqdn="phantom.cyphonic.internal",
+        now=as_env.clock(),
+    )
     peer = as_env.peer([cert, as_env.material.node_ca.cert])
     with pytest.raises(Unauthenticated):
         await as_env.service.login(peer)
-    assert await as_env.metric("cyphonic_as_refusals_total", operation="login",
-                               reason="unauthenticated") == 1
+    assert (
+        await as_env.metric(
+            "cyphonic_as_refusals_total", operation="login", reason="unauthenticated"
+        )
+        == 1
+    )
 
 
 async def test_expired_certificate_login_refused(as_env: AsHarness) -> None:
@@ -142,8 +159,9 @@ async def test_expired_certificate_login_refused(as_env: AsHarness) -> None:
 
 
 async def test_service_certificate_cannot_log_in(as_env: AsHarness) -> None:
-    nms = issue_service_certificate(as_env.material.service_ca, "nms.svc.cyphonic.internal",
-                                    now=as_env.clock())
+    nms = issue_service_certificate(
+        as_env.material.service_ca, "nms.svc.cyphonic.internal", now=as_env.clock()
+    )
     peer = PeerIdentity(name="nms.svc.cyphonic.internal", kind="service", certificate=nms.cert)
     with pytest.raises(PermissionDenied):
         await as_env.service.login(peer)
@@ -154,8 +172,10 @@ async def test_renewal_issues_a_new_certificate_for_a_new_key(as_env: AsHarness)
     peer = as_env.peer(chain)
     as_env.clock.advance(timedelta(days=25))
     new_key = generate_key()
-    request = pb.Envelope(version=pb.PROTOCOL_VERSION_1, renew_request=pb.RenewRequest(
-        csr_der=_der_csr(new_key, "roamer.cyphonic.internal")))
+    request = pb.Envelope(
+        version=pb.PROTOCOL_VERSION_1,
+        renew_request=pb.RenewRequest(csr_der=_der_csr(new_key, "roamer.cyphonic.internal")),
+    )
     answered = await answer(as_env.service, peer, request)
     assert answered.WhichOneof("body") == "renew_response", answered
     renewed = x509.load_pem_x509_certificates(answered.renew_response.certificate_chain_pem)
@@ -166,8 +186,10 @@ async def test_renewal_issues_a_new_certificate_for_a_new_key(as_env: AsHarness)
     assert (await as_env.service.login(as_env.peer(renewed))).fqdn == "roamer.cyphonic.internal"
     shown = (await as_env.client.get("/v1/nodes/roamer", headers=as_env.admin)).json()
     statuses = {c["serial"]: c["status"] for c in shown["certificates"]}
-    assert statuses == {format(renewed[0].serial_number, "x"): "active",
-                        format(chain[0].serial_number, "x"): "superseded"}
+    assert statuses == {
+        format(renewed[0].serial_number, "x"): "active",
+        format(chain[0].serial_number, "x"): "superseded",
+    }
     # The superseded certificate still works until it expires (a lost answer is survivable).
     assert (await as_env.service.login(peer)).fqdn == "roamer.cyphonic.internal"
     assert await as_env.metric("cyphonic_as_certificates_issued_total", how="renew") == 1
@@ -178,20 +200,37 @@ async def test_renewal_for_another_name_or_after_revocation_refused(as_env: AsHa
     await as_env.create_node("other")
     peer = as_env.peer(chain)
     with pytest.raises(InvalidArgument):
-        await answer(as_env.service, peer, pb.Envelope(
-            version=pb.PROTOCOL_VERSION_1,
-            renew_request=pb.RenewRequest(csr_der=_der_csr(generate_key(),
-                                                           "other.cyphonic.internal"))))
+        await answer(
+            as_env.service,
+            peer,
+            pb.Envelope(
+                version=pb.PROTOCOL_VERSION_1,
+                renew_request=pb.RenewRequest(
+                    csr_der=_der_csr(generate_key(), "other.cyphonic.internal")
+                ),
+            ),
+        )
     with pytest.raises(InvalidArgument):
-        await answer(as_env.service, peer, pb.Envelope(
-            version=pb.PROTOCOL_VERSION_1,
-            renew_request=pb.RenewRequest(csr_der=b"\x30\x03junk")))
+        await answer(
+            as_env.service,
+            peer,
+            pb.Envelope(
+                version=pb.PROTOCOL_VERSION_1,
+                renew_request=pb.RenewRequest(csr_der=b"\x30\x03junk"),
+            ),
+        )
     await as_env.client.post("/v1/nodes/mover/revoke", json={}, headers=as_env.admin)
     with pytest.raises((Revoked, PermissionDenied)):
-        await answer(as_env.service, peer, pb.Envelope(
-            version=pb.PROTOCOL_VERSION_1,
-            renew_request=pb.RenewRequest(csr_der=_der_csr(generate_key(),
-                                                           "mover.cyphonic.internal"))))
+        await answer(
+            as_env.service,
+            peer,
+            pb.Envelope(
+                version=pb.PROTOCOL_VERSION_1,
+                renew_request=pb.RenewRequest(
+                    csr_der=_der_csr(generate_key(), "mover.cyphonic.internal")
+                ),
+            ),
+        )
     shown = (await as_env.client.get("/v1/nodes/mover", headers=as_env.admin)).json()
     assert len(shown["certificates"]) == 1
 
@@ -199,20 +238,28 @@ async def test_renewal_for_another_name_or_after_revocation_refused(as_env: AsHa
 async def test_signalling_refuses_messages_the_as_does_not_answer(as_env: AsHarness) -> None:
     _key, chain = await as_env.enrolled("chatty")
     with pytest.raises(UnexpectedMessage):
-        await answer(as_env.service, as_env.peer(chain), pb.Envelope(
-            version=pb.PROTOCOL_VERSION_1, keepalive=pb.Keepalive(sequence=1)))
+        await answer(
+            as_env.service,
+            as_env.peer(chain),
+            pb.Envelope(version=pb.PROTOCOL_VERSION_1, keepalive=pb.Keepalive(sequence=1)),
+        )
     with pytest.raises(UnexpectedMessage):
         await answer(as_env.service, as_env.peer(chain), pb.Envelope())
 
 
 async def test_audit_trail_records_who_did_what(as_env: AsHarness) -> None:
     _key, chain = await as_env.enrolled("audited")
-    await as_env.client.post("/v1/nodes/audited/revoke", json={"reason": "retired"},
-                             headers=as_env.admin)
+    await as_env.client.post(
+        "/v1/nodes/audited/revoke", json={"reason": "retired"}, headers=as_env.admin
+    )
     page = (await as_env.client.get("/v1/audit?limit=10", headers=as_env.admin)).json()
     actions = [(e["actor"], e["action"]) for e in page["items"]]
-    assert actions == [("admin", "node.revoke"), ("audited.cyphonic.internal", "node.enrol"),
-                       ("admin", "token.issue"), ("admin", "node.create")]
+    assert actions == [
+        ("admin", "node.revoke"),
+        ("audited.cyphonic.internal", "node.enrol"),
+        ("admin", "token.issue"),
+        ("admin", "node.create"),
+    ]
     assert page["items"][0]["detail"]["serials"] == [format(chain[0].serial_number, "x")]
     fingerprint = chain[0].fingerprint(hashes.SHA256()).hex()
     assert fingerprint not in str(page)  # the trail names serials, it holds no key material

@@ -37,8 +37,7 @@ LOGIN = pb.Envelope(version=pb.PROTOCOL_VERSION_1, login_request=pb.LoginRequest
 
 @pytest.fixture
 async def as_quic(as_env: AsHarness) -> AsyncIterator[AsSignallingServer]:
-    settings = as_env.service.settings.model_copy(update={"quic_host": "127.0.0.1",
-                                                          "quic_port": 0})
+    settings = as_env.service.settings.model_copy(update={"quic_host": "127.0.0.1", "quic_port": 0})
     server = AsSignallingServer(as_env.service)
     await server.open(settings)
     try:
@@ -47,14 +46,23 @@ async def as_quic(as_env: AsHarness) -> AsyncIterator[AsSignallingServer]:
         await server.close()
 
 
-async def _session(identity: CertifiedKey, trust: TrustStore, port: int,
-                   ) -> tuple[QuicEndpoint, SignallingSession]:
-    endpoint = await QuicEndpoint.open(host="127.0.0.1", port=0, identity=identity,
-                                       trust=trust, idle_timeout=30.0)
+async def _session(
+    identity: CertifiedKey,
+    trust: TrustStore,
+    port: int,
+) -> tuple[QuicEndpoint, SignallingSession]:
+    endpoint = await QuicEndpoint.open(
+        host="127.0.0.1", port=0, identity=identity, trust=trust, idle_timeout=30.0
+    )
     try:
-        conn = await endpoint.connect(("127.0.0.1", port), alpn=ALPN_SIGNALLING,
-                                      expect="service", expected_name="as.svc.cyphonic.internal",
-                                      handler_factory=SignallingSession.factory(), timeout=10.0)
+        conn = await endpoint.connect(
+            ("127.0.0.1", port),
+            alpn=ALPN_SIGNALLING,
+            expect="service",
+            expected_name="as.svc.cyphonic.internal",
+            handler_factory=SignallingSession.factory(),
+            timeout=10.0,
+        )
     except BaseException:
         await endpoint.close()
         raise
@@ -71,13 +79,20 @@ def _node_trust(state_dir: Path) -> TrustStore:
 
 async def _enrolled_state(as_env: AsHarness, name: str, state_dir: Path) -> CertifiedKey:
     await as_env.create_node(name)
-    await enroll(as_url="http://as.test", token=await as_env.token(name), state_dir=state_dir,
-                 transport=as_env.client._transport, now=as_env.clock())
+    await enroll(
+        as_url="http://as.test",
+        token=await as_env.token(name),
+        state_dir=state_dir,
+        transport=as_env.client._transport,
+        now=as_env.clock(),
+    )
     return load_identity(state_dir / "node.crt", state_dir / "node.key")
 
 
 async def test_login_over_quic_then_revoked_refused(
-    as_env: AsHarness, as_quic: AsSignallingServer, tmp_path: Path,
+    as_env: AsHarness,
+    as_quic: AsSignallingServer,
+    tmp_path: Path,
 ) -> None:
     identity = await _enrolled_state(as_env, "quicnode", tmp_path)
     endpoint, session = await _session(identity, _node_trust(tmp_path), as_quic.port)
@@ -86,9 +101,9 @@ async def test_login_over_quic_then_revoked_refused(
         assert answer.login_response.fqdn == "quicnode.cyphonic.internal"
         assert len(answer.login_response.nms) == 2
         assert answer.login_response.nms_server_name == "nms.svc.cyphonic.internal"
-        revoked = await as_env.client.post("/v1/nodes/quicnode/revoke",
-                                           json={"reason": "key_compromise"},
-                                           headers=as_env.admin)
+        revoked = await as_env.client.post(
+            "/v1/nodes/quicnode/revoke", json={"reason": "key_compromise"}, headers=as_env.admin
+        )
         assert revoked.status_code == 200
         with pytest.raises(Revoked):
             await session.request(LOGIN)
@@ -99,12 +114,15 @@ async def test_login_over_quic_then_revoked_refused(
     with pytest.raises(Revoked, match="TLS handshake refused"):
         await _session(identity, _node_trust(tmp_path), as_quic.port)
     assert await as_env.metric("cyphonic_as_logins_total") == 1
-    assert await as_env.metric("cyphonic_as_refusals_total", operation="login",
-                               reason="revoked") == 1
+    assert (
+        await as_env.metric("cyphonic_as_refusals_total", operation="login", reason="revoked") == 1
+    )
 
 
 async def test_renewal_over_quic_updates_the_state_directory(
-    as_env: AsHarness, as_quic: AsSignallingServer, tmp_path: Path,
+    as_env: AsHarness,
+    as_quic: AsSignallingServer,
+    tmp_path: Path,
 ) -> None:
     identity = await _enrolled_state(as_env, "renewer", tmp_path)
     endpoint, session = await _session(identity, _node_trust(tmp_path), as_quic.port)
@@ -124,10 +142,12 @@ async def test_renewal_over_quic_updates_the_state_directory(
 
 
 async def test_service_certificates_are_refused_in_the_handshake(
-    as_env: AsHarness, as_quic: AsSignallingServer,
+    as_env: AsHarness,
+    as_quic: AsSignallingServer,
 ) -> None:
-    nms = issue_service_certificate(as_env.material.service_ca, "nms.svc.cyphonic.internal",
-                                    now=as_env.clock())
+    nms = issue_service_certificate(
+        as_env.material.service_ca, "nms.svc.cyphonic.internal", now=as_env.clock()
+    )
     with pytest.raises(CyphonicError) as refused:
         endpoint, _ = await _session(nms, as_env.material.trust, as_quic.port)
         await endpoint.close()
@@ -135,7 +155,9 @@ async def test_service_certificates_are_refused_in_the_handshake(
 
 
 async def test_refusals_reach_the_node_as_typed_errors_through_the_session(
-    as_env: AsHarness, as_quic: AsSignallingServer, tmp_path: Path,
+    as_env: AsHarness,
+    as_quic: AsSignallingServer,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The session's one error-to-Error mapping, as production runs it."""
@@ -145,8 +167,9 @@ async def test_refusals_reach_the_node_as_typed_errors_through_the_session(
     try:
         foreign = make_csr(generate_key(), "elsewhere.cyphonic.internal")
         with pytest.raises(InvalidArgument, match=r"does not match|must be exactly"):
-            await session.request(pb.RenewRequest(
-                csr_der=foreign.public_bytes(serialization.Encoding.DER)))
+            await session.request(
+                pb.RenewRequest(csr_der=foreign.public_bytes(serialization.Encoding.DER))
+            )
         with pytest.raises(InvalidArgument, match="signing request"):
             await session.request(pb.RenewRequest(csr_der=b"\x30\x03junk"))
         with pytest.raises(UnexpectedMessage, match="does not answer keepalive"):
@@ -168,7 +191,9 @@ async def test_refusals_reach_the_node_as_typed_errors_through_the_session(
 
 
 async def test_renewal_cut_short_between_key_and_certificate_does_not_lock_the_node_out(
-    as_env: AsHarness, as_quic: AsSignallingServer, tmp_path: Path,
+    as_env: AsHarness,
+    as_quic: AsSignallingServer,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     identity = await _enrolled_state(as_env, "cutoff", tmp_path)

@@ -33,9 +33,12 @@ async def test_migrated_schema_matches_the_models(registry_url: str) -> None:
     engine = create_engine(registry_url)
     try:
         async with engine.connect() as conn:
-            diff = await conn.run_sync(lambda sync: compare_metadata(
-                MigrationContext.configure(sync, opts={"compare_type": True}), Base.metadata))
-            version = (await conn.execute(text("SELECT version_num FROM alembic_version")))
+            diff = await conn.run_sync(
+                lambda sync: compare_metadata(
+                    MigrationContext.configure(sync, opts={"compare_type": True}), Base.metadata
+                )
+            )
+            version = await conn.execute(text("SELECT version_num FROM alembic_version"))
             assert version.scalar_one() == "0001"
     finally:
         await engine.dispose()
@@ -47,14 +50,20 @@ async def test_downgrade_to_base_and_up_again(registry_url: str) -> None:
     engine = create_engine(registry_url)
     try:
         async with engine.connect() as conn:
-            tables = await conn.run_sync(
-                lambda sync: sync.dialect.get_table_names(sync))
+            tables = await conn.run_sync(lambda sync: sync.dialect.get_table_names(sync))
         assert "nodes" not in tables
         await upgrade(engine)
         async with engine.connect() as conn:
             tables = await conn.run_sync(lambda sync: sync.dialect.get_table_names(sync))
-        assert {"nodes", "certificates", "enrolment_tokens", "revocations", "audit_events",
-                "address_leases", "node_network"} <= set(tables)
+        assert {
+            "nodes",
+            "certificates",
+            "enrolment_tokens",
+            "revocations",
+            "audit_events",
+            "address_leases",
+            "node_network",
+        } <= set(tables)
     finally:
         await engine.dispose()
 
@@ -65,8 +74,17 @@ async def test_timestamps_come_back_aware_in_utc(registry_url: str) -> None:
     at = datetime(2030, 1, 2, 12, 0, 0, tzinfo=tokyo)
     try:
         async with AsyncSession(engine) as session, session.begin():
-            session.add(Node(name="tz", fqdn="tz.x", tags={"k": "v"}, device_info={},
-                             state="pending", created_at=at, updated_at=at))
+            session.add(
+                Node(
+                    name="tz",
+                    fqdn="tz.x",
+                    tags={"k": "v"},
+                    device_info={},
+                    state="pending",
+                    created_at=at,
+                    updated_at=at,
+                )
+            )
         async with AsyncSession(engine) as session:
             node = (await session.execute(select(Node))).scalar_one()
         assert node.created_at == at
@@ -75,9 +93,17 @@ async def test_timestamps_come_back_aware_in_utc(registry_url: str) -> None:
         assert node.tags == {"k": "v"}
         async with AsyncSession(engine) as session:
             with pytest.raises(StatementError, match="naive"):
-                session.add(Node(name="naive", fqdn="naive.x", tags={}, device_info={},
-                                 state="pending", created_at=datetime(2030, 1, 1),
-                                 updated_at=datetime(2030, 1, 1)))
+                session.add(
+                    Node(
+                        name="naive",
+                        fqdn="naive.x",
+                        tags={},
+                        device_info={},
+                        state="pending",
+                        created_at=datetime(2030, 1, 1),
+                        updated_at=datetime(2030, 1, 1),
+                    )
+                )
                 await session.flush()
     finally:
         await engine.dispose()
@@ -88,21 +114,52 @@ async def test_constraints_are_enforced(registry_url: str) -> None:
     now = datetime.now(UTC)
     try:
         async with AsyncSession(engine) as session, session.begin():
-            session.add(Node(name="a", fqdn="a.x", tags={}, device_info={}, state="pending",
-                             created_at=now, updated_at=now))
+            session.add(
+                Node(
+                    name="a",
+                    fqdn="a.x",
+                    tags={},
+                    device_info={},
+                    state="pending",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
         with pytest.raises(AlreadyExists):
             async with map_db_errors(), AsyncSession(engine) as session, session.begin():
-                session.add(Node(name="a", fqdn="b.x", tags={}, device_info={},
-                                 state="pending", created_at=now, updated_at=now))
+                session.add(
+                    Node(
+                        name="a",
+                        fqdn="b.x",
+                        tags={},
+                        device_info={},
+                        state="pending",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
         with pytest.raises(AlreadyExists):  # the state CHECK constraint
             async with map_db_errors(), AsyncSession(engine) as session, session.begin():
-                session.add(Node(name="c", fqdn="c.x", tags={}, device_info={},
-                                 state="bogus", created_at=now, updated_at=now))
+                session.add(
+                    Node(
+                        name="c",
+                        fqdn="c.x",
+                        tags={},
+                        device_info={},
+                        state="bogus",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
         with pytest.raises(AlreadyExists):  # foreign keys are on (SQLite too)
             async with map_db_errors(), AsyncSession(engine) as session, session.begin():
-                await session.execute(text(
-                    "INSERT INTO enrolment_tokens (node_id, token_hash, expires_at, created_at)"
-                    " VALUES (9999, 'h', :t, :t)"), {"t": now})
+                await session.execute(
+                    text(
+                        "INSERT INTO enrolment_tokens (node_id, token_hash, expires_at, created_at)"
+                        " VALUES (9999, 'h', :t, :t)"
+                    ),
+                    {"t": now},
+                )
     finally:
         await engine.dispose()
 
@@ -177,30 +234,44 @@ class TcpProxy:
 
 @pytest.mark.postgres
 async def test_database_outage_answers_503_and_loses_nothing(
-    postgres_database: str, pki: tuple[Path, PkiMaterial],
+    postgres_database: str,
+    pki: tuple[Path, PkiMaterial],
 ) -> None:
     url = make_url(postgres_database)
     proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
     await proxy.start()
     proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    settings = AuthSettings(_env_file=None, database_url=proxied, pki_dir=pki[0],
-                            admin_token=ADMIN_TOKEN)
+    settings = AuthSettings(
+        _env_file=None, database_url=proxied, pki_dir=pki[0], admin_token=ADMIN_TOKEN
+    )
     engine = create_engine(proxied)
-    service = AuthService(registry=SqlNodeRegistry(engine), node_ca=NodeCa.load(settings),
-                          settings=settings, metrics=AuthMetrics(CollectorRegistry()),
-                          clock=Clock())
+    service = AuthService(
+        registry=SqlNodeRegistry(engine),
+        node_ca=NodeCa.load(settings),
+        settings=settings,
+        metrics=AuthMetrics(CollectorRegistry()),
+        clock=Clock(),
+    )
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     transport = httpx.ASGITransport(app=create_app(service), raise_app_exceptions=False)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://as.test") as client:
-            assert (await client.post("/v1/nodes", json={"name": "before"},
-                                      headers=admin)).status_code == 201
-            token = (await client.post("/v1/nodes/before/enrolment-tokens", json={},
-                                       headers=admin)).json()["token"]
-            pending = (await client.post("/v1/nodes/before/enrolment-tokens", json={},
-                                         headers=admin)).json()["token"]
-            enrolled = await client.post("/v1/enrol", json={
-                "token": token, "csr_pem": csr_pem(generate_key(), "before.cyphonic.internal")})
+            assert (
+                await client.post("/v1/nodes", json={"name": "before"}, headers=admin)
+            ).status_code == 201
+            token = (
+                await client.post("/v1/nodes/before/enrolment-tokens", json={}, headers=admin)
+            ).json()["token"]
+            pending = (
+                await client.post("/v1/nodes/before/enrolment-tokens", json={}, headers=admin)
+            ).json()["token"]
+            enrolled = await client.post(
+                "/v1/enrol",
+                json={
+                    "token": token,
+                    "csr_pem": csr_pem(generate_key(), "before.cyphonic.internal"),
+                },
+            )
             assert enrolled.status_code == 201
             assert (await client.get("/readyz")).status_code == 200
 
@@ -211,8 +282,15 @@ async def test_database_outage_answers_503_and_loses_nothing(
             for method, path, body, headers in (
                 ("POST", "/v1/nodes", {"name": "during"}, admin),
                 ("GET", "/v1/nodes/before", None, admin),
-                ("POST", "/v1/enrol", {"token": pending, "csr_pem": csr_pem(
-                    generate_key(), "before.cyphonic.internal")}, {}),
+                (
+                    "POST",
+                    "/v1/enrol",
+                    {
+                        "token": pending,
+                        "csr_pem": csr_pem(generate_key(), "before.cyphonic.internal"),
+                    },
+                    {},
+                ),
                 ("GET", "/v1/crl", None, {}),
             ):
                 response = await client.request(method, path, json=body, headers=headers)
@@ -227,8 +305,13 @@ async def test_database_outage_answers_503_and_loses_nothing(
             assert [c["serial"] for c in shown["certificates"]] == [enrolled.json()["serial"]]
             assert (await client.get("/v1/nodes/during", headers=admin)).status_code == 404
             # The token refused during the outage was not used up.
-            again = await client.post("/v1/enrol", json={
-                "token": pending, "csr_pem": csr_pem(generate_key(), "before.cyphonic.internal")})
+            again = await client.post(
+                "/v1/enrol",
+                json={
+                    "token": pending,
+                    "csr_pem": csr_pem(generate_key(), "before.cyphonic.internal"),
+                },
+            )
             assert again.status_code == 201
     finally:
         await engine.dispose()

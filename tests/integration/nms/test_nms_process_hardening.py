@@ -44,8 +44,14 @@ def _with_password(url: str, password: str, *, user: str) -> str:
 
 
 def _cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cyphonic_nms.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "cyphonic_nms.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 # --------------------------------------------------------------------------- secrets
@@ -59,8 +65,13 @@ async def test_passwords_in_urls_never_reach_output(
     # these credentials: the NMS really runs with them.
     db = _with_password(pg_url, password, user="postgres")
     rds = _with_password(redis_url, password, user="default")
-    env = {**os.environ, "CYPHONIC_ENVIRONMENT": "test", "CYPHONIC_DATABASE_URL": db,
-           "CYPHONIC_REDIS_URL": rds, "CYPHONIC_RELAY_TOKEN_SECRET": RELAY_SECRET}
+    env = {
+        **os.environ,
+        "CYPHONIC_ENVIRONMENT": "test",
+        "CYPHONIC_DATABASE_URL": db,
+        "CYPHONIC_REDIS_URL": rds,
+        "CYPHONIC_RELAY_TOKEN_SECRET": RELAY_SECRET,
+    }
 
     shown = _cli("settings", env=env)
     assert shown.returncode == 0, shown.stderr
@@ -71,10 +82,16 @@ async def test_passwords_in_urls_never_reach_output(
     assert bad.returncode == 2 and "keepalive" in bad.stderr
     assert password not in bad.stdout + bad.stderr
 
-    nms = NmsProcess(pki_dir=pki_dir[0], database_url=db, redis_url=rds, replica_id="nms-s",
-                     log_path=tmp_path / "nms.log", admin_token=TOKEN,
-                     relay_secret=RELAY_SECRET,
-                     extra_env={**ISOLATION, "CYPHONIC_LOG_LEVEL": "debug"})
+    nms = NmsProcess(
+        pki_dir=pki_dir[0],
+        database_url=db,
+        redis_url=rds,
+        replica_id="nms-s",
+        log_path=tmp_path / "nms.log",
+        admin_token=TOKEN,
+        relay_secret=RELAY_SECRET,
+        extra_env={**ISOLATION, "CYPHONIC_LOG_LEVEL": "debug"},
+    )
     try:
         await nms.start()
         async with nms.admin() as admin:
@@ -88,8 +105,10 @@ async def test_passwords_in_urls_never_reach_output(
 
     # Unreachable services: the error names the URL, masked.
     closed = free_port(socket.SOCK_STREAM)
-    down = _cli("serve", env={**nms.env, "CYPHONIC_REDIS_URL":
-                              f"redis://default:{password}@127.0.0.1:{closed}/0"})
+    down = _cli(
+        "serve",
+        env={**nms.env, "CYPHONIC_REDIS_URL": f"redis://default:{password}@127.0.0.1:{closed}/0"},
+    )
     assert down.returncode == 1 and "unreachable" in down.stderr
     assert "default:***@" in down.stderr and password not in down.stdout + down.stderr
     no_db = f"postgresql+asyncpg://postgres:{password}@127.0.0.1:{closed}/x"
@@ -117,10 +136,16 @@ def silent_redis() -> Iterator[int]:
 async def test_a_redis_that_never_answers_fails_start_within_the_timeout(
     pki_dir: tuple[Path, PkiMaterial], pg_url: str, silent_redis: int, tmp_path: Path
 ) -> None:
-    nms = NmsProcess(pki_dir=pki_dir[0], database_url=pg_url,
-                     redis_url=f"redis://127.0.0.1:{silent_redis}/0", replica_id="nms-t",
-                     log_path=tmp_path / "nms.log", admin_token=TOKEN,
-                     relay_secret=RELAY_SECRET, extra_env={"CYPHONIC_REDIS_TIMEOUT_S": "1"})
+    nms = NmsProcess(
+        pki_dir=pki_dir[0],
+        database_url=pg_url,
+        redis_url=f"redis://127.0.0.1:{silent_redis}/0",
+        replica_id="nms-t",
+        log_path=tmp_path / "nms.log",
+        admin_token=TOKEN,
+        relay_secret=RELAY_SECRET,
+        extra_env={"CYPHONIC_REDIS_TIMEOUT_S": "1"},
+    )
     started = time.monotonic()
     # Without a socket timeout the first PING waits forever.
     result = await asyncio.to_thread(_cli, "serve", env=nms.env, timeout=60)
@@ -158,16 +183,28 @@ async def test_sigterm_of_a_replica_leaves_routes_and_peers_alone(
             await add_node(make_sessionmaker(engine), name)
     finally:
         await engine.dispose()
-    procs = [NmsProcess(pki_dir=path, database_url=pg_url, redis_url=redis_url,
-                        replica_id=f"nms-{i}", log_path=tmp_path / f"nms-{i}.log",
-                        admin_token=TOKEN, relay_secret=RELAY_SECRET, extra_env=ISOLATION)
-             for i in (1, 2)]
+    procs = [
+        NmsProcess(
+            pki_dir=path,
+            database_url=pg_url,
+            redis_url=redis_url,
+            replica_id=f"nms-{i}",
+            log_path=tmp_path / f"nms-{i}.log",
+            admin_token=TOKEN,
+            relay_secret=RELAY_SECRET,
+            extra_env=ISOLATION,
+        )
+        for i in (1, 2)
+    ]
     nodes: list[SimulatedNode] = []
 
     async def node(name: str, nms: NmsProcess) -> SimulatedNode:
-        sim = SimulatedNode(identity=issue_node_identity(material.node_ca, f"{name}.{DOMAIN}"),
-                            trust=material.trust, nms=("127.0.0.1", nms.quic_port),
-                            server_name=f"nms.svc.{DOMAIN}")
+        sim = SimulatedNode(
+            identity=issue_node_identity(material.node_ca, f"{name}.{DOMAIN}"),
+            trust=material.trust,
+            nms=("127.0.0.1", nms.quic_port),
+            server_name=f"nms.svc.{DOMAIN}",
+        )
         nodes.append(sim)
         await sim.connect()
         await sim.register()

@@ -51,10 +51,15 @@ class World:
         self.nodes: list[SimulatedNode] = []
 
     async def nms(self, replica_id: str = "nms-1", *, redis: bool = True) -> NmsProcess:
-        proc = NmsProcess(pki_dir=self.tmp / "pki", database_url=self.pg_url,
-                          admin_token=TOKEN, relay_secret=SECRET,
-                          redis_url=self.redis_url if redis else None, replica_id=replica_id,
-                          log_path=self.tmp / f"{replica_id}.log")
+        proc = NmsProcess(
+            pki_dir=self.tmp / "pki",
+            database_url=self.pg_url,
+            admin_token=TOKEN,
+            relay_secret=SECRET,
+            redis_url=self.redis_url if redis else None,
+            replica_id=replica_id,
+            log_path=self.tmp / f"{replica_id}.log",
+        )
         self.processes.append(proc)
         await proc.start()
         return proc
@@ -73,8 +78,10 @@ class World:
             await self.enrol(name)
         node = SimulatedNode(
             identity=issue_node_identity(self.pki.node_ca, f"{name}.{DOMAIN}"),
-            trust=self.pki.trust, nms=("::1" if ipv6 else "127.0.0.1", nms.quic_port),
-            server_name=f"nms.svc.{DOMAIN}", bind_host="::1" if ipv6 else "127.0.0.1",
+            trust=self.pki.trust,
+            nms=("::1" if ipv6 else "127.0.0.1", nms.quic_port),
+            server_name=f"nms.svc.{DOMAIN}",
+            bind_host="::1" if ipv6 else "127.0.0.1",
         )
         self.nodes.append(node)
         await node.connect()
@@ -122,7 +129,9 @@ async def test_register_detects_nat_and_shows_in_admin_rest(world: World) -> Non
     assert not reg_direct.network.behind_nat and reg_direct.network.has_ipv4
     assert reg_nat.network.behind_nat
     assert (ip_address(reg_nat.network.observed_ipv4.ip), reg_nat.network.observed_ipv4.port) == (
-        ip_address("127.0.0.1"), natted.local.port)
+        ip_address("127.0.0.1"),
+        natted.local.port,
+    )
     assert IPv4Address(reg_direct.virtual_ipv4) in ip_network("100.64.0.0/16")
     assert reg_direct.virtual_ipv4_prefix_len == 16 and reg_direct.virtual_ipv6_prefix_len == 48
     assert reg_direct.virtual_ipv4 != reg_nat.virtual_ipv4
@@ -145,8 +154,12 @@ async def test_unenrolled_node_and_service_certificate_are_refused(world: World)
     with pytest.raises(PermissionDenied, match="not enrolled"):
         await stranger.register()
     # A service certificate (the AS's) is not a node: refused inside the handshake.
-    service = SimulatedNode(identity=world.pki.services["as"], trust=world.pki.trust,
-                            nms=("127.0.0.1", nms.quic_port), server_name=f"nms.svc.{DOMAIN}")
+    service = SimulatedNode(
+        identity=world.pki.services["as"],
+        trust=world.pki.trust,
+        nms=("127.0.0.1", nms.quic_port),
+        server_name=f"nms.svc.{DOMAIN}",
+    )
     world.nodes.append(service)
     with pytest.raises(Unauthenticated):
         await service.connect(timeout_s=5)
@@ -166,19 +179,29 @@ async def test_lease_stable_across_nms_restart(world: World) -> None:
 
 KINDS = ("ipv6", "global_ipv4", "nat_ipv4")
 EXPECTED = {
-    ("ipv6", "ipv6"): 1, ("ipv6", "global_ipv4"): 3, ("ipv6", "nat_ipv4"): 3,
-    ("global_ipv4", "ipv6"): 3, ("global_ipv4", "global_ipv4"): 1,
-    ("global_ipv4", "nat_ipv4"): 2, ("nat_ipv4", "ipv6"): 3,
-    ("nat_ipv4", "global_ipv4"): 2, ("nat_ipv4", "nat_ipv4"): 3,
+    ("ipv6", "ipv6"): 1,
+    ("ipv6", "global_ipv4"): 3,
+    ("ipv6", "nat_ipv4"): 3,
+    ("global_ipv4", "ipv6"): 3,
+    ("global_ipv4", "global_ipv4"): 1,
+    ("global_ipv4", "nat_ipv4"): 2,
+    ("nat_ipv4", "ipv6"): 3,
+    ("nat_ipv4", "global_ipv4"): 2,
+    ("nat_ipv4", "nat_ipv4"): 3,
 }
 
 
 async def test_route_pattern_for_each_cell_pushed_to_both(world: World) -> None:
     client = redis_asyncio.Redis.from_url(world.redis_url)
     try:
-        await RedisTrsDirectory(client).register(TrsReplica(
-            replica_id="trs-0", endpoints=(Endpoint.parse("127.0.0.1:4433"),),
-            server_name=f"trs.svc.{DOMAIN}"), ttl_s=600)
+        await RedisTrsDirectory(client).register(
+            TrsReplica(
+                replica_id="trs-0",
+                endpoints=(Endpoint.parse("127.0.0.1:4433"),),
+                server_name=f"trs.svc.{DOMAIN}",
+            ),
+            ttl_s=600,
+        )
     finally:
         await client.aclose()
     nms = await world.nms()
@@ -249,7 +272,8 @@ async def test_silent_node_goes_offline(world: World) -> None:
         error = await b.wait_closed(within_s=10)  # offline timeout 4 s, sweep every 1 s
         assert error is not None
         assert (await a.wait_for("peer_offline", within_s=5)).peer_offline.fqdn == (
-            f"sleeper.{DOMAIN}")
+            f"sleeper.{DOMAIN}"
+        )
     finally:
         talking.cancel()
     async with nms.admin() as admin:
@@ -288,9 +312,14 @@ async def test_relay_cids_exchanged_between_replicas(world: World) -> None:
     the other node (held by the other replica) as a push; outsiders are refused."""
     client = redis_asyncio.Redis.from_url(world.redis_url)
     try:
-        await RedisTrsDirectory(client).register(TrsReplica(
-            replica_id="trs-0", endpoints=(Endpoint.parse("127.0.0.1:4433"),),
-            server_name=f"trs.svc.{DOMAIN}"), ttl_s=600)
+        await RedisTrsDirectory(client).register(
+            TrsReplica(
+                replica_id="trs-0",
+                endpoints=(Endpoint.parse("127.0.0.1:4433"),),
+                server_name=f"trs.svc.{DOMAIN}",
+            ),
+            ttl_s=600,
+        )
     finally:
         await client.aclose()
     nms1 = await world.nms("nms-1")
@@ -305,8 +334,10 @@ async def test_relay_cids_exchanged_between_replicas(world: World) -> None:
     assert (await b.wait_for("route_direction")).route_direction.role == pb.ROUTE_ROLE_ACCEPT
 
     def relay_cids(cids: list[bytes], route_id: str = route.route_id) -> pb.Envelope:
-        return pb.Envelope(version=pb.PROTOCOL_VERSION_1,
-                           relay_cids=pb.RelayCids(route_id=route_id, connection_ids=cids))
+        return pb.Envelope(
+            version=pb.PROTOCOL_VERSION_1,
+            relay_cids=pb.RelayCids(route_id=route_id, connection_ids=cids),
+        )
 
     cid_b = [os.urandom(8) for _ in range(16)]
     echo = await b.request(relay_cids(cid_b))  # B (accepting side) first, as in the proposal
@@ -347,7 +378,9 @@ async def test_moved_node_rerouted_and_handover_shown(world: World) -> None:
     moved_reg = await roamer.register()
     assert not moved_reg.network.behind_nat
     assert (moved_reg.virtual_ipv4, moved_reg.virtual_ipv6) == (
-        first_reg.virtual_ipv4, first_reg.virtual_ipv6)
+        first_reg.virtual_ipv4,
+        first_reg.virtual_ipv6,
+    )
     to_roamer = (await roamer.wait_for("route_direction", count=2)).route_direction
     to_home = (await home.wait_for("route_direction", count=2)).route_direction
     assert to_roamer.route_id == to_home.route_id != first.route_id

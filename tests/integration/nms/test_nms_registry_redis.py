@@ -32,7 +32,11 @@ E = Endpoint.parse
 
 @asynccontextmanager
 async def replica(
-    pg_url: str, name: str, *, redis_url: str | None = None, pool4: str = "100.64.0.0/16",
+    pg_url: str,
+    name: str,
+    *,
+    redis_url: str | None = None,
+    pool4: str = "100.64.0.0/16",
     pool_size: int = 10,
 ) -> AsyncIterator[NodeManager]:
     """One NMS replica with its own engine (and its own Redis client)."""
@@ -40,12 +44,18 @@ async def replica(
     client = redis_asyncio.Redis.from_url(redis_url) if redis_url else None
     extra: dict[str, object] = {}
     if client is not None:
-        extra = {"presence": RedisPresence(client), "bus": RedisBus(client),
-                 "routes": RedisRouteStore(client), "trs": RedisTrsDirectory(client)}
+        extra = {
+            "presence": RedisPresence(client),
+            "bus": RedisBus(client),
+            "routes": RedisRouteStore(client),
+            "trs": RedisTrsDirectory(client),
+        }
     manager = NodeManager(
         nodes=SqlNodeStore(make_sessionmaker(engine)),
         pools=LeasePools.from_settings(ipv4=pool4, ipv6=None, domain=DOMAIN),
-        replica_id=name, relay_secret=SECRET, **extra,  # type: ignore[arg-type]
+        replica_id=name,
+        relay_secret=SECRET,
+        **extra,  # type: ignore[arg-type]
     )
     await manager.start()
     try:
@@ -81,16 +91,18 @@ async def test_200_concurrent_registrations_never_collide(pg_url: str, pool4: st
     await _enrol(pg_url, names)
     # Two replicas with their own connection pools register 100 nodes each, all at once;
     # the /24 pool (254 addresses) makes the hashed proposals collide and retry.
-    async with replica(pg_url, "r1", pool4=pool4) as r1, \
-            replica(pg_url, "r2", pool4=pool4) as r2:
+    async with replica(pg_url, "r1", pool4=pool4) as r1, replica(pg_url, "r2", pool4=pool4) as r2:
         links = [_link(n) for n in names]
-        results = await asyncio.gather(*(
-            (r1 if i % 2 else r2).register(
-                link, local_addresses=[E(f"198.51.100.{i % 250 + 1}:{1000 + i}")],
-                observed=E(f"198.51.100.{i % 250 + 1}:{1000 + i}"),
+        results = await asyncio.gather(
+            *(
+                (r1 if i % 2 else r2).register(
+                    link,
+                    local_addresses=[E(f"198.51.100.{i % 250 + 1}:{1000 + i}")],
+                    observed=E(f"198.51.100.{i % 250 + 1}:{1000 + i}"),
+                )
+                for i, link in enumerate(links)
             )
-            for i, link in enumerate(links)
-        ))
+        )
     v4 = [r.lease.ipv4 for r in results]
     v6 = [r.lease.ipv6 for r in results]
     assert len(set(v4)) == 200 and len(set(v6)) == 200
@@ -107,11 +119,14 @@ async def test_200_concurrent_registrations_never_collide(pg_url: str, pool4: st
 async def test_same_node_registering_concurrently_gets_one_lease(pg_url: str) -> None:
     await _enrol(pg_url, ["twin"])
     async with replica(pg_url, "r1") as r1, replica(pg_url, "r2") as r2:
-        results = await asyncio.gather(*(
-            (r1 if i % 2 else r2).register(_link("twin"), local_addresses=[],
-                                           observed=E("198.51.100.1:443"))
-            for i in range(20)
-        ))
+        results = await asyncio.gather(
+            *(
+                (r1 if i % 2 else r2).register(
+                    _link("twin"), local_addresses=[], observed=E("198.51.100.1:443")
+                )
+                for i in range(20)
+            )
+        )
     assert len({(r.lease.ipv4, r.lease.ipv6) for r in results}) == 1
 
 
@@ -120,8 +135,10 @@ async def test_exhaustion_under_concurrency_is_exhausted(pg_url: str) -> None:
     await _enrol(pg_url, names)
     async with replica(pg_url, "r1", pool4="100.64.9.0/29") as nms:  # 6 addresses
         results = await asyncio.gather(
-            *(nms.register(_link(n), local_addresses=[], observed=E("198.51.100.1:443"))
-              for n in names),
+            *(
+                nms.register(_link(n), local_addresses=[], observed=E("198.51.100.1:443"))
+                for n in names
+            ),
             return_exceptions=True,
         )
     ok = [r for r in results if not isinstance(r, BaseException)]
@@ -134,11 +151,13 @@ async def test_exhaustion_under_concurrency_is_exhausted(pg_url: str) -> None:
 async def test_lease_is_stable_across_restart_and_moves(pg_url: str) -> None:
     await _enrol(pg_url, ["mover"])
     async with replica(pg_url, "r1") as nms:
-        first = await nms.register(_link("mover"), local_addresses=[E("10.0.0.2:443")],
-                                   observed=E("203.0.113.2:40000"))
+        first = await nms.register(
+            _link("mover"), local_addresses=[E("10.0.0.2:443")], observed=E("203.0.113.2:40000")
+        )
     async with replica(pg_url, "r1-restarted") as nms:
-        second = await nms.register(_link("mover"), local_addresses=[E("198.51.100.9:443")],
-                                    observed=E("198.51.100.9:443"))
+        second = await nms.register(
+            _link("mover"), local_addresses=[E("198.51.100.9:443")], observed=E("198.51.100.9:443")
+        )
         view = await nms.nodes.view(f"mover.{DOMAIN}")
     assert second.lease == first.lease
     assert first.network.behind_nat and not second.network.behind_nat
@@ -147,8 +166,10 @@ async def test_lease_is_stable_across_restart_and_moves(pg_url: str) -> None:
 
 async def test_cross_replica_route_through_redis(pg_url: str, redis_url: str) -> None:
     await _enrol(pg_url, ["a", "b"])
-    async with replica(pg_url, "r1", redis_url=redis_url) as r1, \
-            replica(pg_url, "r2", redis_url=redis_url) as r2:
+    async with (
+        replica(pg_url, "r1", redis_url=redis_url) as r1,
+        replica(pg_url, "r2", redis_url=redis_url) as r2,
+    ):
         a, b = _link("a"), _link("b")
         await _register(r1, b, "198.51.100.2")
         await _register(r2, a, "198.51.100.1")
@@ -173,8 +194,10 @@ async def test_reconnect_to_other_replica_kicks_stale_connection(
     pg_url: str, redis_url: str
 ) -> None:
     await _enrol(pg_url, ["roamer", "peer"])
-    async with replica(pg_url, "r1", redis_url=redis_url) as r1, \
-            replica(pg_url, "r2", redis_url=redis_url) as r2:
+    async with (
+        replica(pg_url, "r1", redis_url=redis_url) as r1,
+        replica(pg_url, "r2", redis_url=redis_url) as r2,
+    ):
         old = _link("roamer")
         await _register(r1, old, "198.51.100.5")
         new = _link("roamer")
@@ -194,24 +217,38 @@ async def test_relay_route_uses_trs_from_redis(pg_url: str, redis_url: str) -> N
     client = redis_asyncio.Redis.from_url(redis_url)
     try:
         directory = RedisTrsDirectory(client)
-        await directory.register(TrsReplica(
-            replica_id="trs-0", endpoints=(E("192.0.2.10:443"), E("[2001:db8::10]:443")),
-            server_name=f"trs.svc.{DOMAIN}"))
-        await directory.register(TrsReplica(replica_id="trs-gone", endpoints=(E("192.0.2.11:443"),),
-                                            server_name=f"trs.svc.{DOMAIN}"), ttl_s=1)
+        await directory.register(
+            TrsReplica(
+                replica_id="trs-0",
+                endpoints=(E("192.0.2.10:443"), E("[2001:db8::10]:443")),
+                server_name=f"trs.svc.{DOMAIN}",
+            )
+        )
+        await directory.register(
+            TrsReplica(
+                replica_id="trs-gone",
+                endpoints=(E("192.0.2.11:443"),),
+                server_name=f"trs.svc.{DOMAIN}",
+            ),
+            ttl_s=1,
+        )
         await asyncio.sleep(1.2)
         assert [r.replica_id for r in await directory.live()] == ["trs-0"]
         async with replica(pg_url, "r1", redis_url=redis_url) as nms:
             a, b = _link("a"), _link("b")
-            await nms.register(a, local_addresses=[E("10.0.0.1:443")],
-                               observed=E("203.0.113.1:1000"))
-            await nms.register(b, local_addresses=[E("10.0.0.2:443")],
-                               observed=E("203.0.113.2:2000"))
+            await nms.register(
+                a, local_addresses=[E("10.0.0.1:443")], observed=E("203.0.113.1:1000")
+            )
+            await nms.register(
+                b, local_addresses=[E("10.0.0.2:443")], observed=E("203.0.113.2:2000")
+            )
             response = await nms.route(a, pb.RouteRequest(fqdn=b.fqdn))
             assert response.pattern == pb.ROUTE_PATTERN_RELAY
             relay = (await b.wait_for("route_direction")).route_direction.relay
             assert [(ip_address(t.ip), t.port) for t in relay.trs] == [
-                (ip_address("192.0.2.10"), 443), (ip_address("2001:db8::10"), 443)]
+                (ip_address("192.0.2.10"), 443),
+                (ip_address("2001:db8::10"), 443),
+            ]
             claims = relay_token.verify(relay.allocation_token, SECRET, now_ms=nms.wall_ms())
             assert claims.route_id == response.route_id and claims.involves(b.fqdn)
             assert (await nms.routes.all())[0].trs_replica == "trs-0"
@@ -229,8 +266,9 @@ async def test_revoked_node_is_cut_off_within_seconds(pg_url: str) -> None:
         assert view is not None
         engine = create_engine(pg_url)
         try:
-            await revoke_node(make_sessionmaker(engine), view.node_id, serial="v1",
-                              reason="key_compromise")
+            await revoke_node(
+                make_sessionmaker(engine), view.node_id, serial="v1", reason="key_compromise"
+            )
         finally:
             await engine.dispose()
         started = asyncio.get_running_loop().time()
@@ -241,4 +279,3 @@ async def test_revoked_node_is_cut_off_within_seconds(pg_url: str) -> None:
         assert bystander.closed is None
         with pytest.raises(Revoked):
             await _register(nms, _link("victim", "v1"), "198.51.100.1")
-

@@ -37,10 +37,18 @@ E = Endpoint.parse
 @asynccontextmanager
 async def nms_server(pg_url: str, redis_url: str, **settings: object) -> AsyncIterator[NmsServer]:
     """An in-process NMS replica (admin REST on an ephemeral port, no QUIC)."""
-    server = NmsServer(NmsSettings(
-        environment="test", database_url=pg_url, redis_url=redis_url, http_port=0,
-        relay_token_secret=SECRET, replica_id="nms-x", **settings,  # type: ignore[arg-type]
-    ), quic=False)
+    server = NmsServer(
+        NmsSettings(
+            environment="test",
+            database_url=pg_url,
+            redis_url=redis_url,
+            http_port=0,
+            relay_token_secret=SECRET,
+            replica_id="nms-x",
+            **settings,  # type: ignore[arg-type]
+        ),
+        quic=False,
+    )
     await server.start()
     try:
         yield server
@@ -50,8 +58,13 @@ async def nms_server(pg_url: str, redis_url: str, **settings: object) -> AsyncIt
 
 @asynccontextmanager
 async def replica(
-    pg_url: str, redis_url: str, name: str, *, start: bool = True,
-    offline_timeout_s: float = 45.0, keepalive_interval_s: float = 15.0,
+    pg_url: str,
+    redis_url: str,
+    name: str,
+    *,
+    start: bool = True,
+    offline_timeout_s: float = 45.0,
+    keepalive_interval_s: float = 15.0,
     revocation_poll_s: float = 1.0,
 ) -> AsyncIterator[NodeManager]:
     """One NMS replica on Redis with its own engine and client. ``start=False`` leaves its
@@ -62,10 +75,13 @@ async def replica(
     manager = NodeManager(
         nodes=SqlNodeStore(make_sessionmaker(engine)),
         pools=LeasePools.from_settings(ipv4="100.64.0.0/16", ipv6=None, domain=DOMAIN),
-        replica_id=name, relay_secret=SECRET.encode(),
-        presence=RedisPresence(client, prefix=PREFIX), bus=RedisBus(client, prefix=PREFIX),
+        replica_id=name,
+        relay_secret=SECRET.encode(),
+        presence=RedisPresence(client, prefix=PREFIX),
+        bus=RedisBus(client, prefix=PREFIX),
         routes=RedisRouteStore(client, prefix=PREFIX, ttl_s=offline_timeout_s),
-        offline_timeout_s=offline_timeout_s, keepalive_interval_s=keepalive_interval_s,
+        offline_timeout_s=offline_timeout_s,
+        keepalive_interval_s=keepalive_interval_s,
         revocation_poll_s=revocation_poll_s,
     )
     if start:
@@ -114,8 +130,7 @@ async def test_presence_lost_in_redis_comes_back_with_the_next_refresh(
     pg_url: str, redis_url: str, raw_redis: redis_asyncio.Redis
 ) -> None:
     await _enrol(pg_url, "a", "b")
-    async with replica(pg_url, redis_url, "r1") as r1, \
-            replica(pg_url, redis_url, "r2") as r2:
+    async with replica(pg_url, redis_url, "r1") as r1, replica(pg_url, redis_url, "r2") as r2:
         a = await _register(r1, "a", "198.51.100.1")
         key = f"{PREFIX}nms:presence:{a.fqdn}"
         assert await raw_redis.get(key) == b"r1"
@@ -138,12 +153,9 @@ async def test_presence_lost_in_redis_comes_back_with_the_next_refresh(
 # --------------------------------------------------------------------------- bus
 
 
-async def test_push_to_a_dead_replica_is_peer_offline_not_ok(
-    pg_url: str, redis_url: str
-) -> None:
+async def test_push_to_a_dead_replica_is_peer_offline_not_ok(pg_url: str, redis_url: str) -> None:
     await _enrol(pg_url, "a", "b")
-    async with replica(pg_url, redis_url, "r1") as r1, \
-            replica(pg_url, redis_url, "r2") as r2:
+    async with replica(pg_url, redis_url, "r1") as r1, replica(pg_url, redis_url, "r2") as r2:
         a = await _register(r1, "a", "198.51.100.1")
         b = await _register(r2, "b", "198.51.100.2")
         await r2.bus.close()  # r2 dies: nobody listens on its channel, b's presence remains
@@ -162,8 +174,10 @@ async def test_routes_of_a_crashed_replica_expire_live_ones_stay(
 ) -> None:
     await _enrol(pg_url, "a", "b", "c")
     timing = {"offline_timeout_s": 2.0, "keepalive_interval_s": 0.5}
-    async with replica(pg_url, redis_url, "r1", **timing) as r1, \
-            replica(pg_url, redis_url, "r2", start=False, **timing) as r2:
+    async with (
+        replica(pg_url, redis_url, "r1", **timing) as r1,
+        replica(pg_url, redis_url, "r2", start=False, **timing) as r2,
+    ):
         a = await _register(r1, "a", "198.51.100.1")
         c = await _register(r1, "c", "198.51.100.3")
         b = await _register(r2, "b", "198.51.100.2")  # r2 never refreshes: it "crashed"
@@ -204,18 +218,18 @@ async def test_routes_of_a_crashed_replica_expire_live_ones_stay(
 # --------------------------------------------------------------------------- TRS directory
 
 
-async def test_nms_finds_trs_replicas_under_the_shared_prefix(
-    pg_url: str, redis_url: str
-) -> None:
+async def test_nms_finds_trs_replicas_under_the_shared_prefix(pg_url: str, redis_url: str) -> None:
     table = RedisCidTable.from_url(redis_url, prefix="site-b:")
     try:
-        await table.register_replica(ReplicaInfo(
-            replica=4, endpoints=("192.0.2.40:443",), server_name=f"trs.svc.{DOMAIN}"))
+        await table.register_replica(
+            ReplicaInfo(replica=4, endpoints=("192.0.2.40:443",), server_name=f"trs.svc.{DOMAIN}")
+        )
         async with nms_server(pg_url, redis_url, redis_prefix="site-b:") as nms:
             assert nms.manager is not None
             live = await nms.manager.trs.live()
             assert [(r.replica_id, [str(e) for e in r.endpoints]) for r in live] == [
-                ("trs-4", ["192.0.2.40:443"])]
+                ("trs-4", ["192.0.2.40:443"])
+            ]
         # Another prefix is another deployment: its relays are not this NMS's.
         async with nms_server(pg_url, redis_url) as nms:
             assert nms.manager is not None
@@ -241,10 +255,23 @@ async def test_bulk_and_clock_skewed_revocations_all_cut_off(pg_url: str, redis_
             # The AS's clock is an hour behind and it revokes 1500 certificates at once;
             # the victim's comes last.
             skewed = datetime.now(UTC) - timedelta(hours=1)
-            rows = [{"node_id": fleet.node_id, "serial": f"f{i:04x}", "reason": "fleet recall",
-                     "revoked_at": skewed} for i in range(1500)]
-            rows.append({"node_id": target.node_id, "serial": "7a", "reason": "key_compromise",
-                         "revoked_at": skewed})
+            rows = [
+                {
+                    "node_id": fleet.node_id,
+                    "serial": f"f{i:04x}",
+                    "reason": "fleet recall",
+                    "revoked_at": skewed,
+                }
+                for i in range(1500)
+            ]
+            rows.append(
+                {
+                    "node_id": target.node_id,
+                    "serial": "7a",
+                    "reason": "key_compromise",
+                    "revoked_at": skewed,
+                }
+            )
             async with sessions() as s, s.begin():
                 await s.execute(insert(Revocation), rows)
         finally:
@@ -274,12 +301,29 @@ async def test_revocation_committed_out_of_id_order_is_not_missed(
             async with sessions() as slow:
                 # The slow transaction takes the lower id but commits second.
                 await slow.begin()
-                await slow.execute(insert(Revocation), [{
-                    "node_id": ids["early"], "serial": "e1", "reason": "slow", "revoked_at": now}])
+                await slow.execute(
+                    insert(Revocation),
+                    [
+                        {
+                            "node_id": ids["early"],
+                            "serial": "e1",
+                            "reason": "slow",
+                            "revoked_at": now,
+                        }
+                    ],
+                )
                 async with sessions() as fast, fast.begin():
-                    await fast.execute(insert(Revocation), [{
-                        "node_id": ids["late"], "serial": "l1", "reason": "fast",
-                        "revoked_at": now}])
+                    await fast.execute(
+                        insert(Revocation),
+                        [
+                            {
+                                "node_id": ids["late"],
+                                "serial": "l1",
+                                "reason": "fast",
+                                "revoked_at": now,
+                            }
+                        ],
+                    )
                 await late.wait_closed(within_s=5)  # the poll moved past the slow one's id
                 await asyncio.sleep(0.5)
                 assert early.closed is None

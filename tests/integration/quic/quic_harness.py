@@ -32,12 +32,22 @@ class Pki:
     def service(self, name: str) -> pki.CertifiedKey:
         return self.material.services[name]
 
-    def node(self, name: str, *, now: datetime.datetime | None = None,
-             valid_for: datetime.timedelta = pki.NODE_CERT_VALIDITY) -> pki.CertifiedKey:
+    def node(
+        self,
+        name: str,
+        *,
+        now: datetime.datetime | None = None,
+        valid_for: datetime.timedelta = pki.NODE_CERT_VALIDITY,
+    ) -> pki.CertifiedKey:
         key = pki.generate_key()
         fqdn = f"{name}.{DOMAIN}"
-        cert = pki.sign_node_csr(self.material.node_ca, pki.make_csr(key, fqdn), fqdn=fqdn,
-                                 now=now or utcnow(), valid_for=valid_for)
+        cert = pki.sign_node_csr(
+            self.material.node_ca,
+            pki.make_csr(key, fqdn),
+            fqdn=fqdn,
+            now=now or utcnow(),
+            valid_for=valid_for,
+        )
         return pki.CertifiedKey(key=key, cert=cert, chain=[self.material.node_ca.cert])
 
 
@@ -63,8 +73,9 @@ class Recorder:
             if event.end_stream:
                 self.finished.put_nowait((event.stream_id, data))
                 if self.echo and _is_peer_initiated(self.conn, event.stream_id):
-                    self.conn.quic.send_stream_data(event.stream_id, b"echo:" + data,
-                                                    end_stream=True)
+                    self.conn.quic.send_stream_data(
+                        event.stream_id, b"echo:" + data, end_stream=True
+                    )
                     self.conn.transmit()
         elif isinstance(event, DatagramFrameReceived):
             self.datagrams.put_nowait(event.data)

@@ -18,13 +18,19 @@ pytestmark = pytest.mark.timeout(60)
 
 async def test_request_response_and_push(endpoints: EndpointMaker, ca: Pki) -> None:
     server_handlers = Handlers()
-    server = await endpoints(identity=ca.service("nms"), trust=ca.trust,
-                             accept={ALPN_SIGNALLING: Acceptor(server_handlers.factory,
-                                                               expect="node")})
+    server = await endpoints(
+        identity=ca.service("nms"),
+        trust=ca.trust,
+        accept={ALPN_SIGNALLING: Acceptor(server_handlers.factory, expect="node")},
+    )
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
     client_handlers = Handlers()
-    conn = await client.connect(port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
-                                handler_factory=client_handlers.factory)
+    conn = await client.connect(
+        port_of(server),
+        alpn=ALPN_SIGNALLING,
+        expected_name=NMS_NAME,
+        handler_factory=client_handlers.factory,
+    )
     assert conn.peer is not None
     assert (conn.peer.name, conn.peer.kind) == (NMS_NAME, "service")
     assert conn.is_ready and conn.alpn == ALPN_SIGNALLING
@@ -60,18 +66,30 @@ async def test_request_response_and_push(endpoints: EndpointMaker, ca: Pki) -> N
 
 async def test_one_socket_serves_and_connects(endpoints: EndpointMaker, ca: Pki) -> None:
     """Bob's endpoint is a client of the NMS and the tunnel server of Alice at once."""
-    nms = await endpoints(identity=ca.service("nms"), trust=ca.trust,
-                          accept={ALPN_SIGNALLING: Handlers().factory})
+    nms = await endpoints(
+        identity=ca.service("nms"), trust=ca.trust, accept={ALPN_SIGNALLING: Handlers().factory}
+    )
     bob_tunnels = Handlers()
-    bob = await endpoints(identity=ca.node("bob"), trust=ca.trust,
-                          accept={ALPN_TUNNEL: Acceptor(bob_tunnels.factory, expect="node")})
+    bob = await endpoints(
+        identity=ca.node("bob"),
+        trust=ca.trust,
+        accept={ALPN_TUNNEL: Acceptor(bob_tunnels.factory, expect="node")},
+    )
     alice = await endpoints(identity=ca.node("alice"), trust=ca.trust)
 
-    to_nms = await bob.connect(port_of(nms), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
-                               handler_factory=Handlers().factory)
-    from_alice = await alice.connect(port_of(bob), alpn=ALPN_TUNNEL, expect="node",
-                                     expected_name=f"bob.{DOMAIN}",
-                                     handler_factory=Handlers().factory)
+    to_nms = await bob.connect(
+        port_of(nms),
+        alpn=ALPN_SIGNALLING,
+        expected_name=NMS_NAME,
+        handler_factory=Handlers().factory,
+    )
+    from_alice = await alice.connect(
+        port_of(bob),
+        alpn=ALPN_TUNNEL,
+        expect="node",
+        expected_name=f"bob.{DOMAIN}",
+        handler_factory=Handlers().factory,
+    )
     roles = sorted(c.is_client for c in bob.connections)
     assert roles == [False, True]
     # The NMS sees Bob at the very port Alice reached Bob on: one socket.
@@ -87,12 +105,19 @@ async def test_one_socket_serves_and_connects(endpoints: EndpointMaker, ca: Pki)
 
 async def test_datagrams_both_ways(endpoints: EndpointMaker, ca: Pki) -> None:
     server_handlers = Handlers()
-    bob = await endpoints(identity=ca.node("bob"), trust=ca.trust,
-                          accept={ALPN_TUNNEL: Acceptor(server_handlers.factory, expect="node")})
+    bob = await endpoints(
+        identity=ca.node("bob"),
+        trust=ca.trust,
+        accept={ALPN_TUNNEL: Acceptor(server_handlers.factory, expect="node")},
+    )
     alice = await endpoints(identity=ca.node("alice"), trust=ca.trust)
-    conn = await alice.connect(port_of(bob), alpn=ALPN_TUNNEL, expect="node",
-                               expected_name=f"bob.{DOMAIN}",
-                               handler_factory=Handlers().factory)
+    conn = await alice.connect(
+        port_of(bob),
+        alpn=ALPN_TUNNEL,
+        expect="node",
+        expected_name=f"bob.{DOMAIN}",
+        handler_factory=Handlers().factory,
+    )
     (bob_side,) = server_handlers.made
 
     # Alice's side uses the fast path, Bob's goes through the handler.
@@ -129,11 +154,13 @@ async def test_datagrams_both_ways(endpoints: EndpointMaker, ca: Pki) -> None:
 
 
 async def test_pending_datagram_queue_is_bounded(endpoints: EndpointMaker, ca: Pki) -> None:
-    bob = await endpoints(identity=ca.node("bob"), trust=ca.trust,
-                          accept={ALPN_TUNNEL: Handlers().factory})
+    bob = await endpoints(
+        identity=ca.node("bob"), trust=ca.trust, accept={ALPN_TUNNEL: Handlers().factory}
+    )
     alice = await endpoints(identity=ca.node("alice"), trust=ca.trust, max_pending_datagrams=8)
-    conn = await alice.connect(port_of(bob), alpn=ALPN_TUNNEL, expect="node",
-                               expected_name=f"bob.{DOMAIN}")
+    conn = await alice.connect(
+        port_of(bob), alpn=ALPN_TUNNEL, expect="node", expected_name=f"bob.{DOMAIN}"
+    )
     accepted = [conn.send_datagram(b"d" * 100) for _ in range(20)]
     assert accepted == [True] * 8 + [False] * 12
 
@@ -154,15 +181,20 @@ async def test_relay_chosen_connection_ids(endpoints: EndpointMaker, ca: Pki) ->
         return lambda seq: b"\x5e" + next(server_seq).to_bytes(7, "big")
 
     handlers = Handlers()
-    server = await endpoints(identity=ca.service("nms"), trust=ca.trust,
-                             accept={ALPN_SIGNALLING: handlers.factory})
+    server = await endpoints(
+        identity=ca.service("nms"), trust=ca.trust, accept={ALPN_SIGNALLING: handlers.factory}
+    )
     server.server_connection_id_factory = server_factory  # type: ignore[assignment]
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
     first_dcid = b"\x77" * 8
-    conn = await client.connect(port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
-                                handler_factory=Handlers().factory,
-                                connection_id_factory=client_cids,
-                                initial_destination_cid=first_dcid)
+    conn = await client.connect(
+        port_of(server),
+        alpn=ALPN_SIGNALLING,
+        expected_name=NMS_NAME,
+        handler_factory=Handlers().factory,
+        connection_id_factory=client_cids,
+        initial_destination_cid=first_dcid,
+    )
     assert await request(conn, b"over relay ids") == b"echo:over relay ids"
     assert conn.quic.host_cid == b"\xc1" + bytes(7)
     assert issued[:2] == [0, 1]  # the first CID and the replenished ones
@@ -176,18 +208,27 @@ async def test_relay_chosen_connection_ids(endpoints: EndpointMaker, ca: Pki) ->
 async def test_bad_cid_factory_is_refused(endpoints: EndpointMaker, ca: Pki) -> None:
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
     with pytest.raises(ValueError, match="connection_id_factory"):
-        await client.connect(("127.0.0.1", 9), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
-                             connection_id_factory=lambda seq: b"short")
+        await client.connect(
+            ("127.0.0.1", 9),
+            alpn=ALPN_SIGNALLING,
+            expected_name=NMS_NAME,
+            connection_id_factory=lambda seq: b"short",
+        )
 
 
 async def test_close_reaches_peer_handler(endpoints: EndpointMaker, ca: Pki) -> None:
     handlers = Handlers()
-    server = await endpoints(identity=ca.service("nms"), trust=ca.trust,
-                             accept={ALPN_SIGNALLING: handlers.factory})
+    server = await endpoints(
+        identity=ca.service("nms"), trust=ca.trust, accept={ALPN_SIGNALLING: handlers.factory}
+    )
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
     client_handlers = Handlers()
-    conn = await client.connect(port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
-                                handler_factory=client_handlers.factory)
+    conn = await client.connect(
+        port_of(server),
+        alpn=ALPN_SIGNALLING,
+        expected_name=NMS_NAME,
+        handler_factory=client_handlers.factory,
+    )
     assert await request(conn, b"x") == b"echo:x"
     conn.close("node shutting down")
     await asyncio.wait_for(conn.wait_closed(), 5)
@@ -201,11 +242,19 @@ async def test_close_reaches_peer_handler(endpoints: EndpointMaker, ca: Pki) -> 
 
 async def test_idle_timeout_ends_connection(endpoints: EndpointMaker, ca: Pki) -> None:
     handlers = Handlers()
-    server = await endpoints(identity=ca.service("nms"), trust=ca.trust, idle_timeout=0.6,
-                             accept={ALPN_SIGNALLING: handlers.factory})
+    server = await endpoints(
+        identity=ca.service("nms"),
+        trust=ca.trust,
+        idle_timeout=0.6,
+        accept={ALPN_SIGNALLING: handlers.factory},
+    )
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust, idle_timeout=0.6)
-    conn = await client.connect(port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
-                                handler_factory=Handlers().factory)
+    conn = await client.connect(
+        port_of(server),
+        alpn=ALPN_SIGNALLING,
+        expected_name=NMS_NAME,
+        handler_factory=Handlers().factory,
+    )
     await asyncio.wait_for(conn.wait_closed(), 10)
     assert isinstance(conn.error, Timeout)
     server_error = await asyncio.wait_for(handlers.made[0].lost, 10)
@@ -223,27 +272,39 @@ async def test_connect_timeout_when_nobody_answers(endpoints: EndpointMaker, ca:
     try:
         client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
         with pytest.raises(Timeout, match="no QUIC handshake"):
-            await client.connect(silent.getsockname(), alpn=ALPN_SIGNALLING,
-                                 expected_name=NMS_NAME, timeout=0.5)
+            await client.connect(
+                silent.getsockname(), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME, timeout=0.5
+            )
         assert all(c.is_closed for c in client.connections)
     finally:
         silent.close()
 
 
-async def test_dual_stack_endpoint_reaches_ipv4_and_ipv6(endpoints: EndpointMaker,
-                                                         ca: Pki) -> None:
+async def test_dual_stack_endpoint_reaches_ipv4_and_ipv6(endpoints: EndpointMaker, ca: Pki) -> None:
     if not socket.has_ipv6:
         pytest.skip("this kernel has no IPv6: the dual-stack case cannot be run")
-    server = await endpoints(host="::", identity=ca.service("nms"), trust=ca.trust,
-                             accept={ALPN_SIGNALLING: Handlers().factory})
+    server = await endpoints(
+        host="::",
+        identity=ca.service("nms"),
+        trust=ca.trust,
+        accept={ALPN_SIGNALLING: Handlers().factory},
+    )
     port = server.local_address[1]
     v4 = await endpoints(identity=ca.node("alice"), trust=ca.trust)
-    conn4 = await v4.connect(("127.0.0.1", port), alpn=ALPN_SIGNALLING,
-                             expected_name=NMS_NAME, handler_factory=Handlers().factory)
+    conn4 = await v4.connect(
+        ("127.0.0.1", port),
+        alpn=ALPN_SIGNALLING,
+        expected_name=NMS_NAME,
+        handler_factory=Handlers().factory,
+    )
     assert await request(conn4, b"4") == b"echo:4"
     v6 = await endpoints(host="::1", identity=ca.node("bob"), trust=ca.trust)
-    conn6 = await v6.connect(("::1", port), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
-                             handler_factory=Handlers().factory)
+    conn6 = await v6.connect(
+        ("::1", port),
+        alpn=ALPN_SIGNALLING,
+        expected_name=NMS_NAME,
+        handler_factory=Handlers().factory,
+    )
     assert await request(conn6, b"6") == b"echo:6"
     addresses = sorted(c.peer_address[0] for c in server.connections)
     assert addresses == ["127.0.0.1", "::1"]
@@ -251,17 +312,23 @@ async def test_dual_stack_endpoint_reaches_ipv4_and_ipv6(endpoints: EndpointMake
 
 async def test_bind_needs_an_ip_literal(ca: Pki) -> None:
     with pytest.raises(InvalidArgument):
-        await QuicEndpoint.open(host="localhost", port=0, identity=ca.service("nms"),
-                                trust=ca.trust)
+        await QuicEndpoint.open(
+            host="localhost", port=0, identity=ca.service("nms"), trust=ca.trust
+        )
 
 
 async def test_endpoint_close_tells_peers(endpoints: EndpointMaker, ca: Pki) -> None:
     handlers = Handlers()
-    server = await endpoints(identity=ca.service("nms"), trust=ca.trust,
-                             accept={ALPN_SIGNALLING: handlers.factory})
+    server = await endpoints(
+        identity=ca.service("nms"), trust=ca.trust, accept={ALPN_SIGNALLING: handlers.factory}
+    )
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
-    conn = await client.connect(port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
-                                handler_factory=Handlers().factory)
+    conn = await client.connect(
+        port_of(server),
+        alpn=ALPN_SIGNALLING,
+        expected_name=NMS_NAME,
+        handler_factory=Handlers().factory,
+    )
     await server.close()
     await asyncio.wait_for(conn.wait_closed(), 5)
     assert isinstance(conn.error, Unavailable)
@@ -272,8 +339,9 @@ async def test_endpoint_close_tells_peers(endpoints: EndpointMaker, ca: Pki) -> 
 
 async def test_datagram_filter_sees_traffic_first(endpoints: EndpointMaker, ca: Pki) -> None:
     handlers = Handlers()
-    server = await endpoints(identity=ca.service("nms"), trust=ca.trust,
-                             accept={ALPN_SIGNALLING: handlers.factory})
+    server = await endpoints(
+        identity=ca.service("nms"), trust=ca.trust, accept={ALPN_SIGNALLING: handlers.factory}
+    )
     offered: list[int] = []
     swallow = False
 
@@ -283,13 +351,18 @@ async def test_datagram_filter_sees_traffic_first(endpoints: EndpointMaker, ca: 
 
     server.datagram_filter = relay
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
-    conn = await client.connect(port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
-                                handler_factory=Handlers().factory)
+    conn = await client.connect(
+        port_of(server),
+        alpn=ALPN_SIGNALLING,
+        expected_name=NMS_NAME,
+        handler_factory=Handlers().factory,
+    )
     assert await request(conn, b"through") == b"echo:through"
     assert len(offered) == server.stats.datagrams_received
     swallow = True
     with pytest.raises(Timeout):
-        await client.connect(port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
-                             timeout=0.5)
+        await client.connect(
+            port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME, timeout=0.5
+        )
     assert server.stats.filtered > 0
     assert len(handlers.made) == 1

@@ -37,21 +37,31 @@ def fail_once(method: Callable[..., Any]) -> tuple[Callable[..., Any], list[int]
     return patched, calls
 
 
-async def tunnel_server(endpoints: EndpointMaker, ca: Pki, **kwargs: Any
-                        ) -> tuple[QuicEndpoint, Handlers]:
+async def tunnel_server(
+    endpoints: EndpointMaker, ca: Pki, **kwargs: Any
+) -> tuple[QuicEndpoint, Handlers]:
     handlers = Handlers()
-    server = await endpoints(identity=ca.node("bob"), trust=ca.trust,
-                             accept={ALPN_TUNNEL: Acceptor(handlers.factory, expect="node")},
-                             **kwargs)
+    server = await endpoints(
+        identity=ca.node("bob"),
+        trust=ca.trust,
+        accept={ALPN_TUNNEL: Acceptor(handlers.factory, expect="node")},
+        **kwargs,
+    )
     return server, handlers
 
 
-async def connect(endpoints: EndpointMaker, ca: Pki, server: QuicEndpoint, name: str, *,
-                  within: float = 10.0) -> Connection:
+async def connect(
+    endpoints: EndpointMaker, ca: Pki, server: QuicEndpoint, name: str, *, within: float = 10.0
+) -> Connection:
     client = await endpoints(identity=ca.node(name), trust=ca.trust)
-    return await client.connect(port_of(server), alpn=ALPN_TUNNEL, expect="node",
-                                expected_name=f"bob.{DOMAIN}",
-                                handler_factory=Handlers().factory, timeout=within)
+    return await client.connect(
+        port_of(server),
+        alpn=ALPN_TUNNEL,
+        expect="node",
+        expected_name=f"bob.{DOMAIN}",
+        handler_factory=Handlers().factory,
+        timeout=within,
+    )
 
 
 async def wait_for(predicate: Callable[[], bool], *, within: float = 10.0) -> None:

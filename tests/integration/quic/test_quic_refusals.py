@@ -59,17 +59,23 @@ def _foreign(foreign_ca: Pki) -> pki.CertifiedKey:
 
 
 async def _server(
-    endpoints: EndpointMaker, ca: Pki, handlers: Handlers, *,
+    endpoints: EndpointMaker,
+    ca: Pki,
+    handlers: Handlers,
+    *,
     is_revoked: Callable[[object], bool] | None = None,
     authorize: Callable[[pki.PeerIdentity], None] | None = None,
 ) -> QuicEndpoint:
-    trust = pki.TrustStore(root=ca.material.root_cert, node_ca=ca.material.node_ca.cert,
-                           service_ca=ca.material.service_ca.cert,
-                           is_revoked=is_revoked)  # type: ignore[arg-type]
+    trust = pki.TrustStore(
+        root=ca.material.root_cert,
+        node_ca=ca.material.node_ca.cert,
+        service_ca=ca.material.service_ca.cert,
+        is_revoked=is_revoked,
+    )  # type: ignore[arg-type]
     return await endpoints(
-        identity=ca.service("nms"), trust=trust,
-        accept={ALPN_SIGNALLING: Acceptor(handlers.factory, expect="node",
-                                          authorize=authorize)},
+        identity=ca.service("nms"),
+        trust=trust,
+        accept={ALPN_SIGNALLING: Acceptor(handlers.factory, expect="node", authorize=authorize)},
     )
 
 
@@ -78,8 +84,12 @@ async def _raw_attempt(server: QuicEndpoint, identity: pki.CertifiedKey | None) 
 
     Returns the error code of the close it ends with.
     """
-    config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN_SIGNALLING],
-                               verify_mode=ssl.CERT_NONE, server_name=NMS_NAME)
+    config = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[ALPN_SIGNALLING],
+        verify_mode=ssl.CERT_NONE,
+        server_name=NMS_NAME,
+    )
     if identity is not None:
         config.certificate = identity.cert
         config.certificate_chain = identity.chain
@@ -100,19 +110,27 @@ async def _raw_attempt(server: QuicEndpoint, identity: pki.CertifiedKey | None) 
 CASES: list[tuple[str, type[CyphonicError], int, str]] = [
     ("self_signed", Unauthenticated, AlertDescription.bad_certificate, "self-signed"),
     ("foreign_ca", Unauthenticated, AlertDescription.bad_certificate, "chain"),
-    ("wrong_role", Unauthenticated, AlertDescription.bad_certificate,
-     "service certificate where a node is expected"),
+    (
+        "wrong_role",
+        Unauthenticated,
+        AlertDescription.bad_certificate,
+        "service certificate where a node is expected",
+    ),
     ("expired", Expired, AlertDescription.certificate_expired, "expired"),
     ("revoked", Revoked, AlertDescription.certificate_revoked, "revoked"),
     ("wrong_name", PermissionDenied, AlertDescription.access_denied, "not allowed"),
 ]
 
 
-@pytest.mark.parametrize(("case", "error", "alert", "phrase"), CASES,
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("case", "error", "alert", "phrase"), CASES, ids=[c[0] for c in CASES])
 async def test_server_refuses_bad_client(
-    endpoints: EndpointMaker, ca: Pki, foreign_ca: Pki,
-    case: str, error: type[CyphonicError], alert: int, phrase: str,
+    endpoints: EndpointMaker,
+    ca: Pki,
+    foreign_ca: Pki,
+    case: str,
+    error: type[CyphonicError],
+    alert: int,
+    phrase: str,
 ) -> None:
     handlers = Handlers()
     revoked = ca.node("revoked")
@@ -130,7 +148,9 @@ async def test_server_refuses_bad_client(
             raise PermissionDenied(f"{peer.name} is not allowed here")
 
     server = await _server(
-        endpoints, ca, handlers,
+        endpoints,
+        ca,
+        handlers,
         is_revoked=lambda c: c.serial_number == revoked.cert.serial_number,  # type: ignore[attr-defined]
         authorize=authorize,
     )
@@ -138,8 +158,9 @@ async def test_server_refuses_bad_client(
     client = await endpoints(identity=identity, trust=ca.trust)
 
     with pytest.raises(error, match=phrase) as info:
-        await client.connect(port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
-                             timeout=10)
+        await client.connect(
+            port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME, timeout=10
+        )
     assert "TLS handshake refused" in str(info.value)
 
     code = await _raw_attempt(server, identity)
@@ -150,9 +171,7 @@ async def test_server_refuses_bad_client(
     assert server.stats.connections_accepted == 0
 
 
-async def test_server_refuses_client_without_certificate(
-    endpoints: EndpointMaker, ca: Pki
-) -> None:
+async def test_server_refuses_client_without_certificate(endpoints: EndpointMaker, ca: Pki) -> None:
     handlers = Handlers()
     server = await _server(endpoints, ca, handlers)
     code = await _raw_attempt(server, None)
@@ -164,17 +183,21 @@ async def test_server_refuses_client_without_certificate(
 async def test_service_only_server_refuses_node(endpoints: EndpointMaker, ca: Pki) -> None:
     """A node certificate where a service is expected (e.g. NMS-to-AS service calls)."""
     handlers = Handlers()
-    server = await endpoints(identity=ca.service("as"), trust=ca.trust,
-                             accept={ALPN_SIGNALLING: Acceptor(handlers.factory,
-                                                               expect="service")})
+    server = await endpoints(
+        identity=ca.service("as"),
+        trust=ca.trust,
+        accept={ALPN_SIGNALLING: Acceptor(handlers.factory, expect="service")},
+    )
     node = await endpoints(identity=ca.node("alice"), trust=ca.trust)
     with pytest.raises(Unauthenticated, match="node certificate where a service is expected"):
-        await node.connect(port_of(server), alpn=ALPN_SIGNALLING,
-                           expected_name=f"as.svc.{DOMAIN}", timeout=10)
+        await node.connect(
+            port_of(server), alpn=ALPN_SIGNALLING, expected_name=f"as.svc.{DOMAIN}", timeout=10
+        )
     assert handlers.made == []
     service = await endpoints(identity=ca.service("nms"), trust=ca.trust)
-    conn = await service.connect(port_of(server), alpn=ALPN_SIGNALLING,
-                                 expected_name=f"as.svc.{DOMAIN}", timeout=10)
+    conn = await service.connect(
+        port_of(server), alpn=ALPN_SIGNALLING, expected_name=f"as.svc.{DOMAIN}", timeout=10
+    )
     assert conn.peer is not None and conn.peer.kind == "service"
     assert [h.conn.peer.kind for h in handlers.made if h.conn.peer] == ["service"]
 
@@ -206,14 +229,20 @@ async def test_client_refuses_bad_server(
         "foreign_ca": (Unauthenticated, "chain"),
     }
     handlers = Handlers()
-    server = await endpoints(identity=identities[case], trust=ca.trust,
-                             accept={ALPN_SIGNALLING: handlers.factory})
+    server = await endpoints(
+        identity=identities[case], trust=ca.trust, accept={ALPN_SIGNALLING: handlers.factory}
+    )
     client_handlers = Handlers()
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
     error, phrase = expected[case]
     with pytest.raises(error, match=phrase):
-        await client.connect(port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
-                             handler_factory=client_handlers.factory, timeout=10)
+        await client.connect(
+            port_of(server),
+            alpn=ALPN_SIGNALLING,
+            expected_name=NMS_NAME,
+            handler_factory=client_handlers.factory,
+            timeout=10,
+        )
     assert client_handlers.made == []
     assert handlers.made == []  # the server never completed its handshake either
     assert client.stats.connections_refused == 1
@@ -221,14 +250,23 @@ async def test_client_refuses_bad_server(
 
 async def test_tunnel_peer_must_be_the_expected_node(endpoints: EndpointMaker, ca: Pki) -> None:
     handlers = Handlers()
-    bob = await endpoints(identity=ca.node("bob"), trust=ca.trust,
-                          accept={ALPN_TUNNEL: Acceptor(handlers.factory, expect="node")})
+    bob = await endpoints(
+        identity=ca.node("bob"),
+        trust=ca.trust,
+        accept={ALPN_TUNNEL: Acceptor(handlers.factory, expect="node")},
+    )
     alice = await endpoints(identity=ca.node("alice"), trust=ca.trust)
     with pytest.raises(PermissionDenied, match=f"expected carol.{DOMAIN}"):
-        await alice.connect(port_of(bob), alpn=ALPN_TUNNEL, expect="node",
-                            expected_name=f"carol.{DOMAIN}", timeout=10)
-    conn = await alice.connect(port_of(bob), alpn=ALPN_TUNNEL, expect="node",
-                               expected_name=f"bob.{DOMAIN}", timeout=10)
+        await alice.connect(
+            port_of(bob),
+            alpn=ALPN_TUNNEL,
+            expect="node",
+            expected_name=f"carol.{DOMAIN}",
+            timeout=10,
+        )
+    conn = await alice.connect(
+        port_of(bob), alpn=ALPN_TUNNEL, expect="node", expected_name=f"bob.{DOMAIN}", timeout=10
+    )
     assert conn.peer is not None and conn.peer.kind == "node"
     assert len(handlers.made) == 1
     assert handlers.made[0].conn.peer is not None
@@ -243,7 +281,11 @@ async def test_accepted_after_refusals_still_works(endpoints: EndpointMaker, ca:
     with pytest.raises(Unauthenticated):
         await bad.connect(port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME)
     good = await endpoints(identity=ca.node("alice"), trust=ca.trust)
-    conn = await good.connect(port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
-                              handler_factory=Handlers().factory)
+    conn = await good.connect(
+        port_of(server),
+        alpn=ALPN_SIGNALLING,
+        expected_name=NMS_NAME,
+        handler_factory=Handlers().factory,
+    )
     assert await request(conn, b"ping") == b"echo:ping"
     assert [h.conn.peer.name for h in handlers.made if h.conn.peer] == [f"alice.{DOMAIN}"]

@@ -57,16 +57,21 @@ async def _pair(
 ) -> tuple[Nms, SignallingSession, list[SignallingSession]]:
     nms = Nms()
     server = await endpoints(
-        identity=ca.service("nms"), trust=ca.trust,
-        accept={ALPN_SIGNALLING: Acceptor(
-            SignallingSession.factory(nms.handle, on_open=nms.sessions.append), expect="node")},
+        identity=ca.service("nms"),
+        trust=ca.trust,
+        accept={
+            ALPN_SIGNALLING: Acceptor(
+                SignallingSession.factory(nms.handle, on_open=nms.sessions.append), expect="node"
+            )
+        },
     )
     client_sessions: list[SignallingSession] = []
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
     conn = await client.connect(
-        port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
-        handler_factory=SignallingSession.factory(
-            client_handler, on_open=client_sessions.append),  # type: ignore[arg-type]
+        port_of(server),
+        alpn=ALPN_SIGNALLING,
+        expected_name=NMS_NAME,
+        handler_factory=SignallingSession.factory(client_handler, on_open=client_sessions.append),  # type: ignore[arg-type]
     )
     assert isinstance(conn.handler, SignallingSession)
     return nms, conn.handler, client_sessions
@@ -80,9 +85,9 @@ async def test_request_and_response(endpoints: EndpointMaker, ca: Pki) -> None:
     assert nms.seen == [(f"alice.{DOMAIN}", "login_request")]
     assert session.peer.name == NMS_NAME
 
-    answers = await asyncio.gather(*(
-        session.request(wrap(pb.Keepalive(sequence=i)), timeout=5) for i in range(40)
-    ))
+    answers = await asyncio.gather(
+        *(session.request(wrap(pb.Keepalive(sequence=i)), timeout=5) for i in range(40))
+    )
     assert [a.keepalive_ack.sequence for a in answers] == list(range(40))
     assert session.signalling.open_streams == 0
 
@@ -97,8 +102,11 @@ async def test_request_and_response(endpoints: EndpointMaker, ca: Pki) -> None:
     ],
 )
 async def test_handler_errors_become_typed_answers(
-    endpoints: EndpointMaker, ca: Pki, request_body: Message,
-    error: type[CyphonicError], phrase: str,
+    endpoints: EndpointMaker,
+    ca: Pki,
+    request_body: Message,
+    error: type[CyphonicError],
+    phrase: str,
 ) -> None:
     _, session, _ = await _pair(endpoints, ca)
     with pytest.raises(error, match=phrase):
@@ -154,12 +162,15 @@ async def test_pending_requests_fail_when_the_connection_ends(
     lost: list[CyphonicError | None] = []
     nms = Nms()
     server = await endpoints(
-        identity=ca.service("nms"), trust=ca.trust,
+        identity=ca.service("nms"),
+        trust=ca.trust,
         accept={ALPN_SIGNALLING: SignallingSession.factory(nms.handle)},
     )
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
     conn = await client.connect(
-        port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME,
+        port_of(server),
+        alpn=ALPN_SIGNALLING,
+        expected_name=NMS_NAME,
         handler_factory=SignallingSession.factory(on_lost=lambda s, e: lost.append(e)),
     )
     session = conn.handler

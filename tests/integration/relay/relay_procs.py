@@ -26,22 +26,33 @@ def free_port(kind: int) -> int:
 class ServiceProcess:
     """``python -m <module> serve`` as a child process with its admin REST on loopback."""
 
-    def __init__(self, module: str, *, env: dict[str, str], log_path: Path,
-                 ready_marker: bytes) -> None:
+    def __init__(
+        self, module: str, *, env: dict[str, str], log_path: Path, ready_marker: bytes
+    ) -> None:
         self.module = module
         self.http_port = free_port(socket.SOCK_STREAM)
         self.log_path = log_path
         self.ready_marker = ready_marker
-        self.env = {**os.environ, "CYPHONIC_ENVIRONMENT": "test",
-                    "CYPHONIC_HTTP_HOST": "127.0.0.1", "CYPHONIC_HTTP_PORT": str(self.http_port),
-                    "CYPHONIC_ADMIN_TOKEN": ADMIN_TOKEN, "CYPHONIC_LOG_FORMAT": "json",
-                    "CYPHONIC_RELAY_TOKEN_SECRET": RELAY_SECRET, **env}
+        self.env = {
+            **os.environ,
+            "CYPHONIC_ENVIRONMENT": "test",
+            "CYPHONIC_HTTP_HOST": "127.0.0.1",
+            "CYPHONIC_HTTP_PORT": str(self.http_port),
+            "CYPHONIC_ADMIN_TOKEN": ADMIN_TOKEN,
+            "CYPHONIC_LOG_FORMAT": "json",
+            "CYPHONIC_RELAY_TOKEN_SECRET": RELAY_SECRET,
+            **env,
+        }
         self.proc: subprocess.Popen[bytes] | None = None
 
     def launch(self) -> None:
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", self.module, "serve"],
-                                         env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", self.module, "serve"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     async def start(self, *, within_s: float = 60.0) -> None:
         self.launch()
@@ -79,5 +90,6 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.http_port}"
 
     def admin(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.rest,
-                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=5)
+        return httpx.AsyncClient(
+            base_url=self.rest, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=5
+        )

@@ -76,21 +76,36 @@ class SimAgent:
     async def start(self, nms_port: int, **relay_options: Any) -> None:
         identity = issue_node_identity(self.material.node_ca, self.fqdn)
         self.endpoint = await QuicEndpoint.open(
-            host="127.0.0.1", port=0, identity=identity, trust=self.material.trust,
-            accept={ALPN_TUNNEL: Acceptor(handler_factory=self._accepted, expect="node",
-                                          authorize=self._authorize)})
+            host="127.0.0.1",
+            port=0,
+            identity=identity,
+            trust=self.material.trust,
+            accept={
+                ALPN_TUNNEL: Acceptor(
+                    handler_factory=self._accepted, expect="node", authorize=self._authorize
+                )
+            },
+        )
         conn = await self.endpoint.connect(
-            ("127.0.0.1", nms_port), alpn=ALPN_SIGNALLING, expect="service",
+            ("127.0.0.1", nms_port),
+            alpn=ALPN_SIGNALLING,
+            expect="service",
             expected_name=f"nms.svc.{DOMAIN}",
-            handler_factory=SignallingSession.factory(self._on_nms))
+            handler_factory=SignallingSession.factory(self._on_nms),
+        )
         assert isinstance(conn.handler, SignallingSession)
         self.nms = conn.handler
         self.relay = RelayClient(endpoint=self.endpoint, nms=lambda: self.nms, **relay_options)
         self.relay.start()
         port = self.endpoint.local_address[1]
         # A private address the NMS will not see: it takes this node for one behind NAT.
-        answer = await self.nms.request(wrap(pb.RegisterRequest(local_addresses=[
-            pb.Endpoint(ip=socket.inet_aton("192.168.77.10"), port=port)])))
+        answer = await self.nms.request(
+            wrap(
+                pb.RegisterRequest(
+                    local_addresses=[pb.Endpoint(ip=socket.inet_aton("192.168.77.10"), port=port)]
+                )
+            )
+        )
         assert answer.register_response.network.behind_nat
 
     async def _on_nms(self, message: pb.Envelope, _session: SignallingSession) -> None:
@@ -113,9 +128,15 @@ class SimAgent:
         """Open the tunnel through the TRS as the connecting side does."""
         assert self.endpoint is not None
         return await self.endpoint.connect(
-            path.trs, alpn=ALPN_TUNNEL, expect="node", expected_name=path.peer_fqdn,
-            handler_factory=Tunnel, connection_id_factory=path.connection_id_factory(),
-            initial_destination_cid=path.initial_destination_cid, timeout=10)
+            path.trs,
+            alpn=ALPN_TUNNEL,
+            expect="node",
+            expected_name=path.peer_fqdn,
+            handler_factory=Tunnel,
+            connection_id_factory=path.connection_id_factory(),
+            initial_destination_cid=path.initial_destination_cid,
+            timeout=10,
+        )
 
     async def close(self) -> None:
         if self.relay is not None:
@@ -131,21 +152,34 @@ class World:
         self.tmp = tmp
         self.pg_url = pg_url
         self.redis_url = redis_url
-        self.material = init_pki(tmp / "pki", domain=DOMAIN,
-                                 now=datetime.datetime.now(datetime.UTC))
+        self.material = init_pki(
+            tmp / "pki", domain=DOMAIN, now=datetime.datetime.now(datetime.UTC)
+        )
         self.nms_port = free_port(socket.SOCK_DGRAM)
         self.trs_port = free_port(socket.SOCK_DGRAM)
-        common = {"CYPHONIC_PKI_DIR": str(tmp / "pki"), "CYPHONIC_DOMAIN": DOMAIN,
-                  "CYPHONIC_REDIS_URL": redis_url, "CYPHONIC_QUIC_HOST": "127.0.0.1"}
-        self.nms = ServiceProcess("cyphonic_nms.cli", log_path=tmp / "nms.log",
-                                  ready_marker=b"quic_listening", env={
-                                      **common, "CYPHONIC_DATABASE_URL": pg_url,
-                                      "CYPHONIC_QUIC_PORT": str(self.nms_port),
-                                      "CYPHONIC_REPLICA_ID": "nms-1"})
-        self.trs = ServiceProcess("cyphonic_trs.cli", log_path=tmp / "trs.log",
-                                  ready_marker=b"trs_serving", env={
-                                      **common, "CYPHONIC_QUIC_PORT": str(self.trs_port),
-                                      "CYPHONIC_REPLICA_ID": "3"})
+        common = {
+            "CYPHONIC_PKI_DIR": str(tmp / "pki"),
+            "CYPHONIC_DOMAIN": DOMAIN,
+            "CYPHONIC_REDIS_URL": redis_url,
+            "CYPHONIC_QUIC_HOST": "127.0.0.1",
+        }
+        self.nms = ServiceProcess(
+            "cyphonic_nms.cli",
+            log_path=tmp / "nms.log",
+            ready_marker=b"quic_listening",
+            env={
+                **common,
+                "CYPHONIC_DATABASE_URL": pg_url,
+                "CYPHONIC_QUIC_PORT": str(self.nms_port),
+                "CYPHONIC_REPLICA_ID": "nms-1",
+            },
+        )
+        self.trs = ServiceProcess(
+            "cyphonic_trs.cli",
+            log_path=tmp / "trs.log",
+            ready_marker=b"trs_serving",
+            env={**common, "CYPHONIC_QUIC_PORT": str(self.trs_port), "CYPHONIC_REPLICA_ID": "3"},
+        )
         self.agents: list[SimAgent] = []
 
     async def start(self) -> None:
@@ -209,8 +243,9 @@ async def test_relayed_tunnel_through_real_nms_and_trs(world: World) -> None:
     assert [(socket.inet_ntoa(e.ip), e.port) for e in da.relay.trs] == [trs_address]
 
     # Both sides at once, as the agents would: A waits for B's CIDs through the NMS.
-    path_a, path_b = await asyncio.gather(alice.relay.prepare_direction(da),
-                                          bob.relay.prepare_direction(db))
+    path_a, path_b = await asyncio.gather(
+        alice.relay.prepare_direction(da), bob.relay.prepare_direction(db)
+    )
     assert path_a.connects and not path_b.connects
     assert path_a.trs == path_b.trs == trs_address
     assert path_a.peer_cids == path_b.own_cids  # CID_B reached A through the NMS

@@ -77,14 +77,29 @@ def _start(name: str, args: list[str], *, env: dict[str, str], tmp: Path) -> Ser
     log = tmp / f"{name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(BIN / f"cyphonic-{name}"), "serve", "--http-port", str(http_port),
-             "--quic-host", "127.0.0.1", "--quic-port", str(quic_port), *args],
-            env={**os.environ, "CYPHONIC_ENVIRONMENT": "test", "CYPHONIC_LOG_FORMAT": "json",
-                 **env},
-            stdout=out, stderr=subprocess.STDOUT,
+            [
+                str(BIN / f"cyphonic-{name}"),
+                "serve",
+                "--http-port",
+                str(http_port),
+                "--quic-host",
+                "127.0.0.1",
+                "--quic-port",
+                str(quic_port),
+                *args,
+            ],
+            env={
+                **os.environ,
+                "CYPHONIC_ENVIRONMENT": "test",
+                "CYPHONIC_LOG_FORMAT": "json",
+                **env,
+            },
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
-    service = Service(name=name, proc=proc, url=f"http://127.0.0.1:{http_port}",
-                      quic_port=quic_port, log=log)
+    service = Service(
+        name=name, proc=proc, url=f"http://127.0.0.1:{http_port}", quic_port=quic_port, log=log
+    )
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         if proc.poll() is not None:
@@ -111,16 +126,28 @@ class Services:
 @pytest.fixture
 def services(registry_url: str, tmp_path: Path) -> Iterator[Services]:
     pki = tmp_path / "pki"
-    subprocess.run([BIN / "cyphonic-as", "init-pki", "--pki-dir", str(pki)], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        [BIN / "cyphonic-as", "init-pki", "--pki-dir", str(pki)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     common = {"CYPHONIC_PKI_DIR": str(pki), "CYPHONIC_ADMIN_TOKEN": ADMIN_TOKEN}
-    auth = _start("as", ["--migrate"],
-                  env={**common, "CYPHONIC_DATABASE_URL": registry_url}, tmp=tmp_path)
+    auth = _start(
+        "as", ["--migrate"], env={**common, "CYPHONIC_DATABASE_URL": registry_url}, tmp=tmp_path
+    )
     started = [auth]
     try:
-        trs = _start("trs", ["--as-url", auth.url],
-                     env={**common, "CYPHONIC_RELAY_TOKEN_SECRET": RELAY_SECRET,
-                          "CYPHONIC_REVOCATION_REFRESH_S": str(REFRESH_S)}, tmp=tmp_path)
+        trs = _start(
+            "trs",
+            ["--as-url", auth.url],
+            env={
+                **common,
+                "CYPHONIC_RELAY_TOKEN_SECRET": RELAY_SECRET,
+                "CYPHONIC_REVOCATION_REFRESH_S": str(REFRESH_S),
+            },
+            tmp=tmp_path,
+        )
         started.append(trs)
         yield Services(auth=auth, trs=trs)
         for service in reversed(started):
@@ -143,8 +170,9 @@ class Quiet:
         return None
 
 
-async def _enrolled(http: httpx.AsyncClient, services: Services, name: str,
-                    state_dir: Path) -> None:
+async def _enrolled(
+    http: httpx.AsyncClient, services: Services, name: str, state_dir: Path
+) -> None:
     assert (await http.post("/v1/nodes", json={"name": name})).status_code == 201
     token = (await http.post(f"/v1/nodes/{name}/enrolment-tokens", json={})).json()["token"]
     await enroll(as_url=services.auth.url, token=token, state_dir=state_dir)
@@ -156,11 +184,13 @@ async def _wait_closed(conn: Connection, since: float) -> float:
 
 
 async def test_revoked_node_is_refused_by_the_trs_and_by_a_peer(
-    services: Services, tmp_path: Path,
+    services: Services,
+    tmp_path: Path,
 ) -> None:
     alice_dir, bob_dir = tmp_path / "alice", tmp_path / "bob"
-    async with httpx.AsyncClient(base_url=services.auth.url, headers=services.admin,
-                                 timeout=10) as http:
+    async with httpx.AsyncClient(
+        base_url=services.auth.url, headers=services.admin, timeout=10
+    ) as http:
         await _enrolled(http, services, "alice", alice_dir)
         await _enrolled(http, services, "bob", bob_dir)
     trs_addr = ("127.0.0.1", services.trs.quic_port)
@@ -169,62 +199,86 @@ async def test_revoked_node_is_refused_by_the_trs_and_by_a_peer(
     await bob_cache.start()
     assert bob_cache.healthy  # bob fetched and checked the AS's signed CRL
     bob = await QuicEndpoint.open(
-        host="127.0.0.1", port=0, identity=load_identity(bob_dir / "node.crt",
-                                                         bob_dir / "node.key"),
+        host="127.0.0.1",
+        port=0,
+        identity=load_identity(bob_dir / "node.crt", bob_dir / "node.key"),
         trust=load_node_trust(bob_dir, is_revoked=bob_cache.is_revoked),
         accept={ALPN_TUNNEL: Acceptor(handler_factory=Quiet, expect="node")},
     )
     bob_cache.subscribe(close_revoked_on(bob, bob_cache))
     alice = await QuicEndpoint.open(
-        host="127.0.0.1", port=0, identity=load_identity(alice_dir / "node.crt",
-                                                         alice_dir / "node.key"),
+        host="127.0.0.1",
+        port=0,
+        identity=load_identity(alice_dir / "node.crt", alice_dir / "node.key"),
         trust=load_node_trust(alice_dir),
     )
     try:
-        control = await alice.connect(trs_addr, alpn=ALPN_SIGNALLING, expect="service",
-                                      expected_name=TRS_NAME,
-                                      handler_factory=SignallingSession.factory())
+        control = await alice.connect(
+            trs_addr,
+            alpn=ALPN_SIGNALLING,
+            expect="service",
+            expected_name=TRS_NAME,
+            handler_factory=SignallingSession.factory(),
+        )
         assert isinstance(control.handler, SignallingSession)
         ack = await control.handler.request(pb.Keepalive(sequence=1))
         assert ack.keepalive_ack.sequence == 1
-        tunnel = await alice.connect(bob.local_address, alpn=ALPN_TUNNEL, expect="node",
-                                     expected_name=f"bob.{DOMAIN}", handler_factory=Quiet)
+        tunnel = await alice.connect(
+            bob.local_address,
+            alpn=ALPN_TUNNEL,
+            expect="node",
+            expected_name=f"bob.{DOMAIN}",
+            handler_factory=Quiet,
+        )
         assert tunnel.is_ready
 
-        async with httpx.AsyncClient(base_url=services.auth.url, headers=services.admin,
-                                     timeout=10) as http:
+        async with httpx.AsyncClient(
+            base_url=services.auth.url, headers=services.admin, timeout=10
+        ) as http:
             revoked_at = time.monotonic()
-            response = await http.post("/v1/nodes/alice/revoke",
-                                       json={"reason": "key_compromise"})
+            response = await http.post("/v1/nodes/alice/revoke", json={"reason": "key_compromise"})
             assert response.status_code == 200, response.text
 
         # Both close what alice has open, each on its own refresh...
         trs_closed_s, peer_closed_s = await asyncio.gather(
-            _wait_closed(control, revoked_at), _wait_closed(tunnel, revoked_at))
+            _wait_closed(control, revoked_at), _wait_closed(tunnel, revoked_at)
+        )
         # ...and refuse her in the handshake from then on (typed: Revoked).
         with pytest.raises(Revoked):
-            await alice.connect(trs_addr, alpn=ALPN_SIGNALLING, expect="service",
-                                expected_name=TRS_NAME, timeout=5)
+            await alice.connect(
+                trs_addr, alpn=ALPN_SIGNALLING, expect="service", expected_name=TRS_NAME, timeout=5
+            )
         with pytest.raises(Revoked):
-            await alice.connect(bob.local_address, alpn=ALPN_TUNNEL, expect="node",
-                                expected_name=f"bob.{DOMAIN}", timeout=5)
+            await alice.connect(
+                bob.local_address,
+                alpn=ALPN_TUNNEL,
+                expect="node",
+                expected_name=f"bob.{DOMAIN}",
+                timeout=5,
+            )
         refused_s = time.monotonic() - revoked_at
         assert trs_closed_s < WITHIN_S and peer_closed_s < WITHIN_S
         assert refused_s < WITHIN_S + 2
 
         # Bob is not affected: the TRS still serves him.
-        bob_control = await bob.connect(trs_addr, alpn=ALPN_SIGNALLING, expect="service",
-                                        expected_name=TRS_NAME,
-                                        handler_factory=SignallingSession.factory())
+        bob_control = await bob.connect(
+            trs_addr,
+            alpn=ALPN_SIGNALLING,
+            expect="service",
+            expected_name=TRS_NAME,
+            handler_factory=SignallingSession.factory(),
+        )
         assert isinstance(bob_control.handler, SignallingSession)
         ack = await bob_control.handler.request(pb.Keepalive(sequence=2))
         assert ack.keepalive_ack.sequence == 2
         trs_log = services.trs.log.read_text()
         assert "connection_closed_revoked" in trs_log and "revocation_not_checked" not in trs_log
-        print(f"\nrevoked over REST; TRS closed alice's control connection after "
-              f"{trs_closed_s:.2f}s, bob closed her tunnel after {peer_closed_s:.2f}s "
-              f"(refresh every {REFRESH_S}s); both refusals in the handshake done "
-              f"{refused_s:.2f}s after the revocation")
+        print(
+            f"\nrevoked over REST; TRS closed alice's control connection after "
+            f"{trs_closed_s:.2f}s, bob closed her tunnel after {peer_closed_s:.2f}s "
+            f"(refresh every {REFRESH_S}s); both refusals in the handshake done "
+            f"{refused_s:.2f}s after the revocation"
+        )
     finally:
         await alice.close()
         await bob.close()

@@ -16,26 +16,47 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 
 async def _node(engine: AsyncEngine, name: str) -> int:
     async with make_sessionmaker(engine)() as session, session.begin():
-        node = Node(name=name, fqdn=f"{name}.cyphonic.internal", tags={}, device_info={},
-                    state="active", created_at=NOW, updated_at=NOW)
+        node = Node(
+            name=name,
+            fqdn=f"{name}.cyphonic.internal",
+            tags={},
+            device_info={},
+            state="active",
+            created_at=NOW,
+            updated_at=NOW,
+        )
         session.add(node)
         await session.flush()
         return node.id
 
 
-async def _certificate(engine: AsyncEngine, node_id: int, serial: int, *,
-                       expires: datetime) -> None:
+async def _certificate(
+    engine: AsyncEngine, node_id: int, serial: int, *, expires: datetime
+) -> None:
     async with make_sessionmaker(engine)() as session, session.begin():
-        session.add(Certificate(serial=format(serial, "x"), node_id=node_id,
-                                not_before=NOW - timedelta(days=1), not_after=expires,
-                                status="active", pem="-", created_at=NOW))
+        session.add(
+            Certificate(
+                serial=format(serial, "x"),
+                node_id=node_id,
+                not_before=NOW - timedelta(days=1),
+                not_after=expires,
+                status="active",
+                pem="-",
+                created_at=NOW,
+            )
+        )
 
 
-async def _revoke(engine: AsyncEngine, node_id: int, serial: int | None, *,
-                  row_id: int | None = None) -> None:
+async def _revoke(
+    engine: AsyncEngine, node_id: int, serial: int | None, *, row_id: int | None = None
+) -> None:
     async with make_sessionmaker(engine)() as session, session.begin():
-        row = Revocation(node_id=node_id, serial=None if serial is None else format(serial, "x"),
-                         reason="key_compromise", revoked_at=NOW)
+        row = Revocation(
+            node_id=node_id,
+            serial=None if serial is None else format(serial, "x"),
+            reason="key_compromise",
+            revoked_at=NOW,
+        )
         if row_id is not None:
             row.id = row_id
         session.add(row)
@@ -74,7 +95,8 @@ async def test_cursor_full_reload_and_late_commits(registry_url: str) -> None:
 
 async def test_owned_engine_and_an_unreachable_database() -> None:
     source = RegistryRevocations.from_url(
-        "postgresql+asyncpg://nobody@127.0.0.1:1/none?command_timeout=2")
+        "postgresql+asyncpg://nobody@127.0.0.1:1/none?command_timeout=2"
+    )
     try:
         with pytest.raises(Unavailable):
             await source.fetch(cursor=None)

@@ -92,8 +92,12 @@ async def exchange(conn: Connection, data: bytes, *, within: float = 10.0) -> by
 
 
 async def allocate(ctl: Connection, token: bytes, route_id: str = "r1") -> pb.Envelope:
-    request = pb.Envelope(version=pb.PROTOCOL_VERSION_1, relay_allocation_request=pb
-                          .RelayAllocationRequest(allocation_token=token, route_id=route_id))
+    request = pb.Envelope(
+        version=pb.PROTOCOL_VERSION_1,
+        relay_allocation_request=pb.RelayAllocationRequest(
+            allocation_token=token, route_id=route_id
+        ),
+    )
     answer = pb.Envelope()
     answer.ParseFromString(await exchange(ctl, request.SerializeToString()))
     return answer
@@ -143,8 +147,7 @@ def material(pki_dir: Path) -> pki.PkiMaterial:
 
 def node_identity(material: pki.PkiMaterial, fqdn: str) -> pki.CertifiedKey:
     key = pki.generate_key()
-    cert = pki.sign_node_csr(material.node_ca, pki.make_csr(key, fqdn), fqdn=fqdn,
-                             now=utcnow())
+    cert = pki.sign_node_csr(material.node_ca, pki.make_csr(key, fqdn), fqdn=fqdn, now=utcnow())
     return pki.CertifiedKey(key=key, cert=cert, chain=[material.node_ca.cert])
 
 
@@ -153,15 +156,23 @@ async def trs(
     redis_table: RedisCidTable, key_prefix: str, material: pki.PkiMaterial
 ) -> AsyncIterator[TrsService]:
     settings = TrsSettings(
-        environment="test", quic_host="127.0.0.1", quic_port=0, replica_id=5,
+        environment="test",
+        quic_host="127.0.0.1",
+        quic_port=0,
+        replica_id=5,
         redis_url=os.environ.get("CYPHONIC_TEST_REDIS", "redis://127.0.0.1:6379/0"),
-        redis_prefix=key_prefix, relay_token_secret=TEST_SECRET.decode(), pki_dir=Path("."),
+        redis_prefix=key_prefix,
+        relay_token_secret=TEST_SECRET.decode(),
+        pki_dir=Path("."),
     )
 
     def control(sock: Any, service: TrsService) -> TrsControlPlane:
         return TrsControlPlane.open(
-            sock=sock, service=service, identity=material.services["trs"],
-            trust=material.trust, handler_factory=lambda conn: ControlHandler(conn, service),
+            sock=sock,
+            service=service,
+            identity=material.services["trs"],
+            trust=material.trust,
+            handler_factory=lambda conn: ControlHandler(conn, service),
         )
 
     service = TrsService(settings, control=control)
@@ -177,10 +188,13 @@ async def nodes(material: pki.PkiMaterial) -> AsyncIterator[dict[str, QuicEndpoi
     opened: dict[str, QuicEndpoint] = {}
     for fqdn in (A, B, C):
         opened[fqdn] = await QuicEndpoint.open(
-            host="127.0.0.1", port=0, identity=node_identity(material, fqdn),
+            host="127.0.0.1",
+            port=0,
+            identity=node_identity(material, fqdn),
             trust=material.trust,
-            accept={ALPN_TUNNEL: Acceptor(handler_factory=lambda c: Peer(c, echo=True),
-                                          expect="node")},
+            accept={
+                ALPN_TUNNEL: Acceptor(handler_factory=lambda c: Peer(c, echo=True), expect="node")
+            },
         )
     try:
         yield opened
@@ -208,8 +222,13 @@ async def test_relayed_node_to_node_connection(
     token = mint_token(route_id="r1", a=A, b=B, now_ms=int(time.time() * 1000))
 
     async def control(fqdn: str) -> Connection:
-        return await nodes[fqdn].connect(trs_addr, alpn=ALPN_SIGNALLING, expect="service",
-                                         expected_name=TRS_NAME, handler_factory=Peer)
+        return await nodes[fqdn].connect(
+            trs_addr,
+            alpn=ALPN_SIGNALLING,
+            expect="service",
+            expected_name=TRS_NAME,
+            handler_factory=Peer,
+        )
 
     ctl_b, ctl_a, ctl_c = await control(B), await control(A), await control(C)
 
@@ -233,8 +252,13 @@ async def test_relayed_node_to_node_connection(
 
     nodes[B].server_connection_id_factory = b_cids  # type: ignore[assignment]
     tunnel = await nodes[A].connect(
-        trs_addr, alpn=ALPN_TUNNEL, expect="node", expected_name=B, handler_factory=Peer,
-        connection_id_factory=lambda seq: cids_a[seq], initial_destination_cid=cids_b[0],
+        trs_addr,
+        alpn=ALPN_TUNNEL,
+        expect="node",
+        expected_name=B,
+        handler_factory=Peer,
+        connection_id_factory=lambda seq: cids_a[seq],
+        initial_destination_cid=cids_b[0],
     )
     assert tunnel.peer is not None and tunnel.peer.name == B  # node-to-node mutual TLS
     payload = MARKER * 4000
@@ -255,14 +279,19 @@ async def test_relayed_node_to_node_connection(
     # The sync loop reads the validated control addresses; nothing moved, nothing changes.
     assert trs.control is not None
     observed = dict(trs.control.observe_addresses())
-    assert observed == {A: nodes[A].local_address, B: nodes[B].local_address,
-                        C: nodes[C].local_address}
+    assert observed == {
+        A: nodes[A].local_address,
+        B: nodes[B].local_address,
+        C: nodes[C].local_address,
+    }
     await trs.sync_once()
     assert core.session("r1", time.monotonic()).sides[0].addr == nodes[A].local_address
 
 
 async def test_production_control_plane_over_signalling_sessions(
-    redis_table: RedisCidTable, key_prefix: str, pki_dir: Path,
+    redis_table: RedisCidTable,
+    key_prefix: str,
+    pki_dir: Path,
     nodes: dict[str, QuicEndpoint],
 ) -> None:
     """``cyphonic-trs serve``'s control plane: trs.crt from the PKI directory and the shared
@@ -271,9 +300,14 @@ async def test_production_control_plane_over_signalling_sessions(
     from cyphonic.session import SignallingSession
 
     settings = TrsSettings(
-        environment="test", quic_host="127.0.0.1", quic_port=0, replica_id=6,
+        environment="test",
+        quic_host="127.0.0.1",
+        quic_port=0,
+        replica_id=6,
         redis_url=os.environ.get("CYPHONIC_TEST_REDIS", "redis://127.0.0.1:6379/0"),
-        redis_prefix=key_prefix, relay_token_secret=TEST_SECRET.decode(), pki_dir=pki_dir,
+        redis_prefix=key_prefix,
+        relay_token_secret=TEST_SECRET.decode(),
+        pki_dir=pki_dir,
     )
     service = TrsService(settings)  # the default control plane is the production one
     await service.start()
@@ -282,8 +316,12 @@ async def test_production_control_plane_over_signalling_sessions(
         sessions = {}
         for fqdn in (A, B, C):
             conn = await nodes[fqdn].connect(
-                trs_addr, alpn=ALPN_SIGNALLING, expect="service", expected_name=TRS_NAME,
-                handler_factory=SignallingSession.factory())
+                trs_addr,
+                alpn=ALPN_SIGNALLING,
+                expect="service",
+                expected_name=TRS_NAME,
+                handler_factory=SignallingSession.factory(),
+            )
             assert isinstance(conn.handler, SignallingSession)
             sessions[fqdn] = conn.handler
         token = mint_token(route_id="r7", a=A, b=B, now_ms=int(time.time() * 1000))
@@ -302,10 +340,17 @@ async def test_production_control_plane_over_signalling_sessions(
         cids_a = list(got_a.relay_allocation.connection_ids)
         cids_b = list(got_b.relay_allocation.connection_ids)
         nodes[B].server_connection_id_factory = (  # type: ignore[assignment]
-            lambda addr, dcid: (lambda seq: cids_b[1 + seq]) if dcid in cids_b else None)
+            lambda addr, dcid: (lambda seq: cids_b[1 + seq]) if dcid in cids_b else None
+        )
         tunnel = await nodes[A].connect(
-            trs_addr, alpn=ALPN_TUNNEL, expect="node", expected_name=B, handler_factory=Peer,
-            connection_id_factory=lambda seq: cids_a[seq], initial_destination_cid=cids_b[0])
+            trs_addr,
+            alpn=ALPN_TUNNEL,
+            expect="node",
+            expected_name=B,
+            handler_factory=Peer,
+            connection_id_factory=lambda seq: cids_a[seq],
+            initial_destination_cid=cids_b[0],
+        )
         assert await exchange(tunnel, MARKER * 100) == MARKER * 100
         assert service.core.session("r7", time.monotonic()).packets > 0
     finally:

@@ -20,17 +20,27 @@ A, B = "a.cyphonic.internal", "b.cyphonic.internal"
 
 
 def make_session(route_id: str = "r1", *, replica: int = 4, version: int = 1) -> RelaySession:
-    side = RelaySide(fqdn=A, addr=("192.0.2.1", 4000),
-                     cids=tuple(issue_cid(replica, os.urandom) for _ in range(3)),
-                     allocated_ms=123)
-    return RelaySession(route_id=route_id, replica_id=replica, pair=(A, B), sides=(side, None),
-                        created_ms=100, version=version)
+    side = RelaySide(
+        fqdn=A,
+        addr=("192.0.2.1", 4000),
+        cids=tuple(issue_cid(replica, os.urandom) for _ in range(3)),
+        allocated_ms=123,
+    )
+    return RelaySession(
+        route_id=route_id,
+        replica_id=replica,
+        pair=(A, B),
+        sides=(side, None),
+        created_ms=100,
+        version=version,
+    )
 
 
 async def test_session_round_trip_and_key_layout(redis_table: RedisCidTable, redis_client) -> None:
     session = make_session()
-    await redis_table.reserve_cids(session.all_cids(), route_id="r1", fqdn=A, replica_id=4,
-                                   ttl_s=30)
+    await redis_table.reserve_cids(
+        session.all_cids(), route_id="r1", fqdn=A, replica_id=4, ttl_s=30
+    )
     await redis_table.save_session(session, expected_version=None, ttl_s=30)
     assert await redis_table.load_session("r1") == session
     assert await redis_table.load_session("nope") is None
@@ -59,8 +69,10 @@ async def test_compare_and_set_refuses_stale_writes(redis_table: RedisCidTable) 
 
 async def test_racing_creators_one_wins(redis_table: RedisCidTable) -> None:
     results = await asyncio.gather(
-        *(redis_table.save_session(make_session(), expected_version=None, ttl_s=30)
-          for _ in range(8)),
+        *(
+            redis_table.save_session(make_session(), expected_version=None, ttl_s=30)
+            for _ in range(8)
+        ),
         return_exceptions=True,
     )
     assert sum(r is None for r in results) == 1
@@ -80,16 +92,22 @@ async def test_reserving_a_cid_held_by_another_route_reports_it(
     redis_table: RedisCidTable,
 ) -> None:
     cids = [issue_cid(1, os.urandom) for _ in range(4)]
-    assert await redis_table.reserve_cids(cids[:2], route_id="r1", fqdn=A, replica_id=1,
-                                          ttl_s=30) == []
+    assert (
+        await redis_table.reserve_cids(cids[:2], route_id="r1", fqdn=A, replica_id=1, ttl_s=30)
+        == []
+    )
     taken = await redis_table.reserve_cids(cids, route_id="r2", fqdn=B, replica_id=1, ttl_s=30)
     assert taken == cids[:2]
     # Same route again is idempotent.
-    assert await redis_table.reserve_cids(cids[:2], route_id="r1", fqdn=A, replica_id=1,
-                                          ttl_s=30) == []
+    assert (
+        await redis_table.reserve_cids(cids[:2], route_id="r1", fqdn=A, replica_id=1, ttl_s=30)
+        == []
+    )
     await redis_table.release_cids(cids[:2])
-    assert await redis_table.reserve_cids(cids[:2], route_id="r2", fqdn=B, replica_id=1,
-                                          ttl_s=30) == []
+    assert (
+        await redis_table.reserve_cids(cids[:2], route_id="r2", fqdn=B, replica_id=1, ttl_s=30)
+        == []
+    )
 
 
 async def test_restart_lists_only_live_sessions_of_the_replica(
@@ -97,8 +115,7 @@ async def test_restart_lists_only_live_sessions_of_the_replica(
 ) -> None:
     await redis_table.save_session(make_session("r1"), expected_version=None, ttl_s=30)
     await redis_table.save_session(make_session("r2"), expected_version=None, ttl_s=0.2)
-    await redis_table.save_session(make_session("r3", replica=5), expected_version=None,
-                                   ttl_s=30)
+    await redis_table.save_session(make_session("r3", replica=5), expected_version=None, ttl_s=30)
     await asyncio.sleep(0.35)
     sessions = await redis_table.sessions_of_replica(4)
     assert [s.route_id for s in sessions] == ["r1"]
@@ -110,23 +127,21 @@ async def test_refresh_extends_ttls_and_stores_counters(
     redis_table: RedisCidTable, redis_client
 ) -> None:
     session = make_session()
-    await redis_table.reserve_cids(session.all_cids(), route_id="r1", fqdn=A, replica_id=4,
-                                   ttl_s=1)
+    await redis_table.reserve_cids(session.all_cids(), route_id="r1", fqdn=A, replica_id=4, ttl_s=1)
     await redis_table.save_session(session, expected_version=None, ttl_s=1)
-    await redis_table.refresh(["r1", "gone"], ttl_s=60, counters={"r1": (10, 1500),
-                                                                  "gone": (1, 1)})
+    await redis_table.refresh(["r1", "gone"], ttl_s=60, counters={"r1": (10, 1500), "gone": (1, 1)})
     p = redis_table.prefix
     assert await redis_client.pttl(f"{p}trs:session:r1") > 30_000
     assert await redis_client.pttl(f"{p}trs:cid:{session.all_cids()[2].hex()}") > 30_000
-    assert await redis_client.hmget(f"{p}trs:session:r1", "packets", "bytes") == [b"10",
-                                                                                   b"1500"]
+    assert await redis_client.hmget(f"{p}trs:session:r1", "packets", "bytes") == [b"10", b"1500"]
     assert not await redis_client.exists(f"{p}trs:session:gone")  # not resurrected
 
 
 async def test_delete_session_removes_its_keys(redis_table: RedisCidTable, redis_client) -> None:
     session = make_session()
-    await redis_table.reserve_cids(session.all_cids(), route_id="r1", fqdn=A, replica_id=4,
-                                   ttl_s=30)
+    await redis_table.reserve_cids(
+        session.all_cids(), route_id="r1", fqdn=A, replica_id=4, ttl_s=30
+    )
     await redis_table.save_session(session, expected_version=None, ttl_s=30)
     await redis_table.delete_session("r1")
     await redis_table.delete_session("r1")  # idempotent
@@ -137,8 +152,13 @@ async def test_delete_session_removes_its_keys(redis_table: RedisCidTable, redis
 async def test_replica_registration_is_what_the_nms_directory_reads(
     redis_table: RedisCidTable, redis_client
 ) -> None:
-    info = ReplicaInfo(replica=3, endpoints=("192.0.2.10:443", "[2001:db8::10]:443"),
-                       server_name="trs.svc.cyphonic.internal", load=2, updated_ms=99)
+    info = ReplicaInfo(
+        replica=3,
+        endpoints=("192.0.2.10:443", "[2001:db8::10]:443"),
+        server_name="trs.svc.cyphonic.internal",
+        load=2,
+        updated_ms=99,
+    )
     await redis_table.register_replica(info, ttl_s=0.3)
     assert await redis_table.replicas() == [info]
     p = redis_table.prefix

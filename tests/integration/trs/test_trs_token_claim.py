@@ -27,11 +27,15 @@ NOW_MS = 1_700_000_000_000
 
 
 def service(table: Any, replica: int) -> RelayAllocationService:
-    allocator = RelayAllocator(replica_id=replica, verify_token=verifier(), cids_per_side=4,
-                               idle_timeout_s=60)
+    allocator = RelayAllocator(
+        replica_id=replica, verify_token=verifier(), cids_per_side=4, idle_timeout_s=60
+    )
     return RelayAllocationService(
-        allocator=allocator, core=RelayCore(replica_id=replica, idle_timeout=60), table=table,
-        session_ttl_s=80, clock_ms=lambda: NOW_MS,
+        allocator=allocator,
+        core=RelayCore(replica_id=replica, idle_timeout=60),
+        table=table,
+        session_ttl_s=80,
+        clock_ms=lambda: NOW_MS,
     )
 
 
@@ -66,8 +70,9 @@ class FlakyTable(RedisCidTable):
         self.failures = failures
         self.error = error
 
-    async def save_session(self, session: Any, *, expected_version: int | None,
-                           ttl_s: float) -> None:
+    async def save_session(
+        self, session: Any, *, expected_version: int | None, ttl_s: float
+    ) -> None:
         if self.failures > 0:
             self.failures -= 1
             raise self.error
@@ -76,12 +81,16 @@ class FlakyTable(RedisCidTable):
 
 @pytest.mark.parametrize(
     ("failures", "error", "expected"),
-    [(1, Unavailable("Redis unavailable (save session)"), Unavailable),
-     (5, ConcurrentUpdate("route r1 changed meanwhile"), ConcurrentUpdate)],
+    [
+        (1, Unavailable("Redis unavailable (save session)"), Unavailable),
+        (5, ConcurrentUpdate("route r1 changed meanwhile"), ConcurrentUpdate),
+    ],
     ids=["redis-down", "endless-concurrent-updates"],
 )
 async def test_failed_save_does_not_use_up_the_token(
-    redis_table: RedisCidTable, failures: int, error: CyphonicError,
+    redis_table: RedisCidTable,
+    failures: int,
+    error: CyphonicError,
     expected: type[CyphonicError],
 ) -> None:
     flaky = FlakyTable(redis_table, failures=failures, error=error)

@@ -69,10 +69,17 @@ def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def settings(prefix: str, *, replica: int, port: int = 0, **extra: Any) -> TrsSettings:
     return TrsSettings(
-        environment="test", quic_host="127.0.0.1", quic_port=port, replica_id=replica,
+        environment="test",
+        quic_host="127.0.0.1",
+        quic_port=port,
+        replica_id=replica,
         redis_url=os.environ.get("CYPHONIC_TEST_REDIS", "redis://127.0.0.1:6379/0"),
-        redis_prefix=prefix, relay_token_secret=TEST_SECRET.decode(),
-        admin_token="admin-token-for-tests", cids_per_side=8, pki_dir=PKI_DIR[-1], **extra,
+        redis_prefix=prefix,
+        relay_token_secret=TEST_SECRET.decode(),
+        admin_token="admin-token-for-tests",
+        cids_per_side=8,
+        pki_dir=PKI_DIR[-1],
+        **extra,
     )
 
 
@@ -106,12 +113,16 @@ class UdpPeer:
         self.sock.close()
 
 
-async def allocate(service: TrsService, token: bytes, fqdn: str, addr: Any,
-                   route_id: str = "r1") -> list[bytes]:
+async def allocate(
+    service: TrsService, token: bytes, fqdn: str, addr: Any, route_id: str = "r1"
+) -> list[bytes]:
     assert service.allocation is not None
     answer = await service.allocation.allocate(
         pb.RelayAllocationRequest(allocation_token=token, route_id=route_id),
-        fqdn=fqdn, is_node=True, addr=addr)
+        fqdn=fqdn,
+        is_node=True,
+        addr=addr,
+    )
     return list(answer.connection_ids)
 
 
@@ -157,8 +168,9 @@ async def test_admin_api_shows_the_session_and_replicas(trs: TrsService) -> None
             assert await b.recv() is not None
         app = create_app(trs)
         headers = {"Authorization": "Bearer admin-token-for-tests"}
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://trs") as http:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://trs"
+        ) as http:
             assert (await http.get("/v1/sessions")).status_code == 401
             page = (await http.get("/v1/sessions", headers=headers)).json()
             assert page["total"] == 1
@@ -186,8 +198,7 @@ async def test_admin_api_shows_the_session_and_replicas(trs: TrsService) -> None
 async def test_idle_sessions_expire_here_and_in_redis(
     redis_table: RedisCidTable, key_prefix: str
 ) -> None:
-    service = TrsService(settings(key_prefix, replica=3, idle_timeout_s=0.5,
-                                  sync_interval_s=0.2))
+    service = TrsService(settings(key_prefix, replica=3, idle_timeout_s=0.5, sync_interval_s=0.2))
     await service.start()
     try:
         token = mint_token(route_id="r1", a=A, b=B, now_ms=int(time.time() * 1000))
@@ -198,8 +209,10 @@ async def test_idle_sessions_expire_here_and_in_redis(
             assert time.monotonic() < deadline, "idle session never expired"
             await asyncio.sleep(0.1)
         assert service.core is not None and "r1" not in service.core
-        assert await redis_table.reserve_cids(cids, route_id="other", fqdn=B, replica_id=3,
-                                              ttl_s=5) == []  # its CIDs were freed
+        assert (
+            await redis_table.reserve_cids(cids, route_id="other", fqdn=B, replica_id=3, ttl_s=5)
+            == []
+        )  # its CIDs were freed
     finally:
         await service.stop()
 
@@ -217,15 +230,27 @@ async def test_two_replicas_share_redis(redis_table: RedisCidTable, key_prefix: 
         # The other side went to the wrong replica: refused, nothing half-made there.
         assert two.allocation is not None
         answer = await two.allocation.handle(
-            pb.Envelope(relay_allocation_request=pb.RelayAllocationRequest(
-                allocation_token=token, route_id="r1")),
-            fqdn=B, is_node=True, addr=("127.0.0.1", 2000))
+            pb.Envelope(
+                relay_allocation_request=pb.RelayAllocationRequest(
+                    allocation_token=token, route_id="r1"
+                )
+            ),
+            fqdn=B,
+            is_node=True,
+            addr=("127.0.0.1", 2000),
+        )
         assert answer.error.code == pb.ERROR_CODE_UNAVAILABLE
         # A replay of A's use on the other replica is refused too.
         answer = await two.allocation.handle(
-            pb.Envelope(relay_allocation_request=pb.RelayAllocationRequest(
-                allocation_token=token, route_id="r1")),
-            fqdn=A, is_node=True, addr=("127.0.0.1", 1000))
+            pb.Envelope(
+                relay_allocation_request=pb.RelayAllocationRequest(
+                    allocation_token=token, route_id="r1"
+                )
+            ),
+            fqdn=A,
+            is_node=True,
+            addr=("127.0.0.1", 1000),
+        )
         assert answer.error.code == pb.ERROR_CODE_TOKEN_INVALID
         # Each replica's sessions are its own.
         token2 = mint_token(route_id="r2", a=A, b=B, now_ms=now)
@@ -304,10 +329,16 @@ async def relayed_pair(service: TrsService, route_id: str = "r1") -> tuple[QuicS
     cids_b = await allocate(service, token, B, addr_b, route_id)
     EchoServer.cids = cids_b[1:]
     cids_a = await allocate(service, token, A, ("127.0.0.1", port_a), route_id)
-    client_cfg = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], verify_mode=0,
-                                   server_name=B)
-    ctx = connect("127.0.0.1", service.address[1], configuration=client_cfg,
-                  create_protocol=client_protocol(cids_a, cids_b[0]), local_port=port_a)
+    client_cfg = QuicConfiguration(
+        is_client=True, alpn_protocols=[ALPN], verify_mode=0, server_name=B
+    )
+    ctx = connect(
+        "127.0.0.1",
+        service.address[1],
+        configuration=client_cfg,
+        create_protocol=client_protocol(cids_a, cids_b[0]),
+        local_port=port_a,
+    )
     return server, ctx, port_a
 
 
@@ -348,8 +379,14 @@ async def test_end_to_end_quic_through_the_relay_with_a_flood(trs: TrsService) -
             # a CID it stole from the relayed connection.
             stolen = EchoServer.cids[0]
             flooder = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", FLOODER, str(trs.address[1]), stolen.hex(),
-                str(FLOOD_PPS), stdout=asyncio.subprocess.PIPE)
+                sys.executable,
+                "-c",
+                FLOODER,
+                str(trs.address[1]),
+                stolen.hex(),
+                str(FLOOD_PPS),
+                stdout=asyncio.subprocess.PIPE,
+            )
             assert flooder.stdout is not None
             flood_port = int((await flooder.stdout.readline()).decode())
             await asyncio.sleep(0.2)
@@ -363,9 +400,11 @@ async def test_end_to_end_quic_through_the_relay_with_a_flood(trs: TrsService) -
         assert refused > 0 and local > 0
         assert ("127.0.0.1", flood_port) not in seen["senders"] and len(seen["senders"]) == 2
         assert seen["forwarded"] > 1000 and seen["marker"] == 0
-        print(f"\n1 MB echoed through the relay: quiet {quiet_s:.3f}s; during a "
-              f"{FLOOD_PPS} pps flood {flood_s:.3f}s ({refused} stolen-CID packets refused, "
-              f"{local} random-CID packets left to the QUIC endpoint)")
+        print(
+            f"\n1 MB echoed through the relay: quiet {quiet_s:.3f}s; during a "
+            f"{FLOOD_PPS} pps flood {flood_s:.3f}s ({refused} stolen-CID packets refused, "
+            f"{local} random-CID packets left to the QUIC endpoint)"
+        )
     finally:
         if flooder is not None:
             flooder.kill()
@@ -395,8 +434,10 @@ async def test_replica_restart_during_a_transfer_recovers_by_itself(
             assert await asyncio.wait_for(pending, 30) == payload * 10
             probe_started = time.perf_counter()
             assert await echo(client, b"after restart") == b"after restart"
-            print(f"\nrestart: relay down for {probe_started - down_at:.3f}s until the "
-                  f"interrupted transfer completed")
+            print(
+                f"\nrestart: relay down for {probe_started - down_at:.3f}s until the "
+                f"interrupted transfer completed"
+            )
     finally:
         server.close()
         if second is not None:

@@ -97,14 +97,35 @@ def veth_pair() -> Iterator[VethPair]:
         for ns in (ns_a, ns_b):
             subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
             subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True, timeout=10)
-        subprocess.run(["ip", "link", "add", dev_a, "netns", ns_a, "type", "veth", "peer",
-                        "name", dev_b, "netns", ns_b], check=True, timeout=10)
+        subprocess.run(
+            [
+                "ip",
+                "link",
+                "add",
+                dev_a,
+                "netns",
+                ns_a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                dev_b,
+                "netns",
+                ns_b,
+            ],
+            check=True,
+            timeout=10,
+        )
         for ns, dev, addr in ((ns_a, dev_a, pair.A_ADDR), (ns_b, dev_b, pair.B_ADDR)):
             # IPv4 only on the veth: no link-local chatter (MLD, ND) in captures.
-            subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
-                            f"net.ipv6.conf.{dev}.disable_ipv6=1"], check=True, timeout=10)
-            subprocess.run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev],
-                           check=True, timeout=10)
+            subprocess.run(
+                ["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=1"],
+                check=True,
+                timeout=10,
+            )
+            subprocess.run(
+                ["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev], check=True, timeout=10
+            )
             subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True, timeout=10)
         yield pair
     finally:

@@ -44,8 +44,9 @@ def test_netlink_reports_a_move(agent_netns: Any) -> None:
     _ip(ns, "link", "set", "up0", "up")
     _ip(ns, "addr", "add", "10.0.1.10/24", "dev", "up0")
     _ip(ns, "route", "add", "default", "via", "10.0.1.1")
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", WATCH],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", WATCH], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None
         ready = json.loads(proc.stdout.readline())

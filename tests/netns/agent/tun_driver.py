@@ -62,14 +62,16 @@ def udp_reply(request: bytes, payload: bytes) -> bytes:
         return header + segment  # UDP checksum 0: allowed over IPv4
     csum = udp6_checksum(h.dst, h.src, segment)
     segment = segment[:6] + struct.pack("!H", csum) + segment[8:]
-    return build_ipv6_header(
-        src=h.dst, dst=h.src, next_header=PROTO_UDP, payload_length=len(segment)
-    ) + segment
+    return (
+        build_ipv6_header(src=h.dst, dst=h.src, next_header=PROTO_UDP, payload_length=len(segment))
+        + segment
+    )
 
 
 async def open_close_in_running_loop() -> list[int]:
     """The agent runs in asyncio: open and close must work with a loop running."""
     config = TunConfig(name="cyloop0", mtu=1280, ipv4=ipaddress.IPv4Interface("10.9.0.1/24"))
+
     def count() -> int:  # this test's own lookup, in a thread without a running loop
         with IPRoute() as ipr:
             return len(ipr.link_lookup(ifname="cyloop0"))
@@ -141,10 +143,24 @@ def main() -> None:
         # Path MTU: a DF packet too big for the tunnel gets our ICMP answer, the kernel
         # learns the smaller MTU, and the application's next large send fails with EMSGSIZE.
         for family, local, peer, proto, opt, val, small in (
-            (socket.AF_INET, str(LOCAL4.ip), str(PEER4), socket.IPPROTO_IP,
-             IP_MTU_DISCOVER, IP_PMTUDISC_DO, 1300),
-            (socket.AF_INET6, str(LOCAL6.ip), str(PEER6), socket.IPPROTO_IPV6,
-             IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO, 1280),
+            (
+                socket.AF_INET,
+                str(LOCAL4.ip),
+                str(PEER4),
+                socket.IPPROTO_IP,
+                IP_MTU_DISCOVER,
+                IP_PMTUDISC_DO,
+                1300,
+            ),
+            (
+                socket.AF_INET6,
+                str(LOCAL6.ip),
+                str(PEER6),
+                socket.IPPROTO_IPV6,
+                IPV6_MTU_DISCOVER,
+                IPV6_PMTUDISC_DO,
+                1280,
+            ),
         ):
             key = "v4" if family == socket.AF_INET else "v6"
             with socket.socket(family, socket.SOCK_DGRAM) as s:

@@ -31,8 +31,9 @@ def overlay(netbed: Any, tmp_path: Path) -> Iterator[Any]:
     yield make
     for o in made:
         for agent in o.services.agents:
-            sys.stderr.write(f"\n--- agent {agent.name} log (tail) ---\n"
-                             f"{agent.log_text()[-5000:]}\n")
+            sys.stderr.write(
+                f"\n--- agent {agent.name} log (tail) ---\n{agent.log_text()[-5000:]}\n"
+            )
         for name in ("as", "nms"):
             log = o.services.log(name)
             text = log.read_text(errors="replace") if log.exists() else ""

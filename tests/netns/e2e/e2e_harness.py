@@ -23,7 +23,6 @@ from cyphonic_testbed.probes import sha256, tcp_transfer  # noqa: F401  (for the
 MARKER = b"CYPHONIC-E2E-PLAINTEXT-MARKER-4b1d"
 
 
-
 def marked_payload(size: int = 2_000_000) -> bytes:
     """``size`` bytes with this suite's marker all through them."""
     return _marked(MARKER, size)
@@ -51,10 +50,6 @@ class Overlay:
     @property
     def bob(self) -> AgentProcess:
         return self.agents["bob"]
-
-
-
-
 
 
 def not_quic_udp_443(capture: Capture) -> list[str]:
@@ -98,8 +93,21 @@ def ping(node: Node, address: str, *, count: int = 3) -> subprocess.CompletedPro
 
 def first_reply(node: Node, fqdn: str, *, family: int = 4) -> dict[str, Any]:
     """The probe: ms from the DNS stub's answer to the first echo reply, run in ``node``."""
-    proc = node.run([sys.executable, "-m", "cyphonic_testbed.overlay", "first-reply",
-                     "--name", fqdn, "--family", str(family), "--timeout", "15"], timeout=60)
+    proc = node.run(
+        [
+            sys.executable,
+            "-m",
+            "cyphonic_testbed.overlay",
+            "first-reply",
+            "--name",
+            fqdn,
+            "--family",
+            str(family),
+            "--timeout",
+            "15",
+        ],
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     result: dict[str, Any] = json.loads(proc.stdout)
     return result

@@ -38,9 +38,11 @@ DOMAIN = "cyphonic.internal"
 
 
 def _report(label: str, probe: dict[str, float]) -> None:
-    sys.stderr.write(f"\n{label}: DNS answer in {probe['dns_ms']:.1f} ms, first echo reply "
-                     f"{probe['first_reply_ms']:.1f} ms after it "
-                     f"({probe['requests_sent']} requests sent)\n")
+    sys.stderr.write(
+        f"\n{label}: DNS answer in {probe['dns_ms']:.1f} ms, first echo reply "
+        f"{probe['first_reply_ms']:.1f} ms after it "
+        f"({probe['requests_sent']} requests sent)\n"
+    )
 
 
 def _overlay_works(o: Overlay, *, src: str, dst: str, pattern: str, path: str) -> int:
@@ -65,8 +67,9 @@ def _overlay_works(o: Overlay, *, src: str, dst: str, pattern: str, path: str) -
         assert " 0% packet loss" in result.stdout, result.stdout + result.stderr
 
     payload = marked_payload()
-    assert tcp_transfer(src_node, dst_node, listen=v4[0], connect=v4[0],
-                        payload=payload) == sha256(payload)
+    assert tcp_transfer(src_node, dst_node, listen=v4[0], connect=v4[0], payload=payload) == sha256(
+        payload
+    )
 
     mine = source.status()
     assert mine["nms_state"] == "connected" and mine["tun"] == "cyphonic0"
@@ -95,8 +98,13 @@ def test_pattern1_ipv6_nodes_one_behind_the_enterprise_firewall(overlay: object)
         o.alice.wait_up()
         o.bob.wait_up()
         # bob sits behind the firewall: his lookup makes him the side that connects out.
-        sent = _overlay_works(o, src="bob", dst="alice", pattern="direct",
-                              path=f"[{o.bed.host('alice').address('lana', 6)}]:443")
+        sent = _overlay_works(
+            o,
+            src="bob",
+            dst="alice",
+            pattern="direct",
+            path=f"[{o.bed.host('alice').address('lana', 6)}]:443",
+        )
     # The transfer crossed this interface...
     assert udp_bytes(wire) > sent, (udp_bytes(wire), len(wire.packets()), packets_seen(wire))
     assert not_quic_udp_443(wire) == []  # ...as QUIC on UDP 443 only...
@@ -112,8 +120,13 @@ def test_pattern2_natted_node_behind_the_firewall_and_a_global_node(overlay: obj
         o.start("bob")
         o.alice.wait_up()
         o.bob.wait_up()
-        sent = _overlay_works(o, src="alice", dst="bob", pattern="nat_connects",
-                              path=f"{o.bed.host('bob').address('lanb', 4)}:443")
+        sent = _overlay_works(
+            o,
+            src="alice",
+            dst="bob",
+            pattern="nat_connects",
+            path=f"{o.bed.host('bob').address('lanb', 4)}:443",
+        )
         # The other way round over the same tunnel: bob reaches alice behind her NAT.
         alice_v4 = o.bob.resolve(o.alice.fqdn, "A")[0]
         result = ping(o.bed.host("bob"), alice_v4)
@@ -132,16 +145,20 @@ def test_no_overlay_when_the_firewall_drops_udp_443_and_the_agent_says_why(
 ) -> None:
     o: Overlay = overlay(pattern2(firewall=FirewallPolicy.ENTERPRISE_NO_UDP))  # type: ignore[operator]
     gwa = o.bed.router("gwa")
-    with gwa.capture(gwa.interface("lana"), "udp") as inside, \
-            gwa.capture(gwa.interface("wana"), "udp") as outside:
+    with (
+        gwa.capture(gwa.interface("lana"), "udp") as inside,
+        gwa.capture(gwa.interface("wana"), "udp") as outside,
+    ):
         bob = o.start("bob")
         alice = o.start("alice", "--connect-timeout", "3", "--give-up-after", "8")
         bob.wait_up()
         assert alice.wait_exit(90) == 1
     log = alice.log_text()
     as_address = o.services.as_node.address("cloud", 4)
-    expected = (f"cannot reach the AS at {as_address}:443 over UDP: no answer in 3 s; "
-                "a firewall may be blocking UDP 443")
+    expected = (
+        f"cannot reach the AS at {as_address}:443 over UDP: no answer in 3 s; "
+        "a firewall may be blocking UDP 443"
+    )
     assert expected in log, log[-3000:]
     assert "cyphonic-agent: unavailable:" in log
     # alice did try (UDP 443 inside the firewall) and nothing got through it.
@@ -163,14 +180,14 @@ def test_pattern1_the_open_node_reaches_the_firewalled_one(overlay: object) -> N
     # drops her packets. bob, still waiting after 2 s, asks for the route himself and
     # connects out; alice's first packets wait for the tunnel meanwhile.
     bob_v4 = alice.resolve(bob.fqdn)[0]
-    result = o.bed.host("alice").run(["ping", "-c", "6", "-i", "0.5", "-W", "6", bob_v4],
-                                     timeout=40)
+    result = o.bed.host("alice").run(
+        ["ping", "-c", "6", "-i", "0.5", "-W", "6", bob_v4], timeout=40
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     bob.wait_logged('"event": "route_reversed"', timeout=10)
     (peer,) = alice.status()["peers"]
     bob_real = o.bed.host("bob").address("lanb", 6)
-    assert (peer["state"], peer["pattern"], peer["path"]) == ("up", "direct",
-                                                              f"[{bob_real}]:443")
+    assert (peer["state"], peer["pattern"], peer["path"]) == ("up", "direct", f"[{bob_real}]:443")
     again = ping(o.bed.host("alice"), bob_v4)
     assert " 0% packet loss" in again.stdout, again.stdout
     _stops_cleanly(o)

@@ -25,8 +25,7 @@ def mobile(netbed: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
         beds.append(bed)
         os.chmod(tmp_path, 0o755)
         # No Redis on the embedded default: the NMS is told the one TRS (restored after).
-        monkeypatch.setenv("CYPHONIC_TRS_ENDPOINTS",
-                           json.dumps(trs_endpoints(bed.host("trs"))))
+        monkeypatch.setenv("CYPHONIC_TRS_ENDPOINTS", json.dumps(trs_endpoints(bed.host("trs"))))
         made.append(start_overlay(bed, workdir=tmp_path / "overlay"))
         return made[-1]
 
@@ -35,11 +34,11 @@ def mobile(netbed: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
     finally:
         for o in made:
             for agent in o.services.agents:
-                sys.stderr.write(f"\n--- agent {agent.name} log (tail) ---\n"
-                                 f"{agent.log_text()[-6000:]}\n")
+                sys.stderr.write(
+                    f"\n--- agent {agent.name} log (tail) ---\n{agent.log_text()[-6000:]}\n"
+                )
             for name in ("nms", "trs trs"):
-                log = o.services.log(name) if name == "nms" else \
-                    o.services.workdir / "trs-trs.log"
+                log = o.services.log(name) if name == "nms" else o.services.workdir / "trs-trs.log"
                 text = log.read_text(errors="replace") if log.exists() else ""
                 sys.stderr.write(f"\n--- {name} log (tail) ---\n{text[-3000:]}\n")
             o.services.stop()

@@ -46,14 +46,23 @@ CID_LENGTH = 8  # the connection ID length of the project's QUIC endpoints
 def _short_header_dcids(capture: Capture, dst: str) -> set[bytes]:
     """Destination connection IDs of the 1-RTT (short header) packets sent to ``dst``:443.
     With UDP GSO a frame holds several datagrams; the first one's header is enough."""
-    return {p.payload[1:1 + CID_LENGTH] for p in capture.packets()
-            if p.protocol == "udp" and p.dst == dst and p.dport == 443
-            and len(p.payload) > CID_LENGTH and p.payload[0] & 0xC0 == 0x40}
+    return {
+        p.payload[1 : 1 + CID_LENGTH]
+        for p in capture.packets()
+        if p.protocol == "udp"
+        and p.dst == dst
+        and p.dport == 443
+        and len(p.payload) > CID_LENGTH
+        and p.payload[0] & 0xC0 == 0x40
+    }
 
 
 @contextlib.contextmanager
-def _cids_on_both_uplinks(o: MobileOverlay, case: str, number: int,
-                          ) -> Iterator[dict[str, Capture] | None]:
+def _cids_on_both_uplinks(
+    o: MobileOverlay,
+    case: str,
+    number: int,
+) -> Iterator[dict[str, Capture] | None]:
     """For alice's first NAT-to-NAT move: captures on both NATs' outsides."""
     if case != "nat-to-nat" or number != 1:
         yield None
@@ -74,19 +83,28 @@ def _expected_paths(o: MobileOverlay, case: str, to: str) -> tuple[str | None, s
     if case == "nat-to-nat":
         gw = {"lana": "gwa", "lanc": "gwc"}[to]
         wan = {"lana": "wana", "lanc": "wanc"}[to]
-        return (_hostport(bed.host("bob").address("lanb", 4)),
-                _hostport(bed.router(gw).address(wan, 4)))
+        return (
+            _hostport(bed.host("bob").address("lanb", 4)),
+            _hostport(bed.router(gw).address(wan, 4)),
+        )
     if case == "v6-to-nat":
         if to == "lanc":
             return None, None
-        return (_hostport(bed.host("bob").address("lanb", 6)),
-                _hostport(bed.host("alice").address("lana", 6)))
-    return (_hostport(bed.host("bob").address(to, 4)),
-            _hostport(bed.router("gwa").address("wana", 4)))
+        return (
+            _hostport(bed.host("bob").address("lanb", 6)),
+            _hostport(bed.host("alice").address("lana", 6)),
+        )
+    return (
+        _hostport(bed.host("bob").address(to, 4)),
+        _hostport(bed.router("gwa").address("wana", 4)),
+    )
 
 
-def _settled(o: MobileOverlay, pattern: str, paths: tuple[str | None, str | None],
-             ) -> dict[str, Any] | None:
+def _settled(
+    o: MobileOverlay,
+    pattern: str,
+    paths: tuple[str | None, str | None],
+) -> dict[str, Any] | None:
     mine, theirs = peer_row(o.alice, o.bob), peer_row(o.bob, o.alice)
     if mine is None or theirs is None:
         return None
@@ -97,8 +115,10 @@ def _settled(o: MobileOverlay, pattern: str, paths: tuple[str | None, str | None
     # alice reaches bob at his port 443; bob sees alice at whatever port her NAT chose.
     if paths[0] is not None and mine.get("path") != paths[0]:
         return None
-    if paths[1] is not None and \
-            str(theirs.get("path", "")).rsplit(":", 1)[0] != paths[1].rsplit(":", 1)[0]:
+    if (
+        paths[1] is not None
+        and str(theirs.get("path", "")).rsplit(":", 1)[0] != paths[1].rsplit(":", 1)[0]
+    ):
         return None
     for row, path in ((mine, paths[0]), (theirs, paths[1])):
         if path is None and not str(row.get("path", "")).startswith("via "):
@@ -123,14 +143,18 @@ def test_the_flow_survives_the_move(mobile: Any, name: str) -> None:
 
     for number, step in enumerate(case.steps, start=1):
         with _cids_on_both_uplinks(o, name, number) as wires:
-            result = measure_move(src=o.bed.host("alice"), dst=o.bed.host("bob"),
-                                  address=bob_v4,
-                                  move=lambda to=step.to: o.bed.move(case.mover, to))
+            result = measure_move(
+                src=o.bed.host("alice"),
+                dst=o.bed.host("bob"),
+                address=bob_v4,
+                move=lambda to=step.to: o.bed.move(case.mover, to),
+            )
         sys.stderr.write(
             f"\n{name} move {number} -> {step.to}: ping gap {result.ping_gap_ms} ms "
             f"({result.ping.received}/{result.ping.sent} replies), TCP stall "
             f"{result.tcp_stall_ms:.0f} ms, {result.tcp_bytes} bytes, intact "
-            f"{result.tcp_intact} (target {step.target_ms:.0f} ms)\n")
+            f"{result.tcp_intact} (target {step.target_ms:.0f} ms)\n"
+        )
 
         # Every byte arrived, unchanged and in order, over the one TCP connection.
         assert result.tcp_intact, (result.sender, result.receiver)
@@ -144,8 +168,11 @@ def test_the_flow_survives_the_move(mobile: Any, name: str) -> None:
         # The route settled on the pattern and path of the new network.
         paths = _expected_paths(o, name, step.to)
         try:
-            rows = wait_for(lambda paths=paths, step=step: _settled(o, step.pattern, paths),
-                            ROUTE_SETTLE_S, interval=0.5)
+            rows = wait_for(
+                lambda paths=paths, step=step: _settled(o, step.pattern, paths),
+                ROUTE_SETTLE_S,
+                interval=0.5,
+            )
         except TimeoutError as exc:
             raise AssertionError(
                 f"route not {step.pattern} with paths {paths} after the move to {step.to}: "

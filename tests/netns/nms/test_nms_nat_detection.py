@@ -56,8 +56,11 @@ def registry_db() -> Iterator[str]:
 def _events(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines()
-            if line.startswith("{") and '"event"' in line]
+    return [
+        json.loads(line)
+        for line in path.read_text().splitlines()
+        if line.startswith("{") and '"event"' in line
+    ]
 
 
 def _wait_file(path: Path, needle: str, proc: subprocess.Popen[Any], within_s: float) -> None:
@@ -68,13 +71,13 @@ def _wait_file(path: Path, needle: str, proc: subprocess.Popen[Any], within_s: f
         if proc.poll() is not None:
             raise AssertionError(f"process exited {proc.returncode}: {path.read_text()[-3000:]}")
         time.sleep(0.2)
-    raise AssertionError(f"{needle!r} not seen in {path} within {within_s}s: "
-                         f"{path.read_text()[-3000:] if path.exists() else ''}")
+    raise AssertionError(
+        f"{needle!r} not seen in {path} within {within_s}s: "
+        f"{path.read_text()[-3000:] if path.exists() else ''}"
+    )
 
 
-def test_node_behind_nat_is_seen_as_natted(
-    netbed: Any, registry_db: str, tmp_path: Path
-) -> None:
+def test_node_behind_nat_is_seen_as_natted(netbed: Any, registry_db: str, tmp_path: Path) -> None:
     bed = netbed(pattern2())
     nms_host, alice, bob = bed.host("nms"), bed.host("alice"), bed.host("bob")
     pki = init_pki(tmp_path / "pki", domain=DOMAIN, now=datetime.datetime.now(datetime.UTC))
@@ -95,38 +98,70 @@ def test_node_behind_nat_is_seen_as_natted(
 
     nms_log = tmp_path / "nms.log"
     env = {
-        **os.environ, "CYPHONIC_ENVIRONMENT": "test",
+        **os.environ,
+        "CYPHONIC_ENVIRONMENT": "test",
         "CYPHONIC_DATABASE_URL": postgres_url(registry_db),
-        "CYPHONIC_PKI_DIR": str(tmp_path / "pki"), "CYPHONIC_DOMAIN": DOMAIN,
-        "CYPHONIC_QUIC_HOST": "::", "CYPHONIC_QUIC_PORT": "443",
-        "CYPHONIC_HTTP_HOST": "127.0.0.1", "CYPHONIC_HTTP_PORT": "8082",
+        "CYPHONIC_PKI_DIR": str(tmp_path / "pki"),
+        "CYPHONIC_DOMAIN": DOMAIN,
+        "CYPHONIC_QUIC_HOST": "::",
+        "CYPHONIC_QUIC_PORT": "443",
+        "CYPHONIC_HTTP_HOST": "127.0.0.1",
+        "CYPHONIC_HTTP_PORT": "8082",
         "CYPHONIC_ADMIN_TOKEN": "netns-admin-token-0123456789",
         "CYPHONIC_RELAY_TOKEN_SECRET": "netns-relay-secret-0123456789",
-        "CYPHONIC_REPLICA_ID": "nms-netns", "CYPHONIC_LOG_FORMAT": "json",
+        "CYPHONIC_REPLICA_ID": "nms-netns",
+        "CYPHONIC_LOG_FORMAT": "json",
     }
     with nms_log.open("wb") as out:
-        nms = nms_host.popen([sys.executable, "-m", "cyphonic_nms.cli", "serve"], env=env,
-                             stdout=out, stderr=subprocess.STDOUT)
+        nms = nms_host.popen(
+            [sys.executable, "-m", "cyphonic_nms.cli", "serve"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     _wait_file(nms_log, "quic_listening", nms, 120)
     nms_addr = f"{nms_host.address(family=4)}:443"
 
     def simnode(name: str, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "cyphonic_nms.simnode",
-                "--cert", str(tmp_path / f"{name}.crt"), "--key", str(tmp_path / f"{name}.key"),
-                "--trust-dir", str(tmp_path / "pki"), "--nms", nms_addr, *extra]
+        return [
+            sys.executable,
+            "-m",
+            "cyphonic_nms.simnode",
+            "--cert",
+            str(tmp_path / f"{name}.crt"),
+            "--key",
+            str(tmp_path / f"{name}.key"),
+            "--trust-dir",
+            str(tmp_path / "pki"),
+            "--nms",
+            nms_addr,
+            *extra,
+        ]
 
     bob_log = tmp_path / "bob.log"
     with bob_log.open("wb") as out:
-        bob_proc = bob.popen(simnode("bob", "--bind", bob.address(family=4), "--hold", "120",
-                                     "--until-pushes", "1"),
-                             stdout=out, stderr=subprocess.STDOUT)
+        bob_proc = bob.popen(
+            simnode("bob", "--bind", bob.address(family=4), "--hold", "120", "--until-pushes", "1"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     _wait_file(bob_log, '"registered"', bob_proc, 120)
 
-    result = alice.run(simnode("alice", "--bind", alice.address(family=4),
-                               "--route", f"bob.{DOMAIN}", "--hold", "60", "--until-pushes", "1"),
-                       timeout=150)
-    alice_events = [json.loads(line) for line in result.stdout.splitlines()
-                    if line.startswith("{")]
+    result = alice.run(
+        simnode(
+            "alice",
+            "--bind",
+            alice.address(family=4),
+            "--route",
+            f"bob.{DOMAIN}",
+            "--hold",
+            "60",
+            "--until-pushes",
+            "1",
+        ),
+        timeout=150,
+    )
+    alice_events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert result.returncode == 0, result.stdout + result.stderr
     bob_proc.wait(timeout=60)
     bob_events = _events(bob_log)
@@ -156,7 +191,8 @@ def test_node_behind_nat_is_seen_as_natted(
         try:
             return await conn.fetch(
                 "SELECT n.name, w.behind_nat, w.observed_ipv4 FROM node_network w "
-                "JOIN nodes n ON n.id = w.node_id ORDER BY n.name")
+                "JOIN nodes n ON n.id = w.node_id ORDER BY n.name"
+            )
         finally:
             await conn.close()
 

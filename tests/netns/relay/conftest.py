@@ -66,13 +66,17 @@ def relay_overlay(netbed: Any, tmp_path: Path) -> Iterator[Any]:
             pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}", pytrace=False)
         databases.append(name)
         redis = bed.start_redis("redis")
-        services = start_services(bed, workdir=tmp_path / "overlay",
-                                  database_url=postgres_url(name),
-                                  nms_args=["--redis-url", redis.url])
+        services = start_services(
+            bed,
+            workdir=tmp_path / "overlay",
+            database_url=postgres_url(name),
+            nms_args=["--redis-url", redis.url],
+        )
         trs = start_trs(services, redis_url=redis.url)
         states = services.enrol_all([bed.host("alice"), bed.host("bob")])
-        made.append(RelayOverlay(bed=bed, services=services, trs=trs, states=states,
-                                 redis_url=redis.url))
+        made.append(
+            RelayOverlay(bed=bed, services=services, trs=trs, states=states, redis_url=redis.url)
+        )
         return made[-1]
 
     try:
@@ -80,8 +84,9 @@ def relay_overlay(netbed: Any, tmp_path: Path) -> Iterator[Any]:
     finally:
         for o in made:
             for agent in o.services.agents:
-                sys.stderr.write(f"\n--- agent {agent.name} log (tail) ---\n"
-                                 f"{agent.log_text()[-5000:]}\n")
+                sys.stderr.write(
+                    f"\n--- agent {agent.name} log (tail) ---\n{agent.log_text()[-5000:]}\n"
+                )
             for label, log in (("nms", o.services.log("nms")), ("trs", o.trs.log)):
                 text = log.read_text(errors="replace") if log.exists() else ""
                 sys.stderr.write(f"\n--- {label} log (tail) ---\n{text[-3000:]}\n")

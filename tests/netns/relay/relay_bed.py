@@ -71,20 +71,19 @@ def stub_resolver(*nodes: Node) -> Iterator[None]:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def ping_name(node: Node, name: str, *, family: int, count: int = 3,
-              ) -> subprocess.CompletedProcess[str]:
+def ping_name(
+    node: Node,
+    name: str,
+    *,
+    family: int,
+    count: int = 3,
+) -> subprocess.CompletedProcess[str]:
     """``ping -4/-6 name`` in ``node``: resolved by the system resolver (the stub); no
     reverse lookups of the answers (they would go to the upstream resolver)."""
     result: subprocess.CompletedProcess[str] = node.run(
-        ["ping", "-n", f"-{family}", "-c", str(count), "-i", "0.2", "-W", "5", name],
-        timeout=60)
+        ["ping", "-n", f"-{family}", "-c", str(count), "-i", "0.2", "-W", "5", name], timeout=60
+    )
     return result
-
-
-
-
-
-
 
 
 @dataclass
@@ -114,8 +113,7 @@ def read_relay(capture: Capture, *, trs: set[str], a: str, b: str) -> RelayReadi
     odd: list[str] = []
     for p in packets:
         if p.protocol != "udp" or 443 not in (p.sport, p.dport):
-            if not (p.protocol == "icmpv6" and p.payload and p.payload[0] in (133, 134, 135,
-                                                                             136)):
+            if not (p.protocol == "icmpv6" and p.payload and p.payload[0] in (133, 134, 135, 136)):
                 odd.append(f"{p.protocol} {p.src}:{p.sport} > {p.dst}:{p.dport}")
             continue
         if p.dst in trs and p.src in received:

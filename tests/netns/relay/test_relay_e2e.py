@@ -53,16 +53,24 @@ DOMAIN = "cyphonic.internal"
 TRS_NAME = f"trs.svc.{DOMAIN}"
 
 
-def _relayed(o: Any, *, a_outside: str, b_outside: str, trs_seen_a: str, trs_seen_b: str,
-             ) -> None:
+def _relayed(
+    o: Any,
+    *,
+    a_outside: str,
+    b_outside: str,
+    trs_seen_a: str,
+    trs_seen_b: str,
+) -> None:
     """Run every check of the module docstring for a bed whose agents are up."""
     alice, bob = o.agents["alice"], o.agents["bob"]
     a_node, b_node = o.bed.host("alice"), o.bed.host("bob")
     trs_node = o.trs.node
     trs_addresses = {trs_node.address("cloud", f) for f in (4, 6) if trs_node.has_family(f)}
     payload = marked_payload()
-    with trs_node.capture(trs_node.interface("cloud"), "udp or icmp or icmp6") as wire, \
-            stub_resolver(a_node, b_node):
+    with (
+        trs_node.capture(trs_node.interface("cloud"), "udp or icmp or icmp6") as wire,
+        stub_resolver(a_node, b_node),
+    ):
         # The name lookup starts the route; ping by name over both overlay families.
         for family in (4, 6):
             result = ping_name(a_node, bob.fqdn, family=family)
@@ -91,8 +99,7 @@ def _relayed(o: Any, *, a_outside: str, b_outside: str, trs_seen_a: str, trs_see
         assert sides[alice.fqdn]["address"].rsplit(":", 1)[0].strip("[]") == a_outside
         assert sides[bob.fqdn]["address"].rsplit(":", 1)[0].strip("[]") == b_outside
         assert sides[alice.fqdn]["bytes"] >= len(payload)
-        assert set(sides[alice.fqdn]) == {"fqdn", "address", "connection_ids", "packets",
-                                          "bytes"}
+        assert set(sides[alice.fqdn]) == {"fqdn", "address", "connection_ids", "packets", "bytes"}
         replica = o.trs.get("/v1/replica")
         assert replica["forwarded_bytes"] >= len(payload)
         assert replica["drops"].get("spoofed_source", 0) == 0
@@ -107,16 +114,24 @@ def _relayed(o: Any, *, a_outside: str, b_outside: str, trs_seen_a: str, trs_see
     # with its received copy missed; beyond the misses, only a little control traffic.
     assert reading.relayed + missed > len(payload) // 1500, (reading, missed)
     assert reading.relayed + reading.own + missed >= 0.9 * replica["forwarded_packets"], (
-        reading, missed, replica)
+        reading,
+        missed,
+        replica,
+    )
     assert reading.own <= reading.relayed // 10 + missed, (reading, missed)
-    sys.stderr.write(f"\nTRS capture: {reading.relayed} datagrams relayed unchanged "
-                     f"(TRS counted {replica['forwarded_packets']} forwarded), "
-                     f"{reading.own} not in what it received (its control traffic, or a copy "
-                     f"tcpdump missed); tcpdump missed {missed}\n")
+    sys.stderr.write(
+        f"\nTRS capture: {reading.relayed} datagrams relayed unchanged "
+        f"(TRS counted {replica['forwarded_packets']} forwarded), "
+        f"{reading.own} not in what it received (its control traffic, or a copy "
+        f"tcpdump missed); tcpdump missed {missed}\n"
+    )
     # The tunnel's TLS ends at the nodes, which authenticated each other through the TRS.
     for me, peer, trs_address in ((alice, bob, trs_seen_a), (bob, alice, trs_seen_b)):
-        tunnels = [e for e in json_log(me.log) if e.get("event") == "connection_ready"
-                   and e.get("alpn") == "cyphonic-tun/1"]
+        tunnels = [
+            e
+            for e in json_log(me.log)
+            if e.get("event") == "connection_ready" and e.get("alpn") == "cyphonic-tun/1"
+        ]
         assert tunnels, me.log_text()[-3000:]
         assert all(e["peer"] == peer.fqdn and e["peer_kind"] == "node" for e in tunnels)
         assert all(e["address"][0] == trs_address for e in tunnels), tunnels
@@ -132,9 +147,13 @@ def test_double_symmetric_nat_behind_firewalls(relay_overlay: Any) -> None:
     o.agents["alice"].wait_up()
     o.agents["bob"].wait_up()
     trs_v4 = o.trs.node.address("cloud", 4)
-    _relayed(o, a_outside=o.bed.router("gwa").address("wana", 4),
-             b_outside=o.bed.router("gwb").address("wanb", 4),
-             trs_seen_a=trs_v4, trs_seen_b=trs_v4)
+    _relayed(
+        o,
+        a_outside=o.bed.router("gwa").address("wana", 4),
+        b_outside=o.bed.router("gwb").address("wanb", 4),
+        trs_seen_a=trs_v4,
+        trs_seen_b=trs_v4,
+    )
     _survives_nat_rebinding(o)
 
 
@@ -164,12 +183,15 @@ def _survives_nat_rebinding(o: Any) -> None:
     assert new != old and new.rsplit(":", 1)[0] == old.rsplit(":", 1)[0], (old, new)
     assert alice.log_text().count('"tunnel_up"') == tunnels_before  # the same tunnel
     payload = marked_payload(500_000)
-    assert tcp_transfer(a_node, o.bed.host("bob"), listen=bob_v4, connect=bob_v4,
-                        payload=payload) == sha256(payload)
+    assert tcp_transfer(
+        a_node, o.bed.host("bob"), listen=bob_v4, connect=bob_v4, payload=payload
+    ) == sha256(payload)
     drops = o.trs.get("/v1/replica")["drops"]
-    sys.stderr.write(f"\nNAT rebinding: alice's side moved {old} -> {new}; relayed tunnel "
-                     f"back after {outage:.1f} s; TRS refused "
-                     f"{drops.get('spoofed_source', 0)} packets from the unannounced address\n")
+    sys.stderr.write(
+        f"\nNAT rebinding: alice's side moved {old} -> {new}; relayed tunnel "
+        f"back after {outage:.1f} s; TRS refused "
+        f"{drops.get('spoofed_source', 0)} packets from the unannounced address\n"
+    )
 
 
 def test_ipv4_only_node_and_ipv6_only_node_through_a_dual_stack_trs(
@@ -180,7 +202,10 @@ def test_ipv4_only_node_and_ipv6_only_node_through_a_dual_stack_trs(
     o.start("bob")
     o.agents["alice"].wait_up()
     o.agents["bob"].wait_up()
-    _relayed(o, a_outside=o.bed.host("alice").address("lana", 4),
-             b_outside=o.bed.host("bob").address("lanb", 6),
-             trs_seen_a=o.trs.node.address("cloud", 4),
-             trs_seen_b=o.trs.node.address("cloud", 6))
+    _relayed(
+        o,
+        a_outside=o.bed.host("alice").address("lana", 4),
+        b_outside=o.bed.host("bob").address("lanb", 6),
+        trs_seen_a=o.trs.node.address("cloud", 4),
+        trs_seen_b=o.trs.node.address("cloud", 6),
+    )

@@ -50,18 +50,22 @@ def _wait(check: Any, timeout: float, what: str) -> None:
 
 def test_trs_process_killed_mid_transfer_comes_back_by_itself(relay_overlay: Any) -> None:
     o = relay_overlay(double_nat(services=SERVICES))
-    replicas = {"trs": o.trs, "trs2": start_trs(o.services, host="trs2",
-                                                redis_url=o.redis_url, replica=1)}
-    _wait(lambda: len(o.trs.get("/v1/replicas")) == 2, 30,
-          "both replicas registered in Redis")
+    replicas = {
+        "trs": o.trs,
+        "trs2": start_trs(o.services, host="trs2", redis_url=o.redis_url, replica=1),
+    }
+    _wait(lambda: len(o.trs.get("/v1/replicas")) == 2, 30, "both replicas registered in Redis")
     alice, bob = o.start("alice"), o.start("bob")
     alice.wait_up()
     bob.wait_up()
     a_node, b_node = o.bed.host("alice"), o.bed.host("bob")
     vip = bob.status()["virtual_ipv4"]
     # The first packet to bob's virtual address asks the NMS for the route (pattern 3).
-    _wait(lambda: a_node.run(["ping", "-n", "-c", "1", "-W", "1", vip],
-                             timeout=10).returncode == 0, 60, "no relayed route to bob")
+    _wait(
+        lambda: a_node.run(["ping", "-n", "-c", "1", "-W", "1", vip], timeout=10).returncode == 0,
+        60,
+        "no relayed route to bob",
+    )
     (row,) = [p for p in alice.status()["peers"] if p["fqdn"] == bob.fqdn]
     assert row["pattern"] == "relay", row
     holding = {host: _sessions(t) for host, t in replicas.items()}
@@ -81,13 +85,24 @@ def test_trs_process_killed_mid_transfer_comes_back_by_itself(relay_overlay: Any
         moments["killed"] = time.time()
         # A fresh log, so that its start is what is waited for.
         os.replace(victim.log, victim.log.with_suffix(".killed.log"))
-        restarted.append(start_trs(o.services, host=host, redis_url=o.redis_url,
-                                   replica=0 if host == "trs" else 1))
+        restarted.append(
+            start_trs(
+                o.services, host=host, redis_url=o.redis_url, replica=0 if host == "trs" else 1
+            )
+        )
         moments["serving"] = time.time()
 
     # A quarter of the transfer is through when the relay dies.
-    result = measure_move(src=a_node, dst=b_node, address=vip, move=kill_and_restart,
-                          size=SIZE, rate=RATE, settle=2.0, timeout=180.0)
+    result = measure_move(
+        src=a_node,
+        dst=b_node,
+        address=vip,
+        move=kill_and_restart,
+        size=SIZE,
+        rate=RATE,
+        settle=2.0,
+        timeout=180.0,
+    )
     (restarted_trs,) = restarted
     replicas[host] = restarted_trs
     if host == "trs":
@@ -102,8 +117,9 @@ def test_trs_process_killed_mid_transfer_comes_back_by_itself(relay_overlay: Any
     assert replica["restored_at_start"] >= 1, replica
     (after,) = _sessions(restarted_trs)
     assert after["route_id"] == session["route_id"]
-    assert {s["fqdn"]: s["address"] for s in after["sides"]} == \
-        {s["fqdn"]: s["address"] for s in session["sides"]}
+    assert {s["fqdn"]: s["address"] for s in after["sides"]} == {
+        s["fqdn"]: s["address"] for s in session["sides"]
+    }
     assert after["bytes"] > 0 and replica["forwarded_packets"] > 0
     assert _sessions(replicas[other]) == []  # the other replica was never involved
     same_tunnel = alice.log_text().count('"tunnel_up"') == tunnels_before
@@ -114,4 +130,5 @@ def test_trs_process_killed_mid_transfer_comes_back_by_itself(relay_overlay: Any
         f"Redis; {SIZE / 1e6:g} MB transfer complete and correct; longest gap in the 10 ms "
         f"ping stream {result.ping_gap_ms or 0:.0f} ms ({result.ping.received}/{result.ping.sent} "
         f"replies); longest TCP stall at the receiver {result.tcp_stall_ms:.0f} ms; "
-        f"{'same' if same_tunnel else 'a new'} tunnel afterwards\n")
+        f"{'same' if same_tunnel else 'a new'} tunnel afterwards\n"
+    )

@@ -46,11 +46,24 @@ def test_an_outage_shows_as_a_gap_and_a_stall_and_the_stream_stays_intact(
         core.run(["ip", "link", "set", "lanb", "down"], check=True)
         time.sleep(OUTAGE_S)
         core.run(["ip", "link", "set", "lanb", "up"], check=True)
-        return Move(host="bob", left=("lanb",), joined="lanb", started_at=started,
-                    detached_s=0.0, attached_s=OUTAGE_S)
+        return Move(
+            host="bob",
+            left=("lanb",),
+            joined="lanb",
+            started_at=started,
+            detached_s=0.0,
+            attached_s=OUTAGE_S,
+        )
 
-    result = measure_move(src=alice, dst=bob, address=bob.address("lanb", 4),
-                          move=outage, size=3_000_000, rate=1_500_000.0, settle=0.5)
+    result = measure_move(
+        src=alice,
+        dst=bob,
+        address=bob.address("lanb", 4),
+        move=outage,
+        size=3_000_000,
+        rate=1_500_000.0,
+        settle=0.5,
+    )
     assert result.tcp_intact and result.tcp_bytes == 3_000_000
     assert result.sender["sha256"] == result.receiver["sha256"]
     assert result.ping_gap_ms is not None and result.ping_gap_ms >= OUTAGE_S * 1000 * 0.9

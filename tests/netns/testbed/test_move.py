@@ -27,8 +27,10 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def _addresses(node: object, ifname: str) -> list[str]:
-    out = node.run(["ip", "-o", "addr", "show", "dev", ifname, "scope", "global"],  # type: ignore[attr-defined]
-                   check=True).stdout
+    out = node.run(
+        ["ip", "-o", "addr", "show", "dev", ifname, "scope", "global"],  # type: ignore[attr-defined]
+        check=True,
+    ).stdout
     return [line.split()[3].split("/")[0] for line in out.splitlines()]
 
 
@@ -60,8 +62,9 @@ def test_move_between_two_nat_networks_and_back(netbed: object) -> None:
     assert echo.wait_received(1)[0].src == gwa.address("wana", 4)
 
     # What a netlink listener in alice's namespace (the agent) sees during the move.
-    monitor = alice.popen(["ip", "-o", "monitor", "address", "route"], stdout=subprocess.PIPE,
-                          text=True)
+    monitor = alice.popen(
+        ["ip", "-o", "monitor", "address", "route"], stdout=subprocess.PIPE, text=True
+    )
     time.sleep(0.3)  # ip monitor subscribes right after it starts; nothing to wait on
     move = bed.move("alice", "lanc")
     assert (move.host, move.left, move.joined) == ("alice", ("lana",), "lanc")
@@ -112,8 +115,9 @@ def test_move_from_ipv6_only_to_ipv4_only_changes_the_family(netbed: object) -> 
     assert _default(alice, 6) == ""  # the IPv6 default route went with the link
     shown = alice.run(["ip", "-6", "-o", "addr", "show"], check=True).stdout
     assert "2001:db8:a::10" not in shown
-    assert not any(ipaddress.ip_address(line.split()[3].split("/")[0]).is_global
-                   for line in shown.splitlines()), shown
+    assert not any(
+        ipaddress.ip_address(line.split()[3].split("/")[0]).is_global for line in shown.splitlines()
+    ), shown
     # Reaching out works through the new NAT, and no longer in IPv6.
     sent = alice.udp_send([(v4, 443)], b"v4 now", sport=443)
     assert sent.replies and echo.wait_received(2)[-1].src == bed.router("gwc").address("wanc", 4)
@@ -138,12 +142,19 @@ def test_move_refuses_what_is_not_a_move(netbed: object) -> None:
 
 def test_only_hosts_have_standby_links() -> None:
     with pytest.raises(TopologyError, match="only hosts have standby links"):
-        plan(Topology(networks=[Network("a", ipv4="10.1.0.0/24"), Network("b", ipv4="10.2.0.0/24")],
-                      routers=[Router("r", networks=["a", Link("b", up=False)])]))
-    bed_plan = plan(Topology(
-        networks=[Network("a", ipv4="10.1.0.0/24"), Network("b", ipv4="10.2.0.0/24")],
-        routers=[Router("ra", networks=["a"]), Router("rb", networks=["b"])],
-        hosts=[Host("h", networks=["a", Link("b", up=False)])]))
+        plan(
+            Topology(
+                networks=[Network("a", ipv4="10.1.0.0/24"), Network("b", ipv4="10.2.0.0/24")],
+                routers=[Router("r", networks=["a", Link("b", up=False)])],
+            )
+        )
+    bed_plan = plan(
+        Topology(
+            networks=[Network("a", ipv4="10.1.0.0/24"), Network("b", ipv4="10.2.0.0/24")],
+            routers=[Router("ra", networks=["a"]), Router("rb", networks=["b"])],
+            hosts=[Host("h", networks=["a", Link("b", up=False)])],
+        )
+    )
     host = bed_plan.nodes["h"]
     assert host.networks_up == ("a",)
     assert [(r.via, r.dev) for r in host.routes] == [("10.1.0.1", "a")]

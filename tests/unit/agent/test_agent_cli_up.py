@@ -13,9 +13,20 @@ from cyphonic_agent.cli import build_parser, main
 def test_missing_state_directory(tmp_path: Path) -> None:
     # A process of its own: `up` configures process-wide logging.
     proc = subprocess.run(
-        [sys.executable, "-m", "cyphonic_agent.cli", "up", "--state-dir",
-         str(tmp_path / "nothing"), "--status-socket", str(tmp_path / "status.sock")],
-        capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "cyphonic_agent.cli",
+            "up",
+            "--state-dir",
+            str(tmp_path / "nothing"),
+            "--status-socket",
+            str(tmp_path / "status.sock"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1
     assert "invalid_argument" in proc.stderr and "cyphonic-agent enroll" in proc.stderr
 
@@ -26,8 +37,20 @@ def test_bad_setting(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_up_flags_reach_the_settings() -> None:
-    args = build_parser().parse_args(["up", "--quic-port", "0", "--as-endpoint", "192.0.2.1:443",
-                                      "--as-endpoint", "[2001:db8::1]:443", "--give-up-after",
-                                      "5", "--dns-listen", "off"])
+    args = build_parser().parse_args(
+        [
+            "up",
+            "--quic-port",
+            "0",
+            "--as-endpoint",
+            "192.0.2.1:443",
+            "--as-endpoint",
+            "[2001:db8::1]:443",
+            "--give-up-after",
+            "5",
+            "--dns-listen",
+            "off",
+        ]
+    )
     assert (args.quic_port, args.give_up_after_s, args.dns_listen) == (0, 5.0, "off")
     assert args.as_endpoints == ["192.0.2.1:443", "[2001:db8::1]:443"]

@@ -65,10 +65,18 @@ def tun() -> Iterator[PipeTun]:
 
 def tunnel_pair() -> tuple[Pair, TunnelCore, TunnelCore]:
     pair = Pair()
-    a = TunnelCore(pair.client, mtu=MTU, peer_addresses=frozenset({B4, B6}),
-                   local_addresses=frozenset({A4, A6}))
-    b = TunnelCore(pair.server, mtu=MTU, peer_addresses=frozenset({A4, A6}),
-                   local_addresses=frozenset({B4, B6}))
+    a = TunnelCore(
+        pair.client,
+        mtu=MTU,
+        peer_addresses=frozenset({B4, B6}),
+        local_addresses=frozenset({A4, A6}),
+    )
+    b = TunnelCore(
+        pair.server,
+        mtu=MTU,
+        peer_addresses=frozenset({A4, A6}),
+        local_addresses=frozenset({B4, B6}),
+    )
     pair.pump()
     assert a.ready and b.ready
     return pair, a, b
@@ -77,8 +85,12 @@ def tunnel_pair() -> tuple[Pair, TunnelCore, TunnelCore]:
 def test_miss_queues_and_reports_once_then_tunnel_releases(tun: PipeTun) -> None:
     misses: list[bytes] = []
     clock = [0.0]
-    dp = DataPath(tun=tun, pending=PendingPackets(max_packets=8), on_miss=misses.append,
-                  clock=lambda: clock[0])
+    dp = DataPath(
+        tun=tun,
+        pending=PendingPackets(max_packets=8),
+        on_miss=misses.append,
+        clock=lambda: clock[0],
+    )
     dp.route([udp4(100, tag=1), udp4(100, tag=2), udp6(100, tag=3), b"\x00junk"])
     assert misses == [B4, B6]  # once per destination, not per packet
     assert dp.stats.no_route == 3 and dp.stats.not_ip == 1
@@ -139,8 +151,7 @@ def test_tunnel_status_row(tun: PipeTun) -> None:
     pair, a, _ = tunnel_pair()
     conn = FakeConn()
     conn.peer_address = ("2001:db8::7", 443)  # type: ignore[attr-defined]
-    tunnel = Tunnel(core=a, conn=conn, addresses=frozenset({B4, B6}), label="b.x",
-                    pattern="direct")
+    tunnel = Tunnel(core=a, conn=conn, addresses=frozenset({B4, B6}), label="b.x", pattern="direct")
     DataPath(tun=tun).add_tunnel(tunnel)
     a.packets_from_tun([udp4(1000), udp6(500)])
     pair.pump()

@@ -41,20 +41,37 @@ def ones_complement_sum(data: bytes) -> int:
     return total
 
 
-def v4_packet(size: int, *, protocol: int = PROTO_TCP, flags_frag: int = 0x4000,
-              src: bytes = V4_SENDER, dst: bytes = V4_PEER, first: bytes = b"") -> bytes:
+def v4_packet(
+    size: int,
+    *,
+    protocol: int = PROTO_TCP,
+    flags_frag: int = 0x4000,
+    src: bytes = V4_SENDER,
+    dst: bytes = V4_PEER,
+    first: bytes = b"",
+) -> bytes:
     payload = first + bytes((i * 7) & 0xFF for i in range(size - 20 - len(first)))
-    return build_ipv4_header(
-        src=src, dst=dst, protocol=protocol, payload_length=len(payload), flags_frag=flags_frag
-    ) + payload
+    return (
+        build_ipv4_header(
+            src=src, dst=dst, protocol=protocol, payload_length=len(payload), flags_frag=flags_frag
+        )
+        + payload
+    )
 
 
-def v6_packet(size: int, *, next_header: int = PROTO_TCP, src: bytes = V6_SENDER,
-              dst: bytes = V6_PEER, first: bytes = b"") -> bytes:
+def v6_packet(
+    size: int,
+    *,
+    next_header: int = PROTO_TCP,
+    src: bytes = V6_SENDER,
+    dst: bytes = V6_PEER,
+    first: bytes = b"",
+) -> bytes:
     payload = first + bytes((i * 7) & 0xFF for i in range(size - 40 - len(first)))
-    return build_ipv6_header(
-        src=src, dst=dst, next_header=next_header, payload_length=len(payload)
-    ) + payload
+    return (
+        build_ipv6_header(src=src, dst=dst, next_header=next_header, payload_length=len(payload))
+        + payload
+    )
 
 
 def test_ipv4_frag_needed() -> None:

@@ -22,8 +22,10 @@ pytestmark = pytest.mark.timeout(20)
 
 
 def _path(*addresses: str, routes: Iterable[str] = ("via 192.0.2.1",)) -> HostPath:
-    return HostPath(addresses=frozenset(ipaddress.ip_address(a) for a in addresses),
-                    default_routes=frozenset(routes))
+    return HostPath(
+        addresses=frozenset(ipaddress.ip_address(a) for a in addresses),
+        default_routes=frozenset(routes),
+    )
 
 
 OLD = _path("192.168.1.10", routes=["via 192.168.1.1"])
@@ -65,7 +67,8 @@ def test_an_added_address_is_no_loss() -> None:
     detector = MoveDetector()
     detector.observe(OLD)
     assert detector.observe(_path("192.168.1.10", "192.168.3.10", routes=[])) == PathLost(
-        old=OLD, now=_path("192.168.1.10", "192.168.3.10", routes=[]))
+        old=OLD, now=_path("192.168.1.10", "192.168.3.10", routes=[])
+    )
     detector = MoveDetector()
     detector.observe(OLD)
     both = _path("192.168.1.10", "192.168.3.10", routes=["via 192.168.1.1"])
@@ -107,8 +110,13 @@ async def test_watcher_fallback_check_reports_moves() -> None:
         moves.append(move)
         got.set()
 
-    watcher = MoveWatcher(on_move=on_move, on_lost=losses.append,
-                          exclude_ifindexes=lambda: [7], poll_s=0.01, snapshot=snapshot)
+    watcher = MoveWatcher(
+        on_move=on_move,
+        on_lost=losses.append,
+        exclude_ifindexes=lambda: [7],
+        poll_s=0.01,
+        snapshot=snapshot,
+    )
     task = asyncio.ensure_future(watcher.run())
     try:
         await asyncio.wait_for(got.wait(), timeout=5)
@@ -121,12 +129,17 @@ async def test_watcher_fallback_check_reports_moves() -> None:
 
 
 def test_status_shows_the_last_handover() -> None:
-    handover = {"at": "2026-01-01T00:00:00.000+00:00", "old": OLD.describe(),
-                "new": NEW.describe(), "nms_network": {"behind_nat": True}}
+    handover = {
+        "at": "2026-01-01T00:00:00.000+00:00",
+        "old": OLD.describe(),
+        "new": NEW.describe(),
+        "nms_network": {"behind_nat": True},
+    }
     status = AgentStatus(fqdn="a.cyphonic.internal", handovers=2, last_handover=handover)
     again = AgentStatus.from_dict(json.loads(json.dumps(status.to_dict())))
     assert again.last_handover == handover and again.handovers == 2
     text = format_status(again)
-    assert "moved      2026-01-01T00:00:00.000+00:00 (2 moves): 192.168.1.10 -> 192.168.3.10" \
-        in text
+    assert (
+        "moved      2026-01-01T00:00:00.000+00:00 (2 moves): 192.168.1.10 -> 192.168.3.10" in text
+    )
     assert "moved" not in format_status(AgentStatus(fqdn="a.cyphonic.internal"))

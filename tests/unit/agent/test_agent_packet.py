@@ -49,9 +49,12 @@ def test_checksum_rfc1071_example() -> None:
 
 def test_parse_ipv4() -> None:
     payload = b"x" * 30
-    packet = build_ipv4_header(
-        src=V4_SRC, dst=V4_DST, protocol=PROTO_UDP, payload_length=30, flags_frag=0x4000
-    ) + payload
+    packet = (
+        build_ipv4_header(
+            src=V4_SRC, dst=V4_DST, protocol=PROTO_UDP, payload_length=30, flags_frag=0x4000
+        )
+        + payload
+    )
     h = parse_header(packet)
     assert (h.version, h.src, h.dst, h.length, h.header_length) == (4, V4_SRC, V4_DST, 50, 20)
     assert h.protocol == PROTO_UDP
@@ -102,14 +105,17 @@ def test_parse_never_crashes(data: bytes) -> None:
 
 def _v4_packet(payload_len: int, *, flags_frag: int = 0, ident: int = 0x1234) -> bytes:
     payload = bytes(i & 0xFF for i in range(payload_len))
-    return build_ipv4_header(
-        src=V4_SRC,
-        dst=V4_DST,
-        protocol=PROTO_UDP,
-        payload_length=payload_len,
-        flags_frag=flags_frag,
-        ident=ident,
-    ) + payload
+    return (
+        build_ipv4_header(
+            src=V4_SRC,
+            dst=V4_DST,
+            protocol=PROTO_UDP,
+            payload_length=payload_len,
+            flags_frag=flags_frag,
+            ident=ident,
+        )
+        + payload
+    )
 
 
 def test_fragment_ipv4_reassembles() -> None:

@@ -19,12 +19,22 @@ BOB_V4 = bytes([100, 64, 0, 2])
 BOB_V6 = bytes.fromhex("fd000000000000000000000000000002")
 
 
-def direction(route_id: str = "r1", *, role: int = pb.ROUTE_ROLE_CONNECT, peer: str = BOB,
-              pattern: int = pb.ROUTE_PATTERN_DIRECT,
-              candidates: tuple[tuple[bytes, int], ...] = ((bytes([203, 0, 113, 10]), 443),),
-              ) -> pb.RouteDirection:
-    d = pb.RouteDirection(route_id=route_id, pattern=pattern, role=role,  # type: ignore[arg-type]
-                          peer_fqdn=peer, peer_virtual_ipv4=BOB_V4, peer_virtual_ipv6=BOB_V6)
+def direction(
+    route_id: str = "r1",
+    *,
+    role: int = pb.ROUTE_ROLE_CONNECT,
+    peer: str = BOB,
+    pattern: int = pb.ROUTE_PATTERN_DIRECT,
+    candidates: tuple[tuple[bytes, int], ...] = ((bytes([203, 0, 113, 10]), 443),),
+) -> pb.RouteDirection:
+    d = pb.RouteDirection(
+        route_id=route_id,
+        pattern=pattern,
+        role=role,  # type: ignore[arg-type]
+        peer_fqdn=peer,
+        peer_virtual_ipv4=BOB_V4,
+        peer_virtual_ipv6=BOB_V6,
+    )
     d.peer_candidates.extend(pb.Endpoint(ip=ip, port=port) for ip, port in candidates)
     return d
 
@@ -72,7 +82,8 @@ def test_same_route_again_keeps_what_runs() -> None:
     route = action.route
     # a re-direction (the peer moved) while connecting: no second connection attempt
     again, replaced = table.directed(
-        direction(candidates=((bytes([198, 51, 100, 7]), 443),)), now=0.5)
+        direction(candidates=((bytes([198, 51, 100, 7]), 443),)), now=0.5
+    )
     assert isinstance(again, Keep) and again.route is route and replaced is None
     assert route.candidates == (Candidate("198.51.100.7", 443),)
     table.tunnel_up(route, object(), now=1.0)

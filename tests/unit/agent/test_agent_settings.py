@@ -18,11 +18,12 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.peer_timeout_s == 30.0 and s.give_up_after_s == 0.0
 
 
-def test_flags_beat_environment_beats_file(tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flags_beat_environment_beats_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "agent.toml"
-    config.write_text('quic_port = 8443\nmtu = 1380\ndns_listen = "127.0.0.1:5353"\n'
-                      'as_endpoints = ["[2001:db8::10]:443"]\n')
+    config.write_text(
+        'quic_port = 8443\nmtu = 1380\ndns_listen = "127.0.0.1:5353"\n'
+        'as_endpoints = ["[2001:db8::10]:443"]\n'
+    )
     monkeypatch.setenv("CYPHONIC_MTU", "1400")
     s = AgentSettings.load(config_file=config, quic_port=None, tun_name="cy1")
     assert s.quic_port == 8443  # file (flag not given, no variable)
@@ -37,14 +38,17 @@ def test_dns_can_be_switched_off() -> None:
     assert AgentSettings.load(dns_listen="off").dns_address is None
 
 
-@pytest.mark.parametrize("flags", [
-    {"mtu": 1000},  # below IPv6's minimum
-    {"tun_name": "a-very-long-device-name"},
-    {"dns_listen": "localhost:53"},  # the stub binds an address
-    {"as_endpoints": ["[2001:db8::1"]},
-    {"peer_timeout_s": 10, "tunnel_keepalive_s": 6},
-    {"quic_port": 70000},
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"mtu": 1000},  # below IPv6's minimum
+        {"tun_name": "a-very-long-device-name"},
+        {"dns_listen": "localhost:53"},  # the stub binds an address
+        {"as_endpoints": ["[2001:db8::1"]},
+        {"peer_timeout_s": 10, "tunnel_keepalive_s": 6},
+        {"quic_port": 70000},
+    ],
+)
 def test_bad_settings_are_refused_with_the_reason(flags: dict[str, object]) -> None:
     with pytest.raises(InvalidArgument, match="bad agent settings"):
         AgentSettings.load(**flags)

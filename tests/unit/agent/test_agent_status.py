@@ -161,7 +161,7 @@ async def test_other_users_refused_even_with_open_permissions() -> None:
     try:
         client = (
             "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
-            "s.sendall(b'{\"version\": 1, \"request\": \"status\"}\\n');"
+            's.sendall(b\'{"version": 1, "request": "status"}\\n\');'
             "print(s.recv(65536).decode())"
         )
         as_nobody = [python, "-I", "-c", client, str(path)]

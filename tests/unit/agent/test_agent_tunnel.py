@@ -57,17 +57,27 @@ CERT, KEY = self_signed()
 class Pair:
     """A client and a server QuicConnection and a clock; ``pump`` moves datagrams both ways."""
 
-    def __init__(self, *, max_datagram_size: int = max_datagram_size_for(tun_mtu=MTU),
-                 server_frame_limit: int | None = 65536) -> None:
+    def __init__(
+        self,
+        *,
+        max_datagram_size: int = max_datagram_size_for(tun_mtu=MTU),
+        server_frame_limit: int | None = 65536,
+    ) -> None:
         self.now = 1000.0
         client_cfg = QuicConfiguration(
-            is_client=True, alpn_protocols=[ALPN_TUNNEL], max_datagram_frame_size=65536,
-            max_datagram_size=max_datagram_size, verify_mode=ssl.CERT_NONE,
+            is_client=True,
+            alpn_protocols=[ALPN_TUNNEL],
+            max_datagram_frame_size=65536,
+            max_datagram_size=max_datagram_size,
+            verify_mode=ssl.CERT_NONE,
         )
         server_cfg = QuicConfiguration(
-            is_client=False, alpn_protocols=[ALPN_TUNNEL],
-            max_datagram_frame_size=server_frame_limit, max_datagram_size=max_datagram_size,
-            certificate=CERT, private_key=KEY,
+            is_client=False,
+            alpn_protocols=[ALPN_TUNNEL],
+            max_datagram_frame_size=server_frame_limit,
+            max_datagram_size=max_datagram_size,
+            certificate=CERT,
+            private_key=KEY,
         )
         self.client = QuicConnection(configuration=client_cfg)
         self.client.connect(SERVER_ADDR, now=self.now)
@@ -81,8 +91,10 @@ class Pair:
         moved = 0
         for _ in range(rounds):
             step = 0
-            for src, dst, addr in ((self.client, self.server, CLIENT_ADDR),
-                                   (self.server, self.client, SERVER_ADDR)):
+            for src, dst, addr in (
+                (self.client, self.server, CLIENT_ADDR),
+                (self.server, self.client, SERVER_ADDR),
+            ):
                 for data, _ in src.datagrams_to_send(now=self.now):
                     dst.receive_datagram(data, addr, now=self.now)
                     step += 1
@@ -98,10 +110,20 @@ class Pair:
 
 
 def cores(pair: Pair, **kwargs: object) -> tuple[TunnelCore, TunnelCore]:
-    a = TunnelCore(pair.client, mtu=MTU, peer_addresses=frozenset({B4, B6}),
-                   local_addresses=frozenset({A4, A6}), **kwargs)  # type: ignore[arg-type]
-    b = TunnelCore(pair.server, mtu=MTU, peer_addresses=frozenset({A4, A6}),
-                   local_addresses=frozenset({B4, B6}), **kwargs)  # type: ignore[arg-type]
+    a = TunnelCore(
+        pair.client,
+        mtu=MTU,
+        peer_addresses=frozenset({B4, B6}),
+        local_addresses=frozenset({A4, A6}),
+        **kwargs,
+    )  # type: ignore[arg-type]
+    b = TunnelCore(
+        pair.server,
+        mtu=MTU,
+        peer_addresses=frozenset({A4, A6}),
+        local_addresses=frozenset({B4, B6}),
+        **kwargs,
+    )  # type: ignore[arg-type]
     return a, b
 
 
@@ -117,14 +139,25 @@ def established(**kwargs: object) -> tuple[Pair, TunnelCore, TunnelCore]:
 
 def udp4(size: int, *, src: bytes = A4, dst: bytes = B4, df: bool = True, tag: int = 0) -> bytes:
     payload = struct.pack("!HHHHI", 1000, 2000, size - 20, 0, tag) + bytes(size - 32)
-    return build_ipv4_header(src=src, dst=dst, protocol=PROTO_UDP, payload_length=len(payload),
-                             flags_frag=0x4000 if df else 0, ident=tag & 0xFFFF) + payload
+    return (
+        build_ipv4_header(
+            src=src,
+            dst=dst,
+            protocol=PROTO_UDP,
+            payload_length=len(payload),
+            flags_frag=0x4000 if df else 0,
+            ident=tag & 0xFFFF,
+        )
+        + payload
+    )
 
 
 def udp6(size: int, *, src: bytes = A6, dst: bytes = B6, tag: int = 0) -> bytes:
     payload = struct.pack("!HHHHI", 1000, 2000, size - 40, 0, tag) + bytes(size - 52)
-    return build_ipv6_header(src=src, dst=dst, next_header=PROTO_UDP,
-                             payload_length=len(payload)) + payload
+    return (
+        build_ipv6_header(src=src, dst=dst, next_header=PROTO_UDP, payload_length=len(payload))
+        + payload
+    )
 
 
 def test_sizes_match_the_design() -> None:

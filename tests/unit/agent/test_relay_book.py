@@ -15,11 +15,22 @@ def cids(n: int = 16) -> tuple[bytes, ...]:
     return tuple(os.urandom(8) for _ in range(n))
 
 
-def path(route_id: str = "r1", *, role: int = pb.ROUTE_ROLE_ACCEPT,
-         own: tuple[bytes, ...] | None = None, peer: tuple[bytes, ...] = ()) -> RelayedPath:
-    return RelayedPath(route_id=route_id, role=role, peer_fqdn="a.cyphonic.internal",
-                       trs=("192.0.2.9", 443), trs_name="trs.svc.cyphonic.internal",
-                       own_cids=own or cids(), peer_cids=peer)
+def path(
+    route_id: str = "r1",
+    *,
+    role: int = pb.ROUTE_ROLE_ACCEPT,
+    own: tuple[bytes, ...] | None = None,
+    peer: tuple[bytes, ...] = (),
+) -> RelayedPath:
+    return RelayedPath(
+        route_id=route_id,
+        role=role,
+        peer_fqdn="a.cyphonic.internal",
+        trs=("192.0.2.9", 443),
+        trs_name="trs.svc.cyphonic.internal",
+        own_cids=own or cids(),
+        peer_cids=peer,
+    )
 
 
 def test_pools_hand_out_the_trs_cids_then_random_ones() -> None:
@@ -42,8 +53,14 @@ def test_initial_destination_and_label() -> None:
     assert path(role=pb.ROUTE_ROLE_CONNECT).trs == ("192.0.2.9", 443)
     with pytest.raises(InvalidArgument, match="unknown"):
         _ = path(role=pb.ROUTE_ROLE_CONNECT).initial_destination_cid
-    v6 = RelayedPath(route_id="r", role=pb.ROUTE_ROLE_ACCEPT, peer_fqdn="p",
-                     trs=("2001:db8::9", 443), trs_name="t", own_cids=cids(1))
+    v6 = RelayedPath(
+        route_id="r",
+        role=pb.ROUTE_ROLE_ACCEPT,
+        peer_fqdn="p",
+        trs=("2001:db8::9", 443),
+        trs_name="t",
+        own_cids=cids(1),
+    )
     assert v6.label == "via [2001:db8::9]:443 (t)"
 
 

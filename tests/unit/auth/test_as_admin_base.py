@@ -34,8 +34,12 @@ def _router() -> APIRouter:
     @router.get("/items")
     async def listing(page: PageQuery) -> Page[Item]:
         items = [Item(name=f"i{n}") for n in range(10)]
-        return Page[Item](items=items[page.offset:page.offset + page.limit], total=10,
-                          limit=page.limit, offset=page.offset)
+        return Page[Item](
+            items=items[page.offset : page.offset + page.limit],
+            total=10,
+            limit=page.limit,
+            offset=page.offset,
+        )
 
     @router.get("/missing")
     async def missing() -> None:
@@ -68,8 +72,14 @@ def readiness() -> Readiness:
 
 @pytest.fixture
 async def client(readiness: Readiness) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_admin_app(service="unit", title="unit", admin_token=TOKEN,
-                           ready_checks=[readiness], routers=[_router()], max_body_bytes=1024)
+    app = create_admin_app(
+        service="unit",
+        title="unit",
+        admin_token=TOKEN,
+        ready_checks=[readiness],
+        routers=[_router()],
+        max_body_bytes=1024,
+    )
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://unit") as c:
         yield c
@@ -79,12 +89,17 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 async def test_bearer_token_required(client: httpx.AsyncClient) -> None:
-    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {TOKEN}"},
-                    {"Authorization": TOKEN}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer nope"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
+    ):
         response = await client.post("/v1/items", json={"name": "a"}, headers=headers)
         assert response.status_code == 401
-        assert response.json() == {"error": {"code": "unauthenticated",
-                                             "message": response.json()["error"]["message"]}}
+        assert response.json() == {
+            "error": {"code": "unauthenticated", "message": response.json()["error"]["message"]}
+        }
         assert TOKEN not in response.text
     ok = await client.post("/v1/items", json={"name": "a"}, headers=AUTH)
     assert ok.status_code == 201 and ok.json() == {"name": "a", "actor": "admin"}
@@ -94,25 +109,41 @@ async def test_no_configured_token_refuses_everyone() -> None:
     app = create_admin_app(service="unit2", title="u", admin_token=None, routers=[_router()])
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://unit") as c:
-        response = await c.post("/v1/items", json={"name": "a"},
-                                headers={"Authorization": "Bearer "})
+        response = await c.post(
+            "/v1/items", json={"name": "a"}, headers={"Authorization": "Bearer "}
+        )
         assert response.status_code in (401, 403)
-        response = await c.post("/v1/items", json={"name": "a"},
-                                headers={"Authorization": "Bearer anything"})
+        response = await c.post(
+            "/v1/items", json={"name": "a"}, headers={"Authorization": "Bearer anything"}
+        )
         assert response.status_code == 403
         assert response.json()["error"]["code"] == "permission_denied"
 
 
 async def test_error_shapes(client: httpx.AsyncClient) -> None:
     cases = [
-        (await client.post("/v1/items", content=b"{bad", headers={
-            **AUTH, "content-type": "application/json"}), 400, "malformed"),
-        (await client.post("/v1/items", json={"size": "big"}, headers=AUTH), 422,
-         "invalid_argument"),
-        (await client.post("/v1/items", json={"name": "dup"}, headers=AUTH), 409,
-         "already_exists"),
-        (await client.post("/v1/items", content=b"x" * 5000, headers={
-            **AUTH, "content-type": "application/json"}), 413, "oversized"),
+        (
+            await client.post(
+                "/v1/items", content=b"{bad", headers={**AUTH, "content-type": "application/json"}
+            ),
+            400,
+            "malformed",
+        ),
+        (
+            await client.post("/v1/items", json={"size": "big"}, headers=AUTH),
+            422,
+            "invalid_argument",
+        ),
+        (await client.post("/v1/items", json={"name": "dup"}, headers=AUTH), 409, "already_exists"),
+        (
+            await client.post(
+                "/v1/items",
+                content=b"x" * 5000,
+                headers={**AUTH, "content-type": "application/json"},
+            ),
+            413,
+            "oversized",
+        ),
         (await client.get("/v1/missing"), 404, "not_found"),
         (await client.get("/nowhere"), 404, "not_found"),
         (await client.get("/v1/crash"), 500, "internal"),
@@ -130,22 +161,25 @@ async def test_streamed_body_over_the_limit_is_413(client: httpx.AsyncClient) ->
         for _ in range(10):
             yield b" " * 200
 
-    response = await client.post("/v1/items", content=chunks(), headers={
-        **AUTH, "content-type": "application/json"})
+    response = await client.post(
+        "/v1/items", content=chunks(), headers={**AUTH, "content-type": "application/json"}
+    )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "oversized"
 
 
 async def test_validation_details_do_not_echo_input(client: httpx.AsyncClient) -> None:
-    response = await client.post("/v1/items", json={"name": "s3cr3t-value", "size": "s3cr3t"},
-                                 headers=AUTH)
+    response = await client.post(
+        "/v1/items", json={"name": "s3cr3t-value", "size": "s3cr3t"}, headers=AUTH
+    )
     assert response.status_code == 422
     assert response.json()["error"]["details"][0]["loc"] == ["body", "size"]
     assert "s3cr3t" not in response.text
 
 
-async def test_health_readiness_and_metrics(client: httpx.AsyncClient,
-                                            readiness: Readiness) -> None:
+async def test_health_readiness_and_metrics(
+    client: httpx.AsyncClient, readiness: Readiness
+) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     assert (await client.get("/readyz")).json() == {"status": "ready"}
     readiness.up = False
@@ -155,13 +189,18 @@ async def test_health_readiness_and_metrics(client: httpx.AsyncClient,
     assert (await client.get("/healthz")).status_code == 200
     metrics = (await client.get("/metrics")).text
     assert 'cyphonic_unit_http_requests_total{method="GET",route="/readyz",status="503"} 1.0' in (
-        metrics)
+        metrics
+    )
 
 
 async def test_pagination(client: httpx.AsyncClient) -> None:
     page = (await client.get("/v1/items?limit=3&offset=8")).json()
-    assert page == {"items": [{"name": "i8", "size": 0}, {"name": "i9", "size": 0}],
-                    "total": 10, "limit": 3, "offset": 8}
+    assert page == {
+        "items": [{"name": "i8", "size": 0}, {"name": "i9", "size": 0}],
+        "total": 10,
+        "limit": 3,
+        "offset": 8,
+    }
 
 
 async def test_openapi_documents_bearer_auth(client: httpx.AsyncClient) -> None:

@@ -82,8 +82,13 @@ def test_token_checks() -> None:
         ({"now": expires + timedelta(seconds=1)}, "expired"),
     ]
     for change, reason in cases:
-        args = {"used_at": None, "expires_at": expires, "node_state": "pending", "now": NOW,
-                **change}
+        args = {
+            "used_at": None,
+            "expires_at": expires,
+            "node_state": "pending",
+            "now": NOW,
+            **change,
+        }
         with pytest.raises(TokenRefused) as info:
             check_token(**args)  # type: ignore[arg-type]
         assert info.value.reason == reason
@@ -115,8 +120,13 @@ def test_parse_csr_never_raises_anything_but_invalid_argument(data: bytes) -> No
 
 
 def test_certificate_checks() -> None:
-    ok = {"status": "active", "not_before": NOW - timedelta(days=1),
-          "not_after": NOW + timedelta(days=1), "node_state": "active", "now": NOW}
+    ok = {
+        "status": "active",
+        "not_before": NOW - timedelta(days=1),
+        "not_after": NOW + timedelta(days=1),
+        "node_state": "active",
+        "now": NOW,
+    }
     check_certificate(**ok)  # type: ignore[arg-type]
     check_certificate(**{**ok, "status": "superseded"})  # type: ignore[arg-type]
     for change, error in (
@@ -145,8 +155,9 @@ def test_crl_is_signed_and_lists_entries() -> None:
         CrlEntry(serial="1f", revoked_at=NOW, reason="lost in a taxi"),
         CrlEntry(serial="2e", revoked_at=NOW, reason="superseded"),
     ]
-    crl = x509.load_der_x509_crl(build_crl(ca=ca, entries=entries, number=7, now=NOW,
-                                           valid_for=timedelta(hours=24)))
+    crl = x509.load_der_x509_crl(
+        build_crl(ca=ca, entries=entries, number=7, now=NOW, valid_for=timedelta(hours=24))
+    )
     assert crl.is_signature_valid(ca.cert.public_key())  # type: ignore[arg-type]
     assert crl.next_update_utc == NOW + timedelta(hours=24)
     assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 7
@@ -159,5 +170,6 @@ def test_crl_is_signed_and_lists_entries() -> None:
     superseded = crl.get_revoked_certificate_by_serial_number(0x2E)
     assert superseded is not None
     assert superseded.extensions.get_extension_for_class(x509.CRLReason).value.reason == (
-        x509.ReasonFlags.superseded)
+        x509.ReasonFlags.superseded
+    )
     assert crl.get_revoked_certificate_by_serial_number(0x99) is None

@@ -11,22 +11,36 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 
-@pytest.mark.parametrize(("text", "require_ip", "expected"), [
-    ("192.0.2.1:443", True, ("192.0.2.1", 443)),
-    ("192.0.2.1", True, ("192.0.2.1", 443)),
-    (" 192.0.2.1:8443 ", True, ("192.0.2.1", 8443)),
-    ("[2001:db8::1]:8443", True, ("2001:db8::1", 8443)),
-    ("[2001:DB8::1]", True, ("2001:db8::1", 443)),
-    ("2001:db8::1", True, ("2001:db8::1", 443)),
-    ("AS.Example.net:443", False, ("as.example.net", 443)),
-    ("as.example.net", False, ("as.example.net", 443)),
-])
+@pytest.mark.parametrize(
+    ("text", "require_ip", "expected"),
+    [
+        ("192.0.2.1:443", True, ("192.0.2.1", 443)),
+        ("192.0.2.1", True, ("192.0.2.1", 443)),
+        (" 192.0.2.1:8443 ", True, ("192.0.2.1", 8443)),
+        ("[2001:db8::1]:8443", True, ("2001:db8::1", 8443)),
+        ("[2001:DB8::1]", True, ("2001:db8::1", 443)),
+        ("2001:db8::1", True, ("2001:db8::1", 443)),
+        ("AS.Example.net:443", False, ("as.example.net", 443)),
+        ("as.example.net", False, ("as.example.net", 443)),
+    ],
+)
 def test_parse(text: str, require_ip: bool, expected: tuple[str, int]) -> None:
     assert parse_host_port(text, default_port=443, require_ip=require_ip) == expected
 
 
-@pytest.mark.parametrize("text", ["as.example.net:443", "1.2.3.4:0", "1.2.3.4:70000",
-                                  "[::1", "[::1]x", "1.2.3.4:port", "", "[::1]:"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "as.example.net:443",
+        "1.2.3.4:0",
+        "1.2.3.4:70000",
+        "[::1",
+        "[::1]x",
+        "1.2.3.4:port",
+        "",
+        "[::1]:",
+    ],
+)
 def test_bad_endpoints_are_invalid_arguments(text: str) -> None:
     with pytest.raises(InvalidArgument):
         parse_host_port(text, default_port=443, require_ip=True)

@@ -15,11 +15,19 @@ TOKEN = "admin-token-for-tests-0123456789"
 
 
 def _client(cluster: InProcessCluster, manager: object) -> httpx.AsyncClient:
-    app = create_admin_app(service="nms", title="NMS", admin_token=TOKEN,
-                           ready_checks=[lambda: ping(cluster.engine)], routers=[router])
+    app = create_admin_app(
+        service="nms",
+        title="NMS",
+        admin_token=TOKEN,
+        ready_checks=[lambda: ping(cluster.engine)],
+        routers=[router],
+    )
     app.state.manager = manager
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://nms",
-                             headers={"Authorization": f"Bearer {TOKEN}"})
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://nms",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
 
 
 async def test_nodes_and_routes(cluster: InProcessCluster) -> None:
@@ -49,8 +57,9 @@ async def test_nodes_and_routes(cluster: InProcessCluster) -> None:
         assert [(r["route_id"], r["pattern"], r["pattern_name"]) for r in routes["items"]] == [
             (response.route_id, 2, "nat_connects")
         ]
-        assert (await client.get("/v1/routes", params={"node": "c.cyphonic.internal"})
-                ).json()["total"] == 0
+        assert (await client.get("/v1/routes", params={"node": "c.cyphonic.internal"})).json()[
+            "total"
+        ] == 0
         replica = (await client.get("/v1/replica")).json()
         assert replica["connected_nodes"] == 2 and replica["ipv4_pool"] == "100.64.0.0/24"
         assert (await client.get("/readyz")).status_code == 200
@@ -80,8 +89,9 @@ async def test_node_silent_past_the_timeout_is_shown_offline(cluster: InProcessC
     assert view is not None and view.online
     assert node_public(view, offline_timeout_s=45).online
     # The row says online but nothing refreshed it for longer than the timeout.
-    await cluster.store.touch([view.node_id], replica="r1",
-                              now=datetime.now(UTC) - timedelta(minutes=5))
+    await cluster.store.touch(
+        [view.node_id], replica="r1", now=datetime.now(UTC) - timedelta(minutes=5)
+    )
     stale = await cluster.store.view(a.fqdn)
     assert stale is not None and stale.online
     assert not node_public(stale, offline_timeout_s=45).online
@@ -94,8 +104,9 @@ async def test_node_view_shows_the_last_handover(cluster: InProcessCluster) -> N
     async with _client(cluster, nms) as client:
         before = (await client.get(f"/v1/nodes/{a.fqdn}")).json()
         assert before["last_handover"] is None
-        await nms.register(a, local_addresses=[E("192.168.3.10:443")],
-                           observed=E("203.0.113.77:40000"))
+        await nms.register(
+            a, local_addresses=[E("192.168.3.10:443")], observed=E("203.0.113.77:40000")
+        )
         after = (await client.get(f"/v1/nodes/{a.fqdn}")).json()
         handover = after["last_handover"]
         assert handover["old"]["observed_ipv4"] == before["network"]["observed_ipv4"]

@@ -68,10 +68,10 @@ def test_private_and_global_reported_addresses_stay(address: str) -> None:
 
 def test_observed_address_ranks_above_reported_ones() -> None:
     # The node lists other addresses first; the validated observed one still leads.
-    info = classify([E("10.0.0.5:443"), E("198.51.100.9:443"), E("198.51.100.7:443")],
-                    E("198.51.100.7:443"))
-    assert info.candidates(4) == (E("198.51.100.7:443"), E("10.0.0.5:443"),
-                                  E("198.51.100.9:443"))
+    info = classify(
+        [E("10.0.0.5:443"), E("198.51.100.9:443"), E("198.51.100.7:443")], E("198.51.100.7:443")
+    )
+    assert info.candidates(4) == (E("198.51.100.7:443"), E("10.0.0.5:443"), E("198.51.100.9:443"))
     v6 = classify([E("[2001:db8::1]:443"), E("[2001:db8::2]:443")], E("[2001:db8::2]:443"))
     assert v6.candidates(6)[0] == E("[2001:db8::2]:443")
 

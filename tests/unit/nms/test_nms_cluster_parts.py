@@ -12,8 +12,11 @@ from pydantic import ValidationError
 
 
 def _trs(name: str) -> TrsReplica:
-    return TrsReplica(replica_id=name, endpoints=(Endpoint.parse("192.0.2.1:443"),),
-                      server_name="trs.svc.cyphonic.internal")
+    return TrsReplica(
+        replica_id=name,
+        endpoints=(Endpoint.parse("192.0.2.1:443"),),
+        server_name="trs.svc.cyphonic.internal",
+    )
 
 
 def test_pick_is_stable_and_spreads() -> None:
@@ -31,24 +34,38 @@ def test_pick_is_stable_and_spreads() -> None:
 
 
 def test_trs_registration_json() -> None:
-    replica = TrsReplica(replica_id="trs-0", endpoints=(Endpoint.parse("192.0.2.10:443"),
-                                                         Endpoint.parse("[2001:db8::10]:443")),
-                         server_name="trs.svc.cyphonic.internal", load=3, updated_ms=5)
+    replica = TrsReplica(
+        replica_id="trs-0",
+        endpoints=(Endpoint.parse("192.0.2.10:443"), Endpoint.parse("[2001:db8::10]:443")),
+        server_name="trs.svc.cyphonic.internal",
+        load=3,
+        updated_ms=5,
+    )
     assert TrsReplica.from_json(replica.to_json()) == replica
     with pytest.raises(InvalidArgument):
         TrsReplica.from_json('{"replica_id": "x"}')
     # What the TRS writes has more fields; they are ignored.
-    extra = '{"replica_id": "trs-1", "endpoints": ["192.0.2.1:443"], "server_name": "t", ' \
-            '"replica": 1, "forwarded_packets": 7}'
+    extra = (
+        '{"replica_id": "trs-1", "endpoints": ["192.0.2.1:443"], "server_name": "t", '
+        '"replica": 1, "forwarded_packets": 7}'
+    )
     assert TrsReplica.from_json(extra).replica_id == "trs-1"
 
 
 def test_bus_message_and_route_record_round_trip() -> None:
     message = BusMessage(op="push", fqdn="a.cyphonic.internal", payload=b"\x00\xffbytes")
     assert BusMessage.from_json(message.to_json()) == message
-    route = RouteRecord(route_id="r", initiator="a", responder="b", pattern=3, family=None,
-                        connector="initiator", trs_replica="trs-0", created_ms=1,
-                        decided_by="nms-0")
+    route = RouteRecord(
+        route_id="r",
+        initiator="a",
+        responder="b",
+        pattern=3,
+        family=None,
+        connector="initiator",
+        trs_replica="trs-0",
+        created_ms=1,
+        decided_by="nms-0",
+    )
     assert RouteRecord.from_json(route.to_json()) == route
     assert route.peer_of("a") == "b" and route.involves("b") and not route.involves("c")
 
@@ -61,10 +78,28 @@ async def test_in_process_presence_and_routes() -> None:
     assert await presence.holder("a") == "r2"
     assert await presence.release("a", "r2") and await presence.holder("a") is None
     routes = InProcessRouteStore()
-    r1 = RouteRecord(route_id="1", initiator="a", responder="b", pattern=1, family=4,
-                     connector="initiator", trs_replica=None, created_ms=1, decided_by="x")
-    r2 = RouteRecord(route_id="2", initiator="c", responder="a", pattern=2, family=4,
-                     connector="initiator", trs_replica=None, created_ms=2, decided_by="x")
+    r1 = RouteRecord(
+        route_id="1",
+        initiator="a",
+        responder="b",
+        pattern=1,
+        family=4,
+        connector="initiator",
+        trs_replica=None,
+        created_ms=1,
+        decided_by="x",
+    )
+    r2 = RouteRecord(
+        route_id="2",
+        initiator="c",
+        responder="a",
+        pattern=2,
+        family=4,
+        connector="initiator",
+        trs_replica=None,
+        created_ms=2,
+        decided_by="x",
+    )
     await routes.put(r1)
     await routes.put(r2)
     assert {r.route_id for r in await routes.for_node("a")} == {"1", "2"}
@@ -80,8 +115,9 @@ def test_settings_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     local = NmsSettings()
     assert local.http_port == 8082 and local.keepalive_interval_s == 15
     assert local.relay_secret()  # local development default
-    production = NmsSettings(environment="production", admin_token="x" * 30,
-                             database_url="postgresql://db/nms")
+    production = NmsSettings(
+        environment="production", admin_token="x" * 30, database_url="postgresql://db/nms"
+    )
     with pytest.raises(InvalidArgument):
         production.relay_secret()
     monkeypatch.setenv("CYPHONIC_IPV4_POOL", "100.65.0.0/20")

@@ -32,13 +32,20 @@ async def test_stop_ends_loops_even_when_a_job_swallows_the_cancellation(
     cluster: InProcessCluster,
 ) -> None:
     presence = SwallowingPresence()
-    nms = NodeManager(nodes=cluster.store, pools=cluster.pools, replica_id="r1",
-                      relay_secret=cluster.secret, presence=presence,
-                      keepalive_interval_s=0.05, offline_timeout_s=30)
+    nms = NodeManager(
+        nodes=cluster.store,
+        pools=cluster.pools,
+        replica_id="r1",
+        relay_secret=cluster.secret,
+        presence=presence,
+        keepalive_interval_s=0.05,
+        offline_timeout_s=30,
+    )
     await nms.start()
     await add_node(cluster.sessions, "a")
-    await nms.register(RecordingLink(fqdn=f"a.{DOMAIN}"), local_addresses=[],
-                       observed=E("198.51.100.1:443"))
+    await nms.register(
+        RecordingLink(fqdn=f"a.{DOMAIN}"), local_addresses=[], observed=E("198.51.100.1:443")
+    )
     await asyncio.wait_for(presence.refreshing.wait(), 5)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -66,8 +73,13 @@ class GatedPresence(InProcessPresence):
 
 
 async def _replica(cluster: InProcessCluster, presence: InProcessPresence) -> NodeManager:
-    return NodeManager(nodes=cluster.store, pools=cluster.pools, replica_id="r1",
-                       relay_secret=cluster.secret, presence=presence)
+    return NodeManager(
+        nodes=cluster.store,
+        pools=cluster.pools,
+        replica_id="r1",
+        relay_secret=cluster.secret,
+        presence=presence,
+    )
 
 
 async def _online(cluster: InProcessCluster, fqdn: str) -> bool:
@@ -89,7 +101,8 @@ async def test_old_connection_closing_during_a_new_registration_keeps_the_node_o
     # has claimed presence but not finished.
     presence.gate = gate = asyncio.Event()
     registering = asyncio.create_task(
-        nms.register(new, local_addresses=[], observed=E("198.51.100.2:443")))
+        nms.register(new, local_addresses=[], observed=E("198.51.100.2:443"))
+    )
     await asyncio.wait_for(presence.claimed.wait(), 5)
     closing = asyncio.create_task(nms.disconnected(old))
     await asyncio.sleep(0.1)
@@ -112,7 +125,8 @@ async def test_connection_closing_during_its_own_registration_leaves_the_node_of
     link = RecordingLink(fqdn=fqdn)
     presence.gate = gate = asyncio.Event()
     registering = asyncio.create_task(
-        nms.register(link, local_addresses=[], observed=E("198.51.100.3:443")))
+        nms.register(link, local_addresses=[], observed=E("198.51.100.3:443"))
+    )
     await asyncio.wait_for(presence.claimed.wait(), 5)
     closing = asyncio.create_task(nms.disconnected(link))  # the node went away meanwhile
     await asyncio.sleep(0.1)

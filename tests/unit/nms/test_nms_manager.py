@@ -29,13 +29,16 @@ async def test_register_leases_addresses_and_classifies(cluster: InProcessCluste
     nms = await cluster.replica("r1")
     await add_node(cluster.sessions, "a")
     link = RecordingLink(fqdn=f"a.{DOMAIN}")
-    reg = await nms.register(link, local_addresses=[E("192.168.0.2:443")],
-                             observed=E("203.0.113.1:5000"))
+    reg = await nms.register(
+        link, local_addresses=[E("192.168.0.2:443")], observed=E("203.0.113.1:5000")
+    )
     assert reg.network.behind_nat and reg.network.kind == "nat_ipv4"
     assert reg.lease.ipv4 in cluster.pools.ipv4 and reg.lease.ipv6 in cluster.pools.ipv6
-    again = await nms.register(RecordingLink(fqdn=f"a.{DOMAIN}"),
-                               local_addresses=[E("198.51.100.1:443")],
-                               observed=E("198.51.100.1:443"))
+    again = await nms.register(
+        RecordingLink(fqdn=f"a.{DOMAIN}"),
+        local_addresses=[E("198.51.100.1:443")],
+        observed=E("198.51.100.1:443"),
+    )
     assert again.lease == reg.lease  # stable across re-registration and a move
     assert not again.network.behind_nat
     assert link.closed is not None  # the older connection was superseded
@@ -47,13 +50,17 @@ async def test_register_leases_addresses_and_classifies(cluster: InProcessCluste
 async def test_unknown_and_revoked_nodes_are_refused(cluster: InProcessCluster) -> None:
     nms = await cluster.replica("r1")
     with pytest.raises(PermissionDenied):
-        await nms.register(RecordingLink(fqdn=f"ghost.{DOMAIN}"), local_addresses=[],
-                           observed=E("198.51.100.1:1"))
+        await nms.register(
+            RecordingLink(fqdn=f"ghost.{DOMAIN}"), local_addresses=[], observed=E("198.51.100.1:1")
+        )
     node_id = await add_node(cluster.sessions, "bad")
     await revoke_node(cluster.sessions, node_id, serial="abc")
     with pytest.raises(Revoked):
-        await nms.register(RecordingLink(fqdn=f"bad.{DOMAIN}", serial_hex="abc"),
-                           local_addresses=[], observed=E("198.51.100.1:1"))
+        await nms.register(
+            RecordingLink(fqdn=f"bad.{DOMAIN}", serial_hex="abc"),
+            local_addresses=[],
+            observed=E("198.51.100.1:1"),
+        )
 
 
 async def test_route_direct_pushes_both_sides(cluster: InProcessCluster) -> None:
@@ -92,17 +99,25 @@ async def test_route_by_virtual_address(cluster: InProcessCluster) -> None:
 @pytest.mark.parametrize(
     ("ka", "kb", "pattern"),
     [
-        ("ipv6", "ipv6", 1), ("ipv6", "global_ipv4", 3), ("ipv6", "nat_ipv4", 3),
-        ("global_ipv4", "ipv6", 3), ("global_ipv4", "global_ipv4", 1),
-        ("global_ipv4", "nat_ipv4", 2), ("nat_ipv4", "ipv6", 3),
-        ("nat_ipv4", "global_ipv4", 2), ("nat_ipv4", "nat_ipv4", 3),
+        ("ipv6", "ipv6", 1),
+        ("ipv6", "global_ipv4", 3),
+        ("ipv6", "nat_ipv4", 3),
+        ("global_ipv4", "ipv6", 3),
+        ("global_ipv4", "global_ipv4", 1),
+        ("global_ipv4", "nat_ipv4", 2),
+        ("nat_ipv4", "ipv6", 3),
+        ("nat_ipv4", "global_ipv4", 2),
+        ("nat_ipv4", "nat_ipv4", 3),
     ],
 )
 async def test_route_pattern_per_cell(
     cluster: InProcessCluster, ka: str, kb: str, pattern: int
 ) -> None:
-    await cluster.trs.register(TrsReplica(replica_id="trs-0", endpoints=(E("192.0.2.9:443"),),
-                                          server_name=f"trs.svc.{DOMAIN}"))
+    await cluster.trs.register(
+        TrsReplica(
+            replica_id="trs-0", endpoints=(E("192.0.2.9:443"),), server_name=f"trs.svc.{DOMAIN}"
+        )
+    )
     nms = await cluster.replica("r1")
     a = await cluster.node(nms, "a", ka)
     b = await cluster.node(nms, "b", kb)
@@ -221,8 +236,9 @@ async def test_moved_node_gets_its_routes_redirected(cluster: InProcessCluster) 
     assert first.pattern == pb.ROUTE_PATTERN_NAT_CONNECTS
     # b moves to a network where it has a global address: same route, now direct.
     moved = RecordingLink(fqdn=b.fqdn)
-    reg = await nms.register(moved, local_addresses=[E("198.51.100.200:443")],
-                             observed=E("198.51.100.200:443"))
+    reg = await nms.register(
+        moved, local_addresses=[E("198.51.100.200:443")], observed=E("198.51.100.200:443")
+    )
     assert not reg.network.behind_nat
     again_a = (await a.wait_for("route_direction", count=2)).route_direction
     again_b = (await moved.wait_for("route_direction")).route_direction

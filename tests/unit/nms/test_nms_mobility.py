@@ -15,23 +15,34 @@ pytestmark = pytest.mark.timeout(20)
 
 
 def _record(*, pattern: int, family: int | None, connector: str) -> RouteRecord:
-    return RouteRecord(route_id="r1", initiator="a", responder="b", pattern=pattern,
-                       family=family, connector=connector, trs_replica=None, created_ms=0,
-                       decided_by="nms-0")
+    return RouteRecord(
+        route_id="r1",
+        initiator="a",
+        responder="b",
+        pattern=pattern,
+        family=family,
+        connector=connector,
+        trs_replica=None,
+        created_ms=0,
+        decided_by="nms-0",
+    )
 
 
-@pytest.mark.parametrize(("moved", "decision", "kept"), [
-    # the mover connects and nothing else changed: its connection migrates
-    ("a", RouteDecision(Pattern.NAT_CONNECTS, Family.IPV4, Side.INITIATOR), True),
-    # the mover accepted the tunnel: its peer must connect to the new address
-    ("b", RouteDecision(Pattern.NAT_CONNECTS, Family.IPV4, Side.INITIATOR), False),
-    # the pattern changed (direct -> relay)
-    ("a", RouteDecision(Pattern.RELAY, None, Side.INITIATOR), False),
-    # the connecting side changed
-    ("a", RouteDecision(Pattern.NAT_CONNECTS, Family.IPV4, Side.RESPONDER), False),
-    # the family changed
-    ("a", RouteDecision(Pattern.NAT_CONNECTS, Family.IPV6, Side.INITIATOR), False),
-])
+@pytest.mark.parametrize(
+    ("moved", "decision", "kept"),
+    [
+        # the mover connects and nothing else changed: its connection migrates
+        ("a", RouteDecision(Pattern.NAT_CONNECTS, Family.IPV4, Side.INITIATOR), True),
+        # the mover accepted the tunnel: its peer must connect to the new address
+        ("b", RouteDecision(Pattern.NAT_CONNECTS, Family.IPV4, Side.INITIATOR), False),
+        # the pattern changed (direct -> relay)
+        ("a", RouteDecision(Pattern.RELAY, None, Side.INITIATOR), False),
+        # the connecting side changed
+        ("a", RouteDecision(Pattern.NAT_CONNECTS, Family.IPV4, Side.RESPONDER), False),
+        # the family changed
+        ("a", RouteDecision(Pattern.NAT_CONNECTS, Family.IPV6, Side.INITIATOR), False),
+    ],
+)
 def test_survives_move(moved: str, decision: RouteDecision, kept: bool) -> None:
     route = _record(pattern=2, family=4, connector="initiator")
     assert survives_move(route, decision, moved) is kept
@@ -51,8 +62,7 @@ async def test_connector_moving_between_nats_keeps_its_route(cluster: InProcessC
     assert first.pattern == pb.ROUTE_PATTERN_NAT_CONNECTS
     assert nms.last_handover(a.fqdn) is None
     # a re-registers on its migrated connection from behind another NAT
-    await nms.register(a, local_addresses=[E("192.168.3.10:443")],
-                       observed=E("203.0.113.77:40000"))
+    await nms.register(a, local_addresses=[E("192.168.3.10:443")], observed=E("203.0.113.77:40000"))
     again_a = (await a.wait_for("route_direction", count=2)).route_direction
     again_b = (await b.wait_for("route_direction", count=2)).route_direction
     assert again_a.route_id == again_b.route_id == first.route_id
@@ -69,14 +79,16 @@ async def test_acceptor_moving_gets_a_new_route(cluster: InProcessCluster) -> No
     a = await cluster.node(nms, "a", "nat_ipv4")
     b = await cluster.node(nms, "b", "global_ipv4")
     first = await nms.route(a, pb.RouteRequest(fqdn=b.fqdn))
-    await nms.register(b, local_addresses=[E("198.51.100.138:443")],
-                       observed=E("198.51.100.138:443"))
+    await nms.register(
+        b, local_addresses=[E("198.51.100.138:443")], observed=E("198.51.100.138:443")
+    )
     again_a = (await a.wait_for("route_direction", count=2)).route_direction
     again_b = (await b.wait_for("route_direction", count=2)).route_direction
     assert again_a.route_id == again_b.route_id != first.route_id
     assert (again_a.role, again_b.role) == (pb.ROUTE_ROLE_CONNECT, pb.ROUTE_ROLE_ACCEPT)
     assert [(ip_address(c.ip), c.port) for c in again_a.peer_candidates] == [
-        (ip_address("198.51.100.138"), 443)]
+        (ip_address("198.51.100.138"), 443)
+    ]
     assert [r.route_id for r in await cluster.routes.all()] == [again_a.route_id]
 
 
@@ -84,8 +96,9 @@ async def test_same_network_again_is_no_move(cluster: InProcessCluster) -> None:
     nms = await cluster.replica("r1")
     a = await cluster.node(nms, "a", "global_ipv4")
     view = nms.connected[a.fqdn]
-    await nms.register(a, local_addresses=list(view.network.local_addresses),
-                       observed=view.network.observed_ipv4)
+    await nms.register(
+        a, local_addresses=list(view.network.local_addresses), observed=view.network.observed_ipv4
+    )
     assert nms.last_handover(a.fqdn) is None
 
 

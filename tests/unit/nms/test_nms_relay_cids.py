@@ -22,9 +22,13 @@ def cids(n: int = 16, size: int = 8) -> list[bytes]:
 
 
 async def with_trs(cluster: InProcessCluster) -> None:
-    await cluster.trs.register(TrsReplica(
-        replica_id="trs-0", endpoints=(Endpoint.parse("192.0.2.9:443"),),
-        server_name=f"trs.svc.{DOMAIN}"))
+    await cluster.trs.register(
+        TrsReplica(
+            replica_id="trs-0",
+            endpoints=(Endpoint.parse("192.0.2.9:443"),),
+            server_name=f"trs.svc.{DOMAIN}",
+        )
+    )
 
 
 async def relayed_pair(
@@ -78,8 +82,10 @@ async def test_refusals(cluster: InProcessCluster) -> None:
     with pytest.raises(PermissionDenied, match="not a node of route"):
         await nms.relay_cids(c, pb.RelayCids(route_id=route_id, connection_ids=good))
     with pytest.raises(PermissionDenied, match="register"):
-        await nms.relay_cids(RecordingLink(fqdn=f"ghost.{DOMAIN}"),
-                             pb.RelayCids(route_id=route_id, connection_ids=good))
+        await nms.relay_cids(
+            RecordingLink(fqdn=f"ghost.{DOMAIN}"),
+            pb.RelayCids(route_id=route_id, connection_ids=good),
+        )
     bad_bodies = [
         pb.RelayCids(route_id=route_id, connection_ids=[]),
         pb.RelayCids(route_id=route_id, connection_ids=cids(33)),
@@ -116,17 +122,22 @@ async def test_envelope_level_answers_and_typed_errors(cluster: InProcessCluster
     await with_trs(cluster)
     nms = await cluster.replica("r1")
     a, b, route_id = await relayed_pair(cluster, nms, nms)
-    request = pb.Envelope(version=pb.PROTOCOL_VERSION_1,
-                          relay_cids=pb.RelayCids(route_id=route_id, connection_ids=cids(4)))
+    request = pb.Envelope(
+        version=pb.PROTOCOL_VERSION_1,
+        relay_cids=pb.RelayCids(route_id=route_id, connection_ids=cids(4)),
+    )
     answer = await handle_request(nms, b, request, observed=None)
     assert answer.WhichOneof("body") == "relay_cids"
     assert answer.relay_cids == request.relay_cids
     assert (await a.wait_for("relay_cids")).relay_cids == request.relay_cids
-    unknown = pb.Envelope(version=pb.PROTOCOL_VERSION_1,
-                          relay_cids=pb.RelayCids(route_id="nope", connection_ids=cids(1)))
+    unknown = pb.Envelope(
+        version=pb.PROTOCOL_VERSION_1,
+        relay_cids=pb.RelayCids(route_id="nope", connection_ids=cids(1)),
+    )
     assert (await handle_request(nms, b, unknown, observed=None)).error.code == (
-        pb.ERROR_CODE_NOT_FOUND)
-    empty = pb.Envelope(version=pb.PROTOCOL_VERSION_1,
-                        relay_cids=pb.RelayCids(route_id=route_id))
+        pb.ERROR_CODE_NOT_FOUND
+    )
+    empty = pb.Envelope(version=pb.PROTOCOL_VERSION_1, relay_cids=pb.RelayCids(route_id=route_id))
     assert (await handle_request(nms, b, empty, observed=None)).error.code == (
-        pb.ERROR_CODE_INVALID_ARGUMENT)
+        pb.ERROR_CODE_INVALID_ARGUMENT
+    )

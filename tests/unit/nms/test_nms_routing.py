@@ -109,10 +109,16 @@ def test_table_cell(a: str, b: str, pattern: Pattern, connector: Side) -> None:
     node_a = KINDS[a]
     node_b = classify(
         # A second node of the same kind, at other addresses.
-        [E("[2001:db8:7::1]:443")] if b == "ipv6" else
-        [E("198.51.100.99:443")] if b == "global_ipv4" else [E("172.16.0.9:443")],
-        E("[2001:db8:7::1]:443") if b == "ipv6" else
-        E("198.51.100.99:443") if b == "global_ipv4" else E("203.0.113.77:3000"),
+        [E("[2001:db8:7::1]:443")]
+        if b == "ipv6"
+        else [E("198.51.100.99:443")]
+        if b == "global_ipv4"
+        else [E("172.16.0.9:443")],
+        E("[2001:db8:7::1]:443")
+        if b == "ipv6"
+        else E("198.51.100.99:443")
+        if b == "global_ipv4"
+        else E("203.0.113.77:3000"),
     )
     decision = pattern_for(node_a, node_b)
     assert decision.pattern is pattern

@@ -21,8 +21,11 @@ def test_unknown_environment_is_refused(name: str) -> None:
 def test_production_still_applies_its_checks() -> None:
     with pytest.raises(ValidationError, match="admin token"):
         NmsSettings(environment="production")
-    ok = NmsSettings(environment="production", admin_token="x" * 30,
-                     database_url="postgresql+asyncpg://db/cyphonic")
+    ok = NmsSettings(
+        environment="production",
+        admin_token="x" * 30,
+        database_url="postgresql+asyncpg://db/cyphonic",
+    )
     assert ok.environment == "production"
 
 

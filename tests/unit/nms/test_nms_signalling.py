@@ -15,9 +15,13 @@ def _env(**body: object) -> pb.Envelope:
 
 
 def _register(*addresses: tuple[str, int]) -> pb.Envelope:
-    return _env(register_request=pb.RegisterRequest(local_addresses=[
-        pb.Endpoint(ip=ip_address(ip).packed, port=port) for ip, port in addresses
-    ]))
+    return _env(
+        register_request=pb.RegisterRequest(
+            local_addresses=[
+                pb.Endpoint(ip=ip_address(ip).packed, port=port) for ip, port in addresses
+            ]
+        )
+    )
 
 
 async def test_register_keepalive_route(cluster: InProcessCluster) -> None:
@@ -26,8 +30,9 @@ async def test_register_keepalive_route(cluster: InProcessCluster) -> None:
         await add_node(cluster.sessions, name)
     a = RecordingLink(fqdn="a.cyphonic.internal")
     b = RecordingLink(fqdn="b.cyphonic.internal")
-    answer = await handle_request(nms, a, _register(("10.0.0.2", 4433)),
-                                  observed=Endpoint.parse("203.0.113.7:61000"))
+    answer = await handle_request(
+        nms, a, _register(("10.0.0.2", 4433)), observed=Endpoint.parse("203.0.113.7:61000")
+    )
     reg = answer.register_response
     assert answer.WhichOneof("body") == "register_response"
     assert reg.fqdn == "a.cyphonic.internal"
@@ -39,8 +44,9 @@ async def test_register_keepalive_route(cluster: InProcessCluster) -> None:
     assert reg.keepalive_interval_ms == 15000
     ack = await handle_request(nms, a, _env(keepalive=pb.Keepalive(sequence=7)), observed=None)
     assert ack.keepalive_ack.sequence == 7
-    await handle_request(nms, b, _register(("198.51.100.3", 443)),
-                         observed=Endpoint.parse("198.51.100.3:443"))
+    await handle_request(
+        nms, b, _register(("198.51.100.3", 443)), observed=Endpoint.parse("198.51.100.3:443")
+    )
     routed = await handle_request(
         nms, a, _env(route_request=pb.RouteRequest(fqdn="b.cyphonic.internal")), observed=None
     )
@@ -54,8 +60,9 @@ async def test_typed_errors(cluster: InProcessCluster) -> None:
     a = RecordingLink(fqdn="a.cyphonic.internal")
     before = await handle_request(nms, a, _env(keepalive=pb.Keepalive()), observed=None)
     assert before.error.code == pb.ERROR_CODE_PERMISSION_DENIED
-    bad = _env(register_request=pb.RegisterRequest(local_addresses=[pb.Endpoint(ip=b"123",
-                                                                                 port=1)]))
+    bad = _env(
+        register_request=pb.RegisterRequest(local_addresses=[pb.Endpoint(ip=b"123", port=1)])
+    )
     assert (await handle_request(nms, a, bad, observed=None)).error.code == (
         pb.ERROR_CODE_INVALID_ARGUMENT
     )

@@ -27,8 +27,7 @@ def material(tmp_path_factory: pytest.TempPathFactory) -> pki.PkiMaterial:
 def _node(material: pki.PkiMaterial, name: str = "alice", **kw: object) -> pki.CertifiedKey:
     key = pki.generate_key()
     fqdn = f"{name}.{DOMAIN}"
-    cert = pki.sign_node_csr(material.node_ca, pki.make_csr(key, fqdn), fqdn=fqdn, now=NOW,
-                             **kw)  # type: ignore[arg-type]
+    cert = pki.sign_node_csr(material.node_ca, pki.make_csr(key, fqdn), fqdn=fqdn, now=NOW, **kw)  # type: ignore[arg-type]
     return pki.CertifiedKey(key=key, cert=cert, chain=[material.node_ca.cert])
 
 
@@ -37,8 +36,13 @@ def _node(material: pki.PkiMaterial, name: str = "alice", **kw: object) -> pki.C
 
 def test_service_chain_verifies_with_expected_name(material: pki.PkiMaterial) -> None:
     nms = material.services["nms"]
-    peer = pki.verify_peer(nms.full_chain, trust=material.trust, expect="service",
-                           expected_name=f"nms.svc.{DOMAIN}", now=NOW)
+    peer = pki.verify_peer(
+        nms.full_chain,
+        trust=material.trust,
+        expect="service",
+        expected_name=f"nms.svc.{DOMAIN}",
+        now=NOW,
+    )
     assert peer.name == f"nms.svc.{DOMAIN}"
     assert peer.kind == "service"
     assert peer.certificate == nms.cert
@@ -46,13 +50,30 @@ def test_service_chain_verifies_with_expected_name(material: pki.PkiMaterial) ->
 
 def test_node_chain_verifies_and_any_reports_kind(material: pki.PkiMaterial) -> None:
     node = _node(material)
-    peer = pki.verify_peer(node.full_chain, trust=material.trust, expect="node",
-                           expected_name=f"ALICE.{DOMAIN}.", now=NOW)
+    peer = pki.verify_peer(
+        node.full_chain,
+        trust=material.trust,
+        expect="node",
+        expected_name=f"ALICE.{DOMAIN}.",
+        now=NOW,
+    )
     assert (peer.name, peer.kind) == (f"alice.{DOMAIN}", "node")
-    assert pki.verify_peer([node.cert], trust=material.trust, expect="any",
-                           expected_name=None, now=NOW).kind == "node"
-    assert pki.verify_peer(material.services["as"].full_chain, trust=material.trust,
-                           expect="any", expected_name=None, now=NOW).kind == "service"
+    assert (
+        pki.verify_peer(
+            [node.cert], trust=material.trust, expect="any", expected_name=None, now=NOW
+        ).kind
+        == "node"
+    )
+    assert (
+        pki.verify_peer(
+            material.services["as"].full_chain,
+            trust=material.trust,
+            expect="any",
+            expected_name=None,
+            now=NOW,
+        ).kind
+        == "service"
+    )
 
 
 def test_node_cert_properties(material: pki.PkiMaterial) -> None:
@@ -73,13 +94,17 @@ def test_node_without_service_ca_file_still_verifies_services(
 ) -> None:
     # An agent holds root + node CA (from node.crt); the service CA comes from the peer.
     trust = pki.TrustStore(root=material.root_cert, node_ca=material.node_ca.cert)
-    peer = pki.verify_peer(material.services["as"].full_chain, trust=trust, expect="service",
-                           expected_name=f"as.svc.{DOMAIN}", now=NOW)
+    peer = pki.verify_peer(
+        material.services["as"].full_chain,
+        trust=trust,
+        expect="service",
+        expected_name=f"as.svc.{DOMAIN}",
+        now=NOW,
+    )
     assert peer.kind == "service"
     node = _node(material)
     with pytest.raises(Unauthenticated):
-        pki.verify_peer(node.full_chain, trust=trust, expect="service", expected_name=None,
-                        now=NOW)
+        pki.verify_peer(node.full_chain, trust=trust, expect="service", expected_name=None, now=NOW)
 
 
 # ------------------------------------------------------------------ refusals
@@ -93,12 +118,14 @@ def test_empty_chain_refused(material: pki.PkiMaterial) -> None:
 def test_self_signed_refused(material: pki.PkiMaterial) -> None:
     own = pki.create_root_ca(f"alice.{DOMAIN}", now=NOW)
     with pytest.raises(Unauthenticated, match="self-signed"):
-        pki.verify_peer([own.cert], trust=material.trust, expect="node", expected_name=None,
-                        now=NOW)
+        pki.verify_peer(
+            [own.cert], trust=material.trust, expect="node", expected_name=None, now=NOW
+        )
 
 
-def test_foreign_root_refused_even_with_same_names(material: pki.PkiMaterial,
-                                                   tmp_path: Path) -> None:
+def test_foreign_root_refused_even_with_same_names(
+    material: pki.PkiMaterial, tmp_path: Path
+) -> None:
     # A second PKI with identical CA names: the issuer matches, the signature does not.
     foreign = pki.init_pki(tmp_path, domain=DOMAIN, now=NOW)
     assert foreign.node_ca.cert.subject == material.node_ca.cert.subject
@@ -106,11 +133,21 @@ def test_foreign_root_refused_even_with_same_names(material: pki.PkiMaterial,
     fqdn = f"mallory.{DOMAIN}"
     cert = pki.sign_node_csr(foreign.node_ca, pki.make_csr(key, fqdn), fqdn=fqdn, now=NOW)
     with pytest.raises(Unauthenticated):
-        pki.verify_peer([cert, foreign.node_ca.cert], trust=material.trust, expect="node",
-                        expected_name=None, now=NOW)
+        pki.verify_peer(
+            [cert, foreign.node_ca.cert],
+            trust=material.trust,
+            expect="node",
+            expected_name=None,
+            now=NOW,
+        )
     with pytest.raises(Unauthenticated):
-        pki.verify_peer(foreign.services["nms"].full_chain, trust=material.trust,
-                        expect="service", expected_name=None, now=NOW)
+        pki.verify_peer(
+            foreign.services["nms"].full_chain,
+            trust=material.trust,
+            expect="service",
+            expected_name=None,
+            now=NOW,
+        )
 
 
 def test_leaf_signed_by_root_directly_refused(tmp_path: Path) -> None:
@@ -119,18 +156,25 @@ def test_leaf_signed_by_root_directly_refused(tmp_path: Path) -> None:
     leaf = pki.issue_service_certificate(root_ck, f"nms.svc.{DOMAIN}", now=NOW)
     assert leaf.chain == []
     with pytest.raises(Unauthenticated):
-        pki.verify_peer(leaf.full_chain, trust=own.trust, expect="service",
-                        expected_name=None, now=NOW)
+        pki.verify_peer(
+            leaf.full_chain, trust=own.trust, expect="service", expected_name=None, now=NOW
+        )
 
 
 def test_wrong_role_refused_both_ways(material: pki.PkiMaterial) -> None:
     node = _node(material)
     with pytest.raises(Unauthenticated, match="node certificate where a service"):
-        pki.verify_peer(node.full_chain, trust=material.trust, expect="service",
-                        expected_name=None, now=NOW)
+        pki.verify_peer(
+            node.full_chain, trust=material.trust, expect="service", expected_name=None, now=NOW
+        )
     with pytest.raises(Unauthenticated, match="service certificate where a node"):
-        pki.verify_peer(material.services["nms"].full_chain, trust=material.trust,
-                        expect="node", expected_name=None, now=NOW)
+        pki.verify_peer(
+            material.services["nms"].full_chain,
+            trust=material.trust,
+            expect="node",
+            expected_name=None,
+            now=NOW,
+        )
 
 
 def test_node_ca_cannot_issue_service_names(material: pki.PkiMaterial) -> None:
@@ -139,43 +183,58 @@ def test_node_ca_cannot_issue_service_names(material: pki.PkiMaterial) -> None:
     fqdn = f"nms.svc.{DOMAIN}"
     cert = pki.sign_node_csr(material.node_ca, pki.make_csr(key, fqdn), fqdn=fqdn, now=NOW)
     with pytest.raises(Unauthenticated, match="name constraint"):
-        pki.verify_peer([cert], trust=material.trust, expect="node", expected_name=None,
-                        now=NOW)
+        pki.verify_peer([cert], trust=material.trust, expect="node", expected_name=None, now=NOW)
 
 
 def test_expired_and_not_yet_valid(material: pki.PkiMaterial) -> None:
     node = _node(material)
     later = NOW + pki.NODE_CERT_VALIDITY + datetime.timedelta(seconds=1)
     with pytest.raises(Expired):
-        pki.verify_peer(node.full_chain, trust=material.trust, expect="node",
-                        expected_name=None, now=later)
+        pki.verify_peer(
+            node.full_chain, trust=material.trust, expect="node", expected_name=None, now=later
+        )
     with pytest.raises(Unauthenticated, match="not valid before"):
-        pki.verify_peer(node.full_chain, trust=material.trust, expect="node",
-                        expected_name=None, now=NOW - datetime.timedelta(hours=1))
+        pki.verify_peer(
+            node.full_chain,
+            trust=material.trust,
+            expect="node",
+            expected_name=None,
+            now=NOW - datetime.timedelta(hours=1),
+        )
 
 
 def test_revoked_leaf_and_revoked_intermediate(material: pki.PkiMaterial) -> None:
     node = _node(material)
     other = _node(material, "bob")
     revoked_serials = {node.cert.serial_number}
-    trust = pki.TrustStore(root=material.root_cert, node_ca=material.node_ca.cert,
-                           service_ca=material.service_ca.cert,
-                           is_revoked=lambda c: c.serial_number in revoked_serials)
+    trust = pki.TrustStore(
+        root=material.root_cert,
+        node_ca=material.node_ca.cert,
+        service_ca=material.service_ca.cert,
+        is_revoked=lambda c: c.serial_number in revoked_serials,
+    )
     with pytest.raises(Revoked):
-        pki.verify_peer(node.full_chain, trust=trust, expect="node", expected_name=None,
-                        now=NOW)
-    assert pki.verify_peer(other.full_chain, trust=trust, expect="node", expected_name=None,
-                           now=NOW).name == f"bob.{DOMAIN}"
+        pki.verify_peer(node.full_chain, trust=trust, expect="node", expected_name=None, now=NOW)
+    assert (
+        pki.verify_peer(
+            other.full_chain, trust=trust, expect="node", expected_name=None, now=NOW
+        ).name
+        == f"bob.{DOMAIN}"
+    )
     revoked_serials.add(material.node_ca.cert.serial_number)
     with pytest.raises(Revoked, match="issuing node CA"):
-        pki.verify_peer(other.full_chain, trust=trust, expect="node", expected_name=None,
-                        now=NOW)
+        pki.verify_peer(other.full_chain, trust=trust, expect="node", expected_name=None, now=NOW)
 
 
 def test_wrong_name_is_permission_denied(material: pki.PkiMaterial) -> None:
     with pytest.raises(PermissionDenied, match="expected"):
-        pki.verify_peer(material.services["as"].full_chain, trust=material.trust,
-                        expect="service", expected_name=f"nms.svc.{DOMAIN}", now=NOW)
+        pki.verify_peer(
+            material.services["as"].full_chain,
+            trust=material.trust,
+            expect="service",
+            expected_name=f"nms.svc.{DOMAIN}",
+            now=NOW,
+        )
 
 
 def test_leaf_without_server_auth_refused(material: pki.PkiMaterial) -> None:
@@ -186,23 +245,24 @@ def test_leaf_without_server_auth_refused(material: pki.PkiMaterial) -> None:
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, fqdn)]))
-        .issuer_name(ca.cert.subject).public_key(key.public_key())
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(NOW - datetime.timedelta(hours=1))
         .not_valid_after(NOW + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(fqdn)]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-                       critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
         .sign(ca.key, hashes.SHA256())
     )
     with pytest.raises(Unauthenticated, match="serverAuth"):
-        pki.verify_peer([cert], trust=material.trust, expect="node", expected_name=None,
-                        now=NOW)
+        pki.verify_peer([cert], trust=material.trust, expect="node", expected_name=None, now=NOW)
 
 
 # ------------------------------------------------------------------ CSR checks
@@ -226,8 +286,7 @@ def _csr(key: object, *, cn: str | None, sans: list[str] | None) -> x509.Certifi
         ("bob.cyphonic.internal", None, "common name"),
         (None, ["alice.cyphonic.internal", "bob.cyphonic.internal"], "exactly"),
         (None, ["bob.cyphonic.internal"], "exactly"),
-        ("alice.cyphonic.internal", ["alice.cyphonic.internal", "x.cyphonic.internal"],
-         "exactly"),
+        ("alice.cyphonic.internal", ["alice.cyphonic.internal", "x.cyphonic.internal"], "exactly"),
         (None, None, "names nothing"),
     ],
 )
@@ -235,30 +294,46 @@ def test_csr_must_name_exactly_the_fqdn(
     material: pki.PkiMaterial, cn: str | None, sans: list[str] | None, message: str
 ) -> None:
     with pytest.raises(InvalidArgument, match=message):
-        pki.sign_node_csr(material.node_ca, _csr(pki.generate_key(), cn=cn, sans=sans),
-                          fqdn=f"alice.{DOMAIN}", now=NOW)
+        pki.sign_node_csr(
+            material.node_ca,
+            _csr(pki.generate_key(), cn=cn, sans=sans),
+            fqdn=f"alice.{DOMAIN}",
+            now=NOW,
+        )
 
 
-@pytest.mark.parametrize(("cn", "sans"), [("alice.cyphonic.internal", None),
-                                          (None, ["alice.cyphonic.internal"])])
+@pytest.mark.parametrize(
+    ("cn", "sans"), [("alice.cyphonic.internal", None), (None, ["alice.cyphonic.internal"])]
+)
 def test_csr_with_cn_or_san_only_is_accepted(
     material: pki.PkiMaterial, cn: str | None, sans: list[str] | None
 ) -> None:
-    cert = pki.sign_node_csr(material.node_ca, _csr(pki.generate_key(), cn=cn, sans=sans),
-                             fqdn=f"alice.{DOMAIN}", now=NOW)
+    cert = pki.sign_node_csr(
+        material.node_ca,
+        _csr(pki.generate_key(), cn=cn, sans=sans),
+        fqdn=f"alice.{DOMAIN}",
+        now=NOW,
+    )
     assert pki.certificate_dns_names(cert) == [f"alice.{DOMAIN}"]
 
 
 def test_csr_key_types(material: pki.PkiMaterial) -> None:
     fqdn = f"alice.{DOMAIN}"
-    for bad in (ec.generate_private_key(ec.SECP256K1()), ed25519.Ed25519PrivateKey.generate(),
-                rsa.generate_private_key(public_exponent=65537, key_size=1024)):
+    for bad in (
+        ec.generate_private_key(ec.SECP256K1()),
+        ed25519.Ed25519PrivateKey.generate(),
+        rsa.generate_private_key(public_exponent=65537, key_size=1024),
+    ):
         with pytest.raises(InvalidArgument, match="CSR key"):
             pki.sign_node_csr(material.node_ca, pki.make_csr(bad, fqdn), fqdn=fqdn, now=NOW)
     good = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     cert = pki.sign_node_csr(material.node_ca, pki.make_csr(good, fqdn), fqdn=fqdn, now=NOW)
-    assert pki.verify_peer([cert], trust=material.trust, expect="node", expected_name=fqdn,
-                           now=NOW).name == fqdn
+    assert (
+        pki.verify_peer(
+            [cert], trust=material.trust, expect="node", expected_name=fqdn, now=NOW
+        ).name
+        == fqdn
+    )
 
 
 def test_csr_with_bad_signature_refused(material: pki.PkiMaterial) -> None:
@@ -278,9 +353,14 @@ def test_bad_fqdn_refused(material: pki.PkiMaterial) -> None:
 
 def test_explicit_serial_and_validity(material: pki.PkiMaterial) -> None:
     fqdn = f"alice.{DOMAIN}"
-    cert = pki.sign_node_csr(material.node_ca, pki.make_csr(pki.generate_key(), fqdn),
-                             fqdn=fqdn, now=NOW, serial=12345,
-                             valid_for=datetime.timedelta(days=2))
+    cert = pki.sign_node_csr(
+        material.node_ca,
+        pki.make_csr(pki.generate_key(), fqdn),
+        fqdn=fqdn,
+        now=NOW,
+        serial=12345,
+        valid_for=datetime.timedelta(days=2),
+    )
     assert cert.serial_number == 12345
     assert cert.not_valid_after_utc == NOW + datetime.timedelta(days=2)
 
@@ -308,8 +388,9 @@ def test_load_private_key_rejects_garbage(tmp_path: Path) -> None:
         pki.load_private_key(path)
 
 
-def test_certificates_round_trip_and_identity_mismatch(material: pki.PkiMaterial,
-                                                       tmp_path: Path) -> None:
+def test_certificates_round_trip_and_identity_mismatch(
+    material: pki.PkiMaterial, tmp_path: Path
+) -> None:
     node = _node(material)
     pki.write_certificates(tmp_path / "node.crt", node.full_chain)
     assert pki.load_certificates(tmp_path / "node.crt") == node.full_chain
@@ -326,9 +407,20 @@ def test_certificates_round_trip_and_identity_mismatch(material: pki.PkiMaterial
 
 def test_init_pki_layout_modes_and_idempotence(tmp_path: Path) -> None:
     first = pki.init_pki(tmp_path, domain="example.net", now=NOW)
-    expected = {"root-ca.crt", "root-ca.key", "node-ca.crt", "node-ca.key", "service-ca.crt",
-                "service-ca.key", "as.crt", "as.key", "nms.crt", "nms.key", "trs.crt",
-                "trs.key"}
+    expected = {
+        "root-ca.crt",
+        "root-ca.key",
+        "node-ca.crt",
+        "node-ca.key",
+        "service-ca.crt",
+        "service-ca.key",
+        "as.crt",
+        "as.key",
+        "nms.crt",
+        "nms.key",
+        "trs.crt",
+        "trs.key",
+    }
     assert {p.name for p in tmp_path.iterdir()} == expected
     assert set(first.created) == expected
     for name in expected:
@@ -338,8 +430,12 @@ def test_init_pki_layout_modes_and_idempotence(tmp_path: Path) -> None:
     assert len(nms_chain) == 2
     assert pki.certificate_dns_names(nms_chain[0]) == ["nms.svc.example.net"]
     trust = pki.load_trust_store(tmp_path)
-    assert pki.verify_peer(nms_chain, trust=trust, expect="service",
-                           expected_name="nms.svc.example.net", now=NOW).kind == "service"
+    assert (
+        pki.verify_peer(
+            nms_chain, trust=trust, expect="service", expected_name="nms.svc.example.net", now=NOW
+        ).kind
+        == "service"
+    )
     again = pki.init_pki(tmp_path, domain="example.net", now=NOW)
     assert again.created == []
     assert again.services["nms"].cert == first.services["nms"].cert
@@ -350,14 +446,21 @@ def test_init_pki_with_operator_intermediates_only(tmp_path: Path) -> None:
     src = pki.init_pki(tmp_path / "src", now=NOW)
     dst = tmp_path / "dst"
     dst.mkdir()
-    for name in ("root-ca.crt", "node-ca.crt", "node-ca.key", "service-ca.crt",
-                 "service-ca.key"):
+    for name in ("root-ca.crt", "node-ca.crt", "node-ca.key", "service-ca.crt", "service-ca.key"):
         (dst / name).write_bytes((tmp_path / "src" / name).read_bytes())
     made = pki.init_pki(dst, now=NOW)
     assert set(made.created) == {"as.crt", "as.key", "nms.crt", "nms.key", "trs.crt", "trs.key"}
     assert not (dst / "root-ca.key").exists()
-    assert pki.verify_peer(made.services["trs"].full_chain, trust=src.trust, expect="service",
-                           expected_name=f"trs.svc.{DOMAIN}", now=NOW).kind == "service"
+    assert (
+        pki.verify_peer(
+            made.services["trs"].full_chain,
+            trust=src.trust,
+            expect="service",
+            expected_name=f"trs.svc.{DOMAIN}",
+            now=NOW,
+        ).kind
+        == "service"
+    )
     (dst / "node-ca.key").unlink()
     with pytest.raises(InvalidArgument, match=r"root-ca\.key"):
         pki.init_pki(dst, now=NOW)

@@ -35,8 +35,7 @@ def paths(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "node.crt", tmp_path / "node.key"
 
 
-def test_write_then_load_and_nothing_left_over(node_ca: pki.CertifiedKey,
-                                               tmp_path: Path) -> None:
+def test_write_then_load_and_nothing_left_over(node_ca: pki.CertifiedKey, tmp_path: Path) -> None:
     cert_path, key_path = paths(tmp_path)
     key, certs = issued(node_ca)
     pki.write_identity(cert_path, key_path, key=key, certs=certs)
@@ -52,7 +51,10 @@ def test_write_then_load_and_nothing_left_over(node_ca: pki.CertifiedKey,
 
 @pytest.mark.parametrize("crash_at", [0, 1, 2, 3, 4, 5])
 def test_a_crash_at_any_step_leaves_a_matching_pair(
-    node_ca: pki.CertifiedKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: int,
+    node_ca: pki.CertifiedKey,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    crash_at: int,
 ) -> None:
     """``crash_at`` counts the file operations (writes of the staged files and of the kept
     pair, then the two renames) before the process dies."""
@@ -86,8 +88,7 @@ def test_a_crash_at_any_step_leaves_a_matching_pair(
         assert recovered.cert == new_certs[0]
 
 
-def test_no_matching_pair_is_an_invalid_argument(node_ca: pki.CertifiedKey,
-                                                 tmp_path: Path) -> None:
+def test_no_matching_pair_is_an_invalid_argument(node_ca: pki.CertifiedKey, tmp_path: Path) -> None:
     cert_path, key_path = paths(tmp_path)
     _key, certs = issued(node_ca)
     other, _ = issued(node_ca)

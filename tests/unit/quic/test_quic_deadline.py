@@ -13,7 +13,8 @@ from cyphonic.quic.deadline import DeadlineTimer, LoopTimer, TimerFdTimer, open_
 pytestmark = pytest.mark.timeout(10)
 
 KINDS: list[Callable[[asyncio.AbstractEventLoop, Callable[[], None]], DeadlineTimer]] = [
-    LoopTimer, open_deadline_timer,
+    LoopTimer,
+    open_deadline_timer,
 ]
 
 

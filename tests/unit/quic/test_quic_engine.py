@@ -43,20 +43,32 @@ Verifier = Callable[[list[x509.Certificate], str | None], pki.PeerIdentity]
 
 def _verifier(material: pki.PkiMaterial, expect: str, name: str | None) -> Verifier:
     def verify(chain: list[x509.Certificate], alpn: str | None) -> pki.PeerIdentity:
-        return pki.verify_peer(chain, trust=material.trust, expect=expect,  # type: ignore[arg-type]
-                               expected_name=name, now=NOW)
+        return pki.verify_peer(
+            chain,
+            trust=material.trust,
+            expect=expect,  # type: ignore[arg-type]
+            expected_name=name,
+            now=NOW,
+        )
+
     return verify
 
 
 def _pair(
-    material: pki.PkiMaterial, client_identity: pki.CertifiedKey, *,
-    client_verifier: Verifier | None = None, server_verifier: Verifier | None = None,
+    material: pki.PkiMaterial,
+    client_identity: pki.CertifiedKey,
+    *,
+    client_verifier: Verifier | None = None,
+    server_verifier: Verifier | None = None,
     client_cids: engine.ConnectionIdFactory | None = None,
 ) -> tuple[CyphonicQuicConnection, CyphonicQuicConnection]:
     client = CyphonicQuicConnection(
         configuration=engine.make_configuration(
-            is_client=True, identity=client_identity, alpn_protocols=["cyphonic-sig/1"],
-            idle_timeout=10.0, server_name=f"nms.svc.{DOMAIN}",
+            is_client=True,
+            identity=client_identity,
+            alpn_protocols=["cyphonic-sig/1"],
+            idle_timeout=10.0,
+            server_name=f"nms.svc.{DOMAIN}",
         ),
         peer_verifier=client_verifier or _verifier(material, "service", f"nms.svc.{DOMAIN}"),
         connection_id_factory=client_cids,
@@ -68,8 +80,10 @@ def _pair(
     assert header is not None and header.is_initial
     server = CyphonicQuicConnection(
         configuration=engine.make_configuration(
-            is_client=False, identity=material.services["nms"],
-            alpn_protocols=["cyphonic-sig/1"], idle_timeout=10.0,
+            is_client=False,
+            identity=material.services["nms"],
+            alpn_protocols=["cyphonic-sig/1"],
+            idle_timeout=10.0,
         ),
         peer_verifier=server_verifier or _verifier(material, "node", None),
         original_destination_connection_id=header.destination_cid,
@@ -79,8 +93,9 @@ def _pair(
     return client, server
 
 
-def _exchange(client: CyphonicQuicConnection, server: CyphonicQuicConnection, *,
-              now: float, rounds: int = 6) -> None:
+def _exchange(
+    client: CyphonicQuicConnection, server: CyphonicQuicConnection, *, now: float, rounds: int = 6
+) -> None:
     for _ in range(rounds):
         for data, _ in server.datagrams_to_send(now=now):
             client.receive_datagram(data, SERVER_ADDR, now=now)
@@ -193,9 +208,9 @@ def test_parse_datagram_header() -> None:
 
 
 def test_error_from_close_non_tls() -> None:
-    idle = ConnectionTerminated(error_code=QuicErrorCode.INTERNAL_ERROR, frame_type=0,
-                                reason_phrase="Idle timeout")
+    idle = ConnectionTerminated(
+        error_code=QuicErrorCode.INTERNAL_ERROR, frame_type=0, reason_phrase="Idle timeout"
+    )
     assert isinstance(engine.error_from_close(idle, local_error=None, peer_label="p"), Timeout)
     local = PermissionDenied("mine")
     assert engine.error_from_close(idle, local_error=local, peer_label="p") is local
-

@@ -30,13 +30,15 @@ def cas() -> dict[str, pki.CertifiedKey]:
         "root": root,
         "node": pki.create_intermediate_ca(root, "node-ca", now=NOW),
         "service": pki.create_intermediate_ca(root, "service-ca", now=NOW),
-        "foreign": pki.create_intermediate_ca(pki.create_root_ca("other", now=NOW), "node-ca",
-                                              now=NOW),
+        "foreign": pki.create_intermediate_ca(
+            pki.create_root_ca("other", now=NOW), "node-ca", now=NOW
+        ),
     }
 
 
-def node_cert(ca: pki.CertifiedKey, fqdn: str = "n.cyphonic.internal",
-              serial: int | None = None) -> x509.Certificate:
+def node_cert(
+    ca: pki.CertifiedKey, fqdn: str = "n.cyphonic.internal", serial: int | None = None
+) -> x509.Certificate:
     key = pki.generate_key()
     return pki.sign_node_csr(ca, pki.make_csr(key, fqdn), fqdn=fqdn, now=NOW, serial=serial)
 
@@ -142,16 +144,20 @@ async def test_a_broken_listener_does_not_stop_the_others() -> None:
 # --------------------------------------------------------------------------- the CRL
 
 
-def crl_bytes(ca: pki.CertifiedKey, serials: list[int], *, number: int,
-              signer: Any = None) -> bytes:
+def crl_bytes(
+    ca: pki.CertifiedKey, serials: list[int], *, number: int, signer: Any = None
+) -> bytes:
     builder = (
-        x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject)
-        .last_update(NOW).next_update(NOW + datetime.timedelta(hours=1))
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(NOW)
+        .next_update(NOW + datetime.timedelta(hours=1))
         .add_extension(x509.CRLNumber(number), critical=False)
     )
     for serial in serials:
         builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW).build())
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW).build()
+        )
     crl = builder.sign(signer or ca.key, hashes.SHA256())
     return crl.public_bytes(serialization.Encoding.DER)
 
@@ -164,8 +170,9 @@ class CrlServer:
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         assert request.url.path == "/v1/crl"
-        return httpx.Response(self.status, content=self.body,
-                              headers={"content-type": "application/pkix-crl"})
+        return httpx.Response(
+            self.status, content=self.body, headers={"content-type": "application/pkix-crl"}
+        )
 
 
 async def test_crl_source_accepts_only_the_node_cas_newer_lists(
@@ -173,8 +180,9 @@ async def test_crl_source_accepts_only_the_node_cas_newer_lists(
 ) -> None:
     node_ca = cas["node"]
     server = CrlServer(crl_bytes(node_ca, [1, 2], number=5))
-    source = CrlRevocations("http://as.test/v1/crl", node_ca=node_ca.cert,
-                            transport=httpx.MockTransport(server.handle))
+    source = CrlRevocations(
+        "http://as.test/v1/crl", node_ca=node_ca.cert, transport=httpx.MockTransport(server.handle)
+    )
     cache = RevocationCache(source, issuer=node_ca.cert)
     try:
         assert await cache.refresh() == {1, 2} and cache.revoked.cursor == 5

@@ -19,17 +19,26 @@ def test_help_lists_the_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
         main(["serve", "--help"])
     assert done.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--replica-id", "--quic-port", "--redis-url", "--public-endpoint",
-                 "--http-port", "--idle-timeout"):
+    for flag in (
+        "--replica-id",
+        "--quic-port",
+        "--redis-url",
+        "--public-endpoint",
+        "--http-port",
+        "--idle-timeout",
+    ):
         assert flag in out
-    assert {"serve", "replicas", "cid"} <= set(build_parser()._subparsers._group_actions[0]
-                                               .choices)
+    assert {"serve", "replicas", "cid"} <= set(build_parser()._subparsers._group_actions[0].choices)
 
 
 def test_cid_decodes_and_refuses(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["cid", "07002a0102030405"]) == 0
     assert json.loads(capsys.readouterr().out) == {
-        "config": 0, "replica": 42, "replica_id": "trs-42", "nonce": "0102030405"}
+        "config": 0,
+        "replica": 42,
+        "replica_id": "trs-42",
+        "nonce": "0102030405",
+    }
     assert main(["cid", "e7002a0102030405"]) == 1
     assert "unroutable" in capsys.readouterr().err
     assert main(["cid", "zz"]) == 2
@@ -59,8 +68,9 @@ def test_bad_settings_are_refused() -> None:
 def test_relay_secret_local_default_and_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CYPHONIC_RELAY_TOKEN_SECRET", raising=False)
     assert TrsSettings().relay_secrets() == [relay_token.LOCAL_SECRET]
-    s = TrsSettings(environment="test", relay_token_secret="n" * 20,
-                    relay_token_previous_secret="o" * 20)
+    s = TrsSettings(
+        environment="test", relay_token_secret="n" * 20, relay_token_previous_secret="o" * 20
+    )
     assert s.relay_secrets() == [b"n" * 20, b"o" * 20]
     with pytest.raises(Exception, match="RELAY_TOKEN_SECRET"):
         TrsSettings(environment="test").relay_secrets()
@@ -81,7 +91,20 @@ def test_serve_without_the_trs_certificate_exits_with_a_reason(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # No relay-only mode: without trs.crt no node could allocate, so the TRS refuses to start.
-    assert main(["serve", "--pki-dir", str(tmp_path), "--quic-host", "127.0.0.1",
-                 "--quic-port", "0", "--no-http"]) == 1
+    assert (
+        main(
+            [
+                "serve",
+                "--pki-dir",
+                str(tmp_path),
+                "--quic-host",
+                "127.0.0.1",
+                "--quic-port",
+                "0",
+                "--no-http",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "trs.crt is missing" in err and "init-pki" in err

@@ -25,8 +25,13 @@ from hypothesis import strategies as st
 def long_header(*, type_bits: int, version: int, dcid: bytes, scid: bytes, rest: bytes) -> bytes:
     first = 0xC0 | (type_bits << 4) | 0x01
     return (
-        bytes((first,)) + version.to_bytes(4, "big") + bytes((len(dcid),)) + dcid
-        + bytes((len(scid),)) + scid + rest
+        bytes((first,))
+        + version.to_bytes(4, "big")
+        + bytes((len(dcid),))
+        + dcid
+        + bytes((len(scid),))
+        + scid
+        + rest
     )
 
 
@@ -51,8 +56,9 @@ def short_header(dcid: bytes, payload_len: int = SHORT_MIN_AFTER_DCID) -> bytes:
 )
 def test_long_header_types_and_cids(version: int, type_bits: int, expected: PacketType) -> None:
     dcid, scid = os.urandom(CID_LEN), os.urandom(5)
-    packet = long_header(type_bits=type_bits, version=version, dcid=dcid, scid=scid,
-                         rest=b"\x00" * 30)
+    packet = long_header(
+        type_bits=type_bits, version=version, dcid=dcid, scid=scid, rest=b"\x00" * 30
+    )
     header = parse_header(packet)
     assert header.is_long and header.packet_type is expected
     assert header.version == version
@@ -81,8 +87,9 @@ def test_v1_cid_longer_than_20_is_refused_but_unknown_versions_may_use_255() -> 
     with pytest.raises(HeaderError):
         dcid_of(long_header(type_bits=0, version=VERSION_1, dcid=long_cid, scid=b"", rest=b""))
     with pytest.raises(HeaderError):
-        dcid_of(long_header(type_bits=0, version=VERSION_1, dcid=b"12345678", scid=long_cid,
-                            rest=b""))
+        dcid_of(
+            long_header(type_bits=0, version=VERSION_1, dcid=b"12345678", scid=long_cid, rest=b"")
+        )
     huge = os.urandom(255)
     packet = long_header(type_bits=0, version=0x0A0A0A0A, dcid=huge, scid=b"", rest=b"")
     assert dcid_of(packet) == huge
@@ -142,8 +149,9 @@ def test_every_datagram_of_a_real_handshake_routes_by_the_receivers_cid() -> Non
     initial = parse_header(first[0][0])
     assert initial.packet_type is PacketType.INITIAL and initial.version == VERSION_1
     assert initial.scid == client.host_cid
-    server = QuicConnection(configuration=server_cfg,
-                            original_destination_connection_id=initial.dcid)
+    server = QuicConnection(
+        configuration=server_cfg, original_destination_connection_id=initial.dcid
+    )
     seen_short = {"client": 0, "server": 0}
     pending = [("server", d) for d, _ in first]
     for _ in range(50):
@@ -159,8 +167,9 @@ def test_every_datagram_of_a_real_handshake_routes_by_the_receivers_cid() -> Non
             assert header.dcid in own
             if not header.is_long:
                 seen_short[target] += 1
-            receiver.receive_datagram(data, client_addr if target == "server" else server_addr,
-                                      now=now)
+            receiver.receive_datagram(
+                data, client_addr if target == "server" else server_addr, now=now
+            )
         for data, _ in server.datagrams_to_send(now=now):
             pending.append(("client", data))
         for data, _ in client.datagrams_to_send(now=now):

@@ -18,13 +18,18 @@ THIRD = ("203.0.113.66", 40001)
 
 
 def side(fqdn: str, addr: tuple[str, int], n: int = 4, replica: int = 3) -> RelaySide:
-    return RelaySide(fqdn=fqdn, addr=addr, cids=tuple(issue_cid(replica, os.urandom)
-                                                       for _ in range(n)), allocated_ms=0)
+    return RelaySide(
+        fqdn=fqdn,
+        addr=addr,
+        cids=tuple(issue_cid(replica, os.urandom) for _ in range(n)),
+        allocated_ms=0,
+    )
 
 
 def session(route_id: str = "r1", *, a: RelaySide | None, b: RelaySide | None) -> RelaySession:
-    return RelaySession(route_id=route_id, replica_id=3, pair=(A, B), sides=(a, b),
-                        created_ms=0, version=1)
+    return RelaySession(
+        route_id=route_id, replica_id=3, pair=(A, B), sides=(a, b), created_ms=0, version=1
+    )
 
 
 @pytest.fixture
@@ -52,8 +57,15 @@ def test_packet_to_b_from_a_goes_to_b_and_back(core: RelayCore, sides) -> None:
 
 
 def test_long_header_initial_with_peer_cid_is_forwarded(core: RelayCore, sides) -> None:
-    initial = (b"\xc3" + (1).to_bytes(4, "big") + b"\x08" + sides[1].cids[0] + b"\x08"
-               + sides[0].cids[0] + os.urandom(1200))
+    initial = (
+        b"\xc3"
+        + (1).to_bytes(4, "big")
+        + b"\x08"
+        + sides[1].cids[0]
+        + b"\x08"
+        + sides[0].cids[0]
+        + os.urandom(1200)
+    )
     assert core.datagram_received(initial, ADDR_A, 0.5) == Forward(ADDR_B)
 
 
@@ -62,7 +74,8 @@ def test_valid_cid_from_a_third_host_is_not_forwarded(core: RelayCore, sides) ->
     assert core.datagram_received(packet, THIRD, 1.0) == Drop(DropReason.SPOOFED_SOURCE)
     # Same IP as A but another port (another NAT mapping) is a third host too.
     assert core.datagram_received(packet, (ADDR_A[0], ADDR_A[1] + 1), 1.0) == Drop(
-        DropReason.SPOOFED_SOURCE)
+        DropReason.SPOOFED_SOURCE
+    )
     stats = core.session("r1", now=1.0)
     assert stats.packets == 0 and stats.spoofed_drops == 2
     assert core.totals().drops[DropReason.SPOOFED_SOURCE] == 2
@@ -71,7 +84,8 @@ def test_valid_cid_from_a_third_host_is_not_forwarded(core: RelayCore, sides) ->
 def test_owner_cannot_reflect_to_itself(core: RelayCore, sides) -> None:
     # B sending a packet carrying its own CID would make the TRS send to B: refused.
     assert core.datagram_received(short_packet(sides[1].cids[0]), ADDR_B, 1.0) == Drop(
-        DropReason.SPOOFED_SOURCE)
+        DropReason.SPOOFED_SOURCE
+    )
 
 
 def test_spoofed_packets_do_not_keep_a_session_alive(core: RelayCore, sides) -> None:
@@ -84,7 +98,8 @@ def test_nothing_flows_before_the_peer_allocates(sides) -> None:
     c = RelayCore(replica_id=3)
     c.install(session(a=None, b=sides[1]), now=0.0)
     assert c.datagram_received(short_packet(sides[1].cids[0]), ADDR_A, 0.1) == Drop(
-        DropReason.NO_PEER)
+        DropReason.NO_PEER
+    )
     c.install(session(a=sides[0], b=sides[1]), now=0.2)
     assert c.datagram_received(short_packet(sides[1].cids[0]), ADDR_A, 0.3) == Forward(ADDR_B)
 
@@ -92,7 +107,8 @@ def test_nothing_flows_before_the_peer_allocates(sides) -> None:
 def test_unknown_cids_go_to_the_local_server_and_do_not_disturb(core: RelayCore, sides) -> None:
     for i in range(1000):
         assert core.datagram_received(short_packet(random_cid()), THIRD, 1.0 + i / 1e4) is (
-            TO_LOCAL_SERVER)
+            TO_LOCAL_SERVER
+        )
     assert core.datagram_received(short_packet(sides[1].cids[1]), ADDR_A, 2.0) == Forward(ADDR_B)
     totals = core.totals()
     assert totals.to_local_server == 1000 and totals.forwarded_packets == 1
@@ -146,8 +162,12 @@ def test_a_cid_of_another_route_is_refused_atomically(core: RelayCore, sides) ->
     assert "r2" not in core
     assert core.owner_of(sides[1].cids[0]) == ("r1", B)
     with pytest.raises(AlreadyExists):
-        core.install(RelaySession(route_id="r1", replica_id=3, pair=(A, "c.x"),
-                                  sides=(None, None), created_ms=0), now=1.0)
+        core.install(
+            RelaySession(
+                route_id="r1", replica_id=3, pair=(A, "c.x"), sides=(None, None), created_ms=0
+            ),
+            now=1.0,
+        )
 
 
 def test_remove_and_routes_of(core: RelayCore, sides) -> None:
@@ -167,8 +187,9 @@ def test_native_addresses_are_compared_in_the_sockets_form(sides) -> None:
 
     c = RelayCore(replica_id=3, native_addr=mapped)
     c.install(session(a=sides[0], b=sides[1]), now=0.0)
-    action = c.datagram_received(short_packet(sides[1].cids[0]), ("::ffff:198.51.100.7", 40001,
-                                                                  0, 0), 1.0)
+    action = c.datagram_received(
+        short_packet(sides[1].cids[0]), ("::ffff:198.51.100.7", 40001, 0, 0), 1.0
+    )
     assert action == Forward(("2001:db8::b", 50002, 0, 0))
     assert c.session("r1", 1.0).sides[0].addr == ADDR_A  # shown in the stored form
 

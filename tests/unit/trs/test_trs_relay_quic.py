@@ -25,19 +25,34 @@ def test_handshake_stream_and_datagrams_through_the_relay() -> None:
     cids_a = [issue_cid(1, os.urandom) for _ in range(16)]
     cids_b = [issue_cid(1, os.urandom) for _ in range(16)]
     core = RelayCore(replica_id=1)
-    core.install(RelaySession(
-        route_id="r", replica_id=1, pair=(A, B), created_ms=0, version=2,
-        sides=(RelaySide(fqdn=A, addr=ADDR_A, cids=tuple(cids_a), allocated_ms=0),
-               RelaySide(fqdn=B, addr=ADDR_B, cids=tuple(cids_b), allocated_ms=0)),
-    ), now=0.0)
+    core.install(
+        RelaySession(
+            route_id="r",
+            replica_id=1,
+            pair=(A, B),
+            created_ms=0,
+            version=2,
+            sides=(
+                RelaySide(fqdn=A, addr=ADDR_A, cids=tuple(cids_a), allocated_ms=0),
+                RelaySide(fqdn=B, addr=ADDR_B, cids=tuple(cids_b), allocated_ms=0),
+            ),
+        ),
+        now=0.0,
+    )
 
     cert, key = self_signed(B)
-    client = QuicConnection(configuration=QuicConfiguration(
-        is_client=True, alpn_protocols=["cyphonic-tun/1"], verify_mode=0,
-        max_datagram_frame_size=65536))
+    client = QuicConnection(
+        configuration=QuicConfiguration(
+            is_client=True,
+            alpn_protocols=["cyphonic-tun/1"],
+            verify_mode=0,
+            max_datagram_frame_size=65536,
+        )
+    )
     use_relay_cids(client, cids_a, peer_initial=cids_b[0])
-    server_cfg = QuicConfiguration(is_client=False, alpn_protocols=["cyphonic-tun/1"],
-                                   max_datagram_frame_size=65536)
+    server_cfg = QuicConfiguration(
+        is_client=False, alpn_protocols=["cyphonic-tun/1"], max_datagram_frame_size=65536
+    )
     server_cfg.certificate, server_cfg.private_key = cert, key
     server: QuicConnection | None = None
 
@@ -56,8 +71,9 @@ def test_handshake_stream_and_datagrams_through_the_relay() -> None:
                 assert action == Forward(ADDR_B)
                 forwarded.append(data)
                 if server is None:
-                    server = QuicConnection(configuration=server_cfg,
-                                            original_destination_connection_id=data[6:14])
+                    server = QuicConnection(
+                        configuration=server_cfg, original_destination_connection_id=data[6:14]
+                    )
                     use_relay_cids(server, cids_b[1:])
                 server.receive_datagram(data, TRS, now=now)
             if server is not None:
@@ -70,8 +86,9 @@ def test_handshake_stream_and_datagrams_through_the_relay() -> None:
                 while (event := server.next_event()) is not None:
                     if isinstance(event, events.StreamDataReceived):
                         got["stream"].append(event.data)
-                        server.send_stream_data(event.stream_id, event.data,
-                                                end_stream=event.end_stream)
+                        server.send_stream_data(
+                            event.stream_id, event.data, end_stream=event.end_stream
+                        )
                     elif isinstance(event, events.DatagramFrameReceived):
                         got["datagram"].append(event.data)
             if not moved:
@@ -88,8 +105,9 @@ def test_handshake_stream_and_datagrams_through_the_relay() -> None:
     pump()
     assert b"".join(got["stream"]) == MARKER * 100
     assert got["datagram"] == [MARKER + b"-datagram"]
-    echoed = b"".join(e.data for e in iter(client.next_event, None)
-                      if isinstance(e, events.StreamDataReceived))
+    echoed = b"".join(
+        e.data for e in iter(client.next_event, None) if isinstance(e, events.StreamDataReceived)
+    )
     assert echoed == MARKER * 100
 
     # Later CIDs come from the TRS pool too: switch the client to another CID of B's.

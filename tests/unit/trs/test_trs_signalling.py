@@ -30,14 +30,21 @@ class Clock:
         return self.mono
 
 
-def make_service(table: InMemoryCidTable, clock: Clock, *, replica: int = 2,
-                 rng=None) -> RelayAllocationService:
-    allocator = RelayAllocator(replica_id=replica, verify_token=verifier(), cids_per_side=4,
-                               idle_timeout_s=60)
+def make_service(
+    table: InMemoryCidTable, clock: Clock, *, replica: int = 2, rng=None
+) -> RelayAllocationService:
+    allocator = RelayAllocator(
+        replica_id=replica, verify_token=verifier(), cids_per_side=4, idle_timeout_s=60
+    )
     kwargs = {"rng": rng} if rng is not None else {}
     return RelayAllocationService(
-        allocator=allocator, core=RelayCore(replica_id=replica, idle_timeout=60),
-        table=table, session_ttl_s=80, clock_ms=clock.wall, monotonic=clock.monotonic, **kwargs,
+        allocator=allocator,
+        core=RelayCore(replica_id=replica, idle_timeout=60),
+        table=table,
+        session_ttl_s=80,
+        clock_ms=clock.wall,
+        monotonic=clock.monotonic,
+        **kwargs,
     )
 
 
@@ -64,13 +71,16 @@ async def test_both_sides_allocate_then_packets_flow(table, clock) -> None:
     assert stored is not None and not stored.complete
     assert table.cid_owner(got_b.connection_ids[0]) == ("r1", B, 2)
     # B's CIDs exist, but A has not allocated: nothing flows yet.
-    assert svc.core.datagram_received(short_packet(got_b.connection_ids[0]), ADDR_A,
-                                      clock.mono) == Drop(DropReason.NO_PEER)
+    assert svc.core.datagram_received(
+        short_packet(got_b.connection_ids[0]), ADDR_A, clock.mono
+    ) == Drop(DropReason.NO_PEER)
     got_a = await svc.allocate(request(token), fqdn=A, is_node=True, addr=ADDR_A)
-    assert svc.core.datagram_received(short_packet(got_b.connection_ids[0]), ADDR_A,
-                                      clock.mono) == Forward(ADDR_B)
-    assert svc.core.datagram_received(short_packet(got_a.connection_ids[3]), ADDR_B,
-                                      clock.mono) == Forward(ADDR_A)
+    assert svc.core.datagram_received(
+        short_packet(got_b.connection_ids[0]), ADDR_A, clock.mono
+    ) == Forward(ADDR_B)
+    assert svc.core.datagram_received(
+        short_packet(got_a.connection_ids[3]), ADDR_B, clock.mono
+    ) == Forward(ADDR_A)
     stored = await table.load_session("r1")
     assert stored is not None and stored.complete and stored.version == 2
     assert svc.allocations["ok"] == 2
@@ -80,11 +90,13 @@ async def test_replayed_token_is_refused(table, clock) -> None:
     svc = make_service(table, clock)
     token = mint_token(route_id="r1", a=A, b=B, now_ms=clock.ms)
     first = await svc.allocate(request(token), fqdn=A, is_node=True, addr=ADDR_A)
-    answer = await svc.handle(pb.Envelope(relay_allocation_request=request(token)),
-                              fqdn=A, is_node=True, addr=ADDR_A)
+    answer = await svc.handle(
+        pb.Envelope(relay_allocation_request=request(token)), fqdn=A, is_node=True, addr=ADDR_A
+    )
     assert answer.WhichOneof("body") == "error"
     assert answer.error.code == pb.ERROR_CODE_TOKEN_INVALID and "already used" in (
-        answer.error.message)
+        answer.error.message
+    )
     # The refused replay changed nothing: the first CIDs still belong to A.
     session = await table.load_session("r1")
     assert session is not None and list(session.side_of(A).cids) == list(first.connection_ids)
@@ -103,8 +115,9 @@ async def test_second_side_on_another_replica_is_told_so(table, clock) -> None:
     one, two = make_service(table, clock, replica=1), make_service(table, clock, replica=2)
     token = mint_token(route_id="r1", a=A, b=B, now_ms=clock.ms)
     await one.allocate(request(token), fqdn=A, is_node=True, addr=ADDR_A)
-    answer = await two.handle(pb.Envelope(relay_allocation_request=request(token)),
-                              fqdn=B, is_node=True, addr=ADDR_B)
+    answer = await two.handle(
+        pb.Envelope(relay_allocation_request=request(token)), fqdn=B, is_node=True, addr=ADDR_B
+    )
     assert answer.error.code == pb.ERROR_CODE_UNAVAILABLE and "replica 1" in answer.error.message
     assert len(two.core) == 0
     # The refusal did not use up B's token: B retries at replica 1 with it.
@@ -116,11 +129,13 @@ async def test_second_side_on_another_replica_is_told_so(table, clock) -> None:
 async def test_third_node_and_services_are_refused(table, clock) -> None:
     svc = make_service(table, clock)
     token = mint_token(route_id="r1", a=A, b=B, now_ms=clock.ms)
-    answer = await svc.handle(pb.Envelope(relay_allocation_request=request(token)),
-                              fqdn=C, is_node=True, addr=ADDR_A)
+    answer = await svc.handle(
+        pb.Envelope(relay_allocation_request=request(token)), fqdn=C, is_node=True, addr=ADDR_A
+    )
     assert answer.error.code == pb.ERROR_CODE_TOKEN_INVALID
-    answer = await svc.handle(pb.Envelope(relay_allocation_request=request(token)),
-                              fqdn=A, is_node=False, addr=ADDR_A)
+    answer = await svc.handle(
+        pb.Envelope(relay_allocation_request=request(token)), fqdn=A, is_node=False, addr=ADDR_A
+    )
     assert answer.error.code == pb.ERROR_CODE_PERMISSION_DENIED
     assert await table.load_session("r1") is None
     # C's failed attempt did not burn A's use of the token.
@@ -131,18 +146,21 @@ async def test_expired_token_is_refused_at_the_boundary(table, clock) -> None:
     svc = make_service(table, clock)
     token = mint_token(route_id="r1", a=A, b=B, now_ms=clock.ms, lifetime_ms=500)
     clock.ms += 500
-    answer = await svc.handle(pb.Envelope(relay_allocation_request=request(token)),
-                              fqdn=A, is_node=True, addr=ADDR_A)
+    answer = await svc.handle(
+        pb.Envelope(relay_allocation_request=request(token)), fqdn=A, is_node=True, addr=ADDR_A
+    )
     assert answer.error.code == pb.ERROR_CODE_TOKEN_INVALID and "expired" in answer.error.message
 
 
 async def test_unexpected_messages_get_a_typed_error_and_keepalives_an_ack(table, clock) -> None:
     svc = make_service(table, clock)
-    answer = await svc.handle(pb.Envelope(login_request=pb.LoginRequest()), fqdn=A,
-                              is_node=True, addr=ADDR_A)
+    answer = await svc.handle(
+        pb.Envelope(login_request=pb.LoginRequest()), fqdn=A, is_node=True, addr=ADDR_A
+    )
     assert answer.error.code == pb.ERROR_CODE_UNEXPECTED_MESSAGE
-    answer = await svc.handle(pb.Envelope(keepalive=pb.Keepalive(sequence=7)), fqdn=A,
-                              is_node=True, addr=ADDR_A)
+    answer = await svc.handle(
+        pb.Envelope(keepalive=pb.Keepalive(sequence=7)), fqdn=A, is_node=True, addr=ADDR_A
+    )
     assert answer.keepalive_ack.sequence == 7
 
 
@@ -166,8 +184,9 @@ async def test_concurrent_allocations_of_both_sides_both_succeed(table, clock) -
     assert session is not None and session.complete
     assert list(session.side_of(A).cids) == list(a.connection_ids)
     assert list(session.side_of(B).cids) == list(b.connection_ids)
-    assert svc.core.datagram_received(short_packet(b.connection_ids[0]), ADDR_A,
-                                      clock.mono) == Forward(ADDR_B)
+    assert svc.core.datagram_received(
+        short_packet(b.connection_ids[0]), ADDR_A, clock.mono
+    ) == Forward(ADDR_B)
 
 
 async def test_reallocation_with_a_new_token_replaces_and_releases_cids(table, clock) -> None:
@@ -204,15 +223,18 @@ async def test_control_connection_moves_the_address_everywhere(table, clock) -> 
     got_b = await svc.allocate(request(token), fqdn=B, is_node=True, addr=ADDR_B)
     await svc.allocate(request(token), fqdn=A, is_node=True, addr=ADDR_A)
     new_a = ("::ffff:192.0.2.77", 61000, 0, 0)  # as a dual-stack socket reports it
-    answer = await svc.handle(pb.Envelope(keepalive=pb.Keepalive(sequence=1)), fqdn=A,
-                              is_node=True, addr=new_a)
+    answer = await svc.handle(
+        pb.Envelope(keepalive=pb.Keepalive(sequence=1)), fqdn=A, is_node=True, addr=new_a
+    )
     assert answer.keepalive_ack.sequence == 1
     session = await table.load_session("r1")
     assert session is not None and session.side_of(A).addr == ("192.0.2.77", 61000)
-    assert svc.core.datagram_received(short_packet(got_b.connection_ids[0]), ADDR_A,
-                                      clock.mono) == Drop(DropReason.SPOOFED_SOURCE)
-    assert svc.core.datagram_received(short_packet(got_b.connection_ids[0]), ("192.0.2.77",
-                                      61000), clock.mono) == Forward(ADDR_B)
+    assert svc.core.datagram_received(
+        short_packet(got_b.connection_ids[0]), ADDR_A, clock.mono
+    ) == Drop(DropReason.SPOOFED_SOURCE)
+    assert svc.core.datagram_received(
+        short_packet(got_b.connection_ids[0]), ("192.0.2.77", 61000), clock.mono
+    ) == Forward(ADDR_B)
 
 
 async def test_restart_restores_sessions_from_the_table(table, clock) -> None:
@@ -221,14 +243,19 @@ async def test_restart_restores_sessions_from_the_table(table, clock) -> None:
     got_b = await svc.allocate(request(token), fqdn=B, is_node=True, addr=ADDR_B)
     await svc.allocate(request(token), fqdn=A, is_node=True, addr=ADDR_A)
     other = make_service(table, clock, replica=3)
-    await other.allocate(request(mint_token(route_id="r9", a=A, b=C, now_ms=clock.ms), "r9"),
-                         fqdn=A, is_node=True, addr=ADDR_A)
+    await other.allocate(
+        request(mint_token(route_id="r9", a=A, b=C, now_ms=clock.ms), "r9"),
+        fqdn=A,
+        is_node=True,
+        addr=ADDR_A,
+    )
 
     restarted = make_service(table, clock)  # same replica id, empty memory
     assert await restarted.restore() == 1
     assert "r9" not in restarted.core
-    assert restarted.core.datagram_received(short_packet(got_b.connection_ids[1]), ADDR_A,
-                                            clock.mono) == Forward(ADDR_B)
+    assert restarted.core.datagram_received(
+        short_packet(got_b.connection_ids[1]), ADDR_A, clock.mono
+    ) == Forward(ADDR_B)
 
 
 async def test_release_removes_everywhere(table, clock) -> None:

@@ -64,8 +64,9 @@ def test_relay_socket_buffers_follow_the_setting() -> None:
 
 @pytest.fixture(scope="module")
 def material(tmp_path_factory: pytest.TempPathFactory) -> pki.PkiMaterial:
-    return pki.init_pki(Path(tmp_path_factory.mktemp("pki")),
-                        now=datetime.datetime.now(datetime.UTC))
+    return pki.init_pki(
+        Path(tmp_path_factory.mktemp("pki")), now=datetime.datetime.now(datetime.UTC)
+    )
 
 
 async def _recv(sock: socket.socket, within: float = 2.0) -> tuple[bytes, Any] | None:
@@ -87,30 +88,46 @@ def _peer(family: int, host: str) -> socket.socket:
 
 @pytest.fixture
 async def relaying(
-    material: pki.PkiMaterial, request: pytest.FixtureRequest,
+    material: pki.PkiMaterial,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[tuple[QuicEndpoint, RelayFilter, RelayCore]]:
     host = getattr(request, "param", "127.0.0.1")
     sock = bind_udp(host, 0, buffer_bytes=SOCKET_BUFFER)
     core = RelayCore(replica_id=1, native_addr=native_addr_for(sock.family))
-    endpoint, relay = open_relaying_endpoint(sock=sock, core=core,
-                                             identity=material.services["trs"],
-                                             trust=material.trust, accept={})
+    endpoint, relay = open_relaying_endpoint(
+        sock=sock, core=core, identity=material.services["trs"], trust=material.trust, accept={}
+    )
     try:
         yield endpoint, relay, core
     finally:
         await endpoint.close()
 
 
-def _install(core: RelayCore, a: socket.socket, b: socket.socket,
-             ) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+def _install(
+    core: RelayCore,
+    a: socket.socket,
+    b: socket.socket,
+) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
     cids_a = tuple(issue_cid(1, os.urandom) for _ in range(2))
     cids_b = tuple(issue_cid(1, os.urandom) for _ in range(2))
-    core.install(RelaySession(
-        route_id="r", replica_id=1, pair=("a.x", "b.x"), created_ms=0, version=2,
-        sides=(RelaySide(fqdn="a.x", addr=plain_address(a.getsockname()), cids=cids_a,
-                         allocated_ms=0),
-               RelaySide(fqdn="b.x", addr=plain_address(b.getsockname()), cids=cids_b,
-                         allocated_ms=0))), now=0.0)
+    core.install(
+        RelaySession(
+            route_id="r",
+            replica_id=1,
+            pair=("a.x", "b.x"),
+            created_ms=0,
+            version=2,
+            sides=(
+                RelaySide(
+                    fqdn="a.x", addr=plain_address(a.getsockname()), cids=cids_a, allocated_ms=0
+                ),
+                RelaySide(
+                    fqdn="b.x", addr=plain_address(b.getsockname()), cids=cids_b, allocated_ms=0
+                ),
+            ),
+        ),
+        now=0.0,
+    )
     return cids_a, cids_b
 
 
@@ -148,8 +165,9 @@ async def test_batched_drain_and_the_endpoint_share_one_socket(
     _cids_a, cids_b = _install(core, a, b)
     dest = endpoint.local_address
     try:
-        packets = [short_packet(cids_b[0], i.to_bytes(4, "big") + os.urandom(36))
-                   for i in range(300)]
+        packets = [
+            short_packet(cids_b[0], i.to_bytes(4, "big") + os.urandom(36)) for i in range(300)
+        ]
         for p in packets:
             a.sendto(p, dest)
         received = []

@@ -16,8 +16,11 @@ COMMITTED = ROOT / "lib" / "src" / "cyphonic" / "v1"
 
 
 def _files(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())
-            if p.is_file() and p.suffix in {".py", ".pyi"}}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.suffix in {".py", ".pyi"}
+    }
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
@@ -27,7 +30,12 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
         ["bash", str(ROOT / "proto" / "generate.sh"), str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, f"proto/generate.sh failed:\n{result.stderr}"
     fresh = _files(tmp_path / "cyphonic" / "v1")

@@ -56,7 +56,7 @@ def test_frame_layout_is_length_prefix_then_envelope() -> None:
     frame = encode_frame(envelope)
     payload = envelope.SerializeToString()
     assert frame[: framing.OFF_ENVELOPE] == len(payload).to_bytes(4, "big")
-    assert frame[framing.OFF_ENVELOPE:] == payload
+    assert frame[framing.OFF_ENVELOPE :] == payload
 
 
 def test_round_trip_every_body_type() -> None:

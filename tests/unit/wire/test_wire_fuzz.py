@@ -16,8 +16,9 @@ LIMIT = 512  # a small limit so that random prefixes often land on both sides of
 
 text = st.text(max_size=40)
 blob = st.binary(max_size=40)
-endpoints = st.builds(pb.Endpoint, ip=st.sampled_from([b"\1\2\3\4", b"\xfd" * 16]),
-                      port=st.integers(0, 65535))
+endpoints = st.builds(
+    pb.Endpoint, ip=st.sampled_from([b"\1\2\3\4", b"\xfd" * 16]), port=st.integers(0, 65535)
+)
 
 bodies = st.one_of(
     st.builds(pb.LoginRequest, agent_version=text),
@@ -26,8 +27,13 @@ bodies = st.one_of(
     st.builds(pb.RouteRequest, fqdn=text),
     st.builds(pb.RelayCids, route_id=text, connection_ids=st.lists(blob, max_size=3)),
     st.builds(pb.Error, code=st.integers(0, 18), message=text),
-    st.builds(pb.RouteDirection, route_id=text, pattern=st.integers(0, 3), peer_fqdn=text,
-              peer_candidates=st.lists(endpoints, max_size=2)),
+    st.builds(
+        pb.RouteDirection,
+        route_id=text,
+        pattern=st.integers(0, 3),
+        peer_fqdn=text,
+        peer_candidates=st.lists(endpoints, max_size=2),
+    ),
 )
 envelopes = bodies.map(wrap)
 
@@ -61,8 +67,11 @@ def _drive(data: bytes, cuts: list[int], *, end: bool) -> list[pb.Envelope]:
 
 
 @settings(max_examples=400, deadline=None)
-@given(data=st.binary(max_size=2048), cuts=st.lists(st.integers(0, 4096), max_size=8),
-       end=st.booleans())
+@given(
+    data=st.binary(max_size=2048),
+    cuts=st.lists(st.integers(0, 4096), max_size=8),
+    end=st.booleans(),
+)
 def test_random_bytes(data: bytes, cuts: list[int], end: bool) -> None:
     _drive(data, cuts, end=end)
 
@@ -81,14 +90,20 @@ def test_random_payload_behind_a_valid_prefix(payload: bytes) -> None:
 @given(
     messages=st.lists(envelopes, min_size=1, max_size=4),
     mutations=st.lists(
-        st.tuples(st.sampled_from(["flip", "insert", "delete", "truncate"]),
-                  st.integers(0, 10_000), st.integers(0, 255)),
-        min_size=1, max_size=4,
+        st.tuples(
+            st.sampled_from(["flip", "insert", "delete", "truncate"]),
+            st.integers(0, 10_000),
+            st.integers(0, 255),
+        ),
+        min_size=1,
+        max_size=4,
     ),
     cuts=st.lists(st.integers(0, 4096), max_size=6),
 )
 def test_mutated_valid_frames(
-    messages: list[pb.Envelope], mutations: list[tuple[str, int, int]], cuts: list[int],
+    messages: list[pb.Envelope],
+    mutations: list[tuple[str, int, int]],
+    cuts: list[int],
 ) -> None:
     data = bytearray(b"".join(encode_frame(m) for m in messages))
     for kind, where, value in mutations:

@@ -38,10 +38,10 @@ from wire_quic_pair import CLIENT_ADDR, Pair, Side, StreamLog, server_certificat
 
 Cert = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
 
-REQUESTS = sorted(name for (opener, name), answers in TRANSITIONS.items()
-                  if opener is Opener.CLIENT)
-PUSHES = sorted(name for (opener, name), answers in TRANSITIONS.items()
-                if opener is Opener.SERVER)
+REQUESTS = sorted(
+    name for (opener, name), answers in TRANSITIONS.items() if opener is Opener.CLIENT
+)
+PUSHES = sorted(name for (opener, name), answers in TRANSITIONS.items() if opener is Opener.SERVER)
 
 
 def body(name: str) -> pb.Envelope:
@@ -110,8 +110,9 @@ def test_request_and_response(pair: Pair) -> None:
     assert pair.client.sig.open_streams == 1
     pair.pump()
     [request] = pair.server.take()
-    assert request == RequestReceived(stream_id, wrap(pb.LoginRequest(agent_version="0.1")),
-                                      pushed=False)
+    assert request == RequestReceived(
+        stream_id, wrap(pb.LoginRequest(agent_version="0.1")), pushed=False
+    )
     assert pair.server.sig.incoming_streams == 1
     assert pair.server.sig.send_response(stream_id, pb.LoginResponse(fqdn="a.test.internal"))
     pair.pump()
@@ -144,8 +145,12 @@ def test_concurrent_requests_are_matched_by_stream(pair: Pair) -> None:
 
 @pytest.mark.parametrize(
     ("request_name", "answer_name"),
-    [(req, ans) for (opener, req), answers in TRANSITIONS.items() if opener is Opener.CLIENT
-     for ans in sorted(answers)],
+    [
+        (req, ans)
+        for (opener, req), answers in TRANSITIONS.items()
+        if opener is Opener.CLIENT
+        for ans in sorted(answers)
+    ],
 )
 def test_every_request_with_each_answer(pair: Pair, request_name: str, answer_name: str) -> None:
     stream_id = pair.client.sig.send_request(body(request_name))
@@ -229,8 +234,9 @@ def test_streams_arriving_out_of_order(raw_client: Pair) -> None:
         server.quic.receive_datagram(data, CLIENT_ADDR, now=raw_client.now)
     raw_client.drain(server)
     events = server.take()
-    assert [(e.stream_id, body_name(e.message)) for e in events
-            if isinstance(e, RequestReceived)] == [(second, "keepalive"), (first, "login_request")]
+    assert [
+        (e.stream_id, body_name(e.message)) for e in events if isinstance(e, RequestReceived)
+    ] == [(second, "keepalive"), (first, "login_request")]
     assert len(events) == 2
 
 
@@ -403,7 +409,10 @@ def _bad_version() -> bytes:
     ids=["truncated", "garbage", "oversized", "unknown-body", "no-body", "version"],
 )
 def test_undecodable_request_gets_a_typed_error(
-    raw_client: Pair, data: bytes, fin: bool, error: type[CyphonicError],
+    raw_client: Pair,
+    data: bytes,
+    fin: bool,
+    error: type[CyphonicError],
 ) -> None:
     client, server = raw_client.client, raw_client.server
     stream_id = client.next_stream()
@@ -566,7 +575,9 @@ def test_stream_ended_without_an_answer(raw_server: Pair) -> None:
     [(pb.ERROR_CODE_NOT_FOUND, NotFound), (0, RemoteError), (2**40, RemoteError)],
 )
 def test_request_reset_by_the_server(
-    raw_server: Pair, code: int, expected: type[CyphonicError],
+    raw_server: Pair,
+    code: int,
+    expected: type[CyphonicError],
 ) -> None:
     client, server = raw_server.client, raw_server.server
     stream_id = client.sig.send_request(pb.RouteRequest())

@@ -57,8 +57,9 @@ actions = st.lists(
 
 class Run:
     def __init__(self, *, raw_is_client: bool) -> None:
-        self.pair = Pair(cert=CERT, client_signalling=not raw_is_client,
-                         server_signalling=raw_is_client)
+        self.pair = Pair(
+            cert=CERT, client_signalling=not raw_is_client, server_signalling=raw_is_client
+        )
         self.raw: Side = self.pair.client if raw_is_client else self.pair.server
         self.sig: Side = self.pair.server if raw_is_client else self.pair.client
         self.streams: list[int] = []  # streams the raw side may write on, in opening order
@@ -67,8 +68,9 @@ class Run:
 
     def collect(self) -> None:
         for event in self.sig.take():
-            assert isinstance(event, RequestReceived | ResponseReceived | ErrorReceived
-                              | ProtocolErrorDetected)
+            assert isinstance(
+                event, RequestReceived | ResponseReceived | ErrorReceived | ProtocolErrorDetected
+            )
             if isinstance(event, RequestReceived):
                 assert event.message.version == pb.PROTOCOL_VERSION_1
                 if not event.pushed:
@@ -98,8 +100,11 @@ class Run:
         elif kind == "answer":
             self.answer_all()
         elif kind == "sig_open":
-            openers = sorted(name for (who, name) in TRANSITIONS
-                             if (who is Opener.CLIENT) == self.sig.quic.configuration.is_client)
+            openers = sorted(
+                name
+                for (who, name) in TRANSITIONS
+                if (who is Opener.CLIENT) == self.sig.quic.configuration.is_client
+            )
             name = openers[int(action[1]) % len(openers)]  # type: ignore[call-overload]
             self.streams.append(self.sig.sig.send_request(_envelope(name)))
         else:
@@ -145,8 +150,11 @@ class Run:
 
 
 @pytest.mark.parametrize("raw_is_client", [True, False], ids=["raw-client", "raw-server"])
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(steps=actions)
 def test_random_peer(raw_is_client: bool, steps: list[tuple[object, ...]]) -> None:
     run = Run(raw_is_client=raw_is_client)

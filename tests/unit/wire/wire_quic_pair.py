@@ -112,11 +112,20 @@ class Side:
 class Pair:
     """A connected client and server and a clock that only moves when ``pump`` says so."""
 
-    def __init__(self, *, client_signalling: bool = True, server_signalling: bool = True,
-                 cert: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]) -> None:
+    def __init__(
+        self,
+        *,
+        client_signalling: bool = True,
+        server_signalling: bool = True,
+        cert: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    ) -> None:
         self.now = 0.0
-        client_conf = QuicConfiguration(is_client=True, alpn_protocols=[ALPN_SIGNALLING],
-                                        server_name=SERVER_NAME, verify_mode=ssl.CERT_NONE)
+        client_conf = QuicConfiguration(
+            is_client=True,
+            alpn_protocols=[ALPN_SIGNALLING],
+            server_name=SERVER_NAME,
+            verify_mode=ssl.CERT_NONE,
+        )
         server_conf = QuicConfiguration(is_client=False, alpn_protocols=[ALPN_SIGNALLING])
         server_conf.certificate, server_conf.private_key = cert
         client_quic = QuicConnection(configuration=client_conf)
@@ -140,8 +149,10 @@ class Pair:
         until both sides are quiet."""
         for _ in range(max_rounds):
             moved = 0
-            for src, dst, addr in ((self.client, self.server, CLIENT_ADDR),
-                                   (self.server, self.client, SERVER_ADDR)):
+            for src, dst, addr in (
+                (self.client, self.server, CLIENT_ADDR),
+                (self.server, self.client, SERVER_ADDR),
+            ):
                 for data, _ in src.quic.datagrams_to_send(now=self.now):
                     dst.quic.receive_datagram(data, addr, now=self.now)
                     moved += 1
@@ -150,8 +161,11 @@ class Pair:
             if moved:
                 self.now += 0.001
                 continue
-            timers = [t for t in (self.client.quic.get_timer(), self.server.quic.get_timer())
-                      if t is not None and t - self.now < 1.0]
+            timers = [
+                t
+                for t in (self.client.quic.get_timer(), self.server.quic.get_timer())
+                if t is not None and t - self.now < 1.0
+            ]
             if not timers:
                 return
             self.now = max(self.now, min(timers))

@@ -81,8 +81,7 @@ def _libc() -> ctypes.CDLL | None:
         return None
     create.argtypes = [ctypes.c_int, ctypes.c_int]
     create.restype = ctypes.c_int
-    settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Itimerspec),
-                        ctypes.c_void_p]
+    settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Itimerspec), ctypes.c_void_p]
     settime.restype = ctypes.c_int
     return libc
 

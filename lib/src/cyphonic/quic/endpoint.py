@@ -173,8 +173,9 @@ class Connection:
         self.error: CyphonicError | None = None
         """Why the connection ended, once it has (None after an orderly local close)."""
         self._timer_at: float | None = None
-        self.log = get_logger("quic", role="client" if is_client else "server",
-                              cid=quic.host_cid.hex())
+        self.log = get_logger(
+            "quic", role="client" if is_client else "server", cid=quic.host_cid.hex()
+        )
 
     # -- public API
 
@@ -291,8 +292,11 @@ class Connection:
         """Create the handler once the peer is verified; False if it must not go on."""
         peer = self.peer
         if peer is None:  # never hand out an unverified connection, whatever happened
-            self.quic.close(error_code=engine.CRYPTO_BAD_CERTIFICATE, frame_type=0,
-                            reason_phrase="peer not authenticated")
+            self.quic.close(
+                error_code=engine.CRYPTO_BAD_CERTIFICATE,
+                frame_type=0,
+                reason_phrase="peer not authenticated",
+            )
             self.transmit()
             return False
         self.log = self.log.bind(peer=peer.name, peer_kind=peer.kind)
@@ -369,18 +373,26 @@ class QuicEndpoint:
         self._congestion_control = congestion_control
         self._server_config = (
             _aioquic.make_configuration(
-                is_client=False, identity=identity, alpn_protocols=list(self._acceptors),
-                idle_timeout=idle_timeout, max_datagram_size=max_datagram_size,
+                is_client=False,
+                identity=identity,
+                alpn_protocols=list(self._acceptors),
+                idle_timeout=idle_timeout,
+                max_datagram_size=max_datagram_size,
                 congestion_control=congestion_control,
             )
-            if self._acceptors else None
+            if self._acceptors
+            else None
         )
         self._qh3_server_config = (
             self._qh3.make_configuration(
-                is_client=False, identity=identity, alpn_protocols=list(self._acceptors),
-                idle_timeout=idle_timeout, max_datagram_size=max_datagram_size,
+                is_client=False,
+                identity=identity,
+                alpn_protocols=list(self._acceptors),
+                idle_timeout=idle_timeout,
+                max_datagram_size=max_datagram_size,
             )
-            if self._acceptors and self._qh3 is not None else None
+            if self._acceptors and self._qh3 is not None
+            else None
         )
         self._versions = set(_aioquic.supported_versions())
         self._by_cid: dict[bytes, Connection] = {}
@@ -436,11 +448,18 @@ class QuicEndpoint:
         engine = engine or default_engine()
         _load_engine(engine)  # refuse an unknown or missing engine before binding
         sock = bind_udp(host, port)
-        return cls(sock=sock, identity=identity, trust=trust, accept=accept,
-                   idle_timeout=idle_timeout, max_datagram_size=max_datagram_size,
-                   max_pending_datagrams=max_pending_datagrams,
-                   congestion_control=congestion_control, engine=engine,
-                   max_handshakes=max_handshakes)
+        return cls(
+            sock=sock,
+            identity=identity,
+            trust=trust,
+            accept=accept,
+            idle_timeout=idle_timeout,
+            max_datagram_size=max_datagram_size,
+            max_pending_datagrams=max_pending_datagrams,
+            congestion_control=congestion_control,
+            engine=engine,
+            max_handshakes=max_handshakes,
+        )
 
     @property
     def local_address(self) -> tuple[str, int]:
@@ -498,34 +517,49 @@ class QuicEndpoint:
         addr = await self._resolve(address)
 
         def verifier(chain: list[x509.Certificate], _alpn: str | None) -> PeerIdentity:
-            return verify_peer(chain, trust=self.trust, expect=expect,
-                               expected_name=expected_name, now=_utcnow())
+            return verify_peer(
+                chain, trust=self.trust, expect=expect, expected_name=expected_name, now=_utcnow()
+            )
 
         quic: CyphonicQuicConnection
-        if self._qh3 is not None and connection_id_factory is None and (
-            initial_destination_cid is None
+        if (
+            self._qh3 is not None
+            and connection_id_factory is None
+            and (initial_destination_cid is None)
         ):
-            quic = cast(CyphonicQuicConnection, self._qh3.Qh3QuicConnection(
-                configuration=self._qh3.make_configuration(
-                    is_client=True, identity=self.identity, alpn_protocols=[alpn],
-                    idle_timeout=self.idle_timeout, max_datagram_size=self.max_datagram_size,
-                    server_name=expected_name,
+            quic = cast(
+                CyphonicQuicConnection,
+                self._qh3.Qh3QuicConnection(
+                    configuration=self._qh3.make_configuration(
+                        is_client=True,
+                        identity=self.identity,
+                        alpn_protocols=[alpn],
+                        idle_timeout=self.idle_timeout,
+                        max_datagram_size=self.max_datagram_size,
+                        server_name=expected_name,
+                    ),
+                    peer_verifier=verifier,
                 ),
-                peer_verifier=verifier,
-            ))
+            )
         else:
             config = engine.make_configuration(
-                is_client=True, identity=self.identity, alpn_protocols=[alpn],
-                idle_timeout=self.idle_timeout, max_datagram_size=self.max_datagram_size,
-                server_name=expected_name, congestion_control=self._congestion_control,
+                is_client=True,
+                identity=self.identity,
+                alpn_protocols=[alpn],
+                idle_timeout=self.idle_timeout,
+                max_datagram_size=self.max_datagram_size,
+                server_name=expected_name,
+                congestion_control=self._congestion_control,
             )
             quic = CyphonicQuicConnection(
-                configuration=config, peer_verifier=verifier,
+                configuration=config,
+                peer_verifier=verifier,
                 connection_id_factory=connection_id_factory,
                 initial_destination_cid=initial_destination_cid,
             )
-        conn = Connection(endpoint=self, quic=quic, is_client=True, address=addr,
-                          handler_factory=handler_factory)
+        conn = Connection(
+            endpoint=self, quic=quic, is_client=True, address=addr, handler_factory=handler_factory
+        )
         conn.alpn = alpn
         conn.log = conn.log.bind(expected=expected_name)
         self._connections.add(conn)
@@ -537,8 +571,9 @@ class QuicEndpoint:
                 await conn.wait_ready()
         except TimeoutError as exc:
             conn.close("handshake timeout")
-            raise Timeout(f"no QUIC handshake with {address[0]}:{address[1]} "
-                          f"within {timeout}s") from exc
+            raise Timeout(
+                f"no QUIC handshake with {address[0]}:{address[1]} within {timeout}s"
+            ) from exc
         except asyncio.CancelledError:
             conn.close("cancelled")
             raise
@@ -577,8 +612,9 @@ class QuicEndpoint:
             acceptor = self._acceptors.get(alpn or "")
             if acceptor is None:
                 raise Unauthenticated(f"no service for ALPN {alpn!r}")
-            peer = verify_peer(chain, trust=self.trust, expect=acceptor.expect,
-                               expected_name=None, now=_utcnow())
+            peer = verify_peer(
+                chain, trust=self.trust, expect=acceptor.expect, expected_name=None, now=_utcnow()
+            )
             if acceptor.authorize is not None:
                 acceptor.authorize(peer)
             if holder:
@@ -588,17 +624,24 @@ class QuicEndpoint:
 
         quic: CyphonicQuicConnection
         if factory is None and self._qh3 is not None:
-            quic = cast(CyphonicQuicConnection, self._qh3.Qh3QuicConnection(
-                configuration=self._qh3_server_config, peer_verifier=verifier,
-                original_destination_connection_id=dcid,
-            ))
+            quic = cast(
+                CyphonicQuicConnection,
+                self._qh3.Qh3QuicConnection(
+                    configuration=self._qh3_server_config,
+                    peer_verifier=verifier,
+                    original_destination_connection_id=dcid,
+                ),
+            )
         else:
             quic = CyphonicQuicConnection(
-                configuration=self._server_config, peer_verifier=verifier,
-                original_destination_connection_id=dcid, connection_id_factory=factory,
+                configuration=self._server_config,
+                peer_verifier=verifier,
+                original_destination_connection_id=dcid,
+                connection_id_factory=factory,
             )
-        conn = Connection(endpoint=self, quic=quic, is_client=False, address=addr,
-                          handler_factory=None)
+        conn = Connection(
+            endpoint=self, quic=quic, is_client=False, address=addr, handler_factory=None
+        )
         holder.append(conn)
         self._connections.add(conn)
         self._handshaking.add(conn)
@@ -802,8 +845,12 @@ class QuicEndpoint:
                 continue
             run = datagrams[i:j]
             try:
-                sendmsg([b"".join(d for d, _ in run)],
-                        [(_SOL_UDP, _UDP_SEGMENT, _SEGMENT_SIZE.pack(size))], 0, addr)
+                sendmsg(
+                    [b"".join(d for d, _ in run)],
+                    [(_SOL_UDP, _UDP_SEGMENT, _SEGMENT_SIZE.pack(size))],
+                    0,
+                    addr,
+                )
                 stats.datagrams_sent += j - i
                 stats.gso_sends += 1
             except (BlockingIOError, InterruptedError):
@@ -897,8 +944,9 @@ class QuicEndpoint:
             return
         self._error_log_at = now + _ERROR_LOG_INTERVAL
         log = conn.log if conn is not None else self.log
-        log.exception("internal_error", where=where, error=repr(exc),
-                      not_logged_before=self._errors_unlogged)
+        log.exception(
+            "internal_error", where=where, error=repr(exc), not_logged_before=self._errors_unlogged
+        )
         self._errors_unlogged = 0
 
     def _abandon(self, conn: Connection) -> None:
@@ -967,8 +1015,10 @@ def bind_udp(host: str, port: int, *, buffer_bytes: int = SOCKET_BUFFER) -> sock
         if family == socket.AF_INET6:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        for opt, force in ((socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", 33)),
-                           (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", 32))):
+        for opt, force in (
+            (socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", 33)),
+            (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", 32)),
+        ):
             try:  # SO_RCVBUFFORCE/SO_SNDBUFFORCE pass net.core.*mem_max when privileged
                 sock.setsockopt(socket.SOL_SOCKET, force, buffer_bytes)
             except OSError:

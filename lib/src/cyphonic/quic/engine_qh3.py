@@ -178,7 +178,10 @@ class _VerifyingContext(qtls.Context):
     # -- server: request and check the client's certificate
 
     def _server_handle_hello(
-        self, input_buf: QBuffer, initial_buf: QBuffer, handshake_buf: QBuffer,
+        self,
+        input_buf: QBuffer,
+        initial_buf: QBuffer,
+        handshake_buf: QBuffer,
         onertt_buf: QBuffer,
     ) -> None:
         self._cy_hello_buf = handshake_buf
@@ -278,9 +281,11 @@ def _translate(event: qe.QuicEvent) -> aq.QuicEvent | None:
         return aq.ConnectionIdRetired(connection_id=event.connection_id)  # type: ignore[attr-defined]
     if cls is qe.HandshakeCompleted:
         h = cast(qe.HandshakeCompleted, event)
-        return aq.HandshakeCompleted(alpn_protocol=h.alpn_protocol,
-                                     early_data_accepted=h.early_data_accepted,
-                                     session_resumed=h.session_resumed)
+        return aq.HandshakeCompleted(
+            alpn_protocol=h.alpn_protocol,
+            early_data_accepted=h.early_data_accepted,
+            session_resumed=h.session_resumed,
+        )
     if cls is qe.ConnectionTerminated:
         return _terminated(cast(qe.ConnectionTerminated, event))
     if cls is qe.StreamReset:
@@ -297,8 +302,9 @@ def _translate(event: qe.QuicEvent) -> aq.QuicEvent | None:
 
 
 def _terminated(event: qe.ConnectionTerminated) -> aq.ConnectionTerminated:
-    return aq.ConnectionTerminated(error_code=event.error_code, frame_type=event.frame_type,
-                                   reason_phrase=event.reason_phrase)
+    return aq.ConnectionTerminated(
+        error_code=event.error_code, frame_type=event.frame_type, reason_phrase=event.reason_phrase
+    )
 
 
 class Qh3QuicConnection(Qh3Connection):
@@ -320,8 +326,10 @@ class Qh3QuicConnection(Qh3Connection):
         self._datagrams_queued = 0
         self._terminated_event: aq.ConnectionTerminated | None = None
         self._handshake_address: Any = None
-        super().__init__(configuration=configuration,
-                         original_destination_connection_id=original_destination_connection_id)
+        super().__init__(
+            configuration=configuration,
+            original_destination_connection_id=original_destination_connection_id,
+        )
 
     def _create_tls(self, remote_source_cid: bytes | None) -> Any:
         bridge = super()._create_tls(remote_source_cid)
@@ -398,8 +406,10 @@ class Qh3QuicConnection(Qh3Connection):
         if event is None:
             return None
         cached = self._terminated_event
-        if cached is None or cached.error_code != event.error_code or (
-            cached.reason_phrase != event.reason_phrase
+        if (
+            cached is None
+            or cached.error_code != event.error_code
+            or (cached.reason_phrase != event.reason_phrase)
         ):
             cached = self._terminated_event = _terminated(event)
         return cached
@@ -455,8 +465,12 @@ class Qh3QuicConnection(Qh3Connection):
         remote = self._remote_max_datagram_frame_size
         if remote is None and self._handshake_complete:
             return 0
-        room = (self._configuration.max_datagram_size - engine._SHORT_HEADER
-                - engine.CID_LENGTH - engine._AEAD_TAG)
+        room = (
+            self._configuration.max_datagram_size
+            - engine._SHORT_HEADER
+            - engine.CID_LENGTH
+            - engine._AEAD_TAG
+        )
         payload = room - 1 - size_uint_var(room)
         if remote is not None:
             payload = min(payload, remote - 1 - size_uint_var(remote))
@@ -496,11 +510,14 @@ _PEM_CACHE: dict[int, tuple[CertifiedKey, bytes, bytes]] = {}
 def _pem(identity: CertifiedKey) -> tuple[bytes, bytes]:
     cached = _PEM_CACHE.get(id(identity))
     if cached is None or cached[0] is not identity:
-        certs = b"".join(c.public_bytes(serialization.Encoding.PEM)
-                         for c in [identity.cert, *identity.chain])
-        key = identity.key.private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption())
+        certs = b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in [identity.cert, *identity.chain]
+        )
+        key = identity.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
         cached = _PEM_CACHE[id(identity)] = (identity, certs, key)
     return cached[1], cached[2]
 

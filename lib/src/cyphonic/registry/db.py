@@ -39,8 +39,11 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 def normalize_url(url: str) -> str:
     """The async-driver form of a database URL (``postgresql://`` -> ``postgresql+asyncpg://``)."""
     parsed = make_url(url)
-    driver = {"postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg",
-              "sqlite": "sqlite+aiosqlite"}.get(parsed.drivername)
+    driver = {
+        "postgresql": "postgresql+asyncpg",
+        "postgres": "postgresql+asyncpg",
+        "sqlite": "sqlite+aiosqlite",
+    }.get(parsed.drivername)
     if driver is not None:
         parsed = parsed.set(drivername=driver)
     return parsed.render_as_string(hide_password=False)
@@ -126,8 +129,14 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 
 # Connection-level failures: the database is down, unreachable or refusing connections.
-_UNAVAILABLE = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, OSError,
-                ConnectionError, asyncio.TimeoutError)
+_UNAVAILABLE = (
+    exc.OperationalError,
+    exc.InterfaceError,
+    exc.TimeoutError,
+    OSError,
+    ConnectionError,
+    asyncio.TimeoutError,
+)
 
 
 def _is_unavailable(error: BaseException) -> bool:

@@ -198,8 +198,7 @@ class FrameDecoder:
                 buffer.clear()
                 if length > self.max_message_size:
                     raise OversizedMessage(
-                        f"frame of {length} bytes announced, the limit is "
-                        f"{self.max_message_size}"
+                        f"frame of {length} bytes announced, the limit is {self.max_message_size}"
                     )
                 self._need = length
             need = self._need

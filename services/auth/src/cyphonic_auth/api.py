@@ -43,8 +43,8 @@ class NodeCreate(_Input):
     """A node to register; its FQDN becomes ``<name>.<domain>``."""
 
     name: str = Field(min_length=1, max_length=63, description="a DNS label: a-z, 0-9, '-'")
-    tags: dict[Annotated[str, Field(max_length=63)], Annotated[str, Field(max_length=253)]] = (
-        Field(default_factory=dict, max_length=32, description="owner/group tags")
+    tags: dict[Annotated[str, Field(max_length=63)], Annotated[str, Field(max_length=253)]] = Field(
+        default_factory=dict, max_length=32, description="owner/group tags"
     )
     device_info: dict[Annotated[str, Field(max_length=63)], JsonScalar] = Field(
         default_factory=dict, max_length=32, description="free-form device facts"
@@ -72,9 +72,15 @@ class CertificatePublic(BaseModel):
 
     @classmethod
     def of(cls, record: CertificateRecord) -> CertificatePublic:
-        return cls(serial=record.serial, name=record.node_name, fqdn=record.fqdn,
-                   status=record.status, not_before=record.not_before,
-                   not_after=record.not_after, pem=record.pem)
+        return cls(
+            serial=record.serial,
+            name=record.node_name,
+            fqdn=record.fqdn,
+            status=record.status,
+            not_before=record.not_before,
+            not_after=record.not_after,
+            pem=record.pem,
+        )
 
 
 class NodePublic(BaseModel):
@@ -90,12 +96,19 @@ class NodePublic(BaseModel):
     certificates: list[CertificatePublic] | None = None
 
     @classmethod
-    def of(cls, node: NodeRecord,
-           certificates: list[CertificateRecord] | None = None) -> NodePublic:
+    def of(
+        cls, node: NodeRecord, certificates: list[CertificateRecord] | None = None
+    ) -> NodePublic:
         return cls(
-            name=node.name, fqdn=node.fqdn, state=node.state, tags=node.tags,
-            device_info=node.device_info, created_at=node.created_at, updated_at=node.updated_at,
-            certificates=None if certificates is None
+            name=node.name,
+            fqdn=node.fqdn,
+            state=node.state,
+            tags=node.tags,
+            device_info=node.device_info,
+            created_at=node.created_at,
+            updated_at=node.updated_at,
+            certificates=None
+            if certificates is None
             else [CertificatePublic.of(c) for c in certificates],
         )
 
@@ -134,8 +147,11 @@ class EnrolRequest(_Input):
     """A token and a CSR whose key was made on the node."""
 
     token: str = Field(min_length=1, max_length=MAX_TOKEN_LENGTH)
-    csr_pem: str = Field(min_length=1, max_length=MAX_CSR_BYTES,
-                         description="PKCS#10 PEM naming exactly the node FQDN")
+    csr_pem: str = Field(
+        min_length=1,
+        max_length=MAX_CSR_BYTES,
+        description="PKCS#10 PEM naming exactly the node FQDN",
+    )
 
 
 class CsrSign(_Input):
@@ -156,8 +172,7 @@ class CertificateIssued(BaseModel):
     certificate_chain_pem: str = Field(description="leaf then node CA")
     root_ca_pem: str
     service_ca_pem: str | None = Field(
-        description="the service CA (issuer of the AS, NMS and TRS certificates), for nodes "
-        "to pin"
+        description="the service CA (issuer of the AS, NMS and TRS certificates), for nodes to pin"
     )
     as_endpoints: list[str] = Field(description="AS QUIC endpoints, host:port")
     as_server_name: str = Field(description="name in the AS certificate")
@@ -182,8 +197,14 @@ class RevocationPublic(BaseModel):
 
     @classmethod
     def of(cls, record: RevocationRecord) -> RevocationPublic:
-        return cls(id=record.id, name=record.node_name, fqdn=record.fqdn, serial=record.serial,
-                   reason=record.reason, revoked_at=record.revoked_at)
+        return cls(
+            id=record.id,
+            name=record.node_name,
+            fqdn=record.fqdn,
+            serial=record.serial,
+            reason=record.reason,
+            revoked_at=record.revoked_at,
+        )
 
 
 class AuditPublic(BaseModel):
@@ -198,8 +219,14 @@ class AuditPublic(BaseModel):
 
     @classmethod
     def of(cls, record: AuditRecord) -> AuditPublic:
-        return cls(id=record.id, at=record.at, actor=record.actor, action=record.action,
-                   subject=record.subject, detail=record.detail)
+        return cls(
+            id=record.id,
+            at=record.at,
+            actor=record.actor,
+            action=record.action,
+            subject=record.subject,
+            detail=record.detail,
+        )
 
 
 class CaPublic(BaseModel):
@@ -221,15 +248,22 @@ def _as_endpoints(service: AuthService, request: Request) -> list[str]:
 
 
 def _issued(
-    service: AuthService, issued: IssuedCertificate, request: Request,
+    service: AuthService,
+    issued: IssuedCertificate,
+    request: Request,
 ) -> CertificateIssued:
     return CertificateIssued(
-        name=issued.node.name, fqdn=issued.node.fqdn, serial=issued.certificate.serial,
-        not_before=issued.certificate.not_before, not_after=issued.certificate.not_after,
-        certificate_chain_pem=issued.chain_pem, root_ca_pem=issued.root_pem,
+        name=issued.node.name,
+        fqdn=issued.node.fqdn,
+        serial=issued.certificate.serial,
+        not_before=issued.certificate.not_before,
+        not_after=issued.certificate.not_after,
+        certificate_chain_pem=issued.chain_pem,
+        root_ca_pem=issued.root_pem,
         service_ca_pem=issued.service_ca_pem,
         as_endpoints=_as_endpoints(service, request),
-        as_server_name=service.settings.as_server_name, domain=service.settings.domain,
+        as_server_name=service.settings.as_server_name,
+        domain=service.settings.domain,
     )
 
 
@@ -240,16 +274,18 @@ nodes = APIRouter(prefix="/v1", tags=["nodes"])
 
 @nodes.post("/nodes", status_code=201, summary="Register a node")
 async def create_node(body: NodeCreate, service: ServiceDep, actor: AdminAuth) -> NodePublic:
-    node = await service.create_node(body.name, tags=dict(body.tags),
-                                     device_info=dict(body.device_info), actor=actor)
+    node = await service.create_node(
+        body.name, tags=dict(body.tags), device_info=dict(body.device_info), actor=actor
+    )
     return NodePublic.of(node, [])
 
 
 @nodes.get("/nodes", summary="List nodes")
 async def list_nodes(service: ServiceDep, page: PageQuery, _actor: AdminAuth) -> Page[NodePublic]:
     items, total = await service.registry.list_nodes(limit=page.limit, offset=page.offset)
-    return Page[NodePublic](items=[NodePublic.of(n) for n in items], total=total,
-                            limit=page.limit, offset=page.offset)
+    return Page[NodePublic](
+        items=[NodePublic.of(n) for n in items], total=total, limit=page.limit, offset=page.offset
+    )
 
 
 @nodes.get("/nodes/{name}", summary="Show a node and its certificates")
@@ -258,21 +294,34 @@ async def show_node(name: NodeName, service: ServiceDep, _actor: AdminAuth) -> N
     return NodePublic.of(details.node, details.certificates)
 
 
-@nodes.post("/nodes/{name}/enrolment-tokens", status_code=201,
-            summary="Issue a one-time enrolment token")
+@nodes.post(
+    "/nodes/{name}/enrolment-tokens", status_code=201, summary="Issue a one-time enrolment token"
+)
 async def issue_token(
-    name: NodeName, service: ServiceDep, actor: AdminAuth, body: TokenCreate | None = None,
+    name: NodeName,
+    service: ServiceDep,
+    actor: AdminAuth,
+    body: TokenCreate | None = None,
 ) -> TokenPublic:
     ttl = timedelta(seconds=body.ttl_seconds) if body and body.ttl_seconds else None
     issued = await service.issue_token(name, ttl=ttl, actor=actor)
-    return TokenPublic(token=issued.token, name=issued.node.name, fqdn=issued.node.fqdn,
-                       expires_at=issued.expires_at)
+    return TokenPublic(
+        token=issued.token,
+        name=issued.node.name,
+        fqdn=issued.node.fqdn,
+        expires_at=issued.expires_at,
+    )
 
 
-@nodes.post("/nodes/{name}/certificates", status_code=201,
-            summary="Sign a CSR for a node (admin, no token)")
+@nodes.post(
+    "/nodes/{name}/certificates", status_code=201, summary="Sign a CSR for a node (admin, no token)"
+)
 async def sign_certificate(
-    name: NodeName, body: CsrSign, service: ServiceDep, actor: AdminAuth, request: Request,
+    name: NodeName,
+    body: CsrSign,
+    service: ServiceDep,
+    actor: AdminAuth,
+    request: Request,
 ) -> CertificateIssued:
     valid_for = timedelta(days=body.valid_days) if body.valid_days else None
     issued = await service.sign_csr(name, body.csr_pem, valid_for=valid_for, actor=actor)
@@ -281,7 +330,10 @@ async def sign_certificate(
 
 @nodes.post("/nodes/{name}/revoke", summary="Revoke a node and all its certificates")
 async def revoke_node(
-    name: NodeName, service: ServiceDep, actor: AdminAuth, body: RevokeRequest | None = None,
+    name: NodeName,
+    service: ServiceDep,
+    actor: AdminAuth,
+    body: RevokeRequest | None = None,
 ) -> NodePublic:
     await service.revoke_node(name, reason=(body or RevokeRequest()).reason, actor=actor)
     details = await service.node_details(name)
@@ -290,25 +342,32 @@ async def revoke_node(
 
 @nodes.get("/certificates/{serial}", summary="Show a certificate")
 async def show_certificate(
-    serial: Serial, service: ServiceDep, _actor: AdminAuth,
+    serial: Serial,
+    service: ServiceDep,
+    _actor: AdminAuth,
 ) -> CertificatePublic:
     return CertificatePublic.of(await service.certificate(serial))
 
 
 @nodes.post("/certificates/{serial}/revoke", summary="Revoke one certificate")
 async def revoke_certificate(
-    serial: Serial, service: ServiceDep, actor: AdminAuth, body: RevokeRequest | None = None,
+    serial: Serial,
+    service: ServiceDep,
+    actor: AdminAuth,
+    body: RevokeRequest | None = None,
 ) -> RevocationPublic:
-    record = await service.revoke_certificate(serial, reason=(body or RevokeRequest()).reason,
-                                              actor=actor)
+    record = await service.revoke_certificate(
+        serial, reason=(body or RevokeRequest()).reason, actor=actor
+    )
     return RevocationPublic.of(record)
 
 
 @nodes.get("/audit", summary="The audit trail, newest first")
 async def audit(service: ServiceDep, page: PageQuery, _actor: AdminAuth) -> Page[AuditPublic]:
     items, total = await service.audit(limit=page.limit, offset=page.offset)
-    return Page[AuditPublic](items=[AuditPublic.of(a) for a in items], total=total,
-                             limit=page.limit, offset=page.offset)
+    return Page[AuditPublic](
+        items=[AuditPublic.of(a) for a in items], total=total, limit=page.limit, offset=page.offset
+    )
 
 
 # --------------------------------------------------------------------------- public routes
@@ -336,14 +395,23 @@ async def revocations(
     page: PageQuery,
     after_id: Annotated[int, Query(ge=0, le=2**62, description="only ids above this")] = 0,
 ) -> Page[RevocationPublic]:
-    items, total = await service.registry.revocations(after_id=after_id, limit=page.limit,
-                                                      offset=page.offset)
-    return Page[RevocationPublic](items=[RevocationPublic.of(r) for r in items], total=total,
-                                  limit=page.limit, offset=page.offset)
+    items, total = await service.registry.revocations(
+        after_id=after_id, limit=page.limit, offset=page.offset
+    )
+    return Page[RevocationPublic](
+        items=[RevocationPublic.of(r) for r in items],
+        total=total,
+        limit=page.limit,
+        offset=page.offset,
+    )
 
 
-@revocation.get("/crl", summary="DER CRL signed by the node CA", response_class=Response,
-                responses={200: {"content": {"application/pkix-crl": {}}}})
+@revocation.get(
+    "/crl",
+    summary="DER CRL signed by the node CA",
+    response_class=Response,
+    responses={200: {"content": {"application/pkix-crl": {}}}},
+)
 async def crl(service: ServiceDep) -> Response:
     return Response(await service.crl(), media_type="application/pkix-crl")
 

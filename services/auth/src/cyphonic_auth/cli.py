@@ -69,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-pki", help="create (or complete) the CA hierarchy and service certs")
     _common(p)
-    p.add_argument("--services", default="as,nms,trs",
-                   help="service certificates to issue (default as,nms,trs)")
+    p.add_argument(
+        "--services",
+        default="as,nms,trs",
+        help="service certificates to issue (default as,nms,trs)",
+    )
 
     p = sub.add_parser("migrate", help="bring the registry database schema up to date")
     _common(p)
@@ -82,13 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, help="admin REST port (default 8081)")
     p.add_argument("--quic-host", help="QUIC bind address (default ::)")
     p.add_argument("--quic-port", type=int, help="QUIC UDP port (default 443)")
-    p.add_argument("--admin-token-file", type=Path,
-                   help="file with the admin bearer token (local default: <pki-dir>/admin-token,"
-                        " created if missing)")
-    p.add_argument("--as-endpoint", action="append", dest="as_endpoints",
-                   help="AS QUIC endpoint told to enrolling nodes, host:port (repeatable)")
-    p.add_argument("--nms-endpoint", action="append", dest="nms_endpoints",
-                   help="NMS QUIC endpoint answered at login, ip:port (repeatable)")
+    p.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help="file with the admin bearer token (local default: <pki-dir>/admin-token,"
+        " created if missing)",
+    )
+    p.add_argument(
+        "--as-endpoint",
+        action="append",
+        dest="as_endpoints",
+        help="AS QUIC endpoint told to enrolling nodes, host:port (repeatable)",
+    )
+    p.add_argument(
+        "--nms-endpoint",
+        action="append",
+        dest="nms_endpoints",
+        help="NMS QUIC endpoint answered at login, ip:port (repeatable)",
+    )
     p.add_argument("--no-quic", action="store_true", help="admin REST only (no QUIC endpoint)")
 
     p = sub.add_parser("create-node", help="register a node (directly in the database)")
@@ -110,9 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> AuthSettings:
-    flags = ("database_url", "pki_dir", "domain", "log_level", "log_format", "http_host",
-             "http_port", "quic_host", "quic_port", "admin_token_file", "as_endpoints",
-             "nms_endpoints")
+    flags = (
+        "database_url",
+        "pki_dir",
+        "domain",
+        "log_level",
+        "log_format",
+        "http_host",
+        "http_port",
+        "quic_host",
+        "quic_port",
+        "admin_token_file",
+        "as_endpoints",
+        "nms_endpoints",
+    )
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in flags if getattr(args, name, None) is not None
     }
@@ -158,20 +183,27 @@ async def serve(settings: AuthSettings, *, migrate: bool, quic: bool = True) -> 
             await db.upgrade(engine)
             logger.info("database_migrated")
         service = _service(settings, engine)
-        admin = AdminServer(create_app(service), host=settings.http_host,
-                            port=settings.http_port, log_level=settings.log_level)
+        admin = AdminServer(
+            create_app(service),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level=settings.log_level,
+        )
         await admin.start()
         if not settings.nms_endpoints:
-            logger.warning("no_nms_endpoints",
-                           hint="logins will answer no NMS; set CYPHONIC_NMS_ENDPOINTS")
+            logger.warning(
+                "no_nms_endpoints", hint="logins will answer no NMS; set CYPHONIC_NMS_ENDPOINTS"
+            )
         signalling = None
         if quic:
             from cyphonic_auth.signalling import start_signalling
 
             signalling = await start_signalling(service, settings)
         logger.info(
-            "as_serving", http=f"{settings.http_host}:{admin.port}",
-            quic=signalling.address if signalling else None, domain=settings.domain,
+            "as_serving",
+            http=f"{settings.http_host}:{admin.port}",
+            quic=signalling.address if signalling else None,
+            domain=settings.domain,
             admin_token_file=str(settings.admin_token_file) if settings.admin_token_file else None,
         )
         await stop.wait()
@@ -238,8 +270,7 @@ def _run(args: argparse.Namespace, settings: AuthSettings) -> int:
         tags, device = _pairs(args.tag), _pairs(args.device)
 
         async def create(service: AuthService) -> Any:
-            return await service.create_node(args.name, tags=tags, device_info=device,
-                                             actor="cli")
+            return await service.create_node(args.name, tags=tags, device_info=device, actor="cli")
 
         node = asyncio.run(_with_service(settings, create))
         print(node.fqdn)
@@ -252,8 +283,7 @@ def _run(args: argparse.Namespace, settings: AuthSettings) -> int:
 
         issued = asyncio.run(_with_service(settings, token))
         print(issued.token)
-        print(f"for {issued.node.fqdn}, expires {issued.expires_at.isoformat()}",
-              file=sys.stderr)
+        print(f"for {issued.node.fqdn}, expires {issued.expires_at.isoformat()}", file=sys.stderr)
         return 0
     if args.command == "revoke":
 

@@ -45,12 +45,16 @@ class AuthSettings(ServiceSettings):
         30, ge=1, le=397, description="validity of node certificates, in days"
     )
     token_ttl_seconds: int = Field(
-        86_400, ge=60, le=30 * 86_400,
+        86_400,
+        ge=60,
+        le=30 * 86_400,
         description="default lifetime of an enrolment token (an admin may ask for another)",
     )
     crl_hours: int = Field(24, ge=1, le=24 * 30, description="nextUpdate of the published CRL")
     revocation_refresh_s: float = Field(
-        2.0, gt=0, le=3600,
+        2.0,
+        gt=0,
+        le=3600,
         description="how often the QUIC endpoint's set of revoked certificates re-reads the "
         "registry (revocations made by this process apply at once)",
     )
@@ -95,8 +99,10 @@ class AuthSettings(ServiceSettings):
     @property
     def node_ca_paths(self) -> tuple[Path, Path]:
         """Certificate and key file of the node CA."""
-        return (self.node_ca_cert or self.pki_dir / NODE_CA_CERT,
-                self.node_ca_key or self.pki_dir / NODE_CA_KEY)
+        return (
+            self.node_ca_cert or self.pki_dir / NODE_CA_CERT,
+            self.node_ca_key or self.pki_dir / NODE_CA_KEY,
+        )
 
     @property
     def root_ca_path(self) -> Path:

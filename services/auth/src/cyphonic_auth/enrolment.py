@@ -248,8 +248,10 @@ def build_crl(
             .revocation_date(entry.revoked_at)
         )
         flag = _crl_reason(entry.reason)
-        if flag is not None and flag not in (x509.ReasonFlags.unspecified,
-                                             x509.ReasonFlags.remove_from_crl):
+        if flag is not None and flag not in (
+            x509.ReasonFlags.unspecified,
+            x509.ReasonFlags.remove_from_crl,
+        ):
             revoked = revoked.add_extension(x509.CRLReason(flag), critical=False)
         builder = builder.add_revoked_certificate(revoked.build())
     return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)

@@ -80,8 +80,11 @@ class NodeCa:
         root = load_certificates(settings.root_ca_path)[0]
         service_path = settings.pki_dir / SERVICE_CA_CERT
         service_ca = load_certificates(service_path)[0] if service_path.exists() else None
-        return cls(ca=CertifiedKey(key=identity.key, cert=identity.cert, chain=[]), root=root,
-                   service_ca=service_ca)
+        return cls(
+            ca=CertifiedKey(key=identity.key, cert=identity.cert, chain=[]),
+            root=root,
+            service_ca=service_ca,
+        )
 
     @property
     def chain(self) -> list[x509.Certificate]:
@@ -94,19 +97,24 @@ class AuthMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.logins = Counter("cyphonic_as_logins", "Successful QUIC logins",
-                              registry=registry)
-        self.enrolments = Counter("cyphonic_as_enrolments", "Nodes enrolled with a token",
-                                  registry=registry)
-        self.certificates = Counter(
-            "cyphonic_as_certificates_issued", "Node certificates issued, by how",
-            ["how"], registry=registry,
+        self.logins = Counter("cyphonic_as_logins", "Successful QUIC logins", registry=registry)
+        self.enrolments = Counter(
+            "cyphonic_as_enrolments", "Nodes enrolled with a token", registry=registry
         )
-        self.revocations = Counter("cyphonic_as_revocations", "Certificates or nodes revoked",
-                                   registry=registry)
+        self.certificates = Counter(
+            "cyphonic_as_certificates_issued",
+            "Node certificates issued, by how",
+            ["how"],
+            registry=registry,
+        )
+        self.revocations = Counter(
+            "cyphonic_as_revocations", "Certificates or nodes revoked", registry=registry
+        )
         self.refusals = Counter(
-            "cyphonic_as_refusals", "Refused enrolments, logins and renewals, by reason",
-            ["operation", "reason"], registry=registry,
+            "cyphonic_as_refusals",
+            "Refused enrolments, logins and renewals, by reason",
+            ["operation", "reason"],
+            registry=registry,
         )
 
     def refused(self, operation: str, error: BaseException) -> None:
@@ -163,12 +171,19 @@ async def login(
     if record.fqdn != peer.name:
         raise Unauthenticated("certificate name does not match the registry")
     node = await registry.get_node(record.node_name)
-    check_certificate(status=record.status, not_before=record.not_before,
-                      not_after=record.not_after, node_state=node.state, now=now)
+    check_certificate(
+        status=record.status,
+        not_before=record.not_before,
+        not_after=record.not_after,
+        node_state=node.state,
+        now=now,
+    )
     return pb.LoginResponse(
         fqdn=node.fqdn,
-        nms=[endpoint_to_pb(*parse_host_port(e, default_port=QUIC_PORT, require_ip=True))
-             for e in nms_endpoints],
+        nms=[
+            endpoint_to_pb(*parse_host_port(e, default_port=QUIC_PORT, require_ip=True))
+            for e in nms_endpoints
+        ],
         nms_server_name=nms_server_name,
         certificate_not_after_ms=int(record.not_after.timestamp() * 1000),
     )
@@ -200,13 +215,22 @@ class AuthService:
     # ---------------------------------------------------------------- nodes
 
     async def create_node(
-        self, name: str, *, tags: dict[str, Any], device_info: dict[str, Any], actor: str,
+        self,
+        name: str,
+        *,
+        tags: dict[str, Any],
+        device_info: dict[str, Any],
+        actor: str,
     ) -> NodeRecord:
         """Register a node; its FQDN is ``<name>.<domain>``."""
         name = validate_node_name(name)
         node = await self.registry.create_node(
-            name=name, fqdn=node_fqdn(name, self.settings.domain), tags=tags,
-            device_info=device_info, now=self.clock(), actor=actor,
+            name=name,
+            fqdn=node_fqdn(name, self.settings.domain),
+            tags=tags,
+            device_info=device_info,
+            now=self.clock(),
+            actor=actor,
         )
         self._log.info("node_created", fqdn=node.fqdn, actor=actor)
         return node
@@ -228,8 +252,9 @@ class AuthService:
         node = await self.registry.add_token(
             name=name, token_hash=hash_token(token), expires_at=expires_at, now=now, actor=actor
         )
-        self._log.info("token_issued", fqdn=node.fqdn, expires_at=expires_at.isoformat(),
-                       actor=actor)
+        self._log.info(
+            "token_issued", fqdn=node.fqdn, expires_at=expires_at.isoformat(), actor=actor
+        )
         return IssuedToken(token=token, node=node, expires_at=expires_at)
 
     async def token_node(self, token: str) -> NodeRecord:
@@ -243,11 +268,15 @@ class AuthService:
     # ---------------------------------------------------------------- certificates
 
     def _issuer(
-        self, csr: x509.CertificateSigningRequest, *, valid_for: timedelta,
+        self,
+        csr: x509.CertificateSigningRequest,
+        *,
+        valid_for: timedelta,
     ) -> Callable[[NodeRecord], x509.Certificate]:
         def issue(node: NodeRecord) -> x509.Certificate:
-            return sign_node_csr(self.node_ca.ca, csr, fqdn=node.fqdn, valid_for=valid_for,
-                                 now=self.clock())
+            return sign_node_csr(
+                self.node_ca.ca, csr, fqdn=node.fqdn, valid_for=valid_for, now=self.clock()
+            )
 
         return issue
 
@@ -257,8 +286,11 @@ class AuthService:
             certificate=record,
             chain_pem=record.pem + certificate_pem(self.node_ca.chain),
             root_pem=certificate_pem([self.node_ca.root]),
-            service_ca_pem=(certificate_pem([self.node_ca.service_ca])
-                            if self.node_ca.service_ca is not None else None),
+            service_ca_pem=(
+                certificate_pem([self.node_ca.service_ca])
+                if self.node_ca.service_ca is not None
+                else None
+            ),
         )
 
     async def enrol(self, token: str, csr_data: str | bytes) -> IssuedCertificate:
@@ -266,7 +298,8 @@ class AuthService:
         try:
             csr = parse_csr(csr_data)
             node, record = await self.registry.enrol(
-                token_hash=hash_token(token), now=self.clock(),
+                token_hash=hash_token(token),
+                now=self.clock(),
                 issue=self._issuer(csr, valid_for=self.settings.node_cert_validity),
             )
         except CyphonicError as exc:
@@ -279,7 +312,12 @@ class AuthService:
         return self._issued(node, record)
 
     async def sign_csr(
-        self, name: str, csr_data: str | bytes, *, valid_for: timedelta | None, actor: str,
+        self,
+        name: str,
+        csr_data: str | bytes,
+        *,
+        valid_for: timedelta | None,
+        actor: str,
     ) -> IssuedCertificate:
         """An admin signs a CSR for node ``name`` directly (no token)."""
         name = validate_node_name(name)
@@ -288,7 +326,10 @@ class AuthService:
             raise InvalidArgument("certificate validity above 397 days")
         csr = parse_csr(csr_data)
         record = await self.registry.issue_certificate(
-            name=name, now=self.clock(), actor=actor, action="certificate.sign",
+            name=name,
+            now=self.clock(),
+            actor=actor,
+            action="certificate.sign",
             issue=self._issuer(csr, valid_for=validity),
         )
         self.metrics.certificates.labels("admin").inc()
@@ -307,8 +348,9 @@ class AuthService:
     async def revoke_node(self, name: str, *, reason: str, actor: str) -> list[RevocationRecord]:
         """Revoke a node and all its certificates (for good)."""
         name = validate_node_name(name)
-        added = await self.registry.revoke_node(name=name, reason=reason, now=self.clock(),
-                                                actor=actor)
+        added = await self.registry.revoke_node(
+            name=name, reason=reason, now=self.clock(), actor=actor
+        )
         self.metrics.revocations.inc(len(added))
         self._log.info("node_revoked", node=name, serials=[r.serial for r in added], actor=actor)
         self._revoked_here([r.serial for r in added])
@@ -334,8 +376,9 @@ class AuthService:
         entries, newest = await self.registry.revoked_serials(now=now)
         return build_crl(
             ca=self.node_ca.ca,
-            entries=[CrlEntry(serial=e.serial, revoked_at=e.revoked_at, reason=e.reason)
-                     for e in entries],
+            entries=[
+                CrlEntry(serial=e.serial, revoked_at=e.revoked_at, reason=e.reason) for e in entries
+            ],
             number=newest,
             now=now,
             valid_for=timedelta(hours=self.settings.crl_hours),
@@ -350,9 +393,13 @@ class AuthService:
     async def login(self, peer: PeerIdentity) -> pb.LoginResponse:
         """QUIC Login of a TLS-verified node."""
         try:
-            answer = await login(self.registry, peer, now=self.clock(),
-                                 nms_endpoints=self.settings.nms_endpoints,
-                                 nms_server_name=self.settings.nms_name)
+            answer = await login(
+                self.registry,
+                peer,
+                now=self.clock(),
+                nms_endpoints=self.settings.nms_endpoints,
+                nms_server_name=self.settings.nms_name,
+            )
         except CyphonicError as exc:
             self.metrics.refused("login", exc)
             self._log.info("login_refused", fqdn=peer.name, reason=refusal_reason(exc))
@@ -366,13 +413,13 @@ class AuthService:
         try:
             check_peer_kind(peer.kind)
             csr = parse_csr(csr_der)
-            record = await self.registry.certificate(
-                serial_hex(peer.certificate.serial_number)
-            )
+            record = await self.registry.certificate(serial_hex(peer.certificate.serial_number))
             if record is None or record.fqdn != peer.name:
                 raise Unauthenticated("certificate is not known to the registry")
             issued = await self.registry.issue_certificate(
-                name=record.node_name, now=self.clock(), actor=peer.name,
+                name=record.node_name,
+                now=self.clock(),
+                actor=peer.name,
                 action="certificate.renew",
                 issue=self._issuer(csr, valid_for=self.settings.node_cert_validity),
                 presented=peer.certificate,
@@ -382,8 +429,9 @@ class AuthService:
             self._log.info("renew_refused", fqdn=peer.name, reason=refusal_reason(exc))
             raise
         self.metrics.certificates.labels("renew").inc()
-        self._log.info("certificate_renewed", fqdn=issued.fqdn, serial=issued.serial,
-                  previous=record.serial)
+        self._log.info(
+            "certificate_renewed", fqdn=issued.fqdn, serial=issued.serial, previous=record.serial
+        )
         return pb.RenewResponse(
             certificate_chain_pem=(issued.pem + certificate_pem(self.node_ca.chain)).encode()
         )

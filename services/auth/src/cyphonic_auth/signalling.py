@@ -95,23 +95,28 @@ class AsSignallingServer:
         identity = load_identity(settings.pki_dir / "as.crt", settings.pki_dir / "as.key")
         node_ca = load_trust_store(settings.pki_dir).node_ca
         registry = self.service.registry
-        source = (RegistryRevocations(registry.engine) if isinstance(registry, SqlNodeRegistry)
-                  else RegistryRevocations.from_url(settings.database_url))
-        self.revocations = RevocationCache(source, issuer=node_ca,
-                                           interval=settings.revocation_refresh_s)
+        source = (
+            RegistryRevocations(registry.engine)
+            if isinstance(registry, SqlNodeRegistry)
+            else RegistryRevocations.from_url(settings.database_url)
+        )
+        self.revocations = RevocationCache(
+            source, issuer=node_ca, interval=settings.revocation_refresh_s
+        )
         await self.revocations.start()
         self.service.revocations = self.revocations
         trust = load_trust_store(settings.pki_dir, is_revoked=self.revocations.is_revoked)
         factory = SignallingSession.factory(self._handle)
         self.endpoint = await QuicEndpoint.open(
-            host=settings.quic_host, port=settings.quic_port, identity=identity, trust=trust,
+            host=settings.quic_host,
+            port=settings.quic_port,
+            identity=identity,
+            trust=trust,
             accept={ALPN_SIGNALLING: Acceptor(handler_factory=factory, expect="node")},
             idle_timeout=IDLE_TIMEOUT_S,
         )
 
-    async def _handle(
-        self, message: pb.Envelope, session: SignallingSession
-    ) -> pb.Envelope | None:
+    async def _handle(self, message: pb.Envelope, session: SignallingSession) -> pb.Envelope | None:
         # Errors raised here become typed Error answers in the session.
         return await answer(self.service, session.peer, message)
 

@@ -115,8 +115,14 @@ class NodeRegistry(Protocol):
         """Raise ``Unavailable`` unless the database answers."""
 
     async def create_node(
-        self, *, name: str, fqdn: str, tags: dict[str, Any], device_info: dict[str, Any],
-        now: datetime, actor: str,
+        self,
+        *,
+        name: str,
+        fqdn: str,
+        tags: dict[str, Any],
+        device_info: dict[str, Any],
+        now: datetime,
+        actor: str,
     ) -> NodeRecord:
         """Add a pending node; ``AlreadyExists`` if the name or FQDN is taken."""
 
@@ -130,7 +136,13 @@ class NodeRegistry(Protocol):
         """Every certificate of node ``name``, newest first; ``NotFound`` if no such node."""
 
     async def add_token(
-        self, *, name: str, token_hash: str, expires_at: datetime, now: datetime, actor: str,
+        self,
+        *,
+        name: str,
+        token_hash: str,
+        expires_at: datetime,
+        now: datetime,
+        actor: str,
     ) -> NodeRecord:
         """Store a token's hash for node ``name``; ``PermissionDenied`` if it is revoked."""
 
@@ -138,12 +150,22 @@ class NodeRegistry(Protocol):
         """The node a usable token belongs to (does not use it); ``TokenRefused`` if none."""
 
     async def enrol(
-        self, *, token_hash: str, now: datetime, issue: Issuer,
+        self,
+        *,
+        token_hash: str,
+        now: datetime,
+        issue: Issuer,
     ) -> tuple[NodeRecord, CertificateRecord]:
         """Redeem a token: check it, ``issue`` the certificate, store it, mark the token used."""
 
     async def issue_certificate(
-        self, *, name: str, now: datetime, actor: str, action: str, issue: Issuer,
+        self,
+        *,
+        name: str,
+        now: datetime,
+        actor: str,
+        action: str,
+        issue: Issuer,
         presented: x509.Certificate | None = None,
     ) -> CertificateRecord:
         """Issue a certificate for ``name``; with ``presented`` (renewal), it must still be good."""
@@ -152,17 +174,31 @@ class NodeRegistry(Protocol):
         """The certificate with this serial (hex), or None."""
 
     async def revoke_node(
-        self, *, name: str, reason: str, now: datetime, actor: str,
+        self,
+        *,
+        name: str,
+        reason: str,
+        now: datetime,
+        actor: str,
     ) -> list[RevocationRecord]:
         """Revoke the node and every certificate it has; idempotent."""
 
     async def revoke_certificate(
-        self, *, serial: str, reason: str, now: datetime, actor: str,
+        self,
+        *,
+        serial: str,
+        reason: str,
+        now: datetime,
+        actor: str,
     ) -> RevocationRecord:
         """Revoke one certificate; idempotent; ``NotFound`` if unknown."""
 
     async def revocations(
-        self, *, after_id: int, limit: int, offset: int,
+        self,
+        *,
+        after_id: int,
+        limit: int,
+        offset: int,
     ) -> tuple[list[RevocationRecord], int]:
         """Revocations with id > ``after_id``, oldest first, and their total count."""
 
@@ -175,22 +211,37 @@ class NodeRegistry(Protocol):
 
 def _node(row: Node) -> NodeRecord:
     return NodeRecord(
-        id=row.id, name=row.name, fqdn=row.fqdn, tags=dict(row.tags or {}),
-        device_info=dict(row.device_info or {}), state=row.state, created_at=row.created_at,
+        id=row.id,
+        name=row.name,
+        fqdn=row.fqdn,
+        tags=dict(row.tags or {}),
+        device_info=dict(row.device_info or {}),
+        state=row.state,
+        created_at=row.created_at,
         updated_at=row.updated_at,
     )
 
 
 def _certificate(row: Certificate, node: Node) -> CertificateRecord:
     return CertificateRecord(
-        serial=row.serial, node_name=node.name, fqdn=node.fqdn, not_before=row.not_before,
-        not_after=row.not_after, status=row.status, pem=row.pem, created_at=row.created_at,
+        serial=row.serial,
+        node_name=node.name,
+        fqdn=node.fqdn,
+        not_before=row.not_before,
+        not_after=row.not_after,
+        status=row.status,
+        pem=row.pem,
+        created_at=row.created_at,
     )
 
 
 def _revocation(row: Revocation, node: Node) -> RevocationRecord:
     return RevocationRecord(
-        id=row.id, node_name=node.name, fqdn=node.fqdn, serial=row.serial, reason=row.reason,
+        id=row.id,
+        node_name=node.name,
+        fqdn=node.fqdn,
+        serial=row.serial,
+        reason=row.reason,
         revoked_at=row.revoked_at,
     )
 
@@ -217,11 +268,15 @@ class SqlNodeRegistry:
 
     @staticmethod
     def _audit(
-        session: AsyncSession, *, at: datetime, actor: str, action: str, subject: str,
+        session: AsyncSession,
+        *,
+        at: datetime,
+        actor: str,
+        action: str,
+        subject: str,
         **detail: Any,
     ) -> None:
-        session.add(AuditEvent(at=at, actor=actor, action=action, subject=subject,
-                               detail=detail))
+        session.add(AuditEvent(at=at, actor=actor, action=action, subject=subject, detail=detail))
 
     @staticmethod
     async def _node_by_name(session: AsyncSession, name: str, *, lock: bool = False) -> Node:
@@ -234,13 +289,26 @@ class SqlNodeRegistry:
         return node
 
     async def create_node(
-        self, *, name: str, fqdn: str, tags: dict[str, Any], device_info: dict[str, Any],
-        now: datetime, actor: str,
+        self,
+        *,
+        name: str,
+        fqdn: str,
+        tags: dict[str, Any],
+        device_info: dict[str, Any],
+        now: datetime,
+        actor: str,
     ) -> NodeRecord:
         try:
             async with self._tx() as session:
-                node = Node(name=name, fqdn=fqdn, tags=tags, device_info=device_info,
-                            state=NodeState.PENDING.value, created_at=now, updated_at=now)
+                node = Node(
+                    name=name,
+                    fqdn=fqdn,
+                    tags=tags,
+                    device_info=device_info,
+                    state=NodeState.PENDING.value,
+                    created_at=now,
+                    updated_at=now,
+                )
                 session.add(node)
                 await session.flush()
                 self._audit(session, at=now, actor=actor, action="node.create", subject=fqdn)
@@ -255,62 +323,95 @@ class SqlNodeRegistry:
     async def list_nodes(self, *, limit: int, offset: int) -> tuple[list[NodeRecord], int]:
         async with self._tx() as session:
             total = (await session.execute(select(func.count()).select_from(Node))).scalar_one()
-            rows = (await session.execute(
-                select(Node).order_by(Node.name).limit(limit).offset(offset)
-            )).scalars()
+            rows = (
+                await session.execute(select(Node).order_by(Node.name).limit(limit).offset(offset))
+            ).scalars()
             return [_node(r) for r in rows], int(total)
 
     async def node_certificates(self, name: str) -> list[CertificateRecord]:
         async with self._tx() as session:
             node = await self._node_by_name(session, name)
-            rows = (await session.execute(
-                select(Certificate).where(Certificate.node_id == node.id)
-                .order_by(Certificate.created_at.desc(), Certificate.serial)
-            )).scalars()
+            rows = (
+                await session.execute(
+                    select(Certificate)
+                    .where(Certificate.node_id == node.id)
+                    .order_by(Certificate.created_at.desc(), Certificate.serial)
+                )
+            ).scalars()
             return [_certificate(r, node) for r in rows]
 
     async def add_token(
-        self, *, name: str, token_hash: str, expires_at: datetime, now: datetime, actor: str,
+        self,
+        *,
+        name: str,
+        token_hash: str,
+        expires_at: datetime,
+        now: datetime,
+        actor: str,
     ) -> NodeRecord:
         async with self._tx() as session:
             node = await self._node_by_name(session, name)
             if node.state == NodeState.REVOKED:
                 raise PermissionDenied(f"node {name!r} is revoked; create a new node")
-            session.add(EnrolmentToken(node_id=node.id, token_hash=token_hash,
-                                       expires_at=expires_at, created_at=now))
-            self._audit(session, at=now, actor=actor, action="token.issue", subject=node.fqdn,
-                        expires_at=expires_at.isoformat())
+            session.add(
+                EnrolmentToken(
+                    node_id=node.id, token_hash=token_hash, expires_at=expires_at, created_at=now
+                )
+            )
+            self._audit(
+                session,
+                at=now,
+                actor=actor,
+                action="token.issue",
+                subject=node.fqdn,
+                expires_at=expires_at.isoformat(),
+            )
             return _node(node)
 
     async def token_node(self, *, token_hash: str, now: datetime) -> NodeRecord:
         async with self._tx() as session:
-            found = (await session.execute(
-                select(EnrolmentToken, Node).join(Node, Node.id == EnrolmentToken.node_id)
-                .where(EnrolmentToken.token_hash == token_hash)
-            )).one_or_none()
+            found = (
+                await session.execute(
+                    select(EnrolmentToken, Node)
+                    .join(Node, Node.id == EnrolmentToken.node_id)
+                    .where(EnrolmentToken.token_hash == token_hash)
+                )
+            ).one_or_none()
             if found is None:
                 raise TokenRefused("unknown")
             token, node = found
-            check_token(used_at=token.used_at, expires_at=token.expires_at,
-                        node_state=node.state, now=now)
+            check_token(
+                used_at=token.used_at, expires_at=token.expires_at, node_state=node.state, now=now
+            )
             return _node(node)
 
     async def _store_certificate(
-        self, session: AsyncSession, node: Node, cert: x509.Certificate, *, now: datetime,
+        self,
+        session: AsyncSession,
+        node: Node,
+        cert: x509.Certificate,
+        *,
+        now: datetime,
     ) -> Certificate:
         # The node holds one current certificate; the ones before it stay valid until they
         # expire (superseded), unless revoked. A pending node never had one.
         if node.state != NodeState.PENDING:
             await session.execute(
                 update(Certificate)
-                .where(Certificate.node_id == node.id,
-                       Certificate.status == CertificateStatus.ACTIVE.value)
+                .where(
+                    Certificate.node_id == node.id,
+                    Certificate.status == CertificateStatus.ACTIVE.value,
+                )
                 .values(status=CertificateStatus.SUPERSEDED.value)
             )
         row = Certificate(
-            serial=serial_hex(cert.serial_number), node_id=node.id,
-            not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
-            status=CertificateStatus.ACTIVE.value, pem=certificate_pem([cert]), created_at=now,
+            serial=serial_hex(cert.serial_number),
+            node_id=node.id,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            status=CertificateStatus.ACTIVE.value,
+            pem=certificate_pem([cert]),
+            created_at=now,
         )
         session.add(row)
         node.state = NodeState.ACTIVE.value
@@ -318,19 +419,27 @@ class SqlNodeRegistry:
         return row
 
     async def enrol(
-        self, *, token_hash: str, now: datetime, issue: Issuer,
+        self,
+        *,
+        token_hash: str,
+        now: datetime,
+        issue: Issuer,
     ) -> tuple[NodeRecord, CertificateRecord]:
         async with self._tx() as session:
-            found = (await session.execute(
-                select(EnrolmentToken, Node).join(Node, Node.id == EnrolmentToken.node_id)
-                .where(EnrolmentToken.token_hash == token_hash)
-                .with_for_update()
-            )).one_or_none()
+            found = (
+                await session.execute(
+                    select(EnrolmentToken, Node)
+                    .join(Node, Node.id == EnrolmentToken.node_id)
+                    .where(EnrolmentToken.token_hash == token_hash)
+                    .with_for_update()
+                )
+            ).one_or_none()
             if found is None:
                 raise TokenRefused("unknown")
             token, node = found
-            check_token(used_at=token.used_at, expires_at=token.expires_at,
-                        node_state=node.state, now=now)
+            check_token(
+                used_at=token.used_at, expires_at=token.expires_at, node_state=node.state, now=now
+            )
             cert = issue(_node(node))
             used = await session.execute(
                 update(EnrolmentToken)
@@ -340,12 +449,24 @@ class SqlNodeRegistry:
             if used.rowcount != 1:  # type: ignore[attr-defined]
                 raise TokenRefused("used")
             row = await self._store_certificate(session, node, cert, now=now)
-            self._audit(session, at=now, actor=node.fqdn, action="node.enrol", subject=node.fqdn,
-                        serial=row.serial)
+            self._audit(
+                session,
+                at=now,
+                actor=node.fqdn,
+                action="node.enrol",
+                subject=node.fqdn,
+                serial=row.serial,
+            )
             return _node(node), _certificate(row, node)
 
     async def issue_certificate(
-        self, *, name: str, now: datetime, actor: str, action: str, issue: Issuer,
+        self,
+        *,
+        name: str,
+        now: datetime,
+        actor: str,
+        action: str,
+        issue: Issuer,
         presented: x509.Certificate | None = None,
     ) -> CertificateRecord:
         async with self._tx() as session:
@@ -354,50 +475,82 @@ class SqlNodeRegistry:
                 raise PermissionDenied(f"node {name!r} is revoked")
             if presented is not None:
                 current = await session.get(Certificate, serial_hex(presented.serial_number))
-                if current is None or current.node_id != node.id or not same_certificate(
-                    current.pem, presented
+                if (
+                    current is None
+                    or current.node_id != node.id
+                    or not same_certificate(current.pem, presented)
                 ):
                     raise Unauthenticated("certificate is not known to the registry")
-                check_certificate(status=current.status, not_before=current.not_before,
-                                  not_after=current.not_after, node_state=node.state, now=now)
+                check_certificate(
+                    status=current.status,
+                    not_before=current.not_before,
+                    not_after=current.not_after,
+                    node_state=node.state,
+                    now=now,
+                )
             cert = issue(_node(node))
             row = await self._store_certificate(session, node, cert, now=now)
-            self._audit(session, at=now, actor=actor, action=action, subject=node.fqdn,
-                        serial=row.serial)
+            self._audit(
+                session, at=now, actor=actor, action=action, subject=node.fqdn, serial=row.serial
+            )
             return _certificate(row, node)
 
     async def certificate(self, serial: str) -> CertificateRecord | None:
         async with self._tx() as session:
-            found = (await session.execute(
-                select(Certificate, Node).join(Node, Node.id == Certificate.node_id)
-                .where(Certificate.serial == serial)
-            )).one_or_none()
+            found = (
+                await session.execute(
+                    select(Certificate, Node)
+                    .join(Node, Node.id == Certificate.node_id)
+                    .where(Certificate.serial == serial)
+                )
+            ).one_or_none()
             if found is None:
                 return None
             row, node = found
             return _certificate(row, node)
 
     async def revoke_node(
-        self, *, name: str, reason: str, now: datetime, actor: str,
+        self,
+        *,
+        name: str,
+        reason: str,
+        now: datetime,
+        actor: str,
     ) -> list[RevocationRecord]:
         async with self._tx() as session:
             node = await self._node_by_name(session, name, lock=True)
-            certs = (await session.execute(
-                select(Certificate).where(Certificate.node_id == node.id,
-                                          Certificate.status != CertificateStatus.REVOKED.value)
-            )).scalars().all()
+            certs = (
+                (
+                    await session.execute(
+                        select(Certificate).where(
+                            Certificate.node_id == node.id,
+                            Certificate.status != CertificateStatus.REVOKED.value,
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
             added: list[Revocation] = []
             for cert in certs:
                 cert.status = CertificateStatus.REVOKED.value
-                added.append(Revocation(node_id=node.id, serial=cert.serial, reason=reason,
-                                        revoked_at=now))
+                added.append(
+                    Revocation(node_id=node.id, serial=cert.serial, reason=reason, revoked_at=now)
+                )
             if node.state != NodeState.REVOKED and not added:
-                added.append(Revocation(node_id=node.id, serial=None, reason=reason,
-                                        revoked_at=now))
+                added.append(
+                    Revocation(node_id=node.id, serial=None, reason=reason, revoked_at=now)
+                )
             if node.state != NodeState.REVOKED or added:
-                self._audit(session, at=now, actor=actor, action="node.revoke",
-                            subject=node.fqdn, reason=reason,
-                            serials=[r.serial for r in added if r.serial])
+                self._audit(
+                    session,
+                    at=now,
+                    actor=actor,
+                    action="node.revoke",
+                    subject=node.fqdn,
+                    reason=reason,
+                    serials=[r.serial for r in added if r.serial],
+                )
             node.state = NodeState.REVOKED.value
             node.updated_at = now
             session.add_all(added)
@@ -405,68 +558,104 @@ class SqlNodeRegistry:
             return [_revocation(r, node) for r in added]
 
     async def revoke_certificate(
-        self, *, serial: str, reason: str, now: datetime, actor: str,
+        self,
+        *,
+        serial: str,
+        reason: str,
+        now: datetime,
+        actor: str,
     ) -> RevocationRecord:
         async with self._tx() as session:
-            found = (await session.execute(
-                select(Certificate, Node).join(Node, Node.id == Certificate.node_id)
-                .where(Certificate.serial == serial).with_for_update()
-            )).one_or_none()
+            found = (
+                await session.execute(
+                    select(Certificate, Node)
+                    .join(Node, Node.id == Certificate.node_id)
+                    .where(Certificate.serial == serial)
+                    .with_for_update()
+                )
+            ).one_or_none()
             if found is None:
                 raise NotFound(f"no certificate with serial {serial}")
             cert, node = found
             if cert.status == CertificateStatus.REVOKED:
-                existing = (await session.execute(
-                    select(Revocation).where(Revocation.serial == serial)
-                )).scalar_one()
+                existing = (
+                    await session.execute(select(Revocation).where(Revocation.serial == serial))
+                ).scalar_one()
                 return _revocation(existing, node)
             cert.status = CertificateStatus.REVOKED.value
-            revocation = Revocation(node_id=node.id, serial=serial, reason=reason,
-                                    revoked_at=now)
+            revocation = Revocation(node_id=node.id, serial=serial, reason=reason, revoked_at=now)
             session.add(revocation)
-            self._audit(session, at=now, actor=actor, action="certificate.revoke",
-                        subject=node.fqdn, serial=serial, reason=reason)
+            self._audit(
+                session,
+                at=now,
+                actor=actor,
+                action="certificate.revoke",
+                subject=node.fqdn,
+                serial=serial,
+                reason=reason,
+            )
             await session.flush()
             return _revocation(revocation, node)
 
     async def revocations(
-        self, *, after_id: int, limit: int, offset: int,
+        self,
+        *,
+        after_id: int,
+        limit: int,
+        offset: int,
     ) -> tuple[list[RevocationRecord], int]:
         async with self._tx() as session:
             where = Revocation.id > after_id
-            total = (await session.execute(
-                select(func.count()).select_from(Revocation).where(where)
-            )).scalar_one()
-            rows = (await session.execute(
-                select(Revocation, Node).join(Node, Node.id == Revocation.node_id)
-                .where(where).order_by(Revocation.id).limit(limit).offset(offset)
-            ))
+            total = (
+                await session.execute(select(func.count()).select_from(Revocation).where(where))
+            ).scalar_one()
+            rows = await session.execute(
+                select(Revocation, Node)
+                .join(Node, Node.id == Revocation.node_id)
+                .where(where)
+                .order_by(Revocation.id)
+                .limit(limit)
+                .offset(offset)
+            )
             return [_revocation(r, n) for r, n in rows], int(total)
 
     async def revoked_serials(self, *, now: datetime) -> tuple[list[RevokedSerial], int]:
         async with self._tx() as session:
-            rows = (await session.execute(
+            rows = await session.execute(
                 select(Revocation.serial, Revocation.revoked_at, Revocation.reason)
                 .join(Certificate, Certificate.serial == Revocation.serial)
                 .where(Certificate.not_after > now)
                 .order_by(Revocation.id)
-            ))
-            entries = [RevokedSerial(serial=s, revoked_at=at, reason=reason)
-                       for s, at, reason in rows if s is not None]
+            )
+            entries = [
+                RevokedSerial(serial=s, revoked_at=at, reason=reason)
+                for s, at, reason in rows
+                if s is not None
+            ]
             newest = (await session.execute(select(func.max(Revocation.id)))).scalar_one()
             return entries, int(newest or 0)
 
     async def audit_events(self, *, limit: int, offset: int) -> tuple[list[AuditRecord], int]:
         async with self._tx() as session:
-            total = (await session.execute(
-                select(func.count()).select_from(AuditEvent)
-            )).scalar_one()
-            rows = (await session.execute(
-                select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit).offset(offset)
-            )).scalars()
-            return [AuditRecord(id=r.id, at=r.at, actor=r.actor, action=r.action,
-                                subject=r.subject, detail=dict(r.detail or {}))
-                    for r in rows], int(total)
+            total = (
+                await session.execute(select(func.count()).select_from(AuditEvent))
+            ).scalar_one()
+            rows = (
+                await session.execute(
+                    select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit).offset(offset)
+                )
+            ).scalars()
+            return [
+                AuditRecord(
+                    id=r.id,
+                    at=r.at,
+                    actor=r.actor,
+                    action=r.action,
+                    subject=r.subject,
+                    detail=dict(r.detail or {}),
+                )
+                for r in rows
+            ], int(total)
 
 
 def as_node_registry(registry: SqlNodeRegistry) -> NodeRegistry:

@@ -62,7 +62,8 @@ class NodePublic(BaseModel):
     virtual_ipv6: str | None
     network: NetworkPublic | None
     last_handover: HandoverPublic | None = Field(
-        default=None, description="the last move while connected to this replica")
+        default=None, description="the last move while connected to this replica"
+    )
 
 
 class RoutePublic(BaseModel):
@@ -98,7 +99,9 @@ _LAST_SEEN_GRACE = timedelta(seconds=10)
 def network_public(net: NetworkInfo) -> NetworkPublic:
     """The REST form of a node's network information."""
     return NetworkPublic(
-        kind=net.kind, has_ipv4=net.has_ipv4, has_ipv6=net.has_ipv6,
+        kind=net.kind,
+        has_ipv4=net.has_ipv4,
+        has_ipv6=net.has_ipv6,
         behind_nat=net.behind_nat,
         observed_ipv4=str(net.observed_ipv4) if net.observed_ipv4 else None,
         observed_ipv6=str(net.observed_ipv6) if net.observed_ipv6 else None,
@@ -106,8 +109,9 @@ def network_public(net: NetworkInfo) -> NetworkPublic:
     )
 
 
-def node_public(view: NodeView, *, offline_timeout_s: float | None = None,
-                handover: Handover | None = None) -> NodePublic:
+def node_public(
+    view: NodeView, *, offline_timeout_s: float | None = None, handover: Handover | None = None
+) -> NodePublic:
     """The REST form of a node view.
 
     With ``offline_timeout_s``, a node whose last_seen is older than that is shown offline
@@ -127,18 +131,25 @@ def node_public(view: NodeView, *, offline_timeout_s: float | None = None,
         virtual_ipv4=str(view.lease.ipv4) if view.lease else None,
         virtual_ipv6=str(view.lease.ipv6) if view.lease else None,
         network=network_public(net) if net is not None else None,
-        last_handover=HandoverPublic(at=handover.at, old=network_public(handover.old),
-                                     new=network_public(handover.new))
-        if handover is not None else None,
+        last_handover=HandoverPublic(
+            at=handover.at, old=network_public(handover.old), new=network_public(handover.new)
+        )
+        if handover is not None
+        else None,
     )
 
 
 def route_public(route: RouteRecord) -> RoutePublic:
     """The REST form of a route."""
     return RoutePublic(
-        route_id=route.route_id, initiator=route.initiator, responder=route.responder,
-        pattern=route.pattern, pattern_name=Pattern(route.pattern).name.lower(),
-        family=route.family, connector=route.connector, trs_replica=route.trs_replica,
+        route_id=route.route_id,
+        initiator=route.initiator,
+        responder=route.responder,
+        pattern=route.pattern,
+        pattern_name=Pattern(route.pattern).name.lower(),
+        family=route.family,
+        connector=route.connector,
+        trs_replica=route.trs_replica,
         decided_by=route.decided_by,
         created_at=datetime.fromtimestamp(route.created_ms / 1000, UTC),
     )
@@ -157,14 +168,21 @@ async def list_nodes(
     views, total = await manager.nodes.list_views(
         online_only=online, limit=page.limit, offset=page.offset
     )
-    items = [node_public(v, offline_timeout_s=manager.offline_timeout_s,
-                         handover=manager.last_handover(v.fqdn)) for v in views]
-    return Page[NodePublic](items=items, total=total,
-                            limit=page.limit, offset=page.offset)
+    items = [
+        node_public(
+            v, offline_timeout_s=manager.offline_timeout_s, handover=manager.last_handover(v.fqdn)
+        )
+        for v in views
+    ]
+    return Page[NodePublic](items=items, total=total, limit=page.limit, offset=page.offset)
 
 
-@router.get("/nodes/{fqdn}", response_model=NodePublic, summary="One node",
-            responses={404: {"description": "no such node"}})
+@router.get(
+    "/nodes/{fqdn}",
+    response_model=NodePublic,
+    summary="One node",
+    responses={404: {"description": "no such node"}},
+)
 async def get_node(
     _actor: AdminAuth,
     manager: ManagerDep,
@@ -173,8 +191,9 @@ async def get_node(
     view = await manager.nodes.view(fqdn.lower().rstrip("."))
     if view is None:
         raise NotFound(f"no node {fqdn}")
-    return node_public(view, offline_timeout_s=manager.offline_timeout_s,
-                       handover=manager.last_handover(view.fqdn))
+    return node_public(
+        view, offline_timeout_s=manager.offline_timeout_s, handover=manager.last_handover(view.fqdn)
+    )
 
 
 @router.get("/routes", response_model=Page[RoutePublic], summary="Active routes")
@@ -186,15 +205,16 @@ async def list_routes(
 ) -> Page[RoutePublic]:
     routes = await (manager.routes.for_node(node.lower()) if node else manager.routes.all())
     items = [route_public(r) for r in routes[page.offset : page.offset + page.limit]]
-    return Page[RoutePublic](items=items, total=len(routes), limit=page.limit,
-                             offset=page.offset)
+    return Page[RoutePublic](items=items, total=len(routes), limit=page.limit, offset=page.offset)
 
 
 @router.get("/replica", response_model=ReplicaPublic, summary="This NMS replica")
 async def get_replica(_actor: AdminAuth, manager: ManagerDep) -> ReplicaPublic:
     return ReplicaPublic(
-        replica_id=manager.replica_id, connected_nodes=len(manager.connected),
+        replica_id=manager.replica_id,
+        connected_nodes=len(manager.connected),
         keepalive_interval_s=manager.keepalive_interval_s,
         offline_timeout_s=manager.offline_timeout_s,
-        ipv4_pool=str(manager.pools.ipv4.network), ipv6_pool=str(manager.pools.ipv6.network),
+        ipv4_pool=str(manager.pools.ipv4.network),
+        ipv6_pool=str(manager.pools.ipv6.network),
     )

@@ -59,10 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-token-file", type=Path, help="file with the admin bearer token")
     p.add_argument("--ipv4-pool", help="virtual IPv4 pool, CIDR (default 100.64.0.0/16)")
     p.add_argument("--ipv6-pool", help="virtual IPv6 pool, CIDR (default ULA /48 of the domain)")
-    p.add_argument("--keepalive-interval", type=float, dest="keepalive_interval_s",
-                   help="seconds between node keepalives (default 15)")
-    p.add_argument("--offline-timeout", type=float, dest="offline_timeout_s",
-                   help="seconds of silence before a node is offline (default 45)")
+    p.add_argument(
+        "--keepalive-interval",
+        type=float,
+        dest="keepalive_interval_s",
+        help="seconds between node keepalives (default 15)",
+    )
+    p.add_argument(
+        "--offline-timeout",
+        type=float,
+        dest="offline_timeout_s",
+        help="seconds of silence before a node is offline (default 45)",
+    )
     p.add_argument("--no-quic", action="store_true", help="admin REST only (no QUIC endpoint)")
 
     p = sub.add_parser("migrate", help="bring the registry database schema up to date")
@@ -73,9 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_FLAGS = ("database_url", "log_level", "log_format", "pki_dir", "domain", "redis_url",
-          "replica_id", "http_host", "http_port", "quic_host", "quic_port", "admin_token_file",
-          "ipv4_pool", "ipv6_pool", "keepalive_interval_s", "offline_timeout_s")
+_FLAGS = (
+    "database_url",
+    "log_level",
+    "log_format",
+    "pki_dir",
+    "domain",
+    "redis_url",
+    "replica_id",
+    "http_host",
+    "http_port",
+    "quic_host",
+    "quic_port",
+    "admin_token_file",
+    "ipv4_pool",
+    "ipv6_pool",
+    "keepalive_interval_s",
+    "offline_timeout_s",
+)
 
 
 def settings_from(args: argparse.Namespace) -> NmsSettings:

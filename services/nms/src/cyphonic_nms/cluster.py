@@ -57,7 +57,9 @@ class NmsKeys:
     def node_routes(self, fqdn: str) -> str:
         return f"{self.prefix}nms:node-routes:{fqdn}"
 
+
 log = get_logger("nms.cluster")
+
 
 def cancel_requested() -> bool:
     """Whether the running task was asked to stop.
@@ -80,8 +82,11 @@ def redis_client(url: str, *, timeout_s: float = REDIS_TIMEOUT_S) -> Any:
     import redis.asyncio as redis_asyncio
 
     return redis_asyncio.Redis.from_url(
-        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-        socket_keepalive=True, health_check_interval=REDIS_HEALTH_CHECK_S,
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        socket_keepalive=True,
+        health_check_interval=REDIS_HEALTH_CHECK_S,
     )
 
 
@@ -99,17 +104,26 @@ class BusMessage:
     code: int = 0  # ErrorCode, for "kick"
 
     def to_json(self) -> str:
-        return json.dumps({
-            "op": self.op, "fqdn": self.fqdn, "reason": self.reason, "code": self.code,
-            "payload": base64.b64encode(self.payload).decode(),
-        })
+        return json.dumps(
+            {
+                "op": self.op,
+                "fqdn": self.fqdn,
+                "reason": self.reason,
+                "code": self.code,
+                "payload": base64.b64encode(self.payload).decode(),
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes) -> BusMessage:
         data = json.loads(text)
-        return cls(op=str(data["op"]), fqdn=str(data["fqdn"]),
-                   payload=base64.b64decode(data.get("payload", "")),
-                   reason=str(data.get("reason", "")), code=int(data.get("code", 0)))
+        return cls(
+            op=str(data["op"]),
+            fqdn=str(data["fqdn"]),
+            payload=base64.b64decode(data.get("payload", "")),
+            reason=str(data.get("reason", "")),
+            code=int(data.get("code", 0)),
+        )
 
 
 BusHandler = Callable[[BusMessage], Awaitable[None]]
@@ -157,9 +171,7 @@ class RedisBus:
         """Publish to ``replica_id``; ``PeerOffline`` when no replica listens there (the
         holder died and its presence has not expired yet): the message would vanish."""
         try:
-            receivers = await self._redis.publish(
-                self._keys.channel(replica_id), message.to_json()
-            )
+            receivers = await self._redis.publish(self._keys.channel(replica_id), message.to_json())
         except Exception as exc:
             raise Unavailable("Redis unavailable (replica bus)") from exc
         if not receivers:
@@ -179,8 +191,7 @@ class RedisBus:
             try:
                 # A bounded wait rather than listen(): each turn runs the client's health
                 # check, so a silently dead connection is noticed and re-established.
-                raw = await self._pubsub.get_message(ignore_subscribe_messages=True,
-                                                     timeout=1.0)
+                raw = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -319,8 +330,7 @@ class RedisPresence:
 
     async def release(self, fqdn: str, replica_id: str) -> bool:
         try:
-            return bool(await self._release(keys=[self._keys.presence(fqdn)],
-                                            args=[replica_id]))
+            return bool(await self._release(keys=[self._keys.presence(fqdn)], args=[replica_id]))
         except Exception as exc:
             raise Unavailable("Redis unavailable (presence)") from exc
 
@@ -473,8 +483,7 @@ class RedisRouteStore:
     offline timeout after the dead node's presence did.
     """
 
-    def __init__(self, redis: Any, *, prefix: str = DEFAULT_PREFIX,
-                 ttl_s: float = 45.0) -> None:
+    def __init__(self, redis: Any, *, prefix: str = DEFAULT_PREFIX, ttl_s: float = 45.0) -> None:
         self._redis = redis
         self._keys = NmsKeys(prefix)
         self.ttl_ms = max(1, int(ttl_s * 1000))
@@ -485,8 +494,12 @@ class RedisRouteStore:
         k = self._keys
         try:
             await self._put(
-                keys=[k.route(route.route_id), k.route_index, k.node_routes(route.initiator),
-                      k.node_routes(route.responder)],
+                keys=[
+                    k.route(route.route_id),
+                    k.route_index,
+                    k.node_routes(route.initiator),
+                    k.node_routes(route.responder),
+                ],
                 args=[route.route_id, route.to_json(), self.ttl_ms],
             )
         except Exception as exc:
@@ -537,8 +550,9 @@ class RedisRouteStore:
                 await self._redis.zrem(k.route_index, *gone)
         except Exception as exc:
             raise Unavailable("Redis unavailable (routes)") from exc
-        return sorted((RouteRecord.from_json(v) for v in values if v is not None),
-                      key=lambda r: r.created_ms)
+        return sorted(
+            (RouteRecord.from_json(v) for v in values if v is not None), key=lambda r: r.created_ms
+        )
 
     async def refresh(self, fqdns: Iterable[str]) -> None:
         k = self._keys
@@ -546,7 +560,8 @@ class RedisRouteStore:
         if not keys:
             return
         try:
-            await self._refresh(keys=keys, args=[self.ttl_ms, k.route(""), k.presence(""),
-                                                 k.route_index])
+            await self._refresh(
+                keys=keys, args=[self.ttl_ms, k.route(""), k.presence(""), k.route_index]
+            )
         except Exception as exc:
             raise Unavailable("Redis unavailable (routes)") from exc

@@ -128,31 +128,43 @@ class NmsMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.registrations = Counter(
-            "cyphonic_nms_registrations", "Node registrations by outcome", ["outcome"],
+            "cyphonic_nms_registrations",
+            "Node registrations by outcome",
+            ["outcome"],
             registry=self.registry,
         )
         self.routes = Counter(
-            "cyphonic_nms_route_decisions", "Route decisions by pattern", ["pattern"],
+            "cyphonic_nms_route_decisions",
+            "Route decisions by pattern",
+            ["pattern"],
             registry=self.registry,
         )
         self.route_errors = Counter(
-            "cyphonic_nms_route_errors", "Refused route requests by error", ["code"],
+            "cyphonic_nms_route_errors",
+            "Refused route requests by error",
+            ["code"],
             registry=self.registry,
         )
         self.pushes = Counter(
-            "cyphonic_nms_pushes", "Notices pushed to nodes, locally or via another replica",
-            ["kind", "via"], registry=self.registry,
+            "cyphonic_nms_pushes",
+            "Notices pushed to nodes, locally or via another replica",
+            ["kind", "via"],
+            registry=self.registry,
         )
         self.connected = Gauge(
-            "cyphonic_nms_connected_nodes", "Nodes connected to this replica",
+            "cyphonic_nms_connected_nodes",
+            "Nodes connected to this replica",
             registry=self.registry,
         )
         self.offline = Counter(
-            "cyphonic_nms_offline", "Nodes marked offline by cause", ["cause"],
+            "cyphonic_nms_offline",
+            "Nodes marked offline by cause",
+            ["cause"],
             registry=self.registry,
         )
         self.route_seconds = Histogram(
-            "cyphonic_nms_route_decision_seconds", "Time to decide and push a route",
+            "cyphonic_nms_route_decision_seconds",
+            "Time to decide and push a route",
             registry=self.registry,
         )
 
@@ -163,9 +175,7 @@ def _endpoint_pb(ep: Endpoint) -> pb.Endpoint:
 
 def network_pb(info: NetworkInfo) -> pb.NetworkInfo:
     """The wire form of a node's network information."""
-    msg = pb.NetworkInfo(
-        has_ipv4=info.has_ipv4, has_ipv6=info.has_ipv6, behind_nat=info.behind_nat
-    )
+    msg = pb.NetworkInfo(has_ipv4=info.has_ipv4, has_ipv6=info.has_ipv6, behind_nat=info.behind_nat)
     if info.observed_ipv4 is not None:
         msg.observed_ipv4.CopyFrom(_endpoint_pb(info.observed_ipv4))
     if info.observed_ipv6 is not None:
@@ -193,7 +203,10 @@ def survives_move(route: RouteRecord, decision: RouteDecision, moved: str) -> bo
     """
     family = int(decision.family) if decision.family is not None else None
     if (int(decision.pattern), family, decision.connector.value) != (
-            route.pattern, route.family, route.connector):
+        route.pattern,
+        route.family,
+        route.connector,
+    ):
         return False
     if decision.pattern is Pattern.RELAY:
         return True
@@ -242,9 +255,7 @@ class NodeManager:
         """Subscribe to this replica's bus channel and start the periodic loops."""
         # Revocations made before now are enforced at registration; a short backlog is read
         # again on the first poll in case a transaction still in flight took an id below.
-        self._revocations.start_at(
-            await self.nodes.last_revocation_id() - REVOCATION_START_BACKLOG
-        )
+        self._revocations.start_at(await self.nodes.last_revocation_id() - REVOCATION_START_BACKLOG)
         stale = await self.nodes.release_replica(self.replica_id, now=datetime.now(UTC))
         if stale:
             log.info("stale_nodes_offline", replica=self.replica_id, count=stale)
@@ -300,8 +311,9 @@ class NodeManager:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("periodic_job_failed", job=getattr(job, "__name__", "?"),
-                            error=str(exc))
+                log.warning(
+                    "periodic_job_failed", job=getattr(job, "__name__", "?"), error=str(exc)
+                )
             if cancel_requested():  # a Redis call may have swallowed the cancellation
                 raise asyncio.CancelledError
 
@@ -346,8 +358,9 @@ class NodeManager:
         """Register the node behind ``link`` (its certificate FQDN) and lease its addresses."""
         fqdn = link.fqdn.lower()
         async with self._node_lock(fqdn):
-            return await self._register(link, fqdn, local_addresses=local_addresses,
-                                        observed=observed)
+            return await self._register(
+                link, fqdn, local_addresses=local_addresses, observed=observed
+            )
 
     async def _register(
         self,
@@ -377,32 +390,53 @@ class NodeManager:
         if previous is not None and previous != self.replica_id:
             # The node came back through another replica; drop its stale connection there.
             with contextlib.suppress(CyphonicError):
-                await self.bus.publish(previous, BusMessage(
-                    op="kick", fqdn=fqdn, reason="registered at another NMS replica",
-                    code=pb.ERROR_CODE_UNAVAILABLE,
-                ))
+                await self.bus.publish(
+                    previous,
+                    BusMessage(
+                        op="kick",
+                        fqdn=fqdn,
+                        reason="registered at another NMS replica",
+                        code=pb.ERROR_CODE_UNAVAILABLE,
+                    ),
+                )
         old = self._local.get(fqdn)
         moved = old is not None and old.network != info
         if old is not None and moved:
             self._handovers[fqdn] = Handover(at=datetime.now(UTC), old=old.network, new=info)
-            log.info("node_moved", fqdn=fqdn, old_kind=old.network.kind, new_kind=info.kind,
-                     old_observed=str(old.network.observed_ipv4 or old.network.observed_ipv6),
-                     new_observed=str(info.observed_ipv4 or info.observed_ipv6))
+            log.info(
+                "node_moved",
+                fqdn=fqdn,
+                old_kind=old.network.kind,
+                new_kind=info.kind,
+                old_observed=str(old.network.observed_ipv4 or old.network.observed_ipv6),
+                new_observed=str(info.observed_ipv4 or info.observed_ipv6),
+            )
         if old is not None and old.link is not link:
             old.link.close(Unavailable("superseded by a newer connection"))
-        self._local[fqdn] = LocalNode(link=link, node_id=facts.node_id, lease=lease,
-                                      network=info)
+        self._local[fqdn] = LocalNode(link=link, node_id=facts.node_id, lease=lease, network=info)
         self._by_vip[lease.ipv4] = self._by_vip[lease.ipv6] = fqdn
         self._tracker.seen(fqdn, self.monotonic())
         self.metrics.connected.set(len(self._local))
         self.metrics.registrations.labels(outcome="ok").inc()
-        log.info("registered", fqdn=fqdn, kind=info.kind, behind_nat=info.behind_nat,
-                 vip4=str(lease.ipv4), vip6=str(lease.ipv6), observed=str(observed))
+        log.info(
+            "registered",
+            fqdn=fqdn,
+            kind=info.kind,
+            behind_nat=info.behind_nat,
+            vip4=str(lease.ipv4),
+            vip6=str(lease.ipv6),
+            observed=str(observed),
+        )
         if moved or (previous is not None and previous != self.replica_id):
             # A node that moved, here or from another replica, gets its routes re-directed.
             self._spawn(self._redirect_routes(fqdn, moved=moved))
-        return Registration(fqdn=fqdn, lease=lease, network=info, pools=self.pools,
-                            keepalive_interval_s=self.keepalive_interval_s)
+        return Registration(
+            fqdn=fqdn,
+            lease=lease,
+            network=info,
+            pools=self.pools,
+            keepalive_interval_s=self.keepalive_interval_s,
+        )
 
     def last_handover(self, fqdn: str) -> Handover | None:
         """The last move of ``fqdn`` seen by this replica while the node was connected."""
@@ -459,8 +493,7 @@ class NodeManager:
         self._forget_local(fqdn)
         if not await self.presence.release(fqdn, self.replica_id):
             return  # another replica holds the node now: it is not offline
-        await self.nodes.set_offline(local.node_id, replica=self.replica_id,
-                                     now=datetime.now(UTC))
+        await self.nodes.set_offline(local.node_id, replica=self.replica_id, now=datetime.now(UTC))
         self.metrics.offline.labels(cause=cause).inc()
         log.info("offline", fqdn=fqdn, cause=cause)
         if keep_routes:
@@ -493,8 +526,11 @@ class NodeManager:
         await self.presence.refresh(fqdns, self.replica_id, self.offline_timeout_s)
         # After presence: a route is kept alive only while both of its nodes are present.
         await self.routes.refresh(fqdns)
-        await self.nodes.touch([n.node_id for n in self._local.values()],
-                               replica=self.replica_id, now=datetime.now(UTC))
+        await self.nodes.touch(
+            [n.node_id for n in self._local.values()],
+            replica=self.replica_id,
+            now=datetime.now(UTC),
+        )
 
     async def poll_revocations(self) -> None:
         """Disconnect local nodes whose certificate (or node) was revoked.
@@ -510,8 +546,9 @@ class NodeManager:
             self._revocations.filled(e.cursor for e in late)
             await self._apply_revocations(late)
         while True:
-            page = await self.nodes.revocations_after(self._revocations.cursor,
-                                                      limit=REVOCATION_PAGE)
+            page = await self.nodes.revocations_after(
+                self._revocations.cursor, limit=REVOCATION_PAGE
+            )
             self._revocations.advance([e.cursor for e in page], now)
             await self._apply_revocations(page)
             if len(page) < REVOCATION_PAGE:
@@ -531,8 +568,11 @@ class NodeManager:
         local = self._local.get(fqdn)
         if local is None:
             return
-        notice = _envelope(revocation_notice=pb.RevocationNotice(
-            fqdn=fqdn, serial_hex=serial or local.link.serial_hex, reason=reason))
+        notice = _envelope(
+            revocation_notice=pb.RevocationNotice(
+                fqdn=fqdn, serial_hex=serial or local.link.serial_hex, reason=reason
+            )
+        )
         with contextlib.suppress(Exception):
             await asyncio.wait_for(local.link.push(notice), 1.0)
         local.link.close(Revoked(f"{fqdn} was revoked: {reason}"))
@@ -551,8 +591,9 @@ class NodeManager:
         holder = await self.presence.holder(fqdn)
         if holder is None or holder == self.replica_id:
             raise PeerOffline(f"{fqdn} is offline")
-        await self.bus.publish(holder, BusMessage(op="push", fqdn=fqdn,
-                                                  payload=envelope.SerializeToString()))
+        await self.bus.publish(
+            holder, BusMessage(op="push", fqdn=fqdn, payload=envelope.SerializeToString())
+        )
         self.metrics.pushes.labels(kind=kind, via="bus").inc()
 
     async def _on_bus(self, message: BusMessage) -> None:
@@ -622,13 +663,18 @@ class NodeManager:
             raise InvalidArgument("a node cannot route to itself")
         decision = decide(me.network, peer_network)
         route = await self._establish(
-            initiator=fqdn, initiator_lease=me.lease, responder=peer_fqdn,
-            responder_lease=peer_lease, decision=decision,
+            initiator=fqdn,
+            initiator_lease=me.lease,
+            responder=peer_fqdn,
+            responder_lease=peer_lease,
+            decision=decision,
         )
         self.metrics.routes.labels(pattern=str(int(decision.pattern))).inc()
         return pb.RouteResponse(
-            route_id=route.route_id, pattern=int(decision.pattern),  # type: ignore[arg-type]
-            peer_fqdn=peer_fqdn, peer_virtual_ipv4=peer_lease.ipv4.packed,
+            route_id=route.route_id,
+            pattern=int(decision.pattern),  # type: ignore[arg-type]
+            peer_fqdn=peer_fqdn,
+            peer_virtual_ipv4=peer_lease.ipv4.packed,
             peer_virtual_ipv6=peer_lease.ipv6.packed,
         )
 
@@ -651,24 +697,32 @@ class NodeManager:
                 raise Unavailable("no TRS replica is registered; relayed routes are impossible")
             trs_replica = trs.replica_id
             token = relay_token.issue(
-                route_id=route_id, initiator_fqdn=initiator, responder_fqdn=responder,
-                secret=self.relay_secret, now_ms=self.wall_ms(),
+                route_id=route_id,
+                initiator_fqdn=initiator,
+                responder_fqdn=responder,
+                secret=self.relay_secret,
+                now_ms=self.wall_ms(),
                 lifetime_ms=int(self.relay_token_lifetime_s * 1000),
             )
             relay = pb.RelayDirection(
                 trs=[_endpoint_pb(ep) for ep in trs.endpoints],
-                trs_server_name=trs.server_name, allocation_token=token,
+                trs_server_name=trs.server_name,
+                allocation_token=token,
             )
         # One active route per pair: a new request replaces the old one.
         for old in await self.routes.for_node(initiator):
             if old.involves(responder) and old.route_id != route_id:
                 await self.routes.remove(old)
         record = RouteRecord(
-            route_id=route_id, initiator=initiator, responder=responder,
+            route_id=route_id,
+            initiator=initiator,
+            responder=responder,
             pattern=int(decision.pattern),
             family=int(decision.family) if decision.family is not None else None,
-            connector=decision.connector.value, trs_replica=trs_replica,
-            created_ms=self.wall_ms(), decided_by=self.replica_id,
+            connector=decision.connector.value,
+            trs_replica=trs_replica,
+            created_ms=self.wall_ms(),
+            decided_by=self.replica_id,
         )
         await self.routes.put(record)
         for side, fqdn, peer_fqdn, peer_lease in (
@@ -676,10 +730,13 @@ class NodeManager:
             (Side.INITIATOR, initiator, responder, responder_lease),
         ):
             direction = pb.RouteDirection(
-                route_id=route_id, pattern=int(decision.pattern),  # type: ignore[arg-type]
-                role=(pb.ROUTE_ROLE_CONNECT if decision.connector is side
-                      else pb.ROUTE_ROLE_ACCEPT),
-                peer_fqdn=peer_fqdn, peer_virtual_ipv4=peer_lease.ipv4.packed,
+                route_id=route_id,
+                pattern=int(decision.pattern),  # type: ignore[arg-type]
+                role=(
+                    pb.ROUTE_ROLE_CONNECT if decision.connector is side else pb.ROUTE_ROLE_ACCEPT
+                ),
+                peer_fqdn=peer_fqdn,
+                peer_virtual_ipv4=peer_lease.ipv4.packed,
                 peer_virtual_ipv6=peer_lease.ipv6.packed,
             )
             if decision.connector is side:
@@ -687,13 +744,20 @@ class NodeManager:
             if relay is not None:
                 direction.relay.CopyFrom(relay)
             try:
-                await self.deliver(fqdn, _envelope(route_direction=direction),
-                                   kind="route_direction")
+                await self.deliver(
+                    fqdn, _envelope(route_direction=direction), kind="route_direction"
+                )
             except PeerOffline:
                 await self.routes.remove(record)
                 raise
-        log.info("route", route_id=route_id, initiator=initiator, responder=responder,
-                 pattern=int(decision.pattern), connector=decision.connector.value)
+        log.info(
+            "route",
+            route_id=route_id,
+            initiator=initiator,
+            responder=responder,
+            pattern=int(decision.pattern),
+            connector=decision.connector.value,
+        )
         return record
 
     async def relay_cids(self, link: NodeLink, message: pb.RelayCids) -> pb.RelayCids:
@@ -713,8 +777,7 @@ class NodeManager:
         if not 0 < len(cids) <= MAX_RELAY_CIDS:
             raise InvalidArgument(f"RelayCids must carry 1..{MAX_RELAY_CIDS} connection IDs")
         if any(not MIN_CID_LEN <= len(c) <= MAX_CID_LEN for c in cids):
-            raise InvalidArgument(
-                f"a relay connection ID has {MIN_CID_LEN}..{MAX_CID_LEN} bytes")
+            raise InvalidArgument(f"a relay connection ID has {MIN_CID_LEN}..{MAX_CID_LEN} bytes")
         if len(set(cids)) != len(cids):
             raise InvalidArgument("RelayCids repeats a connection ID")
         route = await self.routes.get(route_id)
@@ -727,8 +790,7 @@ class NodeManager:
         peer = route.peer_of(fqdn)
         forwarded = pb.RelayCids(route_id=route_id, connection_ids=cids)
         await self.deliver(peer, _envelope(relay_cids=forwarded), kind="relay_cids")
-        log.info("relay_cids_forwarded", route_id=route_id, sender=fqdn, peer=peer,
-                 cids=len(cids))
+        log.info("relay_cids_forwarded", route_id=route_id, sender=fqdn, peer=peer, cids=len(cids))
         return forwarded
 
     async def _redirect_routes(self, fqdn: str, *, moved: bool = True) -> None:
@@ -746,13 +808,22 @@ class NodeManager:
                 decision = decide(a, b)
                 keep = not moved or survives_move(route, decision, fqdn)
                 record = await self._establish(
-                    initiator=route.initiator, initiator_lease=la,
-                    responder=route.responder, responder_lease=lb,
-                    decision=decision, route_id=route.route_id if keep else None,
+                    initiator=route.initiator,
+                    initiator_lease=la,
+                    responder=route.responder,
+                    responder_lease=lb,
+                    decision=decision,
+                    route_id=route.route_id if keep else None,
                 )
-                log.info("route_redirected", fqdn=fqdn, old_route_id=route.route_id,
-                         route_id=record.route_id, old_pattern=route.pattern,
-                         pattern=record.pattern, rebuilt=not keep)
+                log.info(
+                    "route_redirected",
+                    fqdn=fqdn,
+                    old_route_id=route.route_id,
+                    route_id=record.route_id,
+                    old_pattern=route.pattern,
+                    pattern=record.pattern,
+                    rebuilt=not keep,
+                )
         except CyphonicError as exc:
             log.info("redirect_failed", fqdn=fqdn, error=exc.message)
 

@@ -165,7 +165,6 @@ class RouteDecision:
         return "connect" if side is self.connector else "accept"
 
 
-
 def _usable(ip: IPAddress) -> bool:
     """An address worth recording from a node's report (loopback kept for single-host NAT
     detection; it is never handed to a peer, see ``dialable``)."""
@@ -194,8 +193,9 @@ def dialable(ip: IPAddress) -> bool:
             return False
     elif ip in _THIS_NETWORK:
         return False
-    return not (ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_link_local
-                or ip.is_reserved)
+    return not (
+        ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_link_local or ip.is_reserved
+    )
 
 
 def _same(a: Endpoint, b: Endpoint) -> bool:
@@ -209,9 +209,7 @@ def _unmap(ep: Endpoint) -> Endpoint:
     return ep
 
 
-def classify(
-    local_addresses: Iterable[Endpoint], observed_source: Endpoint | None
-) -> NetworkInfo:
+def classify(local_addresses: Iterable[Endpoint], observed_source: Endpoint | None) -> NetworkInfo:
     """Decide a node's ``NetworkInfo`` from its reported addresses and the observed source.
 
     * IPv4 is available when the node connected over IPv4 or reported a dialable IPv4 address.
@@ -222,9 +220,7 @@ def classify(
       IPv6 is taken as end-to-end (no NAT66).
     """
     # Keep the node's order (its preference), minus duplicates and unusable addresses.
-    reported = tuple(
-        dict.fromkeys(_unmap(ep) for ep in local_addresses if _usable(_unmap(ep).ip))
-    )
+    reported = tuple(dict.fromkeys(_unmap(ep) for ep in local_addresses if _usable(_unmap(ep).ip)))
     observed = _unmap(observed_source) if observed_source is not None else None
     observed_v4 = observed if observed is not None and observed.family == 4 else None
     observed_v6 = observed if observed is not None and observed.family == 6 else None
@@ -286,9 +282,7 @@ def pattern_for(a: NetworkInfo, b: NetworkInfo) -> RouteDecision:
     if not options:
         return RouteDecision(pattern=Pattern.RELAY, family=None, connector=Side.INITIATOR)
     pattern, _, family, connector, candidates = min(options)
-    return RouteDecision(
-        pattern=pattern, family=family, connector=connector, candidates=candidates
-    )
+    return RouteDecision(pattern=pattern, family=family, connector=connector, candidates=candidates)
 
 
 def endpoints_from(pairs: Sequence[tuple[str, int]]) -> tuple[Endpoint, ...]:

@@ -59,13 +59,12 @@ class NmsServer:
             try:
                 await self._redis.ping()
             except Exception as exc:
-                raise Unavailable(
-                    f"Redis at {hide_password(s.redis_url)} is unreachable"
-                ) from exc
+                raise Unavailable(f"Redis at {hide_password(s.redis_url)} is unreachable") from exc
             presence: Any = RedisPresence(self._redis, prefix=s.redis_prefix)
             bus: Any = RedisBus(self._redis, prefix=s.redis_prefix)
-            routes: Any = RedisRouteStore(self._redis, prefix=s.redis_prefix,
-                                          ttl_s=s.offline_timeout_s)
+            routes: Any = RedisRouteStore(
+                self._redis, prefix=s.redis_prefix, ttl_s=s.offline_timeout_s
+            )
             trs: Any = RedisTrsDirectory(self._redis, prefix=s.redis_prefix)
         else:
             presence, bus = InProcessPresence(), InProcessBus()
@@ -73,17 +72,22 @@ class NmsServer:
         if s.trs_endpoints:
             # A fixed TRS (one host, or a TRS behind one load-balanced name).
             trs = InProcessTrsDirectory()
-            await trs.register(TrsReplica(
-                replica_id="static",
-                endpoints=tuple(Endpoint.parse(e) for e in s.trs_endpoints),
-                server_name=s.trs_server_name or f"trs.svc.{s.domain}",
-            ))
+            await trs.register(
+                TrsReplica(
+                    replica_id="static",
+                    endpoints=tuple(Endpoint.parse(e) for e in s.trs_endpoints),
+                    server_name=s.trs_server_name or f"trs.svc.{s.domain}",
+                )
+            )
         self.manager = NodeManager(
             nodes=store,
             pools=LeasePools.from_settings(ipv4=s.ipv4_pool, ipv6=s.ipv6_pool, domain=s.domain),
             replica_id=s.replica_id,
             relay_secret=s.relay_secret(),
-            presence=presence, bus=bus, routes=routes, trs=trs,
+            presence=presence,
+            bus=bus,
+            routes=routes,
+            trs=trs,
             keepalive_interval_s=s.keepalive_interval_s,
             offline_timeout_s=s.offline_timeout_s,
             revocation_poll_s=s.revocation_poll_s,
@@ -97,21 +101,28 @@ class NmsServer:
         if self._redis is not None:
             checks.append(self._ping_redis)
         app = create_admin_app(
-            service="nms", title="CYPHONIC NMS", admin_token=s.admin_token,
-            ready_checks=checks, routers=[router],
+            service="nms",
+            title="CYPHONIC NMS",
+            admin_token=s.admin_token,
+            ready_checks=checks,
+            routers=[router],
             metrics_registry=self.manager.metrics.registry,
             description="Node Management Service: nodes, virtual addresses, routes.",
         )
         app.state.manager = self.manager
-        self.admin = AdminServer(app, host=s.http_host, port=s.http_port,
-                                 log_level=s.log_level)
+        self.admin = AdminServer(app, host=s.http_host, port=s.http_port, log_level=s.log_level)
         await self.admin.start()
         if self.quic:
             self.signalling = await start_signalling(self.manager, s)
-        log.info("nms_started", replica=s.replica_id, http_port=self.admin.port,
-                 quic=self.signalling.address if self.signalling else None,
-                 redis=bool(self._redis), pool4=str(self.manager.pools.ipv4.network),
-                 pool6=str(self.manager.pools.ipv6.network))
+        log.info(
+            "nms_started",
+            replica=s.replica_id,
+            http_port=self.admin.port,
+            quic=self.signalling.address if self.signalling else None,
+            redis=bool(self._redis),
+            pool4=str(self.manager.pools.ipv4.network),
+            pool6=str(self.manager.pools.ipv6.network),
+        )
 
     @staticmethod
     async def _report_trs(trs: RedisTrsDirectory) -> None:
@@ -122,12 +133,14 @@ class NmsServer:
         except Unavailable:
             return
         if live:
-            log.info("trs_directory", key=trs.replicas_key,
-                     replicas=[r.replica_id for r in live])
+            log.info("trs_directory", key=trs.replicas_key, replicas=[r.replica_id for r in live])
         else:
-            log.warning("trs_directory_empty", key=trs.replicas_key,
-                        hint="no TRS replica registered under this key; relayed routes "
-                        "will fail until one is (check CYPHONIC_REDIS_PREFIX)")
+            log.warning(
+                "trs_directory_empty",
+                key=trs.replicas_key,
+                hint="no TRS replica registered under this key; relayed routes "
+                "will fail until one is (check CYPHONIC_REDIS_PREFIX)",
+            )
 
     async def _ping_redis(self) -> None:
         try:

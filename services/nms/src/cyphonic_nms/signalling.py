@@ -85,7 +85,9 @@ async def answer(
         if len(addresses) > MAX_LOCAL_ADDRESSES:
             raise InvalidArgument(f"at most {MAX_LOCAL_ADDRESSES} local addresses")
         reg = await manager.register(
-            link, local_addresses=[endpoint_from_pb(a) for a in addresses], observed=observed,
+            link,
+            local_addresses=[endpoint_from_pb(a) for a in addresses],
+            observed=observed,
         )
         return _envelope(register_response=register_response(reg))
     if body == "keepalive":
@@ -111,8 +113,7 @@ async def handle_request(
 ) -> pb.Envelope:
     """Like ``answer`` but never raises: errors become an ``Error`` envelope."""
     try:
-        result = await answer(manager, link, request, observed=observed,
-                              peer_is_node=peer_is_node)
+        result = await answer(manager, link, request, observed=observed, peer_is_node=peer_is_node)
     except CyphonicError as exc:
         return _envelope(error=exc.to_wire())
     except Exception:
@@ -188,13 +189,16 @@ class NmsSignallingServer:
         self.revocations = RevocationCache(
             RegistryRevocations.from_url(settings.database_url),
             issuer=load_trust_store(settings.pki_dir).node_ca,
-            interval=settings.revocation_poll_s)
+            interval=settings.revocation_poll_s,
+        )
         await self.revocations.start()
         trust = load_trust_store(settings.pki_dir, is_revoked=self.revocations.is_revoked)
-        factory = SignallingSession.factory(self._handle, on_open=self._opened,
-                                            on_lost=self._lost)
+        factory = SignallingSession.factory(self._handle, on_open=self._opened, on_lost=self._lost)
         self.endpoint = await QuicEndpoint.open(
-            host=settings.quic_host, port=settings.quic_port, identity=identity, trust=trust,
+            host=settings.quic_host,
+            port=settings.quic_port,
+            identity=identity,
+            trust=trust,
             accept={ALPN_SIGNALLING: Acceptor(handler_factory=factory, expect="node")},
             # Keepalives keep a healthy connection busy; the idle timeout only reaps dead ones.
             idle_timeout=settings.offline_timeout_s + settings.keepalive_interval_s,
@@ -213,14 +217,17 @@ class NmsSignallingServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handle(
-        self, message: pb.Envelope, session: SignallingSession
-    ) -> pb.Envelope | None:
+    async def _handle(self, message: pb.Envelope, session: SignallingSession) -> pb.Envelope | None:
         link = self._links.get(id(session))
         if link is None:  # cannot happen: on_open runs before any event is delivered
             raise UnexpectedMessage("connection not set up")
-        return await answer(self.manager, link, message, observed=link.observed,
-                            peer_is_node=session.peer.kind == "node")
+        return await answer(
+            self.manager,
+            link,
+            message,
+            observed=link.observed,
+            peer_is_node=session.peer.kind == "node",
+        )
 
     async def close(self) -> None:
         """Close every connection and the socket."""

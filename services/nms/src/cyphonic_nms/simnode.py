@@ -35,13 +35,21 @@ from cyphonic_nms.routing import Endpoint
 
 
 def issue_node_identity(
-    node_ca: CertifiedKey, fqdn: str, *, now: datetime.datetime | None = None,
+    node_ca: CertifiedKey,
+    fqdn: str,
+    *,
+    now: datetime.datetime | None = None,
     valid_for: datetime.timedelta = datetime.timedelta(days=1),
 ) -> CertifiedKey:
     """A fresh key and node certificate for ``fqdn`` (what enrolment through the AS gives)."""
     key = generate_key()
-    cert = sign_node_csr(node_ca, make_csr(key, fqdn), fqdn=fqdn,
-                         now=now or datetime.datetime.now(datetime.UTC), valid_for=valid_for)
+    cert = sign_node_csr(
+        node_ca,
+        make_csr(key, fqdn),
+        fqdn=fqdn,
+        now=now or datetime.datetime.now(datetime.UTC),
+        valid_for=valid_for,
+    )
     return CertifiedKey(key=key, cert=cert, chain=[node_ca.cert])
 
 
@@ -53,8 +61,13 @@ class SimulatedNode:
     """One node's signalling connection to an NMS."""
 
     def __init__(
-        self, *, identity: CertifiedKey, trust: TrustStore, nms: tuple[str, int],
-        server_name: str, bind_host: str = "127.0.0.1",
+        self,
+        *,
+        identity: CertifiedKey,
+        trust: TrustStore,
+        nms: tuple[str, int],
+        server_name: str,
+        bind_host: str = "127.0.0.1",
     ) -> None:
         self.identity = identity
         self.fqdn = certificate_dns_names(identity.cert)[0]
@@ -78,12 +91,19 @@ class SimulatedNode:
     async def connect(self, *, timeout_s: float = 10.0) -> None:
         """Open the UDP socket and the mutual-TLS QUIC connection to the NMS."""
         self.endpoint = await QuicEndpoint.open(
-            host=self.bind_host, port=0, identity=self.identity, trust=self.trust,
+            host=self.bind_host,
+            port=0,
+            identity=self.identity,
+            trust=self.trust,
             idle_timeout=60.0,
         )
         conn = await self.endpoint.connect(
-            self.nms, alpn=ALPN_SIGNALLING, expect="service", expected_name=self.server_name,
-            handler_factory=SignallingSession.factory(self._on_message), timeout=timeout_s,
+            self.nms,
+            alpn=ALPN_SIGNALLING,
+            expect="service",
+            expected_name=self.server_name,
+            handler_factory=SignallingSession.factory(self._on_message),
+            timeout=timeout_s,
         )
         assert isinstance(conn.handler, SignallingSession)
         self.session = conn.handler
@@ -123,8 +143,13 @@ class SimulatedNode:
     ) -> pb.RegisterResponse:
         """Register, reporting ``local_addresses`` (default: the socket's own address)."""
         addresses = [self.local] if local_addresses is None else list(local_addresses)
-        answer = await self.request(_env(register_request=pb.RegisterRequest(
-            local_addresses=[pb.Endpoint(ip=a.ip.packed, port=a.port) for a in addresses])))
+        answer = await self.request(
+            _env(
+                register_request=pb.RegisterRequest(
+                    local_addresses=[pb.Endpoint(ip=a.ip.packed, port=a.port) for a in addresses]
+                )
+            )
+        )
         self.registration = answer.register_response
         return answer.register_response
 
@@ -136,8 +161,11 @@ class SimulatedNode:
         self, *, fqdn: str | None = None, virtual_address: bytes | None = None
     ) -> pb.RouteResponse:
         """Ask the NMS for a route to a peer (by FQDN or virtual address)."""
-        request = (pb.RouteRequest(fqdn=fqdn) if fqdn is not None
-                   else pb.RouteRequest(virtual_address=virtual_address or b""))
+        request = (
+            pb.RouteRequest(fqdn=fqdn)
+            if fqdn is not None
+            else pb.RouteRequest(virtual_address=virtual_address or b"")
+        )
         answer = await self.request(_env(route_request=request))
         return answer.route_response
 
@@ -162,32 +190,49 @@ def _ep(msg: pb.Endpoint) -> str:
 async def _main(args: argparse.Namespace) -> int:
     identity = load_identity(args.cert, args.key)
     node = SimulatedNode(
-        identity=identity, trust=load_trust_store(args.trust_dir),
-        nms=(str(args.nms.ip), args.nms.port), server_name=args.server_name,
+        identity=identity,
+        trust=load_trust_store(args.trust_dir),
+        nms=(str(args.nms.ip), args.nms.port),
+        server_name=args.server_name,
         bind_host=args.bind,
     )
     try:
         await node.connect()
         reg = await node.register(args.report or None)
-        _print("registered", fqdn=reg.fqdn, local=str(node.local),
-               virtual_ipv4=str(ip_address(reg.virtual_ipv4)),
-               virtual_ipv6=str(ip_address(reg.virtual_ipv6)),
-               behind_nat=reg.network.behind_nat, has_ipv4=reg.network.has_ipv4,
-               has_ipv6=reg.network.has_ipv6, observed_ipv4=_ep(reg.network.observed_ipv4),
-               observed_ipv6=_ep(reg.network.observed_ipv6))
+        _print(
+            "registered",
+            fqdn=reg.fqdn,
+            local=str(node.local),
+            virtual_ipv4=str(ip_address(reg.virtual_ipv4)),
+            virtual_ipv6=str(ip_address(reg.virtual_ipv6)),
+            behind_nat=reg.network.behind_nat,
+            has_ipv4=reg.network.has_ipv4,
+            has_ipv6=reg.network.has_ipv6,
+            observed_ipv4=_ep(reg.network.observed_ipv4),
+            observed_ipv6=_ep(reg.network.observed_ipv6),
+        )
         if args.route:
             answer = await node.route(fqdn=args.route)
-            _print("route_response", route_id=answer.route_id, pattern=int(answer.pattern),
-                   peer_fqdn=answer.peer_fqdn)
+            _print(
+                "route_response",
+                route_id=answer.route_id,
+                pattern=int(answer.pattern),
+                peer_fqdn=answer.peer_fqdn,
+            )
         deadline = asyncio.get_running_loop().time() + args.hold
         seen = 0
         while True:
             for env in node.pushed[seen:]:
                 if env.WhichOneof("body") == "route_direction":
                     d = env.route_direction
-                    _print("route_direction", route_id=d.route_id, pattern=int(d.pattern),
-                           role=int(d.role), peer_fqdn=d.peer_fqdn,
-                           candidates=[_ep(c) for c in d.peer_candidates])
+                    _print(
+                        "route_direction",
+                        route_id=d.route_id,
+                        pattern=int(d.pattern),
+                        role=int(d.role),
+                        peer_fqdn=d.peer_fqdn,
+                        candidates=[_ep(c) for c in d.peer_candidates],
+                    )
                 else:
                     _print("push", body=env.WhichOneof("body"))
             seen = len(node.pushed)
@@ -205,22 +250,30 @@ async def _main(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cyphonic_nms.simnode``: one node registers (and asks for a route)."""
-    parser = argparse.ArgumentParser(prog="python -m cyphonic_nms.simnode",
-                                     description="A simulated node: register with an NMS, "
-                                     "optionally ask for a route; JSON lines on stdout.")
+    parser = argparse.ArgumentParser(
+        prog="python -m cyphonic_nms.simnode",
+        description="A simulated node: register with an NMS, "
+        "optionally ask for a route; JSON lines on stdout.",
+    )
     parser.add_argument("--cert", type=Path, required=True, help="node.crt (leaf + node CA)")
     parser.add_argument("--key", type=Path, required=True, help="node.key")
     parser.add_argument("--trust-dir", type=Path, required=True, help="dir with root-ca.crt")
     parser.add_argument("--nms", type=Endpoint.parse, required=True, help="NMS ip:port")
     parser.add_argument("--server-name", default="nms.svc.cyphonic.internal")
     parser.add_argument("--bind", default="0.0.0.0", help="local address of the UDP socket")
-    parser.add_argument("--report", type=Endpoint.parse, action="append",
-                        help="address to report (repeatable; default: the socket's own)")
+    parser.add_argument(
+        "--report",
+        type=Endpoint.parse,
+        action="append",
+        help="address to report (repeatable; default: the socket's own)",
+    )
     parser.add_argument("--route", help="FQDN to ask a route for after registering")
-    parser.add_argument("--hold", type=float, default=0.0,
-                        help="seconds to stay connected, printing pushes")
-    parser.add_argument("--until-pushes", type=int, default=0,
-                        help="leave as soon as this many pushes arrived")
+    parser.add_argument(
+        "--hold", type=float, default=0.0, help="seconds to stay connected, printing pushes"
+    )
+    parser.add_argument(
+        "--until-pushes", type=int, default=0, help="leave as soon as this many pushes arrived"
+    )
     return asyncio.run(_main(parser.parse_args(argv)))
 
 

@@ -176,9 +176,9 @@ class SqlNodeStore:
     async def node_by_fqdn(self, fqdn: str) -> NodeRecord | None:
         async with self._session() as s, map_db_errors():
             row = (
-                await s.execute(select(Node.id, Node.fqdn, Node.state).where(
-                    Node.fqdn == fqdn.lower()
-                ))
+                await s.execute(
+                    select(Node.id, Node.fqdn, Node.state).where(Node.fqdn == fqdn.lower())
+                )
             ).first()
         return NodeRecord(node_id=row[0], fqdn=row[1], state=row[2]) if row else None
 
@@ -195,9 +195,7 @@ class SqlNodeStore:
             if cert_status == CertificateStatus.REVOKED.value:
                 return True
             revoked = await s.scalar(
-                select(func.count()).select_from(Revocation).where(
-                    Revocation.serial == serial_hex
-                )
+                select(func.count()).select_from(Revocation).where(Revocation.serial == serial_hex)
             )
             return bool(revoked)
 
@@ -206,8 +204,10 @@ class SqlNodeStore:
         serial_hex = serial_hex.lower().lstrip("0") or "0"
         revoked = or_(
             exists().where(Revocation.serial == serial_hex),
-            exists().where(Certificate.serial == serial_hex,
-                           Certificate.status == CertificateStatus.REVOKED.value),
+            exists().where(
+                Certificate.serial == serial_hex,
+                Certificate.status == CertificateStatus.REVOKED.value,
+            ),
         )
         stmt = (
             select(Node.id, Node.state, AddressLease.ipv4, AddressLease.ipv6, revoked)
@@ -248,9 +248,7 @@ class SqlNodeStore:
                 raise exhausted(pools.ipv4)
             for attempt in range(64):
                 scan_v6 = pools.ipv6.hashed(f"{node_id}/scan", attempt)
-                lease = await self._try_insert(
-                    node_id, candidate, scan_v6  # type: ignore[arg-type]
-                )
+                lease = await self._try_insert(node_id, candidate, scan_v6)  # type: ignore[arg-type]
                 if lease is not None:
                     return lease
                 if await self._taken(AddressLease.ipv4, str(candidate)):
@@ -277,14 +275,15 @@ class SqlNodeStore:
                 out.append(address)
         return out
 
-    async def _try_insert(
-        self, node_id: int, ipv4: IPv4Address, ipv6: IPv6Address
-    ) -> Lease | None:
+    async def _try_insert(self, node_id: int, ipv4: IPv4Address, ipv6: IPv6Address) -> Lease | None:
         """Insert a lease; None when an address is taken; the winner's lease on a node race."""
         try:
             async with self._session() as s, s.begin():
-                await s.execute(insert(AddressLease).values(
-                    node_id=node_id, ipv4=str(ipv4), ipv6=str(ipv6), leased_at=_now()))
+                await s.execute(
+                    insert(AddressLease).values(
+                        node_id=node_id, ipv4=str(ipv4), ipv6=str(ipv6), leased_at=_now()
+                    )
+                )
         except exc.IntegrityError:
             existing = await self._lease(node_id)
             return existing  # None: an address was taken by another node, try the next
@@ -411,9 +410,7 @@ class SqlNodeStore:
     async def _revocation_events(self, stmt: Any) -> list[RevocationEvent]:
         async with self._session() as s, map_db_errors():
             rows = (await s.execute(stmt)).all()
-        return [
-            RevocationEvent(cursor=r[0], fqdn=r[1], serial=r[2], reason=r[3]) for r in rows
-        ]
+        return [RevocationEvent(cursor=r[0], fqdn=r[1], serial=r[2], reason=r[3]) for r in rows]
 
     async def last_revocation_id(self) -> int:
         """The highest revocation id recorded so far (0: none)."""

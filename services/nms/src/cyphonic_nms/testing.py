@@ -59,7 +59,6 @@ class RecordingLink:
                 await self._event.wait()
         return self.of(body)[count - 1]
 
-
     async def wait_closed(self, *, within_s: float = 5.0) -> CyphonicError:
         """Wait until the link is closed; the error it was closed with."""
         async with asyncio.timeout(within_s):
@@ -70,21 +69,34 @@ class RecordingLink:
 
 
 async def add_node(
-    sessions: async_sessionmaker[AsyncSession], name: str, *, domain: str = "cyphonic.internal",
+    sessions: async_sessionmaker[AsyncSession],
+    name: str,
+    *,
+    domain: str = "cyphonic.internal",
     state: NodeState = NodeState.ACTIVE,
 ) -> int:
     """Insert an enrolled node into the registry (what the AS does); its id."""
     now = datetime.now(UTC)
     async with sessions() as s, s.begin():
-        node = Node(name=name, fqdn=f"{name}.{domain}", state=state.value, tags={},
-                    device_info={}, created_at=now, updated_at=now)
+        node = Node(
+            name=name,
+            fqdn=f"{name}.{domain}",
+            state=state.value,
+            tags={},
+            device_info={},
+            created_at=now,
+            updated_at=now,
+        )
         s.add(node)
         await s.flush()
         return node.id
 
 
 async def revoke_node(
-    sessions: async_sessionmaker[AsyncSession], node_id: int, *, serial: str | None,
+    sessions: async_sessionmaker[AsyncSession],
+    node_id: int,
+    *,
+    serial: str | None,
     reason: str = "test",
 ) -> None:
     """Record a revocation the way the AS does (node state and a revocations row)."""
@@ -139,9 +151,17 @@ class InProcessCluster:
     async def replica(self, name: str) -> NodeManager:
         """A replica subscribed to the bus; its periodic jobs are driven by the caller."""
         manager = NodeManager(
-            nodes=self.store, pools=self.pools, replica_id=name, relay_secret=SECRET,
-            presence=self.presence, bus=self.bus, routes=self.routes, trs=self.trs,
-            keepalive_interval_s=15, offline_timeout_s=45, monotonic=self.clock,
+            nodes=self.store,
+            pools=self.pools,
+            replica_id=name,
+            relay_secret=SECRET,
+            presence=self.presence,
+            bus=self.bus,
+            routes=self.routes,
+            trs=self.trs,
+            keepalive_interval_s=15,
+            offline_timeout_s=45,
+            monotonic=self.clock,
         )
         await self.bus.subscribe(name, manager._on_bus)  # loops are driven by hand here
         self.replicas.append(manager)
@@ -172,9 +192,18 @@ def free_port(kind: int) -> int:
 class NmsProcess:
     """One ``cyphonic-nms serve`` child process on loopback ports, logging JSON to a file."""
 
-    def __init__(self, *, pki_dir: Path, database_url: str, redis_url: str | None,
-                 replica_id: str, log_path: Path, admin_token: str, relay_secret: str,
-                 extra_env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        pki_dir: Path,
+        database_url: str,
+        redis_url: str | None,
+        replica_id: str,
+        log_path: Path,
+        admin_token: str,
+        relay_secret: str,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
         self.quic_port = free_port(socket.SOCK_DGRAM)
         self.http_port = free_port(socket.SOCK_STREAM)
         self.replica_id = replica_id
@@ -206,8 +235,10 @@ class NmsProcess:
         """Start the process (output appended to ``log_path``)."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cyphonic_nms.cli", "serve"], env=self.env,
-                stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "cyphonic_nms.cli", "serve"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
 
     async def start(self) -> None:
@@ -245,6 +276,6 @@ class NmsProcess:
 
     def admin(self) -> httpx.AsyncClient:
         """An admin REST client with the bearer token."""
-        return httpx.AsyncClient(base_url=self.rest,
-                                 headers={"Authorization": f"Bearer {self.admin_token}"},
-                                 timeout=5)
+        return httpx.AsyncClient(
+            base_url=self.rest, headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=5
+        )

@@ -37,8 +37,11 @@ class TrsReplica:
     def entry(self) -> directory.DirectoryEntry:
         """The shared directory form."""
         return directory.DirectoryEntry(
-            replica_id=self.replica_id, endpoints=tuple(str(ep) for ep in self.endpoints),
-            server_name=self.server_name, load=self.load, updated_ms=self.updated_ms,
+            replica_id=self.replica_id,
+            endpoints=tuple(str(ep) for ep in self.endpoints),
+            server_name=self.server_name,
+            load=self.load,
+            updated_ms=self.updated_ms,
         )
 
     def to_json(self) -> str:
@@ -51,9 +54,13 @@ class TrsReplica:
             endpoints = tuple(Endpoint.parse(e) for e in entry.endpoints)
         except ValueError as exc:
             raise InvalidArgument(f"bad TRS replica registration: {exc}") from exc
-        return cls(replica_id=entry.replica_id, endpoints=endpoints,
-                   server_name=entry.server_name, load=entry.load,
-                   updated_ms=entry.updated_ms)
+        return cls(
+            replica_id=entry.replica_id,
+            endpoints=endpoints,
+            server_name=entry.server_name,
+            load=entry.load,
+            updated_ms=entry.updated_ms,
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes) -> TrsReplica:
@@ -111,8 +118,11 @@ class RedisTrsDirectory:
         """Register or refresh ``replica`` (what a TRS replica does every ttl/3 seconds)."""
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(directory.replica_key(replica.replica_id, self.prefix),
-                         replica.to_json(), ex=ttl_s)
+                pipe.set(
+                    directory.replica_key(replica.replica_id, self.prefix),
+                    replica.to_json(),
+                    ex=ttl_s,
+                )
                 pipe.sadd(self.replicas_key, replica.replica_id)
                 await pipe.execute()
         except Exception as exc:  # redis.exceptions.* and OSError
@@ -133,9 +143,7 @@ class RedisTrsDirectory:
             )
             if not ids:
                 return []
-            values = await self._redis.mget(
-                [directory.replica_key(i, self.prefix) for i in ids]
-            )
+            values = await self._redis.mget([directory.replica_key(i, self.prefix) for i in ids])
             dead = [i for i, v in zip(ids, values, strict=True) if v is None]
             if dead:
                 await self._redis.srem(self.replicas_key, *dead)

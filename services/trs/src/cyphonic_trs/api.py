@@ -94,9 +94,14 @@ def _public(stats: SessionStats) -> SessionPublic:
         route_id=stats.route_id,
         pair=stats.pair,
         sides=[
-            None if s is None else SidePublic(
-                fqdn=s.fqdn, address=format_host_port(*s.addr), connection_ids=s.cids,
-                packets=s.packets, bytes=s.bytes,
+            None
+            if s is None
+            else SidePublic(
+                fqdn=s.fqdn,
+                address=format_host_port(*s.addr),
+                connection_ids=s.cids,
+                packets=s.packets,
+                bytes=s.bytes,
             )
             for s in stats.sides
         ],
@@ -119,21 +124,34 @@ def make_router(service: TrsService) -> APIRouter:
     """The TRS routes, bound to a running (or starting) ``service``."""
     router = APIRouter(prefix="/v1", tags=["relay"])
 
-    @router.get("/sessions", response_model=Page[SessionPublic],
-                summary="Relayed sessions of this replica")
+    @router.get(
+        "/sessions", response_model=Page[SessionPublic], summary="Relayed sessions of this replica"
+    )
     async def list_sessions(_actor: AdminAuth, page: PageQuery) -> Page[SessionPublic]:
         items = sorted(_core(service).sessions(time.monotonic()), key=lambda s: s.route_id)
         chosen = items[page.offset : page.offset + page.limit]
-        return Page[SessionPublic](items=[_public(s) for s in chosen], total=len(items),
-                                   limit=page.limit, offset=page.offset)
+        return Page[SessionPublic](
+            items=[_public(s) for s in chosen],
+            total=len(items),
+            limit=page.limit,
+            offset=page.offset,
+        )
 
-    @router.get("/sessions/{route_id}", response_model=SessionPublic,
-                summary="One relayed session", responses={404: {"description": "not here"}})
+    @router.get(
+        "/sessions/{route_id}",
+        response_model=SessionPublic,
+        summary="One relayed session",
+        responses={404: {"description": "not here"}},
+    )
     async def get_session(_actor: AdminAuth, route_id: RouteId) -> SessionPublic:
         return _public(_core(service).session(route_id, time.monotonic()))
 
-    @router.delete("/sessions/{route_id}", status_code=204, response_class=Response,
-                   summary="Tear a relayed session down")
+    @router.delete(
+        "/sessions/{route_id}",
+        status_code=204,
+        response_class=Response,
+        summary="Tear a relayed session down",
+    )
     async def delete_session(_actor: AdminAuth, route_id: RouteId) -> Response:
         if service.allocation is None:
             raise NotFound(f"no relayed route {route_id}")
@@ -160,15 +178,23 @@ def make_router(service: TrsService) -> APIRouter:
             last_sync_error=service.last_sync_error,
         )
 
-    @router.get("/replicas", response_model=list[ReplicaPublic],
-                summary="Live replicas sharing the CID table, with their load")
+    @router.get(
+        "/replicas",
+        response_model=list[ReplicaPublic],
+        summary="Live replicas sharing the CID table, with their load",
+    )
     async def replicas(_actor: AdminAuth) -> list[ReplicaPublic]:
         return [
             ReplicaPublic(
-                replica=r.replica, replica_id=f"trs-{r.replica}", endpoints=list(r.endpoints),
-                server_name=r.server_name, sessions=r.load,
-                forwarded_packets=r.forwarded_packets, forwarded_bytes=r.forwarded_bytes,
-                updated_ms=r.updated_ms, started_ms=r.started_ms,
+                replica=r.replica,
+                replica_id=f"trs-{r.replica}",
+                endpoints=list(r.endpoints),
+                server_name=r.server_name,
+                sessions=r.load,
+                forwarded_packets=r.forwarded_packets,
+                forwarded_bytes=r.forwarded_bytes,
+                updated_ms=r.updated_ms,
+                started_ms=r.started_ms,
             )
             for r in await service.table.replicas()
         ]
@@ -190,15 +216,17 @@ class TrsCollector(Collector):
         sessions = GaugeMetricFamily("cyphonic_trs_sessions", "Relayed sessions on this replica")
         sessions.add_metric([], totals.sessions)
         yield sessions
-        packets = CounterMetricFamily("cyphonic_trs_forwarded_packets",
-                                      "Datagrams forwarded unchanged")
+        packets = CounterMetricFamily(
+            "cyphonic_trs_forwarded_packets", "Datagrams forwarded unchanged"
+        )
         packets.add_metric([], totals.forwarded_packets)
         yield packets
         octets = CounterMetricFamily("cyphonic_trs_forwarded_bytes", "UDP payload bytes forwarded")
         octets.add_metric([], totals.forwarded_bytes)
         yield octets
-        drops = CounterMetricFamily("cyphonic_trs_dropped_packets",
-                                    "Datagrams not forwarded, by reason", labels=["reason"])
+        drops = CounterMetricFamily(
+            "cyphonic_trs_dropped_packets", "Datagrams not forwarded, by reason", labels=["reason"]
+        )
         for reason, n in totals.drops.items():
             drops.add_metric([reason.value], n)
         relay = service.forwarder
@@ -206,12 +234,14 @@ class TrsCollector(Collector):
             drops.add_metric(["send_buffer_full"], relay.send_dropped)
             drops.add_metric(["send_error"], relay.send_errors)
         yield drops
-        local = CounterMetricFamily("cyphonic_trs_to_local_server",
-                                    "Datagrams handed to the TRS's own QUIC server")
+        local = CounterMetricFamily(
+            "cyphonic_trs_to_local_server", "Datagrams handed to the TRS's own QUIC server"
+        )
         local.add_metric([], totals.to_local_server)
         yield local
-        allocations = CounterMetricFamily("cyphonic_trs_allocations",
-                                          "Relay allocation requests by result", labels=["result"])
+        allocations = CounterMetricFamily(
+            "cyphonic_trs_allocations", "Relay allocation requests by result", labels=["result"]
+        )
         if service.allocation is not None:
             for result, n in sorted(service.allocation.allocations.items()):
                 allocations.add_metric([result], n)

@@ -16,7 +16,9 @@ class TrsSettings(ServiceSettings):
 
     http_port: int = Field(8083, description="TCP port of the TRS admin REST API")
     replica_id: int = Field(
-        0, ge=0, le=MAX_REPLICA_ID,
+        0,
+        ge=0,
+        le=MAX_REPLICA_ID,
         description="number of this TRS replica, encoded in every CID it issues; unique among "
         "replicas sharing Redis (a StatefulSet ordinal)",
     )
@@ -36,14 +38,17 @@ class TrsSettings(ServiceSettings):
         None, description="the secret before a rotation, accepted until its tokens expire"
     )
     cids_per_side: int = Field(
-        DEFAULT_CIDS_PER_SIDE, ge=1, le=MAX_CIDS_PER_SIDE,
+        DEFAULT_CIDS_PER_SIDE,
+        ge=1,
+        le=MAX_CIDS_PER_SIDE,
         description="connection IDs issued to each side of a relayed route",
     )
     idle_timeout_s: float = Field(
         300.0, gt=0, description="a relayed session with no packet for this long is removed"
     )
     sync_interval_s: float = Field(
-        10.0, gt=0,
+        10.0,
+        gt=0,
         description="how often Redis TTLs, counters and this replica's heartbeat are refreshed",
     )
     as_url: str | None = Field(

@@ -106,8 +106,13 @@ def open_relaying_endpoint(
     """
     relay = RelayFilter(core, sock)
     endpoint = QuicEndpoint(
-        sock=sock, identity=identity, trust=trust, accept=accept, idle_timeout=idle_timeout,
-        max_datagram_size=DEFAULT_MAX_DATAGRAM_SIZE, max_pending_datagrams=1024,
+        sock=sock,
+        identity=identity,
+        trust=trust,
+        accept=accept,
+        idle_timeout=idle_timeout,
+        max_datagram_size=DEFAULT_MAX_DATAGRAM_SIZE,
+        max_pending_datagrams=1024,
         congestion_control="reno",
     )
     endpoint.datagram_filter = relay
@@ -139,7 +144,10 @@ class TrsControlPlane:
         """Serve ``ALPN_SIGNALLING`` for nodes on ``sock``, relaying first."""
         assert service.core is not None
         endpoint, relay = open_relaying_endpoint(
-            sock=sock, core=service.core, identity=identity, trust=trust,
+            sock=sock,
+            core=service.core,
+            identity=identity,
+            trust=trust,
             accept={ALPN_SIGNALLING: Acceptor(handler_factory=handler_factory, expect="node")},
             idle_timeout=idle_timeout,
         )
@@ -172,20 +180,26 @@ async def answer_request(
     if peer is None:  # the endpoint never delivers before verification
         raise Unavailable("peer not verified")
     return await service.allocation.handle(
-        message, fqdn=peer.name, is_node=peer.kind == "node",
+        message,
+        fqdn=peer.name,
+        is_node=peer.kind == "node",
         addr=validated_peer_address(connection),
     )
 
 
 def signalling_control_plane(
-    pki_dir: Path, *, is_revoked: Callable[[x509.Certificate], bool] | None = None,
+    pki_dir: Path,
+    *,
+    is_revoked: Callable[[x509.Certificate], bool] | None = None,
 ) -> Callable[[socket.socket, TrsService], TrsControlPlane]:
     """The production control plane: ``trs.crt``/``trs.key`` from ``pki_dir``, and a
     ``cyphonic.session.SignallingSession`` per node connection. ``is_revoked`` (a
     ``RevocationCache.is_revoked``) refuses revoked node certificates in the handshake."""
     if not (pki_dir / "trs.crt").exists():
-        raise InvalidArgument(f"{pki_dir / 'trs.crt'} is missing: the TRS serves nodes' control "
-                              "connections with it ('cyphonic-as init-pki' makes it)")
+        raise InvalidArgument(
+            f"{pki_dir / 'trs.crt'} is missing: the TRS serves nodes' control "
+            "connections with it ('cyphonic-as init-pki' makes it)"
+        )
     identity = load_identity(pki_dir / "trs.crt", pki_dir / "trs.key")
     trust = load_trust_store(pki_dir, is_revoked=is_revoked)
 
@@ -197,7 +211,10 @@ def signalling_control_plane(
             return await answer_request(service, message, connection=session.connection)
 
         return TrsControlPlane.open(
-            sock=sock, service=service, identity=identity, trust=trust,
+            sock=sock,
+            service=service,
+            identity=identity,
+            trust=trust,
             handler_factory=SignallingSession.factory(handle),
         )
 

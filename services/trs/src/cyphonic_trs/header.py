@@ -69,10 +69,16 @@ class PacketType(enum.Enum):
 
 
 _V1_TYPES: Final = (
-    PacketType.INITIAL, PacketType.ZERO_RTT, PacketType.HANDSHAKE, PacketType.RETRY,
+    PacketType.INITIAL,
+    PacketType.ZERO_RTT,
+    PacketType.HANDSHAKE,
+    PacketType.RETRY,
 )
 _V2_TYPES: Final = (
-    PacketType.RETRY, PacketType.INITIAL, PacketType.ZERO_RTT, PacketType.HANDSHAKE,
+    PacketType.RETRY,
+    PacketType.INITIAL,
+    PacketType.ZERO_RTT,
+    PacketType.HANDSHAKE,
 )
 
 

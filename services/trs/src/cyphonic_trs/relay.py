@@ -241,7 +241,9 @@ class RelayCore:
                 if current is not None:
                     self._forget_cids(current.cids)
                 current = _Side(
-                    fqdn=side.fqdn, host_port=side.addr, native=self._native(side.addr),
+                    fqdn=side.fqdn,
+                    host_port=side.addr,
+                    native=self._native(side.addr),
                     cids=side.cids,
                 )
                 session.sides[index] = current
@@ -371,8 +373,11 @@ class RelayCore:
             if side is None:
                 return None
             return SideStats(
-                fqdn=side.fqdn, addr=side.host_port, cids=len(side.cids),
-                packets=side.packets, bytes=side.bytes,
+                fqdn=side.fqdn,
+                addr=side.host_port,
+                cids=len(side.cids),
+                packets=side.packets,
+                bytes=side.bytes,
             )
 
         return SessionStats(

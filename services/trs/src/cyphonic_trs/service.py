@@ -1,16 +1,16 @@
 """One TRS replica put together: CID table, forwarding core, UDP glue, sync loop.
 
-    TrsService.start()
-      1. open the CID table (Redis when ``redis_url`` is set, else in-process)
-      2. reload this replica's sessions from it (a restart loses nothing stored)
-      3. start the revocation cache (the AS's CRL, when ``as_url`` is set), bind UDP (443)
-         and open the control plane on it: the QUIC endpoint whose drain loop relays first
-         and serves nodes' control connections (``cyphonic_trs.control``); a node whose
-         certificate is revoked is refused in the handshake and its open connection closed
-      4. register the replica for the NMS's TRS directory, start the sync loop
-    every ``sync_interval_s``: expire idle sessions (and delete them from the table),
-      refresh the TTLs and counters of active ones, heartbeat the registration
-    TrsService.stop(): unregister, stop reading, close the socket and the table
+TrsService.start()
+  1. open the CID table (Redis when ``redis_url`` is set, else in-process)
+  2. reload this replica's sessions from it (a restart loses nothing stored)
+  3. start the revocation cache (the AS's CRL, when ``as_url`` is set), bind UDP (443)
+     and open the control plane on it: the QUIC endpoint whose drain loop relays first
+     and serves nodes' control connections (``cyphonic_trs.control``); a node whose
+     certificate is revoked is refused in the handshake and its open connection closed
+  4. register the replica for the NMS's TRS directory, start the sync loop
+every ``sync_interval_s``: expire idle sessions (and delete them from the table),
+  refresh the TTLs and counters of active ones, heartbeat the registration
+TrsService.stop(): unregister, stop reading, close the socket and the table
 """
 
 from __future__ import annotations
@@ -127,17 +127,22 @@ class TrsService:
         is_revoked = self.revocations.is_revoked if self.revocations is not None else None
         try:
             factory = self._control_factory or signalling_control_plane(
-                s.pki_dir, is_revoked=is_revoked)
-            sock = bind_udp(s.quic_host, s.quic_port,
-                                     buffer_bytes=s.socket_buffer_bytes)
+                s.pki_dir, is_revoked=is_revoked
+            )
+            sock = bind_udp(s.quic_host, s.quic_port, buffer_bytes=s.socket_buffer_bytes)
         except BaseException:
             await self._stop_revocations()
             raise
         try:
-            self.core = RelayCore(replica_id=s.replica_id, idle_timeout=s.idle_timeout_s,
-                                  native_addr=native_addr_for(sock.family))
+            self.core = RelayCore(
+                replica_id=s.replica_id,
+                idle_timeout=s.idle_timeout_s,
+                native_addr=native_addr_for(sock.family),
+            )
             self.allocation = RelayAllocationService(
-                allocator=allocator, core=self.core, table=self.table,
+                allocator=allocator,
+                core=self.core,
+                table=self.table,
                 session_ttl_s=s.session_ttl_s,
             )
             self.restored = await self.allocation.restore()
@@ -154,9 +159,14 @@ class TrsService:
         with contextlib.suppress(CyphonicError):
             await self._heartbeat()
         self._sync_task = asyncio.create_task(self._sync_loop(), name="trs-sync")
-        _log().info("trs_started", replica=s.replica_id, udp=format_host_port(
-            *plain_address(self.address)), restored=self.restored,
-            endpoints=self.public_endpoints(), redis=bool(s.redis_url))
+        _log().info(
+            "trs_started",
+            replica=s.replica_id,
+            udp=format_host_port(*plain_address(self.address)),
+            restored=self.restored,
+            endpoints=self.public_endpoints(),
+            redis=bool(s.redis_url),
+        )
 
     async def stop(self) -> None:
         """Stop relaying and release everything (idempotent)."""
@@ -181,13 +191,16 @@ class TrsService:
     async def _start_revocations(self) -> None:
         s = self.settings
         if not s.as_url:
-            _log().warning("revocation_not_checked",
-                           reason="no as_url: revoked node certificates are accepted until "
-                                  "they expire; set CYPHONIC_AS_URL")
+            _log().warning(
+                "revocation_not_checked",
+                reason="no as_url: revoked node certificates are accepted until "
+                "they expire; set CYPHONIC_AS_URL",
+            )
             return
         node_ca = load_certificates(s.pki_dir / NODE_CA_CERT)[0]
         self.revocations = RevocationCache(
-            CrlRevocations(crl_url(s.as_url), node_ca=node_ca), issuer=node_ca,
+            CrlRevocations(crl_url(s.as_url), node_ca=node_ca),
+            issuer=node_ca,
             interval=s.revocation_refresh_s,
         )
         await self.revocations.start()
@@ -246,9 +259,12 @@ class TrsService:
         self._last_totals = (now, totals.forwarded_packets, totals.forwarded_bytes)
         await self.table.register_replica(
             ReplicaInfo(
-                replica=self.replica_id, endpoints=tuple(self.public_endpoints()),
-                server_name=self.settings.certificate_name, load=totals.sessions,
-                updated_ms=wall_ms(), started_ms=self.started_ms,
+                replica=self.replica_id,
+                endpoints=tuple(self.public_endpoints()),
+                server_name=self.settings.certificate_name,
+                load=totals.sessions,
+                updated_ms=wall_ms(),
+                started_ms=self.started_ms,
                 forwarded_packets=totals.forwarded_packets,
                 forwarded_bytes=totals.forwarded_bytes,
             ),

@@ -49,6 +49,8 @@ from cyphonic_trs.storage import CidTable
 def _log() -> Any:
     # Looked up at call time: a logger bound at import would miss ``log.configure``.
     return get_logger("trs.signalling")
+
+
 CAS_ATTEMPTS = 5
 RESERVE_ATTEMPTS = 4
 
@@ -130,8 +132,10 @@ class RelayAllocationService:
     ) -> pb.RelayAllocation:
         now_ms = self.clock_ms()
         grant = self.allocator.authorize(
-            token=request.allocation_token, route_id=request.route_id,
-            requester_fqdn=fqdn, now_ms=now_ms,
+            token=request.allocation_token,
+            route_id=request.route_id,
+            requester_fqdn=fqdn,
+            now_ms=now_ms,
         )
         claimed = await self.table.claim_token(
             grant.replay_key, expires_ms=grant.token_expires_ms, now_ms=now_ms
@@ -141,8 +145,9 @@ class RelayAllocationService:
         try:
             cids = await self._reserve_cids(grant.route_id, grant.fqdn)
             try:
-                current, session, side = await self._save(grant, addr=addr, cids=cids,
-                                                          now_ms=now_ms)
+                current, session, side = await self._save(
+                    grant, addr=addr, cids=cids, now_ms=now_ms
+                )
             except BaseException:
                 await self.table.release_cids(cids)
                 raise
@@ -156,8 +161,12 @@ class RelayAllocationService:
             await self.table.release_cids(replaced.cids)
         self.core.install(session, self.monotonic())
         _log().info(
-            "relay_allocated", fqdn=grant.fqdn, route_id=grant.route_id, peer=grant.peer_fqdn,
-            complete=session.complete, cids=len(side.cids),
+            "relay_allocated",
+            fqdn=grant.fqdn,
+            route_id=grant.route_id,
+            peer=grant.peer_fqdn,
+            complete=session.complete,
+            cids=len(side.cids),
         )
         return self.allocator.answer(session, side, now_ms=now_ms)
 
@@ -193,7 +202,10 @@ class RelayAllocationService:
         cids = self.allocator.new_cids(self.rng)
         for _ in range(RESERVE_ATTEMPTS):
             taken = await self.table.reserve_cids(
-                cids, route_id=route_id, fqdn=fqdn, replica_id=self.allocator.replica_id,
+                cids,
+                route_id=route_id,
+                fqdn=fqdn,
+                replica_id=self.allocator.replica_id,
                 ttl_s=self.session_ttl_s,
             )
             if not taken:
@@ -218,7 +230,8 @@ class RelayAllocationService:
                 try:
                     await self.table.save_session(
                         current.with_address(fqdn.lower(), new),
-                        expected_version=current.version, ttl_s=self.session_ttl_s,
+                        expected_version=current.version,
+                        ttl_s=self.session_ttl_s,
                     )
                 except ConcurrentUpdate:
                     continue
@@ -239,8 +252,9 @@ class RelayAllocationService:
             try:
                 self.core.install(session, now)
             except CyphonicError as exc:
-                _log().warning("relay_restore_skipped", route_id=session.route_id,
-                             code=exc.code_name)
+                _log().warning(
+                    "relay_restore_skipped", route_id=session.route_id, code=exc.code_name
+                )
                 continue
             count += 1
         return count

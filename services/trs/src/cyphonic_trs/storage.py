@@ -123,18 +123,23 @@ def session_to_json(session: RelaySession) -> str:
         if s is None:
             return None
         return {
-            "fqdn": s.fqdn, "host": s.addr[0], "port": s.addr[1],
-            "cids": [c.hex() for c in s.cids], "allocated_ms": s.allocated_ms,
+            "fqdn": s.fqdn,
+            "host": s.addr[0],
+            "port": s.addr[1],
+            "cids": [c.hex() for c in s.cids],
+            "allocated_ms": s.allocated_ms,
         }
 
-    return json.dumps({
-        "route_id": session.route_id,
-        "replica": session.replica_id,
-        "pair": list(session.pair),
-        "created_ms": session.created_ms,
-        "version": session.version,
-        "sides": [side(s) for s in session.sides],
-    })
+    return json.dumps(
+        {
+            "route_id": session.route_id,
+            "replica": session.replica_id,
+            "pair": list(session.pair),
+            "created_ms": session.created_ms,
+            "version": session.version,
+            "sides": [side(s) for s in session.sides],
+        }
+    )
 
 
 def session_from_json(text: str | bytes) -> RelaySession:
@@ -207,7 +212,10 @@ class CidTable(Protocol):
         """Every live session relayed by ``replica_id`` (what a restarting replica reloads)."""
 
     async def refresh(
-        self, route_ids: Sequence[str], *, ttl_s: float,
+        self,
+        route_ids: Sequence[str],
+        *,
+        ttl_s: float,
         counters: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
         """Extend the TTL of sessions (and their CIDs) that carried traffic; store counters
@@ -315,7 +323,10 @@ class InMemoryCidTable:
         return out
 
     async def refresh(
-        self, route_ids: Sequence[str], *, ttl_s: float,
+        self,
+        route_ids: Sequence[str],
+        *,
+        ttl_s: float,
         counters: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
         expires = self.clock() + ttl_s
@@ -447,7 +458,6 @@ class RedisCidTable:
         )
         return [cids[int(i) - 1] for i in taken]
 
-
     async def release_cids(self, cids: Iterable[bytes]) -> None:
         keys = [self.cid_key(c) for c in cids]
         if keys:
@@ -473,11 +483,14 @@ class RedisCidTable:
                     await pipe.unwatch()
                     raise ConcurrentUpdate(f"route {session.route_id} changed meanwhile")
                 pipe.multi()
-                pipe.hset(key, mapping={
-                    "record": session_to_json(session),
-                    "version": session.version,
-                    "replica": session.replica_id,
-                })
+                pipe.hset(
+                    key,
+                    mapping={
+                        "record": session_to_json(session),
+                        "version": session.version,
+                        "replica": session.replica_id,
+                    },
+                )
                 pipe.pexpire(key, int(ttl_s * 1000))
                 pipe.sadd(self.replica_sessions_key(session.replica_id), session.route_id)
                 for cid in session.all_cids():
@@ -533,7 +546,10 @@ class RedisCidTable:
         return out
 
     async def refresh(
-        self, route_ids: Sequence[str], *, ttl_s: float,
+        self,
+        route_ids: Sequence[str],
+        *,
+        ttl_s: float,
         counters: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
         if not route_ids:
@@ -581,8 +597,8 @@ class RedisCidTable:
 
     async def replicas(self) -> list[ReplicaInfo]:
         names = sorted(
-            _text(n) for n in await self._call("list replicas",
-                                               self._redis.smembers(self.replicas_key))
+            _text(n)
+            for n in await self._call("list replicas", self._redis.smembers(self.replicas_key))
         )
         if not names:
             return []

@@ -25,12 +25,21 @@ TEST_SECRET = b"trs-test-relay-token-secret-0123456789"
 
 
 def mint_token(
-    *, route_id: str, a: str, b: str, now_ms: int, lifetime_ms: int = 60_000,
+    *,
+    route_id: str,
+    a: str,
+    b: str,
+    now_ms: int,
+    lifetime_ms: int = 60_000,
     secret: bytes = TEST_SECRET,
 ) -> bytes:
     """An allocation token as the NMS mints it."""
     return relay_token.issue(
-        route_id=route_id, initiator_fqdn=a, responder_fqdn=b, secret=secret, now_ms=now_ms,
+        route_id=route_id,
+        initiator_fqdn=a,
+        responder_fqdn=b,
+        secret=secret,
+        now_ms=now_ms,
         lifetime_ms=lifetime_ms,
     )
 
@@ -57,8 +66,11 @@ def self_signed(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(hours=1))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)

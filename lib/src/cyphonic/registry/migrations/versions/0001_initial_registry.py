@@ -130,6 +130,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("node_network", "address_leases", "audit_events", "revocations",
-                  "enrolment_tokens", "certificates", "nodes"):
+    for table in (
+        "node_network",
+        "address_leases",
+        "audit_events",
+        "revocations",
+        "enrolment_tokens",
+        "certificates",
+        "nodes",
+    ):
         op.drop_table(table)
