@@ -109,3 +109,42 @@ def test_a_lost_service_secret_is_reissued_under_the_same_ca(bootstrap: Any) -> 
     leaf, issuer = x509.load_pem_x509_certificates(new["trs.crt"].encode())[:2]
     assert leaf.issuer == _cert(old["service-ca.crt"]).subject
     leaf.verify_directly_issued_by(issuer)
+
+
+def _node_cas(api: Any) -> dict[str, str]:
+    return {name: data["node-ca.crt"] for name, data in api.store.items() if "node-ca.crt" in data}
+
+
+def test_a_lost_as_secret_never_leaves_nms_and_trs_with_a_stale_node_ca(
+    bootstrap: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 18 row 7: losing the AS Secret (the node CA key) must not produce a new node
+    CA next to NMS/TRS Secrets that keep trusting the old one."""
+    api, run = bootstrap
+    assert run() == 0
+    api.store.pop(f"{PREFIX}-as")
+    api.created.clear()
+    status = run()
+    # Whatever the script does, the node CA copies must agree afterwards.
+    assert len(set(_node_cas(api).values())) <= 1, "NMS/TRS kept a stale node-ca.crt"
+    assert status == 1 and api.created == []
+    err = capsys.readouterr().err
+    assert f"{PREFIX}-as" in err and f"{PREFIX}-nms" in err and "backup" in err
+    # The documented way out: delete the holders too; all are issued under one new node CA.
+    api.store.pop(f"{PREFIX}-nms")
+    api.store.pop(f"{PREFIX}-trs")
+    assert run() == 0
+    cas = _node_cas(api)
+    assert sorted(cas) == sorted(f"{PREFIX}-{p}" for p in ("as", "nms", "trs"))
+    assert len(set(cas.values())) == 1
+
+
+def test_a_lost_ca_secret_is_refused_while_others_carry_the_root(
+    bootstrap: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api, run = bootstrap
+    assert run() == 0
+    api.store.pop(f"{PREFIX}-ca")
+    api.created.clear()
+    assert run() == 1 and api.created == []
+    assert f"{PREFIX}-ca" in capsys.readouterr().err

@@ -76,6 +76,49 @@ class Api:
         self._call("POST", f"/api/v1/namespaces/{self.namespace}/secrets", body)
 
 
+# A CA whose key lives in one Secret and whose certificate is copied into others: if the
+# Secret with the key is lost while the copies remain, a new CA would leave them stale.
+CA_KEYS = {"ca": ["root-ca.crt", "service-ca.crt"], "as": ["node-ca.crt"]}
+
+
+def _inconsistent(prefix: str, existing: dict[str, dict[str, str] | None]) -> str | None:
+    """Why the existing Secrets cannot be completed safely, or None.
+
+    Refused: a lost Secret that held a CA key while other Secrets still carry that CA's
+    certificate (a new CA would leave the NMS/TRS trusting the old one), and Secrets that
+    already disagree about a CA certificate. Nothing is created then; the message says
+    what the operator can do.
+    """
+    for part, certs in CA_KEYS.items():
+        if existing[part] is not None:
+            continue
+        holders = sorted(
+            f"{prefix}-{other}"
+            for other, data in existing.items()
+            if data is not None and any(name in data for name in certs)
+        )
+        if holders:
+            return (
+                f"Secret {prefix}-{part} (the key of {', '.join(certs)}) is missing while "
+                f"{', '.join(holders)} still hold the old certificate; a new CA would leave "
+                f"them stale. Restore {prefix}-{part} from a backup, or delete "
+                f"{', '.join(holders)} as well so that everything is issued anew under a new "
+                f"CA (every node then enrols again)."
+            )
+    for name in TRUST:
+        seen = {
+            f"{prefix}-{part}": data[name]
+            for part, data in existing.items()
+            if data is not None and name in data
+        }
+        if len(set(seen.values())) > 1:
+            return (
+                f"Secrets {', '.join(sorted(seen))} hold different {name}; delete the stale "
+                f"ones (their holders are issued anew) or restore them from a backup."
+            )
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prefix", required=True, help="Secret name prefix")
@@ -91,6 +134,11 @@ def main() -> int:
     if not missing:
         print(f"pki: all Secrets {args.prefix}-{{{','.join(LAYOUT)}}} exist, kept")
         return 0
+
+    problem = _inconsistent(args.prefix, existing)
+    if problem:
+        print(f"pki: {problem}", file=sys.stderr)
+        return 1
 
     work = args.work_dir
     work.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -49,6 +49,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=["console", "json"])
 
 
+def _wait_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep trying this long while the database is unreachable (default 0)",
+    )
+
+
 def _pairs(values: Sequence[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in values or ():
@@ -77,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="bring the registry database schema up to date")
     _common(p)
+    _wait_flag(p)
 
     p = sub.add_parser("serve", help="run the QUIC endpoint and the admin REST API")
     _common(p)
@@ -258,7 +269,7 @@ def _run(args: argparse.Namespace, settings: AuthSettings) -> int:
             print(f"{settings.pki_dir}: complete, nothing created")
         return 0
     if args.command == "migrate":
-        db.migrate(settings.database_url)
+        db.migrate(settings.database_url, wait_s=args.wait)
         print("registry database is up to date")
         return 0
     if args.command == "serve":
