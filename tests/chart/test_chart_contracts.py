@@ -18,7 +18,6 @@ from .conftest import (
     CHART_DIR,
     FULLNAME,
     app_containers,
-    containers,
     helm,
     kubelet_env,
     pod_spec,
