@@ -821,9 +821,9 @@ class Cluster:
         else:
             argv = [*entrypoint, *ctr.get("args", cmd)]
         env = {"PATH": path, "HOSTNAME": pod.name, "HOME": "/nonexistent", **image_env}
-        if not pod.host_network or True:
-            env["KUBERNETES_SERVICE_HOST"] = self.api_address
-            env["KUBERNETES_SERVICE_PORT"] = "443"
+        # The kubelet gives every container the API's address.
+        env["KUBERNETES_SERVICE_HOST"] = self.api_address
+        env["KUBERNETES_SERVICE_PORT"] = "443"
         rendered_env = kubelet_env(
             ctr.get("env", []), secrets=self.secret_values(), fields=self.fields(pod)
         )
@@ -875,7 +875,8 @@ class Cluster:
         for s in pod_ctx.get("sysctls", []):
             if not pod.host_network:
                 subprocess.run(
-                    ["ip", "netns", "exec", pod.netns, "sysctl", "-qw", f"{s['name']}={s['value']}"],
+                    ["ip", "netns", "exec", pod.netns, "sysctl", "-qw",
+                     f"{s['name']}={s['value']}"],
                     check=True, capture_output=True, timeout=10,
                 )  # fmt: skip
         hosts = self.workdir / "pods" / pod.name / "hosts"

@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,37 +40,16 @@ import pytest
 
 from .conftest import NAMESPACE, RELEASE
 from .install_play import Cluster, PlayError, Relay, Venvs, http_post, wait_until
+from .value_sets import REDIS_DB, VALUE_SETS
 
 pytestmark = [pytest.mark.netns, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(900)]
 
 POSTGRES_ADMIN = os.environ.get(
     "CYPHONIC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
 )
-REDIS_DB = 13
 READY_TIMEOUT = 180.0
 PASSWORD = "p@ss/w:rd%40?#x"  # every character that breaks a URL (row 9)
 
-VALUE_SETS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "external-postgres-redis": {
-        "postgresql": {"enabled": False},
-        "externalDatabase": {
-            "host": "db.ops.example",
-            "existingSecret": "ops-db",
-            "username": "postgres",
-        },
-        "redis": {"enabled": False},
-        "externalRedis": {"host": "redis.ops.example", "database": REDIS_DB},
-    },
-    "production-like": {
-        "as": {"replicas": 2},
-        "nms": {"replicas": 3},
-        "trs": {"replicas": 2},
-        "logLevel": "warning",
-    },
-    "quic-port-8443": {"quicContainerPort": 8443, "as": {"replicas": 1}, "nms": {"replicas": 1}},
-    "ipv6": {"as": {"replicas": 1}, "nms": {"replicas": 1}, "trs": {"replicas": 1}},
-}
 AGENT_SETS = {"default", "production-like", "quic-port-8443"}
 
 
@@ -343,6 +323,7 @@ class Play:
             key=lambda d: d["metadata"]["name"].endswith(("postgresql", "redis")), reverse=True
         )
         started = []
+        rolled = []
         for doc in workloads:
             name = doc["metadata"]["name"]
             if doc["kind"] == "DaemonSet":
@@ -357,20 +338,25 @@ class Play:
             for i, pod_name in enumerate(names):
                 existing = c.pods.get(pod_name)
                 if existing is not None:
-                    c.stop_pod(existing)
+                    rolled.append(existing)
                     existing.workload = doc
                     pod = existing
                 else:
                     pod = c.new_pod(pod_name, doc, i if doc["kind"] == "StatefulSet" else None)
                 started.append(pod)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(c.stop_pod, rolled))
         c.program_services()
         for pod in started:
             if pod.name.endswith("-postgresql-0"):
                 self._postgres(pod)
-                continue
-            if pod.host_network:
-                continue  # the agents start once the services are ready (below)
-            self._start_pod(pod)
+        # Every pod starts at once, as the cluster starts them; the agents start once the
+        # services are ready (below).
+        to_start = [
+            p for p in started if not p.host_network and not p.name.endswith("-postgresql-0")
+        ]
+        with ThreadPoolExecutor(max_workers=len(to_start) or 1) as pool:
+            list(pool.map(self._start_pod, to_start))
 
     def _postgres(self, pod: Any) -> None:
         """The in-chart PostgreSQL: this machine's server behind a relay in the pod."""
@@ -478,8 +464,8 @@ class Play:
     def start_agents(self) -> list[Any]:
         assert self.cluster is not None
         agents = [p for p in self.cluster.pods.values() if p.host_network]
-        for pod in agents:
-            self._start_pod(pod)
+        with ThreadPoolExecutor(max_workers=len(agents)) as pool:
+            list(pool.map(self._start_pod, agents))
         return agents
 
     def agents_ping(self, agents: list[Any]) -> None:
@@ -509,7 +495,8 @@ class Play:
         )  # fmt: skip
         addresses = [a for a in answer.stdout.split() if a]
         assert addresses, (
-            f"n1's DNS stub did not resolve n2.{domain}: {answer.stdout}{answer.stderr}\n{n1.processes[0].tail()}"
+            f"n1's DNS stub did not resolve n2.{domain}: {answer.stdout}{answer.stderr}\n"
+            f"{n1.processes[0].tail()}"
         )
         for _ in range(15):
             ping = subprocess.run(
