@@ -338,7 +338,9 @@ class FakeKubeApi:
     def __init__(self, cluster: Cluster, netns: str, address: str, port: int) -> None:
         self.cluster = cluster
         self.tokens: dict[str, str] = {}  # token -> service account name
-        self.ca_pem, cert_pem, key_pem = _self_signed("kubernetes.default.svc", address)
+        self.ca_pem, cert_pem, key_pem = _self_signed(
+            "kubernetes.default.svc", [address, cluster.api_address]
+        )
         work = cluster.workdir / "api"
         work.mkdir()
         (work / "tls.crt").write_bytes(cert_pem)
@@ -360,7 +362,8 @@ class FakeKubeApi:
                 self.wfile.write(data)
 
             def _route(self, method: str) -> None:
-                token = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+                scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+                token = token.strip() if scheme.lower() == "bearer" else ""
                 account = api.tokens.get(token)
                 if account is None:
                     return self._answer(401, {"kind": "Status", "code": 401})
@@ -437,7 +440,7 @@ class FakeKubeApi:
         self.server.server_close()
 
 
-def _self_signed(name: str, address: str) -> tuple[bytes, bytes, bytes]:
+def _self_signed(name: str, addresses: list[str]) -> tuple[bytes, bytes, bytes]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -459,7 +462,7 @@ def _self_signed(name: str, address: str) -> tuple[bytes, bytes, bytes]:
                 [
                     x509.DNSName(name),
                     x509.DNSName("kubernetes.default"),
-                    x509.IPAddress(ipaddress.ip_address(address)),
+                    *[x509.IPAddress(ipaddress.ip_address(a)) for a in addresses],
                 ]
             ),
             critical=False,
@@ -551,9 +554,9 @@ class Cluster:
         api_host = self.free_hosts.pop(0)
         self.api_netns = bed.host(api_host).netns
         api_pod_ip = bed.host(api_host).address(family=self.family)
+        self.api_address = api_address
         self.api = FakeKubeApi(self, self.api_netns, api_pod_ip, 6443)
         self.api_endpoint = (api_pod_ip, 6443)
-        self.api_address = api_address
         self.extra_hosts: dict[str, str] = {}
         # The node's own clients (probes, the operator's calls) reach ClusterIPs too.
         service_net = "fd00:96::/112" if ipv6 else "10.96.0.0/24"

@@ -3,7 +3,6 @@ refusals, strict lint, and that its settings and files match what the services r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from datetime import UTC, datetime
@@ -80,14 +79,16 @@ def test_pki_job_rbac_is_limited_to_its_secrets(render: Any) -> None:
         f"{FULLNAME}-pki-{p}" for p in ("as", "ca", "nms", "trs")
     )
     # Hook helpers exist before the Job and go away after it.
-    for kind in ("ServiceAccount", "Role", "RoleBinding", "ConfigMap"):
+    for kind in ("ServiceAccount", "Role", "RoleBinding"):
         m = next(x for x in rendered if x.kind == kind and x.name == f"{FULLNAME}-pki")
         assert int(m.annotations["helm.sh/hook-weight"]) < -10
         assert "hook-succeeded" in m.annotations["helm.sh/hook-delete-policy"]
     job = rendered.get("Job", f"{FULLNAME}-pki")
     assert pod_spec(job)["serviceAccountName"] == f"{FULLNAME}-pki"
-    script = rendered.get("ConfigMap", f"{FULLNAME}-pki")["data"]["pki-bootstrap.py"]
-    assert script == (CHART_DIR / "files" / "pki-bootstrap.py").read_text()
+    # The AS image's own subcommand (the kubernetes client), not a script from the chart.
+    (ctr,) = app_containers(job)
+    assert "command" not in ctr and ctr["args"][0] == "pki-bootstrap"
+    assert f"--prefix={FULLNAME}-pki" in ctr["args"]
 
 
 def test_pki_job_absent_when_operator_brings_the_secrets(render: Any) -> None:
@@ -449,19 +450,10 @@ def test_admin_app_serves_the_probed_endpoints() -> None:
     assert {"/healthz", "/readyz", "/metrics"} <= paths
 
 
-def _load_bootstrap() -> Any:
-    path = CHART_DIR / "files" / "pki-bootstrap.py"
-    spec = importlib.util.spec_from_file_location("pki_bootstrap", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pki_secret_layout_matches_what_init_pki_writes_and_services_load(tmp_path: Path) -> None:
     from cyphonic.pki import init_pki, load_identity, load_trust_store
+    from cyphonic_auth.kube_pki import LAYOUT as layout
 
-    layout = _load_bootstrap().LAYOUT
     init_pki(tmp_path, domain="cyphonic.internal", now=datetime.now(UTC))
     written = {p.name for p in tmp_path.iterdir()}
     for part, files in layout.items():

@@ -1,7 +1,8 @@
 """``cyphonic-as``: the Authentication Service command line.
 
     cyphonic-as init-pki --pki-dir ./pki [--domain cyphonic.internal]
-    cyphonic-as migrate [--database-url URL]
+    cyphonic-as migrate [--database-url URL] [--wait SECONDS]
+    cyphonic-as pki-bootstrap --prefix P [--label k=v]   # PKI Secrets in Kubernetes (hook Job)
     cyphonic-as serve [--migrate] [--http-port 8081] [--quic-port 443] ...
     cyphonic-as create-node NAME [--tag owner=alice] [--device model=pi4]
     cyphonic-as token NAME [--ttl 3600]          # prints a one-time enrolment token
@@ -84,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="as,nms,trs",
         help="service certificates to issue (default as,nms,trs)",
     )
+
+    p = sub.add_parser(
+        "pki-bootstrap",
+        help="create the missing PKI Secrets in Kubernetes (the chart's hook Job; in-cluster)",
+    )
+    _common(p)
+    p.add_argument("--prefix", required=True, help="Secret name prefix: <prefix>-{ca,as,nms,trs}")
+    p.add_argument("--label", action="append", help="label of created Secrets, key=value")
 
     p = sub.add_parser("migrate", help="bring the registry database schema up to date")
     _common(p)
@@ -267,6 +276,17 @@ def _run(args: argparse.Namespace, settings: AuthSettings) -> int:
             print(f"created {settings.pki_dir / name}")
         if not material.created:
             print(f"{settings.pki_dir}: complete, nothing created")
+        return 0
+    if args.command == "pki-bootstrap":
+        from cyphonic_auth.kube_pki import KubernetesSecrets, bootstrap
+
+        bootstrap(
+            KubernetesSecrets(),
+            prefix=args.prefix,
+            domain=settings.domain,
+            labels=_pairs(args.label),
+            now=now,
+        )
         return 0
     if args.command == "migrate":
         db.migrate(settings.database_url, wait_s=args.wait)
