@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 
 from .conftest import NAMESPACE, RELEASE
-from .install_play import Cluster, PlayError, Relay, Venvs, http_post, wait_until
+from .install_play import Cluster, PlayError, Relay, Venvs, http_get, http_post, wait_until
 from .value_sets import REDIS_DB, VALUE_SETS
 
 pytestmark = [pytest.mark.netns, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(900)]
@@ -417,6 +417,27 @@ class Play:
         wait_until(check, READY_TIMEOUT, why)
         return time.monotonic() - start
 
+    def scrape_metrics(self) -> dict[str, str]:
+        """Metric families (name -> type) that the running AS, NMS and TRS expose on /metrics,
+        scraped as Prometheus would: from the node, at each pod's admin port."""
+        assert self.cluster is not None
+        families: dict[str, str] = {}
+        for component in ("as", "nms", "trs"):
+            pod = next(
+                p
+                for p in self.cluster.pods.values()
+                if p.labels.get("app.kubernetes.io/component") == component and p.processes
+            )
+            (ctr,) = pod.spec["containers"]
+            port = next(p["containerPort"] for p in ctr["ports"] if p["name"] == "http")
+            status, body = http_get(self.cluster.router, pod.addresses[0], port, "/metrics")
+            assert status == 200, (component, status)
+            for line in body.decode().splitlines():
+                if line.startswith("# TYPE "):
+                    _, _, name, kind = line.split()
+                    families[name] = kind
+        return families
+
     def helm_test(self, docs: list[dict[str, Any]], round_: str) -> None:
         for doc in docs:
             if "test" in _hooks(doc):
@@ -512,6 +533,41 @@ class Play:
         )
 
 
+def sample_names(families: dict[str, str]) -> set[str]:
+    """The series names PromQL sees for metric families of the given types."""
+    out = set()
+    for name, kind in families.items():
+        if kind == "counter":
+            out |= {f"{name}_total", f"{name}_created"}
+        elif kind == "histogram":
+            out |= {f"{name}_bucket", f"{name}_sum", f"{name}_count", f"{name}_created"}
+        else:
+            out.add(name)
+    return out
+
+
+def check_monitoring(chart: Any, families: dict[str, str]) -> None:
+    """Issue 17 item 4: the dashboard and the alerts use only series the running services
+    export, and docs/kubernetes.md lists every metric they export."""
+    import re
+
+    from .test_monitoring import documented_metrics, monitoring_objects
+
+    exported = {n for n in families if n.startswith("cyphonic_")}
+    series = sample_names({n: families[n] for n in exported})
+    rule, dashboard = monitoring_objects(chart)
+    used = set(re.findall(r"cyphonic_[a-z0-9_]+", json.dumps(rule) + dashboard))
+    # The admin request counters are matched by a regex over the three services.
+    used = {u for u in used if not u.startswith("cyphonic_(")}
+    unknown = sorted(used - series)
+    assert not unknown, f"dashboard/alerts use series no service exports: {unknown}"
+    documented = documented_metrics()
+    assert documented == exported, (
+        f"docs/kubernetes.md lists {sorted(documented - exported)} that no service exports and "
+        f"misses {sorted(exported - documented)}"
+    )
+
+
 @pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
 def test_install_test_upgrade_as_a_cluster_would(chart: Any, venvs: Venvs, value_set: str) -> None:
     workdir = Path(tempfile.mkdtemp(prefix=f"cyplay-{value_set}-", dir="/var/tmp"))
@@ -528,6 +584,8 @@ def test_install_test_upgrade_as_a_cluster_would(chart: Any, venvs: Venvs, value
             play.run_hooks(docs, "post-install")
             # helm test
             play.helm_test(docs, "install")
+            if value_set == "default":
+                check_monitoring(chart, play.scrape_metrics())
             # helm upgrade --wait, with the agent DaemonSet turned on
             if play.agents:
                 tokens = play.enrolment_tokens()
