@@ -435,6 +435,11 @@ class Play:
             for line in body.decode().splitlines():
                 if line.startswith("# TYPE "):
                     _, _, name, kind = line.split()
+                    # The text format names a counter's family after its sample (_total).
+                    if kind == "counter":
+                        name = name.removesuffix("_total")
+                    if name.endswith("_created"):
+                        continue  # prometheus_client's creation timestamp of each family
                     families[name] = kind
         return families
 
