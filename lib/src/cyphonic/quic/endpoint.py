@@ -74,7 +74,9 @@ if logging.getLogger("quic").level == logging.NOTSET:
     logging.getLogger("quic").setLevel(logging.WARNING)
 
 ENGINES = ("aioquic", "qh3")
-"""QUIC engines an endpoint can run (``CYPHONIC_QUIC_ENGINE``; qh3 needs the ``qh3`` extra)."""
+"""QUIC engines an endpoint can run (``CYPHONIC_QUIC_ENGINE``); they interoperate."""
+DEFAULT_ENGINE = "qh3"
+"""The engine when ``CYPHONIC_QUIC_ENGINE`` is unset (native packet core)."""
 
 SOCKET_BUFFER = 4 * 1024 * 1024
 # UDP generic segmentation offload (Linux 4.18+): one sendmsg, many datagrams.
@@ -345,12 +347,12 @@ class QuicEndpoint:
         max_datagram_size: int,
         max_pending_datagrams: int,
         congestion_control: str,
-        engine: str = "aioquic",
+        engine: str = DEFAULT_ENGINE,
         max_handshakes: int = 1024,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self.engine = engine
-        """``aioquic`` or ``qh3``; relayed connections (chosen CIDs) always use aioquic."""
+        """``qh3`` (the default) or ``aioquic``, for every connection of this endpoint."""
         self._qh3 = _load_engine(engine)
         self._sock = sock
         self._family = sock.family
@@ -441,8 +443,8 @@ class QuicEndpoint:
         ``host`` ``::`` binds dual-stack where the kernel allows it, else ``0.0.0.0``.
         ``accept`` maps ALPN to an ``Acceptor`` (or a bare handler factory, peer role
         ``any``); without it the endpoint only makes client connections.
-        ``engine``: ``aioquic`` or ``qh3`` (default: ``CYPHONIC_QUIC_ENGINE``, else
-        aioquic); ``congestion_control`` applies to aioquic only. ``max_handshakes``
+        ``engine``: ``qh3`` or ``aioquic`` (default: ``CYPHONIC_QUIC_ENGINE``, else
+        qh3); ``congestion_control`` applies to aioquic only. ``max_handshakes``
         bounds the server handshakes under way at once (more Initials are dropped).
         """
         engine = engine or default_engine()
@@ -522,11 +524,7 @@ class QuicEndpoint:
             )
 
         quic: CyphonicQuicConnection
-        if (
-            self._qh3 is not None
-            and connection_id_factory is None
-            and (initial_destination_cid is None)
-        ):
+        if self._qh3 is not None:
             quic = cast(
                 CyphonicQuicConnection,
                 self._qh3.Qh3QuicConnection(
@@ -539,6 +537,8 @@ class QuicEndpoint:
                         server_name=expected_name,
                     ),
                     peer_verifier=verifier,
+                    connection_id_factory=connection_id_factory,
+                    initial_destination_cid=initial_destination_cid,
                 ),
             )
         else:
@@ -623,13 +623,14 @@ class QuicEndpoint:
             return peer
 
         quic: CyphonicQuicConnection
-        if factory is None and self._qh3 is not None:
+        if self._qh3 is not None:
             quic = cast(
                 CyphonicQuicConnection,
                 self._qh3.Qh3QuicConnection(
                     configuration=self._qh3_server_config,
                     peer_verifier=verifier,
                     original_destination_connection_id=dcid,
+                    connection_id_factory=factory,
                 ),
             )
         else:
@@ -968,8 +969,8 @@ class QuicEndpoint:
 
 
 def default_engine() -> str:
-    """The engine named by ``CYPHONIC_QUIC_ENGINE`` (``aioquic`` when unset)."""
-    return os.environ.get("CYPHONIC_QUIC_ENGINE", "aioquic").strip().lower() or "aioquic"
+    """The engine named by ``CYPHONIC_QUIC_ENGINE`` (``qh3`` when unset)."""
+    return os.environ.get("CYPHONIC_QUIC_ENGINE", "").strip().lower() or DEFAULT_ENGINE
 
 
 def _load_engine(name: str) -> ModuleType | None:
