@@ -205,6 +205,12 @@ class CyphonicQuicConnection(QuicConnection):
         if not self.relayed:
             super().change_connection_id()
 
+    def receive_gro(self, buffer: bytes, segment_size: int, addr: Any, now: float) -> None:
+        """A UDP GRO train (``segment_size``-byte datagrams, the last may be shorter), one
+        datagram at a time: aioquic has no batch entry point."""
+        for offset in range(0, len(buffer), segment_size):
+            self.receive_datagram(buffer[offset : offset + segment_size], addr, now)
+
     def _replenish_connection_ids(self) -> None:
         # Same as aioquic's, with the CID drawn from the factory.
         while len(self._host_cids) < min(8, self._remote_active_connection_id_limit):
