@@ -254,3 +254,38 @@ def test_batch_entry_points_deliver_every_datagram(material: pki.PkiMaterial, en
         server.receive_gro(b"".join(sent), len(sent[0]), CLIENT_ADDR, now=0.02)
     got = [e.data for e in _drain(server) if isinstance(e, DatagramFrameReceived)]
     assert got == payloads
+
+
+def test_fast_drain_keeps_every_event_in_order(material: pki.PkiMaterial) -> None:
+    """DATAGRAM frames skip the wrapper's event handling; stream data, CID events and the
+    peer's close still go through it, and the native core is back in place afterwards."""
+    client = _client(material, "qh3")
+    client.connect(SERVER_ADDR, now=0.0)
+    first = client.datagrams_to_send(now=0.0)
+    header = engine.parse_datagram_header(first[0][0])
+    assert header is not None
+    server = _server(material, "qh3", header.destination_cid)
+    assert isinstance(server, engine_qh3.Qh3QuicConnection)
+    core = None
+    for data, _ in first:
+        server.receive_datagram(data, CLIENT_ADDR, now=0.0)
+        core = server._core
+    _exchange(client, server, now=0.01)
+    kinds = [type(e).__name__ for e in _drain(server)]
+    assert "HandshakeCompleted" in kinds and "ConnectionIdIssued" in kinds
+    stream_id = client.get_next_available_stream_id()
+    client.send_datagram_frame(b"d1")
+    client.send_stream_data(stream_id, b"request", end_stream=True)
+    client.send_datagram_frame(b"d2")
+    _exchange(client, server, now=0.02)
+    events = _drain(server)
+    assert [e.data for e in events if isinstance(e, DatagramFrameReceived)] == [b"d1", b"d2"]
+    assert b"".join(e.data for e in events if type(e).__name__ == "StreamDataReceived") == (
+        b"request"
+    )
+    assert server._core is core and type(core).__name__ == "QuicConnectionCore"
+    client.close(error_code=0, reason_phrase="bye")
+    _exchange(client, server, now=0.03)
+    closes = [e for e in _drain(server) if type(e).__name__ == "ConnectionTerminated"]
+    assert server.close_event is not None and server.close_event.reason_phrase == "bye"
+    assert closes or server.close_event is not None

@@ -381,10 +381,11 @@ class Qh3QuicConnection(Qh3Connection):
         return bridge
 
     def next_event(self) -> Any:
-        while True:
-            event = super().next_event()
-            if event is None:
-                return None
+        events: Any = self._events  # qh3's events, and aioquic DATAGRAM events (below)
+        while events:
+            event = events.popleft()
+            if type(event) is aq.DatagramFrameReceived:  # made so by _drain_core
+                return event
             translated = _translate(event)
             if translated is not None:
                 kind = type(translated)
@@ -398,6 +399,28 @@ class Qh3QuicConnection(Qh3Connection):
                     if cid in self._host_cids:
                         self._host_cids.remove(cid)
                 return translated
+        return None
+
+    def _drain_core(self) -> None:
+        """The wrapper's event drain, with DATAGRAM frames (the tunnel's packets) taken
+        straight to aioquic's event class; every other native event goes through the
+        wrapper's own handling, one at a time, in order."""
+        core = self._core
+        if core is None:
+            return
+        append = cast(Any, self._events).append
+        datagram = aq.DatagramFrameReceived
+        next_native = core.next_event
+        while (native := next_native()) is not None:
+            if native[0] == "datagram":
+                append(datagram(data=native[1]))
+                continue
+            self._core = cast(Any, _OneEvent(core, native))
+            try:
+                super()._drain_core()
+            finally:
+                if self._core is not None and type(self._core) is _OneEvent:
+                    self._core = core
 
     def change_connection_id(self) -> None:
         """Switch to the peer's next CID, except on a relayed connection (module docstring)."""
@@ -498,7 +521,14 @@ class Qh3QuicConnection(Qh3Connection):
         return out
 
     def send_datagram_frame(self, data: bytes) -> None:
-        super().send_datagram_frame(data)
+        core = self._core
+        if core is None:
+            super().send_datagram_frame(data)  # raises as the wrapper does
+        else:
+            try:  # the wrapper's three Python calls per packet, folded
+                core.send_datagram(data)
+            except RuntimeError as exc:
+                raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
         self._datagrams_queued += 1
 
     def get_peer_address(self) -> Any:
@@ -609,6 +639,24 @@ class Qh3QuicConnection(Qh3Connection):
 
 
 _BUILDER_CAPACITY = "packet builder capacity exhausted"
+
+
+class _OneEvent:
+    """The native core as seen by the wrapper's ``_drain_core`` for one event: that event,
+    then none (so control comes back); everything else is the core's."""
+
+    __slots__ = ("_core", "_event")
+
+    def __init__(self, core: Any, event: tuple[Any, ...]) -> None:
+        self._core = core
+        self._event: tuple[Any, ...] | None = event
+
+    def next_event(self) -> tuple[Any, ...] | None:
+        event, self._event = self._event, None
+        return event
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._core, name)
 
 
 def _packet_ends(data: bytes, cid_length: int) -> list[int] | None:
