@@ -362,10 +362,11 @@ class QuicEndpoint:
         max_datagram_size: int,
         max_pending_datagrams: int,
         congestion_control: str,
-        engine: str = DEFAULT_ENGINE,
+        engine: str | None = None,
         max_handshakes: int = 1024,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        engine = engine or default_engine()
         self.engine = engine
         """``qh3`` (the default) or ``aioquic``, for every connection of this endpoint."""
         self._qh3 = _load_engine(engine)
@@ -436,7 +437,10 @@ class QuicEndpoint:
         server connection; a returned factory chooses that connection's host CIDs."""
         self.datagram_filter: Callable[[bytes, Address], bool] | None = None
         """Offered every received datagram first; returning True consumes it (the TRS
-        relays foreign traffic there, on the same socket and drain loop)."""
+        relays foreign traffic there, on the same socket and drain loop). If it has a
+        ``train(data, segment_size, addr) -> bool`` method, a UDP GRO train whose
+        datagrams all carry one short-header Destination CID is offered whole to that
+        instead (False: the datagrams are then offered one by one)."""
         self.log = get_logger("quic", local=self.local_address)
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
@@ -740,14 +744,32 @@ class QuicEndpoint:
         packet for the same connection (a tunnel's burst), else one datagram at a time."""
         size = len(data)
         conn = None
-        if self.datagram_filter is None and not data[0] & 0x80:
-            end = 1 + _aioquic.CID_LENGTH
-            dcid = data[1:end]
-            if all(
-                not data[o] & 0x80 and data[o + 1 : o + end] == dcid
-                for o in range(segment, size, segment)
-            ):
-                conn = self._by_cid.get(dcid)
+        end = 1 + _aioquic.CID_LENGTH
+        dcid = data[1:end]
+        uniform = not data[0] & 0x80 and all(
+            not data[o] & 0x80 and data[o + 1 : o + end] == dcid
+            for o in range(segment, size, segment)
+        )
+        datagram_filter = self.datagram_filter
+        if datagram_filter is not None:
+            train = getattr(datagram_filter, "train", None)
+            if not uniform or train is None:
+                uniform = False  # the filter sees each datagram
+            else:
+                try:
+                    taken = train(data, segment, addr)
+                except Exception as exc:
+                    self.stats.datagrams_received += -(-size // segment)
+                    self._internal_error(exc, None, "receive")
+                    return
+                if taken:
+                    count = -(-size // segment)
+                    self.stats.datagrams_received += count
+                    self.stats.filtered += count
+                    return
+                # Not the filter's: one of this endpoint's connections, as a whole.
+        if uniform:
+            conn = self._by_cid.get(dcid)
         if conn is None or conn in self._handshaking:
             for offset in range(0, size, segment):
                 self._receive_one(data[offset : offset + segment], addr, now, touched)
