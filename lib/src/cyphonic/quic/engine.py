@@ -1,5 +1,6 @@
-"""Everything specific to the QUIC engine (aioquic 1.7.2) lives here, so that another
-engine with the same API (qh3) can be offered later behind the same endpoint.
+"""Everything specific to aioquic 1.7.2 (the engine the project was specified with, selected
+with ``CYPHONIC_QUIC_ENGINE=aioquic``) lives here, and the engine-neutral helpers both
+engines share; qh3, the default engine, is in ``engine_qh3`` behind the same surface.
 
 Two things aioquic does not do on its own, added without forking it:
 
