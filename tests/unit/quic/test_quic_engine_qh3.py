@@ -289,3 +289,33 @@ def test_fast_drain_keeps_every_event_in_order(material: pki.PkiMaterial) -> Non
     closes = [e for e in _drain(server) if type(e).__name__ == "ConnectionTerminated"]
     assert server.close_event is not None and server.close_event.reason_phrase == "bye"
     assert closes or server.close_event is not None
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_validated_address_follows_a_rebinding_only_once_probed(
+    material: pki.PkiMaterial, kind: str
+) -> None:
+    """A server (the TRS's control connections) reports a client's new address as validated
+    only after the path challenge was answered, on both engines."""
+    client = _client(material, kind)
+    client.connect(SERVER_ADDR, now=0.0)
+    first = client.datagrams_to_send(now=0.0)
+    header = engine.parse_datagram_header(first[0][0])
+    assert header is not None
+    server = _server(material, kind, header.destination_cid)
+    for data, _ in first:
+        server.receive_datagram(data, CLIENT_ADDR, now=0.0)
+    _exchange(client, server, now=0.01)
+    assert server.peer_address_validated and server.get_peer_address()[:2] == CLIENT_ADDR
+    moved = ("10.0.0.99", 41000)  # the client's NAT gave it a new outside port
+    client.send_ping(7)
+    for data, _ in client.datagrams_to_send(now=0.02):
+        server.receive_datagram(data, moved, now=0.02)
+    path = server.get_peer_address()[:2]
+    assert path == CLIENT_ADDR or not server.peer_address_validated  # not trusted yet
+    for _ in range(4):  # the challenge goes out, the client answers from its new address
+        for data, _ in server.datagrams_to_send(now=0.03):
+            client.receive_datagram(data, SERVER_ADDR, now=0.03)
+        for data, _ in client.datagrams_to_send(now=0.03):
+            server.receive_datagram(data, moved, now=0.03)
+    assert server.peer_address_validated and server.get_peer_address()[:2] == moved

@@ -349,7 +349,6 @@ class Qh3QuicConnection(Qh3Connection):
         self._peer_verifier = peer_verifier
         self._datagrams_queued = 0
         self._terminated_event: aq.ConnectionTerminated | None = None
-        self._handshake_address: Any = None
         super().__init__(
             configuration=configuration,
             original_destination_connection_id=original_destination_connection_id,
@@ -389,10 +388,7 @@ class Qh3QuicConnection(Qh3Connection):
             translated = _translate(event)
             if translated is not None:
                 kind = type(translated)
-                if kind is aq.HandshakeCompleted:
-                    # The handshake validated the path it ran on (RFC 9000 section 8.1).
-                    self._handshake_address = self.get_peer_address()
-                elif kind is aq.ConnectionIdIssued:
+                if kind is aq.ConnectionIdIssued:
                     self._host_cids.append(translated.connection_id)  # type: ignore[attr-defined]
                 elif kind is aq.ConnectionIdRetired:
                     cid = translated.connection_id  # type: ignore[attr-defined]
@@ -599,14 +595,12 @@ class Qh3QuicConnection(Qh3Connection):
     def peer_address_validated(self) -> bool:
         """Whether QUIC has validated the current peer path (RFC 9000 section 8).
 
-        qh3's core does not tell, so only the path the handshake ran on counts: after a
-        migration this stays False (a relay then keeps the address it has).
+        qh3's core (2.1.0) makes a path active only once it is validated (its ``activate``
+        refuses an unvalidated one; a new peer address is probed with PATH_CHALLENGE while
+        the old path stays active), and the handshake validates the first path. So the
+        active path is the validated one as soon as the handshake is complete.
         """
-        return (
-            self._handshake_address is not None
-            and self._core is not None
-            and self._core.active_path[2] == self._handshake_address
-        )
+        return bool(self._handshake_complete) and self._core is not None
 
     @property
     def push_datagram(self) -> Callable[[bytes], None]:
