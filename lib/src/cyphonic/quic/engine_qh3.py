@@ -428,7 +428,10 @@ class Qh3QuicConnection(Qh3Connection):
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
         core = self._core
         if core is not None and self._handshake_complete and self._quic_logger is None:
-            self._call_core(core.receive_datagram, data, addr, now, len(data))
+            try:
+                core.receive_datagram(data, addr, now, len(data))
+            except RuntimeError as exc:  # as the wrapper's _call_core maps it
+                raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
             self._drain_core()
             return
         ends = _packet_ends(data, self._configuration.connection_id_length)
