@@ -68,7 +68,7 @@ class KubernetesSecrets:
     def __init__(self, namespace: str | None = None) -> None:
         from kubernetes import client, config
 
-        config.load_incluster_config()
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
         self._api = client.CoreV1Api()
         self._client = client
         self.namespace = namespace or self.NAMESPACE_FILE.read_text().strip()
