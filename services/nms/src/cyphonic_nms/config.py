@@ -58,6 +58,22 @@ class NmsSettings(ServiceSettings):
         5.0, gt=0, description="bound on each Redis command and connection attempt (seconds)"
     )
     migrate: bool = Field(False, description="run registry migrations before serving")
+    as_url: str | None = Field(
+        None,
+        description="base URL of the AS REST API (http://as:8081, as the TRS's as_url); the "
+        "console's revoke is sent there with as_admin_token; none = no revoke in the console",
+    )
+    as_admin_token: SecretStr | None = Field(
+        None, description="bearer token for the AS admin API (default: this NMS's admin token)"
+    )
+    trs_admin_urls: list[str] = Field(
+        default_factory=list,
+        description="base URLs of the TRS replicas' admin REST APIs (JSON list), one per "
+        "replica, read by the console for relayed sessions and counters",
+    )
+    trs_admin_token: SecretStr | None = Field(
+        None, description="bearer token for the TRS admin APIs (default: this NMS's admin token)"
+    )
 
     @model_validator(mode="after")
     def _check_timing(self) -> NmsSettings:

@@ -1,0 +1,293 @@
+"""The console's pages and admin routes over httpx's ASGI transport (SQLite registry); the
+AS and TRS admin APIs they call are answered by an httpx MockTransport that records what
+the NMS sent. The browser test with real processes is tests/integration/console."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import httpx
+import pytest
+from cyphonic.admin import create_admin_app
+from cyphonic.v1 import signalling_pb2 as pb
+from cyphonic_nms.api import router
+from cyphonic_nms.config import NmsSettings
+from cyphonic_nms.console import ASSETS, make_router, node_name
+from cyphonic_nms.manager import NodeManager
+from cyphonic_nms.routing import Endpoint
+from cyphonic_nms.testing import InProcessCluster
+from cyphonic_nms.trs_directory import TrsReplica
+
+TOKEN = "admin-token-for-console-tests-0123456789"
+AS_TOKEN = "as-admin-token-for-console-tests-012345"
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def _settings(**extra: object) -> NmsSettings:
+    return NmsSettings(environment="test", admin_token=TOKEN, **extra)  # type: ignore[arg-type]
+
+
+def _client(
+    manager: NodeManager, settings: NmsSettings, upstream: Handler | None = None
+) -> httpx.AsyncClient:
+    transport = httpx.MockTransport(upstream) if upstream else None
+    app = create_admin_app(
+        service="nms",
+        title="NMS",
+        admin_token=TOKEN,
+        routers=[router, make_router(settings, transport=transport)],
+    )
+    app.state.manager = manager
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://nms",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+
+
+async def test_pages_are_public_strict_and_only_the_shipped_files(
+    cluster: InProcessCluster,
+) -> None:
+    nms = await cluster.replica("r1")
+    async with _client(nms, _settings()) as client:
+        index = await client.get("/console/", headers={"Authorization": ""})
+        assert index.status_code == 200
+        assert index.headers["content-type"].startswith("text/html")
+        assert 'id="login-form"' in index.text and "console.js" in index.text
+        csp = index.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert "unsafe-inline" not in csp
+        assert index.headers["x-content-type-options"] == "nosniff"
+        for name, media in ASSETS.items():
+            got = await client.get(f"/console/{name}", headers={"Authorization": ""})
+            assert got.status_code == 200 and got.headers["content-type"] == media
+            assert len(got.content) > 500
+        for bad in ("nope.js", "..%2Fapi.py", "%2e%2e%2fconsole.py", "web"):
+            assert (await client.get(f"/console/{bad}")).status_code == 404
+        assert (await client.get("/console/../api.py")).status_code == 404
+        root = await client.get("/", follow_redirects=False)
+        assert root.status_code == 307 and root.headers["location"] == "/console/"
+
+
+async def test_console_info_needs_the_token(cluster: InProcessCluster) -> None:
+    nms = await cluster.replica("r1")
+    settings = _settings(as_url="http://as.test:8081", trs_admin_urls=["http://trs-0:8083"])
+    async with _client(nms, settings) as client:
+        wrong = await client.get("/v1/console", headers={"Authorization": "Bearer wrong"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "unauthenticated"
+        assert (await client.get("/v1/console", headers={"Authorization": ""})).status_code == 401
+        info = (await client.get("/v1/console")).json()
+    assert info == {
+        "replica_id": "r1",
+        "domain": "cyphonic.internal",
+        "revoke_available": True,
+        "trs_admin_apis": 1,
+        "policy_available": False,
+    }
+
+
+async def test_routes_say_why_and_how(cluster: InProcessCluster) -> None:
+    nms = await cluster.replica("r1")
+    await cluster.trs.register(
+        TrsReplica(replica_id="7", endpoints=(Endpoint.parse("192.0.2.9:443"),), server_name="t")
+    )
+    a = await cluster.node(nms, "a", "global_ipv4")
+    b = await cluster.node(nms, "b", "nat_ipv4")
+    c = await cluster.node(nms, "c", "nat_ipv4")
+    d = await cluster.node(nms, "d", "ipv6")
+    e = await cluster.node(nms, "e", "ipv6")
+    await nms.route(a, pb.RouteRequest(fqdn=b.fqdn))
+    await nms.route(b, pb.RouteRequest(fqdn=c.fqdn))
+    await nms.route(d, pb.RouteRequest(fqdn=e.fqdn))
+    await nms.route(d, pb.RouteRequest(fqdn=a.fqdn))
+    async with _client(nms, _settings()) as client:
+        items = (await client.get("/v1/routes")).json()["items"]
+    got = {
+        (r["initiator"][0], r["responder"][0]): (r["pattern"], r["transport"], r["reason_code"])
+        for r in items
+    }
+    assert got == {
+        ("a", "b"): (2, "QUIC/UDP over IPv4", "one_side_nat"),
+        ("b", "c"): (3, "QUIC/UDP via TRS", "both_behind_nat"),
+        ("d", "e"): (1, "QUIC/UDP over IPv6", "both_ipv6"),
+        ("d", "a"): (3, "QUIC/UDP via TRS", "no_common_family"),
+    }
+    reasons = {(r["initiator"][0], r["responder"][0]): r["reason"] for r in items}
+    assert reasons[("a", "b")].startswith("b is behind IPv4 NAT, a has a reachable IPv4")
+    assert "d has only IPv6, a has only IPv4" in reasons[("d", "a")]
+    assert {r["trs_replica"] for r in items if r["pattern"] == 3} == {"7"}
+
+
+async def test_revoke_is_forwarded_to_the_as_with_the_as_token(
+    cluster: InProcessCluster,
+) -> None:
+    nms = await cluster.replica("r1")
+    sent: list[httpx.Request] = []
+
+    def as_api(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        if request.url.path == "/v1/nodes/ghost/revoke":
+            return httpx.Response(
+                404, json={"error": {"code": "not_found", "message": "no node ghost"}}
+            )
+        return httpx.Response(
+            200,
+            json={
+                "name": "alice",
+                "fqdn": "alice.cyphonic.internal",
+                "state": "revoked",
+                "certificates": [{"status": "revoked"}, {"status": "superseded"}],
+                "tags": {},
+            },
+        )
+
+    settings = _settings(as_url="http://as.test:8081/", as_admin_token=AS_TOKEN)
+    async with _client(nms, settings, as_api) as client:
+        done = await client.post(
+            "/v1/nodes/Alice.cyphonic.internal/revoke", json={"reason": "lost laptop"}
+        )
+        assert done.status_code == 200, done.text
+        assert done.json() == {
+            "fqdn": "alice.cyphonic.internal",
+            "state": "revoked",
+            "revoked_certificates": 1,
+        }
+        missing = await client.post("/v1/nodes/ghost.cyphonic.internal/revoke")
+        assert missing.status_code == 404 and missing.json()["error"]["message"] == "no node ghost"
+        foreign = await client.post("/v1/nodes/alice.example.com/revoke")
+        assert foreign.status_code == 422
+        unauth = await client.post(
+            "/v1/nodes/alice.cyphonic.internal/revoke", headers={"Authorization": "Bearer no"}
+        )
+        assert unauth.status_code == 401
+        extra = await client.post("/v1/nodes/alice.cyphonic.internal/revoke", json={"x": 1})
+        assert extra.status_code == 422
+    assert [str(r.url) for r in sent] == [
+        "http://as.test:8081/v1/nodes/alice/revoke",
+        "http://as.test:8081/v1/nodes/ghost/revoke",
+    ]
+    assert sent[0].headers["authorization"] == f"Bearer {AS_TOKEN}"
+    assert json.loads(sent[0].content) == {"reason": "lost laptop"}
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "says"),
+    [
+        (httpx.Response(401, json={"error": {"code": "unauthenticated"}}), 503, "refused"),
+        (httpx.Response(500, text="boom"), 503, "HTTP 500"),
+        (httpx.Response(200, text="not json"), 503, "no JSON"),
+        (httpx.Response(200, json={"unexpected": True}), 503, "unexpected form"),
+    ],
+)
+async def test_revoke_maps_as_failures(
+    cluster: InProcessCluster, answer: httpx.Response, status: int, says: str
+) -> None:
+    # The AS refusing the NMS's own token is a 503, not a 401 the console would read as
+    # "your token is wrong".
+    nms = await cluster.replica("r1")
+    settings = _settings(as_url="http://as.test:8081")
+    async with _client(nms, settings, lambda _r: answer) as client:
+        got = await client.post("/v1/nodes/alice.cyphonic.internal/revoke")
+    assert got.status_code == status and says in got.json()["error"]["message"]
+
+
+async def test_revoke_without_an_as_or_with_the_as_down(cluster: InProcessCluster) -> None:
+    nms = await cluster.replica("r1")
+    async with _client(nms, _settings()) as client:
+        got = await client.post("/v1/nodes/alice.cyphonic.internal/revoke")
+        assert got.status_code == 503 and "CYPHONIC_AS_URL" in got.json()["error"]["message"]
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    async with _client(nms, _settings(as_url="http://:secret@as.test:1"), down) as client:
+        got = await client.post("/v1/nodes/alice.cyphonic.internal/revoke")
+    message = got.json()["error"]["message"]
+    assert got.status_code == 503 and "unreachable" in message and "secret" not in message
+
+
+async def test_trs_overview_joins_directory_and_admin_apis(cluster: InProcessCluster) -> None:
+    nms = await cluster.replica("r1")
+    await cluster.trs.register(
+        TrsReplica(
+            replica_id="3",
+            endpoints=(Endpoint.parse("192.0.2.9:443"),),
+            server_name="trs.svc.cyphonic.internal",
+            load=1,
+            updated_ms=1,
+        )
+    )
+    seen_tokens: set[str] = set()
+
+    def trs_api(request: httpx.Request) -> httpx.Response:
+        seen_tokens.add(request.headers["authorization"])
+        if request.url.host == "trs-down":
+            raise httpx.ConnectTimeout("slow", request=request)
+        replica = 3 if request.url.host == "trs-3" else 4
+        if request.url.path == "/v1/replica":
+            return httpx.Response(
+                200,
+                json={
+                    "replica": replica,
+                    "sessions": 1,
+                    "forwarded_packets": 10,
+                    "forwarded_bytes": 1200,
+                    "packets_per_s": 2.0,
+                    "bits_per_s": 960.0,
+                    "drops": {"unknown_cid": 1},
+                    "last_sync_error": None,
+                    "extra": "ignored",
+                },
+            )
+        assert request.url.params["limit"] == "500"
+        side = {"fqdn": "a.cyphonic.internal", "address": "127.0.0.1:5", "packets": 5, "bytes": 9}
+        items = [
+            {
+                "route_id": f"r-{replica}",
+                "pair": ["a.cyphonic.internal", "b.cyphonic.internal"],
+                "sides": [side, None],
+                "complete": False,
+                "packets": 5,
+                "bytes": 9,
+                "age_s": 1.5,
+                "idle_s": 0.5,
+                "spoofed_drops": 0,
+            }
+        ]
+        return httpx.Response(200, json={"items": items, "total": 1, "limit": 500, "offset": 0})
+
+    settings = _settings(
+        trs_admin_urls=["http://trs-3:8083", "http://trs-4:8083", "http://trs-down:8083"]
+    )
+    async with _client(nms, settings, trs_api) as client:
+        overview = (await client.get("/v1/trs")).json()
+    assert seen_tokens == {f"Bearer {TOKEN}"}  # the NMS's own token by default
+    replicas = {r["replica_id"]: r for r in overview["replicas"]}
+    assert replicas["3"]["in_directory"] and replicas["3"]["admin_url"] == "http://trs-3:8083"
+    assert replicas["3"]["endpoints"] == ["192.0.2.9:443"]
+    assert replicas["3"]["counters"]["drops"] == {"unknown_cid": 1}
+    assert not replicas["4"]["in_directory"] and replicas["4"]["counters"]["bits_per_s"] == 960
+    assert [(s["replica_id"], s["route_id"]) for s in overview["sessions"]] == [
+        ("3", "r-3"),
+        ("4", "r-4"),
+    ]
+    assert overview["sessions"][0]["sides"][1] is None
+    assert overview["problems"] == [
+        {
+            "source": "http://trs-down:8083",
+            "message": "the TRS admin API at http://trs-down:8083 is unreachable (ConnectTimeout)",
+        }
+    ]
+
+
+def test_node_name_of_an_fqdn() -> None:
+    assert node_name("Alice.Cyphonic.Internal.", "cyphonic.internal") == "alice"
+    for bad in (
+        "alice.other.internal",
+        "cyphonic.internal",
+        ".cyphonic.internal",
+        "a.b.cyphonic.internal",
+    ):
+        with pytest.raises(Exception, match="not a node"):
+            node_name(bad, "cyphonic.internal")
