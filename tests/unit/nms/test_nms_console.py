@@ -211,7 +211,7 @@ async def test_trs_overview_joins_directory_and_admin_apis(cluster: InProcessClu
     nms = await cluster.replica("r1")
     await cluster.trs.register(
         TrsReplica(
-            replica_id="3",
+            replica_id="trs-3",
             endpoints=(Endpoint.parse("192.0.2.9:443"),),
             server_name="trs.svc.cyphonic.internal",
             load=1,
@@ -264,13 +264,14 @@ async def test_trs_overview_joins_directory_and_admin_apis(cluster: InProcessClu
         overview = (await client.get("/v1/trs")).json()
     assert seen_tokens == {f"Bearer {TOKEN}"}  # the NMS's own token by default
     replicas = {r["replica_id"]: r for r in overview["replicas"]}
-    assert replicas["3"]["in_directory"] and replicas["3"]["admin_url"] == "http://trs-3:8083"
-    assert replicas["3"]["endpoints"] == ["192.0.2.9:443"]
-    assert replicas["3"]["counters"]["drops"] == {"unknown_cid": 1}
-    assert not replicas["4"]["in_directory"] and replicas["4"]["counters"]["bits_per_s"] == 960
+    assert replicas["trs-3"]["in_directory"] and replicas["trs-3"]["admin_url"] == "http://trs-3:8083"
+    assert replicas["trs-3"]["endpoints"] == ["192.0.2.9:443"]
+    assert replicas["trs-3"]["counters"]["drops"] == {"unknown_cid": 1}
+    assert not replicas["trs-4"]["in_directory"]
+    assert replicas["trs-4"]["counters"]["bits_per_s"] == 960
     assert [(s["replica_id"], s["route_id"]) for s in overview["sessions"]] == [
-        ("3", "r-3"),
-        ("4", "r-4"),
+        ("trs-3", "r-3"),
+        ("trs-4", "r-4"),
     ]
     assert overview["sessions"][0]["sides"][1] is None
     assert overview["problems"] == [

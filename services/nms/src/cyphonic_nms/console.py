@@ -164,7 +164,7 @@ class RevokedNode(BaseModel):
 
 
 class _UpstreamStatus(BaseModel):
-    replica: int | str
+    replica: int
     forwarded_packets: int
     forwarded_bytes: int
     packets_per_s: float
@@ -244,7 +244,8 @@ async def trs_overview(manager: NodeManager, apis: list[AdminApi]) -> TrsOvervie
         if isinstance(answer, BaseException):
             raise answer
         status, items = answer
-        replica_id = str(status.replica)
+        # The name a TRS registers under in the directory (cyphonic_trs.storage.replica_name).
+        replica_id = f"trs-{status.replica}"
         counters = TrsCounters.model_validate(status.model_dump())
         known = replicas.get(replica_id)
         if known is not None:
