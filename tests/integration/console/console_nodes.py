@@ -91,12 +91,20 @@ class ConsoleNode:
         self.nms = conn.handler
         self.relay = RelayClient(endpoint=self.endpoint, nms=lambda: self.nms, keepalive_s=1.0)
         self.relay.start()
+        await self.register()
+        self._keepalive = asyncio.ensure_future(self._keep_alive())
+
+    async def register(self, report: str | None = None) -> pb.RegisterResponse:
+        """(Re-)register; a new ``report`` is what an agent says after moving to another
+        network (the NMS records the handover and re-decides the node's routes)."""
+        assert self.endpoint is not None and self.nms is not None
+        self.report = report or self.report
         host, port = self.endpoint.local_address[:2]
         reported = ip_address(self.report or host)
-        await self.nms.request(
+        answer = await self.nms.request(
             wrap(pb.RegisterRequest(local_addresses=[pb.Endpoint(ip=reported.packed, port=port)]))
         )
-        self._keepalive = asyncio.ensure_future(self._keep_alive())
+        return answer.register_response
 
     async def _keep_alive(self) -> None:
         sequence = 0

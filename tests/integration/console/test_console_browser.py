@@ -5,13 +5,14 @@ four nodes enrol at the AS over REST and register with the NMS over mutual-TLS Q
 alice and bob report private addresses the NMS does not see (behind NAT), carol reports
 the address the NMS sees (public), dave is on IPv6 only. alice and bob open a relayed
 tunnel through the TRS and exchange datagrams; carol asks for alice (pattern 2), dave for
-carol (relayed: no family in common).
+carol (relayed: no family in common); then alice
+moves to another LAN (re-registers with a new address).
 
 The browser, as an operator: is refused with a wrong token, signs in with the right one,
-finds every node online with its addresses and NAT kind, the relayed pair with its reason
-and TRS, the TRS replica and the pair's session; backs out of a revoke, then revokes bob
-by typing his name, and sees him revoked and offline while the NMS has closed his
-connection. The token never appears in a URL or in the NMS's log.
+finds every node online with its addresses and NAT kind, alice's last handover, the
+relayed pair with its reason and TRS, the TRS replica and the pair's session; backs out of
+a revoke, then revokes bob by typing his name, and sees him revoked and offline while the
+NMS has closed his connection. The token never appears in a URL or in the NMS's log.
 
 Set ``CYPHONIC_CONSOLE_SCREENSHOT=docs/console.png`` to write the screenshot in the docs.
 """
@@ -94,6 +95,7 @@ async def test_console_lists_nodes_shows_the_relayed_pair_and_revokes(
         assert (await carol.route_to(alice)).pattern == pb.ROUTE_PATTERN_NAT_CONNECTS
         if ipv6:
             assert (await dave.route_to(carol)).pattern == pb.ROUTE_PATTERN_RELAY
+        await alice.register(report="192.168.88.20")  # alice moved to another LAN
         await _operator_session(services, browser, relayed, [n.fqdn for n in nodes], bob)
     finally:
         for node in nodes:
@@ -146,7 +148,12 @@ async def _operator_session(
     virtual = await in_browser(lambda: cell(driver, "nodes", "fqdn", f"alice.{DOMAIN}", ".virtual"))
     assert virtual.startswith("100.64.")
     real = await in_browser(lambda: cell(driver, "nodes", "fqdn", f"alice.{DOMAIN}", ".real"))
-    assert "127.0.0.1:" in real and "reports 192.168.77.10:" in real
+    assert "127.0.0.1:" in real and "reports 192.168.88.20:" in real
+    moved = await in_browser(lambda: cell(driver, "nodes", "fqdn", f"alice.{DOMAIN}", ".handover"))
+    assert "192.168.77.10:" in moved and "192.168.88.20:" in moved
+    assert (
+        await in_browser(lambda: cell(driver, "nodes", "fqdn", f"bob.{DOMAIN}", ".handover")) == "-"
+    )
     if len(fqdns) == 4:
         assert (
             await in_browser(lambda: cell(driver, "nodes", "fqdn", f"dave.{DOMAIN}", ".network"))
@@ -244,7 +251,7 @@ async def _operator_session(
 def _screenshot(driver: WebDriver, path: Path) -> None:
     """The whole page as PNG (the window grown to the page's height)."""
     height = int(driver.execute_script("return document.documentElement.scrollHeight"))
-    driver.set_window_size(1360, min(max(height + 20, 700), 2400))
+    driver.set_window_size(1360, min(max(height + 160, 700), 2400))
     path.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(path))
     driver.set_window_size(1360, 1000)

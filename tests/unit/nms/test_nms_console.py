@@ -15,8 +15,9 @@ from cyphonic_nms.api import router
 from cyphonic_nms.config import NmsSettings
 from cyphonic_nms.console import ASSETS, make_router, node_name
 from cyphonic_nms.manager import NodeManager
-from cyphonic_nms.routing import Endpoint
-from cyphonic_nms.testing import InProcessCluster
+from cyphonic_nms.route_reason import explain, transport
+from cyphonic_nms.routing import Endpoint, NetworkInfo, classify, pattern_for
+from cyphonic_nms.testing import KIND, E, InProcessCluster
 from cyphonic_nms.trs_directory import TrsReplica
 
 TOKEN = "admin-token-for-console-tests-0123456789"
@@ -264,7 +265,9 @@ async def test_trs_overview_joins_directory_and_admin_apis(cluster: InProcessClu
         overview = (await client.get("/v1/trs")).json()
     assert seen_tokens == {f"Bearer {TOKEN}"}  # the NMS's own token by default
     replicas = {r["replica_id"]: r for r in overview["replicas"]}
-    assert replicas["trs-3"]["in_directory"] and replicas["trs-3"]["admin_url"] == "http://trs-3:8083"
+    assert (
+        replicas["trs-3"]["in_directory"] and replicas["trs-3"]["admin_url"] == "http://trs-3:8083"
+    )
     assert replicas["trs-3"]["endpoints"] == ["192.0.2.9:443"]
     assert replicas["trs-3"]["counters"]["drops"] == {"unknown_cid": 1}
     assert not replicas["trs-4"]["in_directory"]
@@ -292,3 +295,68 @@ def test_node_name_of_an_fqdn() -> None:
     ):
         with pytest.raises(Exception, match="not a node"):
             node_name(bad, "cyphonic.internal")
+
+
+def _net(kind: str, shift: int) -> NetworkInfo:
+    """A node of ``kind`` as InProcessCluster registers one (addresses shifted per node)."""
+    reported, observed = KIND[kind]
+    reported = [Endpoint(ep.ip + shift, ep.port) for ep in reported]
+    seen = Endpoint(observed.ip + shift, observed.port) if observed else reported[0]
+    return classify(reported, seen)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "code"),
+    [
+        ("ipv6", "ipv6", "both_ipv6"),
+        ("global_ipv4", "global_ipv4", "both_global_ipv4"),
+        ("nat_ipv4", "global_ipv4", "one_side_nat"),
+        ("global_ipv4", "nat_ipv4", "one_side_nat"),
+        ("nat_ipv4", "nat_ipv4", "both_behind_nat"),
+        ("ipv6", "nat_ipv4", "no_common_family"),
+    ],
+)
+def test_each_reason_matches_the_decision(a: str, b: str, code: str) -> None:
+    net_a, net_b = _net(a, 1), _net(b, 2)
+    decision = pattern_for(net_a, net_b)
+    reason = explain(
+        pattern=decision.pattern,
+        family=decision.family,
+        initiator="a.cyphonic.internal",
+        responder="b.cyphonic.internal",
+        initiator_net=net_a,
+        responder_net=net_b,
+    )
+    assert reason.code == code and reason.text
+    if code == "one_side_nat":
+        nat = "a" if a == "nat_ipv4" else "b"
+        assert reason.text.startswith(f"{nat} is behind IPv4 NAT")
+
+
+def test_reason_when_no_address_may_be_dialled_or_a_node_is_gone() -> None:
+    # Both "global" on loopback, seen from elsewhere than loopback: a direct cell, no
+    # candidate a peer may dial, so the NMS relays.
+    loop = NetworkInfo(
+        has_ipv4=True, has_ipv6=False, behind_nat=False, local_addresses=(E("127.0.0.1:1"),)
+    )
+    decision = pattern_for(loop, loop)
+    assert decision.pattern == 3
+    reason = explain(
+        pattern=3,
+        family=None,
+        initiator="a.x",
+        responder="b.x",
+        initiator_net=loop,
+        responder_net=loop,
+    )
+    assert reason.code == "no_dialable_address"
+    gone = explain(
+        pattern=3,
+        family=None,
+        initiator="a.x",
+        responder="b.x",
+        initiator_net=loop,
+        responder_net=None,
+    )
+    assert gone.code == "unknown" and "b" in gone.text
+    assert transport(1, 6) == "QUIC/UDP over IPv6" and transport(3, None) == "QUIC/UDP via TRS"

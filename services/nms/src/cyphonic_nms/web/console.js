@@ -244,7 +244,8 @@ function render(info, nodes, routes, trs) {
   $("sum-relayed").textContent = routes.items.filter((r) => r.pattern === 3).length;
   $("sum-trs").textContent = trs.replicas.length;
   fill("nodes", "nodes-empty", nodes.items.map((n) => nodeRow(n, info)));
-  fill("routes", "routes-empty", routes.items.map(routeRow));
+  const byAge = [...routes.items].sort((a, b) => Date.parse(a.created_at) - Date.parse(b.created_at));
+  fill("routes", "routes-empty", byAge.map(routeRow));
   fill("trs-replicas", "trs-empty", trs.replicas.map(replicaRow));
   fill("trs-sessions", "sessions-empty", trs.sessions.map(sessionRow));
   $("trs-problems").replaceChildren(
@@ -278,11 +279,24 @@ function realCell(net) {
   );
 }
 
+function seenAt(net) {
+  return [net.observed_ipv4, net.observed_ipv6].filter(Boolean).join(", ");
+}
+
 function handoverCell(handover) {
   if (!handover) return el("td", { class: "handover muted" }, "-");
-  const from = handover.old.observed_ipv4 || handover.old.observed_ipv6 || "?";
-  const to = handover.new.observed_ipv4 || handover.new.observed_ipv6 || "?";
-  return el("td", { class: "handover" }, ago(handover.at), sub(from + " \u2192 " + to));
+  // Where the NMS saw it before and after; the reported addresses when that did not change.
+  let from = seenAt(handover.old);
+  let to = seenAt(handover.new);
+  if (from === to) {
+    from = handover.old.local_addresses.join(", ") || from;
+    to = handover.new.local_addresses.join(", ") || to;
+  }
+  const kinds = handover.old.kind === handover.new.kind
+    ? null
+    : sub((NETWORK_KINDS[handover.old.kind] || handover.old.kind) + " \u2192 " +
+        (NETWORK_KINDS[handover.new.kind] || handover.new.kind));
+  return el("td", { class: "handover" }, ago(handover.at), sub(from + " \u2192 " + to), kinds);
 }
 
 function nodeRow(n, info) {
