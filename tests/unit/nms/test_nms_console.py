@@ -5,6 +5,7 @@ the NMS sent. The browser test with real processes is tests/integration/console.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 
 import httpx
@@ -360,3 +361,58 @@ def test_reason_when_no_address_may_be_dialled_or_a_node_is_gone() -> None:
     )
     assert gone.code == "unknown" and "b" in gone.text
     assert transport(1, 6) == "QUIC/UDP over IPv6" and transport(3, None) == "QUIC/UDP via TRS"
+
+
+async def test_trs_admin_urls_from_a_template_follow_the_directory(
+    cluster: InProcessCluster,
+) -> None:
+    nms = await cluster.replica("r1")
+    now_ms = int(time.time() * 1000)
+    for n, updated_ms in ((5, now_ms), (6, now_ms - 60_000)):
+        await cluster.trs.register(
+            TrsReplica(
+                replica_id=f"trs-{n}",
+                endpoints=(Endpoint.parse(f"192.0.2.{n}:443"),),
+                server_name="trs.svc.cyphonic.internal",
+                updated_ms=updated_ms,
+            )
+        )
+    asked: list[str] = []
+
+    def trs_api(request: httpx.Request) -> httpx.Response:
+        asked.append(f"{request.url.host} {request.url.path}")
+        n = int(request.url.host.rsplit("-", 1)[1])
+        if request.url.path == "/v1/replica":
+            return httpx.Response(
+                200,
+                json={
+                    "replica": n,
+                    "forwarded_packets": 0,
+                    "forwarded_bytes": 0,
+                    "packets_per_s": 0,
+                    "bits_per_s": 0,
+                    "drops": {},
+                },
+            )
+        return httpx.Response(200, json={"items": []})
+
+    settings = _settings(trs_admin_url_template="http://pod-{replica}:8083")
+    async with _client(nms, settings, trs_api) as client:
+        assert (await client.get("/v1/console")).json()["trs_admin_apis"] == 1
+        overview = (await client.get("/v1/trs")).json()
+    assert sorted(asked) == [
+        "pod-5 /v1/replica",
+        "pod-5 /v1/sessions",
+        "pod-6 /v1/replica",
+        "pod-6 /v1/sessions",
+    ]
+    replicas = {r["replica_id"]: r for r in overview["replicas"]}
+    assert set(replicas) == {"trs-5", "trs-6"} and overview["problems"] == []
+    assert replicas["trs-5"]["admin_url"] == "http://pod-5:8083"
+    assert not replicas["trs-5"]["stale"] and replicas["trs-6"]["stale"]
+
+
+@pytest.mark.parametrize("template", ["http://trs:8083", "http://trs-{replica}-{x}:8083"])
+def test_a_trs_url_template_needs_replica_and_nothing_else(template: str) -> None:
+    with pytest.raises(ValueError, match="replica"):
+        _settings(trs_admin_url_template=template)

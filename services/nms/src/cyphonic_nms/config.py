@@ -7,7 +7,7 @@ import socket
 
 from cyphonic import relay_token
 from cyphonic.config import ServiceSettings
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from cyphonic_nms.leases import DEFAULT_IPV4_POOL
 
@@ -71,6 +71,12 @@ class NmsSettings(ServiceSettings):
         description="base URLs of the TRS replicas' admin REST APIs (JSON list), one per "
         "replica, read by the console for relayed sessions and counters",
     )
+    trs_admin_url_template: str | None = Field(
+        None,
+        description="admin base URL of a TRS replica with {replica} for its number, e.g. "
+        "http://cyphonic-trs-{replica}.cyphonic-trs-headless:8083 (a StatefulSet): applied "
+        "to every replica in the TRS directory, so scaled replicas are found",
+    )
     trs_admin_token: SecretStr | None = Field(
         None, description="bearer token for the TRS admin APIs (default: this NMS's admin token)"
     )
@@ -80,6 +86,15 @@ class NmsSettings(ServiceSettings):
         if self.offline_timeout_s <= self.keepalive_interval_s:
             raise ValueError("offline_timeout_s must be longer than keepalive_interval_s")
         return self
+
+    @field_validator("trs_admin_url_template")
+    @classmethod
+    def _check_template(cls, value: str | None) -> str | None:
+        if value is not None and (
+            "{replica}" not in value or value.replace("{replica}", "").count("{")
+        ):
+            raise ValueError("trs_admin_url_template needs {replica} and no other {...}")
+        return value
 
     def relay_secret(self) -> bytes:
         """The relay token secret (a development default only in the ``local`` environment)."""

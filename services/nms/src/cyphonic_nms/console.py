@@ -22,7 +22,9 @@ need not be reachable from operators' browsers at all, only from the NMS.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from collections.abc import Callable
 from importlib import resources
 from typing import Annotated, Any
 
@@ -30,6 +32,7 @@ import httpx
 from cyphonic.admin import AdminAuth
 from cyphonic.errors import CyphonicError, InvalidArgument, NotFound, Unavailable
 from cyphonic.log import get_logger
+from cyphonic.trs_directory import HEARTBEAT_INTERVAL_S
 from fastapi import APIRouter, Path
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -57,6 +60,7 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 MAX_TRS_SESSIONS = 500  # per replica, one page of its admin API
+STALE_AFTER_S = 2 * HEARTBEAT_INTERVAL_S
 
 
 def asset(name: str) -> bytes:
@@ -79,7 +83,9 @@ class ConsoleInfo(BaseModel):
     replica_id: str
     domain: str
     revoke_available: bool = Field(description="an AS URL is configured (as_url)")
-    trs_admin_apis: int = Field(description="TRS admin APIs configured (trs_admin_urls)")
+    trs_admin_apis: int = Field(
+        description="TRS admin URLs configured (trs_admin_urls, plus 1 for a URL template)"
+    )
     policy_available: bool = Field(
         description="access policy is not part of this version; the console keeps its place"
     )
@@ -102,6 +108,10 @@ class TrsReplicaView(BaseModel):
 
     replica_id: str
     in_directory: bool = Field(description="the NMS hands this replica out for relayed routes")
+    stale: bool = Field(
+        description="its directory entry was not refreshed for two heartbeats (it may be "
+        "dying; the entry expires after the directory TTL)"
+    )
     endpoints: list[str]
     server_name: str | None
     sessions: int | None = Field(description="relayed sessions (its load)")
@@ -214,25 +224,35 @@ async def _read_trs(api: AdminApi) -> tuple[_UpstreamStatus, list[_UpstreamSessi
         raise Unavailable(f"the TRS at {api.shown_url} answered an unexpected form") from exc
 
 
-async def trs_overview(manager: NodeManager, apis: list[AdminApi]) -> TrsOverview:
-    """The directory the NMS relays with, joined by replica id with each TRS admin API."""
+async def trs_overview(
+    manager: NodeManager,
+    apis: list[AdminApi],
+    api_of: Callable[[str], AdminApi | None] = lambda _replica_id: None,
+) -> TrsOverview:
+    """The directory the NMS relays with, joined by replica id with each TRS admin API:
+    ``apis`` (configured URLs) and ``api_of(replica_id)`` for each directory entry whose
+    URL is not among them (a URL template)."""
     problems: list[TrsProblem] = []
     now_ms = time.time() * 1000
     replicas: dict[str, TrsReplicaView] = {}
+    apis = list(apis)
     try:
         for entry in await manager.trs.live():
+            age_s = max(0.0, now_ms - entry.updated_ms) / 1000 if entry.updated_ms else None
             replicas[entry.replica_id] = TrsReplicaView(
                 replica_id=entry.replica_id,
                 in_directory=True,
+                stale=age_s is not None and age_s > STALE_AFTER_S,
                 endpoints=[str(ep) for ep in entry.endpoints],
                 server_name=entry.server_name,
                 sessions=entry.load,
-                updated_age_s=round(max(0.0, now_ms - entry.updated_ms) / 1000, 1)
-                if entry.updated_ms
-                else None,
+                updated_age_s=round(age_s, 1) if age_s is not None else None,
                 admin_url=None,
                 counters=None,
             )
+            derived = api_of(entry.replica_id)
+            if derived is not None and all(a.base_url != derived.base_url for a in apis):
+                apis.append(derived)
     except CyphonicError as exc:
         problems.append(TrsProblem(source="TRS directory", message=exc.message))
     sessions: list[TrsSessionView] = []
@@ -255,6 +275,7 @@ async def trs_overview(manager: NodeManager, apis: list[AdminApi]) -> TrsOvervie
             replicas[replica_id] = TrsReplicaView(
                 replica_id=replica_id,
                 in_directory=False,
+                stale=False,
                 endpoints=[],
                 server_name=None,
                 sessions=len(items),
@@ -273,6 +294,10 @@ async def trs_overview(manager: NodeManager, apis: list[AdminApi]) -> TrsOvervie
         sessions=sorted(sessions, key=lambda s: (s.replica_id, s.route_id)),
         problems=problems,
     )
+
+
+# The name a TRS registers under in the directory (cyphonic_trs.storage.replica_name).
+_TRS_NAME = re.compile(r"trs-(\d{1,9})")
 
 
 def node_name(fqdn: str, domain: str) -> str:
@@ -307,10 +332,18 @@ def make_router(
         if settings.as_url
         else None
     )
+    trs_token = settings.trs_admin_token or settings.admin_token
     trs_apis = [
-        AdminApi("TRS", url, settings.trs_admin_token or settings.admin_token, transport=transport)
-        for url in settings.trs_admin_urls
+        AdminApi("TRS", url, trs_token, transport=transport) for url in settings.trs_admin_urls
     ]
+    template = settings.trs_admin_url_template
+
+    def trs_api_of(replica_id: str) -> AdminApi | None:
+        number = _TRS_NAME.fullmatch(replica_id)
+        if template is None or number is None:
+            return None
+        url = template.replace("{replica}", number.group(1))
+        return AdminApi("TRS", url, trs_token, transport=transport)
 
     @router.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:
@@ -340,13 +373,13 @@ def make_router(
             replica_id=manager.replica_id,
             domain=settings.domain,
             revoke_available=as_api is not None,
-            trs_admin_apis=len(trs_apis),
+            trs_admin_apis=len(trs_apis) + (template is not None),
             policy_available=False,
         )
 
     @router.get("/v1/trs", tags=["console"], summary="TRS replicas and relayed sessions")
     async def trs(_actor: AdminAuth, manager: ManagerDep) -> TrsOverview:
-        return await trs_overview(manager, trs_apis)
+        return await trs_overview(manager, trs_apis, trs_api_of)
 
     @router.post(
         "/v1/nodes/{fqdn}/revoke",

@@ -245,7 +245,8 @@ function render(info, nodes, routes, trs) {
   $("sum-trs").textContent = trs.replicas.length;
   fill("nodes", "nodes-empty", nodes.items.map((n) => nodeRow(n, info)));
   const byAge = [...routes.items].sort((a, b) => Date.parse(a.created_at) - Date.parse(b.created_at));
-  fill("routes", "routes-empty", byAge.map(routeRow));
+  const sessions = new Map(trs.sessions.map((s) => [s.route_id, s]));
+  fill("routes", "routes-empty", byAge.map((r) => routeRow(r, sessions.get(r.route_id), trs)));
   fill("trs-replicas", "trs-empty", trs.replicas.map(replicaRow));
   fill("trs-sessions", "sessions-empty", trs.sessions.map(sessionRow));
   $("trs-problems").replaceChildren(
@@ -341,7 +342,17 @@ function nodeRow(n, info) {
   );
 }
 
-function routeRow(r) {
+function relayState(r, session, trs) {
+  // What the TRS says about a relayed route: only when its replica's admin API was read.
+  if (r.pattern !== 3) return null;
+  if (session) {
+    return sub(session.complete ? "relaying, " + bytes(session.bytes) : "waiting for the peer");
+  }
+  const replica = trs.replicas.find((x) => x.replica_id === r.trs_replica);
+  return replica && replica.counters ? sub("no session at the TRS") : null;
+}
+
+function routeRow(r, session, trs) {
   const relayed = r.pattern === 3;
   const connector = r.connector === "initiator" ? r.initiator : r.responder;
   return el(
@@ -360,7 +371,7 @@ function routeRow(r) {
     ),
     el("td", { class: "transport" }, r.transport),
     el("td", { class: "reason", title: r.reason_code }, r.reason),
-    el("td", { class: "trs" }, r.trs_replica || "-"),
+    el("td", { class: "trs" }, r.trs_replica || "-", relayState(r, session, trs)),
     el("td", { class: "connector" }, shortName(connector)),
     el("td", { class: "since" }, ago(r.created_at), sub("by " + r.decided_by)),
   );
@@ -368,9 +379,15 @@ function routeRow(r) {
 
 function replicaRow(r) {
   let status;
-  if (r.in_directory && r.counters) status = badge("live", "ok", "in the NMS's directory, admin API answers");
-  else if (r.in_directory) status = badge("relaying", "ok", "in the NMS's directory; no admin API read");
-  else status = badge("not in directory", "warn", "its admin API answers, but the NMS does not hand it out");
+  if (r.in_directory && r.stale) {
+    status = badge("stale", "bad", "its directory entry is not being refreshed: the replica may be down");
+  } else if (r.in_directory && r.counters) {
+    status = badge("live", "ok", "in the NMS's directory, admin API answers");
+  } else if (r.in_directory) {
+    status = badge("relaying", "ok", "in the NMS's directory; its admin API is not configured or did not answer");
+  } else {
+    status = badge("not in directory", "warn", "its admin API answers, but the NMS does not hand it out");
+  }
   const c = r.counters;
   const drops = c ? Object.values(c.drops).reduce((a, b) => a + b, 0) : null;
   const dropTitle = c
@@ -387,6 +404,7 @@ function replicaRow(r) {
       { class: "status" },
       status,
       r.updated_age_s !== null ? sub("refreshed " + duration(r.updated_age_s) + " ago") : null,
+      c && c.last_sync_error ? sub("sync: " + c.last_sync_error) : null,
     ),
     el("td", { class: "endpoints" }, r.endpoints.map((e) => el("code", { class: "sub" }, e))),
     el("td", { class: "sessions" }, r.sessions === null ? "-" : String(r.sessions)),
