@@ -60,6 +60,7 @@ def browser() -> Iterator[webdriver.Chrome]:
             f"--user-data-dir={profile}",
         ):
             options.add_argument(arg)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console errors
         driver = webdriver.Chrome(options=options, service=DriverService(str(CHROMEDRIVER)))
         try:
             driver.set_page_load_timeout(30)

@@ -248,6 +248,16 @@ async def _operator_session(
     await in_browser(lambda: wait(driver, lambda d: visible(d, "login")))
     assert await in_browser(lambda: session_token(driver)) is None
 
+    # No script error and no Content-Security-Policy violation on the way; the one
+    # failed request is the wrong token's 401.
+    errors = [
+        entry["message"]
+        for entry in await in_browser(lambda: driver.get_log("browser"))
+        if entry["level"] == "SEVERE"
+    ]
+    assert [e for e in errors if "status of 401" not in e] == [], errors
+    assert len(errors) == 1, errors
+
 
 def _screenshot(driver: WebDriver, path: Path) -> None:
     """The whole page as PNG (the window grown to the page's height)."""

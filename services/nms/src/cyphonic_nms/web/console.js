@@ -244,6 +244,10 @@ function render(info, nodes, routes, trs) {
   $("sum-relayed").textContent = routes.items.filter((r) => r.pattern === 3).length;
   $("sum-trs").textContent = trs.replicas.length;
   fill("nodes", "nodes-empty", nodes.items.map((n) => nodeRow(n, info)));
+  const more = $("nodes-more");
+  more.hidden = nodes.total <= nodes.items.length;
+  more.textContent = "Showing the first " + nodes.items.length + " of " + nodes.total +
+    " nodes (GET /v1/nodes pages through all of them).";
   const byAge = [...routes.items].sort((a, b) => Date.parse(a.created_at) - Date.parse(b.created_at));
   const sessions = new Map(trs.sessions.map((s) => [s.route_id, s]));
   fill("routes", "routes-empty", byAge.map((r) => routeRow(r, sessions.get(r.route_id), trs)));
