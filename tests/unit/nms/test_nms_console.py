@@ -70,6 +70,8 @@ async def test_pages_are_public_strict_and_only_the_shipped_files(
         assert (await client.get("/console/../api.py")).status_code == 404
         root = await client.get("/", follow_redirects=False)
         assert root.status_code == 307 and root.headers["location"] == "/console/"
+        schema = (await client.get("/openapi.json")).json()
+        assert {"/v1/console", "/v1/trs", "/v1/nodes/{fqdn}/revoke"} <= set(schema["paths"])
 
 
 async def test_console_info_needs_the_token(cluster: InProcessCluster) -> None:
@@ -416,3 +418,18 @@ async def test_trs_admin_urls_from_a_template_follow_the_directory(
 def test_a_trs_url_template_needs_replica_and_nothing_else(template: str) -> None:
     with pytest.raises(ValueError, match="replica"):
         _settings(trs_admin_url_template=template)
+
+
+async def test_reasons_for_many_routes_read_the_nodes_in_one_list(
+    cluster: InProcessCluster,
+) -> None:
+    nms = await cluster.replica("r1")
+    links = [await cluster.node(nms, f"n{i:02d}", "global_ipv4") for i in range(24)]
+    for a, b in zip(links[::2], links[1::2], strict=True):
+        await nms.route(a, pb.RouteRequest(fqdn=b.fqdn))
+    async with _client(nms, _settings()) as client:
+        items = (await client.get("/v1/routes")).json()["items"]
+        few = (await client.get("/v1/routes", params={"limit": 2})).json()["items"]
+    assert len(items) == 12
+    assert {r["reason_code"] for r in items} == {"both_global_ipv4"}
+    assert {r["reason_code"] for r in few} == {"both_global_ipv4"}

@@ -100,6 +100,9 @@ class ReplicaPublic(BaseModel):
     ipv6_pool: str
 
 
+# Routes listing: up to this many nodes are read one by one, more in one list query.
+_POINT_QUERIES = 20
+
 # Grace on top of the offline timeout: last_seen is refreshed in batches every few seconds.
 _LAST_SEEN_GRACE = timedelta(seconds=10)
 
@@ -229,10 +232,16 @@ async def list_routes(
 ) -> Page[RoutePublic]:
     routes = await (manager.routes.for_node(node.lower()) if node else manager.routes.all())
     chosen = routes[page.offset : page.offset + page.limit]
-    networks: dict[str, NetworkInfo | None] = {}
-    for fqdn in {f for r in chosen for f in (r.initiator, r.responder)}:
-        view = await manager.nodes.view(fqdn)
-        networks[fqdn] = view.network if view is not None else None
+    # Both nodes' networks, for the reason: a query per node for a few, one list for many.
+    wanted = {f for r in chosen for f in (r.initiator, r.responder)}
+    networks: dict[str, NetworkInfo | None] = dict.fromkeys(wanted)
+    if len(wanted) > _POINT_QUERIES:
+        views, _ = await manager.nodes.list_views()
+        networks.update((v.fqdn, v.network) for v in views if v.fqdn in wanted)
+    else:
+        for fqdn in wanted:
+            view = await manager.nodes.view(fqdn)
+            networks[fqdn] = view.network if view is not None else None
     items = [
         route_public(r, initiator_net=networks[r.initiator], responder_net=networks[r.responder])
         for r in chosen
