@@ -243,6 +243,19 @@ async def _operator_session(
         (bob.fqdn, "revoked from the console")
     }
 
+    # The node filter: "online only" hides bob now; words match any text of a row.
+    def shown() -> list[str]:
+        rows = driver.find_elements(By.CSS_SELECTOR, "#nodes tbody tr")
+        return sorted(str(r.get_attribute("data-fqdn")) for r in rows if r.is_displayed())
+
+    await in_browser(lambda: driver.find_element(By.ID, "online-only").click())
+    assert bob.fqdn not in await in_browser(shown)
+    assert f"alice.{DOMAIN}" in await in_browser(shown)
+    await in_browser(lambda: driver.find_element(By.ID, "node-filter").send_keys("behind nat"))
+    assert await in_browser(shown) == [f"alice.{DOMAIN}"]
+    await in_browser(lambda: driver.find_element(By.ID, "online-only").click())
+    assert await in_browser(shown) == [f"alice.{DOMAIN}", bob.fqdn]
+
     # Signing out forgets the token.
     await in_browser(lambda: driver.find_element(By.ID, "sign-out").click())
     await in_browser(lambda: wait(driver, lambda d: visible(d, "login")))

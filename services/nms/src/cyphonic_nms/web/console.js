@@ -244,6 +244,7 @@ function render(info, nodes, routes, trs) {
   $("sum-relayed").textContent = routes.items.filter((r) => r.pattern === 3).length;
   $("sum-trs").textContent = trs.replicas.length;
   fill("nodes", "nodes-empty", nodes.items.map((n) => nodeRow(n, info)));
+  applyNodeFilter();
   const more = $("nodes-more");
   more.hidden = nodes.total <= nodes.items.length;
   more.textContent = "Showing the first " + nodes.items.length + " of " + nodes.total +
@@ -258,6 +259,17 @@ function render(info, nodes, routes, trs) {
   );
   const policy = $("policy-section");
   policy.dataset.available = String(Boolean(info.policy_available));
+}
+
+// Show only the node rows matching the filter box (any visible text) and "online only".
+function applyNodeFilter() {
+  const words = $("node-filter").value.trim().toLowerCase().split(/\s+/).filter(Boolean);
+  const onlineOnly = $("online-only").checked;
+  for (const tr of $("nodes").tBodies[0].rows) {
+    const text = tr.textContent.toLowerCase();
+    const match = words.every((w) => text.includes(w)) && (!onlineOnly || tr.dataset.online === "true");
+    tr.hidden = !match;
+  }
 }
 
 // ------------------------------------------------------------------ rows
@@ -493,6 +505,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("sign-out").addEventListener("click", () => signOut("Signed out."));
   $("refresh").addEventListener("click", refresh);
   $("auto-refresh").addEventListener("change", schedule);
+  $("node-filter").addEventListener("input", applyNodeFilter);
+  $("online-only").addEventListener("change", applyNodeFilter);
   $("revoke-form").addEventListener("submit", submitRevoke);
   $("revoke-cancel").addEventListener("click", closeRevoke);
   $("revoke-confirm").addEventListener("input", () => {
