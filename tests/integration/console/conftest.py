@@ -10,13 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from console_services import Services
+from console_services import ADMIN_TOKEN, Services
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as DriverService
 
 CHROMIUM = Path(os.environ.get("CYPHONIC_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("CYPHONIC_TEST_CHROMEDRIVER", "/usr/bin/chromedriver"))
-ADMIN_TOKEN = "console-admin-token-0123456789abcdef"
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import httpx
 BIN = Path(sys.executable).parent
 DOMAIN = "cyphonic.internal"
 START_TIMEOUT_S = 120.0
+ADMIN_TOKEN = "console-admin-token-0123456789abcdef"  # shared by the three services
 
 
 def free_port(kind: int, host: str = "127.0.0.1") -> int:

@@ -249,9 +249,12 @@ function render(info, nodes, routes, trs) {
   more.hidden = nodes.total <= nodes.items.length;
   more.textContent = "Showing the first " + nodes.items.length + " of " + nodes.total +
     " nodes (GET /v1/nodes pages through all of them).";
-  const byAge = [...routes.items].sort((a, b) => Date.parse(a.created_at) - Date.parse(b.created_at));
+  // A stable order (by pair): rows do not jump about on every refresh.
+  const byPair = [...routes.items].sort(
+    (a, b) => a.initiator.localeCompare(b.initiator) || a.responder.localeCompare(b.responder),
+  );
   const sessions = new Map(trs.sessions.map((s) => [s.route_id, s]));
-  fill("routes", "routes-empty", byAge.map((r) => routeRow(r, sessions.get(r.route_id), trs)));
+  fill("routes", "routes-empty", byPair.map((r) => routeRow(r, sessions.get(r.route_id), trs)));
   fill("trs-replicas", "trs-empty", trs.replicas.map(replicaRow));
   fill("trs-sessions", "sessions-empty", trs.sessions.map(sessionRow));
   $("trs-problems").replaceChildren(
