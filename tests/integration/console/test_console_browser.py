@@ -12,7 +12,7 @@ The browser, as an operator: is refused with a wrong token, signs in with the ri
 finds every node online with its addresses and NAT kind, alice's last handover, the
 relayed pair with its reason and TRS, the TRS replica and the pair's session; backs out of
 a revoke, then revokes bob by typing his name, and sees him revoked and offline while the
-NMS has closed his connection. The token never appears in a URL or in a service's log.
+NMS and the TRS have closed his connections. The token never appears in a URL or in a service's log.
 
 Set ``CYPHONIC_CONSOLE_SCREENSHOT=docs/console.png`` to write the screenshot in the docs.
 """
@@ -235,6 +235,22 @@ async def _operator_session(
     assert not await in_browser(
         lambda: driver.find_element(By.CSS_SELECTOR, bob_row_button).is_enabled()
     )
+    # The TRS closes bob's control connection too (its CRL refresh from the AS).
+    assert services.trs is not None
+    trs_log = services.trs.log
+
+    def trs_dropped_bob() -> bool:
+        return any(
+            "connection_closed_revoked" in line and bob.fqdn in line
+            for line in trs_log.read_text().splitlines()
+        )
+
+    for _ in range(75):  # 15 s
+        if trs_dropped_bob():
+            break
+        await asyncio.sleep(0.2)
+    else:
+        pytest.fail("the TRS did not close bob's connection after the revocation")
     alice_row = await in_browser(lambda: row(driver, "nodes", "fqdn", f"alice.{DOMAIN}"))
     assert await in_browser(lambda: alice_row.get_attribute("data-online")) == "true"
     async with httpx.AsyncClient(base_url=services.auth.url) as http:
