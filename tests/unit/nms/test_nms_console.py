@@ -433,3 +433,17 @@ async def test_reasons_for_many_routes_read_the_nodes_in_one_list(
     assert len(items) == 12
     assert {r["reason_code"] for r in items} == {"both_global_ipv4"}
     assert {r["reason_code"] for r in few} == {"both_global_ipv4"}
+
+
+def test_a_route_the_networks_no_longer_give_is_outdated() -> None:
+    nat, public = _net("nat_ipv4", 1), _net("global_ipv4", 2)
+    assert pattern_for(nat, public).pattern == 2
+    reason = explain(
+        pattern=3,
+        family=None,
+        initiator="a.x",
+        responder="b.x",
+        initiator_net=nat,
+        responder_net=public,
+    )
+    assert reason.code == "outdated"

@@ -84,7 +84,7 @@ class RoutePublic(BaseModel):
     reason_code: str = Field(
         description="why this pattern (cyphonic_nms.route_reason): both_ipv6, "
         "both_global_ipv4, one_side_nat, both_behind_nat, no_common_family, "
-        "no_dialable_address, unknown"
+        "no_dialable_address, outdated, unknown"
     )
     reason: str = Field(description="the same in words, from both nodes' networks now")
 

@@ -2,8 +2,8 @@
 
 Sans-I/O and pure: the route's pattern and family, and both nodes' ``NetworkInfo`` as the
 NMS holds them now, go in; a ``RouteReason`` (a stable code and a sentence) comes out. It
-re-reads the same table as ``routing.pattern_for`` (``routing.cell``) rather than keeping
-a second copy of it, so an explanation cannot disagree with the decision rules.
+asks ``routing.pattern_for`` and the same table (``routing.cell``) rather than keeping a
+second copy of the rules, so an explanation cannot disagree with the decision.
 
 Codes:
 
@@ -13,15 +13,16 @@ Codes:
     both_behind_nat       relayed: IPv4 on both sides behind NAT and no IPv6 in common
     no_common_family      relayed: the two nodes share no address family (IPv6-only vs IPv4)
     no_dialable_address   relayed: a direct cell exists but no address a peer may dial
-    unknown               a node's network is not known now (not registered), or the
-                          pattern does not follow from the networks (decided before a move)
+    outdated              the networks now give another pattern (a node moved; the NMS
+                          re-decides the route)
+    unknown               a node's network is not known now (not registered)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cyphonic_nms.routing import NetworkInfo, Pattern, Reach, cell
+from cyphonic_nms.routing import NetworkInfo, Pattern, Reach, cell, pattern_for
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,12 @@ def explain(
     if initiator_net is None or responder_net is None:
         missing = a if initiator_net is None else b
         return RouteReason("unknown", f"the network of {missing} is not known now")
+    if pattern_for(initiator_net, responder_net).pattern != pattern:
+        return RouteReason(
+            "outdated",
+            "decided on the networks before a move (they now give another pattern): "
+            "the NMS re-decides it",
+        )
     if pattern == Pattern.DIRECT:
         if family == 6:
             return RouteReason("both_ipv6", "both nodes have IPv6: direct over IPv6")
