@@ -213,9 +213,8 @@ class _UpstreamNode(BaseModel):
 
 
 async def _read_trs(api: AdminApi) -> tuple[_UpstreamStatus, list[_UpstreamSession]]:
-    status, sessions = await asyncio.gather(
-        api.get("/v1/replica"), api.get(f"/v1/sessions?limit={MAX_TRS_SESSIONS}")
-    )
+    status = await api.get("/v1/replica")
+    sessions = await api.get(f"/v1/sessions?limit={MAX_TRS_SESSIONS}")
     try:
         return (
             _UpstreamStatus.model_validate(status),
@@ -257,6 +256,7 @@ async def trs_overview(
     except CyphonicError as exc:
         problems.append(TrsProblem(source="TRS directory", message=exc.message))
     sessions: list[TrsSessionView] = []
+    read: set[str] = set()  # replicas already read (two URLs may reach the same one)
     answers = await asyncio.gather(*(_read_trs(api) for api in apis), return_exceptions=True)
     for api, answer in zip(apis, answers, strict=True):
         if isinstance(answer, CyphonicError):
@@ -267,6 +267,9 @@ async def trs_overview(
         status, items = answer
         # The name a TRS registers under in the directory (cyphonic_trs.storage.replica_name).
         replica_id = f"trs-{status.replica}"
+        if replica_id in read:
+            continue
+        read.add(replica_id)
         counters = TrsCounters.model_validate(status.model_dump())
         known = replicas.get(replica_id)
         if known is not None:
