@@ -439,7 +439,14 @@ function sessionRow(s) {
     { dataset: { routeId: s.route_id } },
     el("td", {}, s.replica_id),
     el("td", {}, el("code", {}, s.route_id)),
-    el("td", { class: "pair" }, s.pair.map(shortName).join(" \u2194 ")),
+    el(
+      "td",
+      { class: "pair" },
+      s.pair.map(shortName).join(" \u2194 "),
+      s.sides.filter(Boolean).map((side) =>
+        sub(shortName(side.fqdn) + " at " + side.address + ", sent " + bytes(side.bytes)),
+      ),
+    ),
     el("td", {}, badge(s.complete ? "yes" : "waiting", s.complete ? "ok" : "warn")),
     el("td", {}, String(s.packets)),
     el("td", {}, bytes(s.bytes)),
