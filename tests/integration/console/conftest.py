@@ -44,6 +44,9 @@ def browser() -> Iterator[webdriver.Chrome]:
         if os.environ.get("CYPHONIC_REQUIRE_SERVICES") == "1":
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
+    # Both paths are given, so selenium's driver manager never runs (nor fetches anything);
+    # should it, it sends no usage statistics.
+    os.environ.setdefault("SE_AVOID_STATS", "true")
     with tempfile.TemporaryDirectory(prefix="cyphonic-chromium-") as profile:
         options = webdriver.ChromeOptions()
         options.binary_location = str(CHROMIUM)
@@ -55,6 +58,7 @@ def browser() -> Iterator[webdriver.Chrome]:
             "--disable-component-update",
             "--disable-sync",
             "--no-first-run",
+            "--disable-dev-shm-usage",  # containers' small /dev/shm
             "--window-size=1360,1000",
             f"--user-data-dir={profile}",
         ):
