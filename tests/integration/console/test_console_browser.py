@@ -109,11 +109,10 @@ async def _operator_session(
     services: Services, driver: WebDriver, relayed: str, fqdns: list[str], bob: ConsoleNode
 ) -> None:
     assert services.nms is not None and services.auth is not None
-    console = f"{services.nms.url}/console/"
-
-    # A wrong token: a clear message, nothing kept.
-    await in_browser(lambda: driver.get(console))
+    # The admin port's root leads to the console; a wrong token: a clear message, nothing kept.
+    await in_browser(lambda: driver.get(f"{services.nms.url}/"))
     await in_browser(lambda: wait(driver, lambda d: visible(d, "login")))
+    assert await in_browser(lambda: driver.current_url) == f"{services.nms.url}/console/"
     await in_browser(lambda: sign_in(driver, "not-the-admin-token"))
     message = await in_browser(
         lambda: wait(

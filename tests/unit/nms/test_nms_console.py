@@ -69,7 +69,10 @@ async def test_pages_are_public_strict_and_only_the_shipped_files(
             assert (await client.get(f"/console/{bad}")).status_code == 404
         assert (await client.get("/console/../api.py")).status_code == 404
         root = await client.get("/", follow_redirects=False)
-        assert root.status_code == 307 and root.headers["location"] == "/console/"
+        assert root.status_code == 307 and root.headers["location"] == "console/"
+        assert str(root.next_request.url if root.next_request else "") == "http://nms/console/"
+        bare = await client.get("/console", follow_redirects=True, headers={"Authorization": ""})
+        assert bare.status_code == 200 and str(bare.url) == "http://nms/console/"
         schema = (await client.get("/openapi.json")).json()
         assert {"/v1/console", "/v1/trs", "/v1/nodes/{fqdn}/revoke"} <= set(schema["paths"])
 

@@ -351,11 +351,12 @@ def make_router(
 
     @router.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:
-        return RedirectResponse("/console/", status_code=307)
+        # Relative, so that it holds behind a proxy serving the NMS under a path prefix.
+        return RedirectResponse("console/", status_code=307)
 
     @router.get("/console", include_in_schema=False)
     async def console_no_slash() -> RedirectResponse:
-        return RedirectResponse("/console/", status_code=307)
+        return RedirectResponse("console/", status_code=307)
 
     @router.get("/console/", tags=["console"], summary="The web console", response_class=Response)
     async def console_index() -> Response:

@@ -107,6 +107,8 @@ class ApiError extends Error {
   }
 }
 
+// Paths are relative to the page (/console/): "../v1/nodes" is /v1/nodes, or
+// /prefix/v1/nodes behind a proxy that serves the NMS under /prefix/.
 async function api(method, path, body, token) {
   const headers = {
     Accept: "application/json",
@@ -162,7 +164,7 @@ async function signIn(event) {
   if (!token) return;
   button.disabled = true;
   try {
-    const info = await api("GET", "/v1/console", undefined, token);
+    const info = await api("GET", "../v1/console", undefined, token);
     sessionStorage.setItem(TOKEN_KEY, token);
     $("token").value = "";
     start(info);
@@ -213,10 +215,10 @@ async function refresh() {
   const status = $("status");
   try {
     const [info, nodes, routes, trs] = await Promise.all([
-      api("GET", "/v1/console"),
-      api("GET", "/v1/nodes?limit=500"),
-      api("GET", "/v1/routes?limit=500"),
-      api("GET", "/v1/trs"),
+      api("GET", "../v1/console"),
+      api("GET", "../v1/nodes?limit=500"),
+      api("GET", "../v1/routes?limit=500"),
+      api("GET", "../v1/trs"),
     ]);
     state.info = info;
     render(info, nodes, routes, trs);
@@ -487,7 +489,7 @@ async function submitRevoke(event) {
   $("revoke-submit").disabled = true;
   try {
     const reason = $("revoke-reason").value.trim() || "unspecified";
-    const path = "/v1/nodes/" + encodeURIComponent(fqdn) + "/revoke";
+    const path = "../v1/nodes/" + encodeURIComponent(fqdn) + "/revoke";
     const answer = await api("POST", path, { reason });
     closeRevoke();
     notice(
@@ -524,7 +526,7 @@ document.addEventListener("DOMContentLoaded", () => {
       !state.revoking || $("revoke-confirm").value.trim() !== shortName(state.revoking);
   });
   if (sessionStorage.getItem(TOKEN_KEY)) {
-    api("GET", "/v1/console")
+    api("GET", "../v1/console")
       .then(start)
       .catch((err) =>
         err.status === 401
