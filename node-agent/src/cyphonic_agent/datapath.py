@@ -5,6 +5,13 @@
         no tunnel yet  -> PendingPackets (bounded) + on_miss(destination) once per destination
     DATAGRAM from a peer -> TunnelCore.accept -> TUN write
 
+With offloads on the TUN (``TunDevice.vnet``), each read is a virtio_net_hdr frame that may
+hold a 64 KB TCP super-segment: it is split into MTU-sized packets (``offload.split_frame``)
+per tunnel, leaving inner checksums partial where that peer said it takes them. Packets
+from the peers are gathered over one endpoint wake-up and written coalesced
+(``offload.Coalescer``), one ``writev`` per super-packet, in a callback scheduled with
+``call_soon`` after the endpoint has processed what it read.
+
 The QUIC endpoint (``cyphonic.quic``) owns the UDP socket and drains it per wake-up; this
 module owns the TUN side. Neither goes through asyncio's datagram transport callbacks per
 packet (shared/DESIGN.md "Data path").
@@ -20,12 +27,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cyphonic.errors import MalformedMessage
 from cyphonic.log import get_logger
 
+from cyphonic_agent.offload import VNET_HDR_LEN, Coalescer, split_frame
 from cyphonic_agent.packet import destination
 from cyphonic_agent.pending import PendingPackets
 from cyphonic_agent.status import PeerStatus
-from cyphonic_agent.tun import READ_BATCH, TunDevice
+from cyphonic_agent.tun import READ_BATCH, TUN_F_USO4, TunDevice
 from cyphonic_agent.tunnel import TunnelCore
 
 
@@ -91,6 +100,16 @@ class DataPathStats:
     not_ip: int = 0
     batches: dict[int, int] = field(default_factory=dict)
     """Histogram of batch sizes read per wake-up (bucketed to powers of two)."""
+    super_segments: int = 0
+    """TUN reads that were GSO super-segments (offloads on)."""
+    segments_out: int = 0
+    """Packets those super-segments were split into."""
+    malformed_frames: int = 0
+    """TUN reads with a virtio_net_hdr that could not be split (dropped)."""
+    frames_written: int = 0
+    """TUN writes of packets from the tunnels (offloads on; a coalesced one counts once)."""
+    packets_written: int = 0
+    """Packets from the tunnels those writes carried (/ frames_written: packets a write)."""
 
 
 class DataPath:
@@ -113,6 +132,12 @@ class DataPath:
         self._routes: dict[bytes, Tunnel] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clock = clock
+        self.vnet = bool(getattr(tun, "vnet", False))
+        """The TUN device carries virtio_net_hdr frames (offloads on)."""
+        self._offset = VNET_HDR_LEN if self.vnet else 0
+        self._coalescer = Coalescer(udp=bool(getattr(tun, "offloads", 0) & TUN_F_USO4))
+        self._inbound: list[bytes] = []
+        self._flush_scheduled = False
         self._log = get_logger("agent.datapath", device=tun.name)
 
     # -- lifecycle
@@ -129,6 +154,7 @@ class DataPath:
         if self._loop is not None:
             self._loop.remove_reader(self.tun.fd)
             self._loop = None
+        self.flush()
 
     # -- tunnels
 
@@ -148,7 +174,20 @@ class DataPath:
                 except OSError:
                     tun_stats.tx_errors += 1
 
-        tunnel.conn.datagram_handler = deliver
+        inbound = self._inbound
+
+        def gather(data: bytes) -> None:
+            packet = accept(data)
+            if packet is not None:
+                inbound.append(packet)
+                if not self._flush_scheduled:
+                    self._schedule_flush()
+
+        if self.vnet:
+            tunnel.core.set_partial_checksums(True)
+            tunnel.conn.datagram_handler = gather
+        else:
+            tunnel.conn.datagram_handler = deliver
         for address in tunnel.addresses:
             self._routes[address] = tunnel
         now = self._now()
@@ -178,6 +217,25 @@ class DataPath:
     def _now(self) -> float:
         return self._clock() if self._clock is not None else time.monotonic()
 
+    def _schedule_flush(self) -> None:
+        if self._loop is None:
+            self.flush()  # not pumping (tests, shutdown): deliver at once
+            return
+        self._flush_scheduled = True
+        self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the packets gathered from the tunnels, coalesced (offloads on)."""
+        self._flush_scheduled = False
+        packets = self._inbound
+        if not packets:
+            return
+        writes = self._coalescer.coalesce(packets)
+        self.stats.frames_written += len(writes)
+        self.stats.packets_written += len(packets)
+        packets.clear()
+        self.tun.write_frames(writes)
+
     def _on_tun_readable(self) -> None:
         packets = self.tun.read(READ_BATCH)
         if not packets:
@@ -195,8 +253,9 @@ class DataPath:
         by_tunnel: dict[int, tuple[Tunnel, list[bytes]]] = {}
         last_dst: bytes | None = None
         last_batch: list[bytes] | None = None
+        offset = self._offset
         for packet in packets:
-            dst = destination(packet)
+            dst = destination(packet, offset)
             if dst is None:
                 self.stats.not_ip += 1
                 continue
@@ -217,10 +276,32 @@ class DataPath:
             self._send(tunnel, batch)
 
     def _send(self, tunnel: Tunnel, batch: list[bytes]) -> None:
+        if self.vnet:
+            batch = self._split(batch, partial=tunnel.core.peer_partial)
         answers = tunnel.core.packets_from_tun(batch)
         if answers:
             self.tun.write(answers)
         tunnel.conn.transmit()
+
+    def _split(self, frames: list[bytes], *, partial: bool) -> list[bytes]:
+        """virtio_net_hdr frames -> IP packets: super-segments cut, checksums as the peer
+        takes them. The common plain frame (flags 0, GSO_NONE) just loses its header."""
+        packets: list[bytes] = []
+        stats = self.stats
+        for frame in frames:
+            if not frame[0] and not frame[1]:
+                packets.append(frame[VNET_HDR_LEN:])
+                continue
+            try:
+                pieces = split_frame(frame, partial=partial)
+            except MalformedMessage:
+                stats.malformed_frames += 1
+                continue
+            if len(pieces) > 1:
+                stats.super_segments += 1
+                stats.segments_out += len(pieces)
+            packets += pieces
+        return packets
 
     def _miss(self, dst: bytes, packet: bytes) -> None:
         self.stats.no_route += 1
