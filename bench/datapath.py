@@ -65,6 +65,8 @@ OVERLAY_MTU = 1420
 OVERLAY_OVERHEAD_V4 = 20 + 8 + 30  # IPv4 + UDP + QUIC short header, PN, tag, DATAGRAM frame
 OVERLAY_NODE_ARGS: list[str] = []
 """Extra arguments for bench/overlay_node.py (--overlay-arg, for experiments)."""
+KEEP_LOGS: Path | None = None
+"""Set by --keep-logs: where the started processes' logs are copied at the end."""
 PROFILE_DIR: Path | None = None
 """Set by --profile: where the overlay nodes write their cProfile statistics."""
 TARGET_THROUGHPUT_RATIO = 0.4
@@ -219,6 +221,10 @@ class Topology:
                 cleanup()
         for ns in (self.ns_a, self.ns_b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+        if KEEP_LOGS is not None:
+            KEEP_LOGS.mkdir(parents=True, exist_ok=True)
+            for log in self.tmp.glob("*.log"):
+                shutil.copy(log, KEEP_LOGS / log.name)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -822,8 +828,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=Path, help="directory for cProfile statistics of the overlay nodes"
     )
+    parser.add_argument("--keep-logs", type=Path, help="copy the processes' logs here at the end")
     args = parser.parse_args(argv)
-    global PROFILE_DIR
+    global PROFILE_DIR, KEEP_LOGS
+    KEEP_LOGS = args.keep_logs
     OVERLAY_NODE_ARGS.extend(args.overlay_arg or [])
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)

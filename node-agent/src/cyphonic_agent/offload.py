@@ -109,12 +109,12 @@ def ones_sum(data: Bytes) -> int:
     """The one's complement sum of ``data`` as 16-bit big-endian words, modulo 0xFFFF.
 
     2**16 is 1 modulo 0xFFFF, so the sum of the words is the whole number modulo 0xFFFF: one
-    big-integer operation in C instead of a Python loop (an odd length is padded with zero).
+    big-integer operation in C instead of a Python loop. The bytes are read little-endian
+    (CPython converts that order faster) and the sum swapped back by multiplying by 256
+    (RFC 1071 2(B): the sum does not depend on byte order but for a final swap); an odd
+    length counts as padded with a zero byte.
     """
-    value = int.from_bytes(data, "big")
-    if len(data) & 1:
-        value <<= 8
-    return value % 0xFFFF
+    return int.from_bytes(data, "little") % 0xFFFF * 256 % 0xFFFF
 
 
 def checksum_field(total: int) -> int:
@@ -271,62 +271,88 @@ def _ip_parts(pkt: memoryview, *, v6: bool | None) -> tuple[int, int, int]:
     raise MalformedMessage("GSO type and IP version disagree")
 
 
+_STRUCTS: dict[tuple[int, int, int], struct.Struct] = {}
+
+
+def _headers_struct(version: int, ihl: int, doff: int) -> struct.Struct:
+    """IP + TCP headers of one segment in one ``pack``: the fields that change per segment
+    (IPv4 total length, identification, checksum / IPv6 payload length; TCP sequence
+    number, flags, checksum) as numbers, the rest as runs of bytes."""
+    key = (version, ihl, doff)
+    found = _STRUCTS.get(key)
+    if found is None:
+        ip = f"2sHH4sH{ihl - 12}s" if version == 4 else "4sH34s"
+        found = _STRUCTS[key] = struct.Struct(f"!{ip}4sI5sB2sH{doff - 18}s")
+    return found
+
+
 def _split_tcp(frame: bytes, mss: int, *, partial: bool, v6: bool) -> list[bytes]:
+    """Cut a TCP super-segment like the kernel's tcp_gso_segment: sequence numbers step by
+    ``mss``, FIN and PSH only on the last segment, CWR only on the first, IPv4
+    identification counting up; headers built with one ``pack`` per segment, checksums
+    from sums taken once per super-segment."""
     pkt = memoryview(frame)[VNET_HDR_LEN:]
     version, th, proto = _ip_parts(pkt, v6=v6)
     if proto != PROTO_TCP or len(pkt) < th + 20:
         raise MalformedMessage("TCP super-segment without a TCP header")
-    hl = th + (pkt[th + 12] >> 4) * 4
-    if hl > len(pkt) or hl < th + 20:
+    doff = (pkt[th + 12] >> 4) * 4
+    hl = th + doff
+    if hl > len(pkt) or doff < 20:
         raise MalformedMessage("bad TCP header length in super-segment")
     if mss <= 0:
         raise MalformedMessage("super-segment with gso_size 0")
-    payload = pkt[hl:]
-    size = len(payload)
-    if size == 0:
+    size = len(pkt) - hl
+    if size <= 0:
         raise MalformedMessage("super-segment without payload")
-    ip_head = bytearray(pkt[:th])
-    tcp_head = bytearray(pkt[th:hl])
-    tcp_head[16:18] = b"\0\0"
-    (seq,) = _U32.unpack_from(tcp_head, 4)
-    flags = tcp_head[13]
-    src, dst = _addresses(pkt)
+    head = bytes(pkt[:hl])
+    pack = _headers_struct(version, th, doff).pack
+    (seq,) = _U32.unpack_from(head, th + 4)
+    flags = head[th + 13]
+    ports = head[th : th + 4]
+    ack_doff = head[th + 8 : th + 13]
+    window = head[th + 14 : th + 16]
+    rest = head[th + 18 : hl]
+    src, dst = _addresses(head)
     base = pseudo_sum(src, dst, PROTO_TCP, 0)
+    # The TCP header's words but for sequence number, flags and checksum (zero there).
+    tcp_const = ones_sum(ports + b"\0\0\0\0" + ack_doff + b"\0" + window + b"\0\0" + rest)
     if version == 4:
-        (ident,) = _U16.unpack_from(ip_head, 4)
-    tcp_len_head = hl - th
+        ip_a, ip_b, ip_c = head[0:2], head[6:10], head[12:th]
+        (ident,) = _U16.unpack_from(head, 4)
+        ip_const = ones_sum(ip_a + b"\0\0\0\0" + ip_b + b"\0\0" + ip_c)
+    else:
+        ip_a, ip_c = head[0:4], head[6:40]
     out: list[bytes] = []
-    pack16 = _U16.pack_into
-    pack32 = _U32.pack_into
-    start = 0
-    first = True
-    while start < size:
-        end = min(start + mss, size)
-        last = end == size
-        chunk = payload[start:end]
-        seg_flags = flags
-        if not last:
-            seg_flags &= ~(TCP_FIN | TCP_PSH)
-        if not first:
+    append = out.append
+    full_seed = fold(base + doff + mss)
+    last_start = (size - 1) // mss * mss
+    fin_psh = TCP_FIN | TCP_PSH
+    for start in range(0, size, mss):
+        last = start == last_start
+        end = size if last else start + mss
+        chunk = pkt[hl + start : hl + end]
+        seg_flags = flags if last else flags & ~fin_psh
+        if start:
             seg_flags &= ~TCP_CWR
-        tcp_head[13] = seg_flags
-        pack32(tcp_head, 4, (seq + start) & 0xFFFFFFFF)
-        l4_len = tcp_len_head + (end - start)
+        l4_len = doff + end - start
+        s = (seq + start) & 0xFFFFFFFF
         if partial:
-            pack16(tcp_head, 16, fold(base + l4_len))
+            csum = full_seed if not last else fold(base + l4_len)
         else:
-            tcp_head[16:18] = b"\0\0"
-            total = base + l4_len + ones_sum(tcp_head) + ones_sum(chunk)
-            pack16(tcp_head, 16, checksum_field(total))
+            csum = 0xFFFF - (
+                base + l4_len + tcp_const + (s >> 16) + (s & 0xFFFF) + seg_flags + ones_sum(chunk)
+            ) % 0xFFFF
         if version == 4:
-            pack16(ip_head, 2, th + l4_len)
-            pack16(ip_head, 4, (ident + len(out)) & 0xFFFF)
-            _ipv4_checksum(ip_head)
+            total = th + l4_len
+            ip_id = (ident + len(out)) & 0xFFFF
+            ip_csum = 0xFFFF - (ip_const + total + ip_id) % 0xFFFF
+            header = pack(
+                ip_a, total, ip_id, ip_b, ip_csum, ip_c,
+                ports, s, ack_doff, seg_flags, window, csum, rest,
+            )  # fmt: skip
         else:
-            pack16(ip_head, 4, l4_len)
-        out.append(b"".join((ip_head, tcp_head, chunk)))
-        start = end
-        first = False
+            header = pack(ip_a, l4_len, ip_c, ports, s, ack_doff, seg_flags, window, csum, rest)
+        append(b"".join((header, chunk)))
     return out
 
 
@@ -378,9 +404,12 @@ class _Group:
 
     __slots__ = (
         "first",
+        "hdr_int",
         "hl",
+        "key",
         "l4",
         "length",
+        "mask",
         "next_seq",
         "open",
         "parts",
@@ -404,6 +433,29 @@ class _Group:
         self.psh = False
         self.same = same
         """Header bytes every merged segment must repeat (IP fields, ACK, window, options)."""
+        self.key = b""
+        self.hdr_int = 0
+        self.mask = 0
+        """TCP: the first segment's headers as a number, and which bits of them a full-size
+        segment of the same flow repeats (all but IPv4 identification and checksum, TCP
+        sequence number, PSH and checksum): one comparison on the common path."""
+
+
+_MASKS: dict[tuple[int, int, int], int] = {}
+
+
+def _tcp_mask(version: int, l4: int, hl: int) -> int:
+    key = (version, l4, hl)
+    mask = _MASKS.get(key)
+    if mask is None:
+        bits = bytearray(b"\xff" * hl)
+        if version == 4:
+            bits[4:6] = bits[10:12] = b"\0\0"
+        bits[l4 + 4 : l4 + 8] = b"\0\0\0\0"
+        bits[l4 + 13] = 0xFF & ~TCP_PSH
+        bits[l4 + 16 : l4 + 18] = b"\0\0"
+        mask = _MASKS[key] = int.from_bytes(bits, "big")
+    return mask
 
 
 Write = list[Bytes]
@@ -435,8 +487,30 @@ class Coalescer:
         items: list[_Group | bytes] = []
         flows: dict[bytes, _Group] = {}
         udp = self.udp
+        last: _Group | None = None
+        from_bytes = int.from_bytes
+        unpack32 = _U32.unpack_from
         for p in packets:
             n = len(p)
+            g = last
+            if (
+                g is not None
+                and g.open
+                and n == len(g.first)
+                and not (from_bytes(p[: g.hl], "big") ^ g.hdr_int) & g.mask
+                and unpack32(p, g.l4 + 4)[0] == g.next_seq
+                and g.length + g.size <= MAX_IP_PACKET
+                and len(g.parts) < MAX_COALESCED_SEGMENTS
+            ):
+                # The common case: the next full-size segment of the flow just merged.
+                g.parts.append(p)
+                g.length += g.size
+                g.next_seq = (g.next_seq + g.size) & 0xFFFFFFFF
+                if p[g.l4 + 13] & TCP_PSH:
+                    g.psh = True
+                    g.open = False
+                    del flows[g.key]
+                continue
             if n < 20:
                 items.append(p)
                 continue
@@ -494,6 +568,7 @@ class Coalescer:
                     group.parts.append(p)
                     group.length += size
                     group.next_seq = (seq + size) & 0xFFFFFFFF
+                    last = group
                     if size < group.size or flags & TCP_PSH:
                         group.psh = bool(flags & TCP_PSH)
                         group.open = False
@@ -501,6 +576,10 @@ class Coalescer:
                     continue
                 group = _Group(p, hl, l4, PROTO_TCP, size, same)
                 group.next_seq = (seq + size) & 0xFFFFFFFF
+                group.key = key
+                group.mask = _tcp_mask(b0 >> 4, l4, hl)
+                group.hdr_int = from_bytes(p[:hl], "big")
+                last = group
                 items.append(group)
                 if flags & TCP_PSH:
                     group.psh = True
