@@ -155,6 +155,20 @@ class DataPath:
             self._loop.remove_reader(self.tun.fd)
             self._loop = None
         self.flush()
+        stats = self.stats
+        self._log.info(
+            "datapath_stopped",
+            offloads=getattr(self.tun, "offloads", 0),
+            packets_in=stats.packets_in,
+            super_segments=stats.super_segments,
+            segments_out=stats.segments_out,
+            malformed_frames=stats.malformed_frames,
+            frames_written=stats.frames_written,
+            packets_written=stats.packets_written,
+            peers_taking_partial_checksums=sorted(
+                t.label for t in self.tunnels() if t.core.peer_partial
+            ),
+        )
 
     # -- tunnels
 

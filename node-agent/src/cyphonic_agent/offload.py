@@ -339,9 +339,19 @@ def _split_tcp(frame: bytes, mss: int, *, partial: bool, v6: bool) -> list[bytes
         if partial:
             csum = full_seed if not last else fold(base + l4_len)
         else:
-            csum = 0xFFFF - (
-                base + l4_len + tcp_const + (s >> 16) + (s & 0xFFFF) + seg_flags + ones_sum(chunk)
-            ) % 0xFFFF
+            csum = (
+                0xFFFF
+                - (
+                    base
+                    + l4_len
+                    + tcp_const
+                    + (s >> 16)
+                    + (s & 0xFFFF)
+                    + seg_flags
+                    + ones_sum(chunk)
+                )
+                % 0xFFFF
+            )
         if version == 4:
             total = th + l4_len
             ip_id = (ident + len(out)) & 0xFFFF

@@ -34,10 +34,13 @@ Capabilities. A datagram whose first byte is 0 is never an IP packet (version 0)
 tunnel uses one such datagram to tell the peer what it can take::
 
     0x00 "CYC" version(1) flags(1)      flags bit 0: partial inner checksums accepted
+                                        flags bit 1: the sender has the receiver's datagram
 
 A core made with ``partial_checksums=True`` (its TUN device writes with NEEDS_CSUM, see
-``offload.py``), or one that stopped taking them, sends it with its first batch and again
-every ``CAPS_EVERY`` batches (a lost one costs only speed). Until the peer has said so,
+``offload.py``), or one that stopped taking them, sends it with its first batch, again
+every ``CAPS_UNCONFIRMED_EVERY`` batches until the peer's says it has ours (bit 1), then every
+``CAPS_EVERY`` batches; receiving one without bit 1 makes the next batch carry ours (so a
+lost one costs only speed, briefly). Until the peer has said so,
 ``peer_partial`` is False and every inner checksum leaves complete; an older agent counts
 the datagram as malformed and ignores it. Only the authenticated peer can send it, and all
 it changes is whether its own inbound packets carry complete checksums.
@@ -68,8 +71,11 @@ DEFAULT_MAX_PENDING = 256
 CAPS_MAGIC = b"\x00CYC"
 CAPS_VERSION = 1
 CAPS_PARTIAL_CHECKSUMS = 0x01
+CAPS_SEEN_YOURS = 0x02
 CAPS_EVERY = 256
-"""Batches between repeated capability datagrams."""
+"""Batches between repeated capability datagrams once the peer has confirmed ours."""
+CAPS_UNCONFIRMED_EVERY = 16
+"""Batches between them until then."""
 """Datagrams queued in the connection at most (about 360 KB at MTU 1420)."""
 
 
@@ -240,6 +246,10 @@ class TunnelCore:
         self.peer_partial = False
         """The peer said it takes partial inner checksums."""
         self._caps_in = 0
+        self._caps_seen = False
+        """We have the peer's capability datagram."""
+        self._caps_confirmed = False
+        """The peer said it has ours."""
         self._announce = partial_checksums
         """Whether to send capability datagrams (only once there is something to say)."""
         if ack_immediately and hasattr(quic, "_ack_delay"):
@@ -305,7 +315,7 @@ class TunnelCore:
         room = self.max_pending - self._view.datagrams_pending()
         self._caps_in -= 1
         if self._caps_in < 0 and self._announce:
-            self._caps_in = CAPS_EVERY
+            self._caps_in = CAPS_EVERY if self._caps_confirmed else CAPS_UNCONFIRMED_EVERY
             push(self.capabilities())
             stats.caps_sent += 1
             room -= 1
@@ -337,6 +347,8 @@ class TunnelCore:
     def capabilities(self) -> bytes:
         """This side's capability datagram."""
         flags = CAPS_PARTIAL_CHECKSUMS if self.partial_checksums else 0
+        if self._caps_seen:
+            flags |= CAPS_SEEN_YOURS
         return CAPS_MAGIC + bytes((CAPS_VERSION, flags))
 
     def set_partial_checksums(self, accept: bool) -> None:
@@ -344,6 +356,7 @@ class TunnelCore:
         if accept != self.partial_checksums:
             self.partial_checksums = accept
             self._announce = True
+            self._caps_confirmed = False
             self._caps_in = 0
 
     def _capabilities_received(self, data: bytes) -> None:
@@ -351,7 +364,14 @@ class TunnelCore:
             self.stats.dropped_malformed += 1
             return
         self.stats.caps_received += 1
-        self.peer_partial = bool(data[len(CAPS_MAGIC) + 1] & CAPS_PARTIAL_CHECKSUMS)
+        flags = data[len(CAPS_MAGIC) + 1]
+        self.peer_partial = bool(flags & CAPS_PARTIAL_CHECKSUMS)
+        self._caps_seen = True
+        if flags & CAPS_SEEN_YOURS:
+            self._caps_confirmed = True
+        else:
+            self._caps_confirmed = False
+            self._caps_in = 0  # the peer lacks ours (lost, or it restarted): with the next batch
 
     def _oversized(self, packet: bytes, mtu: int, answers: list[bytes]) -> list[bytes]:
         # IPv4 without DF: fragment like a router; everything else: ICMP too big.
