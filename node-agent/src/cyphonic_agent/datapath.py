@@ -137,6 +137,8 @@ class DataPath:
         self._offset = VNET_HDR_LEN if self.vnet else 0
         self._coalescer = Coalescer(udp=bool(getattr(tun, "offloads", 0) & TUN_F_USO4))
         self._inbound: list[bytes] = []
+        self._partial_peers: set[str] = set()
+        """Peers of tunnels gone that had said they take partial checksums (for the log)."""
         self._flush_scheduled = False
         self._log = get_logger("agent.datapath", device=tun.name)
 
@@ -166,7 +168,7 @@ class DataPath:
             frames_written=stats.frames_written,
             packets_written=stats.packets_written,
             peers_taking_partial_checksums=sorted(
-                t.label for t in self.tunnels() if t.core.peer_partial
+                self._partial_peers | {t.label for t in self.tunnels() if t.core.peer_partial}
             ),
         )
 
@@ -220,7 +222,16 @@ class DataPath:
             if self._routes.get(address) is tunnel:
                 del self._routes[address]
         tunnel.conn.datagram_handler = None
-        self._log.info("tunnel removed", peer=tunnel.label)
+        core = tunnel.core
+        if core.peer_partial:
+            self._partial_peers.add(tunnel.label)
+        self._log.info(
+            "tunnel removed",
+            peer=tunnel.label,
+            peer_takes_partial_checksums=core.peer_partial,
+            capabilities_sent=core.stats.caps_sent,
+            capabilities_received=core.stats.caps_received,
+        )
 
     def tunnels(self) -> list[Tunnel]:
         """Current tunnels, once each."""
