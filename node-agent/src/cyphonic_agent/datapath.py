@@ -12,6 +12,13 @@ from the peers are gathered over one endpoint wake-up and written coalesced
 (``offload.Coalescer``), one ``writev`` per super-packet, in a callback scheduled with
 ``call_soon`` after the endpoint has processed what it read.
 
+Back-pressure (offloads on): one 64 KB read is ~46 datagrams, so a handful of reads would
+overflow the tunnel's bounded datagram queue, and every packet dropped there is a
+retransmission for the inner TCP. So reads stop at the room left in the queue of the tunnel
+served last, and when there is less room than one super-segment the TUN is not read at all
+for a moment (until packets come back from the tunnels, or ``PAUSE_S``): the kernel keeps
+the data, and TCP Small Queues hold the sending socket back, as on a plain TUN.
+
 The QUIC endpoint (``cyphonic.quic``) owns the UDP socket and drains it per wake-up; this
 module owns the TUN side. Neither goes through asyncio's datagram transport callbacks per
 packet (shared/DESIGN.md "Data path").
@@ -36,6 +43,11 @@ from cyphonic_agent.pending import PendingPackets
 from cyphonic_agent.status import PeerStatus
 from cyphonic_agent.tun import READ_BATCH, TUN_F_USO4, TunDevice
 from cyphonic_agent.tunnel import TunnelCore
+
+PAUSE_S = 0.0005
+"""How long the TUN is left unread at most when the busy tunnel's queue is full."""
+MIN_ROOM_BYTES = 65536
+"""Read the TUN (offloads on) only when the busy tunnel's queue has room for this much."""
 
 
 class TunnelConnection(Protocol):
@@ -108,6 +120,8 @@ class DataPathStats:
     """TUN reads with a virtio_net_hdr that could not be split (dropped)."""
     frames_written: int = 0
     """TUN writes of packets from the tunnels (offloads on; a coalesced one counts once)."""
+    pauses: int = 0
+    """Times the TUN was left unread because the busy tunnel's queue was full."""
     packets_written: int = 0
     """Packets from the tunnels those writes carried (/ frames_written: packets a write)."""
 
@@ -138,6 +152,10 @@ class DataPath:
         self._coalescer = Coalescer(udp=bool(getattr(tun, "offloads", 0) & TUN_F_USO4))
         self._inbound: list[bytes] = []
         self._partial_peers: set[str] = set()
+        self._busy: Tunnel | None = None
+        """The tunnel served last (offloads on): its queue sets how much to read."""
+        self._paused = False
+        self._resume_handle: asyncio.TimerHandle | None = None
         """Peers of tunnels gone that had said they take partial checksums (for the log)."""
         self._flush_scheduled = False
         self._log = get_logger("agent.datapath", device=tun.name)
@@ -153,9 +171,14 @@ class DataPath:
 
     def stop(self) -> None:
         """Stop reading the TUN device (the device itself is closed by its owner)."""
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume_handle = None
         if self._loop is not None:
-            self._loop.remove_reader(self.tun.fd)
+            if not self._paused:
+                self._loop.remove_reader(self.tun.fd)
             self._loop = None
+        self._paused = False
         self.flush()
         stats = self.stats
         self._log.info(
@@ -222,6 +245,9 @@ class DataPath:
             if self._routes.get(address) is tunnel:
                 del self._routes[address]
         tunnel.conn.datagram_handler = None
+        if self._busy is tunnel:
+            self._busy = None
+            self._resume()
         core = tunnel.core
         if core.peer_partial:
             self._partial_peers.add(tunnel.label)
@@ -260,9 +286,38 @@ class DataPath:
         self.stats.packets_written += len(packets)
         packets.clear()
         self.tun.write_frames(writes)
+        if self._paused:
+            self._resume()  # the peer answered: the busy tunnel may have room again
+
+    def _pause(self) -> None:
+        loop = self._loop
+        if loop is None or self._paused:
+            return
+        self._paused = True
+        self.stats.pauses += 1
+        loop.remove_reader(self.tun.fd)
+        self._resume_handle = loop.call_later(PAUSE_S, self._resume)
+
+    def _resume(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume_handle = None
+        if self._loop is not None:
+            self._loop.add_reader(self.tun.fd, self._on_tun_readable)
 
     def _on_tun_readable(self) -> None:
-        packets = self.tun.read(READ_BATCH)
+        budget: int | None = None
+        busy = self._busy
+        if busy is not None:
+            core = busy.core
+            budget = (core.max_pending - core.pending) * core.mtu
+            if budget < MIN_ROOM_BYTES:
+                self._pause()
+                return
+        packets = self.tun.read(READ_BATCH, budget)
         if not packets:
             return
         stats = self.stats
@@ -303,6 +358,7 @@ class DataPath:
     def _send(self, tunnel: Tunnel, batch: list[bytes]) -> None:
         if self.vnet:
             batch = self._split(batch, partial=tunnel.core.peer_partial)
+            self._busy = tunnel
         answers = tunnel.core.packets_from_tun(batch)
         if answers:
             self.tun.write(answers)

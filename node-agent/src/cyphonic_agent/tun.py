@@ -156,13 +156,22 @@ def open_tun_offload(name: str) -> tuple[int, str, int]:
     return fd, kernel_name, 0
 
 
-def read_packets(fd: int, *, bufsize: int, limit: int = READ_BATCH) -> list[bytes]:
-    """Read packets until EAGAIN or ``limit``; each read returns exactly one packet."""
+def read_packets(
+    fd: int, *, bufsize: int, limit: int = READ_BATCH, budget: int | None = None
+) -> list[bytes]:
+    """Read packets until EAGAIN, ``limit`` packets or ``budget`` bytes; each read returns
+    exactly one packet (with offloads: one frame)."""
     packets: list[bytes] = []
     read = os.read
     try:
-        while len(packets) < limit:
-            packets.append(read(fd, bufsize))
+        if budget is None:
+            while len(packets) < limit:
+                packets.append(read(fd, bufsize))
+        else:
+            while len(packets) < limit and budget > 0:
+                packet = read(fd, bufsize)
+                packets.append(packet)
+                budget -= len(packet)
     except BlockingIOError:
         pass
     return packets
@@ -306,10 +315,11 @@ class TunDevice:
             ipr.route("replace", dst=str(route), oif=self.index)
             self._added_routes.append(route)
 
-    def read(self, limit: int = READ_BATCH) -> list[bytes]:
+    def read(self, limit: int = READ_BATCH, budget: int | None = None) -> list[bytes]:
         """Drain up to ``limit`` packets the kernel routed into the device (with offloads:
-        frames, each a virtio_net_hdr and a packet or super-segment)."""
-        packets = read_packets(self.fd, bufsize=self.bufsize, limit=limit)
+        frames, each a virtio_net_hdr and a packet or super-segment), stopping once
+        ``budget`` bytes are read if given."""
+        packets = read_packets(self.fd, bufsize=self.bufsize, limit=limit, budget=budget)
         if packets:
             full = [p for p in packets if len(p) >= self.bufsize]
             if full:
