@@ -32,7 +32,7 @@ All functions take and return ``bytes``; nothing here does I/O.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cyphonic.errors import MalformedMessage
@@ -500,27 +500,36 @@ class Coalescer:
         last: _Group | None = None
         from_bytes = int.from_bytes
         unpack32 = _U32.unpack_from
+        # The group the last TCP segment went to, unpacked into locals for the common case:
+        # the next full-size, in-sequence segment of the same flow (one header comparison).
+        fg: _Group | None = None
+        fn = -1  # its full-size packet length (-1: no open group)
+        fhl = fseq_at = fflag_at = fnext = fsize = froom = fint = fmask = 0
+        fappend: Callable[[bytes], None] = list[bytes]().append  # set with the group
         for p in packets:
             n = len(p)
-            g = last
             if (
-                g is not None
-                and g.open
-                and n == len(g.first)
-                and not (from_bytes(p[: g.hl], "big") ^ g.hdr_int) & g.mask
-                and unpack32(p, g.l4 + 4)[0] == g.next_seq
-                and g.length + g.size <= MAX_IP_PACKET
-                and len(g.parts) < MAX_COALESCED_SEGMENTS
+                n == fn
+                and froom
+                and not (from_bytes(p[:fhl], "big") ^ fint) & fmask
+                and unpack32(p, fseq_at)[0] == fnext
             ):
-                # The common case: the next full-size segment of the flow just merged.
-                g.parts.append(p)
-                g.length += g.size
-                g.next_seq = (g.next_seq + g.size) & 0xFFFFFFFF
-                if p[g.l4 + 13] & TCP_PSH:
-                    g.psh = True
-                    g.open = False
-                    del flows[g.key]
+                fappend(p)
+                fnext = (fnext + fsize) & 0xFFFFFFFF
+                froom -= 1
+                if p[fflag_at] & TCP_PSH:
+                    assert fg is not None
+                    fg.psh = True
+                    fg.open = False
+                    del flows[fg.key]
+                    fn = -1
                 continue
+            if fg is not None:  # hand the locals back before the general path looks
+                fg.next_seq = fnext
+                fg.length = len(fg.first) + (len(fg.parts) - 1) * fg.size
+                fg = None
+                fn = -1
+            last = None
             if n < 20:
                 items.append(p)
                 continue
@@ -583,20 +592,34 @@ class Coalescer:
                         group.psh = bool(flags & TCP_PSH)
                         group.open = False
                         del flows[key]
-                    continue
-                group = _Group(p, hl, l4, PROTO_TCP, size, same)
-                group.next_seq = (seq + size) & 0xFFFFFFFF
-                group.key = key
-                group.mask = _tcp_mask(b0 >> 4, l4, hl)
-                group.hdr_int = from_bytes(p[:hl], "big")
-                last = group
-                items.append(group)
-                if flags & TCP_PSH:
-                    group.psh = True
-                    group.open = False
-                    flows.pop(key, None)
+                        last = None
                 else:
-                    flows[key] = group
+                    group = _Group(p, hl, l4, PROTO_TCP, size, same)
+                    group.next_seq = (seq + size) & 0xFFFFFFFF
+                    group.key = key
+                    group.mask = _tcp_mask(b0 >> 4, l4, hl)
+                    group.hdr_int = from_bytes(p[:hl], "big")
+                    last = group
+                    items.append(group)
+                    if flags & TCP_PSH:
+                        group.psh = True
+                        group.open = False
+                        flows.pop(key, None)
+                        last = None
+                    else:
+                        flows[key] = group
+                if last is not None:
+                    # Load the group into the fast-path locals.
+                    fg = last
+                    fn = len(fg.first)
+                    fhl, fint, fmask = fg.hl, fg.hdr_int, fg.mask
+                    fseq_at, fflag_at = fg.l4 + 4, fg.l4 + 13
+                    fnext, fsize = fg.next_seq, fg.size
+                    froom = min(
+                        MAX_COALESCED_SEGMENTS - len(fg.parts),
+                        (MAX_IP_PACKET - fg.length) // fsize,
+                    )
+                    fappend = fg.parts.append
                 continue
             if proto == PROTO_UDP and n >= l4 + 8 and (p[l4 + 4] << 8 | p[l4 + 5]) == n - l4:
                 if not udp:
@@ -628,6 +651,9 @@ class Coalescer:
                 flows[key] = group
                 continue
             items.append(p)
+        if fg is not None:
+            fg.next_seq = fnext
+            fg.length = len(fg.first) + (len(fg.parts) - 1) * fg.size
         return [_write_of(item) for item in items]
 
 
