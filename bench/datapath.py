@@ -70,6 +70,10 @@ QH3_VETH_A = "10.201.1.1"
 QH3_VETH_B = "10.201.1.2"
 QH3_OVERLAY_A = "100.65.0.1"
 QH3_OVERLAY_B = "100.65.0.2"
+QH3F_VETH_A = "10.201.3.1"
+QH3F_VETH_B = "10.201.3.2"
+QH3F_OVERLAY_A = "100.67.0.1"
+QH3F_OVERLAY_B = "100.67.0.2"
 QH3O_VETH_A = "10.201.2.1"
 QH3O_VETH_B = "10.201.2.2"
 QH3O_OVERLAY_A = "100.66.0.1"
@@ -216,14 +220,15 @@ class Topology:
             "netns",
             self.ns_b,
         )
-        for ns, dev, addr, second, third in (
-            (self.ns_a, veth_a, VETH_A, QH3_VETH_A, QH3O_VETH_A),
-            (self.ns_b, veth_b, VETH_B, QH3_VETH_B, QH3O_VETH_B),
+        for ns, dev, addr, second, third, fourth in (
+            (self.ns_a, veth_a, VETH_A, QH3_VETH_A, QH3O_VETH_A, QH3F_VETH_A),
+            (self.ns_b, veth_b, VETH_B, QH3_VETH_B, QH3O_VETH_B, QH3F_VETH_B),
         ):
             sh("ip", "link", "set", "lo", "up", ns=ns)
             sh("ip", "addr", "add", f"{addr}/24", "dev", dev, ns=ns)
             sh("ip", "addr", "add", f"{second}/24", "dev", dev, ns=ns)
             sh("ip", "addr", "add", f"{third}/24", "dev", dev, ns=ns)
+            sh("ip", "addr", "add", f"{fourth}/24", "dev", dev, ns=ns)
             sh("ip", "link", "set", dev, "up", ns=ns)
 
     def start(
@@ -417,6 +422,8 @@ def hop_taps(topo: Topology, name: str) -> tuple[str, str, int] | None:
         return f"cyw{tag}{index}a", f"cyw{tag}{index}b", WG_PORT + index
     if name == "overlay prototype qh3 offload":
         return f"cyx{tag}", f"cyx{tag}", 443
+    if name == "overlay prototype qh3 offload, full checksums":
+        return f"cyf{tag}", f"cyf{tag}", 443
     if name == "overlay prototype":
         return f"cyo{tag}", f"cyo{tag}", 443
     if name == "overlay prototype qh3":
@@ -688,6 +695,23 @@ def overlay_qh3_offload_path(topo: Topology) -> tuple[str, int, int]:
     )
 
 
+def overlay_qh3_offload_full_path(topo: Topology) -> tuple[str, int, int]:
+    """The same with TUN offloads, but inner checksums computed (not left partial)."""
+    try:
+        import qh3  # noqa: F401
+    except ImportError as exc:
+        raise PathUnavailable("qh3 not installed (the shared library's qh3 extra)") from exc
+    return _prototype(
+        topo,
+        engine="qh3",
+        veth=(QH3F_VETH_A, QH3F_VETH_B),
+        overlay=(QH3F_OVERLAY_A, QH3F_OVERLAY_B),
+        tun=f"cyf{topo.tag}",
+        extra=["--offload", "--no-partial-checksums"],
+        label="qh3-offload-full",
+    )
+
+
 def _prototype(
     topo: Topology,
     *,
@@ -792,6 +816,7 @@ PATHS: list[tuple[str, Callable[[Topology], tuple[str, int, int]]]] = [
     ("overlay prototype", overlay_prototype_path),
     ("overlay prototype qh3", overlay_qh3_path),
     ("overlay prototype qh3 offload", overlay_qh3_offload_path),
+    ("overlay prototype qh3 offload, full checksums", overlay_qh3_offload_full_path),
     ("CYPHONIC overlay", overlay_path),
 ]
 
@@ -821,6 +846,7 @@ OVERLAY_PATHS = (
     "overlay prototype",
     "overlay prototype qh3",
     "overlay prototype qh3 offload",
+    "overlay prototype qh3 offload, full checksums",
     "CYPHONIC overlay",
 )
 

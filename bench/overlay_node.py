@@ -64,7 +64,7 @@ async def run(args: argparse.Namespace) -> None:
     tun = TunDevice.open(
         TunConfig(name=args.tun_name, mtu=args.mtu, ipv4=local_iface, offload=args.offload)
     )
-    datapath = DataPath(tun=tun)
+    datapath = DataPath(tun=tun, partial_checksums=args.partial_checksums)
 
     def attach(conn: Connection) -> TunnelHandler:
         core = TunnelCore(
@@ -195,6 +195,12 @@ def main() -> int:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="TUN with IFF_VNET_HDR and TSO/CSUM(/USO) offloads (plain where refused)",
+    )
+    parser.add_argument(
+        "--partial-checksums",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --offload: take inner packets with partial checksums from the peer",
     )
     parser.add_argument("--ready-file")
     parser.add_argument("--status-socket", type=Path, help="serve the status API here")

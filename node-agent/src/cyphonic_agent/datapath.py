@@ -136,9 +136,12 @@ class DataPath:
         pending: PendingPackets | None = None,
         on_miss: Callable[[bytes], None] | None = None,
         clock: Callable[[], float] | None = None,
+        partial_checksums: bool = True,
     ) -> None:
         """``on_miss(destination)`` is called once per destination that starts waiting: the
-        agent starts route establishment there."""
+        agent starts route establishment there. ``partial_checksums``: with offloads, tell
+        peers this side takes partial inner checksums (False: they compute them; for
+        measuring what that costs)."""
         self.tun = tun
         self.pending = pending or PendingPackets()
         self.on_miss = on_miss
@@ -149,6 +152,7 @@ class DataPath:
         self.vnet = bool(getattr(tun, "vnet", False))
         """The TUN device carries virtio_net_hdr frames (offloads on)."""
         self._offset = VNET_HDR_LEN if self.vnet else 0
+        self.partial_checksums = partial_checksums and self.vnet
         self._coalescer = Coalescer(udp=bool(getattr(tun, "offloads", 0) & TUN_F_USO4))
         self._inbound: list[bytes] = []
         self._partial_peers: set[str] = set()
@@ -223,7 +227,7 @@ class DataPath:
                     self._schedule_flush()
 
         if self.vnet:
-            tunnel.core.set_partial_checksums(True)
+            tunnel.core.set_partial_checksums(self.partial_checksums)
             tunnel.conn.datagram_handler = gather
         else:
             tunnel.conn.datagram_handler = deliver
