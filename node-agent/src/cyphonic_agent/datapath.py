@@ -15,7 +15,8 @@ from the peers are gathered over one endpoint wake-up and written coalesced
 Back-pressure (offloads on): one 64 KB read is ~46 datagrams, so a handful of reads would
 overflow the tunnel's bounded datagram queue, and every packet dropped there is a
 retransmission for the inner TCP. So reads stop at the room left in the queue of the tunnel
-served last, and when there is less room than one super-segment the TUN is not read at all
+served last (so that even a 64 KB read at the end still fits), and when there is less
+room than one super-segment the TUN is not read at all
 for a moment (until packets come back from the tunnels, or ``PAUSE_S``): the kernel keeps
 the data, and TCP Small Queues hold the sending socket back, as on a plain TUN.
 
@@ -46,8 +47,9 @@ from cyphonic_agent.tunnel import TunnelCore
 
 PAUSE_S = 0.0005
 """How long the TUN is left unread at most when the busy tunnel's queue is full."""
-MIN_ROOM_BYTES = 65536
-"""Read the TUN (offloads on) only when the busy tunnel's queue has room for this much."""
+MAX_SEGMENTS_PER_READ = 48
+"""Packets one TUN read can become at most (64 KB at an MSS of 1,368): the TUN is read
+(offloads on) only while the busy tunnel's queue has room for that many more."""
 
 
 class TunnelConnection(Protocol):
@@ -314,14 +316,19 @@ class DataPath:
 
     def _on_tun_readable(self) -> None:
         budget: int | None = None
+        limit = READ_BATCH
         busy = self._busy
         if busy is not None:
             core = busy.core
-            budget = (core.max_pending - core.pending) * core.mtu
-            if budget < MIN_ROOM_BYTES:
+            room = core.max_pending - core.pending - 1  # (1: a capability datagram)
+            if room < MAX_SEGMENTS_PER_READ:
                 self._pause()
                 return
-        packets = self.tun.read(READ_BATCH, budget)
+            # Whatever the next read returns must fit: stop reading while a whole
+            # super-segment could still follow, and read no more frames than packets fit.
+            limit = min(limit, room)
+            budget = (room - MAX_SEGMENTS_PER_READ) * max(core.mtu - 80, 1) + 1
+        packets = self.tun.read(limit, budget)
         if not packets:
             return
         stats = self.stats
