@@ -8,13 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 from collections.abc import Iterator
 
 import pytest
 from cyphonic_agent.datapath import DataPath, Tunnel
+from cyphonic_agent.offload import (
+    F_NEEDS_CSUM,
+    GSO_TCPV4,
+    VnetHeader,
+    complete_checksum,
+    fold,
+    pseudo_sum,
+    segments_of_write,
+    verify_l4_checksum,
+)
+from cyphonic_agent.packet import internet_checksum
 from cyphonic_agent.pending import PendingPackets
 from cyphonic_agent.tun import TunStats
 from cyphonic_agent.tunnel import TunnelCore
+from test_agent_offload import DST4 as O_DST
+from test_agent_offload import SRC4 as O_SRC
+from test_agent_offload import super_segment, tcp_packet
 from test_agent_tunnel import A4, A6, B4, B6, MTU, Pair, udp4, udp6
 
 C4 = bytes([100, 64, 0, 3])
@@ -200,23 +215,11 @@ class VnetTun(PipeTun):
 
 
 def _tcp_super_segment(count: int, mss: int = 1368) -> bytes:
-    from test_agent_offload import super_segment
-
     payload = bytes(range(256)) * (count * mss // 256 + 1)
     return super_segment(False, 1000, payload[: count * mss], mss)
 
 
 async def test_offload_pump_splits_negotiates_and_coalesces() -> None:
-    from cyphonic_agent.offload import (
-        F_NEEDS_CSUM,
-        GSO_TCPV4,
-        VnetHeader,
-        segments_of_write,
-        verify_l4_checksum,
-    )
-    from test_agent_offload import SRC4 as O_SRC
-    from test_agent_offload import DST4 as O_DST
-
     # The offload test's addresses are the tunnel's here: A sends, B receives.
     assert (O_SRC, O_DST) == (A4, B4)
     pair, a, b = tunnel_pair()
@@ -269,21 +272,12 @@ async def test_offload_pump_splits_negotiates_and_coalesces() -> None:
 
 
 def _plain_ack() -> bytes:
-    from test_agent_offload import tcp_packet
-
-    packet = tcp_packet(False, 1, b"")
-    # An ACK from B to A: swap the addresses (checksum recomputed by building it that way).
-    import struct as _struct
-
-    from cyphonic_agent.offload import complete_checksum, fold, pseudo_sum
-
-    head = bytearray(packet)
+    """A pure ACK from B to A (checksums complete)."""
+    head = bytearray(tcp_packet(False, 1, b""))
     head[12:16], head[16:20] = B4, A4
     head[10:12] = b"\0\0"
-    from cyphonic_agent.packet import internet_checksum
-
-    head[10:12] = _struct.pack("!H", internet_checksum(bytes(head[:20])))
-    head[36:38] = _struct.pack("!H", fold(pseudo_sum(B4, A4, 6, len(head) - 20)))
+    head[10:12] = struct.pack("!H", internet_checksum(bytes(head[:20])))
+    head[36:38] = struct.pack("!H", fold(pseudo_sum(B4, A4, 6, len(head) - 20)))
     return complete_checksum(bytes(head), 20, 16)
 
 
