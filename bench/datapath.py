@@ -121,6 +121,8 @@ class PathResult:
     rtt_avg_samples: list[float] = field(default_factory=list)
     udp_gbit_s: float | None = None
     udp_loss_pct: float | None = None
+    rcvbuf_drops: int | None = None
+    """UDP datagrams B's kernel dropped for a full socket receive buffer in the TCP run."""
     cpu_s_per_gb: float | None = None
     """CPU seconds (user + system) of the path's own processes per GB received (TCP run)."""
     udp_samples: list[float] = field(default_factory=list)
@@ -147,6 +149,8 @@ class PathResult:
             self.udp_samples.append(sample.udp_gbit_s)
             self.udp_gbit_s = statistics.median(self.udp_samples)
             self.udp_loss_pct = sample.udp_loss_pct
+        if sample.rcvbuf_drops is not None:
+            self.rcvbuf_drops = (self.rcvbuf_drops or 0) + sample.rcvbuf_drops
         if sample.cpu_s_per_gb is not None:
             self.cpu_samples.append(sample.cpu_s_per_gb)
             self.cpu_s_per_gb = statistics.median(self.cpu_samples)
@@ -295,6 +299,15 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def udp_rcvbuf_errors(ns: str) -> int:
+    """The namespace's UDP RcvbufErrors counter (/proc/net/snmp, read inside it)."""
+    lines = [line.split() for line in sh("cat", "/proc/net/snmp", ns=ns).splitlines()]
+    rows = [row for row in lines if row and row[0] == "Udp:"]
+    if len(rows) < 2 or "RcvbufErrors" not in rows[0]:
+        return 0
+    return int(rows[1][rows[0].index("RcvbufErrors")])
+
+
 def measure(
     topo: Topology,
     result: PathResult,
@@ -339,6 +352,7 @@ def measure(
         what="iperf3 server",
     )
     cpu_before = cpu_seconds(pids)
+    drops_before = udp_rcvbuf_errors(topo.ns_b)
     out = sh(
         "iperf3",
         "-c",
@@ -354,6 +368,7 @@ def measure(
         timeout=duration + 60,
     )
     cpu = cpu_seconds(pids) - cpu_before
+    result.rcvbuf_drops = udp_rcvbuf_errors(topo.ns_b) - drops_before
     server.wait(timeout=10)
     report = json.loads(out)
     end = report["end"]
@@ -922,6 +937,7 @@ def format_table(run: Run) -> str:
         "overhead B/pkt",
         "TCP Gbit/s",
         "retr",
+        "B rcvbuf drops",
         "CPU s/GB",
         "UDP Gbit/s (loss)",
         "RTT avg ms",
@@ -939,6 +955,7 @@ def format_table(run: Run) -> str:
                 str(p.overhead) if p.overhead is not None else "-",
                 f"{p.gbit_s:.3f}" if p.gbit_s is not None else "-",
                 str(p.retransmits) if p.retransmits is not None else "-",
+                str(p.rcvbuf_drops) if p.rcvbuf_drops is not None else "-",
                 f"{p.cpu_s_per_gb:.1f}" if p.cpu_s_per_gb is not None else "-",
                 udp(p),
                 f"{p.rtt_avg_ms:.3f}" if p.rtt_avg_ms is not None else "-",
@@ -969,6 +986,10 @@ def format_table(run: Run) -> str:
     lines.append(
         "  CPU s/GB: user+system CPU of the path's own processes during the TCP run, both "
         "sides (not iperf3, not softirq)"
+    )
+    lines.append(
+        "  B rcvbuf drops: UDP datagrams B's kernel dropped for a full receive buffer during "
+        "the TCP runs (the tunnel's own UDP socket; summed over rounds)"
     )
     split = [p for p in run.paths if p.hop_samples]
     if split:
