@@ -196,6 +196,8 @@ class DataPath:
             malformed_frames=stats.malformed_frames,
             frames_written=stats.frames_written,
             packets_written=stats.packets_written,
+            tcp_super_packets=self._coalescer.tcp_super_packets,
+            udp_super_packets=self._coalescer.udp_super_packets,
             peers_taking_partial_checksums=sorted(
                 self._partial_peers | {t.label for t in self.tunnels() if t.core.peer_partial}
             ),

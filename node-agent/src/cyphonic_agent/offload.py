@@ -491,6 +491,10 @@ class Coalescer:
 
     def __init__(self, *, udp: bool = False) -> None:
         self.udp = udp
+        self.tcp_super_packets = 0
+        """Writes that merged several TCP segments (GSO_TCPV4/TCPV6)."""
+        self.udp_super_packets = 0
+        """Writes that merged several UDP datagrams (GSO_UDP_L4)."""
 
     def coalesce(self, packets: Sequence[bytes]) -> list[Write]:
         """The TUN writes for ``packets`` (one wake-up's worth), in order."""
@@ -654,6 +658,12 @@ class Coalescer:
         if fg is not None:
             fg.next_seq = fnext
             fg.length = len(fg.first) + (len(fg.parts) - 1) * fg.size
+        for item in items:
+            if type(item) is _Group and len(item.parts) > 1:
+                if item.proto == PROTO_TCP:
+                    self.tcp_super_packets += 1
+                else:
+                    self.udp_super_packets += 1
         return [_write_of(item) for item in items]
 
 

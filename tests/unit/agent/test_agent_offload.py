@@ -483,7 +483,9 @@ def test_udp_coalescing_where_uso_is_on(v6: bool) -> None:
     packets = [*same, short, other, same[0]]
     off = Coalescer(udp=False).coalesce(packets)
     assert len(off) == len(packets)
-    on = Coalescer(udp=True).coalesce(packets)
+    coalescer = Coalescer(udp=True)
+    on = coalescer.coalesce(packets)
+    assert (coalescer.udp_super_packets, coalescer.tcp_super_packets) == (1, 0)
     assert [VnetHeader.unpack(bytes(w[0])).gso_type for w in on] == [GSO_UDP_L4, GSO_NONE, GSO_NONE]
     assert [s for w in on for s in check_write(w)] == packets
 
