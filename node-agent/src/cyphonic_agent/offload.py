@@ -705,7 +705,7 @@ def _write_of(item: _Group | bytes) -> Write:
         csum_offset = UDP_CSUM_OFFSET
     hdr = _HDR.pack(F_NEEDS_CSUM, gso, hl, group.size, l4, csum_offset)
     write: Write = [hdr, head]
-    write += [view[hl:] for view in map(memoryview, group.parts)]  # no copies
+    write += [memoryview(part)[hl:] for part in group.parts]  # no copies
     return write
 
 
