@@ -1284,14 +1284,11 @@ def _check_tun_access() -> None:
 
 async def run_agent(settings: AgentSettings) -> None:
     """Run the agent until SIGTERM or SIGINT (then clean up and return)."""
-    import signal
+    from cyphonic.service import stop_on_signals
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        agent = Agent(settings)
-    except CyphonicError as exc:
-        raise AgentFailed(exc) from exc
-    await agent.run(stop)
+    async with stop_on_signals() as stop:
+        try:
+            agent = Agent(settings)
+        except CyphonicError as exc:
+            raise AgentFailed(exc) from exc
+        await agent.run(stop)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from cyphonic.errors import InvalidArgument
-from pydantic import Field, ValidationError, field_validator, model_validator
+from cyphonic.service import describe_settings_error
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -196,12 +197,7 @@ class AgentSettings(BaseSettings):
             source = type("AgentSettingsFromFile", (cls,), {"_config_file": config_file})
         try:
             settings = source(**given)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
-                for e in exc.errors()
-            )
+        except ValueError as exc:  # a ValidationError, or e.g. a TOML syntax error
+            problems = describe_settings_error(exc)
             raise InvalidArgument(f"bad agent settings: {problems}") from exc
-        except ValueError as exc:  # e.g. a TOML syntax error
-            raise InvalidArgument(f"bad agent settings: {exc}") from exc
         return settings

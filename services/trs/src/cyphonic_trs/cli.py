@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cyphonic import log
+from cyphonic import log, service
 from cyphonic.admin import AdminServer
 from cyphonic.errors import CyphonicError
-from pydantic import ValidationError
 
 from cyphonic_trs.cid import parse_cid
 from cyphonic_trs.config import TrsSettings
@@ -126,37 +124,28 @@ def _settings(args: argparse.Namespace) -> TrsSettings:
 async def serve(settings: TrsSettings, *, http: bool = True) -> None:
     """Run one replica until SIGTERM or SIGINT."""
     logger = log.get_logger("trs")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    service = TrsService(settings)
+    relay = TrsService(settings)
     admin: AdminServer | None = None
-    try:
-        await service.start()
-        if http:
-            from cyphonic_trs.api import create_app
+    if http:
+        from cyphonic_trs.api import create_app
 
-            admin = AdminServer(
-                create_app(service),
-                host=settings.http_host,
-                port=settings.http_port,
-                log_level=settings.log_level,
-            )
-            await admin.start()
+        admin = AdminServer(
+            create_app(relay),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level=settings.log_level,
+        )
+
+    def started() -> None:
         logger.info(
             "trs_serving",
             replica=settings.replica_id,
             http=f"{settings.http_host}:{admin.port}" if admin else None,
         )
-        await stop.wait()
-        logger.info("trs_stopping")
-    finally:
-        if admin is not None:
-            await admin.stop()
-        await service.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+
+    parts: list[service.Component] = [relay] if admin is None else [relay, admin]
+    await service.serve(*parts, on_started=started)
+    logger.info("trs_stopping")
 
 
 async def _replicas(settings: TrsSettings) -> list[dict[str, Any]]:
@@ -202,9 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         settings = _settings(args)
-    except (ValidationError, ValueError) as exc:
-        print(f"{PROG}: bad settings: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # pydantic's ValidationError included
+        return service.print_settings_error(PROG, exc)
     log.configure(settings.log_level, settings.log_format)
     try:
         if args.command == "serve":
