@@ -25,7 +25,7 @@ test-unit: ## unit tests only (no root, no services)
 lint: ## ruff check, ruff format --check, mypy --strict on every member
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
-	$(RUN) mypy --strict lib/src services/auth/src services/nms/src services/trs/src node-agent/src testbed/src
+	$(RUN) mypy --strict lib/src services/auth/src services/nms/src services/trs/src node-agent/src testbed/src tests/support/src
 
 demo: ## the main job on the embedded default: services and nodes in namespaces
 	$(RUN) python -m cyphonic_testbed.demo $(DEMO_ARGS)

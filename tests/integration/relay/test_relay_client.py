@@ -34,9 +34,9 @@ from cyphonic.session import SignallingSession
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic.wire.messages import wrap
 from cyphonic_agent.relay import RelayClient, RelayedPath
-from cyphonic_nms.simnode import issue_node_identity
-from cyphonic_nms.testing import add_node
-from relay_procs import ServiceProcess, free_port
+from cyphonic_testing.nms import add_node
+from cyphonic_testing.processes import ServiceProcess, free_port
+from cyphonic_testing.simnode import issue_node_identity
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(180)]
 
@@ -155,8 +155,8 @@ class World:
         self.material = init_pki(
             tmp / "pki", domain=DOMAIN, now=datetime.datetime.now(datetime.UTC)
         )
-        self.nms_port = free_port(socket.SOCK_DGRAM)
-        self.trs_port = free_port(socket.SOCK_DGRAM)
+        self.nms_port = free_port(socket.SOCK_DGRAM, host="127.0.0.1")
+        self.trs_port = free_port(socket.SOCK_DGRAM, host="127.0.0.1")
         common = {
             "CYPHONIC_PKI_DIR": str(tmp / "pki"),
             "CYPHONIC_DOMAIN": DOMAIN,

@@ -12,7 +12,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
 # Each workspace member: its directory and the source root of its package(s).
-MEMBERS = ("lib", "services/auth", "services/nms", "services/trs", "node-agent", "testbed")
+MEMBERS = (
+    "lib",
+    "services/auth",
+    "services/nms",
+    "services/trs",
+    "node-agent",
+    "testbed",
+    "tests/support",
+)
 GENERATED = ("cyphonic.v1",)
 
 

@@ -31,6 +31,7 @@ WORKSPACE_PACKAGES = {
     "cyphonic_trs": "cyphonic-trs",
     "cyphonic_agent": "cyphonic-agent",
     "cyphonic_testbed": "cyphonic-testbed",
+    "cyphonic_testing": "cyphonic-testing",
 }
 
 

@@ -30,7 +30,6 @@ from cyphonic.pki import (
 from cyphonic.quic import QuicEndpoint
 from cyphonic.session import SignallingSession
 from cyphonic.v1 import signalling_pb2 as pb
-
 from cyphonic_nms.routing import Endpoint
 
 
@@ -249,9 +248,9 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cyphonic_nms.simnode``: one node registers (and asks for a route)."""
+    """``python -m cyphonic_testing.simnode``: one node registers (and asks for a route)."""
     parser = argparse.ArgumentParser(
-        prog="python -m cyphonic_nms.simnode",
+        prog="python -m cyphonic_testing.simnode",
         description="A simulated node: register with an NMS, "
         "optionally ask for a route; JSON lines on stdout.",
     )
