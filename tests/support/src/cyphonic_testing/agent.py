@@ -1,0 +1,161 @@
+"""The real node agent (``cyphonic_agent.agent.Agent``) with fake edges: no root, no TUN.
+
+- ``FakeTun``: a ``TunDevice`` over one end of a Unix datagram socket pair; the test holds
+  the other end (``kernel``) and reads or writes IP packets there as the kernel would.
+- ``FakeWatcher``: the netlink watcher, silent unless the test calls ``move()``.
+- ``fake_edges()``: the real QUIC endpoint (loopback UDP) with the fakes above.
+
+    agent = RunningAgent(settings, edges=fake_edges())
+    await agent.start()                  # until its first registration brought the TUN up
+    tun = agent.tun                      # FakeTun; tun.kernel is the test's side
+    ...
+    await agent.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+from cyphonic_agent.agent import Agent, AgentEdges
+from cyphonic_agent.config import AgentSettings
+from cyphonic_agent.mobility import HostPath, Move, MoveDetector, PathLost
+from cyphonic_agent.tun import TunConfig, TunDevice
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class FakeTun(TunDevice):
+    """A TUN device without the kernel: packets the agent writes arrive at ``kernel``, and
+    datagrams sent on ``kernel`` are read by the agent as packets from local applications.
+    """
+
+    def __init__(self, config: TunConfig) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        ours.setblocking(False)
+        theirs.settimeout(10.0)
+        self.kernel = theirs
+        super().__init__(fd=ours.detach(), name=config.name, index=0, config=config)
+
+    @classmethod
+    def open(cls, config: TunConfig) -> FakeTun:
+        return cls(config)
+
+    def set_mtu(self, mtu: int) -> None:
+        self.bufsize = mtu + 1
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+            self.kernel.close()
+
+    def send_from_app(self, packet: bytes) -> None:
+        """An application on this host sends ``packet`` into the overlay."""
+        self.kernel.send(packet)
+
+    async def delivered(self, *, within_s: float = 10.0) -> bytes:
+        """The next packet the agent delivered to applications on this host."""
+        loop = asyncio.get_running_loop()
+        self.kernel.setblocking(False)
+        return await asyncio.wait_for(loop.sock_recv(self.kernel, 65535), within_s)
+
+
+@dataclass
+class FakeWatcher:
+    """The netlink watcher as the agent sees it; ``move()`` plays a host move."""
+
+    on_move: Callable[[Move], Awaitable[None]]
+    on_lost: Callable[[PathLost], None] = field(default=lambda _lost: None)
+    exclude_ifindexes: Callable[[], Iterable[int]] = field(default=lambda: ())
+    detector: MoveDetector = field(default_factory=MoveDetector)
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()  # until cancelled
+
+    async def move(self, old: HostPath, new: HostPath) -> None:
+        self.detector.moves += 1
+        await self.on_move(Move(old=old, new=new))
+
+
+def fake_edges(addresses: Iterable[str] = ("127.0.0.1",)) -> AgentEdges:
+    """Real QUIC on loopback; a fake TUN, watcher and address list; no TUN access check."""
+    listed = [ipaddress.ip_address(a) for a in addresses]
+
+    def host_addresses(**_kwargs: object) -> list[IPAddress]:
+        return list(listed)
+
+    return AgentEdges(
+        check_tun=lambda: None,
+        open_tun=FakeTun.open,
+        watch_moves=FakeWatcher,
+        host_addresses=host_addresses,
+    )
+
+
+class RunningAgent:
+    """An ``Agent`` in a task of the test's event loop."""
+
+    def __init__(self, settings: AgentSettings, *, edges: AgentEdges | None = None) -> None:
+        self.agent = Agent(settings, edges=edges or fake_edges())
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, *, within_s: float = 30.0) -> None:
+        """Run the agent until its first registration brought the overlay up."""
+        self._task = asyncio.create_task(self.agent.run(self._stop))
+        registered = asyncio.ensure_future(self.agent.registered.wait())
+        done, _ = await asyncio.wait(
+            {registered, self._task}, timeout=within_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        registered.cancel()
+        if self._task in done:
+            self._task.result()  # raises why it stopped
+            raise RuntimeError("the agent stopped before registering")
+        if not done:
+            raise TimeoutError(f"{self.agent.fqdn} did not register in {within_s} s")
+
+    @property
+    def tun(self) -> FakeTun:
+        assert isinstance(self.agent.tun, FakeTun)
+        return self.agent.tun
+
+    @property
+    def watcher(self) -> FakeWatcher:
+        assert isinstance(self.agent.mobility, FakeWatcher)
+        return self.agent.mobility
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(self._task, 20)
+
+
+def udp_packet(src: str, dst: str, payload: bytes, *, sport: int = 40000, dport: int = 9) -> bytes:
+    """An IPv4 UDP packet (header checksum right, UDP checksum 0 = none)."""
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(udp),
+        0,
+        0x4000,
+        64,
+        17,
+        0,
+        ipaddress.IPv4Address(src).packed,
+        ipaddress.IPv4Address(dst).packed,
+    )
+    total = sum(struct.unpack("!10H", header))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    checksum = struct.pack("!H", ~total & 0xFFFF)
+    return header[:10] + checksum + header[12:] + udp
