@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from cyphonic.hostport import format_host_port
 from cyphonic.v1 import signalling_pb2 as pb
 
 T = TypeVar("T")
@@ -80,7 +81,7 @@ class Candidate:
         return ipaddress.ip_address(self.host).version
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_host_port(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from cyphonic.errors import (
     PermissionDenied,
     UnexpectedMessage,
 )
+from cyphonic.hostport import format_host_port
 from cyphonic.log import get_logger
 from cyphonic.pki import load_identity, load_trust_store
 from cyphonic.revocation import RegistryRevocations, RevocationCache
@@ -170,8 +171,7 @@ class NmsSignallingServer:
     def address(self) -> str:
         """host:port of the UDP socket."""
         assert self.endpoint is not None
-        host, port = self.endpoint.local_address
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_host_port(*self.endpoint.local_address)
 
     @property
     def port(self) -> int:
