@@ -24,19 +24,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cyphonic import log
-from cyphonic.admin import AdminServer
+from cyphonic import log, service
 from cyphonic.errors import CyphonicError
 from cyphonic.pki import init_pki
 from cyphonic.registry import db
-from cyphonic.service import print_settings_error, stop_on_signals
-from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from cyphonic_auth.api import create_app
 from cyphonic_auth.config import AuthSettings
-from cyphonic_auth.service import AuthMetrics, AuthService, NodeCa
-from cyphonic_auth.storage import SqlNodeRegistry
+from cyphonic_auth.server import AsServer, build_service
+from cyphonic_auth.service import AuthService
 
 ADMIN_TOKEN_FILE = "admin-token"
 
@@ -161,63 +157,15 @@ def _ensure_admin_token(settings: AuthSettings) -> None:
     settings.admin_token_file = path
 
 
-def _service(settings: AuthSettings, engine: Any) -> AuthService:
-    return AuthService(
-        registry=SqlNodeRegistry(engine),
-        node_ca=NodeCa.load(settings),
-        settings=settings,
-        metrics=AuthMetrics(CollectorRegistry()),
-    )
-
-
 async def serve(settings: AuthSettings, *, migrate: bool, quic: bool = True) -> None:
     """Run the AS until SIGTERM or SIGINT: admin REST and (when available) QUIC."""
-    logger = log.get_logger("as")
-    engine = db.create_engine(settings.database_url)
-    try:
-        async with stop_on_signals() as stop:
-            if migrate:
-                await db.upgrade(engine)
-                logger.info("database_migrated")
-            service = _service(settings, engine)
-            admin = AdminServer(
-                create_app(service),
-                host=settings.http_host,
-                port=settings.http_port,
-                log_level=settings.log_level,
-            )
-            await admin.start()
-            if not settings.nms_endpoints:
-                logger.warning(
-                    "no_nms_endpoints", hint="logins will answer no NMS; set CYPHONIC_NMS_ENDPOINTS"
-                )
-            signalling = None
-            if quic:
-                from cyphonic_auth.signalling import start_signalling
-
-                signalling = await start_signalling(service, settings)
-            token_file = settings.admin_token_file
-            logger.info(
-                "as_serving",
-                http=f"{settings.http_host}:{admin.port}",
-                quic=signalling.address if signalling else None,
-                domain=settings.domain,
-                admin_token_file=str(token_file) if token_file else None,
-            )
-            await stop.wait()
-            logger.info("as_stopping")
-            if signalling is not None:
-                await signalling.close()
-            await admin.stop()
-    finally:
-        await engine.dispose()
-    logger.info("as_stopped")
+    await service.serve(AsServer(settings, migrate=migrate, quic=quic))
 
 
 async def _with_service(settings: AuthSettings, action: Any) -> Any:
     engine = db.create_engine(settings.database_url)
     try:
-        return await action(_service(settings, engine))
+        return await action(build_service(settings, engine))
     finally:
         await engine.dispose()
 
@@ -228,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _settings(args)
     except ValueError as exc:  # pydantic's ValidationError included
-        return print_settings_error("cyphonic-as", exc)
+        return service.print_settings_error("cyphonic-as", exc)
     log.configure(settings.log_level, settings.log_format)
     try:
         return _run(args, settings)
