@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import hashlib
-import socket
-import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from cyphonic.pki import init_pki
-from cyphonic_agent.config import AgentSettings
-from cyphonic_agent.enroll import enroll
 from cyphonic_agent.routes import RouteState
-from cyphonic_testing.agent import RunningAgent, fake_edges, udp_packet
+from cyphonic_testing.agent import (
+    RunningAgent,
+    agent_settings,
+    as_process,
+    enrol,
+    fake_edges,
+    udp_packet,
+)
 from cyphonic_testing.nms import NmsProcess
-from cyphonic_testing.processes import ADMIN_TOKEN, ServiceProcess, free_port
+from cyphonic_testing.processes import ADMIN_TOKEN
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -50,21 +52,12 @@ class Cloud:
             relay_secret="relay-secret-for-integration-tests-0123",
             extra_env={"CYPHONIC_QUIC_HOST": "127.0.0.1"},
         )
-        self.as_quic_port = free_port(socket.SOCK_DGRAM, host="127.0.0.1")
-        self.auth = ServiceProcess(
-            "cyphonic_auth.cli",
-            command=["serve", "--migrate"],
-            env={
-                "CYPHONIC_DATABASE_URL": database,
-                "CYPHONIC_PKI_DIR": str(self.pki),
-                "CYPHONIC_DOMAIN": DOMAIN,
-                "CYPHONIC_QUIC_HOST": "127.0.0.1",
-                "CYPHONIC_QUIC_PORT": str(self.as_quic_port),
-                "CYPHONIC_NMS_ENDPOINTS": f"127.0.0.1:{self.nms.quic_port}",
-                "CYPHONIC_AS_ENDPOINTS": f"127.0.0.1:{self.as_quic_port}",
-            },
-            log_path=tmp / "as.log",
-            ready_marker=b"as_serving",
+        self.auth = as_process(
+            tmp=tmp,
+            pki_dir=self.pki,
+            database_url=database,
+            domain=DOMAIN,
+            nms_endpoints=[f"127.0.0.1:{self.nms.quic_port}"],
         )
         self.agents: list[RunningAgent] = []
 
@@ -74,28 +67,8 @@ class Cloud:
         await self.nms.start()
 
     async def agent(self, name: str) -> RunningAgent:
-        async with self.auth.admin() as admin:
-            (await admin.post("/v1/nodes", json={"name": name})).raise_for_status()
-            issued = await admin.post(
-                f"/v1/nodes/{name}/enrolment-tokens", json={"ttl_seconds": 600}
-            )
-            issued.raise_for_status()
-        state = self.tmp / name
-        pem = (self.pki / "root-ca.crt").read_text()
-        await enroll(
-            as_url=self.auth.rest,
-            token=issued.json()["token"],
-            state_dir=state,
-            root_ca_sha256=hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest(),
-        )
-        settings = AgentSettings(
-            state_dir=state,
-            quic_host="127.0.0.1",
-            quic_port=0,
-            dns_listen="off",
-            status_socket=self.tmp / f"{name}.sock",
-            tun_name=f"fake-{name}",
-        )
+        state = await enrol(self.auth, name=name, pki_dir=self.pki, state_dir=self.tmp / name)
+        settings = agent_settings(state)
         agent = RunningAgent(settings, edges=fake_edges())
         self.agents.append(agent)
         await agent.start()

@@ -16,17 +16,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import os
 import socket
+import ssl
 import struct
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cyphonic_agent.agent import Agent, AgentEdges
 from cyphonic_agent.config import AgentSettings
+from cyphonic_agent.enroll import enroll
 from cyphonic_agent.mobility import HostPath, Move, MoveDetector, PathLost
 from cyphonic_agent.tun import TunConfig, TunDevice
+
+from cyphonic_testing.processes import ServiceProcess, free_port
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -159,3 +165,64 @@ def udp_packet(src: str, dst: str, payload: bytes, *, sport: int = 40000, dport:
         total = (total & 0xFFFF) + (total >> 16)
     checksum = struct.pack("!H", ~total & 0xFFFF)
     return header[:10] + checksum + header[12:] + udp
+
+
+def as_process(
+    *,
+    tmp: Path,
+    pki_dir: Path,
+    database_url: str,
+    domain: str,
+    nms_endpoints: Iterable[str],
+) -> ServiceProcess:
+    """``cyphonic-as serve --migrate`` on loopback (QUIC on 127.0.0.1), for agents to enrol
+    and log in; ``ready_marker`` is its ``as_serving`` line."""
+    quic_port = free_port(socket.SOCK_DGRAM, host="127.0.0.1")
+    return ServiceProcess(
+        "cyphonic_auth.cli",
+        command=["serve", "--migrate"],
+        env={
+            "CYPHONIC_DATABASE_URL": database_url,
+            "CYPHONIC_PKI_DIR": str(pki_dir),
+            "CYPHONIC_DOMAIN": domain,
+            "CYPHONIC_QUIC_HOST": "127.0.0.1",
+            "CYPHONIC_QUIC_PORT": str(quic_port),
+            "CYPHONIC_NMS_ENDPOINTS": ",".join(nms_endpoints),
+            "CYPHONIC_AS_ENDPOINTS": f"127.0.0.1:{quic_port}",
+        },
+        log_path=tmp / "as.log",
+        ready_marker=b"as_serving",
+    )
+
+
+async def enrol(auth: ServiceProcess, *, name: str, pki_dir: Path, state_dir: Path) -> Path:
+    """Create node ``name`` at the AS, issue a token and enrol with it as ``cyphonic-agent
+    enroll`` does (key made here, CSR sent); the state directory."""
+    async with auth.admin() as admin:
+        (await admin.post("/v1/nodes", json={"name": name})).raise_for_status()
+        issued = await admin.post(f"/v1/nodes/{name}/enrolment-tokens", json={"ttl_seconds": 600})
+        issued.raise_for_status()
+    pem = (pki_dir / "root-ca.crt").read_text()
+    await enroll(
+        as_url=auth.rest,
+        token=issued.json()["token"],
+        state_dir=state_dir,
+        root_ca_sha256=hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest(),
+    )
+    return state_dir
+
+
+def agent_settings(
+    state_dir: Path, *, quic_host: str = "127.0.0.1", **extra: object
+) -> AgentSettings:
+    """Settings of an agent in a test: loopback UDP on any port, no DNS stub, status socket
+    beside the state directory."""
+    return AgentSettings(
+        state_dir=state_dir,
+        quic_host=quic_host,
+        quic_port=0,
+        dns_listen="off",
+        status_socket=state_dir.parent / f"{state_dir.name}.sock",
+        tun_name=f"fake-{state_dir.name}"[:15],
+        **extra,  # type: ignore[arg-type]
+    )

@@ -1,8 +1,10 @@
-"""A simulated node: a real QUIC client with a node certificate, no TUN.
+"""A bare NMS protocol client: a real QUIC client with a node certificate, no TUN, no policy.
 
-For tests and ``bench/nms_load.py``: it connects to an NMS like the agent does (mutual TLS,
-ALPN ``cyphonic-sig/1``, one UDP socket), registers, sends keepalives and route requests,
-and records what the NMS pushes.
+For NMS tests and ``bench/nms_load.py``: it connects to an NMS like the agent does (mutual
+TLS, ALPN ``cyphonic-sig/1``, one UDP socket), registers (reporting any addresses the test
+chooses), sends keepalives and route requests when told, and records what the NMS pushes.
+It is not an agent: tests of the agent's behaviour run the real one with fake edges
+(``cyphonic_testing.agent``).
 """
 
 from __future__ import annotations
