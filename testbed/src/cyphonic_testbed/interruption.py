@@ -143,6 +143,9 @@ def send(
     data = stream_payload(seed, size)
     started = time.time()
     with socket.create_connection((host, port), timeout=timeout) as conn:
+        # The caller disrupts the path only after this line: a move that starts before the
+        # connection exists measures nothing and fails the connect instead.
+        print(json.dumps({"connected": True}), flush=True)
         t0 = time.monotonic()
         for offset in range(0, size, CHUNK):
             due = t0 + offset / rate
@@ -192,7 +195,7 @@ def _json_line(proc: subprocess.Popen[str], what: str, timeout: float) -> dict[s
     for line in reversed(out.splitlines()):
         with contextlib.suppress(ValueError):
             value = json.loads(line)
-            if isinstance(value, dict) and "listening" not in value:
+            if isinstance(value, dict) and not value.keys() & {"listening", "connected"}:
                 return value
     raise TestbedError(f"{what} exited {proc.returncode} without a result: {out}{err}")
 
@@ -266,6 +269,9 @@ def measure_move(
         text=True,
     )
     try:
+        assert sender.stdout is not None
+        if "connected" not in sender.stdout.readline():  # EOF: it failed; _json_line says why
+            _json_line(sender, f"stream sender in {src.name}", timeout)
         time.sleep(settle)  # the flows run in their steady state before the move
         done = move() if move is not None else None
         sent = _json_line(sender, f"stream sender in {src.name}", timeout)
