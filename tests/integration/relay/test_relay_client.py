@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import secrets
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -166,7 +167,11 @@ class World:
         )
         self.nms_port = free_port(socket.SOCK_DGRAM, host="127.0.0.1")
         self.trs_port = free_port(socket.SOCK_DGRAM, host="127.0.0.1")
+        # Its own key prefix: other runs on the same Redis must not see (or remove) its
+        # TRS replica.
+        self.redis_prefix = f"relay-{secrets.token_hex(4)}:"
         common = {
+            "CYPHONIC_REDIS_PREFIX": self.redis_prefix,
             "CYPHONIC_PKI_DIR": str(tmp / "pki"),
             "CYPHONIC_DOMAIN": DOMAIN,
             "CYPHONIC_REDIS_URL": redis_url,
@@ -303,7 +308,7 @@ async def test_relayed_tunnel_through_real_nms_and_trs(world: World) -> None:
     try:
         for path, owner in ((path_a, ALICE), (path_b, BOB)):
             for cid in path.own_cids:
-                entry = await client.hgetall(f"cyphonic:trs:cid:{cid.hex()}")
+                entry = await client.hgetall(f"{world.redis_prefix}trs:cid:{cid.hex()}")
                 assert entry[b"fqdn"].decode() == owner
                 assert entry[b"route_id"].decode() == da.route_id
     finally:

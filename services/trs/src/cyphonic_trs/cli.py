@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from cyphonic import log, service
-from cyphonic.admin import AdminServer
 from cyphonic.errors import CyphonicError
 
 from cyphonic_trs.cid import parse_cid
 from cyphonic_trs.config import TrsSettings
-from cyphonic_trs.service import TrsService, make_table
+from cyphonic_trs.server import TrsServer
+from cyphonic_trs.service import make_table
 
 PROG = "cyphonic-trs"
 
@@ -123,29 +123,7 @@ def _settings(args: argparse.Namespace) -> TrsSettings:
 
 async def serve(settings: TrsSettings, *, http: bool = True) -> None:
     """Run one replica until SIGTERM or SIGINT."""
-    logger = log.get_logger("trs")
-    relay = TrsService(settings)
-    admin: AdminServer | None = None
-    if http:
-        from cyphonic_trs.api import create_app
-
-        admin = AdminServer(
-            create_app(relay),
-            host=settings.http_host,
-            port=settings.http_port,
-            log_level=settings.log_level,
-        )
-
-    def started() -> None:
-        logger.info(
-            "trs_serving",
-            replica=settings.replica_id,
-            http=f"{settings.http_host}:{admin.port}" if admin else None,
-        )
-
-    parts: list[service.Component] = [relay] if admin is None else [relay, admin]
-    await service.serve(*parts, on_started=started)
-    logger.info("trs_stopping")
+    await service.serve(TrsServer(settings, http=http))
 
 
 async def _replicas(settings: TrsSettings) -> list[dict[str, Any]]:
