@@ -3,7 +3,7 @@
 
 Run as root from the repository root (network namespaces; about 4 minutes with the defaults):
 
-    .venv/bin/python bench/relay_vs_direct.py [--repeat 3] [--engine aioquic|qh3] [--json]
+    .venv/bin/python bench/relay_vs_direct.py [--repeat 3] [--engine qh3|aioquic] [--json]
 
 One test bed, built once: real ``cyphonic-as``, ``cyphonic-nms`` (SQLite registry, TRS
 directory in a Redis in the bed) and ``cyphonic-trs`` (pinned to one CPU with ``taskset``)
@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cyphonic.quic.endpoint import DEFAULT_ENGINE, ENGINES
 from cyphonic_testbed import NetBed, double_nat
 from cyphonic_testbed.overlay import AgentProcess, OverlayServices, start_services, start_trs
 from cyphonic_testbed.topology import NAT_TABLE, render_ruleset
@@ -380,9 +381,10 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--engine",
-        choices=("aioquic", "qh3"),
-        default="aioquic",
-        help="the agents' QUIC engine (CYPHONIC_QUIC_ENGINE)",
+        choices=ENGINES,
+        default=DEFAULT_ENGINE,
+        help="the QUIC engine of the agents and the services (CYPHONIC_QUIC_ENGINE); "
+        f"default: the products' default, {DEFAULT_ENGINE}",
     )
     parser.add_argument(
         "--no-pin", action="store_true", help="leave the TRS on every CPU (default: pinned to one)"
@@ -392,6 +394,7 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 2
+    os.environ["CYPHONIC_QUIC_ENGINE"] = args.engine  # the services inherit it
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="relay-vs-direct-") as tmp:

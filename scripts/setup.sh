@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   make git ca-certificates python3 python3-venv python3-dev gcc
   iproute2 nftables iptables iputils-ping iperf3 tcpdump procps psmisc
-  wireguard-go wireguard-tools dnsutils redis-server
+  wireguard-go wireguard-tools dnsutils redis-server postgresql-client
+  chromium chromium-driver  # the web console's browser test (tests/integration/console)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

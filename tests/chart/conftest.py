@@ -91,6 +91,11 @@ def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return [*pod.get("initContainers", []), *pod["containers"]]
 
 
+def app_containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The containers of a workload or Pod, without its init containers."""
+    return list(pod_spec(doc)["containers"])
+
+
 def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
     spec = doc["spec"]
     return spec["template"]["spec"] if "template" in spec else spec
@@ -111,3 +116,47 @@ def kube_validate() -> Iterator[Callable[[dict[str, Any], str], str]]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(utils, "schema_contents", functools.cache(utils.schema_contents))
         yield lambda doc, version: kv.validate(doc, version, strict=True)
+
+
+def kubelet_env(
+    env: list[dict[str, Any]],
+    *,
+    secrets: dict[tuple[str, str], str],
+    fields: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """A container's environment as the kubelet makes it: ``secretKeyRef`` and ``fieldRef``
+    resolved from ``secrets[(name, key)]`` and ``fields[fieldPath]``, and ``$(VAR)``
+    references to variables defined earlier in the list expanded (``$$`` escapes); a
+    reference to an unknown variable stays as written, as Kubernetes leaves it."""
+    import re
+
+    out: dict[str, str] = {}
+    for item in env:
+        name = item["name"]
+        if "value" in item:
+            value = str(item["value"])
+
+            def expand(m: re.Match[str]) -> str:
+                if m.group(0) == "$$":
+                    return "$"
+                return out.get(m.group(1), m.group(0))
+
+            out[name] = re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", expand, value)
+            continue
+        source = item.get("valueFrom") or {}
+        if "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            key = (ref["name"], ref["key"])
+            if key not in secrets:
+                if ref.get("optional"):
+                    continue
+                raise KeyError(f"env {name}: Secret {ref['name']} has no key {ref['key']}")
+            out[name] = secrets[key]
+        elif "fieldRef" in source:
+            path = source["fieldRef"]["fieldPath"]
+            if fields is None or path not in fields:
+                raise KeyError(f"env {name}: no value for fieldRef {path}")
+            out[name] = fields[path]
+        else:
+            raise KeyError(f"env {name}: unsupported source {source}")
+    return out

@@ -3,15 +3,25 @@ refusals, strict lint, and that its settings and files match what the services r
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import pytest
+from sqlalchemy.engine import make_url
 
-from .conftest import CHART_DIR, FULLNAME, containers, helm, pod_spec, render_chart
+from .conftest import (
+    CHART_DIR,
+    FULLNAME,
+    app_containers,
+    helm,
+    kubelet_env,
+    pod_spec,
+    render_chart,
+)
 
 # ------------------------------------------------------------------------------ hooks
 
@@ -21,7 +31,9 @@ def _hooks(annotations: dict[str, str]) -> set[str]:
 
 
 @pytest.mark.parametrize("external", [True, False], ids=["external-db", "in-chart-db"])
-def test_migrations_hook_runs_before_the_deployments(render: Any, external: bool) -> None:
+def test_migrations_run_before_the_services_that_need_the_schema(
+    render: Any, external: bool
+) -> None:
     values = (
         {
             "postgresql": {"enabled": False},
@@ -31,25 +43,31 @@ def test_migrations_hook_runs_before_the_deployments(render: Any, external: bool
         else {}
     )
     rendered = render(values)
-    job = next(m for m in rendered if m.kind == "Job" and m.name == f"{FULLNAME}-migrate")
-    (ctr,) = containers(job.doc)
-    assert ctr["args"] == ["migrate"]
-    hooks = _hooks(job.annotations)
-    # Upgrades always migrate before the new Deployments roll out.
-    assert "pre-upgrade" in hooks
-    # A fresh install migrates before the Deployments when the database already exists;
-    # the in-chart database is created with the release, so then right after it.
-    assert hooks == (
-        {"pre-install", "pre-upgrade"} if external else {"post-install", "pre-upgrade"}
-    )
-    # The workloads themselves are ordinary release objects, never hooks.
+    # Every pod that needs the schema migrates (or finds it at head) before it starts.
+    for component in ("as", "nms"):
+        pod = pod_spec(rendered.get("Deployment", f"{FULLNAME}-{component}"))
+        (init,) = pod["initContainers"]
+        assert init["command"] == [f"cyphonic-{component}"]
+        assert init["args"][0] == "migrate" and "--wait" in init["args"]
+    # The TRS uses no schema: it starts without waiting for one.
+    assert "initContainers" not in pod_spec(rendered.get("StatefulSet", f"{FULLNAME}-trs"))
+    # With an external database a hook Job also migrates before anything rolls out; the
+    # in-chart database does not exist while pre-install hooks run, so no Job then (and
+    # never a post-install one: `helm install --wait` would wait for it forever).
+    jobs = [m for m in rendered if m.kind == "Job" and m.name == f"{FULLNAME}-migrate"]
+    if external:
+        (job,) = jobs
+        assert _hooks(job.annotations) == {"pre-install", "pre-upgrade"}
+        pki = next(m for m in rendered if m.kind == "Job" and m.name == f"{FULLNAME}-pki")
+        assert int(pki.annotations["helm.sh/hook-weight"]) < int(
+            job.annotations["helm.sh/hook-weight"]
+        )
+    else:
+        assert jobs == []
     for m in rendered:
         if m.kind in ("Deployment", "StatefulSet"):
             assert not m.is_hook, f"{m.kind}/{m.name} must not be a hook"
-    # Within pre-* hooks Helm runs lower weights first: the PKI Job before the migrations.
-    pki = next(m for m in rendered if m.kind == "Job" and m.name == f"{FULLNAME}-pki")
-    assert int(pki.annotations["helm.sh/hook-weight"]) < int(job.annotations["helm.sh/hook-weight"])
-    assert {"pre-install", "pre-upgrade"} <= _hooks(pki.annotations)
+        assert "post-install" not in _hooks(m.annotations) or m.kind == "Pod", m.name
 
 
 def test_pki_job_rbac_is_limited_to_its_secrets(render: Any) -> None:
@@ -61,14 +79,16 @@ def test_pki_job_rbac_is_limited_to_its_secrets(render: Any) -> None:
         f"{FULLNAME}-pki-{p}" for p in ("as", "ca", "nms", "trs")
     )
     # Hook helpers exist before the Job and go away after it.
-    for kind in ("ServiceAccount", "Role", "RoleBinding", "ConfigMap"):
+    for kind in ("ServiceAccount", "Role", "RoleBinding"):
         m = next(x for x in rendered if x.kind == kind and x.name == f"{FULLNAME}-pki")
         assert int(m.annotations["helm.sh/hook-weight"]) < -10
         assert "hook-succeeded" in m.annotations["helm.sh/hook-delete-policy"]
     job = rendered.get("Job", f"{FULLNAME}-pki")
     assert pod_spec(job)["serviceAccountName"] == f"{FULLNAME}-pki"
-    script = rendered.get("ConfigMap", f"{FULLNAME}-pki")["data"]["pki-bootstrap.py"]
-    assert script == (CHART_DIR / "files" / "pki-bootstrap.py").read_text()
+    # The AS image's own subcommand (the kubernetes client), not a script from the chart.
+    (ctr,) = app_containers(job)
+    assert "command" not in ctr and ctr["args"][0] == "pki-bootstrap"
+    assert f"--prefix={FULLNAME}-pki" in ctr["args"]
 
 
 def test_pki_job_absent_when_operator_brings_the_secrets(render: Any) -> None:
@@ -100,15 +120,15 @@ def test_generated_secrets_are_kept_and_existing_ones_used(render: Any) -> None:
         }
     )
     assert rendered.of_kind("Secret") == []
-    (ctr,) = containers(rendered.get("Deployment", f"{FULLNAME}-nms"))
+    (ctr,) = app_containers(rendered.get("Deployment", f"{FULLNAME}-nms"))
     refs = {
         e["name"]: e["valueFrom"]["secretKeyRef"]["name"]
         for e in ctr["env"]
         if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]
     }
     assert refs == {
-        "DATABASE_PASSWORD": "ops-pg",
-        "REDIS_PASSWORD": "ops-redis",
+        "CYPHONIC_DATABASE_PASSWORD": "ops-pg",
+        "CYPHONIC_REDIS_PASSWORD": "ops-redis",
         "CYPHONIC_RELAY_TOKEN_SECRET": "ops-relay",
     }
     volumes = {
@@ -150,7 +170,7 @@ def test_replicas_pdbs_and_autoscalers(render: Any) -> None:
 
 
 def test_trs_replica_number_is_the_statefulset_ordinal(render: Any) -> None:
-    (ctr,) = containers(render().get("StatefulSet", f"{FULLNAME}-trs"))
+    (ctr,) = app_containers(render().get("StatefulSet", f"{FULLNAME}-trs"))
     env = {e["name"]: e for e in ctr["env"]}
     assert (
         env["CYPHONIC_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
@@ -160,7 +180,7 @@ def test_trs_replica_number_is_the_statefulset_ordinal(render: Any) -> None:
 
 def test_trs_fetches_the_crl_from_the_as_service(render: Any) -> None:
     rendered = render({"as": {"http": {"port": 9081}}})
-    (ctr,) = containers(rendered.get("StatefulSet", f"{FULLNAME}-trs"))
+    (ctr,) = app_containers(rendered.get("StatefulSet", f"{FULLNAME}-trs"))
     env = {e["name"]: e.get("value") for e in ctr["env"]}
     as_service = rendered.get("Service", f"{FULLNAME}-as")
     assert as_service["spec"]["ports"][0]["port"] == 9081
@@ -172,12 +192,12 @@ def test_public_endpoints_reach_the_services(render: Any) -> None:
         {
             "as": {"publicEndpoints": ["as.example.net:443"]},
             "nms": {"publicEndpoints": ["192.0.2.7:443", "[2001:db8::7]:443"]},
-            "trs": {"publicEndpoints": ["relay.example.net:443"]},
+            "trs": {"publicEndpoints": ["198.51.100.9:443"]},
         }
     )
 
     def env_of(kind: str, component: str) -> dict[str, Any]:
-        (ctr,) = containers(rendered.get(kind, f"{FULLNAME}-{component}"))
+        (ctr,) = app_containers(rendered.get(kind, f"{FULLNAME}-{component}"))
         return {e["name"]: e.get("value") for e in ctr["env"]}
 
     as_env = env_of("Deployment", "as")
@@ -189,7 +209,7 @@ def test_public_endpoints_reach_the_services(render: Any) -> None:
         "[2001:db8::7]:443",
     ]
     assert json.loads(env_of("StatefulSet", "trs")["CYPHONIC_PUBLIC_ENDPOINTS"]) == [
-        "relay.example.net:443"
+        "198.51.100.9:443"
     ]
 
 
@@ -278,7 +298,7 @@ def test_schema_accepts_the_documented_values(chart: Any) -> None:
     chart.validate_schema(
         {
             "nms": {"publicEndpoints": ["192.0.2.1:443", "[2001:db8::1]:443"]},
-            "trs": {"publicEndpoints": ["relay.example.net:443"]},
+            "trs": {"publicEndpoints": ["198.51.100.20:443"]},
             "as": {"service": {"type": "NodePort", "nodePort": 30443}},
         }
     )
@@ -295,7 +315,7 @@ def test_schema_accepts_the_documented_values(chart: Any) -> None:
         ({"redis": {"enabled": False}}, "externalRedis.host"),
         ({"nms": {"offlineTimeoutSeconds": 10}}, "offlineTimeoutSeconds must be longer"),
         ({"agent": {"enabled": True}}, "agent.tokenSecret"),
-        ({"unprivilegedPortSysctl": False}, "quicContainerPort >= 1024"),
+        ({"unprivilegedPortSysctl": False}, "quicContainerPort and as.http.port >= 1024"),
     ],
 )
 def test_inconsistent_values_fail_rendering_with_what_to_set(
@@ -350,12 +370,12 @@ def test_every_cyphonic_env_var_is_a_setting_of_its_service(render: Any) -> None
         {
             "as": {"publicEndpoints": ["as.example.net:443"]},
             "nms": {"publicEndpoints": ["192.0.2.7:443"], "ipv6Pool": "fd00:1::/48"},
-            "trs": {"publicEndpoints": ["relay.example.net:443"]},
+            "trs": {"publicEndpoints": ["198.51.100.9:443"]},
         }
     )
     for component, settings in _service_settings().items():
         kind = "StatefulSet" if component == "trs" else "Deployment"
-        (ctr,) = containers(rendered.get(kind, f"{FULLNAME}-{component}"))
+        (ctr,) = app_containers(rendered.get(kind, f"{FULLNAME}-{component}"))
         names = [e["name"] for e in ctr["env"] if e["name"].startswith("CYPHONIC_")]
         unknown = [
             n for n in names if n.removeprefix("CYPHONIC_").lower() not in settings.model_fields
@@ -372,34 +392,47 @@ def test_rendered_env_values_parse_as_the_services_settings(
         {
             "as": {"publicEndpoints": ["as.example.net:443"]},
             "nms": {"publicEndpoints": ["192.0.2.7:443", "[2001:db8::7]:443"]},
-            "trs": {"publicEndpoints": ["relay.example.net:443"]},
+            "trs": {"publicEndpoints": ["198.51.100.9:443"]},
         }
     )
     token = tmp_path / "admin-token"
     token.write_text("t" * 40)
+    # Issue 18 row 9: passwords with URL-special characters reach the database and Redis
+    # intact (the kubelet's $(VAR) expansion would splice them into the URL raw).
+    password = "p@ss/w:rd%40?#x"
+    secrets = {
+        (f"{FULLNAME}-postgresql", "password"): password,
+        (f"{FULLNAME}-redis", "password"): password,
+        (f"{FULLNAME}-relay-token", "relay-token-secret"): "r" * 32,
+    }
+    fields = {"metadata.name": "nms-0", "metadata.labels['apps.kubernetes.io/pod-index']": "1"}
     for component, settings in _service_settings().items():
         kind = "StatefulSet" if component == "trs" else "Deployment"
-        (ctr,) = containers(rendered.get(kind, f"{FULLNAME}-{component}"))
+        (ctr,) = app_containers(rendered.get(kind, f"{FULLNAME}-{component}"))
+        env = kubelet_env(ctr["env"], secrets=secrets, fields=fields)
         with monkeypatch.context() as mp:
-            for e in ctr["env"]:
-                if e["name"].startswith("CYPHONIC_") and "value" in e:
-                    mp.setenv(
-                        e["name"],
-                        e["value"]
-                        .replace("$(DATABASE_PASSWORD)", "pw")
-                        .replace("$(REDIS_PASSWORD)", "pw"),
-                    )
+            for name in [n for n in os.environ if n.startswith("CYPHONIC_")]:
+                mp.delenv(name)
+            for name, value in env.items():
+                mp.setenv(name, value)
             mp.setenv("CYPHONIC_ADMIN_TOKEN_FILE", str(token))
-            mp.setenv("CYPHONIC_RELAY_TOKEN_SECRET", "r" * 32)
-            mp.setenv("CYPHONIC_REPLICA_ID", "1")
             parsed = settings()
         assert parsed.environment == "production"
-        assert parsed.quic_port == 443 and parsed.http_host == "0.0.0.0"
-        assert parsed.database_url.startswith("postgresql+asyncpg://cyphonic:pw@")
+        assert parsed.quic_port == 443 and parsed.http_host == "::"
+        url = make_url(parsed.database_url)
+        assert (url.username, url.password, url.host) == (
+            "cyphonic",
+            password,
+            f"{FULLNAME}-postgresql",
+        ), f"{component}: chart value postgresql password vs the URL the service uses"
+        assert parsed.redis_url is not None
+        redis_url = urlsplit(parsed.redis_url)
+        assert unquote(redis_url.password or "") == password
+        assert redis_url.hostname == f"{FULLNAME}-redis"
     from cyphonic_auth.config import AuthSettings
 
     with monkeypatch.context() as mp:
-        (ctr,) = containers(rendered.get("Deployment", f"{FULLNAME}-as"))
+        (ctr,) = app_containers(rendered.get("Deployment", f"{FULLNAME}-as"))
         for e in ctr["env"]:
             if e["name"] in ("CYPHONIC_AS_ENDPOINTS", "CYPHONIC_NMS_ENDPOINTS"):
                 mp.setenv(e["name"], e["value"])
@@ -417,19 +450,10 @@ def test_admin_app_serves_the_probed_endpoints() -> None:
     assert {"/healthz", "/readyz", "/metrics"} <= paths
 
 
-def _load_bootstrap() -> Any:
-    path = CHART_DIR / "files" / "pki-bootstrap.py"
-    spec = importlib.util.spec_from_file_location("pki_bootstrap", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pki_secret_layout_matches_what_init_pki_writes_and_services_load(tmp_path: Path) -> None:
     from cyphonic.pki import init_pki, load_identity, load_trust_store
+    from cyphonic_auth.kube_pki import LAYOUT as layout
 
-    layout = _load_bootstrap().LAYOUT
     init_pki(tmp_path, domain="cyphonic.internal", now=datetime.now(UTC))
     written = {p.name for p in tmp_path.iterdir()}
     for part, files in layout.items():

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import FULLNAME, Rendered, containers, pod_spec
+from .conftest import FULLNAME, Rendered, app_containers, containers, pod_spec
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas
 # kubernetes-validate ships.
@@ -52,7 +52,7 @@ AGENT_AND_INGRESS = {
         "publicEndpoints": ["as.example.net:443"],
     },
     "nms": {"publicEndpoints": ["192.0.2.10:443", "[2001:db8::10]:443"]},
-    "trs": {"publicEndpoints": ["relay.example.net:443"]},
+    "trs": {"publicEndpoints": ["198.51.100.20:443"]},
 }
 
 
@@ -124,7 +124,7 @@ def test_quic_services_expose_udp_443(scenario: tuple[str, Rendered]) -> None:
         workload = rendered.get(kind, f"{FULLNAME}-{component}")
         labels = workload["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= labels.items()
-        (ctr,) = containers(workload)
+        (ctr,) = app_containers(workload)
         quic = [p for p in ctr["ports"] if p["name"] == "quic"]
         assert quic == [{"name": "quic", "containerPort": 443, "protocol": "UDP"}]
 
@@ -142,12 +142,13 @@ def test_probes_hit_healthz_and_readyz_on_the_admin_port(scenario: tuple[str, Re
     _, rendered = scenario
     for component, port in (("as", 8081), ("nms", 8082), ("trs", 8083)):
         kind = "StatefulSet" if component == "trs" else "Deployment"
-        (ctr,) = containers(rendered.get(kind, f"{FULLNAME}-{component}"))
+        (ctr,) = app_containers(rendered.get(kind, f"{FULLNAME}-{component}"))
         http = {p["name"]: p for p in ctr["ports"]}["http"]
         assert http == {"name": "http", "containerPort": port, "protocol": "TCP"}
         env = {e["name"]: e.get("value") for e in ctr["env"]}
         # The process listens where the probes knock: every address, the same port.
-        assert env["CYPHONIC_HTTP_HOST"] == "0.0.0.0"
+        # Dual-stack (issue 18 row 8): IPv4, IPv6 and dual-stack clusters alike.
+        assert env["CYPHONIC_HTTP_HOST"] == "::"
         assert env["CYPHONIC_HTTP_PORT"] == str(port)
         assert ctr["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
         assert ctr["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
@@ -166,7 +167,7 @@ def test_service_pods_run_non_root_and_bind_443_by_sysctl(scenario: tuple[str, R
             "securityContext"
         ]["sysctls"]
         assert pod["automountServiceAccountToken"] is False
-        (ctr,) = containers(doc)
+        (ctr,) = app_containers(doc)
         sc = ctr["securityContext"]
         assert sc["capabilities"] == {"drop": ["ALL"]}
         assert sc["readOnlyRootFilesystem"] is True
@@ -220,33 +221,29 @@ def test_no_secret_value_is_inlined(scenario: tuple[str, Rendered]) -> None:
 
 def test_database_and_redis_urls_match_the_values(scenario: tuple[str, Rendered]) -> None:
     name, rendered = scenario
-    (ctr,) = containers(rendered.get("Deployment", f"{FULLNAME}-nms"))
+    (ctr,) = app_containers(rendered.get("Deployment", f"{FULLNAME}-nms"))
     env = {e["name"]: e for e in ctr["env"]}
     db, redis = env["CYPHONIC_DATABASE_URL"], env["CYPHONIC_REDIS_URL"]
     if name == "external-postgres-redis":
-        assert db["value"] == (
-            "postgresql+asyncpg://cyphonic:$(DATABASE_PASSWORD)@db.example.net:5432/cyphonic"
-        )
-        assert env["DATABASE_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        assert db["value"] == "postgresql+asyncpg://cyphonic@db.example.net:5432/cyphonic"
+        assert env["CYPHONIC_DATABASE_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
             "name": "cyphonic-db",
             "key": "password",
         }
-        assert redis["value"] == "rediss://:$(REDIS_PASSWORD)@redis.example.net:6379/0"
+        assert redis["value"] == "rediss://redis.example.net:6379/0"
+        assert env["CYPHONIC_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "cyphonic-redis",
+            "key": "password",
+        }
     elif name == "external-dsn-secrets":
         assert db["valueFrom"]["secretKeyRef"] == {"name": "cyphonic-db", "key": "dsn"}
         assert redis["valueFrom"]["secretKeyRef"] == {"name": "cyphonic-redis", "key": "url"}
     else:
-        assert db["value"] == (
-            f"postgresql+asyncpg://cyphonic:$(DATABASE_PASSWORD)"
-            f"@{FULLNAME}-postgresql:5432/cyphonic"
-        )
-        assert redis["value"] == f"redis://:$(REDIS_PASSWORD)@{FULLNAME}-redis:6379/0"
-    # $(VAR) expands only for variables defined earlier in the list.
-    names = [e["name"] for e in ctr["env"]]
-    for var in ("DATABASE_PASSWORD", "REDIS_PASSWORD"):
-        if var in names:
-            url = "CYPHONIC_DATABASE_URL" if var.startswith("DATABASE") else "CYPHONIC_REDIS_URL"
-            assert names.index(var) < names.index(url)
+        assert db["value"] == f"postgresql+asyncpg://cyphonic@{FULLNAME}-postgresql:5432/cyphonic"
+        assert redis["value"] == f"redis://{FULLNAME}-redis:6379/0"
+    # Passwords are never spliced into a URL by $(VAR) expansion (no percent-encoding).
+    for e in ctr["env"]:
+        assert "$(" not in str(e.get("value", "")), e["name"]
     has_pg = rendered.has("StatefulSet", f"{FULLNAME}-postgresql")
     has_redis = rendered.has("StatefulSet", f"{FULLNAME}-redis")
     assert has_pg == has_redis == (not name.startswith("external"))

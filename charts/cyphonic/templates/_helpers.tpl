@@ -95,17 +95,26 @@ new one. Offline rendering (helm template, lint) sees no cluster and gets a fres
 {{- end -}}
 {{- end -}}
 
-{{/* Database and Redis environment, secrets only through secretKeyRef. */}}
-{{- define "cyphonic.storageEnv" -}}
+{{/* A host for a URL: IPv6 literals in brackets. */}}
+{{- define "cyphonic.urlHost" -}}
+{{- if contains ":" . -}}[{{ . }}]{{- else -}}{{ . }}{{- end -}}
+{{- end -}}
+
+{{/*
+Database environment, secrets only through secretKeyRef. The password is never spliced into
+the URL by the kubelet ($(VAR) expansion does not percent-encode `@ / : %`): the services
+read CYPHONIC_DATABASE_PASSWORD and put it into the URL encoded.
+*/}}
+{{- define "cyphonic.databaseEnv" -}}
 {{- $fullname := include "cyphonic.fullname" . -}}
 {{- if .Values.postgresql.enabled }}
-- name: DATABASE_PASSWORD
+- name: CYPHONIC_DATABASE_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ include "cyphonic.postgresSecret" . }}
       key: password
 - name: CYPHONIC_DATABASE_URL
-  value: {{ printf "postgresql+asyncpg://%s:$(DATABASE_PASSWORD)@%s-postgresql:5432/%s" .Values.postgresql.username $fullname .Values.postgresql.database | quote }}
+  value: {{ printf "postgresql+asyncpg://%s@%s-postgresql:5432/%s" .Values.postgresql.username $fullname .Values.postgresql.database | quote }}
 {{- else if .Values.externalDatabase.urlKey }}
 - name: CYPHONIC_DATABASE_URL
   valueFrom:
@@ -113,22 +122,29 @@ new one. Offline rendering (helm template, lint) sees no cluster and gets a fres
       name: {{ .Values.externalDatabase.existingSecret }}
       key: {{ .Values.externalDatabase.urlKey }}
 {{- else }}
-- name: DATABASE_PASSWORD
+- name: CYPHONIC_DATABASE_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ .Values.externalDatabase.existingSecret }}
       key: {{ .Values.externalDatabase.passwordKey }}
 - name: CYPHONIC_DATABASE_URL
-  value: {{ printf "postgresql+asyncpg://%s:$(DATABASE_PASSWORD)@%s:%d/%s" .Values.externalDatabase.username .Values.externalDatabase.host (int .Values.externalDatabase.port) .Values.externalDatabase.database | quote }}
+  value: {{ printf "postgresql+asyncpg://%s@%s:%d/%s" .Values.externalDatabase.username (include "cyphonic.urlHost" .Values.externalDatabase.host) (int .Values.externalDatabase.port) .Values.externalDatabase.database | quote }}
 {{- end }}
+{{- end -}}
+
+{{/* Redis environment (the password read apart and encoded by the services, as above). */}}
+{{- define "cyphonic.redisEnv" -}}
+{{- $fullname := include "cyphonic.fullname" . -}}
+{{- $scheme := ternary "rediss" "redis" .Values.externalRedis.tls -}}
+{{- $url := printf "%s://%s:%d/%d" $scheme (include "cyphonic.urlHost" .Values.externalRedis.host) (int .Values.externalRedis.port) (int (default 0 .Values.externalRedis.database)) -}}
 {{- if .Values.redis.enabled }}
-- name: REDIS_PASSWORD
+- name: CYPHONIC_REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ include "cyphonic.redisSecret" . }}
       key: password
 - name: CYPHONIC_REDIS_URL
-  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s-redis:6379/0" $fullname | quote }}
+  value: {{ printf "redis://%s-redis:6379/0" $fullname | quote }}
 {{- else if .Values.externalRedis.urlKey }}
 - name: CYPHONIC_REDIS_URL
   valueFrom:
@@ -136,16 +152,51 @@ new one. Offline rendering (helm template, lint) sees no cluster and gets a fres
       name: {{ .Values.externalRedis.existingSecret }}
       key: {{ .Values.externalRedis.urlKey }}
 {{- else if .Values.externalRedis.existingSecret }}
-- name: REDIS_PASSWORD
+- name: CYPHONIC_REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ .Values.externalRedis.existingSecret }}
       key: {{ .Values.externalRedis.passwordKey }}
 - name: CYPHONIC_REDIS_URL
-  value: {{ printf "%s://:$(REDIS_PASSWORD)@%s:%d/0" (ternary "rediss" "redis" .Values.externalRedis.tls) .Values.externalRedis.host (int .Values.externalRedis.port) | quote }}
+  value: {{ $url | quote }}
 {{- else }}
 - name: CYPHONIC_REDIS_URL
-  value: {{ printf "%s://%s:%d/0" (ternary "rediss" "redis" .Values.externalRedis.tls) .Values.externalRedis.host (int .Values.externalRedis.port) | quote }}
+  value: {{ $url | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* Database and Redis environment of a service. */}}
+{{- define "cyphonic.storageEnv" -}}
+{{ include "cyphonic.databaseEnv" . }}
+{{ include "cyphonic.redisEnv" . }}
+{{- end -}}
+
+{{/*
+The init container of the AS and NMS pods that brings the schema to head before the service
+starts (it waits for a database started with the release, the in-chart PostgreSQL; several
+replicas migrating at once take turns on a PostgreSQL advisory lock). No pod of a service
+that needs the schema starts without it, so readiness and `helm install --wait` need no hook.
+(dict "root" $ "command" "cyphonic-as" "repository" .Values.as.repository)
+*/}}
+{{- define "cyphonic.migrateInitContainer" -}}
+{{- if .root.Values.migrations.enabled }}
+initContainers:
+  - name: migrate
+    image: {{ include "cyphonic.image" (dict "root" .root "repository" .repository) }}
+    imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+    command: [{{ .command }}]
+    args: [migrate, --wait, {{ .root.Values.migrations.activeDeadlineSeconds | quote }}]
+    env:
+      - name: CYPHONIC_LOG_FORMAT
+        value: json
+      {{- include "cyphonic.databaseEnv" .root | nindent 6 }}
+    resources:
+      {{- toYaml .root.Values.migrations.resources | nindent 6 }}
+    securityContext:
+      {{- toYaml .root.Values.containerSecurityContext | nindent 6 }}
+    volumeMounts:
+      - name: tmp
+        mountPath: /tmp
 {{- end }}
 {{- end -}}
 
@@ -163,8 +214,10 @@ new one. Offline rendering (helm template, lint) sees no cluster and gets a fres
   value: "::"
 - name: CYPHONIC_QUIC_PORT
   value: {{ .root.Values.quicContainerPort | quote }}
+# Dual-stack (IPv4 and IPv6) admin socket: probes work on IPv4-only, IPv6-only and
+# dual-stack clusters alike.
 - name: CYPHONIC_HTTP_HOST
-  value: "0.0.0.0"
+  value: "::"
 - name: CYPHONIC_HTTP_PORT
   value: {{ .svc.http.port | quote }}
 - name: CYPHONIC_PKI_DIR
@@ -173,11 +226,24 @@ new one. Offline rendering (helm template, lint) sees no cluster and gets a fres
   value: /etc/cyphonic/admin/admin-token
 {{- end -}}
 
-{{/* Pod-level security context of a service, with the unprivileged-port sysctl. */}}
+{{/*
+The lowest port a service pod binds: its QUIC port or its admin port.
+(dict "root" $ "svc" .Values.as)
+*/}}
+{{- define "cyphonic.lowestPort" -}}
+{{- min (int .root.Values.quicContainerPort) (int .svc.http.port) -}}
+{{- end -}}
+
+{{/*
+Pod-level security context of a service, with net.ipv4.ip_unprivileged_port_start lowered to
+the lowest port the pod binds (QUIC or admin), and left alone when every port is >= 1024.
+(dict "root" $ "svc" .Values.as)
+*/}}
 {{- define "cyphonic.podSecurityContext" -}}
-{{- $ctx := deepCopy .Values.podSecurityContext -}}
-{{- if .Values.unprivilegedPortSysctl -}}
-{{- $_ := set $ctx "sysctls" (list (dict "name" "net.ipv4.ip_unprivileged_port_start" "value" (toString .Values.quicContainerPort))) -}}
+{{- $ctx := deepCopy .root.Values.podSecurityContext -}}
+{{- $lowest := int (include "cyphonic.lowestPort" .) -}}
+{{- if and .root.Values.unprivilegedPortSysctl (lt $lowest 1024) -}}
+{{- $_ := set $ctx "sysctls" (list (dict "name" "net.ipv4.ip_unprivileged_port_start" "value" (toString $lowest))) -}}
 {{- end -}}
 {{- toYaml $ctx -}}
 {{- end -}}
@@ -248,4 +314,13 @@ readinessProbe:
 {{/* The QUIC endpoint list as the services read it: a JSON list. */}}
 {{- define "cyphonic.jsonList" -}}
 {{- toJson (default (list) .) -}}
+{{- end -}}
+
+{{/* The AS QUIC endpoints told to nodes: as.publicEndpoints, else the in-cluster QUIC Service. */}}
+{{- define "cyphonic.asEndpoints" -}}
+{{- if .Values.as.publicEndpoints -}}
+{{- toJson .Values.as.publicEndpoints -}}
+{{- else -}}
+{{- toJson (list (printf "%s-as-quic.%s.svc:%d" (include "cyphonic.fullname" .) .Release.Namespace (int .Values.as.service.port))) -}}
+{{- end -}}
 {{- end -}}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,6 +49,20 @@ def hide_password(url: str | None) -> str | None:
     return out
 
 
+def with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` in its user info, percent-encoded (``@ / : %`` and the like
+    cannot break the URL); a password already in ``url`` is replaced.
+
+    For URLs assembled from parts, e.g. a Kubernetes Secret holding only the password:
+    ``with_password("redis://redis:6379/0", "p@ss")`` is ``redis://:p%40ss@redis:6379/0``.
+    """
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0] if at else ""
+    netloc = f"{user}:{quote(password, safe='')}@{hostport}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 # A misspelt environment ("prod") must not slip past the production checks: refuse it.
 Environment = Literal["local", "test", "production"]
 
@@ -67,8 +81,16 @@ class ServiceSettings(BaseSettings):
         "sqlite+aiosqlite:///./cyphonic.db",
         description="SQLAlchemy URL of the node registry (postgresql+asyncpg://... in production)",
     )
+    database_password: SecretStr | None = Field(
+        None,
+        description="password put into database_url, percent-encoded (for URLs assembled from "
+        "parts, e.g. a Kubernetes Secret holding only the password)",
+    )
     redis_url: str | None = Field(
         None, description="Redis URL (CID table, presence, pub/sub); none = in-process"
+    )
+    redis_password: SecretStr | None = Field(
+        None, description="password put into redis_url, percent-encoded"
     )
     redis_prefix: str = Field(
         "cyphonic:",
@@ -88,6 +110,12 @@ class ServiceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _load_admin_token(self) -> ServiceSettings:
+        if self.database_password is not None:
+            self.database_url = with_password(
+                self.database_url, self.database_password.get_secret_value()
+            )
+        if self.redis_password is not None and self.redis_url:
+            self.redis_url = with_password(self.redis_url, self.redis_password.get_secret_value())
         if self.admin_token is None and self.admin_token_file is not None:
             self.admin_token = SecretStr(self.admin_token_file.read_text().strip())
         if self.environment == "production":

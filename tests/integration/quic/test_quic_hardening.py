@@ -78,6 +78,17 @@ async def test_a_datagram_the_engine_fails_on_is_dropped_alone(
     second = await connect(endpoints, ca, server, "carol")
     victim = handlers.made[0].conn
     victim.quic.receive_datagram, calls = fail_once(victim.quic.receive_datagram)  # type: ignore[method-assign]
+    # A GRO train (the client's sends are GSO) goes to the engine's batch entry point: it
+    # fails alike, on the same counter.
+    original_train = victim.quic.receive_gro
+
+    def failing_train(*args: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise EngineFault("injected")
+        original_train(*args)
+
+    victim.quic.receive_gro = failing_train  # type: ignore[method-assign]
 
     # The failed datagram is lost, QUIC sends its data again: the request still completes,
     # on the same connection, and the other connection never noticed.

@@ -271,9 +271,11 @@ async def test_relayed_node_to_node_connection(
 
     # The TRS relayed the tunnel blind: no tunnel connection of its own, no marker in clear.
     assert {c.alpn for c in trs.control.endpoint.connections} == {ALPN_SIGNALLING}  # type: ignore[union-attr]
-    assert len(forwarded) > 50 and not any(MARKER in d for d in forwarded)
+    # (An entry is one datagram or a whole GRO train forwarded with one decision.)
+    assert len(forwarded) > 20 and not any(MARKER in d for d in forwarded)
     stats = core.session("r1", time.monotonic())
-    assert stats.packets == len(forwarded)
+    assert stats.packets >= len(forwarded)
+    assert sum(s.bytes for s in stats.sides) == sum(len(d) for d in forwarded)
     assert stats.sides[0].bytes > len(payload) and stats.sides[1].bytes > len(payload)
 
     # The sync loop reads the validated control addresses; nothing moved, nothing changes.

@@ -156,6 +156,43 @@ async def test_forwarding_on_real_sockets_and_the_third_host(trs: TrsService) ->
             p.close()
 
 
+async def test_a_gro_train_is_forwarded_whole(trs: TrsService) -> None:
+    """A node's GSO burst reaches the TRS as one UDP GRO train: one relay decision, one GSO
+    send onwards, and the peer gets the same datagrams, unchanged and in order. A train
+    with a foreign CID in it (or from the wrong source) is decided datagram by datagram."""
+    a, b, c = UdpPeer(), UdpPeer(), UdpPeer()
+    try:
+        token = mint_token(route_id="r1", a=A, b=B, now_ms=int(time.time() * 1000))
+        cids_b = await allocate(trs, token, B, b.addr)
+        await allocate(trs, token, A, a.addr)
+        trs_addr = ("127.0.0.1", trs.address[1])
+        burst = [short_packet(cids_b[2], bytes([i]) * 1100) for i in range(12)]
+        segment = [(socket.SOL_UDP, 103, (1 + 8 + 1100).to_bytes(2, sys.byteorder))]
+        a.sock.sendmsg([b"".join(burst)], segment, 0, trs_addr)
+        got = [await b.recv() for _ in burst]
+        assert [g[0] if g else None for g in got] == burst
+        assert trs.forwarder is not None and trs.forwarder.trains_forwarded == 1
+        totals = trs.totals()
+        assert totals.forwarded_packets == len(burst)
+
+        # The third host sends a train with the same CID: refused as a whole, nothing sent.
+        c.sock.sendmsg([b"".join(burst)], segment, 0, trs_addr)
+        # A mixed train (a random CID in the middle) goes datagram by datagram.
+        mixed = [*burst[:3], short_packet(random_cid(), bytes(1100)), *burst[4:6]]
+        a.sock.sendmsg([b"".join(mixed)], segment, 0, trs_addr)
+        got = [await b.recv() for _ in range(5)]
+        assert [g[0] if g else None for g in got] == [*burst[:3], *burst[4:6]]
+        assert await b.recv(within=0.3) is None
+        assert trs.forwarder.trains_forwarded == 1
+        totals = trs.totals()
+        assert totals.forwarded_packets == len(burst) + 5
+        assert totals.to_local_server >= 1
+        assert totals.drops[next(r for r in totals.drops if r.value == "spoofed_source")] == 1
+    finally:
+        for p in (a, b, c):
+            p.close()
+
+
 async def test_admin_api_shows_the_session_and_replicas(trs: TrsService) -> None:
     a, b = UdpPeer(), UdpPeer()
     try:

@@ -91,11 +91,16 @@ class RelayReading:
     """What a capture at the TRS shows about relayed traffic between two outside addresses."""
 
     relayed: int
-    """Datagrams the TRS sent to one node byte for byte as it got them from the other."""
+    """Captured packets the TRS sent to one node byte for byte as it got them from the
+    other (a GRO train forwarded with one GSO send is one captured packet)."""
     own: int
-    """Datagrams the TRS sent to the nodes that were not relayed (its control connections):
-    their bytes never came from the other node."""
+    """Captured packets the TRS sent to the nodes that were not relayed (its control
+    connections): their bytes never came from the other node."""
     not_udp_443: list[str]
+    relayed_bytes: int = 0
+    """UDP payload bytes of ``relayed``."""
+    own_bytes: int = 0
+    """UDP payload bytes of ``own``."""
 
 
 def read_relay(capture: Capture, *, trs: set[str], a: str, b: str) -> RelayReading:
@@ -122,7 +127,7 @@ def read_relay(capture: Capture, *, trs: set[str], a: str, b: str) -> RelayReadi
             sent.append((p.dst, p.payload))
     streams = {sender: b"".join(chunks) for sender, chunks in received.items()}
     cursor = dict.fromkeys(streams, 0)
-    relayed = own = 0
+    relayed = own = relayed_bytes = own_bytes = 0
     for dst, payload in sent:
         source = b if dst == a else a
         stream = streams[source]
@@ -132,10 +137,18 @@ def read_relay(capture: Capture, *, trs: set[str], a: str, b: str) -> RelayReadi
             at = stream.find(payload)
         if at >= 0:
             relayed += 1
+            relayed_bytes += len(payload)
             cursor[source] = at + len(payload)
         else:
             own += 1
-    return RelayReading(relayed=relayed, own=own, not_udp_443=odd)
+            own_bytes += len(payload)
+    return RelayReading(
+        relayed=relayed,
+        own=own,
+        not_udp_443=odd,
+        relayed_bytes=relayed_bytes,
+        own_bytes=own_bytes,
+    )
 
 
 def capture_drops(capture: Capture) -> int:

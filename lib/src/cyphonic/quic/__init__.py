@@ -1,8 +1,8 @@
 """The mutual-TLS QUIC endpoint: one UDP socket, many connections, both roles.
 
-``QuicEndpoint`` (endpoint.py) is the asyncio glue; ``engine`` holds everything specific
-to aioquic. See endpoint.py for the data-path loop and engine.py for how mutual TLS and
-relay-chosen connection IDs are added to aioquic.
+``QuicEndpoint`` (endpoint.py) is the asyncio glue; ``engine_qh3`` (the default engine) and
+``engine`` (aioquic) hold everything engine-specific. See endpoint.py for the data-path loop
+and the engine modules for how mutual TLS and relay-chosen connection IDs are added.
 """
 
 from cyphonic.quic.endpoint import (

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
 import heapq
 import ipaddress
 import itertools
@@ -74,7 +75,9 @@ if logging.getLogger("quic").level == logging.NOTSET:
     logging.getLogger("quic").setLevel(logging.WARNING)
 
 ENGINES = ("aioquic", "qh3")
-"""QUIC engines an endpoint can run (``CYPHONIC_QUIC_ENGINE``; qh3 needs the ``qh3`` extra)."""
+"""QUIC engines an endpoint can run (``CYPHONIC_QUIC_ENGINE``); they interoperate."""
+DEFAULT_ENGINE = "qh3"
+"""The engine when ``CYPHONIC_QUIC_ENGINE`` is unset (native packet core)."""
 
 SOCKET_BUFFER = 4 * 1024 * 1024
 # UDP generic segmentation offload (Linux 4.18+): one sendmsg, many datagrams.
@@ -84,7 +87,16 @@ _SEGMENT_SIZE = struct.Struct("=H")
 _GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS on older kernels
 _GSO_MAX_BYTES = 65000  # under the 64 KB a single UDP send may carry
 _RECV_SIZE = 65535
-_MAX_DRAIN = 512  # datagrams per wake-up, so one busy socket cannot starve the loop
+_MAX_DRAIN = 512  # receive calls per wake-up, so one busy socket cannot starve the loop
+# UDP generic receive offload (Linux 5.0+): one recvmsg returns a train of equal-size
+# datagrams from one sender, with their size in a cmsg.
+_UDP_GRO = getattr(socket, "UDP_GRO", 104)
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
+_GRO_SIZE = struct.Struct("=i")
+_GSO_PAUSE_MIN = 1.0  # seconds without GSO to a destination after its first refusal
+_GSO_PAUSE_MAX = 64.0  # the pause doubles at each refusal up to this
+# Errors that mean the socket cannot do GSO at all (not one destination's path).
+_GSO_UNSUPPORTED = frozenset({errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.ENOTSUP})
 _ERROR_LOG_INTERVAL = 10.0  # seconds between two logs of internal errors (the rest counted)
 
 
@@ -129,6 +141,11 @@ class EndpointStats:
     wakeups: int = 0
     gso_sends: int = 0
     """System calls that sent several datagrams at once (UDP GSO)."""
+    gso_paused: int = 0
+    """GSO sends a destination's path refused (EMSGSIZE, EINVAL, EIO: e.g. a link MTU under
+    the segment size); GSO to that destination pauses, doubling from 1 s to 64 s."""
+    gro_batches: int = 0
+    """Receive calls that returned several datagrams at once (UDP GRO)."""
     internal_errors: int = 0
     """Received datagrams, event or timer passes, transmit passes whose handling raised
     (logged, rate-limited): the datagram or the pass's output was dropped, or (events,
@@ -345,12 +362,13 @@ class QuicEndpoint:
         max_datagram_size: int,
         max_pending_datagrams: int,
         congestion_control: str,
-        engine: str = "aioquic",
+        engine: str | None = None,
         max_handshakes: int = 1024,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        engine = engine or default_engine()
         self.engine = engine
-        """``aioquic`` or ``qh3``; relayed connections (chosen CIDs) always use aioquic."""
+        """``qh3`` (the default) or ``aioquic``, for every connection of this endpoint."""
         self._qh3 = _load_engine(engine)
         self._sock = sock
         self._family = sock.family
@@ -406,7 +424,12 @@ class QuicEndpoint:
         self._closing = False
         self.stats = EndpointStats()
         self.gso = sys.platform == "linux"
-        """Send runs of equal-size datagrams with UDP GSO (turned off at the first refusal)."""
+        """Send runs of equal-size datagrams with UDP GSO (off only if the socket cannot; a
+        destination whose path refuses it is paused alone, see ``EndpointStats``)."""
+        self._gso_pause: dict[Address, tuple[float, float]] = {}
+        """Destination -> (GSO paused until, current pause length)."""
+        self.gro = _enable_gro(sock)
+        """Whether the socket hands over UDP GRO trains (read with recvmsg)."""
         self.server_connection_id_factory: (
             Callable[[Address, bytes], ConnectionIdFactory | None] | None
         ) = None
@@ -414,7 +437,10 @@ class QuicEndpoint:
         server connection; a returned factory chooses that connection's host CIDs."""
         self.datagram_filter: Callable[[bytes, Address], bool] | None = None
         """Offered every received datagram first; returning True consumes it (the TRS
-        relays foreign traffic there, on the same socket and drain loop)."""
+        relays foreign traffic there, on the same socket and drain loop). If it has a
+        ``train(data, segment_size, addr) -> bool`` method, a UDP GRO train whose
+        datagrams all carry one short-header Destination CID is offered whole to that
+        instead (False: the datagrams are then offered one by one)."""
         self.log = get_logger("quic", local=self.local_address)
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
@@ -441,8 +467,8 @@ class QuicEndpoint:
         ``host`` ``::`` binds dual-stack where the kernel allows it, else ``0.0.0.0``.
         ``accept`` maps ALPN to an ``Acceptor`` (or a bare handler factory, peer role
         ``any``); without it the endpoint only makes client connections.
-        ``engine``: ``aioquic`` or ``qh3`` (default: ``CYPHONIC_QUIC_ENGINE``, else
-        aioquic); ``congestion_control`` applies to aioquic only. ``max_handshakes``
+        ``engine``: ``qh3`` or ``aioquic`` (default: ``CYPHONIC_QUIC_ENGINE``, else
+        qh3); ``congestion_control`` applies to aioquic only. ``max_handshakes``
         bounds the server handshakes under way at once (more Initials are dropped).
         """
         engine = engine or default_engine()
@@ -522,11 +548,7 @@ class QuicEndpoint:
             )
 
         quic: CyphonicQuicConnection
-        if (
-            self._qh3 is not None
-            and connection_id_factory is None
-            and (initial_destination_cid is None)
-        ):
+        if self._qh3 is not None:
             quic = cast(
                 CyphonicQuicConnection,
                 self._qh3.Qh3QuicConnection(
@@ -539,6 +561,8 @@ class QuicEndpoint:
                         server_name=expected_name,
                     ),
                     peer_verifier=verifier,
+                    connection_id_factory=connection_id_factory,
+                    initial_destination_cid=initial_destination_cid,
                 ),
             )
         else:
@@ -623,13 +647,14 @@ class QuicEndpoint:
             return peer
 
         quic: CyphonicQuicConnection
-        if factory is None and self._qh3 is not None:
+        if self._qh3 is not None:
             quic = cast(
                 CyphonicQuicConnection,
                 self._qh3.Qh3QuicConnection(
                     configuration=self._qh3_server_config,
                     peer_verifier=verifier,
                     original_destination_connection_id=dcid,
+                    connection_id_factory=factory,
                 ),
             )
         else:
@@ -652,44 +677,110 @@ class QuicEndpoint:
     # -- the loop
 
     def _on_readable(self) -> None:
-        loop_time = self._loop.time
-        now = loop_time()
+        now = self._loop.time()
         touched: dict[Connection, None] = {}
-        recvfrom = self._sock.recvfrom
         stats = self.stats
-        datagram_filter = self.datagram_filter
         stats.wakeups += 1
+        gro = self.gro
+        recvmsg = self._sock.recvmsg
+        recvfrom = self._sock.recvfrom
         for _ in range(_MAX_DRAIN):
             try:
-                data, addr = recvfrom(_RECV_SIZE)
+                if gro:
+                    data, ancillary, _flags, addr = recvmsg(_RECV_SIZE, _GRO_CMSG_SPACE)
+                    segment = _gro_segment(ancillary) if ancillary else 0
+                else:
+                    data, addr = recvfrom(_RECV_SIZE)
+                    segment = 0
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
                 self.log.debug("recv_error", error=str(exc))
                 continue
-            stats.datagrams_received += 1
-            conn = None
-            try:
-                if datagram_filter is not None and datagram_filter(data, addr):
-                    stats.filtered += 1
-                    continue
-                conn = self._route(data, addr)
-                if conn is None:
-                    stats.unroutable += 1
-                    continue
-                conn.quic.receive_datagram(data, addr, now)
-            except Exception as exc:
-                # One datagram must not end the loop, nor a connection it was sent to
-                # (whoever knows a CID could send it): dropped. A server connection still
-                # in its handshake is dropped with it (no state kept for a bad Initial).
-                self._internal_error(exc, conn, "receive")
-                if conn is not None and conn in self._handshaking:
-                    self._abandon(conn)
-                continue
-            touched[conn] = None
+            if 0 < segment < len(data):
+                stats.gro_batches += 1
+                self._receive_train(data, segment, addr, now, touched)
+            else:
+                self._receive_one(data, addr, now, touched)
         for conn in touched:
             self._process(conn)
         self._transmit(touched)
+
+    def _receive_one(
+        self, data: bytes, addr: Address, now: float, touched: dict[Connection, None]
+    ) -> None:
+        stats = self.stats
+        stats.datagrams_received += 1
+        conn = None
+        try:
+            datagram_filter = self.datagram_filter
+            if datagram_filter is not None and datagram_filter(data, addr):
+                stats.filtered += 1
+                return
+            conn = self._route(data, addr)
+            if conn is None:
+                stats.unroutable += 1
+                return
+            conn.quic.receive_datagram(data, addr, now)
+        except Exception as exc:
+            # One datagram must not end the loop, nor a connection it was sent to (whoever
+            # knows a CID could send it): dropped. A server connection still in its
+            # handshake is dropped with it (no state kept for a bad Initial).
+            self._internal_error(exc, conn, "receive")
+            if conn is not None and conn in self._handshaking:
+                self._abandon(conn)
+            return
+        touched[conn] = None
+
+    def _receive_train(
+        self,
+        data: bytes,
+        segment: int,
+        addr: Address,
+        now: float,
+        touched: dict[Connection, None],
+    ) -> None:
+        """A GRO train: to the engine in one call when every datagram is a short-header
+        packet for the same connection (a tunnel's burst), else one datagram at a time."""
+        size = len(data)
+        conn = None
+        end = 1 + _aioquic.CID_LENGTH
+        dcid = data[1:end]
+        uniform = not data[0] & 0x80 and all(
+            not data[o] & 0x80 and data[o + 1 : o + end] == dcid
+            for o in range(segment, size, segment)
+        )
+        datagram_filter = self.datagram_filter
+        if datagram_filter is not None:
+            train = getattr(datagram_filter, "train", None)
+            if not uniform or train is None:
+                uniform = False  # the filter sees each datagram
+            else:
+                try:
+                    taken = train(data, segment, addr)
+                except Exception as exc:
+                    self.stats.datagrams_received += -(-size // segment)
+                    self._internal_error(exc, None, "receive")
+                    return
+                if taken:
+                    count = -(-size // segment)
+                    self.stats.datagrams_received += count
+                    self.stats.filtered += count
+                    return
+                # Not the filter's: one of this endpoint's connections, as a whole.
+        if uniform:
+            conn = self._by_cid.get(dcid)
+        if conn is None or conn in self._handshaking:
+            for offset in range(0, size, segment):
+                self._receive_one(data[offset : offset + segment], addr, now, touched)
+            return
+        self.stats.datagrams_received += -(-size // segment)
+        try:
+            conn.quic.receive_gro(data, segment, addr, now)
+        except Exception as exc:
+            self._internal_error(exc, conn, "receive")
+            return
+        touched[conn] = None
 
     def _route(self, data: bytes, addr: Address) -> Connection | None:
         header = engine.parse_datagram_header(data)
@@ -819,9 +910,13 @@ class QuicEndpoint:
 
         The kernel splits the buffer into ``size``-byte datagrams (the last may be
         shorter), so a full-MTU burst costs one system call instead of one per packet.
+        A destination whose path refuses a GSO send (a link MTU under the segment size
+        gives EMSGSIZE or EINVAL) gets plain sends for a pause that doubles from 1 s to
+        64 s, then GSO is tried again; other destinations keep GSO throughout.
         """
         sendmsg = self._sock.sendmsg
         stats = self.stats
+        paused = self._gso_pause
         i, n = 0, len(datagrams)
         while i < n:
             data, addr = datagrams[i]
@@ -839,7 +934,8 @@ class QuicEndpoint:
                 j += 1
                 if len(datagrams[j - 1][0]) < size:
                     break  # a shorter datagram can only end a run
-            if j - i == 1:
+            pause = paused.get(addr) if paused else None
+            if j - i == 1 or (pause is not None and self._loop.time() < pause[0]):
                 self._send_each(conn, datagrams[i:j])
                 i = j
                 continue
@@ -853,15 +949,29 @@ class QuicEndpoint:
                 )
                 stats.datagrams_sent += j - i
                 stats.gso_sends += 1
+                if pause is not None:
+                    del paused[addr]
+                    conn.log.info("gso_resumed", destination=_plain_address(addr))
             except (BlockingIOError, InterruptedError):
                 stats.send_dropped += j - i
             except OSError as exc:
-                # No GSO on this socket or device (EIO, EINVAL, ENOPROTOOPT): plain sends
-                # from now on, and this run too.
-                self.gso = False
-                conn.log.info("gso_disabled", error=str(exc))
-                self._send_each(conn, datagrams[i:])
-                return
+                if exc.errno in _GSO_UNSUPPORTED:
+                    # The socket cannot do GSO at all: plain sends from now on.
+                    self.gso = False
+                    conn.log.info("gso_disabled", error=str(exc))
+                    self._send_each(conn, datagrams[i:])
+                    return
+                length = _GSO_PAUSE_MIN if pause is None else min(pause[1] * 2, _GSO_PAUSE_MAX)
+                paused[addr] = (self._loop.time() + length, length)
+                stats.gso_paused += 1
+                conn.log.info(
+                    "gso_paused",
+                    destination=_plain_address(addr),
+                    seconds=length,
+                    segment=size,
+                    error=str(exc),
+                )
+                self._send_each(conn, run)
             i = j
 
     def _mark_dirty(self, conn: Connection) -> None:
@@ -968,8 +1078,8 @@ class QuicEndpoint:
 
 
 def default_engine() -> str:
-    """The engine named by ``CYPHONIC_QUIC_ENGINE`` (``aioquic`` when unset)."""
-    return os.environ.get("CYPHONIC_QUIC_ENGINE", "aioquic").strip().lower() or "aioquic"
+    """The engine named by ``CYPHONIC_QUIC_ENGINE`` (``qh3`` when unset)."""
+    return os.environ.get("CYPHONIC_QUIC_ENGINE", "").strip().lower() or DEFAULT_ENGINE
 
 
 def _load_engine(name: str) -> ModuleType | None:
@@ -983,6 +1093,25 @@ def _load_engine(name: str) -> ModuleType | None:
     except ImportError as exc:
         raise Unavailable("QUIC engine qh3 is not installed (install cyphonic[qh3])") from exc
     return engine_qh3
+
+
+def _enable_gro(sock: socket.socket) -> bool:
+    """Ask for UDP GRO trains on ``sock``; False where the kernel has no UDP_GRO."""
+    if sys.platform != "linux" or not _GRO_CMSG_SPACE:
+        return False
+    try:
+        sock.setsockopt(_SOL_UDP, _UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def _gro_segment(ancillary: list[tuple[int, int, bytes]]) -> int:
+    """The GRO segment size in a recvmsg's ancillary data (0 if none)."""
+    for level, kind, value in ancillary:
+        if level == _SOL_UDP and kind == _UDP_GRO and len(value) >= _GRO_SIZE.size:
+            return int(_GRO_SIZE.unpack_from(value)[0])
+    return 0
 
 
 def _utcnow() -> datetime.datetime:

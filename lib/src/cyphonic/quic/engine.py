@@ -1,5 +1,6 @@
-"""Everything specific to the QUIC engine (aioquic 1.7.2) lives here, so that another
-engine with the same API (qh3) can be offered later behind the same endpoint.
+"""Everything specific to aioquic 1.7.2 (the engine the project was specified with, selected
+with ``CYPHONIC_QUIC_ENGINE=aioquic``) lives here, and the engine-neutral helpers both
+engines share; qh3, the default engine, is in ``engine_qh3`` behind the same surface.
 
 Two things aioquic does not do on its own, added without forking it:
 
@@ -18,6 +19,13 @@ Two things aioquic does not do on its own, added without forking it:
   ``CyphonicQuicConnection`` takes a ``connection_id_factory`` used at both spots, and a
   client may also choose its first Destination CID (``initial_destination_cid``) so that a
   relay can route the very first Initial.
+
+A connection made with relay CIDs (either argument) is *relayed*: it never switches to
+another Destination CID on its own (``change_connection_id`` does nothing). The relay routes
+only the CIDs it assigned, and a peer on qh3 issues its spare CIDs from its native core
+(random, unknown to the relay), so the CID both sides opened with is the one that is
+certain to be routed; the relay learns a moved node's address from its control connection,
+not from the CID (docs/relay.md).
 """
 
 from __future__ import annotations
@@ -164,6 +172,8 @@ class CyphonicQuicConnection(QuicConnection):
     ) -> None:
         self._peer_verifier = peer_verifier
         self._cid_factory = connection_id_factory
+        self.relayed = connection_id_factory is not None or initial_destination_cid is not None
+        """Made with relay-chosen CIDs: keeps its Destination CID (module docstring)."""
         super().__init__(
             configuration=configuration,
             original_destination_connection_id=original_destination_connection_id,
@@ -174,10 +184,9 @@ class CyphonicQuicConnection(QuicConnection):
             self.host_cid = first.cid
             self._local_initial_source_connection_id = first.cid
         if initial_destination_cid is not None:
-            if not configuration.is_client:
-                raise ValueError("only a client chooses its initial destination CID")
-            if not 8 <= len(initial_destination_cid) <= 20:
-                raise ValueError("an initial destination CID has 8 to 20 bytes")
+            check_initial_destination_cid(
+                initial_destination_cid, is_client=configuration.is_client
+            )
             # aioquic itself gives the first peer CID no sequence number.
             self._peer_cid = QuicConnectionId(
                 cid=initial_destination_cid,
@@ -188,13 +197,20 @@ class CyphonicQuicConnection(QuicConnection):
     def _new_cid(self, sequence_number: int) -> bytes:
         if self._cid_factory is None:
             return os.urandom(self._configuration.connection_id_length)
-        cid = self._cid_factory(sequence_number)
-        if len(cid) != self._configuration.connection_id_length:
-            raise ValueError(
-                f"connection_id_factory returned {len(cid)} bytes, "
-                f"need {self._configuration.connection_id_length}"
-            )
-        return cid
+        return factory_cid(
+            self._cid_factory, sequence_number, self._configuration.connection_id_length
+        )
+
+    def change_connection_id(self) -> None:
+        """Switch to the peer's next CID, except on a relayed connection (module docstring)."""
+        if not self.relayed:
+            super().change_connection_id()
+
+    def receive_gro(self, buffer: bytes, segment_size: int, addr: Any, now: float) -> None:
+        """A UDP GRO train (``segment_size``-byte datagrams, the last may be shorter), one
+        datagram at a time: aioquic has no batch entry point."""
+        for offset in range(0, len(buffer), segment_size):
+            self.receive_datagram(buffer[offset : offset + segment_size], addr, now)
 
     def _replenish_connection_ids(self) -> None:
         # Same as aioquic's, with the CID drawn from the factory.
@@ -300,6 +316,22 @@ class CyphonicQuicConnection(QuicConnection):
         if remote is not None:
             payload = min(payload, remote - 1 - size_uint_var(remote))
         return max(payload, 0)
+
+
+def factory_cid(factory: ConnectionIdFactory, sequence_number: int, length: int) -> bytes:
+    """The factory's CID with ``sequence_number``; ValueError if it has the wrong length."""
+    cid = factory(sequence_number)
+    if len(cid) != length:
+        raise ValueError(f"connection_id_factory returned {len(cid)} bytes, need {length}")
+    return cid
+
+
+def check_initial_destination_cid(cid: bytes, *, is_client: bool) -> None:
+    """ValueError unless a client chooses a first Destination CID of 8 to 20 bytes."""
+    if not is_client:
+        raise ValueError("only a client chooses its initial destination CID")
+    if not 8 <= len(cid) <= 20:
+        raise ValueError("an initial destination CID has 8 to 20 bytes")
 
 
 def make_configuration(

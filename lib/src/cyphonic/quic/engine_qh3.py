@@ -22,10 +22,30 @@ Python (``qh3.tls.Context``), which is what lets the project keep its mutual TLS
 * A refusal raises a TLS alert, which qh3 turns into CONNECTION_CLOSE with
   CRYPTO_ERROR + alert and the reason phrase, exactly as aioquic does.
 
-What qh3 cannot do: its native core draws every host connection ID after the first
-itself, so a relay (TRS) cannot choose them. Connections that need a
-``connection_id_factory`` or an ``initial_destination_cid`` therefore always use
-aioquic (``engine.CyphonicQuicConnection``); the endpoint picks per connection.
+Relay-chosen connection IDs (the TRS): the first host CID and a client's first Destination
+CID are set before the native core is made (``host_cid`` and the original destination CID,
+which the wrapper hands to the core), so a relayed connection opens and runs on the TRS's
+CIDs exactly as on aioquic. The core draws its spare CIDs (NEW_CONNECTION_ID) itself, at
+random, and has no hook for that; a relayed connection therefore never switches CIDs on
+either engine (``engine`` module docstring), and the peer's copies of those spares stay
+unused. ``host_cids`` lists the first CID and the spares the core issued.
+
+Two fixes to qh3's Python wrapper, both tested:
+
+* First flight from an aioquic client: aioquic pads its client Initial by appending zero
+  bytes after the packet (RFC 9000 section 14.1 allows it) rather than PADDING frames
+  inside it. The wrapper hands the core each packet of a datagram separately, so the core
+  counted 533 received bytes, not 1,452, and its anti-amplification budget (3x) was too
+  small for the server's flight: the packet builder raised "capacity exhausted" and the
+  handshake waited for the client's retransmission (about a second). Here a datagram's
+  trailing bytes that are no packet go to the core with the packet before them, so the core
+  counts the whole datagram; and a builder that runs out of budget before the handshake
+  completes just stops for this pass (the next client datagram raises the budget).
+* After the handshake, received datagrams go to the native core whole (short headers end
+  at the end of the datagram; all keys are installed), and ``datagrams_to_send`` polls the
+  core directly: the wrapper parses every received and sent packet's header for its qlog
+  logger even when there is none (1-1.7 us a packet). Both are used only while no
+  ``quic_logger`` is configured (the endpoint never configures one).
 
 Events come out as aioquic's event classes, so handlers and the signalling layer do not
 care which engine carries a connection. The code depends on qh3 internals (TLS state
@@ -46,11 +66,13 @@ from cryptography.hazmat.primitives import serialization
 from qh3 import tls as qtls
 from qh3._hazmat import Buffer as QBuffer
 from qh3._hazmat import Certificate as QCertificate
-from qh3._hazmat import SignatureError, verify_with_public_key
+from qh3._hazmat import SignatureError, pull_quic_header, verify_with_public_key
 from qh3.quic import events as qe
 from qh3.quic.configuration import QuicConfiguration as Qh3Configuration
 from qh3.quic.connection import QuicConnection as Qh3Connection
+from qh3.quic.connection import QuicConnectionError
 from qh3.quic.connection import QuicConnectionState as Qh3State
+from qh3.quic.packet import QuicErrorCode, QuicPacketType
 
 from cyphonic.errors import CyphonicError, Unauthenticated
 from cyphonic.pki import CertifiedKey, PeerIdentity
@@ -321,15 +343,29 @@ class Qh3QuicConnection(Qh3Connection):
         configuration: Qh3Configuration,
         peer_verifier: engine.PeerVerifier,
         original_destination_connection_id: bytes | None = None,
+        connection_id_factory: engine.ConnectionIdFactory | None = None,
+        initial_destination_cid: bytes | None = None,
     ) -> None:
         self._peer_verifier = peer_verifier
         self._datagrams_queued = 0
         self._terminated_event: aq.ConnectionTerminated | None = None
-        self._handshake_address: Any = None
         super().__init__(
             configuration=configuration,
             original_destination_connection_id=original_destination_connection_id,
         )
+        self.relayed = connection_id_factory is not None or initial_destination_cid is not None
+        """Made with relay-chosen CIDs: keeps its Destination CID (module docstring)."""
+        if connection_id_factory is not None:
+            # Read by the wrapper when it makes the core (connect / first Initial).
+            self.host_cid = engine.factory_cid(
+                connection_id_factory, 0, configuration.connection_id_length
+            )
+        if initial_destination_cid is not None:
+            engine.check_initial_destination_cid(
+                initial_destination_cid, is_client=configuration.is_client
+            )
+            self._original_destination_connection_id = initial_destination_cid
+        self._host_cids = [self.host_cid]
 
     def _create_tls(self, remote_source_cid: bytes | None) -> Any:
         bridge = super()._create_tls(remote_source_cid)
@@ -344,30 +380,154 @@ class Qh3QuicConnection(Qh3Connection):
         return bridge
 
     def next_event(self) -> Any:
-        while True:
-            event = super().next_event()
-            if event is None:
-                return None
+        events: Any = self._events  # qh3's events, and aioquic DATAGRAM events (below)
+        while events:
+            event = events.popleft()
+            if type(event) is aq.DatagramFrameReceived:  # made so by _drain_core
+                return event
             translated = _translate(event)
             if translated is not None:
-                if type(translated) is aq.HandshakeCompleted:
-                    # The handshake validated the path it ran on (RFC 9000 section 8.1).
-                    self._handshake_address = self.get_peer_address()
+                kind = type(translated)
+                if kind is aq.ConnectionIdIssued:
+                    self._host_cids.append(translated.connection_id)  # type: ignore[attr-defined]
+                elif kind is aq.ConnectionIdRetired:
+                    cid = translated.connection_id  # type: ignore[attr-defined]
+                    if cid in self._host_cids:
+                        self._host_cids.remove(cid)
                 return translated
+        return None
+
+    def _drain_core(self) -> None:
+        """The wrapper's event drain, with DATAGRAM frames (the tunnel's packets) taken
+        straight to aioquic's event class; every other native event goes through the
+        wrapper's own handling, one at a time, in order."""
+        core = self._core
+        if core is None:
+            return
+        append = cast(Any, self._events).append
+        datagram = aq.DatagramFrameReceived
+        next_native = core.next_event
+        while (native := next_native()) is not None:
+            if native[0] == "datagram":
+                append(datagram(data=native[1]))
+                continue
+            self._core = cast(Any, _OneEvent(core, native))
+            try:
+                super()._drain_core()
+            finally:
+                if self._core is not None and type(self._core) is _OneEvent:
+                    self._core = core
+
+    def change_connection_id(self) -> None:
+        """Switch to the peer's next CID, except on a relayed connection (module docstring)."""
+        if not self.relayed:
+            super().change_connection_id()
+
+    # -- receive: whole datagrams to the core after the handshake; padded Initials counted
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        core = self._core
+        if core is not None and self._handshake_complete and self._quic_logger is None:
+            try:
+                core.receive_datagram(data, addr, now, len(data))
+            except RuntimeError as exc:  # as the wrapper's _call_core maps it
+                raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
+            self._drain_core()
+            return
+        ends = _packet_ends(data, self._configuration.connection_id_length)
+        if ends is None or self._is_client:
+            # Every byte is in a packet (or it is not QUIC): the wrapper counts it right.
+            # A client has no anti-amplification budget to get wrong.
+            super().receive_datagram(data, addr, now)
+            return
+        self._receive_padded(data, addr, now, ends)
+
+    def _receive_padded(self, data: bytes, addr: Any, now: float, ends: list[int]) -> None:
+        """The wrapper's server receive, with trailing padding counted (module docstring)."""
+        cid_length = self._configuration.connection_id_length
+        if self._core is None:
+            if len(data) < 1200:
+                return
+            header = pull_quic_header(data, 0, cid_length)
+            if header[1] != int(QuicPacketType.INITIAL):
+                return
+            if header[0] not in self._configuration.supported_versions:
+                return
+            self._remote_addr = addr
+            self._version = header[0]
+            self._create_core(addr, header[3], now)
+            self._create_tls(remote_source_cid=None)
+        core = self._require_core()
+        start = 0
+        for end in ends:
+            packet = data[start:end]
+            report = self._call_core(core.receive_datagram, packet, addr, now, len(data))
+            if report[2]:
+                self._learn_remote_source_cid(packet)
+            self._drain_core()
+            start = end
+
+    def receive_many(self, datagrams: list[bytes], addr: Any, now: float) -> None:
+        """Datagrams from one address, in order, fed to the core in one call."""
+        core = self._core
+        if core is not None and self._handshake_complete and self._quic_logger is None:
+            self._call_core(core.receive_many_datagrams, datagrams, addr, now)
+            self._drain_core()
+            return
+        for data in datagrams:
+            self.receive_datagram(data, addr, now)
+
+    def receive_gro(self, buffer: bytes, segment_size: int, addr: Any, now: float) -> None:
+        """A UDP GRO buffer (``segment_size``-byte datagrams, the last may be shorter)."""
+        core = self._core
+        if core is not None and self._handshake_complete and self._quic_logger is None:
+            self._call_core(core.receive_gro_buffer, buffer, segment_size, addr, now)
+            self._drain_core()
+            return
+        for offset in range(0, len(buffer), segment_size):
+            self.receive_datagram(buffer[offset : offset + segment_size], addr, now)
+
+    # -- send: the core polled directly (no header parsing for a logger that is not there)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
-        out = super().datagrams_to_send(now)
         core = self._core
-        if core is None or core.bytes_in_flight + self._configuration.max_datagram_size <= (
-            core.congestion_window
-        ):
+        if core is None:
+            return []
+        if self._quic_logger is not None:
+            out = super().datagrams_to_send(now)
+        else:
+            out = []
+            poll = core.poll_transmit
+            try:
+                while (transmit := poll(now)) is not None:
+                    out.append((transmit[0], transmit[1]))
+            except RuntimeError as exc:
+                if (
+                    not self._is_client
+                    and not self._handshake_complete
+                    and str(exc) == _BUILDER_CAPACITY
+                ):
+                    # The server flight ran into the anti-amplification budget (the core
+                    # raises rather than waits): what fits went out, the rest follows the
+                    # client's next datagram.
+                    pass
+                else:
+                    raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
+        if core.bytes_in_flight + self._configuration.max_datagram_size <= core.congestion_window:
             self._datagrams_queued = 0  # not congestion-limited: the core sent them all
         else:
             self._datagrams_queued = max(0, self._datagrams_queued - len(out))
         return out
 
     def send_datagram_frame(self, data: bytes) -> None:
-        super().send_datagram_frame(data)
+        core = self._core
+        if core is None:
+            super().send_datagram_frame(data)  # raises as the wrapper does
+        else:
+            try:  # the wrapper's three Python calls per packet, folded
+                core.send_datagram(data)
+            except RuntimeError as exc:
+                raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
         self._datagrams_queued += 1
 
     def get_peer_address(self) -> Any:
@@ -421,8 +581,8 @@ class Qh3QuicConnection(Qh3Connection):
 
     @property
     def host_cids(self) -> list[bytes]:
-        """The first host CID (the core issues and retires the others by events)."""
-        return [self.host_cid]
+        """Every connection ID this side currently accepts packets on."""
+        return list(self._host_cids)
 
     @property
     def smoothed_rtt(self) -> float | None:
@@ -438,14 +598,12 @@ class Qh3QuicConnection(Qh3Connection):
     def peer_address_validated(self) -> bool:
         """Whether QUIC has validated the current peer path (RFC 9000 section 8).
 
-        qh3's core does not tell, so only the path the handshake ran on counts: after a
-        migration this stays False (a relay then keeps the address it has).
+        qh3's core (2.1.0) makes a path active only once it is validated (its ``activate``
+        refuses an unvalidated one; a new peer address is probed with PATH_CHALLENGE while
+        the old path stays active), and the handshake validates the first path. So the
+        active path is the validated one as soon as the handshake is complete.
         """
-        return (
-            self._handshake_address is not None
-            and self._core is not None
-            and self._core.active_path[2] == self._handshake_address
-        )
+        return bool(self._handshake_complete) and self._core is not None
 
     @property
     def push_datagram(self) -> Callable[[bytes], None]:
@@ -475,6 +633,47 @@ class Qh3QuicConnection(Qh3Connection):
         if remote is not None:
             payload = min(payload, remote - 1 - size_uint_var(remote))
         return max(payload, 0)
+
+
+_BUILDER_CAPACITY = "packet builder capacity exhausted"
+
+
+class _OneEvent:
+    """The native core as seen by the wrapper's ``_drain_core`` for one event: that event,
+    then none (so control comes back); everything else is the core's."""
+
+    __slots__ = ("_core", "_event")
+
+    def __init__(self, core: Any, event: tuple[Any, ...]) -> None:
+        self._core = core
+        self._event: tuple[Any, ...] | None = event
+
+    def next_event(self) -> tuple[Any, ...] | None:
+        event, self._event = self._event, None
+        return event
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._core, name)
+
+
+def _packet_ends(data: bytes, cid_length: int) -> list[int] | None:
+    """End offsets of the packets in a datagram, the last one stretched over trailing bytes
+    that are no packet (padding); None when there are none (or the first is no packet)."""
+    ends: list[int] = []
+    offset, size = 0, len(data)
+    while offset < size:
+        try:
+            end = pull_quic_header(data, offset, cid_length)[9]
+        except ValueError:
+            if not ends:
+                return None
+            ends[-1] = size
+            return ends
+        if end <= offset:
+            return None
+        ends.append(end)
+        offset = end
+    return None
 
 
 def make_configuration(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -194,8 +195,17 @@ def alembic_config(url: str | None = None) -> Config:
     return config
 
 
+MIGRATION_LOCK_ID = 0x6379_7068_6F6E_6963 & 0x7FFF_FFFF_FFFF_FFFF
+"""PostgreSQL advisory lock key held while migrating ("cyphonic" in ASCII, as a bigint)."""
+
+
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
-    """Run ``alembic upgrade <revision>`` on ``engine`` from inside a running event loop."""
+    """Run ``alembic upgrade <revision>`` on ``engine`` from inside a running event loop.
+
+    On PostgreSQL the migration holds a transaction-scoped advisory lock, so that several
+    migrators started together (one init container per replica) run one after the other:
+    the first creates the schema, the others find it at ``head`` and do nothing.
+    """
 
     from alembic import command
 
@@ -205,16 +215,33 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
     async with map_db_errors(), engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_ID}
+            )
         await conn.run_sync(_run)
 
 
-def migrate(url: str, revision: str = "head") -> None:
-    """Run ``alembic upgrade <revision>`` on the database at ``url`` (no event loop running)."""
+def migrate(url: str, revision: str = "head", *, wait_s: float = 0.0) -> None:
+    """Run ``alembic upgrade <revision>`` on the database at ``url`` (no event loop running).
+
+    ``wait_s``: keep trying this long while the database is unreachable (a database started
+    together with the services, as the chart's in-cluster PostgreSQL is); any other error,
+    a refused password for one, fails at once.
+    """
 
     async def _main() -> None:
         engine = create_engine(url)
+        deadline = time.monotonic() + wait_s
         try:
-            await upgrade(engine, revision)
+            while True:
+                try:
+                    await upgrade(engine, revision)
+                    return
+                except Unavailable:
+                    if time.monotonic() >= deadline:
+                        raise
+                    await asyncio.sleep(1.0)
         finally:
             await engine.dispose()
 

@@ -1,7 +1,8 @@
 """``cyphonic-as``: the Authentication Service command line.
 
     cyphonic-as init-pki --pki-dir ./pki [--domain cyphonic.internal]
-    cyphonic-as migrate [--database-url URL]
+    cyphonic-as migrate [--database-url URL] [--wait SECONDS]
+    cyphonic-as pki-bootstrap --prefix P [--label k=v]   # PKI Secrets in Kubernetes (hook Job)
     cyphonic-as serve [--migrate] [--http-port 8081] [--quic-port 443] ...
     cyphonic-as create-node NAME [--tag owner=alice] [--device model=pi4]
     cyphonic-as token NAME [--ttl 3600]          # prints a one-time enrolment token
@@ -45,6 +46,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=["console", "json"])
 
 
+def _wait_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep trying this long while the database is unreachable (default 0)",
+    )
+
+
 def _pairs(values: Sequence[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in values or ():
@@ -71,8 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="service certificates to issue (default as,nms,trs)",
     )
 
+    p = sub.add_parser(
+        "pki-bootstrap",
+        help="create the missing PKI Secrets in Kubernetes (the chart's hook Job; in-cluster)",
+    )
+    _common(p)
+    p.add_argument("--prefix", required=True, help="Secret name prefix: <prefix>-{ca,as,nms,trs}")
+    p.add_argument("--label", action="append", help="label of created Secrets, key=value")
+
     p = sub.add_parser("migrate", help="bring the registry database schema up to date")
     _common(p)
+    _wait_flag(p)
 
     p = sub.add_parser("serve", help="run the QUIC endpoint and the admin REST API")
     _common(p)
@@ -200,8 +220,19 @@ def _run(args: argparse.Namespace, settings: AuthSettings) -> int:
         if not material.created:
             print(f"{settings.pki_dir}: complete, nothing created")
         return 0
+    if args.command == "pki-bootstrap":
+        from cyphonic_auth.kube_pki import KubernetesSecrets, bootstrap
+
+        bootstrap(
+            KubernetesSecrets(),
+            prefix=args.prefix,
+            domain=settings.domain,
+            labels=_pairs(args.label),
+            now=now,
+        )
+        return 0
     if args.command == "migrate":
-        db.migrate(settings.database_url)
+        db.migrate(settings.database_url, wait_s=args.wait)
         print("registry database is up to date")
         return 0
     if args.command == "serve":

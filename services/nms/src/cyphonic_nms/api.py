@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from cyphonic_nms.cluster import RouteRecord
 from cyphonic_nms.manager import Handover, NodeManager
+from cyphonic_nms.route_reason import explain, transport
 from cyphonic_nms.routing import NetworkInfo, Pattern
 from cyphonic_nms.storage import NodeView
 
@@ -79,6 +80,13 @@ class RoutePublic(BaseModel):
     trs_replica: str | None
     decided_by: str
     created_at: datetime
+    transport: str = Field(description="QUIC/UDP over IPv4, over IPv6, or via TRS")
+    reason_code: str = Field(
+        description="why this pattern (cyphonic_nms.route_reason): both_ipv6, "
+        "both_global_ipv4, one_side_nat, both_behind_nat, no_common_family, "
+        "no_dialable_address, outdated, unknown"
+    )
+    reason: str = Field(description="the same in words, from both nodes' networks now")
 
 
 class ReplicaPublic(BaseModel):
@@ -91,6 +99,9 @@ class ReplicaPublic(BaseModel):
     ipv4_pool: str
     ipv6_pool: str
 
+
+# Routes listing: up to this many nodes are read one by one, more in one list query.
+_POINT_QUERIES = 20
 
 # Grace on top of the offline timeout: last_seen is refreshed in batches every few seconds.
 _LAST_SEEN_GRACE = timedelta(seconds=10)
@@ -139,8 +150,21 @@ def node_public(
     )
 
 
-def route_public(route: RouteRecord) -> RoutePublic:
-    """The REST form of a route."""
+def route_public(
+    route: RouteRecord,
+    *,
+    initiator_net: NetworkInfo | None = None,
+    responder_net: NetworkInfo | None = None,
+) -> RoutePublic:
+    """The REST form of a route; its reason is read from the two nodes' networks."""
+    reason = explain(
+        pattern=route.pattern,
+        family=route.family,
+        initiator=route.initiator,
+        responder=route.responder,
+        initiator_net=initiator_net,
+        responder_net=responder_net,
+    )
     return RoutePublic(
         route_id=route.route_id,
         initiator=route.initiator,
@@ -152,6 +176,9 @@ def route_public(route: RouteRecord) -> RoutePublic:
         trs_replica=route.trs_replica,
         decided_by=route.decided_by,
         created_at=datetime.fromtimestamp(route.created_ms / 1000, UTC),
+        transport=transport(route.pattern, route.family),
+        reason_code=reason.code,
+        reason=reason.text,
     )
 
 
@@ -204,7 +231,21 @@ async def list_routes(
     node: Annotated[str | None, Query(max_length=253, description="only this node's")] = None,
 ) -> Page[RoutePublic]:
     routes = await (manager.routes.for_node(node.lower()) if node else manager.routes.all())
-    items = [route_public(r) for r in routes[page.offset : page.offset + page.limit]]
+    chosen = routes[page.offset : page.offset + page.limit]
+    # Both nodes' networks, for the reason: a query per node for a few, one list for many.
+    wanted = {f for r in chosen for f in (r.initiator, r.responder)}
+    networks: dict[str, NetworkInfo | None] = dict.fromkeys(wanted)
+    if len(wanted) > _POINT_QUERIES:
+        views, _ = await manager.nodes.list_views()
+        networks.update((v.fqdn, v.network) for v in views if v.fqdn in wanted)
+    else:
+        for fqdn in wanted:
+            view = await manager.nodes.view(fqdn)
+            networks[fqdn] = view.network if view is not None else None
+    items = [
+        route_public(r, initiator_net=networks[r.initiator], responder_net=networks[r.responder])
+        for r in chosen
+    ]
     return Page[RoutePublic](items=items, total=len(routes), limit=page.limit, offset=page.offset)
 
 

@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="bring the registry database schema up to date")
     _common(p)
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep trying this long while the database is unreachable (default 0)",
+    )
 
     p = sub.add_parser("settings", help="print the effective settings (secrets hidden)")
     _common(p)
@@ -132,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure(settings.log_level, settings.log_format)
     try:
         if args.command == "migrate":
-            migrate(settings.database_url)
+            migrate(settings.database_url, wait_s=args.wait)
             print("registry database is up to date")
             return 0
         if args.command == "settings":

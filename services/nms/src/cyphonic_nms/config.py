@@ -7,7 +7,7 @@ import socket
 
 from cyphonic import relay_token
 from cyphonic.config import ServiceSettings
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from cyphonic_nms.leases import DEFAULT_IPV4_POOL
 
@@ -58,12 +58,43 @@ class NmsSettings(ServiceSettings):
         5.0, gt=0, description="bound on each Redis command and connection attempt (seconds)"
     )
     migrate: bool = Field(False, description="run registry migrations before serving")
+    as_url: str | None = Field(
+        None,
+        description="base URL of the AS REST API (http://as:8081, as the TRS's as_url); the "
+        "console's revoke is sent there with as_admin_token; none = no revoke in the console",
+    )
+    as_admin_token: SecretStr | None = Field(
+        None, description="bearer token for the AS admin API (default: this NMS's admin token)"
+    )
+    trs_admin_urls: list[str] = Field(
+        default_factory=list,
+        description="base URLs of the TRS replicas' admin REST APIs (JSON list), one per "
+        "replica, read by the console for relayed sessions and counters",
+    )
+    trs_admin_url_template: str | None = Field(
+        None,
+        description="admin base URL of a TRS replica with {replica} for its number, e.g. "
+        "http://cyphonic-trs-{replica}.cyphonic-trs-headless:8083 (a StatefulSet): applied "
+        "to every replica in the TRS directory, so scaled replicas are found",
+    )
+    trs_admin_token: SecretStr | None = Field(
+        None, description="bearer token for the TRS admin APIs (default: this NMS's admin token)"
+    )
 
     @model_validator(mode="after")
     def _check_timing(self) -> NmsSettings:
         if self.offline_timeout_s <= self.keepalive_interval_s:
             raise ValueError("offline_timeout_s must be longer than keepalive_interval_s")
         return self
+
+    @field_validator("trs_admin_url_template")
+    @classmethod
+    def _check_template(cls, value: str | None) -> str | None:
+        if value is not None and (
+            "{replica}" not in value or value.replace("{replica}", "").count("{")
+        ):
+            raise ValueError("trs_admin_url_template needs {replica} and no other {...}")
+        return value
 
     def relay_secret(self) -> bytes:
         """The relay token secret (a development default only in the ``local`` environment)."""

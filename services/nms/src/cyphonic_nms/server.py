@@ -24,6 +24,7 @@ from cyphonic_nms.cluster import (
     redis_client,
 )
 from cyphonic_nms.config import NmsSettings
+from cyphonic_nms.console import make_router as console_router
 from cyphonic_nms.leases import LeasePools
 from cyphonic_nms.manager import NmsMetrics, NodeManager
 from cyphonic_nms.routing import Endpoint
@@ -106,7 +107,7 @@ class NmsServer:
             title="CYPHONIC NMS",
             admin_token=s.admin_token,
             ready_checks=checks,
-            routers=[router],
+            routers=[router, console_router(s)],
             metrics_registry=self.manager.metrics.registry,
             description="Node Management Service: nodes, virtual addresses, routes.",
         )

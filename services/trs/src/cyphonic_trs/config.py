@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from cyphonic import relay_token
-from cyphonic.config import ServiceSettings
-from pydantic import Field, SecretStr, model_validator
+from cyphonic.config import QUIC_PORT, ServiceSettings
+from cyphonic.errors import InvalidArgument
+from cyphonic.hostport import parse_host_port
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from cyphonic_trs.allocation import DEFAULT_CIDS_PER_SIDE, MAX_CIDS_PER_SIDE
 from cyphonic_trs.cid import MAX_REPLICA_ID
@@ -24,8 +26,9 @@ class TrsSettings(ServiceSettings):
     )
     public_endpoints: list[str] = Field(
         default_factory=list,
-        description="UDP addresses nodes dial to reach this replica (host:port, [v6]:port), "
-        "registered for the NMS; JSON list in the environment",
+        description="UDP addresses nodes dial to reach this replica (ip:port, [v6]:port: the "
+        "NMS hands out addresses, so a host name is refused), registered for the NMS; JSON "
+        "list in the environment",
     )
     server_name: str | None = Field(
         None, description="name in this replica's certificate; default trs.svc.<domain>"
@@ -63,6 +66,16 @@ class TrsSettings(ServiceSettings):
     socket_buffer_bytes: int = Field(
         4 * 1024 * 1024, ge=65536, description="UDP socket send and receive buffer size"
     )
+
+    @field_validator("public_endpoints")
+    @classmethod
+    def _check_endpoints(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                parse_host_port(item, default_port=QUIC_PORT, require_ip=True)
+            except InvalidArgument as exc:  # pydantic reports ValueErrors as validation errors
+                raise ValueError(exc.message) from exc
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> TrsSettings:

@@ -182,6 +182,18 @@ class RelayCore:
 
     # --- the per-packet path ---------------------------------------------------------
 
+    def train_received(self, data: bytes, count: int, addr: Any, now: float) -> Action:
+        """Decide for a UDP GRO train of ``count`` short-header datagrams from ``addr`` that
+        all carry the Destination CID of the first (the caller checked): one decision,
+        counted as ``count`` packets of ``len(data)`` bytes in all."""
+        action = self.datagram_received(data, addr, now)  # all the train's bytes counted
+        if count > 1 and action.__class__ is Forward:
+            session, owner = self._table[data[SHORT_OFF_DCID : self._short_end]]
+            sender = session.sides[1 - owner]
+            assert sender is not None  # a Forward needs one
+            sender.packets += count - 1  # the first was counted
+        return action
+
     def datagram_received(self, data: bytes, addr: Any, now: float) -> Action:
         """Decide what to do with one datagram received from ``addr`` at ``now``."""
         if len(data) >= self._short_min and not data[0] & FORM_BIT:

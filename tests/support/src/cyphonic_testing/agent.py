@@ -25,7 +25,9 @@ import struct
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from cyphonic.quic import QuicEndpoint
 from cyphonic_agent.agent import Agent, AgentEdges
 from cyphonic_agent.config import AgentSettings
 from cyphonic_agent.enroll import enroll
@@ -90,14 +92,21 @@ class FakeWatcher:
         await self.on_move(Move(old=old, new=new))
 
 
-def fake_edges(addresses: Iterable[str] = ("127.0.0.1",)) -> AgentEdges:
-    """Real QUIC on loopback; a fake TUN, watcher and address list; no TUN access check."""
+def fake_edges(
+    addresses: Iterable[str] = ("127.0.0.1",), *, engine: str | None = None
+) -> AgentEdges:
+    """Real QUIC on loopback (``engine``: ``qh3`` or ``aioquic``, default the endpoint's);
+    a fake TUN, watcher and address list; no TUN access check."""
     listed = [ipaddress.ip_address(a) for a in addresses]
+
+    async def open_endpoint(**kwargs: Any) -> QuicEndpoint:
+        return await QuicEndpoint.open(engine=engine, **kwargs)
 
     def host_addresses(**_kwargs: object) -> list[IPAddress]:
         return list(listed)
 
     return AgentEdges(
+        open_endpoint=open_endpoint,
         check_tun=lambda: None,
         open_tun=FakeTun.open,
         watch_moves=FakeWatcher,
