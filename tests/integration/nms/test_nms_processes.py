@@ -29,7 +29,7 @@ from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_nms.routing import Endpoint
 from cyphonic_nms.trs_directory import RedisTrsDirectory, TrsReplica
 from cyphonic_testing.nms import NmsProcess, add_node, revoke_node
-from cyphonic_testing.simnode import SimulatedNode, issue_node_identity
+from cyphonic_testing.nms_client import NmsProtocolClient, issue_node_identity
 from sqlalchemy import select
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(240)]
@@ -48,7 +48,7 @@ class World:
         self.pg_url = pg_url
         self.redis_url = redis_url
         self.processes: list[NmsProcess] = []
-        self.nodes: list[SimulatedNode] = []
+        self.nodes: list[NmsProtocolClient] = []
 
     async def nms(self, replica_id: str = "nms-1", *, redis: bool = True) -> NmsProcess:
         proc = NmsProcess(
@@ -73,10 +73,10 @@ class World:
 
     async def node(
         self, name: str, nms: NmsProcess, *, enrol: bool = True, ipv6: bool = False
-    ) -> SimulatedNode:
+    ) -> NmsProtocolClient:
         if enrol:
             await self.enrol(name)
-        node = SimulatedNode(
+        node = NmsProtocolClient(
             identity=issue_node_identity(self.pki.node_ca, f"{name}.{DOMAIN}"),
             trust=self.pki.trust,
             nms=("::1" if ipv6 else "127.0.0.1", nms.quic_port),
@@ -114,7 +114,7 @@ async def world(
         await w.close()
 
 
-def _nat_report(node: SimulatedNode) -> list[Endpoint]:
+def _nat_report(node: NmsProtocolClient) -> list[Endpoint]:
     # What a node behind NAT reports: its private LAN address, not what the NMS will see.
     return [Endpoint(ip_address("192.168.77.10"), node.local.port)]
 
@@ -154,7 +154,7 @@ async def test_unenrolled_node_and_service_certificate_are_refused(world: World)
     with pytest.raises(PermissionDenied, match="not enrolled"):
         await stranger.register()
     # A service certificate (the AS's) is not a node: refused inside the handshake.
-    service = SimulatedNode(
+    service = NmsProtocolClient(
         identity=world.pki.services["as"],
         trust=world.pki.trust,
         nms=("127.0.0.1", nms.quic_port),
@@ -205,7 +205,7 @@ async def test_route_pattern_for_each_cell_pushed_to_both(world: World) -> None:
     finally:
         await client.aclose()
     nms = await world.nms()
-    nodes: dict[tuple[str, int], SimulatedNode] = {}
+    nodes: dict[tuple[str, int], NmsProtocolClient] = {}
     for kind in KINDS:
         for i in (1, 2):
             node = await world.node(f"{kind.replace('_', '-')}-{i}", nms, ipv6=kind == "ipv6")
