@@ -14,7 +14,9 @@ What stands for what:
   that plays the node: it DNATs every Service's ClusterIP and port to the pods it selects
   (kube-proxy), masquerades pod-to-Service-to-pod traffic (hairpin) and lets the agent nodes
   reach pods only through those Service ports. Agents of the DaemonSet (hostNetwork) run in
-  node namespaces on their own network.
+  node namespaces on their own network. Cluster DNS is the hosts file every container gets:
+  each Service's name (short, with namespace, `.svc`, `.svc.cluster.local`) at its ClusterIP,
+  and each StatefulSet pod's `<pod>.<headless governing Service>` names at the pod's address.
 - **Containers**: `ip netns exec <pod> unshare --mount`, then volumes mounted at the rendered
   paths (Secrets and ConfigMaps written as files with their defaultMode and the pod's
   fsGroup, emptyDirs, hostPaths; /etc is an overlay holding the cluster's /etc/hosts), the

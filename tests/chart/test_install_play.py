@@ -9,7 +9,9 @@ what. For each value set:
 3. start every workload replica as rendered: init containers to completion, then the
    containers, each in its pod's namespace as the rendered uid with the rendered mounts;
 4. require every readiness probe to answer before any post-install hook runs (`--wait`);
-5. run `helm test`'s pod;
+5. run `helm test`'s pod, then open the web console through the NMS admin Service: the
+   page, the admin token check, every TRS replica read at the chart's admin URL template
+   (StatefulSet pod DNS names) and a revoke the NMS forwards to the AS;
 6. upgrade: the operator has created two nodes and their enrolment tokens, turns on the agent
    DaemonSet with the root CA fingerprint and changes the log level; pre-upgrade hooks run,
    every workload rolls, every probe answers again, and the DaemonSet's agents on two
