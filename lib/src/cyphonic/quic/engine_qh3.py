@@ -47,6 +47,17 @@ Two fixes to qh3's Python wrapper, both tested:
   logger even when there is none (1-1.7 us a packet). Both are used only while no
   ``quic_logger`` is configured (the endpoint never configures one).
 
+Two fixes to qh3's native core, from the wrapper (docs/pki-and-quic.md, "Returning
+addresses"), both tested on real sockets:
+
+* A peer address the core has seen before is never followed again (its path table keeps
+  every address, and only a new one is probed): ``_ReturningAddresses`` hands the core such
+  an address as a new one (an IPv6 flowinfo epoch) when the peer comes back to it, so the
+  core validates it with PATH_CHALLENGE and then switches, as for any new address.
+* On a path change to another IP the core takes the old path's packets out of its probe
+  timeout, so stream data lost there waits for later acknowledgements that an idle
+  connection never produces: a PING on the new path after each change provides one.
+
 Events come out as aioquic's event classes, so handlers and the signalling layer do not
 care which engine carries a connection. The code depends on qh3 internals (TLS state
 names, ``_server_handle_hello``'s message order), hence the exact version pin.
@@ -54,6 +65,7 @@ names, ``_server_handle_hello``'s message order), hence the exact version pin.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -424,7 +436,8 @@ class Qh3QuicConnection(Qh3Connection):
                     # Packets sent on the old path are out of qh3's PTO (module
                     # docstring): one ack-eliciting packet on the new path lets loss
                     # detection find them once the peer acknowledges it.
-                    core.send_ping(_PATH_CHANGE_PING)
+                    with contextlib.suppress(RuntimeError):  # closing: nothing to resend
+                        core.send_ping(_PATH_CHANGE_PING)
             elif kind == "ping_acknowledged" and native[1] == _PATH_CHANGE_PING:
                 continue
             self._core = cast(Any, _OneEvent(core, native))
