@@ -402,3 +402,37 @@ def test_a_return_is_not_taken_on_an_unanswered_packet(material: pki.PkiMaterial
     server.send_datagram_frame(b"still here")
     out = server.datagrams_to_send(now=2.1)
     assert out and all(addr[:2] == away for _, addr in out)
+
+
+def test_returning_address_forms_change_once_per_stale_path() -> None:
+    """The map behind the returning-address fix: an address gets a new core form only when
+    its form went stale (or its probe went unanswered), once however many datagrams come
+    from it, at most ``_MAX_EPOCHS`` times in all; the real address comes back on the way
+    out, and a form never equals a real (received) address."""
+    first, away = ("10.0.0.1", 40000), ("10.0.1.7", 40000)
+    paths = engine_qh3._ReturningAddresses(first)
+    assert paths.core_address(first, 0.0) == first
+    assert paths.core_address(away, 1.0) == away  # new to the core: as it is
+    paths.probing_started()
+    assert paths.active_changed(away)
+    assert not paths.active_changed(away)
+    forms = {paths.core_address(first, 2.0 + i) for i in range(50)}  # replays, junk
+    assert len(forms) == 1
+    (form,) = forms
+    assert form != first and form[:2] == ("::ffff:10.0.0.1", 40000)
+    assert form[2] & 0xF000_0000  # no received flowinfo (28 bits) has these bits
+    assert paths.real_address(form) == first and paths.to_real == {form: first}
+    # a probe never answered: the address is offered again after _REPROBE_AFTER only
+    paths.probing_started()  # the core probed ``form`` at 51.0
+    assert paths.core_address(first, 52.0) == form
+    again = paths.core_address(first, 52.0 + engine_qh3._REPROBE_AFTER + 1)
+    assert again not in (form, first) and paths.real_address(again) == first
+    # bounded whatever happens
+    for i in range(2 * engine_qh3._MAX_EPOCHS):
+        paths.probing_started()
+        paths.core_address(first, 100.0 + 10 * i)
+    assert len(paths.to_real) == engine_qh3._MAX_EPOCHS
+    v6 = ("2001:db8::1", 443, 0, 3)
+    six = engine_qh3._ReturningAddresses(v6)
+    six.active_changed(("2001:db8::2", 443, 0, 3))
+    assert six.core_address(v6, 0.0)[::3] == ("2001:db8::1", 3)
