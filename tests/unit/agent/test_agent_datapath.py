@@ -7,6 +7,7 @@ tunnels are real TunnelCores over aioquic connections joined in memory.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import struct
 import sys
@@ -165,13 +166,15 @@ def test_delivery_from_peer_and_removal(tun: PipeTun) -> None:
 
 
 async def test_start_bounds_the_gil_switch_interval(tun: PipeTun) -> None:
-    """While the pump runs, another thread holding the GIL delays it at most ~0.5 ms."""
+    """While the pump runs, another thread holding the GIL delays it at most ~0.5 ms, and
+    the collector's full passes leave out what existed when it started."""
     old = sys.getswitchinterval()
     sys.setswitchinterval(0.005)  # CPython's default
     try:
         datapath = DataPath(tun=tun)
         datapath.start()
         assert sys.getswitchinterval() <= SWITCH_INTERVAL_S
+        assert gc.get_freeze_count() > 0  # long-lived objects out of full collections
         datapath.stop()
         sys.setswitchinterval(0.0001)
         datapath.start()  # a shorter one set elsewhere is kept
@@ -179,6 +182,7 @@ async def test_start_bounds_the_gil_switch_interval(tun: PipeTun) -> None:
         datapath.stop()
     finally:
         sys.setswitchinterval(old)
+        gc.unfreeze()
 
 
 def test_tunnel_status_row(tun: PipeTun) -> None:
