@@ -287,6 +287,7 @@ async def test_cross_replica_push_between_two_processes(world: World) -> None:
     # An application on bravo sends to alpha's virtual address: bravo asks by address.
     b.tun.send_from_app(udp_packet(b_vip, a_vip, b"to alpha"))
     pushed = (await a.wait_for("route_direction")).route_direction
+    await b.wait_for("route_direction")  # bravo's own direction names its route to alpha
     by_vip = b.agent.peers.routes.get(f"alpha.{DOMAIN}")
     assert by_vip is not None
     assert by_vip.fqdn == f"alpha.{DOMAIN}" and by_vip.pattern == pb.ROUTE_PATTERN_DIRECT
