@@ -38,7 +38,7 @@ import httpx
 from cyphonic.pki import init_pki
 from cyphonic.registry import Node, create_engine, make_sessionmaker, migrate
 from cyphonic_nms.routing import Endpoint
-from cyphonic_testing.simnode import SimulatedNode, issue_node_identity
+from cyphonic_testing.nms_client import NmsProtocolClient, issue_node_identity
 
 DOMAIN = "cyphonic.internal"
 TOKEN = "nms-bench-admin-token-0123456789"
@@ -164,7 +164,7 @@ async def main_async(args: argparse.Namespace) -> int:
         env["CYPHONIC_REDIS_URL"] = args.redis_url
     log_path = work / "nms.log"
     proc = _launch(env, log_path, profile=args.profile)
-    nodes: list[SimulatedNode] = []
+    nodes: list[NmsProtocolClient] = []
     try:
         async with httpx.AsyncClient() as client:
             for _ in range(300):
@@ -186,7 +186,7 @@ async def main_async(args: argparse.Namespace) -> int:
         )
         identities = [issue_node_identity(material.node_ca, f"{n}.{DOMAIN}") for n in names]
         nodes = [
-            SimulatedNode(
+            NmsProtocolClient(
                 identity=ident,
                 trust=material.trust,
                 nms=("127.0.0.1", quic_port),
@@ -198,7 +198,7 @@ async def main_async(args: argparse.Namespace) -> int:
         nodes = [n for n in nodes if n.session is not None]
         rng = random.Random(7)
 
-        def register(node: SimulatedNode) -> Callable[[], Awaitable[object]]:
+        def register(node: NmsProtocolClient) -> Callable[[], Awaitable[object]]:
             # Half the nodes report a private address: seen as behind NAT.
             nat = rng.random() < 0.5
             addresses = [Endpoint.parse(f"192.168.1.2:{node.local.port}")] if nat else None

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cyphonic.hostport import parse_host_port
 from cyphonic.quic.endpoint import DEFAULT_ENGINE, ENGINES
 from cyphonic_testbed import NetBed, double_nat
 from cyphonic_testbed.overlay import AgentProcess, OverlayServices, start_services, start_trs
@@ -346,7 +347,7 @@ class Bench:
         sessions = self.trs.get("/v1/sessions")["items"]
         flooder_ip = mallory.address("cloud", 4)
         result.flood_forwarded_to_flooder = any(
-            side["address"].rsplit(":", 1)[0].strip("[]") == flooder_ip
+            parse_host_port(side["address"])[0] == flooder_ip
             for s in sessions
             for side in s["sides"]
             if side

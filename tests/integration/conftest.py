@@ -9,8 +9,11 @@
 
 - ``pg_url`` (per test): the URL of a new, migrated, empty database of its own, dropped
   afterwards (tests that run service processes against it).
-- ``redis_url`` (per test): a Redis database of the directory's ``redis_test_url``
-  (default ``CYPHONIC_TEST_REDIS`` or db 11), empty at the start and flushed afterwards.
+- ``redis_url`` (per test): a Redis database of this test run's own, empty at the start and
+  flushed afterwards. The run claims a free database number once (``SET NX`` on a claim key
+  in db 0, released at the end, expiring by itself if the run dies), so two runs at once
+  (two engineers, CI) never flush each other's keys. ``CYPHONIC_TEST_REDIS`` names a database
+  to use instead (no claim: the caller keeps it to itself).
 
 Without a reachable server the Postgres and Redis cases are skipped with a message saying
 so; set ``CYPHONIC_REQUIRE_SERVICES=1`` (CI) to make them fail instead.
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import redis
 import redis.asyncio as redis_asyncio
 from cyphonic.registry import create_engine, migrate, upgrade
 from cyphonic.registry.models import Base
@@ -36,6 +40,14 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "CYPHONIC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
 )
 REQUIRE_SERVICES = os.environ.get("CYPHONIC_REQUIRE_SERVICES") == "1"
+REDIS_SERVER_URL = os.environ.get("CYPHONIC_TEST_REDIS_SERVER", "redis://127.0.0.1:6379")
+REDIS_CLAIM_KEY = "cyphonic-test:redis-db:{}"
+"""In db 0: who holds database n (a run id); a run's databases are its own while it holds them."""
+REDIS_CLAIM_TTL_S = 4 * 3600
+"""A claim outlives any test run; a run killed without cleanup frees its database after this."""
+REDIS_RESERVED_DBS = frozenset({0, 11, 13})
+"""Never claimed: db 0 holds the claims (and prefixed TRS test keys); 11 and 13 were the
+fixed test databases of older checkouts, which still flush them."""
 
 
 def _missing(what: str) -> None:
@@ -128,15 +140,44 @@ async def pg_url() -> AsyncIterator[str]:
         await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def redis_test_url() -> str:
-    """The Redis database ``redis_url`` empties; a directory's conftest may override it."""
-    return os.environ.get("CYPHONIC_TEST_REDIS", "redis://127.0.0.1:6379/11")
+@pytest.fixture(scope="session")
+def redis_test_url() -> Iterator[str]:
+    """The Redis database this run's ``redis_url`` empties: ``CYPHONIC_TEST_REDIS``, or one
+    claimed for the run (see the module docstring) and released at its end."""
+    explicit = os.environ.get("CYPHONIC_TEST_REDIS")
+    if explicit:
+        yield explicit
+        return
+    client = redis.Redis.from_url(f"{REDIS_SERVER_URL}/0", socket_connect_timeout=3)
+    try:
+        try:
+            count = int(client.config_get("databases").get("databases", 16))
+        except redis.ResponseError:  # CONFIG disabled: the default number
+            count = 16
+        except redis.RedisError as exc:
+            _missing(f"Redis is not reachable at {REDIS_SERVER_URL}: {exc}")
+        run_id = f"{os.getpid()}-{secrets.token_hex(4)}"
+        for db in range(count):
+            key = REDIS_CLAIM_KEY.format(db)
+            if db in REDIS_RESERVED_DBS:
+                continue
+            if client.set(key, run_id, nx=True, ex=REDIS_CLAIM_TTL_S):
+                break
+        else:
+            pytest.fail(f"every Redis test database on {REDIS_SERVER_URL} is claimed by a run")
+        try:
+            yield f"{REDIS_SERVER_URL}/{db}"
+        finally:
+            # Release only our own claim (it may have expired and been taken meanwhile).
+            if client.get(key) == run_id.encode():
+                client.delete(key)
+    finally:
+        client.close()
 
 
 @pytest.fixture
 async def redis_url(redis_test_url: str) -> AsyncIterator[str]:
-    """A Redis database of the tests' own, empty at the start and flushed afterwards."""
+    """A Redis database of this run's own, empty at the start and flushed afterwards."""
     client = redis_asyncio.Redis.from_url(redis_test_url, socket_connect_timeout=3)
     try:
         await client.ping()

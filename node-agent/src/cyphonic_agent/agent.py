@@ -10,7 +10,7 @@ the tunnels together, all on ONE UDP socket (one ``QuicEndpoint``).
     DNS  bob.<domain>  ──> RouteRequest{fqdn} ─┐  the NMS pushes RouteDirection to both
     TUN  packet, no tunnel ─> RouteRequest{vip} ┘  nodes, then answers the request
     RouteDirection CONNECT / ACCEPT ──> tunnels (peers.Peers over routes.RouteTable)
-    host moved ──> migrate client connections, re-register (control.on_move)
+    host moved ──> migrate client connections, re-register (roaming.Roaming)
 
 This module is the composition root and the glue between the parts; the policies are the
 sans-I/O cores in ``control`` and ``routes``. Its edges (QUIC endpoint, TUN device, DNS
@@ -26,9 +26,8 @@ import contextlib
 import ipaddress
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from cyphonic.config import ALPN_TUNNEL, DEFAULT_DOMAIN
@@ -40,23 +39,23 @@ from cyphonic.quic import Acceptor, QuicEndpoint
 from cyphonic.v1 import signalling_pb2 as pb
 
 from cyphonic_agent.config import AgentSettings
-from cyphonic_agent.control import OverlayPlan, on_move
+from cyphonic_agent.control import OverlayPlan
 from cyphonic_agent.datapath import DataPath
 from cyphonic_agent.dns import DnsStub
 from cyphonic_agent.enroll import AgentState, StatePaths, read_agent_state
-from cyphonic_agent.mobility import (
-    Handover,
-    Move,
-    MoveDetector,
-    MoveWatcher,
-    PathLost,
-    host_addresses,
-)
+from cyphonic_agent.mobility import MoveDetector, MoveWatcher, host_addresses
 from cyphonic_agent.nms import AGENT_VERSION, AgentFailed, NmsClient, NmsLink
-from cyphonic_agent.peers import Peers, routable
+from cyphonic_agent.peers import Peers
 from cyphonic_agent.relay import RelayClient
-from cyphonic_agent.routes import Candidate, RouteState, address_text
-from cyphonic_agent.status import AgentStatus, PeerStatus, StatusServer
+from cyphonic_agent.roaming import Roaming
+from cyphonic_agent.routes import Candidate
+from cyphonic_agent.status import (
+    AgentStatus,
+    StatusServer,
+    handover_status,
+    peer_rows,
+    registered_addresses,
+)
 from cyphonic_agent.tun import TUN_DEVICE_PATH, TunConfig, TunDevice
 from cyphonic_agent.tunnel import max_datagram_size_for
 
@@ -145,15 +144,17 @@ class Agent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = time.monotonic()
         self._last_ping = 0.0
-        self._ping_uid = 0
-        self.handover: Handover | None = None
-        """The last move of this host (see ``_moved``)."""
-        self._handover_network: pb.NetworkInfo | None = None
-        self._rotated = False
-        """Client connections took fresh connection IDs when the path was lost."""
+        self.roaming = Roaming(
+            fqdn=self.fqdn,
+            nms=self.nms,
+            endpoint=self._endpoint,
+            relay=lambda: self.relay,
+            spawn=self._spawn,
+            moves=lambda: self.mobility.detector.moves,
+        )
         self.mobility = self.edges.watch_moves(
-            on_move=self._moved,
-            on_lost=self._path_lost,
+            on_move=self.roaming.moved,
+            on_lost=self.roaming.path_lost,
             exclude_ifindexes=lambda: [self.tun.index] if self.tun is not None else [],
         )
 
@@ -187,6 +188,7 @@ class Agent:
             where = format_host_port(self.settings.quic_host, self.settings.quic_port)
             raise AgentFailed(Unavailable(f"cannot bind UDP {where}: {exc.strerror}")) from exc
         self.log = self.log.bind(local=format_host_port(*self.endpoint.local_address))
+        self.roaming.log = self.log
         self.relay = RelayClient(
             endpoint=self.endpoint,
             nms=self.nms.session,
@@ -281,8 +283,7 @@ class Agent:
                 plan.check_same_lease(reg)
             except CyphonicError as exc:
                 raise AgentFailed(exc) from exc
-        if self.handover is not None and self._handover_network is None:
-            self._handover_network = reg.network
+        self.roaming.registered(reg)
         if self.relay is not None:
             self.relay.nudge()  # after a move the TRS must learn our new address at once
 
@@ -355,79 +356,6 @@ class Agent:
             dns=format_host_port(*address) if address else "off",
         )
 
-    # ------------------------------------------------------------------ mobility
-
-    async def _moved(self, move: Move) -> None:
-        """The host's real path changed: migrate, re-register, let the NMS re-direct.
-
-        1. Client-role connections (NMS, TRS control, tunnels we opened) take a fresh
-           connection ID and probe: the peer validates the new path and follows it.
-        2. The relay keepalive goes out at once, so the TRS learns our new address through
-           the (migrated) control connection.
-        3. Re-registration at the NMS on the same connection: new local addresses, NAT
-           status as the NMS sees the new path. The NMS re-directs our routes: a route
-           whose pattern or connecting side changed, or where we accepted the tunnel, gets
-           a new route id, and both nodes rebuild it; the others carry on migrated.
-        """
-        self.handover = Handover(at=time.time(), old=move.old, new=move.new)
-        self._handover_network = None
-        link = self.nms.link
-        decision = on_move(
-            rotated_on_loss=self._rotated,
-            nms_open=link is not None and link.session.is_open,
-            registered=self.nms.registration is not None,
-            nms_routable=link is not None and routable(link.endpoint.host, link.endpoint.port),
-        )
-        old, new = move.old.describe(), move.new.describe()
-        migrated = self._migrate_client_connections(rotate=decision.rotate)
-        self._rotated = False
-        if self.relay is not None:
-            self.relay.nudge()
-        self.log.info(
-            "moved",
-            old=old["addresses"],
-            new=new["addresses"],
-            old_routes=old["default_routes"],
-            new_routes=new["default_routes"],
-            migrated=migrated,
-            moves=self.mobility.detector.moves,
-        )
-        if link is None:
-            return  # the control loop registers with the new addresses when it connects
-        if decision.reconnect:
-            why = Unavailable("moved: the NMS endpoint is unreachable from here")
-            self.nms.reconnect_now(link, why)
-        elif decision.reregister:
-            # In its own task: the watcher goes on watching (a second move while this
-            # waits registers again).
-            self._spawn(self.nms.reregister(link))
-
-    def _path_lost(self, lost: PathLost) -> None:
-        """Part of the path went away: fresh connection IDs now, so that the first packet
-        that leaves by a new path already carries one (sent when the move settles)."""
-        self.log.info(
-            "path_lost", old=lost.old.describe()["addresses"], now=lost.now.describe()["addresses"]
-        )
-        self._migrate_client_connections(rotate=True, probe=False)
-        self._rotated = True
-
-    def _migrate_client_connections(self, *, rotate: bool = True, probe: bool = True) -> int:
-        """A fresh connection ID (``rotate``) and a PING (``probe``) on every client-role
-        connection; how many."""
-        count = 0
-        for conn in self._endpoint().connections:
-            if not conn.is_client or conn.is_closed:
-                continue
-            count += 1
-            if rotate:
-                conn.quic.change_connection_id()
-            if not probe:
-                continue
-            self._ping_uid += 1
-            conn.quic.send_ping(self._ping_uid)
-            conn.transmit()
-        return count
-
     # ------------------------------------------------------------------ housekeeping
 
     async def _housekeeping(self) -> None:
@@ -445,71 +373,27 @@ class Agent:
     # ------------------------------------------------------------------ status
 
     def snapshot(self) -> AgentStatus:
-        """What ``cyphonic-agent status`` shows."""
-        reg = self.nms.registration
-        peers: list[PeerStatus] = []
-        for route in sorted(self.peers.routes.routes(), key=lambda r: r.fqdn):
-            live = route.tunnel
-            if route.state is RouteState.UP and live is not None:
-                row = live.tunnel.status()
-                relayed = self.relay.path(route.route_id) if self.relay is not None else None
-                if relayed is not None:
-                    row.path = relayed.label  # "via <TRS address> (<TRS name>)"
-                peers.append(row)
-                continue
-            v4, v6 = _first_of_each(route.addresses)
-            peers.append(
-                PeerStatus(
-                    fqdn=route.fqdn,
-                    state="establishing",
-                    pattern=route.pattern_name,
-                    virtual_ipv4=v4,
-                    virtual_ipv6=v6,
-                )
-            )
+        """What ``cyphonic-agent status`` shows (built in ``status``)."""
+        v4, v6 = registered_addresses(self.nms.registration)
+        relay = self.relay
+
+        def relayed_label(route_id: str) -> str | None:
+            path = relay.path(route_id) if relay is not None else None
+            return path.label if path is not None else None
+
         return AgentStatus(
             fqdn=self.fqdn,
-            virtual_ipv4=address_text(reg.virtual_ipv4) if reg and reg.virtual_ipv4 else None,
-            virtual_ipv6=address_text(reg.virtual_ipv6) if reg and reg.virtual_ipv6 else None,
+            virtual_ipv4=v4,
+            virtual_ipv6=v6,
             nms_state=self.nms.status,
             nms_detail=self.nms.detail,
             tun=self.tun.name if self.tun is not None else None,
             mtu=self.settings.mtu if self.tun is not None else None,
             uptime_s=round(time.monotonic() - self._started, 1),
-            peers=peers,
+            peers=peer_rows(self.peers.routes.routes(), relayed_label=relayed_label),
             handovers=self.mobility.detector.moves,
-            last_handover=self._handover_status(),
+            last_handover=handover_status(self.roaming.handover, self.roaming.handover_network),
         )
-
-    def _handover_status(self) -> dict[str, Any] | None:
-        handover = self.handover
-        if handover is None:
-            return None
-        at = datetime.fromtimestamp(handover.at, UTC).isoformat(timespec="milliseconds")
-        out: dict[str, Any] = {
-            "at": at,
-            "old": handover.old.describe(),
-            "new": handover.new.describe(),
-        }
-        net = self._handover_network
-        if net is not None:
-            out["nms_network"] = {
-                "behind_nat": net.behind_nat,
-                "has_ipv4": net.has_ipv4,
-                "has_ipv6": net.has_ipv6,
-                "observed": [
-                    format_host_port(address_text(e.ip), e.port)
-                    for e in (net.observed_ipv4, net.observed_ipv6)
-                    if e.ip
-                ],
-            }
-        return out
-
-
-def _first_of_each(addresses: Iterable[bytes]) -> tuple[str | None, str | None]:
-    v4 = [a for a in addresses if len(a) == 4]
-    v6 = [a for a in addresses if len(a) == 16]
-    return (address_text(v4[0]) if v4 else None, address_text(v6[0]) if v6 else None)
 
 
 async def run_agent(settings: AgentSettings, *, edges: AgentEdges | None = None) -> None:

@@ -42,14 +42,14 @@ from cyphonic.errors import (
     InvalidArgument,
     Timeout,
     Unavailable,
-    UnexpectedMessage,
 )
+from cyphonic.hostport import format_host_port
 from cyphonic.log import get_logger
 from cyphonic.quic import Connection, QuicEndpoint
 from cyphonic.quic.engine import CID_LENGTH
 from cyphonic.session import SignallingSession
 from cyphonic.v1 import signalling_pb2 as pb
-from cyphonic.wire.messages import wrap
+from cyphonic.wire.messages import expect, wrap
 
 __all__ = [
     "CidPool",
@@ -72,11 +72,6 @@ LINGER_S = 30.0
 """An unused TRS control connection is closed after this long (a new route may reuse it)."""
 
 TrsAddress = tuple[str, int]
-
-
-def _hostport(address: TrsAddress) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class CidPool:
@@ -138,7 +133,7 @@ class RelayedPath:
     @property
     def label(self) -> str:
         """``via <trs address> (<trs name>)``, as ``cyphonic-agent status`` shows it."""
-        return f"via {_hostport(self.trs)} ({self.trs_name})"
+        return f"via {format_host_port(*self.trs)} ({self.trs_name})"
 
 
 def check_cids(cids: Iterable[bytes], *, what: str) -> tuple[bytes, ...]:
@@ -363,9 +358,7 @@ class RelayClient:
                 wrap(pb.RelayAllocationRequest(allocation_token=token, route_id=route_id)),
                 timeout=self.request_timeout_s,
             )
-            if answer.WhichOneof("body") != "relay_allocation":
-                raise UnexpectedMessage(f"the TRS answered {answer.WhichOneof('body')}")
-            allocation = answer.relay_allocation
+            allocation = expect(answer, pb.RelayAllocation)
             own = check_cids(allocation.connection_ids, what="RelayAllocation")
             control.idle_since = None
             path = self.book.add(
@@ -381,7 +374,7 @@ class RelayClient:
                 now=self.clock(),
             )
             added = True
-            log.info("relay_allocated", trs=_hostport(control.address), cids=len(own))
+            log.info("relay_allocated", trs=format_host_port(*control.address), cids=len(own))
             # Our CIDs are served (ACCEPT) before the peer can learn them from the NMS.
             await self._send_cids(route_id, own)
             if waiter is not None and not path.peer_cids:
@@ -396,7 +389,7 @@ class RelayClient:
                     ) from exc
             log.info(
                 "relay_ready",
-                trs=_hostport(control.address),
+                trs=format_host_port(*control.address),
                 ms=round((self.clock() - started) * 1000, 1),
             )
             return path
@@ -461,8 +454,7 @@ class RelayClient:
             wrap(pb.RelayCids(route_id=route_id, connection_ids=cids)),
             timeout=self.request_timeout_s,
         )
-        if answer.WhichOneof("body") != "relay_cids":
-            raise UnexpectedMessage(f"the NMS answered {answer.WhichOneof('body')}")
+        expect(answer, pb.RelayCids)
 
     async def _control_for(self, candidates: list[TrsAddress], name: str) -> _Control:
         """An open control connection to one of the TRS endpoints (reused)."""
@@ -475,12 +467,12 @@ class RelayClient:
         errors: list[str] = []
         for address in candidates:
             if not self._reachable(address):
-                errors.append(f"{_hostport(address)}: no route")
+                errors.append(f"{format_host_port(*address)}: no route")
                 continue
             try:
                 return await self._dial(address, name)
             except (Timeout, Unavailable) as exc:
-                errors.append(f"{_hostport(address)}: {exc.message}")
+                errors.append(f"{format_host_port(*address)}: {exc.message}")
         raise Unavailable("cannot reach the TRS: " + "; ".join(errors))
 
     def _reachable(self, address: TrsAddress) -> bool:
@@ -512,7 +504,7 @@ class RelayClient:
             assert isinstance(conn.handler, SignallingSession)
             control = _Control(address=address, name=name, session=conn.handler)
             self.controls[address] = control
-            self.log.info("trs_connected", trs=_hostport(address), name=name)
+            self.log.info("trs_connected", trs=format_host_port(*address), name=name)
             future.set_result(control)
             return control
         except BaseException as exc:
@@ -545,7 +537,7 @@ class RelayClient:
                 if now - control.idle_since >= self.linger_s:
                     control.session.close()
                     del self.controls[address]
-                    self.log.info("trs_closed", trs=_hostport(address), reason="unused")
+                    self.log.info("trs_closed", trs=format_host_port(*address), reason="unused")
                 continue
             if not control.session.is_open:
                 # The TRS restarted or the path broke; the relayed tunnel may still work
@@ -555,7 +547,7 @@ class RelayClient:
                     control = await self._dial(address, control.name)
                 except CyphonicError as exc:
                     self.log.warning(
-                        "trs_reconnect_failed", trs=_hostport(address), error=exc.message
+                        "trs_reconnect_failed", trs=format_host_port(*address), error=exc.message
                     )
                     continue
             control.sequence += 1
@@ -564,4 +556,6 @@ class RelayClient:
                     wrap(pb.Keepalive(sequence=control.sequence)), timeout=self.request_timeout_s
                 )
             except CyphonicError as exc:
-                self.log.warning("trs_keepalive_failed", trs=_hostport(address), error=exc.message)
+                self.log.warning(
+                    "trs_keepalive_failed", trs=format_host_port(*address), error=exc.message
+                )

@@ -22,10 +22,11 @@ import socket
 import stat
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from cyphonic.errors import (
     AlreadyExists,
@@ -36,7 +37,12 @@ from cyphonic.errors import (
     Unavailable,
     UnsupportedVersion,
 )
+from cyphonic.hostport import format_host_port
 from cyphonic.log import get_logger
+from cyphonic.v1 import signalling_pb2 as pb
+
+from cyphonic_agent.mobility import Handover
+from cyphonic_agent.routes import PeerRoute, RouteState, address_text
 
 STATUS_API_VERSION = 1
 DEFAULT_STATUS_SOCKET = Path("/run/cyphonic-agent/status.sock")
@@ -105,6 +111,94 @@ class AgentStatus:
             return cls(peers=peers, **fields)
         except (TypeError, AttributeError) as exc:
             raise MalformedMessage(f"status snapshot malformed: {exc}") from exc
+
+
+# --- building a snapshot from the agent's parts ----------------------------------------------
+
+
+class ShowsStatus(Protocol):
+    """A data-path tunnel as the status needs it (``datapath.Tunnel``)."""
+
+    def status(self) -> PeerStatus: ...
+
+
+class HoldsTunnel(Protocol):
+    """What a route holds while UP (``peers.LiveTunnel``)."""
+
+    @property
+    def tunnel(self) -> ShowsStatus: ...
+
+
+L = TypeVar("L", bound=HoldsTunnel)
+
+
+def peer_rows(
+    routes: Iterable[PeerRoute[L]], *, relayed_label: Callable[[str], str | None]
+) -> list[PeerStatus]:
+    """One row per route, by FQDN: a live tunnel's own row (its path replaced by the TRS's
+    label when ``relayed_label(route_id)`` names one), else an "establishing" row."""
+    rows: list[PeerStatus] = []
+    for route in sorted(routes, key=lambda r: r.fqdn):
+        live = route.tunnel
+        if route.state is RouteState.UP and live is not None:
+            row = live.tunnel.status()
+            label = relayed_label(route.route_id)
+            if label is not None:
+                row.path = label  # "via <TRS address> (<TRS name>)"
+            rows.append(row)
+            continue
+        v4, v6 = _first_of_each(route.addresses)
+        rows.append(
+            PeerStatus(
+                fqdn=route.fqdn,
+                state="establishing",
+                pattern=route.pattern_name,
+                virtual_ipv4=v4,
+                virtual_ipv6=v6,
+            )
+        )
+    return rows
+
+
+def handover_status(
+    handover: Handover | None, network: pb.NetworkInfo | None
+) -> dict[str, Any] | None:
+    """``AgentStatus.last_handover``: the last move, and what the NMS saw after it."""
+    if handover is None:
+        return None
+    at = datetime.fromtimestamp(handover.at, UTC).isoformat(timespec="milliseconds")
+    out: dict[str, Any] = {
+        "at": at,
+        "old": handover.old.describe(),
+        "new": handover.new.describe(),
+    }
+    if network is not None:
+        out["nms_network"] = {
+            "behind_nat": network.behind_nat,
+            "has_ipv4": network.has_ipv4,
+            "has_ipv6": network.has_ipv6,
+            "observed": [
+                format_host_port(address_text(e.ip), e.port)
+                for e in (network.observed_ipv4, network.observed_ipv6)
+                if e.ip
+            ],
+        }
+    return out
+
+
+def registered_addresses(reg: pb.RegisterResponse | None) -> tuple[str | None, str | None]:
+    """This node's virtual IPv4 and IPv6 address as text, from its registration."""
+    if reg is None:
+        return None, None
+    v4 = address_text(reg.virtual_ipv4) if reg.virtual_ipv4 else None
+    v6 = address_text(reg.virtual_ipv6) if reg.virtual_ipv6 else None
+    return v4, v6
+
+
+def _first_of_each(addresses: Iterable[bytes]) -> tuple[str | None, str | None]:
+    v4 = [a for a in addresses if len(a) == 4]
+    v6 = [a for a in addresses if len(a) == 16]
+    return (address_text(v4[0]) if v4 else None, address_text(v6[0]) if v6 else None)
 
 
 SnapshotFn = Callable[[], AgentStatus]

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import ipaddress
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from cyphonic.pki import init_pki
+from cyphonic_agent.mobility import HostPath
 from cyphonic_agent.routes import RouteState
 from cyphonic_testing.agent import (
     RunningAgent,
@@ -154,3 +156,36 @@ async def test_the_agent_reports_the_nms_losing_and_reconnects(cloud: Cloud) -> 
     assert alice.agent.counters()["registrations"] >= 2
     async with httpx.AsyncClient() as client:
         assert (await client.get(f"{cloud.nms.rest}/readyz")).status_code == 200
+
+
+async def test_a_move_reregisters_and_the_status_shows_the_handover(cloud: Cloud) -> None:
+    alice = await cloud.agent("alice")
+    before = alice.agent.snapshot()
+    assert before.handovers == 0 and before.last_handover is None
+    old = HostPath(
+        addresses=frozenset({ipaddress.ip_address("192.0.2.1")}),
+        default_routes=frozenset({"dev 7"}),
+    )
+    new = HostPath(
+        addresses=frozenset({ipaddress.ip_address("127.0.0.1")}),
+        default_routes=frozenset({"via 127.0.0.254"}),
+    )
+    await alice.watcher.move(old, new)  # what the netlink watcher reports after a move
+
+    # Re-registration on the same NMS connection; the first answer after the move is shown.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while (alice.agent.snapshot().last_handover or {}).get("nms_network") is None:
+        assert loop.time() < deadline, "no re-registration after the move"
+        await asyncio.sleep(0.05)
+    status = alice.agent.snapshot()
+    handover = status.last_handover
+    assert handover is not None and status.handovers == 1
+    assert handover["old"] == {"addresses": ["192.0.2.1"], "default_routes": ["dev 7"]}
+    assert handover["new"] == {"addresses": ["127.0.0.1"], "default_routes": ["via 127.0.0.254"]}
+    assert alice.agent.endpoint is not None
+    port = alice.agent.endpoint.local_address[1]
+    assert handover["nms_network"]["behind_nat"] is False
+    assert handover["nms_network"]["observed"] == [f"127.0.0.1:{port}"]
+    assert status.nms_state == "connected" and status.virtual_ipv4 == before.virtual_ipv4
+    assert alice.agent.counters()["registrations"] == 2

@@ -1,4 +1,4 @@
-"""Fixtures of the console test: a Redis database of its own, the three services, and a
+"""Fixtures of the console test: the three services (on the run's own Redis database), and a
 headless Chromium (Debian's ``chromium`` and ``chromium-driver``, installed by
 scripts/setup.sh) driven by selenium with a fresh profile."""
 
@@ -16,11 +16,6 @@ from selenium.webdriver.chrome.service import Service as DriverService
 
 CHROMIUM = Path(os.environ.get("CYPHONIC_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("CYPHONIC_TEST_CHROMEDRIVER", "/usr/bin/chromedriver"))
-
-
-@pytest.fixture
-def redis_test_url() -> str:
-    return os.environ.get("CYPHONIC_TEST_CONSOLE_REDIS", "redis://127.0.0.1:6379/14")
 
 
 @pytest.fixture

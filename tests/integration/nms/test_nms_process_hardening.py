@@ -18,7 +18,7 @@ import pytest
 from cyphonic.pki import PkiMaterial, init_pki
 from cyphonic.registry import create_engine, make_sessionmaker
 from cyphonic_testing.nms import DOMAIN, NmsProcess, add_node, free_port
-from cyphonic_testing.simnode import SimulatedNode, issue_node_identity
+from cyphonic_testing.nms_client import NmsProtocolClient, issue_node_identity
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(180)]
 
@@ -196,10 +196,10 @@ async def test_sigterm_of_a_replica_leaves_routes_and_peers_alone(
         )
         for i in (1, 2)
     ]
-    nodes: list[SimulatedNode] = []
+    nodes: list[NmsProtocolClient] = []
 
-    async def node(name: str, nms: NmsProcess) -> SimulatedNode:
-        sim = SimulatedNode(
+    async def node(name: str, nms: NmsProcess) -> NmsProtocolClient:
+        sim = NmsProtocolClient(
             identity=issue_node_identity(material.node_ca, f"{name}.{DOMAIN}"),
             trust=material.trust,
             nms=("127.0.0.1", nms.quic_port),

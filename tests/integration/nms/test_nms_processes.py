@@ -1,4 +1,8 @@
-"""``cyphonic-nms serve`` as real processes on Postgres and Redis, nodes as real QUIC clients.
+"""``cyphonic-nms serve`` as real processes on Postgres and Redis. Nodes are the real agent
+with fake edges (``World.agent``, logging in at a ``cyphonic-as`` process that points it at
+one replica) where a node only registers, asks for routes and receives directions, and
+``NmsProtocolClient`` (``World.node``) where a test sends registrations the agent never
+would (chosen addresses, a silent node, a revoked node registering again).
 
 Loopback stands in for the Internet: a node that reports its own socket address is seen
 unchanged (global IPv4, or IPv6 over ::1); a node that reports a private address other than
@@ -28,8 +32,17 @@ from cyphonic.registry import Node, create_engine, make_sessionmaker
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_nms.routing import Endpoint
 from cyphonic_nms.trs_directory import RedisTrsDirectory, TrsReplica
+from cyphonic_testing.agent import (
+    RunningAgent,
+    agent_settings,
+    as_process,
+    enrol,
+    fake_edges,
+    udp_packet,
+)
 from cyphonic_testing.nms import NmsProcess, add_node, revoke_node
-from cyphonic_testing.simnode import SimulatedNode, issue_node_identity
+from cyphonic_testing.nms_client import NmsProtocolClient, issue_node_identity
+from cyphonic_testing.processes import ServiceProcess
 from sqlalchemy import select
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(240)]
@@ -48,7 +61,9 @@ class World:
         self.pg_url = pg_url
         self.redis_url = redis_url
         self.processes: list[NmsProcess] = []
-        self.nodes: list[SimulatedNode] = []
+        self.nodes: list[NmsProtocolClient] = []
+        self.auth: dict[str, ServiceProcess] = {}
+        self.agents: list[RunningAgent] = []
 
     async def nms(self, replica_id: str = "nms-1", *, redis: bool = True) -> NmsProcess:
         proc = NmsProcess(
@@ -73,10 +88,10 @@ class World:
 
     async def node(
         self, name: str, nms: NmsProcess, *, enrol: bool = True, ipv6: bool = False
-    ) -> SimulatedNode:
+    ) -> NmsProtocolClient:
         if enrol:
             await self.enrol(name)
-        node = SimulatedNode(
+        node = NmsProtocolClient(
             identity=issue_node_identity(self.pki.node_ca, f"{name}.{DOMAIN}"),
             trust=self.pki.trust,
             nms=("::1" if ipv6 else "127.0.0.1", nms.quic_port),
@@ -87,11 +102,39 @@ class World:
         await node.connect()
         return node
 
+    async def agent(self, name: str, nms: NmsProcess) -> RunningAgent:
+        """The real agent, enrolled and logged in at an AS that sends it to ``nms``,
+        running with fake edges until its first registration brought its overlay up."""
+        auth = self.auth.get(nms.replica_id)
+        if auth is None:
+            home = self.tmp / f"as-{nms.replica_id}"
+            home.mkdir()
+            auth = as_process(
+                tmp=home,
+                pki_dir=self.tmp / "pki",
+                database_url=self.pg_url,
+                domain=DOMAIN,
+                nms_endpoints=[f"127.0.0.1:{nms.quic_port}"],
+            )
+            self.auth[nms.replica_id] = auth
+            await auth.start()
+        state = await enrol(
+            auth, name=name, pki_dir=self.tmp / "pki", state_dir=self.tmp / "agents" / name
+        )
+        agent = RunningAgent(agent_settings(state), edges=fake_edges())
+        self.agents.append(agent)
+        await agent.start()
+        return agent
+
     async def close(self) -> None:
+        for agent in self.agents:
+            await agent.stop()
         for node in self.nodes:
             await node.close()
         for proc in self.processes:
             proc.stop()
+        for auth in self.auth.values():
+            auth.stop()
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +157,7 @@ async def world(
         await w.close()
 
 
-def _nat_report(node: SimulatedNode) -> list[Endpoint]:
+def _nat_report(node: NmsProtocolClient) -> list[Endpoint]:
     # What a node behind NAT reports: its private LAN address, not what the NMS will see.
     return [Endpoint(ip_address("192.168.77.10"), node.local.port)]
 
@@ -154,7 +197,7 @@ async def test_unenrolled_node_and_service_certificate_are_refused(world: World)
     with pytest.raises(PermissionDenied, match="not enrolled"):
         await stranger.register()
     # A service certificate (the AS's) is not a node: refused inside the handshake.
-    service = SimulatedNode(
+    service = NmsProtocolClient(
         identity=world.pki.services["as"],
         trust=world.pki.trust,
         nms=("127.0.0.1", nms.quic_port),
@@ -205,7 +248,7 @@ async def test_route_pattern_for_each_cell_pushed_to_both(world: World) -> None:
     finally:
         await client.aclose()
     nms = await world.nms()
-    nodes: dict[tuple[str, int], SimulatedNode] = {}
+    nodes: dict[tuple[str, int], NmsProtocolClient] = {}
     for kind in KINDS:
         for i in (1, 2):
             node = await world.node(f"{kind.replace('_', '-')}-{i}", nms, ipv6=kind == "ipv6")
@@ -236,20 +279,25 @@ async def test_route_pattern_for_each_cell_pushed_to_both(world: World) -> None:
 async def test_cross_replica_push_between_two_processes(world: World) -> None:
     nms1 = await world.nms("nms-1")
     nms2 = await world.nms("nms-2")
-    a = await world.node("alpha", nms1)
-    b = await world.node("bravo", nms2)
-    await a.register()
-    await b.register()
-    by_vip = await b.route(virtual_address=a.registration.virtual_ipv4)  # type: ignore[union-attr]
-    assert by_vip.peer_fqdn == f"alpha.{DOMAIN}" and by_vip.pattern == pb.ROUTE_PATTERN_DIRECT
+    a = await world.agent("alpha", nms1)
+    b = await world.agent("bravo", nms2)
+    a_vip = a.agent.snapshot().virtual_ipv4
+    b_vip = b.agent.snapshot().virtual_ipv4
+    assert a_vip is not None and b_vip is not None
+    # An application on bravo sends to alpha's virtual address: bravo asks by address.
+    b.tun.send_from_app(udp_packet(b_vip, a_vip, b"to alpha"))
     pushed = (await a.wait_for("route_direction")).route_direction
+    await b.wait_for("route_direction")  # bravo's own direction names its route to alpha
+    by_vip = b.agent.peers.routes.get(f"alpha.{DOMAIN}")
+    assert by_vip is not None
+    assert by_vip.fqdn == f"alpha.{DOMAIN}" and by_vip.pattern == pb.ROUTE_PATTERN_DIRECT
     assert pushed.route_id == by_vip.route_id and pushed.peer_fqdn == f"bravo.{DOMAIN}"
     assert pushed.role == pb.ROUTE_ROLE_ACCEPT
     async with nms2.admin() as admin:
         text = (await admin.get("/metrics")).text
     assert 'cyphonic_nms_pushes_total{kind="route_direction",via="bus"} 1.0' in text
     # bravo leaves nms-2; alpha on nms-1 is told.
-    await b.close()
+    await b.stop()
     notice = (await a.wait_for("peer_offline")).peer_offline
     assert notice.fqdn == f"bravo.{DOMAIN}" and notice.route_id == by_vip.route_id
 

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from cyphonic.hostport import format_host_port
 from cyphonic_testbed import Capture, wait_for
 from cyphonic_testbed.interruption import measure_move
 from cyphonic_testbed.mobility import CASES, MobileOverlay, open_route, peer_row
@@ -73,7 +74,7 @@ def _cids_on_both_uplinks(
 
 
 def _hostport(host: str) -> str:
-    return f"[{host}]:443" if ":" in host else f"{host}:443"
+    return format_host_port(host, 443)
 
 
 def _expected_paths(o: MobileOverlay, case: str, to: str) -> tuple[str | None, str | None]:

@@ -22,6 +22,7 @@ from aioquic.quic.events import QuicEvent
 from cyphonic import pki
 from cyphonic.config import ALPN_TUNNEL
 from cyphonic.errors import CyphonicError
+from cyphonic.hostport import parse_host_port
 from cyphonic.quic import Acceptor, Connection, QuicEndpoint
 
 DOMAIN = "cyphonic.internal"
@@ -117,8 +118,7 @@ def main() -> None:
         peers = {}
         for item in rest:
             peer, _, hostport = item.partition("=")
-            host, _, port = hostport.rpartition(":")
-            peers[peer] = (host, int(port))
+            peers[peer] = parse_host_port(hostport, require_ip=True)
         asyncio.run(client(Path(directory), name, peers))
 
 

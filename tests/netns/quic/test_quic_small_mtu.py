@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from cyphonic import pki
+from cyphonic.hostport import format_host_port
 from cyphonic_testbed import Host, NetBed, Network, Router, Topology
 
 pytestmark = pytest.mark.timeout(120)
@@ -110,8 +111,8 @@ def test_gso_pauses_per_destination_and_recovers(netbed: Any, tmp_path: Path) ->
             "client",
             str(tmp_path),
             "alice",
-            f"bob={bob}:{PORT}",
-            f"carol={carol}:{PORT}",
+            f"bob={format_host_port(bob, PORT)}",
+            f"carol={format_host_port(carol, PORT)}",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 import pytest
+from cyphonic.hostport import format_host_port, parse_host_port
 from cyphonic_testbed import double_nat, v4_v6
 from relay_bed import (
     MARKER,
@@ -84,7 +85,7 @@ def _relayed(
         for me, peer, trs_address in ((alice, bob, trs_seen_a), (bob, alice, trs_seen_b)):
             status = me.status()
             (row,) = [p for p in status["peers"] if p["fqdn"] == peer.fqdn]
-            label = f"[{trs_address}]:443" if ":" in trs_address else f"{trs_address}:443"
+            label = format_host_port(trs_address, 443)
             assert (row["state"], row["pattern"]) == ("up", "relay"), row
             assert row["path"] == f"via {label} ({TRS_NAME})", row
             assert row["rx_packets"] > 0 and row["rtt_ms"] is not None
@@ -96,8 +97,8 @@ def _relayed(
         (session,) = sessions
         assert set(session["pair"]) == {alice.fqdn, bob.fqdn} and session["complete"]
         sides = {s["fqdn"]: s for s in session["sides"]}
-        assert sides[alice.fqdn]["address"].rsplit(":", 1)[0].strip("[]") == a_outside
-        assert sides[bob.fqdn]["address"].rsplit(":", 1)[0].strip("[]") == b_outside
+        assert parse_host_port(sides[alice.fqdn]["address"])[0] == a_outside
+        assert parse_host_port(sides[bob.fqdn]["address"])[0] == b_outside
         assert sides[alice.fqdn]["bytes"] >= len(payload)
         assert set(sides[alice.fqdn]) == {"fqdn", "address", "connection_ids", "packets", "bytes"}
         replica = o.trs.get("/v1/replica")
@@ -184,7 +185,7 @@ def _survives_nat_rebinding(o: Any) -> None:
     (after,) = o.trs.get("/v1/sessions")["items"]
     new = {s["fqdn"]: s["address"] for s in after["sides"]}[alice.fqdn]
     assert after["route_id"] == before["route_id"]
-    assert new != old and new.rsplit(":", 1)[0] == old.rsplit(":", 1)[0], (old, new)
+    assert new != old and parse_host_port(new)[0] == parse_host_port(old)[0], (old, new)
     assert alice.log_text().count('"tunnel_up"') == tunnels_before  # the same tunnel
     payload = marked_payload(500_000)
     assert tcp_transfer(

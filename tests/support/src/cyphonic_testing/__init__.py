@@ -2,7 +2,8 @@
 
 - ``processes``: one helper to run a service CLI as a child process until /readyz answers
 - ``nms``: NMS parts in process, registry helpers, ``NmsProcess``
-- ``simnode``: a bare NMS protocol client (register, route requests, pushes), also a CLI
+- ``nms_client``: ``NmsProtocolClient``, a protocol-level NMS test tool (hand-made
+  registrations, raw pushes counted), also a CLI; not an agent
 - ``trs``: relay tokens, packets and relay CIDs inside aioquic
 - ``agent``: the real agent with fake edges (TUN, netlink watcher, host addresses)
 """

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cyphonic.quic import QuicEndpoint
+from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_agent.agent import Agent, AgentEdges
 from cyphonic_agent.config import AgentSettings
 from cyphonic_agent.enroll import enroll
@@ -115,12 +116,35 @@ def fake_edges(
 
 
 class RunningAgent:
-    """An ``Agent`` in a task of the test's event loop."""
+    """An ``Agent`` in a task of the test's event loop. ``pushed`` records what the NMS
+    pushed to it (observed on the way in; the agent handles every push as usual)."""
 
     def __init__(self, settings: AgentSettings, *, edges: AgentEdges | None = None) -> None:
         self.agent = Agent(settings, edges=edges or fake_edges())
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.pushed: list[pb.Envelope] = []
+        self._pushed = asyncio.Event()
+        handle = self.agent.nms.on_push
+
+        def observe(message: pb.Envelope) -> None:
+            self.pushed.append(message)
+            self._pushed.set()
+            handle(message)
+
+        self.agent.nms.on_push = observe
+
+    def of(self, body: str) -> list[pb.Envelope]:
+        """Pushes of one kind (``route_direction``, ``peer_offline``...), oldest first."""
+        return [e for e in self.pushed if e.WhichOneof("body") == body]
+
+    async def wait_for(self, body: str, *, count: int = 1, within_s: float = 10.0) -> pb.Envelope:
+        """Wait for the ``count``-th push of ``body``."""
+        async with asyncio.timeout(within_s):
+            while len(self.of(body)) < count:
+                self._pushed.clear()
+                await self._pushed.wait()
+        return self.of(body)[count - 1]
 
     async def start(self, *, within_s: float = 30.0) -> None:
         """Run the agent until its first registration brought the overlay up."""

@@ -1,10 +1,15 @@
-"""A bare NMS protocol client: a real QUIC client with a node certificate, no TUN, no policy.
+"""``NmsProtocolClient``: a protocol-level NMS test tool, not a node agent.
 
-For NMS tests and ``bench/nms_load.py``: it connects to an NMS like the agent does (mutual
-TLS, ALPN ``cyphonic-sig/1``, one UDP socket), registers (reporting any addresses the test
-chooses), sends keepalives and route requests when told, and records what the NMS pushes.
-It is not an agent: tests of the agent's behaviour run the real one with fake edges
-(``cyphonic_testing.agent``).
+A real QUIC client with a node certificate (mutual TLS, ALPN ``cyphonic-sig/1``, one UDP
+socket) that sends exactly the signalling messages a test hands it and records every push raw.
+It has no policy of its own (no reconnect, no tunnels, no route state; the CLI's ``--hold``
+sends keepalives only so that the NMS keeps it online):
+that is what NMS tests need when they send registrations the agent never would (addresses of
+the test's choosing, a node behind a NAT it is not behind, a node that falls silent, a
+revoked node registering again) or count pushes one by one, and what ``bench/nms_load.py``
+needs to register thousands of nodes. Tests of how a node *behaves* run the real agent with
+fake edges (``cyphonic_testing.agent``), as the NMS tests do where a node only registers,
+asks for routes and receives directions.
 """
 
 from __future__ import annotations
@@ -58,8 +63,8 @@ def _env(**body: object) -> pb.Envelope:
     return pb.Envelope(version=pb.PROTOCOL_VERSION_1, **body)  # type: ignore[arg-type]
 
 
-class SimulatedNode:
-    """One node's signalling connection to an NMS."""
+class NmsProtocolClient:
+    """One signalling connection to an NMS, driven message by message by the test."""
 
     def __init__(
         self,
@@ -190,7 +195,7 @@ def _ep(msg: pb.Endpoint) -> str:
 
 async def _main(args: argparse.Namespace) -> int:
     identity = load_identity(args.cert, args.key)
-    node = SimulatedNode(
+    node = NmsProtocolClient(
         identity=identity,
         trust=load_trust_store(args.trust_dir),
         nms=(str(args.nms.ip), args.nms.port),
@@ -250,9 +255,9 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cyphonic_testing.simnode``: one node registers (and asks for a route)."""
+    """``python -m cyphonic_testing.nms_client``: one node registers (and asks for a route)."""
     parser = argparse.ArgumentParser(
-        prog="python -m cyphonic_testing.simnode",
+        prog="python -m cyphonic_testing.nms_client",
         description="A simulated node: register with an NMS, "
         "optionally ask for a route; JSON lines on stdout.",
     )
