@@ -279,8 +279,12 @@ class Connection:
         return self.quic.max_datagram_payload()
 
     def close(self, reason: str = "", *, error_code: int = 0) -> None:
-        """Close with an application CONNECTION_CLOSE (code and reason go to the peer)."""
-        if not self._ended:
+        """Close with an application CONNECTION_CLOSE (code and reason go to the peer).
+
+        A connection the peer is already closing keeps the peer's reason: a handler that
+        fails on it (qh3 refuses writes once the peer's close is in) must not turn the
+        peer's close into a local one without an error."""
+        if not self._ended and self.quic.close_event is None:
             self._local_close = True
             self.quic.close(error_code=error_code, reason_phrase=reason)
             self.transmit()
@@ -302,6 +306,9 @@ class Connection:
         try:
             self.handler.quic_event_received(event)
         except Exception as exc:
+            if self.quic.close_event is not None:  # closing already: writes are refused
+                self.log.debug("handler_failed_while_closing", error=repr(exc))
+                return
             self.log.exception("handler_failed", error=repr(exc))
             self.close("internal error", error_code=1)
 
