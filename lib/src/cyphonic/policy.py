@@ -83,6 +83,18 @@ class PolicyInvalid(InvalidArgument):
         more = f" (and {len(self.issues) - 1} more)" if len(self.issues) > 1 else ""
         super().__init__(f"{first.where or 'document'}: {first.message}{more}")
 
+    @property
+    def details(self) -> list[dict[str, Any]]:
+        """Every problem, in the admin API's error ``details`` form."""
+        return [
+            {
+                "loc": [p for p in re.split(r"[.\[\]]+", i.where) if p],
+                "where": i.where,
+                "msg": i.message,
+            }
+            for i in self.issues
+        ]
+
 
 # ---------------------------------------------------------------------------- model
 
