@@ -601,6 +601,9 @@ _ICMP6_ECHO_REQUEST, _ICMP6_ECHO_REPLY = 128, 129
 _ICMP4_ERRORS: Final = frozenset({3, 4, 11, 12})
 _ICMP6_ERRORS: Final = frozenset({1, 2, 3, 4})
 
+HOT_S: Final = 1.0
+"""How long the one-entry flow caches may answer without the full check."""
+
 FlowKey = tuple[int, bytes, int, int]
 """(IP protocol, peer address, peer port or ICMP id, local port or 0)."""
 
@@ -634,6 +637,12 @@ class PacketFilter:
         }
         self._flows: dict[FlowKey, float] = {}
         self._next_sweep = 0.0
+        # One-entry caches of the last flow that passed, per direction: the packets of a bulk
+        # flow come in long runs, and comparing two header slices is far cheaper than the
+        # full check. Valid for HOT_S at most (the full check also refreshes the flow's idle
+        # timer) and dropped whenever a new filter is installed.
+        self._hot_head = self._hot_key = self._out_key = b""
+        self._hot_until = self._out_until = 0.0
         self.passed = 0
         self.dropped: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
         self.evicted = 0
@@ -656,6 +665,7 @@ class PacketFilter:
         self._compiled = compiled
         self._allow_all = compiled.allow_all
         self._rights = _rights(compiled)
+        self._hot_until = self._out_until = 0.0
 
     def _drop(self, reason: DropReason) -> bool:
         self.dropped[reason] += 1
@@ -667,6 +677,8 @@ class PacketFilter:
         """Note the flow of a packet this node sends into a tunnel (cheap when not needed)."""
         if self._allow_all or len(packet) < 20:
             return
+        if now < self._out_until and packet[12:24] == self._out_key:
+            return  # the same flow as the last packet, noted less than HOT_S ago
         version = packet[0] >> 4
         if version == 4:
             proto = packet[9]
@@ -682,7 +694,10 @@ class PacketFilter:
             return
         rights = self._rights.get(dst)
         if rights is not None and rights.all:
-            return  # the peer may send anything anyway
+            if packet[0] == 0x45:  # the peer may send anything anyway: nothing to note
+                self._out_key = bytes(packet[12:24])
+                self._out_until = now + HOT_S
+            return
         if proto in (IPPROTO_TCP, IPPROTO_UDP):
             if len(packet) < l4 + 4:
                 return
@@ -705,6 +720,9 @@ class PacketFilter:
         if key not in flows and len(flows) >= self.max_flows:
             self._make_room(now)
         flows[key] = now + self._idle.get(proto, 120.0)
+        if packet[0] == 0x45 and key[2]:  # IPv4 TCP/UDP without options: addresses + ports
+            self._out_key = bytes(packet[12:24])
+            self._out_until = now + HOT_S
 
     def _make_room(self, now: float) -> None:
         if now >= self._next_sweep:
@@ -728,6 +746,23 @@ class PacketFilter:
         if self._allow_all:
             self.passed += 1
             return True
+        if (
+            now < self._hot_until
+            and packet[12:24] == self._hot_key
+            and packet[6:10] == self._hot_head
+        ):
+            self.passed += 1  # same addresses, ports, protocol, flags as the last one passed
+            return True
+        if self._inbound(packet, now):
+            self.passed += 1
+            if packet[0] == 0x45 and packet[9] in (IPPROTO_TCP, IPPROTO_UDP):
+                self._hot_head = bytes(packet[6:10])
+                self._hot_key = bytes(packet[12:24])
+                self._hot_until = now + HOT_S
+            return True
+        return False
+
+    def _inbound(self, packet: bytes | bytearray | memoryview, now: float) -> bool:
         n = len(packet)
         if n < 20:
             return self._drop(DropReason.MALFORMED)
@@ -748,7 +783,6 @@ class PacketFilter:
             return self._drop(DropReason.MALFORMED)
         rights = self._rights.get(src)
         if rights is not None and rights.all:
-            self.passed += 1
             return True
         if fragment:
             return self._drop(DropReason.FRAGMENT)
@@ -761,14 +795,12 @@ class PacketFilter:
             if rights is not None:
                 ports = rights.tcp if proto == IPPROTO_TCP else rights.udp
                 if ports is not None and dport in ports:
-                    self.passed += 1
                     return True
             key = (proto, src, sport, dport)
         elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
             if n < l4 + 8:
                 return self._drop(DropReason.MALFORMED)
             if rights is not None and rights.icmp:
-                self.passed += 1
                 return True
             kind = packet[l4]
             if kind in (_ICMP4_ECHO_REPLY, _ICMP6_ECHO_REPLY):
@@ -785,7 +817,6 @@ class PacketFilter:
         if until is None or until <= now:
             return self._drop(DropReason.NOT_ALLOWED)
         flows[key] = now + self._idle.get(proto, 120.0)
-        self.passed += 1
         return True
 
     def _related_error(
@@ -821,5 +852,4 @@ class PacketFilter:
         until = self._flows.get(key)
         if until is None or until <= now:
             return self._drop(DropReason.NOT_ALLOWED)
-        self.passed += 1
         return True
