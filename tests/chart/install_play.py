@@ -78,8 +78,6 @@ MODULES = {
 }
 # Modules the image does not import on its own, and why.
 NOT_IMPORTED = {
-    "cyphonic.quic.engine_qh3": "the optional qh3 engine (extra cyphonic[qh3], "
-    "CYPHONIC_QUIC_ENGINE=qh3); the aioquic default needs nothing more",
     "cyphonic.registry.migrations.env": "Alembic's env script, run by alembic, not imported",
 }
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -330,16 +330,15 @@ def _imported(src: Path) -> set[str]:
 @pytest.mark.parametrize("member", sorted(MEMBERS))
 def test_every_imported_distribution_is_declared_by_the_member(member: str) -> None:
     """What a member imports is installed with it alone (its image): lib/revocation.py's
-    httpx crashed the TRS image. Optional engines (qh3) are imported lazily and excluded."""
+    httpx crashed the TRS image."""
     import importlib.metadata
     import sys
 
     lock = tomllib.loads((REPO / "uv.lock").read_text())
     closure = _closure(member, lock)
     dists = importlib.metadata.packages_distributions()
-    optional = {"qh3"}  # CYPHONIC_QUIC_ENGINE=qh3 needs the extra, said when missing
     missing = {}
-    for module in sorted(_imported(MEMBERS[member]) - set(sys.stdlib_module_names) - optional):
+    for module in sorted(_imported(MEMBERS[member]) - set(sys.stdlib_module_names)):
         owners = {d.lower().replace("_", "-") for d in dists.get(module, [])}
         if not owners:
             continue  # a workspace module not installed under that name, or a test-only one
