@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 from cyphonic.admin import AdminAuth
 from cyphonic.errors import MalformedMessage, OversizedMessage, Unavailable
+from cyphonic.log import get_logger
 from cyphonic.policy import MAX_DOCUMENT_BYTES, parse_policy, parse_protocol_port
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
@@ -28,6 +29,7 @@ from cyphonic_nms.manager import NodeManager
 from cyphonic_nms.policy_store import MAX_HISTORY_PAGE, PolicyStore, StoredPolicy
 
 policy_router = APIRouter(tags=["policy"])
+log = get_logger("nms.policy")
 
 _TAG_KEY = r"^[A-Za-z0-9_.@-]{1,63}$"
 _TAG_VALUE = r"^[A-Za-z0-9_.@:/, -]{1,253}$"
@@ -132,6 +134,7 @@ async def put_policy(
         now=datetime.now(UTC),
         expected_revision=expected_revision,
     )
+    log.info("policy_replaced", revision=stored.revision, actor=actor)
     await _applied(manager)
     return _public(access, stored)
 
@@ -142,6 +145,7 @@ async def put_policy(
 async def delete_policy(actor: AdminAuth, dep: AccessDep) -> PolicyPublic:
     manager, access, store = dep
     stored = await store.replace(None, actor=actor, now=datetime.now(UTC))
+    log.info("policy_replaced", revision=stored.revision, actor=actor, document=None)
     await _applied(manager)
     return _public(access, stored)
 
