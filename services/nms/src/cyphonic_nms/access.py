@@ -93,6 +93,10 @@ class AccessControl:
                 changed = True
         return changed
 
+    def knows(self, fqdn: str) -> bool:
+        """Whether ``fqdn`` is in the node list as last loaded."""
+        return fqdn.lower() in self._nodes
+
     def info(self, fqdn: str) -> NodeInfo:
         node = self._nodes.get(fqdn.lower())
         return NodeInfo(fqdn.lower(), node.tags if node is not None else {})

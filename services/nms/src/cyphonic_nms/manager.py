@@ -459,7 +459,7 @@ class NodeManager:
             # policy sync.
             self.access.nodes_changed()
             self._pushed_filters.pop(fqdn, None)
-            self._spawn(self.sync_policy())
+            self._spawn(self._push_filter(fqdn))
         return Registration(
             fqdn=fqdn,
             lease=lease,
@@ -691,7 +691,7 @@ class NodeManager:
         peer_fqdn, peer_lease, peer_network = await self._peer(request)
         if peer_fqdn == fqdn:
             raise InvalidArgument("a node cannot route to itself")
-        self._check_policy(fqdn, peer_fqdn, by_name=request.WhichOneof("peer") == "fqdn")
+        await self._check_policy(fqdn, peer_fqdn, by_name=request.WhichOneof("peer") == "fqdn")
         decision = decide(me.network, peer_network)
         route = await self._establish(
             initiator=fqdn,
@@ -709,7 +709,7 @@ class NodeManager:
             peer_virtual_ipv6=peer_lease.ipv6.packed,
         )
 
-    def _check_policy(self, fqdn: str, peer: str, *, by_name: bool) -> None:
+    async def _check_policy(self, fqdn: str, peer: str, *, by_name: bool) -> None:
         """``PolicyDenied`` unless the policy allows a route from ``fqdn`` to ``peer``.
 
         A name lookup (``by_name``) needs a rule letting ``fqdn`` start traffic to ``peer``:
@@ -718,6 +718,8 @@ class NodeManager:
         """
         if self.access is None:
             return
+        if not (self.access.knows(fqdn) and self.access.knows(peer)):
+            await self.access.refresh()  # a node enrolled since the last load: its tags
         allowed = (
             self.access.reachable(fqdn, peer) if by_name else self.access.route_allowed(fqdn, peer)
         )
@@ -746,6 +748,25 @@ class NodeManager:
                 self.metrics.pushes.labels(kind="policy_filter", via="local").inc()
             if changed:
                 await self._withdraw_forbidden_routes()
+
+    async def _push_filter(self, fqdn: str) -> None:
+        """Push a node that just registered its filter from what is loaded now (the peers'
+        filters, which may name its new addresses, follow on the next ``sync_policy``)."""
+        assert self.access is not None
+        async with self._policy_lock:
+            if self.access.revision == 0 and self.access.stored is None:
+                await self.access.refresh()
+            local = self._local.get(fqdn)
+            if local is None:
+                return
+            compiled = self.access.compile_for(fqdn)
+            try:
+                await local.link.push(_envelope(policy_filter=filter_to_pb(compiled)))
+            except Exception as exc:
+                log.info("policy_push_failed", fqdn=fqdn, error=str(exc))
+                return
+            self._pushed_filters[fqdn] = compiled
+            self.metrics.pushes.labels(kind="policy_filter", via="local").inc()
 
     async def _withdraw_forbidden_routes(self) -> None:
         assert self.access is not None
