@@ -753,12 +753,34 @@ class PacketFilter:
         ):
             self.passed += 1  # same addresses, ports, protocol, flags as the last one passed
             return True
+        if len(packet) >= 24 and packet[0] == 0x45 and type(packet) is bytes:
+            # The common case, checked inline: IPv4 without options, TCP or UDP, no fragment.
+            proto = packet[9]
+            if proto in (IPPROTO_TCP, IPPROTO_UDP) and not (packet[6] & 0x3F or packet[7]):
+                src = packet[12:16]
+                dport = packet[22] << 8 | packet[23]
+                rights = self._rights.get(src)
+                ok = False
+                if rights is not None:
+                    if rights.all:
+                        ok = True
+                    else:
+                        ports = rights.tcp if proto == IPPROTO_TCP else rights.udp
+                        ok = ports is not None and dport in ports
+                if not ok:
+                    key = (proto, src, packet[20] << 8 | packet[21], dport)
+                    until = self._flows.get(key)
+                    if until is None or until <= now:
+                        self.dropped[DropReason.NOT_ALLOWED] += 1
+                        return False
+                    self._flows[key] = now + self._idle[proto]
+                self.passed += 1
+                self._hot_head = packet[6:10]
+                self._hot_key = packet[12:24]
+                self._hot_until = now + HOT_S
+                return True
         if self._inbound(packet, now):
             self.passed += 1
-            if packet[0] == 0x45 and packet[9] in (IPPROTO_TCP, IPPROTO_UDP):
-                self._hot_head = bytes(packet[6:10])
-                self._hot_key = bytes(packet[12:24])
-                self._hot_until = now + HOT_S
             return True
         return False
 
