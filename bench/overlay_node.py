@@ -61,8 +61,10 @@ async def run(args: argparse.Namespace) -> None:
     trust = TrustStore(root=root, node_ca=identity.chain[0])
     local_iface = ipaddress.IPv4Interface(args.tun_address)
     peer_address = ipaddress.IPv4Address(args.peer_address).packed
-    tun = TunDevice.open(TunConfig(name=args.tun_name, mtu=args.mtu, ipv4=local_iface))
-    datapath = DataPath(tun=tun)
+    tun = TunDevice.open(
+        TunConfig(name=args.tun_name, mtu=args.mtu, ipv4=local_iface, offload=args.offload)
+    )
+    datapath = DataPath(tun=tun, partial_checksums=args.partial_checksums)
 
     def attach(conn: Connection) -> TunnelHandler:
         core = TunnelCore(
@@ -151,6 +153,7 @@ async def run(args: argparse.Namespace) -> None:
                 spoofed=s.dropped_spoofed,
             )
         log.info("endpoint stats", **vars(endpoint.stats))
+        log.info("datapath stats", offloads=tun.offloads, **vars(datapath.stats))
         await endpoint.close()
         if status is not None:
             await status.close()
@@ -186,6 +189,18 @@ def main() -> int:
         type=float,
         default=10.0,
         help="seconds between QUIC PINGs on each tunnel (idle timeout 30 s)",
+    )
+    parser.add_argument(
+        "--offload",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="TUN with IFF_VNET_HDR and TSO/CSUM(/USO) offloads (plain where refused)",
+    )
+    parser.add_argument(
+        "--partial-checksums",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --offload: take inner packets with partial checksums from the peer",
     )
     parser.add_argument("--ready-file")
     parser.add_argument("--status-socket", type=Path, help="serve the status API here")

@@ -653,7 +653,13 @@ class Agent:
         )
         try:
             self.tun = TunDevice.open(
-                TunConfig(name=self.settings.tun_name, mtu=self.settings.mtu, ipv4=v4, ipv6=v6)
+                TunConfig(
+                    name=self.settings.tun_name,
+                    mtu=self.settings.mtu,
+                    ipv4=v4,
+                    ipv6=v6,
+                    offload=self.settings.tun_offload,
+                )
             )
         except CyphonicError as exc:
             raise AgentFailed(exc) from exc

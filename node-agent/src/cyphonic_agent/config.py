@@ -91,6 +91,11 @@ class AgentSettings(BaseSettings):
         le=65000,
         description="TUN MTU; 1420 fits one QUIC datagram on a 1500-byte IPv4 or IPv6 path",
     )
+    tun_offload: bool = Field(
+        True,
+        description="TUN with IFF_VNET_HDR and TSO/checksum offloads (64 KB reads and "
+        "coalesced writes); a kernel that refuses them gets a plain TUN",
+    )
     dns_listen: str = Field(
         DEFAULT_DNS_LISTEN,
         description="address:port of the DNS stub for the overlay domain ('off' disables it)",

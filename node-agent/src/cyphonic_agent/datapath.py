@@ -5,6 +5,21 @@
         no tunnel yet  -> PendingPackets (bounded) + on_miss(destination) once per destination
     DATAGRAM from a peer -> TunnelCore.accept -> TUN write
 
+With offloads on the TUN (``TunDevice.vnet``), each read is a virtio_net_hdr frame that may
+hold a 64 KB TCP super-segment: it is split into MTU-sized packets (``offload.split_frame``)
+per tunnel, leaving inner checksums partial where that peer said it takes them. Packets
+from the peers are gathered over one endpoint wake-up and written coalesced
+(``offload.Coalescer``), one ``writev`` per super-packet, in a callback scheduled with
+``call_soon`` after the endpoint has processed what it read.
+
+Back-pressure (offloads on): one 64 KB read is ~46 datagrams, so a handful of reads would
+overflow the tunnel's bounded datagram queue, and every packet dropped there is a
+retransmission for the inner TCP. So reads stop at the room left in the queue of the tunnel
+served last (so that even a 64 KB read at the end still fits), and when there is less
+room than one super-segment the TUN is not read at all
+for a moment (until packets come back from the tunnels, or ``PAUSE_S``): the kernel keeps
+the data, and TCP Small Queues hold the sending socket back, as on a plain TUN.
+
 The QUIC endpoint (``cyphonic.quic``) owns the UDP socket and drains it per wake-up; this
 module owns the TUN side. Neither goes through asyncio's datagram transport callbacks per
 packet (shared/DESIGN.md "Data path").
@@ -20,13 +35,21 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cyphonic.errors import MalformedMessage
 from cyphonic.log import get_logger
 
+from cyphonic_agent.offload import VNET_HDR_LEN, Coalescer, split_frame
 from cyphonic_agent.packet import destination
 from cyphonic_agent.pending import PendingPackets
 from cyphonic_agent.status import PeerStatus
-from cyphonic_agent.tun import READ_BATCH, TunDevice
+from cyphonic_agent.tun import READ_BATCH, TUN_F_USO4, TunDevice
 from cyphonic_agent.tunnel import TunnelCore
+
+PAUSE_S = 0.0005
+"""How long the TUN is left unread at most when the busy tunnel's queue is full."""
+MAX_SEGMENTS_PER_READ = 48
+"""Packets one TUN read can become at most (64 KB at an MSS of 1,368): the TUN is read
+(offloads on) only while the busy tunnel's queue has room for that many more."""
 
 
 class TunnelConnection(Protocol):
@@ -91,6 +114,18 @@ class DataPathStats:
     not_ip: int = 0
     batches: dict[int, int] = field(default_factory=dict)
     """Histogram of batch sizes read per wake-up (bucketed to powers of two)."""
+    super_segments: int = 0
+    """TUN reads that were GSO super-segments (offloads on)."""
+    segments_out: int = 0
+    """Packets those super-segments were split into."""
+    malformed_frames: int = 0
+    """TUN reads with a virtio_net_hdr that could not be split (dropped)."""
+    frames_written: int = 0
+    """TUN writes of packets from the tunnels (offloads on; a coalesced one counts once)."""
+    pauses: int = 0
+    """Times the TUN was left unread because the busy tunnel's queue was full."""
+    packets_written: int = 0
+    """Packets from the tunnels those writes carried (/ frames_written: packets a write)."""
 
 
 class DataPath:
@@ -103,9 +138,12 @@ class DataPath:
         pending: PendingPackets | None = None,
         on_miss: Callable[[bytes], None] | None = None,
         clock: Callable[[], float] | None = None,
+        partial_checksums: bool = True,
     ) -> None:
         """``on_miss(destination)`` is called once per destination that starts waiting: the
-        agent starts route establishment there."""
+        agent starts route establishment there. ``partial_checksums``: with offloads, tell
+        peers this side takes partial inner checksums (False: they compute them; for
+        measuring what that costs)."""
         self.tun = tun
         self.pending = pending or PendingPackets()
         self.on_miss = on_miss
@@ -113,6 +151,19 @@ class DataPath:
         self._routes: dict[bytes, Tunnel] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clock = clock
+        self.vnet = bool(getattr(tun, "vnet", False))
+        """The TUN device carries virtio_net_hdr frames (offloads on)."""
+        self._offset = VNET_HDR_LEN if self.vnet else 0
+        self.partial_checksums = partial_checksums and self.vnet
+        self._coalescer = Coalescer(udp=bool(getattr(tun, "offloads", 0) & TUN_F_USO4))
+        self._inbound: list[bytes] = []
+        self._partial_peers: set[str] = set()
+        self._busy: Tunnel | None = None
+        """The tunnel served last (offloads on): its queue sets how much to read."""
+        self._paused = False
+        self._resume_handle: asyncio.TimerHandle | None = None
+        """Peers of tunnels gone that had said they take partial checksums (for the log)."""
+        self._flush_scheduled = False
         self._log = get_logger("agent.datapath", device=tun.name)
 
     # -- lifecycle
@@ -126,9 +177,31 @@ class DataPath:
 
     def stop(self) -> None:
         """Stop reading the TUN device (the device itself is closed by its owner)."""
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume_handle = None
         if self._loop is not None:
-            self._loop.remove_reader(self.tun.fd)
+            if not self._paused:
+                self._loop.remove_reader(self.tun.fd)
             self._loop = None
+        self._paused = False
+        self.flush()
+        stats = self.stats
+        self._log.info(
+            "datapath_stopped",
+            offloads=getattr(self.tun, "offloads", 0),
+            packets_in=stats.packets_in,
+            super_segments=stats.super_segments,
+            segments_out=stats.segments_out,
+            malformed_frames=stats.malformed_frames,
+            frames_written=stats.frames_written,
+            packets_written=stats.packets_written,
+            tcp_super_packets=self._coalescer.tcp_super_packets,
+            udp_super_packets=self._coalescer.udp_super_packets,
+            peers_taking_partial_checksums=sorted(
+                self._partial_peers | {t.label for t in self.tunnels() if t.core.peer_partial}
+            ),
+        )
 
     # -- tunnels
 
@@ -148,7 +221,20 @@ class DataPath:
                 except OSError:
                     tun_stats.tx_errors += 1
 
-        tunnel.conn.datagram_handler = deliver
+        inbound = self._inbound
+
+        def gather(data: bytes) -> None:
+            packet = accept(data)
+            if packet is not None:
+                inbound.append(packet)
+                if not self._flush_scheduled:
+                    self._schedule_flush()
+
+        if self.vnet:
+            tunnel.core.set_partial_checksums(self.partial_checksums)
+            tunnel.conn.datagram_handler = gather
+        else:
+            tunnel.conn.datagram_handler = deliver
         for address in tunnel.addresses:
             self._routes[address] = tunnel
         now = self._now()
@@ -167,7 +253,19 @@ class DataPath:
             if self._routes.get(address) is tunnel:
                 del self._routes[address]
         tunnel.conn.datagram_handler = None
-        self._log.info("tunnel removed", peer=tunnel.label)
+        if self._busy is tunnel:
+            self._busy = None
+            self._resume()
+        core = tunnel.core
+        if core.peer_partial:
+            self._partial_peers.add(tunnel.label)
+        self._log.info(
+            "tunnel removed",
+            peer=tunnel.label,
+            peer_takes_partial_checksums=core.peer_partial,
+            capabilities_sent=core.stats.caps_sent,
+            capabilities_received=core.stats.caps_received,
+        )
 
     def tunnels(self) -> list[Tunnel]:
         """Current tunnels, once each."""
@@ -178,8 +276,61 @@ class DataPath:
     def _now(self) -> float:
         return self._clock() if self._clock is not None else time.monotonic()
 
+    def _schedule_flush(self) -> None:
+        if self._loop is None:
+            self.flush()  # not pumping (tests, shutdown): deliver at once
+            return
+        self._flush_scheduled = True
+        self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the packets gathered from the tunnels, coalesced (offloads on)."""
+        self._flush_scheduled = False
+        packets = self._inbound
+        if not packets:
+            return
+        writes = self._coalescer.coalesce(packets)
+        self.stats.frames_written += len(writes)
+        self.stats.packets_written += len(packets)
+        packets.clear()
+        self.tun.write_frames(writes)
+        if self._paused:
+            self._resume()  # the peer answered: the busy tunnel may have room again
+
+    def _pause(self) -> None:
+        loop = self._loop
+        if loop is None or self._paused:
+            return
+        self._paused = True
+        self.stats.pauses += 1
+        loop.remove_reader(self.tun.fd)
+        self._resume_handle = loop.call_later(PAUSE_S, self._resume)
+
+    def _resume(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume_handle = None
+        if self._loop is not None:
+            self._loop.add_reader(self.tun.fd, self._on_tun_readable)
+
     def _on_tun_readable(self) -> None:
-        packets = self.tun.read(READ_BATCH)
+        budget: int | None = None
+        limit = READ_BATCH
+        busy = self._busy
+        if busy is not None:
+            core = busy.core
+            room = core.max_pending - core.pending - 1  # (1: a capability datagram)
+            if room < MAX_SEGMENTS_PER_READ:
+                self._pause()
+                return
+            # Whatever the next read returns must fit: stop reading while a whole
+            # super-segment could still follow, and read no more frames than packets fit.
+            limit = min(limit, room)
+            budget = (room - MAX_SEGMENTS_PER_READ) * max(core.mtu - 80, 1) + 1
+        packets = self.tun.read(limit, budget)
         if not packets:
             return
         stats = self.stats
@@ -195,8 +346,9 @@ class DataPath:
         by_tunnel: dict[int, tuple[Tunnel, list[bytes]]] = {}
         last_dst: bytes | None = None
         last_batch: list[bytes] | None = None
+        offset = self._offset
         for packet in packets:
-            dst = destination(packet)
+            dst = destination(packet, offset)
             if dst is None:
                 self.stats.not_ip += 1
                 continue
@@ -217,10 +369,33 @@ class DataPath:
             self._send(tunnel, batch)
 
     def _send(self, tunnel: Tunnel, batch: list[bytes]) -> None:
+        if self.vnet:
+            batch = self._split(batch, partial=tunnel.core.peer_partial)
+            self._busy = tunnel
         answers = tunnel.core.packets_from_tun(batch)
         if answers:
             self.tun.write(answers)
         tunnel.conn.transmit()
+
+    def _split(self, frames: list[bytes], *, partial: bool) -> list[bytes]:
+        """virtio_net_hdr frames -> IP packets: super-segments cut, checksums as the peer
+        takes them. The common plain frame (flags 0, GSO_NONE) just loses its header."""
+        packets: list[bytes] = []
+        stats = self.stats
+        for frame in frames:
+            if not frame[0] and not frame[1]:
+                packets.append(frame[VNET_HDR_LEN:])
+                continue
+            try:
+                pieces = split_frame(frame, partial=partial)
+            except MalformedMessage:
+                stats.malformed_frames += 1
+                continue
+            if len(pieces) > 1:
+                stats.super_segments += 1
+                stats.segments_out += len(pieces)
+            packets += pieces
+        return packets
 
     def _miss(self, dst: bytes, packet: bytes) -> None:
         self.stats.no_route += 1

@@ -131,15 +131,19 @@ def parse_header(packet: bytes) -> IpHeader:
     raise MalformedMessage(f"IP version {version} unknown")
 
 
-def destination(packet: bytes) -> bytes | None:
-    """The raw destination address of ``packet``, or None if it is not IPv4/IPv6.
+def destination(packet: bytes, offset: int = 0) -> bytes | None:
+    """The raw destination address of the IP packet at ``offset`` in ``packet`` (a TUN frame
+    with offloads starts with a 10-byte virtio_net_hdr), or None if it is not IPv4/IPv6.
 
     The per-packet fast path: no header object, no checks beyond what indexing needs.
     """
-    if len(packet) >= IPV4_HEADER_MIN and packet[0] >> 4 == 4:
-        return packet[IPV4_OFF_DST : IPV4_OFF_DST + 4]
-    if len(packet) >= IPV6_HEADER_LEN and packet[0] >> 4 == 6:
-        return packet[IPV6_OFF_DST : IPV6_OFF_DST + 16]
+    n = len(packet) - offset
+    if n >= IPV4_HEADER_MIN and packet[offset] >> 4 == 4:
+        at = offset + IPV4_OFF_DST
+        return packet[at : at + 4]
+    if n >= IPV6_HEADER_LEN and packet[offset] >> 4 == 6:
+        at = offset + IPV6_OFF_DST
+        return packet[at : at + 16]
     return None
 
 

@@ -2,8 +2,10 @@
 
 A packet for a virtual address with no tunnel yet triggers route establishment; while the
 route is being built its packets wait here. Bounds keep a scan or a dead peer from eating
-memory: at most ``max_packets`` per destination (later packets are dropped, like a full
-router queue: the oldest are the ones the application is already retransmitting), at most
+memory: at most ``max_packets`` and ``max_bytes`` per destination (later packets are
+dropped, like a full router queue: the oldest are the ones the application is already
+retransmitting; the byte bound matters for a TUN with offloads, whose reads are up to 64 KB
+each), at most
 ``max_destinations`` destinations, and nothing older than ``max_age`` seconds. Every drop is
 counted.
 """
@@ -39,17 +41,25 @@ class PendingStats:
 class _Queue:
     created: float
     packets: deque[tuple[float, bytes]] = field(default_factory=deque)
+    size: int = 0
+    """Bytes of the packets queued."""
 
 
 class PendingPackets:
     """Per-destination bounded queues of packets waiting for a tunnel."""
 
     def __init__(
-        self, *, max_packets: int = 64, max_destinations: int = 256, max_age: float = 5.0
+        self,
+        *,
+        max_packets: int = 64,
+        max_destinations: int = 256,
+        max_age: float = 5.0,
+        max_bytes: int = 256 * 1024,
     ) -> None:
-        if max_packets < 1 or max_destinations < 1 or max_age <= 0:
+        if max_packets < 1 or max_destinations < 1 or max_age <= 0 or max_bytes < 1:
             raise ValueError("pending queue bounds must be positive")
         self.max_packets = max_packets
+        self.max_bytes = max_bytes
         self.max_destinations = max_destinations
         self.max_age = max_age
         self.stats = PendingStats()
@@ -69,10 +79,11 @@ class PendingPackets:
                 self.stats.dropped_destinations += 1
                 return False
             queue = self._queues[destination] = _Queue(created=now)
-        if len(queue.packets) >= self.max_packets:
+        if len(queue.packets) >= self.max_packets or queue.size + len(packet) > self.max_bytes:
             self.stats.dropped_full += 1
             return False
         queue.packets.append((now, packet))
+        queue.size += len(packet)
         self.stats.queued += 1
         return True
 
@@ -106,7 +117,7 @@ class PendingPackets:
         for destination, queue in list(self._queues.items()):
             packets = queue.packets
             while packets and now - packets[0][0] > self.max_age:
-                packets.popleft()
+                queue.size -= len(packets.popleft()[1])
                 self.stats.expired += 1
             if not packets:
                 del self._queues[destination]

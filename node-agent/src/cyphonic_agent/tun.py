@@ -9,6 +9,14 @@ kernel then deletes the device). Needs CAP_NET_ADMIN.
 The data path reads and writes raw IP packets with ``read_packets`` / ``write_packets``:
 drain until EAGAIN on each wake-up, so one event-loop callback serves a batch of packets
 (shared/DESIGN.md "Data path").
+
+Offloads (``TunConfig(offload=True)``): the device is opened with ``IFF_VNET_HDR`` and told
+with ``TUNSETOFFLOAD`` that this side takes partial checksums (CSUM) and TCP super-segments
+(TSO4/TSO6), and UDP ones (USO4/USO6) where the kernel (>= 6.2) knows them. Every read and
+write then carries a 10-byte ``virtio_net_hdr`` (``cyphonic_agent.offload``); a read may be a
+64 KB TCP super-segment, a write may be a coalesced one. Where the kernel refuses the offload
+flags, the device is reopened plain, as without the option (``TunDevice.offloads`` says what
+it took, ``vnet`` whether frames carry the header).
 """
 
 from __future__ import annotations
@@ -33,10 +41,23 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
+from cyphonic_agent.offload import PLAIN_HEADER, VNET_HDR_LEN, Write
+
 TUN_DEVICE_PATH = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
+OFFLOAD_TCP = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+OFFLOAD_ALL = OFFLOAD_TCP | TUN_F_USO4 | TUN_F_USO6
+MAX_FRAME = VNET_HDR_LEN + 65535
+"""Largest read of a device with offloads: the header and a 64 KB super-segment."""
 IFNAMSIZ = 16
 DEFAULT_MTU = 1420
 """Fits a 1420-byte packet plus 58 B (QUIC over UDP/IPv4) or 78 B (over IPv6) in 1500."""
@@ -63,6 +84,8 @@ class TunConfig:
     """Overlay prefixes routed into the device beyond the addresses' own prefixes."""
     txqueuelen: int = 1000
     """Kernel queue in front of the device (the TUN default of 500 drops bursts)."""
+    offload: bool = False
+    """Ask for IFF_VNET_HDR with TSO/CSUM (and USO) offloads; plain TUN where refused."""
 
     def __post_init__(self) -> None:
         if not 0 < len(self.name.encode()) < IFNAMSIZ:
@@ -89,8 +112,10 @@ class TunStats:
     """Write errors by errno."""
 
 
-def open_tun(name: str) -> tuple[int, str]:
-    """Create a TUN device; return its non-blocking descriptor and the kernel's name for it."""
+def open_tun(name: str, *, vnet: bool = False) -> tuple[int, str]:
+    """Create a TUN device; return its non-blocking descriptor and the kernel's name for it.
+
+    ``vnet``: with IFF_VNET_HDR (every packet then carries a ``virtio_net_hdr``)."""
     try:
         fd = os.open(TUN_DEVICE_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as exc:
@@ -98,7 +123,8 @@ def open_tun(name: str) -> tuple[int, str]:
     except PermissionError as exc:
         raise PermissionDenied(f"cannot open {TUN_DEVICE_PATH}: needs CAP_NET_ADMIN") from exc
     try:
-        ifr = struct.pack(f"{IFNAMSIZ}sH", name.encode(), IFF_TUN | IFF_NO_PI)
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet else 0)
+        ifr = struct.pack(f"{IFNAMSIZ}sH", name.encode(), flags)
         answer = fcntl.ioctl(fd, TUNSETIFF, ifr)
     except OSError as exc:
         os.close(fd)
@@ -110,16 +136,64 @@ def open_tun(name: str) -> tuple[int, str]:
     return fd, answer[:IFNAMSIZ].rstrip(b"\x00").decode()
 
 
-def read_packets(fd: int, *, bufsize: int, limit: int = READ_BATCH) -> list[bytes]:
-    """Read packets until EAGAIN or ``limit``; each read returns exactly one packet."""
+def open_tun_offload(name: str) -> tuple[int, str, int]:
+    """Create a TUN device with the offloads the kernel takes: (fd, name, TUN_F_* flags).
+
+    Tries TSO+CSUM with USO, then without USO (kernels before 6.2); where even that is
+    refused (or IFF_VNET_HDR is), the device is made plain and the flags are 0.
+    """
+    fd, kernel_name = open_tun(name, vnet=True)
+    for flags in (OFFLOAD_ALL, OFFLOAD_TCP):
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+        except OSError:
+            continue
+        return fd, kernel_name, flags
+    # IFF_VNET_HDR cannot be taken back on this descriptor: start again without it. The
+    # device goes away with its only descriptor (it is not persistent), so the name is free.
+    os.close(fd)
+    fd, kernel_name = open_tun(name)
+    return fd, kernel_name, 0
+
+
+def read_packets(
+    fd: int, *, bufsize: int, limit: int = READ_BATCH, budget: int | None = None
+) -> list[bytes]:
+    """Read packets until EAGAIN, ``limit`` packets or ``budget`` bytes; each read returns
+    exactly one packet (with offloads: one frame)."""
     packets: list[bytes] = []
     read = os.read
     try:
-        while len(packets) < limit:
-            packets.append(read(fd, bufsize))
+        if budget is None:
+            while len(packets) < limit:
+                packets.append(read(fd, bufsize))
+        else:
+            while len(packets) < limit and budget > 0:
+                packet = read(fd, bufsize)
+                packets.append(packet)
+                budget -= len(packet)
     except BlockingIOError:
         pass
     return packets
+
+
+def write_frames(fd: int, writes: Iterable[Write], stats: TunStats | None = None) -> int:
+    """Write gather lists (virtio_net_hdr first) with one ``writev`` each; like
+    ``write_packets`` for a device with offloads (a coalesced write counts as one)."""
+    written = 0
+    writev = os.writev
+    for parts in writes:
+        try:
+            writev(fd, parts)
+            written += 1
+        except OSError as exc:
+            if stats is not None:
+                stats.tx_errors += 1
+                code = exc.errno or 0
+                stats.errors[code] = stats.errors.get(code, 0) + 1
+    if stats is not None:
+        stats.tx_packets += written
+    return written
 
 
 def write_packets(fd: int, packets: Iterable[bytes], stats: TunStats | None = None) -> int:
@@ -147,14 +221,20 @@ def write_packets(fd: int, packets: Iterable[bytes], stats: TunStats | None = No
 class TunDevice:
     """A configured TUN device; use as a context manager or call ``close()``."""
 
-    def __init__(self, *, fd: int, name: str, index: int, config: TunConfig) -> None:
+    def __init__(
+        self, *, fd: int, name: str, index: int, config: TunConfig, offloads: int = 0
+    ) -> None:
         self.fd = fd
         self.name = name
         self.index = index
         self.config = config
+        self.offloads = offloads
+        """TUN_F_* flags the kernel took (0: a plain device)."""
+        self.vnet = bool(offloads)
+        """Whether every read and write carries a virtio_net_hdr."""
         self.stats = TunStats()
         # Reads of a full buffer may be truncated packets; one spare byte detects that.
-        self.bufsize = config.mtu + 1
+        self.bufsize = (MAX_FRAME if self.vnet else config.mtu) + 1
         self._added_routes: list[IpNetwork] = []
         self._added_addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
         self._closed = False
@@ -171,12 +251,16 @@ class TunDevice:
 
     @classmethod
     def _open(cls, config: TunConfig) -> TunDevice:
-        fd, name = open_tun(config.name)
+        offloads = 0
+        if config.offload:
+            fd, name, offloads = open_tun_offload(config.name)
+        else:
+            fd, name = open_tun(config.name)
         device: TunDevice | None = None
         try:
             with IPRoute() as ipr:
                 index = ipr.link_lookup(ifname=name)[0]
-                device = cls(fd=fd, name=name, index=index, config=config)
+                device = cls(fd=fd, name=name, index=index, config=config, offloads=offloads)
                 device._configure(ipr)
         except NetlinkError as exc:
             if device is not None:
@@ -196,6 +280,7 @@ class TunDevice:
             ipv4=str(config.ipv4) if config.ipv4 else None,
             ipv6=str(config.ipv6) if config.ipv6 else None,
             routes=[str(r) for r in config.routes],
+            offloads=_offload_names(offloads) if config.offload else None,
         )
         return device
 
@@ -230,9 +315,11 @@ class TunDevice:
             ipr.route("replace", dst=str(route), oif=self.index)
             self._added_routes.append(route)
 
-    def read(self, limit: int = READ_BATCH) -> list[bytes]:
-        """Drain up to ``limit`` packets the kernel routed into the device."""
-        packets = read_packets(self.fd, bufsize=self.bufsize, limit=limit)
+    def read(self, limit: int = READ_BATCH, budget: int | None = None) -> list[bytes]:
+        """Drain up to ``limit`` packets the kernel routed into the device (with offloads:
+        frames, each a virtio_net_hdr and a packet or super-segment), stopping once
+        ``budget`` bytes are read if given."""
+        packets = read_packets(self.fd, bufsize=self.bufsize, limit=limit, budget=budget)
         if packets:
             full = [p for p in packets if len(p) >= self.bufsize]
             if full:
@@ -243,7 +330,13 @@ class TunDevice:
 
     def write(self, packets: Iterable[bytes]) -> int:
         """Deliver packets to local applications; returns how many the kernel accepted."""
+        if self.vnet:
+            return write_frames(self.fd, ([PLAIN_HEADER, p] for p in packets), self.stats)
         return write_packets(self.fd, packets, self.stats)
+
+    def write_frames(self, writes: Iterable[Write]) -> int:
+        """Deliver gather lists that start with a virtio_net_hdr (a device with offloads)."""
+        return write_frames(self.fd, writes, self.stats)
 
     def set_mtu(self, mtu: int) -> None:
         """Change the device MTU (the path changed)."""
@@ -253,7 +346,8 @@ class TunDevice:
                 ipr.link("set", index=self.index, mtu=mtu)
 
         _netlink(change)
-        self.bufsize = mtu + 1
+        if not self.vnet:
+            self.bufsize = mtu + 1
         self._log.info("tun mtu changed", mtu=mtu)
 
     def close(self) -> None:
@@ -290,6 +384,17 @@ class TunDevice:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _offload_names(flags: int) -> list[str]:
+    names = {
+        TUN_F_CSUM: "csum",
+        TUN_F_TSO4: "tso4",
+        TUN_F_TSO6: "tso6",
+        TUN_F_USO4: "uso4",
+        TUN_F_USO6: "uso6",
+    }
+    return [name for bit, name in names.items() if flags & bit] or ["refused"]
 
 
 def _netlink(fn: Callable[[], _T]) -> _T:

@@ -29,6 +29,21 @@ Three engine facts shape it:
 Packets arriving from the tunnel are checked against the peer's virtual addresses (source)
 and this node's (destination), the way WireGuard's allowed IPs are, so a peer cannot
 inject traffic claiming another node's address.
+
+Capabilities. A datagram whose first byte is 0 is never an IP packet (version 0); the
+tunnel uses one such datagram to tell the peer what it can take::
+
+    0x00 "CYC" version(1) flags(1)      flags bit 0: partial inner checksums accepted
+                                        flags bit 1: the sender has the receiver's datagram
+
+A core made with ``partial_checksums=True`` (its TUN device writes with NEEDS_CSUM, see
+``offload.py``), or one that stopped taking them, sends it with its first batch, again
+every ``CAPS_UNCONFIRMED_EVERY`` batches until the peer's says it has ours (bit 1), then every
+``CAPS_EVERY`` batches; receiving one without bit 1 makes the next batch carry ours (so a
+lost one costs only speed, briefly). Until the peer has said so,
+``peer_partial`` is False and every inner checksum leaves complete; an older agent counts
+the datagram as malformed and ignores it. Only the authenticated peer can send it, and all
+it changes is whether its own inbound packets carry complete checksums.
 """
 
 from __future__ import annotations
@@ -53,6 +68,14 @@ DATAGRAM_FRAME_TYPE_SIZE = 1
 UDP_IPV4_OVERHEAD = 20 + 8
 UDP_IPV6_OVERHEAD = 40 + 8
 DEFAULT_MAX_PENDING = 256
+CAPS_MAGIC = b"\x00CYC"
+CAPS_VERSION = 1
+CAPS_PARTIAL_CHECKSUMS = 0x01
+CAPS_SEEN_YOURS = 0x02
+CAPS_EVERY = 256
+"""Batches between repeated capability datagrams once the peer has confirmed ours."""
+CAPS_UNCONFIRMED_EVERY = 16
+"""Batches between them until then."""
 """Datagrams queued in the connection at most (about 360 KB at MTU 1420)."""
 
 
@@ -186,6 +209,8 @@ class TunnelStats:
     """Packets from the peer with a source or destination it may not use."""
     dropped_malformed: int = 0
     """Datagrams from the peer that are not IP packets."""
+    caps_sent: int = 0
+    caps_received: int = 0
 
 
 class TunnelCore:
@@ -200,11 +225,14 @@ class TunnelCore:
         peer_addresses: frozenset[bytes] | None = None,
         local_addresses: frozenset[bytes] | None = None,
         ack_immediately: bool = False,
+        partial_checksums: bool = False,
     ) -> None:
         """``peer_addresses`` / ``local_addresses``: raw virtual addresses (4 or 16 bytes)
         allowed as source / destination of packets from the peer; None accepts any.
         ``ack_immediately``: acknowledge in the next transmit pass instead of after aioquic's
-        1 ms ACK delay (an experiment knob; no gain measured yet on a loaded machine)."""
+        1 ms ACK delay (an experiment knob; no gain measured yet on a loaded machine).
+        ``partial_checksums``: this side takes inner packets with partial checksums (its
+        TUN has offloads); announced to the peer (see the module's "Capabilities")."""
         if quic.configuration.max_datagram_frame_size is None:
             raise ValueError("the QUIC configuration must enable DATAGRAM frames")
         self.quic = quic
@@ -214,6 +242,16 @@ class TunnelCore:
         self.peer_addresses = peer_addresses
         self.local_addresses = local_addresses
         self.stats = TunnelStats()
+        self.partial_checksums = partial_checksums
+        self.peer_partial = False
+        """The peer said it takes partial inner checksums."""
+        self._caps_in = 0
+        self._caps_seen = False
+        """We have the peer's capability datagram."""
+        self._caps_confirmed = False
+        """The peer said it has ours."""
+        self._announce = partial_checksums
+        """Whether to send capability datagrams (only once there is something to say)."""
         if ack_immediately and hasattr(quic, "_ack_delay"):
             # aioquic delays each ACK by 1 ms on a timer (which an asyncio loop rounds up to
             # its next millisecond tick); the endpoint transmits once per received batch, so
@@ -275,6 +313,12 @@ class TunnelCore:
         mtu = self.effective_mtu
         push = self._push
         room = self.max_pending - self._view.datagrams_pending()
+        self._caps_in -= 1
+        if self._caps_in < 0 and self._announce:
+            self._caps_in = CAPS_EVERY if self._caps_confirmed else CAPS_UNCONFIRMED_EVERY
+            push(self.capabilities())
+            stats.caps_sent += 1
+            room -= 1
         answers: list[bytes] = []
         sent = 0
         sent_bytes = 0
@@ -299,6 +343,35 @@ class TunnelCore:
         stats.tx_packets += sent
         stats.tx_bytes += sent_bytes
         return answers
+
+    def capabilities(self) -> bytes:
+        """This side's capability datagram."""
+        flags = CAPS_PARTIAL_CHECKSUMS if self.partial_checksums else 0
+        if self._caps_seen:
+            flags |= CAPS_SEEN_YOURS
+        return CAPS_MAGIC + bytes((CAPS_VERSION, flags))
+
+    def set_partial_checksums(self, accept: bool) -> None:
+        """Change what this side takes (its TUN device changed); announced at once."""
+        if accept != self.partial_checksums:
+            self.partial_checksums = accept
+            self._announce = True
+            self._caps_confirmed = False
+            self._caps_in = 0
+
+    def _capabilities_received(self, data: bytes) -> None:
+        if len(data) < len(CAPS_MAGIC) + 2 or data[: len(CAPS_MAGIC)] != CAPS_MAGIC:
+            self.stats.dropped_malformed += 1
+            return
+        self.stats.caps_received += 1
+        flags = data[len(CAPS_MAGIC) + 1]
+        self.peer_partial = bool(flags & CAPS_PARTIAL_CHECKSUMS)
+        self._caps_seen = True
+        if flags & CAPS_SEEN_YOURS:
+            self._caps_confirmed = True
+        else:
+            self._caps_confirmed = False
+            self._caps_in = 0  # the peer lacks ours (lost, or it restarted): with the next batch
 
     def _oversized(self, packet: bytes, mtu: int, answers: list[bytes]) -> list[bytes]:
         # IPv4 without DF: fragment like a router; everything else: ICMP too big.
@@ -359,6 +432,9 @@ class TunnelCore:
             src, dst = data[12:16], data[16:20]
         elif version == 6 and n >= 40:
             src, dst = data[8:24], data[24:40]
+        elif version == 0 and n:
+            self._capabilities_received(data)
+            return None
         else:
             stats.dropped_malformed += 1
             return None

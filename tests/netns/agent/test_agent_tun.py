@@ -29,3 +29,21 @@ def test_tun_device_end_to_end(agent_netns: Any) -> None:
     assert facts["garbage_errors"] == 2
     assert facts["after_close_links"] == 0 and facts["after_close_routes"] == []
     assert facts["in_loop"] == [1, 0]  # works from inside a running asyncio loop
+
+
+def test_tun_offloads_taken_partly_taken_or_refused(agent_netns: Any) -> None:
+    facts = json.loads(agent_netns.run("tun_offload_driver.py"))
+    taken, no_uso, refused = facts["taken"], facts["no_uso"], facts["refused"]
+    # This kernel (>= 6.2) takes CSUM, TSO4, TSO6, USO4 and USO6.
+    assert taken["offloads"] == 0x01 | 0x02 | 0x04 | 0x20 | 0x40 and taken["vnet"]
+    # The local UDP datagram came with its checksum left to the device (NEEDS_CSUM) and was
+    # completed by the split.
+    assert taken["hdr_flags"] & 1
+    # A kernel without USO: TCP offloads only, still with the header.
+    assert no_uso["offloads"] == 0x07 and no_uso["vnet"]
+    # Nothing taken: a plain TUN, reopened without IFF_VNET_HDR.
+    assert refused["offloads"] == 0 and not refused["vnet"]
+    for case in (taken, no_uso, refused):
+        assert case["first_byte"] == 0x45  # an IPv4 packet, no header left in front
+        assert case["checksum_ok"] and case["payload_ok"]
+        assert case["written"] == 1 and case["reply"] == "answer"

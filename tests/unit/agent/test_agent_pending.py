@@ -97,3 +97,19 @@ def test_accounting_invariant(pushes: list[tuple[bytes, float]]) -> None:
     released = sum(len(q.release(d, now=now)) for d in q.destinations())
     assert q.stats.queued == released + q.stats.expired
     assert q.stats.queued + q.stats.dropped_full + q.stats.dropped_destinations == len(pushes)
+
+
+def test_bytes_bound_per_destination() -> None:
+    # A TUN with offloads hands over 64 KB reads: the queue is bounded in bytes too.
+    from cyphonic_agent.pending import PendingPackets as Pending
+
+    q = Pending(max_packets=64, max_bytes=150_000)
+    big = b"\x45" + bytes(65_000)
+    assert q.push(b"\x01\x02\x03\x04", big, now=0.0)
+    assert q.push(b"\x01\x02\x03\x04", big, now=0.0)
+    assert not q.push(b"\x01\x02\x03\x04", big, now=0.0)  # would pass 150,000 bytes
+    assert q.push(b"\x01\x02\x03\x04", b"\x45" + bytes(100), now=0.0)  # small still fits
+    assert q.stats.dropped_full == 1 and len(q) == 3
+    q.expire(now=10.0)
+    assert len(q) == 0
+    assert q.push(b"\x01\x02\x03\x04", big, now=10.0)  # the expired bytes were given back

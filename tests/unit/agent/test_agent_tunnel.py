@@ -301,3 +301,74 @@ def test_smaller_peer_limit_lowers_effective_mtu() -> None:
     assert a.effective_mtu == 1200
     answers = a.packets_from_tun([udp6(1280)])
     assert len(answers) == 1 and struct.unpack_from("!I", answers[0], 44)[0] == 1200
+
+
+# --- capability datagrams (partial inner checksums) ----------------------------------------
+
+
+def _caps_pair(a_partial: bool, b_partial: bool) -> tuple[Pair, TunnelCore, TunnelCore]:
+    pair = Pair()
+    a = TunnelCore(pair.client, mtu=MTU, partial_checksums=a_partial)
+    b = TunnelCore(pair.server, mtu=MTU, partial_checksums=b_partial)
+    pair.pump()
+    a.receive_events()
+    b.receive_events()
+    assert a.ready and b.ready
+    return pair, a, b
+
+
+def _exchange(pair: Pair, a: TunnelCore, b: TunnelCore, batches: int = 3) -> list[bytes]:
+    """``batches`` batches each way; the IP packets delivered (capability datagrams are not)."""
+    delivered: list[bytes] = []
+    for i in range(batches):
+        a.packets_from_tun([udp4(100, tag=i)])
+        b.packets_from_tun([udp4(100, src=B4, dst=A4, tag=i)])
+        pair.pump()
+        delivered += a.receive_events()[0] + b.receive_events()[0]
+    return delivered
+
+
+def test_capabilities_both_sides_take_partial_checksums() -> None:
+    pair, a, b = _caps_pair(True, True)
+    assert not a.peer_partial and not b.peer_partial  # nothing said yet: full checksums
+    delivered = _exchange(pair, a, b)
+    assert a.peer_partial and b.peer_partial
+    assert len(delivered) == 6  # the capability datagrams never reach the TUN
+    assert a.stats.dropped_malformed == b.stats.dropped_malformed == 0
+    sent = a.stats.caps_sent + b.stats.caps_sent
+    _exchange(pair, a, b, batches=20)
+    # Once confirmed, repeated only every CAPS_EVERY batches.
+    assert a.stats.caps_sent + b.stats.caps_sent <= sent + 2
+
+
+def test_capabilities_a_plain_peer_gets_complete_checksums() -> None:
+    pair, a, b = _caps_pair(True, False)
+    _exchange(pair, a, b, batches=20)
+    assert not a.peer_partial  # b never said it takes them
+    assert b.peer_partial  # b knows a would (harmless: b's plain TUN never leaves them)
+    assert b.stats.caps_sent == 0
+
+
+def test_capabilities_recovered_after_a_lost_datagram() -> None:
+    pair, a, b = _caps_pair(True, True)
+    a.packets_from_tun([udp4(100)])  # carries a's capabilities...
+    pair.client.datagrams_to_send(now=pair.now)  # ...which the network loses
+    _exchange(pair, a, b, batches=3)
+    # b's datagram said it lacked a's, so a's next batch carried them again.
+    assert b.peer_partial and a.peer_partial
+
+
+def test_capabilities_a_changed_mind_is_announced() -> None:
+    pair, a, b = _caps_pair(True, True)
+    _exchange(pair, a, b)
+    assert a.peer_partial
+    b.set_partial_checksums(False)  # e.g. its TUN device was reopened plain
+    _exchange(pair, a, b, batches=1)
+    assert not a.peer_partial
+
+
+def test_malformed_capability_datagram_is_counted() -> None:
+    _pair, a, _b = _caps_pair(True, True)
+    assert a.accept(b"\x00XYZ\x01\x01") is None
+    assert a.accept(b"\x00CY") is None
+    assert a.stats.dropped_malformed == 2 and not a.peer_partial
