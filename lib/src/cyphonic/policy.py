@@ -673,9 +673,14 @@ class PacketFilter:
 
     # -- outbound: flows this node opens
 
-    def outbound(self, packet: bytes | bytearray | memoryview, now: float) -> None:
-        """Note the flow of a packet this node sends into a tunnel (cheap when not needed)."""
-        if self._allow_all or len(packet) < 20:
+    def outbound(self, packet: bytes | bytearray | memoryview, now: float, offset: int = 0) -> None:
+        """Note the flow of a packet this node sends into a tunnel (cheap when not needed);
+        the IP header starts at ``offset`` (a virtio_net_hdr before it, TUN offloads on)."""
+        if self._allow_all:
+            return
+        if offset:
+            packet = memoryview(packet)[offset:]
+        if len(packet) < 20:
             return
         if now < self._out_until and packet[12:24] == self._out_key:
             return  # the same flow as the last packet, noted less than HOT_S ago

@@ -412,3 +412,12 @@ def test_filter_agrees_with_dry_run(
         packet = pkt(s, d, 58 if v6 else 1, icmp(128 if v6 else 8))
     expected = P.can(pol, a, b, proto, None if proto is P.Protocol.ICMP else port).allowed
     assert f.inbound(packet, 0.0) is expected
+
+
+def test_outbound_with_a_virtio_header_before_the_packet() -> None:
+    f = filter_for(A)
+    sent = ip4(a4, b4, 6, tcp(41000, 443))
+    f.outbound(b"\x01" * 10 + sent, 0.0, 10)  # TUN offloads: virtio_net_hdr first
+    assert f.inbound(ip4(b4, a4, 6, tcp(443, 41000, 0x12)), 1.0)
+    f.outbound(memoryview(b"\0" * 10 + ip6(a6, b6, 17, udp(5353, 53))), 0.0, 10)
+    assert f.inbound(ip6(b6, a6, 17, udp(53, 5353)), 1.0)
