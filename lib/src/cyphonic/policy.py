@@ -680,6 +680,23 @@ class PacketFilter:
             return
         if offset:
             packet = memoryview(packet)[offset:]
+        elif len(packet) >= 24 and packet[0] == 0x45 and type(packet) is bytes:
+            if now < self._out_until and packet[12:24] == self._out_key:
+                return
+            # The common case inline: IPv4 without options, TCP or UDP, no fragment.
+            proto = packet[9]
+            if proto in (IPPROTO_TCP, IPPROTO_UDP) and not (packet[6] & 0x3F or packet[7]):
+                dst = packet[16:20]
+                rights = self._rights.get(dst)
+                if rights is None or not rights.all:
+                    key = (proto, dst, packet[22] << 8 | packet[23], packet[20] << 8 | packet[21])
+                    flows = self._flows
+                    if key not in flows and len(flows) >= self.max_flows:
+                        self._make_room(now)
+                    flows[key] = now + self._idle[proto]
+                self._out_key = packet[12:24]
+                self._out_until = now + HOT_S
+                return
         if len(packet) < 20:
             return
         if now < self._out_until and packet[12:24] == self._out_key:
