@@ -22,9 +22,10 @@ test: ## the whole suite: unit, integration (Postgres, Redis), namespace tests (
 test-unit: ## unit tests only (no root, no services)
 	$(RUN) pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
 
-lint: ## ruff and mypy (strict on the shared library)
+lint: ## ruff check, ruff format --check, mypy --strict on every member
 	$(RUN) ruff check .
-	$(RUN) mypy lib/src services/auth/src services/nms/src services/trs/src node-agent/src testbed/src
+	$(RUN) ruff format --check .
+	$(RUN) mypy --strict lib/src services/auth/src services/nms/src services/trs/src node-agent/src testbed/src tests/support/src
 
 demo: ## the main job on the embedded default: services and nodes in namespaces
 	$(RUN) python -m cyphonic_testbed.demo $(DEMO_ARGS)

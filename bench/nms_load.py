@@ -38,7 +38,7 @@ import httpx
 from cyphonic.pki import init_pki
 from cyphonic.registry import Node, create_engine, make_sessionmaker, migrate
 from cyphonic_nms.routing import Endpoint
-from cyphonic_nms.simnode import SimulatedNode, issue_node_identity
+from cyphonic_testing.simnode import SimulatedNode, issue_node_identity
 
 DOMAIN = "cyphonic.internal"
 TOKEN = "nms-bench-admin-token-0123456789"

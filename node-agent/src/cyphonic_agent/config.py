@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from cyphonic.errors import InvalidArgument
-from pydantic import Field, ValidationError, field_validator, model_validator
+from cyphonic.hostport import parse_host_port
+from cyphonic.service import describe_settings_error
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -32,35 +34,9 @@ DNS_OFF = ("", "off", "none")
 
 
 def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, int]:
-    """``host:port`` / ``[v6]:port`` (or a bare host with ``default_port``) -> (host, port)."""
-    text = text.strip()
-    host: str
-    port_text: str | None
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise InvalidArgument(f"{text!r} is not [address]:port")
-        port_text = rest[1:] or None
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, None  # a bare IPv6 address or a host name
-    if port_text is None:
-        if default_port is None:
-            raise InvalidArgument(f"{text!r} lacks a port")
-        return host, default_port
-    try:
-        port = int(port_text)
-    except ValueError as exc:
-        raise InvalidArgument(f"{text!r}: port is not a number") from exc
-    if not host or not 0 <= port <= 65535:
-        raise InvalidArgument(f"{text!r} is not host:port")
-    return host, port
-
-
-def format_hostport(host: str, port: int) -> str:
-    """The inverse of ``parse_hostport``: brackets around IPv6 addresses."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """``host:port`` / ``[v6]:port`` (or a bare host with ``default_port``) -> (host, port);
+    ``cyphonic.hostport.parse_host_port`` with port 0 allowed (bind to any port)."""
+    return parse_host_port(text, default_port=default_port, allow_port_zero=True)
 
 
 class AgentSettings(BaseSettings):
@@ -201,12 +177,7 @@ class AgentSettings(BaseSettings):
             source = type("AgentSettingsFromFile", (cls,), {"_config_file": config_file})
         try:
             settings = source(**given)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
-                for e in exc.errors()
-            )
+        except ValueError as exc:  # a ValidationError, or e.g. a TOML syntax error
+            problems = describe_settings_error(exc)
             raise InvalidArgument(f"bad agent settings: {problems}") from exc
-        except ValueError as exc:  # e.g. a TOML syntax error
-            raise InvalidArgument(f"bad agent settings: {exc}") from exc
         return settings

@@ -49,7 +49,6 @@ from cyphonic.errors import (
     PermissionDenied,
     Timeout,
     Unavailable,
-    UnexpectedMessage,
     from_wire,
 )
 from cyphonic.pki import (
@@ -67,7 +66,7 @@ from cyphonic.pki import (
 )
 from cyphonic.revocation import CrlRevocations, RevocationCache, crl_url
 from cyphonic.v1 import signalling_pb2 as pb
-from cyphonic.wire.messages import wrap
+from cyphonic.wire.messages import expect, wrap
 
 NODE_KEY = "node.key"
 NODE_CERT = "node.crt"
@@ -362,10 +361,9 @@ async def renew(
     )
     if answer.WhichOneof("body") == "error":
         raise from_wire(answer.error)
-    if answer.WhichOneof("body") != "renew_response":
-        raise UnexpectedMessage(f"AS answered {answer.WhichOneof('body')} to a RenewRequest")
+    response = expect(answer, pb.RenewResponse)
     try:
-        chain = x509.load_pem_x509_certificates(answer.renew_response.certificate_chain_pem)
+        chain = x509.load_pem_x509_certificates(response.certificate_chain_pem)
     except ValueError as exc:
         raise MalformedMessage("RenewResponse holds no PEM certificate chain") from exc
     now = now or datetime.now(UTC)

@@ -25,9 +25,13 @@ import enum
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Generic, TypeVar
 
+from cyphonic.hostport import format_host_port
 from cyphonic.v1 import signalling_pb2 as pb
+
+T = TypeVar("T")
+"""The glue's tunnel type: what a route holds while UP (opaque to this module)."""
 
 PATTERN_NAMES: dict[int, str] = {
     pb.ROUTE_PATTERN_DIRECT: "direct",
@@ -77,7 +81,7 @@ class Candidate:
         return ipaddress.ip_address(self.host).version
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_host_port(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +94,7 @@ class Relay:
 
 
 @dataclass(slots=True)
-class PeerRoute:
+class PeerRoute(Generic[T]):
     """The route to one peer."""
 
     fqdn: str
@@ -104,7 +108,7 @@ class PeerRoute:
     role: int = pb.ROUTE_ROLE_UNSPECIFIED
     candidates: tuple[Candidate, ...] = ()
     relay: Relay | None = None
-    tunnel: Any = None
+    tunnel: T | None = None
     """The glue's tunnel object while UP (opaque here)."""
     attempts: int = 0
     """Connection attempts made for this route id."""
@@ -115,27 +119,27 @@ class PeerRoute:
 
 
 @dataclass(frozen=True, slots=True)
-class Connect:
+class Connect(Generic[T]):
     """Action: open the end-to-end connection to ``route``'s peer."""
 
-    route: PeerRoute
+    route: PeerRoute[T]
 
 
 @dataclass(frozen=True, slots=True)
-class Accept:
+class Accept(Generic[T]):
     """Action: accept the peer's connection for ``route`` (nothing to send)."""
 
-    route: PeerRoute
+    route: PeerRoute[T]
 
 
 @dataclass(frozen=True, slots=True)
-class Keep:
+class Keep(Generic[T]):
     """Action: nothing changes (a re-direction of the route already up)."""
 
-    route: PeerRoute
+    route: PeerRoute[T]
 
 
-Action = Connect | Accept | Keep
+Action = Connect[T] | Accept[T] | Keep[T]
 
 
 @dataclass(slots=True)
@@ -153,32 +157,32 @@ class RouteStats:
 
 
 @dataclass
-class RouteTable:
-    """Routes to peers, by FQDN and by virtual address."""
+class RouteTable(Generic[T]):
+    """Routes to peers, by FQDN and by virtual address; ``T`` is the glue's tunnel type."""
 
     setup_timeout: float = 15.0
     hold_down: float = 2.0
     stats: RouteStats = field(default_factory=RouteStats)
-    _by_fqdn: dict[str, PeerRoute] = field(default_factory=dict)
+    _by_fqdn: dict[str, PeerRoute[T]] = field(default_factory=dict)
     _by_address: dict[bytes, str] = field(default_factory=dict)
     _held: dict[str | bytes, float] = field(default_factory=dict)
 
     # -- lookups
 
-    def get(self, fqdn: str) -> PeerRoute | None:
+    def get(self, fqdn: str) -> PeerRoute[T] | None:
         """The route to ``fqdn`` (lower case, no trailing dot), if any."""
         return self._by_fqdn.get(fqdn)
 
-    def for_address(self, address: bytes) -> PeerRoute | None:
+    def for_address(self, address: bytes) -> PeerRoute[T] | None:
         """The route whose peer holds virtual ``address``, if any."""
         fqdn = self._by_address.get(address)
         return self._by_fqdn.get(fqdn) if fqdn is not None else None
 
-    def routes(self) -> list[PeerRoute]:
+    def routes(self) -> list[PeerRoute[T]]:
         """Every route, in no particular order."""
         return list(self._by_fqdn.values())
 
-    def may_accept(self, fqdn: str) -> PeerRoute | None:
+    def may_accept(self, fqdn: str) -> PeerRoute[T] | None:
         """The route a connection from node ``fqdn`` would serve, or None (refuse it).
 
         Only a peer the NMS directed to this node, with this node accepting, may connect.
@@ -208,7 +212,7 @@ class RouteTable:
             del self._held[key]
         return True
 
-    def requested(self, fqdn: str, addresses: Iterable[bytes], *, now: float) -> PeerRoute:
+    def requested(self, fqdn: str, addresses: Iterable[bytes], *, now: float) -> PeerRoute[T]:
         """The NMS answered a RouteRequest for ``fqdn``: note the peer and its addresses.
 
         The RouteDirection usually arrives before the answer; then this only fills in what
@@ -236,7 +240,7 @@ class RouteTable:
 
     def directed(
         self, direction: pb.RouteDirection, *, now: float
-    ) -> tuple[Action, PeerRoute | None]:
+    ) -> tuple[Action[T], PeerRoute[T] | None]:
         """Apply a RouteDirection; returns the action and the route it replaced (to close)."""
         fqdn = direction.peer_fqdn.lower().rstrip(".")
         self.stats.directed += 1
@@ -254,14 +258,14 @@ class RouteTable:
             if direction.peer_candidates:
                 current.candidates = tuple(Candidate.from_pb(c) for c in direction.peer_candidates)
             return Keep(current), None
-        replaced: PeerRoute | None = None
+        replaced: PeerRoute[T] | None = None
         if current is not None and current.route_id and current.route_id != direction.route_id:
             replaced = current
             self.stats.replaced += 1
             self._forget(current)
             current = None
         connect = direction.role == pb.ROUTE_ROLE_CONNECT
-        route = current or PeerRoute(fqdn=fqdn, state=RouteState.REQUESTED, since=now)
+        route: PeerRoute[T] = current or PeerRoute(fqdn=fqdn, state=RouteState.REQUESTED, since=now)
         route.route_id = direction.route_id
         route.pattern = int(direction.pattern)
         route.role = int(direction.role)
@@ -285,7 +289,7 @@ class RouteTable:
 
     # -- tunnels
 
-    def tunnel_up(self, route: PeerRoute, tunnel: Any, *, now: float) -> PeerRoute | None:
+    def tunnel_up(self, route: PeerRoute[T], tunnel: T, *, now: float) -> PeerRoute[T] | None:
         """The tunnel of ``route`` carries packets; returns the route it supersedes, if any."""
         if self._by_fqdn.get(route.fqdn) is not route:
             return None  # replaced meanwhile: the caller closes this tunnel
@@ -295,11 +299,11 @@ class RouteTable:
         self.stats.up += 1
         return route
 
-    def is_current(self, route: PeerRoute) -> bool:
+    def is_current(self, route: PeerRoute[T]) -> bool:
         """Whether ``route`` is still the route to its peer (not replaced or torn down)."""
         return self._by_fqdn.get(route.fqdn) is route
 
-    def tear_down(self, route: PeerRoute) -> bool:
+    def tear_down(self, route: PeerRoute[T]) -> bool:
         """Remove ``route`` (its tunnel was lost, its peer went offline); False if already gone.
 
         No hold-down: the next packet or lookup may ask for a new route at once.
@@ -310,7 +314,7 @@ class RouteTable:
         self.stats.down += 1
         return True
 
-    def fail(self, route: PeerRoute, *, now: float) -> bool:
+    def fail(self, route: PeerRoute[T], *, now: float) -> bool:
         """Route set-up failed (no candidate answered...): remove it and hold its peer down."""
         if not self.tear_down(route):
             return False
@@ -320,7 +324,7 @@ class RouteTable:
         self.stats.failed += 1
         return True
 
-    def expire(self, *, now: float) -> list[PeerRoute]:
+    def expire(self, *, now: float) -> list[PeerRoute[T]]:
         """Routes stuck in set-up past ``setup_timeout``: removed, held down, returned."""
         stuck = [
             r
@@ -335,7 +339,7 @@ class RouteTable:
 
     # -- internals
 
-    def _set_addresses(self, route: PeerRoute, addresses: frozenset[bytes]) -> None:
+    def _set_addresses(self, route: PeerRoute[T], addresses: frozenset[bytes]) -> None:
         if not addresses or addresses == route.addresses:
             return
         for old in route.addresses - addresses:
@@ -347,7 +351,7 @@ class RouteTable:
             self._held.pop(address, None)
         self._held.pop(route.fqdn, None)
 
-    def _forget(self, route: PeerRoute) -> None:
+    def _forget(self, route: PeerRoute[T]) -> None:
         self._by_fqdn.pop(route.fqdn, None)
         for address in route.addresses:
             if self._by_address.get(address) == route.fqdn:

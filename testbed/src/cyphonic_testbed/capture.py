@@ -23,13 +23,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cyphonic_testbed.errors import TestbedError
+from cyphonic_testbed.host import Host
 from cyphonic_testbed.wait import wait_for
-
-if TYPE_CHECKING:
-    from cyphonic_testbed.bed import Node
 
 #: Seconds to wait for tcpdump to start listening, and to finish writing after SIGINT.
 START_TIMEOUT = 5.0
@@ -181,7 +179,7 @@ def read_pcap(path: str | Path) -> list[Packet]:
 class Capture:
     """A running or finished tcpdump capture; every query re-reads the pcap file."""
 
-    def __init__(self, *, node: Node, interface: str, bpf_filter: str, path: Path) -> None:
+    def __init__(self, *, node: Host, interface: str, bpf_filter: str, path: Path) -> None:
         self.node = node
         self.interface = interface
         self.bpf_filter = bpf_filter
@@ -235,7 +233,7 @@ def _stderr_text(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def capture(node: Node, interface: str, bpf_filter: str = "") -> Iterator[Capture]:
+def capture(node: Host, interface: str, bpf_filter: str = "") -> Iterator[Capture]:
     """Capture on ``interface`` of ``node`` (a host, router or ``bed.network(name)``, whose
     bridge is ``br0``) with tcpdump and the BPF ``bpf_filter``; yield a ``Capture``.
 

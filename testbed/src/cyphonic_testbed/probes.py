@@ -17,13 +17,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cyphonic_testbed.errors import TestbedError
+from cyphonic_testbed.host import Host
 from cyphonic_testbed.wait import wait_for
-
-if TYPE_CHECKING:
-    from cyphonic_testbed.bed import Node
 
 #: Seconds a listener gets to bind and report ready.
 LISTEN_TIMEOUT = 5.0
@@ -158,7 +156,7 @@ class Listener:
     """A UDP or TCP listener running inside a namespace (see ``start_udp_echo``)."""
 
     def __init__(
-        self, *, node: Node, protocol: str, port: int, log: Path, proc: subprocess.Popen[Any]
+        self, *, node: Host, protocol: str, port: int, log: Path, proc: subprocess.Popen[Any]
     ) -> None:
         self.node = node
         self.protocol = protocol
@@ -212,7 +210,7 @@ UdpEcho = Listener
 
 
 def _start_listener(
-    node: Node,
+    node: Host,
     *,
     protocol: str,
     port: int,
@@ -251,7 +249,7 @@ def _start_listener(
 
 
 def start_udp_echo(
-    node: Node,
+    node: Host,
     port: int,
     *,
     echo: bool = True,
@@ -276,13 +274,13 @@ def start_udp_echo(
     )
 
 
-def start_tcp_listener(node: Node, port: int, *, echo: bool = True, bind: str = "::") -> Listener:
+def start_tcp_listener(node: Host, port: int, *, echo: bool = True, bind: str = "::") -> Listener:
     """Accept TCP connections on ``port``; log each, echo the first read when ``echo``."""
     return _start_listener(node, protocol="tcp", port=port, echo=echo, bind=bind)
 
 
 def udp_send(
-    node: Node,
+    node: Host,
     targets: Sequence[tuple[str, int]],
     payload: bytes = b"cytb-probe",
     *,
@@ -311,7 +309,7 @@ def udp_send(
 
 
 def tcp_connect(
-    node: Node, host: str, port: int, payload: bytes = b"cytb-probe", *, timeout: float = 2.0
+    node: Host, host: str, port: int, payload: bytes = b"cytb-probe", *, timeout: float = 2.0
 ) -> bytes | None:
     """Connect from ``node`` to ``host``:``port`` and send ``payload``; return the reply bytes
     (possibly empty), or None when the connection failed within ``timeout``."""
@@ -326,7 +324,7 @@ def tcp_connect(
     return bytes.fromhex(result["reply"])
 
 
-def ping(node: Node, destination: str, *, count: int = 1, timeout: float = 2.0) -> bool:
+def ping(node: Host, destination: str, *, count: int = 1, timeout: float = 2.0) -> bool:
     """True when ``destination`` answered at least one of ``count`` ICMP echo requests."""
     argv = ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", f"{timeout:g}", destination]
     proc = node.run(argv, timeout=count * (timeout + 0.2) + 10.0)
@@ -360,7 +358,7 @@ c.sendall(data); print(c.recv(100).decode())
 
 
 def tcp_transfer(
-    src: Node, dst: Node, *, listen: str, connect: str, payload: bytes, port: int = 9000
+    src: Host, dst: Host, *, listen: str, connect: str, payload: bytes, port: int = 9000
 ) -> str:
     """Send ``payload`` over one TCP connection from ``src`` to ``connect`` (a name or an
     address) served in ``dst`` on ``listen``; the SHA-256 (hex) the receiver computed."""

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cyphonic_testbed.errors import TestbedError
+from cyphonic_testbed.host import Host
 from cyphonic_testbed.wait import wait_for
-
-if TYPE_CHECKING:
-    from cyphonic_testbed.bed import Node
 
 #: Where the host's Postgres listens on a unix socket (Debian default).
 POSTGRES_SOCKET_DIR = "/var/run/postgresql"
@@ -39,7 +37,7 @@ def postgres_url(
 class RedisServer:
     """A ``redis-server`` running inside a bed's namespace."""
 
-    node: Node
+    node: Host
     address: str
     port: int
     process: subprocess.Popen[Any]
@@ -67,7 +65,7 @@ class RedisServer:
             self.process.wait(timeout=5.0)
 
 
-def start_redis(node: Node, *, port: int = 6379, address: str | None = None) -> RedisServer:
+def start_redis(node: Host, *, port: int = 6379, address: str | None = None) -> RedisServer:
     """Start a private, non-persistent ``redis-server`` on all addresses of ``node``; return
     once it answers PING. ``address`` (default: the node's first IPv4, else IPv6) is the one
     put in ``url``."""

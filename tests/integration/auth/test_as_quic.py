@@ -39,7 +39,7 @@ LOGIN = pb.Envelope(version=pb.PROTOCOL_VERSION_1, login_request=pb.LoginRequest
 async def as_quic(as_env: AsHarness) -> AsyncIterator[AsSignallingServer]:
     settings = as_env.service.settings.model_copy(update={"quic_host": "127.0.0.1", "quic_port": 0})
     server = AsSignallingServer(as_env.service)
-    await server.open(settings)
+    await server.start(settings)
     try:
         yield server
     finally:

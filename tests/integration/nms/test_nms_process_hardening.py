@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from cyphonic.pki import PkiMaterial, init_pki
 from cyphonic.registry import create_engine, make_sessionmaker
-from cyphonic_nms.simnode import SimulatedNode, issue_node_identity
-from cyphonic_nms.testing import DOMAIN, NmsProcess, add_node, free_port
+from cyphonic_testing.nms import DOMAIN, NmsProcess, add_node, free_port
+from cyphonic_testing.simnode import SimulatedNode, issue_node_identity
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(180)]
 

@@ -27,9 +27,9 @@ from cyphonic.pki import PkiMaterial, init_pki
 from cyphonic.registry import Node, create_engine, make_sessionmaker
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_nms.routing import Endpoint
-from cyphonic_nms.simnode import SimulatedNode, issue_node_identity
-from cyphonic_nms.testing import NmsProcess, add_node, revoke_node
 from cyphonic_nms.trs_directory import RedisTrsDirectory, TrsReplica
+from cyphonic_testing.nms import NmsProcess, add_node, revoke_node
+from cyphonic_testing.simnode import SimulatedNode, issue_node_identity
 from sqlalchemy import select
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(240)]

@@ -20,8 +20,8 @@ from cyphonic_nms.leases import LeasePools
 from cyphonic_nms.manager import NodeManager
 from cyphonic_nms.routing import Endpoint
 from cyphonic_nms.storage import SqlNodeStore
-from cyphonic_nms.testing import RecordingLink, add_node, revoke_node
 from cyphonic_nms.trs_directory import RedisTrsDirectory, TrsReplica
+from cyphonic_testing.nms import RecordingLink, add_node, revoke_node
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(180)]
 

@@ -21,7 +21,7 @@ from cyphonic_nms.manager import NodeManager
 from cyphonic_nms.routing import Endpoint
 from cyphonic_nms.server import NmsServer
 from cyphonic_nms.storage import SqlNodeStore
-from cyphonic_nms.testing import DOMAIN, RecordingLink, add_node
+from cyphonic_testing.nms import DOMAIN, RecordingLink, add_node
 from cyphonic_trs.storage import RedisCidTable, ReplicaInfo
 from sqlalchemy import insert
 

@@ -1,7 +1,8 @@
-"""Pattern 3 end to end on loopback: real ``cyphonic-nms`` and ``cyphonic-trs`` processes
-(Postgres, Redis), two simulated agents (one QUIC endpoint each, no TUN) driving
-``cyphonic_agent.relay.RelayClient``: allocation at the TRS, the CID exchange through the
-NMS, and the node-to-node tunnel (ALPN cyphonic-tun/1, mutual TLS) through the relay.
+"""Pattern 3 end to end on loopback: real ``cyphonic-as``, ``cyphonic-nms`` and ``cyphonic-trs``
+processes (Postgres, Redis), real agents with fake edges (no TUN, no root) whose
+``cyphonic_agent.relay.RelayClient`` the test drives step by step: allocation at the TRS,
+the CID exchange through the NMS, and the node-to-node tunnel (ALPN cyphonic-tun/1, mutual
+TLS) through the relay.
 
 Both agents report a private address other than the one the NMS sees, so the NMS takes
 them for nodes behind NAT and directs pattern 3.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import secrets
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 import redis.asyncio as redis_asyncio
 from aioquic.quic.events import QuicEvent
-from cyphonic.config import ALPN_SIGNALLING, ALPN_TUNNEL
+from cyphonic.config import ALPN_TUNNEL
 from cyphonic.errors import (
     CyphonicError,
     PermissionDenied,
@@ -27,18 +29,16 @@ from cyphonic.errors import (
     TokenInvalid,
     Unavailable,
 )
-from cyphonic.pki import PeerIdentity, PkiMaterial, init_pki
-from cyphonic.quic import Acceptor, Connection, QuicEndpoint
-from cyphonic.registry import create_engine, make_sessionmaker
+from cyphonic.pki import PeerIdentity, init_pki
+from cyphonic.quic import Connection, QuicEndpoint
 from cyphonic.session import SignallingSession
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic.wire.messages import wrap
 from cyphonic_agent.relay import RelayClient, RelayedPath
-from cyphonic_nms.simnode import issue_node_identity
-from cyphonic_nms.testing import add_node
-from relay_procs import ServiceProcess, free_port
+from cyphonic_testing.agent import RunningAgent, agent_settings, as_process, enrol, fake_edges
+from cyphonic_testing.processes import ServiceProcess, free_port
 
-pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(300)]
 
 DOMAIN = "cyphonic.internal"
 ALICE, BOB = f"alice.{DOMAIN}", f"bob.{DOMAIN}"
@@ -61,55 +61,66 @@ class Tunnel:
 
 
 class SimAgent:
-    """A node as the agent is, minus the TUN: one endpoint for the NMS, the TRS and tunnels."""
+    """The real agent (``cyphonic_agent.agent.Agent``: one endpoint for the AS, the NMS, the
+    TRS and tunnels; login, registration and keepalive; its ``RelayClient``) with fake edges
+    (no TUN, no root), whose route handling the test takes over so that it can drive the
+    relay client step by step: directions are queued instead of acted on, and tunnel
+    connections are accepted into a ``Tunnel`` that collects DATAGRAMs.
+    """
 
-    def __init__(self, name: str, material: PkiMaterial) -> None:
+    def __init__(self, name: str, world: World) -> None:
         self.fqdn = f"{name}.{DOMAIN}"
-        self.material = material
-        self.endpoint: QuicEndpoint | None = None
-        self.nms: SignallingSession | None = None
-        self.relay: RelayClient | None = None
+        self.name = name
+        self.world = world
+        self.running: RunningAgent | None = None
         self.directions: asyncio.Queue[pb.RouteDirection] = asyncio.Queue()
         self.accepted: asyncio.Queue[Connection] = asyncio.Queue()
         self.may_accept: set[str] = set()
 
-    async def start(self, nms_port: int, engine: str | None = None, **relay_options: Any) -> None:
-        identity = issue_node_identity(self.material.node_ca, self.fqdn)
-        self.endpoint = await QuicEndpoint.open(
-            host="127.0.0.1",
-            port=0,
-            engine=engine,
-            identity=identity,
-            trust=self.material.trust,
-            accept={
-                ALPN_TUNNEL: Acceptor(
-                    handler_factory=self._accepted, expect="node", authorize=self._authorize
-                )
-            },
+    async def start(
+        self,
+        engine: str | None = None,
+        *,
+        keepalive_s: float | None = None,
+        peer_cids_timeout_s: float = 10.0,
+    ) -> None:
+        state = await enrol(
+            self.world.auth,
+            name=self.name,
+            pki_dir=self.world.tmp / "pki",
+            state_dir=self.world.tmp / self.name,
         )
-        conn = await self.endpoint.connect(
-            ("127.0.0.1", nms_port),
-            alpn=ALPN_SIGNALLING,
-            expect="service",
-            expected_name=f"nms.svc.{DOMAIN}",
-            handler_factory=SignallingSession.factory(self._on_nms),
+        # Bound to the wildcard and reporting a private address the NMS will not see: the
+        # NMS takes this node for one behind NAT (and directs pattern 3).
+        settings = agent_settings(
+            state, quic_host="0.0.0.0", route_setup_timeout_s=peer_cids_timeout_s
         )
-        assert isinstance(conn.handler, SignallingSession)
-        self.nms = conn.handler
-        self.relay = RelayClient(endpoint=self.endpoint, nms=lambda: self.nms, **relay_options)
-        self.relay.start()
-        port = self.endpoint.local_address[1]
-        # A private address the NMS will not see: it takes this node for one behind NAT.
-        answer = await self.nms.request(
-            wrap(
-                pb.RegisterRequest(
-                    local_addresses=[pb.Endpoint(ip=socket.inet_aton("192.168.77.10"), port=port)]
-                )
-            )
-        )
-        assert answer.register_response.network.behind_nat
+        edges = fake_edges(addresses=["192.168.77.10"], engine=engine)
+        self.running = RunningAgent(settings, edges=edges)
+        agent = self.running.agent
+        agent.nms.on_push = self._on_nms
+        agent.peers.authorize = self._authorize  # type: ignore[method-assign]
+        agent.peers.accepted = self._accepted  # type: ignore[method-assign]
+        await self.running.start()
+        if keepalive_s is not None:
+            assert agent.relay is not None
+            agent.relay.keepalive_s = keepalive_s
+        assert agent.nms.registration is not None
+        assert agent.nms.registration.network.behind_nat
 
-    async def _on_nms(self, message: pb.Envelope, _session: SignallingSession) -> None:
+    @property
+    def endpoint(self) -> QuicEndpoint | None:
+        return self.running.agent.endpoint if self.running else None
+
+    @property
+    def relay(self) -> RelayClient | None:
+        return self.running.agent.relay if self.running else None
+
+    @property
+    def nms(self) -> SignallingSession | None:
+        return self.running.agent.nms.session() if self.running else None
+
+    def _on_nms(self, message: pb.Envelope) -> None:
         body = message.WhichOneof("body")
         if body == "route_direction":
             self.directions.put_nowait(message.route_direction)
@@ -139,15 +150,18 @@ class SimAgent:
             timeout=10,
         )
 
+    def socket_address(self) -> str:
+        """host:port the TRS sees this agent at (loopback; the socket is bound to 0.0.0.0)."""
+        assert self.endpoint is not None
+        return f"127.0.0.1:{self.endpoint.local_address[1]}"
+
     async def close(self) -> None:
-        if self.relay is not None:
-            await self.relay.close()
-        if self.endpoint is not None:
-            await self.endpoint.close()
+        if self.running is not None:
+            await self.running.stop()
 
 
 class World:
-    """PKI, one NMS and one TRS process, agents."""
+    """PKI, one AS, one NMS and one TRS process, agents."""
 
     def __init__(self, tmp: Path, pg_url: str, redis_url: str) -> None:
         self.tmp = tmp
@@ -156,14 +170,25 @@ class World:
         self.material = init_pki(
             tmp / "pki", domain=DOMAIN, now=datetime.datetime.now(datetime.UTC)
         )
-        self.nms_port = free_port(socket.SOCK_DGRAM)
-        self.trs_port = free_port(socket.SOCK_DGRAM)
+        self.nms_port = free_port(socket.SOCK_DGRAM, host="127.0.0.1")
+        self.trs_port = free_port(socket.SOCK_DGRAM, host="127.0.0.1")
+        # Its own key prefix: other runs on the same Redis must not see (or remove) its
+        # TRS replica.
+        self.redis_prefix = f"relay-{secrets.token_hex(4)}:"
         common = {
+            "CYPHONIC_REDIS_PREFIX": self.redis_prefix,
             "CYPHONIC_PKI_DIR": str(tmp / "pki"),
             "CYPHONIC_DOMAIN": DOMAIN,
             "CYPHONIC_REDIS_URL": redis_url,
             "CYPHONIC_QUIC_HOST": "127.0.0.1",
         }
+        self.auth = as_process(
+            tmp=tmp,
+            pki_dir=tmp / "pki",
+            database_url=pg_url,
+            domain=DOMAIN,
+            nms_endpoints=[f"127.0.0.1:{self.nms_port}"],
+        )
         self.nms = ServiceProcess(
             "cyphonic_nms.cli",
             log_path=tmp / "nms.log",
@@ -184,24 +209,18 @@ class World:
         self.agents: list[SimAgent] = []
 
     async def start(self) -> None:
-        await asyncio.gather(self.nms.start(), self.trs.start())
+        await asyncio.gather(self.auth.start(), self.nms.start(), self.trs.start())
 
-    async def agent(
-        self, name: str, quic_engine: str | None = None, **relay_options: Any
-    ) -> SimAgent:
-        engine = create_engine(self.pg_url)
-        try:
-            await add_node(make_sessionmaker(engine), name)
-        finally:
-            await engine.dispose()
-        agent = SimAgent(name, self.material)
+    async def agent(self, name: str, quic_engine: str | None = None, **options: Any) -> SimAgent:
+        agent = SimAgent(name, self)
         self.agents.append(agent)
-        await agent.start(self.nms_port, quic_engine, **relay_options)
+        await agent.start(quic_engine, **options)
         return agent
 
     async def close(self) -> None:
         for agent in self.agents:
             await agent.close()
+        self.auth.stop()
         self.nms.stop()
         self.trs.stop()
 
@@ -302,16 +321,14 @@ async def test_relayed_tunnel_through_real_nms_and_trs(
     assert session["packets"] > 0 and session["bytes"] > 40 * len(MARKER)
     sides = {s["fqdn"]: s for s in session["sides"]}
     for agent in (alice, bob):
-        assert agent.endpoint is not None
-        host, port = agent.endpoint.local_address
-        assert sides[agent.fqdn]["address"] == f"{host}:{port}"
+        assert sides[agent.fqdn]["address"] == agent.socket_address()
         assert sides[agent.fqdn]["bytes"] > 20 * len(MARKER)  # what it sent via the TRS
     # and the Redis CID table owns each agent's CIDs under its name.
     client = redis_asyncio.Redis.from_url(world.redis_url)
     try:
         for path, owner in ((path_a, ALICE), (path_b, BOB)):
             for cid in path.own_cids:
-                entry = await client.hgetall(f"cyphonic:trs:cid:{cid.hex()}")
+                entry = await client.hgetall(f"{world.redis_prefix}trs:cid:{cid.hex()}")
                 assert entry[b"fqdn"].decode() == owner
                 assert entry[b"route_id"].decode() == da.route_id
     finally:

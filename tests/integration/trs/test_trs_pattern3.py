@@ -27,12 +27,12 @@ from cyphonic.config import ALPN_SIGNALLING, ALPN_TUNNEL
 from cyphonic.errors import CyphonicError
 from cyphonic.quic import Acceptor, Connection, QuicEndpoint
 from cyphonic.v1 import signalling_pb2 as pb
+from cyphonic_testing.trs import TEST_SECRET, mint_token
 from cyphonic_trs.config import TrsSettings
 from cyphonic_trs.control import TrsControlPlane, answer_request
 from cyphonic_trs.relay import Forward
 from cyphonic_trs.service import TrsService
 from cyphonic_trs.storage import RedisCidTable
-from cyphonic_trs.testing import TEST_SECRET, mint_token
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from cyphonic.errors import CyphonicError, Unavailable
 from cyphonic.v1 import signalling_pb2 as pb
+from cyphonic_testing.trs import mint_token, verifier
 from cyphonic_trs.allocation import RelayAllocator
 from cyphonic_trs.errors import ConcurrentUpdate, WrongReplica
 from cyphonic_trs.relay import RelayCore
 from cyphonic_trs.signalling import RelayAllocationService
 from cyphonic_trs.storage import RedisCidTable
-from cyphonic_trs.testing import mint_token, verifier
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(30)]
 

@@ -27,12 +27,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamDataReceived
 from cyphonic.pki import init_pki
 from cyphonic.v1 import signalling_pb2 as pb
-from cyphonic_trs.api import create_app
-from cyphonic_trs.config import TrsSettings
-from cyphonic_trs.relay import Forward
-from cyphonic_trs.service import TrsService
-from cyphonic_trs.storage import RedisCidTable
-from cyphonic_trs.testing import (
+from cyphonic_testing.trs import (
     TEST_SECRET,
     mint_token,
     random_cid,
@@ -40,6 +35,11 @@ from cyphonic_trs.testing import (
     short_packet,
     use_relay_cids,
 )
+from cyphonic_trs.api import create_app
+from cyphonic_trs.config import TrsSettings
+from cyphonic_trs.relay import Forward
+from cyphonic_trs.service import TrsService
+from cyphonic_trs.storage import RedisCidTable
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]  # a loaded 2-core machine is slow
 

@@ -20,9 +20,9 @@ import asyncpg
 import pytest
 from cyphonic.pki import init_pki, write_certificates, write_private_key
 from cyphonic.registry import create_engine, make_sessionmaker, migrate
-from cyphonic_nms.simnode import issue_node_identity
-from cyphonic_nms.testing import add_node
 from cyphonic_testbed import pattern2, postgres_url
+from cyphonic_testing.nms import add_node
+from cyphonic_testing.simnode import issue_node_identity
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(300)]
 
@@ -126,7 +126,7 @@ def test_node_behind_nat_is_seen_as_natted(netbed: Any, registry_db: str, tmp_pa
         return [
             sys.executable,
             "-m",
-            "cyphonic_nms.simnode",
+            "cyphonic_testing.simnode",
             "--cert",
             str(tmp_path / f"{name}.crt"),
             "--key",

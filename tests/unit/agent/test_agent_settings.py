@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 from cyphonic.errors import InvalidArgument
-from cyphonic_agent.config import AgentSettings, format_hostport, parse_hostport
+from cyphonic.hostport import format_host_port as format_hostport
+from cyphonic_agent.config import AgentSettings, parse_hostport
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from cyphonic.registry import upgrade
-from cyphonic_nms.testing import InProcessCluster
+from cyphonic_testing.nms import InProcessCluster
 
 
 @pytest.fixture

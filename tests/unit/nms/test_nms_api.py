@@ -9,7 +9,7 @@ from cyphonic.admin import create_admin_app
 from cyphonic.registry import ping
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_nms.api import node_public, router
-from cyphonic_nms.testing import E, InProcessCluster
+from cyphonic_testing.nms import E, InProcessCluster
 
 TOKEN = "admin-token-for-tests-0123456789"
 

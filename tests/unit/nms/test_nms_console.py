@@ -18,8 +18,8 @@ from cyphonic_nms.console import ASSETS, make_router, node_name
 from cyphonic_nms.manager import NodeManager
 from cyphonic_nms.route_reason import explain, transport
 from cyphonic_nms.routing import Endpoint, NetworkInfo, classify, pattern_for
-from cyphonic_nms.testing import KIND, E, InProcessCluster
 from cyphonic_nms.trs_directory import TrsReplica
+from cyphonic_testing.nms import KIND, E, InProcessCluster
 
 TOKEN = "admin-token-for-console-tests-0123456789"
 AS_TOKEN = "as-admin-token-for-console-tests-012345"

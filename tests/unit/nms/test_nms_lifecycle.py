@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from cyphonic_nms.cluster import InProcessPresence
 from cyphonic_nms.manager import NodeManager
 from cyphonic_nms.routing import Endpoint
-from cyphonic_nms.testing import DOMAIN, InProcessCluster, RecordingLink, add_node
+from cyphonic_testing.nms import DOMAIN, InProcessCluster, RecordingLink, add_node
 
 E = Endpoint.parse
 

@@ -18,8 +18,8 @@ from cyphonic.errors import (
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_nms.leases import LeasePools
 from cyphonic_nms.routing import Endpoint
-from cyphonic_nms.testing import InProcessCluster, RecordingLink, add_node, revoke_node
 from cyphonic_nms.trs_directory import TrsReplica
+from cyphonic_testing.nms import InProcessCluster, RecordingLink, add_node, revoke_node
 
 E = Endpoint.parse
 DOMAIN = "cyphonic.internal"

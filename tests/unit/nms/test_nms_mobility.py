@@ -9,7 +9,7 @@ from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_nms.cluster import RouteRecord
 from cyphonic_nms.manager import survives_move
 from cyphonic_nms.routing import Family, Pattern, RouteDecision, Side
-from cyphonic_nms.testing import E, InProcessCluster
+from cyphonic_testing.nms import E, InProcessCluster
 
 pytestmark = pytest.mark.timeout(20)
 

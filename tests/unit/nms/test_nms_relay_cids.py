@@ -11,8 +11,8 @@ from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_nms.manager import NodeManager
 from cyphonic_nms.routing import Endpoint
 from cyphonic_nms.signalling import handle_request
-from cyphonic_nms.testing import InProcessCluster, RecordingLink
 from cyphonic_nms.trs_directory import TrsReplica
+from cyphonic_testing.nms import InProcessCluster, RecordingLink
 
 DOMAIN = "cyphonic.internal"
 

@@ -7,7 +7,7 @@ from ipaddress import IPv4Address, ip_address
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_nms.routing import Endpoint
 from cyphonic_nms.signalling import handle_request
-from cyphonic_nms.testing import InProcessCluster, RecordingLink, add_node
+from cyphonic_testing.nms import InProcessCluster, RecordingLink, add_node
 
 
 def _env(**body: object) -> pb.Envelope:

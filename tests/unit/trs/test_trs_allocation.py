@@ -6,10 +6,10 @@ import random
 
 import pytest
 from cyphonic.errors import InvalidArgument, PermissionDenied, TokenInvalid
+from cyphonic_testing.trs import mint_token, verifier
 from cyphonic_trs.allocation import RelayAllocator
 from cyphonic_trs.cid import replica_of
 from cyphonic_trs.errors import AllocationTokenError, CidError, WrongReplica
-from cyphonic_trs.testing import mint_token, verifier
 
 A, B, C = "a.cyphonic.internal", "b.cyphonic.internal", "c.cyphonic.internal"
 NOW = 1_700_000_000_000

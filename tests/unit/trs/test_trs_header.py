@@ -7,6 +7,7 @@ import os
 import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from cyphonic_testing.trs import self_signed
 from cyphonic_trs.cid import CID_LEN
 from cyphonic_trs.errors import HeaderError
 from cyphonic_trs.header import (
@@ -17,7 +18,6 @@ from cyphonic_trs.header import (
     dcid_of,
     parse_header,
 )
-from cyphonic_trs.testing import self_signed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

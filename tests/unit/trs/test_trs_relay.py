@@ -6,10 +6,10 @@ import os
 
 import pytest
 from cyphonic.errors import AlreadyExists, NotFound
+from cyphonic_testing.trs import random_cid, short_packet
 from cyphonic_trs.cid import issue_cid
 from cyphonic_trs.relay import TO_LOCAL_SERVER, Drop, DropReason, Forward, RelayCore
 from cyphonic_trs.session import RelaySession, RelaySide
-from cyphonic_trs.testing import random_cid, short_packet
 
 A, B = "a.cyphonic.internal", "b.cyphonic.internal"
 ADDR_A = ("198.51.100.7", 40001)  # A's NAT mapping towards the TRS

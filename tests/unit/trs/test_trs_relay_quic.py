@@ -11,10 +11,10 @@ import os
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from cyphonic_testing.trs import self_signed, use_relay_cids
 from cyphonic_trs.cid import issue_cid
 from cyphonic_trs.relay import Forward, RelayCore
 from cyphonic_trs.session import RelaySession, RelaySide
-from cyphonic_trs.testing import self_signed, use_relay_cids
 
 A, B = "a.cyphonic.internal", "b.cyphonic.internal"
 ADDR_A, ADDR_B, TRS = ("198.51.100.7", 40001), ("203.0.113.9", 50002), ("192.0.2.1", 443)

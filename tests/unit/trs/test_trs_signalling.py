@@ -7,12 +7,12 @@ import itertools
 
 import pytest
 from cyphonic.v1 import signalling_pb2 as pb
+from cyphonic_testing.trs import mint_token, short_packet, verifier
 from cyphonic_trs.allocation import RelayAllocator
 from cyphonic_trs.cid import NONCE_LEN, issue_cid
 from cyphonic_trs.relay import Drop, DropReason, Forward, RelayCore
 from cyphonic_trs.signalling import RelayAllocationService
 from cyphonic_trs.storage import InMemoryCidTable
-from cyphonic_trs.testing import mint_token, short_packet, verifier
 
 A, B, C = "a.cyphonic.internal", "b.cyphonic.internal", "c.cyphonic.internal"
 ADDR_A, ADDR_B = ("198.51.100.7", 40001), ("203.0.113.9", 50002)

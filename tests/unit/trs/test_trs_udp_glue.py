@@ -19,6 +19,7 @@ from cyphonic import pki
 from cyphonic.hostport import plain_address
 from cyphonic.quic import QuicEndpoint, bind_udp
 from cyphonic.quic.endpoint import SOCKET_BUFFER
+from cyphonic_testing.trs import random_cid, short_packet
 from cyphonic_trs.cid import issue_cid
 from cyphonic_trs.control import (
     RelayFilter,
@@ -27,7 +28,6 @@ from cyphonic_trs.control import (
 )
 from cyphonic_trs.relay import RelayCore
 from cyphonic_trs.session import RelaySession, RelaySide
-from cyphonic_trs.testing import random_cid, short_packet
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -9,11 +9,11 @@ the wire carries as raw bytes (4 for IPv4, 16 for IPv6). Field checks raise
 from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Final
+from typing import Final, TypeVar
 
 from google.protobuf.message import Message
 
-from cyphonic.errors import InvalidArgument, UnknownMessage
+from cyphonic.errors import InvalidArgument, UnexpectedMessage, UnknownMessage
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic.wire.framing import PROTOCOL_VERSION
 
@@ -24,12 +24,14 @@ __all__ = [
     "body_name_of",
     "endpoint_from_pb",
     "endpoint_to_pb",
+    "expect",
     "ip_from_pb",
     "unwrap",
     "wrap",
 ]
 
 IPAddress = IPv4Address | IPv6Address
+M = TypeVar("M", bound=Message)
 
 BODY_FIELDS: Final[dict[str, str]] = {
     # full protobuf name of a body message -> its field name in Envelope's ``body`` oneof
@@ -70,6 +72,20 @@ def body_name(envelope: pb.Envelope) -> str:
 def unwrap(envelope: pb.Envelope) -> Message:
     """The body message of ``envelope``; ``UnknownMessage`` when none is set."""
     body: Message = getattr(envelope, body_name(envelope))
+    return body
+
+
+def expect(envelope: pb.Envelope, kind: type[M]) -> M:
+    """The body of an answer that must be a ``kind`` (``expect(answer, pb.RouteResponse)``).
+
+    Raises ``UnexpectedMessage`` naming what came instead (an error answer never gets here:
+    the session raises it as its ``CyphonicError``).
+    """
+    wanted = body_name_of(kind)
+    which = envelope.WhichOneof("body")
+    if which != wanted:
+        raise UnexpectedMessage(f"expected {wanted}, got {which or 'an empty envelope'}")
+    body: M = getattr(envelope, wanted)
     return body
 
 

@@ -19,25 +19,21 @@ import asyncio
 import contextlib
 import os
 import secrets
-import signal
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cyphonic import log
-from cyphonic.admin import AdminServer
+from cyphonic import log, service
 from cyphonic.errors import CyphonicError
 from cyphonic.pki import init_pki
 from cyphonic.registry import db
-from prometheus_client import CollectorRegistry
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 
-from cyphonic_auth.api import create_app
 from cyphonic_auth.config import AuthSettings
-from cyphonic_auth.service import AuthMetrics, AuthService, NodeCa
-from cyphonic_auth.storage import SqlNodeRegistry
+from cyphonic_auth.server import AsServer, build_service
+from cyphonic_auth.service import AuthService
 
 ADMIN_TOKEN_FILE = "admin-token"
 
@@ -181,67 +177,15 @@ def _ensure_admin_token(settings: AuthSettings) -> None:
     settings.admin_token_file = path
 
 
-def _service(settings: AuthSettings, engine: Any) -> AuthService:
-    return AuthService(
-        registry=SqlNodeRegistry(engine),
-        node_ca=NodeCa.load(settings),
-        settings=settings,
-        metrics=AuthMetrics(CollectorRegistry()),
-    )
-
-
 async def serve(settings: AuthSettings, *, migrate: bool, quic: bool = True) -> None:
     """Run the AS until SIGTERM or SIGINT: admin REST and (when available) QUIC."""
-    logger = log.get_logger("as")
-    engine = db.create_engine(settings.database_url)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        if migrate:
-            await db.upgrade(engine)
-            logger.info("database_migrated")
-        service = _service(settings, engine)
-        admin = AdminServer(
-            create_app(service),
-            host=settings.http_host,
-            port=settings.http_port,
-            log_level=settings.log_level,
-        )
-        await admin.start()
-        if not settings.nms_endpoints:
-            logger.warning(
-                "no_nms_endpoints", hint="logins will answer no NMS; set CYPHONIC_NMS_ENDPOINTS"
-            )
-        signalling = None
-        if quic:
-            from cyphonic_auth.signalling import start_signalling
-
-            signalling = await start_signalling(service, settings)
-        logger.info(
-            "as_serving",
-            http=f"{settings.http_host}:{admin.port}",
-            quic=signalling.address if signalling else None,
-            domain=settings.domain,
-            admin_token_file=str(settings.admin_token_file) if settings.admin_token_file else None,
-        )
-        await stop.wait()
-        logger.info("as_stopping")
-        if signalling is not None:
-            await signalling.close()
-        await admin.stop()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await engine.dispose()
-    logger.info("as_stopped")
+    await service.serve(AsServer(settings, migrate=migrate, quic=quic))
 
 
 async def _with_service(settings: AuthSettings, action: Any) -> Any:
     engine = db.create_engine(settings.database_url)
     try:
-        return await action(_service(settings, engine))
+        return await action(build_service(settings, engine))
     finally:
         await engine.dispose()
 
@@ -251,9 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = _settings(args)
-    except ValidationError as exc:
-        print(f"cyphonic-as: bad settings: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # pydantic's ValidationError included
+        return service.print_settings_error("cyphonic-as", exc)
     log.configure(settings.log_level, settings.log_format)
     try:
         return _run(args, settings)

@@ -15,14 +15,13 @@ per connection (which maps refusals to typed ``Error`` answers).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-from cyphonic.config import ALPN_SIGNALLING
 from cyphonic.errors import UnexpectedMessage
-from cyphonic.hostport import format_host_port
 from cyphonic.log import get_logger
-from cyphonic.pki import PeerIdentity, load_identity, load_trust_store
-from cyphonic.revocation import RegistryRevocations, RevocationCache
+from cyphonic.pki import PeerIdentity
+from cyphonic.revocation import RegistryRevocations
+from cyphonic.signalling_server import SignallingServer
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic.wire.messages import wrap
 
@@ -31,7 +30,6 @@ from cyphonic_auth.service import AuthService
 from cyphonic_auth.storage import SqlNodeRegistry
 
 if TYPE_CHECKING:
-    from cyphonic.quic import QuicEndpoint
     from cyphonic.session import SignallingSession
 
 # Nodes log in, maybe renew, then leave; an idle connection is not kept long.
@@ -52,89 +50,47 @@ async def answer(service: AuthService, peer: PeerIdentity, request: pb.Envelope)
     raise UnexpectedMessage(f"the AS does not answer {body or 'an empty envelope'}")
 
 
-class SignallingServer(Protocol):
-    """A running QUIC signalling endpoint."""
-
-    @property
-    def address(self) -> str:
-        """Where it listens, host:port."""
-        ...
-
-    async def close(self) -> None:
-        """Stop accepting and close every connection."""
-        ...
-
-
-class AsSignallingServer:
+class AsSignallingServer(SignallingServer):
     """The AS QUIC endpoint: only nodes (node CA chains) are accepted."""
 
+    service_name = "as"
+
     def __init__(self, service: AuthService) -> None:
+        super().__init__()
         self.service = service
-        self.endpoint: QuicEndpoint | None = None
-        self.revocations: RevocationCache | None = None
 
-    @property
-    def address(self) -> str:
-        """host:port of the UDP socket."""
-        assert self.endpoint is not None
-        return format_host_port(*self.endpoint.local_address)
-
-    @property
-    def port(self) -> int:
-        """The UDP port bound."""
-        assert self.endpoint is not None
-        return int(self.endpoint.local_address[1])
-
-    async def open(self, settings: AuthSettings) -> None:
-        """Load the AS certificate and the trust store (revoked node certificates refused in
-        the handshake), bind the UDP socket."""
-        # Imported here so that request handling stays usable without the QUIC stack.
-        from cyphonic.quic import Acceptor, QuicEndpoint
-        from cyphonic.session import SignallingSession
-
-        identity = load_identity(settings.pki_dir / "as.crt", settings.pki_dir / "as.key")
-        node_ca = load_trust_store(settings.pki_dir).node_ca
+    async def start(self, settings: AuthSettings) -> None:
+        """Open the endpoint; the service learns the revocation cache (Renew checks it)."""
         registry = self.service.registry
         source = (
             RegistryRevocations(registry.engine)
             if isinstance(registry, SqlNodeRegistry)
             else RegistryRevocations.from_url(settings.database_url)
         )
-        self.revocations = RevocationCache(
-            source, issuer=node_ca, interval=settings.revocation_refresh_s
-        )
-        await self.revocations.start()
-        self.service.revocations = self.revocations
-        trust = load_trust_store(settings.pki_dir, is_revoked=self.revocations.is_revoked)
-        factory = SignallingSession.factory(self._handle)
-        self.endpoint = await QuicEndpoint.open(
+        await self.open(
+            pki_dir=settings.pki_dir,
             host=settings.quic_host,
             port=settings.quic_port,
-            identity=identity,
-            trust=trust,
-            accept={ALPN_SIGNALLING: Acceptor(handler_factory=factory, expect="node")},
+            revocation_source=source,
+            revocation_interval=settings.revocation_refresh_s,
             idle_timeout=IDLE_TIMEOUT_S,
         )
+        self.service.revocations = self.revocations
 
-    async def _handle(self, message: pb.Envelope, session: SignallingSession) -> pb.Envelope | None:
+    async def handle(self, message: pb.Envelope, session: SignallingSession) -> pb.Envelope | None:
         # Errors raised here become typed Error answers in the session.
         return await answer(self.service, session.peer, message)
 
     async def close(self) -> None:
         """Close every connection and the socket."""
-        if self.endpoint is not None:
-            await self.endpoint.close("AS shutting down")
-            self.endpoint = None
-        if self.revocations is not None:
-            if self.service.revocations is self.revocations:
-                self.service.revocations = None
-            await self.revocations.close()
-            self.revocations = None
+        if self.revocations is not None and self.service.revocations is self.revocations:
+            self.service.revocations = None
+        await super().close()
 
 
 async def start_signalling(service: AuthService, settings: AuthSettings) -> AsSignallingServer:
     """Start the AS QUIC endpoint on ``settings.quic_host``:``quic_port``."""
     server = AsSignallingServer(service)
-    await server.open(settings)
+    await server.start(settings)
     get_logger("as.signalling").info("quic_listening", address=server.address)
     return server

@@ -14,17 +14,15 @@ import argparse
 import asyncio
 import contextlib
 import json
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cyphonic import log
+from cyphonic import log, service
 from cyphonic.config import hide_password
 from cyphonic.errors import CyphonicError
 from cyphonic.registry import migrate
-from pydantic import ValidationError
 
 from cyphonic_nms.config import NmsSettings
 from cyphonic_nms.server import NmsServer
@@ -126,28 +124,9 @@ def printable_settings(settings: NmsSettings) -> dict[str, Any]:
     return data
 
 
-def describe_invalid(exc: ValidationError) -> str:
-    """A settings validation error without the input values (they hold the URLs)."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
-        for e in exc.errors(include_url=False, include_input=False)
-    )
-
-
 async def serve(settings: NmsSettings, *, quic: bool = True) -> None:
     """Run one NMS replica until SIGTERM or SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    server = NmsServer(settings, quic=quic)
-    try:
-        await server.start()
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await server.stop()
+    await service.serve(NmsServer(settings, quic=quic))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,12 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from(args)
-    except ValidationError as exc:
-        print(f"cyphonic-nms: bad settings: {describe_invalid(exc)}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        print(f"cyphonic-nms: bad settings: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # pydantic's ValidationError included
+        return service.print_settings_error("cyphonic-nms", exc)
     log.configure(settings.log_level, settings.log_format)
     try:
         if args.command == "migrate":

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from cyphonic.errors import PeerOffline, Unavailable
 from cyphonic.log import get_logger
+from cyphonic.redis_client import redis_client as redis_client
 from cyphonic.trs_directory import DEFAULT_PREFIX
 
 
@@ -70,24 +71,6 @@ def cancel_requested() -> bool:
     """
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-REDIS_TIMEOUT_S = 5.0  # as the TRS: a Redis that stops answering must not hang the NMS
-REDIS_HEALTH_CHECK_S = 15.0
-
-
-def redis_client(url: str, *, timeout_s: float = REDIS_TIMEOUT_S) -> Any:
-    """A ``redis.asyncio.Redis`` for the NMS: every command and connect bounded by
-    ``timeout_s``, TCP keepalive on, idle connections checked (PING) before reuse."""
-    import redis.asyncio as redis_asyncio
-
-    return redis_asyncio.Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        socket_keepalive=True,
-        health_check_interval=REDIS_HEALTH_CHECK_S,
-    )
 
 
 # --------------------------------------------------------------------------- bus messages

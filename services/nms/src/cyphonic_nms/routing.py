@@ -27,6 +27,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 
+from cyphonic.errors import InvalidArgument
+from cyphonic.hostport import format_host_port, parse_host_port
+
 IPAddress = IPv4Address | IPv6Address
 
 
@@ -40,8 +43,11 @@ class Endpoint:
     @classmethod
     def parse(cls, text: str) -> Endpoint:
         """``1.2.3.4:443`` or ``[2001:db8::1]:443``."""
-        host, _, port = text.rpartition(":")
-        return cls(ip_address(host.strip("[]")), int(port))
+        try:
+            host, port = parse_host_port(text, require_ip=True)
+        except InvalidArgument as exc:  # a ValueError, as argparse's ``type=`` expects
+            raise ValueError(exc.message) from exc
+        return cls(ip_address(host), port)
 
     @property
     def family(self) -> int:
@@ -49,9 +55,7 @@ class Endpoint:
         return self.ip.version
 
     def __str__(self) -> str:
-        if self.ip.version == 6:
-            return f"[{self.ip}]:{self.port}"
-        return f"{self.ip}:{self.port}"
+        return format_host_port(str(self.ip), self.port)
 
 
 class Family(enum.IntEnum):

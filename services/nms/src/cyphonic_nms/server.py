@@ -11,6 +11,7 @@ from cyphonic.config import hide_password
 from cyphonic.errors import Unavailable
 from cyphonic.log import get_logger
 from cyphonic.registry import create_engine, make_sessionmaker, ping, upgrade
+from cyphonic.signalling_server import SignallingServer
 
 from cyphonic_nms.api import router
 from cyphonic_nms.cluster import (
@@ -27,7 +28,7 @@ from cyphonic_nms.console import make_router as console_router
 from cyphonic_nms.leases import LeasePools
 from cyphonic_nms.manager import NmsMetrics, NodeManager
 from cyphonic_nms.routing import Endpoint
-from cyphonic_nms.signalling import SignallingServer, start_signalling
+from cyphonic_nms.signalling import start_signalling
 from cyphonic_nms.storage import SqlNodeStore
 from cyphonic_nms.trs_directory import InProcessTrsDirectory, RedisTrsDirectory, TrsReplica
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from ipaddress import ip_address
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-from cyphonic.config import ALPN_SIGNALLING
 from cyphonic.errors import (
     CyphonicError,
     InternalError,
@@ -21,8 +20,8 @@ from cyphonic.errors import (
     UnexpectedMessage,
 )
 from cyphonic.log import get_logger
-from cyphonic.pki import load_identity, load_trust_store
-from cyphonic.revocation import RegistryRevocations, RevocationCache
+from cyphonic.revocation import RegistryRevocations
+from cyphonic.signalling_server import SignallingServer
 from cyphonic.v1 import signalling_pb2 as pb
 
 from cyphonic_nms.config import NmsSettings
@@ -30,7 +29,6 @@ from cyphonic_nms.manager import NodeLink, NodeManager, Registration, network_pb
 from cyphonic_nms.routing import Endpoint
 
 if TYPE_CHECKING:
-    from cyphonic.quic import QuicEndpoint
     from cyphonic.session import SignallingSession
 
 log = get_logger("nms.signalling")
@@ -143,71 +141,33 @@ class SessionLink:
         return Endpoint(ip_address(host), int(port))
 
 
-class SignallingServer(Protocol):
-    """A running QUIC signalling endpoint."""
-
-    @property
-    def address(self) -> str:
-        """Where it listens, host:port."""
-        ...
-
-    async def close(self) -> None:
-        """Stop accepting and close every connection."""
-        ...
-
-
-class NmsSignallingServer:
+class NmsSignallingServer(SignallingServer):
     """The NMS QUIC endpoint: node connections become ``SessionLink``s of the manager."""
 
+    service_name = "nms"
+
     def __init__(self, manager: NodeManager) -> None:
+        super().__init__()
         self.manager = manager
-        self.endpoint: QuicEndpoint | None = None
-        self.revocations: RevocationCache | None = None
         self._links: dict[int, SessionLink] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    @property
-    def address(self) -> str:
-        """host:port of the UDP socket."""
-        assert self.endpoint is not None
-        host, port = self.endpoint.local_address
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    @property
-    def port(self) -> int:
-        assert self.endpoint is not None
-        return int(self.endpoint.local_address[1])
-
-    async def open(self, settings: NmsSettings) -> None:
+    async def start(self, settings: NmsSettings) -> None:
         """Load the NMS certificate and trust store and bind the UDP socket."""
-        # Imported here so that request handling stays usable without the QUIC stack.
-        from cyphonic.quic import Acceptor, QuicEndpoint
-        from cyphonic.session import SignallingSession
-
-        identity = load_identity(settings.pki_dir / "nms.crt", settings.pki_dir / "nms.key")
-        # Revoked node certificates are refused in the handshake (cyphonic.revocation).
-        self.revocations = RevocationCache(
-            RegistryRevocations.from_url(settings.database_url),
-            issuer=load_trust_store(settings.pki_dir).node_ca,
-            interval=settings.revocation_poll_s,
-        )
-        await self.revocations.start()
-        trust = load_trust_store(settings.pki_dir, is_revoked=self.revocations.is_revoked)
-        factory = SignallingSession.factory(self._handle, on_open=self._opened, on_lost=self._lost)
-        self.endpoint = await QuicEndpoint.open(
+        await self.open(
+            pki_dir=settings.pki_dir,
             host=settings.quic_host,
             port=settings.quic_port,
-            identity=identity,
-            trust=trust,
-            accept={ALPN_SIGNALLING: Acceptor(handler_factory=factory, expect="node")},
+            revocation_source=RegistryRevocations.from_url(settings.database_url),
+            revocation_interval=settings.revocation_poll_s,
             # Keepalives keep a healthy connection busy; the idle timeout only reaps dead ones.
             idle_timeout=settings.offline_timeout_s + settings.keepalive_interval_s,
         )
 
-    def _opened(self, session: SignallingSession) -> None:
+    def opened(self, session: SignallingSession) -> None:
         self._links[id(session)] = SessionLink(session)
 
-    def _lost(self, session: SignallingSession, error: CyphonicError | None) -> None:
+    def lost(self, session: SignallingSession, error: CyphonicError | None) -> None:
         link = self._links.pop(id(session), None)
         if link is None or self.manager.draining:
             # Draining: this replica is shutting down and closed the connection itself. The
@@ -217,7 +177,7 @@ class NmsSignallingServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, message: pb.Envelope, session: SignallingSession) -> pb.Envelope | None:
+    async def handle(self, message: pb.Envelope, session: SignallingSession) -> pb.Envelope | None:
         link = self._links.get(id(session))
         if link is None:  # cannot happen: on_open runs before any event is delivered
             raise UnexpectedMessage("connection not set up")
@@ -231,10 +191,7 @@ class NmsSignallingServer:
 
     async def close(self) -> None:
         """Close every connection and the socket."""
-        if self.endpoint is not None:
-            await self.endpoint.close("NMS shutting down")
-        if self.revocations is not None:
-            await self.revocations.close()
+        await super().close()
         for task in list(self._tasks):
             with contextlib.suppress(Exception):
                 await task
@@ -243,6 +200,6 @@ class NmsSignallingServer:
 async def start_signalling(manager: NodeManager, settings: NmsSettings) -> NmsSignallingServer:
     """Start the NMS QUIC endpoint on ``settings.quic_host``:``quic_port``."""
     server = NmsSignallingServer(manager)
-    await server.open(settings)
+    await server.start(settings)
     log.info("quic_listening", address=server.address)
     return server

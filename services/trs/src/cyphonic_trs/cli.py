@@ -13,20 +13,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cyphonic import log
-from cyphonic.admin import AdminServer
+from cyphonic import log, service
 from cyphonic.errors import CyphonicError
-from pydantic import ValidationError
 
 from cyphonic_trs.cid import parse_cid
 from cyphonic_trs.config import TrsSettings
-from cyphonic_trs.service import TrsService, make_table
+from cyphonic_trs.server import TrsServer
+from cyphonic_trs.service import make_table
 
 PROG = "cyphonic-trs"
 
@@ -125,38 +123,7 @@ def _settings(args: argparse.Namespace) -> TrsSettings:
 
 async def serve(settings: TrsSettings, *, http: bool = True) -> None:
     """Run one replica until SIGTERM or SIGINT."""
-    logger = log.get_logger("trs")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    service = TrsService(settings)
-    admin: AdminServer | None = None
-    try:
-        await service.start()
-        if http:
-            from cyphonic_trs.api import create_app
-
-            admin = AdminServer(
-                create_app(service),
-                host=settings.http_host,
-                port=settings.http_port,
-                log_level=settings.log_level,
-            )
-            await admin.start()
-        logger.info(
-            "trs_serving",
-            replica=settings.replica_id,
-            http=f"{settings.http_host}:{admin.port}" if admin else None,
-        )
-        await stop.wait()
-        logger.info("trs_stopping")
-    finally:
-        if admin is not None:
-            await admin.stop()
-        await service.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    await service.serve(TrsServer(settings, http=http))
 
 
 async def _replicas(settings: TrsSettings) -> list[dict[str, Any]]:
@@ -202,9 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         settings = _settings(args)
-    except (ValidationError, ValueError) as exc:
-        print(f"{PROG}: bad settings: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # pydantic's ValidationError included
+        return service.print_settings_error(PROG, exc)
     log.configure(settings.log_level, settings.log_format)
     try:
         if args.command == "serve":

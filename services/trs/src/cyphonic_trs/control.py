@@ -24,7 +24,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from cryptography import x509
 from cyphonic.config import ALPN_SIGNALLING
@@ -37,9 +37,15 @@ from cyphonic.v1 import signalling_pb2 as pb
 
 from cyphonic_trs.relay import TO_LOCAL_SERVER, Forward, RelayCore
 from cyphonic_trs.session import HostPort
+from cyphonic_trs.signalling import RelayAllocationService
 
-if TYPE_CHECKING:
-    from cyphonic_trs.service import TrsService
+
+class RelayingService(Protocol):
+    """What the control plane needs of ``cyphonic_trs.service.TrsService`` (a Protocol,
+    so that this module does not import the service that composes it)."""
+
+    core: RelayCore | None
+    allocation: RelayAllocationService | None
 
 
 class RelayFilter:
@@ -171,7 +177,7 @@ class TrsControlPlane:
         cls,
         *,
         sock: socket.socket,
-        service: TrsService,
+        service: RelayingService,
         identity: CertifiedKey,
         trust: TrustStore,
         handler_factory: HandlerFactory,
@@ -207,7 +213,7 @@ class TrsControlPlane:
 
 
 async def answer_request(
-    service: TrsService, message: pb.Envelope, *, connection: Any
+    service: RelayingService, message: pb.Envelope, *, connection: Any
 ) -> pb.Envelope:
     """Answer one request of a verified control connection (framing-independent)."""
     if service.allocation is None:
@@ -227,7 +233,7 @@ def signalling_control_plane(
     pki_dir: Path,
     *,
     is_revoked: Callable[[x509.Certificate], bool] | None = None,
-) -> Callable[[socket.socket, TrsService], TrsControlPlane]:
+) -> Callable[[socket.socket, RelayingService], TrsControlPlane]:
     """The production control plane: ``trs.crt``/``trs.key`` from ``pki_dir``, and a
     ``cyphonic.session.SignallingSession`` per node connection. ``is_revoked`` (a
     ``RevocationCache.is_revoked``) refuses revoked node certificates in the handshake."""
@@ -239,7 +245,7 @@ def signalling_control_plane(
     identity = load_identity(pki_dir / "trs.crt", pki_dir / "trs.key")
     trust = load_trust_store(pki_dir, is_revoked=is_revoked)
 
-    def make(sock: socket.socket, service: TrsService) -> TrsControlPlane:
+    def make(sock: socket.socket, service: RelayingService) -> TrsControlPlane:
         from cyphonic.session import SignallingSession
 
         async def handle(message: pb.Envelope, session: Any) -> pb.Envelope | None:

@@ -49,6 +49,7 @@ from cyphonic import trs_directory as directory
 from cyphonic.errors import CyphonicError, InvalidArgument, Unavailable
 
 # Re-exported: the TRS's modules take the directory's constants from here.
+from cyphonic.redis_client import redis_client
 from cyphonic.trs_directory import DEFAULT_PREFIX as DEFAULT_PREFIX
 from cyphonic.trs_directory import HEARTBEAT_INTERVAL_S as HEARTBEAT_INTERVAL_S
 from cyphonic.trs_directory import REPLICA_TTL_S as REPLICA_TTL_S
@@ -393,13 +394,9 @@ class RedisCidTable:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX) -> RedisCidTable:
-        """A table on the Redis at ``url`` (``redis://host:port/db``)."""
-        import redis.asyncio as aioredis
-
-        return cls(
-            aioredis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0),
-            prefix=prefix,
-        )
+        """A table on the Redis at ``url`` (``redis://host:port/db``), through the shared
+        client factory (bounded commands, keepalive, health checks)."""
+        return cls(redis_client(url), prefix=prefix)
 
     # key names
     def cid_key(self, cid: bytes) -> str:

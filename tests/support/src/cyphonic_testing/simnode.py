@@ -1,8 +1,10 @@
-"""A simulated node: a real QUIC client with a node certificate, no TUN.
+"""A bare NMS protocol client: a real QUIC client with a node certificate, no TUN, no policy.
 
-For tests and ``bench/nms_load.py``: it connects to an NMS like the agent does (mutual TLS,
-ALPN ``cyphonic-sig/1``, one UDP socket), registers, sends keepalives and route requests,
-and records what the NMS pushes.
+For NMS tests and ``bench/nms_load.py``: it connects to an NMS like the agent does (mutual
+TLS, ALPN ``cyphonic-sig/1``, one UDP socket), registers (reporting any addresses the test
+chooses), sends keepalives and route requests when told, and records what the NMS pushes.
+It is not an agent: tests of the agent's behaviour run the real one with fake edges
+(``cyphonic_testing.agent``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from cyphonic.pki import (
 from cyphonic.quic import QuicEndpoint
 from cyphonic.session import SignallingSession
 from cyphonic.v1 import signalling_pb2 as pb
-
 from cyphonic_nms.routing import Endpoint
 
 
@@ -249,9 +250,9 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cyphonic_nms.simnode``: one node registers (and asks for a route)."""
+    """``python -m cyphonic_testing.simnode``: one node registers (and asks for a route)."""
     parser = argparse.ArgumentParser(
-        prog="python -m cyphonic_nms.simnode",
+        prog="python -m cyphonic_testing.simnode",
         description="A simulated node: register with an NMS, "
         "optionally ask for a route; JSON lines on stdout.",
     )

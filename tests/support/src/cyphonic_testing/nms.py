@@ -1,32 +1,38 @@
-"""Test helpers shipped with the NMS: a recording ``NodeLink``, registry seeding, replicas
-in one process (``InProcessCluster``) and ``cyphonic-nms serve`` as a child process
-(``NmsProcess``)."""
+"""NMS test helpers: a recording ``NodeLink``, registry seeding, replicas in one process
+(``InProcessCluster``) and ``cyphonic-nms serve`` as a child process (``NmsProcess``)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 from cyphonic.errors import CyphonicError
 from cyphonic.registry import Node, NodeState, Revocation, create_engine, make_sessionmaker
 from cyphonic.v1 import signalling_pb2 as pb
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from cyphonic_nms.cluster import InProcessBus, InProcessPresence, InProcessRouteStore
 from cyphonic_nms.leases import LeasePools
 from cyphonic_nms.manager import NodeManager
 from cyphonic_nms.routing import Endpoint
 from cyphonic_nms.storage import SqlNodeStore
 from cyphonic_nms.trs_directory import InProcessTrsDirectory
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from cyphonic_testing.processes import ServiceProcess, free_port
+
+__all__ = [
+    "DOMAIN",
+    "Clock",
+    "InProcessCluster",
+    "NmsProcess",
+    "RecordingLink",
+    "add_node",
+    "free_port",
+    "revoke_node",
+]
 
 
 @dataclass
@@ -182,14 +188,7 @@ class InProcessCluster:
         return link
 
 
-def free_port(kind: int) -> int:
-    """A currently free port on loopback (``socket.SOCK_DGRAM`` or ``SOCK_STREAM``)."""
-    with socket.socket(socket.AF_INET6, kind) as s:
-        s.bind(("::", 0))
-        return int(s.getsockname()[1])
-
-
-class NmsProcess:
+class NmsProcess(ServiceProcess):
     """One ``cyphonic-nms serve`` child process on loopback ports, logging JSON to a file."""
 
     def __init__(
@@ -205,77 +204,25 @@ class NmsProcess:
         extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.quic_port = free_port(socket.SOCK_DGRAM)
-        self.http_port = free_port(socket.SOCK_STREAM)
         self.replica_id = replica_id
-        self.log_path = log_path
-        self.admin_token = admin_token
-        self.env = {
-            **os.environ,
-            "CYPHONIC_ENVIRONMENT": "test",
+        env = {
             "CYPHONIC_DATABASE_URL": database_url,
             "CYPHONIC_PKI_DIR": str(pki_dir),
             "CYPHONIC_DOMAIN": DOMAIN,
             "CYPHONIC_QUIC_HOST": "::",
             "CYPHONIC_QUIC_PORT": str(self.quic_port),
-            "CYPHONIC_HTTP_HOST": "127.0.0.1",
-            "CYPHONIC_HTTP_PORT": str(self.http_port),
-            "CYPHONIC_ADMIN_TOKEN": admin_token,
             "CYPHONIC_REPLICA_ID": replica_id,
             "CYPHONIC_RELAY_TOKEN_SECRET": relay_secret,
             "CYPHONIC_KEEPALIVE_INTERVAL_S": "1",
             "CYPHONIC_OFFLINE_TIMEOUT_S": "4",
-            "CYPHONIC_LOG_FORMAT": "json",
             **(extra_env or {}),
         }
         if redis_url:
-            self.env["CYPHONIC_REDIS_URL"] = redis_url
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def launch(self) -> None:
-        """Start the process (output appended to ``log_path``)."""
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cyphonic_nms.cli", "serve"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    async def start(self) -> None:
-        """Launch and wait until the admin REST is ready and QUIC listens."""
-        self.launch()
-        assert self.proc is not None
-        async with httpx.AsyncClient() as client:
-            for _ in range(300):
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"NMS exited: {self.log_path.read_text()[-2000:]}")
-                try:
-                    ready = await client.get(f"{self.rest}/readyz", timeout=1)
-                    if ready.status_code == 200 and b"quic_listening" in self.log_path.read_bytes():
-                        return
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise RuntimeError(f"NMS did not become ready: {self.log_path.read_text()[-2000:]}")
-
-    def stop(self) -> int | None:
-        """SIGTERM and wait (kill after 15 s); the exit status, None if it had to be killed."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-            return None
-
-    @property
-    def rest(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def admin(self) -> httpx.AsyncClient:
-        """An admin REST client with the bearer token."""
-        return httpx.AsyncClient(
-            base_url=self.rest, headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=5
+            env["CYPHONIC_REDIS_URL"] = redis_url
+        super().__init__(
+            "cyphonic_nms.cli",
+            env=env,
+            log_path=log_path,
+            ready_marker=b"quic_listening",
+            admin_token=admin_token,
         )

@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from cyphonic import relay_token
-
 from cyphonic_trs.cid import CID_LEN
 from cyphonic_trs.header import SHORT_MIN_AFTER_DCID
 

@@ -1,0 +1,30 @@
+"""The one way a service makes its Redis client (NMS cluster state, TRS CID table).
+
+Every command and every connect is bounded by ``timeout_s`` (a Redis that stops answering
+must not hang a replica), TCP keepalive is on, and a connection idle for
+``HEALTH_CHECK_S`` is checked with a PING before it is used again (a NAT or a failover may
+have dropped it silently).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import redis.asyncio as redis_asyncio
+
+TIMEOUT_S = 5.0
+HEALTH_CHECK_S = 15.0
+
+
+def redis_client(url: str, *, timeout_s: float = TIMEOUT_S) -> redis_asyncio.Redis:
+    """A ``redis.asyncio.Redis`` on ``url`` (``redis://[:password@]host:port/db``)."""
+    import redis.asyncio as redis_asyncio
+
+    return redis_asyncio.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        socket_keepalive=True,
+        health_check_interval=HEALTH_CHECK_S,
+    )

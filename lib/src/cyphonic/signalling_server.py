@@ -1,0 +1,105 @@
+"""The QUIC signalling endpoint every service runs (the AS and the NMS; the TRS serves its
+control connections on its relaying socket, see ``cyphonic_trs.control``).
+
+    node ──QUIC, ALPN cyphonic-sig/1, mutual TLS──> SignallingServer
+      the handshake refuses certificates outside the node CA, expired or revoked ones
+      (a ``RevocationCache`` the server keeps fresh); each verified connection gets a
+      ``cyphonic.session.SignallingSession`` whose requests go to ``handle``
+
+A service subclasses it, names its certificate and implements ``handle`` (and, if it
+tracks connections, ``opened``/``lost``); ``handle`` raises a ``CyphonicError`` to refuse,
+which the session turns into the typed ``Error`` answer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from cyphonic.config import ALPN_SIGNALLING
+from cyphonic.errors import CyphonicError
+from cyphonic.hostport import format_host_port
+from cyphonic.pki import load_identity, load_trust_store
+from cyphonic.revocation import RevocationCache, RevocationSource
+from cyphonic.v1 import signalling_pb2 as pb
+
+if TYPE_CHECKING:
+    from cyphonic.quic import QuicEndpoint
+    from cyphonic.session import SignallingSession
+
+
+class SignallingServer:
+    """A service's QUIC signalling endpoint (see the module docstring)."""
+
+    service_name: ClassVar[str] = "service"
+    """``as``, ``nms``: names the certificate (``<name>.crt``) and the close reason."""
+
+    def __init__(self) -> None:
+        self.endpoint: QuicEndpoint | None = None
+        self.revocations: RevocationCache | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port of the UDP socket."""
+        assert self.endpoint is not None
+        return format_host_port(*self.endpoint.local_address)
+
+    @property
+    def port(self) -> int:
+        """The UDP port bound."""
+        assert self.endpoint is not None
+        return int(self.endpoint.local_address[1])
+
+    async def open(
+        self,
+        *,
+        pki_dir: Path,
+        host: str,
+        port: int,
+        revocation_source: RevocationSource,
+        revocation_interval: float,
+        idle_timeout: float,
+    ) -> None:
+        """Load ``<service_name>.crt`` and the trust store (revoked node certificates refused
+        in the handshake), bind the UDP socket, accept nodes."""
+        # Imported here so that request handling stays usable without the QUIC stack.
+        from cyphonic.quic import Acceptor, QuicEndpoint
+        from cyphonic.session import SignallingSession
+
+        name = self.service_name
+        identity = load_identity(pki_dir / f"{name}.crt", pki_dir / f"{name}.key")
+        self.revocations = RevocationCache(
+            revocation_source,
+            issuer=load_trust_store(pki_dir).node_ca,
+            interval=revocation_interval,
+        )
+        await self.revocations.start()
+        trust = load_trust_store(pki_dir, is_revoked=self.revocations.is_revoked)
+        factory = SignallingSession.factory(self.handle, on_open=self.opened, on_lost=self.lost)
+        self.endpoint = await QuicEndpoint.open(
+            host=host,
+            port=port,
+            identity=identity,
+            trust=trust,
+            accept={ALPN_SIGNALLING: Acceptor(handler_factory=factory, expect="node")},
+            idle_timeout=idle_timeout,
+        )
+
+    async def handle(self, message: pb.Envelope, session: SignallingSession) -> pb.Envelope | None:
+        """The answer to one request of a verified node connection."""
+        raise NotImplementedError
+
+    def opened(self, session: SignallingSession) -> None:
+        """A node connection was verified (before any of its requests is handled)."""
+
+    def lost(self, session: SignallingSession, error: CyphonicError | None) -> None:
+        """A node connection closed."""
+
+    async def close(self) -> None:
+        """Close every connection and the socket, stop refreshing revocations."""
+        if self.endpoint is not None:
+            await self.endpoint.close(f"{self.service_name.upper()} shutting down")
+            self.endpoint = None
+        if self.revocations is not None:
+            await self.revocations.close()
+            self.revocations = None

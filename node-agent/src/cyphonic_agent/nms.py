@@ -1,0 +1,319 @@
+"""The agent's signalling with the AS and the NMS, asyncio glue: login, register, keepalive,
+and the loop that does it again after a loss.
+
+    Login at the AS (agent.json's endpoints)     -> NMS endpoints, NMS name
+    Register at the NMS (the socket's addresses) -> virtual IPv4/IPv6, keepalive interval
+    Keepalive at the NMS's interval; connection lost -> back off, reconnect, register again
+
+When to log in, how long to pause and when to give up is ``control.Reconnect``'s decision;
+what a registration means for the node (bring-up, a move's re-registration) is the agent's,
+through ``on_registered``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cyphonic.config import ALPN_SIGNALLING
+from cyphonic.errors import (
+    AuthError,
+    CyphonicError,
+    PermissionDenied,
+    Timeout,
+    Unavailable,
+    UnexpectedMessage,
+)
+from cyphonic.hostport import format_host_port, parse_host_port
+from cyphonic.log import get_logger
+from cyphonic.quic import QuicEndpoint
+from cyphonic.session import SignallingSession
+from cyphonic.v1 import signalling_pb2 as pb
+from cyphonic.wire.messages import expect, wrap
+
+from cyphonic_agent.config import AgentSettings
+from cyphonic_agent.control import GiveUp, Reconnect
+from cyphonic_agent.enroll import AgentState
+from cyphonic_agent.peers import REQUEST_TIMEOUT_S, routable
+from cyphonic_agent.routes import Candidate
+
+AGENT_VERSION = "0.1.0"
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class AgentFailed(Exception):
+    """The agent cannot go on (bad state directory, refused by the AS, gave up)."""
+
+    def __init__(self, error: CyphonicError) -> None:
+        super().__init__(f"{error.code_name}: {error.message}")
+        self.error = error
+
+
+@dataclass
+class NmsLink:
+    """The open signalling connection to one NMS endpoint."""
+
+    session: SignallingSession
+    endpoint: Candidate
+    keepalive_s: float
+    sequence: int = 0
+
+
+@dataclass
+class NmsCounters:
+    logins: int = 0
+    registrations: int = 0
+    nms_losses: int = 0
+
+
+class NmsClient:
+    """Login, register, keep alive; on loss back off and do it again, forever."""
+
+    def __init__(
+        self,
+        *,
+        settings: AgentSettings,
+        state: AgentState,
+        fqdn: str,
+        domain: str,
+        endpoint: Callable[[], QuicEndpoint],
+        on_push: Callable[[pb.Envelope], None],
+        on_registered: Callable[[pb.RegisterResponse, NmsLink], Awaitable[None]],
+        local_endpoints: Callable[[Candidate], Awaitable[list[tuple[IPAddress, int]]]],
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.fqdn = fqdn
+        self.endpoint = endpoint
+        self.on_push = on_push
+        self.on_registered = on_registered
+        self.local_endpoints = local_endpoints
+        self.log = get_logger("agent", fqdn=fqdn)
+        self.policy = Reconnect(
+            max_delay_s=settings.reconnect_max_s, give_up_after_s=settings.give_up_after_s
+        )
+        self.counters = NmsCounters()
+        self.server_name = f"nms.svc.{domain}"
+        self.link: NmsLink | None = None
+        self.status = "connecting"
+        self.detail = ""
+        self.registration: pb.RegisterResponse | None = None
+
+    def session(self) -> SignallingSession | None:
+        """The open NMS session, if any (route requests, the relay's CID exchange)."""
+        return self.link.session if self.link is not None else None
+
+    async def run(self) -> None:
+        """The control loop; raises ``AgentFailed`` when retrying cannot help."""
+        loop = asyncio.get_running_loop()
+        self.policy.started(now=loop.time())
+        while True:
+            try:
+                if self.policy.needs_login():
+                    await self._login()
+                link = await self._connect()
+                await self.register(link)
+                self.policy.registered()
+                await self._keep_alive(link)
+            except AuthError as exc:
+                # Refused by the AS or the NMS for who we are: retrying will not help.
+                self.status, self.detail = "disconnected", exc.message
+                raise AgentFailed(exc) from exc
+            except CyphonicError as exc:
+                self.status, self.detail = "disconnected", exc.message
+                self.log.warning("nms_unreachable", error=exc.message)
+                decision = self.policy.lost(exc, now=loop.time())
+                if isinstance(decision, GiveUp):
+                    raise AgentFailed(exc) from exc
+            else:  # pragma: no cover - _keep_alive only returns by raising
+                decision = 0.0
+            finally:
+                self.link = None
+            self.status = "connecting"
+            await asyncio.sleep(decision)
+
+    def reconnect_now(self, link: NmsLink, why: CyphonicError) -> None:
+        """Close ``link`` after a move; the loop dials again without a pause."""
+        self.policy.reconnect_now = True
+        link.session.close(why)
+
+    async def dial(
+        self,
+        endpoints: list[Candidate],
+        *,
+        server_name: str,
+        what: str,
+        handler: Callable[..., Awaitable[Any]] | None = None,
+    ) -> tuple[SignallingSession, Candidate]:
+        """A signalling session with the first of ``endpoints`` that answers."""
+        timeout = self.settings.connect_timeout_s
+        tried: list[str] = []
+        silent: list[str] = []
+        for ep in endpoints:
+            if not routable(ep.host, ep.port):
+                tried.append(f"{ep}: no route")
+                continue
+            try:
+                conn = await self.endpoint().connect(
+                    (ep.host, ep.port),
+                    alpn=ALPN_SIGNALLING,
+                    expect="service",
+                    expected_name=server_name,
+                    timeout=timeout,
+                    handler_factory=SignallingSession.factory(handler),
+                )
+            except Timeout:
+                silent.append(str(ep))
+                continue
+            except AuthError:
+                raise
+            except CyphonicError as exc:
+                tried.append(f"{ep}: {exc.message}")
+                continue
+            assert isinstance(conn.handler, SignallingSession)
+            return conn.handler, ep
+        if not endpoints:
+            raise Unavailable(f"no {what} endpoint is known")
+        reasons = list(tried)
+        if silent:
+            ports = sorted({parse_host_port(s)[1] for s in silent})
+            port_text = "/".join(str(p) for p in ports)
+            reasons.insert(
+                0,
+                f"cannot reach the {what} at {', '.join(silent)} over UDP: "
+                f"no answer in {timeout:g} s; a firewall may be blocking "
+                f"UDP {port_text}",
+            )
+        else:
+            reasons.insert(0, f"cannot reach the {what}")
+        raise Unavailable("; ".join(reasons))
+
+    async def _login(self) -> None:
+        """Log in at the AS: learn the NMS endpoints and name."""
+        raw = self.settings.as_endpoints or self.state.as_endpoints
+        endpoints = [Candidate(*parse_host_port(e, default_port=443)) for e in raw]
+        self.status, self.detail = "connecting", "logging in at the AS"
+        session, where = await self.dial(
+            endpoints, server_name=self.state.as_server_name, what="AS"
+        )
+        try:
+            answer = await session.request(
+                wrap(pb.LoginRequest(agent_version=AGENT_VERSION)), timeout=REQUEST_TIMEOUT_S
+            )
+            login = expect(answer, pb.LoginResponse)
+        finally:
+            session.close()
+        if login.fqdn and login.fqdn.lower() != self.fqdn:
+            raise PermissionDenied(
+                f"the AS knows this certificate as {login.fqdn}, not {self.fqdn}"
+            )
+        if login.nms_server_name:
+            self.server_name = login.nms_server_name
+        self.counters.logins += 1
+        nms = [Candidate.from_pb(e) for e in login.nms]
+        self.log.info(
+            "logged_in",
+            as_endpoint=str(where),
+            nms=[str(e) for e in nms],
+            certificate_not_after_ms=login.certificate_not_after_ms,
+        )
+        self.policy.logged_in(nms)
+
+    async def _connect(self) -> NmsLink:
+        self.status, self.detail = "connecting", "connecting to the NMS"
+        try:
+            session, where = await self.dial(
+                self.policy.nms_endpoints,
+                server_name=self.server_name,
+                what="NMS",
+                handler=self._on_message,
+            )
+        except CyphonicError:
+            self.policy.dial_failed()
+            raise
+        self.policy.dialled()
+        return NmsLink(session=session, endpoint=where, keepalive_s=15.0)
+
+    async def register(self, link: NmsLink) -> None:
+        """Register on ``link`` (first time, after a reconnection, or after a move)."""
+        local = await self.local_endpoints(link.endpoint)
+        request = pb.RegisterRequest(
+            local_addresses=[pb.Endpoint(ip=ip.packed, port=port) for ip, port in local]
+        )
+        answer = await link.session.request(wrap(request), timeout=REQUEST_TIMEOUT_S)
+        reg = expect(answer, pb.RegisterResponse)
+        self.counters.registrations += 1
+        interval = (reg.keepalive_interval_ms or 15000) / 1000
+        # Our idle timeout also bounds the NMS connection: stay well inside it.
+        link.keepalive_s = max(0.5, min(interval, self.settings.peer_timeout_s / 3))
+        self.link = link
+        await self.on_registered(reg, link)  # bring-up, or the lease check; may raise
+        self.registration = reg
+        self.status = "connected"
+        self.detail = str(link.endpoint)
+        net = reg.network
+        self.log.info(
+            "registered",
+            nms=str(link.endpoint),
+            virtual_ipv4=_text(reg.virtual_ipv4),
+            virtual_ipv6=_text(reg.virtual_ipv6),
+            behind_nat=net.behind_nat,
+            has_ipv4=net.has_ipv4,
+            has_ipv6=net.has_ipv6,
+            reported=[format_host_port(str(ip), port) for ip, port in local],
+            keepalive_s=link.keepalive_s,
+        )
+
+    async def reregister(self, link: NmsLink) -> None:
+        """After a move: register again on the open connection, or have the loop reconnect."""
+        try:
+            await self.register(link)
+        except CyphonicError as exc:
+            self.log.warning("reregister_failed", error=exc.message)
+            self.reconnect_now(link, exc)
+        except AgentFailed as exc:
+            # Another deployment answered; the control loop meets it again and stops.
+            self.log.error("reregister_refused", error=str(exc))
+            link.session.close(exc.error)
+
+    async def _keep_alive(self, link: NmsLink) -> None:
+        """Keepalive at the NMS's interval until the connection is lost (raises why)."""
+        lost = asyncio.ensure_future(link.session.wait_closed())
+        try:
+            while True:
+                done, _ = await asyncio.wait({lost}, timeout=link.keepalive_s)
+                if done:
+                    self.counters.nms_losses += 1
+                    error = lost.result()
+                    raise error or Unavailable("the NMS connection closed")
+                link.sequence += 1
+                try:
+                    answer = await link.session.request(
+                        wrap(pb.Keepalive(sequence=link.sequence)),
+                        timeout=min(REQUEST_TIMEOUT_S, link.keepalive_s * 2),
+                    )
+                    expect(answer, pb.KeepaliveAck)
+                except Timeout as exc:
+                    self.counters.nms_losses += 1
+                    link.session.close(exc)
+                    raise Unavailable(f"the NMS at {link.endpoint} stopped answering") from exc
+        finally:
+            lost.cancel()
+
+    async def _on_message(
+        self, message: pb.Envelope, _session: SignallingSession
+    ) -> pb.Envelope | None:
+        """Pushes from the NMS, handed to the agent."""
+        body = message.WhichOneof("body")
+        if body not in ("route_direction", "peer_offline", "relay_cids", "revocation_notice"):
+            raise UnexpectedMessage(f"the agent does not take {body} from the NMS")
+        self.on_push(message)
+        return None
+
+
+def _text(raw: bytes) -> str:
+    return str(ipaddress.ip_address(raw)) if raw else ""

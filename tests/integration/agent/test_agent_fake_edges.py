@@ -1,0 +1,156 @@
+"""The real agent without root: ``cyphonic_agent.agent.Agent`` with fake edges (a TUN over a
+socket pair, a silent netlink watcher) against real ``cyphonic-as`` and ``cyphonic-nms``
+processes on loopback (the embedded SQLite registry), enrolled through the AS's REST API.
+
+Two agents: alice looks bob up (the DNS stub's hook), the NMS directs pattern 1 to both,
+alice connects, and an IP packet an application on alice sends to bob's virtual address
+comes out of bob's TUN. A node that is not enrolled is answered "no such node".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cyphonic.pki import init_pki
+from cyphonic_agent.routes import RouteState
+from cyphonic_testing.agent import (
+    RunningAgent,
+    agent_settings,
+    as_process,
+    enrol,
+    fake_edges,
+    udp_packet,
+)
+from cyphonic_testing.nms import NmsProcess
+from cyphonic_testing.processes import ADMIN_TOKEN
+
+pytestmark = pytest.mark.timeout(240)
+
+DOMAIN = "cyphonic.internal"
+
+
+class Cloud:
+    """PKI, one AS and one NMS process sharing a SQLite registry."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.pki = tmp / "pki"
+        init_pki(self.pki, domain=DOMAIN, now=datetime.datetime.now(datetime.UTC))
+        database = f"sqlite+aiosqlite:///{tmp / 'registry.db'}"
+        self.nms = NmsProcess(
+            pki_dir=self.pki,
+            database_url=database,
+            redis_url=None,
+            replica_id="nms-1",
+            log_path=tmp / "nms.log",
+            admin_token=ADMIN_TOKEN,
+            relay_secret="relay-secret-for-integration-tests-0123",
+            extra_env={"CYPHONIC_QUIC_HOST": "127.0.0.1"},
+        )
+        self.auth = as_process(
+            tmp=tmp,
+            pki_dir=self.pki,
+            database_url=database,
+            domain=DOMAIN,
+            nms_endpoints=[f"127.0.0.1:{self.nms.quic_port}"],
+        )
+        self.agents: list[RunningAgent] = []
+
+    async def start(self) -> None:
+        # The AS migrates the registry the NMS then uses.
+        await self.auth.start()
+        await self.nms.start()
+
+    async def agent(self, name: str) -> RunningAgent:
+        state = await enrol(self.auth, name=name, pki_dir=self.pki, state_dir=self.tmp / name)
+        settings = agent_settings(state)
+        agent = RunningAgent(settings, edges=fake_edges())
+        self.agents.append(agent)
+        await agent.start()
+        return agent
+
+    async def close(self) -> None:
+        for agent in self.agents:
+            await agent.stop()
+        self.nms.stop()
+        self.auth.stop()
+
+
+@pytest.fixture
+async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
+    world = Cloud(tmp_path)
+    try:
+        await world.start()
+        yield world
+    finally:
+        await world.close()
+
+
+async def test_two_real_agents_carry_a_packet_without_root(cloud: Cloud) -> None:
+    alice = await cloud.agent("alice")
+    bob = await cloud.agent("bob")
+    for running in (alice, bob):
+        status = running.agent.snapshot()
+        assert status.nms_state == "connected"
+        assert status.tun == running.tun.name and status.virtual_ipv4
+
+    found = await alice.agent.peers.lookup(f"bob.{DOMAIN}")
+    assert found is not None and found.ipv4 is not None
+    bob_vip = bob.agent.snapshot().virtual_ipv4
+    assert str(found.ipv4) == bob_vip
+
+    # The route comes up on both sides (pattern 1: both are global IPv4 on loopback).
+    async def up(running: RunningAgent, peer: str) -> None:
+        while True:
+            route = running.agent.peers.routes.get(peer)
+            if route is not None and route.state is RouteState.UP:
+                return
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(
+        asyncio.gather(up(alice, f"bob.{DOMAIN}"), up(bob, f"alice.{DOMAIN}")), 30
+    )
+    route = alice.agent.peers.routes.get(f"bob.{DOMAIN}")
+    assert route is not None and route.pattern_name == "direct"
+
+    alice_vip = alice.agent.snapshot().virtual_ipv4
+    assert alice_vip is not None and bob_vip is not None
+    packet = udp_packet(alice_vip, bob_vip, b"hello bob, from a fake TUN")
+    alice.tun.send_from_app(packet)
+    assert await bob.tun.delivered() == packet
+
+    [row] = alice.agent.snapshot().peers
+    assert row.fqdn == f"bob.{DOMAIN}" and row.state == "up" and row.pattern == "direct"
+    counters = alice.agent.counters()
+    assert counters["logins"] == 1 and counters["registrations"] == 1
+    assert counters["route_requests"] == 1 and counters["tunnels_connected"] == 1
+
+
+async def test_an_unknown_name_is_no_such_node_and_held(cloud: Cloud) -> None:
+    alice = await cloud.agent("alice")
+    assert await alice.agent.peers.lookup(f"nobody.{DOMAIN}") is None
+    # Held down: a second lookup moments later does not ask the NMS again.
+    assert await alice.agent.peers.lookup(f"nobody.{DOMAIN}") is None
+    assert alice.agent.counters()["route_requests"] == 1
+
+
+async def test_the_agent_reports_the_nms_losing_and_reconnects(cloud: Cloud) -> None:
+    alice = await cloud.agent("alice")
+    cloud.nms.stop()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while alice.agent.snapshot().nms_state == "connected":
+        assert loop.time() < deadline, "the agent never noticed the NMS was gone"
+        await asyncio.sleep(0.1)
+    await cloud.nms.start()
+    while alice.agent.snapshot().nms_state != "connected":
+        assert loop.time() < deadline + 60, "the agent did not reconnect"
+        await asyncio.sleep(0.1)
+    assert alice.agent.counters()["registrations"] >= 2
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{cloud.nms.rest}/readyz")).status_code == 200
