@@ -25,8 +25,8 @@ from pathlib import Path
 
 from cyphonic.pki import init_pki
 from cyphonic.registry import create_engine, make_sessionmaker, migrate
-from cyphonic_nms.simnode import SimulatedNode, issue_node_identity
-from cyphonic_nms.testing import NmsProcess, add_node
+from cyphonic_testing.nms import NmsProcess, add_node
+from cyphonic_testing.simnode import SimulatedNode, issue_node_identity
 
 DOMAIN = "cyphonic.internal"
 TOKEN = "policy-bench-admin-token-0123456789"

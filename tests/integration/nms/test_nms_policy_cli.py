@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cyphonic.pki import init_pki
 from cyphonic.registry import create_engine, make_sessionmaker, migrate
-from cyphonic_nms.testing import NmsProcess, add_node
+from cyphonic_testing.nms import NmsProcess, add_node
 
 pytestmark = [pytest.mark.timeout(240)]
 

@@ -11,7 +11,7 @@ import time
 import pytest
 from cyphonic.errors import PolicyDenied
 from cyphonic.policy import filter_from_pb
-from cyphonic_nms.simnode import SimulatedNode
+from cyphonic_testing.simnode import SimulatedNode
 from test_nms_processes import World, pki_material, world  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(240)]

@@ -12,7 +12,7 @@ from cyphonic.errors import AlreadyExists, NotFound
 from cyphonic.registry import AuditEvent, create_engine, make_sessionmaker
 from cyphonic_nms.access import AccessControl
 from cyphonic_nms.policy_store import SqlPolicyStore
-from cyphonic_nms.testing import add_node
+from cyphonic_testing.nms import add_node
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 

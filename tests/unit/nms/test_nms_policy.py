@@ -13,7 +13,7 @@ from cyphonic.policy import filter_from_pb
 from cyphonic.registry import ping
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_nms.api import router
-from cyphonic_nms.testing import InProcessCluster, RecordingLink
+from cyphonic_testing.nms import InProcessCluster, RecordingLink
 
 TOKEN = "admin-token-for-tests-0123456789"
 D = "cyphonic.internal"

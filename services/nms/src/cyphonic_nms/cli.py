@@ -3,6 +3,8 @@
     cyphonic-nms serve [--migrate] [--replica-id nms-0] [--redis-url redis://...] ...
     cyphonic-nms migrate [--database-url URL]
     cyphonic-nms settings            # the effective settings, secrets hidden
+    cyphonic-nms policy get|set FILE|delete|check A B tcp/22|history   (docs/policy.md)
+    cyphonic-nms tags get FQDN | tags set FQDN KEY=VALUE...
 
 Flags override the ``CYPHONIC_*`` environment. Exit status: 0 done, 1 refused or failed
 (the reason on stderr), 2 bad usage or settings.
@@ -24,6 +26,7 @@ from cyphonic.config import hide_password
 from cyphonic.errors import CyphonicError
 from cyphonic.registry import migrate
 
+from cyphonic_nms import policy_cli
 from cyphonic_nms.config import NmsSettings
 from cyphonic_nms.server import NmsServer
 
@@ -83,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("settings", help="print the effective settings (secrets hidden)")
     _common(p)
+    policy_cli.add_parsers(sub)
     return parser
 
 
@@ -132,6 +136,8 @@ async def serve(settings: NmsSettings, *, quic: bool = True) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cyphonic-nms``."""
     args = build_parser().parse_args(argv)
+    if args.command in ("policy", "tags"):
+        return policy_cli.run(args)  # a client of the admin API: no service settings
     try:
         settings = settings_from(args)
     except ValueError as exc:  # pydantic's ValidationError included
