@@ -24,8 +24,7 @@ TOKEN = "nms-policy-cli-admin-token-0123456789"
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
-async def nms(tmp_path: Path) -> AsyncIterator[NmsProcess]:
+async def start_nms(tmp_path: Path, env: dict[str, str] | None = None) -> NmsProcess:
     init_pki(tmp_path / "pki", domain=D, now=datetime.datetime.now(datetime.UTC))
     url = f"sqlite+aiosqlite:///{tmp_path}/registry.db"
     await asyncio.to_thread(migrate, url)
@@ -41,8 +40,15 @@ async def nms(tmp_path: Path) -> AsyncIterator[NmsProcess]:
         log_path=tmp_path / "nms.log",
         admin_token=TOKEN,
         relay_secret="policy-cli-relay-secret-0123456789",
+        extra_env=env,
     )
     await proc.start()
+    return proc
+
+
+@pytest.fixture
+async def nms(tmp_path: Path) -> AsyncIterator[NmsProcess]:
+    proc = await start_nms(tmp_path)
     try:
         yield proc
     finally:
@@ -111,3 +117,26 @@ async def test_operator_session(nms: NmsProcess, tmp_path: Path) -> None:
         env={k: v for k, v in os.environ.items() if not k.startswith("CYPHONIC_")},
     )
     assert env_run.returncode == 1 and "no admin token" in env_run.stderr
+
+
+async def test_deny_by_default_setting(tmp_path: Path) -> None:
+    """``CYPHONIC_POLICY_DEFAULT=deny`` (the chart's value): nothing is allowed until an
+    operator sets a policy."""
+    proc = await start_nms(tmp_path, {"CYPHONIC_POLICY_DEFAULT": "deny"})
+    try:
+        got = await asyncio.to_thread(cli, proc, tmp_path, "policy", "get")
+        assert json.loads(got.stdout)["in_force"] == "default-deny", got.stderr
+        out = await asyncio.to_thread(
+            cli, proc, tmp_path, "policy", "check", f"alice.{D}", f"bob.{D}"
+        )
+        assert out.returncode == 3 and "denied" in out.stdout
+        doc = json.dumps({"rules": [{"from": ["*"], "to": ["*"]}]})
+        assert (
+            await asyncio.to_thread(cli, proc, tmp_path, "policy", "set", "-", stdin=doc)
+        ).returncode == 0
+        out = await asyncio.to_thread(
+            cli, proc, tmp_path, "policy", "check", f"alice.{D}", f"bob.{D}"
+        )
+        assert out.returncode == 0
+    finally:
+        proc.stop()
