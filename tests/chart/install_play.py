@@ -14,7 +14,9 @@ What stands for what:
   that plays the node: it DNATs every Service's ClusterIP and port to the pods it selects
   (kube-proxy), masquerades pod-to-Service-to-pod traffic (hairpin) and lets the agent nodes
   reach pods only through those Service ports. Agents of the DaemonSet (hostNetwork) run in
-  node namespaces on their own network.
+  node namespaces on their own network. Cluster DNS is the hosts file every container gets:
+  each Service's name (short, with namespace, `.svc`, `.svc.cluster.local`) at its ClusterIP,
+  and each StatefulSet pod's `<pod>.<headless governing Service>` names at the pod's address.
 - **Containers**: `ip netns exec <pod> unshare --mount`, then volumes mounted at the rendered
   paths (Secrets and ConfigMaps written as files with their defaultMode and the pod's
   fsGroup, emptyDirs, hostPaths; /etc is an overlay holding the cluster's /etc/hosts), the
@@ -600,9 +602,33 @@ class Cluster:
         for name, ip in sorted(self.service_ips.items()):
             ns = self.namespace
             lines.append(f"{ip} {name} {name}.{ns} {name}.{ns}.svc {name}.{ns}.svc.cluster.local")
+        lines.extend(self._pod_dns())
         for name, ip in sorted(self.extra_hosts.items()):
             lines.append(f"{ip} {name}")
         return "\n".join(lines) + "\n"
+
+    def _pod_dns(self) -> list[str]:
+        """Cluster DNS for StatefulSet pods: ``<pod>.<serviceName>.<ns>.svc`` (and its
+        shorter forms, found through the search path) for each pod of a StatefulSet whose
+        governing Service is headless and selects it, as CoreDNS answers."""
+        ns = self.namespace
+        lines = []
+        for pod in sorted(self.pods.values(), key=lambda p: p.name):
+            if pod.workload["kind"] != "StatefulSet" or pod.host_network:
+                continue
+            governing = pod.workload["spec"].get("serviceName")
+            service = self.objects.get(("Service", governing or ""))
+            if service is None or service["spec"].get("clusterIP") != "None":
+                continue
+            selector = service["spec"].get("selector") or {}
+            if not selector or not selector.items() <= pod.labels.items():
+                continue
+            name = f"{pod.name}.{governing}"
+            lines.append(
+                f"{pod.addresses[0]} {name} {name}.{ns} {name}.{ns}.svc "
+                f"{name}.{ns}.svc.cluster.local"
+            )
+        return lines
 
     def program_services(self) -> None:
         """kube-proxy: DNAT each ClusterIP:port to the pods its selector picks."""

@@ -483,6 +483,9 @@ def test_pki_secret_layout_matches_what_init_pki_writes_and_services_load(tmp_pa
         "externalRedis.existingSecret=cyphonic-redis",
         "agent.enabled=true,agent.tokenSecret=agent-tokens",
         "image.registry=registry.example.net/cyphonic",
+        "nms.ingress.enabled=true,nms.ingress.hosts={console.example.net},"
+        "nms.ingress.tls[0].hosts={console.example.net},"
+        "nms.ingress.tls[0].secretName=console-tls",
     ],
 )
 def test_documented_set_flags_are_accepted(chart: Any, expression: str) -> None:

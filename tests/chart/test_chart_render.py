@@ -51,7 +51,14 @@ AGENT_AND_INGRESS = {
         },
         "publicEndpoints": ["as.example.net:443"],
     },
-    "nms": {"publicEndpoints": ["192.0.2.10:443", "[2001:db8::10]:443"]},
+    "nms": {
+        "publicEndpoints": ["192.0.2.10:443", "[2001:db8::10]:443"],
+        "ingress": {
+            "enabled": True,
+            "hosts": ["console.example.net"],
+            "tls": [{"hosts": ["console.example.net"], "secretName": "console-tls"}],
+        },
+    },
     "trs": {"publicEndpoints": ["198.51.100.20:443"]},
 }
 

@@ -9,7 +9,9 @@ what. For each value set:
 3. start every workload replica as rendered: init containers to completion, then the
    containers, each in its pod's namespace as the rendered uid with the rendered mounts;
 4. require every readiness probe to answer before any post-install hook runs (`--wait`);
-5. run `helm test`'s pod;
+5. run `helm test`'s pod, then open the web console through the NMS admin Service: the
+   page, the admin token check, every TRS replica read at the chart's admin URL template
+   (StatefulSet pod DNS names) and a revoke the NMS forwards to the AS;
 6. upgrade: the operator has created two nodes and their enrolment tokens, turns on the agent
    DaemonSet with the root CA fingerprint and changes the log level; pre-upgrade hooks run,
    every workload rolls, every probe answers again, and the DaemonSet's agents on two
@@ -448,6 +450,88 @@ class Play:
             if "test" in _hooks(doc):
                 self.run_to_completion(doc, f"test-{round_}")
 
+    # ------------------------------------------------------------------ the console
+
+    def check_console(self, docs: list[dict[str, Any]]) -> None:
+        """The web console (issue 17 item 1) through the NMS admin Service, as a client in
+        the cluster (or a port-forward) reaches it: the page, the token check, the TRS
+        replicas read at the chart's URL template (StatefulSet pod DNS) and a revoke
+        forwarded to the AS."""
+        assert self.cluster is not None
+        c = self.cluster
+        full = f"{RELEASE}-cyphonic"
+        _, as_port, token = self.admin()
+        nms = c.service_ips[f"{full}-nms"]
+        port = int(self.values.get("nms", {}).get("http", {}).get("port", 8082))
+        bearer = {"Authorization": f"Bearer {token}"}
+
+        def get(path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+            status, body = http_get(c.router, nms, port, path, headers=headers, timeout=10)
+            return status, body
+
+        status, page = get("/console/")
+        assert status == 200 and b"<title>CYPHONIC console</title>" in page, (status, page[:300])
+        status, body = get("/v1/console")
+        assert status == 401, (status, body)
+        status, body = get("/v1/console", {"Authorization": "Bearer " + "x" * 40})
+        assert status == 401, (status, body)
+        status, body = get("/v1/console", bearer)
+        assert status == 200, (status, body)
+        info = json.loads(body)
+        assert info["revoke_available"] and info["trs_admin_apis"] == 1, info
+
+        (trs,) = [
+            d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == f"{full}-trs"
+        ]
+        (nms_deploy,) = [
+            d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == f"{full}-nms"
+        ]
+        env = {
+            e["name"]: e.get("value")
+            for e in nms_deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+        template = env["CYPHONIC_TRS_ADMIN_URL_TEMPLATE"]
+        expected = {f"trs-{i}" for i in range(int(trs["spec"]["replicas"]))}
+        seen: dict[str, Any] = {}
+
+        def all_live() -> bool:
+            # Any NMS replica may answer (the Service balances): each must see every TRS.
+            status, body = get("/v1/trs", bearer)
+            assert status == 200, (status, body)
+            overview = json.loads(body)
+            seen.update(overview)
+            live = {
+                r["replica_id"]
+                for r in overview["replicas"]
+                if r["in_directory"]
+                and r["counters"] is not None
+                and r["admin_url"] == template.replace("{replica}", r["replica_id"][4:])
+            }
+            return live == expected and not overview["problems"]
+
+        wait_until(
+            all_live,
+            60,
+            lambda: (
+                f"the console never listed TRS replicas {sorted(expected)} as live via "
+                f"{template}: {json.dumps(seen, indent=1)}"
+            ),
+        )
+
+        # Revoke (NMS -> AS with the NMS's own admin token): a node the operator created.
+        domain = self.values.get("domain", "cyphonic.internal")
+        status, body = http_post(
+            c.router, c.service_ips[f"{full}-as"], as_port, "/v1/nodes", {"name": "gone"},
+            token=token,
+        )  # fmt: skip
+        assert status == 201, (status, body)
+        status, body = http_post(
+            c.router, nms, port, f"/v1/nodes/gone.{domain}/revoke", {"reason": "install play"},
+            token=token,
+        )  # fmt: skip
+        assert status == 200 and body["state"] == "revoked", (status, body)
+        self.log.append("console: page, token, TRS replicas via the template, revoke")
+
     # ------------------------------------------------------------------ the agents
 
     def admin(self) -> tuple[str, int, str]:
@@ -589,6 +673,7 @@ def test_install_test_upgrade_as_a_cluster_would(chart: Any, venvs: Venvs, value
             play.run_hooks(docs, "post-install")
             # helm test
             play.helm_test(docs, "install")
+            play.check_console(docs)
             if value_set == "default":
                 check_monitoring(chart, play.scrape_metrics())
             # helm upgrade --wait, with the agent DaemonSet turned on

@@ -61,6 +61,20 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-admin-token" (include "cyphonic.fullname" .)) .Values.adminToken.existingSecret -}}
 {{- end -}}
 
+{{/* The AS admin REST API inside the cluster (the TRS's CRL, the NMS console's revoke). */}}
+{{- define "cyphonic.asUrl" -}}
+{{- printf "http://%s-as:%v" (include "cyphonic.fullname" .) .Values.as.http.port -}}
+{{- end -}}
+
+{{/*
+A TRS replica's admin REST API, by its StatefulSet pod's DNS name under the headless
+Service; {replica} (the ordinal) is filled in by the NMS for each replica in its directory.
+*/}}
+{{- define "cyphonic.trsAdminUrlTemplate" -}}
+{{- $fullname := include "cyphonic.fullname" . -}}
+{{- printf "http://%s-trs-{replica}.%s-trs-headless.%s.svc:%v" $fullname $fullname .Release.Namespace .Values.trs.http.port -}}
+{{- end -}}
+
 {{- define "cyphonic.relayTokenSecret" -}}
 {{- default (printf "%s-relay-token" (include "cyphonic.fullname" .)) .Values.relayToken.existingSecret -}}
 {{- end -}}
