@@ -17,7 +17,7 @@ from cyphonic.pki import init_pki
 from cyphonic.registry import create_engine, make_sessionmaker, migrate
 from cyphonic_testing.nms import NmsProcess, add_node
 
-pytestmark = [pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.timeout(600)]
 
 D = "cyphonic.internal"
 TOKEN = "nms-policy-cli-admin-token-0123456789"

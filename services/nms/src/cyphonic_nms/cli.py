@@ -24,11 +24,9 @@ from typing import Any
 from cyphonic import log, service
 from cyphonic.config import hide_password
 from cyphonic.errors import CyphonicError
-from cyphonic.registry import migrate
 
 from cyphonic_nms import policy_cli
 from cyphonic_nms.config import NmsSettings
-from cyphonic_nms.server import NmsServer
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +128,8 @@ def printable_settings(settings: NmsSettings) -> dict[str, Any]:
 
 async def serve(settings: NmsSettings, *, quic: bool = True) -> None:
     """Run one NMS replica until SIGTERM or SIGINT."""
+    from cyphonic_nms.server import NmsServer  # the whole service: not for the admin commands
+
     await service.serve(NmsServer(settings, quic=quic))
 
 
@@ -145,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure(settings.log_level, settings.log_format)
     try:
         if args.command == "migrate":
+            from cyphonic.registry import migrate
+
             migrate(settings.database_url, wait_s=args.wait)
             print("registry database is up to date")
             return 0
