@@ -319,3 +319,120 @@ def test_validated_address_follows_a_rebinding_only_once_probed(
         for data, _ in client.datagrams_to_send(now=0.03):
             server.receive_datagram(data, moved, now=0.03)
     assert server.peer_address_validated and server.get_peer_address()[:2] == moved
+
+
+def _move(client: Any, server: Any, to: tuple[str, int], *, now: float) -> list[Any]:
+    """The client's traffic now reaches the server from ``to``; returns the addresses the
+    server sent to, in order, while the path settles."""
+    sent_to: list[Any] = []
+    client.send_ping(int(now * 1000))
+    for data, _ in client.datagrams_to_send(now=now):
+        server.receive_datagram(data, to, now=now)
+    for _ in range(4):  # the challenge, the client's answer from ``to``
+        for data, addr in server.datagrams_to_send(now=now):
+            sent_to.append(addr[:2])
+            if addr[:2] == to:  # what goes to an address the client left is lost
+                client.receive_datagram(data, SERVER_ADDR, now=now)
+        for data, _ in client.datagrams_to_send(now=now):
+            server.receive_datagram(data, to, now=now)
+    return sent_to
+
+
+def _connected_pair(material: pki.PkiMaterial, kind: str) -> tuple[Any, Any]:
+    client = _client(material, kind)
+    client.connect(SERVER_ADDR, now=0.0)
+    first = client.datagrams_to_send(now=0.0)
+    header = engine.parse_datagram_header(first[0][0])
+    assert header is not None
+    server = _server(material, kind, header.destination_cid)
+    for data, _ in first:
+        server.receive_datagram(data, CLIENT_ADDR, now=0.0)
+    _exchange(client, server, now=0.01)
+    assert server.handshake_complete and server.get_peer_address()[:2] == CLIENT_ADDR
+    return client, server
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_the_server_follows_a_client_that_moves_away_and_back(
+    material: pki.PkiMaterial, kind: str
+) -> None:
+    """A node that moves to another network and back (docs/pki-and-quic.md, "Returning
+    addresses"): after each move the server validates the path and sends there, also to an
+    address the connection used before; the addresses the server hands the socket are
+    always the real ones."""
+    client, server = _connected_pair(material, kind)
+    away = ("10.0.1.7", 40000)
+    steps = [(away, 1.0), (CLIENT_ADDR, 2.0), (away, 3.0)]
+    for to, now in steps:
+        sent_to = _move(client, server, to, now=now)
+        if kind == "qh3":
+            assert to in sent_to, (to, sent_to)  # the challenge went to the new address
+        assert server.peer_address_validated
+        assert server.get_peer_address()[:2] == to
+        server.send_datagram_frame(b"after the move")
+        out = server.datagrams_to_send(now=now + 0.01)
+        assert out and all(addr[:2] == to for _, addr in out), out
+        for data, addr in out:
+            assert len(addr) == 2  # the socket's own form (an AF_INET socket here)
+            client.receive_datagram(data, SERVER_ADDR, now=now + 0.01)
+        assert any(
+            isinstance(e, DatagramFrameReceived) and e.data == b"after the move"
+            for e in _drain(client)
+        )
+
+
+def test_a_return_is_not_taken_on_an_unanswered_packet(material: pki.PkiMaterial) -> None:
+    """qh3: a packet of the connection copied and sent from the address the node left (an
+    on-path attacker) makes the server probe that address, never switch to it: the node,
+    not there any more, does not answer and the server keeps the current path. (aioquic
+    switches back at once to an address it validated before, as RFC 9000 section 9.3
+    allows: docs/pki-and-quic.md.)"""
+    kind = "qh3"
+    client, server = _connected_pair(material, kind)
+    away = ("10.0.1.7", 40000)
+    _move(client, server, away, now=1.0)
+    assert server.get_peer_address()[:2] == away
+    client.send_ping(99)
+    (data, _), *_ = client.datagrams_to_send(now=2.0)
+    server.receive_datagram(data, CLIENT_ADDR, now=2.0)  # copied, sent from the old address
+    for _ in range(3):
+        for _data, addr in server.datagrams_to_send(now=2.0):
+            assert len(addr) == 2
+    assert server.get_peer_address()[:2] == away
+    server.send_datagram_frame(b"still here")
+    out = server.datagrams_to_send(now=2.1)
+    assert out and all(addr[:2] == away for _, addr in out)
+
+
+def test_returning_address_forms_change_once_per_stale_path() -> None:
+    """The map behind the returning-address fix: an address gets a new core form only when
+    its form went stale (or its probe went unanswered), once however many datagrams come
+    from it, at most ``_MAX_EPOCHS`` times in all; the real address comes back on the way
+    out, and a form never equals a real (received) address."""
+    first, away = ("10.0.0.1", 40000), ("10.0.1.7", 40000)
+    paths = engine_qh3._ReturningAddresses(first)
+    assert paths.core_address(first, 0.0) == first
+    assert paths.core_address(away, 1.0) == away  # new to the core: as it is
+    paths.probing_started()
+    assert paths.active_changed(away)
+    assert not paths.active_changed(away)
+    forms = {paths.core_address(first, 2.0 + i) for i in range(50)}  # replays, junk
+    assert len(forms) == 1
+    (form,) = forms
+    assert form != first and form[:2] == ("::ffff:10.0.0.1", 40000)
+    assert form[2] & 0xF000_0000  # no received flowinfo (28 bits) has these bits
+    assert paths.real_address(form) == first and paths.to_real == {form: first}
+    # a probe never answered: the address is offered again after _REPROBE_AFTER only
+    paths.probing_started()  # the core probed ``form`` at 51.0
+    assert paths.core_address(first, 52.0) == form
+    again = paths.core_address(first, 52.0 + engine_qh3._REPROBE_AFTER + 1)
+    assert again not in (form, first) and paths.real_address(again) == first
+    # bounded whatever happens
+    for i in range(2 * engine_qh3._MAX_EPOCHS):
+        paths.probing_started()
+        paths.core_address(first, 100.0 + 10 * i)
+    assert len(paths.to_real) == engine_qh3._MAX_EPOCHS
+    v6 = ("2001:db8::1", 443, 0, 3)
+    six = engine_qh3._ReturningAddresses(v6)
+    six.active_changed(("2001:db8::2", 443, 0, 3))
+    assert six.core_address(v6, 0.0)[::3] == ("2001:db8::1", 3)

@@ -47,6 +47,17 @@ Two fixes to qh3's Python wrapper, both tested:
   logger even when there is none (1-1.7 us a packet). Both are used only while no
   ``quic_logger`` is configured (the endpoint never configures one).
 
+Two fixes to qh3's native core, from the wrapper (docs/pki-and-quic.md, "Returning
+addresses"), both tested on real sockets:
+
+* A peer address the core has seen before is never followed again (its path table keeps
+  every address, and only a new one is probed): ``_ReturningAddresses`` hands the core such
+  an address as a new one (an IPv6 flowinfo epoch) when the peer comes back to it, so the
+  core validates it with PATH_CHALLENGE and then switches, as for any new address.
+* On a path change to another IP the core takes the old path's packets out of its probe
+  timeout, so stream data lost there waits for later acknowledgements that an idle
+  connection never produces: a PING on the new path after each change provides one.
+
 Events come out as aioquic's event classes, so handlers and the signalling layer do not
 care which engine carries a connection. The code depends on qh3 internals (TLS state
 names, ``_server_handle_hello``'s message order), hence the exact version pin.
@@ -54,6 +65,7 @@ names, ``_server_handle_hello``'s message order), hence the exact version pin.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -348,6 +360,7 @@ class Qh3QuicConnection(Qh3Connection):
     ) -> None:
         self._peer_verifier = peer_verifier
         self._datagrams_queued = 0
+        self._paths = _ReturningAddresses(None)
         self._terminated_event: aq.ConnectionTerminated | None = None
         super().__init__(
             configuration=configuration,
@@ -366,6 +379,10 @@ class Qh3QuicConnection(Qh3Connection):
             )
             self._original_destination_connection_id = initial_destination_cid
         self._host_cids = [self.host_cid]
+
+    def _create_core(self, remote_addr: Any, initial_dcid: bytes, now: float) -> None:
+        super()._create_core(remote_addr, initial_dcid, now)
+        self._paths = _ReturningAddresses(remote_addr)  # a new core knows one path
 
     def _create_tls(self, remote_source_cid: bytes | None) -> Any:
         bridge = super()._create_tls(remote_source_cid)
@@ -408,8 +425,20 @@ class Qh3QuicConnection(Qh3Connection):
         datagram = aq.DatagramFrameReceived
         next_native = core.next_event
         while (native := next_native()) is not None:
-            if native[0] == "datagram":
+            kind = native[0]
+            if kind == "datagram":
                 append(datagram(data=native[1]))
+                continue
+            if kind == "peer_migration":
+                self._paths.probing_started()
+            elif kind == "path_validated":
+                if self._paths.active_changed(core.active_path[2]):
+                    # Packets sent on the old path are out of qh3's PTO (module
+                    # docstring): one ack-eliciting packet on the new path lets loss
+                    # detection find them once the peer acknowledges it.
+                    with contextlib.suppress(RuntimeError):  # closing: nothing to resend
+                        core.send_ping(_PATH_CHANGE_PING)
+            elif kind == "ping_acknowledged" and native[1] == _PATH_CHANGE_PING:
                 continue
             self._core = cast(Any, _OneEvent(core, native))
             try:
@@ -427,6 +456,8 @@ class Qh3QuicConnection(Qh3Connection):
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
         core = self._core
+        if core is not None:
+            addr = self._paths.core_address(addr, now)
         if core is not None and self._handshake_complete and self._quic_logger is None:
             try:
                 core.receive_datagram(data, addr, now, len(data))
@@ -471,6 +502,7 @@ class Qh3QuicConnection(Qh3Connection):
         """Datagrams from one address, in order, fed to the core in one call."""
         core = self._core
         if core is not None and self._handshake_complete and self._quic_logger is None:
+            addr = self._paths.core_address(addr, now)
             self._call_core(core.receive_many_datagrams, datagrams, addr, now)
             self._drain_core()
             return
@@ -481,6 +513,7 @@ class Qh3QuicConnection(Qh3Connection):
         """A UDP GRO buffer (``segment_size``-byte datagrams, the last may be shorter)."""
         core = self._core
         if core is not None and self._handshake_complete and self._quic_logger is None:
+            addr = self._paths.core_address(addr, now)
             self._call_core(core.receive_gro_buffer, buffer, segment_size, addr, now)
             self._drain_core()
             return
@@ -513,6 +546,9 @@ class Qh3QuicConnection(Qh3Connection):
                     pass
                 else:
                     raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
+        to_real = self._paths.to_real
+        if to_real:  # a path of a returning address: the socket gets the real address
+            out = [(data, to_real.get(addr, addr)) for data, addr in out]
         if core.bytes_in_flight + self._configuration.max_datagram_size <= core.congestion_window:
             self._datagrams_queued = 0  # not congestion-limited: the core sent them all
         else:
@@ -534,7 +570,7 @@ class Qh3QuicConnection(Qh3Connection):
         """The current peer address (aioquic's name for it)."""
         if self._core is not None:
             # active_path: (id, local address, remote address, ...)
-            return self._core.active_path[2]
+            return self._paths.real_address(self._core.active_path[2])
         return self._remote_addr
 
     # -- the read-only views of engine.CyphonicQuicConnection
@@ -636,6 +672,97 @@ class Qh3QuicConnection(Qh3Connection):
 
 
 _BUILDER_CAPACITY = "packet builder capacity exhausted"
+
+_PATH_CHANGE_PING = 0x4359_5048_5041_5448
+"""The uid of the PING sent when the active path changes (its acknowledgement is not an
+event of the connection)."""
+
+# Returning addresses (module docstring): flowinfo values of the core-side forms. Received
+# flowinfo is at most 28 bits (IPV6_FLOWINFO_MASK), so these never equal a real address.
+_EPOCH_BASE = 0x8000_0000
+_MAX_EPOCHS = 64
+"""New core-side forms per connection; the core's own limit (4 paths, never freed) is
+reached long before, so this only bounds the two maps."""
+_REPROBE_AFTER = 3.0
+"""Seconds a probed path may stay unvalidated before a datagram from its address is
+presented as a new path again (qh3 sends one PATH_CHALLENGE per path and never retries
+it: a lost challenge or answer would leave the address unreachable for good)."""
+
+
+def _epoch_form(addr: Any, epoch: int) -> Any:
+    """``addr`` as a distinct IPv6 socket address (flowinfo = the epoch), for the core only."""
+    flowinfo = _EPOCH_BASE + epoch
+    if len(addr) == 2:  # an AF_INET socket's (host, port): as IPv4-mapped IPv6
+        host = str(addr[0])
+        return (host if ":" in host else f"::ffff:{host}", int(addr[1]), flowinfo, 0)
+    return (addr[0], int(addr[1]), flowinfo, int(addr[3]))
+
+
+class _ReturningAddresses:
+    """Which form of each peer address qh3's core sees (sans-I/O, no core calls).
+
+    qh3 2.1.0's core keys its paths by address and keeps every path it has seen: a
+    datagram from an address it knows is taken on that path with no PATH_CHALLENGE and
+    the active path stays where it was, so a peer that moves away and comes back (or whose
+    probe got lost) is never followed again. Here the address a datagram came from is
+    handed to the core in a new form (an IPv6 flowinfo epoch) when the core would ignore
+    it: its form was the active path and is no more ("stale"), or the core probed it more
+    than ``_REPROBE_AFTER`` seconds ago without an answer. The core then treats it as any
+    new address: it probes it with PATH_CHALLENGE and sends there only once the peer
+    answered from it (RFC 9000 section 9). The form changes only on such a datagram and
+    only once per stale form, whatever the datagram holds: a copy that fails decryption
+    or is a duplicate leaves the core unchanged. Datagrams out, and the peer address
+    reported, map back to the real address.
+    """
+
+    __slots__ = ("_active", "_epoch", "_feeding", "_probing", "_stale", "_to_core", "to_real")
+
+    def __init__(self, first: Any) -> None:
+        self._active = first
+        """The core form of the active path's peer address."""
+        self._to_core: dict[Any, Any] = {}
+        """Real address -> its current core form (only where they differ)."""
+        self.to_real: dict[Any, Any] = {}
+        """Core form -> real address (only where they differ)."""
+        self._stale: set[Any] = set()
+        self._probing: dict[Any, float] = {}
+        self._feeding: tuple[Any, float] | None = None
+        self._epoch = 0
+
+    def core_address(self, addr: Any, now: float) -> Any:
+        """The form of ``addr`` to hand the core with a datagram received now."""
+        form = self._to_core.get(addr, addr)
+        if form != self._active and self._epoch < _MAX_EPOCHS:
+            started = self._probing.get(form)
+            if form in self._stale or (started is not None and now - started > _REPROBE_AFTER):
+                self._stale.discard(form)
+                self._probing.pop(form, None)
+                self._epoch += 1
+                form = _epoch_form(addr, self._epoch)
+                self._to_core[addr] = form
+                self.to_real[form] = addr
+        self._feeding = (form, now)
+        return form
+
+    def probing_started(self) -> None:
+        """The core began probing the address of the datagram it was just given."""
+        if self._feeding is not None:
+            form, now = self._feeding
+            self._probing[form] = now
+
+    def active_changed(self, active: Any) -> bool:
+        """A path was validated; ``active`` is the core's active peer address now. True
+        if the active path changed."""
+        self._probing.pop(active, None)
+        if active == self._active:
+            return False
+        if self._active is not None:
+            self._stale.add(self._active)
+        self._active = active
+        return True
+
+    def real_address(self, form: Any) -> Any:
+        return self.to_real.get(form, form)
 
 
 class _OneEvent:
