@@ -33,9 +33,10 @@ offload-capable Debian 13 build extracted with ``dpkg-deb -x`` into a temporary 
 veth ends: A's tunnel sending, B's receiving, B's kernel answering, B's sending, A's
 receiving) and prints the median of each hop: where the RTT difference to wireguard-go is.
 
-The overlay prototype runs once per QUIC engine (aioquic, and qh3 when installed), each
-on UDP 443 of its own veth address. The "CYPHONIC overlay" row is a slot for the agent's
-own ``up`` path (``overlay_path``).
+The overlay prototype runs once per QUIC engine (aioquic, qh3; qh3 also with TUN offloads,
+with and without partial inner checksums), each on UDP 443 of its own veth address. The
+"CYPHONIC overlay" row runs the agents' own ``up`` path (``overlay_path``) on the default
+engine (qh3; ``CYPHONIC_QUIC_ENGINE=aioquic`` for the other) with TUN offloads.
 """
 
 from __future__ import annotations

@@ -177,12 +177,12 @@ def main() -> int:
         "--ack-immediately",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="ACK in the next transmit pass instead of after aioquic's 1 ms ACK delay",
+        help="ACK in the next transmit pass instead of after the engine's 1 ms ACK delay",
     )
     parser.add_argument(
         "--engine",
         choices=["aioquic", "qh3"],
-        help="QUIC engine (default: CYPHONIC_QUIC_ENGINE, else aioquic)",
+        help="QUIC engine (default: CYPHONIC_QUIC_ENGINE, else qh3)",
     )
     parser.add_argument(
         "--keepalive",

@@ -28,7 +28,14 @@ from cyphonic.log import get_logger
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 POLL_S = 2.0
-"""Fallback check period, for changes netlink did not report."""
+"""Check period where no netlink subscription could be made (polling is all there is)."""
+POLL_NETLINK_S = 30.0
+"""Fallback check period while netlink reports changes, for what it did not report. Slow
+on purpose: a check reads the host with pyroute2 in a worker thread (~5 ms of CPU), and
+while it runs that thread and the data path take turns at the GIL (hundreds of hand-overs,
+the data path waiting up to the switch interval at each system call): every 2 s this cost
+the agents' tunnel a 200-300 ms stall, a quarter to half of its throughput under load and
+milliseconds of RTT (docs/performance.md "What limits now")."""
 
 # rtnetlink multicast groups (linux/rtnetlink.h)
 _RTMGRP_LINK = 0x1
@@ -182,7 +189,8 @@ class MoveWatcher:
     on_move: Callable[[Move], Awaitable[None]]
     on_lost: Callable[[PathLost], None] = field(default=lambda _lost: None)
     exclude_ifindexes: Callable[[], Iterable[int]] = field(default=lambda: ())
-    poll_s: float = POLL_S
+    poll_s: float | None = None
+    """Check period; None: ``POLL_NETLINK_S`` with a netlink subscription, else ``POLL_S``."""
     snapshot: Callable[..., HostPath] = host_path
     detector: MoveDetector = field(default_factory=MoveDetector)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -198,18 +206,25 @@ class MoveWatcher:
             self._sock.setblocking(False)
             loop.add_reader(self._sock.fileno(), self._readable)
         except OSError as exc:
-            log.warning("netlink_unavailable", error=str(exc), poll_s=self.poll_s)
+            log.warning("netlink_unavailable", error=str(exc), poll_s=self.poll_s or POLL_S)
             self._close_sock(loop)
+        period = self.period()
         try:
             await self._check()
             while True:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+                    await asyncio.wait_for(self._wake.wait(), timeout=period)
                 # Events arriving while the host is read are taken in by that reading.
                 self._wake.clear()
                 await self._check()
         finally:
             self._close_sock(loop)
+
+    def period(self) -> float:
+        """Seconds between fallback checks (with or without a netlink subscription)."""
+        if self.poll_s is not None:
+            return self.poll_s
+        return POLL_NETLINK_S if self._sock is not None else POLL_S
 
     async def _check(self) -> None:
         snap = await asyncio.to_thread(

@@ -7,13 +7,15 @@ tunnels are real TunnelCores over aioquic connections joined in memory.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import struct
+import sys
 from collections.abc import Iterator
 
 import pytest
 from cyphonic.policy import CompiledFilter, DropReason, PacketFilter
-from cyphonic_agent.datapath import DataPath, Tunnel
+from cyphonic_agent.datapath import SWITCH_INTERVAL_S, DataPath, Tunnel
 from cyphonic_agent.offload import (
     F_NEEDS_CSUM,
     GSO_TCPV4,
@@ -162,6 +164,26 @@ def test_delivery_from_peer_and_removal(tun: PipeTun) -> None:
     dp.on_miss = misses.append
     dp.route([udp4(100)])
     assert misses == [B4]
+
+
+async def test_start_bounds_the_gil_switch_interval(tun: PipeTun) -> None:
+    """While the pump runs, another thread holding the GIL delays it at most ~0.5 ms, and
+    the collector's full passes leave out what existed when it started."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)  # CPython's default
+    try:
+        datapath = DataPath(tun=tun)
+        datapath.start()
+        assert sys.getswitchinterval() <= SWITCH_INTERVAL_S
+        assert gc.get_freeze_count() > 0  # long-lived objects out of full collections
+        datapath.stop()
+        sys.setswitchinterval(0.0001)
+        datapath.start()  # a shorter one set elsewhere is kept
+        assert sys.getswitchinterval() == pytest.approx(0.0001)
+        datapath.stop()
+    finally:
+        sys.setswitchinterval(old)
+        gc.unfreeze()
 
 
 def test_tunnel_status_row(tun: PipeTun) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import types
 from collections.abc import Iterable
 
 import pytest
+from cyphonic_agent import mobility
 from cyphonic_agent.mobility import (
     HostPath,
     Move,
@@ -126,6 +128,53 @@ async def test_watcher_fallback_check_reports_moves() -> None:
             await task
     assert moves == [Move(old=OLD, new=NEW)]
     assert losses == [PathLost(old=OLD, now=_path())]
+
+
+async def test_watcher_polls_slowly_while_netlink_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host is read in a thread (the data path then competes for the GIL): with a
+    netlink subscription only every POLL_NETLINK_S, without one every POLL_S."""
+    monkeypatch.setattr(mobility, "POLL_S", 0.02)
+    monkeypatch.setattr(mobility, "POLL_NETLINK_S", 3600.0)
+    calls: list[float] = []
+
+    def snapshot(*, exclude_ifindexes: list[int]) -> HostPath:
+        calls.append(0.0)
+        return OLD
+
+    async def on_move(move: Move) -> None:
+        pass
+
+    watcher = MoveWatcher(on_move=on_move, snapshot=snapshot)
+    task = asyncio.ensure_future(watcher.run())
+    await asyncio.sleep(0.3)
+    assert watcher.period() == 3600.0  # subscribed (netlink works in the test process)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(calls) == 1  # the first reading only
+
+    def no_netlink(*args: object) -> object:
+        raise OSError("netlink refused (test)")
+
+    calls.clear()
+    monkeypatch.setattr(
+        mobility,
+        "socket",
+        types.SimpleNamespace(
+            socket=no_netlink,
+            AF_NETLINK=0,
+            SOCK_RAW=0,
+            NETLINK_ROUTE=0,  # only what run() uses
+        ),
+    )
+    watcher = MoveWatcher(on_move=on_move, snapshot=snapshot)
+    task = asyncio.ensure_future(watcher.run())
+    await asyncio.sleep(0.3)
+    assert watcher.period() == 0.02
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(calls) >= 3
 
 
 def test_status_shows_the_last_handover() -> None:
