@@ -255,7 +255,8 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CyphonicError)
     async def _cyphonic(_request: Request, exc: CyphonicError) -> JSONResponse:
-        return _error_response(exc)
+        # Errors that know where the input went wrong (a policy document) say so.
+        return _error_response(exc, details=getattr(exc, "details", None))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -11,6 +11,7 @@
     +-- AuthError
     |   +-- Unauthenticated        ERROR_CODE_UNAUTHENTICATED (no, foreign or bad certificate)
     |   +-- PermissionDenied       ERROR_CODE_PERMISSION_DENIED
+    |   |   +-- PolicyDenied       ERROR_CODE_POLICY_DENIED (the access policy forbids the pair)
     |   +-- Revoked                ERROR_CODE_REVOKED
     |   +-- Expired                ERROR_CODE_EXPIRED
     |   +-- TokenInvalid           ERROR_CODE_TOKEN_INVALID
@@ -93,6 +94,12 @@ class PermissionDenied(AuthError):
     code = pb.ERROR_CODE_PERMISSION_DENIED
 
 
+class PolicyDenied(PermissionDenied):
+    """The access policy allows no traffic between the two nodes."""
+
+    code = pb.ERROR_CODE_POLICY_DENIED
+
+
 class Revoked(AuthError):
     code = pb.ERROR_CODE_REVOKED
 
@@ -162,6 +169,7 @@ for _cls in (
     InvalidArgument,
     Unauthenticated,
     PermissionDenied,
+    PolicyDenied,
     Revoked,
     Expired,
     TokenInvalid,
@@ -204,4 +212,5 @@ HTTP_STATUS: dict[int, int] = {
     pb.ERROR_CODE_UNAVAILABLE: 503,
     pb.ERROR_CODE_TIMEOUT: 504,
     pb.ERROR_CODE_INTERNAL: 500,
+    pb.ERROR_CODE_POLICY_DENIED: 403,
 }

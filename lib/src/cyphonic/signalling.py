@@ -117,6 +117,8 @@ TRANSITIONS: Final[Mapping[tuple[Opener, str], frozenset[str]]] = MappingProxyTy
         (Opener.SERVER, "peer_offline"): ONE_WAY,
         (Opener.SERVER, "revocation_notice"): ONE_WAY,
         (Opener.SERVER, "relay_cids"): ONE_WAY,
+        # the compiled access-policy filter for this node (docs/policy.md)
+        (Opener.SERVER, "policy_filter"): ONE_WAY,
     }
 )
 

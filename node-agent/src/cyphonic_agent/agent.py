@@ -38,6 +38,7 @@ from cyphonic.pki import CertifiedKey, TrustStore, load_certificates, load_ident
 from cyphonic.quic import Acceptor, QuicEndpoint
 from cyphonic.v1 import signalling_pb2 as pb
 
+from cyphonic_agent.access import AgentAccess
 from cyphonic_agent.config import AgentSettings
 from cyphonic_agent.control import OverlayPlan
 from cyphonic_agent.datapath import DataPath
@@ -126,6 +127,8 @@ class Agent:
         """Pattern 3: TRS allocations and the CID exchange, on the same endpoint."""
         self.tun: TunDevice | None = None
         self.datapath: DataPath | None = None
+        self.access = AgentAccess()
+        """The access-policy filter the NMS pushed (docs/policy.md)."""
         self.dns: DnsStub | None = None
         self.status_server: StatusServer | None = None
         self.registered = asyncio.Event()
@@ -269,6 +272,8 @@ class Agent:
         elif body == "relay_cids":
             if self.relay is not None:
                 self.relay.peer_cids_received(message.relay_cids)
+        elif body == "policy_filter":
+            self.access.apply(message.policy_filter)
         elif body == "revocation_notice":
             notice = message.revocation_notice
             self.log.error("revoked", serial=notice.serial_hex, reason=notice.reason)
@@ -322,7 +327,9 @@ class Agent:
         except CyphonicError as exc:
             raise AgentFailed(exc) from exc
         self.peers.overlay = plan
-        self.datapath = DataPath(tun=self.tun, on_miss=self.peers.on_miss)
+        self.datapath = DataPath(
+            tun=self.tun, on_miss=self.peers.on_miss, packet_filter=self.access.filter
+        )
         self.peers.datapath = self.datapath
         self.datapath.start()
         address = self.settings.dns_address
@@ -366,6 +373,7 @@ class Agent:
             if self.datapath is not None:
                 self.datapath.pending.expire(now=now)
             self.peers.expire(now=now)
+            self.access.filter.expire(time.monotonic())  # the data path's clock
             if now - self._last_ping >= self.settings.tunnel_keepalive_s:
                 self._last_ping = now
                 self.peers.ping_tunnels()
@@ -393,6 +401,7 @@ class Agent:
             peers=peer_rows(self.peers.routes.routes(), relayed_label=relayed_label),
             handovers=self.mobility.detector.moves,
             last_handover=handover_status(self.roaming.handover, self.roaming.handover_network),
+            policy=self.access.snapshot(),
         )
 
 

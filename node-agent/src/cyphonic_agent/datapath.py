@@ -3,7 +3,7 @@
     TUN readable -> drain a batch -> group by destination virtual address
         known tunnel   -> TunnelCore.packets_from_tun(batch) -> conn.transmit() (once per batch)
         no tunnel yet  -> PendingPackets (bounded) + on_miss(destination) once per destination
-    DATAGRAM from a peer -> TunnelCore.accept -> TUN write
+    DATAGRAM from a peer -> TunnelCore.accept -> access-policy filter -> TUN write
 
 With offloads on the TUN (``TunDevice.vnet``), each read is a virtio_net_hdr frame that may
 hold a 64 KB TCP super-segment: it is split into MTU-sized packets (``offload.split_frame``)
@@ -39,6 +39,7 @@ from typing import Protocol
 
 from cyphonic.errors import MalformedMessage
 from cyphonic.log import get_logger
+from cyphonic.policy import PacketFilter
 
 from cyphonic_agent.offload import VNET_HDR_LEN, Coalescer, split_frame
 from cyphonic_agent.packet import destination
@@ -148,6 +149,7 @@ class DataPath:
         on_miss: Callable[[bytes], None] | None = None,
         clock: Callable[[], float] | None = None,
         partial_checksums: bool = True,
+        packet_filter: PacketFilter | None = None,
     ) -> None:
         """``on_miss(destination)`` is called once per destination that starts waiting: the
         agent starts route establishment there. ``partial_checksums``: with offloads, tell
@@ -160,6 +162,9 @@ class DataPath:
         self._routes: dict[bytes, Tunnel] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clock = clock
+        self.packet_filter = packet_filter
+        """The access-policy filter (docs/policy.md): packets from tunnels that it refuses
+        are dropped before the TUN write; packets into tunnels note their flows."""
         self.vnet = bool(getattr(tun, "vnet", False))
         """The TUN device carries virtio_net_hdr frames (offloads on)."""
         self._offset = VNET_HDR_LEN if self.vnet else 0
@@ -226,10 +231,13 @@ class DataPath:
         accept = tunnel.core.accept
         write = os.write
         tun_stats = self.tun.stats
+        pf = self.packet_filter
+        allowed = pf.inbound if pf is not None else None
+        clock = time.monotonic
 
         def deliver(data: bytes) -> None:
             packet = accept(data)
-            if packet is not None:
+            if packet is not None and (allowed is None or allowed(packet, clock())):
                 try:
                     write(fd, packet)
                     tun_stats.tx_packets += 1
@@ -240,7 +248,7 @@ class DataPath:
 
         def gather(data: bytes) -> None:
             packet = accept(data)
-            if packet is not None:
+            if packet is not None and (allowed is None or allowed(packet, clock())):
                 inbound.append(packet)
                 if not self._flush_scheduled:
                     self._schedule_flush()
@@ -362,7 +370,12 @@ class DataPath:
         last_dst: bytes | None = None
         last_batch: list[bytes] | None = None
         offset = self._offset
+        pf = self.packet_filter
+        note = pf.outbound if pf is not None and not pf.allow_all else None
+        now = time.monotonic()
         for packet in packets:
+            if note is not None:
+                note(packet, now, offset)  # a flow this node opens: its replies may come in
             dst = destination(packet, offset)
             if dst is None:
                 self.stats.not_ip += 1

@@ -5,6 +5,7 @@ Protocol flow::
     application --query--> host resolver --(overlay domain only)--> DnsStub
         name.<domain> A/AAAA : lookup hook (asks the NMS, starts route establishment)
                                -> the peer's virtual addresses, NXDOMAIN if unknown
+                                  or if the access policy forbids it (docs/policy.md)
         other names          : forwarded unchanged to the upstream resolver(s)
         malformed            : FORMERR (never a crash); fewer than 12 bytes: dropped
 
@@ -36,7 +37,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
-from cyphonic.errors import CyphonicError
+from cyphonic.errors import CyphonicError, PolicyDenied
 from cyphonic.log import get_logger
 
 DNS_HEADER_LEN = 12
@@ -245,7 +246,14 @@ class DnsStub(asyncio.DatagramProtocol):
         self.upstream_timeout = upstream_timeout
         self.lookup_timeout = lookup_timeout
         self.ttl = ttl
-        self.stats = {"queries": 0, "overlay": 0, "forwarded": 0, "formerr": 0, "servfail": 0}
+        self.stats = {
+            "queries": 0,
+            "overlay": 0,
+            "forwarded": 0,
+            "formerr": 0,
+            "servfail": 0,
+            "denied": 0,
+        }
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._log = get_logger("agent.dns", domain=domain)
@@ -308,6 +316,13 @@ class DnsStub(asyncio.DatagramProtocol):
         try:
             async with asyncio.timeout(self.lookup_timeout):
                 addresses = await self.lookup(decision.fqdn)
+        except PolicyDenied:
+            # A name the access policy hides answers as if it did not exist (NXDOMAIN, the
+            # short negative TTL): the application fails at once with "unknown host", learns
+            # nothing about the node, and the resolver does not try another server with it.
+            self.stats["denied"] += 1
+            self._send(overlay_response(decision, None, domain=self.domain), addr)
+            return
         except (TimeoutError, CyphonicError) as exc:
             self.stats["servfail"] += 1
             self._log.warning("overlay lookup failed", fqdn=decision.fqdn, error=repr(exc))

@@ -309,7 +309,13 @@ class NmsClient:
     ) -> pb.Envelope | None:
         """Pushes from the NMS, handed to the agent."""
         body = message.WhichOneof("body")
-        if body not in ("route_direction", "peer_offline", "relay_cids", "revocation_notice"):
+        if body not in (
+            "route_direction",
+            "peer_offline",
+            "relay_cids",
+            "revocation_notice",
+            "policy_filter",
+        ):
             raise UnexpectedMessage(f"the agent does not take {body} from the NMS")
         self.on_push(message)
         return None

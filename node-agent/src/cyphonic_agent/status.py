@@ -92,6 +92,10 @@ class AgentStatus:
     last_handover: dict[str, Any] | None = None
     """The last move: ``at`` (ISO 8601 UTC), ``old`` and ``new`` paths (``addresses``,
     ``default_routes``), ``nms_network`` (what the NMS saw after it)."""
+    policy: dict[str, Any] | None = None
+    """The access-policy filter in force (``cyphonic_agent.access``): ``revision``, ``mode``
+    (allow_all or filter), ``entries``, ``flows`` opened by this node, ``passed`` and
+    ``dropped`` packets by reason."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form (what ``--json`` prints)."""
@@ -386,6 +390,17 @@ def format_status(status: AgentStatus) -> str:
         old = ", ".join(h.get("old", {}).get("addresses", [])) or "-"
         new = ", ".join(h.get("new", {}).get("addresses", [])) or "-"
         lines.append(f"moved      {h.get('at', '?')} ({status.handovers} moves): {old} -> {new}")
+    if status.policy:
+        pol = status.policy
+        dropped = pol.get("dropped", {})
+        total = sum(dropped.values())
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()) if v)
+        rev = pol.get("revision")
+        lines.append(
+            f"policy     {'revision ' + str(rev) if rev is not None else 'none received'}, "
+            f"{pol.get('mode')} ({pol.get('entries', 0)} entries, {pol.get('flows', 0)} flows); "
+            f"dropped {total}" + (f" ({detail})" if detail else "")
+        )
     lines.append("")
     if not status.peers:
         lines.append("no peers")

@@ -13,9 +13,10 @@ from typing import cast
 import dns.asyncquery
 import dns.message
 import dns.rcode
+import dns.rdatatype
 import dns.rrset
 import pytest
-from cyphonic.errors import Unavailable
+from cyphonic.errors import PolicyDenied, Unavailable
 from cyphonic_agent.dns import DnsStub, PeerAddresses
 
 DOMAIN = "cyphonic.internal"
@@ -233,5 +234,28 @@ async def test_garbage_over_udp_gets_formerr_and_stub_survives() -> None:
             s.send(b"\x00")  # too short to answer: dropped, stub keeps running
         assert (await query(stub, "bob.cyphonic.internal")).rcode() == dns.rcode.NOERROR
         assert stub.stats["formerr"] == 1
+    finally:
+        await stub.close()
+
+
+async def test_a_name_the_policy_forbids_is_nxdomain(
+    upstream: tuple[Upstream, tuple[str, int]],
+) -> None:
+    """The NMS refuses the route with PolicyDenied: the stub answers NXDOMAIN (with the
+    short-lived SOA), not SERVFAIL (which resolvers retry elsewhere) nor an address whose
+    packets would vanish."""
+
+    async def forbidden(fqdn: str) -> PeerAddresses | None:
+        raise PolicyDenied(f"no rule lets this node reach {fqdn}")
+
+    stub = await DnsStub.start(
+        listen=("127.0.0.1", 0), domain=DOMAIN, lookup=forbidden, upstreams=[upstream[1]]
+    )
+    try:
+        response = await query(stub, "secret.cyphonic.internal")
+        assert response.rcode() == dns.rcode.NXDOMAIN
+        assert response.authority and response.authority[0].rdtype == dns.rdatatype.SOA
+        assert stub.stats["denied"] == 1 and stub.stats["servfail"] == 0
+        assert upstream[0].received == []
     finally:
         await stub.close()

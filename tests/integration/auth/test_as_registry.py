@@ -39,7 +39,7 @@ async def test_migrated_schema_matches_the_models(registry_url: str) -> None:
                 )
             )
             version = await conn.execute(text("SELECT version_num FROM alembic_version"))
-            assert version.scalar_one() == "0001"
+            assert version.scalar_one() == "0002"
     finally:
         await engine.dispose()
     assert diff == []
@@ -63,6 +63,8 @@ async def test_downgrade_to_base_and_up_again(registry_url: str) -> None:
             "audit_events",
             "address_leases",
             "node_network",
+            "access_policy",
+            "access_policy_history",
         } <= set(tables)
     finally:
         await engine.dispose()

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from cyphonic.policy import CompiledFilter, DropReason, PacketFilter
 from cyphonic_agent.datapath import SWITCH_INTERVAL_S, DataPath, Tunnel
 from cyphonic_agent.offload import (
     F_NEEDS_CSUM,
@@ -324,3 +325,28 @@ def test_offload_reads_stop_at_the_tunnel_queue_room() -> None:
     dp._on_tun_readable()
     # Never more than the queue holds: nothing dropped, however much was offered.
     assert a.stats.dropped_queue_full == 0 and a.pending <= a.max_pending
+
+
+def _reply(packet: bytes) -> bytes:
+    """``packet`` (IPv4 UDP) with addresses and ports swapped: the answer to it."""
+    return packet[:12] + packet[16:20] + packet[12:16] + packet[22:24] + packet[20:22] + packet[24:]
+
+
+def test_access_policy_filter_on_both_directions(tun: PipeTun) -> None:
+    """Packets from a tunnel pass the access-policy filter before the TUN write: one the
+    policy does not allow is dropped (counted); the reply to a flow this node opened
+    through the pump passes."""
+    pf = PacketFilter(CompiledFilter(revision=1))  # nobody may start anything here
+    dp = DataPath(tun=tun, packet_filter=pf)
+    _, a, _ = tunnel_pair()
+    conn = FakeConn()
+    dp.add_tunnel(Tunnel(core=a, conn=conn, addresses=frozenset({B4}), label="b"))
+    assert conn.datagram_handler is not None
+    unsolicited = udp4(300, src=B4, dst=A4, tag=1)
+    conn.datagram_handler(unsolicited)
+    assert tun.delivered() == b"" and pf.dropped[DropReason.NOT_ALLOWED] == 1
+    mine = udp4(300, src=A4, dst=B4, tag=2)
+    dp.route([mine])  # this node opens the flow
+    answer = _reply(mine)
+    conn.datagram_handler(answer)
+    assert tun.delivered() == answer and pf.passed == 1

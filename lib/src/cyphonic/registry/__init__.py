@@ -17,6 +17,8 @@ from cyphonic.registry.db import (
     upgrade,
 )
 from cyphonic.registry.models import (
+    AccessPolicy,
+    AccessPolicyChange,
     AddressLease,
     AuditEvent,
     Base,
@@ -30,6 +32,8 @@ from cyphonic.registry.models import (
 )
 
 __all__ = [
+    "AccessPolicy",
+    "AccessPolicyChange",
     "AddressLease",
     "AuditEvent",
     "Base",

@@ -10,6 +10,8 @@ keeps no zone). Changing a table means a new Alembic revision in ``migrations/ve
     nodes 1--1 address_leases      (NMS) virtual IPv4 and IPv6
     nodes 1--1 node_network        (NMS) real addresses, NAT, presence
     audit_events                   who did what to which subject
+    access_policy                  (NMS) the access policy in force: one row, or none
+    access_policy_history          (NMS) every change of it: who, when, old and new document
 """
 
 from __future__ import annotations
@@ -215,3 +217,35 @@ class NodeNetwork(Base):
     last_seen: Mapped[datetime | None]
     nms_replica: Mapped[str | None] = mapped_column(String(253))
     updated_at: Mapped[datetime]
+
+
+class AccessPolicy(Base):
+    """(NMS) The access policy in force (docs/policy.md): at most one row, ``id`` 1.
+
+    ``document`` is null when the operator removed the policy (the NMS default applies).
+    ``revision`` grows with every change of the document or of a node's tags, so that every
+    NMS replica sees that the compiled filters must be recomputed.
+    """
+
+    __tablename__ = "access_policy"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    revision: Mapped[int] = mapped_column(BigInteger)
+    document: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    updated_at: Mapped[datetime]
+    updated_by: Mapped[str] = mapped_column(String(253))
+
+
+class AccessPolicyChange(Base):
+    """(NMS) One change of the access policy document: who, when, old and new (null: none)."""
+
+    __tablename__ = "access_policy_history"
+    __table_args__ = (Index("ix_access_policy_history_at", "at"),)
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    revision: Mapped[int] = mapped_column(BigInteger)
+    at: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(String(253))
+    old_document: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    new_document: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

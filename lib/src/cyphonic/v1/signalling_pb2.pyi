@@ -82,6 +82,8 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """a dependency (database, Redis) is down; retry"""
     ERROR_CODE_TIMEOUT: _ErrorCode.ValueType  # 17
     ERROR_CODE_INTERNAL: _ErrorCode.ValueType  # 18
+    ERROR_CODE_POLICY_DENIED: _ErrorCode.ValueType  # 19
+    """the access policy allows no traffic between the nodes"""
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
     """Typed errors. Every protocol or service error carries one of these codes."""
@@ -115,6 +117,8 @@ ERROR_CODE_UNAVAILABLE: ErrorCode.ValueType  # 16
 """a dependency (database, Redis) is down; retry"""
 ERROR_CODE_TIMEOUT: ErrorCode.ValueType  # 17
 ERROR_CODE_INTERNAL: ErrorCode.ValueType  # 18
+ERROR_CODE_POLICY_DENIED: ErrorCode.ValueType  # 19
+"""the access policy allows no traffic between the nodes"""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 class _RoutePattern:
@@ -163,6 +167,33 @@ ROUTE_ROLE_CONNECT: RouteRole.ValueType  # 1
 ROUTE_ROLE_ACCEPT: RouteRole.ValueType  # 2
 """expect the peer to connect"""
 Global___RouteRole: _TypeAlias = RouteRole  # noqa: Y015
+
+class _FilterProtocol:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FilterProtocolEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FilterProtocol.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FILTER_PROTOCOL_ANY: _FilterProtocol.ValueType  # 0
+    FILTER_PROTOCOL_TCP: _FilterProtocol.ValueType  # 1
+    FILTER_PROTOCOL_UDP: _FilterProtocol.ValueType  # 2
+    FILTER_PROTOCOL_ICMP: _FilterProtocol.ValueType  # 3
+    """ICMP and ICMPv6"""
+
+class FilterProtocol(_FilterProtocol, metaclass=_FilterProtocolEnumTypeWrapper):
+    """--- access policy (docs/policy.md) ----------------------------------------
+    NMS -> node, pushed on connect and on every policy change: what may arrive at this node from
+    its peers. A packet from a tunnel passes when an entry allows it (its source address is
+    listed, its protocol and destination port match) or when it belongs to a flow this node
+    opened. Revision grows with every policy change; an agent ignores an older revision.
+    """
+
+FILTER_PROTOCOL_ANY: FilterProtocol.ValueType  # 0
+FILTER_PROTOCOL_TCP: FilterProtocol.ValueType  # 1
+FILTER_PROTOCOL_UDP: FilterProtocol.ValueType  # 2
+FILTER_PROTOCOL_ICMP: FilterProtocol.ValueType  # 3
+"""ICMP and ICMPv6"""
+Global___FilterProtocol: _TypeAlias = FilterProtocol  # noqa: Y015
 
 @_typing.final
 class Error(_message.Message):
@@ -585,17 +616,21 @@ class PeerOffline(_message.Message):
 
     FQDN_FIELD_NUMBER: _builtins.int
     ROUTE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     fqdn: _builtins.str
     route_id: _builtins.str
+    reason: _builtins.str
+    """"offline" when empty; "policy" when the access policy withdrew the route"""
     def __init__(
         self,
         *,
         fqdn: _builtins.str = ...,
         route_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fqdn", b"fqdn", "route_id", b"route_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fqdn", b"fqdn", "reason", b"reason", "route_id", b"route_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -752,6 +787,87 @@ class RelayCids(_message.Message):
 Global___RelayCids: _TypeAlias = RelayCids  # noqa: Y015
 
 @_typing.final
+class PortRange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    first: _builtins.int
+    last: _builtins.int
+    """inclusive"""
+    def __init__(
+        self,
+        *,
+        first: _builtins.int = ...,
+        last: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "last", b"last"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PortRange: _TypeAlias = PortRange  # noqa: Y015
+
+@_typing.final
+class FilterEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCES_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    PORTS_FIELD_NUMBER: _builtins.int
+    protocol: Global___FilterProtocol.ValueType
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """peer virtual addresses, 4 or 16 bytes"""
+
+    @_builtins.property
+    def ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___PortRange]:
+        """tcp/udp destination ports; empty means every port"""
+
+    def __init__(
+        self,
+        *,
+        sources: _abc.Iterable[_builtins.bytes] | None = ...,
+        protocol: Global___FilterProtocol.ValueType = ...,
+        ports: _abc.Iterable[Global___PortRange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ports", b"ports", "protocol", b"protocol", "sources", b"sources"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FilterEntry: _TypeAlias = FilterEntry  # noqa: Y015
+
+@_typing.final
+class PolicyFilter(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    ALLOW_ALL_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    allow_all: _builtins.bool
+    """no policy in force: everything passes"""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___FilterEntry]: ...
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        allow_all: _builtins.bool = ...,
+        entries: _abc.Iterable[Global___FilterEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_all", b"allow_all", "entries", b"entries", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyFilter: _TypeAlias = PolicyFilter  # noqa: Y015
+
+@_typing.final
 class Envelope(_message.Message):
     """--- envelope -----------------------------------------------------------------"""
 
@@ -777,6 +893,7 @@ class Envelope(_message.Message):
     RELAY_ALLOCATION_REQUEST_FIELD_NUMBER: _builtins.int
     RELAY_ALLOCATION_FIELD_NUMBER: _builtins.int
     RELAY_CIDS_FIELD_NUMBER: _builtins.int
+    POLICY_FILTER_FIELD_NUMBER: _builtins.int
     version: Global___ProtocolVersion.ValueType
     @_builtins.property
     def error(self) -> Global___Error: ...
@@ -816,6 +933,8 @@ class Envelope(_message.Message):
     def relay_allocation(self) -> Global___RelayAllocation: ...
     @_builtins.property
     def relay_cids(self) -> Global___RelayCids: ...
+    @_builtins.property
+    def policy_filter(self) -> Global___PolicyFilter: ...
     def __init__(
         self,
         *,
@@ -839,12 +958,13 @@ class Envelope(_message.Message):
         relay_allocation_request: Global___RelayAllocationRequest | None = ...,
         relay_allocation: Global___RelayAllocation | None = ...,
         relay_cids: Global___RelayCids | None = ...,
+        policy_filter: Global___PolicyFilter | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "error", b"error", "keepalive", b"keepalive", "keepalive_ack", b"keepalive_ack", "login_request", b"login_request", "login_response", b"login_response", "peer_offline", b"peer_offline", "register_request", b"register_request", "register_response", b"register_response", "relay_allocation", b"relay_allocation", "relay_allocation_request", b"relay_allocation_request", "relay_cids", b"relay_cids", "renew_request", b"renew_request", "renew_response", b"renew_response", "revocation_notice", b"revocation_notice", "route_direction", b"route_direction", "route_request", b"route_request", "route_response", b"route_response", "tunnel_request", b"tunnel_request", "tunnel_response", b"tunnel_response"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "error", b"error", "keepalive", b"keepalive", "keepalive_ack", b"keepalive_ack", "login_request", b"login_request", "login_response", b"login_response", "peer_offline", b"peer_offline", "policy_filter", b"policy_filter", "register_request", b"register_request", "register_response", b"register_response", "relay_allocation", b"relay_allocation", "relay_allocation_request", b"relay_allocation_request", "relay_cids", b"relay_cids", "renew_request", b"renew_request", "renew_response", b"renew_response", "revocation_notice", b"revocation_notice", "route_direction", b"route_direction", "route_request", b"route_request", "route_response", b"route_response", "tunnel_request", b"tunnel_request", "tunnel_response", b"tunnel_response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "error", b"error", "keepalive", b"keepalive", "keepalive_ack", b"keepalive_ack", "login_request", b"login_request", "login_response", b"login_response", "peer_offline", b"peer_offline", "register_request", b"register_request", "register_response", b"register_response", "relay_allocation", b"relay_allocation", "relay_allocation_request", b"relay_allocation_request", "relay_cids", b"relay_cids", "renew_request", b"renew_request", "renew_response", b"renew_response", "revocation_notice", b"revocation_notice", "route_direction", b"route_direction", "route_request", b"route_request", "route_response", b"route_response", "tunnel_request", b"tunnel_request", "tunnel_response", b"tunnel_response", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "error", b"error", "keepalive", b"keepalive", "keepalive_ack", b"keepalive_ack", "login_request", b"login_request", "login_response", b"login_response", "peer_offline", b"peer_offline", "policy_filter", b"policy_filter", "register_request", b"register_request", "register_response", b"register_response", "relay_allocation", b"relay_allocation", "relay_allocation_request", b"relay_allocation_request", "relay_cids", b"relay_cids", "renew_request", b"renew_request", "renew_response", b"renew_response", "revocation_notice", b"revocation_notice", "route_direction", b"route_direction", "route_request", b"route_request", "route_response", b"route_response", "tunnel_request", b"tunnel_request", "tunnel_response", b"tunnel_response", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["error", "login_request", "login_response", "renew_request", "renew_response", "register_request", "register_response", "keepalive", "keepalive_ack", "route_request", "route_response", "route_direction", "peer_offline", "revocation_notice", "tunnel_request", "tunnel_response", "relay_allocation_request", "relay_allocation", "relay_cids"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["error", "login_request", "login_response", "renew_request", "renew_response", "register_request", "register_response", "keepalive", "keepalive_ack", "route_request", "route_response", "route_direction", "peer_offline", "revocation_notice", "tunnel_request", "tunnel_response", "relay_allocation_request", "relay_allocation", "relay_cids", "policy_filter"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

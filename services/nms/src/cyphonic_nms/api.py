@@ -259,3 +259,9 @@ async def get_replica(_actor: AdminAuth, manager: ManagerDep) -> ReplicaPublic:
         ipv4_pool=str(manager.pools.ipv4.network),
         ipv6_pool=str(manager.pools.ipv6.network),
     )
+
+
+# The access policy's routes (docs/policy.md) live in their own module, under /v1 too.
+from cyphonic_nms.policy_api import policy_router  # noqa: E402
+
+router.include_router(policy_router)

@@ -3,6 +3,8 @@
     cyphonic-nms serve [--migrate] [--replica-id nms-0] [--redis-url redis://...] ...
     cyphonic-nms migrate [--database-url URL]
     cyphonic-nms settings            # the effective settings, secrets hidden
+    cyphonic-nms policy get|set FILE|delete|check A B tcp/22|history   (docs/policy.md)
+    cyphonic-nms tags get FQDN | tags set FQDN KEY=VALUE...
 
 Flags override the ``CYPHONIC_*`` environment. Exit status: 0 done, 1 refused or failed
 (the reason on stderr), 2 bad usage or settings.
@@ -22,10 +24,9 @@ from typing import Any
 from cyphonic import log, service
 from cyphonic.config import hide_password
 from cyphonic.errors import CyphonicError
-from cyphonic.registry import migrate
 
+from cyphonic_nms import policy_cli
 from cyphonic_nms.config import NmsSettings
-from cyphonic_nms.server import NmsServer
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("settings", help="print the effective settings (secrets hidden)")
     _common(p)
+    policy_cli.add_parsers(sub)
     return parser
 
 
@@ -126,12 +128,16 @@ def printable_settings(settings: NmsSettings) -> dict[str, Any]:
 
 async def serve(settings: NmsSettings, *, quic: bool = True) -> None:
     """Run one NMS replica until SIGTERM or SIGINT."""
+    from cyphonic_nms.server import NmsServer  # the whole service: not for the admin commands
+
     await service.serve(NmsServer(settings, quic=quic))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cyphonic-nms``."""
     args = build_parser().parse_args(argv)
+    if args.command in ("policy", "tags"):
+        return policy_cli.run(args)  # a client of the admin API: no service settings
     try:
         settings = settings_from(args)
     except ValueError as exc:  # pydantic's ValidationError included
@@ -139,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure(settings.log_level, settings.log_format)
     try:
         if args.command == "migrate":
+            from cyphonic.registry import migrate
+
             migrate(settings.database_url, wait_s=args.wait)
             print("registry database is up to date")
             return 0

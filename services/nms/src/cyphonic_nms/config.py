@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Literal
 
 from cyphonic import relay_token
 from cyphonic.config import ServiceSettings
@@ -34,6 +35,14 @@ class NmsSettings(ServiceSettings):
     )
     revocation_poll_s: float = Field(
         1.0, gt=0, description="how often the registry is polled for new revocations"
+    )
+    policy_default: Literal["allow", "deny"] = Field(
+        "allow",
+        description="access policy while none is set: allow (every node may reach every "
+        "node) or deny (nothing until the operator sets a policy); docs/policy.md",
+    )
+    policy_poll_s: float = Field(
+        0.5, gt=0, le=5, description="how often the policy revision is read from the registry"
     )
     relay_token_secret: SecretStr | None = Field(
         None, description="HMAC secret shared with the TRS replicas (16+ bytes)"

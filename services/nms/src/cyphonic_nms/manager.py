@@ -39,15 +39,18 @@ from cyphonic.errors import (
     NotFound,
     PeerOffline,
     PermissionDenied,
+    PolicyDenied,
     Revoked,
     Timeout,
     Unavailable,
 )
 from cyphonic.log import get_logger
+from cyphonic.policy import CompiledFilter, filter_to_pb
 from cyphonic.registry import NodeState
 from cyphonic.v1 import signalling_pb2 as pb
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from cyphonic_nms.access import AccessControl
 from cyphonic_nms.cluster import (
     BusMessage,
     InProcessBus,
@@ -60,11 +63,12 @@ from cyphonic_nms.cluster import (
     cancel_requested,
 )
 from cyphonic_nms.leases import LeasePools
+from cyphonic_nms.policy_store import PolicyStore, SqlPolicyStore
 from cyphonic_nms.presence import PresenceTracker
 from cyphonic_nms.revocations import REVOCATION_PAGE, RevocationCursor
 from cyphonic_nms.routing import Endpoint, NetworkInfo, Pattern, RouteDecision, Side, classify
 from cyphonic_nms.routing import pattern_for as decide
-from cyphonic_nms.storage import Lease, NodeStore, RevocationEvent
+from cyphonic_nms.storage import Lease, NodeStore, RevocationEvent, SqlNodeStore
 from cyphonic_nms.trs_directory import InProcessTrsDirectory, TrsDirectory, pick
 
 log = get_logger("nms")
@@ -234,6 +238,12 @@ class NodeManager:
     offline_timeout_s: float = 45.0
     revocation_poll_s: float = 1.0
     relay_token_lifetime_s: float = 120.0
+    policy_store: PolicyStore | None = None
+    """Where the access policy lives; by default the registry behind ``nodes``."""
+    policy_default_deny: bool = False
+    """Without a policy document: allow all (False) or deny all (True)."""
+    policy_poll_s: float = 0.5
+    """How often the policy revision is read (changes made through other replicas)."""
     metrics: NmsMetrics = field(default_factory=NmsMetrics)
     monotonic: Callable[[], float] = time.monotonic
     wall_ms: Callable[[], int] = field(default=lambda: time.time_ns() // 1_000_000)
@@ -248,6 +258,15 @@ class NodeManager:
         self._node_locks: dict[str, _NodeLock] = {}
         self._handovers: dict[str, Handover] = {}
         self.draining = False
+        if self.policy_store is None and isinstance(self.nodes, SqlNodeStore):
+            self.policy_store = SqlPolicyStore(self.nodes.sessions)
+        self.access: AccessControl | None = (
+            AccessControl(self.policy_store, default_deny=self.policy_default_deny)
+            if self.policy_store is not None
+            else None
+        )
+        self._pushed_filters: dict[str, CompiledFilter] = {}
+        self._policy_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -260,6 +279,8 @@ class NodeManager:
         if stale:
             log.info("stale_nodes_offline", replica=self.replica_id, count=stale)
         await self.bus.subscribe(self.replica_id, self._on_bus)
+        if self.access is not None:
+            await self.access.refresh(force=True)
         self._tasks = [
             asyncio.create_task(self._every(1.0, self.sweep), name="nms-sweep"),
             asyncio.create_task(
@@ -268,6 +289,9 @@ class NodeManager:
             ),
             asyncio.create_task(
                 self._every(self.revocation_poll_s, self.poll_revocations), name="nms-revocation"
+            ),
+            asyncio.create_task(
+                self._every(self.policy_poll_s, self.sync_policy), name="nms-policy"
             ),
         ]
 
@@ -430,6 +454,12 @@ class NodeManager:
         if moved or (previous is not None and previous != self.replica_id):
             # A node that moved, here or from another replica, gets its routes re-directed.
             self._spawn(self._redirect_routes(fqdn, moved=moved))
+        if self.access is not None:
+            # Its filter now; the peers' filters (which may name its addresses) on the next
+            # policy sync.
+            self.access.nodes_changed()
+            self._pushed_filters.pop(fqdn, None)
+            self._spawn(self._push_filter(fqdn))
         return Registration(
             fqdn=fqdn,
             lease=lease,
@@ -661,6 +691,7 @@ class NodeManager:
         peer_fqdn, peer_lease, peer_network = await self._peer(request)
         if peer_fqdn == fqdn:
             raise InvalidArgument("a node cannot route to itself")
+        await self._check_policy(fqdn, peer_fqdn, by_name=request.WhichOneof("peer") == "fqdn")
         decision = decide(me.network, peer_network)
         route = await self._establish(
             initiator=fqdn,
@@ -677,6 +708,85 @@ class NodeManager:
             peer_virtual_ipv4=peer_lease.ipv4.packed,
             peer_virtual_ipv6=peer_lease.ipv6.packed,
         )
+
+    async def _check_policy(self, fqdn: str, peer: str, *, by_name: bool) -> None:
+        """``PolicyDenied`` unless the policy allows a route from ``fqdn`` to ``peer``.
+
+        A name lookup (``by_name``) needs a rule letting ``fqdn`` start traffic to ``peer``:
+        the node asked for the peer's address to talk to it. A packet to the peer's virtual
+        address (say, a reply after the tunnel idled out) needs traffic allowed either way.
+        """
+        if self.access is None:
+            return
+        if not (self.access.knows(fqdn) and self.access.knows(peer)):
+            await self.access.refresh()  # a node enrolled since the last load: its tags
+        allowed = (
+            self.access.reachable(fqdn, peer) if by_name else self.access.route_allowed(fqdn, peer)
+        )
+        if not allowed:
+            raise PolicyDenied(f"the access policy allows no traffic from {fqdn} to {peer}")
+
+    # ------------------------------------------------------------------ access policy
+
+    async def sync_policy(self, *, force: bool = False) -> None:
+        """Bring the policy up to date; push changed filters to local nodes and withdraw the
+        routes of local nodes that the policy no longer allows (both nodes are told)."""
+        if self.access is None:
+            return
+        async with self._policy_lock:
+            changed = await self.access.refresh(force=force)
+            for fqdn, local in list(self._local.items()):
+                compiled = self.access.compile_for(fqdn)
+                if self._pushed_filters.get(fqdn) == compiled:
+                    continue
+                try:
+                    await local.link.push(_envelope(policy_filter=filter_to_pb(compiled)))
+                except Exception as exc:
+                    log.info("policy_push_failed", fqdn=fqdn, error=str(exc))
+                    continue
+                self._pushed_filters[fqdn] = compiled
+                self.metrics.pushes.labels(kind="policy_filter", via="local").inc()
+            if changed:
+                await self._withdraw_forbidden_routes()
+
+    async def _push_filter(self, fqdn: str) -> None:
+        """Push a node that just registered its filter from what is loaded now (the peers'
+        filters, which may name its new addresses, follow on the next ``sync_policy``)."""
+        assert self.access is not None
+        async with self._policy_lock:
+            if self.access.revision == 0 and self.access.stored is None:
+                await self.access.refresh()
+            local = self._local.get(fqdn)
+            if local is None:
+                return
+            compiled = self.access.compile_for(fqdn)
+            try:
+                await local.link.push(_envelope(policy_filter=filter_to_pb(compiled)))
+            except Exception as exc:
+                log.info("policy_push_failed", fqdn=fqdn, error=str(exc))
+                return
+            self._pushed_filters[fqdn] = compiled
+            self.metrics.pushes.labels(kind="policy_filter", via="local").inc()
+
+    async def _withdraw_forbidden_routes(self) -> None:
+        assert self.access is not None
+        for fqdn in list(self._local):
+            for route in await self.routes.for_node(fqdn):
+                if self.access.route_allowed(route.initiator, route.responder):
+                    continue
+                await self.routes.remove(route)
+                log.info(
+                    "route_withdrawn_by_policy",
+                    route_id=route.route_id,
+                    initiator=route.initiator,
+                    responder=route.responder,
+                )
+                for side in (route.initiator, route.responder):
+                    notice = pb.PeerOffline(
+                        fqdn=route.peer_of(side), route_id=route.route_id, reason="policy"
+                    )
+                    with contextlib.suppress(CyphonicError):
+                        await self.deliver(side, _envelope(peer_offline=notice), kind="withdraw")
 
     async def _establish(
         self,

@@ -94,6 +94,8 @@ class NmsServer:
             offline_timeout_s=s.offline_timeout_s,
             revocation_poll_s=s.revocation_poll_s,
             relay_token_lifetime_s=s.relay_token_lifetime_s,
+            policy_default_deny=s.policy_default == "deny",
+            policy_poll_s=s.policy_poll_s,
             metrics=NmsMetrics(),
         )
         await self.manager.start()

@@ -162,6 +162,11 @@ class SqlNodeStore:
         self._engine: AsyncEngine | None = sessions.kw.get("bind")
         self._dialect = self._engine.dialect.name if self._engine is not None else "postgresql"
 
+    @property
+    def sessions(self) -> async_sessionmaker[AsyncSession]:
+        """The session factory (other stores on the same registry share it)."""
+        return self._sessions
+
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[AsyncSession]:
         # On SQLite, this process's transactions queue fairly instead of racing the busy
