@@ -26,7 +26,7 @@ from pathlib import Path
 from cyphonic.pki import init_pki
 from cyphonic.registry import create_engine, make_sessionmaker, migrate
 from cyphonic_testing.nms import NmsProcess, add_node
-from cyphonic_testing.simnode import SimulatedNode, issue_node_identity
+from cyphonic_testing.nms_client import NmsProtocolClient, issue_node_identity
 
 DOMAIN = "cyphonic.internal"
 TOKEN = "policy-bench-admin-token-0123456789"
@@ -54,10 +54,10 @@ async def main_async(args: argparse.Namespace) -> None:
         extra_env={"CYPHONIC_KEEPALIVE_INTERVAL_S": "60", "CYPHONIC_OFFLINE_TIMEOUT_S": "600"},
     )
     await nms.start()
-    nodes: list[SimulatedNode] = []
+    nodes: list[NmsProtocolClient] = []
     try:
         for n in names:
-            node = SimulatedNode(
+            node = NmsProtocolClient(
                 identity=issue_node_identity(material.node_ca, f"{n}.{DOMAIN}"),
                 trust=material.trust,
                 nms=("127.0.0.1", nms.quic_port),

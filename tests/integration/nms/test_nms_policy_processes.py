@@ -11,7 +11,7 @@ import time
 import pytest
 from cyphonic.errors import PolicyDenied
 from cyphonic.policy import filter_from_pb
-from cyphonic_testing.simnode import SimulatedNode
+from cyphonic_testing.nms_client import NmsProtocolClient
 from test_nms_processes import World, pki_material, world  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(240)]
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(240)]
 D = "cyphonic.internal"
 
 
-async def _filters_after(node: SimulatedNode, count: int, within_s: float) -> float:
+async def _filters_after(node: NmsProtocolClient, count: int, within_s: float) -> float:
     """Seconds until ``node`` holds ``count`` policy_filter pushes."""
     start = time.perf_counter()
     await node.wait_for("policy_filter", count=count, within_s=within_s)
