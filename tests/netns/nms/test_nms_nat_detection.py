@@ -141,7 +141,9 @@ def test_node_behind_nat_is_seen_as_natted(netbed: Any, registry_db: str, tmp_pa
     bob_log = tmp_path / "bob.log"
     with bob_log.open("wb") as out:
         bob_proc = bob.popen(
-            simnode("bob", "--bind", bob.address(family=4), "--hold", "120", "--until-pushes", "1"),
+            simnode(
+                "bob", "--bind", bob.address(family=4), "--hold", "120", "--until-directions", "1"
+            ),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -156,7 +158,7 @@ def test_node_behind_nat_is_seen_as_natted(netbed: Any, registry_db: str, tmp_pa
             f"bob.{DOMAIN}",
             "--hold",
             "60",
-            "--until-pushes",
+            "--until-directions",
             "1",
         ),
         timeout=150,

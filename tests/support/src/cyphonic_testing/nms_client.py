@@ -226,10 +226,11 @@ async def _main(args: argparse.Namespace) -> int:
                 peer_fqdn=answer.peer_fqdn,
             )
         deadline = asyncio.get_running_loop().time() + args.hold
-        seen = 0
+        seen = directions = 0
         while True:
             for env in node.pushed[seen:]:
                 if env.WhichOneof("body") == "route_direction":
+                    directions += 1
                     d = env.route_direction
                     _print(
                         "route_direction",
@@ -243,7 +244,9 @@ async def _main(args: argparse.Namespace) -> int:
                     _print("push", body=env.WhichOneof("body"))
             seen = len(node.pushed)
             remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0 or (args.until_pushes and seen >= args.until_pushes):
+            # Only route directions count: a node is also pushed standing notices (its policy
+            # filter right after registering), and leaving on those would take it offline.
+            if remaining <= 0 or (args.until_directions and directions >= args.until_directions):
                 return 0
             await node.keepalive()
             await asyncio.sleep(min(0.2, remaining))
@@ -278,7 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--hold", type=float, default=0.0, help="seconds to stay connected, printing pushes"
     )
     parser.add_argument(
-        "--until-pushes", type=int, default=0, help="leave as soon as this many pushes arrived"
+        "--until-directions",
+        type=int,
+        default=0,
+        help="leave as soon as this many route directions arrived",
     )
     return asyncio.run(_main(parser.parse_args(argv)))
 
