@@ -436,3 +436,66 @@ def test_returning_address_forms_change_once_per_stale_path() -> None:
     six = engine_qh3._ReturningAddresses(v6)
     six.active_changed(("2001:db8::2", 443, 0, 3))
     assert six.core_address(v6, 0.0)[::3] == ("2001:db8::1", 3)
+
+
+def _run_timers(conn: Any, until: float) -> list[bytes]:
+    """Fire ``conn``'s deadlines up to ``until`` as the endpoint does; what it sent."""
+    sent: list[bytes] = []
+    while (when := conn.get_timer()) is not None and when <= until:
+        conn.handle_timer(now=when)
+        sent += [d for d, _ in conn.datagrams_to_send(now=when)]
+    return sent
+
+
+def test_a_conversation_sends_no_ack_only_datagrams(material: pki.PkiMaterial) -> None:
+    """Request and reply every 5 ms (a ping through the tunnel): each acknowledgement rides
+    on the next packet out instead of going alone 1 ms after the packet it acknowledges
+    (two datagrams and four process wake-ups per echo); a lone packet is acknowledged
+    within the 25 ms max_ack_delay all the same, and nothing is lost meanwhile."""
+    client, server = _connected_pair(material, "qh3")
+    now = 1.0
+    _exchange(client, server, now=now)
+    _drain(client)
+    _drain(server)
+    wire: list[bytes] = []
+    for i in range(20):
+        now += 0.005
+        wire += _run_timers(client, now) + _run_timers(server, now)
+        client.send_datagram_frame(b"request %d" % i)
+        for data, _ in client.datagrams_to_send(now=now):
+            wire.append(data)
+            server.receive_datagram(data, CLIENT_ADDR, now=now)
+        assert [e.data for e in _drain(server) if isinstance(e, DatagramFrameReceived)] == [
+            b"request %d" % i
+        ]
+        server.send_datagram_frame(b"reply %d" % i)
+        for data, _ in server.datagrams_to_send(now=now + 0.0001):
+            wire.append(data)
+            client.receive_datagram(data, SERVER_ADDR, now=now + 0.0002)
+        assert [e.data for e in _drain(client) if isinstance(e, DatagramFrameReceived)] == [
+            b"reply %d" % i
+        ]
+    assert len(wire) == 40  # the requests and the replies, nothing else
+    # The conversation stops: the last reply is acknowledged alone, in time.
+    last = now + 0.0002
+    acks = _run_timers(client, last + 0.025)
+    assert len(acks) == 1
+    for data in acks:
+        server.receive_datagram(data, CLIENT_ADDR, now=last + 0.01)
+    assert server._core.bytes_in_flight == 0  # the reply is acknowledged
+    assert client.get_timer() is None or client.get_timer() > last + 1.0  # idle from now
+
+
+def test_queued_datagrams_keep_the_engine_ack_deadline(material: pki.PkiMaterial) -> None:
+    """With datagrams waiting to be sent (a bulk transfer) the deadline is the core's own."""
+    client, server = _connected_pair(material, "qh3")
+    now = 1.0
+    _exchange(client, server, now=now)
+    client.send_datagram_frame(b"x" * 100)
+    for data, _ in client.datagrams_to_send(now=now):
+        server.receive_datagram(data, CLIENT_ADDR, now=now)
+    core_deadline = server._core.get_timer()
+    assert core_deadline[0] == "ack_application"
+    assert server.get_timer() == core_deadline[1] + engine_qh3.ACK_STRETCH_S
+    server._datagrams_queued = 1  # as send_datagram_frame leaves it, before the transmit
+    assert server.get_timer() == core_deadline[1]
