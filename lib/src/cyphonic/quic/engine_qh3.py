@@ -520,22 +520,6 @@ class Qh3QuicConnection(Qh3Connection):
         for offset in range(0, len(buffer), segment_size):
             self.receive_datagram(buffer[offset : offset + segment_size], addr, now)
 
-    # -- timers: a lone packet's acknowledgement waits for the next packet out
-
-    def get_timer(self) -> float | None:
-        """The core's next deadline; an acknowledgement due while nothing is queued is
-        put off by ``ACK_STRETCH_S`` (module docstring of ``ACK_STRETCH_S``)."""
-        core = self._core
-        if core is None:
-            return None
-        timer = core.get_timer()
-        if timer is None:
-            return None
-        kind, when = timer
-        if kind == "ack_application" and not self._datagrams_queued:
-            return float(when) + ACK_STRETCH_S
-        return float(when)
-
     # -- send: the core polled directly (no header parsing for a logger that is not there)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
@@ -688,20 +672,6 @@ class Qh3QuicConnection(Qh3Connection):
 
 
 _BUILDER_CAPACITY = "packet builder capacity exhausted"
-
-ACK_STRETCH_S = 0.008
-"""How much later than the core wants it (1 ms after an ack-eliciting packet) a lone
-acknowledgement is sent, while the connection has nothing queued. qh3's core puts an ACK
-into a packet only once it is due, so a tunnel's reply, sent 0.1 ms after the request,
-never carries it: each echo cost two ACK-only datagrams 1 ms later, four process wake-ups
-on top of the echo's four. Put off, the acknowledgement rides on the next packet either
-way (a conversation's next message) and goes alone only after a 9 ms pause, well within
-the 25 ms ``max_ack_delay`` this side announces (the peer's loss detection allows for it,
-and subtracts the reported delay from its RTT samples). Not when datagrams are queued
-(a bulk transfer's ACKs, every second packet, are immediate and unchanged; its pacing
-deadlines must not wait), and only when the acknowledgement is the first deadline: a
-loss-detection deadline behind it can be up to this much late (the probe timeout is
-25 ms and more)."""
 
 _PATH_CHANGE_PING = 0x4359_5048_5041_5448
 """The uid of the PING sent when the active path changes (its acknowledgement is not an
