@@ -207,8 +207,7 @@ class DataPath:
         # lives as long as the process: out of the collector's full passes, which took
         # 90-190 ms each in a loaded agent (gc callbacks) and stall the pump meanwhile.
         gc.freeze()
-        slice_us = os.environ.get("CYPHONIC_DATAPATH_SLICE_US", "").strip()
-        request_time_slice(int(slice_us) * 1e-6 if slice_us else SCHED_SLICE_S)
+        request_time_slice(_slice_from_environment())
         if self._clock is None:
             self._clock = self._loop.time
         self._loop.add_reader(self.tun.fd, self._on_tun_readable)
@@ -455,14 +454,27 @@ _SYS_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}
 _SCHED_ATTR = struct.Struct("=IIQiIQQQII")  # struct sched_attr (SCHED_ATTR_SIZE_VER1)
 
 
+def _slice_from_environment() -> float:
+    """``SCHED_SLICE_S``, or ``CYPHONIC_DATAPATH_SLICE_US`` (microseconds) when it is a
+    number (0: none asked for)."""
+    value = os.environ.get("CYPHONIC_DATAPATH_SLICE_US", "").strip()
+    try:
+        return max(0, int(value)) * 1e-6 if value else SCHED_SLICE_S
+    except ValueError:
+        return SCHED_SLICE_S
+
+
 def request_time_slice(seconds: float) -> bool:
     """Ask the scheduler for a ``seconds`` time slice for the calling thread (a normal,
     SCHED_OTHER task; kernels since 6.12 take it, clamped to 0.1-100 ms). Same CPU share,
-    earlier wake-up. False where the kernel or platform has no such request (nothing
-    changed); 0 does nothing."""
+    earlier wake-up. False where the kernel or platform has no such request, or the
+    thread runs under another policy (nothing changed); 0 does nothing. Kernels before
+    6.12 take the request and ignore the slice."""
     number = _SYS_SCHED_SETATTR.get(os.uname().machine) if sys.platform == "linux" else None
     if number is None or seconds <= 0:
         return False
+    if os.sched_getscheduler(0) != os.SCHED_OTHER:
+        return False  # a policy an administrator chose (chrt) is theirs to keep
     try:
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
