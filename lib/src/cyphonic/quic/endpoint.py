@@ -734,9 +734,20 @@ class QuicEndpoint:
                     callback()
                 except Exception as exc:
                     self._internal_error(exc, None, "datagrams_done")
+        except BaseException:
+            self._pass_failed()
+            raise
         finally:
             self._in_pass = False
         self._transmit(self._with_dirty(touched))
+
+    def _pass_failed(self) -> None:
+        """A pass ends on an exception before its transmit: what was marked in it goes
+        out in the next loop iteration, as outside a pass."""
+        self._in_pass = False
+        if self._dirty and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
 
     def _with_dirty(self, conns: dict[Connection, None]) -> dict[Connection, None]:
         """``conns`` and the connections marked dirty during a pass (their work goes out in
@@ -1084,6 +1095,9 @@ class QuicEndpoint:
                     self._abandon(conn)  # skipped by the transmit pass from now on
                     continue
                 self._process(conn)
+        except BaseException:
+            self._pass_failed()
+            raise
         finally:
             self._in_pass = False
         self._transmit(self._with_dirty(due))
