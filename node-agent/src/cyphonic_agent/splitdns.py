@@ -266,14 +266,15 @@ def _unescape(field: str) -> str:
 
 
 def resolv_conf_is_private(path: Path = RESOLV_CONF) -> bool:
-    """Whether ``path`` belongs to this network namespace (see ``HostFacts.private``)."""
+    """Whether ``path`` belongs to this network namespace (see ``HostFacts.private``): we
+    share PID 1's network namespace, or ``path`` is mounted for us (``ip netns exec`` and
+    container engines bind-mount one). When PID 1's namespace cannot be read (a container
+    without ptrace rights), only the mount counts."""
     try:
-        own = os.stat("/proc/self/ns/net").st_ino
-        init = os.stat("/proc/1/ns/net").st_ino
+        if os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino:
+            return True
     except OSError:
-        return False  # cannot tell: do not touch it
-    if own == init:
-        return True
+        pass
     try:
         mounted = mount_points(Path("/proc/self/mountinfo").read_text())
     except OSError:
