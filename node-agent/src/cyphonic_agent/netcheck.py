@@ -3,7 +3,7 @@
     cyphonic-agent netcheck [--state-dir D] [--trs HOST:PORT=NAME] [--timeout 3] [--json]
 
     node    alice.cyphonic.internal (agent running, socket [::]:443)
-    ipv4    route yes  udp/443 ok  tcp/443 blocked
+    ipv4    route yes  udp/443 ok  tcp/443 reachable
     ipv6    route no
     nat     behind NAT, port translated (443 -> 50123); mapping kind unknown: only the NMS
             reports the address it sees
@@ -186,6 +186,8 @@ def family_summary(checks: Sequence[ServiceCheck], *, family: int, route: bool) 
             return "untested"
         if any(s in good for s in states):
             return "ok"
+        if "closed" in states:
+            return "reachable"  # the path passes, but no service listens there
         if all(s == "no route" for s in states):
             return "no route"
         return "blocked"
@@ -194,7 +196,7 @@ def family_summary(checks: Sequence[ServiceCheck], *, family: int, route: bool) 
         "route": route,
         "endpoints": len(mine),
         "udp443": verdict(udp, ("ok", "answered")),
-        "tcp443": verdict(tcp, ("ok", "open", "closed")),
+        "tcp443": verdict(tcp, ("ok", "open")),
     }
 
 
@@ -537,8 +539,11 @@ def add_netcheck_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_netcheck(args: argparse.Namespace) -> int:
     """``cyphonic-agent netcheck``: 0 when every family with a route reaches a service over
     UDP or TCP 443, 1 otherwise."""
+    from cyphonic import log
+
     from cyphonic_agent.config import DEFAULT_STATE_DIR
 
+    log.configure(level="error")  # the report is the output; the probes' logs are noise
     if not 0 < args.timeout <= 60:
         print("cyphonic-agent netcheck: --timeout must be in (0, 60]", file=sys.stderr)
         return 2
