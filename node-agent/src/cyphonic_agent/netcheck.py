@@ -1,16 +1,15 @@
 """``cyphonic-agent netcheck``: what this network lets the agent do.
 
-    cyphonic-agent netcheck [--state-dir D] [--trs HOST:PORT=NAME] [--timeout 3] [--json]
+    cyphonic-agent netcheck [--state-dir D] [--trs HOST:PORT[=NAME]] [--timeout 3] [--json]
 
-    node    alice.cyphonic.internal (agent running, socket [::]:443)
-    ipv4    route yes  udp/443 ok  tcp/443 reachable
-    ipv6    route no
-    nat     behind NAT, port translated (443 -> 50123); mapping kind unknown: only the NMS
-            reports the address it sees
-    SERVICE  ENDPOINT          UDP 443            TCP 443                 PATH MTU
-    as       192.0.2.10:443    ok 2.1 ms          closed (refused)        1500 (tunnel 1442)
-    nms      192.0.2.11:443    ok 1.9 ms          blocked (no answer)     1500 (tunnel 1442)
-    trs-0    192.0.2.12:443    no answer          blocked (no answer)     1500 (tunnel 1442)
+    node     alice.cyphonic.internal (agent running, socket [::]:443)
+    ipv4     route yes  udp/443 blocked  tcp/443 reachable
+    ipv6     no route
+    nat      behind NAT (port-preserving, 443 -> 443); whether the mapping depends on ...
+    SERVICE  ENDPOINT                UDP 443              TCP 443            PATH MTU
+    as       192.0.2.10:443          blocked (no answer)  closed (refused)   1500 (tunnel 1442)
+    as       [2001:db8:100::10]:443  no route             no route           -
+    nms      192.0.2.11:443          blocked (no answer)  closed (refused)   1500 (tunnel 1442)
 
 Where the services are: the AS endpoints of ``agent.json`` (written by ``enroll``); the NMS
 endpoints and the TRS replicas from the running agent (its status socket, request
@@ -428,10 +427,10 @@ def _routable(target: Target) -> bool:
 
 
 def parse_trs(text: str) -> tuple[str, str]:
-    """``--trs host:port=name`` -> (endpoint, server name)."""
+    """``--trs host:port[=name]`` -> (endpoint, certificate name or "" for the default)."""
     endpoint, _, name = text.partition("=")
     parse_host_port(endpoint, default_port=443)
-    return endpoint, name or f"trs.svc.{text}"
+    return endpoint, name
 
 
 async def netcheck(
@@ -466,7 +465,8 @@ async def netcheck(
         nms_name = nms_name or f"nms.svc.{state.domain}"
         nms_targets = [t for ep in nms_eps for t in expand("nms", ep, nms_name)]
         trs_list = [(t["endpoint"], t["name"]) for t in info.get("trs", [])] + list(extra_trs)
-        trs_targets = [t for ep, name in trs_list for t in expand(name or "trs", ep, name)]
+        default_trs = f"trs.svc.{state.domain}"
+        trs_targets = [t for ep, name in trs_list for t in expand("trs", ep, name or default_trs)]
         if not trs_targets:
             report.notes.append(
                 "no TRS known (the agent learns them from relayed routes; add --trs)"
@@ -517,8 +517,9 @@ def add_netcheck_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--trs",
         action="append",
         default=[],
-        metavar="HOST:PORT=NAME",
-        help="also probe this TRS (its certificate name after =; repeatable)",
+        metavar="HOST:PORT[=NAME]",
+        help="also probe this TRS (its certificate name after =, default trs.svc.<domain>; "
+        "repeatable)",
     )
     parser.add_argument(
         "--timeout",

@@ -114,6 +114,7 @@ def test_ping_direct_and_netcheck_with_udp_blocked(cli_bed: Any) -> None:
     assert last["rtt_ms"] > 0 and [p["seq"] for p in probes] == [1, 2, 3]
 
     human = cli(alice, "ping", bob.fqdn, "-c", "1")
+    sys.stderr.write(f"\nping in alice:\n{human.stdout}\n")
     assert human.returncode == 0 and "direct" in human.stdout and bob.fqdn in human.stdout, (
         human.stdout + human.stderr
     )
@@ -161,6 +162,7 @@ def test_ping_via_the_trs_for_a_relayed_pair(cli_bed: Any) -> None:
     assert last["via_trs"] is not None and last["via_trs"].startswith(trs_address), last
 
     human = cli(alice, "ping", "bob", "-c", "1")
+    sys.stderr.write(f"\nping in alice (relayed):\n{human.stdout}\n")
     assert human.returncode == 0 and f"via TRS {trs_address}" in human.stdout, (
         human.stdout + human.stderr
     )
