@@ -3,9 +3,10 @@ nodes' namespaces, against real AS, NMS and TRS processes and real agents.
 
 (a) pattern 2 (alice behind an EIM NAT and the enterprise firewall, bob global): ping by
     name says direct, at bob's address, over UDP; an unknown name fails; netcheck reaches
-    the AS and NMS over UDP 443 and sees alice behind NAT; with UDP 443 dropped by an
+    the AS and NMS over UDP 443 and sees alice behind NAT; with no agent running (bob's
+    stopped) it logs in at the AS itself to find the NMS; with UDP 443 dropped by an
     nftables table in alice's namespace it reports UDP 443 blocked, TCP 443's state, and
-    exits 1.
+    exits 1, and ping gets no reply and exits 1.
 (b) double NAT (symmetric on both sides), the TRS in the cloud: ping says "via TRS" and
     netcheck probes the TRS the agent relays through.
 """
@@ -136,6 +137,15 @@ def test_ping_direct_and_netcheck_with_udp_blocked(cli_bed: Any) -> None:
     assert report["nat"]["behind_nat"] is True and report["nat"]["kind"] != "none"
     assert "SERVICE" in table and "UDP 443" in table
 
+    # No agent running (bob stopped): netcheck logs in at the AS itself for the NMS list.
+    assert bob.stop() == 0
+    code, alone, table = netcheck(bob)
+    assert code == 0 and alone["agent"].startswith("not asked"), table
+    assert any("Login at the AS" in n for n in alone["notes"]), alone
+    nms = [c for c in alone["services"] if c["service"] == "nms" and c["family"] == 4]
+    assert nms and nms[0]["udp443"]["state"] == "ok", alone
+    assert alone["nat"]["known"] is False
+
     drop_udp_443(alice.node)  # the namespace (and the table) go with the bed
     code, report, table = netcheck(alice)
     assert code == 1, table
@@ -148,6 +158,11 @@ def test_ping_direct_and_netcheck_with_udp_blocked(cli_bed: Any) -> None:
     assert report["ipv4"]["tcp443"] in ("reachable", "ok"), report
     sys.stderr.write(f"\nnetcheck in alice, UDP 443 dropped:\n{table}\n")
     assert "blocked" in table
+
+    # No reply (the tunnel's packets are dropped now): a line saying so, exit 1.
+    silent = cli(alice, "ping", "bob", "-c", "2", "-i", "0.2", "--timeout", "2")
+    assert silent.returncode == 1, silent.stdout + silent.stderr
+    assert "no reply from" in silent.stdout or "cyphonic-agent ping:" in silent.stderr
 
 
 def test_ping_via_the_trs_for_a_relayed_pair(cli_bed: Any) -> None:

@@ -156,6 +156,17 @@ async def test_ping_request_answers_and_refuses(tmp_path: Path) -> None:
         await server.close()
 
 
+def test_status_shows_split_dns() -> None:
+    from cyphonic_agent.status import format_status
+
+    status = AgentStatus(
+        fqdn="alice.d", split_dns={"manager": "resolv.conf", "detail": "/etc/resolv.conf: x"}
+    )
+    assert "dns        /etc/resolv.conf: x" in format_status(status)
+    assert AgentStatus.from_dict(status.to_dict()) == status
+    assert "dns " not in format_status(AgentStatus(fqdn="alice.d"))
+
+
 def test_ping_cli_refuses_bad_flags_and_a_missing_agent(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
