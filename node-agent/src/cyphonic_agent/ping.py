@@ -28,7 +28,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
-import os
+import secrets
 import socket
 import struct
 import sys
@@ -38,7 +38,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from cyphonic.errors import CyphonicError, InvalidArgument, NotFound
+from cyphonic.errors import (
+    CyphonicError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 
 from cyphonic_agent.dns import PeerAddresses
 from cyphonic_agent.status import (
@@ -186,7 +192,6 @@ class Pinger:
         self.domain = domain
         self.snapshot = snapshot
         self.fqdn_of = fqdn_of
-        self._ident = os.getpid() & 0xFFFF
 
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         """One probe: ``peer`` (name or virtual address), ``seq``, ``timeout_s``."""
@@ -232,12 +237,21 @@ class Pinger:
         family = socket.AF_INET if version == 4 else socket.AF_INET6
         proto = socket.IPPROTO_ICMP if version == 4 else socket.IPPROTO_ICMPV6
         loop = asyncio.get_running_loop()
-        ident = (self._ident + seq // 0x10000) & 0xFFFF
-        with socket.socket(family, socket.SOCK_RAW, proto) as sock:
+        ident = secrets.randbits(16)  # concurrent pings to one peer must not share replies
+        try:
+            sock = socket.socket(family, socket.SOCK_RAW, proto)
+        except OSError as exc:
+            raise PermissionDenied(
+                f"cannot open an ICMP socket ({exc.strerror}): the agent needs CAP_NET_RAW"
+            ) from exc
+        with sock:
             sock.setblocking(False)
             packet = echo_request(version=version, ident=ident, seq=seq)
             started = time.monotonic()
-            await loop.sock_sendto(sock, packet, (str(address), 0))
+            try:
+                await loop.sock_sendto(sock, packet, (str(address), 0))
+            except OSError as exc:
+                raise Unavailable(f"cannot send to {address}: {exc.strerror}") from exc
             try:
                 async with asyncio.timeout(wait_s):
                     while True:

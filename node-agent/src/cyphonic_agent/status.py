@@ -37,6 +37,7 @@ from typing import Any, Protocol, TypeVar
 from cyphonic.errors import (
     AlreadyExists,
     CyphonicError,
+    InternalError,
     InvalidArgument,
     MalformedMessage,
     PermissionDenied,
@@ -322,7 +323,14 @@ class StatusServer:
             handler = self.handlers.get(kind) if isinstance(kind, str) else None
             if handler is None:
                 raise InvalidArgument(f"unknown request {kind!r}")
-            return {"version": STATUS_API_VERSION, "result": await handler(request)}
+            try:
+                result = await handler(request)
+            except CyphonicError:
+                raise
+            except Exception as exc:  # a bug in a handler: an answer, not a hang-up
+                self._log.exception("status_request_failed", request=kind)
+                raise InternalError(f"{kind} failed: {exc!r}") from exc
+            return {"version": STATUS_API_VERSION, "result": result}
         except asyncio.LimitOverrunError:
             return _error(MalformedMessage("request too long"))
         except asyncio.IncompleteReadError:

@@ -38,7 +38,13 @@ from cyphonic_agent.ping import (
     fqdn_for,
     run_ping,
 )
-from cyphonic_agent.status import AgentStatus, PeerStatus, StatusServer, ask_agent
+from cyphonic_agent.status import (
+    AgentStatus,
+    PeerStatus,
+    StatusServer,
+    ask_agent,
+    fetch_status,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -121,8 +127,12 @@ async def test_ping_request_answers_and_refuses(tmp_path: Path) -> None:
 
     pinger._echo = fake_echo  # type: ignore[method-assign]
     path = tmp_path / "s.sock"
+
+    async def boom(_request: dict[str, Any]) -> dict[str, Any]:
+        raise ValueError("a bug")
+
     server = await StatusServer.start(
-        path=path, snapshot=pinger.snapshot, handlers={"ping": pinger.handle}
+        path=path, snapshot=pinger.snapshot, handlers={"ping": pinger.handle, "boom": boom}
     )
 
     def ask(**kw: Any) -> dict[str, Any]:
@@ -152,6 +162,10 @@ async def test_ping_request_answers_and_refuses(tmp_path: Path) -> None:
         with pytest.raises(RemoteError) as err:
             await asyncio.to_thread(ask_agent, "netinfo", path)  # not registered here
         assert err.value.code_name == "invalid_argument"
+        with pytest.raises(RemoteError) as err:  # a failing handler still answers
+            await asyncio.to_thread(ask_agent, "boom", path)
+        assert err.value.code_name == "internal" and "a bug" in err.value.message
+        assert (await asyncio.to_thread(fetch_status, path)).fqdn == "alice.cyphonic.internal"
     finally:
         await server.close()
 
