@@ -183,12 +183,6 @@ class Agent:
         loop = asyncio.get_running_loop()
         self.edges.check_tun()
         try:
-            # A resolv.conf edit left by an agent killed with -9: put the original back
-            # before anything (the DNS stub) reads the file.
-            self.split_dns.recover()
-        except OSError as exc:
-            self.log.warning("resolv_conf_recover_failed", error=str(exc))
-        try:
             self.endpoint = await self.edges.open_endpoint(
                 host=self.settings.quic_host,
                 port=self.settings.quic_port,
@@ -232,6 +226,13 @@ class Agent:
                 snapshot=self.snapshot,
                 handlers={"ping": pinger.handle, "netinfo": self._netinfo},
             )
+            try:
+                # A resolv.conf edit left by an agent killed with -9: put the original back
+                # before the DNS stub reads the file, and only now that the status socket
+                # has shown no other agent runs (its edit is not ours to undo).
+                self.split_dns.recover()
+            except OSError as exc:
+                self.log.warning("resolv_conf_recover_failed", error=str(exc))
             control = self._spawn(self.nms.run())
             self._spawn(self._housekeeping())
             self._spawn(self.mobility.run())
