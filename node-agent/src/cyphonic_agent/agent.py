@@ -47,13 +47,16 @@ from cyphonic_agent.enroll import AgentState, StatePaths, read_agent_state
 from cyphonic_agent.mobility import MoveDetector, MoveWatcher, host_addresses
 from cyphonic_agent.nms import AGENT_VERSION, AgentFailed, NmsClient, NmsLink
 from cyphonic_agent.peers import Peers
+from cyphonic_agent.ping import Pinger
 from cyphonic_agent.relay import RelayClient
 from cyphonic_agent.roaming import Roaming
 from cyphonic_agent.routes import Candidate
+from cyphonic_agent.splitdns import SplitDns
 from cyphonic_agent.status import (
     AgentStatus,
     StatusServer,
     handover_status,
+    network_status,
     peer_rows,
     registered_addresses,
 )
@@ -130,6 +133,14 @@ class Agent:
         self.access = AgentAccess()
         """The access-policy filter the NMS pushed (docs/policy.md)."""
         self.dns: DnsStub | None = None
+        self.split_dns = SplitDns(
+            state_dir=settings.state_dir,
+            domain=self.domain,
+            mode=settings.dns_manager,
+            resolv_conf=settings.resolv_conf,
+            fqdn=self.fqdn,
+        )
+        """The overlay domain in the host's resolver (``accept_dns``)."""
         self.status_server: StatusServer | None = None
         self.registered = asyncio.Event()
         """Set once the TUN device is up (first registration done)."""
@@ -204,9 +215,24 @@ class Agent:
             "agent_starting", version=AGENT_VERSION, state_dir=str(self.settings.state_dir)
         )
         try:
-            self.status_server = await StatusServer.start(
-                path=self.settings.status_socket, snapshot=self.snapshot
+            pinger = Pinger(
+                peers=self.peers,
+                domain=self.domain,
+                snapshot=self.snapshot,
+                fqdn_of=self._fqdn_of,
             )
+            self.status_server = await StatusServer.start(
+                path=self.settings.status_socket,
+                snapshot=self.snapshot,
+                handlers={"ping": pinger.handle, "netinfo": self._netinfo},
+            )
+            try:
+                # A resolv.conf edit left by an agent killed with -9: put the original back
+                # before the DNS stub reads the file, and only now that the status socket
+                # has shown no other agent runs (its edit is not ours to undo).
+                self.split_dns.recover()
+            except OSError as exc:
+                self.log.warning("resolv_conf_recover_failed", error=str(exc))
             control = self._spawn(self.nms.run())
             self._spawn(self._housekeeping())
             self._spawn(self.mobility.run())
@@ -229,6 +255,7 @@ class Agent:
             with contextlib.suppress(BaseException):
                 await task
         await self.peers.close()
+        await self.split_dns.remove()
         if self.dns is not None:
             await self.dns.close()
         if self.datapath is not None:
@@ -353,6 +380,8 @@ class Agent:
                         f"(set dns_listen, or 'off')"
                     )
                 ) from exc
+            if self.settings.accept_dns:
+                await self.split_dns.install(link=self.tun.name, stub=self.dns.address)
         self.registered.set()
         self.log.info(
             "overlay_up",
@@ -380,6 +409,39 @@ class Agent:
 
     # ------------------------------------------------------------------ status
 
+    async def _fqdn_of(self, address: IPAddress) -> str | None:
+        """The peer holding virtual ``address`` (asks the NMS if no route has it)."""
+        raw = address.packed
+        for route in self.peers.routes.routes():
+            if raw in route.addresses:
+                return route.fqdn
+        asked = await self.peers.request_route(raw)
+        return asked.fqdn if asked is not None else None
+
+    async def _netinfo(self, _request: dict[str, Any]) -> dict[str, Any]:
+        """What ``cyphonic-agent netcheck`` asks a running agent: the services it knows and
+        what the NMS saw of this node."""
+        reg = self.nms.registration
+        trs: dict[str, str] = {}
+        if self.relay is not None:
+            for control in self.relay.controls.values():
+                trs[format_host_port(*control.address)] = control.name
+            for path in self.relay.book.paths.values():
+                trs[format_host_port(*path.trs)] = path.trs_name
+        network = None
+        if reg is not None and reg.HasField("network"):
+            network = network_status(reg.network)
+        return {
+            "fqdn": self.fqdn,
+            "local": format_host_port(*self.endpoint.local_address) if self.endpoint else None,
+            "as": list(self.state.as_endpoints),
+            "as_server_name": self.state.as_server_name,
+            "nms": [str(c) for c in self.nms.policy.nms_endpoints],
+            "nms_server_name": self.nms.server_name,
+            "trs": [{"endpoint": ep, "name": name} for ep, name in sorted(trs.items())],
+            "network": network,
+        }
+
     def snapshot(self) -> AgentStatus:
         """What ``cyphonic-agent status`` shows (built in ``status``)."""
         v4, v6 = registered_addresses(self.nms.registration)
@@ -402,6 +464,7 @@ class Agent:
             handovers=self.mobility.detector.moves,
             last_handover=handover_status(self.roaming.handover, self.roaming.handover_network),
             policy=self.access.snapshot(),
+            split_dns=self.split_dns.describe(),
         )
 
 

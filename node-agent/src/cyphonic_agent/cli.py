@@ -3,6 +3,8 @@
     cyphonic-agent enroll --as https://as.example:8081 --token-file T --state-dir /var/lib/cyphonic
     cyphonic-agent up [--state-dir D] [--config agent.toml] [--quic-port 443] ...
     cyphonic-agent status [--json]
+    cyphonic-agent ping NAME [-c N] [--json]
+    cyphonic-agent netcheck [--state-dir D] [--json]
 
 Exit status: 0 done, 1 refused or failed (the reason on stderr), 2 bad usage.
 """
@@ -18,6 +20,8 @@ from pathlib import Path
 
 from cyphonic.errors import CyphonicError
 
+from cyphonic_agent.netcheck import add_netcheck_parser, run_netcheck
+from cyphonic_agent.ping import add_ping_parser, run_ping
 from cyphonic_agent.status import add_status_parser, run_status
 
 DEFAULT_STATE_DIR = Path("/var/lib/cyphonic-agent")
@@ -58,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_up_parser(sub)
     add_status_parser(sub)
+    add_ping_parser(sub)
+    add_netcheck_parser(sub)
     return parser
 
 
@@ -90,6 +96,17 @@ def _add_up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         dest="dns_upstreams",
         help="resolver for names outside the overlay (repeatable; default /etc/resolv.conf's)",
     )
+    p.add_argument(
+        "--accept-dns",
+        type=_boolean,
+        metavar="true|false",
+        help="put the overlay domain into the host's resolver and back on exit (default true)",
+    )
+    p.add_argument(
+        "--dns-manager",
+        choices=["auto", "resolved", "resolv.conf"],
+        help="systemd-resolved or /etc/resolv.conf (default auto: resolved where it runs)",
+    )
     p.add_argument("--status-socket", type=Path, help="status API socket")
     p.add_argument(
         "--connect-timeout",
@@ -119,6 +136,15 @@ def _add_up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--log-format", choices=["console", "json"])
 
 
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
 _UP_FLAGS = (
     "state_dir",
     "quic_host",
@@ -128,6 +154,8 @@ _UP_FLAGS = (
     "mtu",
     "dns_listen",
     "dns_upstreams",
+    "accept_dns",
+    "dns_manager",
     "status_socket",
     "connect_timeout_s",
     "peer_timeout_s",
@@ -203,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _up(args)
         if args.command == "status":
             return run_status(args)
+        if args.command == "ping":
+            return run_ping(args)
+        if args.command == "netcheck":
+            return run_netcheck(args)
     except CyphonicError as exc:
         print(f"cyphonic-agent: {exc.code_name}: {exc.message}", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from cyphonic_agent.splitdns import MANAGERS
 from cyphonic_agent.status import DEFAULT_STATUS_SOCKET
 from cyphonic_agent.tun import DEFAULT_MTU
 
@@ -79,6 +80,19 @@ class AgentSettings(BaseSettings):
     dns_upstreams: list[str] | None = Field(
         None, description="resolvers for other names (default: /etc/resolv.conf's)"
     )
+    accept_dns: bool = Field(
+        True,
+        description="put the overlay domain into the host's resolver (systemd-resolved "
+        "per-link, else a managed /etc/resolv.conf put back on exit); false: leave it alone",
+    )
+    dns_manager: str = Field(
+        "auto",
+        description="how: auto (systemd-resolved where it runs, else resolv.conf), "
+        "resolved or resolv.conf",
+    )
+    resolv_conf: Path = Field(
+        Path("/etc/resolv.conf"), description="the resolver file the resolv.conf way edits"
+    )
     status_socket: Path = Field(DEFAULT_STATUS_SOCKET, description="local status API socket")
     connect_timeout_s: float = Field(
         5.0, gt=0, description="seconds to wait for a QUIC handshake with one address"
@@ -123,6 +137,13 @@ class AgentSettings(BaseSettings):
         except InvalidArgument as exc:
             raise ValueError(exc.message) from exc
         ipaddress.ip_address(host)  # the stub binds an address, not a name
+        return value
+
+    @field_validator("dns_manager")
+    @classmethod
+    def _dns_manager(cls, value: str) -> str:
+        if value not in MANAGERS:
+            raise ValueError(f"must be one of {', '.join(MANAGERS)}")
         return value
 
     @field_validator("as_endpoints", "dns_upstreams")

@@ -6,6 +6,12 @@ Protocol flow (one exchange per connection, UTF-8 JSON lines)::
     server -> client   {"version": 1, "status": {...AgentStatus...}}\\n   (then closes)
                    or  {"version": 1, "error": {"code": "<code_name>", "message": "..."}}\\n
 
+Other request kinds (``"ping"``, ``"netinfo"``...) are answered by handlers the agent
+registers (``StatusServer(handlers=...)``), same envelope::
+
+    client -> server   {"version": 1, "request": "ping", ...arguments}\\n
+    server -> client   {"version": 1, "result": {...}}\\n   or the error above
+
 The socket is created 0600 (umask at bind time, so there is no window) inside a 0700
 directory, and the server also checks the caller's uid with SO_PEERCRED. ``cyphonic-agent
 status`` is the client: a human table by default, ``--json`` for scripts.
@@ -22,7 +28,7 @@ import socket
 import stat
 import struct
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,9 +37,11 @@ from typing import Any, Protocol, TypeVar
 from cyphonic.errors import (
     AlreadyExists,
     CyphonicError,
+    InternalError,
     InvalidArgument,
     MalformedMessage,
     PermissionDenied,
+    RemoteError,
     Unavailable,
     UnsupportedVersion,
 )
@@ -96,6 +104,9 @@ class AgentStatus:
     """The access-policy filter in force (``cyphonic_agent.access``): ``revision``, ``mode``
     (allow_all or filter), ``entries``, ``flows`` opened by this node, ``passed`` and
     ``dropped`` packets by reason."""
+    split_dns: dict[str, Any] | None = None
+    """The overlay domain in the host's resolver (``cyphonic_agent.splitdns``): ``manager``
+    (resolved, resolv.conf or None) and ``detail``."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form (what ``--json`` prints)."""
@@ -177,17 +188,22 @@ def handover_status(
         "new": handover.new.describe(),
     }
     if network is not None:
-        out["nms_network"] = {
-            "behind_nat": network.behind_nat,
-            "has_ipv4": network.has_ipv4,
-            "has_ipv6": network.has_ipv6,
-            "observed": [
-                format_host_port(address_text(e.ip), e.port)
-                for e in (network.observed_ipv4, network.observed_ipv6)
-                if e.ip
-            ],
-        }
+        out["nms_network"] = network_status(network)
     return out
+
+
+def network_status(network: pb.NetworkInfo) -> dict[str, Any]:
+    """What the NMS saw of this node at its last registration, JSON-ready."""
+    return {
+        "behind_nat": network.behind_nat,
+        "has_ipv4": network.has_ipv4,
+        "has_ipv6": network.has_ipv6,
+        "observed": [
+            format_host_port(address_text(e.ip), e.port)
+            for e in (network.observed_ipv4, network.observed_ipv6)
+            if e.ip
+        ],
+    }
 
 
 def registered_addresses(reg: pb.RegisterResponse | None) -> tuple[str | None, str | None]:
@@ -206,6 +222,9 @@ def _first_of_each(addresses: Iterable[bytes]) -> tuple[str | None, str | None]:
 
 
 SnapshotFn = Callable[[], AgentStatus]
+RequestHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+"""Answers one request kind: the request object in, the ``result`` object out (raises a
+``CyphonicError`` to refuse)."""
 
 
 def default_socket_path() -> Path:
@@ -219,16 +238,29 @@ def default_socket_path() -> Path:
 class StatusServer:
     """Serves ``snapshot()`` on a root-only unix socket."""
 
-    def __init__(self, *, path: Path, snapshot: SnapshotFn) -> None:
+    def __init__(
+        self,
+        *,
+        path: Path,
+        snapshot: SnapshotFn,
+        handlers: Mapping[str, RequestHandler] | None = None,
+    ) -> None:
         self.path = path
         self.snapshot = snapshot
+        self.handlers = dict(handlers or {})
         self._server: asyncio.Server | None = None
         self._log = get_logger("agent.status", socket=str(path))
 
     @classmethod
-    async def start(cls, *, path: Path, snapshot: SnapshotFn) -> StatusServer:
+    async def start(
+        cls,
+        *,
+        path: Path,
+        snapshot: SnapshotFn,
+        handlers: Mapping[str, RequestHandler] | None = None,
+    ) -> StatusServer:
         """Create the directory (0700) and socket (0600) and start serving."""
-        server = cls(path=path, snapshot=snapshot)
+        server = cls(path=path, snapshot=snapshot, handlers=handlers)
         await server._listen()
         return server
 
@@ -285,9 +317,20 @@ class StatusServer:
                 raise MalformedMessage("request must be a JSON object")
             if request.get("version") != STATUS_API_VERSION:
                 raise UnsupportedVersion(f"status API version {request.get('version')!r}")
-            if request.get("request") != "status":
-                raise InvalidArgument(f"unknown request {request.get('request')!r}")
-            return {"version": STATUS_API_VERSION, "status": self.snapshot().to_dict()}
+            kind = request.get("request")
+            if kind == "status":
+                return {"version": STATUS_API_VERSION, "status": self.snapshot().to_dict()}
+            handler = self.handlers.get(kind) if isinstance(kind, str) else None
+            if handler is None:
+                raise InvalidArgument(f"unknown request {kind!r}")
+            try:
+                result = await handler(request)
+            except CyphonicError:
+                raise
+            except Exception as exc:  # a bug in a handler: an answer, not a hang-up
+                self._log.exception("status_request_failed", request=kind)
+                raise InternalError(f"{kind} failed: {exc!r}") from exc
+            return {"version": STATUS_API_VERSION, "result": result}
         except asyncio.LimitOverrunError:
             return _error(MalformedMessage("request too long"))
         except asyncio.IncompleteReadError:
@@ -335,6 +378,35 @@ def _socket_answers(path: Path) -> bool:
 
 def fetch_status(path: Path | None = None, *, timeout: float = 5.0) -> AgentStatus:
     """Ask the running agent for its status (synchronous; for the CLI)."""
+    reply = _exchange(path, {"request": "status"}, timeout=timeout)
+    if "error" in reply:
+        error = reply["error"]
+        raise Unavailable(f"the agent refused: {error.get('code')}: {error.get('message')}")
+    return AgentStatus.from_dict(reply.get("status", {}))
+
+
+def ask_agent(
+    request: str, path: Path | None = None, *, timeout: float = 5.0, **arguments: Any
+) -> dict[str, Any]:
+    """One request of another kind (``ping``...) to the running agent: its ``result``.
+
+    A refusal is raised as ``RemoteError`` with the agent's error code."""
+    reply = _exchange(path, {"request": request, **arguments}, timeout=timeout)
+    if "error" in reply:
+        error = reply["error"] if isinstance(reply["error"], dict) else {}
+        code = str(error.get("code", "internal"))
+        try:
+            number = pb.ErrorCode.Value("ERROR_CODE_" + code.upper())
+        except ValueError:
+            number = pb.ERROR_CODE_INTERNAL
+        raise RemoteError(number, str(error.get("message", "")))
+    result = reply.get("result")
+    if not isinstance(result, dict):
+        raise MalformedMessage("the agent's answer has no result")
+    return result
+
+
+def _exchange(path: Path | None, request: dict[str, Any], *, timeout: float) -> dict[str, Any]:
     path = path or default_socket_path()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
@@ -348,7 +420,7 @@ def fetch_status(path: Path | None = None, *, timeout: float = 5.0) -> AgentStat
             raise Unavailable(f"the agent is not running (stale socket {path})") from exc
         except OSError as exc:
             raise Unavailable(f"cannot reach the agent at {path}: {exc}") from exc
-        request = {"version": STATUS_API_VERSION, "request": "status"}
+        request = {"version": STATUS_API_VERSION, **request}
         try:
             s.sendall(json.dumps(request).encode() + b"\n")
             data = b""
@@ -367,10 +439,7 @@ def fetch_status(path: Path | None = None, *, timeout: float = 5.0) -> AgentStat
         raise MalformedMessage("the agent's answer is not JSON") from exc
     if not isinstance(reply, dict):
         raise MalformedMessage("the agent's answer is not a JSON object")
-    if "error" in reply:
-        error = reply["error"]
-        raise Unavailable(f"the agent refused: {error.get('code')}: {error.get('message')}")
-    return AgentStatus.from_dict(reply.get("status", {}))
+    return reply
 
 
 def format_status(status: AgentStatus) -> str:
@@ -401,6 +470,8 @@ def format_status(status: AgentStatus) -> str:
             f"{pol.get('mode')} ({pol.get('entries', 0)} entries, {pol.get('flows', 0)} flows); "
             f"dropped {total}" + (f" ({detail})" if detail else "")
         )
+    if status.split_dns:
+        lines.append(f"dns        {status.split_dns.get('detail', '-')}")
     lines.append("")
     if not status.peers:
         lines.append("no peers")
