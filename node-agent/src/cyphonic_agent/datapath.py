@@ -9,8 +9,13 @@ With offloads on the TUN (``TunDevice.vnet``), each read is a virtio_net_hdr fra
 hold a 64 KB TCP super-segment: it is split into MTU-sized packets (``offload.split_frame``)
 per tunnel, leaving inner checksums partial where that peer said it takes them. Packets
 from the peers are gathered over one endpoint wake-up and written coalesced
-(``offload.Coalescer``), one ``writev`` per super-packet, in a callback scheduled with
-``call_soon`` after the endpoint has processed what it read.
+(``offload.Coalescer``), one ``writev`` per super-packet, when the endpoint has handed over
+what it read (``datagrams_done``).
+
+One wake-up per hop (the round trip's latency): a TUN read goes out in the same callback
+(``transmit(now=True)``), and the endpoint's wake-up that brought datagrams writes them to
+the TUN, reads at once what the kernel answered (an echo reply, TCP ACKs, the segments an
+ACK released) and sends that in its own transmit pass, with the QUIC acknowledgement.
 
 Back-pressure (offloads on): one 64 KB read is ~46 datagrams, so a handful of reads would
 overflow the tunnel's bounded datagram queue, and every packet dropped there is a
@@ -28,9 +33,11 @@ packet (shared/DESIGN.md "Data path").
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import ipaddress
 import os
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -57,6 +64,13 @@ another thread (a worker of ``asyncio.to_thread``: netlink readings, file I/O) w
 that thread then keeps it for up to the switch interval before the pump gets it back, so
 each TUN read or UDP send could wait 5 ms (the convoy effect). 0.5 ms bounds that wait;
 with no other thread runnable the interval costs nothing."""
+SCHED_SLICE_S = 0.0003
+"""The scheduler time slice the pump's thread asks for (Linux >= 6.12, EEVDF: the
+``sched_runtime`` of ``sched_setattr`` for a normal task; the default slice is 0.7-3 ms).
+The CPU share stays what it was (same weight); a short slice gives the thread an earlier
+virtual deadline, so when a packet wakes it on a busy CPU it runs at once instead of after
+the running task's slice, and each hop of a round trip saves that wait. Overridden by
+``CYPHONIC_DATAPATH_SLICE_US`` (0: leave the default)."""
 MAX_SEGMENTS_PER_READ = 48
 """Packets one TUN read can become at most (64 KB at an MSS of 1,368): the TUN is read
 (offloads on) only while the busy tunnel's queue has room for that many more."""
@@ -66,8 +80,11 @@ class TunnelConnection(Protocol):
     """What the data path needs of an endpoint connection (``cyphonic.quic.Connection``)."""
 
     datagram_handler: Callable[[bytes], None] | None
+    datagrams_done: Callable[[], None] | None
+    """Called by the endpoint after a wake-up's datagrams went to ``datagram_handler``,
+    before its transmit pass."""
 
-    def transmit(self) -> None: ...
+    def transmit(self, *, now: bool = False) -> None: ...
 
 
 @dataclass(eq=False)
@@ -177,7 +194,6 @@ class DataPath:
         self._paused = False
         self._resume_handle: asyncio.TimerHandle | None = None
         """Peers of tunnels gone that had said they take partial checksums (for the log)."""
-        self._flush_scheduled = False
         self._log = get_logger("agent.datapath", device=tun.name)
 
     # -- lifecycle
@@ -191,6 +207,7 @@ class DataPath:
         # lives as long as the process: out of the collector's full passes, which took
         # 90-190 ms each in a loaded agent (gc callbacks) and stall the pump meanwhile.
         gc.freeze()
+        request_time_slice(_slice_from_environment())
         if self._clock is None:
             self._clock = self._loop.time
         self._loop.add_reader(self.tun.fd, self._on_tun_readable)
@@ -249,15 +266,14 @@ class DataPath:
         def gather(data: bytes) -> None:
             packet = accept(data)
             if packet is not None and (allowed is None or allowed(packet, clock())):
-                inbound.append(packet)
-                if not self._flush_scheduled:
-                    self._schedule_flush()
+                inbound.append(packet)  # written by datagrams_done, in the same wake-up
 
         if self.vnet:
             tunnel.core.set_partial_checksums(self.partial_checksums)
             tunnel.conn.datagram_handler = gather
         else:
             tunnel.conn.datagram_handler = deliver
+        tunnel.conn.datagrams_done = self.datagrams_done
         for address in tunnel.addresses:
             self._routes[address] = tunnel
         now = self._now()
@@ -276,6 +292,7 @@ class DataPath:
             if self._routes.get(address) is tunnel:
                 del self._routes[address]
         tunnel.conn.datagram_handler = None
+        tunnel.conn.datagrams_done = None
         if self._busy is tunnel:
             self._busy = None
             self._resume()
@@ -299,16 +316,17 @@ class DataPath:
     def _now(self) -> float:
         return self._clock() if self._clock is not None else time.monotonic()
 
-    def _schedule_flush(self) -> None:
-        if self._loop is None:
-            self.flush()  # not pumping (tests, shutdown): deliver at once
-            return
-        self._flush_scheduled = True
-        self._loop.call_soon(self.flush)
+    def datagrams_done(self) -> None:
+        """The endpoint has handed over one wake-up's datagrams (before its transmit pass):
+        write them, then read what the writes produced at once (an echo reply, a TCP ACK
+        or the next segments the kernel sent inline): it leaves in the same transmit pass
+        as the acknowledgement, one datagram and no further loop iteration."""
+        self.flush()
+        if self._loop is not None and not self._paused:
+            self._on_tun_readable()
 
     def flush(self) -> None:
         """Write the packets gathered from the tunnels, coalesced (offloads on)."""
-        self._flush_scheduled = False
         packets = self._inbound
         if not packets:
             return
@@ -403,7 +421,7 @@ class DataPath:
         answers = tunnel.core.packets_from_tun(batch)
         if answers:
             self.tun.write(answers)
-        tunnel.conn.transmit()
+        tunnel.conn.transmit(now=True)  # in this wake-up, not after another loop iteration
 
     def _split(self, frames: list[bytes], *, partial: bool) -> list[bytes]:
         """virtio_net_hdr frames -> IP packets: super-segments cut, checksums as the peer
@@ -430,3 +448,50 @@ class DataPath:
         first = not self.pending.is_waiting(dst)
         if self.pending.push(dst, packet, now=self._now()) and first and self.on_miss:
             self.on_miss(dst)
+
+
+_SYS_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}
+_SCHED_ATTR = struct.Struct("=IIQiIQQQII")  # struct sched_attr (SCHED_ATTR_SIZE_VER1)
+
+
+def _slice_from_environment() -> float:
+    """``SCHED_SLICE_S``, or ``CYPHONIC_DATAPATH_SLICE_US`` (microseconds) when it is a
+    number (0: none asked for)."""
+    value = os.environ.get("CYPHONIC_DATAPATH_SLICE_US", "").strip()
+    try:
+        return max(0, int(value)) * 1e-6 if value else SCHED_SLICE_S
+    except ValueError:
+        return SCHED_SLICE_S
+
+
+def request_time_slice(seconds: float) -> bool:
+    """Ask the scheduler for a ``seconds`` time slice for the calling thread (a normal,
+    SCHED_OTHER task; kernels since 6.12 take it, clamped to 0.1-100 ms). Same CPU share,
+    earlier wake-up. False where the kernel or platform has no such request, or the
+    thread runs under another policy (nothing changed); 0 does nothing. Kernels before
+    6.12 take the request and ignore the slice."""
+    number = _SYS_SCHED_SETATTR.get(os.uname().machine) if sys.platform == "linux" else None
+    if number is None or seconds <= 0:
+        return False
+    if os.sched_getscheduler(0) != os.SCHED_OTHER:
+        return False  # a policy an administrator chose (chrt) is theirs to keep
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return False
+    attr = ctypes.create_string_buffer(
+        _SCHED_ATTR.pack(
+            _SCHED_ATTR.size,
+            0,
+            0,
+            os.getpriority(os.PRIO_PROCESS, 0),
+            0,
+            int(seconds * 1e9),
+            0,
+            0,
+            0,
+            0,
+        ),
+        _SCHED_ATTR.size,
+    )
+    return int(libc.syscall(number, 0, attr, 0)) == 0

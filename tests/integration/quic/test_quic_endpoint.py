@@ -153,6 +153,62 @@ async def test_datagrams_both_ways(endpoints: EndpointMaker, ca: Pki) -> None:
     assert sorted(back) == sorted(i.to_bytes(2, "big") * 100 for i in range(50))
 
 
+async def test_datagrams_done_answers_in_the_receive_pass(
+    endpoints: EndpointMaker, ca: Pki
+) -> None:
+    """The tunnel's hooks: ``datagrams_done`` runs once per wake-up, after the wake-up's
+    datagrams went to ``datagram_handler``; what it queues goes out in that wake-up's
+    transmit pass. ``transmit(now=True)`` outside a pass sends before it returns."""
+    server_handlers = Handlers()
+    bob = await endpoints(
+        identity=ca.node("bob"),
+        trust=ca.trust,
+        accept={ALPN_TUNNEL: Acceptor(server_handlers.factory, expect="node")},
+    )
+    alice = await endpoints(identity=ca.node("alice"), trust=ca.trust)
+    conn = await alice.connect(
+        port_of(bob),
+        alpn=ALPN_TUNNEL,
+        expect="node",
+        expected_name=f"bob.{DOMAIN}",
+        handler_factory=Handlers().factory,
+    )
+    (bob_side,) = server_handlers.made
+    replies: asyncio.Queue[bytes] = asyncio.Queue()
+    conn.datagram_handler = replies.put_nowait
+    gathered: list[bytes] = []
+    batches: list[list[bytes]] = []
+    bob_conn = bob_side.conn
+    bob_conn.datagram_handler = gathered.append
+
+    def done() -> None:
+        batches.append(list(gathered))
+        assert bob_conn.send_datagram(b"answer to %d" % len(gathered))
+        bob_conn.transmit(now=True)  # inside the pass: at its end
+        gathered.clear()
+
+    bob_conn.datagrams_done = done
+    await asyncio.sleep(0.1)
+    sent = alice.stats.datagrams_sent
+    for i in range(5):
+        assert conn.send_datagram(b"request %d" % i)
+    conn.transmit(now=True)
+    assert alice.stats.datagrams_sent > sent  # sent before transmit returned
+    answers = []
+    while sum(len(b) for b in batches) < 5:
+        answers.append(await asyncio.wait_for(replies.get(), 5))
+    while len(answers) < len(batches):
+        answers.append(await asyncio.wait_for(replies.get(), 5))
+    assert [d for b in batches for d in b] == [b"request %d" % i for i in range(5)]
+    assert all(batches)  # never called for a wake-up without datagrams
+    assert sorted(answers) == sorted(b"answer to %d" % len(b) for b in batches)
+    bob_conn.datagrams_done = None
+    assert conn.send_datagram(b"no hook")
+    conn.transmit()
+    await asyncio.sleep(0.2)
+    assert gathered == [b"no hook"] and len(batches) == len(answers)
+
+
 async def test_pending_datagram_queue_is_bounded(endpoints: EndpointMaker, ca: Pki) -> None:
     bob = await endpoints(
         identity=ca.node("bob"), trust=ca.trust, accept={ALPN_TUNNEL: Handlers().factory}

@@ -15,10 +15,18 @@ from collections.abc import Iterator
 
 import pytest
 from cyphonic.policy import CompiledFilter, DropReason, PacketFilter
-from cyphonic_agent.datapath import SWITCH_INTERVAL_S, DataPath, Tunnel
+from cyphonic_agent.datapath import (
+    SCHED_SLICE_S,
+    SWITCH_INTERVAL_S,
+    DataPath,
+    Tunnel,
+    request_time_slice,
+)
 from cyphonic_agent.offload import (
     F_NEEDS_CSUM,
     GSO_TCPV4,
+    PLAIN_HEADER,
+    VNET_HDR_LEN,
     VnetHeader,
     complete_checksum,
     fold,
@@ -69,10 +77,13 @@ class PipeTun:
 class FakeConn:
     def __init__(self) -> None:
         self.datagram_handler = None
+        self.datagrams_done = None
         self.transmits = 0
+        self.now = False
 
-    def transmit(self) -> None:
+    def transmit(self, *, now: bool = False) -> None:
         self.transmits += 1
+        self.now = now
 
 
 @pytest.fixture
@@ -262,7 +273,9 @@ async def test_offload_pump_splits_negotiates_and_coalesces() -> None:
                 data = getattr(event, "data", None)
                 if data is not None and conn.datagram_handler is not None:
                     conn.datagram_handler(data)
-        await asyncio.sleep(0)  # the data paths' flush (call_soon) runs
+            if conn.datagrams_done is not None:
+                conn.datagrams_done()  # as the endpoint does before its transmit pass
+        await asyncio.sleep(0)
 
     frame = _tcp_super_segment(10)
     # Nothing said yet: A completes every checksum, and says it takes partial ones.
@@ -350,3 +363,52 @@ def test_access_policy_filter_on_both_directions(tun: PipeTun) -> None:
     answer = _reply(mine)
     conn.datagram_handler(answer)
     assert tun.delivered() == answer and pf.passed == 1
+
+
+class EchoTun(VnetTun):
+    """A TUN whose kernel answers every packet written to it at once (an echo reply), as
+    a real one does inside the write for ping or a TCP ACK."""
+
+    def write_frames(self, writes: list[list[bytes | bytearray | memoryview]]) -> int:
+        n = super().write_frames(writes)
+        for frame in self.frames[-n:]:
+            self.queued.append(PLAIN_HEADER + _reply(frame[VNET_HDR_LEN:]))
+        return n
+
+
+async def test_one_wake_up_per_hop() -> None:
+    """A wake-up that brought datagrams writes them, reads what the kernel answered and
+    queues it for the peer before the endpoint's transmit pass; a TUN read is sent at once
+    (``transmit(now=True)``), not after another loop iteration."""
+    tun = EchoTun()
+    pair, a, b = tunnel_pair()
+    conn = FakeConn()
+    dp = DataPath(tun=tun)
+    dp.add_tunnel(Tunnel(core=a, conn=conn, addresses=frozenset({B4}), label="b"))
+    assert conn.datagram_handler is not None and conn.datagrams_done == dp.datagrams_done
+    dp.start()
+    try:
+        request = udp4(300, src=B4, dst=A4, tag=7)
+        conn.datagram_handler(request)
+        assert tun.frames == []  # gathered until the endpoint has handed over its batch
+        conn.datagrams_done()
+        (written,) = (f[VNET_HDR_LEN:] for f in tun.frames)
+        assert len(written) == len(request) and written[12:24] == request[12:24]
+        assert tun.queued == []  # the answer was read in the same call ...
+        assert a.stats.tx_packets == 1 and conn.transmits == 1 and conn.now  # ... and sent
+        pair.pump()
+        got = b.receive_events()[0]
+        assert [g[12:24] for g in got] == [_reply(written)[12:24]]
+        tun.queued.append(PLAIN_HEADER + udp4(200, src=A4, dst=B4))
+        dp._on_tun_readable()
+        assert a.stats.tx_packets == 2 and conn.transmits == 2 and conn.now
+    finally:
+        dp.stop()
+        gc.unfreeze()
+
+
+def test_time_slice_request_is_harmless_where_unsupported() -> None:
+    """0 asks for nothing; elsewhere the answer says whether the kernel took it (Linux
+    >= 6.12 on x86_64/aarch64), and never raises."""
+    assert request_time_slice(0) is False
+    assert isinstance(request_time_slice(SCHED_SLICE_S), bool)

@@ -177,6 +177,11 @@ class Connection:
         self.handler: ConnectionHandler | None = None
         self.datagram_handler: Callable[[bytes], None] | None = None
         """Fast path for DATAGRAM frames (the tunnel); bypasses ``handler``."""
+        self.datagrams_done: Callable[[], None] | None = None
+        """Called once per endpoint wake-up that gave ``datagram_handler`` datagrams of this
+        connection, after all of them and before that wake-up's transmit pass: a data path
+        writes what it gathered here, and what it queues then (a reply the write produced)
+        goes out in the same pass, with the acknowledgement."""
         self.alpn: str | None = None
         self._handler_factory = handler_factory
         self._initial_address = address
@@ -253,12 +258,18 @@ class Connection:
             return None
         return self.peer_address
 
-    def transmit(self) -> None:
+    def transmit(self, *, now: bool = False) -> None:
         """Ask for a transmit pass (coalesced: once per loop iteration for the endpoint).
 
         Needed after queueing on ``quic`` directly (stream data, ``send_datagram_frame``).
+        ``now``: the pass runs at once instead (the end of a batch; saves the loop iteration
+        the coalesced pass waits for); inside the endpoint's own receive or timer pass
+        (from a handler) it is that pass's transmit, at its end, either way.
         """
-        self.endpoint._mark_dirty(self)
+        endpoint = self.endpoint
+        endpoint._mark_dirty(self)
+        if now and not endpoint._in_pass:
+            endpoint.flush()
 
     def send_datagram(self, data: bytes) -> bool:
         """Queue one DATAGRAM frame; False (dropped) if too large or the queue is full.
@@ -424,6 +435,8 @@ class QuicEndpoint:
         self._connections: set[Connection] = set()
         self._dirty: set[Connection] = set()
         self._flush_scheduled = False
+        self._in_pass = False
+        """Inside a receive or timer pass: connections marked dirty go out at its end."""
         self._heap: list[tuple[float, int, Connection]] = []
         self._seq = itertools.count()
         self._timer = open_deadline_timer(self._loop, self._on_timer)
@@ -691,27 +704,62 @@ class QuicEndpoint:
         gro = self.gro
         recvmsg = self._sock.recvmsg
         recvfrom = self._sock.recvfrom
-        for _ in range(_MAX_DRAIN):
-            try:
-                if gro:
-                    data, ancillary, _flags, addr = recvmsg(_RECV_SIZE, _GRO_CMSG_SPACE)
-                    segment = _gro_segment(ancillary) if ancillary else 0
+        self._in_pass = True
+        try:
+            for _ in range(_MAX_DRAIN):
+                try:
+                    if gro:
+                        data, ancillary, _flags, addr = recvmsg(_RECV_SIZE, _GRO_CMSG_SPACE)
+                        segment = _gro_segment(ancillary) if ancillary else 0
+                    else:
+                        data, addr = recvfrom(_RECV_SIZE)
+                        segment = 0
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
+                    self.log.debug("recv_error", error=str(exc))
+                    continue
+                if 0 < segment < len(data):
+                    stats.gro_batches += 1
+                    self._receive_train(data, segment, addr, now, touched)
                 else:
-                    data, addr = recvfrom(_RECV_SIZE)
-                    segment = 0
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
-                self.log.debug("recv_error", error=str(exc))
-                continue
-            if 0 < segment < len(data):
-                stats.gro_batches += 1
-                self._receive_train(data, segment, addr, now, touched)
-            else:
-                self._receive_one(data, addr, now, touched)
-        for conn in touched:
-            self._process(conn)
-        self._transmit(touched)
+                    self._receive_one(data, addr, now, touched)
+            done: list[Callable[[], None]] = []
+            for conn in touched:
+                callback = conn.datagrams_done if self._process(conn) else None
+                if callback is not None and callback not in done:
+                    done.append(callback)
+            for callback in done:
+                try:
+                    callback()
+                except Exception as exc:
+                    self._internal_error(exc, None, "datagrams_done")
+        except BaseException:
+            self._pass_failed()
+            raise
+        finally:
+            self._in_pass = False
+        self._transmit(self._with_dirty(touched))
+
+    def _pass_failed(self) -> None:
+        """A pass ends on an exception before its transmit: what was marked in it goes
+        out in the next loop iteration, as outside a pass."""
+        self._in_pass = False
+        if self._dirty and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def _with_dirty(self, conns: dict[Connection, None]) -> dict[Connection, None]:
+        """``conns`` and the connections marked dirty during a pass (their work goes out in
+        the pass's transmit, not in a later loop iteration)."""
+        dirty = self._dirty
+        if dirty:
+            self._dirty = set()
+            for conn in dirty:
+                if conn not in conns:
+                    self._process(conn)
+                    conns[conn] = None
+        return conns
 
     def _receive_one(
         self, data: bytes, addr: Address, now: float, touched: dict[Connection, None]
@@ -809,20 +857,24 @@ class QuicEndpoint:
             return self._accept(header.destination_cid, addr)
         return None
 
-    def _process(self, conn: Connection) -> None:
+    def _process(self, conn: Connection) -> bool:
+        """The connection's events to their handlers; True if ``datagram_handler`` got any."""
         if conn._abandoned:
-            return
+            return False
         try:
-            self._process_events(conn)
+            return self._process_events(conn)
         except Exception as exc:
             self._internal_error(exc, conn, "events")
             self._abandon(conn)
+            return False
 
-    def _process_events(self, conn: Connection) -> None:
+    def _process_events(self, conn: Connection) -> bool:
         quic = conn.quic
+        datagrams = False
         while (event := quic.next_event()) is not None:
             if isinstance(event, DatagramFrameReceived) and conn.datagram_handler is not None:
                 if not conn._ended:
+                    datagrams = True
                     try:
                         conn.datagram_handler(event.data)
                     except Exception as exc:
@@ -855,6 +907,7 @@ class QuicEndpoint:
             conn._set_ready()
         if not conn._ended and quic.close_event is not None:
             self._connection_ended(conn)
+        return datagrams
 
     def _connection_ended(self, conn: Connection) -> None:
         self._handshaking.discard(conn)
@@ -985,13 +1038,15 @@ class QuicEndpoint:
         if conn._abandoned:
             return
         self._dirty.add(conn)
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and not self._in_pass:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Run the transmit pass now for every connection with queued work."""
         self._flush_scheduled = False
+        if self._in_pass:
+            return  # the pass under way transmits them at its end
         if not self._dirty or self._sock.fileno() < 0:
             self._dirty.clear()
             return
@@ -1030,15 +1085,22 @@ class QuicEndpoint:
             if conn._timer_at == when:
                 conn._timer_at = None
                 due[conn] = None
-        for conn in due:
-            try:
-                conn.quic.handle_timer(now=now)
-            except Exception as exc:
-                self._internal_error(exc, conn, "timer")
-                self._abandon(conn)  # skipped by the transmit pass from now on
-                continue
-            self._process(conn)
-        self._transmit(due)
+        self._in_pass = True
+        try:
+            for conn in due:
+                try:
+                    conn.quic.handle_timer(now=now)
+                except Exception as exc:
+                    self._internal_error(exc, conn, "timer")
+                    self._abandon(conn)  # skipped by the transmit pass from now on
+                    continue
+                self._process(conn)
+        except BaseException:
+            self._pass_failed()
+            raise
+        finally:
+            self._in_pass = False
+        self._transmit(self._with_dirty(due))
 
     # -- connection ID table
 
