@@ -44,9 +44,17 @@ from cyphonic_agent.control import OverlayPlan
 from cyphonic_agent.datapath import DataPath
 from cyphonic_agent.dns import DnsStub
 from cyphonic_agent.enroll import AgentState, StatePaths, read_agent_state
-from cyphonic_agent.mobility import MoveDetector, MoveWatcher, host_addresses
+from cyphonic_agent.mobility import Move, MoveDetector, MoveWatcher, host_addresses
 from cyphonic_agent.nms import AGENT_VERSION, AgentFailed, NmsClient, NmsLink
+from cyphonic_agent.overlay_routes import (
+    HostNetworks,
+    OverlayRoutes,
+    RouteClash,
+    host_networks,
+    plan_routes,
+)
 from cyphonic_agent.peers import Peers
+from cyphonic_agent.pmtu import LinkMtu, PathSizes, link_mtus, plan_sizes
 from cyphonic_agent.relay import RelayClient
 from cyphonic_agent.roaming import Roaming
 from cyphonic_agent.routes import Candidate
@@ -57,8 +65,7 @@ from cyphonic_agent.status import (
     peer_rows,
     registered_addresses,
 )
-from cyphonic_agent.tun import TUN_DEVICE_PATH, TunConfig, TunDevice
-from cyphonic_agent.tunnel import max_datagram_size_for
+from cyphonic_agent.tun import TUN_DEVICE_PATH, TunConfig, TunDevice, run_netlink
 
 __all__ = ["AGENT_VERSION", "Agent", "AgentEdges", "AgentFailed", "run_agent"]
 
@@ -66,6 +73,7 @@ TICK_S = 0.5
 """Housekeeping period: pending-packet expiry, stuck routes, tunnel keepalives."""
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def check_tun_access() -> None:
@@ -99,16 +107,24 @@ class AgentEdges:
     start_dns: Callable[..., Awaitable[DnsStub]] = DnsStub.start
     watch_moves: Callable[..., Watcher] = MoveWatcher
     host_addresses: Callable[..., list[IPAddress]] = host_addresses
+    link_mtus: Callable[[], list[LinkMtu]] = link_mtus
+    host_networks: Callable[..., HostNetworks] = host_networks
 
 
 class Agent:
     """One running node agent. ``await Agent(settings).run(stop)`` until ``stop`` is set."""
 
     def __init__(self, settings: AgentSettings, *, edges: AgentEdges | None = None) -> None:
-        self.settings = settings
         self.edges = edges or AgentEdges()
         paths = StatePaths(settings.state_dir)
         self.state: AgentState = read_agent_state(paths.directory)
+        self.path_sizes: PathSizes = plan_sizes(
+            tun_mtu=settings.mtu, links=run_netlink(self.edges.link_mtus)
+        )
+        """Datagram and TUN sizes fitted to the host's links (pmtu.py, docs/agent.md)."""
+        if self.path_sizes.tun_mtu != settings.mtu:
+            settings = settings.model_copy(update={"mtu": self.path_sizes.tun_mtu})
+        self.settings = settings
         try:
             self.identity: CertifiedKey = load_identity(paths.cert, paths.key)
             root = load_certificates(paths.root_ca)[0]
@@ -155,8 +171,12 @@ class Agent:
             spawn=self._spawn,
             moves=lambda: self.mobility.detector.moves,
         )
+        self.overlay_routes: OverlayRoutes | None = None
+        """What the TUN routes (the pool minus the host's own networks, overlay_routes)."""
+        self._peer_routes: dict[bytes, Network] = {}
+        """Host routes into the TUN for peers the pool prefixes do not carry."""
         self.mobility = self.edges.watch_moves(
-            on_move=self.roaming.moved,
+            on_move=self._moved,
             on_lost=self.roaming.path_lost,
             exclude_ifindexes=lambda: [self.tun.index] if self.tun is not None else [],
         )
@@ -185,7 +205,8 @@ class Agent:
                     )
                 },
                 idle_timeout=self.settings.peer_timeout_s,
-                max_datagram_size=max_datagram_size_for(tun_mtu=self.settings.mtu),
+                max_datagram_size=self.path_sizes.datagram,
+                dont_fragment=True,
             )
         except OSError as exc:
             where = format_host_port(self.settings.quic_host, self.settings.quic_port)
@@ -200,8 +221,14 @@ class Agent:
         )
         self.peers.endpoint, self.peers.relay = self.endpoint, self.relay
         self.relay.start()
+        limited = self.path_sizes.limited_by
         self.log.info(
-            "agent_starting", version=AGENT_VERSION, state_dir=str(self.settings.state_dir)
+            "agent_starting",
+            version=AGENT_VERSION,
+            state_dir=str(self.settings.state_dir),
+            max_datagram_size=self.path_sizes.datagram,
+            tun_mtu=self.settings.mtu,
+            mtu_limited_by=f"{limited.interface} mtu {limited.mtu}" if limited else None,
         )
         try:
             self.status_server = await StatusServer.start(
@@ -315,17 +342,31 @@ class Agent:
         plan = OverlayPlan.from_registration(reg)
         v4, v6 = plan.ipv4, plan.ipv6
         try:
+            host = await asyncio.to_thread(self.edges.host_networks, exclude_ifindexes=())
+            self.overlay_routes = routes = plan_routes(own=plan.interfaces, host=host)
+            # The addresses alone (/32, /128): the pool's routes are ``routes.prefixes``,
+            # which leave out whatever the host already routes elsewhere.
             self.tun = self.edges.open_tun(
                 TunConfig(
                     name=self.settings.tun_name,
                     mtu=self.settings.mtu,
-                    ipv4=v4,
-                    ipv6=v6,
+                    ipv4=ipaddress.IPv4Interface(v4.ip) if v4 is not None else None,
+                    ipv6=ipaddress.IPv6Interface(v6.ip) if v6 is not None else None,
+                    routes=routes.prefixes,
                     offload=self.settings.tun_offload,
                 )
             )
         except CyphonicError as exc:
             raise AgentFailed(exc) from exc
+        if routes.shadowed:
+            self.log.warning(
+                "overlay_pool_shadowed",
+                host_prefixes=[str(r) for r in routes.shadowed],
+                tun_prefixes=[str(p) for p in routes.prefixes],
+                detail="the host routes part of the overlay pool itself; peers there get "
+                "host routes (docs/agent.md 'Choosing the pool')",
+            )
+        self.peers.routes.on_addresses = self._peer_addresses
         self.peers.overlay = plan
         self.datapath = DataPath(
             tun=self.tun, on_miss=self.peers.on_miss, packet_filter=self.access.filter
@@ -362,6 +403,58 @@ class Agent:
             ipv6=str(v6) if v6 else None,
             dns=format_host_port(*address) if address else "off",
         )
+
+    # ------------------------------------------------------------------ kernel routes
+
+    def _peer_addresses(
+        self, fqdn: str, added: frozenset[bytes], removed: frozenset[bytes]
+    ) -> None:
+        """The route table learnt or forgot a peer's virtual addresses."""
+        for raw in removed:
+            self._peer_routes.pop(raw, None)
+        for raw in added:
+            self._peer_route(fqdn, raw)
+        self._apply_routes()
+
+    def _peer_route(self, fqdn: str, raw: bytes) -> None:
+        if self.overlay_routes is None:
+            return
+        try:
+            prefix = self.overlay_routes.peer_route(ipaddress.ip_address(raw))
+        except RouteClash as exc:
+            self.log.error("route_clash", peer=fqdn, error=str(exc))
+            return
+        if prefix is not None:
+            self._peer_routes[raw] = prefix
+
+    def _apply_routes(self) -> None:
+        if self.tun is None or self.overlay_routes is None:
+            return
+        try:
+            self.tun.set_routes([*self.overlay_routes.prefixes, *self._peer_routes.values()])
+        except CyphonicError as exc:
+            self.log.error("tun_routes_failed", error=str(exc))
+
+    async def _moved(self, move: Move) -> None:
+        """The host's addresses or routes changed: re-plan the TUN's routes, then roam."""
+        plan = self.peers.overlay
+        if plan is not None and self.tun is not None:
+            try:
+                host = await asyncio.to_thread(
+                    self.edges.host_networks, exclude_ifindexes=[self.tun.index]
+                )
+                self.overlay_routes = plan_routes(own=plan.interfaces, host=host)
+            except RouteClash as exc:
+                self.log.error("route_clash", error=str(exc))
+            except OSError as exc:
+                self.log.warning("host_networks_unreadable", error=str(exc))
+            else:
+                self._peer_routes.clear()
+                for route in self.peers.routes.routes():
+                    for raw in route.addresses:
+                        self._peer_route(route.fqdn, raw)
+                await asyncio.to_thread(self._apply_routes)
+        await self.roaming.moved(move)
 
     # ------------------------------------------------------------------ housekeeping
 

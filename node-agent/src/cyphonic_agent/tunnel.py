@@ -48,6 +48,7 @@ it changes is whether its own inbound packets carry complete checksums.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +60,7 @@ from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE
 from cyphonic.errors import MalformedMessage
 
 from cyphonic_agent.icmp import too_big
-from cyphonic_agent.packet import IPV4_FLAG_DF, fragment_ipv4
+from cyphonic_agent.packet import IPV4_FLAG_DF, IPV6_MIN_MTU, fragment_ipv4, fragment_ipv6
 
 AEAD_TAG_SIZE = 16
 SHORT_HEADER_FIRST_BYTE = 1
@@ -200,7 +201,7 @@ class TunnelStats:
     too_big: int = 0
     """Oversized packets answered with ICMP too big (or dropped where ICMP is forbidden)."""
     fragmented: int = 0
-    """IPv4 packets without DF split to fit."""
+    """IPv4 packets without DF, and IPv6 packets of at most 1,280 bytes, split to fit."""
     dropped_queue_full: int = 0
     """Packets dropped because the connection's datagram queue was at its bound."""
     dropped_not_ready: int = 0
@@ -257,6 +258,8 @@ class TunnelCore:
             # its next millisecond tick); the endpoint transmits once per received batch, so
             # acknowledging at once means one ACK per batch and no timer.
             quic._ack_delay = 0.0  # aioquic only; qh3's native core acknowledges itself
+        self._fragment_id = int.from_bytes(os.urandom(4), "big")
+        """Identification of the IPv6 fragments this tunnel makes (RFC 7739: unpredictable)."""
         # Bound once: the cheapest way in per packet (aioquic: its queue's append).
         self._push: Callable[[bytes], None] = self._view.push_datagram
 
@@ -374,7 +377,21 @@ class TunnelCore:
             self._caps_in = 0  # the peer lacks ours (lost, or it restarted): with the next batch
 
     def _oversized(self, packet: bytes, mtu: int, answers: list[bytes]) -> list[bytes]:
-        # IPv4 without DF: fragment like a router; everything else: ICMP too big.
+        # IPv4 without DF: fragment like a router. IPv6 up to 1,280 bytes (its minimum
+        # MTU, below which no sender goes) on a path that carries less: fragment as the
+        # link's own layer must (RFC 8200 5). Everything else: ICMP too big, never
+        # announcing less than 1,280 to an IPv6 sender.
+        if packet[0] >> 4 == 6 and len(packet) <= IPV6_MIN_MTU:
+            self._fragment_id = (self._fragment_id + 1) & 0xFFFFFFFF
+            try:
+                pieces = fragment_ipv6(packet, mtu=mtu, identification=self._fragment_id)
+            except MalformedMessage:
+                self.stats.too_big += 1
+                return []
+            self.stats.fragmented += 1
+            return pieces
+        if packet[0] >> 4 == 6:
+            mtu = max(mtu, IPV6_MIN_MTU)
         if (
             packet[0] >> 4 == 4
             and len(packet) >= 20

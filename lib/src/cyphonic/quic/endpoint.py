@@ -468,6 +468,7 @@ class QuicEndpoint:
         congestion_control: str = "reno",
         engine: str | None = None,
         max_handshakes: int = 1024,
+        dont_fragment: bool = False,
     ) -> QuicEndpoint:
         """Bind the UDP socket and start serving.
 
@@ -477,10 +478,14 @@ class QuicEndpoint:
         ``engine``: ``qh3`` or ``aioquic`` (default: ``CYPHONIC_QUIC_ENGINE``, else
         qh3); ``congestion_control`` applies to aioquic only. ``max_handshakes``
         bounds the server handshakes under way at once (more Initials are dropped).
+        ``dont_fragment``: set DF on every datagram (``set_dont_fragment``); then keep
+        ``max_datagram_size`` within the path, nothing larger leaves.
         """
         engine = engine or default_engine()
         _load_engine(engine)  # refuse an unknown or missing engine before binding
         sock = bind_udp(host, port)
+        if dont_fragment:
+            set_dont_fragment(sock)
         return cls(
             sock=sock,
             identity=identity,
@@ -1130,6 +1135,26 @@ def _plain_address(addr: Address) -> tuple[str, int]:
     if host.startswith("::ffff:") and "." in host:
         host = host.removeprefix("::ffff:")
     return (host, int(addr[1]))
+
+
+_IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+_IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+_PMTUDISC_PROBE = 3
+"""IP_PMTUDISC_PROBE / IPV6_PMTUDISC_PROBE (linux/in.h, linux/in6.h)."""
+
+
+def set_dont_fragment(sock: socket.socket) -> None:
+    """Never fragment this socket's datagrams: DF set, sizes above the interface MTU
+    refused with EMSGSIZE (a lost packet to QUIC), and the kernel's ICMP-fed path MTU cache
+    ignored (``PMTUDISC_PROBE``: an unauthenticated "too big" cannot shrink our packets;
+    the sizes come from the links and the peer's ``max_udp_payload_size``). Both levels
+    on a dual-stack socket (IPv4-mapped peers follow the IPv4 option); an option the
+    kernel lacks is skipped."""
+    if sock.family == socket.AF_INET6:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _PMTUDISC_PROBE)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _PMTUDISC_PROBE)
 
 
 def bind_udp(host: str, port: int, *, buffer_bytes: int = SOCKET_BUFFER) -> socket.socket:

@@ -42,7 +42,13 @@ from aioquic.buffer import size_uint_var
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection, QuicConnectionId, QuicConnectionState
 from aioquic.quic.events import ConnectionTerminated
-from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicPacketType,
+    pull_quic_header,
+    pull_quic_transport_parameters,
+    push_quic_transport_parameters,
+)
 from cryptography import x509
 
 from cyphonic.errors import (
@@ -233,6 +239,25 @@ class CyphonicQuicConnection(QuicConnection):
         context.verification_error = None
         if not self._is_client:
             context._request_client_certificate = True
+
+    # -- path MTU: max_udp_payload_size sent and honoured (docs/agent.md "Path MTU")
+
+    def _serialize_transport_parameters(self) -> bytes:
+        params = pull_quic_transport_parameters(
+            Buffer(data=super()._serialize_transport_parameters())
+        )
+        params.max_udp_payload_size = self._configuration.max_datagram_size
+        buf = Buffer(capacity=3 * self._max_datagram_size)
+        push_quic_transport_parameters(buf, params)
+        return bytes(buf.data)
+
+    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+        super()._parse_transport_parameters(data, from_session_ticket)
+        # aioquic checks the value (>= 1200) but never sends less; a peer on a small link
+        # asks for it, and with DF on nothing larger would arrive.
+        limit = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size
+        if limit is not None and limit < self._max_datagram_size:
+            self._max_datagram_size = limit
 
     # -- read-only views the endpoint needs, kept here so the endpoint stays engine-neutral
 

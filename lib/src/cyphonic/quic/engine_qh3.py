@@ -84,7 +84,12 @@ from qh3.quic.configuration import QuicConfiguration as Qh3Configuration
 from qh3.quic.connection import QuicConnection as Qh3Connection
 from qh3.quic.connection import QuicConnectionError
 from qh3.quic.connection import QuicConnectionState as Qh3State
-from qh3.quic.packet import QuicErrorCode, QuicPacketType
+from qh3.quic.packet import (
+    QuicErrorCode,
+    QuicPacketType,
+    pull_quic_transport_parameters,
+    push_quic_transport_parameters,
+)
 
 from cyphonic.errors import CyphonicError, Unauthenticated
 from cyphonic.pki import CertifiedKey, PeerIdentity
@@ -394,6 +399,7 @@ class Qh3QuicConnection(Qh3Connection):
         context.peer_verifier = self._peer_verifier
         context.peer_identity = None
         context.verification_error = None
+        _advertise_max_udp_payload(bridge, self._configuration.max_datagram_size)
         return bridge
 
     def next_event(self) -> Any:
@@ -659,12 +665,11 @@ class Qh3QuicConnection(Qh3Connection):
         remote = self._remote_max_datagram_frame_size
         if remote is None and self._handshake_complete:
             return 0
-        room = (
-            self._configuration.max_datagram_size
-            - engine._SHORT_HEADER
-            - engine.CID_LENGTH
-            - engine._AEAD_TAG
-        )
+        core = self._core
+        # The core's path limit: our max_datagram_size or less where the peer's
+        # max_udp_payload_size asks for less (a small access link on its side).
+        size = core.active_path[5] if core is not None else self._configuration.max_datagram_size
+        room = size - engine._SHORT_HEADER - engine.CID_LENGTH - engine._AEAD_TAG
         payload = room - 1 - size_uint_var(room)
         if remote is not None:
             payload = min(payload, remote - 1 - size_uint_var(remote))
@@ -672,6 +677,24 @@ class Qh3QuicConnection(Qh3Connection):
 
 
 _BUILDER_CAPACITY = "packet builder capacity exhausted"
+
+
+def _advertise_max_udp_payload(bridge: Any, size: int) -> None:
+    """Send ``max_udp_payload_size`` = our ``max_datagram_size`` (RFC 9000 18.2) instead of
+    qh3's fixed 1472 (client) or nothing (server), so a peer never sends us more than our
+    own link carries (the agent sizes it from its link; docs/agent.md "Path MTU")."""
+    serialize = bridge.serialize_transport_parameters
+
+    def serialized() -> bytes:
+        params = pull_quic_transport_parameters(QBuffer(data=serialize()))
+        params.max_udp_payload_size = size
+        buf = QBuffer(capacity=16384)
+        push_quic_transport_parameters(buf, params)
+        return bytes(buf.data)
+
+    bridge.serialize_transport_parameters = serialized
+    bridge.tls.handshake_extensions = [(qtls.ExtensionType.QUIC_TRANSPORT_PARAMETERS, serialized())]
+
 
 _PATH_CHANGE_PING = 0x4359_5048_5041_5448
 """The uid of the PING sent when the active path changes (its acknowledgement is not an
