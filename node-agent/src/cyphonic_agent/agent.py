@@ -53,8 +53,8 @@ from cyphonic_agent.overlay_routes import (
     host_networks,
     plan_routes,
 )
+from cyphonic_agent.path_sizes import LinkMtu, PathSizes, link_mtus, plan_sizes
 from cyphonic_agent.peers import Peers
-from cyphonic_agent.pmtu import LinkMtu, PathSizes, link_mtus, plan_sizes
 from cyphonic_agent.relay import RelayClient
 from cyphonic_agent.roaming import Roaming
 from cyphonic_agent.routes import Candidate
@@ -467,9 +467,29 @@ class Agent:
                 self.datapath.pending.expire(now=now)
             self.peers.expire(now=now)
             self.access.filter.expire(time.monotonic())  # the data path's clock
+            self._probe_paths(now)
             if now - self._last_ping >= self.settings.tunnel_keepalive_s:
                 self._last_ping = now
                 self.peers.ping_tunnels()
+
+    def _probe_paths(self, now: float) -> None:
+        """Path MTU search on every tunnel that carries packets (tunnel.poll_pmtu)."""
+        for route in self.peers.routes.routes():
+            live = route.tunnel
+            if live is None or live.conn.is_closed:
+                continue
+            search = live.tunnel.core.pmtu
+            before = search.mtu if search is not None else None
+            if live.tunnel.core.poll_pmtu(now):
+                live.conn.transmit()
+            search = live.tunnel.core.pmtu
+            if search is not None and before is not None and search.mtu != before:
+                self.log.info(
+                    "path_mtu_changed",
+                    peer=route.fqdn,
+                    mtu=search.mtu,
+                    why=search.history[-1][2] if search.history else None,
+                )
 
     # ------------------------------------------------------------------ status
 

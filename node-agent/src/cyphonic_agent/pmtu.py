@@ -4,8 +4,8 @@ Nothing the agent sends relies on outer fragmentation (many firewalls drop fragm
 
 1. Its UDP socket sets DF (``cyphonic.quic.endpoint.set_dont_fragment``), so nothing larger
    than a link carries leaves the host; such a send fails (EMSGSIZE) like a lost packet.
-2. ``plan_sizes`` fits the QUIC ``max_datagram_size`` to the host's own links (those that
-   carry its default routes, ``link_mtus``) and the TUN MTU to that datagram, so a
+2. ``path_sizes.plan_sizes`` fits the QUIC ``max_datagram_size`` to the host's own links (those that
+   carry its default routes, ``path_sizes.link_mtus``) and the TUN MTU to that datagram, so a
    full-size inner packet fits one DATAGRAM frame on the local link (the TUN never goes
    below IPv6's 1,280: the tunnel fragments IPv6 packets of up to 1,280 bytes itself).
 3. Every connection sends ``max_udp_payload_size`` = that datagram size (RFC 9000 18.2)
@@ -25,88 +25,26 @@ docs/agent.md "Path MTU" tells the story with the figures.
 from __future__ import annotations
 
 import enum
-import socket
 from dataclasses import dataclass, field
-
-from cyphonic_agent.packet import IPV6_MIN_MTU
-from cyphonic_agent.tunnel import (
-    UDP_IPV4_OVERHEAD,
-    UDP_IPV6_OVERHEAD,
-    max_datagram_size_for,
-    quic_overhead,
-)
-
-QUIC_MIN_DATAGRAM = 1200
-"""The smallest UDP payload every QUIC path must carry (RFC 9000 14): the search's base."""
-
-
-@dataclass(frozen=True, slots=True)
-class LinkMtu:
-    """One link the host's traffic leaves by: its name, MTU and address family (4 or 6)."""
-
-    interface: str
-    mtu: int
-    family: int
-
-
-@dataclass(frozen=True, slots=True)
-class PathSizes:
-    """What the agent uses: QUIC ``max_datagram_size`` and the TUN MTU."""
-
-    datagram: int
-    tun_mtu: int
-    limited_by: LinkMtu | None = None
-    """The link that made them smaller than configured (None: the configuration)."""
-
-
-def datagram_room(link: LinkMtu) -> int:
-    """The largest UDP payload one unfragmented datagram carries over ``link``."""
-    return link.mtu - (UDP_IPV6_OVERHEAD if link.family == 6 else UDP_IPV4_OVERHEAD)
-
-
-def inner_mtu_for(datagram: int) -> int:
-    """The largest inner packet that fits one DATAGRAM frame in ``datagram`` bytes."""
-    mtu = datagram - quic_overhead(mtu=datagram)
-    while mtu + quic_overhead(mtu=mtu) > datagram:
-        mtu -= 1
-    return mtu
-
-
-def plan_sizes(*, tun_mtu: int, links: list[LinkMtu]) -> PathSizes:
-    """Fit the datagram and TUN sizes to the smallest of ``links`` (never below QUIC's 1200).
-
-    No links known (no default route yet, netlink unreadable): the configured TUN MTU and
-    the datagram it needs, as before.
-    """
-    datagram = max_datagram_size_for(tun_mtu=tun_mtu)
-    limited_by: LinkMtu | None = None
-    for link in links:
-        room = max(datagram_room(link), QUIC_MIN_DATAGRAM)
-        if room < datagram:
-            datagram, limited_by = room, link
-    # Never below IPv6's 1,280 (the TUN carries IPv6 too): what the datagram cannot carry
-    # the tunnel answers with ICMP too big (IPv4) or fragments itself (IPv6, RFC 8200 5).
-    inner = max(inner_mtu_for(datagram), IPV6_MIN_MTU)
-    return PathSizes(datagram=datagram, tun_mtu=min(tun_mtu, inner), limited_by=limited_by)
-
-
-# ---------------------------------------------------------------------- DPLPMTUD
 
 
 class SearchState(enum.Enum):
-    """RFC 8899 5.2 states, as this search uses them."""
+    """Where the search stands (RFC 8899 5.2, as used here)."""
 
     SEARCHING = "searching"
-    """Probing sizes between the confirmed size and the upper bound."""
+    """Confirming the start size, or probing between the confirmed size and the bound."""
     COMPLETE = "complete"
     """The largest size is known; confirmed again every ``confirm_s``."""
     ERROR = "error"
-    """Not even the base size got through: the tunnel stays at the base."""
+    """Not even the base size gets through now: the tunnel stays at the base, retrying."""
+    DISABLED = "disabled"
+    """The peer never answered a probe (an older agent): no search, the size stays."""
 
 
 @dataclass(frozen=True, slots=True)
 class Probe:
-    """Action: send a probe padded to ``size`` bytes of inner payload, named ``probe_id``."""
+    """Action: send a probe padded to ``size`` bytes (an inner packet's size), named
+    ``probe_id``; the peer answers with the id."""
 
     probe_id: int
     size: int
@@ -114,46 +52,50 @@ class Probe:
 
 @dataclass
 class PathMtuSearch:
-    """DPLPMTUD (RFC 8899) over one tunnel, sans-I/O; sizes are inner packet sizes.
+    """DPLPMTUD (RFC 8899) over one tunnel, sans-I/O. Sizes are inner packet sizes.
 
-    Feed it the clock (``poll``) and the acknowledgements of its probes (``acked``);
-    ``mtu`` is what the tunnel may carry now. It starts at ``upper`` (the sizes both
-    access links allow, known up front) and confirms it at once; where that is lost
-    ``max_probes`` times, the path has a narrower hop in between: it falls back to
-    ``base`` and searches upwards (binary search to ``granularity`` bytes). Once complete
-    it confirms the size every ``confirm_s`` (black-hole detection) and searches up
-    again every ``raise_s`` (the path may have grown).
+    Feed it the clock (``poll``, which returns the probe to send) and the peer's answers
+    (``acked``); ``mtu`` is what the tunnel may carry now. It starts at ``upper``, the size
+    both access links allow (known up front from the links and ``max_udp_payload_size``),
+    and confirms it at once. Where a confirmation is lost ``max_probes`` times in a row the
+    path has a narrower hop (a black hole, or a move onto a smaller link): ``mtu`` drops to
+    ``base`` and a binary search climbs back (to within ``granularity`` bytes). Before the peer
+    has answered any probe, a lost confirmation is first checked with a probe of ``base``
+    size: no answer to that either means the peer does not speak probes (``DISABLED``,
+    nothing changes). Once complete the size is confirmed every ``confirm_s`` seconds, and
+    the search climbs again every ``raise_s`` seconds if below ``upper``.
     """
 
     base: int
     upper: int
     now: float
     probe_timeout_s: float = 1.0
-    """Seconds before an unacknowledged probe counts as lost (the caller may pass
-    ``max(3 * srtt, floor)`` through ``set_timeout``)."""
+    """Seconds before an unanswered probe counts as lost."""
     max_probes: int = 3
-    """Probes of one size lost in a row before that size is taken as too big (RFC 8899
-    MAX_PROBES)."""
+    """Probes of one size lost in a row before that size is taken as too big."""
     confirm_s: float = 15.0
     raise_s: float = 600.0
-    """Seconds between searches above a complete size (RFC 8899 PMTU_RAISE_TIMER)."""
     granularity: int = 16
     state: SearchState = SearchState.SEARCHING
     mtu: int = 0
-    """What the tunnel carries now (set to ``upper`` at start)."""
+    """What the tunnel carries now."""
+    history: list[tuple[float, int, str]] = field(default_factory=list)
+    """(time, mtu, why) for each change of ``mtu``."""
+    probes_sent: int = 0
     _low: int = 0
     """Largest size confirmed."""
     _high: int = 0
     """Smallest size known too big, or ``upper + 1``."""
     _probe: Probe | None = None
+    _probe_kind: str = "confirm"
+    """What the probe under way checks: ``confirm`` (mtu), ``base`` or ``search``."""
     _sent_at: float = 0.0
     _lost: int = 0
     _next_id: int = 1
     _next_at: float = 0.0
-    _confirming: bool = True
-    """The probe under way confirms ``mtu`` (not a search step above it)."""
-    history: list[tuple[float, int, str]] = field(default_factory=list)
-    """(time, mtu, why) for each change of ``mtu``."""
+    _raise_at: float = 0.0
+    _answered: bool = False
+    """The peer has answered a probe: it speaks them, a lost one means the path."""
 
     def __post_init__(self) -> None:
         if not 0 < self.base <= self.upper:
@@ -162,27 +104,61 @@ class PathMtuSearch:
         self._low = self.base
         self._high = self.upper + 1
         self._next_at = self.now
-
-    def set_timeout(self, seconds: float) -> None:
-        """Change the probe timeout (e.g. from the connection's RTT)."""
-        self.probe_timeout_s = seconds
+        self._raise_at = self.now + self.raise_s
 
     def poll(self, now: float) -> Probe | None:
-        """The probe to send now, if any (also declares the one under way lost)."""
+        """The probe to send now, if any (declares the one under way lost when overdue)."""
         self.now = now
         if self._probe is not None:
             if now - self._sent_at < self.probe_timeout_s:
                 return None
             self._probe_lost()
-        if now < self._next_at:
+        if self.state is SearchState.COMPLETE and now >= self._raise_at:
+            self._raise_at = now + self.raise_s
+            if self.mtu < self.upper:
+                self._high = self.upper + 1
+                self.state = SearchState.SEARCHING
+                self._probe_kind = "search"
+        if self.state is SearchState.DISABLED or now < self._next_at:
             return None
         size = self._next_size()
         if size is None:
+            self._complete()
             return None
         self._probe = Probe(probe_id=self._next_id, size=size)
         self._next_id += 1
         self._sent_at = now
+        self.probes_sent += 1
         return self._probe
+
+    def acked(self, probe_id: int, *, now: float) -> None:
+        """The peer answered probe ``probe_id`` (late or unknown ids are ignored)."""
+        probe = self._probe
+        if probe is None or probe.probe_id != probe_id:
+            return
+        self.now = now
+        self._probe = None
+        self._lost = 0
+        self._answered = True
+        self._next_at = now
+        kind = self._probe_kind
+        if kind == "base":
+            # The peer answers, so the lost confirmation was the path: drop and search.
+            self._drop_to_base("black hole")
+            return
+        self._low = max(self._low, probe.size)
+        if kind == "confirm":
+            if self.state is SearchState.ERROR:  # the path is back: search it afresh
+                self.state = SearchState.SEARCHING
+                self._high = self.upper + 1
+            if self.state is SearchState.COMPLETE:
+                self._next_at = now + self.confirm_s
+                return
+            self._probe_kind = "search"
+        elif probe.size > self.mtu:
+            self._set(probe.size, "probe answered")
+        if self._next_size() is None:
+            self._complete()
 
     def next_deadline(self) -> float:
         """When ``poll`` next has something to do."""
@@ -190,38 +166,15 @@ class PathMtuSearch:
             return self._sent_at + self.probe_timeout_s
         return self._next_at
 
-    def acked(self, probe_id: int, *, now: float) -> None:
-        """The peer acknowledged probe ``probe_id`` (any other id is ignored)."""
-        probe = self._probe
-        if probe is None or probe.probe_id != probe_id:
-            return
-        self.now = now
-        self._probe = None
-        self._lost = 0
-        self._low = max(self._low, probe.size)
-        if self._confirming:
-            self._confirming = False
-            if self.state is SearchState.ERROR:
-                self._set(probe.size, "base confirmed again")
-                self.state = SearchState.SEARCHING
-            if self.state is SearchState.COMPLETE:
-                self._next_at = now + self.confirm_s
-                return
-        elif probe.size > self.mtu:
-            self._set(probe.size, "probe acknowledged")
-        self._next_at = now
-        if self._next_size() is None:
-            self._complete(now)
-
     # -- internals
 
     def _next_size(self) -> int | None:
-        if self._confirming:
+        if self._probe_kind == "base":
+            return self.base
+        if self._probe_kind == "confirm":
             return self.mtu
-        if self.state is SearchState.COMPLETE:
-            return None
         if self._high - self._low <= self.granularity:
-            return self._high - 1 if self._high - 1 > self._low else None
+            return None  # close enough: within ``granularity`` bytes of the largest
         return (self._low + self._high) // 2
 
     def _probe_lost(self) -> None:
@@ -233,65 +186,43 @@ class PathMtuSearch:
         if self._lost < self.max_probes:
             return
         self._lost = 0
-        if self._confirming:
+        kind = self._probe_kind
+        if kind == "base":
+            if self._answered:
+                self.state = SearchState.ERROR  # even the base is lost now: keep trying
+                self._set(self.base, "base lost")
+                self._probe_kind = "confirm"
+                self._next_at = self.now + self.confirm_s
+            else:
+                self.state = SearchState.DISABLED
+            return
+        self._high = min(self._high, probe.size)
+        if kind == "confirm":
             if probe.size <= self.base:
                 self.state = SearchState.ERROR
                 self._next_at = self.now + self.confirm_s
-                return
-            # Black hole (or a narrower hop than both links said): back to the base, search.
-            self._high = min(self._high, probe.size)
-            self._low = self.base
-            self._set(self.base, "black hole")
-            self._confirming = True
-            self.state = SearchState.SEARCHING
+            elif self._answered:
+                self._drop_to_base("black hole")
+            else:
+                self._probe_kind = "base"
             return
-        self._high = min(self._high, probe.size)
         if self._next_size() is None:
-            self._complete(self.now)
+            self._complete()
 
-    def _complete(self, now: float) -> None:
+    def _drop_to_base(self, why: str) -> None:
+        self._low = self.base
+        self._set(self.base, why)
+        self.state = SearchState.SEARCHING
+        self._probe_kind = "search"
+        if self._next_size() is None:
+            self._complete()
+
+    def _complete(self) -> None:
         self.state = SearchState.COMPLETE
-        self._confirming = True
-        self._next_at = now + self.confirm_s
-        self._raise_at = now + self.raise_s
+        self._probe_kind = "confirm"
+        self._next_at = self.now + self.confirm_s
 
     def _set(self, mtu: int, why: str) -> None:
         if mtu != self.mtu:
             self.mtu = mtu
             self.history.append((self.now, mtu, why))
-
-
-# ---------------------------------------------------------------------- the host's links
-
-
-def link_mtus() -> list[LinkMtu]:
-    """The MTUs of the links carrying this host's default routes, via netlink (pyroute2).
-
-    A route's own ``mtu`` metric counts where it is smaller than its device's. Empty where
-    there is no default route or netlink cannot be read.
-    """
-    from pyroute2 import IPRoute
-
-    found: list[LinkMtu] = []
-    try:
-        with IPRoute() as ipr:
-            names: dict[int, tuple[str, int]] = {}
-            for link in ipr.get_links():
-                names[link["index"]] = (
-                    str(link.get_attr("IFLA_IFNAME")),
-                    int(link.get_attr("IFLA_MTU") or 0),
-                )
-            for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
-                for msg in ipr.get_routes(family=family, table=254):
-                    if msg["dst_len"] != 0 or msg["type"] != 1:  # unicast default routes
-                        continue
-                    name, mtu = names.get(msg.get_attr("RTA_OIF"), ("", 0))
-                    metrics = msg.get_attr("RTA_METRICS")
-                    route_mtu = metrics.get_attr("RTAX_MTU") if metrics is not None else None
-                    if route_mtu:
-                        mtu = min(mtu, int(route_mtu)) if mtu else int(route_mtu)
-                    if mtu:
-                        found.append(LinkMtu(interface=name, mtu=mtu, family=version))
-    except OSError:
-        return []
-    return found
