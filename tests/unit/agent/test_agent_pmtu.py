@@ -170,7 +170,7 @@ def test_a_black_hole_lowers_the_tunnel_mtu_and_icmp_follows() -> None:
 
 
 def test_probe_datagrams_are_checked() -> None:
-    pair, a, b = established()
+    pair, _, b = established()
     assert b.accept(PROBE_MAGIC + b"\x09" + bytes(4)) is None
     assert b.stats.dropped_malformed == 1
     assert b.accept(PROBE_MAGIC + b"\x02" + (99).to_bytes(4, "big")) is None  # unasked

@@ -184,6 +184,11 @@ class CyphonicQuicConnection(QuicConnection):
             configuration=configuration,
             original_destination_connection_id=original_destination_connection_id,
         )
+        if configuration.is_client:
+            # The server's link is unknown until its transport parameters arrive: the first
+            # flight is QUIC's minimum (aioquic would pad it to max_datagram_size, which a
+            # small link on the server's side, with DF set, never lets through).
+            self._max_datagram_size = min(self._max_datagram_size, _MIN_DATAGRAM)
         if connection_id_factory is not None:
             first = self._host_cids[0]
             first.cid = self._new_cid(0)
@@ -256,8 +261,8 @@ class CyphonicQuicConnection(QuicConnection):
         # aioquic checks the value (>= 1200) but never sends less; a peer on a small link
         # asks for it, and with DF on nothing larger would arrive.
         limit = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size
-        if limit is not None and limit < self._max_datagram_size:
-            self._max_datagram_size = limit
+        size = self._configuration.max_datagram_size
+        self._max_datagram_size = min(size, limit) if limit is not None else size
 
     # -- read-only views the endpoint needs, kept here so the endpoint stays engine-neutral
 
@@ -341,6 +346,10 @@ class CyphonicQuicConnection(QuicConnection):
         if remote is not None:
             payload = min(payload, remote - 1 - size_uint_var(remote))
         return max(payload, 0)
+
+
+_MIN_DATAGRAM = 1200
+"""The smallest UDP payload every QUIC path carries (RFC 9000 14)."""
 
 
 def factory_cid(factory: ConnectionIdFactory, sequence_number: int, length: int) -> bytes:
