@@ -37,6 +37,7 @@ from cyphonic.log import get_logger
 from cyphonic.pki import CertifiedKey, TrustStore, load_certificates, load_identity
 from cyphonic.quic import Acceptor, QuicEndpoint
 from cyphonic.v1 import signalling_pb2 as pb
+from pyroute2.netlink.exceptions import NetlinkError
 
 from cyphonic_agent.access import AgentAccess
 from cyphonic_agent.config import AgentSettings
@@ -342,7 +343,11 @@ class Agent:
         plan = OverlayPlan.from_registration(reg)
         v4, v6 = plan.ipv4, plan.ipv6
         try:
-            host = await asyncio.to_thread(self.edges.host_networks, exclude_ifindexes=())
+            try:
+                host = await asyncio.to_thread(self.edges.host_networks, exclude_ifindexes=())
+            except (OSError, NetlinkError) as exc:  # unreadable: the whole pool, as before
+                self.log.warning("host_networks_unreadable", error=str(exc))
+                host = HostNetworks()
             self.overlay_routes = routes = plan_routes(own=plan.interfaces, host=host)
             # The addresses alone (/32, /128): the pool's routes are ``routes.prefixes``,
             # which leave out whatever the host already routes elsewhere.
@@ -446,7 +451,7 @@ class Agent:
                 self.overlay_routes = plan_routes(own=plan.interfaces, host=host)
             except RouteClash as exc:
                 self.log.error("route_clash", error=str(exc))
-            except OSError as exc:
+            except (OSError, NetlinkError) as exc:
                 self.log.warning("host_networks_unreadable", error=str(exc))
             else:
                 self._peer_routes.clear()

@@ -139,7 +139,7 @@ def plan_routes(*, own: Sequence[Interface], host: HostNetworks) -> OverlayRoute
             raise RouteClash(
                 f"this node's virtual address {iface.ip} (overlay pool {iface.network}) is "
                 f"{why}; the overlay cannot use it. Move the NMS pool (--ipv4-pool / "
-                "--ipv6-prefix) off this network, or this host off the pool"
+                "--ipv6-pool) off this network, or this host off the pool"
             )
     prefixes: list[Network] = list(pools)
     shadowed: list[HostRoute] = []

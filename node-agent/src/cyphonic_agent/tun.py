@@ -312,7 +312,7 @@ class TunDevice:
         for route in cfg.routes:
             if route in connected:
                 continue  # the kernel made this route with the address
-            ipr.route("replace", dst=str(route), oif=self.index)
+            ipr.route("replace", **self._route_args(route))
             self._added_routes.append(route)
 
     def read(self, limit: int = READ_BATCH, budget: int | None = None) -> list[bytes]:
@@ -338,6 +338,15 @@ class TunDevice:
         """Deliver gather lists that start with a virtio_net_hdr (a device with offloads)."""
         return write_frames(self.fd, writes, self.stats)
 
+    def _route_args(self, route: IpNetwork) -> dict[str, Any]:
+        # The node's own virtual address as the source of what the route carries, whatever
+        # other addresses the host holds (its address is a /32 or /128 with no prefix).
+        args: dict[str, Any] = {"dst": str(route), "oif": self.index}
+        for iface in self._added_addresses:
+            if iface.version == route.version:
+                args["prefsrc"] = str(iface.ip)
+        return args
+
     def set_routes(self, routes: Iterable[IpNetwork]) -> None:
         """Make the prefixes routed into the device exactly ``routes`` (added, removed)."""
         wanted = list(dict.fromkeys(routes))
@@ -350,7 +359,7 @@ class TunDevice:
         def change() -> None:
             with IPRoute() as ipr:
                 for route in add:
-                    ipr.route("replace", dst=str(route), oif=self.index)
+                    ipr.route("replace", **self._route_args(route))
                     self._added_routes.append(route)
                 for route in remove:
                     _ignore_gone(ipr.route, "del", dst=str(route), oif=self.index)

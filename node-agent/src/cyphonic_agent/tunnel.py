@@ -44,6 +44,11 @@ lost one costs only speed, briefly). Until the peer has said so,
 ``peer_partial`` is False and every inner checksum leaves complete; an older agent counts
 the datagram as malformed and ignores it. Only the authenticated peer can send it, and all
 it changes is whether its own inbound packets carry complete checksums.
+
+Path MTU probes (``poll_pmtu``, ``pmtu.PathMtuSearch``) are such datagrams too
+(``0x00 "CYP"``): padded to a size, answered with their id. Above what the tunnel carries,
+IPv6 packets of at most 1,280 bytes are fragmented here (IPv6's minimum MTU; RFC 8200 5
+asks a link that carries less to fragment), larger ones get ICMPv6 "packet too big" 1280.
 """
 
 from __future__ import annotations

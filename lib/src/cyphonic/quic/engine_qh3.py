@@ -367,6 +367,9 @@ class Qh3QuicConnection(Qh3Connection):
         self._datagrams_queued = 0
         self._paths = _ReturningAddresses(None)
         self._terminated_event: aq.ConnectionTerminated | None = None
+        self._path_size: int | None = None
+        """The core's datagram limit once the handshake is done (reading it costs ~4 us);
+        forgotten when the path changes."""
         super().__init__(
             configuration=configuration,
             original_destination_connection_id=original_destination_connection_id,
@@ -437,7 +440,9 @@ class Qh3QuicConnection(Qh3Connection):
                 continue
             if kind == "peer_migration":
                 self._paths.probing_started()
+                self._path_size = None
             elif kind == "path_validated":
+                self._path_size = None
                 if self._paths.active_changed(core.active_path[2]):
                     # Packets sent on the old path are out of qh3's PTO (module
                     # docstring): one ack-eliciting packet on the new path lets loss
@@ -665,10 +670,16 @@ class Qh3QuicConnection(Qh3Connection):
         remote = self._remote_max_datagram_frame_size
         if remote is None and self._handshake_complete:
             return 0
-        core = self._core
         # The core's path limit: our max_datagram_size or less where the peer's
         # max_udp_payload_size asks for less (a small access link on its side).
-        size = core.active_path[5] if core is not None else self._configuration.max_datagram_size
+        size = self._path_size
+        if size is None:
+            core = self._core
+            size = (
+                core.active_path[5] if core is not None else self._configuration.max_datagram_size
+            )
+            if self._handshake_complete:
+                self._path_size = size
         room = size - engine._SHORT_HEADER - engine.CID_LENGTH - engine._AEAD_TAG
         payload = room - 1 - size_uint_var(room)
         if remote is not None:
