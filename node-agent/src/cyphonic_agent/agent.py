@@ -207,6 +207,7 @@ class Agent:
                 },
                 idle_timeout=self.settings.peer_timeout_s,
                 max_datagram_size=self.path_sizes.datagram,
+                max_udp_payload_size=self.path_sizes.receive,
                 dont_fragment=True,
             )
         except OSError as exc:

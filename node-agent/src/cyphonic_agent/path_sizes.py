@@ -37,6 +37,9 @@ class PathSizes:
     tun_mtu: int
     limited_by: LinkMtu | None = None
     """The link that made them smaller than configured (None: the configuration)."""
+    receive: int | None = None
+    """The largest UDP payload the host's links receive unfragmented, sent to peers as
+    ``max_udp_payload_size`` (None: no link known, nothing sent)."""
 
 
 def datagram_room(link: LinkMtu) -> int:
@@ -52,14 +55,18 @@ def plan_sizes(*, tun_mtu: int, links: list[LinkMtu]) -> PathSizes:
     """
     datagram = max_datagram_size_for(tun_mtu=tun_mtu)
     limited_by: LinkMtu | None = None
+    receive: int | None = None
     for link in links:
         room = max(datagram_room(link), QUIC_MIN_DATAGRAM)
+        receive = room if receive is None else min(receive, room)
         if room < datagram:
             datagram, limited_by = room, link
     # Never below IPv6's 1,280 (the TUN carries IPv6 too): what the datagram cannot carry
     # the tunnel answers with ICMP too big (IPv4) or fragments itself (IPv6, RFC 8200 5).
     inner = max(inner_mtu_for(datagram), IPV6_MIN_MTU)
-    return PathSizes(datagram=datagram, tun_mtu=min(tun_mtu, inner), limited_by=limited_by)
+    return PathSizes(
+        datagram=datagram, tun_mtu=min(tun_mtu, inner), limited_by=limited_by, receive=receive
+    )
 
 
 # ---------------------------------------------------------------------- the host's links

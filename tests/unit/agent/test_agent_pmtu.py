@@ -101,6 +101,7 @@ def test_sizes_follow_the_smallest_link() -> None:
     assert (plain.datagram, plain.tun_mtu, plain.limited_by) == (1450, 1420, None)
     small = plan_sizes(tun_mtu=1420, links=[LinkMtu("eth0", 1500, 4), LinkMtu("wwan0", 1280, 4)])
     assert (small.datagram, small.tun_mtu) == (1252, 1280)  # never below IPv6's minimum
+    assert (plain.receive, small.receive) == (1472, 1252)  # sent as max_udp_payload_size
     assert small.limited_by == LinkMtu("wwan0", 1280, 4)
     assert plan_sizes(tun_mtu=1420, links=[LinkMtu("eth0", 1280, 6)]).datagram == 1232
     assert plan_sizes(tun_mtu=1420, links=[LinkMtu("ppp0", 576, 4)]).datagram == 1200

@@ -41,6 +41,7 @@ def _conn(
         "alpn_protocols": ["cyphonic-tun/1"],
         "idle_timeout": 10.0,
         "max_datagram_size": size,
+        "max_udp_payload_size": size if size == SMALL else 1472,  # the link's room
     }
     if client:
         options["server_name"] = f"bob.{DOMAIN}"
@@ -133,3 +134,21 @@ def test_dont_fragment_on_the_socket() -> None:
         assert sock.getsockopt(socket.IPPROTO_IP, 10) == probe  # IP_MTU_DISCOVER
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("client_kind", ENGINES)
+def test_a_normal_link_keeps_migration_working(material: pki.PkiMaterial, client_kind: str) -> None:
+    """An agent on a 1,500-byte link sends 1,472 (its link's room), never less than a
+    service's 1,452: qh3 cannot make a new path for a peer that asked for less than its own
+    max_datagram_size (docs/pki-and-quic.md), and NAT rebinding needs new paths."""
+    client = _conn(material, client_kind, client=True, size=1450)
+    client.connect(SERVER_ADDR, now=0.0)
+    server, _, done = _handshake(
+        client,
+        lambda odcid: _conn(material, "qh3", client=False, size=1452, odcid=odcid),
+        carries=1500,
+    )
+    client.send_ping(5)
+    for data, _ in client.datagrams_to_send(now=done + 0.1):
+        server.receive_datagram(data, ("10.0.0.99", 5555), now=done + 0.1)  # a new NAT port
+    assert server.max_datagram_payload() == 1450 - 30 + 2  # the service's own 1,452

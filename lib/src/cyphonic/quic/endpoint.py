@@ -371,6 +371,7 @@ class QuicEndpoint:
         congestion_control: str,
         engine: str | None = None,
         max_handshakes: int = 1024,
+        max_udp_payload_size: int | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         engine = engine or default_engine()
@@ -387,6 +388,9 @@ class QuicEndpoint:
         }
         self.idle_timeout = idle_timeout
         self.max_datagram_size = max_datagram_size
+        self.max_udp_payload_size = max_udp_payload_size
+        """Sent to every peer as the transport parameter (the largest UDP payload our link
+        receives), None: not sent; every peer's is honoured either way."""
         self.max_pending_datagrams = max_pending_datagrams
         """Bound on queued DATAGRAM frames per connection (aioquic's queue is unbounded)."""
         self.max_handshakes = max_handshakes
@@ -404,6 +408,7 @@ class QuicEndpoint:
                 idle_timeout=idle_timeout,
                 max_datagram_size=max_datagram_size,
                 congestion_control=congestion_control,
+                max_udp_payload_size=max_udp_payload_size,
             )
             if self._acceptors
             else None
@@ -415,6 +420,7 @@ class QuicEndpoint:
                 alpn_protocols=list(self._acceptors),
                 idle_timeout=idle_timeout,
                 max_datagram_size=max_datagram_size,
+                max_udp_payload_size=max_udp_payload_size,
             )
             if self._acceptors and self._qh3 is not None
             else None
@@ -469,6 +475,7 @@ class QuicEndpoint:
         engine: str | None = None,
         max_handshakes: int = 1024,
         dont_fragment: bool = False,
+        max_udp_payload_size: int | None = None,
     ) -> QuicEndpoint:
         """Bind the UDP socket and start serving.
 
@@ -480,6 +487,8 @@ class QuicEndpoint:
         bounds the server handshakes under way at once (more Initials are dropped).
         ``dont_fragment``: set DF on every datagram (``set_dont_fragment``); then keep
         ``max_datagram_size`` within the path, nothing larger leaves.
+        ``max_udp_payload_size``: sent to peers as that transport parameter (our link's
+        limit; None: not sent).
         """
         engine = engine or default_engine()
         _load_engine(engine)  # refuse an unknown or missing engine before binding
@@ -497,6 +506,7 @@ class QuicEndpoint:
             congestion_control=congestion_control,
             engine=engine,
             max_handshakes=max_handshakes,
+            max_udp_payload_size=max_udp_payload_size,
         )
 
     @property
@@ -571,6 +581,7 @@ class QuicEndpoint:
                         idle_timeout=self.idle_timeout,
                         max_datagram_size=self.max_datagram_size,
                         server_name=expected_name,
+                        max_udp_payload_size=self.max_udp_payload_size,
                     ),
                     peer_verifier=verifier,
                     connection_id_factory=connection_id_factory,
@@ -586,6 +597,7 @@ class QuicEndpoint:
                 max_datagram_size=self.max_datagram_size,
                 server_name=expected_name,
                 congestion_control=self._congestion_control,
+                max_udp_payload_size=self.max_udp_payload_size,
             )
             quic = CyphonicQuicConnection(
                 configuration=config,

@@ -245,13 +245,15 @@ class CyphonicQuicConnection(QuicConnection):
         if not self._is_client:
             context._request_client_certificate = True
 
-    # -- path MTU: max_udp_payload_size sent and honoured (docs/agent.md "Path MTU")
+    # -- path MTU: max_udp_payload_size sent (if configured) and honoured (docs/agent.md)
 
     def _serialize_transport_parameters(self) -> bytes:
-        params = pull_quic_transport_parameters(
-            Buffer(data=super()._serialize_transport_parameters())
-        )
-        params.max_udp_payload_size = self._configuration.max_datagram_size
+        data = super()._serialize_transport_parameters()
+        limit = getattr(self._configuration, "max_udp_payload_size", None)
+        if limit is None:
+            return data
+        params = pull_quic_transport_parameters(Buffer(data=data))
+        params.max_udp_payload_size = limit
         buf = Buffer(capacity=3 * self._max_datagram_size)
         push_quic_transport_parameters(buf, params)
         return bytes(buf.data)
@@ -368,6 +370,15 @@ def check_initial_destination_cid(cid: bytes, *, is_client: bool) -> None:
         raise ValueError("an initial destination CID has 8 to 20 bytes")
 
 
+@dataclass
+class CyphonicConfiguration(QuicConfiguration):
+    """aioquic's configuration and what it lacks."""
+
+    max_udp_payload_size: int | None = None
+    """Sent as the transport parameter (RFC 9000 18.2): the largest UDP payload this side's
+    link receives; None: not sent (no limit)."""
+
+
 def make_configuration(
     *,
     is_client: bool,
@@ -377,9 +388,11 @@ def make_configuration(
     max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE,
     server_name: str | None = None,
     congestion_control: str = "reno",
+    max_udp_payload_size: int | None = None,
 ) -> QuicConfiguration:
     """A QuicConfiguration for one role: DATAGRAM on, our certificate, no built-in checks."""
-    return QuicConfiguration(
+    return CyphonicConfiguration(
+        max_udp_payload_size=max_udp_payload_size,
         is_client=is_client,
         alpn_protocols=alpn_protocols,
         certificate=identity.cert,

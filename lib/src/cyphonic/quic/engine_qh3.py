@@ -69,6 +69,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from aioquic.buffer import size_uint_var
@@ -402,7 +403,9 @@ class Qh3QuicConnection(Qh3Connection):
         context.peer_verifier = self._peer_verifier
         context.peer_identity = None
         context.verification_error = None
-        _advertise_max_udp_payload(bridge, self._configuration.max_datagram_size)
+        limit = getattr(self._configuration, "max_udp_payload_size", None)
+        if limit is not None:
+            _advertise_max_udp_payload(bridge, limit)
         return bridge
 
     def next_event(self) -> Any:
@@ -691,9 +694,11 @@ _BUILDER_CAPACITY = "packet builder capacity exhausted"
 
 
 def _advertise_max_udp_payload(bridge: Any, size: int) -> None:
-    """Send ``max_udp_payload_size`` = our ``max_datagram_size`` (RFC 9000 18.2) instead of
-    qh3's fixed 1472 (client) or nothing (server), so a peer never sends us more than our
-    own link carries (the agent sizes it from its link; docs/agent.md "Path MTU")."""
+    """Send ``max_udp_payload_size`` = ``size`` (RFC 9000 18.2) instead of qh3's fixed 1472
+    (client) or nothing (server), so a peer never sends us more than our own link carries
+    (the agent sets it from its link; docs/agent.md "Path MTU"). qh3 2.1.0 fails to make a
+    new path (migration) on a connection whose peer asked for less than its own
+    ``max_datagram_size`` ("path allocation failed"), so only a link-limited side sends it."""
     serialize = bridge.serialize_transport_parameters
 
     def serialized() -> bytes:
@@ -837,6 +842,14 @@ def _packet_ends(data: bytes, cid_length: int) -> list[int] | None:
     return None
 
 
+@dataclass
+class CyphonicQh3Configuration(Qh3Configuration):
+    """qh3's configuration and what it lacks."""
+
+    max_udp_payload_size: int | None = None
+    """Sent as the transport parameter (RFC 9000 18.2); None: qh3's own choice."""
+
+
 def make_configuration(
     *,
     is_client: bool,
@@ -845,9 +858,11 @@ def make_configuration(
     idle_timeout: float,
     max_datagram_size: int = engine.DEFAULT_MAX_DATAGRAM_SIZE,
     server_name: str | None = None,
+    max_udp_payload_size: int | None = None,
 ) -> Qh3Configuration:
     """A qh3 configuration for one role: DATAGRAM on, our certificate, no built-in checks."""
-    config = Qh3Configuration(
+    config = CyphonicQh3Configuration(
+        max_udp_payload_size=max_udp_payload_size,
         is_client=is_client,
         alpn_protocols=alpn_protocols,
         idle_timeout=idle_timeout,
