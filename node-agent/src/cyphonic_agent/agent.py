@@ -37,6 +37,7 @@ from cyphonic.log import get_logger
 from cyphonic.pki import CertifiedKey, TrustStore, load_certificates, load_identity
 from cyphonic.quic import Acceptor, QuicEndpoint
 from cyphonic.v1 import signalling_pb2 as pb
+from pyroute2.netlink.exceptions import NetlinkError
 
 from cyphonic_agent.access import AgentAccess
 from cyphonic_agent.config import AgentSettings
@@ -44,8 +45,16 @@ from cyphonic_agent.control import OverlayPlan
 from cyphonic_agent.datapath import DataPath
 from cyphonic_agent.dns import DnsStub
 from cyphonic_agent.enroll import AgentState, StatePaths, read_agent_state
-from cyphonic_agent.mobility import MoveDetector, MoveWatcher, host_addresses
+from cyphonic_agent.mobility import Move, MoveDetector, MoveWatcher, host_addresses
 from cyphonic_agent.nms import AGENT_VERSION, AgentFailed, NmsClient, NmsLink
+from cyphonic_agent.overlay_routes import (
+    HostNetworks,
+    OverlayRoutes,
+    RouteClash,
+    host_networks,
+    plan_routes,
+)
+from cyphonic_agent.path_sizes import LinkMtu, PathSizes, link_mtus, plan_sizes
 from cyphonic_agent.peers import Peers
 from cyphonic_agent.ping import Pinger
 from cyphonic_agent.relay import RelayClient
@@ -60,8 +69,7 @@ from cyphonic_agent.status import (
     peer_rows,
     registered_addresses,
 )
-from cyphonic_agent.tun import TUN_DEVICE_PATH, TunConfig, TunDevice
-from cyphonic_agent.tunnel import max_datagram_size_for
+from cyphonic_agent.tun import TUN_DEVICE_PATH, TunConfig, TunDevice, run_netlink
 
 __all__ = ["AGENT_VERSION", "Agent", "AgentEdges", "AgentFailed", "run_agent"]
 
@@ -69,6 +77,7 @@ TICK_S = 0.5
 """Housekeeping period: pending-packet expiry, stuck routes, tunnel keepalives."""
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def check_tun_access() -> None:
@@ -102,16 +111,24 @@ class AgentEdges:
     start_dns: Callable[..., Awaitable[DnsStub]] = DnsStub.start
     watch_moves: Callable[..., Watcher] = MoveWatcher
     host_addresses: Callable[..., list[IPAddress]] = host_addresses
+    link_mtus: Callable[[], list[LinkMtu]] = link_mtus
+    host_networks: Callable[..., HostNetworks] = host_networks
 
 
 class Agent:
     """One running node agent. ``await Agent(settings).run(stop)`` until ``stop`` is set."""
 
     def __init__(self, settings: AgentSettings, *, edges: AgentEdges | None = None) -> None:
-        self.settings = settings
         self.edges = edges or AgentEdges()
         paths = StatePaths(settings.state_dir)
         self.state: AgentState = read_agent_state(paths.directory)
+        self.path_sizes: PathSizes = plan_sizes(
+            tun_mtu=settings.mtu, links=run_netlink(self.edges.link_mtus)
+        )
+        """Datagram and TUN sizes fitted to the host's links (pmtu.py, docs/agent.md)."""
+        if self.path_sizes.tun_mtu != settings.mtu:
+            settings = settings.model_copy(update={"mtu": self.path_sizes.tun_mtu})
+        self.settings = settings
         try:
             self.identity: CertifiedKey = load_identity(paths.cert, paths.key)
             root = load_certificates(paths.root_ca)[0]
@@ -166,8 +183,12 @@ class Agent:
             spawn=self._spawn,
             moves=lambda: self.mobility.detector.moves,
         )
+        self.overlay_routes: OverlayRoutes | None = None
+        """What the TUN routes (the pool minus the host's own networks, overlay_routes)."""
+        self._peer_routes: dict[bytes, Network] = {}
+        """Host routes into the TUN for peers the pool prefixes do not carry."""
         self.mobility = self.edges.watch_moves(
-            on_move=self.roaming.moved,
+            on_move=self._moved,
             on_lost=self.roaming.path_lost,
             exclude_ifindexes=lambda: [self.tun.index] if self.tun is not None else [],
         )
@@ -196,7 +217,9 @@ class Agent:
                     )
                 },
                 idle_timeout=self.settings.peer_timeout_s,
-                max_datagram_size=max_datagram_size_for(tun_mtu=self.settings.mtu),
+                max_datagram_size=self.path_sizes.datagram,
+                max_udp_payload_size=self.path_sizes.receive,
+                dont_fragment=True,
             )
         except OSError as exc:
             where = format_host_port(self.settings.quic_host, self.settings.quic_port)
@@ -211,8 +234,14 @@ class Agent:
         )
         self.peers.endpoint, self.peers.relay = self.endpoint, self.relay
         self.relay.start()
+        limited = self.path_sizes.limited_by
         self.log.info(
-            "agent_starting", version=AGENT_VERSION, state_dir=str(self.settings.state_dir)
+            "agent_starting",
+            version=AGENT_VERSION,
+            state_dir=str(self.settings.state_dir),
+            max_datagram_size=self.path_sizes.datagram,
+            tun_mtu=self.settings.mtu,
+            mtu_limited_by=f"{limited.interface} mtu {limited.mtu}" if limited else None,
         )
         try:
             pinger = Pinger(
@@ -342,17 +371,35 @@ class Agent:
         plan = OverlayPlan.from_registration(reg)
         v4, v6 = plan.ipv4, plan.ipv6
         try:
+            try:
+                host = await asyncio.to_thread(self.edges.host_networks, exclude_ifindexes=())
+            except (OSError, NetlinkError) as exc:  # unreadable: the whole pool, as before
+                self.log.warning("host_networks_unreadable", error=str(exc))
+                host = HostNetworks()
+            self.overlay_routes = routes = plan_routes(own=plan.interfaces, host=host)
+            # The addresses alone (/32, /128): the pool's routes are ``routes.prefixes``,
+            # which leave out whatever the host already routes elsewhere.
             self.tun = self.edges.open_tun(
                 TunConfig(
                     name=self.settings.tun_name,
                     mtu=self.settings.mtu,
-                    ipv4=v4,
-                    ipv6=v6,
+                    ipv4=ipaddress.IPv4Interface(v4.ip) if v4 is not None else None,
+                    ipv6=ipaddress.IPv6Interface(v6.ip) if v6 is not None else None,
+                    routes=routes.prefixes,
                     offload=self.settings.tun_offload,
                 )
             )
         except CyphonicError as exc:
             raise AgentFailed(exc) from exc
+        if routes.shadowed:
+            self.log.warning(
+                "overlay_pool_shadowed",
+                host_prefixes=[str(r) for r in routes.shadowed],
+                tun_prefixes=[str(p) for p in routes.prefixes],
+                detail="the host routes part of the overlay pool itself; peers there get "
+                "host routes (docs/agent.md 'Choosing the pool')",
+            )
+        self.peers.routes.on_addresses = self._peer_addresses
         self.peers.overlay = plan
         self.datapath = DataPath(
             tun=self.tun, on_miss=self.peers.on_miss, packet_filter=self.access.filter
@@ -392,6 +439,58 @@ class Agent:
             dns=format_host_port(*address) if address else "off",
         )
 
+    # ------------------------------------------------------------------ kernel routes
+
+    def _peer_addresses(
+        self, fqdn: str, added: frozenset[bytes], removed: frozenset[bytes]
+    ) -> None:
+        """The route table learnt or forgot a peer's virtual addresses."""
+        for raw in removed:
+            self._peer_routes.pop(raw, None)
+        for raw in added:
+            self._peer_route(fqdn, raw)
+        self._apply_routes()
+
+    def _peer_route(self, fqdn: str, raw: bytes) -> None:
+        if self.overlay_routes is None:
+            return
+        try:
+            prefix = self.overlay_routes.peer_route(ipaddress.ip_address(raw))
+        except RouteClash as exc:
+            self.log.error("route_clash", peer=fqdn, error=str(exc))
+            return
+        if prefix is not None:
+            self._peer_routes[raw] = prefix
+
+    def _apply_routes(self) -> None:
+        if self.tun is None or self.overlay_routes is None:
+            return
+        try:
+            self.tun.set_routes([*self.overlay_routes.prefixes, *self._peer_routes.values()])
+        except CyphonicError as exc:
+            self.log.error("tun_routes_failed", error=str(exc))
+
+    async def _moved(self, move: Move) -> None:
+        """The host's addresses or routes changed: re-plan the TUN's routes, then roam."""
+        plan = self.peers.overlay
+        if plan is not None and self.tun is not None:
+            try:
+                host = await asyncio.to_thread(
+                    self.edges.host_networks, exclude_ifindexes=[self.tun.index]
+                )
+                self.overlay_routes = plan_routes(own=plan.interfaces, host=host)
+            except RouteClash as exc:
+                self.log.error("route_clash", error=str(exc))
+            except (OSError, NetlinkError) as exc:
+                self.log.warning("host_networks_unreadable", error=str(exc))
+            else:
+                self._peer_routes.clear()
+                for route in self.peers.routes.routes():
+                    for raw in route.addresses:
+                        self._peer_route(route.fqdn, raw)
+                await asyncio.to_thread(self._apply_routes)
+        await self.roaming.moved(move)
+
     # ------------------------------------------------------------------ housekeeping
 
     async def _housekeeping(self) -> None:
@@ -403,9 +502,29 @@ class Agent:
                 self.datapath.pending.expire(now=now)
             self.peers.expire(now=now)
             self.access.filter.expire(time.monotonic())  # the data path's clock
+            self._probe_paths(now)
             if now - self._last_ping >= self.settings.tunnel_keepalive_s:
                 self._last_ping = now
                 self.peers.ping_tunnels()
+
+    def _probe_paths(self, now: float) -> None:
+        """Path MTU search on every tunnel that carries packets (tunnel.poll_pmtu)."""
+        for route in self.peers.routes.routes():
+            live = route.tunnel
+            if live is None or live.conn.is_closed:
+                continue
+            search = live.tunnel.core.pmtu
+            before = search.mtu if search is not None else None
+            if live.tunnel.core.poll_pmtu(now):
+                live.conn.transmit()
+            search = live.tunnel.core.pmtu
+            if search is not None and before is not None and search.mtu != before:
+                self.log.info(
+                    "path_mtu_changed",
+                    peer=route.fqdn,
+                    mtu=search.mtu,
+                    why=search.history[-1][2] if search.history else None,
+                )
 
     # ------------------------------------------------------------------ status
 

@@ -229,3 +229,43 @@ def fragment_ipv4(packet: bytes, *, mtu: int) -> list[bytes]:
         struct.pack_into("!H", head, IPV4_OFF_CHECKSUM, internet_checksum(bytes(head)))
         fragments.append(bytes(head) + chunk)
     return fragments
+
+
+IPV6_MIN_MTU = 1280
+"""Every IPv6 link carries this much (RFC 8200 5); a tunnel that carries less fragments."""
+PROTO_IPV6_FRAGMENT = 44
+IPV6_FRAGMENT_HEADER_LEN = 8
+_IPV6_PER_FRAGMENT = frozenset({0, 43, 60})
+"""Hop-by-hop, routing, destination options: may belong to the unfragmentable part."""
+
+
+def fragment_ipv6(packet: bytes, *, mtu: int, identification: int) -> list[bytes]:
+    """Split an IPv6 packet of at most 1,280 bytes into fragments of at most ``mtu`` bytes.
+
+    IPv6 routers never fragment and senders go no lower than 1,280 bytes, so a link that
+    carries less must fragment itself (RFC 8200 5); the tunnel does it with a Fragment
+    header, which only the receiving node (over the tunnel) ever sees. Packets whose first
+    extension header is hop-by-hop, routing or destination options are refused
+    (``MalformedMessage``): the unfragmentable part is not worked out here.
+    """
+    if len(packet) < IPV6_HEADER_LEN or packet[0] >> 4 != 6:
+        raise MalformedMessage("not an IPv6 packet")
+    next_header = packet[IPV6_OFF_NEXT_HEADER]
+    if next_header in _IPV6_PER_FRAGMENT or next_header == PROTO_IPV6_FRAGMENT:
+        raise MalformedMessage("IPv6 packet with extension headers: not fragmented here")
+    if len(packet) <= mtu:
+        return [packet]
+    block = (mtu - IPV6_HEADER_LEN - IPV6_FRAGMENT_HEADER_LEN) // 8 * 8
+    if block < 8:
+        raise MalformedMessage(f"MTU {mtu} too small to fragment")
+    payload = packet[IPV6_HEADER_LEN:]
+    fragments: list[bytes] = []
+    for start in range(0, len(payload), block):
+        chunk = payload[start : start + block]
+        more = start + block < len(payload)
+        head = bytearray(packet[:IPV6_HEADER_LEN])
+        struct.pack_into("!H", head, IPV6_OFF_PAYLOAD_LENGTH, IPV6_FRAGMENT_HEADER_LEN + len(chunk))
+        head[IPV6_OFF_NEXT_HEADER] = PROTO_IPV6_FRAGMENT
+        frag = struct.pack("!BBHI", next_header, 0, start | int(more), identification & 0xFFFFFFFF)
+        fragments.append(bytes(head) + frag + chunk)
+    return fragments

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -163,6 +163,10 @@ class RouteTable(Generic[T]):
     setup_timeout: float = 15.0
     hold_down: float = 2.0
     stats: RouteStats = field(default_factory=RouteStats)
+    on_addresses: Callable[[str, frozenset[bytes], frozenset[bytes]], None] | None = None
+    """Told (peer FQDN, virtual addresses added, removed) whenever the table learns or
+    forgets a peer's addresses, before anyone is answered (the agent installs host routes
+    for peers the TUN's prefixes do not carry, ``overlay_routes``)."""
     _by_fqdn: dict[str, PeerRoute[T]] = field(default_factory=dict)
     _by_address: dict[bytes, str] = field(default_factory=dict)
     _held: dict[str | bytes, float] = field(default_factory=dict)
@@ -345,6 +349,8 @@ class RouteTable(Generic[T]):
         for old in route.addresses - addresses:
             if self._by_address.get(old) == route.fqdn:
                 del self._by_address[old]
+        if self.on_addresses is not None:
+            self.on_addresses(route.fqdn, addresses - route.addresses, route.addresses - addresses)
         route.addresses = addresses
         for address in addresses:
             self._by_address[address] = route.fqdn
@@ -356,3 +362,5 @@ class RouteTable(Generic[T]):
         for address in route.addresses:
             if self._by_address.get(address) == route.fqdn:
                 del self._by_address[address]
+        if self.on_addresses is not None and route.addresses:
+            self.on_addresses(route.fqdn, frozenset(), route.addresses)

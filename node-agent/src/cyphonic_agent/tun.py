@@ -312,7 +312,7 @@ class TunDevice:
         for route in cfg.routes:
             if route in connected:
                 continue  # the kernel made this route with the address
-            ipr.route("replace", dst=str(route), oif=self.index)
+            ipr.route("replace", **self._route_args(route))
             self._added_routes.append(route)
 
     def read(self, limit: int = READ_BATCH, budget: int | None = None) -> list[bytes]:
@@ -337,6 +337,38 @@ class TunDevice:
     def write_frames(self, writes: Iterable[Write]) -> int:
         """Deliver gather lists that start with a virtio_net_hdr (a device with offloads)."""
         return write_frames(self.fd, writes, self.stats)
+
+    def _route_args(self, route: IpNetwork) -> dict[str, Any]:
+        # The node's own virtual address as the source of what the route carries, whatever
+        # other addresses the host holds (its address is a /32 or /128 with no prefix).
+        args: dict[str, Any] = {"dst": str(route), "oif": self.index}
+        for iface in self._added_addresses:
+            if iface.version == route.version:
+                args["prefsrc"] = str(iface.ip)
+        return args
+
+    def set_routes(self, routes: Iterable[IpNetwork]) -> None:
+        """Make the prefixes routed into the device exactly ``routes`` (added, removed)."""
+        wanted = list(dict.fromkeys(routes))
+        connected = {a.network for a in self._added_addresses}
+        add = [r for r in wanted if r not in self._added_routes and r not in connected]
+        remove = [r for r in self._added_routes if r not in wanted]
+        if not add and not remove:
+            return
+
+        def change() -> None:
+            with IPRoute() as ipr:
+                for route in add:
+                    ipr.route("replace", **self._route_args(route))
+                    self._added_routes.append(route)
+                for route in remove:
+                    _ignore_gone(ipr.route, "del", dst=str(route), oif=self.index)
+                    self._added_routes.remove(route)
+
+        _netlink(change)
+        self._log.info(
+            "tun routes changed", added=[str(r) for r in add], removed=[str(r) for r in remove]
+        )
 
     def set_mtu(self, mtu: int) -> None:
         """Change the device MTU (the path changed)."""
@@ -395,6 +427,11 @@ def _offload_names(flags: int) -> list[str]:
         TUN_F_USO6: "uso6",
     }
     return [name for bit, name in names.items() if flags & bit] or ["refused"]
+
+
+def run_netlink(fn: Callable[[], _T]) -> _T:
+    """Run ``fn``, which uses pyroute2's synchronous ``IPRoute``, from anywhere (below)."""
+    return _netlink(fn)
 
 
 def _netlink(fn: Callable[[], _T]) -> _T:

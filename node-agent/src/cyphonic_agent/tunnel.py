@@ -44,10 +44,16 @@ lost one costs only speed, briefly). Until the peer has said so,
 ``peer_partial`` is False and every inner checksum leaves complete; an older agent counts
 the datagram as malformed and ignores it. Only the authenticated peer can send it, and all
 it changes is whether its own inbound packets carry complete checksums.
+
+Path MTU probes (``poll_pmtu``, ``pmtu.PathMtuSearch``) are such datagrams too
+(``0x00 "CYP"``): padded to a size, answered with their id. Above what the tunnel carries,
+IPv6 packets of at most 1,280 bytes are fragmented here (IPv6's minimum MTU; RFC 8200 5
+asks a link that carries less to fragment), larger ones get ICMPv6 "packet too big" 1280.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +65,8 @@ from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE
 from cyphonic.errors import MalformedMessage
 
 from cyphonic_agent.icmp import too_big
-from cyphonic_agent.packet import IPV4_FLAG_DF, fragment_ipv4
+from cyphonic_agent.packet import IPV4_FLAG_DF, IPV6_MIN_MTU, fragment_ipv4, fragment_ipv6
+from cyphonic_agent.pmtu import PathMtuSearch
 
 AEAD_TAG_SIZE = 16
 SHORT_HEADER_FIRST_BYTE = 1
@@ -72,6 +79,14 @@ CAPS_MAGIC = b"\x00CYC"
 CAPS_VERSION = 1
 CAPS_PARTIAL_CHECKSUMS = 0x01
 CAPS_SEEN_YOURS = 0x02
+QUIC_MIN_DATAGRAM = 1200
+"""The smallest UDP payload every QUIC path must carry (RFC 9000 14)."""
+PROBE_MAGIC = b"\x00CYP"
+PROBE_REQUEST = 1
+PROBE_ANSWER = 2
+PROBE_HEADER_LEN = len(PROBE_MAGIC) + 1 + 4
+PROBE_TIMEOUT_FLOOR_S = 1.0
+"""Shortest wait for a probe's answer (else three smoothed RTTs)."""
 CAPS_EVERY = 256
 """Batches between repeated capability datagrams once the peer has confirmed ours."""
 CAPS_UNCONFIRMED_EVERY = 16
@@ -94,6 +109,14 @@ def quic_overhead(*, cid_length: int = DEFAULT_CID_LENGTH, mtu: int = 1420) -> i
 def max_datagram_size_for(*, tun_mtu: int, cid_length: int = DEFAULT_CID_LENGTH) -> int:
     """The QUIC ``max_datagram_size`` (UDP payload) that carries ``tun_mtu`` inner packets."""
     return tun_mtu + quic_overhead(cid_length=cid_length, mtu=tun_mtu)
+
+
+def inner_mtu_for(datagram: int, *, cid_length: int = DEFAULT_CID_LENGTH) -> int:
+    """The largest inner packet that fits one DATAGRAM frame in ``datagram`` bytes."""
+    mtu = datagram - quic_overhead(cid_length=cid_length, mtu=datagram)
+    while mtu + quic_overhead(cid_length=cid_length, mtu=mtu) > datagram:
+        mtu -= 1
+    return mtu
 
 
 def tun_mtu_for(*, path_mtu: int, ipv6: bool, cid_length: int = DEFAULT_CID_LENGTH) -> int:
@@ -200,7 +223,7 @@ class TunnelStats:
     too_big: int = 0
     """Oversized packets answered with ICMP too big (or dropped where ICMP is forbidden)."""
     fragmented: int = 0
-    """IPv4 packets without DF split to fit."""
+    """IPv4 packets without DF, and IPv6 packets of at most 1,280 bytes, split to fit."""
     dropped_queue_full: int = 0
     """Packets dropped because the connection's datagram queue was at its bound."""
     dropped_not_ready: int = 0
@@ -211,6 +234,10 @@ class TunnelStats:
     """Datagrams from the peer that are not IP packets."""
     caps_sent: int = 0
     caps_received: int = 0
+    probes_sent: int = 0
+    """Path MTU probes sent (``pmtu``); answered ones show in the search's state."""
+    probes_answered: int = 0
+    """The peer's probes this side answered."""
 
 
 class TunnelCore:
@@ -257,6 +284,11 @@ class TunnelCore:
             # its next millisecond tick); the endpoint transmits once per received batch, so
             # acknowledging at once means one ACK per batch and no timer.
             quic._ack_delay = 0.0  # aioquic only; qh3's native core acknowledges itself
+        self.pmtu: PathMtuSearch | None = None
+        """The path MTU search (``poll_pmtu``); None until the tunnel carries datagrams."""
+        self._probe_answers: list[int] = []
+        self._fragment_id = int.from_bytes(os.urandom(4), "big")
+        """Identification of the IPv6 fragments this tunnel makes (RFC 7739: unpredictable)."""
         # Bound once: the cheapest way in per packet (aioquic: its queue's append).
         self._push: Callable[[bytes], None] = self._view.push_datagram
 
@@ -285,9 +317,47 @@ class TunnelCore:
 
     @property
     def effective_mtu(self) -> int:
-        """The largest inner packet this tunnel carries now (configured MTU or less)."""
+        """The largest inner packet this tunnel carries now (configured MTU or less, and
+        no more than the path MTU search has confirmed)."""
         capacity = _capacity(self._view)
-        return min(self.mtu, capacity) if capacity else self.mtu
+        mtu = min(self.mtu, capacity) if capacity else self.mtu
+        search = self.pmtu
+        return min(mtu, search.mtu) if search is not None else mtu
+
+    def poll_pmtu(self, now: float) -> bool:
+        """Run the path MTU search (``pmtu.PathMtuSearch``, RFC 8899) on clock ``now``:
+        hand it the peer's answers, queue the probe it asks for. True if a probe was
+        queued (then transmit). A probe is a datagram padded to the size of the inner
+        packet it stands for; the peer answers with its id::
+
+            0x00 "CYP" kind(1) id(4) [zero padding]   kind 1: probe, kind 2: answer
+        """
+        capacity = _capacity(self._view)
+        if not self.ready or capacity is None:
+            return False
+        upper = min(self.mtu, capacity)
+        base = inner_mtu_for(QUIC_MIN_DATAGRAM)
+        search = self.pmtu
+        if search is None or search.upper != upper:  # first time, or the peer's MTU came
+            if upper <= base:
+                return False
+            search = self.pmtu = PathMtuSearch(base=base, upper=upper, now=now)
+        for probe_id in self._probe_answers:
+            search.acked(probe_id, now=now)
+        self._probe_answers.clear()
+        rtt = self._view.smoothed_rtt
+        search.probe_timeout_s = max(PROBE_TIMEOUT_FLOOR_S, 3 * rtt) if rtt else 2.0
+        probe = search.poll(now)
+        if probe is None or probe.size > capacity:
+            return False
+        self._push(
+            PROBE_MAGIC
+            + bytes((PROBE_REQUEST,))
+            + probe.probe_id.to_bytes(4, "big")
+            + bytes(probe.size - PROBE_HEADER_LEN)
+        )
+        self.stats.probes_sent += 1
+        return True
 
     @property
     def pending(self) -> int:
@@ -359,7 +429,23 @@ class TunnelCore:
             self._caps_confirmed = False
             self._caps_in = 0
 
+    def _probe_received(self, data: bytes) -> None:
+        kind = data[len(PROBE_MAGIC)]
+        probe_id = data[len(PROBE_MAGIC) + 1 : PROBE_HEADER_LEN]
+        if kind == PROBE_REQUEST:
+            if self.ready:
+                self._push(PROBE_MAGIC + bytes((PROBE_ANSWER,)) + probe_id)
+                self.stats.probes_answered += 1
+        elif kind == PROBE_ANSWER:
+            if len(self._probe_answers) < 16:  # only one is ever under way
+                self._probe_answers.append(int.from_bytes(probe_id, "big"))
+        else:
+            self.stats.dropped_malformed += 1
+
     def _capabilities_received(self, data: bytes) -> None:
+        if len(data) >= PROBE_HEADER_LEN and data[: len(PROBE_MAGIC)] == PROBE_MAGIC:
+            self._probe_received(data)
+            return
         if len(data) < len(CAPS_MAGIC) + 2 or data[: len(CAPS_MAGIC)] != CAPS_MAGIC:
             self.stats.dropped_malformed += 1
             return
@@ -374,7 +460,21 @@ class TunnelCore:
             self._caps_in = 0  # the peer lacks ours (lost, or it restarted): with the next batch
 
     def _oversized(self, packet: bytes, mtu: int, answers: list[bytes]) -> list[bytes]:
-        # IPv4 without DF: fragment like a router; everything else: ICMP too big.
+        # IPv4 without DF: fragment like a router. IPv6 up to 1,280 bytes (its minimum
+        # MTU, below which no sender goes) on a path that carries less: fragment as the
+        # link's own layer must (RFC 8200 5). Everything else: ICMP too big, never
+        # announcing less than 1,280 to an IPv6 sender.
+        if packet[0] >> 4 == 6 and len(packet) <= IPV6_MIN_MTU:
+            self._fragment_id = (self._fragment_id + 1) & 0xFFFFFFFF
+            try:
+                pieces = fragment_ipv6(packet, mtu=mtu, identification=self._fragment_id)
+            except MalformedMessage:
+                self.stats.too_big += 1
+                return []
+            self.stats.fragmented += 1
+            return pieces
+        if packet[0] >> 4 == 6:
+            mtu = max(mtu, IPV6_MIN_MTU)
         if (
             packet[0] >> 4 == 4
             and len(packet) >= 20

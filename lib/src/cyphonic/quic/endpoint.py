@@ -382,6 +382,7 @@ class QuicEndpoint:
         congestion_control: str,
         engine: str | None = None,
         max_handshakes: int = 1024,
+        max_udp_payload_size: int | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         engine = engine or default_engine()
@@ -398,6 +399,9 @@ class QuicEndpoint:
         }
         self.idle_timeout = idle_timeout
         self.max_datagram_size = max_datagram_size
+        self.max_udp_payload_size = max_udp_payload_size
+        """Sent to every peer as the transport parameter (the largest UDP payload our link
+        receives), None: not sent; every peer's is honoured either way."""
         self.max_pending_datagrams = max_pending_datagrams
         """Bound on queued DATAGRAM frames per connection (aioquic's queue is unbounded)."""
         self.max_handshakes = max_handshakes
@@ -415,6 +419,7 @@ class QuicEndpoint:
                 idle_timeout=idle_timeout,
                 max_datagram_size=max_datagram_size,
                 congestion_control=congestion_control,
+                max_udp_payload_size=max_udp_payload_size,
             )
             if self._acceptors
             else None
@@ -426,6 +431,7 @@ class QuicEndpoint:
                 alpn_protocols=list(self._acceptors),
                 idle_timeout=idle_timeout,
                 max_datagram_size=max_datagram_size,
+                max_udp_payload_size=max_udp_payload_size,
             )
             if self._acceptors and self._qh3 is not None
             else None
@@ -481,6 +487,8 @@ class QuicEndpoint:
         congestion_control: str = "reno",
         engine: str | None = None,
         max_handshakes: int = 1024,
+        dont_fragment: bool = False,
+        max_udp_payload_size: int | None = None,
     ) -> QuicEndpoint:
         """Bind the UDP socket and start serving.
 
@@ -490,10 +498,16 @@ class QuicEndpoint:
         ``engine``: ``qh3`` or ``aioquic`` (default: ``CYPHONIC_QUIC_ENGINE``, else
         qh3); ``congestion_control`` applies to aioquic only. ``max_handshakes``
         bounds the server handshakes under way at once (more Initials are dropped).
+        ``dont_fragment``: set DF on every datagram (``set_dont_fragment``); then keep
+        ``max_datagram_size`` within the path, nothing larger leaves.
+        ``max_udp_payload_size``: sent to peers as that transport parameter (our link's
+        limit; None: not sent).
         """
         engine = engine or default_engine()
         _load_engine(engine)  # refuse an unknown or missing engine before binding
         sock = bind_udp(host, port)
+        if dont_fragment:
+            set_dont_fragment(sock)
         return cls(
             sock=sock,
             identity=identity,
@@ -505,6 +519,7 @@ class QuicEndpoint:
             congestion_control=congestion_control,
             engine=engine,
             max_handshakes=max_handshakes,
+            max_udp_payload_size=max_udp_payload_size,
         )
 
     @property
@@ -579,6 +594,7 @@ class QuicEndpoint:
                         idle_timeout=self.idle_timeout,
                         max_datagram_size=self.max_datagram_size,
                         server_name=expected_name,
+                        max_udp_payload_size=self.max_udp_payload_size,
                     ),
                     peer_verifier=verifier,
                     connection_id_factory=connection_id_factory,
@@ -594,6 +610,7 @@ class QuicEndpoint:
                 max_datagram_size=self.max_datagram_size,
                 server_name=expected_name,
                 congestion_control=self._congestion_control,
+                max_udp_payload_size=self.max_udp_payload_size,
             )
             quic = CyphonicQuicConnection(
                 configuration=config,
@@ -1192,6 +1209,26 @@ def _plain_address(addr: Address) -> tuple[str, int]:
     if host.startswith("::ffff:") and "." in host:
         host = host.removeprefix("::ffff:")
     return (host, int(addr[1]))
+
+
+_IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+_IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+_PMTUDISC_PROBE = 3
+"""IP_PMTUDISC_PROBE / IPV6_PMTUDISC_PROBE (linux/in.h, linux/in6.h)."""
+
+
+def set_dont_fragment(sock: socket.socket) -> None:
+    """Never fragment this socket's datagrams: DF set, sizes above the interface MTU
+    refused with EMSGSIZE (a lost packet to QUIC), and the kernel's ICMP-fed path MTU cache
+    ignored (``PMTUDISC_PROBE``: an unauthenticated "too big" cannot shrink our packets;
+    the sizes come from the links and the peer's ``max_udp_payload_size``). Both levels
+    on a dual-stack socket (IPv4-mapped peers follow the IPv4 option); an option the
+    kernel lacks is skipped."""
+    if sock.family == socket.AF_INET6:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _PMTUDISC_PROBE)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _PMTUDISC_PROBE)
 
 
 def bind_udp(host: str, port: int, *, buffer_bytes: int = SOCKET_BUFFER) -> socket.socket:

@@ -42,7 +42,13 @@ from aioquic.buffer import size_uint_var
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection, QuicConnectionId, QuicConnectionState
 from aioquic.quic.events import ConnectionTerminated
-from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicPacketType,
+    pull_quic_header,
+    pull_quic_transport_parameters,
+    push_quic_transport_parameters,
+)
 from cryptography import x509
 
 from cyphonic.errors import (
@@ -178,6 +184,11 @@ class CyphonicQuicConnection(QuicConnection):
             configuration=configuration,
             original_destination_connection_id=original_destination_connection_id,
         )
+        if configuration.is_client:
+            # The server's link is unknown until its transport parameters arrive: the first
+            # flight is QUIC's minimum (aioquic would pad it to max_datagram_size, which a
+            # small link on the server's side, with DF set, never lets through).
+            self._max_datagram_size = min(self._max_datagram_size, _MIN_DATAGRAM)
         if connection_id_factory is not None:
             first = self._host_cids[0]
             first.cid = self._new_cid(0)
@@ -233,6 +244,27 @@ class CyphonicQuicConnection(QuicConnection):
         context.verification_error = None
         if not self._is_client:
             context._request_client_certificate = True
+
+    # -- path MTU: max_udp_payload_size sent (if configured) and honoured (docs/agent.md)
+
+    def _serialize_transport_parameters(self) -> bytes:
+        data = super()._serialize_transport_parameters()
+        limit = getattr(self._configuration, "max_udp_payload_size", None)
+        if limit is None:
+            return data
+        params = pull_quic_transport_parameters(Buffer(data=data))
+        params.max_udp_payload_size = limit
+        buf = Buffer(capacity=3 * self._max_datagram_size)
+        push_quic_transport_parameters(buf, params)
+        return bytes(buf.data)
+
+    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+        super()._parse_transport_parameters(data, from_session_ticket)
+        # aioquic checks the value (>= 1200) but never sends less; a peer on a small link
+        # asks for it, and with DF on nothing larger would arrive.
+        limit = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size
+        size = self._configuration.max_datagram_size
+        self._max_datagram_size = min(size, limit) if limit is not None else size
 
     # -- read-only views the endpoint needs, kept here so the endpoint stays engine-neutral
 
@@ -318,6 +350,10 @@ class CyphonicQuicConnection(QuicConnection):
         return max(payload, 0)
 
 
+_MIN_DATAGRAM = 1200
+"""The smallest UDP payload every QUIC path carries (RFC 9000 14)."""
+
+
 def factory_cid(factory: ConnectionIdFactory, sequence_number: int, length: int) -> bytes:
     """The factory's CID with ``sequence_number``; ValueError if it has the wrong length."""
     cid = factory(sequence_number)
@@ -334,6 +370,15 @@ def check_initial_destination_cid(cid: bytes, *, is_client: bool) -> None:
         raise ValueError("an initial destination CID has 8 to 20 bytes")
 
 
+@dataclass
+class CyphonicConfiguration(QuicConfiguration):
+    """aioquic's configuration and what it lacks."""
+
+    max_udp_payload_size: int | None = None
+    """Sent as the transport parameter (RFC 9000 18.2): the largest UDP payload this side's
+    link receives; None: not sent (no limit)."""
+
+
 def make_configuration(
     *,
     is_client: bool,
@@ -343,9 +388,11 @@ def make_configuration(
     max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE,
     server_name: str | None = None,
     congestion_control: str = "reno",
+    max_udp_payload_size: int | None = None,
 ) -> QuicConfiguration:
     """A QuicConfiguration for one role: DATAGRAM on, our certificate, no built-in checks."""
-    return QuicConfiguration(
+    return CyphonicConfiguration(
+        max_udp_payload_size=max_udp_payload_size,
         is_client=is_client,
         alpn_protocols=alpn_protocols,
         certificate=identity.cert,

@@ -69,6 +69,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from aioquic.buffer import size_uint_var
@@ -84,7 +85,12 @@ from qh3.quic.configuration import QuicConfiguration as Qh3Configuration
 from qh3.quic.connection import QuicConnection as Qh3Connection
 from qh3.quic.connection import QuicConnectionError
 from qh3.quic.connection import QuicConnectionState as Qh3State
-from qh3.quic.packet import QuicErrorCode, QuicPacketType
+from qh3.quic.packet import (
+    QuicErrorCode,
+    QuicPacketType,
+    pull_quic_transport_parameters,
+    push_quic_transport_parameters,
+)
 
 from cyphonic.errors import CyphonicError, Unauthenticated
 from cyphonic.pki import CertifiedKey, PeerIdentity
@@ -362,6 +368,9 @@ class Qh3QuicConnection(Qh3Connection):
         self._datagrams_queued = 0
         self._paths = _ReturningAddresses(None)
         self._terminated_event: aq.ConnectionTerminated | None = None
+        self._path_size: int | None = None
+        """The core's datagram limit once the handshake is done (reading it costs ~4 us);
+        forgotten when the path changes."""
         super().__init__(
             configuration=configuration,
             original_destination_connection_id=original_destination_connection_id,
@@ -394,6 +403,9 @@ class Qh3QuicConnection(Qh3Connection):
         context.peer_verifier = self._peer_verifier
         context.peer_identity = None
         context.verification_error = None
+        limit = getattr(self._configuration, "max_udp_payload_size", None)
+        if limit is not None:
+            _advertise_max_udp_payload(bridge, limit)
         return bridge
 
     def next_event(self) -> Any:
@@ -431,7 +443,9 @@ class Qh3QuicConnection(Qh3Connection):
                 continue
             if kind == "peer_migration":
                 self._paths.probing_started()
+                self._path_size = None
             elif kind == "path_validated":
+                self._path_size = None
                 if self._paths.active_changed(core.active_path[2]):
                     # Packets sent on the old path are out of qh3's PTO (module
                     # docstring): one ack-eliciting packet on the new path lets loss
@@ -659,12 +673,17 @@ class Qh3QuicConnection(Qh3Connection):
         remote = self._remote_max_datagram_frame_size
         if remote is None and self._handshake_complete:
             return 0
-        room = (
-            self._configuration.max_datagram_size
-            - engine._SHORT_HEADER
-            - engine.CID_LENGTH
-            - engine._AEAD_TAG
-        )
+        # The core's path limit: our max_datagram_size or less where the peer's
+        # max_udp_payload_size asks for less (a small access link on its side).
+        size = self._path_size
+        if size is None:
+            core = self._core
+            size = (
+                core.active_path[5] if core is not None else self._configuration.max_datagram_size
+            )
+            if self._handshake_complete:
+                self._path_size = size
+        room = size - engine._SHORT_HEADER - engine.CID_LENGTH - engine._AEAD_TAG
         payload = room - 1 - size_uint_var(room)
         if remote is not None:
             payload = min(payload, remote - 1 - size_uint_var(remote))
@@ -672,6 +691,26 @@ class Qh3QuicConnection(Qh3Connection):
 
 
 _BUILDER_CAPACITY = "packet builder capacity exhausted"
+
+
+def _advertise_max_udp_payload(bridge: Any, size: int) -> None:
+    """Send ``max_udp_payload_size`` = ``size`` (RFC 9000 18.2) instead of qh3's fixed 1472
+    (client) or nothing (server), so a peer never sends us more than our own link carries
+    (the agent sets it from its link; docs/agent.md "Path MTU"). qh3 2.1.0 fails to make a
+    new path (migration) on a connection whose peer asked for less than its own
+    ``max_datagram_size`` ("path allocation failed"), so only a link-limited side sends it."""
+    serialize = bridge.serialize_transport_parameters
+
+    def serialized() -> bytes:
+        params = pull_quic_transport_parameters(QBuffer(data=serialize()))
+        params.max_udp_payload_size = size
+        buf = QBuffer(capacity=16384)
+        push_quic_transport_parameters(buf, params)
+        return bytes(buf.data)
+
+    bridge.serialize_transport_parameters = serialized
+    bridge.tls.handshake_extensions = [(qtls.ExtensionType.QUIC_TRANSPORT_PARAMETERS, serialized())]
+
 
 _PATH_CHANGE_PING = 0x4359_5048_5041_5448
 """The uid of the PING sent when the active path changes (its acknowledgement is not an
@@ -803,6 +842,14 @@ def _packet_ends(data: bytes, cid_length: int) -> list[int] | None:
     return None
 
 
+@dataclass
+class CyphonicQh3Configuration(Qh3Configuration):
+    """qh3's configuration and what it lacks."""
+
+    max_udp_payload_size: int | None = None
+    """Sent as the transport parameter (RFC 9000 18.2); None: qh3's own choice."""
+
+
 def make_configuration(
     *,
     is_client: bool,
@@ -811,9 +858,11 @@ def make_configuration(
     idle_timeout: float,
     max_datagram_size: int = engine.DEFAULT_MAX_DATAGRAM_SIZE,
     server_name: str | None = None,
+    max_udp_payload_size: int | None = None,
 ) -> Qh3Configuration:
     """A qh3 configuration for one role: DATAGRAM on, our certificate, no built-in checks."""
-    config = Qh3Configuration(
+    config = CyphonicQh3Configuration(
+        max_udp_payload_size=max_udp_payload_size,
         is_client=is_client,
         alpn_protocols=alpn_protocols,
         idle_timeout=idle_timeout,

@@ -33,7 +33,8 @@ from cyphonic_agent.agent import Agent, AgentEdges
 from cyphonic_agent.config import AgentSettings
 from cyphonic_agent.enroll import enroll
 from cyphonic_agent.mobility import HostPath, Move, MoveDetector, PathLost
-from cyphonic_agent.tun import TunConfig, TunDevice
+from cyphonic_agent.overlay_routes import HostNetworks
+from cyphonic_agent.tun import IpNetwork, TunConfig, TunDevice
 
 from cyphonic_testing.processes import ServiceProcess, free_port
 
@@ -58,6 +59,9 @@ class FakeTun(TunDevice):
 
     def set_mtu(self, mtu: int) -> None:
         self.bufsize = mtu + 1
+
+    def set_routes(self, routes: Iterable[IpNetwork]) -> None:
+        self.routes = list(routes)
 
     def close(self) -> None:
         if not self._closed:
@@ -112,6 +116,8 @@ def fake_edges(
         open_tun=FakeTun.open,
         watch_moves=FakeWatcher,
         host_addresses=host_addresses,
+        link_mtus=list,  # no links known: the configured MTU
+        host_networks=lambda **_kwargs: HostNetworks(),  # nothing overlaps the pool
     )
 
 
