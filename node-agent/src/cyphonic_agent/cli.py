@@ -115,11 +115,16 @@ def _add_up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         dest="give_up_after_s",
         help="exit 1 if not registered after this many seconds (default: never)",
     )
+    p.add_argument(
+        "--https-proxy",
+        help="HTTPS proxy for QUIC over TCP 443 (default: $HTTPS_PROXY)",
+    )
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--log-format", choices=["console", "json"])
 
 
 _UP_FLAGS = (
+    "https_proxy",
     "state_dir",
     "quic_host",
     "quic_port",

@@ -96,6 +96,10 @@ class AgentStatus:
     """The access-policy filter in force (``cyphonic_agent.access``): ``revision``, ``mode``
     (allow_all or filter), ``entries``, ``flows`` opened by this node, ``passed`` and
     ``dropped`` packets by reason."""
+    transport: dict[str, Any] | None = None
+    """What carries QUIC to the services (docs/tcp-transport.md): ``carrier`` (udp, tcp
+    or proxy), ``udp_blocked_since``, ``proxy``, open ``streams``, ``udp_probes``,
+    ``moves_to_udp``."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form (what ``--json`` prints)."""
@@ -400,6 +404,13 @@ def format_status(status: AgentStatus) -> str:
             f"policy     {'revision ' + str(rev) if rev is not None else 'none received'}, "
             f"{pol.get('mode')} ({pol.get('entries', 0)} entries, {pol.get('flows', 0)} flows); "
             f"dropped {total}" + (f" ({detail})" if detail else "")
+        )
+    if status.transport and status.transport.get("carrier") not in (None, "udp"):
+        t = status.transport
+        via = f" via proxy {t['proxy']}" if t.get("proxy") else ""
+        lines.append(
+            f"transport  {t['carrier']} 443{via} (UDP 443 blocked since "
+            f"{t.get('udp_blocked_since') or '?'})"
         )
     lines.append("")
     if not status.peers:
