@@ -95,7 +95,7 @@ async def test_udp_blocked_then_back(endpoints: EndpointMaker, ca: Pki) -> None:
         # UDP comes back: the probe sees it, the same connection moves to UDP.
         firewall.blocked = False
         async with asyncio.timeout(20):
-            while not (
+            while not (  # noqa: ASYNC110 - endpoint state, no event to wait on
                 choice.carrier is Carrier.UDP
                 and not is_stream_host(ipaddress.ip_address(server_side.conn.peer_address[0]))
             ):
@@ -175,7 +175,7 @@ async def test_listener_refuses_bad_streams(endpoints: EndpointMaker, ca: Pki) -
             assert rest in (b"", encode_preface())
             writer.close()
         async with asyncio.timeout(5):
-            while listener.stats.streams_refused < 4 or listener.streams:
+            while listener.stats.streams_refused < 4 or listener.streams:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         # A valid stream carrying a frame that is no QUIC packet: dropped, stream kept.
         reader, writer = await open_stream("127.0.0.1", port, trust=ca.trust, server_name=NMS_NAME)
