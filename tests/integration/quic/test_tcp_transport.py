@@ -124,6 +124,18 @@ async def test_udp_answers_first_stays_udp(endpoints: EndpointMaker, ca: Pki) ->
         assert choice.carrier is Carrier.UDP
         await asyncio.sleep(0.7)  # past the race delay: still no stream
         assert listener.stats.streams_accepted == 0
+        # Races one after another leave no watcher behind (nor one watching itself).
+        for _ in range(3):
+            again = await client.connect(
+                ("127.0.0.1", server.local_address[1]),
+                alpn=ALPN_SIGNALLING,
+                expected_name=NMS_NAME,
+                handler_factory=Handlers().factory,
+            )
+            assert await request(again, b"y") == b"echo:y"
+            await asyncio.sleep(0.6)
+            assert client.datagram_filter is None
+        assert listener.stats.streams_accepted == 0
     finally:
         await paths.close()
         await listener.close()

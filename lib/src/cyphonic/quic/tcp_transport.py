@@ -538,7 +538,7 @@ class StreamPaths:
     def _watch_udp(self) -> None:
         """Offer socket datagrams to ``_udp_seen`` while a race waits for UDP."""
         endpoint = self.endpoint
-        watching = endpoint.datagram_filter is self._udp_seen
+        watching = endpoint.datagram_filter == self._udp_seen  # bound methods: equal, not same
         want = bool(self._recording) and not self._closed
         if want and not watching:
             self._previous_filter = endpoint.datagram_filter
