@@ -20,7 +20,7 @@ from cyphonic_testbed.overlay import (
     start_services,
     start_trs,
 )
-from transport_bed import Tinyproxy, udp_blocked
+from transport_bed import SERVICES, Tinyproxy, udp_blocked
 
 
 @dataclass
@@ -42,7 +42,7 @@ class TransportOverlay:
 @pytest.fixture
 def transport_overlay(netbed: Any, tmp_path: Path) -> Iterator[TransportOverlay]:
     os.chmod(tmp_path, 0o755)
-    bed = netbed(udp_blocked())
+    bed = netbed(udp_blocked(services=SERVICES))
     redis = bed.start_redis("redis")
     services = start_services(
         bed, workdir=tmp_path / "overlay", nms_args=["--redis-url", redis.url]

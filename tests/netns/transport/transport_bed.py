@@ -17,48 +17,13 @@ import time
 from pathlib import Path
 
 from cyphonic_testbed import Node
-from cyphonic_testbed.patterns import CLOUD_IPV4, CLOUD_IPV6, GLOBAL_IPV4, PRIVATE_A, WANA_IPV4
-from cyphonic_testbed.topology import (
-    FirewallPolicy,
-    Host,
-    NatMapping,
-    Network,
-    Router,
-    Topology,
-)
+from cyphonic_testbed.patterns import udp_blocked
+
+__all__ = ["SERVICES", "Tinyproxy", "connect_via", "let_udp_out", "proxy_only", "udp_blocked"]
 
 SERVICES = ("as", "nms", "trs", "redis")
 PROXY_PORT = 8888
 PROXY_ONLY_TABLE = "cytb_proxyonly"
-
-
-def udp_blocked(*, services: tuple[str, ...] = SERVICES) -> Topology:
-    """The bed of the module docstring."""
-    return Topology(
-        name="udpblock",
-        networks=[
-            Network("cloud", ipv4=CLOUD_IPV4, ipv6=CLOUD_IPV6),
-            Network("lana", ipv4=PRIVATE_A),
-            Network("wana", ipv4=WANA_IPV4),
-            Network("lanb", ipv4=GLOBAL_IPV4),
-        ],
-        routers=[
-            Router("core", networks=["cloud", "wana", "lanb"]),
-            Router(
-                "gwa",
-                networks=["wana", "lana"],
-                uplink="wana",
-                nat=NatMapping.ENDPOINT_INDEPENDENT,
-                firewall=FirewallPolicy.ENTERPRISE_NO_UDP,
-            ),
-        ],
-        hosts=[
-            Host("alice", networks=["lana"]),
-            Host("proxy", networks=["lana"]),
-            Host("bob", networks=["lanb"]),
-            *(Host(name, networks=["cloud"]) for name in services),
-        ],
-    )
 
 
 def let_udp_out(gwa: Node) -> None:
@@ -93,11 +58,9 @@ class Tinyproxy:
             "ConnectPort 443\n"
             "DisableViaHeader Yes\n"
             "LogLevel Connect\n"
-            f'LogFile "{self.log}"\n'
         )
-        self.proc = node.popen(
-            [exe, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-        )
+        with self.log.open("ab") as out:  # in the foreground (-d) it logs to stderr
+            self.proc = node.popen([exe, "-d", "-c", str(conf)], stdout=out, stderr=out)
         deadline = time.monotonic() + 20
         while node.run(["ss", "-Hltn", f"sport = :{PROXY_PORT}"], timeout=10).stdout.strip() == "":
             if self.proc.poll() is not None or time.monotonic() > deadline:
