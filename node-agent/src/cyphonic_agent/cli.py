@@ -119,12 +119,20 @@ def _add_up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--https-proxy",
         help="HTTPS proxy for QUIC over TCP 443 (default: $HTTPS_PROXY)",
     )
+    p.add_argument(
+        "--no-tcp",
+        dest="tcp_fallback",
+        action="store_false",
+        default=None,
+        help="UDP only: never carry QUIC over TLS on TCP 443",
+    )
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--log-format", choices=["console", "json"])
 
 
 _UP_FLAGS = (
     "https_proxy",
+    "tcp_fallback",
     "state_dir",
     "quic_host",
     "quic_port",
