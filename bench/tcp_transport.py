@@ -9,7 +9,7 @@ The bed is ``cyphonic_testbed.patterns.udp_blocked``: real ``cyphonic-as``, ``cy
 (SQLite registry, TRS directory in a Redis in the bed) and ``cyphonic-trs`` in the cloud;
 alice behind an endpoint-independent NAT whose firewall lets no UDP out (only TCP 80/443),
 bob on a global IPv4 address. Per repeat, two phases, both agents started afresh on a new
-UDP port each time:
+UDP port each time (alice; bob on 443):
 
 * tcp: as built. alice reaches the AS, the NMS and the TRS over TLS on TCP 443; the NMS
   relays her (pattern 3) and the TRS forwards between her TCP stream and bob's UDP;
@@ -81,10 +81,14 @@ class Bench:
             gwa.run(["nft", "insert", "rule", "inet", "cytb_fw", "forward", *rule], check=True)
 
     def agents_up(self) -> tuple[AgentProcess, AgentProcess]:
+        # bob on UDP 443 (what gwa's firewall lets out when it lets UDP out at all); alice on
+        # a new port each phase, so no connection-tracking entry of an earlier one is reused.
         self.port += 1
         agents = [
-            self.services.start_agent(node, self.states[node.name], "--quic-port", str(self.port))
-            for node in (self.bob, self.alice)
+            self.services.start_agent(self.bob, self.states["bob"]),
+            self.services.start_agent(
+                self.alice, self.states["alice"], "--quic-port", str(self.port)
+            ),
         ]
         for agent in agents:
             agent.wait_up()

@@ -165,6 +165,18 @@ class Agent:
             exclude_ifindexes=lambda: [self.tun.index] if self.tun is not None else [],
         )
 
+    def _udp_back(self) -> None:
+        """UDP 443 gets through again: once the NMS has validated the new path, register
+        again so that it sees this node's real address (new routes may then be direct)."""
+
+        async def later() -> None:
+            await asyncio.sleep(2.0)
+            link = self.nms.link
+            if link is not None:
+                await self.nms.reregister(link)
+
+        self._spawn(later())
+
     def _endpoint(self) -> QuicEndpoint:
         assert self.endpoint is not None
         return self.endpoint
@@ -197,6 +209,8 @@ class Agent:
         self.log = self.log.bind(local=format_host_port(*self.endpoint.local_address))
         self.transport = start_stream_paths(self.settings, self.endpoint, self.trust)
         self.nms.transport = self.transport
+        if self.transport is not None:
+            self.transport.on_udp_back = self._udp_back
         self.roaming.log = self.log
         self.relay = RelayClient(
             endpoint=self.endpoint,

@@ -107,6 +107,30 @@ def test_udp_blocked_then_udp_back(transport_overlay: Any) -> None:
     assert side == o.bed.router("gwa").address("wana", 4)
     _ping(o.bed.host("alice"), bob.status()["virtual_ipv4"])
     assert alice.log_text().count('"tunnel_up"') == tunnels  # the same tunnel
+    # alice registers again: the NMS now sees her NAT's UDP address, not a stream's.
+    outside = o.bed.router("gwa").address("wana", 4)
+    deadline = time.monotonic() + 30
+    while not any(
+        e.get("event") == "registered"
+        and e.get("fqdn") == alice.fqdn
+        and str(e.get("observed", "")).startswith(f"{outside}:")
+        for e in _json_lines(o.services.log("nms"))
+    ):
+        assert time.monotonic() < deadline, "the NMS never saw alice's UDP address"
+        time.sleep(0.5)
+
+
+def _json_lines(path: Any) -> list[dict[str, Any]]:
+    import json
+
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
 
 
 def test_through_an_https_proxy_only(transport_overlay: Any) -> None:

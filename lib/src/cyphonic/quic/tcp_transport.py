@@ -27,6 +27,7 @@ import ssl
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -451,6 +452,9 @@ class StreamPaths:
         self._closed = False
         self.udp_blocked_at: float | None = None
         """Wall-clock time UDP was found blocked (for people)."""
+        self.on_udp_back: Callable[[], None] | None = None
+        """Called once connections have been moved back to UDP (the agent registers again,
+        so that the NMS sees its real address)."""
         self.last_error = ""
         endpoint.connect_hook = self._connecting
         endpoint.send_hook = self._divert
@@ -743,6 +747,11 @@ class StreamPaths:
         for conn in self.endpoint.connections:
             if conn.is_ready and conn not in self._probes:
                 _ping(conn)
+        if self.on_udp_back is not None:
+            try:
+                self.on_udp_back()
+            except Exception as exc:  # a callback's failure must not stop the probe loop
+                _log().warning("on_udp_back_failed", error=repr(exc))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = self._loop.create_task(coro)
