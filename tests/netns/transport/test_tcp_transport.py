@@ -85,12 +85,22 @@ def _relayed_over_a_stream(o: Any, carrier: str) -> tuple[Any, Any]:
     return alice, bob
 
 
+def _handshakes(agent: Any, service: str) -> int:
+    """QUIC handshakes the agent completed with ``service`` (``nms``, ``trs``)."""
+    return sum(
+        1
+        for e in _json_lines(agent.log)
+        if e.get("event") == "connection_ready" and e.get("expected", "").startswith(service)
+    )
+
+
 def test_udp_blocked_then_udp_back(transport_overlay: Any) -> None:
     o = transport_overlay
     o.start("bob")
     alice = o.start("alice", env=FAST_PROBES)
     alice, bob = _relayed_over_a_stream(o, "tcp")
-    tunnels = alice.log_text().count('"tunnel_up"')
+    before = {s: _handshakes(alice, s) for s in ("nms", "trs")}
+    assert before == {"nms": 1, "trs": 1}, before
 
     let_udp_out(o.bed.router("gwa"))
     started = time.monotonic()
@@ -104,20 +114,29 @@ def test_udp_blocked_then_udp_back(transport_overlay: Any) -> None:
         time.sleep(0.5)
     sys.stderr.write(f"\nUDP back: on UDP after {time.monotonic() - started:.1f} s\n")
     assert transport["moves_to_udp"] == 1 and transport["udp_blocked_since"] is None
-    assert side == o.bed.router("gwa").address("wana", 4)
-    _ping(o.bed.host("alice"), bob.status()["virtual_ipv4"])
-    assert alice.log_text().count('"tunnel_up"') == tunnels  # the same tunnel
-    # alice registers again: the NMS now sees her NAT's UDP address, not a stream's.
+    # The relayed tunnel's side at the TRS is now alice's NAT's UDP address...
     outside = o.bed.router("gwa").address("wana", 4)
-    deadline = time.monotonic() + 30
-    while not any(
-        e.get("event") == "registered"
-        and e.get("fqdn") == alice.fqdn
-        and str(e.get("observed", "")).startswith(f"{outside}:")
-        for e in _json_lines(o.services.log("nms"))
-    ):
-        assert time.monotonic() < deadline, "the NMS never saw alice's UDP address"
+    assert side == outside
+    # ... and the connections to the NMS and the TRS moved: no new handshake.
+    assert {s: _handshakes(alice, s) for s in ("nms", "trs")} == before
+
+    # alice registers again: the NMS sees her NAT's UDP address, not a stream's, and
+    # re-directs the route as for any NATed node (pattern 2: she connects to bob).
+    deadline = time.monotonic() + 40
+    while True:
+        seen = any(
+            e.get("event") == "registered"
+            and e.get("fqdn") == alice.fqdn
+            and str(e.get("observed", "")).startswith(f"{outside}:")
+            for e in _json_lines(o.services.log("nms"))
+        )
+        (row,) = [p for p in alice.status()["peers"] if p["fqdn"] == bob.fqdn]
+        if seen and (row["state"], row["pattern"]) == ("up", "nat_connects"):
+            break
+        assert time.monotonic() < deadline, f"not direct after UDP came back: {row}"
         time.sleep(0.5)
+    _ping(o.bed.host("alice"), bob.status()["virtual_ipv4"])
+    assert _handshakes(alice, "nms") == before["nms"]
 
 
 def _json_lines(path: Any) -> list[dict[str, Any]]:
