@@ -301,7 +301,8 @@ class HttpsProxy:
 
     host: str
     port: int
-    authorization: str | None = None
+    authorization: str | None = field(default=None, repr=False)
+    """``Basic ...`` from the URL's user:password; never logged (not in repr or str)."""
 
     @classmethod
     def parse(cls, url: str) -> HttpsProxy:
