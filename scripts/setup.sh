@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   make git ca-certificates python3 python3-venv python3-dev gcc
   iproute2 nftables iptables iputils-ping iperf3 tcpdump procps psmisc
+  tinyproxy  # the HTTPS proxy of the TCP 443 transport tests (tests/netns/transport)
   wireguard-go wireguard-tools dnsutils redis-server postgresql-client
   chromium chromium-driver  # the web console's browser test (tests/integration/console)
 )

@@ -117,8 +117,11 @@ def test_quic_services_expose_udp_443(scenario: tuple[str, Rendered]) -> None:
     name, rendered = scenario
     for component in ("as", "nms", "trs"):
         service = rendered.get("Service", f"{FULLNAME}-{component}-quic")
-        (port,) = service["spec"]["ports"]
+        port, tcp = service["spec"]["ports"]
         assert port["protocol"] == "UDP" and port["port"] == 443
+        # TCP 443 next to it: QUIC over TLS for nodes whose UDP is blocked.
+        assert (tcp["name"], tcp["protocol"], tcp["port"]) == ("quic-tcp", "TCP", 443)
+        assert tcp["targetPort"] == "quic-tcp" and "nodePort" not in tcp
         assert port["targetPort"] == "quic"
         expected_type = (
             name.removeprefix("service-") if name.startswith("service-") else "LoadBalancer"
@@ -132,8 +135,18 @@ def test_quic_services_expose_udp_443(scenario: tuple[str, Rendered]) -> None:
         labels = workload["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= labels.items()
         (ctr,) = app_containers(workload)
-        quic = [p for p in ctr["ports"] if p["name"] == "quic"]
-        assert quic == [{"name": "quic", "containerPort": 443, "protocol": "UDP"}]
+        quic = [p for p in ctr["ports"] if p["name"] in ("quic", "quic-tcp")]
+        assert quic == [
+            {"name": "quic", "containerPort": 443, "protocol": "UDP"},
+            {"name": "quic-tcp", "containerPort": 443, "protocol": "TCP"},
+        ]
+
+
+def test_tcp_443_can_be_turned_off(render: Any) -> None:
+    rendered = render({c: {"service": {"tcp": False}} for c in ("as", "nms", "trs")})
+    for component in ("as", "nms", "trs"):
+        service = rendered.get("Service", f"{FULLNAME}-{component}-quic")
+        assert [p["protocol"] for p in service["spec"]["ports"]] == ["UDP"]
 
 
 def test_admin_services_are_tcp_on_the_admin_port(scenario: tuple[str, Rendered]) -> None:

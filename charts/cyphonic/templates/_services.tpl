@@ -1,5 +1,6 @@
 {{/*
-The two Services of a component: node-facing QUIC (UDP) and the admin REST (TCP).
+The two Services of a component: node-facing QUIC (UDP, and TCP for the TCP 443 transport)
+and the admin REST (TCP).
 (dict "root" $ "component" "nms" "svc" .Values.nms)
 */}}
 {{- define "cyphonic.services" -}}
@@ -33,6 +34,16 @@ spec:
       {{- if and (ne $q.type "ClusterIP") $q.nodePort }}
       nodePort: {{ $q.nodePort }}
       {{- end }}
+    {{- if $q.tcp }}
+    # QUIC over TLS on TCP, for nodes whose UDP is blocked (docs/tcp-transport.md).
+    - name: quic-tcp
+      protocol: TCP
+      port: {{ $q.port }}
+      targetPort: quic-tcp
+      {{- if and (ne $q.type "ClusterIP") $q.tcpNodePort }}
+      nodePort: {{ $q.tcpNodePort }}
+      {{- end }}
+    {{- end }}
 ---
 apiVersion: v1
 kind: Service

@@ -25,6 +25,7 @@ from cyphonic.v1 import signalling_pb2 as pb
 
 if TYPE_CHECKING:
     from cyphonic.quic import QuicEndpoint
+    from cyphonic.quic.tcp_transport import TcpListener
     from cyphonic.session import SignallingSession
 
 
@@ -36,6 +37,8 @@ class SignallingServer:
 
     def __init__(self) -> None:
         self.endpoint: QuicEndpoint | None = None
+        self.tcp: TcpListener | None = None
+        """TLS on TCP at the UDP port's number (docs/tcp-transport.md), if it could bind."""
         self.revocations: RevocationCache | None = None
 
     @property
@@ -64,6 +67,7 @@ class SignallingServer:
         in the handshake), bind the UDP socket, accept nodes."""
         # Imported here so that request handling stays usable without the QUIC stack.
         from cyphonic.quic import Acceptor, QuicEndpoint
+        from cyphonic.quic.tcp_transport import start_tcp_listener
         from cyphonic.session import SignallingSession
 
         name = self.service_name
@@ -84,6 +88,7 @@ class SignallingServer:
             accept={ALPN_SIGNALLING: Acceptor(handler_factory=factory, expect="node")},
             idle_timeout=idle_timeout,
         )
+        self.tcp = await start_tcp_listener(self.endpoint, identity, host=host)
 
     async def handle(self, message: pb.Envelope, session: SignallingSession) -> pb.Envelope | None:
         """The answer to one request of a verified node connection."""
@@ -97,6 +102,9 @@ class SignallingServer:
 
     async def close(self) -> None:
         """Close every connection and the socket, stop refreshing revocations."""
+        if self.tcp is not None:
+            await self.tcp.close()
+            self.tcp = None
         if self.endpoint is not None:
             await self.endpoint.close(f"{self.service_name.upper()} shutting down")
             self.endpoint = None

@@ -36,6 +36,7 @@ from cyphonic.hostport import format_host_port, parse_host_port
 from cyphonic.log import get_logger
 from cyphonic.pki import CertifiedKey, TrustStore, load_certificates, load_identity
 from cyphonic.quic import Acceptor, QuicEndpoint
+from cyphonic.quic.tcp_transport import StreamPaths
 from cyphonic.v1 import signalling_pb2 as pb
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -69,6 +70,7 @@ from cyphonic_agent.status import (
     peer_rows,
     registered_addresses,
 )
+from cyphonic_agent.transport import start_stream_paths
 from cyphonic_agent.tun import TUN_DEVICE_PATH, TunConfig, TunDevice, run_netlink
 
 __all__ = ["AGENT_VERSION", "Agent", "AgentEdges", "AgentFailed", "run_agent"]
@@ -144,6 +146,8 @@ class Agent:
         self.log = get_logger("agent", fqdn=self.fqdn)
         self.endpoint: QuicEndpoint | None = None
         self.relay: RelayClient | None = None
+        self.transport: StreamPaths | None = None
+        """QUIC over TLS on TCP 443 when UDP gets no answer (docs/tcp-transport.md)."""
         """Pattern 3: TRS allocations and the CID exchange, on the same endpoint."""
         self.tun: TunDevice | None = None
         self.datapath: DataPath | None = None
@@ -193,6 +197,18 @@ class Agent:
             exclude_ifindexes=lambda: [self.tun.index] if self.tun is not None else [],
         )
 
+    def _udp_back(self) -> None:
+        """UDP 443 gets through again: once the NMS has validated the new path, register
+        again so that it sees this node's real address (new routes may then be direct)."""
+
+        async def later() -> None:
+            await asyncio.sleep(2.0)
+            link = self.nms.link
+            if link is not None:
+                await self.nms.reregister(link)
+
+        self._spawn(later())
+
     def _endpoint(self) -> QuicEndpoint:
         assert self.endpoint is not None
         return self.endpoint
@@ -225,6 +241,10 @@ class Agent:
             where = format_host_port(self.settings.quic_host, self.settings.quic_port)
             raise AgentFailed(Unavailable(f"cannot bind UDP {where}: {exc.strerror}")) from exc
         self.log = self.log.bind(local=format_host_port(*self.endpoint.local_address))
+        self.transport = start_stream_paths(self.settings, self.endpoint, self.trust)
+        self.nms.transport = self.transport
+        if self.transport is not None:
+            self.transport.on_udp_back = self._udp_back
         self.roaming.log = self.log
         self.relay = RelayClient(
             endpoint=self.endpoint,
@@ -291,6 +311,8 @@ class Agent:
             self.datapath.stop()
         if self.relay is not None:
             await self.relay.close()
+        if self.transport is not None:
+            await self.transport.close()
         if self.endpoint is not None:
             await self.endpoint.close("agent stopping")
             self.log.info("endpoint_stats", **vars(self.endpoint.stats))
@@ -584,6 +606,7 @@ class Agent:
             last_handover=handover_status(self.roaming.handover, self.roaming.handover_network),
             policy=self.access.snapshot(),
             split_dns=self.split_dns.describe(),
+            transport=self.transport.snapshot() if self.transport is not None else None,
         )
 
 

@@ -132,6 +132,17 @@ def _add_up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         dest="give_up_after_s",
         help="exit 1 if not registered after this many seconds (default: never)",
     )
+    p.add_argument(
+        "--https-proxy",
+        help="HTTPS proxy for QUIC over TCP 443 (default: $HTTPS_PROXY)",
+    )
+    p.add_argument(
+        "--no-tcp",
+        dest="tcp_fallback",
+        action="store_false",
+        default=None,
+        help="UDP only: never carry QUIC over TLS on TCP 443",
+    )
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--log-format", choices=["console", "json"])
 
@@ -146,6 +157,8 @@ def _boolean(text: str) -> bool:
 
 
 _UP_FLAGS = (
+    "https_proxy",
+    "tcp_fallback",
     "state_dir",
     "quic_host",
     "quic_port",

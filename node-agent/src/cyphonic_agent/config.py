@@ -117,6 +117,22 @@ class AgentSettings(BaseSettings):
         description="exit 1 if the first registration has not succeeded after this long "
         "(0: keep trying)",
     )
+    tcp_fallback: bool = Field(
+        True,
+        description="carry QUIC over TLS on TCP 443 when UDP 443 gets no answer "
+        "(docs/tcp-transport.md)",
+    )
+    https_proxy: str | None = Field(
+        None,
+        description="HTTPS proxy (http://host:port) for the TCP 443 transport; "
+        "default: the HTTPS_PROXY environment variable",
+    )
+    tcp_race_delay_s: float = Field(
+        0.5, ge=0, description="seconds a service's UDP may stay silent before TCP 443 joins in"
+    )
+    udp_probe_interval_s: float = Field(
+        30.0, gt=0, description="while on TCP 443: seconds between checks that UDP is back"
+    )
     log_level: str = Field("info", description="debug, info, warning or error")
     log_format: str = Field("console", description="console or json")
 

@@ -30,6 +30,7 @@ from cyphonic.errors import (
 from cyphonic.hostport import format_host_port, parse_host_port
 from cyphonic.log import get_logger
 from cyphonic.quic import QuicEndpoint
+from cyphonic.quic.tcp_transport import StreamPaths
 from cyphonic.session import SignallingSession
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic.wire.messages import expect, wrap
@@ -102,6 +103,8 @@ class NmsClient:
         self.status = "connecting"
         self.detail = ""
         self.registration: pb.RegisterResponse | None = None
+        self.transport: StreamPaths | None = None
+        """The TCP 443 fallback, if on (set by the agent; named in dial errors)."""
 
     def session(self) -> SignallingSession | None:
         """The open NMS session, if any (route requests, the relay's CID exchange)."""
@@ -182,12 +185,18 @@ class NmsClient:
         if silent:
             ports = sorted({parse_host_port(s)[1] for s in silent})
             port_text = "/".join(str(p) for p in ports)
+            over = "UDP"
+            if self.transport is not None:
+                over = "UDP or TLS on TCP"
+                if self.transport.last_error:
+                    tried.append(f"TCP: {self.transport.last_error}")
             reasons.insert(
                 0,
-                f"cannot reach the {what} at {', '.join(silent)} over UDP: "
+                f"cannot reach the {what} at {', '.join(silent)} over {over}: "
                 f"no answer in {timeout:g} s; a firewall may be blocking "
                 f"UDP {port_text}",
             )
+            reasons[1:] = tried
         else:
             reasons.insert(0, f"cannot reach the {what}")
         raise Unavailable("; ".join(reasons))

@@ -107,6 +107,10 @@ class AgentStatus:
     split_dns: dict[str, Any] | None = None
     """The overlay domain in the host's resolver (``cyphonic_agent.splitdns``): ``manager``
     (resolved, resolv.conf or None) and ``detail``."""
+    transport: dict[str, Any] | None = None
+    """What carries QUIC to the services (docs/tcp-transport.md): ``carrier`` (udp, tcp
+    or proxy), ``udp_blocked_since``, ``proxy``, open ``streams``, ``udp_probes``,
+    ``moves_to_udp``."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form (what ``--json`` prints)."""
@@ -472,6 +476,13 @@ def format_status(status: AgentStatus) -> str:
         )
     if status.split_dns:
         lines.append(f"dns        {status.split_dns.get('detail', '-')}")
+    if status.transport and status.transport.get("carrier") not in (None, "udp"):
+        t = status.transport
+        via = f" via proxy {t['proxy']}" if t.get("proxy") else ""
+        lines.append(
+            f"transport  {t['carrier']} 443{via} (UDP 443 blocked since "
+            f"{t.get('udp_blocked_since') or '?'})"
+        )
     lines.append("")
     if not status.peers:
         lines.append("no peers")

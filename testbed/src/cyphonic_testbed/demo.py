@@ -7,6 +7,8 @@
     home    192.168.2.10   behind gwb: symmetric NAT + enterprise firewall
     cafe    192.168.3.0/24 behind gwc: NAT (endpoint-independent) + enterprise firewall,
             where office moves at the end (its uplink there is down until then)
+    hotel   192.168.4.10   behind gwd: NAT + a firewall that lets no UDP out (TCP 80/443
+            only): its QUIC goes over TLS on TCP 443 (docs/tcp-transport.md)
 
 Real processes only: ``cyphonic-as serve`` and ``cyphonic-nms serve`` (SQLite registry),
 ``cyphonic-agent enroll`` and ``cyphonic-agent up`` in each node. For each pair the demo
@@ -57,6 +59,7 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("home", "server"),  # symmetric NAT to global IPv4: the NATed side connects
     ("office", "home"),  # both behind NATs: relayed through the TRS
     ("phone", "office"),  # IPv6-only to IPv4-only behind NAT: relayed through the TRS
+    ("hotel", "server"),  # no UDP out at all: QUIC over TCP 443, relayed through the TRS
 )
 
 
@@ -74,9 +77,14 @@ def showcase() -> Topology:
             Network("lanhome", ipv4="192.168.2.0/24"),
             Network("wanc", ipv4="198.51.100.128/26"),
             Network("lancafe", ipv4="192.168.3.0/24"),
+            Network("wand", ipv4="198.51.100.192/26"),
+            Network("lanhotel", ipv4="192.168.4.0/24"),
         ],
         routers=[
-            Router("core", networks=["cloud", "lanphone", "lanserver", "wana", "wanb", "wanc"]),
+            Router(
+                "core",
+                networks=["cloud", "lanphone", "lanserver", "wana", "wanb", "wanc", "wand"],
+            ),
             Router(
                 "gwa",
                 networks=["wana", "lanoffice"],
@@ -98,6 +106,13 @@ def showcase() -> Topology:
                 nat=NatMapping.ENDPOINT_INDEPENDENT,
                 firewall=FirewallPolicy.ENTERPRISE,
             ),
+            Router(
+                "gwd",
+                networks=["wand", "lanhotel"],
+                uplink="wand",
+                nat=NatMapping.ENDPOINT_INDEPENDENT,
+                firewall=FirewallPolicy.ENTERPRISE_NO_UDP,
+            ),
         ],
         hosts=[
             Host("as", networks=["cloud"]),
@@ -107,6 +122,7 @@ def showcase() -> Topology:
             Host("server", networks=["lanserver"]),
             Host("office", networks=["lanoffice", Link("lancafe", up=False)]),
             Host("home", networks=["lanhome"]),
+            Host("hotel", networks=["lanhotel"]),
         ],
     )
 
@@ -155,9 +171,12 @@ def _iperf(client: AgentProcess, server: AgentProcess, address: str, seconds: in
 
 
 def _pattern(agent: AgentProcess, peer_fqdn: str) -> str:
-    for peer in agent.status().get("peers", []):
+    status = agent.status()
+    carrier = (status.get("transport") or {}).get("carrier", "udp")
+    over = "" if carrier == "udp" else f" over {carrier} 443"
+    for peer in status.get("peers", []):
         if peer.get("fqdn") == peer_fqdn:
-            return str(peer.get("pattern", "-"))
+            return str(peer.get("pattern", "-")) + over
     return "-"
 
 
@@ -259,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="cyphonic-demo-"))
     results: list[PairResult] = []
     try:
-        print("building the topology (7 hosts, 4 routers) ...", flush=True)
+        print("building the topology (8 hosts, 5 routers) ...", flush=True)
         with build(showcase()) as bed:
             print(
                 "starting cyphonic-as, cyphonic-nms (SQLite registry) and cyphonic-trs "
@@ -270,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ["CYPHONIC_TRS_ENDPOINTS"] = json.dumps(trs_endpoints(bed.host("trs")))
             services = start_services(bed, workdir=workdir)
             start_trs(services)
-            names = ["phone", "server", "office", "home"]
+            names = ["phone", "server", "office", "home", "hotel"]
             print(f"enrolling {', '.join(names)} ...", flush=True)
             states = services.enrol_all([bed.host(n) for n in names])
             agents = {n: services.start_agent(bed.host(n), states[n]) for n in names}

@@ -258,6 +258,44 @@ def move_server(
     )
 
 
+def udp_blocked(
+    *,
+    services: Sequence[str] = DEFAULT_SERVICES,
+    extra_lana: Sequence[str] = ("proxy",),
+) -> Topology:
+    """IPv4 only: alice behind a NAT whose firewall lets no UDP out (only TCP 80/443, the
+    hotel or guest Wi-Fi), hosts ``extra_lana`` beside her (an HTTPS proxy); bob global.
+
+        alice 192.168.1.10, proxy .11 --- gwa[EIM NAT + fw: no UDP] --- core --- bob 203.0.113.10
+    """
+    cloud, cloud_hosts = _cloud(services)
+    return Topology(
+        name="udpblock",
+        networks=[
+            cloud,
+            Network("lana", ipv4=PRIVATE_A),
+            Network("wana", ipv4=WANA_IPV4),
+            Network("lanb", ipv4=GLOBAL_IPV4),
+        ],
+        routers=[
+            Router("core", networks=["cloud", "wana", "lanb"]),
+            Router(
+                "gwa",
+                networks=["wana", "lana"],
+                uplink="wana",
+                nat=NatMapping.ENDPOINT_INDEPENDENT,
+                firewall=FirewallPolicy.ENTERPRISE_NO_UDP,
+            ),
+        ],
+        hosts=[
+            Host("alice", networks=["lana"]),
+            *(Host(name, networks=["lana"]) for name in extra_lana),
+            Host("bob", networks=["lanb"]),
+            *cloud_hosts,
+        ],
+    )
+
+
 #: Factories by name, e.g. for parametrised tests.
 PATTERNS: dict[str, Callable[..., Topology]] = {
     "pattern1": pattern1,
@@ -267,4 +305,5 @@ PATTERNS: dict[str, Callable[..., Topology]] = {
     "move_nat_nat": move_nat_nat,
     "move_v6_nat": move_v6_nat,
     "move_server": move_server,
+    "udp_blocked": udp_blocked,
 }

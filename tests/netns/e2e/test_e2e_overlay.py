@@ -150,7 +150,9 @@ def test_no_overlay_when_the_firewall_drops_udp_443_and_the_agent_says_why(
         gwa.capture(gwa.interface("wana"), "udp") as outside,
     ):
         bob = o.start("bob")
-        alice = o.start("alice", "--connect-timeout", "3", "--give-up-after", "8")
+        # UDP only (--no-tcp): with the TCP 443 transport she would come up over TCP
+        # (tests/netns/transport).
+        alice = o.start("alice", "--connect-timeout", "3", "--give-up-after", "8", "--no-tcp")
         bob.wait_up()
         assert alice.wait_exit(90) == 1
     log = alice.log_text()

@@ -467,6 +467,15 @@ class QuicEndpoint:
         ``train(data, segment_size, addr) -> bool`` method, a UDP GRO train whose
         datagrams all carry one short-header Destination CID is offered whole to that
         instead (False: the datagrams are then offered one by one)."""
+        self.send_hook: (
+            Callable[[Connection, list[tuple[bytes, Address]]], list[tuple[bytes, Address]]] | None
+        ) = None
+        """Offered each connection's outgoing datagrams before the socket; returns those
+        still to send on it (the TCP 443 transport, ``cyphonic.quic.tcp_transport``, takes
+        the ones whose address is a stream's)."""
+        self.connect_hook: Callable[[Connection, Address, str | None], None] | None = None
+        """Called by ``connect`` with (connection, address, expected name) before its first
+        datagram is built (the TCP 443 transport starts its race there)."""
         self.log = get_logger("quic", local=self.local_address)
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
@@ -625,6 +634,8 @@ class QuicEndpoint:
         conn.log = conn.log.bind(expected=expected_name)
         self._connections.add(conn)
         self._register(conn, quic.host_cid)
+        if self.connect_hook is not None:
+            self.connect_hook(conn, addr, expected_name)
         quic.connect(addr, now=self._loop.time())
         self._mark_dirty(conn)
         try:
@@ -777,6 +788,19 @@ class QuicEndpoint:
                     self._process(conn)
                     conns[conn] = None
         return conns
+
+    def receive_datagrams(self, datagrams: list[bytes], addr: Address) -> None:
+        """Datagrams that came from ``addr`` by another way than the socket (a TCP 443
+        stream): handled exactly as if read from it, then one transmit pass."""
+        if self._closing:
+            return
+        now = self._loop.time()
+        touched: dict[Connection, None] = {}
+        for data in datagrams:
+            self._receive_one(data, addr, now, touched)
+        for conn in touched:
+            self._process(conn)
+        self._transmit(touched)
 
     def _receive_one(
         self, data: bytes, addr: Address, now: float, touched: dict[Connection, None]
@@ -962,6 +986,8 @@ class QuicEndpoint:
                 # would have sent is lost; loss recovery sends it again.
                 self._internal_error(exc, conn, "transmit")
                 datagrams = []
+            if datagrams and self.send_hook is not None:
+                datagrams = self.send_hook(conn, datagrams)
             if len(datagrams) > 1 and self.gso:
                 self._send_gso(conn, datagrams)
             elif datagrams:

@@ -29,6 +29,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 
 from cyphonic.errors import InvalidArgument
 from cyphonic.hostport import format_host_port, parse_host_port
+from cyphonic.stream_address import is_stream_host
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -146,6 +147,16 @@ class NetworkInfo:
                     continue
                 out.append(ep)
         return tuple(out)
+
+    @property
+    def relay_only(self) -> bool:
+        """The node's packets reach the NMS over TCP 443 (its observed source is a stream
+        address, ``cyphonic.stream_address``): no UDP either way, so every route of it
+        is relayed."""
+        return any(
+            ep is not None and is_stream_host(ep.ip)
+            for ep in (self.observed_ipv4, self.observed_ipv6)
+        )
 
     def on_loopback(self, family: int) -> bool:
         """Whether the NMS saw this node's ``family`` connection come from loopback."""
@@ -267,6 +278,8 @@ def cell(initiator: Reach, responder: Reach) -> tuple[Pattern, Side]:
 def pattern_for(a: NetworkInfo, b: NetworkInfo) -> RouteDecision:
     """The route from initiator ``a`` to responder ``b`` (DESIGN.md's table, dual-stack aware)."""
     options: list[tuple[Pattern, int, Family, Side, tuple[Endpoint, ...]]] = []
+    if a.relay_only or b.relay_only:
+        return RouteDecision(pattern=Pattern.RELAY, family=None, connector=Side.INITIATOR)
     for family, reach_a, reach_b in (
         (Family.IPV6, a.ipv6_reach, b.ipv6_reach),
         (Family.IPV4, a.ipv4_reach, b.ipv4_reach),

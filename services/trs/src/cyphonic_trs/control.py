@@ -33,6 +33,7 @@ from cyphonic.log import get_logger
 from cyphonic.pki import CertifiedKey, TrustStore, load_identity, load_trust_store
 from cyphonic.quic import Acceptor, QuicEndpoint
 from cyphonic.quic.engine import DEFAULT_MAX_DATAGRAM_SIZE
+from cyphonic.quic.tcp_transport import TcpListener, start_tcp_listener
 from cyphonic.v1 import signalling_pb2 as pb
 
 from cyphonic_trs.relay import TO_LOCAL_SERVER, Forward, RelayCore
@@ -58,6 +59,8 @@ class RelayFilter:
         self.clock = clock
         self._sendto = sock.sendto
         self._sendmsg = sock.sendmsg
+        self.streams: Mapping[Any, Any] = {}
+        """Stream address -> outbox (``TcpListener.streams``): relay sides on TCP 443."""
         self.send_dropped = 0
         self.send_errors = 0
         self.trains_forwarded = 0
@@ -68,6 +71,10 @@ class RelayFilter:
         if action is TO_LOCAL_SERVER:
             return False
         if action.__class__ is Forward:
+            streams = self.streams
+            if streams and (box := streams.get(action.to_addr)) is not None:
+                box.send(data)  # the other side is on a TCP 443 stream
+                return True
             try:
                 self._sendto(data, action.to_addr)
             except BlockingIOError:
@@ -85,6 +92,11 @@ class RelayFilter:
         if action is TO_LOCAL_SERVER:
             return False
         if action.__class__ is Forward:
+            streams = self.streams
+            if streams and (box := streams.get(action.to_addr)) is not None:
+                for offset in range(0, len(data), segment):
+                    box.send(data[offset : offset + segment])
+                return True
             try:
                 self._sendmsg(
                     [data], [(_SOL_UDP, _UDP_SEGMENT, _SEGMENT.pack(segment))], 0, action.to_addr
@@ -168,9 +180,22 @@ HandlerFactory = Callable[[Any], Any]
 class TrsControlPlane:
     """The relaying endpoint of a ``TrsService``: control connections plus relay filter."""
 
-    def __init__(self, endpoint: QuicEndpoint, relay: RelayFilter) -> None:
+    def __init__(
+        self, endpoint: QuicEndpoint, relay: RelayFilter, identity: CertifiedKey | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.relay = relay
+        self.identity = identity
+        self.tcp: TcpListener | None = None
+        """TLS on TCP at the UDP port's number (docs/tcp-transport.md), if it could bind."""
+
+    async def start_tcp(self, host: str) -> None:
+        """Serve TCP 443 streams into the same endpoint; relay sides may be on them."""
+        if self.identity is None:
+            return
+        self.tcp = await start_tcp_listener(self.endpoint, self.identity, host=host)
+        if self.tcp is not None:
+            self.relay.streams = self.tcp.streams
 
     @classmethod
     def open(
@@ -193,7 +218,7 @@ class TrsControlPlane:
             accept={ALPN_SIGNALLING: Acceptor(handler_factory=handler_factory, expect="node")},
             idle_timeout=idle_timeout,
         )
-        return cls(endpoint, relay)
+        return cls(endpoint, relay, identity)
 
     def observe_addresses(self) -> list[tuple[str, tuple[str, int]]]:
         """``(fqdn, validated address)`` of every ready node control connection (the sync
@@ -208,7 +233,10 @@ class TrsControlPlane:
         return out
 
     async def close(self) -> None:
-        """Close every control connection and the socket."""
+        """Close every control connection, the TCP listener and the socket."""
+        if self.tcp is not None:
+            await self.tcp.close()
+            self.tcp = None
         await self.endpoint.close("TRS shutting down")
 
 

@@ -148,6 +148,9 @@ class TrsService:
             self.restored = await self.allocation.restore()
             self.control = factory(sock, self)
             self.forwarder = self.control.relay
+            start_tcp = getattr(self.control, "start_tcp", None)
+            if start_tcp is not None:
+                await start_tcp(s.quic_host)
         except BaseException:
             sock.close()
             await self._stop_revocations()
