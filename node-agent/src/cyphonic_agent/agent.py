@@ -46,7 +46,8 @@ from cyphonic_agent.dns import DnsStub
 from cyphonic_agent.enroll import AgentState, StatePaths, read_agent_state
 from cyphonic_agent.mobility import MoveDetector, MoveWatcher, host_addresses
 from cyphonic_agent.nms import AGENT_VERSION, AgentFailed, NmsClient, NmsLink
-from cyphonic_agent.peers import Peers
+from cyphonic_agent.peers import Peers, path_facts
+from cyphonic_agent.reach import answer_probes
 from cyphonic_agent.relay import RelayClient
 from cyphonic_agent.roaming import Roaming
 from cyphonic_agent.routes import Candidate
@@ -289,6 +290,11 @@ class Agent:
             except CyphonicError as exc:
                 raise AgentFailed(exc) from exc
         self.roaming.registered(reg)
+        if reg.HasField("reach_probe") and self.endpoint is not None:
+            # Whether inbound traffic gets in, and the NAT's mapping (docs/nms.md).
+            self._spawn(
+                answer_probes(self.endpoint, reg.reach_probe, _link.endpoint.host, log=self.log)
+            )
         if self.relay is not None:
             self.relay.nudge()  # after a move the TRS must learn our new address at once
 
@@ -398,7 +404,9 @@ class Agent:
             tun=self.tun.name if self.tun is not None else None,
             mtu=self.settings.mtu if self.tun is not None else None,
             uptime_s=round(time.monotonic() - self._started, 1),
-            peers=peer_rows(self.peers.routes.routes(), relayed_label=relayed_label),
+            peers=peer_rows(
+                self.peers.routes.routes(), relayed_label=relayed_label, path_facts=path_facts
+            ),
             handovers=self.mobility.detector.moves,
             last_handover=handover_status(self.roaming.handover, self.roaming.handover_network),
             policy=self.access.snapshot(),

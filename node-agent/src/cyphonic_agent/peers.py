@@ -45,6 +45,16 @@ from cyphonic_agent.control import (
 )
 from cyphonic_agent.datapath import DataPath, Tunnel
 from cyphonic_agent.dns import PeerAddresses
+from cyphonic_agent.punch import (
+    STALL_PTO,
+    HolePunchPlan,
+    ProbePeer,
+    ProbeRelay,
+    PunchState,
+    Reconnect,
+    Stop,
+    Wait,
+)
 from cyphonic_agent.relay import RelayClient, RelayedPath
 from cyphonic_agent.routes import (
     Accept,
@@ -57,6 +67,7 @@ from cyphonic_agent.routes import (
     address_text,
     pattern_name,
 )
+from cyphonic_agent.status import PathFacts
 from cyphonic_agent.tunnel import TunnelCore
 
 REQUEST_TIMEOUT_S = 5.0
@@ -84,6 +95,51 @@ class LiveTunnel:
 
     tunnel: Tunnel
     conn: Connection
+    relay_address: tuple[str, int] | None = None
+    """The TRS's address, for a relayed tunnel (where its packets went when it came up)."""
+    punch: HolePunchPlan | None = None
+
+    def direct_now(self) -> bool:
+        """Whether a relayed tunnel's connection now goes straight to the peer."""
+        if self.relay_address is None:
+            return False
+        return not _same_address(self.conn.peer_address, self.relay_address)
+
+
+def path_facts(live: LiveTunnel) -> PathFacts | None:
+    """The status's view of a relayed tunnel's path (None for a direct route)."""
+    if live.relay_address is None:
+        return None
+    plan = live.punch
+    after = None
+    if plan is not None and plan.direct_at is not None:
+        after = round((plan.direct_at - plan.started) * 1000, 1)
+    return PathFacts(
+        direct_now=live.direct_now(),
+        punch=plan.state.value if plan is not None else None,
+        direct_after_ms=after,
+    )
+
+
+def _same_address(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return _plain(a) == _plain(b)
+
+
+def _plain(addr: tuple[Any, ...]) -> tuple[str, int]:
+    ip = ipaddress.ip_address(str(addr[0]).split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (str(ip), int(addr[1]))
+
+
+def _pto_count(conn: Connection) -> int:
+    """Consecutive probe timeouts of the connection (qh3's core or aioquic's recovery)."""
+    quic: Any = conn.quic
+    core = getattr(quic, "_core", None)
+    if core is not None:
+        return int(getattr(core, "pto_count", 0) or 0)
+    loss = getattr(quic, "_loss", None)
+    return int(getattr(loss, "_pto_count", 0) or 0)
 
 
 AgentRoute = PeerRoute[LiveTunnel]
@@ -548,6 +604,8 @@ class Peers:
         previous = route.tunnel
         link.tunnel = tunnel
         live = LiveTunnel(tunnel=tunnel, conn=link.conn)
+        if route.pattern == pb.ROUTE_PATTERN_RELAY:
+            live.relay_address = _plain(link.conn.peer_address)
         if self.routes.tunnel_up(route, live, now=self._now()) is None:
             link.conn.close("route replaced")
             return
@@ -556,6 +614,8 @@ class Peers:
             self.datapath.remove_tunnel(previous.tunnel)
             previous.conn.close("superseded by a newer connection")
         self.datapath.add_tunnel(tunnel)
+        if live.relay_address is not None and route.punch is not None:
+            self.spawn(self._punch(route, live))
 
     def _tunnel_lost(self, session: SignallingSession, error: CyphonicError | None) -> None:
         link = self._links.pop(id(session), None)
@@ -579,6 +639,68 @@ class Peers:
                 tx_packets=tunnel.core.stats.tx_packets,
                 rx_packets=tunnel.core.stats.rx_packets,
             )
+
+    # ------------------------------------------------------------------ hole punching
+
+    async def _punch(self, route: AgentRoute, live: LiveTunnel) -> None:
+        """Take a relayed tunnel direct (``punch.HolePunchPlan`` decides; this performs)."""
+        punch = route.punch
+        assert punch is not None and live.relay_address is not None
+        now = self._now()
+        plan = live.punch = HolePunchPlan(
+            started=now,
+            delay=punch.delay_s,
+            interval=punch.interval_s,
+            window=punch.window_s,
+        )
+        peer = (punch.peer.host, punch.peer.port)
+        conn = live.conn
+        log = self.log.bind(peer=route.fqdn, route_id=route.route_id)
+        log.info("punch_start", to=str(punch.peer), relay=format_host_port(*live.relay_address))
+        while route.tunnel is live and not conn.is_closed and self.routes.is_current(route):
+            before = plan.state
+            step = plan.tick(
+                now=self._now(), direct=live.direct_now(), stalled=_pto_count(conn) >= STALL_PTO
+            )
+            if plan.state is not before and plan.state is not PunchState.PROBING:
+                log.info(
+                    "punch_" + plan.state.value,
+                    path=format_host_port(*_plain(conn.peer_address)),
+                    probes=plan.probes_sent,
+                    ms=round((self._now() - plan.started) * 1000, 1),
+                    path_changes=plan.path_changes,
+                )
+            if isinstance(step, Wait):
+                await asyncio.sleep(step.seconds)
+            elif isinstance(step, ProbePeer):
+                self._probe_path(conn, peer)
+                await asyncio.sleep(0)
+            elif isinstance(step, ProbeRelay):
+                self._probe_path(conn, live.relay_address)
+                await asyncio.sleep(0)
+            elif isinstance(step, Reconnect):
+                conn.close("direct path lost and no path change left")
+                return
+            else:
+                assert isinstance(step, Stop)
+                return
+
+    def _probe_path(self, conn: Connection, to: tuple[str, int]) -> None:
+        """A PING-bearing packet of ``conn`` sent to ``to`` as well as its usual path: it
+        opens our NAT towards ``to`` and, arriving from a new address, makes the peer's QUIC
+        validate the path and move to it (module ``punch``)."""
+        assert self.endpoint is not None
+        self._ping_uid += 1
+        try:
+            conn.quic.send_ping(self._ping_uid)
+            datagrams = conn.quic.datagrams_to_send(now=self._now())
+        except Exception as exc:  # a closing connection: nothing to probe with
+            self.log.debug("punch_probe_failed", error=repr(exc))
+            return
+        for data, addr in datagrams:
+            self.endpoint.send_raw(data, to)  # first: the copy that should arrive first
+            self.endpoint.send_raw(data, (str(addr[0]), int(addr[1])))
+        conn.transmit()  # timers re-armed by the endpoint's own pass
 
     # ------------------------------------------------------------------ housekeeping
 

@@ -500,6 +500,24 @@ class QuicEndpoint:
         name = self._sock.getsockname()
         return (name[0], name[1])
 
+    def send_raw(self, data: bytes, address: tuple[str, int]) -> bool:
+        """Send one datagram from this endpoint's socket to an IP literal ``address``: a
+        reachability probe, or a copy of a connection's packet towards a path it may move
+        to (hole punching). False if it could not go (never raises)."""
+        try:
+            ip = ipaddress.ip_address(address[0])
+            if self._family == socket.AF_INET6:
+                host = f"::ffff:{ip}" if ip.version == 4 else str(ip)
+                self._sock.sendto(data, (host, int(address[1]), 0, 0))
+            elif ip.version == 4:
+                self._sock.sendto(data, (str(ip), int(address[1])))
+            else:
+                return False
+        except (OSError, ValueError):
+            return False
+        self.stats.datagrams_sent += 1
+        return True
+
     @property
     def connections(self) -> list[Connection]:
         """Live connections (handshaking, ready or closing)."""
