@@ -46,7 +46,6 @@ from cyphonic_agent.control import (
 from cyphonic_agent.datapath import DataPath, Tunnel
 from cyphonic_agent.dns import PeerAddresses
 from cyphonic_agent.punch import (
-    STALL_PTO,
     HolePunchPlan,
     ProbePeer,
     ProbeRelay,
@@ -130,16 +129,6 @@ def _plain(addr: tuple[Any, ...]) -> tuple[str, int]:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return (str(ip), int(addr[1]))
-
-
-def _pto_count(conn: Connection) -> int:
-    """Consecutive probe timeouts of the connection (qh3's core or aioquic's recovery)."""
-    quic: Any = conn.quic
-    core = getattr(quic, "_core", None)
-    if core is not None:
-        return int(getattr(core, "pto_count", 0) or 0)
-    loss = getattr(quic, "_loss", None)
-    return int(getattr(loss, "_pto_count", 0) or 0)
 
 
 AgentRoute = PeerRoute[LiveTunnel]
@@ -659,9 +648,13 @@ class Peers:
         log.info("punch_start", to=str(punch.peer), relay=format_host_port(*live.relay_address))
         while route.tunnel is live and not conn.is_closed and self.routes.is_current(route):
             before = plan.state
-            step = plan.tick(
-                now=self._now(), direct=live.direct_now(), stalled=_pto_count(conn) >= STALL_PTO
-            )
+            now = self._now()
+            direct = live.direct_now()
+            # Liveness of the direct path: the PING of each look is acknowledged.
+            heard = max(conn.ping_acked_at or 0.0, plan.direct_at or now)
+            step = plan.tick(now=now, direct=direct, stalled=now - heard > 2 * plan.check)
+            if direct and isinstance(step, Wait):
+                self._ping(conn)
             if plan.state is not before and plan.state is not PunchState.PROBING:
                 log.info(
                     "punch_" + plan.state.value,
@@ -684,6 +677,12 @@ class Peers:
             else:
                 assert isinstance(step, Stop)
                 return
+
+    def _ping(self, conn: Connection) -> None:
+        self._ping_uid += 1
+        with contextlib.suppress(Exception):  # closing: the loop ends on its own
+            conn.quic.send_ping(self._ping_uid)
+            conn.transmit()
 
     def _probe_path(self, conn: Connection, to: tuple[str, int]) -> None:
         """A PING-bearing packet of ``conn`` sent to ``to`` as well as its usual path: it

@@ -10,9 +10,9 @@ peer's NAT is open too, reaches the peer from a new address. QUIC then validates
 (PATH_CHALLENGE / PATH_RESPONSE, RFC 9000 section 9) and both sides move to it: no new
 handshake, the inner flows never notice. A symmetric NAT gets no ``HolePunch``: no probes.
 
-While direct, a stalled path (the connection's probe timeouts pile up) sends the same kind
-of probe to the TRS: the peer's connection then validates the relay path again and both move
-back. qh3's native core keeps at most four paths per connection (never freed), so a
+While direct, a stalled path (the PINGs sent every ``check`` go unacknowledged) sends the
+same kind of probe to the TRS: the peer's connection then validates the relay path again
+and both move back. qh3's native core keeps at most four paths per connection (never freed), so a
 connection changes path at most ``MAX_PATH_CHANGES`` times; a direct path that dies after
 that closes the connection (the next packet builds a new one, relayed first).
 
@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 
 MAX_PATH_CHANGES = 3
 """Path changes one connection may make (qh3's core: four paths, the first included)."""
-STALL_PTO = 2
-"""Consecutive probe timeouts on the direct path that count as a dead path."""
 
 
 class PunchState(enum.Enum):
@@ -81,6 +79,9 @@ class HolePunchPlan:
     window: float = 3.0
     check: float = 0.5
     """How often a direct path is looked at for a stall."""
+    stall_after: float = 1.0
+    """How long the peer must stay silent (on top of ``stalled``) before the direct path
+    counts as dead: a lost PING or two is no dead path."""
     state: PunchState = PunchState.WAITING
     path_changes: int = 0
     probes_sent: int = 0
@@ -88,6 +89,7 @@ class HolePunchPlan:
     """When the connection first went direct (for status and the test's figures)."""
     _next_probe: float = field(default=0.0)
     _fallback_until: float = field(default=0.0)
+    _stalled_since: float | None = field(default=None)
 
     def __post_init__(self) -> None:
         self._next_probe = self.started + self.delay
@@ -98,7 +100,7 @@ class HolePunchPlan:
 
     def tick(self, *, now: float, direct: bool, stalled: bool) -> Step:
         """The next step; ``direct``: the connection's active path is not the TRS;
-        ``stalled``: its probe timeouts piled up (``STALL_PTO``)."""
+        ``stalled``: the peer has not acknowledged the recent PINGs on it."""
         state = self.state
         if direct:
             if state is PunchState.FALLING_BACK:
@@ -114,7 +116,13 @@ class HolePunchPlan:
                 if self.direct_at is None:
                     self.direct_at = now
             if not stalled:
+                self._stalled_since = None
                 return Wait(self.check)
+            if self._stalled_since is None:
+                self._stalled_since = now
+            if now - self._stalled_since < self.stall_after:
+                return Wait(self.check)
+            self._stalled_since = None
             if self.path_changes >= MAX_PATH_CHANGES:
                 return Reconnect()
             self.state = PunchState.FALLING_BACK

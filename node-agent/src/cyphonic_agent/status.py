@@ -74,6 +74,8 @@ class PeerStatus:
     reason: str = ""
     """Why the path is what it is, in words: the NMS's reason for the pattern
     (``cyphonic_nms.route_reason``), or what happened since (hole punching)."""
+    route_reason_code: str = ""
+    """The NMS's reason code for the pattern (``reason_code`` may say what came after)."""
     punch: str | None = None
     """Hole punching of a relayed route: probing, direct, gave_up, relayed (fell back), or
     None when the NMS asked for none."""
@@ -191,6 +193,7 @@ def peer_rows(
                 virtual_ipv6=v6,
                 reason_code=route.reason_code,
                 reason=route.reason,
+                route_reason_code=route.reason_code,
             )
         )
     return rows
@@ -201,6 +204,7 @@ def explain_row(
 ) -> None:
     """Fill ``row``'s path columns: direct or via which TRS, and why in words."""
     row.reason_code, row.reason = route.reason_code, route.reason
+    row.route_reason_code = route.reason_code
     if facts is not None:
         row.punch = facts.punch
         row.direct_after_ms = facts.direct_after_ms

@@ -57,12 +57,16 @@ def test_stalled_direct_path_falls_back_to_the_relay() -> None:
     p = plan()
     p.tick(now=10.2, direct=False, stalled=False)
     p.tick(now=10.3, direct=True, stalled=False)
-    assert p.tick(now=20.0, direct=True, stalled=True) == ProbeRelay()
+    # A passing pile-up of probe timeouts (a path change makes one) is not a dead path.
+    assert p.tick(now=20.0, direct=True, stalled=True) == Wait(0.5)
+    assert p.tick(now=20.5, direct=True, stalled=False) == Wait(0.5)
+    assert p.tick(now=21.0, direct=True, stalled=True) == Wait(0.5)
+    assert p.tick(now=22.0, direct=True, stalled=True) == ProbeRelay()
     assert p.state is PunchState.FALLING_BACK
-    assert isinstance(p.tick(now=20.05, direct=True, stalled=True), Wait)
-    assert p.tick(now=20.1, direct=True, stalled=True) == ProbeRelay()
+    assert isinstance(p.tick(now=22.05, direct=True, stalled=True), Wait)
+    assert p.tick(now=22.1, direct=True, stalled=True) == ProbeRelay()
     # QUIC validated the relay path again.
-    assert p.tick(now=20.2, direct=False, stalled=False) == Stop()
+    assert p.tick(now=22.2, direct=False, stalled=False) == Stop()
     assert p.state is PunchState.RELAYED and p.path_changes == 2
 
 
@@ -71,7 +75,8 @@ def test_fallback_that_reaches_nothing_reconnects() -> None:
     p.tick(now=10.2, direct=False, stalled=False)
     p.tick(now=10.3, direct=True, stalled=False)
     p.tick(now=20.0, direct=True, stalled=True)
-    assert p.tick(now=21.0, direct=True, stalled=True) == Reconnect()
+    assert p.tick(now=21.0, direct=True, stalled=True) == ProbeRelay()
+    assert p.tick(now=22.0, direct=True, stalled=True) == Reconnect()
 
 
 def test_no_path_change_left_reconnects_instead_of_falling_back() -> None:
@@ -80,7 +85,8 @@ def test_no_path_change_left_reconnects_instead_of_falling_back() -> None:
     p.tick(now=10.2, direct=False, stalled=False)
     p.tick(now=10.3, direct=True, stalled=False)
     assert p.path_changes == MAX_PATH_CHANGES
-    assert p.tick(now=20.0, direct=True, stalled=True) == Reconnect()
+    p.tick(now=20.0, direct=True, stalled=True)
+    assert p.tick(now=21.0, direct=True, stalled=True) == Reconnect()
 
 
 def test_core_back_on_the_relay_by_itself_stops() -> None:

@@ -98,8 +98,8 @@ def test_rows_say_why_direct_or_via_which_trs() -> None:
     assert row.reason == "direct after hole punching (412 ms after the relay)"
     # Punching that found nothing, and a direct path that died.
     for punch, code in (("gave_up", "punch_failed"), ("relayed", "direct_path_lost")):
-        facts = PathFacts(direct_now=False, punch=punch)
-        [row] = peer_rows([_relayed()], relayed_label=LABELS.get, path_facts=lambda _l: facts)
+        lost = PathFacts(direct_now=False, punch=punch)
+        [row] = peer_rows([_relayed()], relayed_label=LABELS.get, path_facts=lambda _l, f=lost: f)
         assert (row.direct, row.reason_code) == (False, code)
 
 

@@ -43,6 +43,7 @@ from aioquic.quic.events import (
     ConnectionTerminated,
     DatagramFrameReceived,
     HandshakeCompleted,
+    PingAcknowledged,
     QuicEvent,
 )
 from cryptography import x509
@@ -189,6 +190,8 @@ class Connection:
         """Its engine raised: the endpoint no longer calls into it."""
         self.error: CyphonicError | None = None
         """Why the connection ended, once it has (None after an orderly local close)."""
+        self.ping_acked_at: float | None = None
+        """Loop time of the last PING acknowledgement (liveness of the current path)."""
         self._timer_at: float | None = None
         self.log = get_logger(
             "quic", role="client" if is_client else "server", cid=quic.host_cid.hex()
@@ -861,6 +864,8 @@ class QuicEndpoint:
             elif isinstance(event, ConnectionTerminated):
                 self._connection_ended(conn)
                 self._forget(conn)
+            elif isinstance(event, PingAcknowledged):
+                conn.ping_acked_at = self._loop.time()
             elif not conn._ended:
                 conn._deliver(event)
         if (
