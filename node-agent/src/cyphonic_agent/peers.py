@@ -593,18 +593,38 @@ class Peers:
         previous = route.tunnel
         link.tunnel = tunnel
         live = LiveTunnel(tunnel=tunnel, conn=link.conn)
+        punched = False
         if route.pattern == pb.ROUTE_PATTERN_RELAY:
-            live.relay_address = _plain(link.conn.peer_address)
+            here = _plain(link.conn.peer_address)
+            if previous is not None and previous.relay_address not in (None, here):
+                # A direct connection replacing the relayed one (hole punching).
+                live.relay_address, live.punch, punched = (
+                    previous.relay_address,
+                    previous.punch,
+                    True,
+                )
+            else:
+                live.relay_address = here
         if self.routes.tunnel_up(route, live, now=self._now()) is None:
             link.conn.close("route replaced")
             return
         if previous is not None and previous.tunnel is not tunnel:
             # The peer connected again (it lost the first connection): the new one wins.
             self.datapath.remove_tunnel(previous.tunnel)
-            previous.conn.close("superseded by a newer connection")
+            if not (punched and route.role == pb.ROUTE_ROLE_ACCEPT):
+                # (After hole punching the connecting side closes the relayed connection
+                # once its direct one is up: closed here first, it would end its route.)
+                previous.conn.close("superseded by a newer connection")
         self.datapath.add_tunnel(tunnel)
-        if live.relay_address is not None and route.punch is not None:
+        if live.relay_address is not None and route.punch is not None and not punched:
             self.spawn(self._punch(route, live))
+        if punched:
+            self.log.info(
+                "punch_connected",
+                peer=route.fqdn,
+                route_id=route.route_id,
+                path=format_host_port(*_plain(link.conn.peer_address)),
+            )
 
     def _tunnel_lost(self, session: SignallingSession, error: CyphonicError | None) -> None:
         link = self._links.pop(id(session), None)
@@ -655,6 +675,15 @@ class Peers:
             step = plan.tick(now=now, direct=direct, stalled=now - heard > 2 * plan.check)
             if direct and isinstance(step, Wait):
                 self._ping(conn)
+            if (
+                plan.state is PunchState.DIRECT
+                and before is not PunchState.DIRECT
+                and route.role == pb.ROUTE_ROLE_CONNECT
+            ):
+                # The NATs are open both ways: a fresh connection straight to the peer
+                # replaces the relayed one (module ``punch``: qh3's core stalls a client
+                # that followed its server to a new address).
+                self.spawn(self._dial_direct(route, punch.peer, log))
             if plan.state is not before and plan.state is not PunchState.PROBING:
                 log.info(
                     "punch_" + plan.state.value,
@@ -678,6 +707,12 @@ class Peers:
                 assert isinstance(step, Stop)
                 return
 
+    async def _dial_direct(self, route: AgentRoute, peer: Candidate, log: Any) -> None:
+        try:
+            await self._open_tunnel(route, peer)
+        except CyphonicError as exc:
+            log.info("punch_dial_failed", to=str(peer), error=exc.message)
+
     def _ping(self, conn: Connection) -> None:
         self._ping_uid += 1
         with contextlib.suppress(Exception):  # closing: the loop ends on its own
@@ -696,9 +731,11 @@ class Peers:
         except Exception as exc:  # a closing connection: nothing to probe with
             self.log.debug("punch_probe_failed", error=repr(exc))
             return
-        for data, addr in datagrams:
-            self.endpoint.send_raw(data, to)  # first: the copy that should arrive first
-            self.endpoint.send_raw(data, (str(addr[0]), int(addr[1])))
+        for data, _addr in datagrams:
+            # Only there: a copy on the usual path as well would reach the peer twice, and
+            # qh3's core takes the later copy's path for a path to probe (it then leaves
+            # the new one). What is lost here, QUIC's loss recovery sends again.
+            self.endpoint.send_raw(data, to)
         conn.transmit()  # timers re-armed by the endpoint's own pass
 
     # ------------------------------------------------------------------ housekeeping

@@ -182,6 +182,11 @@ def test_reachability_matrix(world: tuple[OverlayServices, dict[str, AgentProces
             and peer["reason_code"] != "hole_punched"
         ):
             failures.append(f"{where}: direct, but the reason is {peer['reason_code']!r}")
+        # The settled path carries traffic (for a punched pair: the direct connection).
+        target = probe["address"]
+        pinged = src.node.run(["ping", "-n", "-c", "3", "-i", "0.2", "-W", "5", target], timeout=60)
+        if " 0% packet loss" not in pinged.stdout:
+            failures.append(f"{where}: ping over the settled path: {pinged.stdout[-200:]}")
         if row.no_reversal and "route_reversed" in src.log_text():
             failures.append(f"{where}: the route was reversed (the block was not known)")
     _print_matrix(results)
