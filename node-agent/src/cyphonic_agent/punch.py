@@ -5,16 +5,19 @@ A relayed route between two nodes behind endpoint-independent NATs comes with a
 ``HolePunch`` (the other node's observed address). Once the tunnel is up through the TRS
 (the first packet never waits for punching), both nodes send QUIC probes of that same
 connection to the other's observed address, every ``interval`` for at most ``window``: a
-copy of a PING-bearing packet, which opens the sender's NAT towards the peer and, once the
-peer's NAT is open too, reaches the peer from a new address. QUIC then validates the path
-(PATH_CHALLENGE / PATH_RESPONSE, RFC 9000 section 9) and both sides move to it: no new
-handshake, the inner flows never notice. A symmetric NAT gets no ``HolePunch``: no probes.
+PING-bearing packet sent there instead of to the TRS, which opens the sender's NAT towards
+the peer and, once the peer's NAT is open too, reaches the peer from a new address. QUIC
+then validates the path (PATH_CHALLENGE / PATH_RESPONSE, RFC 9000 section 9) and both sides
+move to it (DIRECT). The glue then has the connecting side open a fresh connection straight
+to the peer, which replaces the relayed one (docs/agent.md says why: qh3's core stalls a
+client that followed its server to a new address). A symmetric NAT gets no ``HolePunch``.
 
-While direct, a stalled path (the PINGs sent every ``check`` go unacknowledged) sends the
-same kind of probe to the TRS: the peer's connection then validates the relay path again
-and both move back. qh3's native core keeps at most four paths per connection (never freed), so a
-connection changes path at most ``MAX_PATH_CHANGES`` times; a direct path that dies after
-that closes the connection (the next packet builds a new one, relayed first).
+While a connection is direct, a stalled path (the PINGs sent every ``check`` go
+unacknowledged) sends the same kind of probe to the TRS: the peer's connection then
+validates the relay path again and both move back. qh3's native core keeps at most four
+paths per connection (never freed), so a connection changes path at most
+``MAX_PATH_CHANGES`` times; a direct path that dies after that closes the connection (the
+next packet builds a new one, relayed first).
 
     WAITING --delay--> PROBING --validated--> DIRECT --stalled--> FALLING_BACK --> RELAYED
                           |                     ^                                   (no more
