@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,4 @@ async def answer_probes(
 
 
 def _ip_text(raw: bytes) -> str:
-    import ipaddress
-
     return str(ipaddress.ip_address(raw))

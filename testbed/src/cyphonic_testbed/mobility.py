@@ -89,7 +89,11 @@ CASES: dict[str, MoveCase] = {
             title="alice: global IPv6 -> IPv4 NAT -> back (peer IPv6 only)",
             topology=move_v6_nat,
             mover="alice",
-            pattern="direct",
+            # alice's firewall lets nothing in: the NMS's reachability probe finds it at
+            # registration, so she connects out (pattern 2 for IPv6). Back from the NAT, the
+            # route is re-decided at once, before the new probe's verdict: pattern 1, alice
+            # connecting (docs/nms.md, "Reachability probes").
+            pattern="nat_connects",
             steps=(
                 MoveStep("lanc", "relay", TARGET_RELAY_MS),
                 MoveStep("lana", "direct", TARGET_DIRECT_MS),
