@@ -56,14 +56,16 @@ from cyphonic_agent.overlay_routes import (
     plan_routes,
 )
 from cyphonic_agent.path_sizes import LinkMtu, PathSizes, link_mtus, plan_sizes
-from cyphonic_agent.peers import Peers
+from cyphonic_agent.peers import LiveTunnel, Peers, path_facts
 from cyphonic_agent.ping import Pinger
+from cyphonic_agent.reach import answer_probes
 from cyphonic_agent.relay import RelayClient
 from cyphonic_agent.roaming import Roaming
 from cyphonic_agent.routes import Candidate
 from cyphonic_agent.splitdns import SplitDns
 from cyphonic_agent.status import (
     AgentStatus,
+    PathFacts,
     StatusServer,
     handover_status,
     network_status,
@@ -367,6 +369,11 @@ class Agent:
             except CyphonicError as exc:
                 raise AgentFailed(exc) from exc
         self.roaming.registered(reg)
+        if reg.HasField("reach_probe") and self.endpoint is not None:
+            # Whether inbound traffic gets in, and the NAT's mapping (docs/nms.md).
+            self._spawn(
+                answer_probes(self.endpoint, reg.reach_probe, _link.endpoint.host, log=self.log)
+            )
         if self.relay is not None:
             self.relay.nudge()  # after a move the TRS must learn our new address at once
 
@@ -592,6 +599,11 @@ class Agent:
             path = relay.path(route_id) if relay is not None else None
             return path.label if path is not None else None
 
+        carrier = self.transport.carrier_of if self.transport is not None else None
+
+        def facts(live: LiveTunnel) -> PathFacts | None:
+            return path_facts(live, carrier)
+
         return AgentStatus(
             fqdn=self.fqdn,
             virtual_ipv4=v4,
@@ -601,7 +613,9 @@ class Agent:
             tun=self.tun.name if self.tun is not None else None,
             mtu=self.settings.mtu if self.tun is not None else None,
             uptime_s=round(time.monotonic() - self._started, 1),
-            peers=peer_rows(self.peers.routes.routes(), relayed_label=relayed_label),
+            peers=peer_rows(
+                self.peers.routes.routes(), relayed_label=relayed_label, path_facts=facts
+            ),
             handovers=self.mobility.detector.moves,
             last_handover=handover_status(self.roaming.handover, self.roaming.handover_network),
             policy=self.access.snapshot(),

@@ -251,7 +251,8 @@ class NmsClient:
         """Register on ``link`` (first time, after a reconnection, or after a move)."""
         local = await self.local_endpoints(link.endpoint)
         request = pb.RegisterRequest(
-            local_addresses=[pb.Endpoint(ip=ip.packed, port=port) for ip, port in local]
+            local_addresses=[pb.Endpoint(ip=ip.packed, port=port) for ip, port in local],
+            reach_probes=True,
         )
         answer = await link.session.request(wrap(request), timeout=REQUEST_TIMEOUT_S)
         reg = expect(answer, pb.RegisterResponse)

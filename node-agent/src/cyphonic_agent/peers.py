@@ -45,6 +45,15 @@ from cyphonic_agent.control import (
 )
 from cyphonic_agent.datapath import DataPath, Tunnel
 from cyphonic_agent.dns import PeerAddresses
+from cyphonic_agent.punch import (
+    HolePunchPlan,
+    ProbePeer,
+    ProbeRelay,
+    PunchState,
+    Reconnect,
+    Stop,
+    Wait,
+)
 from cyphonic_agent.relay import RelayClient, RelayedPath
 from cyphonic_agent.routes import (
     Accept,
@@ -57,6 +66,7 @@ from cyphonic_agent.routes import (
     address_text,
     pattern_name,
 )
+from cyphonic_agent.status import PathFacts
 from cyphonic_agent.tunnel import TunnelCore
 
 REQUEST_TIMEOUT_S = 5.0
@@ -84,6 +94,43 @@ class LiveTunnel:
 
     tunnel: Tunnel
     conn: Connection
+    relay_address: tuple[str, int] | None = None
+    """The TRS's address, for a relayed tunnel (where its packets went when it came up)."""
+    punch: HolePunchPlan | None = None
+
+    def direct_now(self) -> bool:
+        """Whether a relayed tunnel's connection now goes straight to the peer."""
+        if self.relay_address is None:
+            return False
+        return not _same_address(self.conn.peer_address, self.relay_address)
+
+
+def path_facts(live: LiveTunnel, carrier: Callable[[Any], str] | None = None) -> PathFacts | None:
+    """The status's view of a relayed tunnel's path (None for a direct route); ``carrier``
+    names what carries packets to an address (``StreamPaths.carrier_of``)."""
+    if live.relay_address is None:
+        return None
+    plan = live.punch
+    after = None
+    if plan is not None and plan.direct_at is not None:
+        after = round((plan.direct_at - plan.started) * 1000, 1)
+    return PathFacts(
+        direct_now=live.direct_now(),
+        punch=plan.state.value if plan is not None else None,
+        direct_after_ms=after,
+        transport=carrier(live.conn.peer_address) if carrier is not None else "udp",
+    )
+
+
+def _same_address(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return _plain(a) == _plain(b)
+
+
+def _plain(addr: tuple[Any, ...]) -> tuple[str, int]:
+    ip = ipaddress.ip_address(str(addr[0]).split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (str(ip), int(addr[1]))
 
 
 AgentRoute = PeerRoute[LiveTunnel]
@@ -548,14 +595,38 @@ class Peers:
         previous = route.tunnel
         link.tunnel = tunnel
         live = LiveTunnel(tunnel=tunnel, conn=link.conn)
+        punched = False
+        if route.pattern == pb.ROUTE_PATTERN_RELAY:
+            here = _plain(link.conn.peer_address)
+            if previous is not None and previous.relay_address not in (None, here):
+                # A direct connection replacing the relayed one (hole punching).
+                live.relay_address, live.punch, punched = (
+                    previous.relay_address,
+                    previous.punch,
+                    True,
+                )
+            else:
+                live.relay_address = here
         if self.routes.tunnel_up(route, live, now=self._now()) is None:
             link.conn.close("route replaced")
             return
         if previous is not None and previous.tunnel is not tunnel:
             # The peer connected again (it lost the first connection): the new one wins.
             self.datapath.remove_tunnel(previous.tunnel)
-            previous.conn.close("superseded by a newer connection")
+            if not (punched and route.role == pb.ROUTE_ROLE_ACCEPT):
+                # (After hole punching the connecting side closes the relayed connection
+                # once its direct one is up: closed here first, it would end its route.)
+                previous.conn.close("superseded by a newer connection")
         self.datapath.add_tunnel(tunnel)
+        if live.relay_address is not None and route.punch is not None and not punched:
+            self.spawn(self._punch(route, live))
+        if punched:
+            self.log.info(
+                "punch_connected",
+                peer=route.fqdn,
+                route_id=route.route_id,
+                path=format_host_port(*_plain(link.conn.peer_address)),
+            )
 
     def _tunnel_lost(self, session: SignallingSession, error: CyphonicError | None) -> None:
         link = self._links.pop(id(session), None)
@@ -579,6 +650,95 @@ class Peers:
                 tx_packets=tunnel.core.stats.tx_packets,
                 rx_packets=tunnel.core.stats.rx_packets,
             )
+
+    # ------------------------------------------------------------------ hole punching
+
+    async def _punch(self, route: AgentRoute, live: LiveTunnel) -> None:
+        """Take a relayed tunnel direct (``punch.HolePunchPlan`` decides; this performs)."""
+        punch = route.punch
+        assert punch is not None and live.relay_address is not None
+        now = self._now()
+        plan = live.punch = HolePunchPlan(
+            started=now,
+            delay=punch.delay_s,
+            interval=punch.interval_s,
+            window=punch.window_s,
+        )
+        peer = (punch.peer.host, punch.peer.port)
+        conn = live.conn
+        log = self.log.bind(peer=route.fqdn, route_id=route.route_id)
+        log.info("punch_start", to=str(punch.peer), relay=format_host_port(*live.relay_address))
+        while route.tunnel is live and not conn.is_closed and self.routes.is_current(route):
+            before = plan.state
+            now = self._now()
+            direct = live.direct_now()
+            # Liveness of the direct path: the PING of each look is acknowledged.
+            heard = max(conn.ping_acked_at or 0.0, plan.direct_at or now)
+            step = plan.tick(now=now, direct=direct, stalled=now - heard > 2 * plan.check)
+            if direct and isinstance(step, Wait):
+                self._ping(conn)
+            if (
+                plan.state is PunchState.DIRECT
+                and before is not PunchState.DIRECT
+                and route.role == pb.ROUTE_ROLE_CONNECT
+            ):
+                # The NATs are open both ways: a fresh connection straight to the peer
+                # replaces the relayed one (module ``punch``: qh3's core stalls a client
+                # that followed its server to a new address).
+                self.spawn(self._dial_direct(route, punch.peer, log))
+            if plan.state is not before and plan.state is not PunchState.PROBING:
+                log.info(
+                    "punch_" + plan.state.value,
+                    path=format_host_port(*_plain(conn.peer_address)),
+                    probes=plan.probes_sent,
+                    ms=round((self._now() - plan.started) * 1000, 1),
+                    path_changes=plan.path_changes,
+                )
+            if isinstance(step, Wait):
+                await asyncio.sleep(step.seconds)
+            elif isinstance(step, ProbePeer):
+                self._probe_path(conn, peer)
+                await asyncio.sleep(0)
+            elif isinstance(step, ProbeRelay):
+                self._probe_path(conn, live.relay_address)
+                await asyncio.sleep(0)
+            elif isinstance(step, Reconnect):
+                conn.close("direct path lost and no path change left")
+                return
+            else:
+                assert isinstance(step, Stop)
+                return
+
+    async def _dial_direct(self, route: AgentRoute, peer: Candidate, log: Any) -> None:
+        try:
+            await self._open_tunnel(route, peer)
+        except CyphonicError as exc:
+            log.info("punch_dial_failed", to=str(peer), error=exc.message)
+
+    def _ping(self, conn: Connection) -> None:
+        self._ping_uid += 1
+        with contextlib.suppress(Exception):  # closing: the loop ends on its own
+            conn.quic.send_ping(self._ping_uid)
+            conn.transmit()
+
+    def _probe_path(self, conn: Connection, to: tuple[str, int]) -> None:
+        """A PING-bearing packet of ``conn`` sent to ``to`` as well as its usual path: it
+        opens our NAT towards ``to`` and, arriving from a new address, makes the peer's QUIC
+        validate the path and move to it (module ``punch``)."""
+        assert self.endpoint is not None
+        self._ping_uid += 1
+        try:
+            conn.quic.send_ping(self._ping_uid)
+            datagrams = conn.quic.datagrams_to_send(now=self._now())
+        except Exception as exc:  # a closing connection: nothing to probe with
+            self.log.debug("punch_probe_failed", error=repr(exc))
+            return
+        for data, _addr in datagrams:
+            # Only there: a copy on the usual path as well would reach the peer twice, and
+            # qh3's core takes the later copy's path for a path to probe (it then leaves
+            # the new one). What is lost here, QUIC's loss recovery sends again.
+            self.endpoint.send_raw(data, to)
+        conn.transmit()  # timers re-armed by the endpoint's own pass
 
     # ------------------------------------------------------------------ housekeeping
 

@@ -93,6 +93,26 @@ class Relay:
     token: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Punch:
+    """Hole punching for a relayed route (from the RouteDirection): the peer's observed
+    address and the schedule (``punch.HolePunchPlan``)."""
+
+    peer: Candidate
+    delay_s: float
+    interval_s: float
+    window_s: float
+
+    @classmethod
+    def from_pb(cls, msg: pb.HolePunch) -> Punch:
+        return cls(
+            peer=Candidate.from_pb(msg.peer),
+            delay_s=min(msg.delay_ms, 10_000) / 1000,
+            interval_s=max(min(msg.interval_ms, 5_000), 20) / 1000,
+            window_s=min(msg.window_ms, 30_000) / 1000,
+        )
+
+
 @dataclass(slots=True)
 class PeerRoute(Generic[T]):
     """The route to one peer."""
@@ -112,6 +132,10 @@ class PeerRoute(Generic[T]):
     """The glue's tunnel object while UP (opaque here)."""
     attempts: int = 0
     """Connection attempts made for this route id."""
+    punch: Punch | None = None
+    reason_code: str = ""
+    reason: str = ""
+    """Why the NMS chose this pattern, in words (``cyphonic_nms.route_reason``)."""
 
     @property
     def pattern_name(self) -> str:
@@ -261,6 +285,7 @@ class RouteTable(Generic[T]):
             # or up carries on; QUIC migration follows a moved client.
             if direction.peer_candidates:
                 current.candidates = tuple(Candidate.from_pb(c) for c in direction.peer_candidates)
+            _describe(current, direction)
             return Keep(current), None
         replaced: PeerRoute[T] | None = None
         if current is not None and current.route_id and current.route_id != direction.route_id:
@@ -283,6 +308,7 @@ class RouteTable(Generic[T]):
             if direction.HasField("relay")
             else None
         )
+        _describe(route, direction)
         route.state = RouteState.CONNECTING if connect else RouteState.AWAITING_PEER
         route.since = now
         route.attempts = 0
@@ -364,3 +390,12 @@ class RouteTable(Generic[T]):
                 del self._by_address[address]
         if self.on_addresses is not None and route.addresses:
             self.on_addresses(route.fqdn, frozenset(), route.addresses)
+
+
+def _describe(route: PeerRoute[T], direction: pb.RouteDirection) -> None:
+    """The direction's reason and hole punching, on the route."""
+    route.reason_code = direction.reason_code[:64]
+    route.reason = direction.reason[:300]
+    punch = direction.punch if direction.HasField("punch") else None
+    ok = punch is not None and len(punch.peer.ip) in (4, 16) and 0 < punch.peer.port < 65536
+    route.punch = Punch.from_pb(punch) if ok and punch is not None else None

@@ -71,6 +71,24 @@ class PeerStatus:
     """direct (pattern 1), nat_connects (2), relay (3), or - before the NMS decided."""
     path: str = "-"
     """Real address in use, e.g. ``[2001:db8::7]:443`` or ``via 198.51.100.9:443 (trs)``."""
+    transport: str = "udp"
+    """What carries the QUIC packets: ``udp`` (a TCP 443 / HTTPS-proxy transport says
+    ``tcp`` or ``proxy``)."""
+    direct: bool | None = None
+    """True: straight to the peer; False: through the TRS named in ``via``; None: no tunnel."""
+    via: str | None = None
+    """The TRS carrying a relayed tunnel (``198.51.100.9:443 (trs)``)."""
+    reason_code: str = ""
+    reason: str = ""
+    """Why the path is what it is, in words: the NMS's reason for the pattern
+    (``cyphonic_nms.route_reason``), or what happened since (hole punching)."""
+    route_reason_code: str = ""
+    """The NMS's reason code for the pattern (``reason_code`` may say what came after)."""
+    punch: str | None = None
+    """Hole punching of a relayed route: probing, direct, gave_up, relayed (fell back), or
+    None when the NMS asked for none."""
+    direct_after_ms: float | None = None
+    """Time from the relayed tunnel being up to the direct path (hole punching)."""
     rtt_ms: float | None = None
     """Smoothed RTT of the end-to-end QUIC connection."""
     mtu: int | None = None
@@ -151,19 +169,36 @@ class HoldsTunnel(Protocol):
 L = TypeVar("L", bound=HoldsTunnel)
 
 
+@dataclass(frozen=True, slots=True)
+class PathFacts:
+    """What the glue knows of a live relayed tunnel's path now (``peers.LiveTunnel``)."""
+
+    direct_now: bool
+    """The connection left the TRS for the peer's address (hole punching)."""
+    punch: str | None = None
+    direct_after_ms: float | None = None
+    transport: str = "udp"
+    """What carries the connection's packets now: ``udp``, ``tcp`` or ``proxy`` (a relayed
+    tunnel of a node whose UDP 443 is blocked goes to the TRS over TLS on TCP 443)."""
+
+
 def peer_rows(
-    routes: Iterable[PeerRoute[L]], *, relayed_label: Callable[[str], str | None]
+    routes: Iterable[PeerRoute[L]],
+    *,
+    relayed_label: Callable[[str], str | None],
+    path_facts: Callable[[L], PathFacts | None] | None = None,
 ) -> list[PeerStatus]:
     """One row per route, by FQDN: a live tunnel's own row (its path replaced by the TRS's
-    label when ``relayed_label(route_id)`` names one), else an "establishing" row."""
+    label when ``relayed_label(route_id)`` names one and the connection still goes through
+    it), else an "establishing" row; each with why (``explain_row``)."""
     rows: list[PeerStatus] = []
     for route in sorted(routes, key=lambda r: r.fqdn):
         live = route.tunnel
         if route.state is RouteState.UP and live is not None:
             row = live.tunnel.status()
+            facts = path_facts(live) if path_facts is not None else None
             label = relayed_label(route.route_id)
-            if label is not None:
-                row.path = label  # "via <TRS address> (<TRS name>)"
+            explain_row(row, route, label=label, facts=facts)
             rows.append(row)
             continue
         v4, v6 = _first_of_each(route.addresses)
@@ -174,9 +209,42 @@ def peer_rows(
                 pattern=route.pattern_name,
                 virtual_ipv4=v4,
                 virtual_ipv6=v6,
+                reason_code=route.reason_code,
+                reason=route.reason,
+                route_reason_code=route.reason_code,
             )
         )
     return rows
+
+
+def explain_row(
+    row: PeerStatus, route: PeerRoute[Any], *, label: str | None, facts: PathFacts | None
+) -> None:
+    """Fill ``row``'s path columns: direct or via which TRS, and why in words."""
+    row.reason_code, row.reason = route.reason_code, route.reason
+    row.route_reason_code = route.reason_code
+    if facts is not None:
+        row.transport = facts.transport
+        row.punch = facts.punch
+        row.direct_after_ms = facts.direct_after_ms
+    if label is not None and not (facts is not None and facts.direct_now):
+        row.path = label  # "via <TRS address> (<TRS name>)"
+        row.direct = False
+        row.via = label.removeprefix("via ")
+        if facts is not None and facts.punch == "gave_up":
+            row.reason_code = "punch_failed"
+            row.reason = "hole punching found no direct path: relayed through the TRS"
+        elif facts is not None and facts.punch == "relayed":
+            row.reason_code = "direct_path_lost"
+            row.reason = "the direct path stopped answering: back on the TRS"
+        return
+    row.direct = True
+    if facts is not None and facts.direct_now:
+        row.reason_code = "hole_punched"
+        after = (
+            f" ({facts.direct_after_ms:.0f} ms after the relay)" if facts.direct_after_ms else ""
+        )
+        row.reason = f"direct after hole punching{after}"
 
 
 def handover_status(
@@ -487,7 +555,7 @@ def format_status(status: AgentStatus) -> str:
     if not status.peers:
         lines.append("no peers")
         return "\n".join(lines)
-    header = ("PEER", "STATE", "PATTERN", "PATH", "RTT", "TX", "RX")
+    header = ("PEER", "STATE", "PATTERN", "TRANSPORT", "PATH", "RTT", "TX", "RX", "WHY")
     rows = [header]
     for p in sorted(status.peers, key=lambda p: p.fqdn):
         rows.append(
@@ -495,10 +563,12 @@ def format_status(status: AgentStatus) -> str:
                 p.fqdn,
                 p.state,
                 p.pattern,
+                p.transport,
                 p.path,
                 f"{p.rtt_ms:.2f} ms" if p.rtt_ms is not None else "-",
                 f"{_bytes(p.tx_bytes)} / {p.tx_packets} pkt",
                 f"{_bytes(p.rx_bytes)} / {p.rx_packets} pkt",
+                p.reason or "-",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

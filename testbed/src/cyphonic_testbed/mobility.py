@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +90,11 @@ CASES: dict[str, MoveCase] = {
             title="alice: global IPv6 -> IPv4 NAT -> back (peer IPv6 only)",
             topology=move_v6_nat,
             mover="alice",
-            pattern="direct",
+            # alice's firewall lets nothing in: the NMS's reachability probe finds it at
+            # registration, so she connects out (pattern 2 for IPv6). Back from the NAT, the
+            # route is re-decided at once, before the new probe's verdict: pattern 1, alice
+            # connecting (docs/nms.md, "Reachability probes").
+            pattern="nat_connects",
             steps=(
                 MoveStep("lanc", "relay", TARGET_RELAY_MS),
                 MoveStep("lana", "direct", TARGET_DIRECT_MS),
@@ -144,6 +149,17 @@ def start_overlay(
     }
     for agent in agents.values():
         agent.wait_up()
+    # The NMS's reachability probes decide (within ~1 s of registering) whether a node
+    # behind a firewall connects out: routes asked for before that would be decided
+    # without it.
+    log = services.log("nms")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        probed = [ln for ln in lines if '"reach_probed"' in ln]
+        if all(any(a.fqdn in ln for ln in probed) for a in agents.values()):
+            break
+        time.sleep(0.2)
     return MobileOverlay(bed=bed, services=services, agents=agents)
 
 

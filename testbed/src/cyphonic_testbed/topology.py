@@ -533,6 +533,14 @@ def render_ruleset(router: Router) -> str | None:
             "    type nat hook postrouting priority srcnat; policy accept;\n"
             f'    oifname "{up}" masquerade {flag}\n'
             "  }\n"
+            # As a home router: unsolicited UDP to the router itself is dropped before
+            # conntrack confirms it. Delivered (answered with port unreachable), it would
+            # leave an entry that makes the NAT give a node's next outgoing flow to that
+            # peer another port: a peer's early hole-punching probe would spoil the punch.
+            "  chain input {\n"
+            "    type filter hook input priority filter; policy accept;\n"
+            f'    iifname "{up}" meta l4proto udp ct state new drop\n'
+            "  }\n"
             "}\n"
         )
     if router.firewall is not None:

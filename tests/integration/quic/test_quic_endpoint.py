@@ -426,3 +426,31 @@ async def test_datagram_filter_sees_traffic_first(endpoints: EndpointMaker, ca: 
         )
     assert server.stats.filtered > 0
     assert len(handlers.made) == 1
+
+
+async def test_ping_acknowledgement_is_recorded(endpoints: EndpointMaker, ca: Pki) -> None:
+    """A PING's acknowledgement sets ``ping_acked_at``: the hole-punching glue reads the
+    liveness of a direct path from it."""
+    server_handlers = Handlers()
+    bob = await endpoints(
+        identity=ca.node("bob"),
+        trust=ca.trust,
+        accept={ALPN_TUNNEL: Acceptor(server_handlers.factory, expect="node")},
+    )
+    alice = await endpoints(identity=ca.node("alice"), trust=ca.trust)
+    conn = await alice.connect(
+        port_of(bob),
+        alpn=ALPN_TUNNEL,
+        expect="node",
+        expected_name=f"bob.{DOMAIN}",
+        handler_factory=Handlers().factory,
+    )
+    await asyncio.sleep(0.1)
+    before = conn.ping_acked_at
+    conn.quic.send_ping(7)
+    conn.transmit()
+    for _ in range(50):
+        await asyncio.sleep(0.02)
+        if conn.ping_acked_at != before:
+            break
+    assert conn.ping_acked_at is not None and conn.ping_acked_at != before

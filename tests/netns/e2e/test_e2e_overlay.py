@@ -16,6 +16,7 @@ interface holding nothing but UDP to or from port 443 and never the marker sent 
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 from cyphonic_testbed import FirewallPolicy, pattern1, pattern2
@@ -97,12 +98,13 @@ def test_pattern1_ipv6_nodes_one_behind_the_enterprise_firewall(overlay: object)
         o.start("bob")
         o.alice.wait_up()
         o.bob.wait_up()
-        # bob sits behind the firewall: his lookup makes him the side that connects out.
+        # bob sits behind the firewall: the NMS's reachability probe found that nothing gets
+        # in, so he is the side that connects out (pattern 2 for IPv6: docs/nms.md).
         sent = _overlay_works(
             o,
             src="bob",
             dst="alice",
-            pattern="direct",
+            pattern="nat_connects",
             path=f"[{o.bed.host('alice').address('lana', 6)}]:443",
         )
     # The transfer crossed this interface...
@@ -178,18 +180,24 @@ def test_pattern1_the_open_node_reaches_the_firewalled_one(overlay: object) -> N
     alice, bob = o.start("alice"), o.start("bob")
     alice.wait_up()
     bob.wait_up()
-    # alice, on the open network, asks: the NMS tells her to connect, and bob's firewall
-    # drops her packets. bob, still waiting after 2 s, asks for the route himself and
-    # connects out; alice's first packets wait for the tunnel meanwhile.
+    # The NMS's reachability probe found at registration that nothing gets in to bob (his
+    # firewall), so when alice, on the open network, asks, bob is told to connect out from
+    # the first packet: no 2 s wait for a route reversal (issue 14, item 5).
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        log = o.services.log("nms").read_text(errors="replace")
+        if any("reach_probed" in line and bob.fqdn in line for line in log.splitlines()):
+            break
+        time.sleep(0.2)
     bob_v4 = alice.resolve(bob.fqdn)[0]
     result = o.bed.host("alice").run(
         ["ping", "-c", "6", "-i", "0.5", "-W", "6", bob_v4], timeout=40
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    bob.wait_logged('"event": "route_reversed"', timeout=10)
+    assert '"event": "route_reversed"' not in bob.log_text() + alice.log_text()
     (peer,) = alice.status()["peers"]
-    bob_real = o.bed.host("bob").address("lanb", 6)
-    assert (peer["state"], peer["pattern"], peer["path"]) == ("up", "direct", f"[{bob_real}]:443")
+    assert (peer["state"], peer["pattern"]) == ("up", "nat_connects")
+    assert peer["reason_code"] == "inbound_blocked", peer
     again = ping(o.bed.host("alice"), bob_v4)
     assert " 0% packet loss" in again.stdout, again.stdout
     _stops_cleanly(o)

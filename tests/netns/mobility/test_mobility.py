@@ -12,8 +12,9 @@ route. AS, NMS and TRS run in the cloud (embedded default); alice and bob run
     on both NATs' outsides show that the packets after the move carry destination
     connection IDs never used before it (a fresh CID on the new path).
 (b) ``v6-to-nat``: alice moves from a global IPv6 network (behind the enterprise firewall)
-    to an IPv4 NAT network, bob is IPv6 only: pattern 1 becomes pattern 3 through the TRS;
-    then she moves back and the route is direct again.
+    to an IPv4 NAT network, bob is IPv6 only: pattern 2 (her firewall lets nothing in, so
+    she connects out) becomes pattern 3 through the TRS; then she moves back and the route
+    is direct again (decided at once, before the new reachability probe's verdict).
 (c) ``server-move``: bob, who accepted alice's tunnel (she is behind a NAT), moves to another
     global IPv4 network and back: the tunnel is rebuilt through the NMS to his new address.
 

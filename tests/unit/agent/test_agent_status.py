@@ -201,9 +201,15 @@ def test_format_table() -> None:
     header = next(i for i, line in enumerate(lines) if line.startswith("PEER"))
     bob = lines[header + 1]
     carol = lines[header + 2]
-    assert bob.split()[:4] == ["bob.cyphonic.internal", "up", "direct", "[2001:db8::7]:443"]
+    assert bob.split()[:5] == [
+        "bob.cyphonic.internal",
+        "up",
+        "direct",
+        "udp",
+        "[2001:db8::7]:443",
+    ]
     assert "0.84 ms" in bob and "5.0 MiB / 3700 pkt" in bob and "2.0 KiB / 12 pkt" in bob
-    assert carol.split()[:4] == ["carol.cyphonic.internal", "establishing", "-", "-"]
+    assert carol.split()[:5] == ["carol.cyphonic.internal", "establishing", "-", "udp", "-"]
     # columns line up: every row's PATTERN column starts at the same offset
     col = lines[header].index("PATTERN")
     assert bob[col:].startswith("direct") and carol[col:].startswith("-")

@@ -10,6 +10,7 @@ from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_agent.mobility import Handover, HostPath
 from cyphonic_agent.routes import PeerRoute, RouteState
 from cyphonic_agent.status import (
+    PathFacts,
     PeerStatus,
     handover_status,
     peer_rows,
@@ -65,6 +66,49 @@ def test_a_relayed_route_shows_the_trs_label_as_its_path() -> None:
     labels = {"r-relay": "via 198.51.100.9:443 (trs)"}
     [row] = peer_rows([up], relayed_label=labels.get)
     assert row.path == "via 198.51.100.9:443 (trs)"
+
+
+def _relayed(reason: str = "both nodes are behind IPv4 NAT: relayed") -> PeerRoute[_Live]:
+    return _route(
+        "b.example",
+        RouteState.UP,
+        route_id="r-relay",
+        pattern=pb.ROUTE_PATTERN_RELAY,
+        reason_code="hole_punching",
+        reason=reason,
+        tunnel=_Live(_Tunnel(PeerStatus(fqdn="b.example", state="up", path="203.0.113.6:443"))),
+    )
+
+
+LABELS = {"r-relay": "via 198.51.100.9:443 (trs)"}
+
+
+def test_rows_say_why_direct_or_via_which_trs() -> None:
+    [row] = peer_rows([_relayed()], relayed_label=LABELS.get)
+    assert (row.direct, row.via, row.transport) == (False, "198.51.100.9:443 (trs)", "udp")
+    assert (row.reason_code, row.reason) == (
+        "hole_punching",
+        "both nodes are behind IPv4 NAT: relayed",
+    )
+    # The same tunnel after hole punching: its own path, direct, and the words say how.
+    facts = PathFacts(direct_now=True, punch="direct", direct_after_ms=412.0)
+    [row] = peer_rows([_relayed()], relayed_label=LABELS.get, path_facts=lambda _l: facts)
+    assert (row.path, row.direct, row.via, row.punch) == ("203.0.113.6:443", True, None, "direct")
+    assert row.reason_code == "hole_punched"
+    assert row.reason == "direct after hole punching (412 ms after the relay)"
+    # Punching that found nothing, and a direct path that died.
+    for punch, code in (("gave_up", "punch_failed"), ("relayed", "direct_path_lost")):
+        lost = PathFacts(direct_now=False, punch=punch)
+        [row] = peer_rows([_relayed()], relayed_label=LABELS.get, path_facts=lambda _l, f=lost: f)
+        assert (row.direct, row.reason_code) == (False, code)
+
+
+def test_establishing_rows_carry_the_nms_reason() -> None:
+    waiting = _route(
+        "a.example", RouteState.REQUESTED, reason_code="no_common_family", reason="no family"
+    )
+    [row] = peer_rows([waiting], relayed_label=LABELS.get)
+    assert (row.reason_code, row.reason, row.direct) == ("no_common_family", "no family", None)
 
 
 def test_handover_with_and_without_the_nms_view() -> None:

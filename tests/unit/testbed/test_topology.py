@@ -179,6 +179,8 @@ def test_rulesets_express_nat_kind_and_firewall_policy() -> None:
     sym = plan(double_nat(nat=NatMapping.SYMMETRIC)).nodes["gwa"].ruleset or ""
     assert 'oifname "wana" masquerade persistent' in eim
     assert 'oifname "wana" masquerade fully-random' in sym
+    # As home routers: unsolicited UDP to the NAT itself is dropped (hole punching).
+    assert 'iifname "wana" meta l4proto udp ct state new drop' in eim
     assert "udp dport 443 accept" in eim
     assert "ct state established,related accept" in eim
     assert "policy drop" in eim

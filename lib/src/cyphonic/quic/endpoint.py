@@ -43,6 +43,7 @@ from aioquic.quic.events import (
     ConnectionTerminated,
     DatagramFrameReceived,
     HandshakeCompleted,
+    PingAcknowledged,
     QuicEvent,
 )
 from cryptography import x509
@@ -194,6 +195,8 @@ class Connection:
         """Its engine raised: the endpoint no longer calls into it."""
         self.error: CyphonicError | None = None
         """Why the connection ended, once it has (None after an orderly local close)."""
+        self.ping_acked_at: float | None = None
+        """Loop time of the last PING acknowledgement (liveness of the current path)."""
         self._timer_at: float | None = None
         self.log = get_logger(
             "quic", role="client" if is_client else "server", cid=quic.host_cid.hex()
@@ -536,6 +539,24 @@ class QuicEndpoint:
         """(host, port) the socket is bound to."""
         name = self._sock.getsockname()
         return (name[0], name[1])
+
+    def send_raw(self, data: bytes, address: tuple[str, int]) -> bool:
+        """Send one datagram from this endpoint's socket to an IP literal ``address``: a
+        reachability probe, or a copy of a connection's packet towards a path it may move
+        to (hole punching). False if it could not go (never raises)."""
+        try:
+            ip = ipaddress.ip_address(address[0])
+            if self._family == socket.AF_INET6:
+                host = f"::ffff:{ip}" if ip.version == 4 else str(ip)
+                self._sock.sendto(data, (host, int(address[1]), 0, 0))
+            elif ip.version == 4:
+                self._sock.sendto(data, (str(ip), int(address[1])))
+            else:
+                return False
+        except (OSError, ValueError):
+            return False
+        self.stats.datagrams_sent += 1
+        return True
 
     @property
     def connections(self) -> list[Connection]:
@@ -936,6 +957,8 @@ class QuicEndpoint:
             elif isinstance(event, ConnectionTerminated):
                 self._connection_ended(conn)
                 self._forget(conn)
+            elif isinstance(event, PingAcknowledged):
+                conn.ping_acked_at = self._loop.time()
             elif not conn._ended:
                 conn._deliver(event)
         if (

@@ -463,6 +463,12 @@ class StreamPaths:
 
     # -- what status shows
 
+    def carrier_of(self, addr: Any) -> str:
+        """What carries packets to ``addr`` now: ``tcp``, ``proxy`` or ``udp``."""
+        if addr not in self._active:
+            return "udp"
+        return "proxy" if self.proxy is not None else "tcp"
+
     def snapshot(self) -> dict[str, Any]:
         """``transport`` in ``cyphonic-agent status``."""
         choice = self.choice

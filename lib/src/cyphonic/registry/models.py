@@ -213,6 +213,10 @@ class NodeNetwork(Base):
     has_ipv4: Mapped[bool] = mapped_column(Boolean, default=False)
     has_ipv6: Mapped[bool] = mapped_column(Boolean, default=False)
     behind_nat: Mapped[bool] = mapped_column(Boolean, default=False)
+    # What the reachability probes found (cyphonic_nms.routing.NatMapping / Inbound
+    # values); null: not probed.
+    nat_mapping: Mapped[str | None] = mapped_column(String(32))
+    inbound: Mapped[str | None] = mapped_column(String(16))
     online: Mapped[bool] = mapped_column(Boolean, default=False)
     last_seen: Mapped[datetime | None]
     nms_replica: Mapped[str | None] = mapped_column(String(253))

@@ -121,6 +121,54 @@ ERROR_CODE_POLICY_DENIED: ErrorCode.ValueType  # 19
 """the access policy allows no traffic between the nodes"""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
+class _NatMapping:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NatMappingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NatMapping.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NAT_MAPPING_UNKNOWN: _NatMapping.ValueType  # 0
+    NAT_MAPPING_NONE: _NatMapping.ValueType  # 1
+    """not behind NAT"""
+    NAT_MAPPING_ENDPOINT_INDEPENDENT: _NatMapping.ValueType  # 2
+    NAT_MAPPING_DEPENDENT: _NatMapping.ValueType  # 3
+    """symmetric"""
+
+class NatMapping(_NatMapping, metaclass=_NatMappingEnumTypeWrapper):
+    """--- reachability and hole punching (docs/nms.md, docs/agent.md) --------------
+    How the node's NAT maps its one UDP socket: the same public address:port towards
+    the NMS's signalling port and towards its probe port (endpoint-independent), or
+    not (address- and/or port-dependent: "symmetric"). Unknown until probed.
+    """
+
+NAT_MAPPING_UNKNOWN: NatMapping.ValueType  # 0
+NAT_MAPPING_NONE: NatMapping.ValueType  # 1
+"""not behind NAT"""
+NAT_MAPPING_ENDPOINT_INDEPENDENT: NatMapping.ValueType  # 2
+NAT_MAPPING_DEPENDENT: NatMapping.ValueType  # 3
+"""symmetric"""
+Global___NatMapping: _TypeAlias = NatMapping  # noqa: Y015
+
+class _Inbound:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InboundEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Inbound.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INBOUND_UNKNOWN: _Inbound.ValueType  # 0
+    INBOUND_OPEN: _Inbound.ValueType  # 1
+    INBOUND_BLOCKED: _Inbound.ValueType  # 2
+    """firewall or NAT: the node must connect out"""
+
+class Inbound(_Inbound, metaclass=_InboundEnumTypeWrapper):
+    """Whether a datagram from an address the node never sent to reaches it."""
+
+INBOUND_UNKNOWN: Inbound.ValueType  # 0
+INBOUND_OPEN: Inbound.ValueType  # 1
+INBOUND_BLOCKED: Inbound.ValueType  # 2
+"""firewall or NAT: the node must connect out"""
+Global___Inbound: _TypeAlias = Inbound  # noqa: Y015
+
 class _RoutePattern:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -253,10 +301,15 @@ class NetworkInfo(_message.Message):
     BEHIND_NAT_FIELD_NUMBER: _builtins.int
     OBSERVED_IPV4_FIELD_NUMBER: _builtins.int
     OBSERVED_IPV6_FIELD_NUMBER: _builtins.int
+    NAT_MAPPING_FIELD_NUMBER: _builtins.int
+    INBOUND_FIELD_NUMBER: _builtins.int
     has_ipv4: _builtins.bool
     has_ipv6: _builtins.bool
     behind_nat: _builtins.bool
     """the IPv4 source the NMS saw is not one the node reported"""
+    nat_mapping: Global___NatMapping.ValueType
+    """Reachability (docs/nms.md "Reachability probes"), learnt after registration."""
+    inbound: Global___Inbound.ValueType
     @_builtins.property
     def observed_ipv4(self) -> Global___Endpoint:
         """source address:port the NMS saw, if any"""
@@ -271,14 +324,83 @@ class NetworkInfo(_message.Message):
         behind_nat: _builtins.bool = ...,
         observed_ipv4: Global___Endpoint | None = ...,
         observed_ipv6: Global___Endpoint | None = ...,
+        nat_mapping: Global___NatMapping.ValueType = ...,
+        inbound: Global___Inbound.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["observed_ipv4", b"observed_ipv4", "observed_ipv6", b"observed_ipv6"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["behind_nat", b"behind_nat", "has_ipv4", b"has_ipv4", "has_ipv6", b"has_ipv6", "observed_ipv4", b"observed_ipv4", "observed_ipv6", b"observed_ipv6"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["behind_nat", b"behind_nat", "has_ipv4", b"has_ipv4", "has_ipv6", b"has_ipv6", "inbound", b"inbound", "nat_mapping", b"nat_mapping", "observed_ipv4", b"observed_ipv4", "observed_ipv6", b"observed_ipv6"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NetworkInfo: _TypeAlias = NetworkInfo  # noqa: Y015
+
+@_typing.final
+class ReachProbe(_message.Message):
+    """In RegisterResponse: where and with what the node answers the NMS's reachability
+    probes. The node sends `nonce` (framed as docs/nms.md says) from its one UDP socket to
+    `target` a few times, and echoes a probe carrying `nonce` back to its source, once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    nonce: _builtins.bytes
+    """16 random bytes, valid for this registration only"""
+    @_builtins.property
+    def target(self) -> Global___Endpoint:
+        """ip empty: the NMS address the node reached, at target.port"""
+
+    def __init__(
+        self,
+        *,
+        target: Global___Endpoint | None = ...,
+        nonce: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReachProbe: _TypeAlias = ReachProbe  # noqa: Y015
+
+@_typing.final
+class HolePunch(_message.Message):
+    """In RouteDirection of a relayed route between two nodes behind endpoint-independent
+    NATs: after its tunnel is up through the TRS, each node sends QUIC probes of that
+    connection to `peer` (the other's observed address) from `delay_ms` on, every
+    `interval_ms`, for at most `window_ms`; the connection migrates to the direct path
+    when QUIC validates it and goes back to the relay if that path dies.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_FIELD_NUMBER: _builtins.int
+    DELAY_MS_FIELD_NUMBER: _builtins.int
+    INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    WINDOW_MS_FIELD_NUMBER: _builtins.int
+    delay_ms: _builtins.int
+    interval_ms: _builtins.int
+    window_ms: _builtins.int
+    @_builtins.property
+    def peer(self) -> Global___Endpoint: ...
+    def __init__(
+        self,
+        *,
+        peer: Global___Endpoint | None = ...,
+        delay_ms: _builtins.int = ...,
+        interval_ms: _builtins.int = ...,
+        window_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay_ms", b"delay_ms", "interval_ms", b"interval_ms", "peer", b"peer", "window_ms", b"window_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HolePunch: _TypeAlias = HolePunch  # noqa: Y015
 
 @_typing.final
 class LoginRequest(_message.Message):
@@ -383,6 +505,9 @@ class RegisterRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LOCAL_ADDRESSES_FIELD_NUMBER: _builtins.int
+    REACH_PROBES_FIELD_NUMBER: _builtins.int
+    reach_probes: _builtins.bool
+    """this node answers reachability probes (ReachProbe)"""
     @_builtins.property
     def local_addresses(self) -> _containers.RepeatedCompositeFieldContainer[Global___Endpoint]:
         """addresses of the node's one UDP socket"""
@@ -391,10 +516,11 @@ class RegisterRequest(_message.Message):
         self,
         *,
         local_addresses: _abc.Iterable[Global___Endpoint] | None = ...,
+        reach_probes: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["local_addresses", b"local_addresses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["local_addresses", b"local_addresses", "reach_probes", b"reach_probes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -411,6 +537,7 @@ class RegisterResponse(_message.Message):
     VIRTUAL_IPV6_PREFIX_LEN_FIELD_NUMBER: _builtins.int
     NETWORK_FIELD_NUMBER: _builtins.int
     KEEPALIVE_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    REACH_PROBE_FIELD_NUMBER: _builtins.int
     fqdn: _builtins.str
     virtual_ipv4: _builtins.bytes
     virtual_ipv4_prefix_len: _builtins.int
@@ -419,6 +546,8 @@ class RegisterResponse(_message.Message):
     keepalive_interval_ms: _builtins.int
     @_builtins.property
     def network(self) -> Global___NetworkInfo: ...
+    @_builtins.property
+    def reach_probe(self) -> Global___ReachProbe: ...
     def __init__(
         self,
         *,
@@ -429,10 +558,11 @@ class RegisterResponse(_message.Message):
         virtual_ipv6_prefix_len: _builtins.int = ...,
         network: Global___NetworkInfo | None = ...,
         keepalive_interval_ms: _builtins.int = ...,
+        reach_probe: Global___ReachProbe | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["network", b"network"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["network", b"network", "reach_probe", b"reach_probe"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fqdn", b"fqdn", "keepalive_interval_ms", b"keepalive_interval_ms", "network", b"network", "virtual_ipv4", b"virtual_ipv4", "virtual_ipv4_prefix_len", b"virtual_ipv4_prefix_len", "virtual_ipv6", b"virtual_ipv6", "virtual_ipv6_prefix_len", b"virtual_ipv6_prefix_len"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fqdn", b"fqdn", "keepalive_interval_ms", b"keepalive_interval_ms", "network", b"network", "reach_probe", b"reach_probe", "virtual_ipv4", b"virtual_ipv4", "virtual_ipv4_prefix_len", b"virtual_ipv4_prefix_len", "virtual_ipv6", b"virtual_ipv6", "virtual_ipv6_prefix_len", b"virtual_ipv6_prefix_len"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -576,12 +706,19 @@ class RouteDirection(_message.Message):
     PEER_VIRTUAL_IPV6_FIELD_NUMBER: _builtins.int
     PEER_CANDIDATES_FIELD_NUMBER: _builtins.int
     RELAY_FIELD_NUMBER: _builtins.int
+    PUNCH_FIELD_NUMBER: _builtins.int
+    REASON_CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     route_id: _builtins.str
     pattern: Global___RoutePattern.ValueType
     role: Global___RouteRole.ValueType
     peer_fqdn: _builtins.str
     peer_virtual_ipv4: _builtins.bytes
     peer_virtual_ipv6: _builtins.bytes
+    reason_code: _builtins.str
+    """why this pattern (route_reason codes)"""
+    reason: _builtins.str
+    """the same, in words for people"""
     @_builtins.property
     def peer_candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Endpoint]:
         """the peer's real addresses to try"""
@@ -589,6 +726,10 @@ class RouteDirection(_message.Message):
     @_builtins.property
     def relay(self) -> Global___RelayDirection:
         """set for ROUTE_PATTERN_RELAY"""
+
+    @_builtins.property
+    def punch(self) -> Global___HolePunch:
+        """set when the relayed pair may go direct"""
 
     def __init__(
         self,
@@ -601,10 +742,13 @@ class RouteDirection(_message.Message):
         peer_virtual_ipv6: _builtins.bytes = ...,
         peer_candidates: _abc.Iterable[Global___Endpoint] | None = ...,
         relay: Global___RelayDirection | None = ...,
+        punch: Global___HolePunch | None = ...,
+        reason_code: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["relay", b"relay"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["punch", b"punch", "relay", b"relay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pattern", b"pattern", "peer_candidates", b"peer_candidates", "peer_fqdn", b"peer_fqdn", "peer_virtual_ipv4", b"peer_virtual_ipv4", "peer_virtual_ipv6", b"peer_virtual_ipv6", "relay", b"relay", "role", b"role", "route_id", b"route_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pattern", b"pattern", "peer_candidates", b"peer_candidates", "peer_fqdn", b"peer_fqdn", "peer_virtual_ipv4", b"peer_virtual_ipv4", "peer_virtual_ipv6", b"peer_virtual_ipv6", "punch", b"punch", "reason", b"reason", "reason_code", b"reason_code", "relay", b"relay", "role", b"role", "route_id", b"route_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

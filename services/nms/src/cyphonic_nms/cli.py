@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="offline_timeout_s",
         help="seconds of silence before a node is offline (default 45)",
     )
+    p.add_argument(
+        "--reach-probe-port",
+        type=int,
+        dest="reach_probe_port",
+        help="UDP port of the reachability probes (default 0: any free port; -1: no probes)",
+    )
     p.add_argument("--no-quic", action="store_true", help="admin REST only (no QUIC endpoint)")
 
     p = sub.add_parser("migrate", help="bring the registry database schema up to date")
@@ -105,6 +111,7 @@ _FLAGS = (
     "ipv6_pool",
     "keepalive_interval_s",
     "offline_timeout_s",
+    "reach_probe_port",
 )
 
 

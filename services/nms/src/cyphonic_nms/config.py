@@ -66,6 +66,18 @@ class NmsSettings(ServiceSettings):
     redis_timeout_s: float = Field(
         5.0, gt=0, description="bound on each Redis command and connection attempt (seconds)"
     )
+    reach_probe_port: int = Field(
+        0,
+        ge=-1,
+        le=65535,
+        description="UDP port (on quic_host) where nodes send their NAT mapping probe; nodes "
+        "learn it at registration. 0: any free port; -1: no reachability probes "
+        "(docs/nms.md). Behind a firewall that passes only UDP 443, give the NMS a second "
+        "address and run the probes on its port 443",
+    )
+    reach_probe_timeout_s: float = Field(
+        1.0, gt=0, le=10, description="how long a reachability probe waits for its answers"
+    )
     migrate: bool = Field(False, description="run registry migrations before serving")
     as_url: str | None = Field(
         None,

@@ -27,7 +27,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Protocol
@@ -65,8 +65,19 @@ from cyphonic_nms.cluster import (
 from cyphonic_nms.leases import LeasePools
 from cyphonic_nms.policy_store import PolicyStore, SqlPolicyStore
 from cyphonic_nms.presence import PresenceTracker
+from cyphonic_nms.reach import ReachProber, ReachVerdict
 from cyphonic_nms.revocations import REVOCATION_PAGE, RevocationCursor
-from cyphonic_nms.routing import Endpoint, NetworkInfo, Pattern, RouteDecision, Side, classify
+from cyphonic_nms.route_reason import explain
+from cyphonic_nms.routing import (
+    Endpoint,
+    Inbound,
+    NatMapping,
+    NetworkInfo,
+    Pattern,
+    RouteDecision,
+    Side,
+    classify,
+)
 from cyphonic_nms.routing import pattern_for as decide
 from cyphonic_nms.storage import Lease, NodeStore, RevocationEvent, SqlNodeStore
 from cyphonic_nms.trs_directory import InProcessTrsDirectory, TrsDirectory, pick
@@ -124,6 +135,9 @@ class Registration:
     network: NetworkInfo
     pools: LeasePools
     keepalive_interval_s: float
+    reach_nonce: bytes | None = None
+    """The nonce of this registration's reachability probe (``reach.py``), if probed."""
+    reach_port: int = 0
 
 
 class NmsMetrics:
@@ -177,9 +191,28 @@ def _endpoint_pb(ep: Endpoint) -> pb.Endpoint:
     return pb.Endpoint(ip=ep.ip.packed, port=ep.port)
 
 
+_MAPPING_PB = {
+    NatMapping.UNKNOWN: pb.NAT_MAPPING_UNKNOWN,
+    NatMapping.NONE: pb.NAT_MAPPING_NONE,
+    NatMapping.ENDPOINT_INDEPENDENT: pb.NAT_MAPPING_ENDPOINT_INDEPENDENT,
+    NatMapping.DEPENDENT: pb.NAT_MAPPING_DEPENDENT,
+}
+_INBOUND_PB = {
+    Inbound.UNKNOWN: pb.INBOUND_UNKNOWN,
+    Inbound.OPEN: pb.INBOUND_OPEN,
+    Inbound.BLOCKED: pb.INBOUND_BLOCKED,
+}
+
+
 def network_pb(info: NetworkInfo) -> pb.NetworkInfo:
     """The wire form of a node's network information."""
-    msg = pb.NetworkInfo(has_ipv4=info.has_ipv4, has_ipv6=info.has_ipv6, behind_nat=info.behind_nat)
+    msg = pb.NetworkInfo(
+        has_ipv4=info.has_ipv4,
+        has_ipv6=info.has_ipv6,
+        behind_nat=info.behind_nat,
+        nat_mapping=_MAPPING_PB[info.nat_mapping],
+        inbound=_INBOUND_PB[info.inbound],
+    )
     if info.observed_ipv4 is not None:
         msg.observed_ipv4.CopyFrom(_endpoint_pb(info.observed_ipv4))
     if info.observed_ipv6 is not None:
@@ -194,6 +227,21 @@ class Handover:
     at: datetime
     old: NetworkInfo
     new: NetworkInfo
+
+
+PUNCH_DELAY_MS = 0
+"""After its relayed tunnel is up, a node waits this long before its first punch probe."""
+PUNCH_INTERVAL_MS = 100
+PUNCH_WINDOW_MS = 3000
+"""Probes stop after this long: a pair that did not go direct stays relayed."""
+
+
+def _same_place(old: NetworkInfo, new: NetworkInfo) -> bool:
+    return (old.observed_ipv4, old.observed_ipv6, old.local_addresses) == (
+        new.observed_ipv4,
+        new.observed_ipv6,
+        new.local_addresses,
+    )
 
 
 def survives_move(route: RouteRecord, decision: RouteDecision, moved: str) -> bool:
@@ -245,6 +293,8 @@ class NodeManager:
     policy_poll_s: float = 0.5
     """How often the policy revision is read (changes made through other replicas)."""
     metrics: NmsMetrics = field(default_factory=NmsMetrics)
+    reach: ReachProber | None = None
+    """Reachability probes (``reach.py``); set by the server, None: nodes stay unprobed."""
     monotonic: Callable[[], float] = time.monotonic
     wall_ms: Callable[[], int] = field(default=lambda: time.time_ns() // 1_000_000)
 
@@ -378,12 +428,43 @@ class NodeManager:
         *,
         local_addresses: list[Endpoint],
         observed: Endpoint | None,
+        reach_probes: bool = False,
     ) -> Registration:
-        """Register the node behind ``link`` (its certificate FQDN) and lease its addresses."""
+        """Register the node behind ``link`` (its certificate FQDN) and lease its addresses.
+
+        ``reach_probes``: the node answers reachability probes; it is probed (``reach.py``)
+        and its NetworkInfo completed with the verdict a moment later."""
         fqdn = link.fqdn.lower()
         async with self._node_lock(fqdn):
-            return await self._register(
+            reg = await self._register(
                 link, fqdn, local_addresses=local_addresses, observed=observed
+            )
+        if reach_probes and self.reach is not None and observed is not None:
+            nonce = self.reach.begin(fqdn, observed=observed, behind_nat=reg.network.behind_nat)
+            if nonce is not None:
+                reg = replace(reg, reach_nonce=nonce, reach_port=self.reach.port)
+        return reg
+
+    def reach_verdict(self, verdict: ReachVerdict) -> None:
+        """The reachability probe of a node is decided: kept with its network."""
+        local = self._local.get(verdict.fqdn)
+        if local is None:
+            return
+        local.network = local.network.probed(
+            nat_mapping=verdict.nat_mapping, inbound=verdict.inbound
+        )
+        log.info(
+            "reach_probed",
+            fqdn=verdict.fqdn,
+            nat_mapping=verdict.nat_mapping.value,
+            inbound=verdict.inbound.value,
+        )
+        self._spawn(self._save_probed(local))
+
+    async def _save_probed(self, local: LocalNode) -> None:
+        with contextlib.suppress(CyphonicError):
+            await self.nodes.save_network(
+                local.node_id, local.network, replica=self.replica_id, now=datetime.now(UTC)
             )
 
     async def _register(
@@ -401,6 +482,12 @@ class NodeManager:
             if facts.state == NodeState.REVOKED.value or facts.revoked:
                 raise Revoked(f"{fqdn} is revoked")
             info = classify(local_addresses, observed)
+            before = self._local.get(fqdn)
+            if before is not None and _same_place(before.network, info):
+                # Same addresses as seen before: what the probes found still holds.
+                info = info.probed(
+                    nat_mapping=before.network.nat_mapping, inbound=before.network.inbound
+                )
             lease = facts.lease or await self.nodes.lease_for(
                 facts.node_id, self.pools, known_missing=True
             )
@@ -699,6 +786,7 @@ class NodeManager:
             responder=peer_fqdn,
             responder_lease=peer_lease,
             decision=decision,
+            networks=(me.network, peer_network),
         )
         self.metrics.routes.labels(pattern=str(int(decision.pattern))).inc()
         return pb.RouteResponse(
@@ -797,8 +885,21 @@ class NodeManager:
         responder_lease: Lease,
         decision: RouteDecision,
         route_id: str | None = None,
+        networks: tuple[NetworkInfo, NetworkInfo] | None = None,
     ) -> RouteRecord:
         route_id = route_id or secrets.token_hex(8)
+        reason = (
+            explain(
+                pattern=int(decision.pattern),
+                family=int(decision.family) if decision.family is not None else None,
+                initiator=initiator,
+                responder=responder,
+                initiator_net=networks[0],
+                responder_net=networks[1],
+            )
+            if networks is not None
+            else None
+        )
         relay: pb.RelayDirection | None = None
         trs_replica: str | None = None
         if decision.pattern is Pattern.RELAY:
@@ -853,6 +954,19 @@ class NodeManager:
                 direction.peer_candidates.extend(_endpoint_pb(ep) for ep in decision.candidates)
             if relay is not None:
                 direction.relay.CopyFrom(relay)
+            if decision.punch is not None:
+                peer_seen = decision.punch[1] if side is Side.INITIATOR else decision.punch[0]
+                direction.punch.CopyFrom(
+                    pb.HolePunch(
+                        peer=_endpoint_pb(peer_seen),
+                        delay_ms=PUNCH_DELAY_MS,
+                        interval_ms=PUNCH_INTERVAL_MS,
+                        window_ms=PUNCH_WINDOW_MS,
+                    )
+                )
+            if reason is not None:
+                direction.reason_code = reason.code
+                direction.reason = reason.text
             try:
                 await self.deliver(
                     fqdn, _envelope(route_direction=direction), kind="route_direction"
@@ -924,6 +1038,7 @@ class NodeManager:
                     responder_lease=lb,
                     decision=decision,
                     route_id=route.route_id if keep else None,
+                    networks=(a, b),
                 )
                 log.info(
                     "route_redirected",

@@ -10,7 +10,13 @@ Codes:
     both_ipv6             direct over IPv6 (pattern 1)
     both_global_ipv4      direct over IPv4, neither side behind NAT (pattern 1)
     one_side_nat          the NATed side connects to the other's public IPv4 (pattern 2)
+    inbound_blocked       a node with a public address takes no inbound traffic (a
+                          firewall, found by the reachability probe): it connects out
+                          (pattern 2)
     both_behind_nat       relayed: IPv4 on both sides behind NAT and no IPv6 in common
+                          (the words name a NAT whose mapping is symmetric)
+    hole_punching         relayed first, both NATs map endpoint-independently: the nodes
+                          punch and their connection moves to the direct path
     no_common_family      relayed: the two nodes share no address family (IPv6-only vs IPv4)
     no_dialable_address   relayed: a direct cell exists but no address a peer may dial
     outdated              the networks now give another pattern (a node moved; the NMS
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cyphonic_nms.routing import NetworkInfo, Pattern, Reach, cell, pattern_for
+from cyphonic_nms.routing import NatMapping, NetworkInfo, Pattern, Reach, cell, pattern_for
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,15 @@ def explain(
             "both_global_ipv4", "neither node is behind NAT: direct over public IPv4"
         )
     if pattern == Pattern.NAT_CONNECTS:
-        nat, public = (a, b) if initiator_net.behind_nat else (b, a)
+        decision = pattern_for(initiator_net, responder_net)
+        connecting_net = initiator_net if decision.connector.value == "initiator" else responder_net
+        nat, public = (a, b) if connecting_net is initiator_net else (b, a)
+        if not connecting_net.behind_nat or family == 6:
+            return RouteReason(
+                "inbound_blocked",
+                f"{nat} has a public address but takes no inbound traffic (firewall), "
+                f"{public} does: {nat} connects to {public}",
+            )
         return RouteReason(
             "one_side_nat",
             f"{nat} is behind IPv4 NAT, {public} has a reachable IPv4 address: "
@@ -107,7 +121,28 @@ def explain(
             "no real address a peer may dial (loopback, link-local or reserved only): "
             "relayed through the TRS",
         )
+    if pattern_for(initiator_net, responder_net).punch is not None:
+        return RouteReason(
+            "hole_punching",
+            "both nodes are behind IPv4 NAT with endpoint-independent mapping: relayed "
+            "through the TRS first, then direct after hole punching",
+        )
+    why = [
+        f"{name}: {_MAPPING_WORDS[net.nat_mapping]}"
+        for name, net in ((a, initiator_net), (b, responder_net))
+        if net.ipv4_reach is Reach.NAT_IPV4
+        and net.nat_mapping is not NatMapping.ENDPOINT_INDEPENDENT
+    ]
+    detail = f" ({'; '.join(why)})" if why else ""
     return RouteReason(
         "both_behind_nat",
-        "both nodes are behind IPv4 NAT and share no IPv6: relayed through the TRS",
+        f"both nodes are behind IPv4 NAT{detail} and share no IPv6: relayed through the TRS",
     )
+
+
+_MAPPING_WORDS = {
+    NatMapping.UNKNOWN: "NAT mapping not known",
+    NatMapping.NONE: "no inbound traffic (firewall)",
+    NatMapping.ENDPOINT_INDEPENDENT: "endpoint-independent mapping",
+    NatMapping.DEPENDENT: "symmetric mapping",
+}

@@ -18,13 +18,19 @@ Sans-I/O: no asyncio, no database, no Redis. Two pure functions carry the logic:
 
 "Global IPv4" means reachable as reported, i.e. not behind NAT: a node on a private LAN
 address that the NMS sees unchanged (same LAN, test bed) counts as global.
+
+Reachability probes (``reach.py``) refine a registration: a node whose observed address takes
+no datagram from an address it never sent to (``Inbound.BLOCKED``: a stateful firewall) sits
+in that family's NAT row (it must connect out, from the first packet), and the NAT's mapping
+behaviour decides whether a relayed pair behind two NATs may try a simultaneous open
+(``RouteDecision.punch``): only when both map endpoint-independently.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 
 from cyphonic.errors import InvalidArgument
@@ -90,6 +96,24 @@ class Reach(enum.Enum):
     IPV6 = "ipv6"
     GLOBAL_IPV4 = "global_ipv4"
     NAT_IPV4 = "nat_ipv4"
+    IPV6_NO_INBOUND = "ipv6_no_inbound"  # global IPv6 behind a firewall that lets nothing in
+
+
+class NatMapping(enum.Enum):
+    """How the node's NAT maps its UDP socket (values equal the wire names' tails)."""
+
+    UNKNOWN = "unknown"
+    NONE = "none"
+    ENDPOINT_INDEPENDENT = "endpoint_independent"
+    DEPENDENT = "dependent"  # "symmetric": another public port for another destination
+
+
+class Inbound(enum.Enum):
+    """Whether a datagram from an address the node never sent to reaches it."""
+
+    UNKNOWN = "unknown"
+    OPEN = "open"
+    BLOCKED = "blocked"
 
 
 @dataclass(frozen=True)
@@ -102,16 +126,40 @@ class NetworkInfo:
     observed_ipv4: Endpoint | None = None
     observed_ipv6: Endpoint | None = None
     local_addresses: tuple[Endpoint, ...] = ()
+    nat_mapping: NatMapping = NatMapping.UNKNOWN
+    inbound: Inbound = Inbound.UNKNOWN
+    """Of the observed address's family (the one the NMS probed)."""
+
+    def blocked(self, family: int) -> bool:
+        """Whether a probe showed that nothing gets in to this node's ``family`` address."""
+        observed = self.observed_ipv4 if family == 4 else self.observed_ipv6
+        return self.inbound is Inbound.BLOCKED and observed is not None
 
     @property
     def ipv4_reach(self) -> Reach:
         if not self.has_ipv4:
             return Reach.NONE
-        return Reach.NAT_IPV4 if self.behind_nat else Reach.GLOBAL_IPV4
+        return Reach.NAT_IPV4 if self.behind_nat or self.blocked(4) else Reach.GLOBAL_IPV4
 
     @property
     def ipv6_reach(self) -> Reach:
-        return Reach.IPV6 if self.has_ipv6 else Reach.NONE
+        if not self.has_ipv6:
+            return Reach.NONE
+        return Reach.IPV6_NO_INBOUND if self.blocked(6) else Reach.IPV6
+
+    @property
+    def punchable(self) -> bool:
+        """Behind an IPv4 NAT whose mapping does not depend on the destination (a
+        simultaneous open can connect it to a peer of the same kind)."""
+        return (
+            self.behind_nat
+            and self.observed_ipv4 is not None
+            and self.nat_mapping is NatMapping.ENDPOINT_INDEPENDENT
+        )
+
+    def probed(self, *, nat_mapping: NatMapping, inbound: Inbound) -> NetworkInfo:
+        """This information with what the reachability probes found."""
+        return replace(self, nat_mapping=nat_mapping, inbound=inbound)
 
     @property
     def kind(self) -> str:
@@ -174,6 +222,9 @@ class RouteDecision:
     # Real addresses of the accepting side that the connecting side should try (direct
     # patterns only; empty for a relay).
     candidates: tuple[Endpoint, ...] = field(default=())
+    # Relayed pair behind two endpoint-independent NATs: each side's observed IPv4
+    # address, for a simultaneous open (initiator's, responder's).
+    punch: tuple[Endpoint, Endpoint] | None = None
 
     def role_of(self, side: Side) -> str:
         """``connect`` or ``accept``."""
@@ -267,6 +318,9 @@ _TABLE: dict[tuple[Reach, Reach], tuple[Pattern, Side]] = {
     (Reach.GLOBAL_IPV4, Reach.GLOBAL_IPV4): (Pattern.DIRECT, Side.INITIATOR),
     (Reach.GLOBAL_IPV4, Reach.NAT_IPV4): (Pattern.NAT_CONNECTS, Side.RESPONDER),
     (Reach.NAT_IPV4, Reach.GLOBAL_IPV4): (Pattern.NAT_CONNECTS, Side.INITIATOR),
+    # A firewalled IPv6 node connects out, as a NATed IPv4 one does.
+    (Reach.IPV6, Reach.IPV6_NO_INBOUND): (Pattern.NAT_CONNECTS, Side.RESPONDER),
+    (Reach.IPV6_NO_INBOUND, Reach.IPV6): (Pattern.NAT_CONNECTS, Side.INITIATOR),
 }
 
 
@@ -297,7 +351,14 @@ def pattern_for(a: NetworkInfo, b: NetworkInfo) -> RouteDecision:
             # Lower pattern first; on a tie IPv6 (listed first, rank 0) wins.
             options.append((pattern, len(options), family, connector, candidates))
     if not options:
-        return RouteDecision(pattern=Pattern.RELAY, family=None, connector=Side.INITIATOR)
+        punch = None
+        if a.punchable and b.punchable:
+            assert a.observed_ipv4 is not None and b.observed_ipv4 is not None
+            if dialable(a.observed_ipv4.ip) and dialable(b.observed_ipv4.ip):
+                punch = (a.observed_ipv4, b.observed_ipv4)
+        return RouteDecision(
+            pattern=Pattern.RELAY, family=None, connector=Side.INITIATOR, punch=punch
+        )
     pattern, _, family, connector, candidates = min(options)
     return RouteDecision(pattern=pattern, family=family, connector=connector, candidates=candidates)
 

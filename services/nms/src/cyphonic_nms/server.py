@@ -27,6 +27,7 @@ from cyphonic_nms.config import NmsSettings
 from cyphonic_nms.console import make_router as console_router
 from cyphonic_nms.leases import LeasePools
 from cyphonic_nms.manager import NmsMetrics, NodeManager
+from cyphonic_nms.reach import ReachProber
 from cyphonic_nms.routing import Endpoint
 from cyphonic_nms.signalling import start_signalling
 from cyphonic_nms.storage import SqlNodeStore
@@ -117,6 +118,16 @@ class NmsServer:
         self.admin = AdminServer(app, host=s.http_host, port=s.http_port, log_level=s.log_level)
         await self.admin.start()
         if self.quic:
+            if s.reach_probe_port >= 0:
+                manager = self.manager
+                prober = ReachProber(
+                    host=s.quic_host,
+                    port=s.reach_probe_port,
+                    on_verdict=manager.reach_verdict,
+                    timeout_s=s.reach_probe_timeout_s,
+                )
+                await prober.start()
+                manager.reach = prober
             self.signalling = await start_signalling(self.manager, s)
         log.info(
             "nms_started",
@@ -163,6 +174,8 @@ class NmsServer:
             with contextlib.suppress(Exception):
                 await self.signalling.close()
         if self.manager is not None:
+            if self.manager.reach is not None:
+                await self.manager.reach.stop()
             with contextlib.suppress(Exception):
                 await self.manager.stop()
         if self.admin is not None:

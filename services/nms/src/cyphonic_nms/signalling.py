@@ -59,6 +59,11 @@ def register_response(reg: Registration) -> pb.RegisterResponse:
         virtual_ipv6_prefix_len=reg.pools.ipv6.prefix_len,
         network=network_pb(reg.network),
         keepalive_interval_ms=int(reg.keepalive_interval_s * 1000),
+        reach_probe=(
+            pb.ReachProbe(target=pb.Endpoint(port=reg.reach_port), nonce=reg.reach_nonce)
+            if reg.reach_nonce is not None
+            else None
+        ),
     )
 
 
@@ -86,6 +91,7 @@ async def answer(
             link,
             local_addresses=[endpoint_from_pb(a) for a in addresses],
             observed=observed,
+            reach_probes=request.register_request.reach_probes,
         )
         return _envelope(register_response=register_response(reg))
     if body == "keepalive":

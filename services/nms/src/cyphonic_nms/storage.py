@@ -36,7 +36,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from cyphonic_nms.leases import LeasePools, exhausted
-from cyphonic_nms.routing import Endpoint, NetworkInfo
+from cyphonic_nms.routing import Endpoint, Inbound, NatMapping, NetworkInfo
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,8 @@ def _network_from_row(row: NodeNetwork) -> NetworkInfo:
         observed_ipv4=Endpoint.parse(row.observed_ipv4) if row.observed_ipv4 else None,
         observed_ipv6=Endpoint.parse(row.observed_ipv6) if row.observed_ipv6 else None,
         local_addresses=tuple(Endpoint.parse(str(t)) for t in row.local_addresses or ()),
+        nat_mapping=NatMapping(row.nat_mapping or NatMapping.UNKNOWN.value),
+        inbound=Inbound(row.inbound or Inbound.UNKNOWN.value),
     )
 
 
@@ -310,6 +312,8 @@ class SqlNodeStore:
             "has_ipv4": info.has_ipv4,
             "has_ipv6": info.has_ipv6,
             "behind_nat": info.behind_nat,
+            "nat_mapping": info.nat_mapping.value,
+            "inbound": info.inbound.value,
             "online": True,
             "last_seen": now,
             "nms_replica": replica,
