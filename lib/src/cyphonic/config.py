@@ -17,6 +17,8 @@ DEFAULT_DOMAIN = "cyphonic.internal"
 QUIC_PORT = 443
 ALPN_SIGNALLING = "cyphonic-sig/1"
 ALPN_TUNNEL = "cyphonic-tun/1"
+QUIC_RETRY_THRESHOLD = 64
+"""Server handshakes under way from which services ask new clients for a QUIC Retry."""
 
 _SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "sslpassword", "token"})
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from cyphonic.config import ALPN_SIGNALLING
+from cyphonic.config import ALPN_SIGNALLING, QUIC_RETRY_THRESHOLD
 from cyphonic.errors import CyphonicError
 from cyphonic.hostport import format_host_port
 from cyphonic.pki import load_identity, load_trust_store
@@ -59,9 +59,12 @@ class SignallingServer:
         revocation_source: RevocationSource,
         revocation_interval: float,
         idle_timeout: float,
+        retry_threshold: int | None = QUIC_RETRY_THRESHOLD,
     ) -> None:
         """Load ``<service_name>.crt`` and the trust store (revoked node certificates refused
-        in the handshake), bind the UDP socket, accept nodes."""
+        in the handshake), bind the UDP socket, accept nodes. From ``retry_threshold``
+        handshakes under way, new clients must prove their address with a QUIC Retry; only
+        clients that ask for this service's name (SNI) are served."""
         # Imported here so that request handling stays usable without the QUIC stack.
         from cyphonic.quic import Acceptor, QuicEndpoint
         from cyphonic.session import SignallingSession
@@ -83,6 +86,7 @@ class SignallingServer:
             trust=trust,
             accept={ALPN_SIGNALLING: Acceptor(handler_factory=factory, expect="node")},
             idle_timeout=idle_timeout,
+            retry_threshold=retry_threshold,
         )
 
     async def handle(self, message: pb.Envelope, session: SignallingSession) -> pb.Envelope | None:
