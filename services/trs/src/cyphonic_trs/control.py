@@ -32,8 +32,8 @@ from cyphonic.errors import InvalidArgument, Unavailable
 from cyphonic.log import get_logger
 from cyphonic.pki import CertifiedKey, TrustStore, load_identity, load_trust_store
 from cyphonic.quic import Acceptor, QuicEndpoint
-from cyphonic.quic.retry import DEFAULT_RETRY_THRESHOLD
 from cyphonic.quic.engine import DEFAULT_MAX_DATAGRAM_SIZE
+from cyphonic.quic.retry import DEFAULT_RETRY_THRESHOLD
 from cyphonic.v1 import signalling_pb2 as pb
 
 from cyphonic_trs.relay import TO_LOCAL_SERVER, Forward, RelayCore
