@@ -36,11 +36,14 @@ from cyphonic.hostport import format_host_port, parse_host_port
 from cyphonic.log import get_logger
 from cyphonic.pki import CertifiedKey, TrustStore, load_certificates, load_identity
 from cyphonic.quic import Acceptor, QuicEndpoint
+from cyphonic.revocation import RevocationCache, close_revoked_on
+from cyphonic.session import SignallingSession
 from cyphonic.v1 import signalling_pb2 as pb
 
 from cyphonic_agent.access import AgentAccess
 from cyphonic_agent.config import AgentSettings
 from cyphonic_agent.control import OverlayPlan
+from cyphonic_agent.crl import AsCrlSource
 from cyphonic_agent.datapath import DataPath
 from cyphonic_agent.dns import DnsStub
 from cyphonic_agent.enroll import AgentState, StatePaths, read_agent_state
@@ -118,7 +121,23 @@ class Agent:
                 f"certificates ({exc}); enrol again"
             ) from exc
         node_ca = self.identity.chain[0] if self.identity.chain else None
-        self.trust = TrustStore(root=root, node_ca=node_ca)
+        if node_ca is None:
+            raise InvalidArgument(f"{paths.cert} lacks the node CA; enrol again")
+        self.revocations = RevocationCache(
+            AsCrlSource(node_ca=node_ca, dial=self._dial_as),
+            issuer=node_ca,
+            interval=settings.crl_refresh_s,
+        )
+        """The AS's CRL (crl.py): refuses revoked peers in every tunnel handshake."""
+        service_ca = (
+            load_certificates(paths.service_ca)[0] if paths.service_ca.exists() else None
+        )  # pinned at enrolment: only the project's services are taken as the AS/NMS/TRS
+        self.trust = TrustStore(
+            root=root,
+            node_ca=node_ca,
+            service_ca=service_ca,
+            is_revoked=self.revocations.is_revoked,
+        )
         self.fqdn = self.state.fqdn.lower()
         self.domain = self.state.domain or DEFAULT_DOMAIN
         self.log = get_logger("agent", fqdn=self.fqdn)
@@ -165,6 +184,20 @@ class Agent:
         assert self.endpoint is not None
         return self.endpoint
 
+    async def _dial_as(self) -> SignallingSession:
+        raw = self.settings.as_endpoints or self.state.as_endpoints
+        endpoints = [Candidate(*parse_host_port(e, default_port=443)) for e in raw]
+        session, _ = await self.nms.dial(
+            endpoints, server_name=self.state.as_server_name, what="AS"
+        )
+        return session
+
+    def _own_revocation(self, serials: frozenset[int]) -> None:
+        if self.identity.cert.serial_number in serials:
+            self.log.error(
+                "own_certificate_revoked", serial=f"{self.identity.cert.serial_number:x}"
+            )
+
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -200,6 +233,8 @@ class Agent:
         )
         self.peers.endpoint, self.peers.relay = self.endpoint, self.relay
         self.relay.start()
+        self.revocations.subscribe(close_revoked_on(self.endpoint, self.revocations))
+        self.revocations.subscribe(self._own_revocation)
         self.log.info(
             "agent_starting", version=AGENT_VERSION, state_dir=str(self.settings.state_dir)
         )
@@ -208,6 +243,7 @@ class Agent:
                 path=self.settings.status_socket, snapshot=self.snapshot
             )
             control = self._spawn(self.nms.run())
+            self._spawn(self.revocations.start())  # the first fetch may wait for the AS
             self._spawn(self._housekeeping())
             self._spawn(self.mobility.run())
             stopped: asyncio.Future[Any] = loop.create_task(stop.wait())
@@ -229,6 +265,7 @@ class Agent:
             with contextlib.suppress(BaseException):
                 await task
         await self.peers.close()
+        await self.revocations.close()
         if self.dns is not None:
             await self.dns.close()
         if self.datapath is not None:

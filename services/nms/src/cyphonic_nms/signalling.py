@@ -20,7 +20,7 @@ from cyphonic.errors import (
     UnexpectedMessage,
 )
 from cyphonic.log import get_logger
-from cyphonic.revocation import RegistryRevocations
+from cyphonic.revocation import RegistryRevocations, RevocationWatch
 from cyphonic.signalling_server import SignallingServer
 from cyphonic.v1 import signalling_pb2 as pb
 
@@ -163,6 +163,9 @@ class NmsSignallingServer(SignallingServer):
             # Keepalives keep a healthy connection busy; the idle timeout only reaps dead ones.
             idle_timeout=settings.offline_timeout_s + settings.keepalive_interval_s,
         )
+        if settings.as_url and self.revocations is not None:
+            # Pushed: the AS answers this long-poll the moment it revokes (docs/enrolment.md).
+            self.revocations.follow(RevocationWatch(settings.as_url))
 
     def opened(self, session: SignallingSession) -> None:
         self._links[id(session)] = SessionLink(session)
