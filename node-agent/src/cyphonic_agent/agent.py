@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import ipaddress
 import os
 import time
@@ -34,7 +35,7 @@ from cyphonic.config import ALPN_TUNNEL, DEFAULT_DOMAIN
 from cyphonic.errors import CyphonicError, InvalidArgument, PermissionDenied, Unavailable
 from cyphonic.hostport import format_host_port, parse_host_port
 from cyphonic.log import get_logger
-from cyphonic.pki import CertifiedKey, TrustStore, load_certificates, load_identity
+from cyphonic.pki import CertifiedKey, TrustStore, load_certificates
 from cyphonic.quic import Acceptor, QuicEndpoint
 from cyphonic.revocation import RevocationCache, close_revoked_on
 from cyphonic.session import SignallingSession
@@ -46,11 +47,12 @@ from cyphonic_agent.control import OverlayPlan
 from cyphonic_agent.crl import AsCrlSource
 from cyphonic_agent.datapath import DataPath
 from cyphonic_agent.dns import DnsStub
-from cyphonic_agent.enroll import AgentState, StatePaths, read_agent_state
+from cyphonic_agent.enroll import AgentState, StatePaths, load_node_identity, read_agent_state
 from cyphonic_agent.mobility import MoveDetector, MoveWatcher, host_addresses
 from cyphonic_agent.nms import AGENT_VERSION, AgentFailed, NmsClient, NmsLink
 from cyphonic_agent.peers import Peers
 from cyphonic_agent.relay import RelayClient
+from cyphonic_agent.renewal import CertificateRenewal, expired_error
 from cyphonic_agent.roaming import Roaming
 from cyphonic_agent.routes import Candidate
 from cyphonic_agent.status import (
@@ -113,7 +115,8 @@ class Agent:
         paths = StatePaths(settings.state_dir)
         self.state: AgentState = read_agent_state(paths.directory)
         try:
-            self.identity: CertifiedKey = load_identity(paths.cert, paths.key)
+            # A renewal a crash interrupted is completed or undone first.
+            self.identity: CertifiedKey = load_node_identity(paths.directory)
             root = load_certificates(paths.root_ca)[0]
         except (OSError, ValueError, IndexError) as exc:
             raise InvalidArgument(
@@ -141,6 +144,15 @@ class Agent:
         self.fqdn = self.state.fqdn.lower()
         self.domain = self.state.domain or DEFAULT_DOMAIN
         self.log = get_logger("agent", fqdn=self.fqdn)
+        self.renewal = CertificateRenewal(
+            state_dir=paths.directory,
+            identity=self.identity,
+            dial=self._dial_as,
+            installed=self._renewed,
+            fraction=settings.renew_at,
+            fqdn=self.fqdn,
+        )
+        """Renews the certificate (new key) at ``renew_at`` of its lifetime (renewal.py)."""
         self.endpoint: QuicEndpoint | None = None
         self.relay: RelayClient | None = None
         """Pattern 3: TRS allocations and the CID exchange, on the same endpoint."""
@@ -192,6 +204,12 @@ class Agent:
         )
         return session
 
+    def _renewed(self, identity: CertifiedKey) -> None:
+        """A renewed key and certificate: new handshakes present it, open ones go on."""
+        self.identity = identity
+        if self.endpoint is not None:
+            self.endpoint.set_identity(identity)
+
     def _own_revocation(self, serials: frozenset[int]) -> None:
         if self.identity.cert.serial_number in serials:
             self.log.error(
@@ -203,6 +221,8 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; raises ``AgentFailed`` when it cannot go on."""
         loop = asyncio.get_running_loop()
+        if self.renewal.schedule.expired(datetime.datetime.now(datetime.UTC)):
+            raise AgentFailed(expired_error(self.identity.cert, self.settings.state_dir))
         self.edges.check_tun()
         try:
             self.endpoint = await self.edges.open_endpoint(
@@ -244,16 +264,23 @@ class Agent:
             )
             control = self._spawn(self.nms.run())
             self._spawn(self.revocations.start())  # the first fetch may wait for the AS
+            renewal = self._spawn(self.renewal.run())
             self._spawn(self._housekeeping())
             self._spawn(self.mobility.run())
             stopped: asyncio.Future[Any] = loop.create_task(stop.wait())
-            waiting: set[asyncio.Future[Any]] = {stopped, control}
+            waiting: set[asyncio.Future[Any]] = {stopped, control, renewal}
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
             if control.done() and not control.cancelled():
                 failure = control.exception()
                 if failure is not None:
                     raise failure
+            if renewal.done() and not renewal.cancelled():
+                expired = renewal.exception()
+                if isinstance(expired, AgentFailed):
+                    self.log.error("certificate_expired", error=expired.error.message)
+                if expired is not None:
+                    raise expired
         finally:
             await self._shutdown()
 
