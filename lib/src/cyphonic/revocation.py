@@ -66,14 +66,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CrlRevocations",
-    "RefreshSchedule",
-    "RevocationWatch",
     "InMemoryRevocations",
+    "RefreshSchedule",
     "RegistryRevocations",
     "RevocationCache",
     "RevocationSet",
     "RevocationSource",
     "RevocationUpdate",
+    "RevocationWatch",
     "check_crl",
     "close_revoked_on",
     "crl_url",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 from cyphonic.config import ALPN_SIGNALLING, QUIC_RETRY_THRESHOLD
 from cyphonic.errors import CyphonicError
 from cyphonic.hostport import format_host_port
+from cyphonic.log import get_logger
 from cyphonic.pki import load_identity, load_trust_store
 from cyphonic.revocation import RevocationCache, RevocationSource
 from cyphonic.v1 import signalling_pb2 as pb
@@ -103,6 +104,7 @@ class SignallingServer:
         """Close every connection and the socket, stop refreshing revocations."""
         if self.endpoint is not None:
             await self.endpoint.close(f"{self.service_name.upper()} shutting down")
+            get_logger(self.service_name).info("endpoint_stats", **vars(self.endpoint.stats))
             self.endpoint = None
         if self.revocations is not None:
             await self.revocations.close()

@@ -78,6 +78,7 @@ class AsSignallingServer(SignallingServer):
             revocation_source=source,
             revocation_interval=settings.revocation_refresh_s,
             idle_timeout=IDLE_TIMEOUT_S,
+            retry_threshold=settings.quic_retry_threshold,
         )
         self.service.revocations = self.revocations
         if self.revocations is not None:
