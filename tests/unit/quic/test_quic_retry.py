@@ -46,6 +46,9 @@ def test_an_ipv4_mapped_address_is_the_same_address() -> None:
         addr=("::ffff:192.0.2.7", 50000, 0, 0), odcid=ODCID, retry_scid=SCID, now=T0
     )
     assert tokens.validate(token, addr=ADDR, dcid=SCID, now=T0) == ODCID
+    assert tokens.validate(token, addr=("::ffff:c000:207", 50000), dcid=SCID, now=T0) == ODCID
+    v6 = tokens.issue(addr=("fe80::1%eth0", 443, 0, 2), odcid=ODCID, retry_scid=SCID, now=T0)
+    assert tokens.validate(v6, addr=("fe80::1", 443), dcid=SCID, now=T0) == ODCID
 
 
 def test_a_token_is_bound_to_the_retry_cid() -> None:

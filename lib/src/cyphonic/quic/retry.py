@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,14 +57,21 @@ MAX_CLOCK_SKEW_S = 1.0
 _HEADER = struct.Struct("!BQB")
 _MAC_LENGTH = 16
 MAX_CID_LENGTH = 20
+_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
 
 def _address_bytes(addr: tuple[Any, ...]) -> bytes:
     """The client address as the MAC binds it: IP (IPv4-mapped made plain) and port."""
-    ip = ipaddress.ip_address(str(addr[0]).split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.packed + struct.pack("!H", int(addr[1]))
+    host = str(addr[0]).split("%", 1)[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    try:
+        packed = socket.inet_pton(socket.AF_INET if "." in host else socket.AF_INET6, host)
+    except OSError:
+        packed = ipaddress.ip_address(host).packed
+    if len(packed) == 16 and packed[:12] == _MAPPED_PREFIX:  # mapped, written in hex
+        packed = packed[12:]
+    return packed + struct.pack("!H", int(addr[1]))
 
 
 class RetryTokens:
