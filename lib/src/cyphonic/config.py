@@ -17,6 +17,8 @@ DEFAULT_DOMAIN = "cyphonic.internal"
 QUIC_PORT = 443
 ALPN_SIGNALLING = "cyphonic-sig/1"
 ALPN_TUNNEL = "cyphonic-tun/1"
+QUIC_RETRY_THRESHOLD = 64
+"""Server handshakes under way from which services ask new clients for a QUIC Retry."""
 
 _SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "sslpassword", "token"})
 
@@ -100,6 +102,12 @@ class ServiceSettings(BaseSettings):
     domain: str = Field(DEFAULT_DOMAIN, description="overlay DNS domain; node FQDN = name.domain")
     quic_host: str = Field("::", description="address the QUIC endpoint binds (dual-stack ::)")
     quic_port: int = Field(QUIC_PORT, description="UDP port of the QUIC endpoint")
+    quic_retry_threshold: int = Field(
+        QUIC_RETRY_THRESHOLD,
+        ge=0,
+        description="QUIC handshakes under way from which new clients must prove their "
+        "address with a stateless Retry (0: always)",
+    )
     http_host: str = Field("127.0.0.1", description="address of the admin REST API")
     http_port: int = Field(8080, description="TCP port of the admin REST API")
     pki_dir: Path = Field(Path("./pki"), description="directory of CA and service certificates")

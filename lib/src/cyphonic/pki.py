@@ -42,6 +42,7 @@ from cyphonic.config import DEFAULT_DOMAIN
 from cyphonic.errors import Expired, InvalidArgument, PermissionDenied, Revoked, Unauthenticated
 
 __all__ = [
+    "CERT_BACKDATE",
     "NODE_CERT_VALIDITY",
     "CertifiedKey",
     "PeerIdentity",
@@ -79,6 +80,8 @@ INTERMEDIATE_CA_VALIDITY = datetime.timedelta(days=1825)
 SERVICE_CERT_VALIDITY = datetime.timedelta(days=365)
 # Tolerate this much clock skew between the signer and a freshly enrolled node.
 _BACKDATE = datetime.timedelta(minutes=5)
+CERT_BACKDATE = _BACKDATE
+"""Certificates made here start this long before they were issued (clock skew)."""
 _MIN_RSA_BITS = 2048
 SERVICES = ("as", "nms", "trs")
 

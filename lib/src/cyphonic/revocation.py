@@ -21,6 +21,12 @@ the background:
   ``CrlRevocations``); it is accepted only when signed by the node CA, and never when its
   CRL number is lower than one already applied (a replayed old list cannot un-revoke).
 
+Pushed, not only polled: ``RevocationCache.follow(RevocationWatch(as_url))`` long-polls
+the AS (``GET <AS>/v1/revocations/watch?after_id=N``), which answers the moment a revocation
+past the cache's cursor exists; the cache then refreshes from its own source at once (the
+watch is only a wake-up: what is applied still comes from the registry or a CRL the node
+CA signed). The NMS and the TRS follow the AS this way; the timer stays as a fallback.
+
 When the source cannot be reached the last known set stays in force (a missed refresh is
 logged; ``RevocationCache.healthy`` says whether the last one worked). The AS, which does
 the revoking, also adds what it revoked at once (``RevocationCache.add``).
@@ -42,8 +48,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -60,11 +67,13 @@ if TYPE_CHECKING:
 __all__ = [
     "CrlRevocations",
     "InMemoryRevocations",
+    "RefreshSchedule",
     "RegistryRevocations",
     "RevocationCache",
     "RevocationSet",
     "RevocationSource",
     "RevocationUpdate",
+    "RevocationWatch",
     "check_crl",
     "close_revoked_on",
     "crl_url",
@@ -148,6 +157,45 @@ class RevocationSet:
         if added:
             self._serials = self._serials | added
         return added
+
+
+class RefreshSchedule:
+    """How long to wait before the next refresh (sans-I/O: outcomes in, delays out).
+
+    After a success: ``interval`` less up to ``jitter`` of it (many nodes polling one AS do
+    not stay in step; never later than the interval, which is the promise). After a
+    failure: ``retry_min`` doubling per failure up to ``interval``, with the same jitter.
+    """
+
+    def __init__(
+        self,
+        *,
+        interval: float,
+        retry_min: float = 1.0,
+        jitter: float = 0.1,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError("refresh interval must be positive")
+        self.interval = interval
+        self.retry_min = min(retry_min, interval)
+        self.jitter = jitter
+        self._rand = rand
+        self.failures = 0
+
+    def _jittered(self, delay: float) -> float:
+        return delay * (1.0 - self.jitter * self._rand())
+
+    def succeeded(self) -> float:
+        """A refresh worked: the delay until the next one."""
+        self.failures = 0
+        return self._jittered(self.interval)
+
+    def failed(self) -> float:
+        """A refresh failed: the delay until the next try."""
+        self.failures += 1
+        backoff = self.retry_min * 2.0 ** min(self.failures - 1, 30)
+        return self._jittered(min(self.interval, backoff))
 
 
 # --------------------------------------------------------------------------- sources
@@ -408,6 +456,9 @@ class RevocationCache:
         self._clock = clock
         self._listeners: list[Listener] = []
         self._task: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._watch: RevocationWatcher | None = None
+        self.schedule = RefreshSchedule(interval=interval)
         self._last_full: float | None = None
         self.last_success: float | None = None
         """Monotonic time of the last refresh that worked."""
@@ -479,29 +530,64 @@ class RevocationCache:
     # -- background loop
 
     async def start(self) -> None:
-        """One refresh now (a failure is logged, not raised), then refresh every interval."""
+        """One refresh now (a failure is logged, not raised), then refresh every interval
+        (sooner after a failure, see ``RefreshSchedule``)."""
         if self._task is not None:
             return
-        await self._refresh_logged()
-        self._task = asyncio.create_task(self._run(), name=f"revocation:{self.source.name}")
+        ok = await self._refresh_logged()
+        self._task = asyncio.create_task(self._run(ok), name=f"revocation:{self.source.name}")
+
+    def follow(self, watch: RevocationWatcher) -> None:
+        """Refresh as soon as ``watch(cursor)`` returns (it waits until the source may hold
+        revocations past ``cursor``, e.g. ``RevocationWatch``), besides the timer."""
+        if self._follower is None:
+            self._follower = asyncio.create_task(
+                self._follow(watch), name=f"revocation-watch:{self.source.name}"
+            )
 
     async def close(self) -> None:
         """Stop refreshing and release the source."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._follower, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._follower = None
         await self.source.close()
+        closer = getattr(self._watch, "close", None)
+        if closer is not None:
+            await closer()
 
-    async def _run(self) -> None:
+    async def _run(self, ok: bool) -> None:
+        delay = self.schedule.succeeded() if ok else self.schedule.failed()
         while True:
-            await asyncio.sleep(self.interval)
-            await self._refresh_logged()
+            await asyncio.sleep(delay)
+            ok = await self._refresh_logged()
+            delay = self.schedule.succeeded() if ok else self.schedule.failed()
 
-    async def _refresh_logged(self) -> None:
+    async def _follow(self, watch: RevocationWatcher) -> None:
+        self._watch = watch
+        backoff = RefreshSchedule(interval=max(self.interval, 5.0))
+        while True:
+            try:
+                newer = await watch(self.revoked.cursor)
+            except CyphonicError as exc:
+                if backoff.failures == 0:
+                    self.log.warning(
+                        "revocation_watch_failed", code=exc.code_name, reason=exc.message
+                    )
+                await asyncio.sleep(backoff.failed())
+                continue
+            if backoff.failures:
+                self.log.info("revocation_watch_recovered")
+            backoff.failures = 0
+            if newer and not await self._refresh_logged():
+                await asyncio.sleep(self.schedule.failed())
+
+    async def _refresh_logged(self) -> bool:
         try:
             await self.refresh()
+            return True
         except CyphonicError as exc:
             self.failures += 1
             first = self.last_error is None
@@ -515,6 +601,61 @@ class RevocationCache:
                     failures=self.failures,
                     revoked=len(self.revoked),
                 )
+            return False
+
+
+RevocationWatcher = Callable[[int | None], Awaitable[bool]]
+"""Returns True as soon as the source may hold revocations past the cursor given, False
+when it waited a while for none."""
+
+WATCH_PATH = "/v1/revocations/watch"
+DEFAULT_WATCH_WAIT_S = 25.0
+
+
+class RevocationWatch:
+    """Long-poll of the AS: returns as soon as the AS knows a revocation past the cursor.
+
+    ``GET <as_url>/v1/revocations/watch?after_id=<cursor>&wait_s=<wait_s>`` is held open by
+    the AS until a revocation newer than ``after_id`` exists (or ``wait_s`` passed). Only a
+    wake-up: nothing of the answer is applied.
+    """
+
+    def __init__(
+        self,
+        as_url: str,
+        *,
+        wait_s: float = DEFAULT_WATCH_WAIT_S,
+        verify: bool | str = True,
+        transport: Any = None,
+    ) -> None:
+        import httpx
+
+        self.url = as_url.rstrip("/") + WATCH_PATH
+        self.wait_s = wait_s
+        self.newest: int | None = None
+        """The newest revocation id the AS reported."""
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(5.0, read=wait_s + 10.0), verify=verify, transport=transport
+        )
+
+    async def __call__(self, cursor: int | None) -> bool:
+        import httpx
+
+        params = {"after_id": str(cursor or 0), "wait_s": f"{self.wait_s:g}"}
+        try:
+            response = await self._client.get(self.url, params=params)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"cannot watch {self.url}: {type(exc).__name__}") from exc
+        if response.status_code != 200:
+            raise Unavailable(f"{self.url} answered HTTP {response.status_code}")
+        try:
+            self.newest = int(response.json()["newest_id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MalformedMessage(f"{self.url}: not a revocation watch answer") from exc
+        return self.newest > (cursor or 0)
+
+    async def close(self) -> None:
+        await self._client.aclose()
 
 
 def close_revoked_on(endpoint: QuicEndpoint, cache: RevocationCache) -> Listener:

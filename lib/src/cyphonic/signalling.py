@@ -105,6 +105,7 @@ TRANSITIONS: Final[Mapping[tuple[Opener, str], frozenset[str]]] = MappingProxyTy
         # (who opens the stream, body of its frame) -> bodies that may answer it (or an Error)
         (Opener.CLIENT, "login_request"): frozenset({"login_response"}),
         (Opener.CLIENT, "renew_request"): frozenset({"renew_response"}),
+        (Opener.CLIENT, "crl_request"): frozenset({"crl_response"}),
         (Opener.CLIENT, "register_request"): frozenset({"register_response"}),
         (Opener.CLIENT, "keepalive"): frozenset({"keepalive_ack"}),
         (Opener.CLIENT, "route_request"): frozenset({"route_response"}),

@@ -16,9 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from cyphonic.config import ALPN_SIGNALLING
+from cyphonic.config import ALPN_SIGNALLING, QUIC_RETRY_THRESHOLD
 from cyphonic.errors import CyphonicError
 from cyphonic.hostport import format_host_port
+from cyphonic.log import get_logger
 from cyphonic.pki import load_identity, load_trust_store
 from cyphonic.revocation import RevocationCache, RevocationSource
 from cyphonic.v1 import signalling_pb2 as pb
@@ -62,9 +63,12 @@ class SignallingServer:
         revocation_source: RevocationSource,
         revocation_interval: float,
         idle_timeout: float,
+        retry_threshold: int | None = QUIC_RETRY_THRESHOLD,
     ) -> None:
         """Load ``<service_name>.crt`` and the trust store (revoked node certificates refused
-        in the handshake), bind the UDP socket, accept nodes."""
+        in the handshake), bind the UDP socket, accept nodes. From ``retry_threshold``
+        handshakes under way, new clients must prove their address with a QUIC Retry; only
+        clients that ask for this service's name (SNI) are served."""
         # Imported here so that request handling stays usable without the QUIC stack.
         from cyphonic.quic import Acceptor, QuicEndpoint
         from cyphonic.quic.tcp_transport import start_tcp_listener
@@ -87,6 +91,7 @@ class SignallingServer:
             trust=trust,
             accept={ALPN_SIGNALLING: Acceptor(handler_factory=factory, expect="node")},
             idle_timeout=idle_timeout,
+            retry_threshold=retry_threshold,
         )
         self.tcp = await start_tcp_listener(self.endpoint, identity, host=host)
 
@@ -107,6 +112,7 @@ class SignallingServer:
             self.tcp = None
         if self.endpoint is not None:
             await self.endpoint.close(f"{self.service_name.upper()} shutting down")
+            get_logger(self.service_name).info("endpoint_stats", **vars(self.endpoint.stats))
             self.endpoint = None
         if self.revocations is not None:
             await self.revocations.close()

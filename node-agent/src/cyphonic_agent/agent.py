@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import ipaddress
 import os
 import time
@@ -34,18 +35,21 @@ from cyphonic.config import ALPN_TUNNEL, DEFAULT_DOMAIN
 from cyphonic.errors import CyphonicError, InvalidArgument, PermissionDenied, Unavailable
 from cyphonic.hostport import format_host_port, parse_host_port
 from cyphonic.log import get_logger
-from cyphonic.pki import CertifiedKey, TrustStore, load_certificates, load_identity
+from cyphonic.pki import CertifiedKey, TrustStore, load_certificates
 from cyphonic.quic import Acceptor, QuicEndpoint
 from cyphonic.quic.tcp_transport import StreamPaths
+from cyphonic.revocation import RevocationCache, close_revoked_on
+from cyphonic.session import SignallingSession
 from cyphonic.v1 import signalling_pb2 as pb
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cyphonic_agent.access import AgentAccess
 from cyphonic_agent.config import AgentSettings
 from cyphonic_agent.control import OverlayPlan
+from cyphonic_agent.crl import AsCrlSource
 from cyphonic_agent.datapath import DataPath
 from cyphonic_agent.dns import DnsStub
-from cyphonic_agent.enroll import AgentState, StatePaths, read_agent_state
+from cyphonic_agent.enroll import AgentState, StatePaths, load_node_identity, read_agent_state
 from cyphonic_agent.mobility import Move, MoveDetector, MoveWatcher, host_addresses
 from cyphonic_agent.nms import AGENT_VERSION, AgentFailed, NmsClient, NmsLink
 from cyphonic_agent.overlay_routes import (
@@ -60,6 +64,7 @@ from cyphonic_agent.peers import LiveTunnel, Peers, path_facts
 from cyphonic_agent.ping import Pinger
 from cyphonic_agent.reach import answer_probes
 from cyphonic_agent.relay import RelayClient
+from cyphonic_agent.renewal import CertificateRenewal, expired_error
 from cyphonic_agent.roaming import Roaming
 from cyphonic_agent.routes import Candidate
 from cyphonic_agent.splitdns import SplitDns
@@ -134,7 +139,8 @@ class Agent:
             settings = settings.model_copy(update={"mtu": self.path_sizes.tun_mtu})
         self.settings = settings
         try:
-            self.identity: CertifiedKey = load_identity(paths.cert, paths.key)
+            # A renewal a crash interrupted is completed or undone first.
+            self.identity: CertifiedKey = load_node_identity(paths.directory)
             root = load_certificates(paths.root_ca)[0]
         except (OSError, ValueError, IndexError) as exc:
             raise InvalidArgument(
@@ -142,15 +148,40 @@ class Agent:
                 f"certificates ({exc}); enrol again"
             ) from exc
         node_ca = self.identity.chain[0] if self.identity.chain else None
-        self.trust = TrustStore(root=root, node_ca=node_ca)
+        if node_ca is None:
+            raise InvalidArgument(f"{paths.cert} lacks the node CA; enrol again")
+        self.revocations = RevocationCache(
+            AsCrlSource(node_ca=node_ca, dial=self._dial_as),
+            issuer=node_ca,
+            interval=settings.crl_refresh_s,
+        )
+        """The AS's CRL (crl.py): refuses revoked peers in every tunnel handshake."""
+        service_ca = (
+            load_certificates(paths.service_ca)[0] if paths.service_ca.exists() else None
+        )  # pinned at enrolment: only the project's services are taken as the AS/NMS/TRS
+        self.trust = TrustStore(
+            root=root,
+            node_ca=node_ca,
+            service_ca=service_ca,
+            is_revoked=self.revocations.is_revoked,
+        )
         self.fqdn = self.state.fqdn.lower()
         self.domain = self.state.domain or DEFAULT_DOMAIN
         self.log = get_logger("agent", fqdn=self.fqdn)
+        self.renewal = CertificateRenewal(
+            state_dir=paths.directory,
+            identity=self.identity,
+            dial=self._dial_as,
+            installed=self._renewed,
+            fraction=settings.renew_at,
+            fqdn=self.fqdn,
+        )
+        """Renews the certificate (new key) at ``renew_at`` of its lifetime (renewal.py)."""
         self.endpoint: QuicEndpoint | None = None
         self.relay: RelayClient | None = None
+        """Pattern 3: TRS allocations and the CID exchange, on the same endpoint."""
         self.transport: StreamPaths | None = None
         """QUIC over TLS on TCP 443 when UDP gets no answer (docs/tcp-transport.md)."""
-        """Pattern 3: TRS allocations and the CID exchange, on the same endpoint."""
         self.tun: TunDevice | None = None
         self.datapath: DataPath | None = None
         self.access = AgentAccess()
@@ -215,11 +246,33 @@ class Agent:
         assert self.endpoint is not None
         return self.endpoint
 
+    async def _dial_as(self) -> SignallingSession:
+        raw = self.settings.as_endpoints or self.state.as_endpoints
+        endpoints = [Candidate(*parse_host_port(e, default_port=443)) for e in raw]
+        session, _ = await self.nms.dial(
+            endpoints, server_name=self.state.as_server_name, what="AS"
+        )
+        return session
+
+    def _renewed(self, identity: CertifiedKey) -> None:
+        """A renewed key and certificate: new handshakes present it, open ones go on."""
+        self.identity = identity
+        if self.endpoint is not None:
+            self.endpoint.set_identity(identity)
+
+    def _own_revocation(self, serials: frozenset[int]) -> None:
+        if self.identity.cert.serial_number in serials:
+            self.log.error(
+                "own_certificate_revoked", serial=f"{self.identity.cert.serial_number:x}"
+            )
+
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; raises ``AgentFailed`` when it cannot go on."""
         loop = asyncio.get_running_loop()
+        if self.renewal.schedule.expired(datetime.datetime.now(datetime.UTC)):
+            raise AgentFailed(expired_error(self.identity.cert, self.settings.state_dir))
         self.edges.check_tun()
         try:
             self.endpoint = await self.edges.open_endpoint(
@@ -257,6 +310,8 @@ class Agent:
         self.peers.endpoint, self.peers.relay = self.endpoint, self.relay
         self.relay.start()
         limited = self.path_sizes.limited_by
+        self.revocations.subscribe(close_revoked_on(self.endpoint, self.revocations))
+        self.revocations.subscribe(self._own_revocation)
         self.log.info(
             "agent_starting",
             version=AGENT_VERSION,
@@ -285,16 +340,24 @@ class Agent:
             except OSError as exc:
                 self.log.warning("resolv_conf_recover_failed", error=str(exc))
             control = self._spawn(self.nms.run())
+            self._spawn(self.revocations.start())  # the first fetch may wait for the AS
+            renewal = self._spawn(self.renewal.run())
             self._spawn(self._housekeeping())
             self._spawn(self.mobility.run())
             stopped: asyncio.Future[Any] = loop.create_task(stop.wait())
-            waiting: set[asyncio.Future[Any]] = {stopped, control}
+            waiting: set[asyncio.Future[Any]] = {stopped, control, renewal}
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
             if control.done() and not control.cancelled():
                 failure = control.exception()
                 if failure is not None:
                     raise failure
+            if renewal.done() and not renewal.cancelled():
+                expired = renewal.exception()
+                if isinstance(expired, AgentFailed):
+                    self.log.error("certificate_expired", error=expired.error.message)
+                if expired is not None:
+                    raise expired
         finally:
             await self._shutdown()
 
@@ -307,6 +370,7 @@ class Agent:
                 await task
         await self.peers.close()
         await self.split_dns.remove()
+        await self.revocations.close()
         if self.dns is not None:
             await self.dns.close()
         if self.datapath is not None:

@@ -133,6 +133,18 @@ class AgentSettings(BaseSettings):
     udp_probe_interval_s: float = Field(
         30.0, gt=0, description="while on TCP 443: seconds between checks that UDP is back"
     )
+    crl_refresh_s: float = Field(
+        30.0,
+        ge=0.1,
+        description="seconds between fetches of the AS's CRL: a revoked peer's tunnel "
+        "closes within this even when the NMS cannot reach either node",
+    )
+    renew_at: float = Field(
+        2 / 3,
+        gt=0,
+        lt=1,
+        description="renew the node certificate (new key) at this fraction of its lifetime",
+    )
     log_level: str = Field("info", description="debug, info, warning or error")
     log_format: str = Field("console", description="console or json")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from datetime import timedelta
 
@@ -153,7 +154,7 @@ async def test_unknown_certificate_login_refused(as_env: AsHarness) -> None:
 async def test_expired_certificate_login_refused(as_env: AsHarness) -> None:
     _key, chain = await as_env.enrolled("old")
     peer = as_env.peer(chain)
-    as_env.clock.advance(timedelta(days=31))
+    as_env.clock.advance(timedelta(days=8))
     with pytest.raises(Expired):
         await as_env.service.login(peer)
 
@@ -170,7 +171,7 @@ async def test_service_certificate_cannot_log_in(as_env: AsHarness) -> None:
 async def test_renewal_issues_a_new_certificate_for_a_new_key(as_env: AsHarness) -> None:
     _key, chain = await as_env.enrolled("roamer")
     peer = as_env.peer(chain)
-    as_env.clock.advance(timedelta(days=25))
+    as_env.clock.advance(timedelta(days=5))  # past two thirds of 7 days
     new_key = generate_key()
     request = pb.Envelope(
         version=pb.PROTOCOL_VERSION_1,
@@ -263,3 +264,46 @@ async def test_audit_trail_records_who_did_what(as_env: AsHarness) -> None:
     assert page["items"][0]["detail"]["serials"] == [format(chain[0].serial_number, "x")]
     fingerprint = chain[0].fingerprint(hashes.SHA256()).hex()
     assert fingerprint not in str(page)  # the trail names serials, it holds no key material
+
+
+async def test_crl_request_answers_the_crl_then_only_news(as_env: AsHarness) -> None:
+    _key, chain = await as_env.enrolled("lister")
+    await as_env.enrolled("victim")
+    peer = as_env.peer(chain)
+
+    def ask(have: int) -> pb.Envelope:
+        return pb.Envelope(
+            version=pb.PROTOCOL_VERSION_1, crl_request=pb.CrlRequest(have_number=have)
+        )
+
+    first = (await answer(as_env.service, peer, ask(0))).crl_response
+    crl = x509.load_der_x509_crl(first.crl_der)
+    assert crl.is_signature_valid(as_env.material.node_ca.cert.public_key())  # type: ignore[arg-type]
+    assert len(crl) == 0
+    revoked = await as_env.client.post(
+        "/v1/nodes/victim/revoke", json={"reason": "key_compromise"}, headers=as_env.admin
+    )
+    assert revoked.status_code == 200
+    second = (await answer(as_env.service, peer, ask(first.number))).crl_response
+    assert second.number > first.number and len(x509.load_der_x509_crl(second.crl_der)) == 1
+    same = (await answer(as_env.service, peer, ask(second.number))).crl_response
+    assert same.number == second.number and same.crl_der == b""
+
+
+async def test_revocation_watch_answers_when_a_revocation_happens(as_env: AsHarness) -> None:
+    await as_env.enrolled("watched")
+    now = await as_env.client.get("/v1/revocations/watch", params={"wait_s": 0})
+    newest = now.json()["newest_id"]
+    waiting = asyncio.ensure_future(
+        as_env.client.get("/v1/revocations/watch", params={"after_id": newest, "wait_s": 30})
+    )
+    await asyncio.sleep(0.3)
+    assert not waiting.done()  # held open: nothing newer yet
+    revoked = await as_env.client.post(
+        "/v1/nodes/watched/revoke", json={"reason": "key_compromise"}, headers=as_env.admin
+    )
+    assert revoked.status_code == 200
+    answered = await asyncio.wait_for(waiting, 5)
+    assert answered.json()["newest_id"] > newest
+    bad = await as_env.client.get("/v1/revocations/watch", params={"wait_s": 600})
+    assert bad.status_code == 422

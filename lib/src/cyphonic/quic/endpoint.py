@@ -32,6 +32,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -48,12 +49,27 @@ from aioquic.quic.events import (
 )
 from cryptography import x509
 
-from cyphonic.errors import CyphonicError, InvalidArgument, Timeout, Unauthenticated, Unavailable
+from cyphonic.errors import (
+    CyphonicError,
+    InvalidArgument,
+    PermissionDenied,
+    Timeout,
+    Unauthenticated,
+    Unavailable,
+)
 from cyphonic.log import get_logger
-from cyphonic.pki import CertifiedKey, PeerIdentity, PeerKind, TrustStore, verify_peer
+from cyphonic.pki import (
+    CertifiedKey,
+    PeerIdentity,
+    PeerKind,
+    TrustStore,
+    certificate_dns_names,
+    verify_peer,
+)
 from cyphonic.quic import engine
 from cyphonic.quic.deadline import open_deadline_timer
 from cyphonic.quic.engine import ConnectionIdFactory, CyphonicQuicConnection
+from cyphonic.quic.retry import Drop, RetryGate, RetryTokens, SendRetry
 
 _aioquic = engine  # for code where a parameter named ``engine`` hides the module
 
@@ -154,6 +170,10 @@ class EndpointStats:
     handshakes_refused: int = 0
     """Initial datagrams dropped because ``max_handshakes`` server handshakes were under
     way."""
+    retries_sent: int = 0
+    """Initials answered with a stateless Retry (handshakes under way at the threshold)."""
+    retry_tokens_refused: int = 0
+    """Initials dropped for a Retry token that was forged, expired or another address's."""
 
 
 class Connection:
@@ -386,6 +406,9 @@ class QuicEndpoint:
         engine: str | None = None,
         max_handshakes: int = 1024,
         max_udp_payload_size: int | None = None,
+        retry_threshold: int | None = None,
+        retry_key: bytes | None = None,
+        server_names: Iterable[str] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         engine = engine or default_engine()
@@ -396,6 +419,18 @@ class QuicEndpoint:
         self._family = sock.family
         self.identity = identity
         self.trust = trust
+        self.server_names: frozenset[str] = frozenset(
+            n.lower() for n in (server_names or certificate_dns_names(identity.cert))
+        )
+        """Names a client must ask for (TLS SNI) to be served: by default those of our own
+        certificate (a service's name; a node's FQDN for tunnels). No SNI is refused too."""
+        self.retry: RetryGate | None = (
+            None
+            if retry_threshold is None
+            else RetryGate(threshold=retry_threshold, tokens=RetryTokens(key=retry_key))
+        )
+        """Stateless Retry (``quic.retry``) once ``retry_threshold`` handshakes are under
+        way; None: never (agents, whose peers come through the NMS)."""
         self._acceptors: dict[str, Acceptor] = {
             alpn: a if isinstance(a, Acceptor) else Acceptor(handler_factory=a)
             for alpn, a in (accept or {}).items()
@@ -414,31 +449,7 @@ class QuicEndpoint:
         self._error_log_at = 0.0
         self._errors_unlogged = 0
         self._congestion_control = congestion_control
-        self._server_config = (
-            _aioquic.make_configuration(
-                is_client=False,
-                identity=identity,
-                alpn_protocols=list(self._acceptors),
-                idle_timeout=idle_timeout,
-                max_datagram_size=max_datagram_size,
-                congestion_control=congestion_control,
-                max_udp_payload_size=max_udp_payload_size,
-            )
-            if self._acceptors
-            else None
-        )
-        self._qh3_server_config = (
-            self._qh3.make_configuration(
-                is_client=False,
-                identity=identity,
-                alpn_protocols=list(self._acceptors),
-                idle_timeout=idle_timeout,
-                max_datagram_size=max_datagram_size,
-                max_udp_payload_size=max_udp_payload_size,
-            )
-            if self._acceptors and self._qh3 is not None
-            else None
-        )
+        self._make_server_configs(identity)
         self._versions = set(_aioquic.supported_versions())
         self._by_cid: dict[bytes, Connection] = {}
         self._connections: set[Connection] = set()
@@ -482,6 +493,39 @@ class QuicEndpoint:
         self.log = get_logger("quic", local=self.local_address)
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
+    def _make_server_configs(self, identity: CertifiedKey) -> None:
+        self._server_config = (
+            _aioquic.make_configuration(
+                is_client=False,
+                identity=identity,
+                alpn_protocols=list(self._acceptors),
+                idle_timeout=self.idle_timeout,
+                max_datagram_size=self.max_datagram_size,
+                congestion_control=self._congestion_control,
+                max_udp_payload_size=self.max_udp_payload_size,
+            )
+            if self._acceptors
+            else None
+        )
+        self._qh3_server_config = (
+            self._qh3.make_configuration(
+                is_client=False,
+                identity=identity,
+                alpn_protocols=list(self._acceptors),
+                idle_timeout=self.idle_timeout,
+                max_datagram_size=self.max_datagram_size,
+                max_udp_payload_size=self.max_udp_payload_size,
+            )
+            if self._acceptors and self._qh3 is not None
+            else None
+        )
+
+    def set_identity(self, identity: CertifiedKey) -> None:
+        """Present ``identity`` (a renewed key and certificate) in every handshake from now
+        on; connections already open keep the one they were made with."""
+        self.identity = identity
+        self._make_server_configs(identity)
+
     # -- creation and teardown
 
     @classmethod
@@ -501,6 +545,9 @@ class QuicEndpoint:
         max_handshakes: int = 1024,
         dont_fragment: bool = False,
         max_udp_payload_size: int | None = None,
+        retry_threshold: int | None = None,
+        retry_key: bytes | None = None,
+        server_names: Iterable[str] | None = None,
     ) -> QuicEndpoint:
         """Bind the UDP socket and start serving.
 
@@ -509,7 +556,10 @@ class QuicEndpoint:
         ``any``); without it the endpoint only makes client connections.
         ``engine``: ``qh3`` or ``aioquic`` (default: ``CYPHONIC_QUIC_ENGINE``, else
         qh3); ``congestion_control`` applies to aioquic only. ``max_handshakes``
-        bounds the server handshakes under way at once (more Initials are dropped).
+        bounds the server handshakes under way at once (more Initials are dropped);
+        from ``retry_threshold`` under way (None: never) a token-less Initial is answered
+        with a stateless Retry, so only clients that receive at our address take a slot.
+        ``server_names``: the SNI a client must send (default: our certificate's names).
         ``dont_fragment``: set DF on every datagram (``set_dont_fragment``); then keep
         ``max_datagram_size`` within the path, nothing larger leaves.
         ``max_udp_payload_size``: sent to peers as that transport parameter (our link's
@@ -532,6 +582,9 @@ class QuicEndpoint:
             engine=engine,
             max_handshakes=max_handshakes,
             max_udp_payload_size=max_udp_payload_size,
+            retry_threshold=retry_threshold,
+            retry_key=retry_key,
+            server_names=server_names,
         )
 
     @property
@@ -694,7 +747,9 @@ class QuicEndpoint:
 
     # -- server role
 
-    def _accept(self, dcid: bytes, addr: Address) -> Connection | None:
+    def _accept(
+        self, dcid: bytes, addr: Address, *, odcid: bytes, retry_scid: bytes | None
+    ) -> Connection | None:
         assert self._server_config is not None
         factory = None
         if self.server_connection_id_factory is not None:
@@ -705,6 +760,15 @@ class QuicEndpoint:
             acceptor = self._acceptors.get(alpn or "")
             if acceptor is None:
                 raise Unauthenticated(f"no service for ALPN {alpn!r}")
+            asked = holder[0].quic.client_server_name if holder else None
+            if asked not in self.server_names:
+                # A node certificate is valid at every service: the name says which one
+                # the client meant (and a tunnel's peer node checks it is the one asked).
+                raise PermissionDenied(
+                    f"server name {asked!r} is not this endpoint's"
+                    if asked
+                    else "no server name (SNI) in the client's hello"
+                )
             peer = verify_peer(
                 chain, trust=self.trust, expect=acceptor.expect, expected_name=None, now=_utcnow()
             )
@@ -722,7 +786,8 @@ class QuicEndpoint:
                 self._qh3.Qh3QuicConnection(
                     configuration=self._qh3_server_config,
                     peer_verifier=verifier,
-                    original_destination_connection_id=dcid,
+                    original_destination_connection_id=odcid,
+                    retry_source_connection_id=retry_scid,
                     connection_id_factory=factory,
                 ),
             )
@@ -730,7 +795,8 @@ class QuicEndpoint:
             quic = CyphonicQuicConnection(
                 configuration=self._server_config,
                 peer_verifier=verifier,
-                original_destination_connection_id=dcid,
+                original_destination_connection_id=odcid,
+                retry_source_connection_id=retry_scid,
                 connection_id_factory=factory,
             )
         conn = Connection(
@@ -913,11 +979,43 @@ class QuicEndpoint:
             and header.version in self._versions
             and len(data) >= 1200
         ):
+            odcid, retry_scid = header.destination_cid, None
+            if self.retry is not None:
+                decision = self.retry.on_initial(
+                    addr=addr,
+                    dcid=header.destination_cid,
+                    token=header.token,
+                    handshaking=len(self._handshaking),
+                    now=time.time(),  # wall clock: replicas sharing a key agree on it
+                )
+                if isinstance(decision, SendRetry):
+                    self._send_retry(header, decision, addr)
+                    return None
+                if isinstance(decision, Drop):
+                    self.stats.retry_tokens_refused += 1
+                    return None
+                odcid, retry_scid = decision.odcid, decision.retry_scid
             if len(self._handshaking) >= self.max_handshakes:
                 self.stats.handshakes_refused += 1
                 return None
-            return self._accept(header.destination_cid, addr)
+            return self._accept(header.destination_cid, addr, odcid=odcid, retry_scid=retry_scid)
         return None
+
+    def _send_retry(self, header: engine.DatagramHeader, retry: SendRetry, addr: Address) -> None:
+        assert header.version is not None
+        packet = engine.encode_retry(
+            version=header.version,
+            scid=retry.scid,
+            dcid=header.source_cid,
+            odcid=header.destination_cid,
+            token=retry.token,
+        )
+        try:
+            self._sock.sendto(packet, addr)
+        except OSError as exc:  # e.g. no route to a spoofed source
+            self.log.debug("retry_send_failed", error=str(exc))
+            return
+        self.stats.retries_sent += 1
 
     def _process(self, conn: Connection) -> bool:
         """The connection's events to their handlers; True if ``datagram_handler`` got any."""

@@ -45,6 +45,7 @@ from aioquic.quic.events import ConnectionTerminated
 from aioquic.quic.packet import (
     QuicErrorCode,
     QuicPacketType,
+    encode_quic_retry,
     pull_quic_header,
     pull_quic_transport_parameters,
     push_quic_transport_parameters,
@@ -120,12 +121,27 @@ _ERROR_FOR_ALERT: dict[int, type[CyphonicError]] = {
 }
 
 
+def peek_server_name(input_buf: Any, pull_client_hello: Callable[[Any], Any]) -> str | None:
+    """The SNI of the ClientHello at ``input_buf``'s position, which is left unchanged
+    (None: no SNI, or not a ClientHello the TLS stack will accept anyway)."""
+    start = input_buf.tell()
+    try:
+        name = pull_client_hello(input_buf).server_name
+    except Exception:
+        name = None
+    finally:
+        input_buf.seek(start)
+    return name.lower() if isinstance(name, str) else None
+
+
 class _VerifyingContext(tls.Context):
     """aioquic's TLS context plus a peer verifier run inside the handshake."""
 
     peer_verifier: PeerVerifier
     peer_identity: PeerIdentity | None
     verification_error: CyphonicError | None
+    client_server_name: str | None = None
+    """Server side: the SNI of the client's hello (checked by the endpoint's verifier)."""
 
     def _verify(self, chain: list[x509.Certificate], *, missing: bool) -> None:
         try:
@@ -140,6 +156,12 @@ class _VerifyingContext(tls.Context):
     def _peer_chain(self) -> list[x509.Certificate]:
         assert self._peer_certificate is not None
         return [self._peer_certificate, *self._peer_certificate_chain]
+
+    def _server_handle_hello(
+        self, input_buf: Buffer, initial_buf: Buffer, handshake_buf: Buffer
+    ) -> None:
+        self.client_server_name = peek_server_name(input_buf, tls.pull_client_hello)
+        super()._server_handle_hello(input_buf, initial_buf, handshake_buf)
 
     def _server_handle_certificate(self, input_buf: Buffer) -> None:
         super()._server_handle_certificate(input_buf)
@@ -173,6 +195,7 @@ class CyphonicQuicConnection(QuicConnection):
         configuration: QuicConfiguration,
         peer_verifier: PeerVerifier,
         original_destination_connection_id: bytes | None = None,
+        retry_source_connection_id: bytes | None = None,
         connection_id_factory: ConnectionIdFactory | None = None,
         initial_destination_cid: bytes | None = None,
     ) -> None:
@@ -183,6 +206,7 @@ class CyphonicQuicConnection(QuicConnection):
         super().__init__(
             configuration=configuration,
             original_destination_connection_id=original_destination_connection_id,
+            retry_source_connection_id=retry_source_connection_id,
         )
         if configuration.is_client:
             # The server's link is unknown until its transport parameters arrive: the first
@@ -279,6 +303,12 @@ class CyphonicQuicConnection(QuicConnection):
         """Why this side refused the peer's certificate, if it did."""
         context = getattr(self, "tls", None)
         return cast(CyphonicError | None, getattr(context, "verification_error", None))
+
+    @property
+    def client_server_name(self) -> str | None:
+        """Server side: the name the client asked for (TLS SNI), lower-cased, or None."""
+        context = getattr(self, "tls", None)
+        return cast(str | None, getattr(context, "client_server_name", None))
 
     @property
     def handshake_complete(self) -> bool:
@@ -416,6 +446,9 @@ class DatagramHeader:
     destination_cid: bytes
     is_initial: bool
     version: int | None
+    source_cid: bytes = b""
+    token: bytes = b""
+    """An Initial's address validation token (our Retry's, echoed)."""
 
 
 def parse_datagram_header(data: bytes) -> DatagramHeader | None:
@@ -432,7 +465,24 @@ def parse_datagram_header(data: bytes) -> DatagramHeader | None:
     except (ValueError, BufferReadError):
         return None
     return DatagramHeader(
-        header.destination_cid, header.packet_type == QuicPacketType.INITIAL, header.version
+        header.destination_cid,
+        header.packet_type == QuicPacketType.INITIAL,
+        header.version,
+        header.source_cid,
+        header.token,
+    )
+
+
+def encode_retry(*, version: int, scid: bytes, dcid: bytes, odcid: bytes, token: bytes) -> bytes:
+    """A Retry packet (RFC 9000 17.2.5) from ``scid`` to the client's source CID ``dcid``,
+    with the integrity tag over its first Initial's DCID ``odcid`` (wire format, both
+    engines' clients take it)."""
+    return encode_quic_retry(
+        version=version,
+        source_cid=scid,
+        destination_cid=dcid,
+        original_destination_cid=odcid,
+        retry_token=token,
     )
 
 

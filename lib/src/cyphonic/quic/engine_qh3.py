@@ -167,6 +167,8 @@ class _VerifyingContext(qtls.Context):
     peer_verifier: engine.PeerVerifier
     peer_identity: PeerIdentity | None
     verification_error: CyphonicError | None
+    client_server_name: str | None = None
+    """Server side: the SNI of the client's hello (checked by the endpoint's verifier)."""
     _cy_hello_buf: QBuffer | None
 
     # key_schedule is created inside _server_handle_hello; a property sees it being set
@@ -225,6 +227,7 @@ class _VerifyingContext(qtls.Context):
         onertt_buf: QBuffer,
     ) -> None:
         self._cy_hello_buf = handshake_buf
+        self.client_server_name = engine.peek_server_name(input_buf, qtls.pull_client_hello)
         try:
             super()._server_handle_hello(input_buf, initial_buf, handshake_buf, onertt_buf)
         finally:
@@ -361,6 +364,7 @@ class Qh3QuicConnection(Qh3Connection):
         configuration: Qh3Configuration,
         peer_verifier: engine.PeerVerifier,
         original_destination_connection_id: bytes | None = None,
+        retry_source_connection_id: bytes | None = None,
         connection_id_factory: engine.ConnectionIdFactory | None = None,
         initial_destination_cid: bytes | None = None,
     ) -> None:
@@ -374,6 +378,7 @@ class Qh3QuicConnection(Qh3Connection):
         super().__init__(
             configuration=configuration,
             original_destination_connection_id=original_destination_connection_id,
+            retry_source_connection_id=retry_source_connection_id,
         )
         self.relayed = connection_id_factory is not None or initial_destination_cid is not None
         """Made with relay-chosen CIDs: keeps its Destination CID (module docstring)."""
@@ -598,6 +603,11 @@ class Qh3QuicConnection(Qh3Connection):
     def verification_error(self) -> CyphonicError | None:
         """Why this side refused the peer's certificate, if it did."""
         return cast(CyphonicError | None, getattr(self.tls, "verification_error", None))
+
+    @property
+    def client_server_name(self) -> str | None:
+        """Server side: the name the client asked for (TLS SNI), lower-cased, or None."""
+        return cast(str | None, getattr(self.tls, "client_server_name", None))
 
     @property
     def handshake_complete(self) -> bool:

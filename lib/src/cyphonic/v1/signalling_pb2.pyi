@@ -499,6 +499,54 @@ class RenewResponse(_message.Message):
 Global___RenewResponse: _TypeAlias = RenewResponse  # noqa: Y015
 
 @_typing.final
+class CrlRequest(_message.Message):
+    """A node asks the AS for the node CA's CRL (on its AS connection, the AS verified by the
+    pinned service CA). The CRL is signed by the node CA, so it is checked, not trusted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HAVE_NUMBER_FIELD_NUMBER: _builtins.int
+    have_number: _builtins.int
+    """CRL number the node holds (0: none)"""
+    def __init__(
+        self,
+        *,
+        have_number: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["have_number", b"have_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CrlRequest: _TypeAlias = CrlRequest  # noqa: Y015
+
+@_typing.final
+class CrlResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    CRL_DER_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    """CRL number of the current list"""
+    crl_der: _builtins.bytes
+    """empty when number == have_number (nothing new)"""
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        crl_der: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl_der", b"crl_der", "number", b"number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CrlResponse: _TypeAlias = CrlResponse  # noqa: Y015
+
+@_typing.final
 class RegisterRequest(_message.Message):
     """--- NMS: registration and presence ------------------------------------------"""
 
@@ -1038,6 +1086,8 @@ class Envelope(_message.Message):
     RELAY_ALLOCATION_FIELD_NUMBER: _builtins.int
     RELAY_CIDS_FIELD_NUMBER: _builtins.int
     POLICY_FILTER_FIELD_NUMBER: _builtins.int
+    CRL_REQUEST_FIELD_NUMBER: _builtins.int
+    CRL_RESPONSE_FIELD_NUMBER: _builtins.int
     version: Global___ProtocolVersion.ValueType
     @_builtins.property
     def error(self) -> Global___Error: ...
@@ -1079,6 +1129,10 @@ class Envelope(_message.Message):
     def relay_cids(self) -> Global___RelayCids: ...
     @_builtins.property
     def policy_filter(self) -> Global___PolicyFilter: ...
+    @_builtins.property
+    def crl_request(self) -> Global___CrlRequest: ...
+    @_builtins.property
+    def crl_response(self) -> Global___CrlResponse: ...
     def __init__(
         self,
         *,
@@ -1103,12 +1157,14 @@ class Envelope(_message.Message):
         relay_allocation: Global___RelayAllocation | None = ...,
         relay_cids: Global___RelayCids | None = ...,
         policy_filter: Global___PolicyFilter | None = ...,
+        crl_request: Global___CrlRequest | None = ...,
+        crl_response: Global___CrlResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "error", b"error", "keepalive", b"keepalive", "keepalive_ack", b"keepalive_ack", "login_request", b"login_request", "login_response", b"login_response", "peer_offline", b"peer_offline", "policy_filter", b"policy_filter", "register_request", b"register_request", "register_response", b"register_response", "relay_allocation", b"relay_allocation", "relay_allocation_request", b"relay_allocation_request", "relay_cids", b"relay_cids", "renew_request", b"renew_request", "renew_response", b"renew_response", "revocation_notice", b"revocation_notice", "route_direction", b"route_direction", "route_request", b"route_request", "route_response", b"route_response", "tunnel_request", b"tunnel_request", "tunnel_response", b"tunnel_response"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "crl_request", b"crl_request", "crl_response", b"crl_response", "error", b"error", "keepalive", b"keepalive", "keepalive_ack", b"keepalive_ack", "login_request", b"login_request", "login_response", b"login_response", "peer_offline", b"peer_offline", "policy_filter", b"policy_filter", "register_request", b"register_request", "register_response", b"register_response", "relay_allocation", b"relay_allocation", "relay_allocation_request", b"relay_allocation_request", "relay_cids", b"relay_cids", "renew_request", b"renew_request", "renew_response", b"renew_response", "revocation_notice", b"revocation_notice", "route_direction", b"route_direction", "route_request", b"route_request", "route_response", b"route_response", "tunnel_request", b"tunnel_request", "tunnel_response", b"tunnel_response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "error", b"error", "keepalive", b"keepalive", "keepalive_ack", b"keepalive_ack", "login_request", b"login_request", "login_response", b"login_response", "peer_offline", b"peer_offline", "policy_filter", b"policy_filter", "register_request", b"register_request", "register_response", b"register_response", "relay_allocation", b"relay_allocation", "relay_allocation_request", b"relay_allocation_request", "relay_cids", b"relay_cids", "renew_request", b"renew_request", "renew_response", b"renew_response", "revocation_notice", b"revocation_notice", "route_direction", b"route_direction", "route_request", b"route_request", "route_response", b"route_response", "tunnel_request", b"tunnel_request", "tunnel_response", b"tunnel_response", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "crl_request", b"crl_request", "crl_response", b"crl_response", "error", b"error", "keepalive", b"keepalive", "keepalive_ack", b"keepalive_ack", "login_request", b"login_request", "login_response", b"login_response", "peer_offline", b"peer_offline", "policy_filter", b"policy_filter", "register_request", b"register_request", "register_response", b"register_response", "relay_allocation", b"relay_allocation", "relay_allocation_request", b"relay_allocation_request", "relay_cids", b"relay_cids", "renew_request", b"renew_request", "renew_response", b"renew_response", "revocation_notice", b"revocation_notice", "route_direction", b"route_direction", "route_request", b"route_request", "route_response", b"route_response", "tunnel_request", b"tunnel_request", "tunnel_response", b"tunnel_response", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["error", "login_request", "login_response", "renew_request", "renew_response", "register_request", "register_response", "keepalive", "keepalive_ack", "route_request", "route_response", "route_direction", "peer_offline", "revocation_notice", "tunnel_request", "tunnel_response", "relay_allocation_request", "relay_allocation", "relay_cids", "policy_filter"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["error", "login_request", "login_response", "renew_request", "renew_response", "register_request", "register_response", "keepalive", "keepalive_ack", "route_request", "route_response", "route_direction", "peer_offline", "revocation_notice", "tunnel_request", "tunnel_response", "relay_allocation_request", "relay_allocation", "relay_cids", "policy_filter", "crl_request", "crl_response"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

@@ -406,6 +406,26 @@ async def revocations(
     )
 
 
+class RevocationWatchPublic(BaseModel):
+    """Answer of the revocation long-poll."""
+
+    newest_id: int = Field(description="id of the newest revocation (the CRL number)")
+
+
+@revocation.get(
+    "/revocations/watch",
+    summary="Long-poll: answers once a revocation newer than after_id exists",
+)
+async def watch_revocations(
+    service: ServiceDep,
+    after_id: Annotated[int, Query(ge=0, le=2**62, description="answer once an id is above")] = 0,
+    wait_s: Annotated[float, Query(ge=0, le=60, description="longest wait (seconds)")] = 25,
+) -> RevocationWatchPublic:
+    return RevocationWatchPublic(
+        newest_id=await service.watch_revocations(after_id=after_id, wait_s=wait_s)
+    )
+
+
 @revocation.get(
     "/crl",
     summary="DER CRL signed by the node CA",

@@ -42,7 +42,18 @@ class AuthSettings(ServiceSettings):
 
     http_port: int = Field(DEFAULT_HTTP_PORT, description="TCP port of the admin REST API")
     node_cert_days: int = Field(
-        30, ge=1, le=397, description="validity of node certificates, in days"
+        7,
+        ge=1,
+        le=397,
+        description="validity of node certificates, in days (agents renew them in place at "
+        "two thirds of it)",
+    )
+    node_cert_seconds: int | None = Field(
+        None,
+        ge=10,
+        le=397 * 86_400,
+        description="validity of node certificates in seconds, instead of node_cert_days "
+        "(very short-lived certificates, tests)",
     )
     token_ttl_seconds: int = Field(
         86_400,
@@ -94,6 +105,8 @@ class AuthSettings(ServiceSettings):
     @property
     def node_cert_validity(self) -> timedelta:
         """How long a node certificate is valid."""
+        if self.node_cert_seconds is not None:
+            return timedelta(seconds=self.node_cert_seconds)
         return timedelta(days=self.node_cert_days)
 
     @property

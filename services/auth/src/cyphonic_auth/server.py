@@ -74,6 +74,8 @@ class AsServer:
     async def stop(self) -> None:
         self.log.info("as_stopping")
         try:
+            if self.service is not None:
+                self.service.close_watches()  # long-polls end before the REST server stops
             if self.signalling is not None:
                 await self.signalling.close()
             if self.admin is not None:

@@ -6,6 +6,9 @@ metrics together; ``login`` is the QUIC Login decision as a plain function.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -189,6 +192,10 @@ async def login(
     )
 
 
+CRL_CACHE_S = 1.0
+"""A built CRL is reused this long unless a revocation is known (nodes poll it)."""
+
+
 class AuthService:
     """Every AS operation, with metrics, logs and one clock."""
 
@@ -211,6 +218,10 @@ class AuthService:
         of what this process revokes, so that the next handshake already refuses it."""
         # Made here, not at import, so that it follows the process's log configuration.
         self._log = get_logger("as")
+        self._crl: tuple[bytes, int, float] | None = None  # DER, number, built (monotonic)
+        self._revoked_event = asyncio.Event()
+        """Set (and replaced) whenever a revocation becomes known here: ends long-polls."""
+        self._closing = False
 
     # ---------------------------------------------------------------- nodes
 
@@ -369,12 +380,33 @@ class AuthService:
     def _revoked_here(self, serials: list[str | None]) -> None:
         if self.revocations is not None:
             self.revocations.add(int(s, 16) for s in serials if s)
+        self.revocations_changed()
+
+    def revocations_changed(self, _serials: object = None) -> None:
+        """A revocation became known (made here, or seen in the registry): the cached CRL
+        is stale and long-polls of ``watch_revocations`` answer now."""
+        self._crl = None
+        event, self._revoked_event = self._revoked_event, asyncio.Event()
+        event.set()
+
+    def close_watches(self) -> None:
+        """End every long-poll now (shutting down)."""
+        self._closing = True
+        self._revoked_event.set()
 
     async def crl(self) -> bytes:
         """The current DER CRL of the node CA."""
+        return (await self.current_crl())[0]
+
+    async def current_crl(self) -> tuple[bytes, int]:
+        """The current DER CRL and its number (the newest revocation id), rebuilt at most
+        once per ``CRL_CACHE_S`` unless a revocation is known to have happened."""
+        cached = self._crl
+        if cached is not None and time.monotonic() - cached[2] < CRL_CACHE_S:
+            return cached[0], cached[1]
         now = self.clock()
         entries, newest = await self.registry.revoked_serials(now=now)
-        return build_crl(
+        der = build_crl(
             ca=self.node_ca.ca,
             entries=[
                 CrlEntry(serial=e.serial, revoked_at=e.revoked_at, reason=e.reason) for e in entries
@@ -383,6 +415,28 @@ class AuthService:
             now=now,
             valid_for=timedelta(hours=self.settings.crl_hours),
         )
+        self._crl = (der, newest, time.monotonic())
+        return der, newest
+
+    async def crl_response(self, have_number: int) -> pb.CrlResponse:
+        """QUIC CrlRequest: the CRL, or only its number when the node holds that one."""
+        der, number = await self.current_crl()
+        if have_number and have_number == number:
+            return pb.CrlResponse(number=number)
+        return pb.CrlResponse(number=number, crl_der=der)
+
+    async def watch_revocations(self, *, after_id: int, wait_s: float) -> int:
+        """The newest revocation id, as soon as it is above ``after_id`` or after
+        ``wait_s`` seconds (the long-poll the NMS and the TRS follow)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            event = self._revoked_event
+            newest = (await self.current_crl())[1]
+            remaining = deadline - time.monotonic()
+            if newest > after_id or remaining <= 0 or self._closing:
+                return newest
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), remaining)
 
     async def audit(self, *, limit: int, offset: int) -> tuple[list[AuditRecord], int]:
         """A page of the audit trail, newest first."""

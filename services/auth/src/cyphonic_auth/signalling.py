@@ -7,6 +7,8 @@
       |                                     or Error {UNAUTHENTICATED|REVOKED|EXPIRED|...}
       | RenewRequest {CSR}  ------------->  same checks, CSR names the same FQDN
       |                     <-------------  RenewResponse {new chain}
+      | CrlRequest {have}   ------------->  the node CA's CRL (its number only if unchanged)
+      |                     <-------------  CrlResponse {number, crl_der}
 
 ``answer`` decides one request for a TLS-verified peer; it knows nothing of streams or
 sockets. ``start_signalling`` puts it behind the QUIC endpoint, in a ``SignallingSession``
@@ -47,6 +49,8 @@ async def answer(service: AuthService, peer: PeerIdentity, request: pb.Envelope)
         return wrap(await service.login(peer))
     if body == "renew_request":
         return wrap(await service.renew(peer, request.renew_request.csr_der))
+    if body == "crl_request":
+        return wrap(await service.crl_response(request.crl_request.have_number))
     raise UnexpectedMessage(f"the AS does not answer {body or 'an empty envelope'}")
 
 
@@ -74,8 +78,12 @@ class AsSignallingServer(SignallingServer):
             revocation_source=source,
             revocation_interval=settings.revocation_refresh_s,
             idle_timeout=IDLE_TIMEOUT_S,
+            retry_threshold=settings.quic_retry_threshold,
         )
         self.service.revocations = self.revocations
+        if self.revocations is not None:
+            # Revocations by another replica or the CLI, seen in the registry: tell watchers.
+            self.revocations.subscribe(self.service.revocations_changed)
 
     async def handle(self, message: pb.Envelope, session: SignallingSession) -> pb.Envelope | None:
         # Errors raised here become typed Error answers in the session.

@@ -20,7 +20,7 @@ from cyphonic.errors import (
     UnexpectedMessage,
 )
 from cyphonic.log import get_logger
-from cyphonic.revocation import RegistryRevocations
+from cyphonic.revocation import RegistryRevocations, RevocationWatch
 from cyphonic.signalling_server import SignallingServer
 from cyphonic.v1 import signalling_pb2 as pb
 
@@ -168,7 +168,11 @@ class NmsSignallingServer(SignallingServer):
             revocation_interval=settings.revocation_poll_s,
             # Keepalives keep a healthy connection busy; the idle timeout only reaps dead ones.
             idle_timeout=settings.offline_timeout_s + settings.keepalive_interval_s,
+            retry_threshold=settings.quic_retry_threshold,
         )
+        if settings.as_url and self.revocations is not None:
+            # Pushed: the AS answers this long-poll the moment it revokes (docs/enrolment.md).
+            self.revocations.follow(RevocationWatch(settings.as_url))
 
     def opened(self, session: SignallingSession) -> None:
         self._links[id(session)] = SessionLink(session)

@@ -33,6 +33,7 @@ from cyphonic.log import get_logger
 from cyphonic.pki import CertifiedKey, TrustStore, load_identity, load_trust_store
 from cyphonic.quic import Acceptor, QuicEndpoint
 from cyphonic.quic.engine import DEFAULT_MAX_DATAGRAM_SIZE
+from cyphonic.quic.retry import DEFAULT_RETRY_THRESHOLD
 from cyphonic.quic.tcp_transport import TcpListener, start_tcp_listener
 from cyphonic.v1 import signalling_pb2 as pb
 
@@ -168,6 +169,7 @@ def open_relaying_endpoint(
         max_datagram_size=DEFAULT_MAX_DATAGRAM_SIZE,
         max_pending_datagrams=1024,
         congestion_control="reno",
+        retry_threshold=DEFAULT_RETRY_THRESHOLD,  # relayed Initials are the filter's first
     )
     endpoint.datagram_filter = relay
     return endpoint, relay

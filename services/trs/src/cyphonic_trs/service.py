@@ -29,7 +29,13 @@ from cyphonic.hostport import format_host_port, plain_address
 from cyphonic.log import get_logger
 from cyphonic.pki import NODE_CA_CERT, load_certificates
 from cyphonic.quic import bind_udp
-from cyphonic.revocation import CrlRevocations, RevocationCache, close_revoked_on, crl_url
+from cyphonic.revocation import (
+    CrlRevocations,
+    RevocationCache,
+    RevocationWatch,
+    close_revoked_on,
+    crl_url,
+)
 
 from cyphonic_trs.allocation import RelayAllocator
 from cyphonic_trs.config import TrsSettings
@@ -207,6 +213,8 @@ class TrsService:
             interval=s.revocation_refresh_s,
         )
         await self.revocations.start()
+        # Pushed: the AS answers this long-poll the moment it revokes; the CRL follows.
+        self.revocations.follow(RevocationWatch(s.as_url))
 
     async def _stop_revocations(self) -> None:
         if self.revocations is not None:
