@@ -9,7 +9,7 @@ restart them (never the machine's shared servers, which other runs use).
     url = await pg.create_database("registry")
     pg.restart()                       # fast shutdown, start again on the same port
     ...
-    redis.stop(); pg.stop()
+    redis.stop(); pg.destroy()
 
 Both bind 127.0.0.1 only and live in the directory given; ``stop`` kills what they started and
 nothing else. PostgreSQL comes from ``/usr/lib/postgresql/<version>/bin`` (or ``PG_BIN``).
@@ -17,6 +17,7 @@ nothing else. PostgreSQL comes from ``/usr/lib/postgresql/<version>/bin`` (or ``
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import pwd
@@ -24,6 +25,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -147,6 +149,12 @@ class PrivatePostgres:
     """A PostgreSQL cluster in ``directory`` on its own loopback port, trust authentication."""
 
     def __init__(self, directory: Path) -> None:
+        self._user = "postgres" if os.geteuid() == 0 else None
+        if self._user:
+            # initdb refuses root: the cluster belongs to the postgres user, in a directory it
+            # can reach (pytest's and mkdtemp's are private to root); ``destroy`` removes it.
+            directory = Path(tempfile.mkdtemp(prefix="cyphonic-pg-"))
+            directory.chmod(0o755)
         self.directory = directory
         self.data = directory / "data"
         self.sockets = directory / "run"
@@ -156,7 +164,6 @@ class PrivatePostgres:
         if binaries is None:
             raise RuntimeError("PostgreSQL server binaries not found")
         self.bin = binaries
-        self._user = "postgres" if os.geteuid() == 0 else None
 
     @property
     def pid(self) -> int:
@@ -233,7 +240,7 @@ class PrivatePostgres:
             except (OSError, asyncpg.PostgresError):
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.1)
+                await asyncio.sleep(0.1)
                 continue
             await conn.close()
             return
@@ -267,3 +274,8 @@ class PrivatePostgres:
     def restart(self, *, mode: str = "fast") -> None:
         self.stop(mode=mode)
         self.start()
+
+    def destroy(self) -> None:
+        """Stop (a crash is fine: nothing is kept) and remove the cluster's files."""
+        self.stop(mode="immediate")
+        shutil.rmtree(self.directory, ignore_errors=True)
