@@ -436,7 +436,7 @@ class WorkerProcess:
         self.proc.stdin.write((json.dumps(obj) + "\n").encode())
         self.proc.stdin.flush()
 
-    async def receive(self, wait_s: float = 600) -> dict[str, Any]:
+    async def receive(self, wait_s: float = 1800) -> dict[str, Any]:
         assert self.proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), wait_s)
         if not line:
@@ -444,7 +444,7 @@ class WorkerProcess:
         result: dict[str, Any] = json.loads(line)
         return result
 
-    async def call(self, obj: dict[str, Any], wait_s: float = 600) -> dict[str, Any]:
+    async def call(self, obj: dict[str, Any], wait_s: float = 1800) -> dict[str, Any]:
         self.send(obj)
         return await self.receive(wait_s)
 

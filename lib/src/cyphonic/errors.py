@@ -146,7 +146,7 @@ class Overloaded(Unavailable):
 
     def to_wire(self) -> pb.Error:
         return pb.Error(
-            code=self.code,  # type: ignore[arg-type]
+            code=self.code,
             message=self.message,
             retry_after_ms=max(1, round(self.retry_after_s * 1000)),
         )

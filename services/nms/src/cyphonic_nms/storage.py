@@ -224,7 +224,7 @@ class SqlNodeStore:
                 if attempt == 0 and error.connection_invalidated:
                     continue  # the pool was invalidated: a fresh connection this time
                 mapped = map_db_error(error)
-                if mapped is None or mapped is error:
+                if mapped is None:
                     raise
                 raise mapped from error
         raise AssertionError("unreachable")

@@ -173,9 +173,6 @@ class PrivatePostgres:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{database}"
 
-    def _run_as(self) -> dict[str, object]:
-        return {"user": self._user, "group": self._user} if self._user else {}
-
     def start(self, *, max_connections: int = 200) -> None:
         if not (self.data / "PG_VERSION").exists():
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -199,7 +196,8 @@ class PrivatePostgres:
                 ],
                 check=True,
                 capture_output=True,
-                **self._run_as(),  # type: ignore[arg-type]
+                user=self._user,
+                group=self._user,
             )
         log = (self.directory / "postgres.log").open("ab")
         self.proc = subprocess.Popen(
@@ -224,7 +222,8 @@ class PrivatePostgres:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            **self._run_as(),  # type: ignore[arg-type]
+            user=self._user,
+            group=self._user,
         )
         log.close()
         _wait_port(self.port, within_s=30, proc=self.proc)
