@@ -20,6 +20,8 @@
     +-- AlreadyExists              ERROR_CODE_ALREADY_EXISTS
     +-- Exhausted                  ERROR_CODE_EXHAUSTED
     +-- Unavailable                ERROR_CODE_UNAVAILABLE (a dependency is down; retry)
+    |   +-- Overloaded             ERROR_CODE_UNAVAILABLE with retry_after_ms (admission
+    |                              control: come back after retry_after_s)
     +-- Timeout                    ERROR_CODE_TIMEOUT
     +-- InternalError              ERROR_CODE_INTERNAL
     +-- RemoteError                an Error message received from the peer (keeps its code)
@@ -132,6 +134,24 @@ class Unavailable(CyphonicError):
     code = pb.ERROR_CODE_UNAVAILABLE
 
 
+class Overloaded(Unavailable):
+    """The service refuses work for now (admission control); retry after ``retry_after_s``.
+
+    On the wire: ``ERROR_CODE_UNAVAILABLE`` with ``retry_after_ms`` set.
+    """
+
+    def __init__(self, message: str = "", *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(0.001, retry_after_s)
+
+    def to_wire(self) -> pb.Error:
+        return pb.Error(
+            code=self.code,
+            message=self.message,
+            retry_after_ms=max(1, round(self.retry_after_s * 1000)),
+        )
+
+
 class Timeout(CyphonicError):
     code = pb.ERROR_CODE_TIMEOUT
 
@@ -186,6 +206,8 @@ for _cls in (
 
 def from_wire(error: pb.Error) -> CyphonicError:
     """The local exception for an ``Error`` received from a peer."""
+    if error.code == pb.ERROR_CODE_UNAVAILABLE and error.retry_after_ms:
+        return Overloaded(error.message, retry_after_s=error.retry_after_ms / 1000)
     cls = _BY_CODE.get(error.code)
     if cls is None:
         return RemoteError(error.code, error.message)

@@ -3,7 +3,9 @@
 Every command and every connect is bounded by ``timeout_s`` (a Redis that stops answering
 must not hang a replica), TCP keepalive is on, and a connection idle for
 ``HEALTH_CHECK_S`` is checked with a PING before it is used again (a NAT or a failover may
-have dropped it silently).
+have dropped it silently). A command whose connection turns out dead (Redis restarted) is
+sent again on a new one, up to ``RECONNECT_RETRIES`` times, a few tens of milliseconds
+apart, instead of failing the request that happened to use it first.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ if TYPE_CHECKING:
 
 TIMEOUT_S = 5.0
 HEALTH_CHECK_S = 15.0
+RECONNECT_RETRIES = 3
 
 
 def redis_client(url: str, *, timeout_s: float = TIMEOUT_S) -> redis_asyncio.Redis:
     """A ``redis.asyncio.Redis`` on ``url`` (``redis://[:password@]host:port/db``)."""
     import redis.asyncio as redis_asyncio
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
     return redis_asyncio.Redis.from_url(
         url,
@@ -27,4 +33,7 @@ def redis_client(url: str, *, timeout_s: float = TIMEOUT_S) -> redis_asyncio.Red
         socket_connect_timeout=timeout_s,
         socket_keepalive=True,
         health_check_interval=HEALTH_CHECK_S,
+        # Connection errors only: a command that timed out is not sent again.
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RECONNECT_RETRIES),
+        retry_on_error=[RedisConnectionError],
     )

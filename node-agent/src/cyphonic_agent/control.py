@@ -6,7 +6,10 @@ time and every outcome are passed in, decisions come out as values; the asyncio 
 ``agent.py`` performs them (dial, send, sleep, open the TUN). Nothing here imports asyncio.
 
     NMS link      Reconnect: login first or dial the NMS; after a loss, back off
-                  0.5 s * 2**n (capped, jitter 0.8-1.2), or at once after a move;
+                  0.5 s * 2**n (capped, jitter 0.8-1.2), or at once after a move; the
+                  first pause after losing a registered connection is spread over
+                  0..RECONNECT_SPREAD_S (a dead replica's nodes do not all come back in
+                  the same half second); an NMS's retry-after (Overloaded) is a floor;
                   give up only before the first registration
     route asks    RouteRequests: one RouteRequest per target at a time (Join the one in
                   flight), none while a route exists (Known) or the target is held down
@@ -28,7 +31,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic
 
-from cyphonic.errors import CyphonicError, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from cyphonic.errors import (
+    CyphonicError,
+    InvalidArgument,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+    Unavailable,
+)
 from cyphonic.v1 import signalling_pb2 as pb
 
 from cyphonic_agent.routes import Candidate, PeerRoute, RouteState, RouteTable, T, address_text
@@ -46,6 +56,12 @@ REVERSE_QUIET_S = 30.0
 in this long: two nodes behind such firewalls must not swap roles forever."""
 BACKOFF_BASE_S = 0.5
 BACKOFF_JITTER = (0.8, 1.2)
+RECONNECT_SPREAD_S = 5.0
+"""The first pause after losing a registered NMS connection is uniform in [0, this): when an
+NMS replica dies or drains, its nodes reconnect spread out (full jitter), not in a herd."""
+RETRY_AFTER_JITTER = (1.0, 1.5)
+"""An Overloaded refusal's retry-after is stretched by this factor, so that the nodes an NMS
+turned away together do not return together."""
 
 Jitter = Callable[[float, float], float]
 """``random.uniform``-shaped: a factor in ``[low, high]`` (tests pass a fixed one)."""
@@ -119,10 +135,18 @@ class Reconnect:
             and now - self._first_attempt >= self.give_up_after_s
         ):
             return GiveUp(error)
-        delay: float = min(self.max_delay_s, BACKOFF_BASE_S * 2.0 ** min(self.attempt, 10))
-        delay *= float(self.jitter(*BACKOFF_JITTER))
-        if self.reconnect_now:
-            self.reconnect_now, delay = False, 0.0
+        delay: float
+        if self.registered_once and self.attempt == 0:
+            delay = min(self.max_delay_s, RECONNECT_SPREAD_S) * float(self.jitter(0.0, 1.0))
+        else:
+            delay = min(self.max_delay_s, BACKOFF_BASE_S * 2.0 ** min(self.attempt, 10))
+            delay *= float(self.jitter(*BACKOFF_JITTER))
+        if isinstance(error, Overloaded):
+            floor = min(self.max_delay_s, error.retry_after_s)
+            delay = max(delay, floor * float(self.jitter(*RETRY_AFTER_JITTER)))
+        elif self.reconnect_now:
+            delay = 0.0
+        self.reconnect_now = False
         self.attempt += 1
         return delay
 

@@ -115,6 +115,7 @@ class NmsClient:
         loop = asyncio.get_running_loop()
         self.policy.started(now=loop.time())
         while True:
+            link: NmsLink | None = None
             try:
                 if self.policy.needs_login():
                     await self._login()
@@ -136,6 +137,10 @@ class NmsClient:
                 decision = 0.0
             finally:
                 self.link = None
+                if link is not None:
+                    # A refused registration (say, an overloaded NMS) must not leave its
+                    # connection open there until the idle timeout.
+                    link.session.close()
             self.status = "connecting"
             await asyncio.sleep(decision)
 

@@ -183,3 +183,33 @@ async def test_unreachable_redis_is_unavailable() -> None:
             await table.load_session("r1")
     finally:
         await table.close()
+
+
+async def test_refresh_writes_back_a_session_redis_lost(
+    redis_table: RedisCidTable, redis_client
+) -> None:
+    """Redis restarted without its data while this replica relays: the next sync puts the
+    session, its CIDs' owners and the replica's set back; a deleted session stays deleted."""
+    session = make_session()
+    await redis_table.reserve_cids(
+        session.all_cids(), route_id="r1", fqdn=A, replica_id=4, ttl_s=30
+    )
+    await redis_table.save_session(session, expected_version=None, ttl_s=30)
+    gone = make_session("r2")
+    await redis_table.save_session(gone, expected_version=None, ttl_s=30)
+    await redis_table.delete_session("r2")
+    p = redis_table.prefix
+    async for key in redis_client.scan_iter(f"{p}*"):  # what a restart without data does
+        await redis_client.delete(key)
+    await redis_table.refresh(["r1", "r2"], ttl_s=30)
+    assert await redis_table.load_session("r1") == session
+    assert await redis_table.load_session("r2") is None
+    cid_hash = await redis_client.hgetall(f"{p}trs:cid:{session.all_cids()[0].hex()}")
+    assert cid_hash == {b"route_id": b"r1", b"fqdn": A.encode(), b"replica": b"4"}
+    assert 0 < await redis_client.pttl(f"{p}trs:cid:{session.all_cids()[0].hex()}") <= 30_000
+    assert await redis_client.smembers(f"{p}trs:sessions:4") == {b"r1"}
+    # the CIDs are reserved again: another route cannot take them
+    taken = await redis_table.reserve_cids(
+        session.all_cids()[:1], route_id="other", fqdn=B, replica_id=5, ttl_s=30
+    )
+    assert taken == list(session.all_cids()[:1])

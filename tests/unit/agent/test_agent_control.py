@@ -7,10 +7,19 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from cyphonic.errors import InvalidArgument, NotFound, PermissionDenied, Timeout, Unavailable
+from cyphonic.errors import (
+    InvalidArgument,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+    Timeout,
+    Unavailable,
+    from_wire,
+)
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_agent.control import (
     ACCEPT_RETRY_S,
+    RECONNECT_SPREAD_S,
     Ask,
     Attempt,
     ConnectPlan,
@@ -75,7 +84,48 @@ def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets_after_registering(
     delays = [policy.lost(Unavailable("x"), now=clock(1)) for _ in range(6)]
     assert delays == pytest.approx([0.6, 1.2, 2.4, 4.8, 6.0, 6.0])  # 0.5*2**n, cap 5, * 1.2
     policy.registered()
-    assert policy.lost(Unavailable("x"), now=clock(1)) == pytest.approx(0.6)
+    # The first pause after losing a registered connection is spread over the whole window.
+    policy.jitter = fixed_jitter(0.5)
+    assert policy.lost(Unavailable("x"), now=clock(1)) == pytest.approx(0.5 * RECONNECT_SPREAD_S)
+    policy.jitter = fixed_jitter(1.2)
+    assert policy.lost(Unavailable("x"), now=clock(1)) == pytest.approx(1.2)  # then doubling
+
+
+def test_a_lost_replicas_nodes_come_back_spread_over_the_window() -> None:
+    delays = []
+    for _ in range(400):
+        policy = Reconnect(max_delay_s=30.0)
+        policy.registered()
+        delays.append(policy.lost(Unavailable("nms gone"), now=0.0))
+    assert all(0.0 <= d <= RECONNECT_SPREAD_S for d in delays)
+    # full jitter: a quarter of the window holds about a quarter of the nodes, not all
+    early = sum(d < RECONNECT_SPREAD_S / 4 for d in delays)
+    assert 40 < early < 160
+
+
+def test_an_overloaded_nms_retry_after_is_a_floor_stretched_by_jitter() -> None:
+    policy = Reconnect(max_delay_s=30.0, jitter=fixed_jitter(1.0))
+    busy = Overloaded("busy", retry_after_s=4.0)
+    assert policy.lost(busy, now=0.0) == pytest.approx(4.0)  # back-off alone: 0.5
+    policy.jitter = lambda low, high: high
+    assert policy.lost(busy, now=1.0) == pytest.approx(6.0)  # 1.5 x 4.0 > 1.2 x 1.0
+    # the cap still holds: an NMS cannot park a node for longer than reconnect_max_s
+    capped = Reconnect(max_delay_s=3.0, jitter=fixed_jitter(1.0))
+    assert capped.lost(Overloaded("busy", retry_after_s=60.0), now=0.0) == pytest.approx(3.0)
+    # nor does a refusal after a move skip the pause
+    moved = Reconnect(max_delay_s=30.0, jitter=fixed_jitter(1.0))
+    moved.reconnect_now = True
+    assert moved.lost(busy, now=0.0) == pytest.approx(4.0)
+    assert not moved.reconnect_now
+
+
+def test_overloaded_crosses_the_wire_with_its_retry_after() -> None:
+    wire = Overloaded("busy", retry_after_s=2.5).to_wire()
+    assert wire.code == pb.ERROR_CODE_UNAVAILABLE and wire.retry_after_ms == 2500
+    back = from_wire(wire)
+    assert isinstance(back, Overloaded) and back.retry_after_s == pytest.approx(2.5)
+    plain = from_wire(Unavailable("db down").to_wire())
+    assert type(plain) is Unavailable
 
 
 def test_jitter_stays_within_twenty_percent() -> None:

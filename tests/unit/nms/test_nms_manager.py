@@ -264,3 +264,86 @@ async def test_restarted_replica_marks_its_stale_nodes_offline(cluster: InProces
         assert view is not None and not view.online
     finally:
         await restarted.stop()
+
+
+async def test_admission_control_refuses_politely_beyond_the_pending_limit(
+    cluster: InProcessCluster,
+) -> None:
+    """Registrations past ``max_pending_registrations`` are refused ``Overloaded`` with a
+    retry-after, leave nothing behind, and the node gets in once the crowd has passed."""
+    import asyncio
+
+    from cyphonic.errors import Overloaded
+
+    nms = await cluster.replica("r1")
+    nms.max_pending_registrations = 2
+    nms.overload_retry_after_s = 3.0
+    for name in ("a", "b", "c"):
+        await add_node(cluster.sessions, name)
+    gate = asyncio.Event()
+    facts = cluster.store.registration_facts
+
+    async def slow_facts(fqdn: str, serial_hex: str):  # type: ignore[no-untyped-def]
+        await gate.wait()
+        return await facts(fqdn, serial_hex)
+
+    cluster.store.registration_facts = slow_facts  # type: ignore[method-assign]
+    links = {n: RecordingLink(fqdn=f"{n}.{DOMAIN}") for n in ("a", "b", "c")}
+    admitted = [
+        asyncio.ensure_future(
+            nms.register(links[n], local_addresses=[E("198.51.100.9:443")], observed=None)
+        )
+        for n in ("a", "b")
+    ]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as refused:
+        await nms.register(links["c"], local_addresses=[E("198.51.100.9:443")], observed=None)
+    assert refused.value.retry_after_s == pytest.approx(3.0)
+    assert refused.value.to_wire().retry_after_ms == 3000
+    assert f"c.{DOMAIN}" not in nms.connected  # nothing left behind
+    gate.set()
+    await asyncio.gather(*admitted)
+    reg = await nms.register(links["c"], local_addresses=[E("198.51.100.9:443")], observed=None)
+    assert reg.fqdn == f"c.{DOMAIN}" and len(nms.connected) == 3
+
+
+async def test_admission_control_refuses_while_admitted_registrations_are_late(
+    cluster: InProcessCluster,
+) -> None:
+    """Under the count limit, a replica that has fallen behind (an admitted registration in
+    progress for ``admission_max_wait_s``) refuses new ones: those it admitted must finish
+    inside the nodes' request timeout rather than all time out together."""
+    import asyncio
+
+    from cyphonic.errors import Overloaded
+    from cyphonic_nms.manager import MIN_ADMITTED
+
+    nms = await cluster.replica("r1")
+    assert nms.max_pending_registrations > MIN_ADMITTED + 1
+    names = [f"s{i}" for i in range(MIN_ADMITTED + 2)]
+    for name in names:
+        await add_node(cluster.sessions, name)
+    gate = asyncio.Event()
+    facts = cluster.store.registration_facts
+
+    async def slow_facts(fqdn: str, serial_hex: str):  # type: ignore[no-untyped-def]
+        await gate.wait()
+        return await facts(fqdn, serial_hex)
+
+    cluster.store.registration_facts = slow_facts  # type: ignore[method-assign]
+
+    def register(name: str):  # type: ignore[no-untyped-def]
+        link = RecordingLink(fqdn=f"{name}.{DOMAIN}")
+        return nms.register(link, local_addresses=[E("198.51.100.9:443")], observed=None)
+
+    admitted = [asyncio.ensure_future(register(n)) for n in names[:MIN_ADMITTED]]
+    await asyncio.sleep(0)
+    cluster.clock.now += nms.admission_max_wait_s / 2
+    late = asyncio.ensure_future(register(names[MIN_ADMITTED]))  # not behind yet: admitted
+    await asyncio.sleep(0)
+    cluster.clock.now += nms.admission_max_wait_s / 2
+    with pytest.raises(Overloaded):
+        await register(names[-1])  # the oldest has waited admission_max_wait_s
+    gate.set()
+    await asyncio.gather(*admitted, late)
+    assert (await register(names[-1])).fqdn == f"{names[-1]}.{DOMAIN}"

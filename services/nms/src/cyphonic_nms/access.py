@@ -85,7 +85,9 @@ class AccessControl:
                     self._policy = DENY_ALL
             self._nodes_stale = True
             changed = True
-        if self._nodes_stale:
+        if self._nodes_stale and not self._policy.allow_all:
+            # Allow-all needs no tags or addresses: the node list (every node of the
+            # deployment) is loaded only once a policy names some.
             fresh = {n.fqdn: n for n in await self.store.nodes()}
             self._nodes_stale = False
             if fresh != self._nodes:

@@ -218,9 +218,9 @@ class PresenceStore(Protocol):
         """Record ``replica_id`` as the holder; returns the previous holder, if any."""
         ...
 
-    async def refresh(self, fqdns: Iterable[str], replica_id: str, ttl_s: float) -> None:
+    async def refresh(self, fqdns: Iterable[str], replica_id: str, ttl_s: float) -> int:
         """Extend the TTL of nodes ``replica_id`` holds; re-create entries that were lost
-        (a Redis restart) unless another replica holds the node now."""
+        (a Redis restart) unless another replica holds the node now; how many it re-created."""
         ...
 
     async def holder(self, fqdn: str) -> str | None: ...
@@ -241,8 +241,8 @@ class InProcessPresence:
         self.holders[fqdn] = replica_id
         return previous
 
-    async def refresh(self, fqdns: Iterable[str], replica_id: str, ttl_s: float) -> None:
-        return None
+    async def refresh(self, fqdns: Iterable[str], replica_id: str, ttl_s: float) -> int:
+        return 0
 
     async def holder(self, fqdn: str) -> str | None:
         return self.holders.get(fqdn)
@@ -294,16 +294,17 @@ class RedisPresence:
             raise Unavailable("Redis unavailable (presence)") from exc
         return _text(previous)
 
-    async def refresh(self, fqdns: Iterable[str], replica_id: str, ttl_s: float) -> None:
+    async def refresh(self, fqdns: Iterable[str], replica_id: str, ttl_s: float) -> int:
         keys = [self._keys.presence(f) for f in fqdns]
         if not keys:
-            return
+            return 0
         try:
             restored = await self._refresh(keys=keys, args=[replica_id, int(ttl_s * 1000)])
         except Exception as exc:
             raise Unavailable("Redis unavailable (presence)") from exc
         if restored:
             log.warning("presence_restored", replica=replica_id, count=int(restored))
+        return int(restored or 0)
 
     async def holder(self, fqdn: str) -> str | None:
         try:
@@ -360,6 +361,10 @@ class RouteStore(Protocol):
 
     async def put(self, route: RouteRecord) -> None: ...
 
+    async def replace(self, route: RouteRecord) -> None:
+        """Put ``route`` and remove every other route between the same two nodes."""
+        ...
+
     async def get(self, route_id: str) -> RouteRecord | None:
         """The route with this id, if it is active."""
         ...
@@ -369,6 +374,11 @@ class RouteStore(Protocol):
     async def remove(self, route: RouteRecord) -> None: ...
 
     async def all(self) -> list[RouteRecord]: ...
+
+    async def restore(self, routes: Iterable[RouteRecord]) -> int:
+        """Put back routes the store lost (a restart without its data); routes it still has
+        are left alone. How many were put back."""
+        ...
 
     async def refresh(self, fqdns: Iterable[str]) -> None:
         """Keep alive the routes of these (locally held) nodes whose other node is present
@@ -388,6 +398,12 @@ class InProcessRouteStore:
         for fqdn in (route.initiator, route.responder):
             self.by_node.setdefault(fqdn, set()).add(route.route_id)
 
+    async def replace(self, route: RouteRecord) -> None:
+        for old in await self.for_node(route.initiator):
+            if old.involves(route.responder) and old.route_id != route.route_id:
+                await self.remove(old)
+        await self.put(route)
+
     async def get(self, route_id: str) -> RouteRecord | None:
         return self.routes.get(route_id)
 
@@ -406,6 +422,9 @@ class InProcessRouteStore:
     async def all(self) -> list[RouteRecord]:
         return sorted(self.routes.values(), key=lambda r: r.created_ms)
 
+    async def restore(self, routes: Iterable[RouteRecord]) -> int:
+        return 0  # lives and dies with the process: nothing is ever lost on its own
+
     async def refresh(self, fqdns: Iterable[str]) -> None:
         return None  # lives and dies with the process, like the nodes' connections
 
@@ -423,6 +442,60 @@ for i = 3, 4 do
   if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 return 0
+"""
+
+# Replace: remove the other routes between the same two nodes, then put as _ROUTE_PUT.
+# KEYS: route, index, set a, set b; ARGV: route id, JSON, TTL ms, route key prefix,
+# node a, node b.
+_ROUTE_REPLACE = (
+    """
+local a, b = ARGV[5], ARGV[6]
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if id ~= ARGV[1] then
+    local raw = redis.call('GET', ARGV[4] .. id)
+    if not raw then
+      redis.call('SREM', KEYS[3], id)
+    else
+      local ok, route = pcall(cjson.decode, raw)
+      if ok and type(route) == 'table' and ((route['initiator'] == a and route['responder'] == b)
+          or (route['initiator'] == b and route['responder'] == a)) then
+        redis.call('DEL', ARGV[4] .. id)
+        redis.call('ZREM', KEYS[2], id)
+        redis.call('SREM', KEYS[3], id)
+        redis.call('SREM', KEYS[4], id)
+      end
+    end
+  end
+end
+"""
+    + _ROUTE_PUT
+)
+
+# Restore routes a restarted Redis lost. ARGV: TTL ms, route key prefix, presence key
+# prefix, index key, node-routes key prefix, then (route id, JSON, initiator, responder) per
+# route. A route is put back only if its key is missing; one whose other node does not come
+# back lapses after its TTL like any route (the refresh extends only routes of two present
+# nodes).
+_ROUTE_RESTORE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ttl = tonumber(ARGV[1])
+local back = 0
+for i = 6, #ARGV, 4 do
+  local id, raw, a, b = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  if redis.call('EXISTS', ARGV[2] .. id) == 0 then
+    redis.call('SET', ARGV[2] .. id, raw, 'PX', ttl)
+    redis.call('ZADD', ARGV[4], now + ttl, id)
+    for _, node in ipairs({a, b}) do
+      redis.call('SADD', ARGV[5] .. node, id)
+      if redis.call('PTTL', ARGV[5] .. node) < ttl then
+        redis.call('PEXPIRE', ARGV[5] .. node, ttl)
+      end
+    end
+    back = back + 1
+  end
+end
+return back
 """
 
 # Refresh the routes of locally held nodes. KEYS: the nodes' route sets; ARGV: TTL ms, route
@@ -471,6 +544,8 @@ class RedisRouteStore:
         self._keys = NmsKeys(prefix)
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self._put = redis.register_script(_ROUTE_PUT)
+        self._replace = redis.register_script(_ROUTE_REPLACE)
+        self._restore = redis.register_script(_ROUTE_RESTORE)
         self._refresh = redis.register_script(_ROUTE_REFRESH)
 
     async def put(self, route: RouteRecord) -> None:
@@ -484,6 +559,28 @@ class RedisRouteStore:
                     k.node_routes(route.responder),
                 ],
                 args=[route.route_id, route.to_json(), self.ttl_ms],
+            )
+        except Exception as exc:
+            raise Unavailable("Redis unavailable (routes)") from exc
+
+    async def replace(self, route: RouteRecord) -> None:
+        k = self._keys
+        try:
+            await self._replace(
+                keys=[
+                    k.route(route.route_id),
+                    k.route_index,
+                    k.node_routes(route.initiator),
+                    k.node_routes(route.responder),
+                ],
+                args=[
+                    route.route_id,
+                    route.to_json(),
+                    self.ttl_ms,
+                    k.route(""),
+                    route.initiator,
+                    route.responder,
+                ],
             )
         except Exception as exc:
             raise Unavailable("Redis unavailable (routes)") from exc
@@ -536,6 +633,19 @@ class RedisRouteStore:
         return sorted(
             (RouteRecord.from_json(v) for v in values if v is not None), key=lambda r: r.created_ms
         )
+
+    async def restore(self, routes: Iterable[RouteRecord]) -> int:
+        k = self._keys
+        args: list[object] = [self.ttl_ms, k.route(""), k.presence(""), k.route_index]
+        args.append(k.node_routes(""))
+        for r in routes:
+            args += [r.route_id, r.to_json(), r.initiator, r.responder]
+        if len(args) == 5:
+            return 0
+        try:
+            return int(await self._restore(keys=[], args=args))
+        except Exception as exc:
+            raise Unavailable("Redis unavailable (routes)") from exc
 
     async def refresh(self, fqdns: Iterable[str]) -> None:
         k = self._keys

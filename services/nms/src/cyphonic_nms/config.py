@@ -36,6 +36,23 @@ class NmsSettings(ServiceSettings):
     revocation_poll_s: float = Field(
         1.0, gt=0, description="how often the registry is polled for new revocations"
     )
+    max_pending_registrations: int = Field(
+        32,
+        ge=1,
+        description="registrations in progress at once; more are refused with a retry-after "
+        "(admission control: a reconnect storm queues at the nodes, not here)",
+    )
+    admission_max_wait_s: float = Field(
+        2.5,
+        gt=0,
+        description="refuse registrations while an admitted one has waited this long "
+        "(the replica is behind; admitted ones must finish inside the nodes' timeout)",
+    )
+    overload_retry_after_s: float = Field(
+        2.0,
+        gt=0,
+        description="the retry-after a refused registration carries (nodes add jitter)",
+    )
     policy_default: Literal["allow", "deny"] = Field(
         "allow",
         description="access policy while none is set: allow (every node may reach every "

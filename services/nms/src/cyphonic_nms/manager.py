@@ -37,6 +37,7 @@ from cyphonic.errors import (
     CyphonicError,
     InvalidArgument,
     NotFound,
+    Overloaded,
     PeerOffline,
     PermissionDenied,
     PolicyDenied,
@@ -93,6 +94,10 @@ MAX_RELAY_CIDS = 32
 MIN_CID_LEN, MAX_CID_LEN = 8, 20
 """A relay CID opens the connection as the first Initial's DCID: 8..20 bytes (RFC 9000 7.2)."""
 MAX_ROUTE_ID_LEN = 64
+MIN_ADMITTED = 4
+"""Registrations always admitted at once, however slow the replica is right now."""
+FAILED_JOB_RETRY_S = 1.0
+"""A periodic job that failed (a restarting dependency) runs again after this long."""
 
 
 class NodeLink(Protocol):
@@ -284,6 +289,13 @@ class NodeManager:
     trs: TrsDirectory = field(default_factory=InProcessTrsDirectory)
     keepalive_interval_s: float = 15.0
     offline_timeout_s: float = 45.0
+    max_pending_registrations: int = 32
+    """Admission control: registrations in progress at once; more are refused ``Overloaded``."""
+    admission_max_wait_s: float = 2.5
+    """Admission control: while an admitted registration has been in progress this long (the
+    replica is falling behind), new ones are refused too (at least a few are always let in)."""
+    overload_retry_after_s: float = 2.0
+    """The retry-after of a refused registration, scaled up by how far over the limit."""
     revocation_poll_s: float = 1.0
     relay_token_lifetime_s: float = 120.0
     policy_store: PolicyStore | None = None
@@ -316,6 +328,11 @@ class NodeManager:
             else None
         )
         self._pushed_filters: dict[str, CompiledFilter] = {}
+        self._registering: dict[int, float] = {}  # id -> monotonic start, in progress
+        self._registration_ids = 0
+        # Routes this replica decided (their initiator is held here): put back into the
+        # route store after it lost them (a Redis restart without its data).
+        self._decided: dict[str, RouteRecord] = {}
         self._policy_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ life cycle
@@ -376,8 +393,10 @@ class NodeManager:
         await self.bus.close()
 
     async def _every(self, period_s: float, job: Callable[[], object]) -> None:
+        pause = period_s
         while True:
-            await asyncio.sleep(period_s)
+            await asyncio.sleep(pause)
+            pause = period_s
             try:
                 result = job()
                 if asyncio.iscoroutine(result):
@@ -385,6 +404,9 @@ class NodeManager:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                # Redis or Postgres restarting: try again soon, so that what was lost
+                # (presence, routes) is back within seconds of the server.
+                pause = min(period_s, FAILED_JOB_RETRY_S)
                 log.warning(
                     "periodic_job_failed", job=getattr(job, "__name__", "?"), error=str(exc)
                 )
@@ -433,12 +455,36 @@ class NodeManager:
         """Register the node behind ``link`` (its certificate FQDN) and lease its addresses.
 
         ``reach_probes``: the node answers reachability probes; it is probed (``reach.py``)
-        and its NetworkInfo completed with the verdict a moment later."""
+        and its NetworkInfo completed with the verdict a moment later.
+
+        Admission control: with ``max_pending_registrations`` in progress, the node is
+        refused ``Overloaded`` (it comes back after the retry-after, with jitter) rather than
+        queued: a reconnect storm waits at the nodes, and registrations that are admitted
+        finish within the nodes' request timeout instead of all timing out together.
+        """
         fqdn = link.fqdn.lower()
-        async with self._node_lock(fqdn):
-            reg = await self._register(
-                link, fqdn, local_addresses=local_addresses, observed=observed
+        now = self.monotonic()
+        pending = len(self._registering)
+        behind = (
+            pending >= MIN_ADMITTED
+            and now - min(self._registering.values()) >= self.admission_max_wait_s
+        )
+        if pending >= self.max_pending_registrations or behind:
+            self.metrics.registrations.labels(outcome="overloaded").inc()
+            raise Overloaded(
+                f"NMS replica {self.replica_id} is busy: {pending} registrations in progress",
+                retry_after_s=self.overload_retry_after_s,
             )
+        self._registration_ids += 1
+        ticket = self._registration_ids
+        self._registering[ticket] = now
+        try:
+            async with self._node_lock(fqdn):
+                reg = await self._register(
+                    link, fqdn, local_addresses=local_addresses, observed=observed
+                )
+        finally:
+            del self._registering[ticket]
         if reach_probes and self.reach is not None and observed is not None:
             nonce = self.reach.begin(fqdn, observed=observed, behind_nat=reg.network.behind_nat)
             if nonce is not None:
@@ -616,7 +662,7 @@ class NodeManager:
         if keep_routes:
             return  # they lapse by TTL unless the node comes back (route store refresh)
         for route in await self.routes.for_node(fqdn):
-            await self.routes.remove(route)
+            await self._remove_route(route)
             peer = route.peer_of(fqdn)
             notice = _envelope(peer_offline=pb.PeerOffline(fqdn=fqdn, route_id=route.route_id))
             with contextlib.suppress(CyphonicError):
@@ -640,7 +686,15 @@ class NodeManager:
         if not self._local:
             return
         fqdns = list(self._local)
-        await self.presence.refresh(fqdns, self.replica_id, self.offline_timeout_s)
+        restored = await self.presence.refresh(fqdns, self.replica_id, self.offline_timeout_s)
+        for route_id, route in list(self._decided.items()):
+            if route.initiator not in self._local:
+                del self._decided[route_id]  # gone from here; its new replica decides anew
+        if restored and self._decided:
+            # Presence had to be re-created: the shared state was lost (a Redis restart).
+            # Put back the routes decided here whose two nodes are present again.
+            back = await self.routes.restore(list(self._decided.values()))
+            log.warning("routes_restored", replica=self.replica_id, count=back)
         # After presence: a route is kept alive only while both of its nodes are present.
         await self.routes.refresh(fqdns)
         await self.nodes.touch(
@@ -713,6 +767,30 @@ class NodeManager:
         )
         self.metrics.pushes.labels(kind=kind, via="bus").inc()
 
+    async def _remove_route(self, route: RouteRecord) -> None:
+        await self.routes.remove(route)
+        self._decided.pop(route.route_id, None)
+
+    def _forget_pair(self, a: str, b: str) -> None:
+        for route_id, route in list(self._decided.items()):
+            if route.involves(a) and route.involves(b):
+                del self._decided[route_id]
+
+    def _observed_push(self, fqdn: str, envelope: pb.Envelope) -> None:
+        """Keep ``_decided`` in step with routes ended or replaced by another replica."""
+        body = envelope.WhichOneof("body")
+        if body == "peer_offline":
+            self._decided.pop(envelope.peer_offline.route_id, None)
+        elif body == "route_direction":
+            direction = envelope.route_direction
+            for route_id, route in list(self._decided.items()):
+                if (
+                    route_id != direction.route_id
+                    and route.involves(fqdn)
+                    and route.involves(direction.peer_fqdn)
+                ):
+                    del self._decided[route_id]
+
     async def _on_bus(self, message: BusMessage) -> None:
         local = self._local.get(message.fqdn)
         if local is None:
@@ -721,6 +799,7 @@ class NodeManager:
         if message.op == "push":
             envelope = pb.Envelope()
             envelope.ParseFromString(message.payload)
+            self._observed_push(message.fqdn, envelope)
             await local.link.push(envelope)
         elif message.op == "kick":
             local.link.close(Unavailable(message.reason or "disconnected by another replica"))
@@ -804,7 +883,7 @@ class NodeManager:
         the node asked for the peer's address to talk to it. A packet to the peer's virtual
         address (say, a reply after the tunnel idled out) needs traffic allowed either way.
         """
-        if self.access is None:
+        if self.access is None or self.access.policy.allow_all:
             return
         if not (self.access.knows(fqdn) and self.access.knows(peer)):
             await self.access.refresh()  # a node enrolled since the last load: its tags
@@ -823,7 +902,15 @@ class NodeManager:
             return
         async with self._policy_lock:
             changed = await self.access.refresh(force=force)
-            for fqdn, local in list(self._local.items()):
+            # Unchanged rules and nodes: only nodes whose filter never got through.
+            todo = [
+                (fqdn, local)
+                for fqdn, local in self._local.items()
+                if changed or force or fqdn not in self._pushed_filters
+            ]
+            for fqdn, local in todo:
+                if self._local.get(fqdn) is not local:
+                    continue
                 compiled = self.access.compile_for(fqdn)
                 if self._pushed_filters.get(fqdn) == compiled:
                     continue
@@ -862,7 +949,7 @@ class NodeManager:
             for route in await self.routes.for_node(fqdn):
                 if self.access.route_allowed(route.initiator, route.responder):
                     continue
-                await self.routes.remove(route)
+                await self._remove_route(route)
                 log.info(
                     "route_withdrawn_by_policy",
                     route_id=route.route_id,
@@ -920,10 +1007,6 @@ class NodeManager:
                 trs_server_name=trs.server_name,
                 allocation_token=token,
             )
-        # One active route per pair: a new request replaces the old one.
-        for old in await self.routes.for_node(initiator):
-            if old.involves(responder) and old.route_id != route_id:
-                await self.routes.remove(old)
         record = RouteRecord(
             route_id=route_id,
             initiator=initiator,
@@ -935,7 +1018,10 @@ class NodeManager:
             created_ms=self.wall_ms(),
             decided_by=self.replica_id,
         )
-        await self.routes.put(record)
+        # One active route per pair: the new one replaces the old (one Redis round trip).
+        await self.routes.replace(record)
+        self._forget_pair(initiator, responder)
+        self._decided[route_id] = record
         for side, fqdn, peer_fqdn, peer_lease in (
             (Side.RESPONDER, responder, initiator, initiator_lease),
             (Side.INITIATOR, initiator, responder, responder_lease),
@@ -972,7 +1058,7 @@ class NodeManager:
                     fqdn, _envelope(route_direction=direction), kind="route_direction"
                 )
             except PeerOffline:
-                await self.routes.remove(record)
+                await self._remove_route(record)
                 raise
         log.info(
             "route",

@@ -30,7 +30,7 @@ from cyphonic_nms.manager import NmsMetrics, NodeManager
 from cyphonic_nms.reach import ReachProber
 from cyphonic_nms.routing import Endpoint
 from cyphonic_nms.signalling import start_signalling
-from cyphonic_nms.storage import SqlNodeStore
+from cyphonic_nms.storage import SqlNodeStore, autocommit_engine
 from cyphonic_nms.trs_directory import InProcessTrsDirectory, RedisTrsDirectory, TrsReplica
 
 log = get_logger("nms")
@@ -56,7 +56,10 @@ class NmsServer:
         if s.migrate:
             await upgrade(self._engine)
         await ping(self._engine)
-        store = SqlNodeStore(make_sessionmaker(self._engine))
+        store = SqlNodeStore(
+            make_sessionmaker(self._engine), autocommit=autocommit_engine(s.database_url)
+        )
+        self._closers.append(store.close)
         if s.redis_url:
             self._redis = redis_client(s.redis_url, timeout_s=s.redis_timeout_s)
             try:
@@ -92,6 +95,9 @@ class NmsServer:
             routes=routes,
             trs=trs,
             keepalive_interval_s=s.keepalive_interval_s,
+            max_pending_registrations=s.max_pending_registrations,
+            admission_max_wait_s=s.admission_max_wait_s,
+            overload_retry_after_s=s.overload_retry_after_s,
             offline_timeout_s=s.offline_timeout_s,
             revocation_poll_s=s.revocation_poll_s,
             relay_token_lifetime_s=s.relay_token_lifetime_s,
@@ -183,6 +189,9 @@ class NmsServer:
         if self._redis is not None:
             with contextlib.suppress(Exception):
                 await self._redis.aclose()
+        for close in self._closers:
+            with contextlib.suppress(Exception):
+                await close()
         if self._engine is not None:
             await self._engine.dispose()
         log.info("nms_stopped", replica=self.settings.replica_id)

@@ -4,6 +4,12 @@
 registry tables (``nodes``, ``certificates``, ``revocations``, ``address_leases``,
 ``node_network``), the same code on Postgres (asyncpg) and on SQLite (aiosqlite).
 
+The hot path (a registration's two statements, keepalive batches, going offline, a remote
+peer's view) runs each statement on its own in autocommit on Postgres, through a pool without
+pre-ping: one round trip per statement instead of four (pre-ping, BEGIN, the statement,
+COMMIT/ROLLBACK). Every such statement is atomic by itself; a connection the server dropped
+(a restart) invalidates the pool and the statement is tried once more on a fresh connection.
+
 Lease uniqueness is the database's job: ``address_leases.ipv4`` and ``.ipv6`` are unique, and
 ``allocate`` inserts proposals (from ``cyphonic_nms.leases``) inside a savepoint until one is
 accepted. A conflict on ``node_id`` means another registration of the same node won the race:
@@ -19,7 +25,7 @@ from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Protocol
 
-from cyphonic.errors import CyphonicError
+from cyphonic.errors import AlreadyExists, CyphonicError
 from cyphonic.registry import (
     AddressLease,
     Certificate,
@@ -29,11 +35,17 @@ from cyphonic.registry import (
     NodeState,
     Revocation,
 )
-from cyphonic.registry.db import map_db_error, map_db_errors, serialized
+from cyphonic.registry.db import map_db_error, map_db_errors, normalize_url, serialized
 from sqlalchemy import exc, exists, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from cyphonic_nms.leases import LeasePools, exhausted
 from cyphonic_nms.routing import Endpoint, Inbound, NatMapping, NetworkInfo
@@ -156,13 +168,68 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class SqlNodeStore:
-    """``NodeStore`` on the registry tables; every public method is one short transaction."""
+def autocommit_engine(url: str, *, pool_size: int = 10) -> AsyncEngine | None:
+    """The hot path's engine for ``url`` (see the module docstring); None for SQLite, whose
+    statements go through the serialised sessions instead."""
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        return None
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_timeout=10,
+        isolation_level="AUTOCOMMIT",
+        connect_args={"timeout": 5},
+    )
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+
+class SqlNodeStore:
+    """``NodeStore`` on the registry tables; every public method is one short transaction
+    (on the hot path, one autocommitted statement: see the module docstring)."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        autocommit: AsyncEngine | None = None,
+    ) -> None:
         self._sessions = sessions
         self._engine: AsyncEngine | None = sessions.kw.get("bind")
         self._dialect = self._engine.dialect.name if self._engine is not None else "postgresql"
+        self._autocommit = autocommit
+
+    async def close(self) -> None:
+        """Close the hot path's pool (the sessions' engine belongs to the caller)."""
+        if self._autocommit is not None:
+            await self._autocommit.dispose()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection]:
+        if self._autocommit is not None:
+            async with self._autocommit.connect() as conn:
+                yield conn
+            return
+        assert self._engine is not None
+        async with serialized(self._engine), self._engine.begin() as conn:
+            yield conn
+
+    async def _execute(self, stmt: Any) -> Any:
+        """Run one statement (autocommitted on Postgres): its rows, or its row count for a
+        statement that returns none. Retried once on a connection the server dropped."""
+        for attempt in (0, 1):
+            try:
+                async with self._connection() as conn:
+                    result = await conn.execute(stmt)
+                    return result.all() if result.returns_rows else result.rowcount
+            except exc.DBAPIError as error:
+                if attempt == 0 and error.connection_invalidated:
+                    continue  # the pool was invalidated: a fresh connection this time
+                mapped = map_db_error(error)
+                if mapped is None:
+                    raise
+                raise mapped from error
+        raise AssertionError("unreachable")
 
     @property
     def sessions(self) -> async_sessionmaker[AsyncSession]:
@@ -221,8 +288,8 @@ class SqlNodeStore:
             .outerjoin(AddressLease, AddressLease.node_id == Node.id)
             .where(Node.fqdn == fqdn.lower())
         )
-        async with self._session() as s, map_db_errors():
-            row = (await s.execute(stmt)).first()
+        rows = await self._execute(stmt)
+        row = rows[0] if rows else None
         if row is None:
             return None
         lease = None
@@ -285,13 +352,12 @@ class SqlNodeStore:
     async def _try_insert(self, node_id: int, ipv4: IPv4Address, ipv6: IPv6Address) -> Lease | None:
         """Insert a lease; None when an address is taken; the winner's lease on a node race."""
         try:
-            async with self._session() as s, s.begin():
-                await s.execute(
-                    insert(AddressLease).values(
-                        node_id=node_id, ipv4=str(ipv4), ipv6=str(ipv6), leased_at=_now()
-                    )
+            await self._execute(
+                insert(AddressLease).values(
+                    node_id=node_id, ipv4=str(ipv4), ipv6=str(ipv6), leased_at=_now()
                 )
-        except exc.IntegrityError:
+            )
+        except (exc.IntegrityError, AlreadyExists):
             existing = await self._lease(node_id)
             return existing  # None: an address was taken by another node, try the next
         except Exception as error:
@@ -323,29 +389,25 @@ class SqlNodeStore:
         dialect_insert = sqlite_insert if self._dialect == "sqlite" else pg_insert
         stmt = dialect_insert(NodeNetwork).values(node_id=node_id, **values)
         stmt = stmt.on_conflict_do_update(index_elements=[NodeNetwork.node_id], set_=values)
-        async with self._session() as s, s.begin(), map_db_errors():
-            await s.execute(stmt)
+        await self._execute(stmt)
 
     async def touch(self, node_ids: Sequence[int], *, replica: str, now: datetime) -> None:
         """Refresh ``last_seen`` of nodes connected to ``replica`` (batched keepalives)."""
         if not node_ids:
             return
-        async with self._session() as s, s.begin(), map_db_errors():
-            await s.execute(
-                update(NodeNetwork)
-                .where(NodeNetwork.node_id.in_(list(node_ids)))
-                .where(NodeNetwork.nms_replica == replica)
-                .values(last_seen=now, online=True)
-            )
+        await self._execute(
+            update(NodeNetwork)
+            .where(NodeNetwork.node_id.in_(list(node_ids)))
+            .where(NodeNetwork.nms_replica == replica)
+            .values(last_seen=now, online=True)
+        )
 
     async def set_offline(self, node_id: int, *, replica: str | None, now: datetime) -> bool:
         """Mark the node offline, only if ``replica`` (when given) still holds it."""
-        async with self._session() as s, s.begin(), map_db_errors():
-            stmt = update(NodeNetwork).where(NodeNetwork.node_id == node_id)
-            if replica is not None:
-                stmt = stmt.where(NodeNetwork.nms_replica == replica)
-            result = await s.execute(stmt.values(online=False, updated_at=now))
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+        stmt = update(NodeNetwork).where(NodeNetwork.node_id == node_id)
+        if replica is not None:
+            stmt = stmt.where(NodeNetwork.nms_replica == replica)
+        return bool(await self._execute(stmt.values(online=False, updated_at=now)))
 
     async def release_replica(self, replica: str, *, now: datetime) -> int:
         """Mark offline every node still recorded at ``replica`` (left by a crash)."""
@@ -382,14 +444,72 @@ class SqlNodeStore:
             rows: Iterable[Any] = (await s.execute(stmt)).all()
             return [self._to_view(n, lease, net) for n, lease, net in rows]
 
+    _VIEW_COLUMNS = (
+        Node.id,
+        Node.fqdn,
+        Node.state,
+        AddressLease.node_id,
+        AddressLease.ipv4,
+        AddressLease.ipv6,
+        NodeNetwork.node_id,
+        NodeNetwork.has_ipv4,
+        NodeNetwork.has_ipv6,
+        NodeNetwork.behind_nat,
+        NodeNetwork.observed_ipv4,
+        NodeNetwork.observed_ipv6,
+        NodeNetwork.local_addresses,
+        NodeNetwork.online,
+        NodeNetwork.last_seen,
+        NodeNetwork.nms_replica,
+    )
+
+    async def _one_view(self, where: Any) -> NodeView | None:
+        """One node's view in one autocommitted statement (route decisions, hot path)."""
+        stmt = (
+            select(*self._VIEW_COLUMNS)
+            .outerjoin(AddressLease, AddressLease.node_id == Node.id)
+            .outerjoin(NodeNetwork, NodeNetwork.node_id == Node.id)
+            .where(where)
+        )
+        rows = await self._execute(stmt)
+        if not rows:
+            return None
+        (nid, fqdn, state, lease_id, v4, v6, net_id, has4, has6, nat, obs4, obs6, local) = rows[0][
+            :13
+        ]
+        online, last_seen, replica = rows[0][13:]
+        lease = None
+        if lease_id is not None:
+            a4, a6 = ip_address(v4), ip_address(v6)
+            assert isinstance(a4, IPv4Address) and isinstance(a6, IPv6Address)
+            lease = Lease(node_id=lease_id, ipv4=a4, ipv6=a6)
+        network = None
+        if net_id is not None:
+            network = NetworkInfo(
+                has_ipv4=has4,
+                has_ipv6=has6,
+                behind_nat=nat,
+                observed_ipv4=Endpoint.parse(obs4) if obs4 else None,
+                observed_ipv6=Endpoint.parse(obs6) if obs6 else None,
+                local_addresses=tuple(Endpoint.parse(str(t)) for t in local or ()),
+            )
+        return NodeView(
+            node_id=nid,
+            fqdn=fqdn,
+            state=state,
+            lease=lease,
+            network=network,
+            online=bool(online) if net_id is not None else False,
+            last_seen=last_seen if net_id is not None else None,
+            nms_replica=replica if net_id is not None else None,
+        )
+
     async def view(self, fqdn: str) -> NodeView | None:
-        views = await self._views(self._view_query().where(Node.fqdn == fqdn.lower()))
-        return views[0] if views else None
+        return await self._one_view(Node.fqdn == fqdn.lower())
 
     async def view_by_virtual(self, address: IPv4Address | IPv6Address) -> NodeView | None:
         column = AddressLease.ipv4 if address.version == 4 else AddressLease.ipv6
-        views = await self._views(self._view_query().where(column == str(address)))
-        return views[0] if views else None
+        return await self._one_view(column == str(address))
 
     async def list_views(
         self, *, online_only: bool = False, limit: int | None = None, offset: int = 0

@@ -11,7 +11,8 @@ same route without talking.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -103,11 +104,27 @@ class InProcessTrsDirectory:
 
 
 class RedisTrsDirectory:
-    """The TRS replicas registered in Redis (layout: ``cyphonic.trs_directory``)."""
+    """The TRS replicas registered in Redis (layout: ``cyphonic.trs_directory``).
 
-    def __init__(self, redis: Any, *, prefix: str = DEFAULT_PREFIX) -> None:
+    ``live`` reads Redis at most once per ``cache_s`` (every relayed route decision asks), and
+    while Redis answers nothing (it restarted without its data, and the TRS replicas have not
+    registered again yet) or fails, it answers the last list it read for up to ``DEFAULT_TTL_S``,
+    as long as those entries would have lived in Redis anyway.
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        cache_s: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._redis = redis
         self.prefix = prefix
+        self.cache_s = cache_s
+        self._monotonic = monotonic
+        self._last: tuple[float, list[TrsReplica]] | None = None
 
     @property
     def replicas_key(self) -> str:
@@ -136,6 +153,26 @@ class RedisTrsDirectory:
             raise Unavailable("Redis unavailable (TRS directory)") from exc
 
     async def live(self) -> list[TrsReplica]:
+        now = self._monotonic()
+        if self._last is not None and now - self._last[0] < self.cache_s:
+            return list(self._last[1])
+        try:
+            found = await self._read()
+        except Unavailable:
+            if self._last is None:
+                raise
+            found = []
+        if found:
+            self._last = (now, found)
+            return list(found)
+        if self._last is None:
+            return []
+        # Redis lost the directory (the replicas re-register within seconds): the entries
+        # last read, each only while its registration would have lived in Redis anyway.
+        wall_ms = time.time() * 1000
+        return [r for r in self._last[1] if r.updated_ms + DEFAULT_TTL_S * 1000 > wall_ms]
+
+    async def _read(self) -> list[TrsReplica]:
         try:
             ids = sorted(
                 i.decode() if isinstance(i, bytes) else str(i)

@@ -284,12 +284,17 @@ class TrsService:
 
     async def _sync_loop(self) -> None:
         interval = min(self.settings.sync_interval_s, HEARTBEAT_INTERVAL_S)
+        pause = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(pause)
+            pause = interval
             try:
                 await self.sync_once()
                 self.last_sync_error = None
             except CyphonicError as exc:
+                # Redis restarting: try again within a second, so that this replica is back
+                # in the directory (and its sessions' TTLs refreshed) soon after Redis is.
+                pause = min(interval, 1.0)
                 # Relaying goes on from memory; the table catches up at the next sync.
                 self.last_sync_error = exc.message
                 _log().warning("trs_sync_failed", code=exc.code_name, reason=exc.message)

@@ -391,6 +391,9 @@ class RedisCidTable:
     def __init__(self, redis: Any, *, prefix: str = DEFAULT_PREFIX) -> None:
         self._redis = redis
         self.prefix = prefix
+        # The sessions this replica stored or reloaded, as stored: ``refresh`` writes back
+        # one whose record Redis lost (a restart without its data) while it still relays.
+        self._saved: dict[str, RelaySession] = {}
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX) -> RedisCidTable:
@@ -495,8 +498,10 @@ class RedisCidTable:
                 await pipe.execute()
 
         await self._call("save session", run())
+        self._saved[session.route_id] = session
 
     async def delete_session(self, route_id: str) -> None:
+        self._saved.pop(route_id, None)
         session = await self.load_session(route_id)
         if session is None:
             return
@@ -536,6 +541,7 @@ class RedisCidTable:
             session = session_from_json(raw)
             if session.replica_id == replica_id:
                 out.append(session)
+                self._saved[route_id] = session
             else:
                 gone.append(route_id)
         if gone:
@@ -562,7 +568,10 @@ class RedisCidTable:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for route_id, raw in zip(route_ids, raws, strict=True):
                     if raw is None:
-                        continue  # lapsed or deleted: do not resurrect a bare key
+                        saved = self._saved.get(route_id)
+                        if saved is not None:  # still relayed here: Redis lost it
+                            self._write_back(pipe, saved, ttl_ms)
+                        continue  # otherwise lapsed or deleted: not resurrected
                     key = self.session_key(route_id)
                     if route_id in counts:
                         packets, octets = counts[route_id]
@@ -573,6 +582,28 @@ class RedisCidTable:
                 await pipe.execute()
 
         await self._call("refresh sessions", run())
+
+    def _write_back(self, pipe: Any, session: RelaySession, ttl_ms: int) -> None:
+        """Queue the writes that put ``session`` back as ``save_session`` and
+        ``reserve_cids`` left it: record, replica set and the CIDs' owners."""
+        key = self.session_key(session.route_id)
+        pipe.hset(
+            key,
+            mapping={
+                "record": session_to_json(session),
+                "version": session.version,
+                "replica": session.replica_id,
+            },
+        )
+        pipe.pexpire(key, ttl_ms)
+        pipe.sadd(self.replica_sessions_key(session.replica_id), session.route_id)
+        for side in session.sides:
+            if side is None:
+                continue
+            for cid in side.cids:
+                owner = {"route_id": session.route_id, "fqdn": side.fqdn}
+                pipe.hset(self.cid_key(cid), mapping={**owner, "replica": session.replica_id})
+                pipe.pexpire(self.cid_key(cid), ttl_ms)
 
     async def register_replica(self, info: ReplicaInfo, *, ttl_s: float = REPLICA_TTL_S) -> None:
         async def run() -> None:
