@@ -34,6 +34,10 @@ def redis_client(url: str, *, timeout_s: float = TIMEOUT_S) -> redis_asyncio.Red
         socket_keepalive=True,
         health_check_interval=HEALTH_CHECK_S,
         # Connection errors only: a command that timed out is not sent again.
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RECONNECT_RETRIES),
+        retry=Retry(
+            ExponentialBackoff(cap=0.5, base=0.05),
+            RECONNECT_RETRIES,
+            supported_errors=(RedisConnectionError,),
+        ),
         retry_on_error=[RedisConnectionError],
     )

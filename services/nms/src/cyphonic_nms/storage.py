@@ -461,6 +461,8 @@ class SqlNodeStore:
         NodeNetwork.online,
         NodeNetwork.last_seen,
         NodeNetwork.nms_replica,
+        NodeNetwork.nat_mapping,
+        NodeNetwork.inbound,
     )
 
     async def _one_view(self, where: Any) -> NodeView | None:
@@ -474,25 +476,16 @@ class SqlNodeStore:
         rows = await self._execute(stmt)
         if not rows:
             return None
-        (nid, fqdn, state, lease_id, v4, v6, net_id, has4, has6, nat, obs4, obs6, local) = rows[0][
-            :13
-        ]
-        online, last_seen, replica = rows[0][13:]
+        row = rows[0]
+        nid, fqdn, state, lease_id, v4, v6, net_id = row[:7]
+        online, last_seen, replica = row.online, row.last_seen, row.nms_replica
         lease = None
         if lease_id is not None:
             a4, a6 = ip_address(v4), ip_address(v6)
             assert isinstance(a4, IPv4Address) and isinstance(a6, IPv6Address)
             lease = Lease(node_id=lease_id, ipv4=a4, ipv6=a6)
-        network = None
-        if net_id is not None:
-            network = NetworkInfo(
-                has_ipv4=has4,
-                has_ipv6=has6,
-                behind_nat=nat,
-                observed_ipv4=Endpoint.parse(obs4) if obs4 else None,
-                observed_ipv6=Endpoint.parse(obs6) if obs6 else None,
-                local_addresses=tuple(Endpoint.parse(str(t)) for t in local or ()),
-            )
+        # The network columns carry NodeNetwork's names: the row reads like one.
+        network = _network_from_row(row) if net_id is not None else None
         return NodeView(
             node_id=nid,
             fqdn=fqdn,
