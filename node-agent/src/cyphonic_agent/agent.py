@@ -50,6 +50,7 @@ from cyphonic_agent.crl import AsCrlSource
 from cyphonic_agent.datapath import DataPath
 from cyphonic_agent.dns import DnsStub
 from cyphonic_agent.enroll import AgentState, StatePaths, load_node_identity, read_agent_state
+from cyphonic_agent.metrics import AgentFacts, MetricsServer, agent_registry
 from cyphonic_agent.mobility import Move, MoveDetector, MoveWatcher, host_addresses
 from cyphonic_agent.nms import AGENT_VERSION, AgentFailed, NmsClient, NmsLink
 from cyphonic_agent.overlay_routes import (
@@ -196,6 +197,8 @@ class Agent:
         )
         """The overlay domain in the host's resolver (``accept_dns``)."""
         self.status_server: StatusServer | None = None
+        self.metrics_server: MetricsServer | None = None
+        """GET /metrics when ``metrics_listen`` is set (metrics.py)."""
         self.registered = asyncio.Event()
         """Set once the TUN device is up (first registration done)."""
         self.nms = NmsClient(
@@ -332,6 +335,14 @@ class Agent:
                 snapshot=self.snapshot,
                 handlers={"ping": pinger.handle, "netinfo": self._netinfo},
             )
+            metrics = self.settings.metrics_address
+            if metrics is not None:
+                try:
+                    self.metrics_server = await MetricsServer.start(
+                        agent_registry(self.snapshot, self.metrics_facts), *metrics
+                    )
+                except CyphonicError as exc:
+                    raise AgentFailed(exc) from exc
             try:
                 # A resolv.conf edit left by an agent killed with -9: put the original back
                 # before the DNS stub reads the file, and only now that the status socket
@@ -384,6 +395,8 @@ class Agent:
             self.log.info("endpoint_stats", **vars(self.endpoint.stats))
         if self.status_server is not None:
             await self.status_server.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         if self.tun is not None:
             self.tun.close()
         self.log.info("agent_stopped", **self.counters())
@@ -653,6 +666,23 @@ class Agent:
             "trs": [{"endpoint": ep, "name": name} for ep, name in sorted(trs.items())],
             "network": network,
         }
+
+    def metrics_facts(self) -> AgentFacts:
+        """What the metrics add to the snapshot: the certificate and the CRL cache."""
+        cache = self.revocations
+        return AgentFacts(
+            version=AGENT_VERSION,
+            certificate_not_after=self.identity.cert.not_valid_after_utc.timestamp(),
+            certificate_renewals=self.renewal.renewals,
+            crl_number=cache.revoked.cursor,
+            crl_age_s=(
+                round(time.monotonic() - cache.last_success, 3)
+                if cache.last_success is not None
+                else None
+            ),
+            crl_revoked=len(cache.revoked),
+            crl_refresh_failures=cache.failures,
+        )
 
     def snapshot(self) -> AgentStatus:
         """What ``cyphonic-agent status`` shows (built in ``status``)."""

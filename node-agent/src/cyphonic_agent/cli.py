@@ -109,6 +109,11 @@ def _add_up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     p.add_argument("--status-socket", type=Path, help="status API socket")
     p.add_argument(
+        "--metrics-listen",
+        help="address:port of a Prometheus endpoint GET /metrics (default off; "
+        "keep it on loopback, e.g. 127.0.0.1:9464)",
+    )
+    p.add_argument(
         "--connect-timeout",
         type=float,
         dest="connect_timeout_s",
@@ -170,6 +175,7 @@ _UP_FLAGS = (
     "accept_dns",
     "dns_manager",
     "status_socket",
+    "metrics_listen",
     "connect_timeout_s",
     "peer_timeout_s",
     "tunnel_keepalive_s",

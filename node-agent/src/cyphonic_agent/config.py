@@ -94,6 +94,12 @@ class AgentSettings(BaseSettings):
         Path("/etc/resolv.conf"), description="the resolver file the resolv.conf way edits"
     )
     status_socket: Path = Field(DEFAULT_STATUS_SOCKET, description="local status API socket")
+    metrics_listen: str = Field(
+        "off",
+        description="address:port of the Prometheus endpoint GET /metrics ('off', the "
+        "default, disables it; keep it on loopback, e.g. 127.0.0.1:9464: it is plain HTTP "
+        "without authentication)",
+    )
     connect_timeout_s: float = Field(
         5.0, gt=0, description="seconds to wait for a QUIC handshake with one address"
     )
@@ -167,6 +173,18 @@ class AgentSettings(BaseSettings):
         ipaddress.ip_address(host)  # the stub binds an address, not a name
         return value
 
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, value: str) -> str:
+        if value.strip().lower() in DNS_OFF:
+            return "off"
+        try:
+            host, _ = parse_hostport(value)
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from exc
+        ipaddress.ip_address(host)  # an address to bind, not a name
+        return value
+
     @field_validator("dns_manager")
     @classmethod
     def _dns_manager(cls, value: str) -> str:
@@ -196,6 +214,13 @@ class AgentSettings(BaseSettings):
         if self.dns_listen == "off":
             return None
         return parse_hostport(self.dns_listen, default_port=53)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where the metrics endpoint listens, or None when it is off."""
+        if self.metrics_listen == "off":
+            return None
+        return parse_hostport(self.metrics_listen)
 
     @classmethod
     def settings_customise_sources(

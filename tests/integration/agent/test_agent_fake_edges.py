@@ -4,7 +4,8 @@ processes on loopback (the embedded SQLite registry), enrolled through the AS's 
 
 Two agents: alice looks bob up (the DNS stub's hook), the NMS directs pattern 1 to both,
 alice connects, and an IP packet an application on alice sends to bob's virtual address
-comes out of bob's TUN. A node that is not enrolled is answered "no such node".
+comes out of bob's TUN. A node that is not enrolled is answered "no such node". With
+``metrics_listen`` set, a packet bob's access policy refuses shows in his ``GET /metrics``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import datetime
 import ipaddress
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from cyphonic.pki import init_pki
+from cyphonic_agent.metrics import MetricsServer
 from cyphonic_agent.mobility import HostPath
 from cyphonic_agent.routes import RouteState
 from cyphonic_testing.agent import (
@@ -30,6 +33,7 @@ from cyphonic_testing.agent import (
 )
 from cyphonic_testing.nms import NmsProcess
 from cyphonic_testing.processes import ADMIN_TOKEN
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -68,9 +72,9 @@ class Cloud:
         await self.auth.start()
         await self.nms.start()
 
-    async def agent(self, name: str) -> RunningAgent:
+    async def agent(self, name: str, **settings_extra: object) -> RunningAgent:
         state = await enrol(self.auth, name=name, pki_dir=self.pki, state_dir=self.tmp / name)
-        settings = agent_settings(state)
+        settings = agent_settings(state, **settings_extra)
         agent = RunningAgent(settings, edges=fake_edges())
         self.agents.append(agent)
         await agent.start()
@@ -189,3 +193,78 @@ async def test_a_move_reregisters_and_the_status_shows_the_handover(cloud: Cloud
     assert handover["nms_network"]["observed"] == [f"127.0.0.1:{port}"]
     assert status.nms_state == "connected" and status.virtual_ipv4 == before.virtual_ipv4
     assert alice.agent.counters()["registrations"] == 2
+
+
+async def _until_up(running: RunningAgent, peer: str) -> None:
+    while True:
+        route = running.agent.peers.routes.get(peer)
+        if route is not None and route.state is RouteState.UP:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def scrape(server: MetricsServer | None) -> dict[tuple[str, frozenset[Any]], float]:
+    """GET /metrics as Prometheus would, parsed: (sample name, labels) -> value."""
+    assert server is not None
+    host, port = server.address
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.get(f"http://{host}:{port}/metrics")
+    assert r.status_code == 200, r.text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+async def test_a_packet_the_policy_refuses_shows_in_the_metrics(cloud: Cloud) -> None:
+    alice = await cloud.agent("alice", metrics_listen="127.0.0.1:0")
+    bob = await cloud.agent("bob", metrics_listen="127.0.0.1:0")
+    not_allowed = (
+        "cyphonic_agent_policy_dropped_packets_total",
+        frozenset({("reason", "not_allowed")}),
+    )
+    assert (await scrape(bob.agent.metrics_server))[not_allowed] == 0
+
+    # alice (eng) may start ssh to bob (servers), nothing else
+    async with cloud.nms.admin() as admin:
+        for name, group in (("alice", "eng"), ("bob", "servers")):
+            r = await admin.put(f"/v1/nodes/{name}.{DOMAIN}/tags", json={"tags": {"group": group}})
+            assert r.status_code == 200, r.text
+        rule = {"from": ["group:eng"], "to": ["group:servers"], "proto": "tcp", "ports": [22]}
+        r = await admin.put("/v1/policy", json={"rules": [rule]})
+        assert r.status_code == 200, r.text
+        revision = r.json()["revision"]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while not (bob.agent.access.received and bob.agent.access.revision >= revision):
+        assert loop.time() < deadline, "bob never got the policy filter"
+        await asyncio.sleep(0.05)
+
+    assert await alice.agent.peers.lookup(f"bob.{DOMAIN}") is not None
+    await asyncio.wait_for(
+        asyncio.gather(_until_up(alice, f"bob.{DOMAIN}"), _until_up(bob, f"alice.{DOMAIN}")), 30
+    )
+    alice_vip = alice.agent.snapshot().virtual_ipv4
+    bob_vip = bob.agent.snapshot().virtual_ipv4
+    assert alice_vip is not None and bob_vip is not None
+    alice.tun.send_from_app(udp_packet(alice_vip, bob_vip, b"udp/9 is not allowed"))
+
+    while True:  # scraped until the drop shows, as a dashboard would see it
+        got = await scrape(bob.agent.metrics_server)
+        if got[not_allowed] >= 1:
+            break
+        assert loop.time() < deadline + 30, "the drop never showed in bob's metrics"
+        await asyncio.sleep(0.2)
+    assert got[("cyphonic_agent_policy_revision", frozenset())] >= revision
+    assert "cyphonic_agent_policy_passed_packets_total" in {name for name, _ in got}
+    up = frozenset({("state", "up"), ("pattern", "direct"), ("transport", "udp")})
+    assert got[("cyphonic_agent_peers", up)] == 1
+    assert got[("cyphonic_agent_nms_state", frozenset({("state", "connected")}))] == 1
+    assert got[("cyphonic_agent_transport_carrier", frozenset({("carrier", "udp")}))] == 1
+    expiry = got[("cyphonic_agent_certificate_expiry_timestamp_seconds", frozenset())]
+    assert expiry > datetime.datetime.now(datetime.UTC).timestamp()
+    sent = await scrape(alice.agent.metrics_server)
+    to_bob = frozenset({("peer", f"bob.{DOMAIN}")})
+    assert sent[("cyphonic_agent_tunnel_tx_packets_total", to_bob)] >= 1
+    assert sent[("cyphonic_agent_tunnel_tx_bytes_total", to_bob)] > 0

@@ -50,7 +50,10 @@ def test_up_flags_reach_the_settings() -> None:
             "5",
             "--dns-listen",
             "off",
+            "--metrics-listen",
+            "127.0.0.1:9464",
         ]
     )
     assert (args.quic_port, args.give_up_after_s, args.dns_listen) == (0, 5.0, "off")
+    assert args.metrics_listen == "127.0.0.1:9464"
     assert args.as_endpoints == ["192.0.2.1:443", "[2001:db8::1]:443"]
