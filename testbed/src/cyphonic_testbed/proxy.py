@@ -95,4 +95,4 @@ def connect_via(node: Node, proxy: str, target: str) -> str:
     )
     proc = node.run([sys.executable, "-c", code], timeout=30)
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
+    return str(proc.stdout).strip()
