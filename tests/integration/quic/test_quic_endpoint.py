@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+from typing import Any
 
 import pytest
 from cyphonic.config import ALPN_SIGNALLING, ALPN_TUNNEL
@@ -207,6 +208,48 @@ async def test_datagrams_done_answers_in_the_receive_pass(
     conn.transmit()
     await asyncio.sleep(0.2)
     assert gathered == [b"no hook"] and len(batches) == len(answers)
+
+
+async def test_datagrams_done_for_datagrams_from_a_stream(
+    endpoints: EndpointMaker, ca: Pki
+) -> None:
+    """Datagrams handed in by ``receive_datagrams`` (a TCP 443 stream) reach
+    ``datagrams_done`` as socket ones do: the agent's data path writes to its TUN there."""
+    server_handlers = Handlers()
+    bob = await endpoints(
+        identity=ca.node("bob"),
+        trust=ca.trust,
+        accept={ALPN_TUNNEL: Acceptor(server_handlers.factory, expect="node")},
+    )
+    alice = await endpoints(identity=ca.node("alice"), trust=ca.trust)
+    conn = await alice.connect(
+        port_of(bob),
+        alpn=ALPN_TUNNEL,
+        expect="node",
+        expected_name=f"bob.{DOMAIN}",
+        handler_factory=Handlers().factory,
+    )
+    (bob_side,) = server_handlers.made
+    bob_conn = bob_side.conn
+    gathered: list[bytes] = []
+    batches: list[list[bytes]] = []
+    bob_conn.datagram_handler = gathered.append
+    bob_conn.datagrams_done = lambda: batches.append(list(gathered))
+    await asyncio.sleep(0.1)
+    captured: list[bytes] = []
+
+    def divert(_conn: Any, datagrams: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
+        captured.extend(data for data, _addr in datagrams)
+        return []
+
+    alice.send_hook = divert
+    assert conn.send_datagram(b"over a stream")
+    conn.transmit(now=True)
+    alice.send_hook = None
+    assert captured
+    bob.receive_datagrams(captured, bob_conn.peer_address)
+    assert batches == [[b"over a stream"]]
+    bob_conn.datagrams_done = None
 
 
 async def test_pending_datagram_queue_is_bounded(endpoints: EndpointMaker, ca: Pki) -> None:

@@ -1,6 +1,6 @@
 """The reachability matrix: one test bed holding every network situation, and the table of
-pairs to try in it. To add a row (say "UDP blocked" or "HTTPS proxy only"): put its host
-(and routers/networks) in ``topology()``, then one ``Row`` in ``ROWS`` saying what to expect.
+pairs to try in it. To add a row: put its host (and routers/networks) in ``topology()``,
+then one ``Row`` in ``ROWS`` saying what to expect.
 
     cloud 192.0.2.0/24 + 2001:db8:100::/64: as, nms, trs           all behind router "core"
     pub4   203.0.113.0/25      g1, g2        global IPv4
@@ -12,6 +12,10 @@ pairs to try in it. To add a row (say "UDP blocked" or "HTTPS proxy only"): put 
     fwlan  203.0.113.128/26    fw    public IPv4 behind gwf: enterprise firewall, no NAT
     lanh   192.168.4.0/24      cg    behind gwh (home NAT, EIM) on cgn 100.127.0.0/24,
                                      itself behind gwcg (carrier-grade NAT, EIM) on wancg
+    lanu   192.168.5.0/24      ub, px, proxy   behind gwu: EIM NAT + firewall letting only
+                                     TCP 80/443 out, no UDP at all (wanu 198.18.0.0/26);
+                                     px reaches nothing but tinyproxy on ``proxy`` (CONNECT
+                                     to 443 only) and runs its agent with ``--https-proxy``
 
 (The carrier network uses 100.127.0.0/24, outside the overlay's 100.64.0.0/16 pool: a clash
 with the pool is the subject of another test.)
@@ -45,11 +49,24 @@ def topology() -> Topology:
         Network("wancg", ipv4="198.51.100.192/26"),
         Network("cgn", ipv4="100.127.0.0/24"),
         Network("lanh", ipv4="192.168.4.0/24"),
+        Network("wanu", ipv4="198.18.0.0/26"),
+        Network("lanu", ipv4="192.168.5.0/24"),
     ]
     routers = [
         Router(
             "core",
-            networks=["cloud", "pub4", "pub6a", "pub6b", "wana", "wanb", "wanc", "wanf", "wancg"],
+            networks=[
+                "cloud",
+                "pub4",
+                "pub6a",
+                "pub6b",
+                "wana",
+                "wanb",
+                "wanc",
+                "wanf",
+                "wancg",
+                "wanu",
+            ],
         ),
         Router("gwa", networks=["wana", "lana"], uplink="wana", nat=EIM),
         Router("gwb", networks=["wanb", "lanb"], uplink="wanb", nat=EIM),
@@ -59,6 +76,13 @@ def topology() -> Topology:
         ),
         Router("gwcg", networks=["wancg", "cgn"], uplink="wancg", nat=EIM),
         Router("gwh", networks=["cgn", "lanh"], uplink="cgn", nat=EIM),
+        Router(
+            "gwu",
+            networks=["wanu", "lanu"],
+            uplink="wanu",
+            nat=EIM,
+            firewall=FirewallPolicy.ENTERPRISE_NO_UDP,
+        ),
     ]
     hosts = [
         Host("g1", networks=["pub4"]),
@@ -70,6 +94,9 @@ def topology() -> Topology:
         Host("sa", networks=["lanc"]),
         Host("fw", networks=["fwlan"]),
         Host("cg", networks=["lanh"]),
+        Host("ub", networks=["lanu"]),
+        Host("px", networks=["lanu"]),
+        Host("proxy", networks=["lanu"]),
         Host("as", networks=["cloud"]),
         Host("nms", networks=["cloud"]),
         Host("trs", networks=["cloud"]),
@@ -77,8 +104,14 @@ def topology() -> Topology:
     return Topology(name="reach", networks=nets, routers=routers, hosts=hosts)
 
 
-NODES = ("g1", "g2", "v6a", "v6b", "ea", "eb", "sa", "fw", "cg")
+NODES = ("g1", "g2", "v6a", "v6b", "ea", "eb", "sa", "fw", "cg", "ub", "px")
 """The hosts that run an agent."""
+
+PROXY_HOST, PROXY_NET, PROXY_ALLOW = "proxy", "lanu", "192.168.5.0/24"
+"""Where tinyproxy runs, and whom it serves."""
+
+PROXY_ONLY = ("px",)
+"""Nodes whose only way out is the proxy (started with ``--https-proxy``)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +128,8 @@ class Row:
     reason_code: str
     """The NMS's reason for the pattern (``cyphonic_nms.route_reason``)."""
     transport: str = "udp"
+    """What carries the source's packets (``udp``; ``tcp`` or ``proxy``: QUIC over TLS on
+    TCP 443, docs/tcp-transport.md)."""
     family: int = 4
     """Overlay address family pinged (a v6-only pair still has overlay IPv4)."""
     first_reply_s: float = 5.0
@@ -129,4 +164,6 @@ ROWS: tuple[Row, ...] = (
     ),
     Row("CGNAT + home NAT", "cg", "g1", "nat_connects", True, "one_side_nat"),
     Row("IPv4-only to IPv6-only", "g1", "v6b", "relay", False, "no_common_family"),
+    Row("UDP fully blocked", "ub", "g1", "relay", False, "udp_blocked", transport="tcp"),
+    Row("HTTPS proxy only", "px", "g1", "relay", False, "udp_blocked", transport="proxy"),
 )

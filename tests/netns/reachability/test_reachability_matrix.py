@@ -9,6 +9,9 @@ must show the expected pattern, transport, direct or relayed path and the reason
 - symmetric NAT on one side: relayed, and it stays so (no endless punching).
 - firewalled public node: known at registration (the NMS's inbound probe got no echo), so
   the pair is pattern 2 from the first packet: no 2 s route reversal.
+- UDP fully blocked (only TCP 80/443 out) and HTTPS proxy only (tinyproxy allowing CONNECT
+  to 443, the node started with ``--https-proxy``): QUIC over TLS on TCP 443, relayed, the
+  status row's transport ``tcp`` / ``proxy`` (issue 14 wants the first reply < 1 s).
 
 The matrix is printed at the end (pair, pattern, transport, direct/relayed, first reply).
 Bounds are generous (a loaded machine); the figures are what to read.
@@ -32,7 +35,8 @@ from cyphonic_testbed.overlay import (
     start_trs,
     trs_endpoints,
 )
-from reach_matrix import NODES, ROWS, Row, topology
+from cyphonic_testbed.proxy import Tinyproxy, proxy_only
+from reach_matrix import NODES, PROXY_ALLOW, PROXY_HOST, PROXY_NET, PROXY_ONLY, ROWS, Row, topology
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(900)]
 
@@ -46,12 +50,24 @@ def world(
     monkeypatch.setenv("CYPHONIC_TRS_ENDPOINTS", json.dumps(trs_endpoints(bed.host("trs"))))
     services = start_services(bed, workdir=tmp_path / "overlay")
     agents: dict[str, AgentProcess] = {}
+    proxy: Tinyproxy | None = None
     try:
         start_trs(services)
         wanted = _wanted_nodes()
         states = services.enrol_all([bed.host(n) for n in wanted])
         for name in wanted:
-            agents[name] = services.start_agent(bed.host(name), states[name])
+            args: list[str] = []
+            if name in PROXY_ONLY:
+                if proxy is None:
+                    proxy = Tinyproxy(
+                        bed.host(PROXY_HOST),
+                        tmp_path / "proxy",
+                        allow=PROXY_ALLOW,
+                        network=PROXY_NET,
+                    )
+                proxy_only(bed.host(name), proxy.address)
+                args = ["--https-proxy", proxy.url]
+            agents[name] = services.start_agent(bed.host(name), states[name], *args)
         for agent in agents.values():
             agent.wait_up(timeout=120)
         yield services, agents
@@ -64,6 +80,9 @@ def world(
             log = services.log(name)
             text = log.read_text(errors="replace") if log.exists() else ""
             sys.stderr.write(f"\n--- {name} log (tail) ---\n{text[-4000:]}\n")
+        if proxy is not None:
+            sys.stderr.write(f"\n--- tinyproxy log ---\n{proxy.log.read_text()[-1500:]}\n")
+            proxy.stop()
         services.stop()
 
 
@@ -91,9 +110,11 @@ def _nms_events(services: OverlayServices, event: str) -> list[dict[str, Any]]:
 
 
 def _wait_probed(services: OverlayServices, agents: dict[str, AgentProcess]) -> None:
-    """Every node's reachability probe decided (a node is probed right after registering)."""
+    """Every node's reachability probe decided (a node is probed right after registering;
+    not one on TCP 443, which has no UDP to probe)."""
     deadline = time.monotonic() + 30
-    fqdns = {a.fqdn for a in agents.values()}
+    on_streams = {r.src for r in _rows() if r.transport != "udp"}
+    fqdns = {a.fqdn for name, a in agents.items() if name not in on_streams}
     while time.monotonic() < deadline:
         probed = {e["fqdn"] for e in _nms_events(services, "reach_probed")}
         if fqdns <= probed:

@@ -173,3 +173,21 @@ def test_a_symmetric_nat_on_either_side_means_no_punch_and_says_so() -> None:
     assert "home: symmetric mapping" in reason.text
     # Unprobed NATs are not punched either.
     assert pattern_for(NAT_A, NAT_B).punch is None
+
+
+def test_a_node_on_tcp_443_is_relayed_and_the_words_say_udp_is_blocked() -> None:
+    # Its packets reach the NMS over a TLS stream: observed at a stream address (240/8).
+    tcp = classify([E("192.168.5.10:443")], E("240.0.0.3:40000"))
+    assert tcp.relay_only
+    for x, y in ((tcp, GLOBAL4), (GLOBAL4, tcp)):
+        assert pattern_for(x, y).pattern is Pattern.RELAY
+    reason = explain(
+        pattern=3,
+        family=None,
+        initiator="ub.x",
+        responder="g1.x",
+        initiator_net=tcp,
+        responder_net=GLOBAL4,
+    )
+    assert reason.code == "udp_blocked"
+    assert reason.text.startswith("ub reaches the overlay only over TCP 443")

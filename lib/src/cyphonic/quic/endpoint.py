@@ -839,22 +839,27 @@ class QuicEndpoint:
                     self._receive_train(data, segment, addr, now, touched)
                 else:
                     self._receive_one(data, addr, now, touched)
-            done: list[Callable[[], None]] = []
-            for conn in touched:
-                callback = conn.datagrams_done if self._process(conn) else None
-                if callback is not None and callback not in done:
-                    done.append(callback)
-            for callback in done:
-                try:
-                    callback()
-                except Exception as exc:
-                    self._internal_error(exc, None, "datagrams_done")
+            self._process_touched(touched)
         except BaseException:
             self._pass_failed()
             raise
         finally:
             self._in_pass = False
         self._transmit(self._with_dirty(touched))
+
+    def _process_touched(self, touched: dict[Connection, None]) -> None:
+        """The pass's connections to their handlers, then each ``datagrams_done`` once (the
+        agent's data path writes what it gathered to the TUN there)."""
+        done: list[Callable[[], None]] = []
+        for conn in touched:
+            callback = conn.datagrams_done if self._process(conn) else None
+            if callback is not None and callback not in done:
+                done.append(callback)
+        for callback in done:
+            try:
+                callback()
+            except Exception as exc:
+                self._internal_error(exc, None, "datagrams_done")
 
     def _pass_failed(self) -> None:
         """A pass ends on an exception before its transmit: what was marked in it goes
@@ -878,16 +883,23 @@ class QuicEndpoint:
 
     def receive_datagrams(self, datagrams: list[bytes], addr: Address) -> None:
         """Datagrams that came from ``addr`` by another way than the socket (a TCP 443
-        stream): handled exactly as if read from it, then one transmit pass."""
+        stream): handled exactly as if read from it (``datagrams_done`` included), then one
+        transmit pass."""
         if self._closing:
             return
         now = self._loop.time()
         touched: dict[Connection, None] = {}
-        for data in datagrams:
-            self._receive_one(data, addr, now, touched)
-        for conn in touched:
-            self._process(conn)
-        self._transmit(touched)
+        self._in_pass = True
+        try:
+            for data in datagrams:
+                self._receive_one(data, addr, now, touched)
+            self._process_touched(touched)
+        except BaseException:
+            self._pass_failed()
+            raise
+        finally:
+            self._in_pass = False
+        self._transmit(self._with_dirty(touched))
 
     def _receive_one(
         self, data: bytes, addr: Address, now: float, touched: dict[Connection, None]

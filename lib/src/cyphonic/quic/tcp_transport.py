@@ -464,8 +464,11 @@ class StreamPaths:
     # -- what status shows
 
     def carrier_of(self, addr: Any) -> str:
-        """What carries packets to ``addr`` now: ``tcp``, ``proxy`` or ``udp``."""
-        if addr not in self._active:
+        """What carries packets to ``addr`` now: ``tcp``, ``proxy`` or ``udp``. ``addr`` in
+        either form (a connection's ``peer_address`` is unmapped; streams are keyed by the
+        socket's form, IPv4-mapped on a dual-stack socket)."""
+        plain = _plain(addr)
+        if not any(_plain(key) == plain for key in self._active):
             return "udp"
         return "proxy" if self.proxy is not None else "tcp"
 

@@ -18,6 +18,8 @@ Codes:
     hole_punching         relayed first, both NATs map endpoint-independently: the nodes
                           punch and their connection moves to the direct path
     no_common_family      relayed: the two nodes share no address family (IPv6-only vs IPv4)
+    udp_blocked           relayed: a node reaches the overlay only over TCP 443 (its UDP is
+                          blocked, or an HTTPS proxy is its only way out)
     no_dialable_address   relayed: a direct cell exists but no address a peer may dial
     outdated              the networks now give another pattern (a node moved; the NMS
                           re-decides the route)
@@ -103,6 +105,13 @@ def explain(
         )
     if pattern != Pattern.RELAY:
         return RouteReason("unknown", f"pattern {pattern}")
+    blocked = [n for n, net in ((a, initiator_net), (b, responder_net)) if net.relay_only]
+    if blocked:
+        return RouteReason(
+            "udp_blocked",
+            f"{' and '.join(blocked)} reach{'es' if len(blocked) == 1 else ''} the overlay "
+            "only over TCP 443 (UDP blocked): relayed through the TRS",
+        )
     shared_v6 = initiator_net.has_ipv6 and responder_net.has_ipv6
     shared_v4 = initiator_net.has_ipv4 and responder_net.has_ipv4
     if not shared_v4 and not shared_v6:
