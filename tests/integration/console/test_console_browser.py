@@ -169,7 +169,12 @@ async def _operator_session(
         == "QUIC/UDP via TRS"
     )
     reason = await in_browser(lambda: cell(driver, "routes", "route-id", relayed, ".reason"))
-    assert reason == "both nodes are behind IPv4 NAT and share no IPv6: relayed through the TRS"
+    # (These nodes answer no reachability probes: their NAT mapping is not known, so no
+    # hole punching; the words say so.)
+    assert reason == (
+        "both nodes are behind IPv4 NAT (alice: NAT mapping not known; bob: NAT mapping not"
+        " known) and share no IPv6: relayed through the TRS"
+    ), reason
     trs = await in_browser(lambda: cell(driver, "routes", "route-id", relayed, ".trs"))
     assert trs.startswith("trs-0\nrelaying, ")  # its session at the TRS, both sides in
     pair = await in_browser(lambda: cell(driver, "routes", "route-id", relayed, ".pair"))

@@ -148,12 +148,13 @@ def test_ping_direct_and_netcheck_with_udp_blocked(cli_bed: Any) -> None:
 
     drop_udp_443(alice.node)  # the namespace (and the table) go with the bed
     code, report, table = netcheck(alice)
-    assert code == 1, table
+    # UDP 443 is blocked, but every service answers QUIC over TLS on TCP 443 as well
+    # (docs/tcp-transport.md): the node can still reach the overlay, exit 0.
+    assert code == 0, table
     for check in report["services"]:
         if check["family"] == 4:
             assert check["udp443"]["state"] == "blocked", report
-            # Nothing listens on TCP 443 in the cloud of this bed: the path is open.
-            assert check["tcp443"]["state"] in ("closed", "ok", "open"), report
+            assert check["tcp443"]["state"] == "ok", report
     assert report["ipv4"]["udp443"] == "blocked"
     assert report["ipv4"]["tcp443"] in ("reachable", "ok"), report
     sys.stderr.write(f"\nnetcheck in alice, UDP 443 dropped:\n{table}\n")
