@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,17 +148,7 @@ def start_overlay(
     }
     for agent in agents.values():
         agent.wait_up()
-    # The NMS's reachability probes decide (within ~1 s of registering) whether a node
-    # behind a firewall connects out: routes asked for before that would be decided
-    # without it.
-    log = services.log("nms")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-        probed = [ln for ln in lines if '"reach_probed"' in ln]
-        if all(any(a.fqdn in ln for ln in probed) for a in agents.values()):
-            break
-        time.sleep(0.2)
+    services.wait_probed([a.fqdn for a in agents.values()])
     return MobileOverlay(bed=bed, services=services, agents=agents)
 
 

@@ -267,6 +267,20 @@ class OverlayServices:
         """Log file of ``as`` or ``nms``."""
         return self.workdir / f"{service}.log"
 
+    def wait_probed(self, fqdns: Sequence[str], timeout: float = 30.0) -> None:
+        """Wait until the NMS's reachability probes decided each node (``reach_probed``,
+        within ~1 s of registering): whether a firewalled node connects out. Routes asked
+        for before that are decided without it (docs/nms.md, "Reachability probes")."""
+        log = self.log("nms")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+            probed = [ln for ln in lines if '"reach_probed"' in ln]
+            if all(any(fqdn in ln for ln in probed) for fqdn in fqdns):
+                return
+            time.sleep(0.2)
+        raise TestbedTimeout(f"the NMS did not probe {', '.join(fqdns)} within {timeout:.0f} s")
+
     def issue_tokens(self, names: Sequence[str]) -> dict[str, str]:
         """Create the nodes at the AS and issue one enrolment token each, over the admin
         REST API (one small process in the AS's namespace; the CLI's imports cost seconds

@@ -100,6 +100,7 @@ def test_pattern1_ipv6_nodes_one_behind_the_enterprise_firewall(overlay: object)
         o.bob.wait_up()
         # bob sits behind the firewall: the NMS's reachability probe found that nothing gets
         # in, so he is the side that connects out (pattern 2 for IPv6: docs/nms.md).
+        o.services.wait_probed([o.alice.fqdn, o.bob.fqdn])
         sent = _overlay_works(
             o,
             src="bob",
