@@ -424,9 +424,14 @@ def test_returning_address_forms_change_once_per_stale_path() -> None:
     assert paths.real_address(form) == first and paths.to_real == {form: first}
     # a probe never answered: the address is offered again after _REPROBE_AFTER only
     paths.probing_started()  # the core probed ``form`` at 51.0
-    assert paths.core_address(first, 52.0) == form
-    again = paths.core_address(first, 52.0 + engine_qh3._REPROBE_AFTER + 1)
+    assert paths.core_address(first, 51.0 + engine_qh3._REPROBE_AFTER / 2) == form
+    again = paths.core_address(first, 51.0 + engine_qh3._REPROBE_AFTER + 1)
     assert again not in (form, first) and paths.real_address(again) == first
+    # on a slow path the wait is a few RTTs: an answer still on its way is not given up
+    paths.probing_started()  # the core probed ``again`` at 52.3
+    slow = engine_qh3._REPROBE_RTTS * 0.5
+    assert paths.core_address(first, 52.4 + slow / 2, rtt=0.5) == again
+    assert paths.core_address(first, 52.4 + slow, rtt=0.5) not in (again, first)
     # bounded whatever happens
     for i in range(2 * engine_qh3._MAX_EPOCHS):
         paths.probing_started()

@@ -476,7 +476,7 @@ class Qh3QuicConnection(Qh3Connection):
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
         core = self._core
         if core is not None:
-            addr = self._paths.core_address(addr, now)
+            addr = self._paths.core_address(addr, now, core.smoothed_rtt)
         if core is not None and self._handshake_complete and self._quic_logger is None:
             try:
                 core.receive_datagram(data, addr, now, len(data))
@@ -521,7 +521,7 @@ class Qh3QuicConnection(Qh3Connection):
         """Datagrams from one address, in order, fed to the core in one call."""
         core = self._core
         if core is not None and self._handshake_complete and self._quic_logger is None:
-            addr = self._paths.core_address(addr, now)
+            addr = self._paths.core_address(addr, now, core.smoothed_rtt)
             self._call_core(core.receive_many_datagrams, datagrams, addr, now)
             self._drain_core()
             return
@@ -532,7 +532,7 @@ class Qh3QuicConnection(Qh3Connection):
         """A UDP GRO buffer (``segment_size``-byte datagrams, the last may be shorter)."""
         core = self._core
         if core is not None and self._handshake_complete and self._quic_logger is None:
-            addr = self._paths.core_address(addr, now)
+            addr = self._paths.core_address(addr, now, core.smoothed_rtt)
             self._call_core(core.receive_gro_buffer, buffer, segment_size, addr, now)
             self._drain_core()
             return
@@ -732,10 +732,17 @@ _EPOCH_BASE = 0x8000_0000
 _MAX_EPOCHS = 64
 """New core-side forms per connection; the core's own limit (4 paths, never freed) is
 reached long before, so this only bounds the two maps."""
-_REPROBE_AFTER = 3.0
-"""Seconds a probed path may stay unvalidated before a datagram from its address is
-presented as a new path again (qh3 sends one PATH_CHALLENGE per path and never retries
-it: a lost challenge or answer would leave the address unreachable for good)."""
+_REPROBE_AFTER = 0.3
+"""Seconds (at least; ``_REPROBE_RTTS`` smoothed RTTs on a slow path) a probed path may
+stay unvalidated before a datagram from its address is presented as a new path again.
+qh3 sends one PATH_CHALLENGE per path and never retries it, so a lost challenge or answer
+leaves the address unreachable until then. Hole punching depends on it: when the first
+packet a node gets from its peer's NAT is the peer's probe (its own first probe died at
+the peer's NAT), the first challenge exchange on the new path is not always answered
+(seen in about 2 runs of 5 of the reachability matrix; the peer's reply lacked the
+9-byte PATH_RESPONSE), and with 3 s here the 3 s punching window always ran out first.
+Each retry costs one of the core's four paths, hence the RTT bound."""
+_REPROBE_RTTS = 3.0
 
 
 def _epoch_form(addr: Any, epoch: int) -> Any:
@@ -778,12 +785,14 @@ class _ReturningAddresses:
         self._feeding: tuple[Any, float] | None = None
         self._epoch = 0
 
-    def core_address(self, addr: Any, now: float) -> Any:
-        """The form of ``addr`` to hand the core with a datagram received now."""
+    def core_address(self, addr: Any, now: float, rtt: float | None = None) -> Any:
+        """The form of ``addr`` to hand the core with a datagram received now (``rtt``: the
+        connection's smoothed RTT, if known)."""
         form = self._to_core.get(addr, addr)
         if form != self._active and self._epoch < _MAX_EPOCHS:
             started = self._probing.get(form)
-            if form in self._stale or (started is not None and now - started > _REPROBE_AFTER):
+            wait = max(_REPROBE_AFTER, _REPROBE_RTTS * (rtt or 0.0))
+            if form in self._stale or (started is not None and now - started > wait):
                 self._stale.discard(form)
                 self._probing.pop(form, None)
                 self._epoch += 1
