@@ -22,6 +22,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from cyphonic.pki import init_pki
 
@@ -108,7 +109,8 @@ class LoopbackCloud:
     async def agent(self, name: str, **settings_extra: object) -> RunningAgent:
         """Enrol ``name`` and start its agent (settings: the defaults, then ``settings_extra``)."""
         state = await self.enrol(name)
-        settings = agent_settings(state, **{**self.agent_defaults, **settings_extra})
+        chosen: dict[str, Any] = {**self.agent_defaults, **settings_extra}
+        settings = agent_settings(state, **chosen)
         running = RunningAgent(settings, edges=fake_edges())
         self.agents.append(running)
         await running.start()
