@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -48,11 +47,11 @@ from cyphonic.hostport import parse_host_port
 from cyphonic.quic.endpoint import DEFAULT_ENGINE, ENGINES
 from cyphonic_testbed import NetBed, double_nat
 from cyphonic_testbed.overlay import AgentProcess, OverlayServices, start_services, start_trs
+from cyphonic_testbed.probes import iperf_tcp, ping_stats
 from cyphonic_testbed.topology import NAT_TABLE, render_ruleset
 
 HERE = Path(__file__).resolve().parent
 SERVICES = ("as", "nms", "trs", "redis", "mallory")
-IPERF_PORT = 5201
 TRS_CPU = 1
 """The CPU the TRS is pinned to (modulo the CPUs there are)."""
 FIRST_PORT = 20443
@@ -212,37 +211,9 @@ class Bench:
     # -- measurements --------------------------------------------------------------------------
 
     def ping(self, phase: Phase, vip: str, count: int) -> None:
-        out = self.alice.run(
-            ["ping", "-n", "-q", "-c", str(count), "-i", "0.01", "-W", "2", vip],
-            timeout=count * 0.05 + 30,
-        ).stdout
-        m = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms", out)
-        loss = re.search(r"([\d.]+)% packet loss", out)
-        if not m:
-            raise RuntimeError(f"ping output not understood: {out}")
-        phase.rtt_min_ms, phase.rtt_avg_ms, phase.rtt_max_ms = (float(x) for x in m.groups()[:3])
-        phase.ping_loss_pct = float(loss.group(1)) if loss else 0.0
-
-    def iperf(self, vip: str, duration: float) -> tuple[float, int | None]:
-        server = self.bob.popen(
-            ["iperf3", "-s", "-1", "-B", vip, "-p", str(IPERF_PORT)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while f":{IPERF_PORT}" not in self.bob.run(["ss", "-Hltn"]).stdout:
-            if time.monotonic() > deadline:
-                raise RuntimeError("iperf3 server did not listen")
-            time.sleep(0.05)
-        out = self.alice.run(
-            ["iperf3", "-c", vip, "-p", str(IPERF_PORT), "-t", str(duration), "-O", "1", "-J"],
-            timeout=duration + 60,
-        )
-        server.wait(timeout=15)
-        if out.returncode != 0:
-            raise RuntimeError(f"iperf3 failed: {out.stdout[-2000:]}{out.stderr}")
-        end = json.loads(out.stdout)["end"]
-        return end["sum_received"]["bits_per_second"] / 1e9, end["sum_sent"].get("retransmits")
+        stats = ping_stats(self.alice, vip, count=count)
+        phase.rtt_min_ms, phase.rtt_avg_ms = stats.min_ms, stats.avg_ms
+        phase.rtt_max_ms, phase.ping_loss_pct = stats.max_ms, stats.loss_pct
 
     def stolen_cid(self, fqdn: str) -> str:
         """A relay CID owned by ``fqdn`` (from the CID table in Redis)."""
@@ -283,7 +254,9 @@ class Bench:
             ticks, wall = _cpu_ticks(self.trs.proc.pid), time.monotonic()
             agent_ticks = {a.name: _cpu_ticks(a.proc.pid) for a in (alice, bob)}
             machine = _machine_ticks()
-            result.gbit_s, result.retransmits = self.iperf(vip, duration)
+            result.gbit_s, result.retransmits = iperf_tcp(
+                self.alice, self.bob, vip, seconds=duration
+            )
             elapsed = time.monotonic() - wall
             busy, total = (a - b for a, b in zip(_machine_ticks(), machine, strict=True))
             result.machine_busy = round(busy / max(total, 1), 2)
@@ -334,7 +307,9 @@ class Bench:
                 raise RuntimeError("flooder did not start")
             time.sleep(0.5)
             before = self.trs.get("/v1/replica")
-            result.flood_gbit_s, result.flood_retransmits = self.iperf(vip, duration)
+            result.flood_gbit_s, result.flood_retransmits = iperf_tcp(
+                self.alice, self.bob, vip, seconds=duration
+            )
             after = self.trs.get("/v1/replica")
         finally:
             flooder.kill()

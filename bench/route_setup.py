@@ -29,29 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from cyphonic_testbed import build, pattern1, pattern2
-from cyphonic_testbed.overlay import start_services
+from cyphonic_testbed.overlay import first_reply_in, start_services
 
 TARGET_MS = 50.0
-
-
-def _probe(node: Any, fqdn: str) -> dict[str, Any]:
-    proc = node.run(
-        [
-            sys.executable,
-            "-m",
-            "cyphonic_testbed.overlay",
-            "first-reply",
-            "--name",
-            fqdn,
-            "--timeout",
-            "15",
-        ],
-        timeout=60,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"probe failed: {proc.stderr}")
-    result: dict[str, Any] = json.loads(proc.stdout)
-    return result
 
 
 def measure(pattern: int, rounds: int, workdir: Path) -> dict[str, Any]:
@@ -67,7 +47,7 @@ def measure(pattern: int, rounds: int, workdir: Path) -> dict[str, Any]:
         results = []
         for i in range(rounds):
             load = os.getloadavg()[0]
-            result = _probe(bed.host(src), agents[dst].fqdn)
+            result = first_reply_in(bed.host(src), agents[dst].fqdn, timeout=15)
             result["load"] = load
             results.append(result)
             print(

@@ -29,19 +29,17 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cyphonic_testbed import NetBed
-from cyphonic_testbed.overlay import AgentProcess, start_services, start_trs
+from cyphonic_testbed.overlay import AgentProcess, first_reply_in, start_services, start_trs
 from cyphonic_testbed.patterns import udp_blocked
+from cyphonic_testbed.probes import iperf_tcp, ping_stats
 
 SERVICES = ("as", "nms", "trs", "redis")
-IPERF_PORT = 5201
 FIRST_PORT = 21443
 
 
@@ -94,56 +92,10 @@ class Bench:
             agent.wait_up()
         return agents[1], agents[0]
 
-    def first_reply(self, fqdn: str) -> float:
-        proc = self.alice.run(
-            [
-                sys.executable,
-                "-m",
-                "cyphonic_testbed.overlay",
-                "first-reply",
-                "--name",
-                fqdn,
-                "--timeout",
-                "20",
-            ],
-            timeout=60,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"first-reply failed: {proc.stderr}")
-        return float(json.loads(proc.stdout)["first_reply_ms"])
-
     def ping(self, phase: Phase, vip: str, count: int) -> None:
-        out = self.alice.run(
-            ["ping", "-n", "-q", "-c", str(count), "-i", "0.01", "-W", "2", vip],
-            timeout=count * 0.05 + 30,
-        ).stdout
-        m = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms", out)
-        loss = re.search(r"([\d.]+)% packet loss", out)
-        if not m:
-            raise RuntimeError(f"ping output not understood: {out}")
-        phase.rtt_avg_ms, phase.rtt_max_ms = float(m.group(2)), float(m.group(3))
-        phase.ping_loss_pct = float(loss.group(1)) if loss else 0.0
-
-    def iperf(self, vip: str, duration: float) -> tuple[float, int | None]:
-        server = self.bob.popen(
-            ["iperf3", "-s", "-1", "-B", vip, "-p", str(IPERF_PORT)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while f":{IPERF_PORT}" not in self.bob.run(["ss", "-Hltn"]).stdout:
-            if time.monotonic() > deadline:
-                raise RuntimeError("iperf3 server did not listen")
-            time.sleep(0.05)
-        out = self.alice.run(
-            ["iperf3", "-c", vip, "-p", str(IPERF_PORT), "-t", str(duration), "-O", "1", "-J"],
-            timeout=duration + 60,
-        )
-        server.wait(timeout=15)
-        if out.returncode != 0:
-            raise RuntimeError(f"iperf3 failed: {out.stdout[-2000:]}{out.stderr}")
-        end = json.loads(out.stdout)["end"]
-        return end["sum_received"]["bits_per_second"] / 1e9, end["sum_sent"].get("retransmits")
+        stats = ping_stats(self.alice, vip, count=count)
+        phase.rtt_avg_ms, phase.rtt_max_ms = stats.avg_ms, stats.max_ms
+        phase.ping_loss_pct = stats.loss_pct
 
     def phase(self, mode: str, repeat: int, *, duration: float, pings: int) -> Phase:
         result = Phase(mode=mode, repeat=repeat)
@@ -151,12 +103,14 @@ class Bench:
         alice, bob = self.agents_up()
         try:
             result.carrier = alice.status()["transport"]["carrier"]
-            result.first_reply_ms = self.first_reply(bob.fqdn)
+            result.first_reply_ms = float(first_reply_in(self.alice, bob.fqdn)["first_reply_ms"])
             (row,) = [p for p in alice.status()["peers"] if p["fqdn"] == bob.fqdn]
             result.pattern, result.path = row["pattern"], row["path"]
             vip = bob.status()["virtual_ipv4"]
             self.ping(result, vip, pings)
-            result.gbit_s, result.retransmits = self.iperf(vip, duration)
+            result.gbit_s, result.retransmits = iperf_tcp(
+                self.alice, self.bob, vip, seconds=duration
+            )
         finally:
             for agent in (alice, bob):
                 agent.stop()

@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +40,7 @@ from cyphonic_testbed.errors import TestbedError
 from cyphonic_testbed.interruption import measure_move
 from cyphonic_testbed.mobility import TARGET_DIRECT_MS
 from cyphonic_testbed.overlay import AgentProcess, start_services, start_trs, trs_endpoints
+from cyphonic_testbed.probes import iperf_tcp, ping_stats
 from cyphonic_testbed.topology import (
     FirewallPolicy,
     Host,
@@ -142,32 +141,19 @@ class PairResult:
 
 def _ping(agent: AgentProcess, address: str, count: int) -> float | None:
     """Average RTT in ms of ``count`` pings over the overlay, or None if none answered."""
-    out = agent.node.run(
-        ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", "2", address],
-        timeout=count * 3 + 10,
-    ).stdout
-    found = re.search(r"= [\d.]+/([\d.]+)/", out)
-    return float(found.group(1)) if found else None
+    try:
+        return ping_stats(agent.node, address, count=count, interval=0.2).avg_ms
+    except TestbedError:
+        return None
 
 
 def _iperf(client: AgentProcess, server: AgentProcess, address: str, seconds: int) -> float | None:
     """iperf3 TCP throughput in Mbit/s from ``client`` to ``server``'s virtual address."""
-    daemon = server.node.popen(
-        ["iperf3", "-s", "-1", "-B", address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     try:
-        time.sleep(0.5)
-        run = client.node.run(
-            ["iperf3", "-c", address, "-t", str(seconds), "-J"], timeout=seconds + 30
-        )
-        if run.returncode != 0:
-            return None
-        report = json.loads(run.stdout)
-        return float(report["end"]["sum_received"]["bits_per_second"]) / 1e6
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-        daemon.wait(timeout=10)
+        gbit_s, _ = iperf_tcp(client.node, server.node, address, seconds=seconds)
+    except TestbedError:
+        return None
+    return gbit_s * 1000
 
 
 def _pattern(agent: AgentProcess, peer_fqdn: str) -> str:

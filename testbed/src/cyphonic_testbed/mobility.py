@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from cyphonic_testbed.errors import TestbedError
 from cyphonic_testbed.overlay import (
     AgentProcess,
     OverlayServices,
+    first_reply_in,
     start_services,
     start_trs,
     trs_endpoints,
@@ -155,23 +155,10 @@ def start_overlay(
 def open_route(overlay: MobileOverlay) -> str:
     """The route from alice to bob, set up by a DNS lookup at alice's stub and proved by an
     echo reply; bob's virtual IPv4 address."""
-    node = overlay.bed.host("alice")
-    proc = node.run(
-        [
-            sys.executable,
-            "-m",
-            "cyphonic_testbed.overlay",
-            "first-reply",
-            "--name",
-            overlay.bob.fqdn,
-            "--timeout",
-            "20",
-        ],
-        timeout=60,
-    )
-    if proc.returncode != 0:
-        raise TestbedError(f"no route from alice to bob: {proc.stderr}")
-    address: str = json.loads(proc.stdout)["address"]
+    try:
+        address: str = first_reply_in(overlay.bed.host("alice"), overlay.bob.fqdn)["address"]
+    except TestbedError as exc:
+        raise TestbedError(f"no route from alice to bob: {exc}") from exc
     return address
 
 

@@ -796,6 +796,32 @@ def first_reply(
                 }
 
 
+def first_reply_in(
+    node: Node, name: str, *, family: int = 4, timeout: float = 20.0
+) -> dict[str, Any]:
+    """``first_reply`` run inside ``node`` against its DNS stub (``python -m
+    cyphonic_testbed.overlay first-reply``): the fresh route's first reply, its address."""
+    proc = node.run(
+        [
+            sys.executable,
+            "-m",
+            "cyphonic_testbed.overlay",
+            "first-reply",
+            "--name",
+            name,
+            "--family",
+            str(family),
+            "--timeout",
+            f"{timeout:g}",
+        ],
+        timeout=timeout + 40,
+    )
+    if proc.returncode != 0:
+        raise TestbedError(f"no first reply from {name} in {node.name}: {proc.stderr}")
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cyphonic_testbed.overlay first-reply --name N [--dns 127.0.0.1:53]``."""
     parser = argparse.ArgumentParser(prog="python -m cyphonic_testbed.overlay")

@@ -12,6 +12,7 @@ import ipaddress
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -329,6 +330,73 @@ def ping(node: Host, destination: str, *, count: int = 1, timeout: float = 2.0) 
     argv = ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", f"{timeout:g}", destination]
     proc = node.run(argv, timeout=count * (timeout + 0.2) + 10.0)
     return proc.returncode == 0
+
+
+@dataclass(frozen=True)
+class PingStats:
+    """What ``ping -q`` summed up: RTT min/avg/max in ms and the loss in percent."""
+
+    min_ms: float
+    avg_ms: float
+    max_ms: float
+    loss_pct: float
+
+
+def ping_stats(
+    node: Host, destination: str, *, count: int, interval: float = 0.01, wait_s: float = 2.0
+) -> PingStats:
+    """``count`` echo requests ``interval`` s apart from ``node``; raises when none answered."""
+    out = node.run(
+        [
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            str(count),
+            "-i",
+            f"{interval:g}",
+            "-W",
+            f"{wait_s:g}",
+            destination,
+        ],
+        timeout=count * (interval + 0.05) + 30,
+    ).stdout
+    rtt = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms", out)
+    loss = re.search(r"([\d.]+)% packet loss", out)
+    if not rtt:
+        raise TestbedError(f"no echo reply from {destination} in {node.name}: {out}")
+    low, avg, high = (float(x) for x in rtt.groups()[:3])
+    return PingStats(low, avg, high, float(loss.group(1)) if loss else 0.0)
+
+
+def iperf_tcp(
+    client: Host, server: Host, address: str, *, seconds: float, port: int = 5201
+) -> tuple[float, int | None]:
+    """iperf3 TCP from ``client`` to ``server`` listening on ``address``: (Gbit/s received,
+    sender retransmits)."""
+    daemon = server.popen(
+        ["iperf3", "-s", "-1", "-B", address, "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: f":{port}" in server.run(["ss", "-Hltn"]).stdout,
+            timeout=10,
+            message=f"iperf3 did not listen in {server.name}",
+        )
+        out = client.run(
+            ["iperf3", "-c", address, "-p", str(port), "-t", f"{seconds:g}", "-O", "1", "-J"],
+            timeout=seconds + 60,
+        )
+        if out.returncode != 0:
+            raise TestbedError(f"iperf3 failed: {out.stdout[-2000:]}{out.stderr}")
+        end = json.loads(out.stdout)["end"]
+        return end["sum_received"]["bits_per_second"] / 1e9, end["sum_sent"].get("retransmits")
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        daemon.wait(timeout=15)
 
 
 # Receives until the announced length, answers with its SHA-256 (hex).

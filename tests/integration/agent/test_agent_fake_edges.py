@@ -19,85 +19,26 @@ from typing import Any
 
 import httpx
 import pytest
-from cyphonic.pki import init_pki
 from cyphonic_agent.metrics import MetricsServer
 from cyphonic_agent.mobility import HostPath
 from cyphonic_agent.routes import RouteState
 from cyphonic_testing.agent import (
     RunningAgent,
-    agent_settings,
-    as_process,
-    enrol,
-    fake_edges,
     udp_packet,
 )
-from cyphonic_testing.nms import NmsProcess
-from cyphonic_testing.processes import ADMIN_TOKEN
+from cyphonic_testing.cloud import DOMAIN, LoopbackCloud, loopback_cloud
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.timeout(240)
 
-DOMAIN = "cyphonic.internal"
-
-
-class Cloud:
-    """PKI, one AS and one NMS process sharing a SQLite registry."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.pki = tmp / "pki"
-        init_pki(self.pki, domain=DOMAIN, now=datetime.datetime.now(datetime.UTC))
-        database = f"sqlite+aiosqlite:///{tmp / 'registry.db'}"
-        self.nms = NmsProcess(
-            pki_dir=self.pki,
-            database_url=database,
-            redis_url=None,
-            replica_id="nms-1",
-            log_path=tmp / "nms.log",
-            admin_token=ADMIN_TOKEN,
-            relay_secret="relay-secret-for-integration-tests-0123",
-            extra_env={"CYPHONIC_QUIC_HOST": "127.0.0.1"},
-        )
-        self.auth = as_process(
-            tmp=tmp,
-            pki_dir=self.pki,
-            database_url=database,
-            domain=DOMAIN,
-            nms_endpoints=[f"127.0.0.1:{self.nms.quic_port}"],
-        )
-        self.agents: list[RunningAgent] = []
-
-    async def start(self) -> None:
-        # The AS migrates the registry the NMS then uses.
-        await self.auth.start()
-        await self.nms.start()
-
-    async def agent(self, name: str, **settings_extra: object) -> RunningAgent:
-        state = await enrol(self.auth, name=name, pki_dir=self.pki, state_dir=self.tmp / name)
-        settings = agent_settings(state, **settings_extra)
-        agent = RunningAgent(settings, edges=fake_edges())
-        self.agents.append(agent)
-        await agent.start()
-        return agent
-
-    async def close(self) -> None:
-        for agent in self.agents:
-            await agent.stop()
-        self.nms.stop()
-        self.auth.stop()
-
 
 @pytest.fixture
-async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
-    world = Cloud(tmp_path)
-    try:
-        await world.start()
+async def cloud(tmp_path: Path) -> AsyncIterator[LoopbackCloud]:
+    async with loopback_cloud(tmp_path) as world:
         yield world
-    finally:
-        await world.close()
 
 
-async def test_two_real_agents_carry_a_packet_without_root(cloud: Cloud) -> None:
+async def test_two_real_agents_carry_a_packet_without_root(cloud: LoopbackCloud) -> None:
     alice = await cloud.agent("alice")
     bob = await cloud.agent("bob")
     for running in (alice, bob):
@@ -137,7 +78,7 @@ async def test_two_real_agents_carry_a_packet_without_root(cloud: Cloud) -> None
     assert counters["route_requests"] == 1 and counters["tunnels_connected"] == 1
 
 
-async def test_an_unknown_name_is_no_such_node_and_held(cloud: Cloud) -> None:
+async def test_an_unknown_name_is_no_such_node_and_held(cloud: LoopbackCloud) -> None:
     alice = await cloud.agent("alice")
     assert await alice.agent.peers.lookup(f"nobody.{DOMAIN}") is None
     # Held down: a second lookup moments later does not ask the NMS again.
@@ -145,7 +86,7 @@ async def test_an_unknown_name_is_no_such_node_and_held(cloud: Cloud) -> None:
     assert alice.agent.counters()["route_requests"] == 1
 
 
-async def test_the_agent_reports_the_nms_losing_and_reconnects(cloud: Cloud) -> None:
+async def test_the_agent_reports_the_nms_losing_and_reconnects(cloud: LoopbackCloud) -> None:
     alice = await cloud.agent("alice")
     cloud.nms.stop()
     loop = asyncio.get_running_loop()
@@ -162,7 +103,7 @@ async def test_the_agent_reports_the_nms_losing_and_reconnects(cloud: Cloud) -> 
         assert (await client.get(f"{cloud.nms.rest}/readyz")).status_code == 200
 
 
-async def test_a_move_reregisters_and_the_status_shows_the_handover(cloud: Cloud) -> None:
+async def test_a_move_reregisters_and_the_status_shows_the_handover(cloud: LoopbackCloud) -> None:
     alice = await cloud.agent("alice")
     before = alice.agent.snapshot()
     assert before.handovers == 0 and before.last_handover is None
@@ -217,7 +158,7 @@ async def scrape(server: MetricsServer | None) -> dict[tuple[str, frozenset[Any]
     }
 
 
-async def test_a_packet_the_policy_refuses_shows_in_the_metrics(cloud: Cloud) -> None:
+async def test_a_packet_the_policy_refuses_shows_in_the_metrics(cloud: LoopbackCloud) -> None:
     alice = await cloud.agent("alice", metrics_listen="127.0.0.1:0")
     bob = await cloud.agent("bob", metrics_listen="127.0.0.1:0")
     not_allowed = (

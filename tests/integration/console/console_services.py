@@ -6,100 +6,19 @@ operator would (CYPHONIC_AS_URL, CYPHONIC_TRS_ADMIN_URLS)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+from cyphonic_testing.processes import CliService as Service
+from cyphonic_testing.processes import start_cli_service as start_service
 
 BIN = Path(sys.executable).parent
 DOMAIN = "cyphonic.internal"
-START_TIMEOUT_S = 120.0
 ADMIN_TOKEN = "console-admin-token-0123456789abcdef"  # shared by the three services
-
-
-def free_port(kind: int, host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, kind) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Service:
-    """One service process with its admin REST on loopback."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    url: str
-    quic_port: int
-    log: Path
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-                return None
-        return self.proc.returncode
-
-
-def start_service(
-    name: str, args: list[str], *, env: dict[str, str], tmp: Path, quic_host: str = "127.0.0.1"
-) -> Service:
-    """``cyphonic-<name> serve`` with its own ports; returns once ``/readyz`` answers 200."""
-    http_port = free_port(socket.SOCK_STREAM)
-    quic_port = free_port(socket.SOCK_DGRAM, "::" if quic_host == "::" else quic_host)
-    log = tmp / f"{name}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                str(BIN / f"cyphonic-{name}"),
-                "serve",
-                "--http-port",
-                str(http_port),
-                "--quic-host",
-                quic_host,
-                "--quic-port",
-                str(quic_port),
-                *args,
-            ],
-            env={
-                **os.environ,
-                "CYPHONIC_ENVIRONMENT": "test",
-                "CYPHONIC_LOG_FORMAT": "json",
-                **env,
-            },
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    service = Service(
-        name=name, proc=proc, url=f"http://127.0.0.1:{http_port}", quic_port=quic_port, log=log
-    )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"cyphonic-{name} exited {proc.returncode}:\n{log.read_text()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{service.url}/readyz", timeout=2).status_code == 200:
-                return service
-        if time.monotonic() > deadline:
-            service.stop()
-            raise RuntimeError(
-                f"cyphonic-{name} not ready in {START_TIMEOUT_S}s:\n{log.read_text()}"
-            )
-        time.sleep(0.2)
 
 
 @dataclass

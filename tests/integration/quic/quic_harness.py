@@ -10,8 +10,9 @@ from typing import Any
 
 from aioquic.quic.events import DatagramFrameReceived, QuicEvent, StreamDataReceived
 from cyphonic import pki
+from cyphonic.config import ALPN_SIGNALLING, ALPN_TUNNEL
 from cyphonic.errors import CyphonicError
-from cyphonic.quic import Connection, QuicEndpoint
+from cyphonic.quic import Acceptor, Connection, QuicEndpoint
 
 DOMAIN = "cyphonic.internal"
 NMS_NAME = f"nms.svc.{DOMAIN}"
@@ -107,6 +108,55 @@ EndpointMaker = Callable[..., Awaitable[QuicEndpoint]]
 
 def port_of(endpoint: QuicEndpoint) -> tuple[str, int]:
     return ("127.0.0.1", endpoint.local_address[1])
+
+
+async def dial_node(
+    client: QuicEndpoint, where: tuple[str, int], name: str = "bob", **kwargs: Any
+) -> Connection:
+    """A tunnel connection to node ``name`` at ``where``, answered by a ``Recorder``."""
+    return await client.connect(
+        where,
+        alpn=ALPN_TUNNEL,
+        expect="node",
+        expected_name=f"{name}.{DOMAIN}",
+        handler_factory=Handlers().factory,
+        **kwargs,
+    )
+
+
+async def dial_nms(client: QuicEndpoint, where: tuple[str, int], **kwargs: Any) -> Connection:
+    """A signalling connection to the NMS at ``where``, answered by a ``Recorder``."""
+    return await client.connect(
+        where,
+        alpn=ALPN_SIGNALLING,
+        expected_name=NMS_NAME,
+        handler_factory=Handlers().factory,
+        **kwargs,
+    )
+
+
+async def tunnel_pair(
+    endpoints: EndpointMaker,
+    ca: Pki,
+    *,
+    client_engine: str | None = None,
+    server_engine: str | None = None,
+) -> tuple[QuicEndpoint, QuicEndpoint, Connection, Recorder]:
+    """Two node endpoints (engines as given, else the test's) and one tunnel between them:
+    (alice's endpoint, bob's endpoint, alice's connection, bob's side of it)."""
+    handlers = Handlers()
+    server_options = {"engine": server_engine} if server_engine else {}
+    client_options = {"engine": client_engine} if client_engine else {}
+    bob = await endpoints(
+        identity=ca.node("bob"),
+        trust=ca.trust,
+        accept={ALPN_TUNNEL: Acceptor(handlers.factory, expect="node")},
+        **server_options,
+    )
+    alice = await endpoints(identity=ca.node("alice"), trust=ca.trust, **client_options)
+    conn = await dial_node(alice, port_of(bob))
+    (bob_side,) = handlers.made
+    return alice, bob, conn, bob_side
 
 
 async def request(conn: Connection, data: bytes, *, within: float = 5.0) -> bytes:

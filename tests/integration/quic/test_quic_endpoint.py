@@ -12,7 +12,18 @@ import pytest
 from cyphonic.config import ALPN_SIGNALLING, ALPN_TUNNEL
 from cyphonic.errors import InvalidArgument, Timeout, Unavailable
 from cyphonic.quic import Acceptor, QuicEndpoint
-from quic_harness import DOMAIN, NMS_NAME, EndpointMaker, Handlers, Pki, port_of, request
+from quic_harness import (
+    DOMAIN,
+    NMS_NAME,
+    EndpointMaker,
+    Handlers,
+    Pki,
+    dial_nms,
+    dial_node,
+    port_of,
+    request,
+    tunnel_pair,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -78,19 +89,8 @@ async def test_one_socket_serves_and_connects(endpoints: EndpointMaker, ca: Pki)
     )
     alice = await endpoints(identity=ca.node("alice"), trust=ca.trust)
 
-    to_nms = await bob.connect(
-        port_of(nms),
-        alpn=ALPN_SIGNALLING,
-        expected_name=NMS_NAME,
-        handler_factory=Handlers().factory,
-    )
-    from_alice = await alice.connect(
-        port_of(bob),
-        alpn=ALPN_TUNNEL,
-        expect="node",
-        expected_name=f"bob.{DOMAIN}",
-        handler_factory=Handlers().factory,
-    )
+    to_nms = await dial_nms(bob, port_of(nms))
+    from_alice = await dial_node(alice, port_of(bob))
     roles = sorted(c.is_client for c in bob.connections)
     assert roles == [False, True]
     # The NMS sees Bob at the very port Alice reached Bob on: one socket.
@@ -105,21 +105,7 @@ async def test_one_socket_serves_and_connects(endpoints: EndpointMaker, ca: Pki)
 
 
 async def test_datagrams_both_ways(endpoints: EndpointMaker, ca: Pki) -> None:
-    server_handlers = Handlers()
-    bob = await endpoints(
-        identity=ca.node("bob"),
-        trust=ca.trust,
-        accept={ALPN_TUNNEL: Acceptor(server_handlers.factory, expect="node")},
-    )
-    alice = await endpoints(identity=ca.node("alice"), trust=ca.trust)
-    conn = await alice.connect(
-        port_of(bob),
-        alpn=ALPN_TUNNEL,
-        expect="node",
-        expected_name=f"bob.{DOMAIN}",
-        handler_factory=Handlers().factory,
-    )
-    (bob_side,) = server_handlers.made
+    _alice, bob, conn, bob_side = await tunnel_pair(endpoints, ca)
 
     # Alice's side uses the fast path, Bob's goes through the handler.
     got: asyncio.Queue[bytes] = asyncio.Queue()
@@ -160,21 +146,7 @@ async def test_datagrams_done_answers_in_the_receive_pass(
     """The tunnel's hooks: ``datagrams_done`` runs once per wake-up, after the wake-up's
     datagrams went to ``datagram_handler``; what it queues goes out in that wake-up's
     transmit pass. ``transmit(now=True)`` outside a pass sends before it returns."""
-    server_handlers = Handlers()
-    bob = await endpoints(
-        identity=ca.node("bob"),
-        trust=ca.trust,
-        accept={ALPN_TUNNEL: Acceptor(server_handlers.factory, expect="node")},
-    )
-    alice = await endpoints(identity=ca.node("alice"), trust=ca.trust)
-    conn = await alice.connect(
-        port_of(bob),
-        alpn=ALPN_TUNNEL,
-        expect="node",
-        expected_name=f"bob.{DOMAIN}",
-        handler_factory=Handlers().factory,
-    )
-    (bob_side,) = server_handlers.made
+    alice, _bob, conn, bob_side = await tunnel_pair(endpoints, ca)
     replies: asyncio.Queue[bytes] = asyncio.Queue()
     conn.datagram_handler = replies.put_nowait
     gathered: list[bytes] = []
@@ -215,21 +187,7 @@ async def test_datagrams_done_for_datagrams_from_a_stream(
 ) -> None:
     """Datagrams handed in by ``receive_datagrams`` (a TCP 443 stream) reach
     ``datagrams_done`` as socket ones do: the agent's data path writes to its TUN there."""
-    server_handlers = Handlers()
-    bob = await endpoints(
-        identity=ca.node("bob"),
-        trust=ca.trust,
-        accept={ALPN_TUNNEL: Acceptor(server_handlers.factory, expect="node")},
-    )
-    alice = await endpoints(identity=ca.node("alice"), trust=ca.trust)
-    conn = await alice.connect(
-        port_of(bob),
-        alpn=ALPN_TUNNEL,
-        expect="node",
-        expected_name=f"bob.{DOMAIN}",
-        handler_factory=Handlers().factory,
-    )
-    (bob_side,) = server_handlers.made
+    alice, bob, conn, bob_side = await tunnel_pair(endpoints, ca)
     bob_conn = bob_side.conn
     gathered: list[bytes] = []
     batches: list[list[bytes]] = []
@@ -286,11 +244,9 @@ async def test_relay_chosen_connection_ids(endpoints: EndpointMaker, ca: Pki, en
     server.server_connection_id_factory = server_factory  # type: ignore[assignment]
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
     first_dcid = b"\x77" * 8
-    conn = await client.connect(
+    conn = await dial_nms(
+        client,
         port_of(server),
-        alpn=ALPN_SIGNALLING,
-        expected_name=NMS_NAME,
-        handler_factory=Handlers().factory,
         connection_id_factory=client_cids,
         initial_destination_cid=first_dcid,
     )
@@ -352,12 +308,7 @@ async def test_idle_timeout_ends_connection(endpoints: EndpointMaker, ca: Pki) -
         accept={ALPN_SIGNALLING: handlers.factory},
     )
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust, idle_timeout=0.6)
-    conn = await client.connect(
-        port_of(server),
-        alpn=ALPN_SIGNALLING,
-        expected_name=NMS_NAME,
-        handler_factory=Handlers().factory,
-    )
+    conn = await dial_nms(client, port_of(server))
     await asyncio.wait_for(conn.wait_closed(), 10)
     assert isinstance(conn.error, Timeout)
     server_error = await asyncio.wait_for(handlers.made[0].lost, 10)
@@ -394,20 +345,10 @@ async def test_dual_stack_endpoint_reaches_ipv4_and_ipv6(endpoints: EndpointMake
     )
     port = server.local_address[1]
     v4 = await endpoints(identity=ca.node("alice"), trust=ca.trust)
-    conn4 = await v4.connect(
-        ("127.0.0.1", port),
-        alpn=ALPN_SIGNALLING,
-        expected_name=NMS_NAME,
-        handler_factory=Handlers().factory,
-    )
+    conn4 = await dial_nms(v4, ("127.0.0.1", port))
     assert await request(conn4, b"4") == b"echo:4"
     v6 = await endpoints(host="::1", identity=ca.node("bob"), trust=ca.trust)
-    conn6 = await v6.connect(
-        ("::1", port),
-        alpn=ALPN_SIGNALLING,
-        expected_name=NMS_NAME,
-        handler_factory=Handlers().factory,
-    )
+    conn6 = await dial_nms(v6, ("::1", port))
     assert await request(conn6, b"6") == b"echo:6"
     addresses = sorted(c.peer_address[0] for c in server.connections)
     assert addresses == ["127.0.0.1", "::1"]
@@ -426,12 +367,7 @@ async def test_endpoint_close_tells_peers(endpoints: EndpointMaker, ca: Pki) -> 
         identity=ca.service("nms"), trust=ca.trust, accept={ALPN_SIGNALLING: handlers.factory}
     )
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
-    conn = await client.connect(
-        port_of(server),
-        alpn=ALPN_SIGNALLING,
-        expected_name=NMS_NAME,
-        handler_factory=Handlers().factory,
-    )
+    conn = await dial_nms(client, port_of(server))
     await server.close()
     await asyncio.wait_for(conn.wait_closed(), 5)
     assert isinstance(conn.error, Unavailable)
@@ -454,12 +390,7 @@ async def test_datagram_filter_sees_traffic_first(endpoints: EndpointMaker, ca: 
 
     server.datagram_filter = relay
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
-    conn = await client.connect(
-        port_of(server),
-        alpn=ALPN_SIGNALLING,
-        expected_name=NMS_NAME,
-        handler_factory=Handlers().factory,
-    )
+    conn = await dial_nms(client, port_of(server))
     assert await request(conn, b"through") == b"echo:through"
     assert len(offered) == server.stats.datagrams_received
     swallow = True
@@ -481,13 +412,7 @@ async def test_ping_acknowledgement_is_recorded(endpoints: EndpointMaker, ca: Pk
         accept={ALPN_TUNNEL: Acceptor(server_handlers.factory, expect="node")},
     )
     alice = await endpoints(identity=ca.node("alice"), trust=ca.trust)
-    conn = await alice.connect(
-        port_of(bob),
-        alpn=ALPN_TUNNEL,
-        expect="node",
-        expected_name=f"bob.{DOMAIN}",
-        handler_factory=Handlers().factory,
-    )
+    conn = await dial_node(alice, port_of(bob))
     await asyncio.sleep(0.1)
     before = conn.ping_acked_at
     conn.quic.send_ping(7)

@@ -14,7 +14,16 @@ import pytest
 from cyphonic.config import ALPN_TUNNEL
 from cyphonic.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from cyphonic.quic import Acceptor, QuicEndpoint
-from quic_harness import DOMAIN, EndpointMaker, Handlers, Pki, port_of, request
+from quic_harness import (
+    DOMAIN,
+    EndpointMaker,
+    Handlers,
+    Pki,
+    dial_node,
+    port_of,
+    request,
+    tunnel_pair,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,22 +40,9 @@ ALL_PAIRS = [*PAIRS, ("aioquic", "aioquic")]
 async def test_mixed_engines_talk_mutual_tls(
     endpoints: EndpointMaker, ca: Pki, client_engine: str, server_engine: str
 ) -> None:
-    handlers = Handlers()
-    bob = await endpoints(
-        identity=ca.node("bob"),
-        trust=ca.trust,
-        engine=server_engine,
-        accept={ALPN_TUNNEL: Acceptor(handlers.factory, expect="node")},
+    alice, bob, conn, bob_side = await tunnel_pair(
+        endpoints, ca, client_engine=client_engine, server_engine=server_engine
     )
-    alice = await endpoints(identity=ca.node("alice"), trust=ca.trust, engine=client_engine)
-    conn = await alice.connect(
-        port_of(bob),
-        alpn=ALPN_TUNNEL,
-        expect="node",
-        expected_name=f"bob.{DOMAIN}",
-        handler_factory=Handlers().factory,
-    )
-    (bob_side,) = handlers.made
     assert conn.engine == client_engine
     assert bob_side.conn.engine == server_engine
     # Each side verified the other's certificate inside the handshake.
@@ -160,21 +156,7 @@ async def test_relayed_connections_run_on_every_pairing(
 
 
 async def test_connection_accessors(endpoints: EndpointMaker, ca: Pki, engine: str) -> None:
-    handlers = Handlers()
-    bob = await endpoints(
-        identity=ca.node("bob"),
-        trust=ca.trust,
-        accept={ALPN_TUNNEL: Acceptor(handlers.factory, expect="node")},
-    )
-    alice = await endpoints(identity=ca.node("alice"), trust=ca.trust)
-    conn = await alice.connect(
-        port_of(bob),
-        alpn=ALPN_TUNNEL,
-        expect="node",
-        expected_name=f"bob.{DOMAIN}",
-        handler_factory=Handlers().factory,
-    )
-    (bob_side,) = handlers.made
+    _alice, bob, conn, bob_side = await tunnel_pair(endpoints, ca)
     assert await request(conn, b"rtt sample") == b"echo:rtt sample"
     for side in (conn, bob_side.conn):
         assert side.engine == engine
@@ -218,13 +200,7 @@ async def test_full_size_bursts_arrive_whole(endpoints: EndpointMaker, ca: Pki, 
     )
     alice = await endpoints(identity=ca.node("alice"), trust=ca.trust)
     alice.gso = gso
-    conn = await alice.connect(
-        port_of(bob),
-        alpn=ALPN_TUNNEL,
-        expect="node",
-        expected_name=f"bob.{DOMAIN}",
-        handler_factory=Handlers().factory,
-    )
+    conn = await dial_node(alice, port_of(bob))
     (bob_side,) = handlers.made
     size = conn.max_datagram_payload()
     packets = [i.to_bytes(2, "big") * (size // 2) for i in range(60)]

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from cyphonic.config import ALPN_TUNNEL
-from quic_harness import DOMAIN, EndpointMaker, Handlers, Pki, port_of, request
+from quic_harness import EndpointMaker, Handlers, Pki, dial_node, port_of, request
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -98,13 +98,7 @@ async def test_the_connection_follows_a_client_that_moves_away_and_back(
     alice = await endpoints(identity=ca.node("alice"), trust=ca.trust)
     async with _uplinks(port_of(bob)) as uplinks:
         inside = uplinks.inside.get_extra_info("sockname")[:2]
-        conn = await alice.connect(
-            inside,
-            alpn=ALPN_TUNNEL,
-            expect="node",
-            expected_name=f"bob.{DOMAIN}",
-            handler_factory=Handlers().factory,
-        )
+        conn = await dial_node(alice, inside)
         assert await request(conn, b"before") == b"echo:before"
         (bob_side,) = [h.conn for h in handlers.made]
         assert bob_side.peer_address == uplinks.outside()

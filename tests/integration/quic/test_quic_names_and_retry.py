@@ -24,7 +24,17 @@ from cyphonic import pki
 from cyphonic.config import ALPN_SIGNALLING, ALPN_TUNNEL
 from cyphonic.errors import PermissionDenied
 from cyphonic.quic import Acceptor, QuicEndpoint
-from quic_harness import DOMAIN, NMS_NAME, EndpointMaker, Handlers, Pki, port_of, request
+from quic_harness import (
+    DOMAIN,
+    NMS_NAME,
+    EndpointMaker,
+    Handlers,
+    Pki,
+    dial_nms,
+    dial_node,
+    port_of,
+    request,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,13 +127,7 @@ async def test_node_to_node_checks_both_names(endpoints: EndpointMaker, ca: Pki)
             port_of(bob), alpn=ALPN_TUNNEL, expect="node", expected_name=f"carol.{DOMAIN}"
         )
     assert handlers.made == []
-    conn = await alice.connect(
-        port_of(bob),
-        alpn=ALPN_TUNNEL,
-        expect="node",
-        expected_name=f"bob.{DOMAIN}",
-        handler_factory=Handlers().factory,
-    )
+    conn = await dial_node(alice, port_of(bob))
     assert await request(conn, b"hi") == b"echo:hi"
 
 
@@ -139,12 +143,7 @@ async def test_a_client_is_admitted_after_a_retry(endpoints: EndpointMaker, ca: 
         retry_threshold=0,  # validate every address
     )
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
-    conn = await client.connect(
-        port_of(server),
-        alpn=ALPN_SIGNALLING,
-        expected_name=NMS_NAME,
-        handler_factory=Handlers().factory,
-    )
+    conn = await dial_nms(client, port_of(server))
     assert await request(conn, b"hello") == b"echo:hello"
     retries = server.stats.retries_sent
     assert retries >= 1  # one per datagram of the first flight (qh3's may take two)
@@ -201,14 +200,7 @@ async def test_an_initial_flood_from_many_sources_leaves_room_for_a_genuine_peer
     assert len(server.connections) <= 2
     assert server.stats.handshakes_refused == 0
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
-    conn = await client.connect(
-        where,
-        alpn=ALPN_TUNNEL,
-        expect="node",
-        expected_name=f"bob.{DOMAIN}",
-        timeout=5,
-        handler_factory=Handlers().factory,
-    )
+    conn = await dial_node(client, where, timeout=5)
     assert await request(conn, b"still here") == b"echo:still here"
 
 

@@ -33,6 +33,7 @@ from quic_harness import (
     EndpointMaker,
     Handlers,
     Pki,
+    dial_nms,
     port_of,
     request,
     utcnow,
@@ -281,11 +282,6 @@ async def test_accepted_after_refusals_still_works(endpoints: EndpointMaker, ca:
     with pytest.raises(Unauthenticated):
         await bad.connect(port_of(server), alpn=ALPN_SIGNALLING, expected_name=NMS_NAME)
     good = await endpoints(identity=ca.node("alice"), trust=ca.trust)
-    conn = await good.connect(
-        port_of(server),
-        alpn=ALPN_SIGNALLING,
-        expected_name=NMS_NAME,
-        handler_factory=Handlers().factory,
-    )
+    conn = await dial_nms(good, port_of(server))
     assert await request(conn, b"ping") == b"echo:ping"
     assert [h.conn.peer.name for h in handlers.made if h.conn.peer] == [f"alice.{DOMAIN}"]

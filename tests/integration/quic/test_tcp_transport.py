@@ -23,7 +23,7 @@ from cyphonic.quic.tcp_transport import (
     open_stream,
 )
 from cyphonic.stream_address import is_stream_host
-from quic_harness import NMS_NAME, EndpointMaker, Handlers, Pki, request
+from quic_harness import NMS_NAME, EndpointMaker, Handlers, Pki, dial_nms, request
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,13 +64,7 @@ async def test_udp_blocked_then_back(endpoints: EndpointMaker, ca: Pki) -> None:
     paths = StreamPaths(client, trust=ca.trust, choice=choice)
     try:
         port = server.local_address[1]
-        conn = await client.connect(
-            ("127.0.0.1", port),
-            alpn=ALPN_SIGNALLING,
-            expected_name=NMS_NAME,
-            timeout=10,
-            handler_factory=Handlers().factory,
-        )
+        conn = await dial_nms(client, ("127.0.0.1", port), timeout=10)
         assert await request(conn, b"over tcp") == b"echo:over tcp"
         assert choice.carrier is Carrier.TCP
         assert paths.snapshot()["carrier"] == "tcp"
@@ -81,13 +75,7 @@ async def test_udp_blocked_then_back(endpoints: EndpointMaker, ca: Pki) -> None:
 
         # A second service connection goes straight over the stream: nothing over UDP.
         dropped = firewall.dropped
-        conn2 = await client.connect(
-            ("127.0.0.1", port),
-            alpn=ALPN_SIGNALLING,
-            expected_name=NMS_NAME,
-            timeout=10,
-            handler_factory=Handlers().factory,
-        )
+        conn2 = await dial_nms(client, ("127.0.0.1", port), timeout=10)
         assert await request(conn2, b"again") == b"echo:again"
         assert firewall.dropped == dropped
         conn2.close()
@@ -114,24 +102,14 @@ async def test_udp_answers_first_stays_udp(endpoints: EndpointMaker, ca: Pki) ->
     choice = PathChoice(race_delay_s=0.5, probe_interval_s=30)
     paths = StreamPaths(client, trust=ca.trust, choice=choice)
     try:
-        conn = await client.connect(
-            ("127.0.0.1", server.local_address[1]),
-            alpn=ALPN_SIGNALLING,
-            expected_name=NMS_NAME,
-            handler_factory=Handlers().factory,
-        )
+        conn = await dial_nms(client, ("127.0.0.1", server.local_address[1]))
         assert await request(conn, b"x") == b"echo:x"
         assert choice.carrier is Carrier.UDP
         await asyncio.sleep(0.7)  # past the race delay: still no stream
         assert listener.stats.streams_accepted == 0
         # Races one after another leave no watcher behind (nor one watching itself).
         for _ in range(3):
-            again = await client.connect(
-                ("127.0.0.1", server.local_address[1]),
-                alpn=ALPN_SIGNALLING,
-                expected_name=NMS_NAME,
-                handler_factory=Handlers().factory,
-            )
+            again = await dial_nms(client, ("127.0.0.1", server.local_address[1]))
             assert await request(again, b"y") == b"echo:y"
             await asyncio.sleep(0.6)
             assert client.datagram_filter is None

@@ -12,7 +12,6 @@ agent stops with a clear ``expired`` error, and says so again at the next start.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import itertools
 import signal
 import time
@@ -23,83 +22,31 @@ import pytest
 from cryptography import x509
 from cyphonic.config import ALPN_TUNNEL
 from cyphonic.errors import CyphonicError, Expired
-from cyphonic.pki import TrustStore, init_pki, load_certificates, load_identity
+from cyphonic.pki import TrustStore, load_certificates, load_identity
 from cyphonic.quic import QuicEndpoint
 from cyphonic_agent.agent import Agent, AgentFailed
 from cyphonic_agent.routes import RouteState
 from cyphonic_testing.agent import (
     RunningAgent,
-    agent_settings,
-    as_process,
-    enrol,
     fake_edges,
     udp_packet,
 )
-from cyphonic_testing.nms import NmsProcess
-from cyphonic_testing.processes import ADMIN_TOKEN
+from cyphonic_testing.cloud import DOMAIN, LoopbackCloud, loopback_cloud
 
 pytestmark = pytest.mark.timeout(300)
 
-DOMAIN = "cyphonic.internal"
+
 LIFETIME_S = 45
 PING_S = 0.05
 GAP_BOUND_S = 3.0  # generous under load; the printed figure is the measurement
 
 
-class Cloud:
-    def __init__(self, tmp: Path, *, lifetime_s: int) -> None:
-        self.tmp = tmp
-        self.pki = tmp / "pki"
-        init_pki(self.pki, domain=DOMAIN, now=datetime.datetime.now(datetime.UTC))
-        database = f"sqlite+aiosqlite:///{tmp / 'registry.db'}"
-        self.nms = NmsProcess(
-            pki_dir=self.pki,
-            database_url=database,
-            redis_url=None,
-            replica_id="nms-1",
-            log_path=tmp / "nms.log",
-            admin_token=ADMIN_TOKEN,
-            relay_secret="relay-secret-for-integration-tests-0123",
-            extra_env={"CYPHONIC_QUIC_HOST": "127.0.0.1"},
-        )
-        self.auth = as_process(
-            tmp=tmp,
-            pki_dir=self.pki,
-            database_url=database,
-            domain=DOMAIN,
-            nms_endpoints=[f"127.0.0.1:{self.nms.quic_port}"],
-        )
-        self.auth.env["CYPHONIC_NODE_CERT_SECONDS"] = str(lifetime_s)
-        self.agents: list[RunningAgent] = []
-
-    async def start(self) -> None:
-        await self.auth.start()
-        await self.nms.start()
-
-    async def agent(self, name: str) -> RunningAgent:
-        state = await enrol(self.auth, name=name, pki_dir=self.pki, state_dir=self.tmp / name)
-        running = RunningAgent(agent_settings(state), edges=fake_edges())
-        self.agents.append(running)
-        await running.start()
-        return running
-
-    async def close(self) -> None:
-        for running in self.agents:
-            await running.stop()
-        if self.auth.proc is not None and self.auth.proc.poll() is None:
-            self.auth.proc.send_signal(signal.SIGCONT)
-        self.nms.stop()
-        self.auth.stop()
-
-
 @pytest.fixture
-async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
-    world = Cloud(tmp_path, lifetime_s=LIFETIME_S)
-    try:
-        await world.start()
+async def cloud(tmp_path: Path) -> AsyncIterator[LoopbackCloud]:
+    async with loopback_cloud(
+        tmp_path, as_env={"CYPHONIC_NODE_CERT_SECONDS": str(LIFETIME_S)}
+    ) as world:
         yield world
-    finally:
-        await world.close()
 
 
 async def _up(running: RunningAgent, peer: str) -> None:
@@ -111,7 +58,7 @@ async def _up(running: RunningAgent, peer: str) -> None:
 
 
 async def test_certificates_renew_in_place_and_the_tunnel_keeps_passing_packets(
-    cloud: Cloud,
+    cloud: LoopbackCloud,
 ) -> None:
     alice = await cloud.agent("alice")
     bob = await cloud.agent("bob")
@@ -184,7 +131,7 @@ async def test_certificates_renew_in_place_and_the_tunnel_keeps_passing_packets(
     seen: list[x509.Certificate] = []
     root = load_certificates(cloud.pki / "root-ca.crt")[0]
     node_ca = load_certificates(cloud.pki / "node-ca.crt")[0]
-    carol_dir = await enrol(cloud.auth, name="carol", pki_dir=cloud.pki, state_dir=cloud.tmp / "c")
+    carol_dir = await cloud.enrol("carol", state_dir=cloud.tmp / "c")
     carol = await QuicEndpoint.open(
         host="127.0.0.1",
         port=0,
@@ -207,9 +154,7 @@ async def test_certificates_renew_in_place_and_the_tunnel_keeps_passing_packets(
 
 
 async def test_expiry_without_renewal_is_a_clear_error(tmp_path: Path) -> None:
-    world = Cloud(tmp_path, lifetime_s=20)
-    try:
-        await world.start()
+    async with loopback_cloud(tmp_path, as_env={"CYPHONIC_NODE_CERT_SECONDS": "20"}) as world:
         alice = await world.agent("alice")
         assert world.auth.proc is not None
         world.auth.proc.send_signal(signal.SIGSTOP)  # no AS: nothing can renew
@@ -225,5 +170,3 @@ async def test_expiry_without_renewal_is_a_clear_error(tmp_path: Path) -> None:
         with pytest.raises(AgentFailed, match="expired: the node certificate"):
             await asyncio.wait_for(again.run(asyncio.Event()), 10)
         print(f"\n{message}")
-    finally:
-        await world.close()

@@ -11,10 +11,6 @@ open connections and refuse new ones in the handshake, while bob is still served
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +29,8 @@ from cyphonic.revocation import close_revoked_on
 from cyphonic.session import SignallingSession
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_agent.enroll import enroll, load_node_trust, node_revocation_cache
+from cyphonic_testing.processes import CliService as Service
+from cyphonic_testing.processes import start_cli_service
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,76 +39,8 @@ ADMIN_TOKEN = "revocation-e2e-admin-token-0123456789"
 RELAY_SECRET = "revocation-e2e-relay-secret-0123456789"
 DOMAIN = "cyphonic.internal"
 TRS_NAME = f"trs.svc.{DOMAIN}"
-START_TIMEOUT_S = 120.0
 REFRESH_S = 0.5
 WITHIN_S = 5.0  # "within a few seconds" of the revocation
-
-
-def _free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Service:
-    name: str
-    proc: subprocess.Popen[bytes]
-    url: str
-    quic_port: int
-    log: Path
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-                return None
-        return self.proc.returncode
-
-
-def _start(name: str, args: list[str], *, env: dict[str, str], tmp: Path) -> Service:
-    http_port, quic_port = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_DGRAM)
-    log = tmp / f"{name}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                str(BIN / f"cyphonic-{name}"),
-                "serve",
-                "--http-port",
-                str(http_port),
-                "--quic-host",
-                "127.0.0.1",
-                "--quic-port",
-                str(quic_port),
-                *args,
-            ],
-            env={
-                **os.environ,
-                "CYPHONIC_ENVIRONMENT": "test",
-                "CYPHONIC_LOG_FORMAT": "json",
-                **env,
-            },
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    service = Service(
-        name=name, proc=proc, url=f"http://127.0.0.1:{http_port}", quic_port=quic_port, log=log
-    )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"cyphonic-{name} exited {proc.returncode}:\n{log.read_text()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{service.url}/readyz", timeout=2).status_code == 200:
-                return service
-        if time.monotonic() > deadline:
-            service.stop()
-            pytest.fail(f"cyphonic-{name} not ready in {START_TIMEOUT_S}s:\n{log.read_text()}")
-        time.sleep(0.2)
 
 
 @dataclass
@@ -133,12 +63,12 @@ def services(registry_url: str, tmp_path: Path) -> Iterator[Services]:
         timeout=60,
     )
     common = {"CYPHONIC_PKI_DIR": str(pki), "CYPHONIC_ADMIN_TOKEN": ADMIN_TOKEN}
-    auth = _start(
+    auth = start_cli_service(
         "as", ["--migrate"], env={**common, "CYPHONIC_DATABASE_URL": registry_url}, tmp=tmp_path
     )
     started = [auth]
     try:
-        trs = _start(
+        trs = start_cli_service(
             "trs",
             ["--as-url", auth.url],
             env={

@@ -14,9 +14,7 @@ embedded default (SQLite registry, no Redis), nodes enrolled over the AS's REST 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,106 +22,32 @@ from pathlib import Path
 import pytest
 from cyphonic.config import ALPN_SIGNALLING
 from cyphonic.errors import Revoked
-from cyphonic.pki import init_pki, load_identity
+from cyphonic.pki import load_identity
 from cyphonic.quic import QuicEndpoint
 from cyphonic.session import SignallingSession
 from cyphonic_agent.enroll import load_node_trust
 from cyphonic_agent.routes import RouteState
-from cyphonic_testing.agent import RunningAgent, agent_settings, as_process, enrol, fake_edges
-from cyphonic_testing.nms import NmsProcess
-from cyphonic_testing.processes import ADMIN_TOKEN, ServiceProcess, free_port
+from cyphonic_testing.agent import RunningAgent
+from cyphonic_testing.cloud import DOMAIN, LoopbackCloud, loopback_cloud
 
 pytestmark = pytest.mark.timeout(300)
 
-DOMAIN = "cyphonic.internal"
+
 SLOW_POLL_S = 30.0
 CRL_REFRESH_S = 1.0
 PUSH_BOUND_S = 5.0  # generous under load; the figure printed is the measurement
 PEER_BOUND_S = CRL_REFRESH_S + 5.0
 
 
-class Cloud:
-    """PKI, AS, NMS and TRS processes sharing a SQLite registry (no Redis)."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.pki = tmp / "pki"
-        init_pki(self.pki, domain=DOMAIN, now=datetime.datetime.now(datetime.UTC))
-        database = f"sqlite+aiosqlite:///{tmp / 'registry.db'}"
-        self.nms = NmsProcess(
-            pki_dir=self.pki,
-            database_url=database,
-            redis_url=None,
-            replica_id="nms-1",
-            log_path=tmp / "nms.log",
-            admin_token=ADMIN_TOKEN,
-            relay_secret="relay-secret-for-integration-tests-0123",
-            extra_env={
-                "CYPHONIC_QUIC_HOST": "127.0.0.1",
-                "CYPHONIC_REVOCATION_POLL_S": str(SLOW_POLL_S),
-            },
-        )
-        self.auth = as_process(
-            tmp=tmp,
-            pki_dir=self.pki,
-            database_url=database,
-            domain=DOMAIN,
-            nms_endpoints=[f"127.0.0.1:{self.nms.quic_port}"],
-        )
-        self.nms.env["CYPHONIC_AS_URL"] = self.auth.rest
-        self.trs_port = free_port(socket.SOCK_DGRAM, host="127.0.0.1")
-        self.trs = ServiceProcess(
-            "cyphonic_trs.cli",
-            log_path=tmp / "trs.log",
-            ready_marker=b"trs_serving",
-            env={
-                "CYPHONIC_PKI_DIR": str(self.pki),
-                "CYPHONIC_DOMAIN": DOMAIN,
-                "CYPHONIC_QUIC_HOST": "127.0.0.1",
-                "CYPHONIC_QUIC_PORT": str(self.trs_port),
-                "CYPHONIC_REPLICA_ID": "1",
-                "CYPHONIC_AS_URL": self.auth.rest,
-                "CYPHONIC_REVOCATION_REFRESH_S": str(SLOW_POLL_S),
-            },
-        )
-        self.agents: list[RunningAgent] = []
-
-    async def start(self) -> None:
-        await self.auth.start()  # migrates the registry the NMS uses
-        await asyncio.gather(self.nms.start(), self.trs.start())
-
-    async def agent(self, name: str) -> RunningAgent:
-        state = await enrol(self.auth, name=name, pki_dir=self.pki, state_dir=self.tmp / name)
-        agent = RunningAgent(agent_settings(state, crl_refresh_s=CRL_REFRESH_S), edges=fake_edges())
-        self.agents.append(agent)
-        await agent.start()
-        return agent
-
-    async def revoke(self, name: str) -> float:
-        """Revoke ``name`` at the AS; the monotonic time the call was made."""
-        async with self.auth.admin() as admin:
-            at = time.monotonic()
-            answer = await admin.post(f"/v1/nodes/{name}/revoke", json={"reason": "keyCompromise"})
-            answer.raise_for_status()
-        return at
-
-    async def close(self) -> None:
-        for agent in self.agents:
-            await agent.stop()
-        for service in (self.trs, self.nms, self.auth):
-            if service.proc is not None and service.proc.poll() is None:
-                service.proc.send_signal(signal.SIGCONT)
-            service.stop()
-
-
 @pytest.fixture
-async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
-    world = Cloud(tmp_path)
-    try:
-        await world.start()
+async def cloud(tmp_path: Path) -> AsyncIterator[LoopbackCloud]:
+    async with loopback_cloud(
+        tmp_path,
+        nms_env={"CYPHONIC_REVOCATION_POLL_S": str(SLOW_POLL_S)},
+        trs_env={"CYPHONIC_REVOCATION_REFRESH_S": str(SLOW_POLL_S)},
+        agent_defaults={"crl_refresh_s": CRL_REFRESH_S},
+    ) as world:
         yield world
-    finally:
-        await world.close()
 
 
 async def _refused_after(
@@ -147,9 +71,9 @@ async def _refused_after(
 
 
 async def test_nms_and_trs_refuse_a_revoked_certificate_at_once(
-    cloud: Cloud, tmp_path: Path
+    cloud: LoopbackCloud, tmp_path: Path
 ) -> None:
-    state = await enrol(cloud.auth, name="alice", pki_dir=cloud.pki, state_dir=tmp_path / "alice")
+    state = await cloud.enrol("alice")
     alice = await QuicEndpoint.open(
         host="127.0.0.1",
         port=0,
@@ -205,7 +129,7 @@ def _open_to(running: RunningAgent, fqdn: str) -> list[object]:
     ]
 
 
-async def test_a_revoked_peer_is_cut_off_without_the_nms(cloud: Cloud) -> None:
+async def test_a_revoked_peer_is_cut_off_without_the_nms(cloud: LoopbackCloud) -> None:
     alice = await cloud.agent("alice")
     bob = await cloud.agent("bob")
     assert await alice.agent.peers.lookup(f"bob.{DOMAIN}") is not None

@@ -7,13 +7,10 @@ hashed at both ends, and the verdict on a capture of the firewall's outside inte
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cyphonic_testbed import Capture, NetBed, Node
 from cyphonic_testbed.overlay import AgentProcess, OverlayServices
@@ -88,26 +85,4 @@ def ping(node: Node, address: str, *, count: int = 3) -> subprocess.CompletedPro
     if ":" in address:
         argv.insert(1, "-6")
     result: subprocess.CompletedProcess[str] = node.run(argv, timeout=30)
-    return result
-
-
-def first_reply(node: Node, fqdn: str, *, family: int = 4) -> dict[str, Any]:
-    """The probe: ms from the DNS stub's answer to the first echo reply, run in ``node``."""
-    proc = node.run(
-        [
-            sys.executable,
-            "-m",
-            "cyphonic_testbed.overlay",
-            "first-reply",
-            "--name",
-            fqdn,
-            "--family",
-            str(family),
-            "--timeout",
-            "15",
-        ],
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    result: dict[str, Any] = json.loads(proc.stdout)
     return result

@@ -31,6 +31,7 @@ import pytest
 from cyphonic_testbed.overlay import (
     AgentProcess,
     OverlayServices,
+    first_reply_in,
     start_services,
     start_trs,
     trs_endpoints,
@@ -123,27 +124,6 @@ def _wait_probed(services: OverlayServices, agents: dict[str, AgentProcess]) -> 
     raise AssertionError(f"not probed: {sorted(fqdns - probed)}")
 
 
-def _first_reply(agent: AgentProcess, fqdn: str, family: int) -> dict[str, Any]:
-    proc = agent.node.run(
-        [
-            sys.executable,
-            "-m",
-            "cyphonic_testbed.overlay",
-            "first-reply",
-            "--name",
-            fqdn,
-            "--family",
-            str(family),
-            "--timeout",
-            "20",
-        ],
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    result: dict[str, Any] = json.loads(proc.stdout)
-    return result
-
-
 def _peer_row(agent: AgentProcess, fqdn: str) -> dict[str, Any]:
     rows = [p for p in agent.status()["peers"] if p["fqdn"] == fqdn]
     if not rows:
@@ -180,7 +160,7 @@ def test_reachability_matrix(world: tuple[OverlayServices, dict[str, AgentProces
     failures: list[str] = []
     for row in _rows():
         src, dst = agents[row.src], agents[row.dst]
-        probe = _first_reply(src, dst.fqdn, row.family)
+        probe = first_reply_in(src.node, dst.fqdn, family=row.family)
         peer = _settled_row(src, dst.fqdn, row)
         results.append((row, probe, peer))
         where = f"{row.situation} ({row.src} -> {row.dst})"

@@ -19,32 +19,12 @@ from typing import Any
 import pytest
 from cyphonic.hostport import parse_host_port
 from cyphonic.stream_address import is_stream_host
+from cyphonic_testbed.overlay import first_reply_in
 from transport_bed import connect_via, let_udp_out, proxy_only
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(420)]
 
 FAST_PROBES = {"CYPHONIC_UDP_PROBE_INTERVAL_S": "2"}
-
-
-def _first_reply(node: Any, fqdn: str) -> dict[str, Any]:
-    import json
-
-    proc = node.run(
-        [
-            sys.executable,
-            "-m",
-            "cyphonic_testbed.overlay",
-            "first-reply",
-            "--name",
-            fqdn,
-            "--timeout",
-            "20",
-        ],
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    result: dict[str, Any] = json.loads(proc.stdout)
-    return result
 
 
 def _ping(node: Any, address: str, count: int = 3) -> None:
@@ -69,7 +49,7 @@ def _relayed_over_a_stream(o: Any, carrier: str) -> tuple[Any, Any]:
     assert bob.status()["transport"]["carrier"] == "udp"
 
     # DNS answer to first reply, over a tunnel relayed from alice's TCP stream.
-    probe = _first_reply(a_node, bob.fqdn)
+    probe = first_reply_in(a_node, bob.fqdn)
     sys.stderr.write(
         f"\n{carrier}: DNS answer to first echo reply {probe['first_reply_ms']:.0f} ms "
         f"({probe['requests_sent']} requests)\n"

@@ -6,4 +6,6 @@
   registrations, raw pushes counted), also a CLI; not an agent
 - ``trs``: relay tokens, packets and relay CIDs inside aioquic
 - ``agent``: the real agent with fake edges (TUN, netlink watcher, host addresses)
+- ``cloud``: ``LoopbackCloud``, AS + NMS (+ TRS) processes on loopback and agents over fake
+  edges enrolled at it
 """

@@ -11,12 +11,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -124,3 +127,77 @@ class ServiceProcess:
             headers={"Authorization": f"Bearer {self.admin_token}"},
             timeout=5,
         )
+
+
+@dataclass
+class CliService:
+    """One ``cyphonic-<name> serve`` process started from its console script with CLI flags
+    (as an operator starts it), its admin REST on loopback."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    quic_port: int
+    log: Path
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait (kill after 20 s); the exit status, None if it had to be killed."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+                return None
+        return self.proc.returncode
+
+
+def start_cli_service(
+    name: str,
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    tmp: Path,
+    quic_host: str = "127.0.0.1",
+    within_s: float = 120.0,
+) -> CliService:
+    """``cyphonic-<name> serve --http-port .. --quic-host .. --quic-port .. <args>`` with its
+    own free ports, output in ``tmp/<name>.log``; returns once ``/readyz`` answers 200."""
+    http_port = free_port(socket.SOCK_STREAM, host="127.0.0.1")
+    quic_port = free_port(socket.SOCK_DGRAM, host=quic_host)
+    log = tmp / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / f"cyphonic-{name}"),
+                "serve",
+                "--http-port",
+                str(http_port),
+                "--quic-host",
+                quic_host,
+                "--quic-port",
+                str(quic_port),
+                *args,
+            ],
+            env={
+                **os.environ,
+                "CYPHONIC_ENVIRONMENT": "test",
+                "CYPHONIC_LOG_FORMAT": "json",
+                **env,
+            },
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    service = CliService(name, proc, f"http://127.0.0.1:{http_port}", quic_port, log)
+    deadline = time.monotonic() + within_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"cyphonic-{name} exited {proc.returncode}:\n{log.read_text()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{service.url}/readyz", timeout=2).status_code == 200:
+                return service
+        if time.monotonic() > deadline:
+            service.stop()
+            raise RuntimeError(f"cyphonic-{name} not ready in {within_s}s:\n{log.read_text()}")
+        time.sleep(0.2)
