@@ -231,10 +231,17 @@ class MoveWatcher:
             self.snapshot, exclude_ifindexes=list(self.exclude_ifindexes())
         )
         event = self.detector.observe(snap)
-        if isinstance(event, PathLost):
-            self.on_lost(event)
-        elif event is not None:
-            await self.on_move(event)
+        try:
+            if isinstance(event, PathLost):
+                self.on_lost(event)
+            elif event is not None:
+                await self.on_move(event)
+        except Exception as exc:
+            # A hook's failure costs that one handover at most: a dead watcher would miss
+            # every later move (the agent then learns it only when its NMS keepalive fails).
+            get_logger("agent.mobility").error(
+                "move_handling_failed", step=type(event).__name__, error=repr(exc)
+            )
 
     def _readable(self) -> None:
         assert self._sock is not None

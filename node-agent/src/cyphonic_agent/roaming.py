@@ -20,7 +20,8 @@ from typing import Any
 
 from cyphonic.errors import Unavailable
 from cyphonic.log import get_logger
-from cyphonic.quic import QuicEndpoint
+from cyphonic.hostport import format_host_port
+from cyphonic.quic import Connection, QuicEndpoint
 from cyphonic.v1 import signalling_pb2 as pb
 
 from cyphonic_agent.control import on_move
@@ -127,11 +128,31 @@ class Roaming:
             if not conn.is_client or conn.is_closed:
                 continue
             count += 1
-            if rotate:
-                conn.quic.change_connection_id()
+            if rotate and not self._rotate(conn):
+                continue
             if not probe:
                 continue
             self._ping_uid += 1
             conn.quic.send_ping(self._ping_uid)
             conn.transmit()
         return count
+
+    def _rotate(self, conn: Connection) -> bool:
+        """Switch ``conn`` to the peer's next connection ID; False when the peer gave it no
+        unused one (it answered nothing since the last rotation: e.g. the AS, reachable by
+        IPv6 only, across a stay on an IPv4 network). Such a connection cannot move without
+        linking the two paths (RFC 9000, 9.5): it is closed here, its owner connects again
+        by the new path. One connection's failure must never stop the others' handover."""
+        try:
+            conn.quic.change_connection_id()
+        except ValueError as exc:  # qh3: "no unused peer connection ID"
+            peer = conn.peer
+            self.log.warning(
+                "cid_rotation_failed",
+                peer=peer.name if peer is not None else None,
+                address=format_host_port(*conn.peer_address),
+                error=str(exc),
+            )
+            conn.close("moved: no unused connection ID for the new path")
+            return False
+        return True

@@ -192,3 +192,34 @@ def test_status_shows_the_last_handover() -> None:
         "moved      2026-01-01T00:00:00.000+00:00 (2 moves): 192.168.1.10 -> 192.168.3.10" in text
     )
     assert "moved" not in format_status(AgentStatus(fqdn="a.cyphonic.internal"))
+
+
+async def test_watcher_survives_a_failing_hook() -> None:
+    """A handover that raises (issue 14: qh3 refused a connection ID) costs that step only:
+    the watcher goes on and reports the next move (a dead watcher missed the move back)."""
+    snapshots = [OLD, _path(), NEW, _path(), OLD]
+    moves: list[Move] = []
+    back = asyncio.Event()
+
+    def snapshot(*, exclude_ifindexes: list[int]) -> HostPath:
+        return snapshots.pop(0) if len(snapshots) > 1 else snapshots[0]
+
+    def on_lost(lost: PathLost) -> None:
+        raise ValueError("invalid connection configuration: no unused peer connection ID")
+
+    async def on_move(move: Move) -> None:
+        moves.append(move)
+        if move.new == OLD:
+            back.set()
+        else:
+            raise RuntimeError("a failing handover")
+
+    watcher = MoveWatcher(on_move=on_move, on_lost=on_lost, poll_s=0.01, snapshot=snapshot)
+    task = asyncio.ensure_future(watcher.run())
+    try:
+        await asyncio.wait_for(back.wait(), timeout=5)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert moves == [Move(old=OLD, new=NEW), Move(old=NEW, new=OLD)]
