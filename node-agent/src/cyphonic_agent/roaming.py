@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cyphonic.errors import Unavailable
-from cyphonic.log import get_logger
 from cyphonic.hostport import format_host_port
+from cyphonic.log import get_logger
 from cyphonic.quic import Connection, QuicEndpoint
 from cyphonic.v1 import signalling_pb2 as pb
 

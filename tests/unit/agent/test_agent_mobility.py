@@ -34,6 +34,17 @@ OLD = _path("192.168.1.10", routes=["via 192.168.1.1"])
 NEW = _path("192.168.3.10", routes=["via 192.168.3.1"])
 
 
+async def _watch_until(watcher: MoveWatcher, done: asyncio.Event) -> None:
+    """Run ``watcher`` until ``done`` is set (5 s at most), then stop it."""
+    task = asyncio.ensure_future(watcher.run())
+    try:
+        await asyncio.wait_for(done.wait(), timeout=5)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 def test_first_snapshot_is_the_baseline() -> None:
     detector = MoveDetector()
     assert detector.observe(OLD) is None
@@ -119,13 +130,7 @@ async def test_watcher_fallback_check_reports_moves() -> None:
         poll_s=0.01,
         snapshot=snapshot,
     )
-    task = asyncio.ensure_future(watcher.run())
-    try:
-        await asyncio.wait_for(got.wait(), timeout=5)
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    await _watch_until(watcher, got)
     assert moves == [Move(old=OLD, new=NEW)]
     assert losses == [PathLost(old=OLD, now=_path())]
 
@@ -215,11 +220,5 @@ async def test_watcher_survives_a_failing_hook() -> None:
             raise RuntimeError("a failing handover")
 
     watcher = MoveWatcher(on_move=on_move, on_lost=on_lost, poll_s=0.01, snapshot=snapshot)
-    task = asyncio.ensure_future(watcher.run())
-    try:
-        await asyncio.wait_for(back.wait(), timeout=5)
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    await _watch_until(watcher, back)
     assert moves == [Move(old=OLD, new=NEW), Move(old=NEW, new=OLD)]
