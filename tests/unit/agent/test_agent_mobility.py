@@ -11,12 +11,14 @@ from collections.abc import Iterable
 import pytest
 from cyphonic_agent import mobility
 from cyphonic_agent.mobility import (
+    Handover,
     HostPath,
     Move,
     MoveDetector,
     MoveWatcher,
     PathLost,
     host_path,
+    seen_on_old_path,
 )
 from cyphonic_agent.status import AgentStatus, format_status
 
@@ -222,3 +224,21 @@ async def test_watcher_survives_a_failing_hook() -> None:
     watcher = MoveWatcher(on_move=on_move, on_lost=on_lost, poll_s=0.01, snapshot=snapshot)
     await _watch_until(watcher, back)
     assert moves == [Move(old=OLD, new=NEW), Move(old=NEW, new=OLD)]
+
+
+def test_a_registration_answered_by_the_old_path_is_seen() -> None:
+    """server-move: bob re-registered on his migrated NMS connection before the NMS had
+    validated his new path; it answered with his old address as the observed one and took
+    him for a node behind NAT (a relay instead of pattern 2)."""
+    old = _path("203.0.113.10", routes=["via 203.0.113.1"])
+    new = _path("203.0.113.138", routes=["via 203.0.113.129"])
+    handover = Handover(at=0.0, old=old, new=new)
+    ip = ipaddress.ip_address
+    assert seen_on_old_path(handover, [ip("203.0.113.10")])
+    assert seen_on_old_path(handover, [ip("::ffff:203.0.113.10")])  # a dual-stack socket's form
+    assert not seen_on_old_path(handover, [ip("203.0.113.138")])
+    assert not seen_on_old_path(handover, [ip("198.51.100.2")])  # a NAT's public address
+    assert not seen_on_old_path(handover, [])
+    # An address both paths have (one uplink kept) is no sign of the old path.
+    both = Handover(at=0.0, old=old, new=_path("203.0.113.10", "2001:db8:a::10"))
+    assert not seen_on_old_path(both, [ip("203.0.113.10")])
