@@ -166,9 +166,9 @@ class Roaming:
         for conn in self._endpoint().connections:
             if not conn.is_client or conn.is_closed:
                 continue
-            count += 1
             if rotate and not self._rotate(conn):
                 continue
+            count += 1
             if not probe:
                 continue
             self._ping_uid += 1

@@ -86,6 +86,7 @@ def test_a_connection_without_spare_cids_is_closed_and_the_rest_move() -> None:
     roaming = _roaming([nms, stale, server])
     lost = PathLost(old=_path("192.168.3.10", "192.168.3.1"), now=HostPath())
     roaming.path_lost(lost)  # must not raise
+    assert roaming.migrate_client_connections(rotate=False, probe=False) == 1
     assert nms.quic.rotations == 1 and nms.closed is None
     assert stale.closed is not None and stale.quic.rotations == 0
     assert server.quic.rotations == 0 and server.closed is None
