@@ -134,6 +134,24 @@ class Handover:
     new: HostPath
 
 
+def seen_on_old_path(handover: Handover, observed: Iterable[IPAddress]) -> bool:
+    """Whether the NMS, answering a registration sent after ``handover``, saw this host at an
+    address only the old path had (``observed``: the addresses it saw, from the
+    RegisterResponse). The registration went out on the migrated connection before the NMS
+    had validated the new path (qh3 makes a new peer address the connection's own only once
+    PATH_CHALLENGE is answered), so the NMS judged the new network by the old address: a
+    global node taken for one behind NAT, its reachability probe sent to the old address.
+    A NAT's public address is never one of this host's, so a NATed path never matches."""
+    stale = handover.old.addresses - handover.new.addresses
+    return any(_unmapped(ip) in stale for ip in observed)
+
+
+def _unmapped(ip: IPAddress) -> IPAddress:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def host_addresses(
     *,
     exclude_ifindexes: Iterable[int] = (),
@@ -231,10 +249,17 @@ class MoveWatcher:
             self.snapshot, exclude_ifindexes=list(self.exclude_ifindexes())
         )
         event = self.detector.observe(snap)
-        if isinstance(event, PathLost):
-            self.on_lost(event)
-        elif event is not None:
-            await self.on_move(event)
+        try:
+            if isinstance(event, PathLost):
+                self.on_lost(event)
+            elif event is not None:
+                await self.on_move(event)
+        except Exception as exc:
+            # A hook's failure costs that one handover at most: a dead watcher would miss
+            # every later move (the agent then learns it only when its NMS keepalive fails).
+            get_logger("agent.mobility").error(
+                "move_handling_failed", step=type(event).__name__, error=repr(exc)
+            )
 
     def _readable(self) -> None:
         assert self._sock is not None

@@ -14,22 +14,29 @@ last ``Handover`` for ``cyphonic-agent status``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cyphonic.errors import Unavailable
+from cyphonic.hostport import format_host_port
 from cyphonic.log import get_logger
-from cyphonic.quic import QuicEndpoint
+from cyphonic.quic import Connection, QuicEndpoint
 from cyphonic.v1 import signalling_pb2 as pb
 
 from cyphonic_agent.control import on_move
-from cyphonic_agent.mobility import Handover, Move, PathLost
-from cyphonic_agent.nms import NmsClient
+from cyphonic_agent.mobility import Handover, Move, PathLost, seen_on_old_path
+from cyphonic_agent.nms import NmsClient, NmsLink
 from cyphonic_agent.peers import routable
 from cyphonic_agent.relay import RelayClient
 
 __all__ = ["Roaming"]
+
+STALE_REGISTRATIONS = 3
+"""Registrations again after one the NMS answered from the old path, at most (per move)."""
+STALE_REGISTRATION_RETRY_S = 0.1
+"""How long after such an answer (the NMS validates the new path in one round trip)."""
 
 
 class Roaming:
@@ -57,12 +64,43 @@ class Roaming:
         """What the NMS saw of us at the first registration after the last move."""
         self._rotated = False
         """Client connections took fresh connection IDs when the path was lost."""
+        self._awaiting_view = False
+        """No registration since the last move has shown the NMS's view of the new path."""
+        self._stale_registrations = 0
         self._ping_uid = 0
 
     def registered(self, reg: pb.RegisterResponse) -> None:
-        """A registration answered: the first one after a move shows the NMS's view."""
-        if self.handover is not None and self.handover_network is None:
-            self.handover_network = reg.network
+        """A registration answered: the first one after a move shows the NMS's view, unless
+        the NMS still saw us by the old path (``mobility.seen_on_old_path``): then we register
+        again a moment later, when it has validated the new one (a few times at most)."""
+        if self.handover is None or not self._awaiting_view:
+            return
+        self.handover_network = reg.network
+        observed = [
+            ipaddress.ip_address(ep.ip)
+            for ep in (reg.network.observed_ipv4, reg.network.observed_ipv6)
+            if len(ep.ip) in (4, 16)
+        ]
+        link = self.nms.link
+        if (
+            seen_on_old_path(self.handover, observed)
+            and self._stale_registrations < STALE_REGISTRATIONS
+            and link is not None
+        ):
+            self._stale_registrations += 1
+            self.log.info(
+                "registered_by_old_path",
+                observed=[str(ip) for ip in observed],
+                again_in_s=STALE_REGISTRATION_RETRY_S,
+            )
+            self._spawn(self._register_again(link))
+            return
+        self._awaiting_view = False
+
+    async def _register_again(self, link: NmsLink) -> None:
+        await asyncio.sleep(STALE_REGISTRATION_RETRY_S)
+        if self.nms.link is link and link.session.is_open:
+            await self.nms.reregister(link)
 
     async def moved(self, move: Move) -> None:
         """The host's real path changed: migrate, re-register, let the NMS re-direct.
@@ -78,6 +116,8 @@ class Roaming:
         """
         self.handover = Handover(at=time.time(), old=move.old, new=move.new)
         self.handover_network = None
+        self._awaiting_view = True
+        self._stale_registrations = 0
         link = self.nms.link
         decision = on_move(
             rotated_on_loss=self._rotated,
@@ -126,12 +166,32 @@ class Roaming:
         for conn in self._endpoint().connections:
             if not conn.is_client or conn.is_closed:
                 continue
+            if rotate and not self._rotate(conn):
+                continue
             count += 1
-            if rotate:
-                conn.quic.change_connection_id()
             if not probe:
                 continue
             self._ping_uid += 1
             conn.quic.send_ping(self._ping_uid)
             conn.transmit()
         return count
+
+    def _rotate(self, conn: Connection) -> bool:
+        """Switch ``conn`` to the peer's next connection ID; False when the peer gave it no
+        unused one (it answered nothing since the last rotation: e.g. the AS, reachable by
+        IPv6 only, across a stay on an IPv4 network). Such a connection cannot move without
+        linking the two paths (RFC 9000, 9.5): it is closed here, its owner connects again
+        by the new path. One connection's failure must never stop the others' handover."""
+        try:
+            conn.quic.change_connection_id()
+        except ValueError as exc:  # qh3: "no unused peer connection ID"
+            peer = conn.peer
+            self.log.warning(
+                "cid_rotation_failed",
+                peer=peer.name if peer is not None else None,
+                address=format_host_port(*conn.peer_address),
+                error=str(exc),
+            )
+            conn.close("moved: no unused connection ID for the new path")
+            return False
+        return True

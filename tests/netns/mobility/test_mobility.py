@@ -128,25 +128,7 @@ def _settled(
     return {"alice": mine, "bob": theirs}
 
 
-_KNOWN_REGRESSIONS = {
-    "v6-to-nat": (
-        "moving back from the NAT onto the firewalled IPv6 network stalls ~18 s (ping gap "
-        "18.3 s, TCP stall 26 s in the last run) since this round's merges: the route is "
-        "re-decided before the new reachability verdict; open in issue 14"
-    )
-}
-"""Cases that fail today for a known, stated reason (reported, never counted as passing)."""
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(reason=_KNOWN_REGRESSIONS[n], strict=False))
-        if n in _KNOWN_REGRESSIONS
-        else n
-        for n in CASES
-    ],
-)
+@pytest.mark.parametrize("name", list(CASES))
 def test_the_flow_survives_the_move(mobile: Any, name: str) -> None:
     case = CASES[name]
     o: MobileOverlay = mobile(case)

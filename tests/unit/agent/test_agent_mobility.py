@@ -11,12 +11,14 @@ from collections.abc import Iterable
 import pytest
 from cyphonic_agent import mobility
 from cyphonic_agent.mobility import (
+    Handover,
     HostPath,
     Move,
     MoveDetector,
     MoveWatcher,
     PathLost,
     host_path,
+    seen_on_old_path,
 )
 from cyphonic_agent.status import AgentStatus, format_status
 
@@ -32,6 +34,17 @@ def _path(*addresses: str, routes: Iterable[str] = ("via 192.0.2.1",)) -> HostPa
 
 OLD = _path("192.168.1.10", routes=["via 192.168.1.1"])
 NEW = _path("192.168.3.10", routes=["via 192.168.3.1"])
+
+
+async def _watch_until(watcher: MoveWatcher, done: asyncio.Event) -> None:
+    """Run ``watcher`` until ``done`` is set (5 s at most), then stop it."""
+    task = asyncio.ensure_future(watcher.run())
+    try:
+        await asyncio.wait_for(done.wait(), timeout=5)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 def test_first_snapshot_is_the_baseline() -> None:
@@ -119,13 +132,7 @@ async def test_watcher_fallback_check_reports_moves() -> None:
         poll_s=0.01,
         snapshot=snapshot,
     )
-    task = asyncio.ensure_future(watcher.run())
-    try:
-        await asyncio.wait_for(got.wait(), timeout=5)
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    await _watch_until(watcher, got)
     assert moves == [Move(old=OLD, new=NEW)]
     assert losses == [PathLost(old=OLD, now=_path())]
 
@@ -192,3 +199,46 @@ def test_status_shows_the_last_handover() -> None:
         "moved      2026-01-01T00:00:00.000+00:00 (2 moves): 192.168.1.10 -> 192.168.3.10" in text
     )
     assert "moved" not in format_status(AgentStatus(fqdn="a.cyphonic.internal"))
+
+
+async def test_watcher_survives_a_failing_hook() -> None:
+    """A handover that raises (issue 14: qh3 refused a connection ID) costs that step only:
+    the watcher goes on and reports the next move (a dead watcher missed the move back)."""
+    snapshots = [OLD, _path(), NEW, _path(), OLD]
+    moves: list[Move] = []
+    back = asyncio.Event()
+
+    def snapshot(*, exclude_ifindexes: list[int]) -> HostPath:
+        return snapshots.pop(0) if len(snapshots) > 1 else snapshots[0]
+
+    def on_lost(lost: PathLost) -> None:
+        raise ValueError("invalid connection configuration: no unused peer connection ID")
+
+    async def on_move(move: Move) -> None:
+        moves.append(move)
+        if move.new == OLD:
+            back.set()
+        else:
+            raise RuntimeError("a failing handover")
+
+    watcher = MoveWatcher(on_move=on_move, on_lost=on_lost, poll_s=0.01, snapshot=snapshot)
+    await _watch_until(watcher, back)
+    assert moves == [Move(old=OLD, new=NEW), Move(old=NEW, new=OLD)]
+
+
+def test_a_registration_answered_by_the_old_path_is_seen() -> None:
+    """server-move: bob re-registered on his migrated NMS connection before the NMS had
+    validated his new path; it answered with his old address as the observed one and took
+    him for a node behind NAT (a relay instead of pattern 2)."""
+    old = _path("203.0.113.10", routes=["via 203.0.113.1"])
+    new = _path("203.0.113.138", routes=["via 203.0.113.129"])
+    handover = Handover(at=0.0, old=old, new=new)
+    ip = ipaddress.ip_address
+    assert seen_on_old_path(handover, [ip("203.0.113.10")])
+    assert seen_on_old_path(handover, [ip("::ffff:203.0.113.10")])  # a dual-stack socket's form
+    assert not seen_on_old_path(handover, [ip("203.0.113.138")])
+    assert not seen_on_old_path(handover, [ip("198.51.100.2")])  # a NAT's public address
+    assert not seen_on_old_path(handover, [])
+    # An address both paths have (one uplink kept) is no sign of the old path.
+    both = Handover(at=0.0, old=old, new=_path("203.0.113.10", "2001:db8:a::10"))
+    assert not seen_on_old_path(both, [ip("203.0.113.10")])
