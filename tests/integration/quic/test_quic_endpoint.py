@@ -145,7 +145,8 @@ async def test_datagrams_done_answers_in_the_receive_pass(
 ) -> None:
     """The tunnel's hooks: ``datagrams_done`` runs once per wake-up, after the wake-up's
     datagrams went to ``datagram_handler``; what it queues goes out in that wake-up's
-    transmit pass. ``transmit(now=True)`` outside a pass sends before it returns."""
+    transmit pass. ``transmit(now=True)`` outside a pass sends before it returns, and
+    leaves no flush scheduled behind."""
     alice, _bob, conn, bob_side = await tunnel_pair(endpoints, ca)
     replies: asyncio.Queue[bytes] = asyncio.Queue()
     conn.datagram_handler = replies.put_nowait
@@ -163,10 +164,23 @@ async def test_datagrams_done_answers_in_the_receive_pass(
     bob_conn.datagrams_done = done
     await asyncio.sleep(0.1)
     sent = alice.stats.datagrams_sent
-    for i in range(5):
-        assert conn.send_datagram(b"request %d" % i)
-    conn.transmit(now=True)
+    for i in range(5):  # queued on the engine directly, as the tunnel does
+        conn.quic.send_datagram_frame(b"request %d" % i)
+    loop = asyncio.get_running_loop()
+    scheduled: list[object] = []
+    call_soon = loop.call_soon
+
+    def recording_call_soon(callback: Any, *args: Any, **kwargs: Any) -> asyncio.Handle:
+        scheduled.append(callback)
+        return call_soon(callback, *args, **kwargs)
+
+    loop.call_soon = recording_call_soon  # type: ignore[method-assign]
+    try:
+        conn.transmit(now=True)
+    finally:
+        del loop.call_soon  # the class's own again
     assert alice.stats.datagrams_sent > sent  # sent before transmit returned
+    assert alice.flush not in scheduled  # and no loop iteration left to run for it
     answers = []
     while sum(len(b) for b in batches) < 5:
         answers.append(await asyncio.wait_for(replies.get(), 5))

@@ -441,3 +441,46 @@ def test_returning_address_forms_change_once_per_stale_path() -> None:
     six = engine_qh3._ReturningAddresses(v6)
     six.active_changed(("2001:db8::2", 443, 0, 3))
     assert six.core_address(v6, 0.0)[::3] == ("2001:db8::1", 3)
+
+
+def _fire_due(conn: Any, now: float) -> None:
+    when = conn.get_timer()
+    if when is not None and when <= now:
+        conn.handle_timer(now=now)
+
+
+def test_an_echo_reply_carries_the_acknowledgement(material: pki.PkiMaterial) -> None:
+    """Request in, reply out 0.15 ms later: the reply acknowledges the request, so no
+    ACK-only datagram (and no timer wake-up for it) follows from the replying side."""
+    client, server = _connected_pair(material, "qh3")
+    now = 0.02
+    for _ in range(5):  # settle the handshake's own acknowledgements
+        now += 0.01
+        _fire_due(client, now)
+        _fire_due(server, now)
+        _exchange(client, server, now=now, rounds=2)
+    _drain(client)
+    _drain(server)
+    for i in range(5):
+        now += 0.005
+        _fire_due(client, now)
+        _fire_due(server, now)
+        client.send_datagram_frame(b"request %d" % i)
+        request = client.datagrams_to_send(now=now)
+        assert len(request) == 1
+        server.receive_datagram(request[0][0], CLIENT_ADDR, now=now)
+        assert [e.data for e in _drain(server)] == [b"request %d" % i]
+        now += 0.00015
+        server.send_datagram_frame(b"reply %d" % i)
+        reply = server.datagrams_to_send(now=now)
+        assert len(reply) == 1
+        client.receive_datagram(reply[0][0], SERVER_ADDR, now=now)
+        assert [e.data for e in _drain(client)] == [b"reply %d" % i]
+        # The request was acknowledged by the reply: the client has nothing in flight
+        # (loss detection disarmed), and the server has no acknowledgement left to send.
+        assert client._core.bytes_in_flight == 0
+        deadline = server._core.get_timer()
+        assert deadline is None or deadline[0] != "ack_application"
+        now += 0.002  # past any ACK delay: the server still sends nothing
+        _fire_due(server, now)
+        assert server.datagrams_to_send(now=now) == []

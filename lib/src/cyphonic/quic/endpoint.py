@@ -290,9 +290,14 @@ class Connection:
         (from a handler) it is that pass's transmit, at its end, either way.
         """
         endpoint = self.endpoint
-        endpoint._mark_dirty(self)
         if now and not endpoint._in_pass:
+            # Straight into this pass: no ``call_soon`` for a flush that would find
+            # nothing left (one loop iteration, an ``epoll_wait(0)``, per TUN read).
+            if not self._abandoned:
+                endpoint._dirty.add(self)
             endpoint.flush()
+            return
+        endpoint._mark_dirty(self)
 
     def send_datagram(self, data: bytes) -> bool:
         """Queue one DATAGRAM frame; False (dropped) if too large or the queue is full.
