@@ -62,6 +62,7 @@ from cyphonic.errors import (
     Unavailable,
 )
 from cyphonic.pki import CertifiedKey, PeerIdentity
+from cyphonic.quic.tickets import TicketState
 
 CID_LENGTH = 8
 """Length of every connection ID this endpoint issues (short headers do not carry it)."""
@@ -79,6 +80,12 @@ ConnectionIdFactory = Callable[[int], bytes]
 
 PeerVerifier = Callable[[list[x509.Certificate], str | None], PeerIdentity]
 """Verifies the peer's chain (leaf first) given the negotiated ALPN; raises CyphonicError."""
+ResumeVerifier = Callable[[TicketState, str | None], PeerIdentity]
+"""Re-checks the identity a session ticket binds (revocation, expiry, role) given the
+negotiated ALPN at resumption; raises CyphonicError."""
+TicketHandler = Callable[[Any, list[x509.Certificate]], None]
+"""Client side: takes each session ticket the server issues, with the server chain this
+connection verified (offered again, with that chain, on a later connect)."""
 
 
 # TLS alerts aioquic does not define, so each refusal carries its own code.
