@@ -121,9 +121,16 @@ def test_keys_are_checked() -> None:
     with pytest.raises(InvalidArgument):
         TicketKeys([b"short"])
     with pytest.raises(InvalidArgument):
-        TicketKeys.parse("not hex")
-    parsed = TicketKeys.parse(f"{KEY_B.hex()}, {KEY_A.hex()}")
-    assert parsed.open(TicketKeys([KEY_A]).seal(_state()), now=T0).kind == "node"
+        TicketKeys.from_secrets("too short")
+
+
+def test_keys_from_configured_secrets() -> None:
+    old, new = "a" * 48, "b" * 48
+    sealed = TicketKeys.from_secrets(old).seal(_state())
+    # Every replica given the same secrets derives the same keys; rotation: new first.
+    assert TicketKeys.from_secrets(f"{new}, {old}").open(sealed, now=T0).kind == "node"
+    with pytest.raises(TokenInvalid):
+        TicketKeys.from_secrets(new).open(sealed, now=T0)
 
 
 def test_oversized_fields_are_refused_when_sealing() -> None:

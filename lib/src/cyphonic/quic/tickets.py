@@ -40,7 +40,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cyphonic.errors import Expired, InvalidArgument, TokenInvalid
 from cyphonic.pki import PeerKind
@@ -52,11 +54,19 @@ MAX_LIFETIME = 3600.0
 """Seconds a ticket is accepted after it was issued, at most."""
 MAX_TICKET = 4096
 """Longest ticket accepted (a node certificate is well under 1 KB)."""
+MIN_SECRET = 32
+"""Shortest configured secret a ticket key is derived from."""
 
 _HEADER = struct.Struct("!B8s")
 _NONCE = 12
 _TIMES = struct.Struct("!QQHB")
 _KINDS: tuple[PeerKind, ...] = ("node", "service")
+
+
+def _derive(secret: bytes) -> bytes:
+    return HKDF(
+        algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=b"cyphonic session tickets"
+    ).derive(secret)
 
 
 def key_id(key: bytes) -> bytes:
@@ -95,13 +105,14 @@ class TicketKeys:
         self._by_id = {key_id(k): AESGCM(k) for k in reversed(keys)}
 
     @classmethod
-    def parse(cls, text: str) -> TicketKeys:
-        """Keys from their hex form, comma- or whitespace-separated, newest first."""
+    def from_secrets(cls, text: str) -> TicketKeys:
+        """Keys derived (HKDF-SHA256) from configured secrets, comma- or whitespace-
+        separated, newest first; each at least ``MIN_SECRET`` characters (the chart
+        generates 48 random alphanumerics once and keeps them in a Secret)."""
         parts = text.replace(",", " ").split()
-        try:
-            return cls([bytes.fromhex(p) for p in parts])
-        except ValueError as exc:
-            raise InvalidArgument("a ticket key is hex") from exc
+        if any(len(p) < MIN_SECRET for p in parts):
+            raise InvalidArgument(f"a session ticket secret has at least {MIN_SECRET} characters")
+        return cls([_derive(p.encode()) for p in parts])
 
     def seal(self, state: TicketState) -> bytes:
         """The ticket for ``state`` under the newest key."""
