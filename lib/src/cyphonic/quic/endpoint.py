@@ -540,9 +540,11 @@ class QuicEndpoint:
 
     def set_identity(self, identity: CertifiedKey) -> None:
         """Present ``identity`` (a renewed key and certificate) in every handshake from now
-        on; connections already open keep the one they were made with."""
+        on; connections already open keep the one they were made with. Session tickets
+        bound to the old certificate are dropped (the next connects are full handshakes)."""
         self.identity = identity
         self._make_server_configs(identity)
+        self._client_tickets.clear()
 
     # -- creation and teardown
 
