@@ -54,7 +54,9 @@ class _Quiet:
 
 def _profile_report(profiler: cProfile.Profile, lines: int = 30) -> str:
     out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats(os.environ.get("BENCH_SORT", "cumulative")).print_stats(lines)
+    pstats.Stats(profiler, stream=out).sort_stats(
+        os.environ.get("BENCH_SORT", "cumulative")
+    ).print_stats(lines)
     return out.getvalue()
 
 
@@ -65,15 +67,7 @@ def _server(
 
     async def run() -> None:
         material = pki.init_pki(material_dir, domain=DOMAIN, now=_now())
-        endpoint = await QuicEndpoint.open(
-            host="127.0.0.1",
-            identity=material.services["nms"],
-            trust=material.trust,
-            accept={ALPN: Acceptor(handler_factory=_Quiet, expect="node")},
-            engine=engine,
-            max_handshakes=4096,
-            **_tickets(None if ticket_key is None else TicketKeys([ticket_key])),
-        )
+        endpoint = await _open_server(material, engine, ticket_key)
         pipe.send(endpoint.local_address[1])
         loop = asyncio.get_running_loop()
         profiler = cProfile.Profile() if prof else None
@@ -95,9 +89,20 @@ def _server(
     asyncio.run(run())
 
 
-def _tickets(keys: TicketKeys | None) -> dict[str, Any]:
-    # Passed only when set, so the bench also runs against code without resumption.
-    return {} if keys is None else {"ticket_keys": keys}
+async def _open_server(
+    material: pki.PkiMaterial, engine: str, ticket_key: bytes | None
+) -> QuicEndpoint:
+    # ticket_keys passed only when set, so the bench also runs on code without resumption.
+    tickets = {} if ticket_key is None else {"ticket_keys": TicketKeys([ticket_key])}
+    return await QuicEndpoint.open(
+        host="127.0.0.1",
+        identity=material.services["nms"],
+        trust=material.trust,
+        accept={ALPN: Acceptor(handler_factory=_Quiet, expect="node")},
+        engine=engine,
+        max_handshakes=4096,
+        **tickets,
+    )
 
 
 def _now() -> datetime.datetime:
@@ -172,14 +177,7 @@ async def _in_memory(args: argparse.Namespace, material_dir: str) -> None:
     """Both endpoints in this process, datagrams handed over without sockets: the CPU of
     each side's handling (TLS, QUIC packets, the endpoint) without the UDP syscalls."""
     material = pki.init_pki(material_dir, domain=DOMAIN, now=_now())
-    server = await QuicEndpoint.open(
-        host="127.0.0.1",
-        identity=material.services["nms"],
-        trust=material.trust,
-        accept={ALPN: Acceptor(handler_factory=_Quiet, expect="node")},
-        engine=args.engine,
-        **_tickets(TicketKeys([os.urandom(32)]) if args.resume else None),
-    )
+    server = await _open_server(material, args.engine, os.urandom(32) if args.resume else None)
     client = await QuicEndpoint.open(
         host="127.0.0.1", identity=_node(material, 0), trust=material.trust, engine=args.engine
     )

@@ -200,27 +200,27 @@ def test_a_revoked_node_ca_refuses_its_nodes_resumption(material: pki.PkiMateria
         )
 
 
-def test_an_expired_certificate_cannot_resume(material: pki.PkiMaterial) -> None:
-    node = _node(material, valid_for=datetime.timedelta(hours=1))
-    with pytest.raises(Expired):
+@pytest.mark.parametrize(
+    ("valid_for", "expect", "at", "error"),
+    [
+        (datetime.timedelta(hours=1), "node", 7200, Expired),  # the certificate expired
+        (datetime.timedelta(days=1), "service", 1, Unauthenticated),  # a node is no service
+    ],
+)
+def test_resumption_refused(
+    material: pki.PkiMaterial,
+    valid_for: datetime.timedelta,
+    expect: pki.PeerKind,
+    at: float,
+    error: type[Exception],
+) -> None:
+    node = _node(material, valid_for=valid_for)
+    with pytest.raises(error):
         pki.verify_resumed(
             node.cert,
             kind="node",
             trust=material.trust,
-            expect="node",
+            expect=expect,
             expected_name=None,
-            now=_at(7200),
-        )
-
-
-def test_a_node_ticket_does_not_resume_as_a_service(material: pki.PkiMaterial) -> None:
-    node = _node(material, valid_for=datetime.timedelta(days=1))
-    with pytest.raises(Unauthenticated):
-        pki.verify_resumed(
-            node.cert,
-            kind="node",
-            trust=material.trust,
-            expect="service",
-            expected_name=None,
-            now=_at(1),
+            now=_at(at),
         )

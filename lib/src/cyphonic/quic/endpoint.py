@@ -235,7 +235,7 @@ class Connection:
     @property
     def resumed(self) -> bool:
         """Whether the handshake resumed a TLS session (a ticket; no certificates sent)."""
-        return bool(getattr(self.quic.tls, "session_resumed", False))
+        return bool(getattr(getattr(self.quic, "tls", None), "session_resumed", False))
 
     @property
     def peer_address(self) -> tuple[str, int]:
@@ -814,16 +814,7 @@ class QuicEndpoint:
             return peer
 
         def verifier(chain: list[x509.Certificate], alpn: str | None) -> PeerIdentity:
-            return checked(
-                alpn,
-                lambda acceptor: verify_peer(
-                    chain,
-                    trust=self.trust,
-                    expect=acceptor.expect,
-                    expected_name=None,
-                    now=_utcnow(),
-                ),
-            )
+            return checked(alpn, lambda a: verify_peer(chain, **trusted(a)))
 
         def resume_verifier(state: TicketState, alpn: str | None) -> PeerIdentity:
             if state.alpn != (alpn or "") or state.server_name not in self.server_names:
@@ -832,17 +823,16 @@ class QuicEndpoint:
                 leaf = x509.load_der_x509_certificate(state.certificate)
             except ValueError as exc:
                 raise Unauthenticated("session ticket with a malformed certificate") from exc
-            return checked(
-                alpn,
-                lambda acceptor: verify_resumed(
-                    leaf,
-                    kind=state.kind,
-                    trust=self.trust,
-                    expect=acceptor.expect,
-                    expected_name=None,
-                    now=_utcnow(),
-                ),
-            )
+            return checked(alpn, lambda a: verify_resumed(leaf, kind=state.kind, **trusted(a)))
+
+        def trusted(acceptor: Acceptor) -> dict[str, Any]:
+            # What both checks take from the acceptor and the trust store.
+            return {
+                "trust": self.trust,
+                "expect": acceptor.expect,
+                "expected_name": None,
+                "now": _utcnow(),
+            }
 
         quic: CyphonicQuicConnection
         if self._qh3 is not None:

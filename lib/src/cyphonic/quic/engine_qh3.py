@@ -21,6 +21,13 @@ Python (``qh3.tls.Context``), which is what lets the project keep its mutual TLS
   CertificateVerify signature (``verify_mode`` is CERT_NONE so qh3's own store is unused).
 * A refusal raises a TLS alert, which qh3 turns into CONNECTION_CLOSE with
   CRYPTO_ERROR + alert and the reason phrase, exactly as aioquic does.
+* Session resumption (``cyphonic.quic.tickets``, docs/scaling.md): a server with ticket
+  keys issues its NewSessionTicket after the client's Finished (qh3 issues it in its first
+  flight, before the client is authenticated, from a transcript our hook changes), sealing
+  the verified peer into it. A resumed hello gets qh3's own flight (no CertificateRequest,
+  RFC 8446 4.3.2) and the ticket's identity is re-checked by ``resume_verifier``; a client
+  re-verifies the server chain it kept with the ticket. Tickets that cannot be opened mean
+  a full handshake. No early data either way.
 
 Relay-chosen connection IDs (the TRS): the first host CID and a client's first Destination
 CID are set before the native core is made (``host_cid`` and the original destination CID,
