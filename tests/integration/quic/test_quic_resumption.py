@@ -8,12 +8,13 @@ aioquic engine, falls back to a full handshake that still works.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 from cyphonic import pki
 from cyphonic.config import ALPN_SIGNALLING
-from cyphonic.errors import Revoked
+from cyphonic.errors import Revoked, TokenInvalid
 from cyphonic.quic import Acceptor, QuicEndpoint
 from cyphonic.quic.tickets import TicketKeys
 from quic_harness import NMS_NAME, EndpointMaker, Handlers, Pki, port_of, request
@@ -122,3 +123,18 @@ async def test_an_aioquic_node_makes_full_handshakes(endpoints: EndpointMaker, c
     assert not await _connect(node, server)
     assert not await _connect(node, server)
     assert len(handlers.made) == 2
+
+
+@pytest.mark.parametrize("engine", ["qh3"])
+async def test_a_tampered_ticket_means_a_full_handshake(endpoints: EndpointMaker, ca: Pki) -> None:
+    handlers = Handlers()
+    server = await _replica(endpoints, ca, handlers, keys=TicketKeys([os.urandom(32)]))
+    node = await endpoints(identity=ca.node("n5"), trust=ca.trust)
+    assert not await _connect(node, server)
+    ((slot, (ticket, chain)),) = node._client_tickets.items()
+    flipped = ticket.ticket[:-1] + bytes([ticket.ticket[-1] ^ 1])
+    node._client_tickets[slot] = (dataclasses.replace(ticket, ticket=flipped), chain)
+    assert not await _connect(node, server)  # refused quietly, full handshake, still works
+    refused = handlers.made[1].conn.quic.tls
+    assert isinstance(refused.ticket_refused, TokenInvalid)
+    assert await _connect(node, server)  # and the ticket issued then is good
