@@ -378,7 +378,9 @@ class Connection:
     def _set_ready(self) -> None:
         if not self._ready.done():
             self._ready.set_result(None)
-            self.log.info("connection_ready", alpn=self.alpn, address=self.peer_address)
+            self.log.info(
+                "connection_ready", alpn=self.alpn, address=self.peer_address, resumed=self.resumed
+            )
 
     def _end(self, error: CyphonicError | None) -> None:
         if self._ended:
