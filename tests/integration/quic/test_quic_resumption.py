@@ -115,12 +115,20 @@ async def test_without_the_shared_key_a_full_handshake_follows(
     )
 
 
+async def _after_one_full_handshake(
+    endpoints: EndpointMaker, ca: Pki, handlers: Handlers, name: str
+) -> tuple[QuicEndpoint, QuicEndpoint]:
+    # A qh3 server with ticket keys, and a node (on the test's engine) that connected once.
+    server = await _replica(endpoints, ca, handlers, keys=TicketKeys([os.urandom(32)]))
+    node = await endpoints(identity=ca.node(name), trust=ca.trust)
+    assert not await _connect(node, server)
+    return server, node
+
+
 @pytest.mark.parametrize("engine", ["aioquic"])
 async def test_an_aioquic_node_makes_full_handshakes(endpoints: EndpointMaker, ca: Pki) -> None:
     handlers = Handlers()
-    server = await _replica(endpoints, ca, handlers, keys=TicketKeys([os.urandom(32)]))
-    node = await endpoints(identity=ca.node("n4"), trust=ca.trust)
-    assert not await _connect(node, server)
+    server, node = await _after_one_full_handshake(endpoints, ca, handlers, "n4")
     assert not await _connect(node, server)
     assert len(handlers.made) == 2
 
@@ -128,9 +136,7 @@ async def test_an_aioquic_node_makes_full_handshakes(endpoints: EndpointMaker, c
 @pytest.mark.parametrize("engine", ["qh3"])
 async def test_a_tampered_ticket_means_a_full_handshake(endpoints: EndpointMaker, ca: Pki) -> None:
     handlers = Handlers()
-    server = await _replica(endpoints, ca, handlers, keys=TicketKeys([os.urandom(32)]))
-    node = await endpoints(identity=ca.node("n5"), trust=ca.trust)
-    assert not await _connect(node, server)
+    server, node = await _after_one_full_handshake(endpoints, ca, handlers, "n5")
     ((slot, (ticket, chain)),) = node._client_tickets.items()
     flipped = ticket.ticket[:-1] + bytes([ticket.ticket[-1] ^ 1])
     node._client_tickets[slot] = (dataclasses.replace(ticket, ticket=flipped), chain)
