@@ -103,7 +103,8 @@ def test_generated_secrets_are_kept_and_existing_ones_used(render: Any) -> None:
     rendered = render()
     generated = {m.name: m for m in rendered.of_kind("Secret")}
     assert set(generated) == {
-        f"{FULLNAME}-{n}" for n in ("admin-token", "relay-token", "postgresql", "redis")
+        f"{FULLNAME}-{n}"
+        for n in ("admin-token", "relay-token", "session-tickets", "postgresql", "redis")
     }
     for m in generated.values():
         assert m.annotations["helm.sh/resource-policy"] == "keep"
@@ -115,6 +116,7 @@ def test_generated_secrets_are_kept_and_existing_ones_used(render: Any) -> None:
         {
             "adminToken": {"existingSecret": "ops-admin"},
             "relayToken": {"existingSecret": "ops-relay"},
+            "sessionTickets": {"existingSecret": "ops-tickets"},
             "postgresql": {"existingSecret": "ops-pg"},
             "redis": {"existingSecret": "ops-redis"},
         }
@@ -130,6 +132,7 @@ def test_generated_secrets_are_kept_and_existing_ones_used(render: Any) -> None:
         "CYPHONIC_DATABASE_PASSWORD": "ops-pg",
         "CYPHONIC_REDIS_PASSWORD": "ops-redis",
         "CYPHONIC_RELAY_TOKEN_SECRET": "ops-relay",
+        "CYPHONIC_SESSION_TICKET_SECRET": "ops-tickets",
     }
     volumes = {
         v["name"]: v for v in pod_spec(rendered.get("Deployment", f"{FULLNAME}-nms"))["volumes"]
@@ -404,6 +407,7 @@ def test_rendered_env_values_parse_as_the_services_settings(
         (f"{FULLNAME}-postgresql", "password"): password,
         (f"{FULLNAME}-redis", "password"): password,
         (f"{FULLNAME}-relay-token", "relay-token-secret"): "r" * 32,
+        (f"{FULLNAME}-session-tickets", "session-ticket-secret"): "s" * 48,
     }
     fields = {"metadata.name": "nms-0", "metadata.labels['apps.kubernetes.io/pod-index']": "1"}
     for component, settings in _service_settings().items():

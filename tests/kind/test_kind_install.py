@@ -32,6 +32,7 @@ def _kept_secrets(cluster: Cluster) -> dict[str, dict[str, str]]:
     names = [
         f"{FULLNAME}-admin-token",
         f"{FULLNAME}-relay-token",
+        f"{FULLNAME}-session-tickets",
         f"{FULLNAME}-postgresql",
         f"{FULLNAME}-redis",
     ] + [f"{FULLNAME}-pki-{p}" for p in ("ca", "as", "nms", "trs")]

@@ -79,6 +79,10 @@ Service; {replica} (the ordinal) is filled in by the NMS for each replica in its
 {{- default (printf "%s-relay-token" (include "cyphonic.fullname" .)) .Values.relayToken.existingSecret -}}
 {{- end -}}
 
+{{- define "cyphonic.sessionTicketSecret" -}}
+{{- default (printf "%s-session-tickets" (include "cyphonic.fullname" .)) .Values.sessionTickets.existingSecret -}}
+{{- end -}}
+
 {{- define "cyphonic.postgresSecret" -}}
 {{- if .Values.postgresql.enabled -}}
 {{- default (printf "%s-postgresql" (include "cyphonic.fullname" .)) .Values.postgresql.existingSecret -}}

@@ -146,7 +146,8 @@ def _serial() -> int:
 
 
 def _same_cert(a: x509.Certificate, b: x509.Certificate) -> bool:
-    return a.fingerprint(hashes.SHA256()) == b.fingerprint(hashes.SHA256())
+    # Certificates compare by their DER encoding: no hashing (six per verify_peer).
+    return a == b
 
 
 def _is_self_signed(cert: x509.Certificate) -> bool:
@@ -520,14 +521,7 @@ def verify_peer(
     leaf, presented = chain[0], list(chain[1:])
     if _is_self_signed(leaf):
         raise Unauthenticated("peer presented a self-signed certificate")
-    names = certificate_dns_names(leaf)
-    label = names[0] if names else leaf.subject.rfc4514_string()
-    if _utc(leaf.not_valid_after_utc) < now:
-        raise Expired(f"certificate of {label} expired at {leaf.not_valid_after_utc}")
-    if _utc(leaf.not_valid_before_utc) > now:
-        raise Unauthenticated(
-            f"certificate of {label} is not valid before {leaf.not_valid_before_utc}"
-        )
+    names, label = _check_validity(leaf, now)
     kinds: tuple[PeerKind, ...] = ("node", "service") if expect == "any" else (expect,)
     verified: list[x509.Certificate] | None = None
     kind: PeerKind = kinds[0]
@@ -552,10 +546,65 @@ def verify_peer(
         raise Unauthenticated(f"certificate of {label} has no extended key usage") from exc
     if ExtendedKeyUsageOID.SERVER_AUTH not in eku:
         raise Unauthenticated(f"certificate of {label} lacks serverAuth")
+    return _identity(verified[:2], names, trust=trust, kind=kind, expected_name=expected_name)
+
+
+def verify_resumed(
+    leaf: x509.Certificate,
+    *,
+    kind: PeerKind,
+    trust: TrustStore,
+    expect: PeerKind | Literal["any"],
+    expected_name: str | None,
+    now: datetime.datetime,
+) -> PeerIdentity:
+    """The identity of a resumed TLS session, re-checked: ``leaf`` and ``kind`` come from
+    a session ticket sealed by a replica of this service after ``verify_peer`` accepted
+    the chain, so the chain is not verified again; validity, role, revocation (of the leaf
+    and of the trusted intermediate of ``kind``) and the name are, as ``verify_peer`` does.
+    """
+    names, label = _check_validity(leaf, _utc(now))
+    if expect not in ("any", kind):
+        raise Unauthenticated(f"{label} has a {kind} certificate where a {expect} is expected")
+    ca = trust.intermediate(kind)
+    return _identity(
+        [leaf] if ca is None else [leaf, ca],
+        names,
+        trust=trust,
+        kind=kind,
+        expected_name=expected_name,
+    )
+
+
+def _check_validity(leaf: x509.Certificate, now: datetime.datetime) -> tuple[list[str], str]:
+    """The leaf's DNS names and a label for messages; ``Expired`` or ``Unauthenticated``
+    outside its validity."""
+    names = certificate_dns_names(leaf)
+    label = names[0] if names else leaf.subject.rfc4514_string()
+    if _utc(leaf.not_valid_after_utc) < now:
+        raise Expired(f"certificate of {label} expired at {leaf.not_valid_after_utc}")
+    if _utc(leaf.not_valid_before_utc) > now:
+        raise Unauthenticated(
+            f"certificate of {label} is not valid before {leaf.not_valid_before_utc}"
+        )
+    return names, label
+
+
+def _identity(
+    checked: Sequence[x509.Certificate],
+    names: list[str],
+    *,
+    trust: TrustStore,
+    kind: PeerKind,
+    expected_name: str | None,
+) -> PeerIdentity:
+    # Revocation of the leaf and its intermediate, then the name: shared by both checks.
+    leaf = checked[0]
+    label = names[0] if names else leaf.subject.rfc4514_string()
     if trust.is_revoked is not None:
-        for cert in verified[:2]:
+        for cert in checked:
             if trust.is_revoked(cert):
-                what = "certificate" if cert is verified[0] else f"issuing {kind} CA"
+                what = "certificate" if cert is leaf else f"issuing {kind} CA"
                 raise Revoked(f"{what} of {label} is revoked (serial {cert.serial_number:x})")
     if not names:
         raise Unauthenticated(f"certificate of {label} names no DNS name")

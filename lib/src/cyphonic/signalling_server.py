@@ -27,6 +27,7 @@ from cyphonic.v1 import signalling_pb2 as pb
 if TYPE_CHECKING:
     from cyphonic.quic import QuicEndpoint
     from cyphonic.quic.tcp_transport import TcpListener
+    from cyphonic.quic.tickets import TicketKeys
     from cyphonic.session import SignallingSession
 
 
@@ -64,11 +65,13 @@ class SignallingServer:
         revocation_interval: float,
         idle_timeout: float,
         retry_threshold: int | None = QUIC_RETRY_THRESHOLD,
+        ticket_keys: TicketKeys | None = None,
     ) -> None:
         """Load ``<service_name>.crt`` and the trust store (revoked node certificates refused
         in the handshake), bind the UDP socket, accept nodes. From ``retry_threshold``
         handshakes under way, new clients must prove their address with a QUIC Retry; only
-        clients that ask for this service's name (SNI) are served."""
+        clients that ask for this service's name (SNI) are served. ``ticket_keys``: TLS
+        session tickets shared by the replicas (reconnecting nodes resume)."""
         # Imported here so that request handling stays usable without the QUIC stack.
         from cyphonic.quic import Acceptor, QuicEndpoint
         from cyphonic.quic.tcp_transport import start_tcp_listener
@@ -92,6 +95,7 @@ class SignallingServer:
             accept={ALPN_SIGNALLING: Acceptor(handler_factory=factory, expect="node")},
             idle_timeout=idle_timeout,
             retry_threshold=retry_threshold,
+            ticket_keys=ticket_keys,
         )
         self.tcp = await start_tcp_listener(self.endpoint, identity, host=host)
 

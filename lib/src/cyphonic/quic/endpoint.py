@@ -65,11 +65,13 @@ from cyphonic.pki import (
     TrustStore,
     certificate_dns_names,
     verify_peer,
+    verify_resumed,
 )
 from cyphonic.quic import engine
 from cyphonic.quic.deadline import open_deadline_timer
 from cyphonic.quic.engine import ConnectionIdFactory, CyphonicQuicConnection
 from cyphonic.quic.retry import Drop, RetryGate, RetryTokens, SendRetry
+from cyphonic.quic.tickets import TicketKeys, TicketState
 
 _aioquic = engine  # for code where a parameter named ``engine`` hides the module
 
@@ -115,6 +117,7 @@ _GSO_PAUSE_MAX = 64.0  # the pause doubles at each refusal up to this
 # Errors that mean the socket cannot do GSO at all (not one destination's path).
 _GSO_UNSUPPORTED = frozenset({errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.ENOTSUP})
 _ERROR_LOG_INTERVAL = 10.0  # seconds between two logs of internal errors (the rest counted)
+_MAX_CLIENT_TICKETS = 1024  # session tickets a client keeps (one per server name and ALPN)
 
 
 class ConnectionHandler(Protocol):
@@ -228,6 +231,11 @@ class Connection:
     def peer(self) -> PeerIdentity | None:
         """The verified peer identity, once the peer's certificate has been checked."""
         return self.quic.peer_identity
+
+    @property
+    def resumed(self) -> bool:
+        """Whether the handshake resumed a TLS session (a ticket; no certificates sent)."""
+        return bool(getattr(getattr(self.quic, "tls", None), "session_resumed", False))
 
     @property
     def peer_address(self) -> tuple[str, int]:
@@ -375,7 +383,9 @@ class Connection:
     def _set_ready(self) -> None:
         if not self._ready.done():
             self._ready.set_result(None)
-            self.log.info("connection_ready", alpn=self.alpn, address=self.peer_address)
+            self.log.info(
+                "connection_ready", alpn=self.alpn, address=self.peer_address, resumed=self.resumed
+            )
 
     def _end(self, error: CyphonicError | None) -> None:
         if self._ended:
@@ -414,6 +424,7 @@ class QuicEndpoint:
         retry_threshold: int | None = None,
         retry_key: bytes | None = None,
         server_names: Iterable[str] | None = None,
+        ticket_keys: TicketKeys | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         engine = engine or default_engine()
@@ -451,6 +462,15 @@ class QuicEndpoint:
         """Bound on server connections whose handshake is under way; Initials beyond it are
         dropped (a flood of Initials cannot make the endpoint hold unbounded state)."""
         self._handshaking: set[Connection] = set()
+        self.ticket_keys = ticket_keys
+        """Server side: issue session tickets sealed under these keys, and resume the
+        sessions of tickets any endpoint with the same keys issued (``quic.tickets``; the
+        qh3 engine only). None: every handshake is a full one."""
+        self._client_tickets: dict[
+            tuple[str | None, str, str], tuple[Any, list[x509.Certificate]]
+        ] = {}
+        """Client side: the last session ticket of each (server name, ALPN, role), with the
+        server chain verified when it was issued; offered (once) by the next connect."""
         self._error_log_at = 0.0
         self._errors_unlogged = 0
         self._congestion_control = congestion_control
@@ -527,9 +547,11 @@ class QuicEndpoint:
 
     def set_identity(self, identity: CertifiedKey) -> None:
         """Present ``identity`` (a renewed key and certificate) in every handshake from now
-        on; connections already open keep the one they were made with."""
+        on; connections already open keep the one they were made with. Session tickets
+        bound to the old certificate are dropped (the next connects are full handshakes)."""
         self.identity = identity
         self._make_server_configs(identity)
+        self._client_tickets.clear()
 
     # -- creation and teardown
 
@@ -553,6 +575,7 @@ class QuicEndpoint:
         retry_threshold: int | None = None,
         retry_key: bytes | None = None,
         server_names: Iterable[str] | None = None,
+        ticket_keys: TicketKeys | None = None,
     ) -> QuicEndpoint:
         """Bind the UDP socket and start serving.
 
@@ -569,6 +592,8 @@ class QuicEndpoint:
         ``max_datagram_size`` within the path, nothing larger leaves.
         ``max_udp_payload_size``: sent to peers as that transport parameter (our link's
         limit; None: not sent).
+        ``ticket_keys``: issue and accept TLS session tickets (shared by the replicas of a
+        service, so a client resumes at any of them); None: full handshakes only.
         """
         engine = engine or default_engine()
         _load_engine(engine)  # refuse an unknown or missing engine before binding
@@ -590,6 +615,7 @@ class QuicEndpoint:
             retry_threshold=retry_threshold,
             retry_key=retry_key,
             server_names=server_names,
+            ticket_keys=ticket_keys,
         )
 
     @property
@@ -672,6 +698,15 @@ class QuicEndpoint:
 
         quic: CyphonicQuicConnection
         if self._qh3 is not None:
+            ticket_slot = (expected_name, alpn, expect)
+            ticket, resume_chain = self._client_tickets.pop(ticket_slot, (None, None))
+
+            def keep_ticket(ticket: Any, chain: list[x509.Certificate]) -> None:
+                self._client_tickets.pop(ticket_slot, None)
+                while len(self._client_tickets) >= _MAX_CLIENT_TICKETS:
+                    del self._client_tickets[next(iter(self._client_tickets))]
+                self._client_tickets[ticket_slot] = (ticket, chain)
+
             quic = cast(
                 CyphonicQuicConnection,
                 self._qh3.Qh3QuicConnection(
@@ -683,10 +718,13 @@ class QuicEndpoint:
                         max_datagram_size=self.max_datagram_size,
                         server_name=expected_name,
                         max_udp_payload_size=self.max_udp_payload_size,
+                        session_ticket=ticket,
                     ),
                     peer_verifier=verifier,
                     connection_id_factory=connection_id_factory,
                     initial_destination_cid=initial_destination_cid,
+                    ticket_handler=keep_ticket,
+                    resume_chain=resume_chain,
                 ),
             )
         else:
@@ -761,7 +799,7 @@ class QuicEndpoint:
             factory = self.server_connection_id_factory(addr, dcid)
         holder: list[Connection] = []
 
-        def verifier(chain: list[x509.Certificate], alpn: str | None) -> PeerIdentity:
+        def checked(alpn: str | None, check: Callable[[Acceptor], PeerIdentity]) -> PeerIdentity:
             acceptor = self._acceptors.get(alpn or "")
             if acceptor is None:
                 raise Unauthenticated(f"no service for ALPN {alpn!r}")
@@ -774,15 +812,34 @@ class QuicEndpoint:
                     if asked
                     else "no server name (SNI) in the client's hello"
                 )
-            peer = verify_peer(
-                chain, trust=self.trust, expect=acceptor.expect, expected_name=None, now=_utcnow()
-            )
+            peer = check(acceptor)
             if acceptor.authorize is not None:
                 acceptor.authorize(peer)
             if holder:
                 holder[0].alpn = alpn
                 holder[0]._handler_factory = acceptor.handler_factory
             return peer
+
+        def verifier(chain: list[x509.Certificate], alpn: str | None) -> PeerIdentity:
+            return checked(alpn, lambda a: verify_peer(chain, **trusted(a)))
+
+        def resume_verifier(state: TicketState, alpn: str | None) -> PeerIdentity:
+            if state.alpn != (alpn or "") or state.server_name not in self.server_names:
+                raise Unauthenticated("session ticket of another service")
+            try:
+                leaf = x509.load_der_x509_certificate(state.certificate)
+            except ValueError as exc:
+                raise Unauthenticated("session ticket with a malformed certificate") from exc
+            return checked(alpn, lambda a: verify_resumed(leaf, kind=state.kind, **trusted(a)))
+
+        def trusted(acceptor: Acceptor) -> dict[str, Any]:
+            # What both checks take from the acceptor and the trust store.
+            return {
+                "trust": self.trust,
+                "expect": acceptor.expect,
+                "expected_name": None,
+                "now": _utcnow(),
+            }
 
         quic: CyphonicQuicConnection
         if self._qh3 is not None:
@@ -794,6 +851,8 @@ class QuicEndpoint:
                     original_destination_connection_id=odcid,
                     retry_source_connection_id=retry_scid,
                     connection_id_factory=factory,
+                    ticket_keys=self.ticket_keys,
+                    resume_verifier=resume_verifier,
                 ),
             )
         else:

@@ -62,6 +62,7 @@ from cyphonic.errors import (
     Unavailable,
 )
 from cyphonic.pki import CertifiedKey, PeerIdentity
+from cyphonic.quic.tickets import TicketState
 
 CID_LENGTH = 8
 """Length of every connection ID this endpoint issues (short headers do not carry it)."""
@@ -79,6 +80,12 @@ ConnectionIdFactory = Callable[[int], bytes]
 
 PeerVerifier = Callable[[list[x509.Certificate], str | None], PeerIdentity]
 """Verifies the peer's chain (leaf first) given the negotiated ALPN; raises CyphonicError."""
+ResumeVerifier = Callable[[TicketState, str | None], PeerIdentity]
+"""Re-checks the identity a session ticket binds (revocation, expiry, role) given the
+negotiated ALPN at resumption; raises CyphonicError."""
+TicketHandler = Callable[[Any, list[x509.Certificate]], None]
+"""Client side: takes each session ticket the server issues, with the server chain this
+connection verified (offered again, with that chain, on a later connect)."""
 
 
 # TLS alerts aioquic does not define, so each refusal carries its own code.
@@ -123,8 +130,16 @@ _ERROR_FOR_ALERT: dict[int, type[CyphonicError]] = {
 
 def peek_server_name(input_buf: Any, pull_client_hello: Callable[[Any], Any]) -> str | None:
     """The SNI of the ClientHello at ``input_buf``'s position, which is left unchanged
-    (None: no SNI, or not a ClientHello the TLS stack will accept anyway)."""
+    (None: no SNI, or not a ClientHello the TLS stack will accept anyway).
+
+    Read by ``client_hello_server_name`` (a walk to one extension: the TLS stack parses
+    the hello again right after, and a full parse here cost 7% of a server handshake);
+    ``pull_client_hello`` only if that walk finds the hello malformed."""
     start = input_buf.tell()
+    try:
+        return client_hello_server_name(input_buf.data_slice(start, input_buf.capacity))
+    except ValueError:
+        pass
     try:
         name = pull_client_hello(input_buf).server_name
     except Exception:
@@ -132,6 +147,59 @@ def peek_server_name(input_buf: Any, pull_client_hello: Callable[[Any], Any]) ->
     finally:
         input_buf.seek(start)
     return name.lower() if isinstance(name, str) else None
+
+
+_SNI_EXTENSION = 0
+_SNI_HOST_NAME = 0
+
+
+def client_hello_server_name(message: bytes) -> str | None:
+    """The host name of a TLS ClientHello message's server_name extension (RFC 6066 3)
+    or None if it has none; ``ValueError`` if the message is not a well-formed hello.
+
+        type=1 | length (3) | version (2) | random (32) | session id (1+n)
+        | cipher suites (2+n) | compression methods (1+n) | extensions (2+n):
+          type (2) | length (2) | data;  server_name data: list length (2)
+          | name type (1) = 0 | name length (2) | name
+    """
+    view = memoryview(message)
+
+    def u(offset: int, size: int) -> int:
+        if offset + size > len(view):
+            raise ValueError("truncated ClientHello")
+        return int.from_bytes(view[offset : offset + size], "big")
+
+    if u(0, 1) != 1:
+        raise ValueError("not a ClientHello")
+    end = 4 + u(1, 3)
+    if end > len(view):
+        raise ValueError("truncated ClientHello")
+    offset = 4 + 2 + 32
+    offset += 1 + u(offset, 1)
+    offset += 2 + u(offset, 2)
+    offset += 1 + u(offset, 1)
+    extensions_end = offset + 2 + u(offset, 2)
+    offset += 2
+    if extensions_end != end:
+        raise ValueError("ClientHello extensions do not end with the message")
+    while offset < extensions_end:
+        kind, size = u(offset, 2), u(offset + 2, 2)
+        offset += 4
+        if offset + size > extensions_end:
+            raise ValueError("truncated ClientHello extension")
+        if kind == _SNI_EXTENSION:
+            if u(offset + 2, 1) != _SNI_HOST_NAME:
+                return None
+            length = u(offset + 3, 2)
+            if 5 + length > size:
+                raise ValueError("truncated server_name")
+            name = bytes(view[offset + 5 : offset + 5 + length])
+            try:
+                return name.decode("ascii").lower()
+            except UnicodeDecodeError as exc:
+                raise ValueError("server_name is not ASCII") from exc
+        offset += size
+    return None
 
 
 class _VerifyingContext(tls.Context):

@@ -21,6 +21,13 @@ Python (``qh3.tls.Context``), which is what lets the project keep its mutual TLS
   CertificateVerify signature (``verify_mode`` is CERT_NONE so qh3's own store is unused).
 * A refusal raises a TLS alert, which qh3 turns into CONNECTION_CLOSE with
   CRYPTO_ERROR + alert and the reason phrase, exactly as aioquic does.
+* Session resumption (``cyphonic.quic.tickets``, docs/scaling.md): a server with ticket
+  keys issues its NewSessionTicket after the client's Finished (qh3 issues it in its first
+  flight, before the client is authenticated, from a transcript our hook changes), sealing
+  the verified peer into it. A resumed hello gets qh3's own flight (no CertificateRequest,
+  RFC 8446 4.3.2) and the ticket's identity is re-checked by ``resume_verifier``; a client
+  re-verifies the server chain it kept with the ticket. Tickets that cannot be opened mean
+  a full handshake. No early data either way.
 
 Relay-chosen connection IDs (the TRS): the first host CID and a client's first Destination
 CID are set before the native core is made (``host_cid`` and the original destination CID,
@@ -66,8 +73,11 @@ names, ``_server_handle_hello``'s message order), hence the exact version pin.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
+import os
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -92,9 +102,10 @@ from qh3.quic.packet import (
     push_quic_transport_parameters,
 )
 
-from cyphonic.errors import CyphonicError, Unauthenticated
+from cyphonic.errors import CyphonicError, Expired, TokenInvalid, Unauthenticated
 from cyphonic.pki import CertifiedKey, PeerIdentity
 from cyphonic.quic import engine
+from cyphonic.quic.tickets import MAX_LIFETIME, TicketKeys, TicketState
 
 ENGINE_NAME = "qh3"
 
@@ -157,6 +168,11 @@ def _alert_for(exc: CyphonicError, *, missing: bool) -> qtls.Alert:
     return cls(exc.message)
 
 
+def _utc(timestamp: float) -> datetime.datetime:
+    # qh3 compares ticket times with naive UTC.
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).replace(tzinfo=None)
+
+
 def _to_x509(cert: QCertificate) -> x509.Certificate:
     return x509.load_der_x509_certificate(cert.public_bytes())
 
@@ -169,6 +185,17 @@ class _VerifyingContext(qtls.Context):
     verification_error: CyphonicError | None
     client_server_name: str | None = None
     """Server side: the SNI of the client's hello (checked by the endpoint's verifier)."""
+    verified_chain: list[x509.Certificate] | None = None
+    """The peer's chain as verified (a client keeps it with its ticket)."""
+    ticket_keys: TicketKeys | None = None
+    """Server side: seal and open session tickets (None: no resumption)."""
+    resume_verifier: engine.ResumeVerifier | None = None
+    """Server side: the identity of a ticket, re-checked at resumption."""
+    ticket_refused: CyphonicError | None = None
+    """Server side: why an offered ticket was not used (a full handshake followed)."""
+    resume_chain: list[x509.Certificate] | None = None
+    """Client side: the server chain verified when the offered ticket was issued."""
+    _cy_ticket_state: TicketState | None = None
     _cy_hello_buf: QBuffer | None
 
     # key_schedule is created inside _server_handle_hello; a property sees it being set
@@ -190,6 +217,10 @@ class _VerifyingContext(qtls.Context):
 
         def update_hash(data: bytes) -> None:
             nonlocal injected
+            if self._session_resumed:
+                # PSK: no client certificate (RFC 8446 4.3.2), qh3's own flight as it is.
+                original(data)
+                return
             kind = data[0] if data else -1
             if kind == qtls.HandshakeType.FINISHED and schedule.generation == 3:
                 return  # qh3's anticipated client Finished: the client's flight comes first
@@ -203,8 +234,12 @@ class _VerifyingContext(qtls.Context):
         return update_hash
 
     def _verify(self, chain: list[x509.Certificate], *, missing: bool) -> None:
+        self._checked(lambda: self.peer_verifier(chain, self.alpn_negotiated), missing=missing)
+        self.verified_chain = chain
+
+    def _checked(self, check: Callable[[], PeerIdentity], *, missing: bool) -> None:
         try:
-            self.peer_identity = self.peer_verifier(chain, self.alpn_negotiated)
+            self.peer_identity = check()
         except CyphonicError as exc:
             self.verification_error = exc
             raise _alert_for(exc, missing=missing) from exc
@@ -235,10 +270,83 @@ class _VerifyingContext(qtls.Context):
             schedule = self.key_schedule
             if schedule is not None:
                 schedule.__dict__.pop("update_hash", None)
-        if self._alps_negotiated or self._session_resumed:
-            # Neither is offered here; both would change the flight the hook relies on.
-            raise qtls.AlertHandshakeFailure("resumption and ALPS are not supported")
+        if self._alps_negotiated:
+            # Never offered here; it would change the flight the hook relies on.
+            raise qtls.AlertHandshakeFailure("ALPS is not supported")
+        if self._session_resumed:
+            # The identity the ticket binds, re-checked now (revocation, expiry, role,
+            # SNI, the acceptor's authorisation); qh3 expects the client's Finished next.
+            state = self._cy_ticket_state
+            resume = self.resume_verifier
+            assert state is not None and resume is not None
+            self._checked(lambda: resume(state, self.alpn_negotiated), missing=False)
+            return
         self.state = _SERVER_EXPECT_CERTIFICATE  # type: ignore[assignment]
+
+    def _fetch_ticket(self, label: bytes) -> qtls.SessionTicket | None:
+        # A ticket that cannot be used means a full handshake, never a refusal.
+        keys = self.ticket_keys
+        if keys is None or self.resume_verifier is None:
+            return None
+        now = time.time()
+        try:
+            state = keys.open(label, now=now)
+        except (TokenInvalid, Expired) as exc:
+            self.ticket_refused = exc
+            return None
+        self._cy_ticket_state = state
+        return qtls.SessionTicket(
+            age_add=0,
+            cipher_suite=qtls.CipherSuite(state.cipher_suite),
+            not_valid_after=_utc(state.expires_at),
+            not_valid_before=_utc(min(state.issued_at, now)),
+            resumption_secret=state.resumption_secret,
+            server_name=state.server_name,
+            ticket=label,
+        )
+
+    def _server_handle_finished(self, input_buf: QBuffer, output_buf: QBuffer) -> None:
+        super()._server_handle_finished(input_buf, output_buf)
+        keys = self.ticket_keys
+        if keys is None or self.peer_identity is None:
+            return
+        if not self._session_resumed:
+            # The hook left qh3's anticipated Finished out; the client's real one closes
+            # the transcript the resumption secret is derived from.
+            self.key_schedule.update_hash(input_buf.data)
+        lifetime = int(MAX_LIFETIME)
+        ticket = qtls.NewSessionTicket(
+            ticket_lifetime=lifetime,
+            ticket_age_add=int.from_bytes(os.urandom(4), "big"),
+            ticket_nonce=b"",
+            ticket=b"",
+            max_early_data_size=None,  # no 0-RTT (tickets module docstring)
+        )
+        secret = self._build_session_ticket(ticket, []).resumption_secret
+        identity = self.peer_identity
+        now = time.time()
+        ticket.ticket = keys.seal(
+            TicketState(
+                resumption_secret=secret,
+                cipher_suite=int(self.key_schedule.cipher_suite),
+                kind=identity.kind,
+                certificate=identity.certificate.public_bytes(serialization.Encoding.DER),
+                alpn=self.alpn_negotiated or "",
+                server_name=self.client_server_name or "",
+                issued_at=now,
+                expires_at=min(
+                    now + lifetime, identity.certificate.not_valid_after_utc.timestamp()
+                ),
+            )
+        )
+        qtls.push_new_session_ticket(output_buf, ticket)
+
+    # -- client: a resumed server presents no certificate; re-check the one it had
+
+    def _client_handle_finished(self, input_buf: QBuffer, output_buf: QBuffer) -> None:
+        if self._session_resumed and self.peer_identity is None:
+            self._verify(self.resume_chain or [], missing=True)
+        super()._client_handle_finished(input_buf, output_buf)
 
     def handle_message(
         self, input_data: bytes, output_buf: dict[qtls.Epoch, QBuffer], epoch: int = -1
@@ -367,18 +475,37 @@ class Qh3QuicConnection(Qh3Connection):
         retry_source_connection_id: bytes | None = None,
         connection_id_factory: engine.ConnectionIdFactory | None = None,
         initial_destination_cid: bytes | None = None,
+        ticket_keys: TicketKeys | None = None,
+        resume_verifier: engine.ResumeVerifier | None = None,
+        ticket_handler: engine.TicketHandler | None = None,
+        resume_chain: list[x509.Certificate] | None = None,
     ) -> None:
+        """Server: ``ticket_keys`` and ``resume_verifier`` issue and accept session tickets.
+        Client: ``ticket_handler`` takes the tickets the server issues; the configuration's
+        ``session_ticket`` is offered, ``resume_chain`` the server chain verified with it."""
         self._peer_verifier = peer_verifier
+        self._ticket_keys = ticket_keys
+        self._resume_verifier = resume_verifier
+        self._resume_chain = resume_chain
         self._datagrams_queued = 0
         self._paths = _ReturningAddresses(None)
         self._terminated_event: aq.ConnectionTerminated | None = None
         self._path_size: int | None = None
         """The core's datagram limit once the handshake is done (reading it costs ~4 us);
         forgotten when the path changes."""
+        handler: Callable[[qtls.SessionTicket], None] | None = None
+        if ticket_handler is not None:
+
+            def handler(ticket: qtls.SessionTicket) -> None:
+                chain = getattr(self.tls, "verified_chain", None) or self._resume_chain
+                if chain:
+                    ticket_handler(ticket, chain)
+
         super().__init__(
             configuration=configuration,
             original_destination_connection_id=original_destination_connection_id,
             retry_source_connection_id=retry_source_connection_id,
+            session_ticket_handler=handler,
         )
         self.relayed = connection_id_factory is not None or initial_destination_cid is not None
         """Made with relay-chosen CIDs: keeps its Destination CID (module docstring)."""
@@ -408,6 +535,18 @@ class Qh3QuicConnection(Qh3Connection):
         context.peer_verifier = self._peer_verifier
         context.peer_identity = None
         context.verification_error = None
+        context.resume_chain = self._resume_chain
+        if self._configuration.is_client and self._configuration.session_ticket is not None:
+            # A ticket (a node certificate inside) and the ML-KEM share together overflow
+            # qh3's 2 KB hello buffer. The resumed keys mix the PSK, itself from a hybrid
+            # post-quantum exchange, with a fresh X25519 exchange (docs/scaling.md).
+            context._supported_groups = [
+                g for g in context._supported_groups if g != qtls.Group.X25519ML768
+            ]
+        if self._ticket_keys is not None and self._resume_verifier is not None:
+            context.ticket_keys = self._ticket_keys
+            context.resume_verifier = self._resume_verifier
+            context.get_session_ticket_cb = context._fetch_ticket
         limit = getattr(self._configuration, "max_udp_payload_size", None)
         if limit is not None:
             _advertise_max_udp_payload(bridge, limit)
@@ -896,9 +1035,12 @@ def make_configuration(
     max_datagram_size: int = engine.DEFAULT_MAX_DATAGRAM_SIZE,
     server_name: str | None = None,
     max_udp_payload_size: int | None = None,
+    session_ticket: qtls.SessionTicket | None = None,
 ) -> Qh3Configuration:
-    """A qh3 configuration for one role: DATAGRAM on, our certificate, no built-in checks."""
+    """A qh3 configuration for one role: DATAGRAM on, our certificate, no built-in checks;
+    a client offers ``session_ticket`` (resumption)."""
     config = CyphonicQh3Configuration(
+        session_ticket=session_ticket,
         max_udp_payload_size=max_udp_payload_size,
         is_client=is_client,
         alpn_protocols=alpn_protocols,

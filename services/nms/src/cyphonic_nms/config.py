@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from cyphonic import relay_token
 from cyphonic.config import ServiceSettings
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from cyphonic_nms.leases import DEFAULT_IPV4_POOL
+
+if TYPE_CHECKING:
+    from cyphonic.quic.tickets import TicketKeys
 
 
 class NmsSettings(ServiceSettings):
@@ -118,6 +121,12 @@ class NmsSettings(ServiceSettings):
     trs_admin_token: SecretStr | None = Field(
         None, description="bearer token for the TRS admin APIs (default: this NMS's admin token)"
     )
+    session_ticket_secret: SecretStr | None = Field(
+        None,
+        description="secret(s) the TLS session ticket keys are derived from, the same on "
+        "every replica (a node resumes at any of them), newest first, comma-separated, 32+ "
+        "characters each; unset: no session resumption, every reconnect a full handshake",
+    )
 
     @model_validator(mode="after")
     def _check_timing(self) -> NmsSettings:
@@ -133,6 +142,13 @@ class NmsSettings(ServiceSettings):
         ):
             raise ValueError("trs_admin_url_template needs {replica} and no other {...}")
         return value
+
+    def ticket_keys(self) -> TicketKeys | None:
+        """The session ticket keys, if a secret is configured."""
+        from cyphonic.quic.tickets import TicketKeys
+
+        secret = self.session_ticket_secret
+        return None if secret is None else TicketKeys.from_secrets(secret.get_secret_value())
 
     def relay_secret(self) -> bytes:
         """The relay token secret (a development default only in the ``local`` environment)."""

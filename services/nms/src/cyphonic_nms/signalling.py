@@ -169,6 +169,7 @@ class NmsSignallingServer(SignallingServer):
             # Keepalives keep a healthy connection busy; the idle timeout only reaps dead ones.
             idle_timeout=settings.offline_timeout_s + settings.keepalive_interval_s,
             retry_threshold=settings.quic_retry_threshold,
+            ticket_keys=settings.ticket_keys(),
         )
         if settings.as_url and self.revocations is not None:
             # Pushed: the AS answers this long-poll the moment it revokes (docs/enrolment.md).
