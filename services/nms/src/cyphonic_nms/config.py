@@ -28,10 +28,26 @@ class NmsSettings(ServiceSettings):
         None, description="virtual IPv6 pool (CIDR); default: a ULA /48 derived from the domain"
     )
     keepalive_interval_s: float = Field(
-        15.0, gt=0, description="how often nodes send a Keepalive (short enough for NAT)"
+        15.0,
+        gt=0,
+        description="how often agents that do not PING (older ones) send a Keepalive",
+    )
+    ping_interval_s: float = Field(
+        25.0,
+        ge=0,
+        description="QUIC PING interval told to agents: keeps the connection and the NAT "
+        "binding (UDP timeouts of 30 s are common) open; 0: ask for Keepalive requests",
     )
     offline_timeout_s: float = Field(
-        45.0, gt=0, description="a node silent this long is marked offline"
+        45.0,
+        gt=0,
+        description="QUIC idle timeout of node connections: a node silent this long is offline",
+    )
+    presence_refresh_s: float = Field(
+        5.0, gt=0, description="how often presence and route TTLs in Redis are refreshed"
+    )
+    last_seen_interval_s: float = Field(
+        60.0, gt=0, description="how often last_seen of connected nodes is written"
     )
     revocation_poll_s: float = Field(
         1.0, gt=0, description="how often the registry is polled for new revocations"
@@ -121,8 +137,12 @@ class NmsSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _check_timing(self) -> NmsSettings:
-        if self.offline_timeout_s <= self.keepalive_interval_s:
-            raise ValueError("offline_timeout_s must be longer than keepalive_interval_s")
+        if self.offline_timeout_s <= max(self.keepalive_interval_s, self.ping_interval_s):
+            raise ValueError(
+                "offline_timeout_s must be longer than keepalive_interval_s and ping_interval_s"
+            )
+        if self.presence_refresh_s * 2 > self.offline_timeout_s:
+            raise ValueError("presence_refresh_s must be at most half of offline_timeout_s")
         return self
 
     @field_validator("trs_admin_url_template")
