@@ -317,7 +317,7 @@ async def test_silent_node_goes_offline(world: World) -> None:
 
     talking = asyncio.create_task(keep_talking())
     try:
-        error = await b.wait_closed(within_s=10)  # offline timeout 4 s, sweep every 1 s
+        error = await b.wait_closed(within_s=10)  # QUIC idle timeout 4 s
         assert error is not None
         assert (await a.wait_for("peer_offline", within_s=5)).peer_offline.fqdn == (
             f"sleeper.{DOMAIN}"
@@ -327,6 +327,51 @@ async def test_silent_node_goes_offline(world: World) -> None:
     async with nms.admin() as admin:
         view = (await admin.get(f"/v1/nodes/sleeper.{DOMAIN}")).json()
     assert view["online"] is False
+
+
+async def test_quic_pings_keep_a_node_present_and_their_end_takes_it_offline(
+    world: World,
+) -> None:
+    """Presence is the QUIC connection: PINGs alone (no Keepalive request, no stream) keep a
+    node online past several offline timeouts; once they stop, the idle timeout (4 s here)
+    takes it offline and its peer is told within that time."""
+    nms = await world.nms()
+    a = await world.node("watcher", nms)
+    b = await world.node("pinger", nms)
+    reg = await b.register()
+    assert 0 < reg.ping_interval_ms <= 0.6 * 4000  # told to PING inside the idle timeout
+    await a.register()
+    await a.route(fqdn=f"pinger.{DOMAIN}")
+    assert b.session is not None and a.session is not None
+
+    async def ping(node: NmsProtocolClient, seconds: float) -> None:
+        assert node.session is not None
+        conn = node.session.connection
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while loop.time() < until:
+            conn.quic.send_ping(1)
+            conn.transmit()
+            await asyncio.sleep(reg.ping_interval_ms / 1000)
+
+    await asyncio.gather(ping(a, 10.0), ping(b, 10.0))  # 2.5 offline timeouts
+    assert a.of("peer_offline") == []
+    async with nms.admin() as admin:
+        assert (await admin.get(f"/v1/nodes/pinger.{DOMAIN}")).json()["online"] is True
+    # b goes silent (a process that vanished: no CONNECTION_CLOSE); a keeps pinging.
+    started = asyncio.get_running_loop().time()
+    watcher = asyncio.create_task(ping(a, 15.0))
+    try:
+        notice = (await a.wait_for("peer_offline", within_s=10)).peer_offline
+    finally:
+        watcher.cancel()
+    took = asyncio.get_running_loop().time() - started
+    assert notice.fqdn == f"pinger.{DOMAIN}"
+    assert took < 4 + 2, f"peer_offline {took:.1f} s after the node went silent"
+    async with nms.admin() as admin:
+        assert (await admin.get(f"/v1/nodes/pinger.{DOMAIN}")).json()["online"] is False
+        metrics = (await admin.get("/metrics")).text
+    assert 'cyphonic_nms_offline_total{cause="timeout"} 1.0' in metrics
 
 
 async def test_revoked_node_cut_off(world: World) -> None:

@@ -611,7 +611,8 @@ class NodeManager:
             network=info,
             pools=self.pools,
             keepalive_interval_s=self.keepalive_interval_s,
-            ping_interval_s=self.ping_interval_s,
+            # Room for a lost PING's retransmission inside the idle timeout.
+            ping_interval_s=min(self.ping_interval_s, self.offline_timeout_s * 0.6),
         )
 
     def last_handover(self, fqdn: str) -> Handover | None:
