@@ -378,7 +378,7 @@ class _Quiet:
 
 async def worker_main() -> int:
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=1 << 26)  # the config names every node
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
 
     # Replies on a private copy of stdout; anything else printed (logs) goes to stderr.

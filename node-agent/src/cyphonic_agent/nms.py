@@ -9,8 +9,8 @@ and the loop that does it again after a loss.
 The NMS takes the connection's liveness as the node's presence. A PING is one small packet
 and an ACK, no stream and no message: the NAT binding stays open and the NMS does no work
 above QUIC. A PING not acknowledged within ``PING_ACK_TIMEOUT_S`` means the NMS is gone: a
-vanished NMS is noticed within the PING interval plus that (25 + 5 s by default; with
-Keepalive requests, 10 + 5 s).
+vanished NMS is noticed within one PING interval (25 s by default; with Keepalive requests,
+10 + 5 s), at worst by the connection's idle timeout (45 s).
 
 When to log in, how long to pause and when to give up is ``control.Reconnect``'s decision;
 what a registration means for the node (bring-up, a move's re-registration) is the agent's,
@@ -51,8 +51,13 @@ from cyphonic_agent.routes import Candidate
 AGENT_VERSION = "0.1.0"
 
 PING_UID = 0x4E4D_5350_494E_47  # "NMSPING": the uid of the NMS connection's PINGs
-PING_ACK_TIMEOUT_S = 5.0
-"""How long a PING to the NMS may go unacknowledged (QUIC retransmits a lost one)."""
+PING_ACK_TIMEOUT_S = 10.0
+"""How long a PING to the NMS may go unacknowledged (QUIC retransmits a lost one); taken
+out of the interval, so it does not lengthen the detection of a vanished NMS."""
+NMS_IDLE_TIMEOUT_S = 60.0
+"""The QUIC idle timeout offered on the NMS connection (the NMS's offline timeout, 45 s by
+default, is what both sides use): PINGs every 25 s leave 20 s for one to be late or lost
+and retransmitted, where the agent's peer timeout (30 s) would leave 5."""
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -169,6 +174,7 @@ class NmsClient:
         server_name: str,
         what: str,
         handler: Callable[..., Awaitable[Any]] | None = None,
+        idle_timeout: float | None = None,
     ) -> tuple[SignallingSession, Candidate]:
         """A signalling session with the first of ``endpoints`` that answers."""
         timeout = self.settings.connect_timeout_s
@@ -186,6 +192,7 @@ class NmsClient:
                     expected_name=server_name,
                     timeout=timeout,
                     handler_factory=SignallingSession.factory(handler),
+                    idle_timeout=idle_timeout,
                 )
             except Timeout:
                 silent.append(str(ep))
@@ -258,6 +265,7 @@ class NmsClient:
                 server_name=self.server_name,
                 what="NMS",
                 handler=self._on_message,
+                idle_timeout=max(NMS_IDLE_TIMEOUT_S, self.settings.peer_timeout_s),
             )
         except CyphonicError:
             self.policy.dial_failed()
@@ -275,11 +283,12 @@ class NmsClient:
         answer = await link.session.request(wrap(request), timeout=REQUEST_TIMEOUT_S)
         reg = expect(answer, pb.RegisterResponse)
         self.counters.registrations += 1
-        # Our idle timeout also bounds the NMS connection: stay inside it (QUIC retransmits
-        # a lost PING; a Keepalive request is not retried: a third of it for those).
+        # The idle timeout bounds the NMS connection: stay inside it (the NMS tells a PING
+        # interval inside its own; a Keepalive request is not retried: a third of ours).
         link.ping = reg.ping_interval_ms > 0
         if link.ping:
-            interval, bound = reg.ping_interval_ms / 1000, self.settings.peer_timeout_s * 0.8
+            interval = reg.ping_interval_ms / 1000
+            bound = max(NMS_IDLE_TIMEOUT_S, self.settings.peer_timeout_s) * 0.6
         else:
             interval = (reg.keepalive_interval_ms or 15000) / 1000
             bound = self.settings.peer_timeout_s / 3
