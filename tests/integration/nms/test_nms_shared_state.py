@@ -322,3 +322,41 @@ async def test_revocation_committed_out_of_id_order_is_not_missed(
             assert isinstance(await early.wait_closed(within_s=5), Revoked)
         finally:
             await engine.dispose()
+
+
+async def test_presence_of_1000_nodes_is_two_redis_round_trips_per_refresh(
+    redis_url: str, raw_redis: redis_asyncio.Redis
+) -> None:
+    """A replica's refresh keeps every node it holds present (and their routes alive) with one
+    script call each, however many nodes: no per-node, per-keepalive Redis traffic."""
+    client = redis_client(redis_url)
+    presence = RedisPresence(client, prefix=PREFIX)
+    routes = RedisRouteStore(client, prefix=PREFIX, ttl_s=3.0)
+    fqdns = [f"n{i:04d}.{DOMAIN}" for i in range(1000)]
+    calls: list[str] = []
+    execute = client.execute_command
+
+    async def counting(*args: object, **kwargs: object) -> object:
+        calls.append(str(args[0]))
+        return await execute(*args, **kwargs)
+
+    client.execute_command = counting  # type: ignore[method-assign]
+    try:
+        for f in fqdns[:10]:
+            await presence.claim(f, "r1", 3.0)
+        calls.clear()
+        # The other 990 were never claimed (or Redis lost them): the refresh puts them back.
+        assert await presence.refresh(fqdns, "r1", 3.0) == 990
+        await routes.refresh(fqdns)
+        assert len(calls) == 2, calls
+        for _ in range(3):  # past the TTL: refreshes alone keep all of them present
+            await asyncio.sleep(1.2)
+            calls.clear()
+            assert await presence.refresh(fqdns, "r1", 3.0) == 0
+            await routes.refresh(fqdns)
+            assert len(calls) == 2, calls
+        holders = await raw_redis.mget([f"{PREFIX}nms:presence:{f}" for f in fqdns])
+        assert holders == [b"r1"] * 1000
+    finally:
+        await raw_redis.delete(*[f"{PREFIX}nms:presence:{f}" for f in fqdns])
+        await client.aclose()
