@@ -340,7 +340,7 @@ async def test_presence_of_1000_nodes_is_two_redis_round_trips_per_refresh(
         calls.append(str(args[0]))
         return await execute(*args, **kwargs)
 
-    client.execute_command = counting  # type: ignore[method-assign]
+    client.execute_command = counting
     try:
         for f in fqdns[:10]:
             await presence.claim(f, "r1", 3.0)
