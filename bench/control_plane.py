@@ -10,12 +10,19 @@ Postgres and Redis are private instances of this run (a temporary cluster and a
 redis-server on free loopback ports): the benchmark restarts them.
 
     uv run --frozen python bench/control_plane.py [--nodes 1000] [--replicas 2] [--trs 2]
-        [--workers 3] [--idle-s 30] [--routes 3000] [--skip-restarts]
+        [--workers 3] [--idle-s 30] [--routes 3000] [--skip-churn] [--skip-restarts]
+        [--ping-s 25] [--keepalive-s 15]
+
+10,000 nodes: ``--nodes 10000 --workers 4 --idle-s 60 --skip-churn --skip-restarts``
+(register + idle + storm). Each node holds a UDP socket and a timerfd: a client process
+raises its open-file limit to the hard limit (20,000 here), so 2,500 nodes a process fit.
 
 Phases:
   register   every node connects (mutual-TLS QUIC handshake) and registers, --concurrency
              per worker in flight; rate, latency (handshake + registration)
-  idle       --idle-s of keepalives only; CPU % of each process, memory per node
+  idle       --idle-s of keepalives only (QUIC PINGs every --ping-s; --ping-s 0: Keepalive
+             requests every --keepalive-s, as older agents do); CPU % of each process,
+             memory per node; take --idle-s above the PING interval
   churn      route requests between random nodes (decision + RouteDirection to both),
              moves (re-registration with a new address: routes re-decided), nodes going
              offline and coming back
@@ -40,6 +47,7 @@ import datetime
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -370,7 +378,7 @@ class _Quiet:
 
 async def worker_main() -> int:
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=1 << 26)  # the config names every node
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
 
     # Replies on a private copy of stdout; anything else printed (logs) goes to stderr.
@@ -384,6 +392,10 @@ async def worker_main() -> int:
     from cyphonic.log import configure
 
     configure("warning")
+    # A node is a UDP socket and a timerfd: thousands per process need more than 1024 fds.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     config = json.loads(await reader.readline())
     worker = Worker(config)
     await worker.build()
@@ -575,6 +587,75 @@ async def wait_until(check: Any, *, within_s: float, every_s: float = 0.2) -> fl
     return None
 
 
+async def churn(
+    args: argparse.Namespace, workers: list[WorkerProcess], procs: Processes, redis_url: str
+) -> dict[str, Any]:
+    """Route requests, moves, offline-and-back; the routes phase's report."""
+    import redis.asyncio as aioredis
+
+    per_worker = max(1, args.routes // args.workers)
+    before = procs.snapshot()
+    started = time.monotonic()
+    results = await asyncio.gather(
+        *(
+            w.call(
+                {
+                    "op": "routes",
+                    "count": per_worker,
+                    "concurrency": args.concurrency,
+                    "seed": i,
+                }
+            )
+            for i, w in enumerate(workers)
+        )
+    )
+    seconds = time.monotonic() - started
+    lat = [x for r in results for x in r["latencies"]]
+    errs: Counter[str] = Counter()
+    for r in results:
+        errs.update(r["errors"])
+    probe = aioredis.Redis.from_url(redis_url)
+    stored_routes = int(await probe.zcard(f"{PREFIX}nms:route-index"))
+    await probe.aclose()
+    route = report(
+        "routes",
+        ops=len(lat),
+        seconds=seconds,
+        latencies=lat,
+        errors=dict(errs),
+        cpu=cpu_delta(before, procs.snapshot()),
+        extra=f"({stored_routes} routes stored)",
+    )
+    moves_each = max(1, args.moves // args.workers)
+    before = procs.snapshot()
+    started = time.monotonic()
+    results = await all_call(workers, {"op": "moves", "count": moves_each, "seed": 99})
+    lat = [x for r in results for x in r["latencies"]]
+    report(
+        "moves",
+        ops=len(lat),
+        seconds=time.monotonic() - started,
+        latencies=lat,
+        errors=sum(r["errors"] for r in results),
+        cpu=cpu_delta(before, procs.snapshot()),
+    )
+    before = procs.snapshot()
+    started = time.monotonic()
+    results = await all_call(workers, {"op": "offline", "count": moves_each, "seed": 7})
+    closed = sum(r["closed"] for r in results)
+    back = sum(r["back"] for r in results)
+    report(
+        "offline",
+        ops=back,
+        seconds=time.monotonic() - started,
+        latencies=[],
+        errors=closed - back,
+        cpu=cpu_delta(before, procs.snapshot()),
+        extra=f"({closed} closed, {back} back)",
+    )
+    return route
+
+
 async def main_async(args: argparse.Namespace) -> int:
     import redis.asyncio as aioredis
     from cyphonic.pki import init_pki
@@ -610,7 +691,12 @@ async def main_async(args: argparse.Namespace) -> int:
             "CYPHONIC_QUIC_HOST": "127.0.0.1",
             "CYPHONIC_LOG_LEVEL": args.log_level,
             "CYPHONIC_KEEPALIVE_INTERVAL_S": str(args.keepalive_s),
-            **({"CYPHONIC_NMS_MAX_PENDING": str(args.max_pending)} if args.max_pending else {}),
+            "CYPHONIC_PING_INTERVAL_S": str(args.ping_s),
+            **(
+                {"CYPHONIC_MAX_PENDING_REGISTRATIONS": str(args.max_pending)}
+                if args.max_pending
+                else {}
+            ),
         }
         nms_ports = [free_port(socket.SOCK_DGRAM, host="127.0.0.1") for _ in range(args.replicas)]
         for i, port in enumerate(nms_ports):
@@ -711,66 +797,9 @@ async def main_async(args: argparse.Namespace) -> int:
         )
 
         # ---- churn: routes, moves, offline
-        per_worker = max(1, args.routes // args.workers)
-        before = procs.snapshot()
-        started = time.monotonic()
-        results = await asyncio.gather(
-            *(
-                w.call(
-                    {
-                        "op": "routes",
-                        "count": per_worker,
-                        "concurrency": args.concurrency,
-                        "seed": i,
-                    }
-                )
-                for i, w in enumerate(workers)
-            )
-        )
-        seconds = time.monotonic() - started
-        lat = [x for r in results for x in r["latencies"]]
-        errs: Counter[str] = Counter()
-        for r in results:
-            errs.update(r["errors"])
-        probe = aioredis.Redis.from_url(rds.url)
-        stored_routes = int(await probe.zcard(f"{PREFIX}nms:route-index"))
-        await probe.aclose()
-        route = report(
-            "routes",
-            ops=len(lat),
-            seconds=seconds,
-            latencies=lat,
-            errors=dict(errs),
-            cpu=cpu_delta(before, procs.snapshot()),
-            extra=f"({stored_routes} routes stored)",
-        )
-        moves_each = max(1, args.moves // args.workers)
-        before = procs.snapshot()
-        started = time.monotonic()
-        results = await all_call(workers, {"op": "moves", "count": moves_each, "seed": 99})
-        lat = [x for r in results for x in r["latencies"]]
-        report(
-            "moves",
-            ops=len(lat),
-            seconds=time.monotonic() - started,
-            latencies=lat,
-            errors=sum(r["errors"] for r in results),
-            cpu=cpu_delta(before, procs.snapshot()),
-        )
-        before = procs.snapshot()
-        started = time.monotonic()
-        results = await all_call(workers, {"op": "offline", "count": moves_each, "seed": 7})
-        closed = sum(r["closed"] for r in results)
-        back = sum(r["back"] for r in results)
-        report(
-            "offline",
-            ops=back,
-            seconds=time.monotonic() - started,
-            latencies=[],
-            errors=closed - back,
-            cpu=cpu_delta(before, procs.snapshot()),
-            extra=f"({closed} closed, {back} back)",
-        )
+        route: dict[str, Any] = {"rate": float("nan")}
+        if not args.skip_churn:
+            route = await churn(args, workers, procs, rds.url)
 
         # ---- kill one replica
         storm_s = -1.0
@@ -922,7 +951,12 @@ def main() -> int:
     parser.add_argument("--idle-s", type=float, default=30.0)
     parser.add_argument("--routes", type=int, default=3000)
     parser.add_argument("--moves", type=int, default=60)
-    parser.add_argument("--keepalive-s", type=float, default=15.0, help="NMS keepalive interval")
+    parser.add_argument(
+        "--keepalive-s", type=float, default=15.0, help="Keepalive interval (agents not PINGing)"
+    )
+    parser.add_argument(
+        "--ping-s", type=float, default=25.0, help="QUIC PING interval (0: Keepalive requests)"
+    )
     parser.add_argument("--peer-timeout-s", type=float, default=30.0, help="agent idle timeout")
     parser.add_argument("--connect-timeout-s", type=float, default=5.0)
     parser.add_argument("--reconnect-max-s", type=float, default=30.0)
@@ -930,6 +964,9 @@ def main() -> int:
     parser.add_argument("--max-pending", type=int, default=0, help="NMS admission limit")
     parser.add_argument(
         "--log-level", default="info", help="of the services (info: as deployed; warning)"
+    )
+    parser.add_argument(
+        "--skip-churn", action="store_true", help="no routes, moves, offline phases"
     )
     parser.add_argument("--skip-restarts", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")

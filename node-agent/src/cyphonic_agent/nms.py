@@ -3,7 +3,14 @@ and the loop that does it again after a loss.
 
     Login at the AS (agent.json's endpoints)     -> NMS endpoints, NMS name
     Register at the NMS (the socket's addresses) -> virtual IPv4/IPv6, keepalive interval
-    Keepalive at the NMS's interval; connection lost -> back off, reconnect, register again
+    QUIC PING at the NMS's interval (an older NMS: a Keepalive request); connection lost ->
+    back off, reconnect, register again
+
+The NMS takes the connection's liveness as the node's presence. A PING is one small packet
+and an ACK, no stream and no message: the NAT binding stays open and the NMS does no work
+above QUIC. A PING not acknowledged within ``PING_ACK_TIMEOUT_S`` means the NMS is gone: a
+vanished NMS is noticed within one PING interval (25 s by default; with Keepalive requests,
+10 + 5 s), at worst by the connection's idle timeout (45 s).
 
 When to log in, how long to pause and when to give up is ``control.Reconnect``'s decision;
 what a registration means for the node (bring-up, a move's re-registration) is the agent's,
@@ -43,6 +50,15 @@ from cyphonic_agent.routes import Candidate
 
 AGENT_VERSION = "0.1.0"
 
+PING_UID = 0x4E4D_5350_494E_47  # "NMSPING": the uid of the NMS connection's PINGs
+PING_ACK_TIMEOUT_S = 10.0
+"""How long a PING to the NMS may go unacknowledged (QUIC retransmits a lost one); taken
+out of the interval, so it does not lengthen the detection of a vanished NMS."""
+NMS_IDLE_TIMEOUT_S = 60.0
+"""The QUIC idle timeout offered on the NMS connection (the NMS's offline timeout, 45 s by
+default, is what both sides use): PINGs every 25 s leave 20 s for one to be late or lost
+and retransmitted, where the agent's peer timeout (30 s) would leave 5."""
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -62,6 +78,8 @@ class NmsLink:
     endpoint: Candidate
     keepalive_s: float
     sequence: int = 0
+    ping: bool = False
+    """Keep alive with QUIC PINGs (the NMS asked for them) rather than Keepalive requests."""
 
 
 @dataclass
@@ -156,6 +174,7 @@ class NmsClient:
         server_name: str,
         what: str,
         handler: Callable[..., Awaitable[Any]] | None = None,
+        idle_timeout: float | None = None,
     ) -> tuple[SignallingSession, Candidate]:
         """A signalling session with the first of ``endpoints`` that answers."""
         timeout = self.settings.connect_timeout_s
@@ -173,6 +192,7 @@ class NmsClient:
                     expected_name=server_name,
                     timeout=timeout,
                     handler_factory=SignallingSession.factory(handler),
+                    idle_timeout=idle_timeout,
                 )
             except Timeout:
                 silent.append(str(ep))
@@ -245,6 +265,7 @@ class NmsClient:
                 server_name=self.server_name,
                 what="NMS",
                 handler=self._on_message,
+                idle_timeout=max(NMS_IDLE_TIMEOUT_S, self.settings.peer_timeout_s),
             )
         except CyphonicError:
             self.policy.dial_failed()
@@ -262,9 +283,16 @@ class NmsClient:
         answer = await link.session.request(wrap(request), timeout=REQUEST_TIMEOUT_S)
         reg = expect(answer, pb.RegisterResponse)
         self.counters.registrations += 1
-        interval = (reg.keepalive_interval_ms or 15000) / 1000
-        # Our idle timeout also bounds the NMS connection: stay well inside it.
-        link.keepalive_s = max(0.5, min(interval, self.settings.peer_timeout_s / 3))
+        # The idle timeout bounds the NMS connection: stay inside it (the NMS tells a PING
+        # interval inside its own; a Keepalive request is not retried: a third of ours).
+        link.ping = reg.ping_interval_ms > 0
+        if link.ping:
+            interval = reg.ping_interval_ms / 1000
+            bound = max(NMS_IDLE_TIMEOUT_S, self.settings.peer_timeout_s) * 0.6
+        else:
+            interval = (reg.keepalive_interval_ms or 15000) / 1000
+            bound = self.settings.peer_timeout_s / 3
+        link.keepalive_s = max(0.5, min(interval, bound))
         self.link = link
         await self.on_registered(reg, link)  # bring-up, or the lease check; may raise
         self.registration = reg
@@ -281,6 +309,7 @@ class NmsClient:
             has_ipv6=net.has_ipv6,
             reported=[format_host_port(str(ip), port) for ip, port in local],
             keepalive_s=link.keepalive_s,
+            ping=link.ping,
         )
 
     async def reregister(self, link: NmsLink) -> None:
@@ -296,15 +325,23 @@ class NmsClient:
             link.session.close(exc.error)
 
     async def _keep_alive(self, link: NmsLink) -> None:
-        """Keepalive at the NMS's interval until the connection is lost (raises why)."""
+        """Keep alive at the NMS's interval until the connection is lost (raises why)."""
         lost = asyncio.ensure_future(link.session.wait_closed())
+
+        async def wait(seconds: float) -> None:
+            done, _ = await asyncio.wait({lost}, timeout=seconds)
+            if done:
+                self.counters.nms_losses += 1
+                raise lost.result() or Unavailable("the NMS connection closed")
+
         try:
             while True:
-                done, _ = await asyncio.wait({lost}, timeout=link.keepalive_s)
-                if done:
-                    self.counters.nms_losses += 1
-                    error = lost.result()
-                    raise error or Unavailable("the NMS connection closed")
+                if link.ping:
+                    ack_wait = min(PING_ACK_TIMEOUT_S, link.keepalive_s / 2)
+                    await wait(link.keepalive_s - ack_wait)
+                    await self._ping(link, wait, ack_wait)
+                    continue
+                await wait(link.keepalive_s)
                 link.sequence += 1
                 try:
                     answer = await link.session.request(
@@ -318,6 +355,21 @@ class NmsClient:
                     raise Unavailable(f"the NMS at {link.endpoint} stopped answering") from exc
         finally:
             lost.cancel()
+
+    async def _ping(
+        self, link: NmsLink, wait: Callable[[float], Awaitable[None]], ack_wait: float
+    ) -> None:
+        """One QUIC PING on the NMS connection; ``Unavailable`` if not acknowledged in time."""
+        conn = link.session.connection
+        sent = asyncio.get_running_loop().time()
+        conn.quic.send_ping(PING_UID)
+        conn.transmit()
+        await wait(ack_wait)
+        if (conn.ping_acked_at or 0.0) < sent:
+            self.counters.nms_losses += 1
+            error = Unavailable(f"the NMS at {link.endpoint} stopped answering")
+            link.session.close(error)
+            raise error
 
     async def _on_message(
         self, message: pb.Envelope, _session: SignallingSession

@@ -65,8 +65,11 @@ class World:
         self.auth: dict[str, ServiceProcess] = {}
         self.agents: list[RunningAgent] = []
 
-    async def nms(self, replica_id: str = "nms-1", *, redis: bool = True) -> NmsProcess:
+    async def nms(
+        self, replica_id: str = "nms-1", *, redis: bool = True, env: dict[str, str] | None = None
+    ) -> NmsProcess:
         proc = NmsProcess(
+            extra_env=env,
             pki_dir=self.tmp / "pki",
             database_url=self.pg_url,
             admin_token=TOKEN,
@@ -317,7 +320,7 @@ async def test_silent_node_goes_offline(world: World) -> None:
 
     talking = asyncio.create_task(keep_talking())
     try:
-        error = await b.wait_closed(within_s=10)  # offline timeout 4 s, sweep every 1 s
+        error = await b.wait_closed(within_s=10)  # QUIC idle timeout 4 s
         assert error is not None
         assert (await a.wait_for("peer_offline", within_s=5)).peer_offline.fqdn == (
             f"sleeper.{DOMAIN}"
@@ -327,6 +330,92 @@ async def test_silent_node_goes_offline(world: World) -> None:
     async with nms.admin() as admin:
         view = (await admin.get(f"/v1/nodes/sleeper.{DOMAIN}")).json()
     assert view["online"] is False
+
+
+async def test_quic_pings_keep_a_node_present_and_their_end_takes_it_offline(
+    world: World,
+) -> None:
+    """Presence is the QUIC connection: PINGs alone (no Keepalive request, no stream) keep a
+    node online past several offline timeouts; once they stop, the idle timeout (4 s here)
+    takes it offline and its peer is told within that time."""
+    nms = await world.nms()
+    a = await world.node("watcher", nms)
+    b = await world.node("pinger", nms)
+    reg = await b.register()
+    assert 0 < reg.ping_interval_ms <= 0.6 * 4000  # told to PING inside the idle timeout
+    await a.register()
+    await a.route(fqdn=f"pinger.{DOMAIN}")
+    assert b.session is not None and a.session is not None
+
+    async def ping(node: NmsProtocolClient, seconds: float) -> None:
+        assert node.session is not None
+        conn = node.session.connection
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while loop.time() < until:
+            conn.quic.send_ping(1)
+            conn.transmit()
+            await asyncio.sleep(reg.ping_interval_ms / 1000)
+
+    await asyncio.gather(ping(a, 10.0), ping(b, 10.0))  # 2.5 offline timeouts
+    assert a.of("peer_offline") == []
+    async with nms.admin() as admin:
+        assert (await admin.get(f"/v1/nodes/pinger.{DOMAIN}")).json()["online"] is True
+    # b goes silent (a process that vanished: no CONNECTION_CLOSE); a keeps pinging.
+    started = asyncio.get_running_loop().time()
+    watcher = asyncio.create_task(ping(a, 15.0))
+    try:
+        notice = (await a.wait_for("peer_offline", within_s=10)).peer_offline
+    finally:
+        watcher.cancel()
+    took = asyncio.get_running_loop().time() - started
+    assert notice.fqdn == f"pinger.{DOMAIN}"
+    assert took < 4 + 2, f"peer_offline {took:.1f} s after the node went silent"
+    async with nms.admin() as admin:
+        assert (await admin.get(f"/v1/nodes/pinger.{DOMAIN}")).json()["online"] is False
+        metrics = (await admin.get("/metrics")).text
+    assert 'cyphonic_nms_offline_total{cause="timeout"} 1.0' in metrics
+
+
+async def test_agent_keeps_its_nms_connection_with_quic_pings(world: World) -> None:
+    """The real agent PINGs (no Keepalive request) at the interval the NMS tells, stays
+    registered past several offline timeouts, and notices within one interval that its
+    NMS vanished (SIGKILL: no CONNECTION_CLOSE)."""
+    nms = await world.nms()
+    running = await world.agent("pinging", nms)
+    client = running.agent.nms
+    link = client.link
+    assert link is not None and link.ping
+    assert 0 < link.keepalive_s <= 0.6 * 4  # inside the NMS's idle timeout (4 s here)
+    await asyncio.sleep(10)  # 2.5 offline timeouts
+    assert client.link is link and link.sequence == 0  # no Keepalive request was sent
+    assert client.counters.registrations == 1 and client.counters.nms_losses == 0
+    async with nms.admin() as admin:
+        assert (await admin.get(f"/v1/nodes/pinging.{DOMAIN}")).json()["online"] is True
+    assert nms.proc is not None
+    nms.proc.kill()
+    nms.proc.wait(timeout=10)
+    started = asyncio.get_running_loop().time()
+    for _ in range(int((link.keepalive_s + 3) * 10)):  # polled: the loss is a counter
+        if client.counters.nms_losses:
+            break
+        await asyncio.sleep(0.1)
+    assert client.counters.nms_losses == 1
+    took = asyncio.get_running_loop().time() - started
+    assert took <= link.keepalive_s + 1, f"the dead NMS noticed after {took:.1f} s"
+
+
+async def test_agent_sends_keepalives_to_an_nms_that_does_not_ask_for_pings(
+    world: World,
+) -> None:
+    """An NMS that tells no PING interval (an older one) gets Keepalive requests."""
+    nms = await world.nms(env={"CYPHONIC_PING_INTERVAL_S": "0"})
+    running = await world.agent("classic", nms)
+    link = running.agent.nms.link
+    assert link is not None and not link.ping
+    await asyncio.sleep(6)  # offline timeout 4 s, Keepalive every second
+    assert running.agent.nms.link is link and link.sequence >= 3
+    assert running.agent.nms.counters.nms_losses == 0
 
 
 async def test_revoked_node_cut_off(world: World) -> None:

@@ -185,29 +185,20 @@ async def test_routes_of_a_crashed_replica_expire_live_ones_stay(
         to_c = await r1.route(a, pb.RouteRequest(fqdn=c.fqdn))
         assert {r.route_id for r in await r1.routes.all()} == {to_b.route_id, to_c.route_id}
 
-        async def keep_talking() -> None:  # a and c stay connected and alive at r1
-            while True:
-                r1.keepalive(a)
-                r1.keepalive(c)
-                await asyncio.sleep(0.2)
-
-        talking = asyncio.create_task(keep_talking())
-        try:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 10
-            started = loop.time()
-            while loop.time() < deadline:
-                if [r.route_id for r in await r1.routes.all()] == [to_c.route_id]:
-                    break
-                await asyncio.sleep(0.25)
-            took = loop.time() - started
-            assert [r.route_id for r in await r1.routes.all()] == [to_c.route_id]
-            # b's presence lapses after 2 s, its route at most one TTL (2 s) later.
-            assert took < 6, f"the dead route stayed {took:.1f} s"
-            # The live route outlives several TTLs; the dead one is gone everywhere.
-            await asyncio.sleep(3 * timing["offline_timeout_s"])
-        finally:
-            talking.cancel()
+        # a and c stay connected at r1 (presence is the connection: nothing to send).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        started = loop.time()
+        while loop.time() < deadline:
+            if [r.route_id for r in await r1.routes.all()] == [to_c.route_id]:
+                break
+            await asyncio.sleep(0.25)
+        took = loop.time() - started
+        assert [r.route_id for r in await r1.routes.all()] == [to_c.route_id]
+        # b's presence lapses after 2 s, its route at most one TTL (2 s) later.
+        assert took < 6, f"the dead route stayed {took:.1f} s"
+        # The live route outlives several TTLs; the dead one is gone everywhere.
+        await asyncio.sleep(3 * timing["offline_timeout_s"])
         assert [r.route_id for r in await r1.routes.for_node(a.fqdn)] == [to_c.route_id]
         assert await r1.routes.get(to_b.route_id) is None
         assert await r1.routes.for_node(b.fqdn) == []
@@ -331,3 +322,41 @@ async def test_revocation_committed_out_of_id_order_is_not_missed(
             assert isinstance(await early.wait_closed(within_s=5), Revoked)
         finally:
             await engine.dispose()
+
+
+async def test_presence_of_1000_nodes_is_two_redis_round_trips_per_refresh(
+    redis_url: str, raw_redis: redis_asyncio.Redis
+) -> None:
+    """A replica's refresh keeps every node it holds present (and their routes alive) with one
+    script call each, however many nodes: no per-node, per-keepalive Redis traffic."""
+    client = redis_client(redis_url)
+    presence = RedisPresence(client, prefix=PREFIX)
+    routes = RedisRouteStore(client, prefix=PREFIX, ttl_s=3.0)
+    fqdns = [f"n{i:04d}.{DOMAIN}" for i in range(1000)]
+    calls: list[str] = []
+    execute = client.execute_command
+
+    async def counting(*args: object, **kwargs: object) -> object:
+        calls.append(str(args[0]))
+        return await execute(*args, **kwargs)
+
+    client.execute_command = counting
+    try:
+        for f in fqdns[:10]:
+            await presence.claim(f, "r1", 3.0)
+        calls.clear()
+        # The other 990 were never claimed (or Redis lost them): the refresh puts them back.
+        assert await presence.refresh(fqdns, "r1", 3.0) == 990
+        await routes.refresh(fqdns)
+        assert len(calls) == 2, calls
+        for _ in range(3):  # past the TTL: refreshes alone keep all of them present
+            await asyncio.sleep(1.2)
+            calls.clear()
+            assert await presence.refresh(fqdns, "r1", 3.0) == 0
+            await routes.refresh(fqdns)
+            assert len(calls) == 2, calls
+        holders = await raw_redis.mget([f"{PREFIX}nms:presence:{f}" for f in fqdns])
+        assert holders == [b"r1"] * 1000
+    finally:
+        await raw_redis.delete(*[f"{PREFIX}nms:presence:{f}" for f in fqdns])
+        await client.aclose()

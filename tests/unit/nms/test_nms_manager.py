@@ -189,18 +189,19 @@ async def test_disconnect_tells_peers_and_marks_offline(cluster: InProcessCluste
         await r1.route(a, pb.RouteRequest(fqdn=b.fqdn))
 
 
-async def test_keepalive_timeout_marks_offline(cluster: InProcessCluster) -> None:
+async def test_idle_timeout_marks_offline(cluster: InProcessCluster) -> None:
+    """Presence is the connection: its idle timeout ends it like a close, cause "timeout"."""
     nms = await cluster.replica("r1")
     a = await cluster.node(nms, "a")
     b = await cluster.node(nms, "b")
     await nms.route(a, pb.RouteRequest(fqdn=b.fqdn))
-    cluster.clock.now += 30
-    nms.keepalive(a)
-    cluster.clock.now += 20  # b silent for 50 s > 45 s, a for 20 s
-    await nms.sweep()
-    assert b.closed is not None and a.closed is None
+    cluster.clock.now += 3600  # silence alone (no keepalives) changes nothing
+    await nms.refresh_presence()
+    assert set(nms.connected) == {a.fqdn, b.fqdn}
+    await nms.disconnected(b, cause="timeout")
     assert (await a.wait_for("peer_offline")).peer_offline.fqdn == b.fqdn
     assert set(nms.connected) == {a.fqdn}
+    assert nms.metrics.offline.labels(cause="timeout")._value.get() == 1
 
 
 async def test_revocation_poll_disconnects(cluster: InProcessCluster) -> None:

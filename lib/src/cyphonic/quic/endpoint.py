@@ -678,6 +678,7 @@ class QuicEndpoint:
         timeout: float = 10.0,  # noqa: ASYNC109 - a handshake deadline, part of the API
         connection_id_factory: ConnectionIdFactory | None = None,
         initial_destination_cid: bytes | None = None,
+        idle_timeout: float | None = None,
     ) -> Connection:
         """Open a client connection and wait until both sides have verified each other.
 
@@ -685,11 +686,13 @@ class QuicEndpoint:
         FQDN; the server's chain must lead to ``expect``'s CA. Raises the mapped error when
         either side refuses (``Unauthenticated``, ``Expired``, ``Revoked``,
         ``PermissionDenied``), ``Timeout`` when nothing comes back in time.
-        ``connection_id_factory`` and ``initial_destination_cid`` are for relayed paths.
+        ``connection_id_factory`` and ``initial_destination_cid`` are for relayed paths;
+        ``idle_timeout`` replaces the endpoint's for this connection.
         """
         if self._closing:
             raise Unavailable("endpoint is closed")
         addr = await self._resolve(address)
+        idle = self.idle_timeout if idle_timeout is None else idle_timeout
 
         def verifier(chain: list[x509.Certificate], _alpn: str | None) -> PeerIdentity:
             return verify_peer(
@@ -714,7 +717,7 @@ class QuicEndpoint:
                         is_client=True,
                         identity=self.identity,
                         alpn_protocols=[alpn],
-                        idle_timeout=self.idle_timeout,
+                        idle_timeout=idle,
                         max_datagram_size=self.max_datagram_size,
                         server_name=expected_name,
                         max_udp_payload_size=self.max_udp_payload_size,
@@ -732,7 +735,7 @@ class QuicEndpoint:
                 is_client=True,
                 identity=self.identity,
                 alpn_protocols=[alpn],
-                idle_timeout=self.idle_timeout,
+                idle_timeout=idle,
                 max_datagram_size=self.max_datagram_size,
                 server_name=expected_name,
                 congestion_control=self._congestion_control,

@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63yphonic/v1/signalling.proto\x12\x0b\x63yphonic.v1\"V\n\x05\x45rror\x12$\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x16.cyphonic.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\r\"$\n\x08\x45ndpoint\x12\n\n\x02ip\x18\x01 \x01(\x0c\x12\x0c\n\x04port\x18\x02 \x01(\r\"\xf6\x01\n\x0bNetworkInfo\x12\x10\n\x08has_ipv4\x18\x01 \x01(\x08\x12\x10\n\x08has_ipv6\x18\x02 \x01(\x08\x12\x12\n\nbehind_nat\x18\x03 \x01(\x08\x12,\n\robserved_ipv4\x18\x04 \x01(\x0b\x32\x15.cyphonic.v1.Endpoint\x12,\n\robserved_ipv6\x18\x05 \x01(\x0b\x32\x15.cyphonic.v1.Endpoint\x12,\n\x0bnat_mapping\x18( \x01(\x0e\x32\x17.cyphonic.v1.NatMapping\x12%\n\x07inbound\x18) \x01(\x0e\x32\x14.cyphonic.v1.Inbound\"B\n\nReachProbe\x12%\n\x06target\x18\x01 \x01(\x0b\x32\x15.cyphonic.v1.Endpoint\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"j\n\tHolePunch\x12#\n\x04peer\x18\x01 \x01(\x0b\x32\x15.cyphonic.v1.Endpoint\x12\x10\n\x08\x64\x65lay_ms\x18\x02 \x01(\r\x12\x13\n\x0binterval_ms\x18\x03 \x01(\r\x12\x11\n\twindow_ms\x18\x04 \x01(\r\"%\n\x0cLoginRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\"|\n\rLoginResponse\x12\x0c\n\x04\x66qdn\x18\x01 \x01(\t\x12\"\n\x03nms\x18\x02 \x03(\x0b\x32\x15.cyphonic.v1.Endpoint\x12\x17\n\x0fnms_server_name\x18\x03 \x01(\t\x12 \n\x18\x63\x65rtificate_not_after_ms\x18\x04 \x01(\x04\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_der\x18\x01 \x01(\x0c\".\n\rRenewResponse\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x01 \x01(\x0c\"!\n\nCrlRequest\x12\x13\n\x0bhave_number\x18\x01 \x01(\x04\".\n\x0b\x43rlResponse\x12\x0e\n\x06number\x18\x01 \x01(\x04\x12\x0f\n\x07\x63rl_der\x18\x02 \x01(\x0c\"W\n\x0fRegisterRequest\x12.\n\x0flocal_addresses\x18\x01 \x03(\x0b\x32\x15.cyphonic.v1.Endpoint\x12\x14\n\x0creach_probes\x18( \x01(\x08\"\x86\x02\n\x10RegisterResponse\x12\x0c\n\x04\x66qdn\x18\x01 \x01(\t\x12\x14\n\x0cvirtual_ipv4\x18\x02 \x01(\x0c\x12\x1f\n\x17virtual_ipv4_prefix_len\x18\x03 \x01(\r\x12\x14\n\x0cvirtual_ipv6\x18\x04 \x01(\x0c\x12\x1f\n\x17virtual_ipv6_prefix_len\x18\x05 \x01(\r\x12)\n\x07network\x18\x06 \x01(\x0b\x32\x18.cyphonic.v1.NetworkInfo\x12\x1d\n\x15keepalive_interval_ms\x18\x07 \x01(\r\x12,\n\x0breach_probe\x18( \x01(\x0b\x32\x17.cyphonic.v1.ReachProbe\"\x1d\n\tKeepalive\x12\x10\n\x08sequence\x18\x01 \x01(\x04\" \n\x0cKeepaliveAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"A\n\x0cRouteRequest\x12\x0e\n\x04\x66qdn\x18\x01 \x01(\tH\x00\x12\x19\n\x0fvirtual_address\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04peer\"\x96\x01\n\rRouteResponse\x12\x10\n\x08route_id\x18\x01 \x01(\t\x12*\n\x07pattern\x18\x02 \x01(\x0e\x32\x19.cyphonic.v1.RoutePattern\x12\x11\n\tpeer_fqdn\x18\x03 \x01(\t\x12\x19\n\x11peer_virtual_ipv4\x18\x04 \x01(\x0c\x12\x19\n\x11peer_virtual_ipv6\x18\x05 \x01(\x0c\"g\n\x0eRelayDirection\x12\"\n\x03trs\x18\x01 \x03(\x0b\x32\x15.cyphonic.v1.Endpoint\x12\x17\n\x0ftrs_server_name\x18\x02 \x01(\t\x12\x18\n\x10\x61llocation_token\x18\x03 \x01(\x0c\"\xe5\x02\n\x0eRouteDirection\x12\x10\n\x08route_id\x18\x01 \x01(\t\x12*\n\x07pattern\x18\x02 \x01(\x0e\x32\x19.cyphonic.v1.RoutePattern\x12$\n\x04role\x18\x03 \x01(\x0e\x32\x16.cyphonic.v1.RouteRole\x12\x11\n\tpeer_fqdn\x18\x04 \x01(\t\x12\x19\n\x11peer_virtual_ipv4\x18\x05 \x01(\x0c\x12\x19\n\x11peer_virtual_ipv6\x18\x06 \x01(\x0c\x12.\n\x0fpeer_candidates\x18\x07 \x03(\x0b\x32\x15.cyphonic.v1.Endpoint\x12*\n\x05relay\x18\x08 \x01(\x0b\x32\x1b.cyphonic.v1.RelayDirection\x12%\n\x05punch\x18( \x01(\x0b\x32\x16.cyphonic.v1.HolePunch\x12\x13\n\x0breason_code\x18) \x01(\t\x12\x0e\n\x06reason\x18* \x01(\t\"=\n\x0bPeerOffline\x12\x0c\n\x04\x66qdn\x18\x01 \x01(\t\x12\x10\n\x08route_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"D\n\x10RevocationNotice\x12\x0c\n\x04\x66qdn\x18\x01 \x01(\t\x12\x12\n\nserial_hex\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\".\n\rTunnelRequest\x12\x10\n\x08route_id\x18\x01 \x01(\t\x12\x0b\n\x03mtu\x18\x02 \x01(\r\"/\n\x0eTunnelResponse\x12\x10\n\x08route_id\x18\x01 \x01(\t\x12\x0b\n\x03mtu\x18\x02 \x01(\r\"D\n\x16RelayAllocationRequest\x12\x18\n\x10\x61llocation_token\x18\x01 \x01(\x0c\x12\x10\n\x08route_id\x18\x02 \x01(\t\"O\n\x0fRelayAllocation\x12\x10\n\x08route_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63onnection_ids\x18\x02 \x03(\x0c\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\"5\n\tRelayCids\x12\x10\n\x08route_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63onnection_ids\x18\x02 \x03(\x0c\"(\n\tPortRange\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x0c\n\x04last\x18\x02 \x01(\r\"t\n\x0b\x46ilterEntry\x12\x0f\n\x07sources\x18\x01 \x03(\x0c\x12-\n\x08protocol\x18\x02 \x01(\x0e\x32\x1b.cyphonic.v1.FilterProtocol\x12%\n\x05ports\x18\x03 \x03(\x0b\x32\x16.cyphonic.v1.PortRange\"^\n\x0cPolicyFilter\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x11\n\tallow_all\x18\x02 \x01(\x08\x12)\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x18.cyphonic.v1.FilterEntry\"\xd6\t\n\x08\x45nvelope\x12-\n\x07version\x18\x01 \x01(\x0e\x32\x1c.cyphonic.v1.ProtocolVersion\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.cyphonic.v1.ErrorH\x00\x12\x32\n\rlogin_request\x18\n \x01(\x0b\x32\x19.cyphonic.v1.LoginRequestH\x00\x12\x34\n\x0elogin_response\x18\x0b \x01(\x0b\x32\x1a.cyphonic.v1.LoginResponseH\x00\x12\x32\n\rrenew_request\x18\x0c \x01(\x0b\x32\x19.cyphonic.v1.RenewRequestH\x00\x12\x34\n\x0erenew_response\x18\r \x01(\x0b\x32\x1a.cyphonic.v1.RenewResponseH\x00\x12\x38\n\x10register_request\x18\x0e \x01(\x0b\x32\x1c.cyphonic.v1.RegisterRequestH\x00\x12:\n\x11register_response\x18\x0f \x01(\x0b\x32\x1d.cyphonic.v1.RegisterResponseH\x00\x12+\n\tkeepalive\x18\x10 \x01(\x0b\x32\x16.cyphonic.v1.KeepaliveH\x00\x12\x32\n\rkeepalive_ack\x18\x11 \x01(\x0b\x32\x19.cyphonic.v1.KeepaliveAckH\x00\x12\x32\n\rroute_request\x18\x12 \x01(\x0b\x32\x19.cyphonic.v1.RouteRequestH\x00\x12\x34\n\x0eroute_response\x18\x13 \x01(\x0b\x32\x1a.cyphonic.v1.RouteResponseH\x00\x12\x36\n\x0froute_direction\x18\x14 \x01(\x0b\x32\x1b.cyphonic.v1.RouteDirectionH\x00\x12\x30\n\x0cpeer_offline\x18\x15 \x01(\x0b\x32\x18.cyphonic.v1.PeerOfflineH\x00\x12:\n\x11revocation_notice\x18\x16 \x01(\x0b\x32\x1d.cyphonic.v1.RevocationNoticeH\x00\x12\x34\n\x0etunnel_request\x18\x17 \x01(\x0b\x32\x1a.cyphonic.v1.TunnelRequestH\x00\x12\x36\n\x0ftunnel_response\x18\x18 \x01(\x0b\x32\x1b.cyphonic.v1.TunnelResponseH\x00\x12G\n\x18relay_allocation_request\x18\x19 \x01(\x0b\x32#.cyphonic.v1.RelayAllocationRequestH\x00\x12\x38\n\x10relay_allocation\x18\x1a \x01(\x0b\x32\x1c.cyphonic.v1.RelayAllocationH\x00\x12,\n\nrelay_cids\x18\x1b \x01(\x0b\x32\x16.cyphonic.v1.RelayCidsH\x00\x12\x32\n\rpolicy_filter\x18\x1c \x01(\x0b\x32\x19.cyphonic.v1.PolicyFilterH\x00\x12.\n\x0b\x63rl_request\x18\x32 \x01(\x0b\x32\x17.cyphonic.v1.CrlRequestH\x00\x12\x30\n\x0c\x63rl_response\x18\x33 \x01(\x0b\x32\x18.cyphonic.v1.CrlResponseH\x00\x42\x06\n\x04\x62ody*K\n\x0fProtocolVersion\x12 \n\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x16\n\x12PROTOCOL_VERSION_1\x10\x01*\xce\x04\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45RROR_CODE_MALFORMED\x10\x01\x12\x18\n\x14\x45RROR_CODE_OVERSIZED\x10\x02\x12\x1e\n\x1a\x45RROR_CODE_UNKNOWN_MESSAGE\x10\x03\x12!\n\x1d\x45RROR_CODE_UNEXPECTED_MESSAGE\x10\x04\x12\"\n\x1e\x45RROR_CODE_UNSUPPORTED_VERSION\x10\x05\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x06\x12\x1e\n\x1a\x45RROR_CODE_UNAUTHENTICATED\x10\x07\x12 \n\x1c\x45RROR_CODE_PERMISSION_DENIED\x10\x08\x12\x16\n\x12\x45RROR_CODE_REVOKED\x10\t\x12\x16\n\x12\x45RROR_CODE_EXPIRED\x10\n\x12\x18\n\x14\x45RROR_CODE_NOT_FOUND\x10\x0b\x12\x1b\n\x17\x45RROR_CODE_PEER_OFFLINE\x10\x0c\x12\x1d\n\x19\x45RROR_CODE_ALREADY_EXISTS\x10\r\x12\x18\n\x14\x45RROR_CODE_EXHAUSTED\x10\x0e\x12\x1c\n\x18\x45RROR_CODE_TOKEN_INVALID\x10\x0f\x12\x1a\n\x16\x45RROR_CODE_UNAVAILABLE\x10\x10\x12\x16\n\x12\x45RROR_CODE_TIMEOUT\x10\x11\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x12\x12\x1c\n\x18\x45RROR_CODE_POLICY_DENIED\x10\x13*|\n\nNatMapping\x12\x17\n\x13NAT_MAPPING_UNKNOWN\x10\x00\x12\x14\n\x10NAT_MAPPING_NONE\x10\x01\x12$\n NAT_MAPPING_ENDPOINT_INDEPENDENT\x10\x02\x12\x19\n\x15NAT_MAPPING_DEPENDENT\x10\x03*E\n\x07Inbound\x12\x13\n\x0fINBOUND_UNKNOWN\x10\x00\x12\x10\n\x0cINBOUND_OPEN\x10\x01\x12\x13\n\x0fINBOUND_BLOCKED\x10\x02*\x80\x01\n\x0cRoutePattern\x12\x1d\n\x19ROUTE_PATTERN_UNSPECIFIED\x10\x00\x12\x18\n\x14ROUTE_PATTERN_DIRECT\x10\x01\x12\x1e\n\x1aROUTE_PATTERN_NAT_CONNECTS\x10\x02\x12\x17\n\x13ROUTE_PATTERN_RELAY\x10\x03*V\n\tRouteRole\x12\x1a\n\x16ROUTE_ROLE_UNSPECIFIED\x10\x00\x12\x16\n\x12ROUTE_ROLE_CONNECT\x10\x01\x12\x15\n\x11ROUTE_ROLE_ACCEPT\x10\x02*u\n\x0e\x46ilterProtocol\x12\x17\n\x13\x46ILTER_PROTOCOL_ANY\x10\x00\x12\x17\n\x13\x46ILTER_PROTOCOL_TCP\x10\x01\x12\x17\n\x13\x46ILTER_PROTOCOL_UDP\x10\x02\x12\x18\n\x14\x46ILTER_PROTOCOL_ICMP\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63yphonic/v1/signalling.proto\x12\x0b\x63yphonic.v1\"V\n\x05\x45rror\x12$\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x16.cyphonic.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\r\"$\n\x08\x45ndpoint\x12\n\n\x02ip\x18\x01 \x01(\x0c\x12\x0c\n\x04port\x18\x02 \x01(\r\"\xf6\x01\n\x0bNetworkInfo\x12\x10\n\x08has_ipv4\x18\x01 \x01(\x08\x12\x10\n\x08has_ipv6\x18\x02 \x01(\x08\x12\x12\n\nbehind_nat\x18\x03 \x01(\x08\x12,\n\robserved_ipv4\x18\x04 \x01(\x0b\x32\x15.cyphonic.v1.Endpoint\x12,\n\robserved_ipv6\x18\x05 \x01(\x0b\x32\x15.cyphonic.v1.Endpoint\x12,\n\x0bnat_mapping\x18( \x01(\x0e\x32\x17.cyphonic.v1.NatMapping\x12%\n\x07inbound\x18) \x01(\x0e\x32\x14.cyphonic.v1.Inbound\"B\n\nReachProbe\x12%\n\x06target\x18\x01 \x01(\x0b\x32\x15.cyphonic.v1.Endpoint\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"j\n\tHolePunch\x12#\n\x04peer\x18\x01 \x01(\x0b\x32\x15.cyphonic.v1.Endpoint\x12\x10\n\x08\x64\x65lay_ms\x18\x02 \x01(\r\x12\x13\n\x0binterval_ms\x18\x03 \x01(\r\x12\x11\n\twindow_ms\x18\x04 \x01(\r\"%\n\x0cLoginRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\"|\n\rLoginResponse\x12\x0c\n\x04\x66qdn\x18\x01 \x01(\t\x12\"\n\x03nms\x18\x02 \x03(\x0b\x32\x15.cyphonic.v1.Endpoint\x12\x17\n\x0fnms_server_name\x18\x03 \x01(\t\x12 \n\x18\x63\x65rtificate_not_after_ms\x18\x04 \x01(\x04\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_der\x18\x01 \x01(\x0c\".\n\rRenewResponse\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x01 \x01(\x0c\"!\n\nCrlRequest\x12\x13\n\x0bhave_number\x18\x01 \x01(\x04\".\n\x0b\x43rlResponse\x12\x0e\n\x06number\x18\x01 \x01(\x04\x12\x0f\n\x07\x63rl_der\x18\x02 \x01(\x0c\"W\n\x0fRegisterRequest\x12.\n\x0flocal_addresses\x18\x01 \x03(\x0b\x32\x15.cyphonic.v1.Endpoint\x12\x14\n\x0creach_probes\x18( \x01(\x08\"\xa0\x02\n\x10RegisterResponse\x12\x0c\n\x04\x66qdn\x18\x01 \x01(\t\x12\x14\n\x0cvirtual_ipv4\x18\x02 \x01(\x0c\x12\x1f\n\x17virtual_ipv4_prefix_len\x18\x03 \x01(\r\x12\x14\n\x0cvirtual_ipv6\x18\x04 \x01(\x0c\x12\x1f\n\x17virtual_ipv6_prefix_len\x18\x05 \x01(\r\x12)\n\x07network\x18\x06 \x01(\x0b\x32\x18.cyphonic.v1.NetworkInfo\x12\x1d\n\x15keepalive_interval_ms\x18\x07 \x01(\r\x12\x18\n\x10ping_interval_ms\x18\x08 \x01(\r\x12,\n\x0breach_probe\x18( \x01(\x0b\x32\x17.cyphonic.v1.ReachProbe\"\x1d\n\tKeepalive\x12\x10\n\x08sequence\x18\x01 \x01(\x04\" \n\x0cKeepaliveAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"A\n\x0cRouteRequest\x12\x0e\n\x04\x66qdn\x18\x01 \x01(\tH\x00\x12\x19\n\x0fvirtual_address\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04peer\"\x96\x01\n\rRouteResponse\x12\x10\n\x08route_id\x18\x01 \x01(\t\x12*\n\x07pattern\x18\x02 \x01(\x0e\x32\x19.cyphonic.v1.RoutePattern\x12\x11\n\tpeer_fqdn\x18\x03 \x01(\t\x12\x19\n\x11peer_virtual_ipv4\x18\x04 \x01(\x0c\x12\x19\n\x11peer_virtual_ipv6\x18\x05 \x01(\x0c\"g\n\x0eRelayDirection\x12\"\n\x03trs\x18\x01 \x03(\x0b\x32\x15.cyphonic.v1.Endpoint\x12\x17\n\x0ftrs_server_name\x18\x02 \x01(\t\x12\x18\n\x10\x61llocation_token\x18\x03 \x01(\x0c\"\xe5\x02\n\x0eRouteDirection\x12\x10\n\x08route_id\x18\x01 \x01(\t\x12*\n\x07pattern\x18\x02 \x01(\x0e\x32\x19.cyphonic.v1.RoutePattern\x12$\n\x04role\x18\x03 \x01(\x0e\x32\x16.cyphonic.v1.RouteRole\x12\x11\n\tpeer_fqdn\x18\x04 \x01(\t\x12\x19\n\x11peer_virtual_ipv4\x18\x05 \x01(\x0c\x12\x19\n\x11peer_virtual_ipv6\x18\x06 \x01(\x0c\x12.\n\x0fpeer_candidates\x18\x07 \x03(\x0b\x32\x15.cyphonic.v1.Endpoint\x12*\n\x05relay\x18\x08 \x01(\x0b\x32\x1b.cyphonic.v1.RelayDirection\x12%\n\x05punch\x18( \x01(\x0b\x32\x16.cyphonic.v1.HolePunch\x12\x13\n\x0breason_code\x18) \x01(\t\x12\x0e\n\x06reason\x18* \x01(\t\"=\n\x0bPeerOffline\x12\x0c\n\x04\x66qdn\x18\x01 \x01(\t\x12\x10\n\x08route_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"D\n\x10RevocationNotice\x12\x0c\n\x04\x66qdn\x18\x01 \x01(\t\x12\x12\n\nserial_hex\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\".\n\rTunnelRequest\x12\x10\n\x08route_id\x18\x01 \x01(\t\x12\x0b\n\x03mtu\x18\x02 \x01(\r\"/\n\x0eTunnelResponse\x12\x10\n\x08route_id\x18\x01 \x01(\t\x12\x0b\n\x03mtu\x18\x02 \x01(\r\"D\n\x16RelayAllocationRequest\x12\x18\n\x10\x61llocation_token\x18\x01 \x01(\x0c\x12\x10\n\x08route_id\x18\x02 \x01(\t\"O\n\x0fRelayAllocation\x12\x10\n\x08route_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63onnection_ids\x18\x02 \x03(\x0c\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\"5\n\tRelayCids\x12\x10\n\x08route_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63onnection_ids\x18\x02 \x03(\x0c\"(\n\tPortRange\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x0c\n\x04last\x18\x02 \x01(\r\"t\n\x0b\x46ilterEntry\x12\x0f\n\x07sources\x18\x01 \x03(\x0c\x12-\n\x08protocol\x18\x02 \x01(\x0e\x32\x1b.cyphonic.v1.FilterProtocol\x12%\n\x05ports\x18\x03 \x03(\x0b\x32\x16.cyphonic.v1.PortRange\"^\n\x0cPolicyFilter\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x11\n\tallow_all\x18\x02 \x01(\x08\x12)\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x18.cyphonic.v1.FilterEntry\"\xd6\t\n\x08\x45nvelope\x12-\n\x07version\x18\x01 \x01(\x0e\x32\x1c.cyphonic.v1.ProtocolVersion\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.cyphonic.v1.ErrorH\x00\x12\x32\n\rlogin_request\x18\n \x01(\x0b\x32\x19.cyphonic.v1.LoginRequestH\x00\x12\x34\n\x0elogin_response\x18\x0b \x01(\x0b\x32\x1a.cyphonic.v1.LoginResponseH\x00\x12\x32\n\rrenew_request\x18\x0c \x01(\x0b\x32\x19.cyphonic.v1.RenewRequestH\x00\x12\x34\n\x0erenew_response\x18\r \x01(\x0b\x32\x1a.cyphonic.v1.RenewResponseH\x00\x12\x38\n\x10register_request\x18\x0e \x01(\x0b\x32\x1c.cyphonic.v1.RegisterRequestH\x00\x12:\n\x11register_response\x18\x0f \x01(\x0b\x32\x1d.cyphonic.v1.RegisterResponseH\x00\x12+\n\tkeepalive\x18\x10 \x01(\x0b\x32\x16.cyphonic.v1.KeepaliveH\x00\x12\x32\n\rkeepalive_ack\x18\x11 \x01(\x0b\x32\x19.cyphonic.v1.KeepaliveAckH\x00\x12\x32\n\rroute_request\x18\x12 \x01(\x0b\x32\x19.cyphonic.v1.RouteRequestH\x00\x12\x34\n\x0eroute_response\x18\x13 \x01(\x0b\x32\x1a.cyphonic.v1.RouteResponseH\x00\x12\x36\n\x0froute_direction\x18\x14 \x01(\x0b\x32\x1b.cyphonic.v1.RouteDirectionH\x00\x12\x30\n\x0cpeer_offline\x18\x15 \x01(\x0b\x32\x18.cyphonic.v1.PeerOfflineH\x00\x12:\n\x11revocation_notice\x18\x16 \x01(\x0b\x32\x1d.cyphonic.v1.RevocationNoticeH\x00\x12\x34\n\x0etunnel_request\x18\x17 \x01(\x0b\x32\x1a.cyphonic.v1.TunnelRequestH\x00\x12\x36\n\x0ftunnel_response\x18\x18 \x01(\x0b\x32\x1b.cyphonic.v1.TunnelResponseH\x00\x12G\n\x18relay_allocation_request\x18\x19 \x01(\x0b\x32#.cyphonic.v1.RelayAllocationRequestH\x00\x12\x38\n\x10relay_allocation\x18\x1a \x01(\x0b\x32\x1c.cyphonic.v1.RelayAllocationH\x00\x12,\n\nrelay_cids\x18\x1b \x01(\x0b\x32\x16.cyphonic.v1.RelayCidsH\x00\x12\x32\n\rpolicy_filter\x18\x1c \x01(\x0b\x32\x19.cyphonic.v1.PolicyFilterH\x00\x12.\n\x0b\x63rl_request\x18\x32 \x01(\x0b\x32\x17.cyphonic.v1.CrlRequestH\x00\x12\x30\n\x0c\x63rl_response\x18\x33 \x01(\x0b\x32\x18.cyphonic.v1.CrlResponseH\x00\x42\x06\n\x04\x62ody*K\n\x0fProtocolVersion\x12 \n\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x16\n\x12PROTOCOL_VERSION_1\x10\x01*\xce\x04\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45RROR_CODE_MALFORMED\x10\x01\x12\x18\n\x14\x45RROR_CODE_OVERSIZED\x10\x02\x12\x1e\n\x1a\x45RROR_CODE_UNKNOWN_MESSAGE\x10\x03\x12!\n\x1d\x45RROR_CODE_UNEXPECTED_MESSAGE\x10\x04\x12\"\n\x1e\x45RROR_CODE_UNSUPPORTED_VERSION\x10\x05\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x06\x12\x1e\n\x1a\x45RROR_CODE_UNAUTHENTICATED\x10\x07\x12 \n\x1c\x45RROR_CODE_PERMISSION_DENIED\x10\x08\x12\x16\n\x12\x45RROR_CODE_REVOKED\x10\t\x12\x16\n\x12\x45RROR_CODE_EXPIRED\x10\n\x12\x18\n\x14\x45RROR_CODE_NOT_FOUND\x10\x0b\x12\x1b\n\x17\x45RROR_CODE_PEER_OFFLINE\x10\x0c\x12\x1d\n\x19\x45RROR_CODE_ALREADY_EXISTS\x10\r\x12\x18\n\x14\x45RROR_CODE_EXHAUSTED\x10\x0e\x12\x1c\n\x18\x45RROR_CODE_TOKEN_INVALID\x10\x0f\x12\x1a\n\x16\x45RROR_CODE_UNAVAILABLE\x10\x10\x12\x16\n\x12\x45RROR_CODE_TIMEOUT\x10\x11\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x12\x12\x1c\n\x18\x45RROR_CODE_POLICY_DENIED\x10\x13*|\n\nNatMapping\x12\x17\n\x13NAT_MAPPING_UNKNOWN\x10\x00\x12\x14\n\x10NAT_MAPPING_NONE\x10\x01\x12$\n NAT_MAPPING_ENDPOINT_INDEPENDENT\x10\x02\x12\x19\n\x15NAT_MAPPING_DEPENDENT\x10\x03*E\n\x07Inbound\x12\x13\n\x0fINBOUND_UNKNOWN\x10\x00\x12\x10\n\x0cINBOUND_OPEN\x10\x01\x12\x13\n\x0fINBOUND_BLOCKED\x10\x02*\x80\x01\n\x0cRoutePattern\x12\x1d\n\x19ROUTE_PATTERN_UNSPECIFIED\x10\x00\x12\x18\n\x14ROUTE_PATTERN_DIRECT\x10\x01\x12\x1e\n\x1aROUTE_PATTERN_NAT_CONNECTS\x10\x02\x12\x17\n\x13ROUTE_PATTERN_RELAY\x10\x03*V\n\tRouteRole\x12\x1a\n\x16ROUTE_ROLE_UNSPECIFIED\x10\x00\x12\x16\n\x12ROUTE_ROLE_CONNECT\x10\x01\x12\x15\n\x11ROUTE_ROLE_ACCEPT\x10\x02*u\n\x0e\x46ilterProtocol\x12\x17\n\x13\x46ILTER_PROTOCOL_ANY\x10\x00\x12\x17\n\x13\x46ILTER_PROTOCOL_TCP\x10\x01\x12\x17\n\x13\x46ILTER_PROTOCOL_UDP\x10\x02\x12\x18\n\x14\x46ILTER_PROTOCOL_ICMP\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cyphonic.v1.signalling_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROTOCOLVERSION']._serialized_start=3962
-  _globals['_PROTOCOLVERSION']._serialized_end=4037
-  _globals['_ERRORCODE']._serialized_start=4040
-  _globals['_ERRORCODE']._serialized_end=4630
-  _globals['_NATMAPPING']._serialized_start=4632
-  _globals['_NATMAPPING']._serialized_end=4756
-  _globals['_INBOUND']._serialized_start=4758
-  _globals['_INBOUND']._serialized_end=4827
-  _globals['_ROUTEPATTERN']._serialized_start=4830
-  _globals['_ROUTEPATTERN']._serialized_end=4958
-  _globals['_ROUTEROLE']._serialized_start=4960
-  _globals['_ROUTEROLE']._serialized_end=5046
-  _globals['_FILTERPROTOCOL']._serialized_start=5048
-  _globals['_FILTERPROTOCOL']._serialized_end=5165
+  _globals['_PROTOCOLVERSION']._serialized_start=3988
+  _globals['_PROTOCOLVERSION']._serialized_end=4063
+  _globals['_ERRORCODE']._serialized_start=4066
+  _globals['_ERRORCODE']._serialized_end=4656
+  _globals['_NATMAPPING']._serialized_start=4658
+  _globals['_NATMAPPING']._serialized_end=4782
+  _globals['_INBOUND']._serialized_start=4784
+  _globals['_INBOUND']._serialized_end=4853
+  _globals['_ROUTEPATTERN']._serialized_start=4856
+  _globals['_ROUTEPATTERN']._serialized_end=4984
+  _globals['_ROUTEROLE']._serialized_start=4986
+  _globals['_ROUTEROLE']._serialized_end=5072
+  _globals['_FILTERPROTOCOL']._serialized_start=5074
+  _globals['_FILTERPROTOCOL']._serialized_end=5191
   _globals['_ERROR']._serialized_start=45
   _globals['_ERROR']._serialized_end=131
   _globals['_ENDPOINT']._serialized_start=133
@@ -70,39 +70,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST']._serialized_start=925
   _globals['_REGISTERREQUEST']._serialized_end=1012
   _globals['_REGISTERRESPONSE']._serialized_start=1015
-  _globals['_REGISTERRESPONSE']._serialized_end=1277
-  _globals['_KEEPALIVE']._serialized_start=1279
-  _globals['_KEEPALIVE']._serialized_end=1308
-  _globals['_KEEPALIVEACK']._serialized_start=1310
-  _globals['_KEEPALIVEACK']._serialized_end=1342
-  _globals['_ROUTEREQUEST']._serialized_start=1344
-  _globals['_ROUTEREQUEST']._serialized_end=1409
-  _globals['_ROUTERESPONSE']._serialized_start=1412
-  _globals['_ROUTERESPONSE']._serialized_end=1562
-  _globals['_RELAYDIRECTION']._serialized_start=1564
-  _globals['_RELAYDIRECTION']._serialized_end=1667
-  _globals['_ROUTEDIRECTION']._serialized_start=1670
-  _globals['_ROUTEDIRECTION']._serialized_end=2027
-  _globals['_PEEROFFLINE']._serialized_start=2029
-  _globals['_PEEROFFLINE']._serialized_end=2090
-  _globals['_REVOCATIONNOTICE']._serialized_start=2092
-  _globals['_REVOCATIONNOTICE']._serialized_end=2160
-  _globals['_TUNNELREQUEST']._serialized_start=2162
-  _globals['_TUNNELREQUEST']._serialized_end=2208
-  _globals['_TUNNELRESPONSE']._serialized_start=2210
-  _globals['_TUNNELRESPONSE']._serialized_end=2257
-  _globals['_RELAYALLOCATIONREQUEST']._serialized_start=2259
-  _globals['_RELAYALLOCATIONREQUEST']._serialized_end=2327
-  _globals['_RELAYALLOCATION']._serialized_start=2329
-  _globals['_RELAYALLOCATION']._serialized_end=2408
-  _globals['_RELAYCIDS']._serialized_start=2410
-  _globals['_RELAYCIDS']._serialized_end=2463
-  _globals['_PORTRANGE']._serialized_start=2465
-  _globals['_PORTRANGE']._serialized_end=2505
-  _globals['_FILTERENTRY']._serialized_start=2507
-  _globals['_FILTERENTRY']._serialized_end=2623
-  _globals['_POLICYFILTER']._serialized_start=2625
-  _globals['_POLICYFILTER']._serialized_end=2719
-  _globals['_ENVELOPE']._serialized_start=2722
-  _globals['_ENVELOPE']._serialized_end=3960
+  _globals['_REGISTERRESPONSE']._serialized_end=1303
+  _globals['_KEEPALIVE']._serialized_start=1305
+  _globals['_KEEPALIVE']._serialized_end=1334
+  _globals['_KEEPALIVEACK']._serialized_start=1336
+  _globals['_KEEPALIVEACK']._serialized_end=1368
+  _globals['_ROUTEREQUEST']._serialized_start=1370
+  _globals['_ROUTEREQUEST']._serialized_end=1435
+  _globals['_ROUTERESPONSE']._serialized_start=1438
+  _globals['_ROUTERESPONSE']._serialized_end=1588
+  _globals['_RELAYDIRECTION']._serialized_start=1590
+  _globals['_RELAYDIRECTION']._serialized_end=1693
+  _globals['_ROUTEDIRECTION']._serialized_start=1696
+  _globals['_ROUTEDIRECTION']._serialized_end=2053
+  _globals['_PEEROFFLINE']._serialized_start=2055
+  _globals['_PEEROFFLINE']._serialized_end=2116
+  _globals['_REVOCATIONNOTICE']._serialized_start=2118
+  _globals['_REVOCATIONNOTICE']._serialized_end=2186
+  _globals['_TUNNELREQUEST']._serialized_start=2188
+  _globals['_TUNNELREQUEST']._serialized_end=2234
+  _globals['_TUNNELRESPONSE']._serialized_start=2236
+  _globals['_TUNNELRESPONSE']._serialized_end=2283
+  _globals['_RELAYALLOCATIONREQUEST']._serialized_start=2285
+  _globals['_RELAYALLOCATIONREQUEST']._serialized_end=2353
+  _globals['_RELAYALLOCATION']._serialized_start=2355
+  _globals['_RELAYALLOCATION']._serialized_end=2434
+  _globals['_RELAYCIDS']._serialized_start=2436
+  _globals['_RELAYCIDS']._serialized_end=2489
+  _globals['_PORTRANGE']._serialized_start=2491
+  _globals['_PORTRANGE']._serialized_end=2531
+  _globals['_FILTERENTRY']._serialized_start=2533
+  _globals['_FILTERENTRY']._serialized_end=2649
+  _globals['_POLICYFILTER']._serialized_start=2651
+  _globals['_POLICYFILTER']._serialized_end=2745
+  _globals['_ENVELOPE']._serialized_start=2748
+  _globals['_ENVELOPE']._serialized_end=3986
 # @@protoc_insertion_point(module_scope)

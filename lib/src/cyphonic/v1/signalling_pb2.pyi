@@ -591,6 +591,7 @@ class RegisterResponse(_message.Message):
     VIRTUAL_IPV6_PREFIX_LEN_FIELD_NUMBER: _builtins.int
     NETWORK_FIELD_NUMBER: _builtins.int
     KEEPALIVE_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    PING_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     REACH_PROBE_FIELD_NUMBER: _builtins.int
     fqdn: _builtins.str
     virtual_ipv4: _builtins.bytes
@@ -598,6 +599,11 @@ class RegisterResponse(_message.Message):
     virtual_ipv6: _builtins.bytes
     virtual_ipv6_prefix_len: _builtins.int
     keepalive_interval_ms: _builtins.int
+    ping_interval_ms: _builtins.int
+    """Non-zero: the NMS takes the QUIC connection's liveness (its idle timeout) as the node's
+    presence; keep the connection alive with QUIC PINGs at this interval instead of
+    Keepalive requests (which it still answers). Zero (an older NMS): send Keepalive.
+    """
     @_builtins.property
     def network(self) -> Global___NetworkInfo: ...
     @_builtins.property
@@ -612,11 +618,12 @@ class RegisterResponse(_message.Message):
         virtual_ipv6_prefix_len: _builtins.int = ...,
         network: Global___NetworkInfo | None = ...,
         keepalive_interval_ms: _builtins.int = ...,
+        ping_interval_ms: _builtins.int = ...,
         reach_probe: Global___ReachProbe | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["network", b"network", "reach_probe", b"reach_probe"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fqdn", b"fqdn", "keepalive_interval_ms", b"keepalive_interval_ms", "network", b"network", "reach_probe", b"reach_probe", "virtual_ipv4", b"virtual_ipv4", "virtual_ipv4_prefix_len", b"virtual_ipv4_prefix_len", "virtual_ipv6", b"virtual_ipv6", "virtual_ipv6_prefix_len", b"virtual_ipv6_prefix_len"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fqdn", b"fqdn", "keepalive_interval_ms", b"keepalive_interval_ms", "network", b"network", "ping_interval_ms", b"ping_interval_ms", "reach_probe", b"reach_probe", "virtual_ipv4", b"virtual_ipv4", "virtual_ipv4_prefix_len", b"virtual_ipv4_prefix_len", "virtual_ipv6", b"virtual_ipv6", "virtual_ipv6_prefix_len", b"virtual_ipv6_prefix_len"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

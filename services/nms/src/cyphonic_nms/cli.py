@@ -62,7 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--keepalive-interval",
         type=float,
         dest="keepalive_interval_s",
-        help="seconds between node keepalives (default 15)",
+        help="seconds between Keepalives of agents that do not PING (default 15)",
+    )
+    p.add_argument(
+        "--ping-interval",
+        type=float,
+        dest="ping_interval_s",
+        help="QUIC PING interval told to agents (default 25; 0: Keepalive requests)",
     )
     p.add_argument(
         "--offline-timeout",
@@ -110,6 +116,7 @@ _FLAGS = (
     "ipv4_pool",
     "ipv6_pool",
     "keepalive_interval_s",
+    "ping_interval_s",
     "offline_timeout_s",
     "reach_probe_port",
 )

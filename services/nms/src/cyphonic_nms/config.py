@@ -31,10 +31,30 @@ class NmsSettings(ServiceSettings):
         None, description="virtual IPv6 pool (CIDR); default: a ULA /48 derived from the domain"
     )
     keepalive_interval_s: float = Field(
-        15.0, gt=0, description="how often nodes send a Keepalive (short enough for NAT)"
+        15.0,
+        gt=0,
+        description="how often agents that do not PING (older ones) send a Keepalive",
+    )
+    ping_interval_s: float = Field(
+        25.0,
+        ge=0,
+        description="QUIC PING interval told to agents: keeps the connection and the NAT "
+        "binding (UDP timeouts of 30 s are common) open; 0: ask for Keepalive requests; "
+        "at most 0.6 x offline_timeout_s is told",
     )
     offline_timeout_s: float = Field(
-        45.0, gt=0, description="a node silent this long is marked offline"
+        45.0,
+        gt=0,
+        description="QUIC idle timeout of node connections: a node silent this long is offline",
+    )
+    presence_refresh_s: float = Field(
+        5.0,
+        gt=0,
+        description="how often presence and route TTLs in Redis are refreshed "
+        "(at least three times per offline_timeout_s)",
+    )
+    last_seen_interval_s: float = Field(
+        60.0, gt=0, description="how often last_seen of connected nodes is written"
     )
     revocation_poll_s: float = Field(
         1.0, gt=0, description="how often the registry is polled for new revocations"

@@ -1,6 +1,6 @@
 """The NMS core: registration, presence, route establishment, revocation, across replicas.
 
-Thin asyncio glue around the sans-I/O parts (``routing``, ``leases``, ``presence``) and the
+Thin asyncio glue around the sans-I/O parts (``routing``, ``leases``) and the
 stores (``storage.NodeStore``; ``cluster`` presence, bus and routes; ``trs_directory``). It
 knows nothing about QUIC: a connected node is a ``NodeLink`` the signalling layer hands in,
 which can take a pushed Envelope and be closed with an error.
@@ -42,7 +42,6 @@ from cyphonic.errors import (
     PermissionDenied,
     PolicyDenied,
     Revoked,
-    Timeout,
     Unavailable,
 )
 from cyphonic.log import get_logger
@@ -65,7 +64,6 @@ from cyphonic_nms.cluster import (
 )
 from cyphonic_nms.leases import LeasePools
 from cyphonic_nms.policy_store import PolicyStore, SqlPolicyStore
-from cyphonic_nms.presence import PresenceTracker
 from cyphonic_nms.reach import ReachProber, ReachVerdict
 from cyphonic_nms.revocations import REVOCATION_PAGE, RevocationCursor
 from cyphonic_nms.route_reason import explain
@@ -140,6 +138,8 @@ class Registration:
     network: NetworkInfo
     pools: LeasePools
     keepalive_interval_s: float
+    ping_interval_s: float = 0.0
+    """Non-zero: the node keeps its connection alive with QUIC PINGs at this interval."""
     reach_nonce: bytes | None = None
     """The nonce of this registration's reachability probe (``reach.py``), if probed."""
     reach_port: int = 0
@@ -288,7 +288,17 @@ class NodeManager:
     routes: RouteStore = field(default_factory=InProcessRouteStore)
     trs: TrsDirectory = field(default_factory=InProcessTrsDirectory)
     keepalive_interval_s: float = 15.0
+    """The Keepalive interval told to agents that do not PING (older ones)."""
+    ping_interval_s: float = 25.0
+    """The QUIC PING interval told to agents (0: ask for Keepalive requests instead)."""
     offline_timeout_s: float = 45.0
+    """A node is offline once its connection is gone: closed, or silent this long (the QUIC
+    idle timeout the signalling endpoint sets); presence and routes in Redis outlive the last
+    refresh by this long."""
+    presence_refresh_s: float = 5.0
+    """Presence and route TTLs of the nodes held here are refreshed this often (batched)."""
+    last_seen_interval_s: float = 60.0
+    """``last_seen`` in the registry is written this often for the nodes held here."""
     max_pending_registrations: int = 32
     """Admission control: registrations in progress at once; more are refused ``Overloaded``."""
     admission_max_wait_s: float = 2.5
@@ -313,7 +323,7 @@ class NodeManager:
     def __post_init__(self) -> None:
         self._local: dict[str, LocalNode] = {}
         self._by_vip: dict[IPv4Address | IPv6Address, str] = {}
-        self._tracker = PresenceTracker(offline_timeout_s=self.offline_timeout_s)
+        self._touched_at: float | None = None  # monotonic time of the last ``touch``
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._revocations = RevocationCursor()
@@ -349,9 +359,12 @@ class NodeManager:
         if self.access is not None:
             await self.access.refresh(force=True)
         self._tasks = [
-            asyncio.create_task(self._every(1.0, self.sweep), name="nms-sweep"),
             asyncio.create_task(
-                self._every(min(5.0, self.keepalive_interval_s), self.refresh_presence),
+                # Several refreshes per TTL, so that one missed does not lapse presence.
+                self._every(
+                    min(self.presence_refresh_s, self.offline_timeout_s / 3),
+                    self.refresh_presence,
+                ),
                 name="nms-presence",
             ),
             asyncio.create_task(
@@ -572,7 +585,6 @@ class NodeManager:
             old.link.close(Unavailable("superseded by a newer connection"))
         self._local[fqdn] = LocalNode(link=link, node_id=facts.node_id, lease=lease, network=info)
         self._by_vip[lease.ipv4] = self._by_vip[lease.ipv6] = fqdn
-        self._tracker.seen(fqdn, self.monotonic())
         self.metrics.connected.set(len(self._local))
         self.metrics.registrations.labels(outcome="ok").inc()
         log.info(
@@ -599,17 +611,13 @@ class NodeManager:
             network=info,
             pools=self.pools,
             keepalive_interval_s=self.keepalive_interval_s,
+            # Room for a lost PING's retransmission inside the idle timeout.
+            ping_interval_s=min(self.ping_interval_s, self.offline_timeout_s * 0.6),
         )
 
     def last_handover(self, fqdn: str) -> Handover | None:
         """The last move of ``fqdn`` seen by this replica while the node was connected."""
         return self._handovers.get(fqdn.lower())
-
-    def keepalive(self, link: NodeLink) -> None:
-        """The node is alive (keepalive or any request on its connection)."""
-        local = self._local.get(link.fqdn.lower())
-        if local is not None and local.link is link:
-            self._tracker.seen(link.fqdn.lower(), self.monotonic())
 
     def require_registered(self, link: NodeLink) -> LocalNode:
         """The node's local state; ``UnexpectedMessage``-like refusal if it did not register."""
@@ -618,8 +626,8 @@ class NodeManager:
             raise PermissionDenied("register before asking for routes")
         return local
 
-    async def disconnected(self, link: NodeLink) -> None:
-        """The node's connection closed."""
+    async def disconnected(self, link: NodeLink, *, cause: str = "disconnect") -> None:
+        """The node's connection closed (``cause`` "timeout": it went silent)."""
         fqdn = link.fqdn.lower()
         if self.draining:
             return  # this replica closed it on its way out; see ``drain``
@@ -629,7 +637,7 @@ class NodeManager:
             local = self._local.get(fqdn)
             if local is None or local.link is not link:
                 return  # an older, superseded connection
-            await self._offline_locked(fqdn, local, cause="disconnect")
+            await self._offline_locked(fqdn, local, cause=cause)
 
     def _forget_local(self, fqdn: str) -> None:
         local = self._local.pop(fqdn, None)
@@ -637,7 +645,6 @@ class NodeManager:
         if local is not None:
             self._by_vip.pop(local.lease.ipv4, None)
             self._by_vip.pop(local.lease.ipv6, None)
-        self._tracker.forget(fqdn)
         self.metrics.connected.set(len(self._local))
 
     async def _went_offline(
@@ -670,19 +677,10 @@ class NodeManager:
 
     # ------------------------------------------------------------------ periodic jobs
 
-    async def sweep(self) -> None:
-        """Mark nodes silent past the offline timeout offline and close their connections."""
-        if self.draining:
-            return
-        for fqdn in self._tracker.expire(self.monotonic()):
-            local = self._local.get(fqdn)
-            if local is None:
-                continue
-            local.link.close(Timeout(f"no keepalive for {self.offline_timeout_s:g} s"))
-            await self._went_offline(fqdn, local, cause="timeout")
-
     async def refresh_presence(self) -> None:
-        """Refresh presence and route TTLs and last-seen times of local nodes (batched)."""
+        """Refresh presence and route TTLs of local nodes, and now and then their last-seen
+        times: one Redis script each for presence and routes, one registry statement, for all
+        the nodes held here (a node's own keepalives write nothing)."""
         if not self._local:
             return
         fqdns = list(self._local)
@@ -697,6 +695,10 @@ class NodeManager:
             log.warning("routes_restored", replica=self.replica_id, count=back)
         # After presence: a route is kept alive only while both of its nodes are present.
         await self.routes.refresh(fqdns)
+        now = self.monotonic()
+        if self._touched_at is not None and now - self._touched_at < self.last_seen_interval_s:
+            return
+        self._touched_at = now
         await self.nodes.touch(
             [n.node_id for n in self._local.values()],
             replica=self.replica_id,

@@ -1,5 +1,10 @@
 """QUIC signalling of the NMS: Register, Keepalive, RouteRequest and RelayCids from nodes.
 
+A node is present while its connection is: the agent keeps it alive with QUIC PINGs
+(``ping_interval_ms`` in the RegisterResponse; older agents send Keepalive requests, still
+answered), and the endpoint's idle timeout (``offline_timeout_s``) closes a silent one, which
+marks the node offline. No per-keepalive work happens above QUIC.
+
 ``handle_request`` answers one request envelope from a node's verified connection; it knows
 nothing of streams or sockets. ``start_signalling`` puts it behind the QUIC endpoint, one
 ``NodeLink`` per connection (pushes on server-opened streams, close with an error).
@@ -17,6 +22,7 @@ from cyphonic.errors import (
     InternalError,
     InvalidArgument,
     PermissionDenied,
+    Timeout,
     UnexpectedMessage,
 )
 from cyphonic.log import get_logger
@@ -59,6 +65,7 @@ def register_response(reg: Registration) -> pb.RegisterResponse:
         virtual_ipv6_prefix_len=reg.pools.ipv6.prefix_len,
         network=network_pb(reg.network),
         keepalive_interval_ms=int(reg.keepalive_interval_s * 1000),
+        ping_interval_ms=int(reg.ping_interval_s * 1000),
         reach_probe=(
             pb.ReachProbe(target=pb.Endpoint(port=reg.reach_port), nonce=reg.reach_nonce)
             if reg.reach_nonce is not None
@@ -95,14 +102,12 @@ async def answer(
         )
         return _envelope(register_response=register_response(reg))
     if body == "keepalive":
+        # An agent that does not PING (older); its presence is the connection, as for all.
         manager.require_registered(link)
-        manager.keepalive(link)
         return _envelope(keepalive_ack=pb.KeepaliveAck(sequence=request.keepalive.sequence))
     if body == "route_request":
-        manager.keepalive(link)
         return _envelope(route_response=await manager.route(link, request.route_request))
     if body == "relay_cids":
-        manager.keepalive(link)
         return _envelope(relay_cids=await manager.relay_cids(link, request.relay_cids))
     raise UnexpectedMessage(f"the NMS does not answer {body or 'an empty envelope'}")
 
@@ -166,8 +171,9 @@ class NmsSignallingServer(SignallingServer):
             port=settings.quic_port,
             revocation_source=RegistryRevocations.from_url(settings.database_url),
             revocation_interval=settings.revocation_poll_s,
-            # Keepalives keep a healthy connection busy; the idle timeout only reaps dead ones.
-            idle_timeout=settings.offline_timeout_s + settings.keepalive_interval_s,
+            # Presence is the connection: the agents' QUIC PINGs (or older agents'
+            # Keepalives) keep it open; one silent this long is closed, the node offline.
+            idle_timeout=settings.offline_timeout_s,
             retry_threshold=settings.quic_retry_threshold,
             ticket_keys=settings.ticket_keys(),
         )
@@ -184,7 +190,8 @@ class NmsSignallingServer(SignallingServer):
             # Draining: this replica is shutting down and closed the connection itself. The
             # node re-registers at another replica; its routes and peers are left alone.
             return
-        task = asyncio.ensure_future(self.manager.disconnected(link))
+        cause = "timeout" if isinstance(error, Timeout) else "disconnect"
+        task = asyncio.ensure_future(self.manager.disconnected(link, cause=cause))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
