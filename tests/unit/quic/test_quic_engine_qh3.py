@@ -449,9 +449,8 @@ def _fire_due(conn: Any, now: float) -> None:
         conn.handle_timer(now=now)
 
 
-def test_an_echo_reply_carries_the_acknowledgement(material: pki.PkiMaterial) -> None:
-    """Request in, reply out 0.15 ms later: the reply acknowledges the request, so no
-    ACK-only datagram (and no timer wake-up for it) follows from the replying side."""
+def _settled_pair(material: pki.PkiMaterial) -> tuple[Any, Any, float]:
+    """A connected qh3 pair with the handshake's own acknowledgements exchanged; the time."""
     client, server = _connected_pair(material, "qh3")
     now = 0.02
     for _ in range(5):  # settle the handshake's own acknowledgements
@@ -461,6 +460,13 @@ def test_an_echo_reply_carries_the_acknowledgement(material: pki.PkiMaterial) ->
         _exchange(client, server, now=now, rounds=2)
     _drain(client)
     _drain(server)
+    return client, server, now
+
+
+def test_an_echo_reply_carries_the_acknowledgement(material: pki.PkiMaterial) -> None:
+    """Request in, reply out 0.15 ms later: the reply acknowledges the request, so no
+    ACK-only datagram (and no timer wake-up for it) follows from the replying side."""
+    client, server, now = _settled_pair(material)
     for i in range(5):
         now += 0.005
         _fire_due(client, now)
@@ -493,16 +499,8 @@ def test_a_signalling_server_acknowledges_a_ping_in_the_pass_that_received(
     """``ack_at_once`` (the NMS's endpoint): an idle node's PING is acknowledged in the pass
     that received it, so it costs the server one wake-up; without it, the ACK waits for the
     core's ACK delay (a timer wake-up 1 ms later)."""
-    client, server = _connected_pair(material, "qh3")
+    client, server, now = _settled_pair(material)
     server._ack_at_once = at_once
-    now = 0.02
-    for _ in range(5):  # settle the handshake's own acknowledgements
-        now += 0.01
-        _fire_due(client, now)
-        _fire_due(server, now)
-        _exchange(client, server, now=now, rounds=2)
-    _drain(client)
-    _drain(server)
     now += 0.5
     client.send_ping(7)
     ping = client.datagrams_to_send(now=now)
