@@ -48,6 +48,7 @@ import json
 import os
 import random
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -692,6 +693,13 @@ async def main_async(args: argparse.Namespace) -> int:
             "CYPHONIC_LOG_LEVEL": args.log_level,
             "CYPHONIC_KEEPALIVE_INTERVAL_S": str(args.keepalive_s),
             "CYPHONIC_PING_INTERVAL_S": str(args.ping_s),
+            # The replicas share a ticket secret, as the chart gives them one: a node of a
+            # dead replica resumes its TLS session at another (--no-resumption: full ones).
+            **(
+                {}
+                if args.no_resumption
+                else {"CYPHONIC_SESSION_TICKET_SECRET": secrets.token_hex(32)}
+            ),
             **(
                 {"CYPHONIC_MAX_PENDING_REGISTRATIONS": str(args.max_pending)}
                 if args.max_pending
@@ -962,6 +970,11 @@ def main() -> int:
     parser.add_argument("--reconnect-max-s", type=float, default=30.0)
     parser.add_argument("--storm-limit-s", type=float, default=180.0)
     parser.add_argument("--max-pending", type=int, default=0, help="NMS admission limit")
+    parser.add_argument(
+        "--no-resumption",
+        action="store_true",
+        help="no shared TLS ticket secret: every reconnection is a full handshake",
+    )
     parser.add_argument(
         "--log-level", default="info", help="of the services (info: as deployed; warning)"
     )

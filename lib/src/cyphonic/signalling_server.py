@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from cyphonic.config import ALPN_SIGNALLING, QUIC_RETRY_THRESHOLD
+from cyphonic.config import ALPN_SIGNALLING, QUIC_MAX_HANDSHAKES, QUIC_RETRY_THRESHOLD
 from cyphonic.errors import CyphonicError
 from cyphonic.hostport import format_host_port
 from cyphonic.log import get_logger
@@ -65,11 +65,13 @@ class SignallingServer:
         revocation_interval: float,
         idle_timeout: float,
         retry_threshold: int | None = QUIC_RETRY_THRESHOLD,
+        max_handshakes: int = QUIC_MAX_HANDSHAKES,
         ticket_keys: TicketKeys | None = None,
     ) -> None:
         """Load ``<service_name>.crt`` and the trust store (revoked node certificates refused
         in the handshake), bind the UDP socket, accept nodes. From ``retry_threshold``
-        handshakes under way, new clients must prove their address with a QUIC Retry; only
+        handshakes under way, new clients must prove their address with a QUIC Retry; beyond
+        ``max_handshakes`` they wait (their Initials are dropped until there is room); only
         clients that ask for this service's name (SNI) are served. ``ticket_keys``: TLS
         session tickets shared by the replicas (reconnecting nodes resume)."""
         # Imported here so that request handling stays usable without the QUIC stack.
@@ -95,7 +97,9 @@ class SignallingServer:
             accept={ALPN_SIGNALLING: Acceptor(handler_factory=factory, expect="node")},
             idle_timeout=idle_timeout,
             retry_threshold=retry_threshold,
+            max_handshakes=max_handshakes,
             ticket_keys=ticket_keys,
+            ack_at_once=True,  # an idle node's PING: one wake-up here, not two
         )
         self.tcp = await start_tcp_listener(self.endpoint, identity, host=host)
 

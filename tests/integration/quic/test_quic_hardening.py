@@ -206,3 +206,17 @@ async def test_completed_handshakes_do_not_count_against_the_cap(
     assert server.stats.handshakes_refused == 0
     for i, conn in enumerate(conns):
         assert await request(conn, f"r{i}".encode()) == f"echo:r{i}".encode()
+
+
+async def test_clients_beyond_the_cap_wait_their_turn(endpoints: EndpointMaker, ca: Pki) -> None:
+    """A storm larger than ``max_handshakes``: the Initials beyond the cap are dropped, the
+    clients send them again and are served in turn; every one connects."""
+    server, handlers = await tunnel_server(endpoints, ca, max_handshakes=3)
+    names = [f"n{i}" for i in range(9)]
+    conns = await asyncio.gather(
+        *(connect(endpoints, ca, server, name, within=30.0) for name in names)
+    )
+    assert server.stats.handshakes_refused > 0  # some had to wait
+    assert len(handlers.made) == len(names)
+    for i, conn in enumerate(conns):
+        assert await request(conn, f"r{i}".encode()) == f"echo:r{i}".encode()

@@ -79,6 +79,7 @@ class AsSignallingServer(SignallingServer):
             revocation_interval=settings.revocation_refresh_s,
             idle_timeout=IDLE_TIMEOUT_S,
             retry_threshold=settings.quic_retry_threshold,
+            max_handshakes=settings.quic_max_handshakes,
         )
         self.service.revocations = self.revocations
         if self.revocations is not None:

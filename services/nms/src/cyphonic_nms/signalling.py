@@ -175,6 +175,7 @@ class NmsSignallingServer(SignallingServer):
             # Keepalives) keep it open; one silent this long is closed, the node offline.
             idle_timeout=settings.offline_timeout_s,
             retry_threshold=settings.quic_retry_threshold,
+            max_handshakes=settings.quic_max_handshakes,
             ticket_keys=settings.ticket_keys(),
         )
         if settings.as_url and self.revocations is not None:
