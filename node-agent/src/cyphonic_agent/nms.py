@@ -122,6 +122,8 @@ class NmsClient:
         self.detail = ""
         self.registration: pb.RegisterResponse | None = None
         self.transport: StreamPaths | None = None
+        self._silent: dict[Candidate, float] = {}
+        """Endpoints that did not answer a dial, and when: tried last while it is recent."""
         """The TCP 443 fallback, if on (set by the agent; named in dial errors)."""
 
     def session(self) -> SignallingSession | None:
@@ -176,11 +178,14 @@ class NmsClient:
         handler: Callable[..., Awaitable[Any]] | None = None,
         idle_timeout: float | None = None,
     ) -> tuple[SignallingSession, Candidate]:
-        """A signalling session with the first of ``endpoints`` that answers."""
+        """A signalling session with the first of ``endpoints`` that answers (those that did
+        not answer within ``SILENT_FOR_S`` are tried last: a dead replica first in the list
+        would cost every attempt of a reconnect storm its connect timeout)."""
         timeout = self.settings.connect_timeout_s
         tried: list[str] = []
         silent: list[str] = []
-        for ep in endpoints:
+        now = asyncio.get_running_loop().time()
+        for ep in answering_first(endpoints, self._silent, now):
             if not routable(ep.host, ep.port):
                 tried.append(f"{ep}: no route")
                 continue
@@ -196,6 +201,7 @@ class NmsClient:
                 )
             except Timeout:
                 silent.append(str(ep))
+                self._silent[ep] = asyncio.get_running_loop().time()
                 continue
             except AuthError:
                 raise
@@ -203,6 +209,7 @@ class NmsClient:
                 tried.append(f"{ep}: {exc.message}")
                 continue
             assert isinstance(conn.handler, SignallingSession)
+            self._silent.pop(ep, None)
             return conn.handler, ep
         if not endpoints:
             raise Unavailable(f"no {what} endpoint is known")
@@ -386,6 +393,18 @@ class NmsClient:
             raise UnexpectedMessage(f"the agent does not take {body} from the NMS")
         self.on_push(message)
         return None
+
+
+SILENT_FOR_S = 60.0
+"""How long an endpoint that did not answer a dial is tried after the others."""
+
+
+def answering_first(
+    endpoints: list[Candidate], silent: dict[Candidate, float], now: float
+) -> list[Candidate]:
+    """``endpoints`` in their order, those silent within ``SILENT_FOR_S`` of ``now`` last."""
+    recent = {ep for ep, at in silent.items() if now - at < SILENT_FOR_S}
+    return sorted(endpoints, key=lambda ep: ep in recent)
 
 
 def _text(raw: bytes) -> str:

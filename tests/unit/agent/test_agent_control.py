@@ -36,6 +36,7 @@ from cyphonic_agent.control import (
     on_miss,
     on_move,
 )
+from cyphonic_agent.nms import SILENT_FOR_S, answering_first
 from cyphonic_agent.routes import Candidate, RouteState, RouteTable
 
 BOB = "bob.cyphonic.internal"
@@ -384,3 +385,18 @@ def test_a_different_lease_later_is_refused() -> None:
     p.check_same_lease(registration())
     with pytest.raises(InvalidArgument, match="restart the agent"):
         p.check_same_lease(registration(v4="100.64.0.6"))
+
+
+def test_endpoints_that_did_not_answer_are_dialled_last() -> None:
+    """A reconnect storm's nodes whose first NMS endpoint is a dead replica: after it was
+    silent once, the live one is tried first for ``SILENT_FOR_S``, then the order is back."""
+    dead, live, third = (
+        Candidate("192.0.2.1", 443),
+        Candidate("192.0.2.2", 443),
+        Candidate("192.0.2.3", 443),
+    )
+    order = [dead, live, third]
+    assert answering_first(order, {}, 100.0) == order
+    assert answering_first(order, {dead: 90.0}, 100.0) == [live, third, dead]
+    assert answering_first(order, {dead: 90.0, third: 95.0}, 100.0) == [live, dead, third]
+    assert answering_first(order, {dead: 100.0 - SILENT_FOR_S}, 100.0) == order
