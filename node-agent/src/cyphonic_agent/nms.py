@@ -122,8 +122,8 @@ class NmsClient:
         self.detail = ""
         self.registration: pb.RegisterResponse | None = None
         self.transport: StreamPaths | None = None
-        self._silent: dict[Candidate, float] = {}
-        """Endpoints that did not answer a dial, and when: tried last while it is recent."""
+        self._silent: dict[Candidate, tuple[int, float]] = {}
+        """Endpoints that did not answer a dial: how many times in a row, the last when."""
         """The TCP 443 fallback, if on (set by the agent; named in dial errors)."""
 
     def session(self) -> SignallingSession | None:
@@ -179,8 +179,8 @@ class NmsClient:
         idle_timeout: float | None = None,
     ) -> tuple[SignallingSession, Candidate]:
         """A signalling session with the first of ``endpoints`` that answers (those that did
-        not answer within ``SILENT_FOR_S`` are tried last: a dead replica first in the list
-        would cost every attempt of a reconnect storm its connect timeout)."""
+        not answer lately are tried later, ``answering_first``: a dead replica first in the
+        list would cost every attempt of a reconnect storm its connect timeout)."""
         timeout = self.settings.connect_timeout_s
         tried: list[str] = []
         silent: list[str] = []
@@ -201,7 +201,8 @@ class NmsClient:
                 )
             except Timeout:
                 silent.append(str(ep))
-                self._silent[ep] = asyncio.get_running_loop().time()
+                times, _ = self._silent.get(ep, (0, 0.0))
+                self._silent[ep] = (times + 1, asyncio.get_running_loop().time())
                 continue
             except AuthError:
                 raise
@@ -400,11 +401,18 @@ SILENT_FOR_S = 60.0
 
 
 def answering_first(
-    endpoints: list[Candidate], silent: dict[Candidate, float], now: float
+    endpoints: list[Candidate], silent: dict[Candidate, tuple[int, float]], now: float
 ) -> list[Candidate]:
-    """``endpoints`` in their order, those silent within ``SILENT_FOR_S`` of ``now`` last."""
-    recent = {ep for ep, at in silent.items() if now - at < SILENT_FOR_S}
-    return sorted(endpoints, key=lambda ep: ep in recent)
+    """``endpoints`` by how many dials in a row each left unanswered (``silent``: count, last
+    time; forgotten ``SILENT_FOR_S`` after the last), then in their order. A dead replica
+    goes on counting; a live one that was only too busy to answer once answers again and
+    its count is dropped."""
+
+    def times(ep: Candidate) -> int:
+        count, at = silent.get(ep, (0, 0.0))
+        return count if now - at < SILENT_FOR_S else 0
+
+    return sorted(endpoints, key=times)
 
 
 def _text(raw: bytes) -> str:

@@ -388,15 +388,13 @@ def test_a_different_lease_later_is_refused() -> None:
 
 
 def test_endpoints_that_did_not_answer_are_dialled_last() -> None:
-    """A reconnect storm's nodes whose first NMS endpoint is a dead replica: after it was
-    silent once, the live one is tried first for ``SILENT_FOR_S``, then the order is back."""
-    dead, live, third = (
-        Candidate("192.0.2.1", 443),
-        Candidate("192.0.2.2", 443),
-        Candidate("192.0.2.3", 443),
-    )
+    """A reconnect storm's nodes whose first NMS endpoint is a dead replica: once it was
+    silent, the live one is tried first; a live one too busy to answer once still comes
+    before the dead one that never answers; after ``SILENT_FOR_S`` the order is back."""
+    dead, live, third = (Candidate(f"192.0.2.{i}", 443) for i in (1, 2, 3))
     order = [dead, live, third]
     assert answering_first(order, {}, 100.0) == order
-    assert answering_first(order, {dead: 90.0}, 100.0) == [live, third, dead]
-    assert answering_first(order, {dead: 90.0, third: 95.0}, 100.0) == [live, dead, third]
-    assert answering_first(order, {dead: 100.0 - SILENT_FOR_S}, 100.0) == order
+    assert answering_first(order, {dead: (1, 90.0)}, 100.0) == [live, third, dead]
+    busy = {dead: (3, 90.0), live: (1, 95.0)}
+    assert answering_first(order, busy, 100.0) == [third, live, dead]
+    assert answering_first(order, {dead: (5, 100.0 - SILENT_FOR_S)}, 100.0) == order
