@@ -60,10 +60,11 @@ class NmsSettings(ServiceSettings):
         1.0, gt=0, description="how often the registry is polled for new revocations"
     )
     max_pending_registrations: int = Field(
-        32,
+        128,
         ge=1,
         description="registrations in progress at once; more are refused with a retry-after "
-        "(admission control: a reconnect storm queues at the nodes, not here)",
+        "(admission control: a reconnect storm queues at the nodes, not here); as many as "
+        "QUIC_MAX_HANDSHAKES, so a handshake that completes is rarely refused",
     )
     admission_max_wait_s: float = Field(
         2.5,

@@ -299,7 +299,7 @@ class NodeManager:
     """Presence and route TTLs of the nodes held here are refreshed this often (batched)."""
     last_seen_interval_s: float = 60.0
     """``last_seen`` in the registry is written this often for the nodes held here."""
-    max_pending_registrations: int = 32
+    max_pending_registrations: int = 128
     """Admission control: registrations in progress at once; more are refused ``Overloaded``."""
     admission_max_wait_s: float = 2.5
     """Admission control: while an admitted registration has been in progress this long (the
