@@ -99,6 +99,7 @@ class SignallingServer:
             retry_threshold=retry_threshold,
             max_handshakes=max_handshakes,
             ticket_keys=ticket_keys,
+            ack_at_once=True,  # an idle node's PING: one wake-up here, not two
         )
         self.tcp = await start_tcp_listener(self.endpoint, identity, host=host)
 

@@ -11,7 +11,7 @@ import datetime
 from typing import Any
 
 import pytest
-from aioquic.quic.events import DatagramFrameReceived, HandshakeCompleted
+from aioquic.quic.events import DatagramFrameReceived, HandshakeCompleted, PingAcknowledged
 from cryptography import x509
 from cyphonic import pki
 from cyphonic.quic import engine, engine_qh3
@@ -490,3 +490,29 @@ def test_an_echo_reply_carries_the_acknowledgement(material: pki.PkiMaterial) ->
         now += 0.002  # past any ACK delay: the server still sends nothing
         _fire_due(server, now)
         assert server.datagrams_to_send(now=now) == []
+
+
+@pytest.mark.parametrize("at_once", [False, True])
+def test_a_signalling_server_acknowledges_a_ping_in_the_pass_that_received(
+    material: pki.PkiMaterial, at_once: bool
+) -> None:
+    """``ack_at_once`` (the NMS's endpoint): an idle node's PING is acknowledged in the pass
+    that received it, so it costs the server one wake-up; without it, the ACK waits for the
+    core's ACK delay (a timer wake-up 1 ms later)."""
+    client, server, now = _settled_pair(material)
+    server._ack_at_once = at_once
+    now += 0.5
+    client.send_ping(7)
+    ping = client.datagrams_to_send(now=now)
+    assert len(ping) == 1
+    server.receive_datagram(ping[0][0], CLIENT_ADDR, now=now)
+    _drain(server)
+    answer = server.datagrams_to_send(now=now)
+    timer = server._core.get_timer()
+    if not at_once:
+        assert answer == [] and timer is not None and timer[0] == "ack_application"
+        return
+    assert len(answer) == 1
+    assert timer is None or timer[0] != "ack_application"
+    client.receive_datagram(answer[0][0], SERVER_ADDR, now=now)
+    assert [e.uid for e in _drain(client) if isinstance(e, PingAcknowledged)] == [7]

@@ -425,6 +425,7 @@ class QuicEndpoint:
         retry_key: bytes | None = None,
         server_names: Iterable[str] | None = None,
         ticket_keys: TicketKeys | None = None,
+        ack_at_once: bool = False,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         engine = engine or default_engine()
@@ -466,6 +467,9 @@ class QuicEndpoint:
         """Server side: issue session tickets sealed under these keys, and resume the
         sessions of tickets any endpoint with the same keys issued (``quic.tickets``; the
         qh3 engine only). None: every handshake is a full one."""
+        self.ack_at_once = ack_at_once
+        """Server connections acknowledge in the pass that received (qh3): signalling, where
+        an idle node's PING otherwise costs a second wake-up for its ACK 1 ms later."""
         self._client_tickets: dict[
             tuple[str | None, str, str], tuple[Any, list[x509.Certificate]]
         ] = {}
@@ -576,6 +580,7 @@ class QuicEndpoint:
         retry_key: bytes | None = None,
         server_names: Iterable[str] | None = None,
         ticket_keys: TicketKeys | None = None,
+        ack_at_once: bool = False,
     ) -> QuicEndpoint:
         """Bind the UDP socket and start serving.
 
@@ -594,6 +599,7 @@ class QuicEndpoint:
         limit; None: not sent).
         ``ticket_keys``: issue and accept TLS session tickets (shared by the replicas of a
         service, so a client resumes at any of them); None: full handshakes only.
+        ``ack_at_once``: server connections acknowledge in the pass that received (qh3).
         """
         engine = engine or default_engine()
         _load_engine(engine)  # refuse an unknown or missing engine before binding
@@ -616,6 +622,7 @@ class QuicEndpoint:
             retry_key=retry_key,
             server_names=server_names,
             ticket_keys=ticket_keys,
+            ack_at_once=ack_at_once,
         )
 
     @property
@@ -856,6 +863,7 @@ class QuicEndpoint:
                     connection_id_factory=factory,
                     ticket_keys=self.ticket_keys,
                     resume_verifier=resume_verifier,
+                    ack_at_once=self.ack_at_once,
                 ),
             )
         else:

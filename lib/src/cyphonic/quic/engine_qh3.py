@@ -479,11 +479,14 @@ class Qh3QuicConnection(Qh3Connection):
         resume_verifier: engine.ResumeVerifier | None = None,
         ticket_handler: engine.TicketHandler | None = None,
         resume_chain: list[x509.Certificate] | None = None,
+        ack_at_once: bool = False,
     ) -> None:
         """Server: ``ticket_keys`` and ``resume_verifier`` issue and accept session tickets.
         Client: ``ticket_handler`` takes the tickets the server issues; the configuration's
-        ``session_ticket`` is offered, ``resume_chain`` the server chain verified with it."""
+        ``session_ticket`` is offered, ``resume_chain`` the server chain verified with it.
+        ``ack_at_once``: acknowledge in the pass that received (see ``datagrams_to_send``)."""
         self._peer_verifier = peer_verifier
+        self._ack_at_once = ack_at_once
         self._ticket_keys = ticket_keys
         self._resume_verifier = resume_verifier
         self._resume_chain = resume_chain
@@ -687,7 +690,9 @@ class Qh3QuicConnection(Qh3Connection):
         if self._quic_logger is not None:
             out = super().datagrams_to_send(now)
         else:
-            if self._datagrams_queued and self._handshake_complete:
+            # A signalling service acknowledges in the pass that received: an idle node's
+            # PING then costs one wake-up, not two (the receive, then the ACK timer 1 ms on).
+            if (self._datagrams_queued or self._ack_at_once) and self._handshake_complete:
                 self._ack_now()
             out = []
             poll = core.poll_transmit
