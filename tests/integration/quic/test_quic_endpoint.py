@@ -333,6 +333,46 @@ async def test_idle_timeout_ends_connection(endpoints: EndpointMaker, ca: Pki) -
             await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("engine", ["qh3"])  # ack_at_once: qh3's (aioquic ACKs on a timer)
+async def test_pings_do_not_rearm_a_far_deadline_and_idle_timeout_still_fires(
+    endpoints: EndpointMaker, ca: Pki
+) -> None:
+    # A signalling service's earliest deadline is the idle timeout of the node that PINGed
+    # longest ago: far off, and moved later by every PING. The timer is left armed (it
+    # fires early, once) instead of re-armed per PING; the timeout itself stays on time.
+    handlers = Handlers()
+    server = await endpoints(
+        identity=ca.service("nms"),
+        trust=ca.trust,
+        idle_timeout=3.0,
+        ack_at_once=True,  # as signalling services open it
+        accept={ALPN_SIGNALLING: handlers.factory},
+    )
+    client = await endpoints(identity=ca.node("alice"), trust=ca.trust, idle_timeout=3.0)
+    conn = await dial_nms(client, port_of(server))
+    await asyncio.sleep(0.3)  # the handshake's last acknowledgements
+    arms: list[float | None] = []
+    arm = server._timer.arm
+
+    def counting(when: float | None) -> None:
+        arms.append(when)
+        arm(when)
+
+    server._timer.arm = counting  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    for uid in range(20):
+        conn.quic.send_ping(uid)
+        conn.transmit()
+        await asyncio.sleep(0.05)
+    assert conn.ping_acked_at is not None and conn.ping_acked_at > loop.time() - 0.2
+    assert len(arms) <= 2, arms  # 20 PINGs answered; the far deadline was not re-armed each
+    last_activity = loop.time()
+    server_error = await asyncio.wait_for(handlers.made[0].lost, 10)
+    assert isinstance(server_error, Timeout)
+    # Idle timeout 3 s (qh3 and aioquic may take up to 3 PTOs more): on time, not late.
+    assert 2.5 < loop.time() - last_activity < 4.5
+
+
 async def test_connect_timeout_when_nobody_answers(endpoints: EndpointMaker, ca: Pki) -> None:
     # A bound UDP socket that never answers.
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

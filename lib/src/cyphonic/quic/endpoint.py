@@ -116,6 +116,11 @@ _GSO_PAUSE_MIN = 1.0  # seconds without GSO to a destination after its first ref
 _GSO_PAUSE_MAX = 64.0  # the pause doubles at each refusal up to this
 # Errors that mean the socket cannot do GSO at all (not one destination's path).
 _GSO_UNSUPPORTED = frozenset({errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.ENOTSUP})
+_LAZY_REARM_S = 1.0
+"""An armed deadline further away than this is left armed when the earliest deadline moves
+later: it fires early (one wake-up that re-arms) instead of a re-arm per event. On a
+signalling service the earliest deadline is the idle timeout of the node that PINGed
+longest ago, i.e. the next to PING: otherwise every PING re-armed the timer."""
 _ERROR_LOG_INTERVAL = 10.0  # seconds between two logs of internal errors (the rest counted)
 _MAX_CLIENT_TICKETS = 1024  # session tickets a client keeps (one per server name and ALPN)
 
@@ -1321,8 +1326,15 @@ class QuicEndpoint:
         while heap and heap[0][2]._timer_at != heap[0][0]:
             heapq.heappop(heap)  # stale entry
         when = heap[0][0] if heap else None
-        if when == self._timer_at:
+        armed = self._timer_at
+        if when == armed:
             return
+        if (
+            armed is not None
+            and (when is None or when > armed)
+            and armed - self._loop.time() > _LAZY_REARM_S
+        ):
+            return  # moved later and far off: the armed timer fires early, once
         self._timer_at = when
         self._timer.arm(when)
 
