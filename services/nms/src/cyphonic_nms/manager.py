@@ -116,6 +116,37 @@ class NodeLink(Protocol):
         ...
 
 
+class _DecidedRoutes:
+    """Routes this replica decided, by id and by pair of nodes (one active route a pair):
+    what a route decision replaces is found without a walk over every route."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, RouteRecord] = {}
+        self._by_pair: dict[frozenset[str], str] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def add(self, route: RouteRecord) -> None:
+        """``route``, replacing the pair's route decided before."""
+        self.forget_pair(route.initiator, route.responder)
+        self.by_id[route.route_id] = route
+        self._by_pair[frozenset((route.initiator, route.responder))] = route.route_id
+
+    def pop(self, route_id: str) -> None:
+        route = self.by_id.pop(route_id, None)
+        if route is not None:
+            pair = frozenset((route.initiator, route.responder))
+            if self._by_pair.get(pair) == route_id:
+                del self._by_pair[pair]
+
+    def forget_pair(self, a: str, b: str, *, keep: str | None = None) -> None:
+        """Drop the route between ``a`` and ``b`` unless it is ``keep``."""
+        route_id = self._by_pair.get(frozenset((a, b)))
+        if route_id is not None and route_id != keep:
+            self.pop(route_id)
+
+
 @dataclass
 class _NodeLock:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -348,7 +379,7 @@ class NodeManager:
         self._registration_ids = 0
         # Routes this replica decided (their initiator is held here): put back into the
         # route store after it lost them (a Redis restart without its data).
-        self._decided: dict[str, RouteRecord] = {}
+        self._decided = _DecidedRoutes()
         self._policy_lock = asyncio.Lock()
         self._filters_due: set[str] = set()  # local nodes whose filter is not pushed yet
         self._policy_wake = asyncio.Event()
@@ -726,13 +757,13 @@ class NodeManager:
             return
         fqdns = list(self._local)
         restored = await self.presence.refresh(fqdns, self.replica_id, self.offline_timeout_s)
-        for route_id, route in list(self._decided.items()):
+        for route_id, route in list(self._decided.by_id.items()):
             if route.initiator not in self._local:
-                del self._decided[route_id]  # gone from here; its new replica decides anew
+                self._decided.pop(route_id)  # gone from here; its new replica decides anew
         if restored and self._decided:
             # Presence had to be re-created: the shared state was lost (a Redis restart).
             # Put back the routes decided here whose two nodes are present again.
-            back = await self.routes.restore(list(self._decided.values()))
+            back = await self.routes.restore(list(self._decided.by_id.values()))
             log.warning("routes_restored", replica=self.replica_id, count=back)
         # After presence: a route is kept alive only while both of its nodes are present.
         await self.routes.refresh(fqdns)
@@ -828,27 +859,16 @@ class NodeManager:
 
     async def _remove_route(self, route: RouteRecord) -> None:
         await self.routes.remove(route)
-        self._decided.pop(route.route_id, None)
-
-    def _forget_pair(self, a: str, b: str) -> None:
-        for route_id, route in list(self._decided.items()):
-            if route.involves(a) and route.involves(b):
-                del self._decided[route_id]
+        self._decided.pop(route.route_id)
 
     def _observed_push(self, fqdn: str, envelope: pb.Envelope) -> None:
         """Keep ``_decided`` in step with routes ended or replaced by another replica."""
         body = envelope.WhichOneof("body")
         if body == "peer_offline":
-            self._decided.pop(envelope.peer_offline.route_id, None)
+            self._decided.pop(envelope.peer_offline.route_id)
         elif body == "route_direction":
             direction = envelope.route_direction
-            for route_id, route in list(self._decided.items()):
-                if (
-                    route_id != direction.route_id
-                    and route.involves(fqdn)
-                    and route.involves(direction.peer_fqdn)
-                ):
-                    del self._decided[route_id]
+            self._decided.forget_pair(fqdn, direction.peer_fqdn, keep=direction.route_id)
 
     async def _on_bus(self, message: BusMessage) -> None:
         local = self._local.get(message.fqdn)
@@ -1077,8 +1097,7 @@ class NodeManager:
         )
         # One active route per pair: the new one replaces the old (one Redis round trip).
         await self.routes.replace(record)
-        self._forget_pair(initiator, responder)
-        self._decided[route_id] = record
+        self._decided.add(record)
         for side, fqdn, peer_fqdn, peer_lease in (
             (Side.RESPONDER, responder, initiator, initiator_lease),
             (Side.INITIATOR, initiator, responder, responder_lease),
