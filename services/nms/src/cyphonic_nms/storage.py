@@ -193,6 +193,41 @@ _SAVE_NETWORK = {
 }
 
 
+_VIEW_COLUMNS = (
+    Node.id,
+    Node.fqdn,
+    Node.state,
+    AddressLease.node_id,
+    AddressLease.ipv4,
+    AddressLease.ipv6,
+    NodeNetwork.node_id,
+    NodeNetwork.has_ipv4,
+    NodeNetwork.has_ipv6,
+    NodeNetwork.behind_nat,
+    NodeNetwork.observed_ipv4,
+    NodeNetwork.observed_ipv6,
+    NodeNetwork.local_addresses,
+    NodeNetwork.online,
+    NodeNetwork.last_seen,
+    NodeNetwork.nms_replica,
+    NodeNetwork.nat_mapping,
+    NodeNetwork.inbound,
+)
+
+# One node's view by FQDN or virtual address (route decisions), built once as ``_FACTS``.
+_ONE_VIEW = {
+    key: select(*_VIEW_COLUMNS)
+    .outerjoin(AddressLease, AddressLease.node_id == Node.id)
+    .outerjoin(NodeNetwork, NodeNetwork.node_id == Node.id)
+    .where(column == bindparam("key"))
+    for key, column in (
+        ("fqdn", Node.fqdn),
+        ("ipv4", AddressLease.ipv4),
+        ("ipv6", AddressLease.ipv6),
+    )
+}
+
+
 def _ep_text(ep: Endpoint | None) -> str | None:
     return str(ep) if ep is not None else None
 
@@ -481,36 +516,9 @@ class SqlNodeStore:
             rows: Iterable[Any] = (await s.execute(stmt)).all()
             return [self._to_view(n, lease, net) for n, lease, net in rows]
 
-    _VIEW_COLUMNS = (
-        Node.id,
-        Node.fqdn,
-        Node.state,
-        AddressLease.node_id,
-        AddressLease.ipv4,
-        AddressLease.ipv6,
-        NodeNetwork.node_id,
-        NodeNetwork.has_ipv4,
-        NodeNetwork.has_ipv6,
-        NodeNetwork.behind_nat,
-        NodeNetwork.observed_ipv4,
-        NodeNetwork.observed_ipv6,
-        NodeNetwork.local_addresses,
-        NodeNetwork.online,
-        NodeNetwork.last_seen,
-        NodeNetwork.nms_replica,
-        NodeNetwork.nat_mapping,
-        NodeNetwork.inbound,
-    )
-
-    async def _one_view(self, where: Any) -> NodeView | None:
+    async def _one_view(self, by: str, key: str) -> NodeView | None:
         """One node's view in one autocommitted statement (route decisions, hot path)."""
-        stmt = (
-            select(*self._VIEW_COLUMNS)
-            .outerjoin(AddressLease, AddressLease.node_id == Node.id)
-            .outerjoin(NodeNetwork, NodeNetwork.node_id == Node.id)
-            .where(where)
-        )
-        rows = await self._execute(stmt)
+        rows = await self._execute(_ONE_VIEW[by], {"key": key})
         if not rows:
             return None
         row = rows[0]
@@ -535,11 +543,10 @@ class SqlNodeStore:
         )
 
     async def view(self, fqdn: str) -> NodeView | None:
-        return await self._one_view(Node.fqdn == fqdn.lower())
+        return await self._one_view("fqdn", fqdn.lower())
 
     async def view_by_virtual(self, address: IPv4Address | IPv6Address) -> NodeView | None:
-        column = AddressLease.ipv4 if address.version == 4 else AddressLease.ipv6
-        return await self._one_view(column == str(address))
+        return await self._one_view("ipv4" if address.version == 4 else "ipv6", str(address))
 
     async def list_views(
         self, *, online_only: bool = False, limit: int | None = None, offset: int = 0
