@@ -1,7 +1,8 @@
 """The policy sync without a fast poll, on SQLite (the embedded default): an unchanged
 revision costs no walk over the nodes held, a failed filter push is retried, a woken job runs
-soon after its event, and SQLite has no registry notices (the Postgres run is in
-tests/integration/nms/test_nms_change_events.py)."""
+soon after its event, SQLite has no registry notices (the Postgres run is in
+tests/integration/nms/test_nms_change_events.py); and the routes decided here are found by
+pair, not by a walk."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from cyphonic.errors import Unavailable
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_nms import manager as manager_module
+from cyphonic_nms.cluster import RouteRecord
 from cyphonic_nms.registry_events import RegistryEvents
 from cyphonic_nms.routing import Endpoint
 from cyphonic_testing.nms import DOMAIN, InProcessCluster, RecordingLink, add_node
@@ -108,3 +110,34 @@ async def test_sqlite_has_no_registry_notices(cluster: InProcessCluster) -> None
     assert RegistryEvents.for_engine(cluster.engine, {}) is None
     nms = await cluster.replica("r1")
     assert nms._events is None
+
+
+def _route(route_id: str, a: str, b: str) -> RouteRecord:
+    return RouteRecord(
+        route_id=route_id,
+        initiator=a,
+        responder=b,
+        pattern=1,
+        family=4,
+        connector="initiator",
+        trs_replica=None,
+        created_ms=0,
+        decided_by="r1",
+    )
+
+
+def test_decided_routes_keep_one_route_a_pair_without_a_walk() -> None:
+    decided = manager_module._DecidedRoutes()
+    decided.add(_route("r1", "a", "b"))
+    decided.add(_route("r2", "a", "c"))
+    decided.add(_route("r3", "b", "a"))  # the pair's new route replaces r1
+    assert sorted(decided.by_id) == ["r2", "r3"]
+    decided.forget_pair("a", "b", keep="r3")  # a RouteDirection of this very route
+    assert sorted(decided.by_id) == ["r2", "r3"]
+    decided.forget_pair("c", "a")  # another replica decided the pair anew
+    assert sorted(decided.by_id) == ["r3"]
+    decided.pop("r3")
+    decided.pop("r3")  # gone already: nothing
+    assert len(decided) == 0
+    decided.add(_route("r4", "a", "b"))
+    assert sorted(decided.by_id) == ["r4"]
