@@ -13,12 +13,12 @@ from datetime import UTC, datetime
 import pytest
 from cyphonic.errors import Revoked
 from cyphonic.policy import filter_from_pb
-from cyphonic.registry import Revocation, create_engine, make_sessionmaker
+from cyphonic.registry import create_engine, make_sessionmaker
 from cyphonic_nms.config import NmsSettings
 from cyphonic_nms.manager import NodeManager
 from cyphonic_nms.registry_events import RETRY_S
-from cyphonic_testing.nms import DOMAIN, RecordingLink
-from sqlalchemy import insert, text
+from cyphonic_testing.nms import DOMAIN, RecordingLink, revoke_node
+from sqlalchemy import text
 from test_nms_shared_state import _enrol, _register, replica
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(120)]
@@ -32,6 +32,16 @@ def test_the_polls_are_only_a_safety_net() -> None:
     fields = NodeManager.__dataclass_fields__
     assert fields["policy_poll_s"].default == settings.policy_poll_s
     assert fields["revocation_poll_s"].default == settings.revocation_poll_s
+
+
+async def _revoke(pg_url: str, node_id: int, serial: str) -> None:
+    engine = create_engine(pg_url)
+    try:
+        await revoke_node(
+            make_sessionmaker(engine), node_id, serial=serial, reason="key_compromise"
+        )
+    finally:
+        await engine.dispose()
 
 
 async def _listening(*managers: NodeManager) -> None:
@@ -129,23 +139,3 @@ async def test_events_come_back_after_the_listen_connection_is_cut(
         await _listening(r1)
         await _revoke(pg_url, ids[second.fqdn], "9b")
         assert isinstance(await second.wait_closed(within_s=1.0), Revoked)
-
-
-async def _revoke(pg_url: str, node_id: int, serial: str) -> None:
-    """What the AS writes when it revokes a certificate."""
-    engine = create_engine(pg_url)
-    try:
-        async with make_sessionmaker(engine)() as s, s.begin():
-            await s.execute(
-                insert(Revocation),
-                [
-                    {
-                        "node_id": node_id,
-                        "serial": serial,
-                        "reason": "key_compromise",
-                        "revoked_at": datetime.now(UTC),
-                    }
-                ],
-            )
-    finally:
-        await engine.dispose()
