@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from cyphonic.errors import Unavailable
+from cyphonic.pki import init_pki
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_nms import manager as manager_module
 from cyphonic_nms.cluster import RouteRecord
+from cyphonic_nms.config import NmsSettings
 from cyphonic_nms.registry_events import RegistryEvents
 from cyphonic_nms.routing import Endpoint
+from cyphonic_nms.signalling import start_signalling
 from cyphonic_testing.nms import DOMAIN, InProcessCluster, RecordingLink, add_node
 
 
@@ -141,3 +146,33 @@ def test_decided_routes_keep_one_route_a_pair_without_a_walk() -> None:
     assert len(decided) == 0
     decided.add(_route("r4", "a", "b"))
     assert sorted(decided.by_id) == ["r4"]
+
+
+async def test_the_quic_revocation_cache_and_the_manager_wake_each_other(
+    cluster: InProcessCluster, tmp_path: Path
+) -> None:
+    """A revocation the cache learnt (the AS's watch) makes the manager poll now; one the
+    registry notified (Postgres) makes the cache refresh now."""
+    init_pki(tmp_path / "pki", domain=DOMAIN, now=datetime.now(UTC))
+    nms = await cluster.replica("r1")
+    settings = NmsSettings(
+        environment="test",
+        database_url=str(cluster.engine.url),
+        pki_dir=tmp_path / "pki",
+        quic_host="127.0.0.1",
+        quic_port=0,
+    )
+    server = await start_signalling(nms, settings)
+    try:
+        cache = server.revocations
+        assert cache is not None
+        assert not nms._revocation_wake.is_set()
+        cache.add([0x7A])
+        assert nms._revocation_wake.is_set()
+        before = cache.refreshes
+        nms._registry_revoked()
+        async with asyncio.timeout(5):
+            while cache.refreshes == before:  # noqa: ASYNC110 (a counter, no event to wait on)
+                await asyncio.sleep(0.01)
+    finally:
+        await server.close()
