@@ -39,7 +39,7 @@ async def test_migrated_schema_matches_the_models(registry_url: str) -> None:
                 )
             )
             version = await conn.execute(text("SELECT version_num FROM alembic_version"))
-            assert version.scalar_one() == "0003"  # the newest migration
+            assert version.scalar_one() == "0004"  # the newest migration
     finally:
         await engine.dispose()
     assert diff == []

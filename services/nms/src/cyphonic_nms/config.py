@@ -57,7 +57,11 @@ class NmsSettings(ServiceSettings):
         60.0, gt=0, description="how often last_seen of connected nodes is written"
     )
     revocation_poll_s: float = Field(
-        1.0, gt=0, description="how often the registry is polled for new revocations"
+        15.0,
+        gt=0,
+        description="safety poll of the registry for new revocations: they are applied when "
+        "Postgres notifies one or the AS's watch (as_url) reports one; on SQLite without "
+        "as_url this is how soon a revocation made elsewhere takes effect",
     )
     max_pending_registrations: int = Field(
         128,
@@ -83,7 +87,12 @@ class NmsSettings(ServiceSettings):
         "node) or deny (nothing until the operator sets a policy); docs/policy.md",
     )
     policy_poll_s: float = Field(
-        0.5, gt=0, le=5, description="how often the policy revision is read from the registry"
+        15.0,
+        gt=0,
+        le=300,
+        description="safety poll of the policy revision: a change is applied when Postgres "
+        "notifies it or it is made through this replica; on SQLite a change made through "
+        "another process takes effect within this",
     )
     relay_token_secret: SecretStr | None = Field(
         None, description="HMAC secret shared with the TRS replicas (16+ bytes)"

@@ -65,6 +65,7 @@ from cyphonic_nms.cluster import (
 from cyphonic_nms.leases import LeasePools
 from cyphonic_nms.policy_store import PolicyStore, SqlPolicyStore
 from cyphonic_nms.reach import ReachProber, ReachVerdict
+from cyphonic_nms.registry_events import RegistryEvents
 from cyphonic_nms.revocations import REVOCATION_PAGE, RevocationCursor
 from cyphonic_nms.route_reason import explain
 from cyphonic_nms.routing import (
@@ -96,6 +97,8 @@ MIN_ADMITTED = 4
 """Registrations always admitted at once, however slow the replica is right now."""
 FAILED_JOB_RETRY_S = 1.0
 """A periodic job that failed (a restarting dependency) runs again after this long."""
+MIN_WAKE_GAP_S = 0.5
+"""A job woken by an event (``_every``) runs at most this often."""
 
 
 class NodeLink(Protocol):
@@ -111,6 +114,37 @@ class NodeLink(Protocol):
     def close(self, error: CyphonicError) -> None:
         """Close the connection with ``error`` (sent to the node where possible)."""
         ...
+
+
+class _DecidedRoutes:
+    """Routes this replica decided, by id and by pair of nodes (one active route a pair):
+    what a route decision replaces is found without a walk over every route."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, RouteRecord] = {}
+        self._by_pair: dict[frozenset[str], str] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def add(self, route: RouteRecord) -> None:
+        """``route``, replacing the pair's route decided before."""
+        self.forget_pair(route.initiator, route.responder)
+        self.by_id[route.route_id] = route
+        self._by_pair[frozenset((route.initiator, route.responder))] = route.route_id
+
+    def pop(self, route_id: str) -> None:
+        route = self.by_id.pop(route_id, None)
+        if route is not None:
+            pair = frozenset((route.initiator, route.responder))
+            if self._by_pair.get(pair) == route_id:
+                del self._by_pair[pair]
+
+    def forget_pair(self, a: str, b: str, *, keep: str | None = None) -> None:
+        """Drop the route between ``a`` and ``b`` unless it is ``keep``."""
+        route_id = self._by_pair.get(frozenset((a, b)))
+        if route_id is not None and route_id != keep:
+            self.pop(route_id)
 
 
 @dataclass
@@ -306,14 +340,17 @@ class NodeManager:
     replica is falling behind), new ones are refused too (at least a few are always let in)."""
     overload_retry_after_s: float = 2.0
     """The retry-after of a refused registration, scaled up by how far over the limit."""
-    revocation_poll_s: float = 1.0
+    revocation_poll_s: float = 15.0
+    """Safety poll of the revocations: they are applied when the registry notifies a change
+    (Postgres) or the AS's watch reports one (``revocations_changed``)."""
     relay_token_lifetime_s: float = 120.0
     policy_store: PolicyStore | None = None
     """Where the access policy lives; by default the registry behind ``nodes``."""
     policy_default_deny: bool = False
     """Without a policy document: allow all (False) or deny all (True)."""
-    policy_poll_s: float = 0.5
-    """How often the policy revision is read (changes made through other replicas)."""
+    policy_poll_s: float = 15.0
+    """Safety poll of the policy revision: changes are applied when the registry notifies one
+    (Postgres, ``registry_events``) or they are made through this replica's admin API."""
     metrics: NmsMetrics = field(default_factory=NmsMetrics)
     reach: ReachProber | None = None
     """Reachability probes (``reach.py``); set by the server, None: nodes stay unprobed."""
@@ -342,8 +379,20 @@ class NodeManager:
         self._registration_ids = 0
         # Routes this replica decided (their initiator is held here): put back into the
         # route store after it lost them (a Redis restart without its data).
-        self._decided: dict[str, RouteRecord] = {}
+        self._decided = _DecidedRoutes()
         self._policy_lock = asyncio.Lock()
+        self._filters_due: set[str] = set()  # local nodes whose filter is not pushed yet
+        self._policy_wake = asyncio.Event()
+        self._revocation_wake = asyncio.Event()
+        self.revocation_hooks: list[Callable[[], None]] = []
+        """Called when the registry notifies a revocation (the QUIC endpoint's cache)."""
+        engine = (
+            self.nodes.sessions.kw.get("bind") if isinstance(self.nodes, SqlNodeStore) else None
+        )
+        self._events = RegistryEvents.for_engine(
+            engine,
+            {"access_policy": self._policy_wake.set, "revocations": self._registry_revoked},
+        )
 
     # ------------------------------------------------------------------ life cycle
 
@@ -358,6 +407,8 @@ class NodeManager:
         await self.bus.subscribe(self.replica_id, self._on_bus)
         if self.access is not None:
             await self.access.refresh(force=True)
+        if self._events is not None:
+            self._events.start()
         self._tasks = [
             asyncio.create_task(
                 # Several refreshes per TTL, so that one missed does not lapse presence.
@@ -368,10 +419,14 @@ class NodeManager:
                 name="nms-presence",
             ),
             asyncio.create_task(
-                self._every(self.revocation_poll_s, self.poll_revocations), name="nms-revocation"
+                self._every(
+                    self.revocation_poll_s, self.poll_revocations, wake=self._revocation_wake
+                ),
+                name="nms-revocation",
             ),
             asyncio.create_task(
-                self._every(self.policy_poll_s, self.sync_policy), name="nms-policy"
+                self._every(self.policy_poll_s, self.sync_policy, wake=self._policy_wake),
+                name="nms-policy",
             ),
         ]
 
@@ -399,16 +454,27 @@ class NodeManager:
             if pending:  # never hang a shutdown on a task that ignores cancellation
                 log.warning("tasks_did_not_stop", tasks=sorted(t.get_name() for t in pending))
         self._tasks = []
+        if self._events is not None:
+            await self._events.close()
         for fqdn, local in list(self._local.items()):
             local.link.close(Unavailable("NMS replica shutting down"))
             with contextlib.suppress(CyphonicError):
                 await self._went_offline(fqdn, local, cause="shutdown", keep_routes=True)
         await self.bus.close()
 
-    async def _every(self, period_s: float, job: Callable[[], object]) -> None:
+    async def _every(
+        self, period_s: float, job: Callable[[], object], *, wake: asyncio.Event | None = None
+    ) -> None:
+        """Run ``job`` every ``period_s``, and soon after ``wake`` is set (at most every
+        ``MIN_WAKE_GAP_S``)."""
         pause = period_s
         while True:
-            await asyncio.sleep(pause)
+            if wake is None:
+                await asyncio.sleep(pause)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), pause)
+                wake.clear()
             pause = period_s
             try:
                 result = job()
@@ -425,6 +491,9 @@ class NodeManager:
                 )
             if cancel_requested():  # a Redis call may have swallowed the cancellation
                 raise asyncio.CancelledError
+            if wake is not None:
+                await asyncio.sleep(MIN_WAKE_GAP_S)
+                pause = max(0.0, pause - MIN_WAKE_GAP_S)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -604,6 +673,9 @@ class NodeManager:
             # policy sync.
             self.access.nodes_changed()
             self._pushed_filters.pop(fqdn, None)
+            self._filters_due.add(fqdn)
+            if not self.access.policy.allow_all:
+                self.policy_changed()  # the peers' filters may name its addresses
             self._spawn(self._push_filter(fqdn))
         return Registration(
             fqdn=fqdn,
@@ -685,13 +757,13 @@ class NodeManager:
             return
         fqdns = list(self._local)
         restored = await self.presence.refresh(fqdns, self.replica_id, self.offline_timeout_s)
-        for route_id, route in list(self._decided.items()):
+        for route_id, route in list(self._decided.by_id.items()):
             if route.initiator not in self._local:
-                del self._decided[route_id]  # gone from here; its new replica decides anew
+                self._decided.pop(route_id)  # gone from here; its new replica decides anew
         if restored and self._decided:
             # Presence had to be re-created: the shared state was lost (a Redis restart).
             # Put back the routes decided here whose two nodes are present again.
-            back = await self.routes.restore(list(self._decided.values()))
+            back = await self.routes.restore(list(self._decided.by_id.values()))
             log.warning("routes_restored", replica=self.replica_id, count=back)
         # After presence: a route is kept alive only while both of its nodes are present.
         await self.routes.refresh(fqdns)
@@ -704,6 +776,22 @@ class NodeManager:
             replica=self.replica_id,
             now=datetime.now(UTC),
         )
+
+    def revocations_changed(self) -> None:
+        """A revocation may be in the registry (the AS's watch said so): poll it now."""
+        self._revocation_wake.set()
+
+    def policy_changed(self) -> None:
+        """The policy or the node list may have changed: sync it now (``MIN_WAKE_GAP_S``)."""
+        self._policy_wake.set()
+
+    def _registry_revoked(self) -> None:
+        self._revocation_wake.set()
+        for hook in self.revocation_hooks:
+            try:
+                hook()
+            except Exception as exc:
+                log.warning("revocation_hook_failed", error=repr(exc))
 
     async def poll_revocations(self) -> None:
         """Disconnect local nodes whose certificate (or node) was revoked.
@@ -771,27 +859,16 @@ class NodeManager:
 
     async def _remove_route(self, route: RouteRecord) -> None:
         await self.routes.remove(route)
-        self._decided.pop(route.route_id, None)
-
-    def _forget_pair(self, a: str, b: str) -> None:
-        for route_id, route in list(self._decided.items()):
-            if route.involves(a) and route.involves(b):
-                del self._decided[route_id]
+        self._decided.pop(route.route_id)
 
     def _observed_push(self, fqdn: str, envelope: pb.Envelope) -> None:
         """Keep ``_decided`` in step with routes ended or replaced by another replica."""
         body = envelope.WhichOneof("body")
         if body == "peer_offline":
-            self._decided.pop(envelope.peer_offline.route_id, None)
+            self._decided.pop(envelope.peer_offline.route_id)
         elif body == "route_direction":
             direction = envelope.route_direction
-            for route_id, route in list(self._decided.items()):
-                if (
-                    route_id != direction.route_id
-                    and route.involves(fqdn)
-                    and route.involves(direction.peer_fqdn)
-                ):
-                    del self._decided[route_id]
+            self._decided.forget_pair(fqdn, direction.peer_fqdn, keep=direction.route_id)
 
     async def _on_bus(self, message: BusMessage) -> None:
         local = self._local.get(message.fqdn)
@@ -904,25 +981,14 @@ class NodeManager:
             return
         async with self._policy_lock:
             changed = await self.access.refresh(force=force)
-            # Unchanged rules and nodes: only nodes whose filter never got through.
-            todo = [
-                (fqdn, local)
-                for fqdn, local in self._local.items()
-                if changed or force or fqdn not in self._pushed_filters
-            ]
+            # Unchanged rules and nodes: only nodes whose filter never got through (not a
+            # walk over every node held).
+            due = self._local if changed or force else self._filters_due
+            todo = [(fqdn, local) for fqdn in list(due) if (local := self._local.get(fqdn))]
+            self._filters_due.intersection_update(self._local)
             for fqdn, local in todo:
-                if self._local.get(fqdn) is not local:
-                    continue
-                compiled = self.access.compile_for(fqdn)
-                if self._pushed_filters.get(fqdn) == compiled:
-                    continue
-                try:
-                    await local.link.push(_envelope(policy_filter=filter_to_pb(compiled)))
-                except Exception as exc:
-                    log.info("policy_push_failed", fqdn=fqdn, error=str(exc))
-                    continue
-                self._pushed_filters[fqdn] = compiled
-                self.metrics.pushes.labels(kind="policy_filter", via="local").inc()
+                if self._local.get(fqdn) is local:
+                    await self._push_compiled(fqdn, local)
             if changed:
                 await self._withdraw_forbidden_routes()
 
@@ -934,16 +1000,25 @@ class NodeManager:
             if self.access.revision == 0 and self.access.stored is None:
                 await self.access.refresh()
             local = self._local.get(fqdn)
-            if local is None:
-                return
-            compiled = self.access.compile_for(fqdn)
-            try:
-                await local.link.push(_envelope(policy_filter=filter_to_pb(compiled)))
-            except Exception as exc:
-                log.info("policy_push_failed", fqdn=fqdn, error=str(exc))
-                return
-            self._pushed_filters[fqdn] = compiled
-            self.metrics.pushes.labels(kind="policy_filter", via="local").inc()
+            if local is not None:
+                await self._push_compiled(fqdn, local)
+
+    async def _push_compiled(self, fqdn: str, local: LocalNode) -> None:
+        """Push ``fqdn``'s filter unless it already has this one; a failure leaves it due."""
+        assert self.access is not None
+        compiled = self.access.compile_for(fqdn)
+        if self._pushed_filters.get(fqdn) == compiled:
+            self._filters_due.discard(fqdn)
+            return
+        try:
+            await local.link.push(_envelope(policy_filter=filter_to_pb(compiled)))
+        except Exception as exc:
+            log.info("policy_push_failed", fqdn=fqdn, error=str(exc))
+            self._filters_due.add(fqdn)
+            return
+        self._pushed_filters[fqdn] = compiled
+        self._filters_due.discard(fqdn)
+        self.metrics.pushes.labels(kind="policy_filter", via="local").inc()
 
     async def _withdraw_forbidden_routes(self) -> None:
         assert self.access is not None
@@ -1022,8 +1097,7 @@ class NodeManager:
         )
         # One active route per pair: the new one replaces the old (one Redis round trip).
         await self.routes.replace(record)
-        self._forget_pair(initiator, responder)
-        self._decided[route_id] = record
+        self._decided.add(record)
         for side, fqdn, peer_fqdn, peer_lease in (
             (Side.RESPONDER, responder, initiator, initiator_lease),
             (Side.INITIATOR, initiator, responder, responder_lease),

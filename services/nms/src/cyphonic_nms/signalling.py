@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
 from ipaddress import ip_address
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cyphonic.errors import (
     CyphonicError,
@@ -26,7 +27,7 @@ from cyphonic.errors import (
     UnexpectedMessage,
 )
 from cyphonic.log import get_logger
-from cyphonic.revocation import RegistryRevocations, RevocationWatch
+from cyphonic.revocation import RegistryRevocations, RevocationCache, RevocationWatch
 from cyphonic.signalling_server import SignallingServer
 from cyphonic.v1 import signalling_pb2 as pb
 
@@ -178,9 +179,17 @@ class NmsSignallingServer(SignallingServer):
             max_handshakes=settings.quic_max_handshakes,
             ticket_keys=settings.ticket_keys(),
         )
-        if settings.as_url and self.revocations is not None:
+        cache = self.revocations
+        if cache is None:
+            return
+        if settings.as_url:
             # Pushed: the AS answers this long-poll the moment it revokes (docs/enrolment.md).
-            self.revocations.follow(RevocationWatch(settings.as_url))
+            cache.follow(RevocationWatch(settings.as_url))
+        # Either way of hearing of a revocation first tells the other: the cache refreshes
+        # when the registry notifies one (Postgres), the manager polls when the cache (the
+        # AS's watch) found one.
+        cache.subscribe(lambda _serials: self.manager.revocations_changed())
+        self.manager.revocation_hooks.append(lambda: self._spawn(_refresh(cache)))
 
     def opened(self, session: SignallingSession) -> None:
         self._links[id(session)] = SessionLink(session)
@@ -192,7 +201,10 @@ class NmsSignallingServer(SignallingServer):
             # node re-registers at another replica; its routes and peers are left alone.
             return
         cause = "timeout" if isinstance(error, Timeout) else "disconnect"
-        task = asyncio.ensure_future(self.manager.disconnected(link, cause=cause))
+        self._spawn(self.manager.disconnected(link, cause=cause))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -214,6 +226,13 @@ class NmsSignallingServer(SignallingServer):
         for task in list(self._tasks):
             with contextlib.suppress(Exception):
                 await task
+
+
+async def _refresh(cache: RevocationCache) -> None:
+    try:
+        await cache.refresh()
+    except CyphonicError as exc:  # the timer tries again; the set in force stays
+        log.warning("revocation_refresh_failed", code=exc.code_name, reason=exc.message)
 
 
 async def start_signalling(manager: NodeManager, settings: NmsSettings) -> NmsSignallingServer:

@@ -36,7 +36,7 @@ from cyphonic.registry import (
     Revocation,
 )
 from cyphonic.registry.db import map_db_error, map_db_errors, normalize_url, serialized
-from sqlalchemy import exc, exists, func, insert, or_, select, update
+from sqlalchemy import bindparam, exc, exists, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import (
@@ -141,6 +141,93 @@ class NodeStore(Protocol):
     async def revocations_by_ids(self, ids: Sequence[int]) -> list[RevocationEvent]: ...
 
 
+# The hot path's statements, built once with bound parameters: building a statement and its
+# cache key each time cost more CPU than running it (0.56 -> 0.20 ms a registration_facts,
+# 0.80 -> 0.36 ms a save_network, NMS process, Postgres on loopback).
+_FACTS = (
+    select(
+        Node.id,
+        Node.state,
+        AddressLease.ipv4,
+        AddressLease.ipv6,
+        or_(
+            exists().where(Revocation.serial == bindparam("serial")),
+            exists().where(
+                Certificate.serial == bindparam("serial"),
+                Certificate.status == CertificateStatus.REVOKED.value,
+            ),
+        ),
+    )
+    .outerjoin(AddressLease, AddressLease.node_id == Node.id)
+    .where(Node.fqdn == bindparam("fqdn"))
+)
+_NETWORK_COLUMNS = (
+    "local_addresses",
+    "observed_ipv4",
+    "observed_ipv6",
+    "has_ipv4",
+    "has_ipv6",
+    "behind_nat",
+    "nat_mapping",
+    "inbound",
+    "online",
+    "last_seen",
+    "nms_replica",
+    "updated_at",
+)
+
+
+def _save_network_stmt(dialect_insert: Any) -> Any:
+    """One upsert (INSERT ... ON CONFLICT DO UPDATE, Postgres and SQLite alike)."""
+    stmt = dialect_insert(NodeNetwork).values(
+        {c: bindparam(c) for c in ("node_id", *_NETWORK_COLUMNS)}
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=[NodeNetwork.node_id], set_={c: stmt.excluded[c] for c in _NETWORK_COLUMNS}
+    )
+
+
+_SAVE_NETWORK = {
+    "sqlite": _save_network_stmt(sqlite_insert),
+    "postgresql": _save_network_stmt(pg_insert),
+}
+
+
+_VIEW_COLUMNS = (
+    Node.id,
+    Node.fqdn,
+    Node.state,
+    AddressLease.node_id,
+    AddressLease.ipv4,
+    AddressLease.ipv6,
+    NodeNetwork.node_id,
+    NodeNetwork.has_ipv4,
+    NodeNetwork.has_ipv6,
+    NodeNetwork.behind_nat,
+    NodeNetwork.observed_ipv4,
+    NodeNetwork.observed_ipv6,
+    NodeNetwork.local_addresses,
+    NodeNetwork.online,
+    NodeNetwork.last_seen,
+    NodeNetwork.nms_replica,
+    NodeNetwork.nat_mapping,
+    NodeNetwork.inbound,
+)
+
+# One node's view by FQDN or virtual address (route decisions), built once as ``_FACTS``.
+_ONE_VIEW = {
+    key: select(*_VIEW_COLUMNS)
+    .outerjoin(AddressLease, AddressLease.node_id == Node.id)
+    .outerjoin(NodeNetwork, NodeNetwork.node_id == Node.id)
+    .where(column == bindparam("key"))
+    for key, column in (
+        ("fqdn", Node.fqdn),
+        ("ipv4", AddressLease.ipv4),
+        ("ipv6", AddressLease.ipv6),
+    )
+}
+
+
 def _ep_text(ep: Endpoint | None) -> str | None:
     return str(ep) if ep is not None else None
 
@@ -214,13 +301,13 @@ class SqlNodeStore:
         async with serialized(self._engine), self._engine.begin() as conn:
             yield conn
 
-    async def _execute(self, stmt: Any) -> Any:
+    async def _execute(self, stmt: Any, params: dict[str, Any] | None = None) -> Any:
         """Run one statement (autocommitted on Postgres): its rows, or its row count for a
         statement that returns none. Retried once on a connection the server dropped."""
         for attempt in (0, 1):
             try:
                 async with self._connection() as conn:
-                    result = await conn.execute(stmt)
+                    result = await conn.execute(stmt, params)
                     return result.all() if result.returns_rows else result.rowcount
             except exc.DBAPIError as error:
                 if attempt == 0 and error.connection_invalidated:
@@ -276,19 +363,7 @@ class SqlNodeStore:
     async def registration_facts(self, fqdn: str, serial_hex: str) -> RegistrationFacts | None:
         """Node id, state, certificate revocation and lease in one round trip."""
         serial_hex = serial_hex.lower().lstrip("0") or "0"
-        revoked = or_(
-            exists().where(Revocation.serial == serial_hex),
-            exists().where(
-                Certificate.serial == serial_hex,
-                Certificate.status == CertificateStatus.REVOKED.value,
-            ),
-        )
-        stmt = (
-            select(Node.id, Node.state, AddressLease.ipv4, AddressLease.ipv6, revoked)
-            .outerjoin(AddressLease, AddressLease.node_id == Node.id)
-            .where(Node.fqdn == fqdn.lower())
-        )
-        rows = await self._execute(stmt)
+        rows = await self._execute(_FACTS, {"serial": serial_hex, "fqdn": fqdn.lower()})
         row = rows[0] if rows else None
         if row is None:
             return None
@@ -372,6 +447,7 @@ class SqlNodeStore:
     ) -> None:
         """Store the node's network information and mark it online at ``replica``."""
         values: dict[str, Any] = {
+            "node_id": node_id,
             "local_addresses": [str(ep) for ep in info.local_addresses],
             "observed_ipv4": _ep_text(info.observed_ipv4),
             "observed_ipv6": _ep_text(info.observed_ipv6),
@@ -385,11 +461,7 @@ class SqlNodeStore:
             "nms_replica": replica,
             "updated_at": now,
         }
-        # One upsert statement (INSERT ... ON CONFLICT DO UPDATE, Postgres and SQLite alike).
-        dialect_insert = sqlite_insert if self._dialect == "sqlite" else pg_insert
-        stmt = dialect_insert(NodeNetwork).values(node_id=node_id, **values)
-        stmt = stmt.on_conflict_do_update(index_elements=[NodeNetwork.node_id], set_=values)
-        await self._execute(stmt)
+        await self._execute(_SAVE_NETWORK[self._dialect], values)
 
     async def touch(self, node_ids: Sequence[int], *, replica: str, now: datetime) -> None:
         """Refresh ``last_seen`` of nodes connected to ``replica`` (batched keepalives)."""
@@ -444,36 +516,9 @@ class SqlNodeStore:
             rows: Iterable[Any] = (await s.execute(stmt)).all()
             return [self._to_view(n, lease, net) for n, lease, net in rows]
 
-    _VIEW_COLUMNS = (
-        Node.id,
-        Node.fqdn,
-        Node.state,
-        AddressLease.node_id,
-        AddressLease.ipv4,
-        AddressLease.ipv6,
-        NodeNetwork.node_id,
-        NodeNetwork.has_ipv4,
-        NodeNetwork.has_ipv6,
-        NodeNetwork.behind_nat,
-        NodeNetwork.observed_ipv4,
-        NodeNetwork.observed_ipv6,
-        NodeNetwork.local_addresses,
-        NodeNetwork.online,
-        NodeNetwork.last_seen,
-        NodeNetwork.nms_replica,
-        NodeNetwork.nat_mapping,
-        NodeNetwork.inbound,
-    )
-
-    async def _one_view(self, where: Any) -> NodeView | None:
+    async def _one_view(self, by: str, key: str) -> NodeView | None:
         """One node's view in one autocommitted statement (route decisions, hot path)."""
-        stmt = (
-            select(*self._VIEW_COLUMNS)
-            .outerjoin(AddressLease, AddressLease.node_id == Node.id)
-            .outerjoin(NodeNetwork, NodeNetwork.node_id == Node.id)
-            .where(where)
-        )
-        rows = await self._execute(stmt)
+        rows = await self._execute(_ONE_VIEW[by], {"key": key})
         if not rows:
             return None
         row = rows[0]
@@ -498,11 +543,10 @@ class SqlNodeStore:
         )
 
     async def view(self, fqdn: str) -> NodeView | None:
-        return await self._one_view(Node.fqdn == fqdn.lower())
+        return await self._one_view("fqdn", fqdn.lower())
 
     async def view_by_virtual(self, address: IPv4Address | IPv6Address) -> NodeView | None:
-        column = AddressLease.ipv4 if address.version == 4 else AddressLease.ipv6
-        return await self._one_view(column == str(address))
+        return await self._one_view("ipv4" if address.version == 4 else "ipv6", str(address))
 
     async def list_views(
         self, *, online_only: bool = False, limit: int | None = None, offset: int = 0
