@@ -13,7 +13,7 @@ import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from cyphonic.config import ALPN_TUNNEL
-from cyphonic.errors import Timeout, Unavailable
+from cyphonic.errors import Overloaded, Timeout, Unavailable
 from cyphonic.quic import Acceptor, Connection, QuicEndpoint
 from quic_harness import DOMAIN, EndpointMaker, Handlers, Pki, port_of, request
 
@@ -186,9 +186,9 @@ async def test_initial_flood_is_capped(
         raw_udp.sendto(initial(ALPN_TUNNEL, port_of(server)), port_of(server))
     await wait_for(lambda: server.stats.handshakes_refused == 3)
     assert len(server.connections) == 2 and server.stats.connections_accepted == 0
-    # A genuine peer is refused too while the cap is taken (its Initials are dropped) ...
-    with pytest.raises(Timeout):
-        await connect(endpoints, ca, server, "alice", within=0.3)
+    # A genuine peer is refused too while the cap is taken (told to come back later) ...
+    with pytest.raises(Overloaded):
+        await connect(endpoints, ca, server, "alice", within=5.0)
     assert server.stats.handshakes_refused > 3
     # ... until the half-open ones reach their idle timeout: no state kept for them, and
     # room for the peer again.
@@ -209,14 +209,20 @@ async def test_completed_handshakes_do_not_count_against_the_cap(
 
 
 async def test_clients_beyond_the_cap_wait_their_turn(endpoints: EndpointMaker, ca: Pki) -> None:
-    """A storm larger than ``max_handshakes``: the Initials beyond the cap are dropped, the
-    clients send them again and are served in turn; every one connects."""
+    """A storm larger than ``max_handshakes``: the clients beyond the cap are refused with a
+    retry-after, come back after it and are served in turn; every one connects."""
     server, handlers = await tunnel_server(endpoints, ca, max_handshakes=3)
     names = [f"n{i}" for i in range(9)]
-    conns = await asyncio.gather(
-        *(connect(endpoints, ca, server, name, within=30.0) for name in names)
-    )
-    assert server.stats.handshakes_refused > 0  # some had to wait
+
+    async def patiently(name: str) -> Connection:
+        while True:
+            try:
+                return await connect(endpoints, ca, server, name, within=30.0)
+            except Overloaded as exc:
+                await asyncio.sleep(exc.retry_after_s)
+
+    conns = await asyncio.gather(*(patiently(name) for name in names))
+    assert server.stats.refusals_sent > 0  # some had to wait
     assert len(handlers.made) == len(names)
     for i, conn in enumerate(conns):
         assert await request(conn, f"r{i}".encode()) == f"echo:r{i}".encode()

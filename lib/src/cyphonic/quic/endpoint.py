@@ -52,6 +52,7 @@ from cryptography import x509
 from cyphonic.errors import (
     CyphonicError,
     InvalidArgument,
+    Overloaded,
     PermissionDenied,
     Timeout,
     Unauthenticated,
@@ -67,9 +68,10 @@ from cyphonic.pki import (
     verify_peer,
     verify_resumed,
 )
-from cyphonic.quic import engine
+from cyphonic.quic import engine, refusal
 from cyphonic.quic.deadline import open_deadline_timer
 from cyphonic.quic.engine import ConnectionIdFactory, CyphonicQuicConnection
+from cyphonic.quic.refusal import RefusalGate
 from cyphonic.quic.retry import Drop, RetryGate, RetryTokens, SendRetry
 from cyphonic.quic.tickets import TicketKeys, TicketState
 
@@ -171,8 +173,10 @@ class EndpointStats:
     (logged, rate-limited): the datagram or the pass's output was dropped, or (events,
     timers) the connection abandoned."""
     handshakes_refused: int = 0
-    """Initial datagrams dropped because ``max_handshakes`` server handshakes were under
-    way."""
+    """Initial datagrams not accepted because ``max_handshakes`` server handshakes were
+    under way (answered by a refusal, ``refusals_sent``, or dropped beyond its rate)."""
+    refusals_sent: int = 0
+    """Stateless refusals sent (``quic.refusal``: CONNECTION_REFUSED with a retry-after)."""
     retries_sent: int = 0
     """Initials answered with a stateless Retry (handshakes under way at the threshold)."""
     retry_tokens_refused: int = 0
@@ -461,8 +465,11 @@ class QuicEndpoint:
         """Bound on queued DATAGRAM frames per connection (aioquic's queue is unbounded)."""
         self.max_handshakes = max_handshakes
         """Bound on server connections whose handshake is under way; Initials beyond it are
-        dropped (a flood of Initials cannot make the endpoint hold unbounded state)."""
+        refused statelessly (``quic.refusal``): a flood of Initials cannot make the endpoint
+        hold unbounded state, a crowd of clients is told when to come back."""
         self._handshaking: set[Connection] = set()
+        self.refusals = RefusalGate()
+        """Over ``max_handshakes``: the refusals' rate and the retry-after they name."""
         self.ticket_keys = ticket_keys
         """Server side: issue session tickets sealed under these keys, and resume the
         sessions of tickets any endpoint with the same keys issued (``quic.tickets``; the
@@ -707,9 +714,9 @@ class QuicEndpoint:
             )
 
         quic: CyphonicQuicConnection
+        ticket_slot = (expected_name, alpn, expect)
+        ticket, resume_chain = self._client_tickets.pop(ticket_slot, (None, None))
         if self._qh3 is not None:
-            ticket_slot = (expected_name, alpn, expect)
-            ticket, resume_chain = self._client_tickets.pop(ticket_slot, (None, None))
 
             def keep_ticket(ticket: Any, chain: list[x509.Certificate]) -> None:
                 self._client_tickets.pop(ticket_slot, None)
@@ -773,6 +780,12 @@ class QuicEndpoint:
             raise Timeout(
                 f"no QUIC handshake with {address[0]}:{address[1]} within {timeout}s"
             ) from exc
+        except Overloaded:
+            # Refused before the server read the hello (``quic.refusal``): the ticket
+            # offered was not used, the next connect offers it again.
+            if ticket is not None:
+                self._client_tickets.setdefault(ticket_slot, (ticket, resume_chain))
+            raise
         except asyncio.CancelledError:
             conn.close("cancelled")
             raise
@@ -1083,10 +1096,34 @@ class QuicEndpoint:
                     return None
                 odcid, retry_scid = decision.odcid, decision.retry_scid
             if len(self._handshaking) >= self.max_handshakes:
-                self.stats.handshakes_refused += 1
+                self._refuse(header, len(data), addr)
                 return None
             return self._accept(header.destination_cid, addr, odcid=odcid, retry_scid=retry_scid)
         return None
+
+    def _refuse(self, header: engine.DatagramHeader, size: int, addr: Address) -> None:
+        """An Initial over ``max_handshakes``: a stateless refusal naming a retry-after
+        (``quic.refusal``), or dropped silently beyond the refusals' rate."""
+        self.stats.handshakes_refused += 1
+        now = self._loop.time()
+        gate = self.refusals
+        if not gate.take(now=now):
+            return
+        assert header.version is not None
+        packet = refusal.encode_refusal(
+            version=header.version,
+            client_dcid=header.destination_cid,
+            client_scid=header.source_cid,
+            retry_after_s=gate.retry_after(len(self._handshaking), now=now),
+        )
+        if len(packet) > size:  # never amplify (RFC 9000 8)
+            return
+        try:
+            self._sock.sendto(packet, addr)
+        except OSError as exc:  # e.g. no route to a spoofed source
+            self.log.debug("refusal_send_failed", error=str(exc))
+            return
+        self.stats.refusals_sent += 1
 
     def _send_retry(self, header: engine.DatagramHeader, retry: SendRetry, addr: Address) -> None:
         assert header.version is not None
@@ -1132,6 +1169,8 @@ class QuicEndpoint:
                 self._unregister(event.connection_id)
             elif isinstance(event, HandshakeCompleted):
                 self._handshaking.discard(conn)
+                if not conn.is_client:
+                    self.refusals.completed(now=self._loop.time())
                 # Server: the client's chain was verified inside the handshake. Client:
                 # the server's was; its handler exists from now on so that nothing the
                 # server sends is lost, but connect() waits for HANDSHAKE_DONE, the sign
