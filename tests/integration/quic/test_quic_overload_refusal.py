@@ -62,19 +62,19 @@ async def test_a_client_over_the_cap_is_refused_at_once_then_gets_in(
             await asyncio.sleep(0.01)
     client = await endpoints(identity=ca.node("alice"), trust=ca.trust)
 
-    async def dial(timeout: float) -> object:
+    async def dial() -> object:
         return await client.connect(
             port_of(server),
             alpn=ALPN_TUNNEL,
             expect="node",
             expected_name=f"bob.{DOMAIN}",
             handler_factory=Handlers().factory,
-            timeout=timeout,
+            timeout=5.0,
         )
 
     started = time.monotonic()
     with pytest.raises(Overloaded) as refused:
-        await dial(5.0)
+        await dial()
     assert time.monotonic() - started < 1.0  # the close, not the 5 s connect timeout
     low, high = RETRY_AFTER_S
     assert low <= refused.value.retry_after_s <= high
@@ -89,7 +89,7 @@ async def test_a_client_over_the_cap_is_refused_at_once_then_gets_in(
     async with asyncio.timeout(10):
         while server.connections:  # noqa: ASYNC110 - endpoint state
             await asyncio.sleep(0.05)
-    conn = await dial(5.0)
+    conn = await dial()
     assert await request(conn, b"hello") == b"echo:hello"
     assert server.stats.refusals_sent == refused_count
 
