@@ -29,6 +29,7 @@ from cyphonic.config import ALPN_SIGNALLING
 from cyphonic.errors import (
     AuthError,
     CyphonicError,
+    Overloaded,
     PermissionDenied,
     Timeout,
     Unavailable,
@@ -180,10 +181,13 @@ class NmsClient:
     ) -> tuple[SignallingSession, Candidate]:
         """A signalling session with the first of ``endpoints`` that answers (those that did
         not answer lately are tried later, ``answering_first``: a dead replica first in the
-        list would cost every attempt of a reconnect storm its connect timeout)."""
+        list would cost every attempt of a reconnect storm its connect timeout). An endpoint
+        that refuses as overloaded (``cyphonic.quic.refusal``) passes to the next; if none
+        took us and one refused so, ``Overloaded`` with the shortest retry-after."""
         timeout = self.settings.connect_timeout_s
         tried: list[str] = []
         silent: list[str] = []
+        overloaded: list[Overloaded] = []
         now = asyncio.get_running_loop().time()
         for ep in answering_first(endpoints, self._silent, now):
             if not routable(ep.host, ep.port):
@@ -208,12 +212,18 @@ class NmsClient:
                 raise
             except CyphonicError as exc:
                 tried.append(f"{ep}: {exc.message}")
+                if isinstance(exc, Overloaded):
+                    overloaded.append(exc)
                 continue
             assert isinstance(conn.handler, SignallingSession)
             self._silent.pop(ep, None)
             return conn.handler, ep
         if not endpoints:
             raise Unavailable(f"no {what} endpoint is known")
+        if overloaded:
+            raise Overloaded(
+                "; ".join(tried), retry_after_s=min(e.retry_after_s for e in overloaded)
+            )
         reasons = list(tried)
         if silent:
             ports = sorted({parse_host_port(s)[1] for s in silent})
@@ -275,6 +285,8 @@ class NmsClient:
                 handler=self._on_message,
                 idle_timeout=max(NMS_IDLE_TIMEOUT_S, self.settings.peer_timeout_s),
             )
+        except Overloaded:
+            raise  # an NMS answered, busy: no reason to ask the AS again
         except CyphonicError:
             self.policy.dial_failed()
             raise
