@@ -205,8 +205,7 @@ class NmsClient:
                 )
             except Timeout:
                 silent.append(str(ep))
-                times, _ = self._silent.get(ep, (0, 0.0))
-                self._silent[ep] = (times + 1, asyncio.get_running_loop().time())
+                self._went_silent(ep)
                 continue
             except AuthError:
                 raise
@@ -243,6 +242,11 @@ class NmsClient:
         else:
             reasons.insert(0, f"cannot reach the {what}")
         raise Unavailable("; ".join(reasons))
+
+    def _went_silent(self, ep: Candidate) -> None:
+        """``ep`` did not answer (a dial, or PINGs on an open connection): dialled last."""
+        times, _ = self._silent.get(ep, (0, 0.0))
+        self._silent[ep] = (times + 1, asyncio.get_running_loop().time())
 
     async def _login(self) -> None:
         """Log in at the AS: learn the NMS endpoints and name."""
@@ -371,6 +375,7 @@ class NmsClient:
                     expect(answer, pb.KeepaliveAck)
                 except Timeout as exc:
                     self.counters.nms_losses += 1
+                    self._went_silent(link.endpoint)
                     link.session.close(exc)
                     raise Unavailable(f"the NMS at {link.endpoint} stopped answering") from exc
         finally:
@@ -387,6 +392,9 @@ class NmsClient:
         await wait(ack_wait)
         if (conn.ping_acked_at or 0.0) < sent:
             self.counters.nms_losses += 1
+            # Dial another endpoint first: a dead replica would cost the next dial its
+            # connect timeout (and the session ticket it offered).
+            self._went_silent(link.endpoint)
             error = Unavailable(f"the NMS at {link.endpoint} stopped answering")
             link.session.close(error)
             raise error

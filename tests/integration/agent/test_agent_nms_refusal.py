@@ -17,13 +17,13 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from cyphonic import pki
 from cyphonic.config import ALPN_SIGNALLING
-from cyphonic.errors import Overloaded
+from cyphonic.errors import Overloaded, Unavailable
 from cyphonic.quic import QuicEndpoint
 from cyphonic.session import SignallingSession
 from cyphonic_agent.config import AgentSettings
 from cyphonic_agent.control import Reconnect
 from cyphonic_agent.enroll import AgentState
-from cyphonic_agent.nms import NmsClient
+from cyphonic_agent.nms import NmsClient, NmsLink
 from cyphonic_agent.routes import Candidate
 
 pytestmark = pytest.mark.timeout(60)
@@ -146,3 +146,24 @@ async def test_a_refusing_nms_is_passed_over_then_reported_overloaded(
     policy = Reconnect(max_delay_s=60.0, jitter=lambda low, _high: low)
     policy.registered()
     assert policy.lost(refused.value, now=0.0) >= refused.value.retry_after_s
+
+
+async def test_an_nms_that_stops_answering_pings_is_dialled_last(
+    material: pki.PkiMaterial, opened: list[QuicEndpoint], tmp_path: Path
+) -> None:
+    """A replica that died under its nodes: the next dial goes to another endpoint first
+    (not the dead one's connect timeout, which would also use up the session ticket)."""
+    dead = await nms(material, opened)
+    live = await nms(material, opened)
+    client = await agent(material, opened, tmp_path)
+    session, where = await client.dial([dead, live], server_name=NMS_NAME, what="NMS")
+    assert where == dead
+    link = NmsLink(session=session, endpoint=dead, keepalive_s=1.0, ping=True)
+    server = opened[0]
+    server._loop.remove_reader(server._sock.fileno())  # the process froze: nothing answers
+    with pytest.raises(Unavailable, match="stopped answering"):
+        await client._keep_alive(link)
+    started = time.monotonic()
+    session, where = await client.dial([dead, live], server_name=NMS_NAME, what="NMS")
+    assert where == live and time.monotonic() - started < 2.0
+    session.close()
