@@ -565,7 +565,10 @@ def endpoint_stats(log: Path) -> str:
     if not lines:
         return "not logged (--log-level info logs them)"
     keys = ("connections_accepted", "handshakes_refused", "refusals_sent", "retries_sent")
-    fields = dict(re.findall(r"(\w+)=(\S+)", lines[-1]))
+    try:
+        fields = json.loads(lines[-1])  # CYPHONIC_LOG_FORMAT=json
+    except ValueError:
+        fields = dict(re.findall(r"(\w+)=(\S+)", lines[-1]))
     return " ".join(f"{k}={fields.get(k, '?')}" for k in keys)
 
 
