@@ -1,5 +1,6 @@
 """The endpoint under faults and floods, over real UDP sockets on loopback: an engine that
-raises on one datagram or timer, and Initial floods against the handshake cap."""
+raises on one datagram or timer, and Initial floods against the handshake cap (refused
+with a retry-after, ``cyphonic.quic.refusal``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from aioquic.quic.connection import QuicConnection
 from cyphonic.config import ALPN_TUNNEL
 from cyphonic.errors import Overloaded, Timeout, Unavailable
 from cyphonic.quic import Acceptor, Connection, QuicEndpoint
+from cyphonic.quic.refusal import RETRY_AFTER_S
 from quic_harness import DOMAIN, EndpointMaker, Handlers, Pki, port_of, request
 
 pytestmark = pytest.mark.timeout(60)
@@ -226,3 +228,46 @@ async def test_clients_beyond_the_cap_wait_their_turn(endpoints: EndpointMaker, 
     assert len(handlers.made) == len(names)
     for i, conn in enumerate(conns):
         assert await request(conn, f"r{i}".encode()) == f"echo:r{i}".encode()
+
+
+async def test_a_client_over_the_cap_is_refused_at_once_then_gets_in(
+    endpoints: EndpointMaker, ca: Pki, raw_udp: socket.socket
+) -> None:
+    """Over ``max_handshakes`` a client is refused before the handshake (``quic.refusal``):
+    its connect raises ``Overloaded`` with the retry-after at once, not at its connect
+    timeout; the server keeps no state for it; it gets in once the slot is free."""
+    server, handlers = await tunnel_server(endpoints, ca, max_handshakes=1, idle_timeout=1.5)
+    raw_udp.sendto(initial(ALPN_TUNNEL, port_of(server)), port_of(server))  # holds the slot
+    await wait_for(lambda: len(server.connections) == 1)
+    started = time.monotonic()
+    with pytest.raises(Overloaded) as refused:
+        await connect(endpoints, ca, server, "alice", within=5.0)
+    assert time.monotonic() - started < 1.0
+    low, high = RETRY_AFTER_S
+    assert low <= refused.value.retry_after_s <= high
+    assert "retry-after-ms=" in refused.value.message
+    # One refusal per Initial datagram (qh3's hello may take two); nothing kept for them.
+    count = server.stats.refusals_sent
+    assert 1 <= count == server.stats.handshakes_refused <= 2
+    assert len(server.connections) == 1 and not handlers.made
+
+    await wait_for(lambda: not server.connections)  # the half-open one timed out
+    conn = await connect(endpoints, ca, server, "alice")
+    assert await request(conn, b"hello") == b"echo:hello"
+    assert server.stats.refusals_sent == count
+
+
+async def test_a_refusal_is_smaller_than_the_initial(
+    endpoints: EndpointMaker, ca: Pki, raw_udp: socket.socket
+) -> None:
+    """Never amplifies (RFC 9000 8): each Initial beyond the cap gets one small answer."""
+    server, _ = await tunnel_server(endpoints, ca, max_handshakes=0)
+    sizes = []
+    for _ in range(3):
+        datagram = initial(ALPN_TUNNEL, port_of(server))
+        sizes.append(len(datagram))
+        raw_udp.sendto(datagram, port_of(server))
+    raw_udp.settimeout(2.0)
+    answers = [(await asyncio.to_thread(raw_udp.recvfrom, 2048))[0] for _ in range(3)]
+    assert server.stats.refusals_sent == 3 and not server.connections
+    assert all(len(a) < 150 <= min(sizes) for a in answers)

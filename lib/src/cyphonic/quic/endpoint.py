@@ -1116,14 +1116,8 @@ class QuicEndpoint:
             client_scid=header.source_cid,
             retry_after_s=gate.retry_after(len(self._handshaking), now=now),
         )
-        if len(packet) > size:  # never amplify (RFC 9000 8)
-            return
-        try:
-            self._sock.sendto(packet, addr)
-        except OSError as exc:  # e.g. no route to a spoofed source
-            self.log.debug("refusal_send_failed", error=str(exc))
-            return
-        self.stats.refusals_sent += 1
+        if len(packet) <= size and self._send_stateless(packet, addr):  # never amplify
+            self.stats.refusals_sent += 1
 
     def _send_retry(self, header: engine.DatagramHeader, retry: SendRetry, addr: Address) -> None:
         assert header.version is not None
@@ -1134,12 +1128,17 @@ class QuicEndpoint:
             odcid=header.destination_cid,
             token=retry.token,
         )
+        if self._send_stateless(packet, addr):
+            self.stats.retries_sent += 1
+
+    def _send_stateless(self, packet: bytes, addr: Address) -> bool:
+        """A packet of no connection (a Retry, a refusal) straight to the socket."""
         try:
             self._sock.sendto(packet, addr)
         except OSError as exc:  # e.g. no route to a spoofed source
-            self.log.debug("retry_send_failed", error=str(exc))
-            return
-        self.stats.retries_sent += 1
+            self.log.debug("stateless_send_failed", error=str(exc))
+            return False
+        return True
 
     def _process(self, conn: Connection) -> bool:
         """The connection's events to their handlers; True if ``datagram_handler`` got any."""
