@@ -10,7 +10,8 @@ time and every outcome are passed in, decisions come out as values; the asyncio 
                   first pause after losing a registered connection is spread over
                   0..RECONNECT_SPREAD_S (a dead replica's nodes do not all come back in
                   the same half second); an NMS's retry-after (Overloaded) is a floor;
-                  give up only before the first registration
+                  a registration refused so is asked again on the same connection
+                  (no new handshake); give up only before the first registration
     route asks    RouteRequests: one RouteRequest per target at a time (Join the one in
                   flight), none while a route exists (Known) or the target is held down
                   after a failure (Refused / NoSuchPeer)
@@ -62,6 +63,13 @@ NMS replica dies or drains, its nodes reconnect spread out (full jitter), not in
 RETRY_AFTER_JITTER = (1.0, 1.5)
 """An Overloaded refusal's retry-after is stretched by this factor, so that the nodes an NMS
 turned away together do not return together."""
+
+REGISTER_IN_PLACE_TRIES = 6
+"""Registrations refused ``Overloaded`` on one open NMS connection that are asked again on it
+(after the retry-after) before the connection is given up for the loop's back-off."""
+REGISTER_IN_PLACE_MAX_S = 20.0
+"""Longest pause before asking again on the same connection (well inside the NMS's idle
+timeout, 60 s, with nothing sent meanwhile)."""
 
 Jitter = Callable[[float, float], float]
 """``random.uniform``-shaped: a factor in ``[low, high]`` (tests pass a fixed one)."""
@@ -149,6 +157,15 @@ class Reconnect:
         self.reconnect_now = False
         self.attempt += 1
         return delay
+
+    def registration_refused(self, error: Overloaded, *, tries: int) -> float | None:
+        """A registration refused as overloaded on an open connection, after ``tries`` such
+        refusals on it: seconds to wait before asking again on the same connection (a new
+        one would cost the NMS a handshake each time), or None: give the connection up."""
+        pause = min(self.max_delay_s, error.retry_after_s) * float(self.jitter(*RETRY_AFTER_JITTER))
+        if tries >= REGISTER_IN_PLACE_TRIES or pause > REGISTER_IN_PLACE_MAX_S:
+            return None
+        return pause
 
 
 # --------------------------------------------------------------------------- route requests

@@ -132,7 +132,7 @@ async def test_a_failing_initial_leaves_nothing_behind(
         await connect(endpoints, ca, server, "alice", within=1.0)
     assert server.stats.internal_errors >= 1
     assert server.connections == []
-    assert server._by_cid == {} and server._handshaking == set()
+    assert server._by_cid == {} and not server._handshaking
 
     monkeypatch.undo()  # the engine works again: so does the endpoint
     conn = await connect(endpoints, ca, server, "alice")
@@ -271,3 +271,35 @@ async def test_a_refusal_is_smaller_than_the_initial(
     answers = [(await asyncio.to_thread(raw_udp.recvfrom, 2048))[0] for _ in range(3)]
     assert server.stats.refusals_sent == 3 and not server.connections
     assert all(len(a) < 150 <= min(sizes) for a in answers)
+
+
+async def test_a_stale_handshake_gives_its_slot_up(
+    endpoints: EndpointMaker, ca: Pki, raw_udp: socket.socket
+) -> None:
+    """A half-open handshake older than ``handshake_timeout_s`` frees its slot for a new
+    client (not only at the idle timeout, 60 s at the NMS)."""
+    server, _ = await tunnel_server(endpoints, ca, max_handshakes=1, idle_timeout=30.0)
+    server.handshake_timeout_s = 0.3
+    raw_udp.sendto(initial(ALPN_TUNNEL, port_of(server)), port_of(server))
+    await wait_for(lambda: len(server._handshaking) == 1)
+    await asyncio.sleep(0.4)
+    conn = await connect(endpoints, ca, server, "alice", within=5.0)
+    assert await request(conn, b"hi") == b"echo:hi"
+    assert server.stats.refusals_sent == 0
+
+
+async def test_the_rest_of_a_refused_hello_is_refused_too(
+    endpoints: EndpointMaker, ca: Pki, raw_udp: socket.socket
+) -> None:
+    """An Initial with a refused Destination CID is refused even once a slot is free: a
+    connection from the second half of a hello would wait for the first forever."""
+    server, _ = await tunnel_server(endpoints, ca, max_handshakes=0)
+    datagram = initial(ALPN_TUNNEL, port_of(server))
+    raw_udp.sendto(datagram, port_of(server))
+    await wait_for(lambda: server.stats.refusals_sent == 1)
+    server.max_handshakes = 8
+    raw_udp.sendto(datagram, port_of(server))
+    await wait_for(lambda: server.stats.refusals_sent == 2)
+    assert not server.connections
+    raw_udp.sendto(initial(ALPN_TUNNEL, port_of(server)), port_of(server))  # a new client
+    await wait_for(lambda: len(server.connections) == 1)

@@ -20,6 +20,8 @@ from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_agent.control import (
     ACCEPT_RETRY_S,
     RECONNECT_SPREAD_S,
+    REGISTER_IN_PLACE_MAX_S,
+    REGISTER_IN_PLACE_TRIES,
     Ask,
     Attempt,
     ConnectPlan,
@@ -118,6 +120,19 @@ def test_an_overloaded_nms_retry_after_is_a_floor_stretched_by_jitter() -> None:
     moved.reconnect_now = True
     assert moved.lost(busy, now=0.0) == pytest.approx(4.0)
     assert not moved.reconnect_now
+
+
+def test_a_refused_registration_is_asked_again_on_the_same_connection() -> None:
+    """No new handshake per refusal: the pause is the retry-after (jittered), a few times,
+    then the connection is given up for the loop's back-off."""
+    policy = Reconnect(max_delay_s=30.0, jitter=lambda low, high: high)
+    busy = Overloaded("busy", retry_after_s=2.0)
+    pauses = [policy.registration_refused(busy, tries=t) for t in range(REGISTER_IN_PLACE_TRIES)]
+    assert pauses == [pytest.approx(3.0)] * REGISTER_IN_PLACE_TRIES
+    assert policy.registration_refused(busy, tries=REGISTER_IN_PLACE_TRIES) is None
+    # too long to hold an idle connection for: give it up
+    long = Overloaded("busy", retry_after_s=REGISTER_IN_PLACE_MAX_S)
+    assert policy.registration_refused(long, tries=0) is None
 
 
 def test_overloaded_crosses_the_wire_with_its_retry_after() -> None:

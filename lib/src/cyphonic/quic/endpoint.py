@@ -120,6 +120,10 @@ _GSO_PAUSE_MAX = 64.0  # the pause doubles at each refusal up to this
 _GSO_UNSUPPORTED = frozenset({errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.ENOTSUP})
 _ERROR_LOG_INTERVAL = 10.0  # seconds between two logs of internal errors (the rest counted)
 _MAX_CLIENT_TICKETS = 1024  # session tickets a client keeps (one per server name and ALPN)
+_MAX_REFUSED_CIDS = 4096  # Destination CIDs of refused Initials remembered (~80 KiB)
+HANDSHAKE_TIMEOUT_S = 10.0
+"""A server handshake not complete after this long frees its slot when ``max_handshakes`` is
+reached (the agents' connect timeout is 5 s; an Initial flood's half-open ones go too)."""
 
 
 class ConnectionHandler(Protocol):
@@ -467,9 +471,14 @@ class QuicEndpoint:
         """Bound on server connections whose handshake is under way; Initials beyond it are
         refused statelessly (``quic.refusal``): a flood of Initials cannot make the endpoint
         hold unbounded state, a crowd of clients is told when to come back."""
-        self._handshaking: set[Connection] = set()
+        self._handshaking: dict[Connection, float] = {}
+        """Server connections in their handshake -> when it began (oldest first)."""
         self.refusals = RefusalGate()
         """Over ``max_handshakes``: the refusals' rate and the retry-after they name."""
+        self._refused: dict[bytes, None] = {}
+        """Destination CIDs of the Initials refused lately (bounded, oldest out)."""
+        self.handshake_timeout_s = HANDSHAKE_TIMEOUT_S
+        """A server handshake not done by then gives its slot up when one is needed."""
         self.ticket_keys = ticket_keys
         """Server side: issue session tickets sealed under these keys, and resume the
         sessions of tickets any endpoint with the same keys issued (``quic.tickets``; the
@@ -892,7 +901,7 @@ class QuicEndpoint:
         )
         holder.append(conn)
         self._connections.add(conn)
-        self._handshaking.add(conn)
+        self._handshaking[conn] = self._loop.time()
         self._register(conn, dcid)
         self._register(conn, quic.host_cid)
         return conn
@@ -1095,17 +1104,40 @@ class QuicEndpoint:
                     self.stats.retry_tokens_refused += 1
                     return None
                 odcid, retry_scid = decision.odcid, decision.retry_scid
-            if len(self._handshaking) >= self.max_handshakes:
+            if header.destination_cid in self._refused or (
+                len(self._handshaking) >= self.max_handshakes and not self._expire_handshakes()
+            ):
                 self._refuse(header, len(data), addr)
                 return None
             return self._accept(header.destination_cid, addr, odcid=odcid, retry_scid=retry_scid)
         return None
 
+    def _expire_handshakes(self) -> bool:
+        """Give up server handshakes older than ``handshake_timeout_s`` (their client gave up,
+        or sent half a hello); True if that freed a slot."""
+        deadline = self._loop.time() - self.handshake_timeout_s
+        freed = False
+        while self._handshaking:
+            conn, began = next(iter(self._handshaking.items()))
+            if began > deadline:
+                break
+            del self._handshaking[conn]
+            conn.close("handshake timeout")
+            freed = True
+        return freed
+
     def _refuse(self, header: engine.DatagramHeader, size: int, addr: Address) -> None:
         """An Initial over ``max_handshakes``: a stateless refusal naming a retry-after
-        (``quic.refusal``), or dropped silently beyond the refusals' rate."""
+        (``quic.refusal``), or dropped silently beyond the refusals' rate. The rest of that
+        client's hello (qh3's can take two datagrams) is refused too, also if a slot frees
+        meanwhile: a server connection from the second half alone would wait for the first
+        that never comes."""
         self.stats.handshakes_refused += 1
         now = self._loop.time()
+        refused = self._refused
+        refused[header.destination_cid] = None
+        while len(refused) > _MAX_REFUSED_CIDS:
+            del refused[next(iter(refused))]
         gate = self.refusals
         if not gate.take(now=now):
             return
@@ -1167,7 +1199,7 @@ class QuicEndpoint:
             elif isinstance(event, ConnectionIdRetired):
                 self._unregister(event.connection_id)
             elif isinstance(event, HandshakeCompleted):
-                self._handshaking.discard(conn)
+                self._handshaking.pop(conn, None)
                 if not conn.is_client:
                     self.refusals.completed(now=self._loop.time())
                 # Server: the client's chain was verified inside the handshake. Client:
@@ -1197,7 +1229,7 @@ class QuicEndpoint:
         return datagrams
 
     def _connection_ended(self, conn: Connection) -> None:
-        self._handshaking.discard(conn)
+        self._handshaking.pop(conn, None)
         if conn._ended:
             return
         event = conn.quic.close_event
@@ -1432,7 +1464,7 @@ class QuicEndpoint:
         conn._timer_at = None
         self._connections.discard(conn)
         self._dirty.discard(conn)
-        self._handshaking.discard(conn)
+        self._handshaking.pop(conn, None)
 
 
 def default_engine() -> str:
