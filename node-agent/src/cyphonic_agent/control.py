@@ -161,11 +161,17 @@ class Reconnect:
     def registration_refused(self, error: Overloaded, *, tries: int) -> float | None:
         """A registration refused as overloaded on an open connection, after ``tries`` such
         refusals on it: seconds to wait before asking again on the same connection (a new
-        one would cost the NMS a handshake each time), or None: give the connection up."""
-        pause = min(self.max_delay_s, error.retry_after_s) * float(self.jitter(*RETRY_AFTER_JITTER))
-        if tries >= REGISTER_IN_PLACE_TRIES or pause > REGISTER_IN_PLACE_MAX_S:
+        one would cost the NMS a handshake each time), or None: give the connection up.
+        The pause grows as after a loss (0.5 s * 2**n, the retry-after a floor): a fixed
+        retry-after would bring thousands of waiting nodes back together."""
+        if tries >= REGISTER_IN_PLACE_TRIES:
             return None
-        return pause
+        pause = min(self.max_delay_s, BACKOFF_BASE_S * 2.0 ** min(self.attempt, 10))
+        pause *= float(self.jitter(*BACKOFF_JITTER))
+        floor = min(self.max_delay_s, error.retry_after_s)
+        pause = max(pause, floor * float(self.jitter(*RETRY_AFTER_JITTER)))
+        self.attempt += 1
+        return None if pause > REGISTER_IN_PLACE_MAX_S else pause
 
 
 # --------------------------------------------------------------------------- route requests

@@ -123,15 +123,17 @@ def test_an_overloaded_nms_retry_after_is_a_floor_stretched_by_jitter() -> None:
 
 
 def test_a_refused_registration_is_asked_again_on_the_same_connection() -> None:
-    """No new handshake per refusal: the pause is the retry-after (jittered), a few times,
-    then the connection is given up for the loop's back-off."""
-    policy = Reconnect(max_delay_s=30.0, jitter=lambda low, high: high)
+    """No new handshake per refusal: the pause grows as after a loss, the retry-after its
+    floor; past a few tries or a pause too long to hold a connection idle, give it up."""
+    policy = Reconnect(max_delay_s=30.0, jitter=fixed_jitter(1.0))
     busy = Overloaded("busy", retry_after_s=2.0)
-    pauses = [policy.registration_refused(busy, tries=t) for t in range(REGISTER_IN_PLACE_TRIES)]
-    assert pauses == [pytest.approx(3.0)] * REGISTER_IN_PLACE_TRIES
+    pauses = [policy.registration_refused(busy, tries=t) for t in range(5)]
+    assert pauses == [pytest.approx(p) for p in (2.0, 2.0, 2.0, 4.0, 8.0)]
+    assert policy.registration_refused(busy, tries=5) == pytest.approx(16.0)
     assert policy.registration_refused(busy, tries=REGISTER_IN_PLACE_TRIES) is None
-    # too long to hold an idle connection for: give it up
-    long = Overloaded("busy", retry_after_s=REGISTER_IN_PLACE_MAX_S)
+    assert policy.registration_refused(busy, tries=0) is None  # 32 s: longer than the cap
+    policy.registered()
+    long = Overloaded("busy", retry_after_s=REGISTER_IN_PLACE_MAX_S + 1)
     assert policy.registration_refused(long, tries=0) is None
 
 
