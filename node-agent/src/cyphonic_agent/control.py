@@ -10,8 +10,7 @@ time and every outcome are passed in, decisions come out as values; the asyncio 
                   first pause after losing a registered connection is spread over
                   0..RECONNECT_SPREAD_S (a dead replica's nodes do not all come back in
                   the same half second); an NMS's retry-after (Overloaded) is a floor;
-                  a registration refused so is asked again on the same connection
-                  (no new handshake); give up only before the first registration
+                  give up only before the first registration
     route asks    RouteRequests: one RouteRequest per target at a time (Join the one in
                   flight), none while a route exists (Known) or the target is held down
                   after a failure (Refused / NoSuchPeer)
@@ -63,13 +62,6 @@ NMS replica dies or drains, its nodes reconnect spread out (full jitter), not in
 RETRY_AFTER_JITTER = (1.0, 1.5)
 """An Overloaded refusal's retry-after is stretched by this factor, so that the nodes an NMS
 turned away together do not return together."""
-
-REGISTER_IN_PLACE_TRIES = 6
-"""Registrations refused ``Overloaded`` on one open NMS connection that are asked again on it
-(after the retry-after) before the connection is given up for the loop's back-off."""
-REGISTER_IN_PLACE_MAX_S = 20.0
-"""Longest pause before asking again on the same connection (well inside the NMS's idle
-timeout, 60 s, with nothing sent meanwhile)."""
 
 Jitter = Callable[[float, float], float]
 """``random.uniform``-shaped: a factor in ``[low, high]`` (tests pass a fixed one)."""
@@ -157,21 +149,6 @@ class Reconnect:
         self.reconnect_now = False
         self.attempt += 1
         return delay
-
-    def registration_refused(self, error: Overloaded, *, tries: int) -> float | None:
-        """A registration refused as overloaded on an open connection, after ``tries`` such
-        refusals on it: seconds to wait before asking again on the same connection (a new
-        one would cost the NMS a handshake each time), or None: give the connection up.
-        The pause grows as after a loss (0.5 s * 2**n, the retry-after a floor): a fixed
-        retry-after would bring thousands of waiting nodes back together."""
-        if tries >= REGISTER_IN_PLACE_TRIES:
-            return None
-        pause = min(self.max_delay_s, BACKOFF_BASE_S * 2.0 ** min(self.attempt, 10))
-        pause *= float(self.jitter(*BACKOFF_JITTER))
-        floor = min(self.max_delay_s, error.retry_after_s)
-        pause = max(pause, floor * float(self.jitter(*RETRY_AFTER_JITTER)))
-        self.attempt += 1
-        return None if pause > REGISTER_IN_PLACE_MAX_S else pause
 
 
 # --------------------------------------------------------------------------- route requests

@@ -141,7 +141,7 @@ class NmsClient:
                 if self.policy.needs_login():
                     await self._login()
                 link = await self._connect()
-                await self._register_in_turn(link)
+                await self.register(link)
                 self.policy.registered()
                 await self._keep_alive(link)
             except AuthError as exc:
@@ -296,22 +296,6 @@ class NmsClient:
             raise
         self.policy.dialled()
         return NmsLink(session=session, endpoint=where, keepalive_s=15.0)
-
-    async def _register_in_turn(self, link: NmsLink) -> None:
-        """Register on a new ``link``; refused as overloaded, ask again on the same
-        connection after the retry-after (``Reconnect.registration_refused``)."""
-        tries = 0
-        while True:
-            try:
-                await self.register(link)
-                return
-            except Overloaded as exc:
-                pause = self.policy.registration_refused(exc, tries=tries)
-                if pause is None:
-                    raise
-                tries += 1
-                self.log.warning("registration_deferred", error=exc.message, pause_s=pause)
-                await asyncio.sleep(pause)
 
     async def register(self, link: NmsLink) -> None:
         """Register on ``link`` (first time, after a reconnection, or after a move)."""

@@ -20,8 +20,6 @@ from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_agent.control import (
     ACCEPT_RETRY_S,
     RECONNECT_SPREAD_S,
-    REGISTER_IN_PLACE_MAX_S,
-    REGISTER_IN_PLACE_TRIES,
     Ask,
     Attempt,
     ConnectPlan,
@@ -120,21 +118,6 @@ def test_an_overloaded_nms_retry_after_is_a_floor_stretched_by_jitter() -> None:
     moved.reconnect_now = True
     assert moved.lost(busy, now=0.0) == pytest.approx(4.0)
     assert not moved.reconnect_now
-
-
-def test_a_refused_registration_is_asked_again_on_the_same_connection() -> None:
-    """No new handshake per refusal: the pause grows as after a loss, the retry-after its
-    floor; past a few tries or a pause too long to hold a connection idle, give it up."""
-    policy = Reconnect(max_delay_s=30.0, jitter=fixed_jitter(1.0))
-    busy = Overloaded("busy", retry_after_s=2.0)
-    pauses = [policy.registration_refused(busy, tries=t) for t in range(5)]
-    assert pauses == [pytest.approx(p) for p in (2.0, 2.0, 2.0, 4.0, 8.0)]
-    assert policy.registration_refused(busy, tries=5) == pytest.approx(16.0)
-    assert policy.registration_refused(busy, tries=REGISTER_IN_PLACE_TRIES) is None
-    assert policy.registration_refused(busy, tries=0) is None  # 32 s: longer than the cap
-    policy.registered()
-    long = Overloaded("busy", retry_after_s=REGISTER_IN_PLACE_MAX_S + 1)
-    assert policy.registration_refused(long, tries=0) is None
 
 
 def test_overloaded_crosses_the_wire_with_its_retry_after() -> None:
