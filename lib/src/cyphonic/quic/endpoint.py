@@ -792,7 +792,7 @@ class QuicEndpoint:
         except Overloaded:
             # Refused before the server read the hello (``quic.refusal``): the ticket
             # offered was not used, the next connect offers it again.
-            if ticket is not None:
+            if ticket is not None and resume_chain is not None:
                 self._client_tickets.setdefault(ticket_slot, (ticket, resume_chain))
             raise
         except asyncio.CancelledError:
