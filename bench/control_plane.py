@@ -47,6 +47,7 @@ import datetime
 import json
 import os
 import random
+import re
 import resource
 import secrets
 import shutil
@@ -161,7 +162,7 @@ class Worker:
         )
         nms = [Candidate("127.0.0.1", p) for p in cfg["nms_ports"]]
         rng = random.Random(cfg["seed"])
-        for index, name in cfg["mine"]:
+        for position, (index, name) in enumerate(cfg["mine"]):
             fqdn = f"{name}.{DOMAIN}"
             identity = issue_node_identity(material.node_ca, fqdn)
             endpoint = await QuicEndpoint.open(
@@ -171,7 +172,9 @@ class Worker:
                 trust=material.trust,
                 idle_timeout=cfg["peer_timeout_s"],
             )
-            home = index % len(nms)
+            # By position in this worker, not by global index: every worker holds nodes of
+            # every replica, so a dead replica's storm is spread over all client processes.
+            home = position % len(nms)
             state = AgentState(
                 fqdn=fqdn,
                 name=name,
@@ -534,6 +537,41 @@ def report(
     return {"rate": rate, "p50": p50, "p99": p99}
 
 
+def storm_load(samples: list[tuple[float, int, float, list[float]]]) -> str:
+    """CPU % of a core of the survivor and of each client process while nodes came back
+    (from the first re-registration seen to the last): a process near 100% is the
+    bottleneck (each is one Python thread), one well below it is waiting for others."""
+    busy = [s for s in samples if s[1] > 0]
+    if len(busy) < 2:
+        return "storm load: too few samples"
+    (t0, n0, nms0, w0), (t1, n1, nms1, w1) = busy[0], busy[-1]
+    span = t1 - t0
+    if span <= 0:
+        return "storm load: too short"
+    clients = [100 * (b - a) / span for a, b in zip(w0, w1, strict=True)]
+    return (
+        f"storm load over {span:.1f} s ({n1 - n0} nodes back, {(n1 - n0) / span:.0f}/s): "
+        f"CPU % of a core survivor={100 * (nms1 - nms0) / span:.0f} clients="
+        + "/".join(f"{c:.0f}" for c in clients)
+        + f" (sum {sum(clients):.0f}; two cores = 200)"
+    )
+
+
+def endpoint_stats(log: Path) -> str:
+    """The refusal counters of a service's QUIC endpoint, logged when it closed."""
+    if not log.exists():
+        return "no log"
+    lines = [x for x in log.read_text(errors="replace").splitlines() if "endpoint_stats" in x]
+    if not lines:
+        return "not logged (--log-level info logs them)"
+    keys = ("connections_accepted", "handshakes_refused", "refusals_sent", "retries_sent")
+    try:
+        fields = json.loads(lines[-1])  # CYPHONIC_LOG_FORMAT=json
+    except ValueError:
+        fields = dict(re.findall(r"(\w+)=(\S+)", lines[-1]))
+    return " ".join(f"{k}={fields.get(k, '?')}" for k in keys)
+
+
 async def enrol(url: str, names: list[str]) -> None:
     from cyphonic.registry import Node, create_engine
     from sqlalchemy import insert
@@ -822,10 +860,17 @@ async def main_async(args: argparse.Namespace) -> int:
             victim.proc.send_signal(signal.SIGKILL)
             victim.proc.wait(timeout=10)
             procs.nms.pop("nms-0", None)
+            survivor = procs.nms["nms-1"]
+
+            samples: list[tuple[float, int, float, list[float]]] = []
 
             async def storm_over() -> bool:
                 st = await all_call(workers, {"op": "status", "since": mark})
-                return sum(s["again"].get("0", 0) for s in st) >= home0
+                again = sum(s["again"].get("0", 0) for s in st)
+                samples.append(
+                    (time.monotonic(), again, cpu_seconds(survivor), [s["cpu"] for s in st])
+                )
+                return again >= home0
 
             waited = await wait_until(storm_over, within_s=args.storm_limit_s, every_s=0.5)
             storm_s = waited if waited is not None else -1.0
@@ -847,6 +892,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 cpu=cpu_delta(before, procs.snapshot()),
                 extra=f"storm_s={storm_s:.1f} ({again}/{home0} nodes of nms-0 back)",
             )
+            print(f"{'':<10} {storm_load(samples)}", flush=True)
 
         if not args.skip_restarts:
             redis_client = aioredis.Redis.from_url(rds.url)
@@ -939,6 +985,8 @@ async def main_async(args: argparse.Namespace) -> int:
         for p in [*nms_procs, *trs_procs]:
             if p.proc is not None and p.proc.poll() is None:
                 p.stop()
+        for i in range(1, len(nms_procs)):
+            print(f"nms-{i} QUIC endpoint: {endpoint_stats(work / f'nms-{i}.log')}", flush=True)
         rds.stop(keep_data=False)
         pg.destroy()
         if not args.keep:

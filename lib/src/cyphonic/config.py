@@ -19,10 +19,11 @@ ALPN_SIGNALLING = "cyphonic-sig/1"
 ALPN_TUNNEL = "cyphonic-tun/1"
 QUIC_RETRY_THRESHOLD = 64
 QUIC_MAX_HANDSHAKES = 128
-"""Server handshakes a service carries at once; Initials beyond are dropped (the client
-sends its Initial again after its PTO). A bound well above the retry threshold and below
-what the CPU finishes inside a client's connect timeout: in a reconnect storm, all of 1,000
-handshakes at once would each take longer than that timeout and none would count."""
+"""Server handshakes a service carries at once; Initials beyond are refused statelessly with
+a retry-after (``cyphonic.quic.refusal``; the client's connect raises ``Overloaded`` at once).
+A bound well above the retry threshold and below what the CPU finishes inside a client's
+connect timeout: in a reconnect storm, all of 1,000 handshakes at once would each take
+longer than that timeout and none would count."""
 """Server handshakes under way from which services ask new clients for a QUIC Retry."""
 
 _SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "sslpassword", "token"})
@@ -116,8 +117,8 @@ class ServiceSettings(BaseSettings):
     quic_max_handshakes: int = Field(
         QUIC_MAX_HANDSHAKES,
         ge=1,
-        description="QUIC handshakes carried at once; new clients beyond wait (their Initial "
-        "is dropped and sent again): a reconnect storm is served in turn, not all too slowly",
+        description="QUIC handshakes carried at once; new clients beyond are refused with a "
+        "retry-after before any handshake work: a reconnect storm is served in turn",
     )
     http_host: str = Field("127.0.0.1", description="address of the admin REST API")
     http_port: int = Field(8080, description="TCP port of the admin REST API")

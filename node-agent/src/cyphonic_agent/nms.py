@@ -29,6 +29,7 @@ from cyphonic.config import ALPN_SIGNALLING
 from cyphonic.errors import (
     AuthError,
     CyphonicError,
+    Overloaded,
     PermissionDenied,
     Timeout,
     Unavailable,
@@ -180,10 +181,13 @@ class NmsClient:
     ) -> tuple[SignallingSession, Candidate]:
         """A signalling session with the first of ``endpoints`` that answers (those that did
         not answer lately are tried later, ``answering_first``: a dead replica first in the
-        list would cost every attempt of a reconnect storm its connect timeout)."""
+        list would cost every attempt of a reconnect storm its connect timeout). An endpoint
+        that refuses as overloaded (``cyphonic.quic.refusal``) passes to the next; if none
+        took us and one refused so, ``Overloaded`` with the shortest retry-after."""
         timeout = self.settings.connect_timeout_s
         tried: list[str] = []
         silent: list[str] = []
+        overloaded: list[Overloaded] = []
         now = asyncio.get_running_loop().time()
         for ep in answering_first(endpoints, self._silent, now):
             if not routable(ep.host, ep.port):
@@ -201,19 +205,24 @@ class NmsClient:
                 )
             except Timeout:
                 silent.append(str(ep))
-                times, _ = self._silent.get(ep, (0, 0.0))
-                self._silent[ep] = (times + 1, asyncio.get_running_loop().time())
+                self._went_silent(ep)
                 continue
             except AuthError:
                 raise
             except CyphonicError as exc:
                 tried.append(f"{ep}: {exc.message}")
+                if isinstance(exc, Overloaded):
+                    overloaded.append(exc)
                 continue
             assert isinstance(conn.handler, SignallingSession)
             self._silent.pop(ep, None)
             return conn.handler, ep
         if not endpoints:
             raise Unavailable(f"no {what} endpoint is known")
+        if overloaded:
+            raise Overloaded(
+                "; ".join(tried), retry_after_s=min(e.retry_after_s for e in overloaded)
+            )
         reasons = list(tried)
         if silent:
             ports = sorted({parse_host_port(s)[1] for s in silent})
@@ -233,6 +242,11 @@ class NmsClient:
         else:
             reasons.insert(0, f"cannot reach the {what}")
         raise Unavailable("; ".join(reasons))
+
+    def _went_silent(self, ep: Candidate) -> None:
+        """``ep`` did not answer (a dial, or PINGs on an open connection): dialled last."""
+        times, _ = self._silent.get(ep, (0, 0.0))
+        self._silent[ep] = (times + 1, asyncio.get_running_loop().time())
 
     async def _login(self) -> None:
         """Log in at the AS: learn the NMS endpoints and name."""
@@ -275,6 +289,8 @@ class NmsClient:
                 handler=self._on_message,
                 idle_timeout=max(NMS_IDLE_TIMEOUT_S, self.settings.peer_timeout_s),
             )
+        except Overloaded:
+            raise  # an NMS answered, busy: no reason to ask the AS again
         except CyphonicError:
             self.policy.dial_failed()
             raise
@@ -359,6 +375,7 @@ class NmsClient:
                     expect(answer, pb.KeepaliveAck)
                 except Timeout as exc:
                     self.counters.nms_losses += 1
+                    self._went_silent(link.endpoint)
                     link.session.close(exc)
                     raise Unavailable(f"the NMS at {link.endpoint} stopped answering") from exc
         finally:
@@ -375,6 +392,9 @@ class NmsClient:
         await wait(ack_wait)
         if (conn.ping_acked_at or 0.0) < sent:
             self.counters.nms_losses += 1
+            # Dial another endpoint first: a dead replica would cost the next dial its
+            # connect timeout (and the session ticket it offered).
+            self._went_silent(link.endpoint)
             error = Unavailable(f"the NMS at {link.endpoint} stopped answering")
             link.session.close(error)
             raise error

@@ -1,5 +1,6 @@
 """The endpoint under faults and floods, over real UDP sockets on loopback: an engine that
-raises on one datagram or timer, and Initial floods against the handshake cap."""
+raises on one datagram or timer, and Initial floods against the handshake cap (refused
+with a retry-after, ``cyphonic.quic.refusal``)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from cyphonic.config import ALPN_TUNNEL
-from cyphonic.errors import Timeout, Unavailable
+from cyphonic.errors import Overloaded, Timeout, Unavailable
 from cyphonic.quic import Acceptor, Connection, QuicEndpoint
+from cyphonic.quic.refusal import RETRY_AFTER_S
 from quic_harness import DOMAIN, EndpointMaker, Handlers, Pki, port_of, request
 
 pytestmark = pytest.mark.timeout(60)
@@ -130,7 +132,7 @@ async def test_a_failing_initial_leaves_nothing_behind(
         await connect(endpoints, ca, server, "alice", within=1.0)
     assert server.stats.internal_errors >= 1
     assert server.connections == []
-    assert server._by_cid == {} and server._handshaking == set()
+    assert server._by_cid == {} and not server._handshaking
 
     monkeypatch.undo()  # the engine works again: so does the endpoint
     conn = await connect(endpoints, ca, server, "alice")
@@ -186,9 +188,9 @@ async def test_initial_flood_is_capped(
         raw_udp.sendto(initial(ALPN_TUNNEL, port_of(server)), port_of(server))
     await wait_for(lambda: server.stats.handshakes_refused == 3)
     assert len(server.connections) == 2 and server.stats.connections_accepted == 0
-    # A genuine peer is refused too while the cap is taken (its Initials are dropped) ...
-    with pytest.raises(Timeout):
-        await connect(endpoints, ca, server, "alice", within=0.3)
+    # A genuine peer is refused too while the cap is taken (told to come back later) ...
+    with pytest.raises(Overloaded):
+        await connect(endpoints, ca, server, "alice", within=5.0)
     assert server.stats.handshakes_refused > 3
     # ... until the half-open ones reach their idle timeout: no state kept for them, and
     # room for the peer again.
@@ -209,14 +211,95 @@ async def test_completed_handshakes_do_not_count_against_the_cap(
 
 
 async def test_clients_beyond_the_cap_wait_their_turn(endpoints: EndpointMaker, ca: Pki) -> None:
-    """A storm larger than ``max_handshakes``: the Initials beyond the cap are dropped, the
-    clients send them again and are served in turn; every one connects."""
+    """A storm larger than ``max_handshakes``: the clients beyond the cap are refused with a
+    retry-after, come back after it and are served in turn; every one connects."""
     server, handlers = await tunnel_server(endpoints, ca, max_handshakes=3)
     names = [f"n{i}" for i in range(9)]
-    conns = await asyncio.gather(
-        *(connect(endpoints, ca, server, name, within=30.0) for name in names)
-    )
-    assert server.stats.handshakes_refused > 0  # some had to wait
+
+    async def patiently(name: str) -> Connection:
+        while True:
+            try:
+                return await connect(endpoints, ca, server, name, within=30.0)
+            except Overloaded as exc:
+                await asyncio.sleep(exc.retry_after_s)
+
+    conns = await asyncio.gather(*(patiently(name) for name in names))
+    assert server.stats.refusals_sent > 0  # some had to wait
     assert len(handlers.made) == len(names)
     for i, conn in enumerate(conns):
         assert await request(conn, f"r{i}".encode()) == f"echo:r{i}".encode()
+
+
+async def test_a_client_over_the_cap_is_refused_at_once_then_gets_in(
+    endpoints: EndpointMaker, ca: Pki, raw_udp: socket.socket
+) -> None:
+    """Over ``max_handshakes`` a client is refused before the handshake (``quic.refusal``):
+    its connect raises ``Overloaded`` with the retry-after at once, not at its connect
+    timeout; the server keeps no state for it; it gets in once the slot is free."""
+    server, handlers = await tunnel_server(endpoints, ca, max_handshakes=1, idle_timeout=1.5)
+    raw_udp.sendto(initial(ALPN_TUNNEL, port_of(server)), port_of(server))  # holds the slot
+    await wait_for(lambda: len(server.connections) == 1)
+    started = time.monotonic()
+    with pytest.raises(Overloaded) as refused:
+        await connect(endpoints, ca, server, "alice", within=5.0)
+    assert time.monotonic() - started < 1.0
+    low, high = RETRY_AFTER_S
+    assert low <= refused.value.retry_after_s <= high
+    assert "retry-after-ms=" in refused.value.message
+    # One refusal per Initial datagram (qh3's hello may take two); nothing kept for them.
+    count = server.stats.refusals_sent
+    assert 1 <= count == server.stats.handshakes_refused <= 2
+    assert len(server.connections) == 1 and not handlers.made
+
+    await wait_for(lambda: not server.connections)  # the half-open one timed out
+    conn = await connect(endpoints, ca, server, "alice")
+    assert await request(conn, b"hello") == b"echo:hello"
+    assert server.stats.refusals_sent == count
+
+
+async def test_a_refusal_is_smaller_than_the_initial(
+    endpoints: EndpointMaker, ca: Pki, raw_udp: socket.socket
+) -> None:
+    """Never amplifies (RFC 9000 8): each Initial beyond the cap gets one small answer."""
+    server, _ = await tunnel_server(endpoints, ca, max_handshakes=0)
+    sizes = []
+    for _ in range(3):
+        datagram = initial(ALPN_TUNNEL, port_of(server))
+        sizes.append(len(datagram))
+        raw_udp.sendto(datagram, port_of(server))
+    raw_udp.settimeout(2.0)
+    answers = [(await asyncio.to_thread(raw_udp.recvfrom, 2048))[0] for _ in range(3)]
+    assert server.stats.refusals_sent == 3 and not server.connections
+    assert all(len(a) < 150 <= min(sizes) for a in answers)
+
+
+async def test_a_stale_handshake_gives_its_slot_up(
+    endpoints: EndpointMaker, ca: Pki, raw_udp: socket.socket
+) -> None:
+    """A half-open handshake older than ``handshake_timeout_s`` frees its slot for a new
+    client (not only at the idle timeout, 60 s at the NMS)."""
+    server, _ = await tunnel_server(endpoints, ca, max_handshakes=1, idle_timeout=30.0)
+    server.handshake_timeout_s = 0.3
+    raw_udp.sendto(initial(ALPN_TUNNEL, port_of(server)), port_of(server))
+    await wait_for(lambda: len(server._handshaking) == 1)
+    await asyncio.sleep(0.4)
+    conn = await connect(endpoints, ca, server, "alice", within=5.0)
+    assert await request(conn, b"hi") == b"echo:hi"
+    assert server.stats.refusals_sent == 0
+
+
+async def test_the_rest_of_a_refused_hello_is_refused_too(
+    endpoints: EndpointMaker, ca: Pki, raw_udp: socket.socket
+) -> None:
+    """An Initial with a refused Destination CID is refused even once a slot is free: a
+    connection from the second half of a hello would wait for the first forever."""
+    server, _ = await tunnel_server(endpoints, ca, max_handshakes=0)
+    datagram = initial(ALPN_TUNNEL, port_of(server))
+    raw_udp.sendto(datagram, port_of(server))
+    await wait_for(lambda: server.stats.refusals_sent == 1)
+    server.max_handshakes = 8
+    raw_udp.sendto(datagram, port_of(server))
+    await wait_for(lambda: server.stats.refusals_sent == 2)
+    assert not server.connections
+    raw_udp.sendto(initial(ALPN_TUNNEL, port_of(server)), port_of(server))  # a new client
+    await wait_for(lambda: len(server.connections) == 1)

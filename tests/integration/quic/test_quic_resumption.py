@@ -14,7 +14,7 @@ import os
 import pytest
 from cyphonic import pki
 from cyphonic.config import ALPN_SIGNALLING
-from cyphonic.errors import Revoked, TokenInvalid
+from cyphonic.errors import Overloaded, Revoked, TokenInvalid
 from cyphonic.quic import Acceptor, QuicEndpoint
 from cyphonic.quic.tickets import TicketKeys
 from quic_harness import NMS_NAME, EndpointMaker, Handlers, Pki, port_of, request
@@ -144,3 +144,19 @@ async def test_a_tampered_ticket_means_a_full_handshake(endpoints: EndpointMaker
     refused = handlers.made[1].conn.quic.tls
     assert isinstance(refused.ticket_refused, TokenInvalid)
     assert await _connect(node, server)  # and the ticket issued then is good
+
+
+@pytest.mark.parametrize("engine", ["qh3"])
+async def test_a_refused_node_keeps_its_ticket(endpoints: EndpointMaker, ca: Pki) -> None:
+    """A replica that refuses before the handshake (``quic.refusal``) never read the ticket
+    offered: the node offers it again and resumes."""
+    keys = TicketKeys([bytes(os.urandom(32))])
+    a = await _replica(endpoints, ca, Handlers(), keys=keys)
+    b = await _replica(endpoints, ca, Handlers(), keys=keys)
+    node = await endpoints(identity=ca.node("n1"), trust=ca.trust)
+    assert not await _connect(node, a)  # full handshake, ticket issued
+    b.max_handshakes = 0  # busy: every client refused
+    with pytest.raises(Overloaded):
+        await _connect(node, b)
+    b.max_handshakes = 8
+    assert await _connect(node, b)

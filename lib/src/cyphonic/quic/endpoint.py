@@ -52,6 +52,7 @@ from cryptography import x509
 from cyphonic.errors import (
     CyphonicError,
     InvalidArgument,
+    Overloaded,
     PermissionDenied,
     Timeout,
     Unauthenticated,
@@ -67,9 +68,10 @@ from cyphonic.pki import (
     verify_peer,
     verify_resumed,
 )
-from cyphonic.quic import engine
+from cyphonic.quic import engine, refusal
 from cyphonic.quic.deadline import open_deadline_timer
 from cyphonic.quic.engine import ConnectionIdFactory, CyphonicQuicConnection
+from cyphonic.quic.refusal import RefusalGate
 from cyphonic.quic.retry import Drop, RetryGate, RetryTokens, SendRetry
 from cyphonic.quic.tickets import TicketKeys, TicketState
 
@@ -123,6 +125,10 @@ signalling service the earliest deadline is the idle timeout of the node that PI
 longest ago, i.e. the next to PING: otherwise every PING re-armed the timer."""
 _ERROR_LOG_INTERVAL = 10.0  # seconds between two logs of internal errors (the rest counted)
 _MAX_CLIENT_TICKETS = 1024  # session tickets a client keeps (one per server name and ALPN)
+_MAX_REFUSED_CIDS = 4096  # Destination CIDs of refused Initials remembered (~80 KiB)
+HANDSHAKE_TIMEOUT_S = 10.0
+"""A server handshake not complete after this long frees its slot when ``max_handshakes`` is
+reached (the agents' connect timeout is 5 s; an Initial flood's half-open ones go too)."""
 
 
 class ConnectionHandler(Protocol):
@@ -176,8 +182,10 @@ class EndpointStats:
     (logged, rate-limited): the datagram or the pass's output was dropped, or (events,
     timers) the connection abandoned."""
     handshakes_refused: int = 0
-    """Initial datagrams dropped because ``max_handshakes`` server handshakes were under
-    way."""
+    """Initial datagrams not accepted because ``max_handshakes`` server handshakes were
+    under way (answered by a refusal, ``refusals_sent``, or dropped beyond its rate)."""
+    refusals_sent: int = 0
+    """Stateless refusals sent (``quic.refusal``: CONNECTION_REFUSED with a retry-after)."""
     retries_sent: int = 0
     """Initials answered with a stateless Retry (handshakes under way at the threshold)."""
     retry_tokens_refused: int = 0
@@ -466,8 +474,16 @@ class QuicEndpoint:
         """Bound on queued DATAGRAM frames per connection (aioquic's queue is unbounded)."""
         self.max_handshakes = max_handshakes
         """Bound on server connections whose handshake is under way; Initials beyond it are
-        dropped (a flood of Initials cannot make the endpoint hold unbounded state)."""
-        self._handshaking: set[Connection] = set()
+        refused statelessly (``quic.refusal``): a flood of Initials cannot make the endpoint
+        hold unbounded state, a crowd of clients is told when to come back."""
+        self._handshaking: dict[Connection, float] = {}
+        """Server connections in their handshake -> when it began (oldest first)."""
+        self.refusals = RefusalGate()
+        """Over ``max_handshakes``: the refusals' rate and the retry-after they name."""
+        self._refused: dict[bytes, None] = {}
+        """Destination CIDs of the Initials refused lately (bounded, oldest out)."""
+        self.handshake_timeout_s = HANDSHAKE_TIMEOUT_S
+        """A server handshake not done by then gives its slot up when one is needed."""
         self.ticket_keys = ticket_keys
         """Server side: issue session tickets sealed under these keys, and resume the
         sessions of tickets any endpoint with the same keys issued (``quic.tickets``; the
@@ -712,9 +728,9 @@ class QuicEndpoint:
             )
 
         quic: CyphonicQuicConnection
+        ticket_slot = (expected_name, alpn, expect)
+        ticket, resume_chain = self._client_tickets.pop(ticket_slot, (None, None))
         if self._qh3 is not None:
-            ticket_slot = (expected_name, alpn, expect)
-            ticket, resume_chain = self._client_tickets.pop(ticket_slot, (None, None))
 
             def keep_ticket(ticket: Any, chain: list[x509.Certificate]) -> None:
                 self._client_tickets.pop(ticket_slot, None)
@@ -778,6 +794,12 @@ class QuicEndpoint:
             raise Timeout(
                 f"no QUIC handshake with {address[0]}:{address[1]} within {timeout}s"
             ) from exc
+        except Overloaded:
+            # Refused before the server read the hello (``quic.refusal``): the ticket
+            # offered was not used, the next connect offers it again.
+            if ticket is not None and resume_chain is not None:
+                self._client_tickets.setdefault(ticket_slot, (ticket, resume_chain))
+            raise
         except asyncio.CancelledError:
             conn.close("cancelled")
             raise
@@ -884,7 +906,7 @@ class QuicEndpoint:
         )
         holder.append(conn)
         self._connections.add(conn)
-        self._handshaking.add(conn)
+        self._handshaking[conn] = self._loop.time()
         self._register(conn, dcid)
         self._register(conn, quic.host_cid)
         return conn
@@ -1087,11 +1109,52 @@ class QuicEndpoint:
                     self.stats.retry_tokens_refused += 1
                     return None
                 odcid, retry_scid = decision.odcid, decision.retry_scid
-            if len(self._handshaking) >= self.max_handshakes:
-                self.stats.handshakes_refused += 1
+            if header.destination_cid in self._refused or (
+                len(self._handshaking) >= self.max_handshakes and not self._expire_handshakes()
+            ):
+                self._refuse(header, len(data), addr)
                 return None
             return self._accept(header.destination_cid, addr, odcid=odcid, retry_scid=retry_scid)
         return None
+
+    def _expire_handshakes(self) -> bool:
+        """Give up server handshakes older than ``handshake_timeout_s`` (their client gave up,
+        or sent half a hello); True if that freed a slot."""
+        deadline = self._loop.time() - self.handshake_timeout_s
+        freed = False
+        while self._handshaking:
+            conn, began = next(iter(self._handshaking.items()))
+            if began > deadline:
+                break
+            del self._handshaking[conn]
+            conn.close("handshake timeout")
+            freed = True
+        return freed
+
+    def _refuse(self, header: engine.DatagramHeader, size: int, addr: Address) -> None:
+        """An Initial over ``max_handshakes``: a stateless refusal naming a retry-after
+        (``quic.refusal``), or dropped silently beyond the refusals' rate. The rest of that
+        client's hello (qh3's can take two datagrams) is refused too, also if a slot frees
+        meanwhile: a server connection from the second half alone would wait for the first
+        that never comes."""
+        self.stats.handshakes_refused += 1
+        now = self._loop.time()
+        refused = self._refused
+        refused[header.destination_cid] = None
+        while len(refused) > _MAX_REFUSED_CIDS:
+            del refused[next(iter(refused))]
+        gate = self.refusals
+        if not gate.take(now=now):
+            return
+        assert header.version is not None
+        packet = refusal.encode_refusal(
+            version=header.version,
+            client_dcid=header.destination_cid,
+            client_scid=header.source_cid,
+            retry_after_s=gate.retry_after(len(self._handshaking), now=now),
+        )
+        if len(packet) <= size and self._send_stateless(packet, addr):  # never amplify
+            self.stats.refusals_sent += 1
 
     def _send_retry(self, header: engine.DatagramHeader, retry: SendRetry, addr: Address) -> None:
         assert header.version is not None
@@ -1102,12 +1165,17 @@ class QuicEndpoint:
             odcid=header.destination_cid,
             token=retry.token,
         )
+        if self._send_stateless(packet, addr):
+            self.stats.retries_sent += 1
+
+    def _send_stateless(self, packet: bytes, addr: Address) -> bool:
+        """A packet of no connection (a Retry, a refusal) straight to the socket."""
         try:
             self._sock.sendto(packet, addr)
         except OSError as exc:  # e.g. no route to a spoofed source
-            self.log.debug("retry_send_failed", error=str(exc))
-            return
-        self.stats.retries_sent += 1
+            self.log.debug("stateless_send_failed", error=str(exc))
+            return False
+        return True
 
     def _process(self, conn: Connection) -> bool:
         """The connection's events to their handlers; True if ``datagram_handler`` got any."""
@@ -1136,7 +1204,9 @@ class QuicEndpoint:
             elif isinstance(event, ConnectionIdRetired):
                 self._unregister(event.connection_id)
             elif isinstance(event, HandshakeCompleted):
-                self._handshaking.discard(conn)
+                self._handshaking.pop(conn, None)
+                if not conn.is_client:
+                    self.refusals.completed(now=self._loop.time())
                 # Server: the client's chain was verified inside the handshake. Client:
                 # the server's was; its handler exists from now on so that nothing the
                 # server sends is lost, but connect() waits for HANDSHAKE_DONE, the sign
@@ -1164,7 +1234,7 @@ class QuicEndpoint:
         return datagrams
 
     def _connection_ended(self, conn: Connection) -> None:
-        self._handshaking.discard(conn)
+        self._handshaking.pop(conn, None)
         if conn._ended:
             return
         event = conn.quic.close_event
@@ -1406,7 +1476,7 @@ class QuicEndpoint:
         conn._timer_at = None
         self._connections.discard(conn)
         self._dirty.discard(conn)
-        self._handshaking.discard(conn)
+        self._handshaking.pop(conn, None)
 
 
 def default_engine() -> str:

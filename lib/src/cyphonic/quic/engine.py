@@ -55,6 +55,7 @@ from cryptography import x509
 from cyphonic.errors import (
     CyphonicError,
     Expired,
+    Overloaded,
     PermissionDenied,
     Revoked,
     Timeout,
@@ -62,6 +63,7 @@ from cyphonic.errors import (
     Unavailable,
 )
 from cyphonic.pki import CertifiedKey, PeerIdentity
+from cyphonic.quic.refusal import parse_retry_after
 from cyphonic.quic.tickets import TicketState
 
 CID_LENGTH = 8
@@ -572,6 +574,9 @@ def error_from_close(
         return cls(f"{peer_label}: TLS handshake refused ({_alert_name(alert)}): {reason}")
     if reason == "Idle timeout":
         return Timeout(f"{peer_label}: idle timeout")
+    retry_after = parse_retry_after(code, reason)
+    if retry_after is not None:
+        return Overloaded(f"{peer_label}: refused, {reason}", retry_after_s=retry_after)
     if code == QuicErrorCode.NO_ERROR and event.frame_type is None:
         return Unavailable(f"{peer_label}: connection closed by peer ({reason or 'no reason'})")
     return Unavailable(f"{peer_label}: connection closed (code 0x{code:x}, {reason or '-'})")
