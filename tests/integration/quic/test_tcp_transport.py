@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from cyphonic.config import ALPN_SIGNALLING
-from cyphonic.errors import InvalidArgument, Timeout, Unavailable
+from cyphonic.errors import InvalidArgument, Overloaded, Timeout, Unavailable
 from cyphonic.quic import Acceptor, QuicEndpoint
 from cyphonic.quic.path_choice import Carrier, PathChoice
 from cyphonic.quic.stream_framing import encode_frame, encode_preface
@@ -42,13 +42,16 @@ class UdpFirewall:
         return False
 
 
-async def _service(endpoints: EndpointMaker, ca: Pki) -> tuple[QuicEndpoint, TcpListener, Handlers]:
+async def _service(
+    endpoints: EndpointMaker, ca: Pki, **kwargs: Any
+) -> tuple[QuicEndpoint, TcpListener, Handlers]:
     handlers = Handlers()
     server = await endpoints(
         host="::",
         identity=ca.service("nms"),
         trust=ca.trust,
         accept={ALPN_SIGNALLING: Acceptor(handlers.factory, expect="node")},
+        **kwargs,
     )
     listener = TcpListener(server, ca.service("nms"))
     await listener.start("::", server.local_address[1])
@@ -91,6 +94,29 @@ async def test_udp_blocked_then_back(endpoints: EndpointMaker, ca: Pki) -> None:
         assert await request(conn, b"over udp") == b"echo:over udp"
         assert conn.is_ready and choice.switches_to_udp == 1
         assert paths.snapshot()["moves_to_udp"] == 1
+    finally:
+        await paths.close()
+        await listener.close()
+
+
+async def test_stateless_answers_go_onto_the_stream(endpoints: EndpointMaker, ca: Pki) -> None:
+    # A Retry (every Initial asked for one) and a refusal (no handshake room) answer a
+    # client that reached the service over TCP 443: they go back onto its stream.
+    server, listener, _ = await _service(endpoints, ca, retry_threshold=0)
+    firewall = UdpFirewall()
+    server.datagram_filter = firewall
+    client = await endpoints(host="::", identity=ca.node("alice"), trust=ca.trust)
+    paths = StreamPaths(client, trust=ca.trust, choice=PathChoice(race_delay_s=0.2))
+    try:
+        port = server.local_address[1]
+        conn = await dial_nms(client, ("127.0.0.1", port), timeout=10)
+        assert await request(conn, b"after a retry") == b"echo:after a retry"
+        assert server.stats.retries_sent >= 1
+        assert paths.snapshot()["carrier"] == "tcp"
+        server.max_handshakes = 0
+        with pytest.raises(Overloaded):
+            await dial_nms(client, ("127.0.0.1", port), timeout=5)
+        assert server.stats.refusals_sent >= 1
     finally:
         await paths.close()
         await listener.close()

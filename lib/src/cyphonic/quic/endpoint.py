@@ -532,11 +532,13 @@ class QuicEndpoint:
         datagrams all carry one short-header Destination CID is offered whole to that
         instead (False: the datagrams are then offered one by one)."""
         self.send_hook: (
-            Callable[[Connection, list[tuple[bytes, Address]]], list[tuple[bytes, Address]]] | None
+            Callable[[Connection | None, list[tuple[bytes, Address]]], list[tuple[bytes, Address]]]
+            | None
         ) = None
-        """Offered each connection's outgoing datagrams before the socket; returns those
-        still to send on it (the TCP 443 transport, ``cyphonic.quic.tcp_transport``, takes
-        the ones whose address is a stream's)."""
+        """Offered each connection's outgoing datagrams before the socket (connection None:
+        a stateless Retry or refusal); returns those still to send on it (the TCP 443
+        transport, ``cyphonic.quic.tcp_transport``, takes the ones whose address is a
+        stream's)."""
         self.connect_hook: Callable[[Connection, Address, str | None], None] | None = None
         """Called by ``connect`` with (connection, address, expected name) before its first
         datagram is built (the TCP 443 transport starts its race there)."""
@@ -1169,7 +1171,10 @@ class QuicEndpoint:
             self.stats.retries_sent += 1
 
     def _send_stateless(self, packet: bytes, addr: Address) -> bool:
-        """A packet of no connection (a Retry, a refusal) straight to the socket."""
+        """A packet of no connection (a Retry, a refusal): onto the TCP 443 stream it came
+        from (``send_hook``), else to the socket."""
+        if self.send_hook is not None and not self.send_hook(None, [(packet, addr)]):
+            return True
         try:
             self._sock.sendto(packet, addr)
         except OSError as exc:  # e.g. no route to a spoofed source

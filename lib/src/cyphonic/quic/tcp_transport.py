@@ -203,7 +203,7 @@ class TcpListener:
         self.streams.clear()
 
     def divert(
-        self, conn: Connection, datagrams: list[tuple[bytes, Address]]
+        self, conn: Connection | None, datagrams: list[tuple[bytes, Address]]
     ) -> list[tuple[bytes, Address]]:
         """The endpoint's ``send_hook``: datagrams to a stream address go onto it."""
         streams = self.streams
@@ -527,7 +527,7 @@ class StreamPaths:
         self._spawn(self._race(race, start.stream_after, send_udp=start.udp))
 
     def _divert(
-        self, conn: Connection, datagrams: list[tuple[bytes, Address]]
+        self, conn: Connection | None, datagrams: list[tuple[bytes, Address]]
     ) -> list[tuple[bytes, Address]]:
         active, recording = self._active, self._recording
         if (not active and not recording) or conn in self._probes:
