@@ -564,7 +564,13 @@ def endpoint_stats(log: Path) -> str:
     lines = [x for x in log.read_text(errors="replace").splitlines() if "endpoint_stats" in x]
     if not lines:
         return "not logged (--log-level info logs them)"
-    keys = ("connections_accepted", "handshakes_refused", "refusals_sent", "retries_sent")
+    keys = (
+        "connections_accepted",
+        "handshakes_refused",
+        "refusals_sent",
+        "retries_sent",
+        "passes_cut",
+    )
     try:
         fields = json.loads(lines[-1])  # CYPHONIC_LOG_FORMAT=json
     except ValueError:

@@ -109,6 +109,12 @@ _GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS on older kernels
 _GSO_MAX_BYTES = 65000  # under the 64 KB a single UDP send may carry
 _RECV_SIZE = 65535
 _MAX_DRAIN = 512  # receive calls per wake-up, so one busy socket cannot starve the loop
+_PASS_BUDGET_S = 0.01
+"""A receive pass stops draining the socket after this long (what is left is read in the
+next loop iteration). Datagrams of open connections take microseconds, so this binds only
+handshakes (1-2 ms each): without it a reconnect storm's pass of hundreds of Initials held
+the loop for 0.5 s and more, and everything else waiting on it (the registry's database
+replies, with their pooled connections held meanwhile) stalled with it."""
 # UDP generic receive offload (Linux 5.0+): one recvmsg returns a train of equal-size
 # datagrams from one sender, with their size in a cmsg.
 _UDP_GRO = getattr(socket, "UDP_GRO", 104)
@@ -188,6 +194,8 @@ class EndpointStats:
     """Stateless refusals sent (``quic.refusal``: CONNECTION_REFUSED with a retry-after)."""
     retries_sent: int = 0
     """Initials answered with a stateless Retry (handshakes under way at the threshold)."""
+    passes_cut: int = 0
+    """Receive passes ended by their time budget with datagrams possibly left to read."""
     retry_tokens_refused: int = 0
     """Initials dropped for a Retry token that was forged, expired or another address's."""
 
@@ -924,8 +932,13 @@ class QuicEndpoint:
         recvmsg = self._sock.recvmsg
         recvfrom = self._sock.recvfrom
         self._in_pass = True
+        clock = time.monotonic
+        until = clock() + _PASS_BUDGET_S
         try:
             for _ in range(_MAX_DRAIN):
+                if clock() > until:
+                    stats.passes_cut += 1
+                    break
                 try:
                     if gro:
                         data, ancillary, _flags, addr = recvmsg(_RECV_SIZE, _GRO_CMSG_SPACE)
