@@ -303,3 +303,19 @@ async def test_the_rest_of_a_refused_hello_is_refused_too(
     assert not server.connections
     raw_udp.sendto(initial(ALPN_TUNNEL, port_of(server)), port_of(server))  # a new client
     await wait_for(lambda: len(server.connections) == 1)
+
+
+async def test_a_burst_of_initials_is_read_in_passes_of_bounded_time(
+    endpoints: EndpointMaker, ca: Pki, raw_udp: socket.socket
+) -> None:
+    # Each Initial starts a server handshake (a signature: about a millisecond). A burst of
+    # them is read over several loop iterations, not in one pass that holds the loop (and
+    # whatever else waits on it) for the whole burst; every one is still taken.
+    server, _ = await tunnel_server(endpoints, ca, max_handshakes=64, idle_timeout=2.0)
+    for _ in range(48):
+        raw_udp.sendto(initial(ALPN_TUNNEL, port_of(server)), port_of(server))
+    await wait_for(lambda: len(server.connections) == 48)
+    assert server.stats.passes_cut >= 1
+    assert server.stats.handshakes_refused == 0
+    conn = await connect(endpoints, ca, server, "alice")
+    assert await request(conn, b"hello") == b"echo:hello"
