@@ -144,10 +144,9 @@ class Worker:
         from cyphonic.pki import init_pki
         from cyphonic.quic import QuicEndpoint
         from cyphonic_agent.config import AgentSettings
-        from cyphonic_agent.enroll import AgentState
         from cyphonic_agent.nms import NmsClient
         from cyphonic_agent.routes import Candidate
-        from cyphonic_testing.nms_client import issue_node_identity
+        from cyphonic_testing.nms_client import issue_node_identity, nms_only_state
 
         cfg = self.config
         material = init_pki(
@@ -175,17 +174,7 @@ class Worker:
             # By position in this worker, not by global index: every worker holds nodes of
             # every replica, so a dead replica's storm is spread over all client processes.
             home = position % len(nms)
-            state = AgentState(
-                fqdn=fqdn,
-                name=name,
-                domain=DOMAIN,
-                as_url="",
-                as_endpoints=[],
-                as_server_name="",
-                serial="",
-                not_after="",
-                enrolled_at="",
-            )
+            state = nms_only_state(fqdn, name, DOMAIN)
             node = SimNode(index=index, fqdn=fqdn, client=None, home=home, nat=rng.random() < 0.5)
 
             def local(_nms: Any, ep: Any = endpoint, n: SimNode = node) -> Any:

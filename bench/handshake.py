@@ -26,6 +26,7 @@ import os
 import pstats
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
@@ -249,20 +250,36 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as material_dir:
         pki.init_pki(material_dir, domain=DOMAIN, now=_now())
-        ours, theirs = mp.Pipe()
         ticket_key = os.urandom(32) if args.resume else None
-        server = mp.get_context("spawn").Process(
-            target=_server,
-            args=(theirs, material_dir, args.engine, ticket_key, args.profile == "server"),
-        )
-        server.start()
-        try:
-            port: Any = ours.recv()
+
+        async def clients(pipe: Pipe, port: Any) -> None:
             print(f"engine {args.engine}, load {os.getloadavg()[0]:.2f}")
-            asyncio.run(_clients(args, material_dir, ours, port))
-        finally:
-            ours.send("stop")
-            server.join(10)
+            await _clients(args, material_dir, pipe, port)
+
+        with_server(
+            _server,
+            (material_dir, args.engine, ticket_key, args.profile == "server"),
+            clients,
+        )
+
+
+def with_server(
+    target: Callable[..., None],
+    args: tuple[Any, ...],
+    clients: Callable[[Pipe, Any], Awaitable[None]],
+) -> None:
+    """Run ``target(pipe, *args)`` in a child process (it sends its port first, then
+    answers "mark"/"report" with its CPU time until "stop"), and ``clients(pipe, port)``
+    here."""
+    ours, theirs = mp.Pipe()
+    server = mp.get_context("spawn").Process(target=target, args=(theirs, *args))
+    server.start()
+    try:
+        port: Any = ours.recv()
+        asyncio.run(clients(ours, port))
+    finally:
+        ours.send("stop")
+        server.join(10)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import multiprocessing as mp
 import os
 import tempfile
 import time
@@ -27,7 +26,16 @@ from typing import Any
 from cyphonic import log, pki
 from cyphonic.quic import QuicEndpoint
 from cyphonic.quic.endpoint import Acceptor
-from handshake import ALPN, DOMAIN, SERVICE, _node, _now, _profile_report, _Quiet
+from handshake import (
+    ALPN,
+    DOMAIN,
+    SERVICE,
+    _node,
+    _now,
+    _profile_report,
+    _Quiet,
+    with_server,
+)
 
 
 def _server(pipe: Pipe, material_dir: str, engine: str, ack_at_once: bool, prof: bool) -> None:
@@ -138,18 +146,13 @@ def main() -> None:
     log.configure(level="warning")
     with tempfile.TemporaryDirectory() as material_dir:
         pki.init_pki(material_dir, domain=DOMAIN, now=_now())
-        ours, theirs = mp.Pipe()
-        server = mp.get_context("spawn").Process(
-            target=_server,
-            args=(theirs, material_dir, args.engine, not args.no_ack_at_once, args.profile),
+
+        async def clients(pipe: Pipe, port: Any) -> None:
+            await _clients(args, material_dir, pipe, port)
+
+        with_server(
+            _server, (material_dir, args.engine, not args.no_ack_at_once, args.profile), clients
         )
-        server.start()
-        try:
-            port: Any = ours.recv()
-            asyncio.run(_clients(args, material_dir, ours, port))
-        finally:
-            ours.send("stop")
-            server.join(10)
 
 
 if __name__ == "__main__":

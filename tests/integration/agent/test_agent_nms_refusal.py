@@ -19,7 +19,6 @@ from cyphonic.quic import QuicEndpoint
 from cyphonic.session import SignallingSession
 from cyphonic_agent.config import AgentSettings
 from cyphonic_agent.control import Reconnect
-from cyphonic_agent.enroll import AgentState
 from cyphonic_agent.nms import NmsClient, NmsLink
 from cyphonic_agent.routes import Candidate
 
@@ -60,7 +59,7 @@ async def nms(material: pki.PkiMaterial, opened: list[QuicEndpoint], **kwargs: A
 
 
 async def agent(material: pki.PkiMaterial, opened: list[QuicEndpoint], tmp: Path) -> NmsClient:
-    from cyphonic_testing.nms_client import issue_node_identity
+    from cyphonic_testing.nms_client import issue_node_identity, nms_only_state
 
     fqdn = f"alice.{DOMAIN}"
     endpoint = await QuicEndpoint.open(
@@ -70,17 +69,7 @@ async def agent(material: pki.PkiMaterial, opened: list[QuicEndpoint], tmp: Path
         trust=material.trust,
     )
     opened.append(endpoint)
-    state = AgentState(
-        fqdn=fqdn,
-        name="alice",
-        domain=DOMAIN,
-        as_url="",
-        as_endpoints=[],
-        as_server_name="",
-        serial="",
-        not_after="",
-        enrolled_at="",
-    )
+    state = nms_only_state(fqdn, "alice", DOMAIN)
 
     async def nothing(*_args: Any) -> Any:
         return []

@@ -21,6 +21,7 @@ import json
 from collections.abc import Sequence
 from ipaddress import ip_address
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cyphonic.config import ALPN_SIGNALLING
 from cyphonic.errors import CyphonicError
@@ -38,6 +39,9 @@ from cyphonic.quic import QuicEndpoint
 from cyphonic.session import SignallingSession
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_nms.routing import Endpoint
+
+if TYPE_CHECKING:
+    from cyphonic_agent.enroll import AgentState
 
 
 def issue_node_identity(
@@ -57,6 +61,23 @@ def issue_node_identity(
         valid_for=valid_for,
     )
     return CertifiedKey(key=key, cert=cert, chain=[node_ca.cert])
+
+
+def nms_only_state(fqdn: str, name: str, domain: str) -> AgentState:
+    """The agent state of a node that talks to the NMS only (no AS login: endpoints given)."""
+    from cyphonic_agent.enroll import AgentState
+
+    return AgentState(
+        fqdn=fqdn,
+        name=name,
+        domain=domain,
+        as_url="",
+        as_endpoints=[],
+        as_server_name="",
+        serial="",
+        not_after="",
+        enrolled_at="",
+    )
 
 
 def _env(**body: object) -> pb.Envelope:
