@@ -174,6 +174,20 @@ async def _shared_state(bed: Bed) -> tuple[set[str], set[str], int]:
     return presence, routes, trs
 
 
+async def _buses_listening(bed: Bed) -> bool:
+    """Every replica is subscribed to its bus channel again (redis-py resubscribes on its
+    next read after a restart): until then a decision that crosses replicas cannot reach
+    the holder and is refused as ``PeerOffline``."""
+    client = await bed.redis_client()
+    try:
+        counts = await client.pubsub_numsub(
+            *(f"cyphonic:nms:replica:{r}" for r in ("nms-1", "nms-2"))
+        )
+    finally:
+        await client.aclose()
+    return all(int(n) >= 1 for _, n in counts)
+
+
 async def _leases(bed: Bed) -> dict[int, tuple[str, str]]:
     conn = await asyncpg.connect(
         host="127.0.0.1", port=bed.pg.port, user="postgres", database="registry"
@@ -210,7 +224,8 @@ async def test_redis_and_postgres_restarts_lose_nothing(bed: Bed) -> None:
 
         async def all_back(expected: set[str] = routes) -> bool:
             presence, stored, trs = await _shared_state(bed)
-            return presence >= fqdns and stored >= expected and trs >= 1
+            back = presence >= fqdns and stored >= expected and trs >= 1
+            return back and await _buses_listening(bed)
 
         took = await _within(
             f"Redis state after a restart {'with' if keep_data else 'without'} its data",
@@ -218,7 +233,7 @@ async def test_redis_and_postgres_restarts_lose_nothing(bed: Bed) -> None:
             BACK_WITHIN_S,
             lambda: _shared_state(bed),
         )
-        print(f"redis restart keep_data={keep_data}: presence, routes, TRS back in {took:.1f} s")
+        print(f"redis restart keep_data={keep_data}: state and buses back in {took:.1f} s")
         # Decisions work again, across replicas and relayed (the TRS directory).
         again = await c.route(fqdn=a.fqdn)
         assert again.pattern == pb.ROUTE_PATTERN_RELAY
