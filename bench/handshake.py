@@ -91,7 +91,7 @@ def _server(
 
 
 async def _open_server(
-    material: pki.PkiMaterial, engine: str, ticket_key: bytes | None
+    material: pki.PkiMaterial, engine: str, ticket_key: bytes | None, *, ack_at_once: bool = False
 ) -> QuicEndpoint:
     # ticket_keys passed only when set, so the bench also runs on code without resumption.
     tickets = {} if ticket_key is None else {"ticket_keys": TicketKeys([ticket_key])}
@@ -102,6 +102,7 @@ async def _open_server(
         accept={ALPN: Acceptor(handler_factory=_Quiet, expect="node")},
         engine=engine,
         max_handshakes=4096,
+        ack_at_once=ack_at_once,
         **tickets,
     )
 

@@ -25,15 +25,14 @@ from typing import Any
 
 from cyphonic import log, pki
 from cyphonic.quic import QuicEndpoint
-from cyphonic.quic.endpoint import Acceptor
 from handshake import (
     ALPN,
     DOMAIN,
     SERVICE,
     _node,
     _now,
+    _open_server,
     _profile_report,
-    _Quiet,
     with_server,
 )
 
@@ -43,15 +42,7 @@ def _server(pipe: Pipe, material_dir: str, engine: str, ack_at_once: bool, prof:
 
     async def run() -> None:
         material = pki.init_pki(material_dir, domain=DOMAIN, now=_now())
-        endpoint = await QuicEndpoint.open(
-            host="127.0.0.1",
-            identity=material.services["nms"],
-            trust=material.trust,
-            accept={ALPN: Acceptor(handler_factory=_Quiet, expect="node")},
-            engine=engine,
-            max_handshakes=4096,
-            ack_at_once=ack_at_once,
-        )
+        endpoint = await _open_server(material, engine, None, ack_at_once=ack_at_once)
         pipe.send(endpoint.local_address[1])
         loop = asyncio.get_running_loop()
         profiler: cProfile.Profile | None = None
