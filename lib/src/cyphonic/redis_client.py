@@ -5,7 +5,12 @@ must not hang a replica), TCP keepalive is on, and a connection idle for
 ``HEALTH_CHECK_S`` is checked with a PING before it is used again (a NAT or a failover may
 have dropped it silently). A command whose connection turns out dead (Redis restarted) is
 sent again on a new one, up to ``RECONNECT_RETRIES`` times, a few tens of milliseconds
-apart, instead of failing the request that happened to use it first.
+apart, instead of failing the request that happened to use it first. At most
+``MAX_CONNECTIONS`` are open; a command beyond them waits for one (up to ``timeout_s``)
+rather than failing: redis-py's default pool raised ``Too many connections`` at once, which
+in a reconnect storm failed thousands of registrations and departures (each then retried
+by its node with a new handshake). Redis runs one command at a time: more connections
+would not make it answer sooner.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ if TYPE_CHECKING:
 TIMEOUT_S = 5.0
 HEALTH_CHECK_S = 15.0
 RECONNECT_RETRIES = 3
+MAX_CONNECTIONS = 100
 
 
 def redis_client(url: str, *, timeout_s: float = TIMEOUT_S) -> redis_asyncio.Redis:
@@ -27,8 +33,10 @@ def redis_client(url: str, *, timeout_s: float = TIMEOUT_S) -> redis_asyncio.Red
     from redis.backoff import ExponentialBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    return redis_asyncio.Redis.from_url(
+    pool = redis_asyncio.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         socket_keepalive=True,
@@ -41,3 +49,4 @@ def redis_client(url: str, *, timeout_s: float = TIMEOUT_S) -> redis_asyncio.Red
         ),
         retry_on_error=[RedisConnectionError],
     )
+    return redis_asyncio.Redis.from_pool(pool)

@@ -360,3 +360,24 @@ async def test_presence_of_1000_nodes_is_two_redis_round_trips_per_refresh(
     finally:
         await raw_redis.delete(*[f"{PREFIX}nms:presence:{f}" for f in fqdns])
         await client.aclose()
+
+
+async def test_a_storm_of_presence_claims_waits_for_redis_connections(redis_url: str) -> None:
+    """More claims at once than the client's connections (a reconnect storm's
+    registrations and departures): they wait their turn, none fails; redis-py's default
+    pool refused the surplus at once with ``Too many connections``."""
+    from cyphonic.redis_client import MAX_CONNECTIONS
+
+    client = redis_client(redis_url)
+    presence = RedisPresence(client, prefix=PREFIX)
+    count = 5 * MAX_CONNECTIONS
+    try:
+        previous = await asyncio.gather(
+            *(presence.claim(f"n{i}.{DOMAIN}", "nms-1", 30.0) for i in range(count))
+        )
+        assert previous == [None] * count
+        pool = client.connection_pool
+        assert len(pool._available_connections) + len(pool._in_use_connections) <= MAX_CONNECTIONS
+        assert await presence.holder(f"n{count - 1}.{DOMAIN}") == "nms-1"
+    finally:
+        await client.aclose()
