@@ -21,6 +21,7 @@ inside the TLS handshake; a refused peer never reaches any handler.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import errno
@@ -110,11 +111,24 @@ _GSO_MAX_BYTES = 65000  # under the 64 KB a single UDP send may carry
 _RECV_SIZE = 65535
 _MAX_DRAIN = 512  # receive calls per wake-up, so one busy socket cannot starve the loop
 _PASS_BUDGET_S = 0.01
-"""A receive pass stops draining the socket after this long (what is left is read in the
-next loop iteration). Datagrams of open connections take microseconds, so this binds only
-handshakes (1-2 ms each): without it a reconnect storm's pass of hundreds of Initials held
-the loop for 0.5 s and more, and everything else waiting on it (the registry's database
-replies, with their pooled connections held meanwhile) stalled with it."""
+"""A receive pass starts new server handshakes (1-2 ms each) for this long; the Initials of
+new clients read after it wait in the endpoint (``_INITIAL_WAIT_S``) for the next pass.
+Without it a reconnect storm's pass of hundreds of Initials held the loop for 0.5 s and
+more, and everything else waiting on it (the registry's database replies, with their pooled
+connections held meanwhile) stalled with it."""
+_PASS_MAX_S = 3 * _PASS_BUDGET_S
+"""A receive pass stops reading after this long (what is left is read in the next loop
+iteration). Datagrams of open connections take microseconds: this binds a pass of handshake
+continuations (a client's certificate to verify) and very large bursts."""
+_INITIAL_WAIT_S = 0.25
+"""How long a new client's Initial may wait in the endpoint for its handshake to start;
+older, it is refused (``quic.refusal``) with a retry-after. Initials are read at once and
+wait here, not in the socket: left there, a storm's Initials filled the receive buffer
+(seconds of queue), the open connections' datagrams behind them (PINGs, the handshakes
+under way) waited as long or were dropped with the overflow, and every client sent its
+Initial again at each PTO."""
+_MAX_WAITING_INITIALS = 1024
+"""Initials waiting at once (~1.3 MB); more are refused at once."""
 # UDP generic receive offload (Linux 5.0+): one recvmsg returns a train of equal-size
 # datagrams from one sender, with their size in a cmsg.
 _UDP_GRO = getattr(socket, "UDP_GRO", 104)
@@ -164,6 +178,18 @@ class Acceptor:
     authorize: Callable[[PeerIdentity], None] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _WaitingInitial:
+    """A new client's Initial waiting for its handshake to start (the Retry gate passed)."""
+
+    at: float
+    data: bytes
+    addr: Address
+    header: engine.DatagramHeader
+    odcid: bytes
+    retry_scid: bytes | None
+
+
 @dataclass
 class EndpointStats:
     """Counters of one endpoint (cheap enough for the data path)."""
@@ -195,7 +221,10 @@ class EndpointStats:
     retries_sent: int = 0
     """Initials answered with a stateless Retry (handshakes under way at the threshold)."""
     passes_cut: int = 0
-    """Receive passes ended by their time budget with datagrams possibly left to read."""
+    """Receive passes whose time budget left new clients' Initials waiting for the next."""
+    initials_expired: int = 0
+    """Initials refused because they waited ``_INITIAL_WAIT_S`` for their handshake to start
+    (counted in ``handshakes_refused`` too)."""
     retry_tokens_refused: int = 0
     """Initials dropped for a Retry token that was forged, expired or another address's."""
 
@@ -486,6 +515,11 @@ class QuicEndpoint:
         hold unbounded state, a crowd of clients is told when to come back."""
         self._handshaking: dict[Connection, float] = {}
         """Server connections in their handshake -> when it began (oldest first)."""
+        self._waiting: collections.deque[_WaitingInitial] = collections.deque()
+        """New clients' Initials read after a pass's budget, oldest first."""
+        self._pass_until: float | None = None
+        """Inside a socket receive pass: until when it starts new handshakes."""
+        self._waiting_scheduled = False
         self.refusals = RefusalGate()
         """Over ``max_handshakes``: the refusals' rate and the retry-after they name."""
         self._refused: dict[bytes, None] = {}
@@ -700,6 +734,7 @@ class QuicEndpoint:
             conn._end(conn.error)
         self._connections.clear()
         self._by_cid.clear()
+        self._waiting.clear()
         self._sock.close()
         await asyncio.sleep(0)
 
@@ -934,10 +969,13 @@ class QuicEndpoint:
         self._in_pass = True
         clock = time.monotonic
         until = clock() + _PASS_BUDGET_S
+        self._pass_until = until
+        stop = until - _PASS_BUDGET_S + _PASS_MAX_S
         try:
+            if self._waiting:
+                self._start_waiting(now, until, touched)
             for _ in range(_MAX_DRAIN):
-                if clock() > until:
-                    stats.passes_cut += 1
+                if clock() > stop:
                     break
                 try:
                     if gro:
@@ -962,7 +1000,43 @@ class QuicEndpoint:
             raise
         finally:
             self._in_pass = False
+            self._pass_until = None
         self._transmit(self._with_dirty(touched))
+        if self._waiting and not self._waiting_scheduled and not self._closing:
+            stats.passes_cut += 1
+            self._waiting_scheduled = True
+            self._loop.call_soon(self._next_pass)
+
+    def _next_pass(self) -> None:
+        """A pass for the Initials left waiting (the socket may have nothing new)."""
+        self._waiting_scheduled = False
+        if not self._closing:
+            self._on_readable()
+
+    def _start_waiting(self, now: float, until: float, touched: dict[Connection, None]) -> None:
+        """The waiting Initials, oldest first, while the pass's budget lasts: a retransmitted
+        or second half of a hello whose handshake began goes to it; one that waited too long
+        is refused (the client comes back after the retry-after instead of sending it again
+        at its PTO)."""
+        waiting = self._waiting
+        clock = time.monotonic
+        while waiting:
+            item = waiting[0]
+            conn = self._by_cid.get(item.header.destination_cid)
+            if conn is None:
+                if now - item.at > _INITIAL_WAIT_S:
+                    waiting.popleft()
+                    self.stats.initials_expired += 1
+                    self._refuse(item.header, len(item.data), item.addr)
+                    continue
+                if clock() > until:
+                    return
+                conn = self._admit(
+                    item.header, len(item.data), item.addr, item.odcid, item.retry_scid
+                )
+            waiting.popleft()
+            if conn is not None:
+                self._deliver(conn, item.data, item.addr, now, touched)
 
     def _process_touched(self, touched: dict[Connection, None]) -> None:
         """The pass's connections to their handlers, then each ``datagrams_done`` once (the
@@ -1030,16 +1104,30 @@ class QuicEndpoint:
                 stats.filtered += 1
                 return
             conn = self._route(data, addr)
-            if conn is None:
-                stats.unroutable += 1
-                return
+        except Exception as exc:
+            self._internal_error(exc, None, "receive")
+            return
+        if conn is None:
+            stats.unroutable += 1
+            return
+        self._deliver(conn, data, addr, now, touched)
+
+    def _deliver(
+        self,
+        conn: Connection,
+        data: bytes,
+        addr: Address,
+        now: float,
+        touched: dict[Connection, None],
+    ) -> None:
+        try:
             conn.quic.receive_datagram(data, addr, now)
         except Exception as exc:
             # One datagram must not end the loop, nor a connection it was sent to (whoever
             # knows a CID could send it): dropped. A server connection still in its
             # handshake is dropped with it (no state kept for a bad Initial).
             self._internal_error(exc, conn, "receive")
-            if conn is not None and conn in self._handshaking:
+            if conn in self._handshaking:
                 self._abandon(conn)
             return
         touched[conn] = None
@@ -1124,13 +1212,43 @@ class QuicEndpoint:
                     self.stats.retry_tokens_refused += 1
                     return None
                 odcid, retry_scid = decision.odcid, decision.retry_scid
-            if header.destination_cid in self._refused or (
-                len(self._handshaking) >= self.max_handshakes and not self._expire_handshakes()
-            ):
-                self._refuse(header, len(data), addr)
+            until = self._pass_until
+            if until is not None and (self._waiting or time.monotonic() > until):
+                if header.destination_cid in self._refused or (
+                    len(self._waiting) >= _MAX_WAITING_INITIALS
+                ):
+                    self._refuse(header, len(data), addr)
+                else:
+                    self._waiting.append(
+                        _WaitingInitial(
+                            at=self._loop.time(),
+                            data=data,
+                            addr=addr,
+                            header=header,
+                            odcid=odcid,
+                            retry_scid=retry_scid,
+                        )
+                    )
                 return None
-            return self._accept(header.destination_cid, addr, odcid=odcid, retry_scid=retry_scid)
+            return self._admit(header, len(data), addr, odcid, retry_scid)
         return None
+
+    def _admit(
+        self,
+        header: engine.DatagramHeader,
+        size: int,
+        addr: Address,
+        odcid: bytes,
+        retry_scid: bytes | None,
+    ) -> Connection | None:
+        """A new server connection for a client's Initial, or None: refused (a slot is not
+        free, or the rest of this hello was refused already)."""
+        if header.destination_cid in self._refused or (
+            len(self._handshaking) >= self.max_handshakes and not self._expire_handshakes()
+        ):
+            self._refuse(header, size, addr)
+            return None
+        return self._accept(header.destination_cid, addr, odcid=odcid, retry_scid=retry_scid)
 
     def _expire_handshakes(self) -> bool:
         """Give up server handshakes older than ``handshake_timeout_s`` (their client gave up,
@@ -1166,7 +1284,7 @@ class QuicEndpoint:
             version=header.version,
             client_dcid=header.destination_cid,
             client_scid=header.source_cid,
-            retry_after_s=gate.retry_after(len(self._handshaking), now=now),
+            retry_after_s=gate.retry_after(len(self._handshaking) + len(self._waiting), now=now),
         )
         if len(packet) <= size and self._send_stateless(packet, addr):  # never amplify
             self.stats.refusals_sent += 1
