@@ -182,14 +182,18 @@ class NmsClient:
         """A signalling session with the first of ``endpoints`` that answers (those that did
         not answer lately are tried later, ``answering_first``: a dead replica first in the
         list would cost every attempt of a reconnect storm its connect timeout). An endpoint
-        that refuses as overloaded (``cyphonic.quic.refusal``) passes to the next; if none
-        took us and one refused so, ``Overloaded`` with the shortest retry-after."""
+        that refuses as overloaded (``cyphonic.quic.refusal``) passes to the next, unless
+        that one did not answer lately (a dead replica would cost the attempt its connect
+        timeout, and the session ticket it offered); if none took us and one refused so,
+        ``Overloaded`` with the shortest retry-after."""
         timeout = self.settings.connect_timeout_s
         tried: list[str] = []
         silent: list[str] = []
         overloaded: list[Overloaded] = []
         now = asyncio.get_running_loop().time()
         for ep in answering_first(endpoints, self._silent, now):
+            if overloaded and is_silent(ep, self._silent, now):
+                break
             if not routable(ep.host, ep.port):
                 tried.append(f"{ep}: no route")
                 continue
@@ -428,11 +432,17 @@ def answering_first(
     goes on counting; a live one that was only too busy to answer once answers again and
     its count is dropped."""
 
-    def times(ep: Candidate) -> int:
-        count, at = silent.get(ep, (0, 0.0))
-        return count if now - at < SILENT_FOR_S else 0
+    return sorted(endpoints, key=lambda ep: _silent_count(ep, silent, now))
 
-    return sorted(endpoints, key=times)
+
+def is_silent(ep: Candidate, silent: dict[Candidate, tuple[int, float]], now: float) -> bool:
+    """Whether ``ep`` left a dial or its PINGs unanswered within ``SILENT_FOR_S``."""
+    return _silent_count(ep, silent, now) > 0
+
+
+def _silent_count(ep: Candidate, silent: dict[Candidate, tuple[int, float]], now: float) -> int:
+    count, at = silent.get(ep, (0, 0.0))
+    return count if now - at < SILENT_FOR_S else 0
 
 
 def _text(raw: bytes) -> str:

@@ -132,3 +132,29 @@ async def test_an_nms_that_stops_answering_pings_is_dialled_last(
     session, where = await client.dial([dead, live], server_name=NMS_NAME, what="NMS")
     assert where == live and time.monotonic() - started < 2.0
     session.close()
+
+
+async def test_a_refusal_is_not_followed_by_a_dial_of_a_dead_replica(
+    material: pki.PkiMaterial, opened: list[QuicEndpoint], tmp_path: Path
+) -> None:
+    """A dead replica's node refused by the busy survivor: ``Overloaded`` at once, not a
+    dial of the dead replica (a connect timeout, and the session ticket used up there)."""
+    dead = await nms(material, opened)
+    busy = await nms(material, opened, max_handshakes=0)
+    client = await agent(material, opened, tmp_path)
+    session, _ = await client.dial([dead, busy], server_name=NMS_NAME, what="NMS")
+    link = NmsLink(session=session, endpoint=dead, keepalive_s=1.0, ping=True)
+    server = opened[0]
+    server._loop.remove_reader(server._sock.fileno())  # SIGKILLed: nothing answers
+    with pytest.raises(Unavailable, match="stopped answering"):
+        await client._keep_alive(link)
+    started = time.monotonic()
+    with pytest.raises(Overloaded) as refused:
+        await client.dial([dead, busy], server_name=NMS_NAME, what="NMS")
+    assert time.monotonic() - started < 2.0
+    assert str(dead) not in refused.value.message and str(busy) in refused.value.message
+    # Nobody refused: the silent one is still dialled (it may be back).
+    server._loop.add_reader(server._sock.fileno(), server._on_readable)
+    session, where = await client.dial([dead], server_name=NMS_NAME, what="NMS")
+    assert where == dead
+    session.close()
