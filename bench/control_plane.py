@@ -546,6 +546,17 @@ def storm_load(samples: list[tuple[float, int, float, list[float]]]) -> str:
     )
 
 
+def storm_timeline(samples: list[tuple[float, int, float, list[float]]], killed_at: float) -> str:
+    """Nodes of the dead replica back, every 5 s after the kill: detection (a PING
+    interval and its ack wait) is the first ~35 s; a long tail is the survivor's pacing."""
+    marks: list[str] = []
+    step = 5.0
+    for t, again, _nms, _w in samples:
+        while t - killed_at >= step * (len(marks) + 1):
+            marks.append(f"{step * (len(marks) + 1):.0f}s={again}")
+    return "storm timeline: " + " ".join(marks)
+
+
 def endpoint_stats(log: Path) -> str:
     """The refusal counters of a service's QUIC endpoint, logged when it closed."""
     if not log.exists():
@@ -888,6 +899,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 extra=f"storm_s={storm_s:.1f} ({again}/{home0} nodes of nms-0 back)",
             )
             print(f"{'':<10} {storm_load(samples)}", flush=True)
+            print(f"{'':<10} {storm_timeline(samples, killed_at)}", flush=True)
 
         if not args.skip_restarts:
             redis_client = aioredis.Redis.from_url(rds.url)
