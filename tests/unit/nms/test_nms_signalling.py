@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from ipaddress import IPv4Address, ip_address
+from types import SimpleNamespace
 
+import pytest
+from cyphonic.errors import Unavailable
 from cyphonic.v1 import signalling_pb2 as pb
 from cyphonic_nms.routing import Endpoint
-from cyphonic_nms.signalling import handle_request
+from cyphonic_nms.signalling import NmsSignallingServer, handle_request
 from cyphonic_testing.nms import InProcessCluster, RecordingLink, add_node
 
 
@@ -87,3 +90,26 @@ async def test_typed_errors(cluster: InProcessCluster) -> None:
     refused = await handle_request(nms, ghost, _register(), observed=None)
     assert refused.error.code == pb.ERROR_CODE_PERMISSION_DENIED
     assert "not enrolled" in refused.error.message
+
+
+async def test_a_departure_redis_cannot_record_is_logged_and_the_node_forgotten(
+    cluster: InProcessCluster,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A reconnect storm once exhausted the Redis connections: each departure's task died
+    with an unread exception. It is a warning now, and the node is forgotten here (its
+    presence lapses by its TTL)."""
+    nms = await cluster.replica("r1")
+    await add_node(cluster.sessions, "a")
+    a = RecordingLink(fqdn="a.cyphonic.internal")
+    await handle_request(nms, a, _register(("10.0.0.2", 4433)), observed=None)
+
+    async def unreachable(*_args: object) -> bool:
+        raise Unavailable("Redis unavailable (presence)")
+
+    monkeypatch.setattr(nms.presence, "release", unreachable)
+    server = SimpleNamespace(manager=nms)
+    await NmsSignallingServer._departed(server, a, "timeout")  # type: ignore[arg-type]
+    assert "departure_failed" in capsys.readouterr().out
+    assert "a.cyphonic.internal" not in nms.connected

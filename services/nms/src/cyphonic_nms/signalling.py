@@ -201,7 +201,15 @@ class NmsSignallingServer(SignallingServer):
             # node re-registers at another replica; its routes and peers are left alone.
             return
         cause = "timeout" if isinstance(error, Timeout) else "disconnect"
-        self._spawn(self.manager.disconnected(link, cause=cause))
+        self._spawn(self._departed(link, cause))
+
+    async def _departed(self, link: SessionLink, cause: str) -> None:
+        try:
+            await self.manager.disconnected(link, cause=cause)
+        except CyphonicError as exc:
+            # Redis or Postgres out of reach: the node is forgotten here; its presence and
+            # routes lapse by their TTL (``offline_timeout_s``).
+            log.warning("departure_failed", fqdn=link.fqdn, cause=cause, error=exc.message)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
