@@ -71,7 +71,7 @@ class SignallingServer:
         """Load ``<service_name>.crt`` and the trust store (revoked node certificates refused
         in the handshake), bind the UDP socket, accept nodes. From ``retry_threshold``
         handshakes under way, new clients must prove their address with a QUIC Retry; beyond
-        ``max_handshakes`` they wait (their Initials are dropped until there is room); only
+        ``max_handshakes`` with the ``backlog`` they are refused with a retry-after; only
         clients that ask for this service's name (SNI) are served. ``ticket_keys``: TLS
         session tickets shared by the replicas (reconnecting nodes resume)."""
         # Imported here so that request handling stays usable without the QUIC stack.
@@ -101,11 +101,17 @@ class SignallingServer:
             ticket_keys=ticket_keys,
             ack_at_once=True,  # an idle node's PING: one wake-up here, not two
         )
+        self.endpoint.backlog = self.backlog
         self.tcp = await start_tcp_listener(self.endpoint, identity, host=host)
 
     async def handle(self, message: pb.Envelope, session: SignallingSession) -> pb.Envelope | None:
         """The answer to one request of a verified node connection."""
         raise NotImplementedError
+
+    def backlog(self) -> int:
+        """Requests of verified connections still in progress that bound new handshakes
+        with the ones under way (``QuicEndpoint.backlog``); none by default."""
+        return 0
 
     def opened(self, session: SignallingSession) -> None:
         """A node connection was verified (before any of its requests is handled)."""

@@ -333,3 +333,19 @@ async def test_a_storm_of_initials_waits_in_the_endpoint_not_before_open_connect
     assert server.stats.handshakes_refused == server.stats.initials_expired
     conn = await connect(endpoints, ca, server, "carol")
     assert await request(conn, b"hello") == b"echo:hello"
+
+async def test_the_services_backlog_counts_against_the_handshake_bound(
+    endpoints: EndpointMaker, ca: Pki
+) -> None:
+    """The NMS's registrations in progress count with its handshakes under way: while
+    they fill the bound a new client is refused before its handshake (not after it, when
+    its registration would be refused); once they drain it gets in."""
+    server, _ = await tunnel_server(endpoints, ca, max_handshakes=4)
+    in_progress = [4]
+    server.backlog = lambda: in_progress[0]
+    with pytest.raises(Overloaded):
+        await connect(endpoints, ca, server, "alice", within=5.0)
+    assert server.stats.refusals_sent >= 1 and not server.connections
+    in_progress[0] = 3
+    conn = await connect(endpoints, ca, server, "alice")
+    assert await request(conn, b"hello") == b"echo:hello"

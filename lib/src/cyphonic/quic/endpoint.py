@@ -515,6 +515,11 @@ class QuicEndpoint:
         hold unbounded state, a crowd of clients is told when to come back."""
         self._handshaking: dict[Connection, float] = {}
         """Server connections in their handshake -> when it began (oldest first)."""
+        self.backlog: Callable[[], int] | None = None
+        """Work the service still owes connections whose handshake is done (the NMS: the
+        registrations in progress), counted with the handshakes under way against
+        ``max_handshakes``: new clients are refused before their handshake, not after it
+        when the registration behind it cannot keep up."""
         self._waiting: collections.deque[_WaitingInitial] = collections.deque()
         """New clients' Initials read after a pass's budget, oldest first."""
         self._pass_until: float | None = None
@@ -654,7 +659,7 @@ class QuicEndpoint:
         ``any``); without it the endpoint only makes client connections.
         ``engine``: ``qh3`` or ``aioquic`` (default: ``CYPHONIC_QUIC_ENGINE``, else
         qh3); ``congestion_control`` applies to aioquic only. ``max_handshakes``
-        bounds the server handshakes under way at once (more Initials are dropped);
+        bounds the server handshakes under way at once (more Initials are refused);
         from ``retry_threshold`` under way (None: never) a token-less Initial is answered
         with a stateless Retry, so only clients that receive at our address take a slot.
         ``server_names``: the SNI a client must send (default: our certificate's names).
@@ -1244,11 +1249,15 @@ class QuicEndpoint:
         """A new server connection for a client's Initial, or None: refused (a slot is not
         free, or the rest of this hello was refused already)."""
         if header.destination_cid in self._refused or (
-            len(self._handshaking) >= self.max_handshakes and not self._expire_handshakes()
+            self._under_way() >= self.max_handshakes and not self._expire_handshakes()
         ):
             self._refuse(header, size, addr)
             return None
         return self._accept(header.destination_cid, addr, odcid=odcid, retry_scid=retry_scid)
+
+    def _under_way(self) -> int:
+        """Handshakes under way and the service's ``backlog``."""
+        return len(self._handshaking) + (0 if self.backlog is None else self.backlog())
 
     def _expire_handshakes(self) -> bool:
         """Give up server handshakes older than ``handshake_timeout_s`` (their client gave up,
@@ -1284,7 +1293,7 @@ class QuicEndpoint:
             version=header.version,
             client_dcid=header.destination_cid,
             client_scid=header.source_cid,
-            retry_after_s=gate.retry_after(len(self._handshaking) + len(self._waiting), now=now),
+            retry_after_s=gate.retry_after(self._under_way() + len(self._waiting), now=now),
         )
         if len(packet) <= size and self._send_stateless(packet, addr):  # never amplify
             self.stats.refusals_sent += 1

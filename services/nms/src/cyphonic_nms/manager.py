@@ -573,6 +573,11 @@ class NodeManager:
                 reg = replace(reg, reach_nonce=nonce, reach_port=self.reach.port)
         return reg
 
+    @property
+    def registrations_in_progress(self) -> int:
+        """Admitted registrations not finished yet (admission control counts them)."""
+        return len(self._registering)
+
     def reach_verdict(self, verdict: ReachVerdict) -> None:
         """The reachability probe of a node is decided: kept with its network."""
         local = self._local.get(verdict.fqdn)

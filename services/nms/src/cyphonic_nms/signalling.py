@@ -191,6 +191,11 @@ class NmsSignallingServer(SignallingServer):
         cache.subscribe(lambda _serials: self.manager.revocations_changed())
         self.manager.revocation_hooks.append(lambda: self._spawn(_refresh(cache)))
 
+    def backlog(self) -> int:
+        # A storm's handshakes outran the registrations behind them (each waiting on the
+        # registry): 128 in progress, the rest refused after their handshake.
+        return self.manager.registrations_in_progress
+
     def opened(self, session: SignallingSession) -> None:
         self._links[id(session)] = SessionLink(session)
 
