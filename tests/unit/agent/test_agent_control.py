@@ -104,12 +104,18 @@ def test_a_lost_replicas_nodes_come_back_spread_over_the_window() -> None:
     assert 40 < early < 160
 
 
-def test_an_overloaded_nms_retry_after_is_a_floor_stretched_by_jitter() -> None:
+def test_an_overloaded_nms_retry_after_is_the_pause_stretched_by_jitter() -> None:
     policy = Reconnect(max_delay_s=30.0, jitter=fixed_jitter(1.0))
     busy = Overloaded("busy", retry_after_s=4.0)
     assert policy.lost(busy, now=0.0) == pytest.approx(4.0)  # back-off alone: 0.5
     policy.jitter = lambda low, high: high
-    assert policy.lost(busy, now=1.0) == pytest.approx(6.0)  # 1.5 x 4.0 > 1.2 x 1.0
+    assert policy.lost(busy, now=1.0) == pytest.approx(6.0)  # 1.5 x 4.0
+    # Refused again and again: still the NMS's word, no doubling on top (that put a
+    # storm's last nodes 16-30 s away from a free replica); nothing else counts as an attempt.
+    policy.jitter = fixed_jitter(1.0)
+    short = Overloaded("busy", retry_after_s=0.5)
+    assert [policy.lost(short, now=2.0 + i) for i in range(8)] == [pytest.approx(0.5)] * 8
+    assert policy.lost(Unavailable("gone"), now=11.0) == pytest.approx(0.5)  # 0.5 x 2**0
     # the cap still holds: an NMS cannot park a node for longer than reconnect_max_s
     capped = Reconnect(max_delay_s=3.0, jitter=fixed_jitter(1.0))
     assert capped.lost(Overloaded("busy", retry_after_s=60.0), now=0.0) == pytest.approx(3.0)
