@@ -339,12 +339,17 @@ async def test_admission_control_refuses_while_admitted_registrations_are_late(
 
     admitted = [asyncio.ensure_future(register(n)) for n in names[:MIN_ADMITTED]]
     await asyncio.sleep(0)
+    # The QUIC endpoint counts them with its handshakes under way (QuicEndpoint.backlog).
+    assert nms.registration_backlog() == MIN_ADMITTED
     cluster.clock.now += nms.admission_max_wait_s / 2
     late = asyncio.ensure_future(register(names[MIN_ADMITTED]))  # not behind yet: admitted
     await asyncio.sleep(0)
     cluster.clock.now += nms.admission_max_wait_s / 2
     with pytest.raises(Overloaded):
         await register(names[-1])  # the oldest has waited admission_max_wait_s
+    # Behind: no bound admits a new handshake (refused before it, not after it).
+    assert nms.registration_backlog() > 1 << 20
     gate.set()
     await asyncio.gather(*admitted, late)
+    assert nms.registration_backlog() == 0
     assert (await register(names[-1])).fqdn == f"{names[-1]}.{DOMAIN}"

@@ -547,11 +547,7 @@ class NodeManager:
         fqdn = link.fqdn.lower()
         now = self.monotonic()
         pending = len(self._registering)
-        behind = (
-            pending >= MIN_ADMITTED
-            and now - min(self._registering.values()) >= self.admission_max_wait_s
-        )
-        if pending >= self.max_pending_registrations or behind:
+        if pending >= self.max_pending_registrations or self._behind(now):
             self.metrics.registrations.labels(outcome="overloaded").inc()
             raise Overloaded(
                 f"NMS replica {self.replica_id} is busy: {pending} registrations in progress",
@@ -573,9 +569,19 @@ class NodeManager:
                 reg = replace(reg, reach_nonce=nonce, reach_port=self.reach.port)
         return reg
 
-    @property
-    def registrations_in_progress(self) -> int:
-        """Admitted registrations not finished yet (admission control counts them)."""
+    def _behind(self, now: float) -> bool:
+        """An admitted registration has waited ``admission_max_wait_s``: falling behind."""
+        return (
+            len(self._registering) >= MIN_ADMITTED
+            and now - next(iter(self._registering.values())) >= self.admission_max_wait_s
+        )
+
+    def registration_backlog(self) -> int:
+        """The registrations in progress, for the QUIC endpoint's bound on new handshakes
+        (``QuicEndpoint.backlog``); while this replica is behind, more than any bound: new
+        clients are refused before their handshake, not after it by ``register``."""
+        if self._behind(self.monotonic()):
+            return 1 << 30
         return len(self._registering)
 
     def reach_verdict(self, verdict: ReachVerdict) -> None:

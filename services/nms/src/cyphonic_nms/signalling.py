@@ -194,7 +194,7 @@ class NmsSignallingServer(SignallingServer):
     def backlog(self) -> int:
         # A storm's handshakes outran the registrations behind them (each waiting on the
         # registry): 128 in progress, the rest refused after their handshake.
-        return self.manager.registrations_in_progress
+        return self.manager.registration_backlog()
 
     def opened(self, session: SignallingSession) -> None:
         self._links[id(session)] = SessionLink(session)
