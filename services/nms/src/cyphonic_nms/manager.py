@@ -578,11 +578,16 @@ class NodeManager:
 
     def registration_backlog(self) -> int:
         """The registrations in progress, for the QUIC endpoint's bound on new handshakes
-        (``QuicEndpoint.backlog``); while this replica is behind, more than any bound: new
-        clients are refused before their handshake, not after it by ``register``."""
+        (``QuicEndpoint.backlog``). While this replica is behind, ``max_pending_registrations``
+        more (what a new client would wait behind): past the endpoint's bound when that is
+        not above ``max_pending_registrations`` (the defaults), so new clients are refused
+        before their handshake rather than after it by ``register``, with a retry-after of
+        that backlog at the recent rate (not the longest one: a storm's clients were told
+        10 s and came back 10-15 s later, storm 91 s from 77 s)."""
+        pending = len(self._registering)
         if self._behind(self.monotonic()):
-            return 1 << 30
-        return len(self._registering)
+            return pending + self.max_pending_registrations
+        return pending
 
     def reach_verdict(self, verdict: ReachVerdict) -> None:
         """The reachability probe of a node is decided: kept with its network."""
