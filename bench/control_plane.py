@@ -383,6 +383,7 @@ async def worker_main() -> int:
         replies.flush()
 
     from cyphonic.log import configure
+    from cyphonic.service import settle_collector
 
     configure("warning")
     # A node is a UDP socket and a timerfd: thousands per process need more than 1024 fds.
@@ -390,6 +391,9 @@ async def worker_main() -> int:
     if hard == resource.RLIM_INFINITY or soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     config = json.loads(await reader.readline())
+    # Thousands of agents' connections in one process: a heap like a replica's, not like
+    # one agent's (its full collections stopped every node of the process for up to 2 s).
+    settle_collector()
     worker = Worker(config)
     await worker.build()
     reply({"ok": True, "nodes": len(worker.nodes), "cpu": cpu_seconds(os.getpid())})

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
+from collections.abc import Iterator
 
 import pytest
-from cyphonic.service import serve, stop_on_signals
+from cyphonic.service import COLLECTOR_THRESHOLDS, serve, stop_on_signals
+
+
+@pytest.fixture(autouse=True)
+def collector() -> Iterator[None]:
+    """``serve`` settles the collector of its process: the test session's is put back."""
+    thresholds = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
 
 
 class Part:
@@ -34,6 +45,25 @@ async def test_runs_until_sigterm_and_stops_in_reverse_order() -> None:
     assert log == ["start a", "start b", "serving", "stop b", "stop a"]
     # The handlers are gone afterwards: the default SIGTERM action is back.
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+async def test_once_started_the_start_up_heap_is_frozen_and_collections_are_rarer() -> None:
+    gc.unfreeze()
+    seen: dict[str, object] = {}
+
+    def started() -> None:
+        seen["thresholds"] = gc.get_threshold()
+        seen["frozen"] = gc.get_freeze_count()
+        seen["part_frozen"] = not any(o is part for o in gc.get_objects())
+        stop.set()
+
+    stop = asyncio.Event()
+    part = Part("a", [])
+    await asyncio.wait_for(serve(part, on_started=started, stop=stop), 5)
+    assert seen["thresholds"] == COLLECTOR_THRESHOLDS
+    assert isinstance(seen["frozen"], int) and seen["frozen"] > 1000
+    # What the service built before it served is out of every collection.
+    assert seen["part_frozen"] is True
 
 
 async def test_a_failed_start_stops_what_was_attempted() -> None:
