@@ -314,18 +314,29 @@ class Worker:
         back = sum(len(n.registered_at) > marks[n.index] for n in chosen)
         return {"closed": len(chosen), "back": back}
 
-    def status(self, since: float | None) -> dict[str, Any]:
+    def status(self, since: float | None, *, brief: bool = False) -> dict[str, Any]:
+        """Nodes by home replica, those registered again since ``since``; ``brief``: only
+        that and the CPU (polled twice a second in the storm, on the cores it measures)."""
         now = time.monotonic()
         by_home: Counter[int] = Counter()
         again: Counter[int] = Counter()
         last_again = 0.0
+        behind: list[str] = []  # nodes of replica 0 not registered since ``since``
         for node in self.nodes:
             by_home[node.home] += 1
             if since is not None:
-                after = [t for t in node.registered_at if t >= since]
-                if after:
+                after = next((t for t in node.registered_at if t >= since), None)
+                if after is not None:
                     again[node.home] += 1
-                    last_again = max(last_again, after[0])
+                    last_again = max(last_again, after)
+                elif node.home == 0 and len(behind) < 5:
+                    c, task = node.client, node.task
+                    ended = task is not None and task.done() and not task.cancelled()
+                    died = f" task ended: {task.exception()!r}" if ended else ""
+                    behind.append(f"{node.fqdn}: {c.status} {c.detail!r}{died}")
+        cpu = cpu_seconds(os.getpid())
+        if brief:
+            return {"now": now, "again": dict(again), "last_again": last_again, "cpu": cpu}
         connected = sum(1 for n in self.nodes if n.client.status == "connected")
         pushes: Counter[str] = Counter()
         for node in self.nodes:
@@ -339,7 +350,8 @@ class Worker:
             "last_again": last_again,
             "pushes": dict(pushes),
             "warnings": dict(WARNINGS),
-            "cpu": cpu_seconds(os.getpid()),
+            "behind": behind,
+            "cpu": cpu,
         }
 
     async def close(self) -> None:
@@ -413,7 +425,7 @@ async def worker_main() -> int:
             elif op == "offline":
                 result = await worker.offline(cmd["count"], cmd["seed"])
             elif op == "status":
-                result = worker.status(cmd.get("since"))
+                result = worker.status(cmd.get("since"), brief=cmd.get("brief", False))
             elif op == "quit":
                 await worker.close()
                 reply({"ok": True})
@@ -875,7 +887,7 @@ async def main_async(args: argparse.Namespace) -> int:
             samples: list[tuple[float, int, float, list[float]]] = []
 
             async def storm_over() -> bool:
-                st = await all_call(workers, {"op": "status", "since": mark})
+                st = await all_call(workers, {"op": "status", "since": mark, "brief": True})
                 again = sum(s["again"].get("0", 0) for s in st)
                 samples.append(
                     (time.monotonic(), again, cpu_seconds(survivor), [s["cpu"] for s in st])
@@ -904,6 +916,8 @@ async def main_async(args: argparse.Namespace) -> int:
             )
             print(f"{'':<10} {storm_load(samples)}", flush=True)
             print(f"{'':<10} {storm_timeline(samples, killed_at)}", flush=True)
+            if again < home0:
+                print(f"{'':<10} not back: {[b for s in st for b in s['behind']]}", flush=True)
 
         if not args.skip_restarts:
             redis_client = aioredis.Redis.from_url(rds.url)
