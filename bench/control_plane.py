@@ -27,7 +27,10 @@ Phases:
              moves (re-registration with a new address: routes re-decided), nodes going
              offline and coming back
   kill       SIGKILL one NMS replica; storm_s = until every one of its nodes registered
-             again at another replica (detection by keepalive, back-off, dial)
+             again at another replica (detection by keepalive, back-off, dial); then the
+             CPU of the survivor and of each client process while nodes came back
+             (``storm load``), the nodes back every 5 s (``storm timeline``) and, if some
+             are not back in --storm-limit-s, which and what their agent is doing
   redis      Redis restarted empty: until presence of every node and the TRS directory
              are back, and routes can be decided again
   postgres   Postgres restarted (fast shutdown): until registrations and route requests
