@@ -334,6 +334,7 @@ async def test_a_storm_of_initials_waits_in_the_endpoint_not_before_open_connect
     conn = await connect(endpoints, ca, server, "carol")
     assert await request(conn, b"hello") == b"echo:hello"
 
+
 async def test_the_services_backlog_counts_against_the_handshake_bound(
     endpoints: EndpointMaker, ca: Pki
 ) -> None:
