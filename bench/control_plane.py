@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import datetime
 import json
@@ -128,6 +129,8 @@ class SimNode:
     nat: bool
     port_shift: int = 0
     registered_at: list[float] = field(default_factory=list)
+    registered_on: list[int] = field(default_factory=list)
+    """The replica of each registration (``home`` is only the one dialled first)."""
     pushes: Counter[str] = field(default_factory=Counter)
     task: asyncio.Task[None] | None = None
     started: float = 0.0
@@ -183,8 +186,9 @@ class Worker:
             def local(_nms: Any, ep: Any = endpoint, n: SimNode = node) -> Any:
                 return self._local(ep, n)
 
-            async def registered(_reg: Any, _link: Any, n: SimNode = node) -> None:
+            async def registered(_reg: Any, link: Any, n: SimNode = node) -> None:
                 n.registered_at.append(time.monotonic())
+                n.registered_on.append(nms.index(link.endpoint))
                 fut = self.first_registration.get(n.index)
                 if fut is not None and not fut.done():
                     fut.set_result(None)
@@ -318,25 +322,32 @@ class Worker:
         return {"closed": len(chosen), "back": back}
 
     def status(self, since: float | None, *, brief: bool = False) -> dict[str, Any]:
-        """Nodes by home replica, those registered again since ``since``; ``brief``: only
-        that and the CPU (polled twice a second in the storm, on the cores it measures)."""
+        """Nodes by the replica they registered at last; with ``since``, those that were
+        registered at replica 0 then and registered again after it (``again``); ``brief``:
+        only that and the CPU (polled twice a second in the storm, on the cores it
+        measures)."""
         now = time.monotonic()
-        by_home: Counter[int] = Counter()
+        by_replica: Counter[int] = Counter()
         again: Counter[int] = Counter()
         last_again = 0.0
         behind: list[str] = []  # nodes of replica 0 not registered since ``since``
         for node in self.nodes:
-            by_home[node.home] += 1
-            if since is not None:
-                after = next((t for t in node.registered_at if t >= since), None)
-                if after is not None:
-                    again[node.home] += 1
-                    last_again = max(last_again, after)
-                elif node.home == 0 and len(behind) < 5:
-                    c, task = node.client, node.task
-                    ended = task is not None and task.done() and not task.cancelled()
-                    died = f" task ended: {task.exception()!r}" if ended else ""
-                    behind.append(f"{node.fqdn}: {c.status} {c.detail!r}{died}")
+            if not node.registered_on:
+                continue
+            by_replica[node.registered_on[-1]] += 1
+            if since is None:
+                continue
+            i = bisect.bisect_left(node.registered_at, since)
+            if i == 0 or node.registered_on[i - 1] != 0:
+                continue  # not at replica 0 at ``since``
+            if i < len(node.registered_at):
+                again[0] += 1
+                last_again = max(last_again, node.registered_at[i])
+            elif len(behind) < 5:
+                c, task = node.client, node.task
+                ended = task is not None and task.done() and not task.cancelled()
+                died = f" task ended: {task.exception()!r}" if ended else ""
+                behind.append(f"{node.fqdn}: {c.status} {c.detail!r}{died}")
         cpu = cpu_seconds(os.getpid())
         if brief:
             return {"now": now, "again": dict(again), "last_again": last_again, "cpu": cpu}
@@ -348,7 +359,7 @@ class Worker:
             "now": now,
             "nodes": len(self.nodes),
             "connected": connected,
-            "by_home": dict(by_home),
+            "by_replica": dict(by_replica),
             "again": dict(again),
             "last_again": last_again,
             "pushes": dict(pushes),
@@ -878,7 +889,7 @@ async def main_async(args: argparse.Namespace) -> int:
             victim = nms_procs[0]
             assert victim.proc is not None
             status = await all_call(workers, {"op": "status"})
-            home0 = sum(s["by_home"].get("0", 0) for s in status)
+            home0 = sum(s["by_replica"].get("0", 0) for s in status)
             mark = status[0]["now"]  # workers share the machine's monotonic clock
             before = procs.snapshot()
             killed_at = time.monotonic()
